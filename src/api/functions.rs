@@ -1,0 +1,116 @@
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::functions::record::is_valid_id;
+use crate::functions::DeployRequest;
+use crate::http::{Response, Status};
+use crate::server::shard::Shard;
+use crate::wasm::{invoke as run_invocation, Entry, InvokeLimits};
+
+fn require_loaded(shard: &Shard) -> Result<(), ApiError> {
+    if shard.shared.catalog.is_loaded() {
+        Ok(())
+    } else {
+        Err(ApiError::NotReady)
+    }
+}
+
+pub fn list(shard: &Shard) -> Result<Response, ApiError> {
+    require_loaded(shard)?;
+    let mut records: Vec<_> = shard.functions.list(&shard.shared.catalog);
+    records.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
+    let items: Vec<_> = records.iter().map(|r| r.to_json()).collect();
+    Ok(Response::json_value(Status::Ok, &json!({ "functions": items })))
+}
+
+pub fn get(shard: &Shard, id: &str) -> Result<Response, ApiError> {
+    require_loaded(shard)?;
+    let f = shard.functions.get(&shard.shared.catalog, id).ok_or_else(|| not_found(id))?;
+    Ok(Response::json_value(Status::Ok, &f.deployed.record.to_json()))
+}
+
+pub async fn deploy(shard: &Shard, body: Vec<u8>) -> Result<Response, ApiError> {
+    require_loaded(shard)?;
+    let record = shard.admin.deploy(DeployRequest { body, tenant_id: 0 }).await?;
+    Ok(Response::json_value(Status::Created, &record.to_json()))
+}
+
+pub async fn delete(shard: &Shard, id: &str) -> Result<Response, ApiError> {
+    require_loaded(shard)?;
+    if !is_valid_id(id) {
+        return Err(not_found(id));
+    }
+    shard.admin.delete(id.to_string()).await?;
+    Ok(Response::empty(Status::NoContent))
+}
+
+fn not_found(id: &str) -> ApiError {
+    // Echo only ids of the valid shape, so arbitrary path bytes never reach a response body.
+    ApiError::FunctionNotFound(if is_valid_id(id) { id.to_string() } else { "<invalid id>".into() })
+}
+
+/// `{"export": "name", "args": [..]}`: how a module without `_start` is called.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportCall {
+    export: String,
+    #[serde(default)]
+    args: Vec<serde_json::Value>,
+}
+
+pub async fn invoke(shard: &Shard, id: &str, body: Vec<u8>) -> Result<Response, ApiError> {
+    require_loaded(shard)?;
+    let function = shard.functions.get(&shard.shared.catalog, id).ok_or_else(|| not_found(id))?;
+    let record = &function.deployed.record;
+    let (entry, stdin) = if function.has_start {
+        (Entry::Start, body)
+    } else {
+        let call: ExportCall = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::InvalidInvokeRequest(format!(
+                "the module has no `_start`; call an export with {{\"export\":\"name\",\"args\":[..]}} ({e})"
+            ))
+        })?;
+        (Entry::Export { name: call.export, args: call.args }, Vec::new())
+    };
+    let _slot = shard.acquire_instance_slot()?;
+    let limits = InvokeLimits {
+        timeout: std::time::Duration::from_millis(record.timeout_ms),
+        memory_limit_mb: record.memory_limit_mb,
+        max_output_bytes: shard.limits.max_output_bytes,
+        max_stderr_bytes: shard.limits.max_stderr_bytes,
+    };
+    let invocation =
+        run_invocation(&shard.engine, &function.pre, function.deployed.wasi.clone(), stdin, entry, limits).await;
+    let output = match invocation.outcome {
+        Ok(output) => {
+            if !invocation.stderr.is_empty() {
+                tracing::debug!(function = %record.id, stderr = %String::from_utf8_lossy(&invocation.stderr), "guest stderr");
+            }
+            output
+        }
+        Err(err) => {
+            shard.metrics.invocations_failed.inc();
+            tracing::warn!(
+                function = %record.id,
+                kind = err.kind(),
+                stderr = %String::from_utf8_lossy(&invocation.stderr),
+                stderr_dropped = invocation.stderr_dropped,
+                "invocation failed: {err}"
+            );
+            return Err(err);
+        }
+    };
+    if let Some(results) = output.results {
+        return Ok(Response::json_value(Status::Ok, &json!({ "result": results })));
+    }
+    if output.stdout.is_empty() {
+        return Ok(Response::json_value(Status::Ok, &json!({ "result": "ok", "function_id": record.id })));
+    }
+    let is_json = serde_json::from_slice::<serde::de::IgnoredAny>(&output.stdout).is_ok();
+    let mut resp = Response::json(Status::Ok, output.stdout);
+    if !is_json {
+        resp.content_type = "application/octet-stream";
+    }
+    Ok(resp)
+}

@@ -1,0 +1,32 @@
+use crate::error::ApiError;
+use crate::http::{Response, Status};
+use crate::metrics::{render, ScrapeContext};
+use crate::server::shard::Shard;
+
+pub fn healthz() -> Response {
+    Response::json(Status::Ok, br#"{"status":"ok"}"#.to_vec())
+}
+
+/// Ready once every shard serves and the stored functions are loaded; not ready while draining.
+pub fn readyz(shard: &Shard) -> Response {
+    let shared = &shard.shared;
+    if shared.is_draining() {
+        return Response::error(&ApiError::Draining);
+    }
+    if !shared.is_ready() {
+        return Response::error(&ApiError::NotReady);
+    }
+    Response::json(Status::Ok, br#"{"status":"ready"}"#.to_vec())
+}
+
+pub fn metrics(shard: &Shard) -> Response {
+    let shared = &shard.shared;
+    let text = render(&ScrapeContext {
+        shards: &shared.shard_metrics,
+        functions: shared.catalog.len(),
+        ready: shared.is_ready() && !shared.is_draining(),
+    });
+    let mut r = Response::json(Status::Ok, text.into_bytes());
+    r.content_type = "text/plain; version=0.0.4; charset=utf-8";
+    r
+}

@@ -1,0 +1,241 @@
+//! Command line: `tensor-wasm serve` and its flags. Every flag has a `TENSOR_WASM_*` env var.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{IoDriverChoice, Limits, ServerConfig};
+
+/// Exit status for a bad flag, env var or start-up condition the operator must fix.
+pub const EXIT_USAGE: i32 = 2;
+
+#[derive(Parser, Debug)]
+#[command(name = "tensor-wasm", version, about = "Serverless runtime for WebAssembly functions on GPU hosts")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the HTTP server: one pinned shard per allowed CPU.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on. Every shard binds it with SO_REUSEPORT. Port 0 picks a free port.
+    #[arg(long, env = "TENSOR_WASM_API_LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Number of shards (threads). Default: one per CPU in the process's allowed CPU set.
+    #[arg(long, env = "TENSOR_WASM_SHARDS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub shards: Option<u16>,
+
+    /// Directory for stored modules, precompiled artifacts and function records.
+    #[arg(long, env = "TENSOR_WASM_DATA_DIR", default_value = "./tensor-wasm-data")]
+    pub data_dir: PathBuf,
+
+    /// I/O driver of each shard. `auto` tries io_uring and falls back to epoll.
+    #[arg(long, env = "TENSOR_WASM_IO_DRIVER", value_enum, default_value_t = IoDriverArg::Auto)]
+    pub io_driver: IoDriverArg,
+
+    /// Largest request body accepted; larger bodies get 413.
+    #[arg(long, env = "TENSOR_WASM_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_body_bytes: u64,
+
+    /// Largest request head (request line and headers); larger heads get 431.
+    #[arg(long, env = "TENSOR_WASM_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: u32,
+
+    /// Most header fields in one request; more get 431.
+    #[arg(long, env = "TENSOR_WASM_MAX_HEADERS", default_value_t = 64)]
+    pub max_headers: u16,
+
+    /// Time allowed to receive a whole request head once its first byte arrived.
+    #[arg(long, env = "TENSOR_WASM_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+
+    /// Time allowed to receive a whole request body.
+    #[arg(long, env = "TENSOR_WASM_BODY_TIMEOUT_MS", default_value_t = 30_000)]
+    pub body_timeout_ms: u64,
+
+    /// Time allowed to write a whole response.
+    #[arg(long, env = "TENSOR_WASM_WRITE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub write_timeout_ms: u64,
+
+    /// An idle keep-alive connection is closed after this long.
+    #[arg(long, env = "TENSOR_WASM_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub idle_timeout_ms: u64,
+
+    /// Most open connections in the process, split evenly over the shards.
+    #[arg(long, env = "TENSOR_WASM_MAX_CONNECTIONS", default_value_t = 16_384)]
+    pub max_connections: u32,
+
+    /// Most live Wasm instances in the process (the pooling allocator's size), split over the shards.
+    /// An invoke beyond its shard's share gets 503 `overloaded`.
+    #[arg(long, env = "TENSOR_WASM_MAX_INSTANCES", default_value_t = 1_000)]
+    pub max_instances: u32,
+
+    /// Deadline of an invocation when the function sets none.
+    #[arg(long, env = "TENSOR_WASM_DEFAULT_TIMEOUT_MS", default_value_t = 5_000)]
+    pub default_timeout_ms: u64,
+
+    /// Largest `timeout_ms` a function may ask for.
+    #[arg(long, env = "TENSOR_WASM_MAX_TIMEOUT_MS", default_value_t = 60_000)]
+    pub max_timeout_ms: u64,
+
+    /// Linear-memory cap of a function that sets none.
+    #[arg(long, env = "TENSOR_WASM_DEFAULT_MEMORY_LIMIT_MB", default_value_t = 64)]
+    pub default_memory_limit_mb: u32,
+
+    /// Largest `memory_limit_mb` a function may ask for; also the size of each pooled memory slot.
+    #[arg(long, env = "TENSOR_WASM_MAX_MEMORY_LIMIT_MB", default_value_t = 1_024)]
+    pub max_memory_limit_mb: u32,
+
+    /// Most bytes a guest may write to stdout; more is an `output_too_large` error, never a truncation.
+    #[arg(long, env = "TENSOR_WASM_MAX_OUTPUT_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_output_bytes: u32,
+
+    /// Most bytes of a guest's stderr kept for the log; the rest is counted and dropped.
+    #[arg(long, env = "TENSOR_WASM_MAX_STDERR_BYTES", default_value_t = 8 * 1024)]
+    pub max_stderr_bytes: u32,
+
+    /// Period of the process-wide epoch ticker: the granularity of deadlines and of guest yields.
+    #[arg(long, env = "TENSOR_WASM_EPOCH_TICK_MS", default_value_t = 1)]
+    pub epoch_tick_ms: u64,
+
+    /// After SIGTERM/SIGINT, in-flight requests get this long to finish before the process exits.
+    #[arg(long, env = "TENSOR_WASM_DRAIN_TIMEOUT_MS", default_value_t = 25_000)]
+    pub drain_timeout_ms: u64,
+
+    /// Deploys and deletes waiting for the catalog worker; more get 503 `overloaded`.
+    #[arg(long, env = "TENSOR_WASM_ADMIN_QUEUE_DEPTH", default_value_t = 64)]
+    pub admin_queue_depth: u32,
+
+    /// Log filter, e.g. `info` or `tensor_wasm=debug`.
+    #[arg(long, env = "TENSOR_WASM_LOG", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoDriverArg {
+    Auto,
+    IoUring,
+    Epoll,
+}
+
+impl ServeArgs {
+    /// Checks the values that clap's types alone cannot, and builds the server's configuration.
+    pub fn into_config(self) -> Result<ServerConfig, String> {
+        fn positive(name: &str, v: u64) -> Result<u64, String> {
+            if v == 0 {
+                return Err(format!("--{name} must be greater than 0"));
+            }
+            Ok(v)
+        }
+        positive("max-body-bytes", self.max_body_bytes)?;
+        positive("max-header-bytes", self.max_header_bytes.into())?;
+        positive("max-headers", self.max_headers.into())?;
+        positive("max-connections", self.max_connections.into())?;
+        positive("max-instances", self.max_instances.into())?;
+        positive("max-output-bytes", self.max_output_bytes.into())?;
+        positive("admin-queue-depth", self.admin_queue_depth.into())?;
+        for (name, v) in [
+            ("header-timeout-ms", self.header_timeout_ms),
+            ("body-timeout-ms", self.body_timeout_ms),
+            ("write-timeout-ms", self.write_timeout_ms),
+            ("idle-timeout-ms", self.idle_timeout_ms),
+            ("epoch-tick-ms", self.epoch_tick_ms),
+            ("default-timeout-ms", self.default_timeout_ms),
+            ("max-timeout-ms", self.max_timeout_ms),
+        ] {
+            positive(name, v)?;
+        }
+        positive("default-memory-limit-mb", self.default_memory_limit_mb.into())?;
+        positive("max-memory-limit-mb", self.max_memory_limit_mb.into())?;
+        if self.default_timeout_ms > self.max_timeout_ms {
+            return Err("--default-timeout-ms must not exceed --max-timeout-ms".into());
+        }
+        if self.default_memory_limit_mb > self.max_memory_limit_mb {
+            return Err("--default-memory-limit-mb must not exceed --max-memory-limit-mb".into());
+        }
+        if self.max_memory_limit_mb > 64 * 1024 {
+            return Err("--max-memory-limit-mb must be at most 65536 (64 GiB)".into());
+        }
+        let io_driver = match self.io_driver {
+            IoDriverArg::Auto => IoDriverChoice::Auto,
+            IoDriverArg::IoUring => IoDriverChoice::IoUring,
+            IoDriverArg::Epoll => IoDriverChoice::Epoll,
+        };
+        Ok(ServerConfig {
+            listen: self.listen,
+            shards: self.shards.map(usize::from),
+            data_dir: self.data_dir,
+            io_driver,
+            drain_timeout_ms: self.drain_timeout_ms,
+            admin_queue_depth: self.admin_queue_depth as usize,
+            limits: Limits {
+                max_body_bytes: self.max_body_bytes,
+                max_header_bytes: self.max_header_bytes as usize,
+                max_headers: self.max_headers as usize,
+                header_timeout_ms: self.header_timeout_ms,
+                body_timeout_ms: self.body_timeout_ms,
+                write_timeout_ms: self.write_timeout_ms,
+                idle_timeout_ms: self.idle_timeout_ms,
+                max_connections: self.max_connections as usize,
+                max_instances: self.max_instances,
+                default_timeout_ms: self.default_timeout_ms,
+                max_timeout_ms: self.max_timeout_ms,
+                default_memory_limit_mb: self.default_memory_limit_mb,
+                max_memory_limit_mb: self.max_memory_limit_mb,
+                max_output_bytes: self.max_output_bytes as usize,
+                max_stderr_bytes: self.max_stderr_bytes as usize,
+                epoch_tick_ms: self.epoch_tick_ms,
+            },
+        })
+    }
+}
+
+/// Parses the command line, runs the command and returns the process exit status.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return 0;
+            }
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+                return EXIT_USAGE;
+            }
+            // clap's rendering spans several lines; operators and scripts want one.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("tensor-wasm: {}", first.trim_start_matches("error: "));
+            return EXIT_USAGE;
+        }
+    };
+    match cli.command {
+        Command::Serve(args) => {
+            crate::server::logging::init(&args.log_level);
+            let config = match args.into_config() {
+                Ok(c) => c,
+                Err(reason) => {
+                    eprintln!("tensor-wasm: {reason}");
+                    return EXIT_USAGE;
+                }
+            };
+            match crate::server::run(config) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("tensor-wasm: {e}");
+                    e.exit_code()
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! The validated server configuration. Every limit the server enforces is named here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoDriverChoice {
+    /// io_uring, falling back to epoll where it cannot be set up.
+    Auto,
+    /// io_uring only: start-up fails where it cannot be set up.
+    IoUring,
+    /// epoll only.
+    Epoll,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// `None`: one shard per CPU in the allowed set.
+    pub shards: Option<usize>,
+    pub data_dir: PathBuf,
+    pub io_driver: IoDriverChoice,
+    pub drain_timeout_ms: u64,
+    pub admin_queue_depth: usize,
+    pub limits: Limits,
+}
+
+/// Limits shared read-only by every shard.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_body_bytes: u64,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_timeout_ms: u64,
+    pub body_timeout_ms: u64,
+    pub write_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub max_connections: usize,
+    pub max_instances: u32,
+    pub default_timeout_ms: u64,
+    pub max_timeout_ms: u64,
+    pub default_memory_limit_mb: u32,
+    pub max_memory_limit_mb: u32,
+    pub max_output_bytes: usize,
+    pub max_stderr_bytes: usize,
+    pub epoch_tick_ms: u64,
+}
+
+impl Limits {
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
+    }
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_timeout_ms)
+    }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+}
+
+impl ServerConfig {
+    /// Built-in defaults, as `tensor-wasm serve` with no flags (used by tests and benches).
+    pub fn with_defaults() -> Self {
+        use clap::Parser;
+        let cli = crate::cli::Cli::parse_from(["tensor-wasm", "serve"]);
+        match cli.command {
+            crate::cli::Command::Serve(args) => args.into_config().expect("built-in defaults are valid"),
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Every error a request can end in, and the one place that maps each to an HTTP status and a
+//! machine-readable `kind`. Bodies are always `{"error":{"kind":"…","message":"…"}}`.
+
+use std::fmt;
+
+use crate::http::Status;
+
+#[derive(Debug)]
+pub enum ApiError {
+    // --- protocol ---
+    MalformedRequest(String),
+    HeadersTooLarge { limit: usize },
+    TooManyHeaders { limit: usize },
+    BodyTooLarge { limit: u64 },
+    RequestTimeout,
+    UnsupportedTransferEncoding(String),
+    ExpectationFailed(String),
+    RouteNotFound,
+    MethodNotAllowed { allow: &'static str },
+    // --- request content ---
+    InvalidJson(String),
+    InvalidRequest(String),
+    InvalidBase64(String),
+    InvalidName(String),
+    InvalidTimeout { given: i128, max: u64 },
+    InvalidMemoryLimit { given: i128, max: u32 },
+    InvalidModule(String),
+    UnsupportedImport(String),
+    ImportMismatch(String),
+    FunctionNotFound(String),
+    InvalidInvokeRequest(String),
+    ExportNotFound(String),
+    // --- guest outcome ---
+    InvokeTimeout { timeout_ms: u64 },
+    MemoryLimitExceeded { limit_mb: u32 },
+    GuestTrap(String),
+    GuestExit { code: i32 },
+    OutputTooLarge { limit: usize },
+    // --- server state ---
+    Overloaded(&'static str),
+    NotReady,
+    Draining,
+    Storage(String),
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> Status {
+        use ApiError::*;
+        match self {
+            MalformedRequest(_) | InvalidJson(_) | InvalidRequest(_) | InvalidBase64(_) | InvalidName(_)
+            | InvalidTimeout { .. } | InvalidMemoryLimit { .. } | InvalidModule(_) | UnsupportedImport(_)
+            | ImportMismatch(_) | InvalidInvokeRequest(_) | ExportNotFound(_) => Status::BadRequest,
+            HeadersTooLarge { .. } | TooManyHeaders { .. } => Status::RequestHeaderFieldsTooLarge,
+            BodyTooLarge { .. } => Status::PayloadTooLarge,
+            RequestTimeout => Status::RequestTimeout,
+            UnsupportedTransferEncoding(_) => Status::NotImplemented,
+            ExpectationFailed(_) => Status::ExpectationFailed,
+            RouteNotFound | FunctionNotFound(_) => Status::NotFound,
+            MethodNotAllowed { .. } => Status::MethodNotAllowed,
+            // The function, not the server, failed: the gateway convention.
+            GuestTrap(_) | GuestExit { .. } | MemoryLimitExceeded { .. } | OutputTooLarge { .. } => {
+                Status::BadGateway
+            }
+            InvokeTimeout { .. } => Status::GatewayTimeout,
+            Overloaded(_) | NotReady | Draining => Status::ServiceUnavailable,
+            Storage(_) | Internal(_) => Status::InternalServerError,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            MalformedRequest(_) => "malformed_request",
+            HeadersTooLarge { .. } => "headers_too_large",
+            TooManyHeaders { .. } => "too_many_headers",
+            BodyTooLarge { .. } => "body_too_large",
+            RequestTimeout => "request_timeout",
+            UnsupportedTransferEncoding(_) => "unsupported_transfer_encoding",
+            ExpectationFailed(_) => "expectation_failed",
+            RouteNotFound => "not_found",
+            MethodNotAllowed { .. } => "method_not_allowed",
+            InvalidJson(_) => "invalid_json",
+            InvalidRequest(_) => "invalid_request",
+            InvalidBase64(_) => "invalid_base64",
+            InvalidName(_) => "invalid_name",
+            InvalidTimeout { .. } => "invalid_timeout",
+            InvalidMemoryLimit { .. } => "invalid_memory_limit",
+            InvalidModule(_) => "invalid_module",
+            UnsupportedImport(_) => "unsupported_import",
+            ImportMismatch(_) => "import_mismatch",
+            FunctionNotFound(_) => "function_not_found",
+            InvalidInvokeRequest(_) => "invalid_invoke_request",
+            ExportNotFound(_) => "export_not_found",
+            InvokeTimeout { .. } => "invoke_timeout",
+            MemoryLimitExceeded { .. } => "memory_limit_exceeded",
+            GuestTrap(_) => "guest_trap",
+            GuestExit { .. } => "guest_exit",
+            OutputTooLarge { .. } => "output_too_large",
+            Overloaded(_) => "overloaded",
+            NotReady => "not_ready",
+            Draining => "draining",
+            Storage(_) => "storage_error",
+            Internal(_) => "internal",
+        }
+    }
+
+    /// Headers this error adds to its response.
+    pub fn extra_headers(&self) -> Option<(&'static str, &'static str)> {
+        match self {
+            ApiError::MethodNotAllowed { allow } => Some(("allow", allow)),
+            ApiError::Overloaded(_) | ApiError::NotReady | ApiError::Draining => Some(("retry-after", "1")),
+            _ => None,
+        }
+    }
+
+    /// Whether the connection must close after this error: the request framing may be lost.
+    pub fn closes_connection(&self) -> bool {
+        use ApiError::*;
+        matches!(
+            self,
+            MalformedRequest(_)
+                | HeadersTooLarge { .. }
+                | TooManyHeaders { .. }
+                | BodyTooLarge { .. }
+                | RequestTimeout
+                | UnsupportedTransferEncoding(_)
+                | ExpectationFailed(_)
+        )
+    }
+
+    /// `{"error":{"kind":…,"message":…}}`
+    pub fn to_body(&self) -> Vec<u8> {
+        let body = serde_json::json!({"error": {"kind": self.kind(), "message": self.to_string()}});
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use ApiError::*;
+        match self {
+            MalformedRequest(m) => write!(f, "malformed HTTP request: {m}"),
+            HeadersTooLarge { limit } => write!(f, "request head exceeds {limit} bytes"),
+            TooManyHeaders { limit } => write!(f, "request has more than {limit} header fields"),
+            BodyTooLarge { limit } => write!(f, "request body exceeds {limit} bytes"),
+            RequestTimeout => write!(f, "the request was not received in time"),
+            UnsupportedTransferEncoding(te) => write!(f, "transfer-encoding `{te}` is not supported; use chunked"),
+            ExpectationFailed(e) => write!(f, "expectation `{e}` is not supported"),
+            RouteNotFound => write!(f, "no such route"),
+            MethodNotAllowed { allow } => write!(f, "method not allowed on this route; allowed: {allow}"),
+            InvalidJson(m) => write!(f, "request body is not valid JSON: {m}"),
+            InvalidRequest(m) => write!(f, "{m}"),
+            InvalidBase64(m) => write!(f, "`wasm_b64` is not valid base64: {m}"),
+            InvalidName(m) => write!(f, "{m}"),
+            InvalidTimeout { given, max } => {
+                write!(f, "`timeout_ms` must be between 1 and {max}, got {given}")
+            }
+            InvalidMemoryLimit { given, max } => {
+                write!(f, "`memory_limit_mb` must be between 1 and {max}, got {given}")
+            }
+            InvalidModule(m) => write!(f, "not a valid WebAssembly module: {m}"),
+            UnsupportedImport(m) => write!(f, "{m}"),
+            ImportMismatch(m) => write!(f, "{m}"),
+            FunctionNotFound(id) => write!(f, "function `{id}` not found"),
+            InvalidInvokeRequest(m) => write!(f, "{m}"),
+            ExportNotFound(name) => write!(f, "the module exports no function `{name}`"),
+            InvokeTimeout { timeout_ms } => write!(f, "the function did not finish within {timeout_ms} ms"),
+            MemoryLimitExceeded { limit_mb } => {
+                write!(f, "the function tried to grow its memory beyond its {limit_mb} MiB limit")
+            }
+            GuestTrap(m) => write!(f, "the function trapped: {m}"),
+            GuestExit { code } => write!(f, "the function exited with code {code}"),
+            OutputTooLarge { limit } => write!(f, "the function wrote more than {limit} bytes to stdout"),
+            Overloaded(what) => write!(f, "server overloaded: {what}; retry later"),
+            NotReady => write!(f, "the server is starting and has not loaded its functions yet"),
+            Draining => write!(f, "the server is shutting down"),
+            Storage(m) => write!(f, "storage error: {m}"),
+            Internal(m) => write!(f, "internal error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for ApiError {}

@@ -1,0 +1,66 @@
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use wasmtime::{Engine, InstancePre, Linker};
+
+use super::{Catalog, DeployedFunction, FunctionRecord};
+use crate::wasm::{new_linker, GuestState};
+
+/// A function as one shard runs it: the shared module, pre-linked against this shard's linker.
+pub struct LocalFunction {
+    pub deployed: Arc<DeployedFunction>,
+    pub pre: InstancePre<GuestState>,
+    pub has_start: bool,
+}
+
+/// A shard's own copy of the catalog. On each lookup it compares the catalog's generation with the
+/// one it copied (one atomic load); only when they differ does it take the catalog's read lock.
+pub struct FunctionCache {
+    linker: Linker<GuestState>,
+    generation: Cell<u64>,
+    map: RefCell<HashMap<String, Rc<LocalFunction>>>,
+}
+
+impl FunctionCache {
+    pub fn new(engine: &Engine) -> wasmtime::Result<Self> {
+        Ok(FunctionCache { linker: new_linker(engine)?, generation: Cell::new(u64::MAX), map: RefCell::default() })
+    }
+
+    pub fn get(&self, catalog: &Catalog, id: &str) -> Option<Rc<LocalFunction>> {
+        self.sync(catalog);
+        self.map.borrow().get(id).cloned()
+    }
+
+    pub fn list(&self, catalog: &Catalog) -> Vec<FunctionRecord> {
+        self.sync(catalog);
+        self.map.borrow().values().map(|f| f.deployed.record.clone()).collect()
+    }
+
+    fn sync(&self, catalog: &Catalog) {
+        if catalog.generation() == self.generation.get() {
+            return;
+        }
+        let (generation, functions) = catalog.snapshot();
+        let mut old = self.map.take();
+        let mut map = HashMap::with_capacity(functions.len());
+        for deployed in functions {
+            let id = deployed.record.id.clone();
+            if let Some(kept) = old.remove(&id).filter(|f| Arc::ptr_eq(&f.deployed, &deployed)) {
+                map.insert(id, kept);
+                continue;
+            }
+            match self.linker.instantiate_pre(&deployed.module) {
+                Ok(pre) => {
+                    let has_start = deployed.module.get_export("_start").is_some();
+                    map.insert(id, Rc::new(LocalFunction { deployed, pre, has_start }));
+                }
+                // The worker linked this module against an identical linker; failing here is a bug.
+                Err(e) => tracing::error!(function = %id, "cannot pre-link on this shard: {e:#}"),
+            }
+        }
+        self.map.replace(map);
+        self.generation.set(generation);
+    }
+}

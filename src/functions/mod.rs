@@ -1,0 +1,21 @@
+//! Functions: what is deployed, where it is stored, and how shards learn of changes.
+//!
+//! - [`record`]: a function's metadata, as stored and as the API shows it.
+//! - [`store`]: the data dir: content-addressed modules, verified precompiled artifacts, records;
+//!   every write atomic (temp file, rename, fsync of the directory).
+//! - [`catalog`]: the process's authoritative map of live functions, shared by the shards; written
+//!   only by the worker, read by a shard only when its generation moved.
+//! - [`worker`]: the thread that loads the store at start-up and performs deploys and deletes, so
+//!   that compiling and fsyncing never run on a shard.
+
+pub mod catalog;
+pub mod record;
+pub mod store;
+pub mod worker;
+
+pub use catalog::{Catalog, DeployedFunction};
+pub use record::FunctionRecord;
+pub use store::FunctionStore;
+pub use worker::{AdminHandle, DeployRequest};
+pub mod cache;
+pub use cache::{FunctionCache, LocalFunction};

@@ -1,0 +1,195 @@
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::record::{hex, FunctionRecord};
+
+/// Header of a stored precompiled artifact: magic, then the SHA-256 of the payload. wasmtime trusts
+/// the bytes it deserializes, so a corrupt artifact must be caught before it gets there.
+const ARTIFACT_MAGIC: &[u8; 8] = b"TWART01\n";
+
+/// The data dir:
+/// ```text
+/// modules/<sha256-hex>.wasm    the module as deployed
+/// modules/<sha256-hex>.cwasm   its precompiled artifact (magic, checksum, wasmtime bytes)
+/// functions/<id>.json          one record per function
+/// ```
+#[derive(Debug, Clone)]
+pub struct FunctionStore {
+    modules: PathBuf,
+    functions: PathBuf,
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// `sha256:<hex>` as shown by the API.
+pub fn digest_of(wasm: &[u8]) -> String {
+    format!("sha256:{}", sha256_hex(wasm))
+}
+
+fn digest_hex(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").unwrap_or(digest)
+}
+
+impl FunctionStore {
+    /// Opens (creating if needed) the data dir and sweeps temp files left by a crash.
+    pub fn open(root: &Path) -> io::Result<Self> {
+        let store = FunctionStore { modules: root.join("modules"), functions: root.join("functions") };
+        for dir in [&store.modules, &store.functions] {
+            fs::create_dir_all(dir)?;
+            for entry in fs::read_dir(dir)? {
+                let entry = entry?;
+                if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    fn module_path(&self, digest: &str) -> PathBuf {
+        self.modules.join(format!("{}.wasm", digest_hex(digest)))
+    }
+
+    fn artifact_path(&self, digest: &str) -> PathBuf {
+        self.modules.join(format!("{}.cwasm", digest_hex(digest)))
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.functions.join(format!("{id}.json"))
+    }
+
+    pub fn write_module(&self, digest: &str, wasm: &[u8]) -> io::Result<()> {
+        write_atomic(&self.module_path(digest), wasm)
+    }
+
+    /// The module's bytes, if present and matching their digest.
+    pub fn read_module(&self, digest: &str) -> io::Result<Vec<u8>> {
+        let bytes = fs::read(self.module_path(digest))?;
+        if sha256_hex(&bytes) != digest_hex(digest) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "module bytes do not match their digest"));
+        }
+        Ok(bytes)
+    }
+
+    pub fn write_artifact(&self, digest: &str, artifact: &[u8]) -> io::Result<()> {
+        let mut framed = Vec::with_capacity(ARTIFACT_MAGIC.len() + 32 + artifact.len());
+        framed.extend_from_slice(ARTIFACT_MAGIC);
+        framed.extend_from_slice(&Sha256::digest(artifact));
+        framed.extend_from_slice(artifact);
+        write_atomic(&self.artifact_path(digest), &framed)
+    }
+
+    /// The artifact's wasmtime bytes, if present and intact.
+    pub fn read_artifact(&self, digest: &str) -> io::Result<Vec<u8>> {
+        let mut framed = fs::read(self.artifact_path(digest))?;
+        let header = ARTIFACT_MAGIC.len() + 32;
+        let intact = framed.len() >= header
+            && &framed[..ARTIFACT_MAGIC.len()] == ARTIFACT_MAGIC
+            && Sha256::digest(&framed[header..]).as_slice() == &framed[ARTIFACT_MAGIC.len()..header];
+        if !intact {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "artifact checksum mismatch"));
+        }
+        framed.drain(..header);
+        Ok(framed)
+    }
+
+    pub fn remove_module(&self, digest: &str) -> io::Result<()> {
+        for path in [self.artifact_path(digest), self.module_path(digest)] {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        sync_dir(&self.modules)
+    }
+
+    pub fn write_record(&self, record: &FunctionRecord) -> io::Result<()> {
+        let json = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
+        write_atomic(&self.record_path(&record.id), &json)
+    }
+
+    pub fn remove_record(&self, id: &str) -> io::Result<()> {
+        fs::remove_file(self.record_path(id))?;
+        sync_dir(&self.functions)
+    }
+
+    /// Every stored record; unreadable ones are returned as errors naming their file.
+    pub fn list_records(&self) -> io::Result<Vec<Result<FunctionRecord, String>>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.functions)? {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let parsed = fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<FunctionRecord>(&b).map_err(|e| e.to_string()))
+                .map_err(|e| format!("{}: {e}", path.display()));
+            out.push(parsed);
+        }
+        Ok(out)
+    }
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one: a temp
+/// file in the same directory, fsynced, renamed over the target, and the directory fsynced.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().ok_or_else(|| io::Error::other("path has no parent"))?;
+    let name = path.file_name().ok_or_else(|| io::Error::other("path has no file name"))?;
+    let tmp = dir.join(format!(".tmp-{}-{}", super::record::new_id(), name.to_string_lossy()));
+    let result = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn artifacts_are_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FunctionStore::open(dir.path()).unwrap();
+        let digest = digest_of(b"module");
+        store.write_artifact(&digest, b"compiled bytes").unwrap();
+        assert_eq!(store.read_artifact(&digest).unwrap(), b"compiled bytes");
+        let path = store.artifact_path(&digest);
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        assert_eq!(store.read_artifact(&digest).unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn module_digest_is_checked_and_temp_files_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FunctionStore::open(dir.path()).unwrap();
+        let digest = digest_of(b"abc");
+        store.write_module(&digest, b"abc").unwrap();
+        assert_eq!(store.read_module(&digest).unwrap(), b"abc");
+        fs::write(store.module_path(&digest), b"abd").unwrap();
+        assert!(store.read_module(&digest).is_err());
+        fs::write(dir.path().join("functions/.tmp-x-y.json"), b"{").unwrap();
+        FunctionStore::open(dir.path()).unwrap();
+        assert!(!dir.path().join("functions/.tmp-x-y.json").exists());
+    }
+}

@@ -1,0 +1,248 @@
+//! One HTTP/1.1 connection: read a head, read its body, answer, repeat. Pipelined requests are
+//! answered in order and their responses written together. Every read has a deadline: the idle
+//! keep-alive timeout between requests, the header timeout once a head has begun, the body timeout
+//! for its body; every write has the write timeout. A client can therefore never hold a shard.
+
+use std::time::{Duration, Instant};
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+use super::{parse_head, BodyFraming, ChunkedDecoder, ChunkedError, HeadParse, Method, RequestHead, Response, ResponseWriter};
+use crate::api::Route;
+use crate::config::Limits;
+use crate::error::ApiError;
+use crate::server::event::{race, Either, LocalEvent};
+use crate::server::shard::ConnectionGuard;
+
+/// Bytes asked of the kernel per read when the buffer has little room left.
+const READ_CHUNK: usize = 16 * 1024;
+/// Pending pipelined responses are written once they reach this size.
+const FLUSH_AT: usize = 64 * 1024;
+
+enum Read {
+    Data,
+    Eof,
+    TimedOut,
+    Drained,
+    Failed,
+}
+
+/// Reads more bytes onto the end of `buf`. On a timeout or drain the read is cancelled and `buf`'s
+/// contents are gone: callers only continue after `Read::Data`.
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, timeout: Duration, drain: Option<&LocalEvent>) -> Read {
+    let mut owned = std::mem::take(buf);
+    if owned.capacity() - owned.len() < READ_CHUNK / 4 {
+        owned.reserve(READ_CHUNK);
+    }
+    let (len, cap) = (owned.len(), owned.capacity());
+    let read = monoio::time::timeout(timeout, stream.read(owned.slice_mut(len..cap)));
+    let result = match drain {
+        Some(event) => match race(read, event.wait()).await {
+            Either::Left(r) => r,
+            Either::Right(()) => return Read::Drained,
+        },
+        None => read.await,
+    };
+    match result {
+        Err(_elapsed) => Read::TimedOut,
+        Ok((res, slice)) => {
+            *buf = slice.into_inner();
+            match res {
+                Ok(0) => Read::Eof,
+                Ok(_) => Read::Data,
+                Err(_) => Read::Failed,
+            }
+        }
+    }
+}
+
+/// Writes and clears `out`. False when the peer is gone or too slow.
+async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>, timeout: Duration) -> bool {
+    if out.is_empty() {
+        return true;
+    }
+    let owned = std::mem::take(out);
+    match monoio::time::timeout(timeout, stream.write_all(owned)).await {
+        Ok((Ok(_), mut owned)) => {
+            owned.clear();
+            *out = owned;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Answers a connection refused at the connection limit, then closes it.
+pub async fn refuse(mut stream: TcpStream, err: ApiError) {
+    let mut out = Vec::new();
+    ResponseWriter::default().write(&mut out, &Response::error(&err), false, false);
+    let _ = flush(&mut stream, &mut out, Duration::from_secs(1)).await;
+}
+
+pub async fn serve(guard: ConnectionGuard, mut stream: TcpStream) {
+    let shard = guard.shard.clone();
+    let limits: &Limits = &shard.limits;
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut out: Vec<u8> = Vec::with_capacity(4096);
+    let mut head = RequestHead::default();
+    let mut writer = ResponseWriter::default();
+
+    loop {
+        // 1. A complete request head.
+        let mut head_deadline: Option<Instant> = None;
+        let parsed = loop {
+            if !buf.is_empty() {
+                match parse_head(&buf, &mut head, limits.max_header_bytes, limits.max_headers) {
+                    Ok(HeadParse::Complete(n)) => break Ok(n),
+                    Ok(HeadParse::Partial) => {}
+                    Err(e) => break Err(e),
+                }
+            }
+            if !flush(&mut stream, &mut out, limits.write_timeout()).await {
+                return;
+            }
+            let idle = buf.is_empty();
+            let (timeout, drain) = if idle {
+                if shard.drain.is_fired() {
+                    return;
+                }
+                (limits.idle_timeout(), Some(&shard.drain))
+            } else {
+                let deadline = *head_deadline.get_or_insert_with(|| Instant::now() + limits.header_timeout());
+                (deadline.saturating_duration_since(Instant::now()), None)
+            };
+            match read_more(&mut stream, &mut buf, timeout, drain).await {
+                Read::Data => {}
+                Read::TimedOut if !idle => break Err(ApiError::RequestTimeout),
+                Read::Eof | Read::TimedOut | Read::Drained | Read::Failed => return,
+            }
+        };
+        let started = Instant::now();
+        let consumed = match parsed {
+            Ok(n) => n,
+            Err(e) => {
+                answer_protocol_error(&shard, &mut writer, &mut out, None, e, started);
+                let _ = flush(&mut stream, &mut out, limits.write_timeout()).await;
+                return;
+            }
+        };
+        buf.drain(..consumed);
+
+        // 2. Its body.
+        let body = match read_body(&mut stream, &mut buf, &mut out, &head, limits).await {
+            Ok(body) => body,
+            Err(BodyError::Connection) => return,
+            Err(BodyError::Http(e)) => {
+                answer_protocol_error(&shard, &mut writer, &mut out, Some(&head), e, started);
+                let _ = flush(&mut stream, &mut out, limits.write_timeout()).await;
+                return;
+            }
+        };
+
+        // 3. The answer.
+        let (route, response) = crate::api::handle(&shard, &head, body).await;
+        let keep_alive = head.keep_alive && !shard.drain.is_fired();
+        writer.write(&mut out, &response, keep_alive, head.method() == Method::Head);
+        shard.metrics.record_request(route, head.method(), response.status, started.elapsed());
+        if !keep_alive {
+            let _ = flush(&mut stream, &mut out, limits.write_timeout()).await;
+            return;
+        }
+        if out.len() >= FLUSH_AT && !flush(&mut stream, &mut out, limits.write_timeout()).await {
+            return;
+        }
+    }
+}
+
+/// Queues the response to a request whose framing failed; the connection closes after it.
+fn answer_protocol_error(
+    shard: &crate::server::shard::Shard,
+    writer: &mut ResponseWriter,
+    out: &mut Vec<u8>,
+    head: Option<&RequestHead>,
+    err: ApiError,
+    started: Instant,
+) {
+    debug_assert!(err.closes_connection());
+    let response = Response::error(&err);
+    writer.write(out, &response, false, false);
+    let (route, method) = match head {
+        Some(h) => (Route::match_path(h.path()).0, h.method()),
+        None => (Route::Unmatched, Method::Other),
+    };
+    shard.metrics.record_request(route, method, response.status, started.elapsed());
+}
+
+enum BodyError {
+    /// Answer with this error, then close.
+    Http(ApiError),
+    /// The peer is gone: just close.
+    Connection,
+}
+
+async fn read_body(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    head: &RequestHead,
+    limits: &Limits,
+) -> Result<Vec<u8>, BodyError> {
+    let framing = head.framing();
+    if framing == BodyFraming::None {
+        return Ok(Vec::new());
+    }
+    if let BodyFraming::Length(n) = framing {
+        if n > limits.max_body_bytes {
+            return Err(BodyError::Http(ApiError::BodyTooLarge { limit: limits.max_body_bytes }));
+        }
+    }
+    if head.expect_continue && buf.is_empty() {
+        out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        if !flush(stream, out, limits.write_timeout()).await {
+            return Err(BodyError::Connection);
+        }
+    }
+    let deadline = Instant::now() + limits.body_timeout();
+    let more = |read: Read| match read {
+        Read::Data => Ok(()),
+        Read::TimedOut => Err(BodyError::Http(ApiError::RequestTimeout)),
+        _ => Err(BodyError::Connection),
+    };
+    match framing {
+        BodyFraming::None => Ok(Vec::new()),
+        BodyFraming::Length(n) => {
+            let n = n as usize;
+            if buf.len() < n {
+                buf.reserve(n - buf.len());
+            }
+            while buf.len() < n {
+                more(read_more(stream, buf, deadline.saturating_duration_since(Instant::now()), None).await)?;
+            }
+            if buf.len() == n {
+                return Ok(std::mem::take(buf));
+            }
+            // Pipelined bytes follow the body: keep the (large) body's allocation, move the tail.
+            let rest = buf.split_off(n);
+            Ok(std::mem::replace(buf, rest))
+        }
+        BodyFraming::Chunked => {
+            let mut decoder = ChunkedDecoder::new(limits.max_body_bytes);
+            let mut body = Vec::new();
+            loop {
+                let used = decoder.decode(buf, &mut body).map_err(|e| {
+                    BodyError::Http(match e {
+                        ChunkedError::TooLarge => ApiError::BodyTooLarge { limit: limits.max_body_bytes },
+                        ChunkedError::Malformed(_) => ApiError::MalformedRequest(e.to_string()),
+                    })
+                })?;
+                buf.drain(..used);
+                if decoder.is_done() {
+                    return Ok(body);
+                }
+                more(read_more(stream, buf, deadline.saturating_duration_since(Instant::now()), None).await)?;
+            }
+        }
+    }
+}

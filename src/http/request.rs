@@ -1,0 +1,298 @@
+use std::ops::Range;
+
+use crate::error::ApiError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Put,
+    Delete,
+    Patch,
+    Options,
+    Other,
+}
+
+impl Method {
+    pub const ALL: [Method; 8] = [
+        Method::Get,
+        Method::Head,
+        Method::Post,
+        Method::Put,
+        Method::Delete,
+        Method::Patch,
+        Method::Options,
+        Method::Other,
+    ];
+
+    fn parse(s: &str) -> Method {
+        match s {
+            "GET" => Method::Get,
+            "HEAD" => Method::Head,
+            "POST" => Method::Post,
+            "PUT" => Method::Put,
+            "DELETE" => Method::Delete,
+            "PATCH" => Method::Patch,
+            "OPTIONS" => Method::Options,
+            _ => Method::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Head => "HEAD",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Delete => "DELETE",
+            Method::Patch => "PATCH",
+            Method::Options => "OPTIONS",
+            Method::Other => "OTHER",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyFraming {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// A parsed request head. Names and values are ranges into `raw`, a copy of the head's bytes, so
+/// that the connection's read buffer is free to move while the request is handled.
+#[derive(Debug, Default)]
+pub struct RequestHead {
+    raw: Vec<u8>,
+    path: Range<usize>,
+    headers: Vec<(Range<usize>, Range<usize>)>,
+    pub method: Option<Method>,
+    pub framing: Option<BodyFraming>,
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+}
+
+impl RequestHead {
+    pub fn method(&self) -> Method {
+        self.method.unwrap_or(Method::Other)
+    }
+
+    pub fn framing(&self) -> BodyFraming {
+        self.framing.unwrap_or(BodyFraming::None)
+    }
+
+    /// The path without its query string.
+    pub fn path(&self) -> &str {
+        // The head was validated as UTF-8-free ASCII by httparse's token rules for the path.
+        std::str::from_utf8(&self.raw[self.path.clone()]).unwrap_or("")
+    }
+
+    /// The first value of header `name` (ASCII case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| self.raw[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| &self.raw[v.clone()])
+    }
+
+    /// Every header, in order.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.headers
+            .iter()
+            .map(|(n, v)| (std::str::from_utf8(&self.raw[n.clone()]).unwrap_or(""), &self.raw[v.clone()]))
+    }
+}
+
+pub enum HeadParse {
+    /// A complete head of this many bytes was parsed into the given `RequestHead`.
+    Complete(usize),
+    /// More bytes are needed.
+    Partial,
+}
+
+/// Parses one request head from the start of `buf` into `head` (reusing its allocations).
+pub fn parse_head(
+    buf: &[u8],
+    head: &mut RequestHead,
+    max_header_bytes: usize,
+    max_headers: usize,
+) -> Result<HeadParse, ApiError> {
+    // Tolerate the empty lines some clients send between pipelined requests (RFC 9112 §2.2).
+    let mut skip = 0;
+    while buf[skip..].starts_with(b"\r\n") {
+        skip += 2;
+    }
+    let buf = &buf[skip..];
+    let mut storage = [httparse::EMPTY_HEADER; 256];
+    let slots = max_headers.min(storage.len());
+    let mut req = httparse::Request::new(&mut storage[..slots]);
+    let status = match req.parse(buf) {
+        Ok(s) => s,
+        Err(httparse::Error::TooManyHeaders) => return Err(ApiError::TooManyHeaders { limit: max_headers }),
+        Err(e) => return Err(ApiError::MalformedRequest(e.to_string())),
+    };
+    let len = match status {
+        httparse::Status::Partial => {
+            if buf.len() > max_header_bytes {
+                return Err(ApiError::HeadersTooLarge { limit: max_header_bytes });
+            }
+            return Ok(HeadParse::Partial);
+        }
+        httparse::Status::Complete(len) => len,
+    };
+    if len > max_header_bytes {
+        return Err(ApiError::HeadersTooLarge { limit: max_header_bytes });
+    }
+    let version = req.version.unwrap_or(1);
+    let method = Method::parse(req.method.unwrap_or(""));
+    let target = req.path.unwrap_or("");
+    if !target.starts_with('/') {
+        return Err(ApiError::MalformedRequest("request target must be an absolute path".into()));
+    }
+
+    head.raw.clear();
+    head.raw.extend_from_slice(&buf[..len]);
+    head.headers.clear();
+    let offset_of = |s: &[u8]| s.as_ptr() as usize - buf.as_ptr() as usize;
+    let path_start = offset_of(target.as_bytes());
+    let path_len = target.find('?').unwrap_or(target.len());
+    head.path = path_start..path_start + path_len;
+
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut keep_alive = version == 1;
+    let mut expect_continue = false;
+    for h in req.headers.iter() {
+        let n = offset_of(h.name.as_bytes());
+        let v = offset_of(h.value);
+        head.headers.push((n..n + h.name.len(), v..v + h.value.len()));
+        let value = trim(h.value);
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let parsed = std::str::from_utf8(value)
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| ApiError::MalformedRequest("invalid content-length".into()))?;
+            if content_length.is_some_and(|c| c != parsed) {
+                return Err(ApiError::MalformedRequest("conflicting content-length headers".into()));
+            }
+            content_length = Some(parsed);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // Only `chunked` is supported, and it must be the final coding (RFC 9112 §6.1).
+            let text = String::from_utf8_lossy(value).to_ascii_lowercase();
+            let codings: Vec<&str> = text.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+            if codings != ["chunked"] || chunked {
+                return Err(ApiError::UnsupportedTransferEncoding(text));
+            }
+            chunked = true;
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            for token in value.split(|b| *b == b',') {
+                let token = trim(token);
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive = true;
+                }
+            }
+        } else if h.name.eq_ignore_ascii_case("expect") {
+            if value.eq_ignore_ascii_case(b"100-continue") {
+                expect_continue = version == 1;
+            } else {
+                return Err(ApiError::ExpectationFailed(String::from_utf8_lossy(value).into_owned()));
+            }
+        }
+    }
+    if chunked && content_length.is_some() {
+        // Both framings at once is the request-smuggling shape: refuse it (RFC 9112 §6.3).
+        return Err(ApiError::MalformedRequest("both content-length and transfer-encoding".into()));
+    }
+    // Shift ranges: they were computed against `buf` after the skipped empty lines, and `raw`
+    // starts at the same place, so they are already relative to `raw`.
+    head.method = Some(method);
+    head.framing = Some(if chunked {
+        BodyFraming::Chunked
+    } else {
+        match content_length {
+            Some(0) | None => BodyFraming::None,
+            Some(n) => BodyFraming::Length(n),
+        }
+    });
+    head.keep_alive = keep_alive;
+    head.expect_continue = expect_continue;
+    Ok(HeadParse::Complete(skip + len))
+}
+
+fn trim(mut v: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = v {
+        if first.is_ascii_whitespace() {
+            v = rest;
+        } else {
+            break;
+        }
+    }
+    while let [rest @ .., last] = v {
+        if last.is_ascii_whitespace() {
+            v = rest;
+        } else {
+            break;
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &str) -> Result<(RequestHead, usize), ApiError> {
+        let mut head = RequestHead::default();
+        match parse_head(raw.as_bytes(), &mut head, 8192, 32)? {
+            HeadParse::Complete(n) => Ok((head, n)),
+            HeadParse::Partial => panic!("partial"),
+        }
+    }
+
+    #[test]
+    fn parses_path_headers_and_framing() {
+        let (h, n) = parse("POST /functions?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello").unwrap();
+        assert_eq!(n, 60);
+        assert_eq!(h.method(), Method::Post);
+        assert_eq!(h.path(), "/functions");
+        assert_eq!(h.header("host"), Some(&b"a"[..]));
+        assert_eq!(h.framing(), BodyFraming::Length(5));
+        assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn http10_defaults_to_close_and_skips_leading_crlf() {
+        let (h, n) = parse("\r\nGET / HTTP/1.0\r\n\r\n").unwrap();
+        assert_eq!(n, 20);
+        assert!(!h.keep_alive);
+    }
+
+    #[test]
+    fn refuses_smuggling_shapes() {
+        assert!(parse("POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n").is_err());
+        assert!(parse("POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n").is_err());
+        assert!(parse("POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n").is_err());
+        let e = parse("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").unwrap_err();
+        assert_eq!(e.kind(), "unsupported_transfer_encoding");
+    }
+
+    #[test]
+    fn limits_head_size_and_count() {
+        let mut head = RequestHead::default();
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(100));
+        let e = parse_head(big.as_bytes(), &mut head, 64, 32).err().unwrap();
+        assert_eq!(e.kind(), "headers_too_large");
+        let many: String = (0..10).map(|i| format!("H{i}: v\r\n")).collect();
+        let req = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        let e = parse_head(req.as_bytes(), &mut head, 8192, 4).err().unwrap();
+        assert_eq!(e.kind(), "too_many_headers");
+    }
+}

@@ -1,0 +1,15 @@
+//! TensorWasm: a sharded, thread-per-core serverless runtime for WebAssembly functions.
+//!
+//! The map of this crate is docs/ARCHITECTURE.md. In short: [`server`] starts one pinned shard per
+//! CPU; each shard runs [`http`] connections whose requests [`api`] routes to the function
+//! [`functions`] catalog and to [`wasm`] execution; [`metrics`] are per shard and merged on scrape.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod functions;
+pub mod http;
+pub mod metrics;
+pub mod server;
+pub mod wasm;

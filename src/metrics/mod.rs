@@ -1,0 +1,8 @@
+//! Metrics. Each shard owns a [`ShardMetrics`] and is its only writer; `/metrics` merges every
+//! shard's figures at scrape time and renders the Prometheus text format.
+
+mod render;
+mod shard;
+
+pub use render::{render, ScrapeContext};
+pub use shard::{Counter, Gauge, IoDriverKind, ShardMetrics, DURATION_BUCKETS};

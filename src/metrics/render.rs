@@ -1,0 +1,122 @@
+use std::fmt::Write;
+use std::sync::Arc;
+
+use super::shard::{ShardMetrics, DURATION_BUCKETS};
+use crate::api::Route;
+use crate::http::{Method, Status};
+
+/// What a scrape reads besides the shards' own figures.
+pub struct ScrapeContext<'a> {
+    pub shards: &'a [Arc<ShardMetrics>],
+    pub functions: usize,
+    pub ready: bool,
+}
+
+/// Renders every metric in the Prometheus text exposition format (0.0.4).
+pub fn render(ctx: &ScrapeContext<'_>) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    let shards = ctx.shards;
+
+    header(&mut out, "tensor_wasm_build_info", "gauge", "Build information; always 1.");
+    let _ = writeln!(
+        out,
+        "tensor_wasm_build_info{{version=\"{}\",wasmtime=\"48.0.8\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    header(&mut out, "tensor_wasm_shards", "gauge", "Number of shards (pinned threads) serving.");
+    let _ = writeln!(out, "tensor_wasm_shards {}", shards.len());
+    header(&mut out, "tensor_wasm_ready", "gauge", "1 when /readyz answers 200.");
+    let _ = writeln!(out, "tensor_wasm_ready {}", u8::from(ctx.ready));
+    header(&mut out, "tensor_wasm_functions_total", "gauge", "Functions deployed and live.");
+    let _ = writeln!(out, "tensor_wasm_functions_total {}", ctx.functions);
+
+    header(&mut out, "tensor_wasm_http_requests_total", "counter", "HTTP requests answered.");
+    for route in Route::ALL {
+        for method in Method::ALL {
+            for status in Status::ALL {
+                let n: u64 = shards.iter().map(|s| s.request_count(route, method, status)).sum();
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "tensor_wasm_http_requests_total{{route=\"{}\",method=\"{}\",status=\"{}\"}} {n}",
+                        route.template(),
+                        method.as_str(),
+                        status.code()
+                    );
+                }
+            }
+        }
+    }
+
+    header(&mut out, "tensor_wasm_http_request_duration_seconds", "histogram", "Server time per HTTP request.");
+    for route in Route::ALL {
+        for method in Method::ALL {
+            let mut buckets = [0u64; 18];
+            let mut sum_nanos = 0u64;
+            for s in shards {
+                let h = s.histogram(route, method);
+                for (acc, c) in buckets.iter_mut().zip(&h.buckets) {
+                    *acc += c.get();
+                }
+                sum_nanos = sum_nanos.wrapping_add(h.sum_nanos.get());
+            }
+            let count: u64 = buckets.iter().sum();
+            if count == 0 {
+                continue;
+            }
+            let labels = format!("route=\"{}\",method=\"{}\"", route.template(), method.as_str());
+            let mut cumulative = 0;
+            for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
+                cumulative += buckets[i];
+                let _ = writeln!(
+                    out,
+                    "tensor_wasm_http_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(out, "tensor_wasm_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {count}");
+            let _ = writeln!(out, "tensor_wasm_http_request_duration_seconds_sum{{{labels}}} {}", sum_nanos as f64 / 1e9);
+            let _ = writeln!(out, "tensor_wasm_http_request_duration_seconds_count{{{labels}}} {count}");
+        }
+    }
+
+    let sum = |f: &dyn Fn(&ShardMetrics) -> u64| shards.iter().map(|s| f(s)).sum::<u64>();
+    header(&mut out, "tensor_wasm_active_instances", "gauge", "Wasm instances running now.");
+    let _ = writeln!(out, "tensor_wasm_active_instances {}", sum(&|s| s.active_instances.get()));
+    header(&mut out, "tensor_wasm_instance_spawns_total", "counter", "Wasm instances created (one per invocation).");
+    let _ = writeln!(out, "tensor_wasm_instance_spawns_total {}", sum(&|s| s.instance_spawns.get()));
+    header(&mut out, "tensor_wasm_invocations_failed_total", "counter", "Invocations that ended in an error.");
+    let _ = writeln!(out, "tensor_wasm_invocations_failed_total {}", sum(&|s| s.invocations_failed.get()));
+    header(&mut out, "tensor_wasm_connections", "gauge", "Open HTTP connections.");
+    let _ = writeln!(out, "tensor_wasm_connections {}", sum(&|s| s.connections.get()));
+    header(&mut out, "tensor_wasm_connections_refused_total", "counter", "Connections refused at the connection limit.");
+    let _ = writeln!(out, "tensor_wasm_connections_refused_total {}", sum(&|s| s.connections_refused.get()));
+
+    header(&mut out, "tensor_wasm_shard_requests_total", "counter", "HTTP requests answered, per shard.");
+    for s in shards {
+        let _ = writeln!(out, "tensor_wasm_shard_requests_total{{shard=\"{}\"}} {}", s.shard, s.total_requests());
+    }
+    header(&mut out, "tensor_wasm_shard_connections_accepted_total", "counter", "Connections accepted, per shard.");
+    for s in shards {
+        let _ = writeln!(
+            out,
+            "tensor_wasm_shard_connections_accepted_total{{shard=\"{}\"}} {}",
+            s.shard,
+            s.connections_accepted.get()
+        );
+    }
+    header(&mut out, "tensor_wasm_shard_io_driver", "gauge", "The I/O driver of each shard: io_uring or epoll.");
+    for s in shards {
+        let _ = writeln!(
+            out,
+            "tensor_wasm_shard_io_driver{{shard=\"{}\",driver=\"{}\"}} 1",
+            s.shard,
+            s.io_driver().label()
+        );
+    }
+    out
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}

@@ -1,0 +1,190 @@
+//! The server process: start-up, the shards, and shutdown.
+//!
+//! [`run`] opens the data dir, builds the engine and its epoch ticker, starts the catalog worker,
+//! binds one SO_REUSEPORT listener per shard, starts the shards (each a pinned thread running a
+//! monoio executor), then waits for SIGTERM or SIGINT and drains.
+
+pub mod cpu;
+pub mod event;
+pub mod listener;
+pub mod logging;
+pub mod shard;
+
+use std::fmt;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::ServerConfig;
+use crate::functions::{worker, Catalog, FunctionStore};
+use crate::metrics::ShardMetrics;
+use crate::wasm::{build_engine, EpochTicker};
+
+/// Why the server could not start or run.
+#[derive(Debug)]
+pub enum ServerError {
+    /// The operator must fix a setting (exit status 2).
+    Config(String),
+    /// The environment failed us (exit status 1).
+    Runtime(String),
+}
+
+impl ServerError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ServerError::Config(_) => crate::cli::EXIT_USAGE,
+            ServerError::Runtime(_) => 1,
+        }
+    }
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerError::Config(m) | ServerError::Runtime(m) => f.write_str(m),
+        }
+    }
+}
+
+/// State every shard can see. Sharing across shards is limited to this and the catalog; the
+/// request path only reads it.
+pub struct Shared {
+    pub shard_metrics: Vec<Arc<ShardMetrics>>,
+    pub catalog: Arc<Catalog>,
+    shards_serving: AtomicUsize,
+    draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn is_ready(&self) -> bool {
+        self.shards_serving.load(Ordering::Acquire) == self.shard_metrics.len() && self.catalog.is_loaded()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    fn shard_started(&self) {
+        self.shards_serving.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Runs the server until SIGTERM or SIGINT, then drains and returns.
+pub fn run(config: ServerConfig) -> Result<(), ServerError> {
+    let limits = Arc::new(config.limits.clone());
+    let store = FunctionStore::open(&config.data_dir).map_err(|e| {
+        ServerError::Config(format!("cannot use data dir {}: {e}", config.data_dir.display()))
+    })?;
+    let engine = build_engine(&limits).map_err(|e| ServerError::Runtime(format!("cannot create the Wasm engine: {e:#}")))?;
+    let ticker = EpochTicker::start(engine.clone(), Duration::from_millis(limits.epoch_tick_ms))
+        .map_err(|e| ServerError::Runtime(format!("cannot start the epoch ticker: {e}")))?;
+
+    let cpus = cpu::allowed_cpus().map_err(|e| ServerError::Runtime(format!("sched_getaffinity: {e}")))?;
+    let shard_count = config.shards.unwrap_or(cpus.len().max(1));
+    if shard_count > cpus.len() {
+        tracing::warn!(shards = shard_count, cpus = cpus.len(), "more shards than allowed CPUs; shards will share CPUs");
+    }
+    let listeners = listener::bind_reuseport(config.listen, shard_count)
+        .map_err(|e| ServerError::Runtime(format!("cannot listen on {}: {e}", config.listen)))?;
+    let local_addr = listeners[0].local_addr().map_err(|e| ServerError::Runtime(e.to_string()))?;
+
+    let catalog = Arc::new(Catalog::default());
+    let (admin, worker_thread) =
+        worker::spawn(engine.clone(), store, catalog.clone(), limits.clone(), config.admin_queue_depth)
+            .map_err(|e| ServerError::Runtime(format!("cannot start the catalog worker: {e}")))?;
+
+    let shared = Arc::new(Shared {
+        shard_metrics: (0..shard_count).map(|i| Arc::new(ShardMetrics::new(i))).collect(),
+        catalog,
+        shards_serving: AtomicUsize::new(0),
+        draining: AtomicBool::new(false),
+    });
+
+    let (started_tx, started_rx) = mpsc::channel();
+    let mut shards = Vec::with_capacity(shard_count);
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let (drain_tx, drain_rx) = futures_channel::oneshot::channel::<()>();
+        let init = shard::ShardInit {
+            id: i,
+            cpu: cpus[i % cpus.len()],
+            listener,
+            engine: engine.clone(),
+            limits: limits.clone(),
+            admin: admin.clone(),
+            shared: shared.clone(),
+            io_driver: config.io_driver,
+            shard_count,
+            drain_timeout: Duration::from_millis(config.drain_timeout_ms),
+            drain_rx,
+            started: started_tx.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("tw-shard-{i}"))
+            .spawn(move || shard::run(init))
+            .map_err(|e| ServerError::Runtime(format!("cannot start shard {i}: {e}")))?;
+        shards.push((drain_tx, thread));
+    }
+    drop(started_tx);
+    drop(admin);
+
+    let mut failure = None;
+    for _ in 0..shard_count {
+        match started_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                failure.get_or_insert(e);
+            }
+            Err(_) => {
+                failure.get_or_insert_with(|| "a shard stopped during start-up".to_string());
+            }
+        }
+    }
+
+    if failure.is_none() {
+        tracing::info!(addr = %local_addr, shards = shard_count, "listening");
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "listening on {local_addr}");
+        let _ = stdout.flush();
+        wait_for_termination()?;
+        tracing::info!("signal received: draining");
+    }
+
+    shared.draining.store(true, Ordering::Release);
+    // Dropping a shard's sender completes its receiver: that is the drain signal.
+    let (drain_senders, threads): (Vec<_>, Vec<_>) = shards.into_iter().unzip();
+    drop(drain_senders);
+    for (i, thread) in threads.into_iter().enumerate() {
+        if thread.join().is_err() {
+            tracing::error!(shard = i, "shard thread panicked");
+        }
+    }
+    drop(ticker);
+    drop(worker_thread);
+    match failure {
+        Some(e) => Err(ServerError::Runtime(e)),
+        None => {
+            tracing::info!("drained; exiting");
+            Ok(())
+        }
+    }
+}
+
+/// Blocks until SIGTERM or SIGINT. A second signal during the drain exits at once.
+fn wait_for_termination() -> Result<(), ServerError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| ServerError::Runtime(format!("cannot install signal handlers: {e}")))?;
+    let _ = signals.forever().next();
+    std::thread::Builder::new()
+        .name("tw-signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                tracing::warn!("second signal: exiting without finishing the drain");
+                std::process::exit(1);
+            }
+        })
+        .map_err(|e| ServerError::Runtime(e.to_string()))?;
+    Ok(())
+}

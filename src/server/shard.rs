@@ -1,0 +1,234 @@
+//! A shard: one OS thread pinned to one CPU, running a monoio executor. It owns its listener, its
+//! connections, its function cache (with one `InstancePre` per function) and its metrics.
+
+use std::cell::Cell;
+use std::net::TcpListener as StdListener;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_channel::oneshot;
+use monoio::net::TcpListener;
+use wasmtime::Engine;
+
+use super::event::{race, Either, LocalEvent};
+use super::{cpu, Shared};
+use crate::config::{IoDriverChoice, Limits};
+use crate::error::ApiError;
+use crate::functions::{AdminHandle, Catalog, FunctionCache};
+use crate::metrics::{IoDriverKind, ShardMetrics};
+
+/// io_uring submission queue depth per shard.
+const URING_ENTRIES: u32 = 1024;
+
+/// What a shard thread starts from.
+pub struct ShardInit {
+    pub id: usize,
+    pub cpu: usize,
+    pub listener: StdListener,
+    pub engine: Engine,
+    pub limits: Arc<Limits>,
+    pub admin: AdminHandle,
+    pub shared: Arc<Shared>,
+    pub io_driver: IoDriverChoice,
+    pub shard_count: usize,
+    pub drain_timeout: Duration,
+    pub drain_rx: oneshot::Receiver<()>,
+    pub started: Sender<Result<(), String>>,
+}
+
+/// A shard's state, shared by its tasks through `Rc`: never by another thread, except `shared`.
+pub struct Shard {
+    pub id: usize,
+    pub limits: Arc<Limits>,
+    pub engine: Engine,
+    pub functions: FunctionCache,
+    pub admin: AdminHandle,
+    pub metrics: Arc<ShardMetrics>,
+    pub shared: Arc<Shared>,
+    /// Fired when the process drains: stop accepting, close idle connections.
+    pub drain: LocalEvent,
+    /// Fired when draining and the last connection closed.
+    all_closed: LocalEvent,
+    connections: Cell<usize>,
+    max_connections: usize,
+    instances: Cell<usize>,
+    max_instances: usize,
+}
+
+static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// The shard thread's body.
+pub fn run(init: ShardInit) {
+    if let Err(e) = cpu::pin_current_thread(init.cpu) {
+        tracing::warn!(shard = init.id, cpu = init.cpu, "cannot pin shard to its CPU: {e}");
+    }
+    let metrics = init.shared.shard_metrics[init.id].clone();
+    match init.io_driver {
+        IoDriverChoice::Epoll => run_epoll(init, metrics),
+        choice => {
+            let built = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .with_entries(URING_ENTRIES)
+                .enable_timer()
+                .build();
+            match built {
+                Ok(mut rt) => {
+                    metrics.set_io_driver(IoDriverKind::IoUring);
+                    rt.block_on(serve(init));
+                }
+                Err(e) if choice == IoDriverChoice::Auto => {
+                    // Seen in containers: seccomp forbids io_uring_setup, or a low memlock limit
+                    // makes it fail with ENOMEM. monoio's FusionDriver does not fall back from
+                    // the latter, so we do it here.
+                    if !FALLBACK_LOGGED.swap(true, Ordering::Relaxed) {
+                        tracing::warn!("io_uring unavailable ({e}); shards use the epoll driver");
+                    }
+                    run_epoll(init, metrics);
+                }
+                Err(e) => {
+                    let _ = init.started.send(Err(format!("io_uring unavailable on shard {}: {e}", init.id)));
+                }
+            }
+        }
+    }
+}
+
+fn run_epoll(init: ShardInit, metrics: Arc<ShardMetrics>) {
+    match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build() {
+        Ok(mut rt) => {
+            metrics.set_io_driver(IoDriverKind::Epoll);
+            rt.block_on(serve(init));
+        }
+        Err(e) => {
+            let _ = init.started.send(Err(format!("cannot start shard {}: {e}", init.id)));
+        }
+    }
+}
+
+async fn serve(init: ShardInit) {
+    let ShardInit { id, listener, engine, limits, admin, shared, shard_count, drain_timeout, drain_rx, started, .. } =
+        init;
+    let setup = (|| -> Result<(TcpListener, FunctionCache), String> {
+        let listener = TcpListener::from_std(listener).map_err(|e| format!("shard {id}: listener: {e}"))?;
+        let functions = FunctionCache::new(&engine).map_err(|e| format!("shard {id}: linker: {e:#}"))?;
+        Ok((listener, functions))
+    })();
+    let (listener, functions) = match setup {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = started.send(Err(e));
+            return;
+        }
+    };
+    let per_shard = |total: usize| total.div_ceil(shard_count).max(1);
+    let shard = Rc::new(Shard {
+        id,
+        metrics: shared.shard_metrics[id].clone(),
+        max_connections: per_shard(limits.max_connections),
+        max_instances: per_shard(limits.max_instances as usize),
+        limits,
+        engine,
+        functions,
+        admin,
+        shared,
+        drain: LocalEvent::default(),
+        all_closed: LocalEvent::default(),
+        connections: Cell::new(0),
+        instances: Cell::new(0),
+    });
+
+    let on_drain = shard.clone();
+    monoio::spawn(async move {
+        let _ = drain_rx.await;
+        on_drain.drain.fire();
+    });
+    shard.shared.shard_started();
+    let _ = started.send(Ok(()));
+
+    loop {
+        match race(listener.accept(), shard.drain.wait()).await {
+            Either::Left(Ok((stream, _peer))) => {
+                shard.metrics.connections_accepted.inc();
+                let _ = stream.set_nodelay(true);
+                if shard.connections.get() >= shard.max_connections {
+                    shard.metrics.connections_refused.inc();
+                    monoio::spawn(crate::http::conn::refuse(stream, ApiError::Overloaded("too many connections")));
+                    continue;
+                }
+                let guard = ConnectionGuard::new(shard.clone());
+                monoio::spawn(crate::http::conn::serve(guard, stream));
+            }
+            Either::Left(Err(e)) => {
+                // EMFILE and friends: back off briefly rather than spin.
+                tracing::warn!(shard = id, "accept failed: {e}");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Either::Right(()) => break,
+        }
+    }
+    // Closing the listener stops new connections to this shard at once.
+    drop(listener);
+    if shard.connections.get() > 0 {
+        let _ = monoio::time::timeout(drain_timeout, shard.all_closed.wait()).await;
+    }
+    if shard.connections.get() > 0 {
+        tracing::warn!(shard = id, open = shard.connections.get(), "drain timeout: closing remaining connections");
+    }
+}
+
+/// Counts a connection for its whole life; the last one out during a drain ends the shard's wait.
+pub struct ConnectionGuard {
+    pub shard: Rc<Shard>,
+}
+
+impl ConnectionGuard {
+    fn new(shard: Rc<Shard>) -> Self {
+        shard.connections.set(shard.connections.get() + 1);
+        shard.metrics.connections.set(shard.connections.get() as u64);
+        ConnectionGuard { shard }
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let shard = &self.shard;
+        shard.connections.set(shard.connections.get() - 1);
+        shard.metrics.connections.set(shard.connections.get() as u64);
+        if shard.connections.get() == 0 && shard.drain.is_fired() {
+            shard.all_closed.fire();
+        }
+    }
+}
+
+/// A claim on one of the shard's instance slots, held for one invocation.
+pub struct InstanceSlot<'a> {
+    shard: &'a Shard,
+}
+
+impl Shard {
+    /// Claims an instance slot, or refuses with 503 `overloaded` when the shard's share of the
+    /// instance pool is in use: a bounded pool, never a queue without end.
+    pub fn acquire_instance_slot(&self) -> Result<InstanceSlot<'_>, ApiError> {
+        if self.instances.get() >= self.max_instances {
+            return Err(ApiError::Overloaded("every instance slot of this shard is busy"));
+        }
+        self.instances.set(self.instances.get() + 1);
+        self.metrics.active_instances.set(self.instances.get() as u64);
+        self.metrics.instance_spawns.inc();
+        Ok(InstanceSlot { shard: self })
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.shared.catalog
+    }
+}
+
+impl Drop for InstanceSlot<'_> {
+    fn drop(&mut self) {
+        let shard = self.shard;
+        shard.instances.set(shard.instances.get() - 1);
+        shard.metrics.active_instances.set(shard.instances.get() as u64);
+    }
+}

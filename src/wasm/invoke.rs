@@ -1,0 +1,307 @@
+//! One invocation: a fresh store and instance from the function's `InstancePre`, run as a future
+//! on the shard, with its deadline, memory cap and output cap, and its outcome classified.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::{Engine, InstancePre, ResourceLimiter, Store, Trap, UpdateDeadline, Val, ValType};
+
+use crate::error::ApiError;
+
+/// `proc_exit(code)`: unwinds the guest and carries the exit code out.
+#[derive(Debug)]
+pub struct GuestExit(pub i32);
+
+impl std::fmt::Display for GuestExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "guest exited with code {}", self.0)
+    }
+}
+impl std::error::Error for GuestExit {}
+
+/// Marker error: the guest's stdout passed its cap.
+#[derive(Debug)]
+struct OutputCapReached;
+impl std::fmt::Display for OutputCapReached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stdout cap reached")
+    }
+}
+impl std::error::Error for OutputCapReached {}
+
+/// Marker error: the guest asked for memory past its cap.
+#[derive(Debug)]
+struct MemoryCapReached;
+impl std::fmt::Display for MemoryCapReached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "memory cap reached")
+    }
+}
+impl std::error::Error for MemoryCapReached {}
+
+/// What a function sees as its process: argv and environment, NUL-terminated. Built once per
+/// function and shared by its invocations.
+#[derive(Debug, Default)]
+pub struct WasiArgs {
+    pub args: Vec<Vec<u8>>,
+    pub env: Vec<Vec<u8>>,
+}
+
+impl WasiArgs {
+    pub fn new(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let nul = |s: String| {
+            let mut v = s.into_bytes();
+            v.push(0);
+            v
+        };
+        WasiArgs {
+            args: args.iter().map(|a| nul(a.to_string())).collect(),
+            env: env.iter().map(|(k, v)| nul(format!("{k}={v}"))).collect(),
+        }
+    }
+}
+
+/// The caps of one invocation.
+#[derive(Clone, Copy, Debug)]
+pub struct InvokeLimits {
+    pub timeout: Duration,
+    pub memory_limit_mb: u32,
+    pub max_output_bytes: usize,
+    pub max_stderr_bytes: usize,
+}
+
+/// The store's data: the guest's stdio and its limiter.
+pub struct GuestState {
+    pub wasi: Arc<WasiArgs>,
+    pub stdin: Vec<u8>,
+    pub stdin_pos: usize,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    stderr_dropped: usize,
+    limits: InvokeLimits,
+    memory_exceeded: bool,
+    output_exceeded: bool,
+}
+
+impl GuestState {
+    pub fn new(wasi: Arc<WasiArgs>, stdin: Vec<u8>, limits: InvokeLimits) -> Self {
+        GuestState {
+            wasi,
+            stdin,
+            stdin_pos: 0,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            stderr_dropped: 0,
+            limits,
+            memory_exceeded: false,
+            output_exceeded: false,
+        }
+    }
+
+    pub fn write_stdout(&mut self, data: &[u8]) -> wasmtime::Result<()> {
+        if self.stdout.len() + data.len() > self.limits.max_output_bytes {
+            self.output_exceeded = true;
+            return Err(wasmtime::Error::new(OutputCapReached));
+        }
+        self.stdout.extend_from_slice(data);
+        Ok(())
+    }
+
+    pub fn write_stderr(&mut self, data: &[u8]) {
+        let room = self.limits.max_stderr_bytes.saturating_sub(self.stderr.len());
+        let keep = room.min(data.len());
+        self.stderr.extend_from_slice(&data[..keep]);
+        self.stderr_dropped += data.len() - keep;
+    }
+}
+
+impl ResourceLimiter for GuestState {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.limits.memory_limit_mb as usize * 1024 * 1024 {
+            // A trap, not a -1 from memory.grow: the guest stops here and the caller learns why.
+            self.memory_exceeded = true;
+            return Err(wasmtime::Error::new(MemoryCapReached));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// What to run.
+#[derive(Debug)]
+pub enum Entry {
+    /// A WASI command: `_start`, with the request body as stdin.
+    Start,
+    /// A plain export called with numeric arguments.
+    Export { name: String, args: Vec<serde_json::Value> },
+}
+
+#[derive(Debug)]
+pub struct InvokeOutput {
+    pub stdout: Vec<u8>,
+    /// For `Entry::Export`: the results, as JSON numbers.
+    pub results: Option<Vec<serde_json::Value>>,
+}
+
+/// An invocation's outcome, and its stderr (kept up to the cap) for the log, whatever the outcome.
+#[derive(Debug)]
+pub struct Invocation {
+    pub outcome: Result<InvokeOutput, ApiError>,
+    pub stderr: Vec<u8>,
+    pub stderr_dropped: usize,
+}
+
+/// Runs one invocation to completion on the current task. The guest yields to the shard's
+/// executor every epoch tick, so other requests on the shard are served while it runs.
+pub async fn invoke(
+    engine: &Engine,
+    pre: &InstancePre<GuestState>,
+    wasi: Arc<WasiArgs>,
+    stdin: Vec<u8>,
+    entry: Entry,
+    limits: InvokeLimits,
+) -> Invocation {
+    let mut store = Store::new(engine, GuestState::new(wasi, stdin, limits));
+    store.limiter(|s| s);
+    let deadline = Instant::now() + limits.timeout;
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        if Instant::now() >= deadline {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
+
+    let outcome = run(&mut store, pre, entry).await;
+    let state = store.into_data();
+    let result = match outcome {
+        Ok(results) => Ok(results),
+        Err(err) => classify(err, &state, &limits),
+    };
+    Invocation {
+        outcome: result.map(|results| InvokeOutput { stdout: state.stdout, results }),
+        stderr: state.stderr,
+        stderr_dropped: state.stderr_dropped,
+    }
+}
+
+async fn run(
+    store: &mut Store<GuestState>,
+    pre: &InstancePre<GuestState>,
+    entry: Entry,
+) -> wasmtime::Result<Option<Vec<serde_json::Value>>> {
+    let instance = pre.instantiate_async(&mut *store).await?;
+    match entry {
+        Entry::Start => {
+            let start = instance.get_typed_func::<(), ()>(&mut *store, "_start")?;
+            start.call_async(&mut *store, ()).await?;
+            Ok(None)
+        }
+        Entry::Export { name, args } => {
+            let func = instance
+                .get_func(&mut *store, &name)
+                .ok_or_else(|| wasmtime::Error::new(ExportCallError::NotFound(name.clone())))?;
+            let ty = func.ty(&*store);
+            let params = ty.params().collect::<Vec<_>>();
+            if params.len() != args.len() {
+                return Err(wasmtime::Error::new(ExportCallError::Args(format!(
+                    "`{name}` takes {} arguments, got {}",
+                    params.len(),
+                    args.len()
+                ))));
+            }
+            let params = params
+                .iter()
+                .zip(&args)
+                .enumerate()
+                .map(|(i, (ty, v))| json_to_val(ty, v).ok_or_else(|| {
+                    wasmtime::Error::new(ExportCallError::Args(format!("argument {i} is not a valid {ty}")))
+                }))
+                .collect::<wasmtime::Result<Vec<_>>>()?;
+            let mut results = vec![Val::I32(0); ty.results().len()];
+            func.call_async(&mut *store, &params, &mut results).await?;
+            results
+                .iter()
+                .map(|v| {
+                    val_to_json(v).ok_or_else(|| {
+                        wasmtime::Error::new(ExportCallError::Args("a result is not a number".into()))
+                    })
+                })
+                .collect::<wasmtime::Result<Vec<_>>>()
+                .map(Some)
+        }
+    }
+}
+
+#[derive(Debug)]
+enum ExportCallError {
+    NotFound(String),
+    Args(String),
+}
+impl std::fmt::Display for ExportCallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExportCallError::NotFound(n) => write!(f, "no export `{n}`"),
+            ExportCallError::Args(m) => write!(f, "{m}"),
+        }
+    }
+}
+impl std::error::Error for ExportCallError {}
+
+fn json_to_val(ty: &ValType, v: &serde_json::Value) -> Option<Val> {
+    Some(match ty {
+        ValType::I32 => Val::I32(i32::try_from(v.as_i64()?).ok().or_else(|| v.as_u64().and_then(|u| u32::try_from(u).ok()).map(|u| u as i32))?),
+        ValType::I64 => Val::I64(v.as_i64().or_else(|| v.as_u64().map(|u| u as i64))?),
+        ValType::F32 => Val::F32((v.as_f64()? as f32).to_bits()),
+        ValType::F64 => Val::F64(v.as_f64()?.to_bits()),
+        _ => return None,
+    })
+}
+
+fn val_to_json(v: &Val) -> Option<serde_json::Value> {
+    Some(match v {
+        Val::I32(x) => (*x).into(),
+        Val::I64(x) => (*x).into(),
+        Val::F32(bits) => serde_json::Number::from_f64(f32::from_bits(*bits) as f64)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null),
+        Val::F64(bits) => serde_json::Number::from_f64(f64::from_bits(*bits))
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null),
+        _ => return None,
+    })
+}
+
+/// Maps a failed run to what the caller is told. A `proc_exit(0)` is a success.
+fn classify(
+    err: wasmtime::Error,
+    state: &GuestState,
+    limits: &InvokeLimits,
+) -> Result<Option<Vec<serde_json::Value>>, ApiError> {
+    if let Some(GuestExit(code)) = err.downcast_ref::<GuestExit>() {
+        return if *code == 0 { Ok(None) } else { Err(ApiError::GuestExit { code: *code }) };
+    }
+    if state.memory_exceeded {
+        return Err(ApiError::MemoryLimitExceeded { limit_mb: limits.memory_limit_mb });
+    }
+    if state.output_exceeded {
+        return Err(ApiError::OutputTooLarge { limit: limits.max_output_bytes });
+    }
+    if let Some(e) = err.downcast_ref::<ExportCallError>() {
+        return Err(match e {
+            ExportCallError::NotFound(n) => ApiError::ExportNotFound(n.clone()),
+            ExportCallError::Args(m) => ApiError::InvalidInvokeRequest(m.clone()),
+        });
+    }
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => {
+            Err(ApiError::InvokeTimeout { timeout_ms: limits.timeout.as_millis() as u64 })
+        }
+        Some(trap) => Err(ApiError::GuestTrap(trap.to_string())),
+        None => Err(ApiError::GuestTrap(format!("{err}"))),
+    }
+}

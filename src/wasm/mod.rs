@@ -1,0 +1,11 @@
+//! WebAssembly execution: one process-wide [`Engine`](wasmtime::Engine) with the pooling allocator,
+//! a WASI preview-1 subset written for this runtime, and the per-invocation store and instance.
+
+pub mod engine;
+pub mod invoke;
+pub mod module;
+pub mod wasi;
+
+pub use engine::{build_engine, EpochTicker};
+pub use invoke::{invoke, Entry, GuestState, Invocation, InvokeLimits, InvokeOutput, WasiArgs};
+pub use module::{check_module, new_linker};

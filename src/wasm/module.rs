@@ -1,0 +1,54 @@
+//! Checking a module at deploy time: that it compiles, imports only what the runtime provides, and
+//! has a usable entry point. Everything refused here is a 400 with a precise kind.
+
+use wasmtime::{Engine, ExternType, Linker, Module};
+
+use super::{wasi, GuestState};
+use crate::error::ApiError;
+
+/// A linker with everything a guest may import. One per shard, plus one per catalog worker.
+pub fn new_linker(engine: &Engine) -> wasmtime::Result<Linker<GuestState>> {
+    let mut linker = Linker::new(engine);
+    wasi::add_to_linker(&mut linker, engine)?;
+    Ok(linker)
+}
+
+/// Validates and compiles `wasm`, then checks its imports and entry point against `linker`.
+pub fn check_module(engine: &Engine, linker: &Linker<GuestState>, wasm: &[u8]) -> Result<Module, ApiError> {
+    let module = Module::new(engine, wasm).map_err(|e| ApiError::InvalidModule(format!("{e:#}")))?;
+    check_compiled(linker, &module)?;
+    Ok(module)
+}
+
+/// The checks that do not need compiling again: used for artifacts loaded from disk too.
+pub fn check_compiled(linker: &Linker<GuestState>, module: &Module) -> Result<(), ApiError> {
+    for import in module.imports() {
+        let kind = match import.ty() {
+            ExternType::Func(_) => "function",
+            ExternType::Memory(_) => "memory",
+            ExternType::Table(_) => "table",
+            ExternType::Global(_) => "global",
+            ExternType::Tag(_) => "tag",
+        };
+        let provided = import.module() == wasi::MODULE
+            && matches!(import.ty(), ExternType::Func(_))
+            && wasi::provides(import.name());
+        if !provided {
+            return Err(ApiError::UnsupportedImport(format!(
+                "the module imports {kind} `{}::{}`, which the runtime does not provide \
+                 (it provides the functions of `{}`)",
+                import.module(),
+                import.name(),
+                wasi::MODULE
+            )));
+        }
+    }
+    linker.instantiate_pre(module).map_err(|e| ApiError::ImportMismatch(format!("{e:#}")))?;
+    if let Some(start) = module.get_export("_start") {
+        let ok = matches!(&start, ExternType::Func(f) if f.params().len() == 0 && f.results().len() == 0);
+        if !ok {
+            return Err(ApiError::InvalidModule("`_start` must be a function with no parameters and no results".into()));
+        }
+    }
+    Ok(())
+}
