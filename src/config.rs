@@ -21,6 +21,7 @@ pub struct ServerConfig {
     pub shards: Option<usize>,
     pub data_dir: PathBuf,
     pub io_driver: IoDriverChoice,
+    pub drain_grace_ms: u64,
     pub drain_timeout_ms: u64,
     pub admin_queue_depth: usize,
     pub limits: Limits,
@@ -59,16 +60,5 @@ impl Limits {
     }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
-    }
-}
-
-impl ServerConfig {
-    /// Built-in defaults, as `tensor-wasm serve` with no flags (used by tests and benches).
-    pub fn with_defaults() -> Self {
-        use clap::Parser;
-        let cli = crate::cli::Cli::parse_from(["tensor-wasm", "serve"]);
-        match cli.command {
-            crate::cli::Command::Serve(args) => args.into_config().expect("built-in defaults are valid"),
-        }
     }
 }

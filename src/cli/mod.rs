@@ -106,7 +106,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_EPOCH_TICK_MS", default_value_t = 1)]
     pub epoch_tick_ms: u64,
 
-    /// After SIGTERM/SIGINT, in-flight requests get this long to finish before the process exits.
+    /// After SIGTERM/SIGINT, /readyz answers 503 and responses close their connections, but new
+    /// connections are still accepted for this long, so that load balancers can stop sending.
+    #[arg(long, env = "TENSOR_WASM_DRAIN_GRACE_MS", default_value_t = 0)]
+    pub drain_grace_ms: u64,
+
+    /// After the grace period, in-flight requests get this long to finish before the process exits.
     #[arg(long, env = "TENSOR_WASM_DRAIN_TIMEOUT_MS", default_value_t = 25_000)]
     pub drain_timeout_ms: u64,
 
@@ -174,6 +179,7 @@ impl ServeArgs {
             shards: self.shards.map(usize::from),
             data_dir: self.data_dir,
             io_driver,
+            drain_grace_ms: self.drain_grace_ms,
             drain_timeout_ms: self.drain_timeout_ms,
             admin_queue_depth: self.admin_queue_depth as usize,
             limits: Limits {

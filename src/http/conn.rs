@@ -143,7 +143,8 @@ pub async fn serve(guard: ConnectionGuard, mut stream: TcpStream) {
 
         // 3. The answer.
         let (route, response) = crate::api::handle(&shard, &head, body).await;
-        let keep_alive = head.keep_alive && !shard.drain.is_fired();
+        // Once the process drains, every response closes its connection so clients move elsewhere.
+        let keep_alive = head.keep_alive && !shard.shared.is_draining();
         writer.write(&mut out, &response, keep_alive, head.method() == Method::Head);
         shard.metrics.record_request(route, head.method(), response.status, started.elapsed());
         if !keep_alive {

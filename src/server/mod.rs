@@ -6,6 +6,7 @@
 
 pub mod cpu;
 pub mod event;
+pub mod fair_yield;
 pub mod listener;
 pub mod logging;
 pub mod shard;
@@ -152,6 +153,9 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     }
 
     shared.draining.store(true, Ordering::Release);
+    if failure.is_none() && config.drain_grace_ms > 0 {
+        std::thread::sleep(Duration::from_millis(config.drain_grace_ms));
+    }
     // Dropping a shard's sender completes its receiver: that is the drain signal.
     let (drain_senders, threads): (Vec<_>, Vec<_>) = shards.into_iter().unzip();
     drop(drain_senders);
@@ -171,7 +175,8 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     }
 }
 
-/// Blocks until SIGTERM or SIGINT. A second signal during the drain exits at once.
+/// Blocks until SIGTERM or SIGINT. A second SIGINT during the drain (an operator's second Ctrl-C)
+/// exits at once; repeated SIGTERMs, which supervisors send, do not cut the drain short.
 fn wait_for_termination() -> Result<(), ServerError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
@@ -180,9 +185,11 @@ fn wait_for_termination() -> Result<(), ServerError> {
     std::thread::Builder::new()
         .name("tw-signals".into())
         .spawn(move || {
-            if signals.forever().next().is_some() {
-                tracing::warn!("second signal: exiting without finishing the drain");
-                std::process::exit(1);
+            for signal in signals.forever() {
+                if signal == SIGINT {
+                    tracing::warn!("second interrupt: exiting without finishing the drain");
+                    std::process::exit(130);
+                }
             }
         })
         .map_err(|e| ServerError::Runtime(e.to_string()))?;

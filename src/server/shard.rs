@@ -139,6 +139,7 @@ async fn serve(init: ShardInit) {
         instances: Cell::new(0),
     });
 
+    monoio::spawn(super::fair_yield::pump());
     let on_drain = shard.clone();
     monoio::spawn(async move {
         let _ = drain_rx.await;

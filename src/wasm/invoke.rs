@@ -172,7 +172,8 @@ pub async fn invoke(
         if Instant::now() >= deadline {
             Ok(UpdateDeadline::Interrupt)
         } else {
-            Ok(UpdateDeadline::Yield(1))
+            // Not `UpdateDeadline::Yield`: on monoio that starves the shard (see fair_yield).
+            Ok(UpdateDeadline::YieldCustom(1, Box::pin(crate::server::fair_yield::yield_now())))
         }
     });
 
@@ -301,6 +302,7 @@ fn classify(
         Some(Trap::Interrupt) => {
             Err(ApiError::InvokeTimeout { timeout_ms: limits.timeout.as_millis() as u64 })
         }
+        Some(Trap::StackOverflow) => Err(ApiError::GuestTrap("stack overflow: the call stack was exhausted".into())),
         Some(trap) => Err(ApiError::GuestTrap(trap.to_string())),
         None => Err(ApiError::GuestTrap(format!("{err}"))),
     }

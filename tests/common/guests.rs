@@ -1,0 +1,160 @@
+//! Guests: WAT compiled with the `wat` crate, and a Rust guest built for wasm32-wasip1 at test time.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+pub fn wasm(text: &str) -> Vec<u8> {
+    wat::parse_str(text).expect("valid WAT")
+}
+
+const WASI: &str = r#"
+  (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
+"#;
+
+/// The seed's hello.wasm: an empty `_start`.
+pub fn hello() -> Vec<u8> {
+    wasm(r#"(module (func (export "_start")))"#)
+}
+
+/// Copies stdin to stdout, 64 KiB at a time.
+pub fn echo() -> Vec<u8> {
+    wasm(&format!(
+        r#"(module {WASI}
+  (memory (export "memory") 2)
+  (func (export "_start") (local $n i32)
+    (block $done
+      (loop $again
+        (i32.store (i32.const 0) (i32.const 1024))
+        (i32.store (i32.const 4) (i32.const 65536))
+        (drop (call $fd_read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
+        (local.set $n (i32.load (i32.const 8)))
+        (br_if $done (i32.eqz (local.get $n)))
+        (i32.store (i32.const 16) (i32.const 1024))
+        (i32.store (i32.const 20) (local.get $n))
+        (drop (call $fd_write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24)))
+        (br $again)))))"#
+    ))
+}
+
+/// Writes `text` to stdout in two iovecs of one fd_write call, then `text2` to stderr, then exits
+/// with `code`.
+pub fn write_and_exit(text: &str, stderr: &str, code: i32) -> Vec<u8> {
+    let (a, b) = text.split_at(text.len() / 2);
+    let data = |s: &str| s.bytes().map(|b| format!("\\{b:02x}")).collect::<String>();
+    wasm(&format!(
+        r#"(module {WASI}
+  (memory (export "memory") 1)
+  (data (i32.const 256) "{a}")
+  (data (i32.const 512) "{b}")
+  (data (i32.const 768) "{e}")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 256)) (i32.store (i32.const 4) (i32.const {la}))
+    (i32.store (i32.const 8) (i32.const 512)) (i32.store (i32.const 12) (i32.const {lb}))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 2) (i32.const 32)))
+    (i32.store (i32.const 0) (i32.const 768)) (i32.store (i32.const 4) (i32.const {le}))
+    (drop (call $fd_write (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 32)))
+    (call $proc_exit (i32.const {code}))))"#,
+        a = data(a),
+        b = data(b),
+        e = data(stderr),
+        la = a.len(),
+        lb = b.len(),
+        le = stderr.len(),
+    ))
+}
+
+/// Spins forever without a host call.
+pub fn infinite_loop() -> Vec<u8> {
+    wasm(r#"(module (func (export "_start") (loop $l (br $l))))"#)
+}
+
+/// Busy for `ms` milliseconds of monotonic time, then writes `{"done":true}`.
+pub fn busy(ms: u64) -> Vec<u8> {
+    let out = r#"{"done":true}"#;
+    wasm(&format!(
+        r#"(module {WASI}
+  (memory (export "memory") 1)
+  (data (i32.const 256) "{out_esc}")
+  (func (export "_start") (local $start i64)
+    (drop (call $clock (i32.const 1) (i64.const 0) (i32.const 0)))
+    (local.set $start (i64.load (i32.const 0)))
+    (loop $l
+      (drop (call $clock (i32.const 1) (i64.const 0) (i32.const 0)))
+      (br_if $l (i64.lt_u (i64.sub (i64.load (i32.const 0)) (local.get $start)) (i64.const {ns}))))
+    (i32.store (i32.const 16) (i32.const 256)) (i32.store (i32.const 20) (i32.const {len}))
+    (drop (call $fd_write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24)))))"#,
+        out_esc = out.replace('"', "\\\""),
+        ns = ms * 1_000_000,
+        len = out.len(),
+    ))
+}
+
+pub fn trap() -> Vec<u8> {
+    wasm(r#"(module (func (export "_start") unreachable))"#)
+}
+
+pub fn deep_recursion() -> Vec<u8> {
+    wasm(r#"(module (func $f (export "_start") (call $f)))"#)
+}
+
+/// Grows its memory 1 MiB at a time, forever.
+pub fn memory_hog() -> Vec<u8> {
+    wasm(r#"(module (memory 1) (func (export "_start") (loop $l (drop (memory.grow (i32.const 16))) (br $l))))"#)
+}
+
+/// Writes 64 KiB to stdout, forever.
+pub fn stdout_flood() -> Vec<u8> {
+    wasm(&format!(
+        r#"(module {WASI}
+  (memory (export "memory") 2)
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 1024)) (i32.store (i32.const 4) (i32.const 65536))
+    (loop $l (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8))) (br $l))))"#
+    ))
+}
+
+/// No `_start`: exports `add(i32, i32) -> i32` and `scale(f64) -> f64`.
+pub fn arithmetic() -> Vec<u8> {
+    wasm(
+        r#"(module
+  (func (export "add") (param i32 i32) (result i32) (i32.add (local.get 0) (local.get 1)))
+  (func (export "scale") (param f64) (result f64) (f64.mul (local.get 0) (f64.const 2.5))))"#,
+    )
+}
+
+pub fn env_import() -> Vec<u8> {
+    wasm(r#"(module (import "env" "launch_missiles" (func)) (func (export "_start")))"#)
+}
+
+pub fn mismatched_wasi_import() -> Vec<u8> {
+    wasm(r#"(module (import "wasi_snapshot_preview1" "fd_write" (func (param i32))) (func (export "_start")))"#)
+}
+
+/// The Rust guest in tests/guests/json-stats, built once per test binary for wasm32-wasip1.
+pub fn rust_json_stats() -> Vec<u8> {
+    static BUILT: OnceLock<Vec<u8>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+            let manifest = root.join("tests/guests/json-stats/Cargo.toml");
+            let target_dir = root.join("target/guests");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "--release", "--target", "wasm32-wasip1", "--manifest-path"])
+                .arg(&manifest)
+                .arg("--target-dir")
+                .arg(&target_dir)
+                // The guest must not inherit this build's flags (coverage, sanitizers, ...).
+                .env_remove("RUSTFLAGS")
+                .env_remove("CARGO_ENCODED_RUSTFLAGS")
+                .status()
+                .expect("run cargo for the guest");
+            assert!(status.success(), "building the Rust guest failed (is the wasm32-wasip1 target installed?)");
+            std::fs::read(target_dir.join("wasm32-wasip1/release/json-stats.wasm")).expect("guest wasm")
+        })
+        .clone()
+}

@@ -1,0 +1,308 @@
+//! Test harness: the real `tensor-wasm` binary on an ephemeral loopback port, a plain blocking
+//! HTTP/1.1 client over real sockets, and the guests the tests deploy.
+#![allow(dead_code)]
+
+pub mod guests;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running server process. Killed when dropped.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    stderr: Arc<Mutex<String>>,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Starts a server with a fresh data dir and two shards, plus `args`.
+    pub fn start(args: &[&str]) -> Server {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let dir = temp.path().to_path_buf();
+        let mut s = Server::start_in(&dir, args);
+        s._temp = Some(temp);
+        s
+    }
+
+    /// Starts a server on `data_dir` (which outlives it), plus `args`.
+    pub fn start_in(data_dir: &Path, args: &[&str]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(["--log-level", "info"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // Two shards and a small instance pool unless the test says otherwise.
+        for (flag, value) in [("--shards", "2"), ("--max-instances", "64")] {
+            if !args.contains(&flag) {
+                cmd.args([flag, value]);
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn tensor-wasm");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let mut err_pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(IO_TIMEOUT) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not start; stderr:\n{}", stderr.lock().unwrap());
+            }
+        };
+        let addr = line.strip_prefix("listening on ").expect("listening line").parse().expect("address");
+        let server = Server { child, addr, data_dir: data_dir.to_path_buf(), stderr, _temp: None };
+        server.wait_ready();
+        server
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(r) = self.client().try_request("GET", "/readyz", &[], b"") {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("server never became ready; stderr:\n{}", self.stderr());
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.addr)
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("server did not exit within {limit:?}; stderr:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Deploys `wasm` under `name` with extra JSON fields; returns the new id.
+    pub fn deploy(&self, name: &str, wasm: &[u8]) -> String {
+        let r = self.client().deploy(name, wasm, serde_json::json!({}));
+        assert_eq!(r.status, 201, "deploy failed: {}", r.text());
+        r.json()["id"].as_str().unwrap().to_string()
+    }
+
+    /// The sum of a metric's samples whose label set contains every `labels` pair.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = self.client().request("GET", "/metrics", &[], b"").text();
+        sum_metric(&text, name, labels)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            if metric != name {
+                return None;
+            }
+            let all = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+    /// The `kind` of an error body, after checking the body has the error shape.
+    pub fn error_kind(&self) -> String {
+        let v = self.json();
+        assert!(v["error"]["message"].is_string(), "error body without message: {v}");
+        v["error"]["kind"].as_str().unwrap_or_else(|| panic!("not an error body: {v}")).to_string()
+    }
+}
+
+/// A keep-alive HTTP/1.1 client on one connection.
+pub struct Client {
+    pub stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Client { stream, reader }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+        self.try_request(method, path, headers, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    pub fn try_request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Response> {
+        self.stream.write_all(&encode_request(method, path, headers, body))?;
+        self.read_response_to(method)
+    }
+
+    pub fn read_response(&mut self) -> Response {
+        self.read_response_to("GET").expect("read response")
+    }
+
+    fn read_response_to(&mut self, method: &str) -> std::io::Result<Response> {
+        let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+            }
+            // Interim 1xx responses carry no body: skip them and their blank line.
+            let status: u16 = line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad(&line))?;
+            let mut headers = Vec::new();
+            loop {
+                let mut h = String::new();
+                self.reader.read_line(&mut h)?;
+                let h = h.trim_end();
+                if h.is_empty() {
+                    break;
+                }
+                let (n, v) = h.split_once(':').ok_or_else(|| bad(h))?;
+                headers.push((n.trim().to_string(), v.trim().to_string()));
+            }
+            if (100..200).contains(&status) {
+                continue;
+            }
+            let len = headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                .map(|(_, v)| v.parse::<usize>().unwrap())
+                .unwrap_or(0);
+            let mut body = vec![0; if method == "HEAD" || status == 204 { 0 } else { len }];
+            self.reader.read_exact(&mut body)?;
+            return Ok(Response { status, headers, body });
+        }
+    }
+
+    pub fn deploy(&mut self, name: &str, wasm: &[u8], extra: serde_json::Value) -> Response {
+        let mut body = serde_json::json!({
+            "name": name,
+            "wasm_b64": base64::engine::general_purpose::STANDARD.encode(wasm),
+        });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        self.request("POST", "/functions", &[("content-type", "application/json")], body.to_string().as_bytes())
+    }
+
+    pub fn invoke(&mut self, id: &str, body: &[u8]) -> Response {
+        self.request("POST", &format!("/functions/{id}/invoke"), &[], body)
+    }
+
+    /// True when the server has closed this connection (EOF within `wait`).
+    pub fn is_closed(&mut self, wait: Duration) -> bool {
+        self.stream.set_read_timeout(Some(wait)).unwrap();
+        let mut b = [0u8; 1];
+        let closed = matches!(self.reader.read(&mut b), Ok(0));
+        self.stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        closed
+    }
+}
+
+pub fn encode_request(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut out = format!("{method} {path} HTTP/1.1\r\nhost: test\r\n");
+    for (n, v) in headers {
+        out.push_str(&format!("{n}: {v}\r\n"));
+    }
+    let chunked = headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"));
+    if !chunked && (!body.is_empty() || method == "POST") {
+        out.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
+    out.push_str("\r\n");
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}

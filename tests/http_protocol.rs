@@ -1,0 +1,225 @@
+//! The HTTP/1.1 layer against a real server: keep-alive, pipelining, chunked bodies, limits,
+//! deadlines and the error shape.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::{encode_request, guests, Server};
+
+#[test]
+fn keep_alive_serves_many_requests_on_one_connection() {
+    let server = Server::start(&[]);
+    let mut c = server.client();
+    for _ in 0..50 {
+        let r = c.request("GET", "/healthz", &[], b"");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json(), serde_json::json!({"status": "ok"}));
+        assert_eq!(r.header("connection"), None);
+    }
+    // The readiness poll's connection, this one, and the scrape's own.
+    assert_eq!(server.metric("tensor_wasm_shard_connections_accepted_total", &[]), 3.0);
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let server = Server::start(&[]);
+    let echo = server.deploy("echo", &guests::echo());
+    let mut c = server.client();
+    let mut batch = Vec::new();
+    for i in 0..200 {
+        if i % 2 == 0 {
+            batch.extend(encode_request("POST", &format!("/functions/{echo}/invoke"), &[], format!("[{i}]").as_bytes()));
+        } else {
+            batch.extend(encode_request("GET", "/healthz", &[], b""));
+        }
+    }
+    c.send_raw(&batch);
+    for i in 0..200 {
+        let r = c.read_response();
+        assert_eq!(r.status, 200);
+        if i % 2 == 0 {
+            assert_eq!(r.text(), format!("[{i}]"));
+        } else {
+            assert_eq!(r.text(), r#"{"status":"ok"}"#);
+        }
+    }
+}
+
+#[test]
+fn chunked_bodies_are_decoded_across_reads() {
+    let server = Server::start(&[]);
+    let echo = server.deploy("echo", &guests::echo());
+    let mut c = server.client();
+    let head = format!("POST /functions/{echo}/invoke HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n");
+    c.send_raw(head.as_bytes());
+    for piece in ["4;ext=1\r\n{\"a\"", "\r\n", "6\r\n:[1,2]\r\n", "1\r\n}\r\n0\r\nx-trailer: 1\r\n", "\r\n"] {
+        c.send_raw(piece.as_bytes());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = c.read_response();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), r#"{"a":[1,2]}"#);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    // The connection is still usable after a chunked body.
+    assert_eq!(c.request("GET", "/healthz", &[], b"").status, 200);
+
+    let bad = format!("POST /functions/{echo}/invoke HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n");
+    let mut c = server.client();
+    c.send_raw(bad.as_bytes());
+    let r = c.read_response();
+    assert_eq!((r.status, r.error_kind().as_str()), (400, "malformed_request"));
+}
+
+#[test]
+fn oversized_bodies_get_413_and_the_connection_closes() {
+    let server = Server::start(&["--max-body-bytes", "1024"]);
+    let mut c = server.client();
+    c.send_raw(b"POST /functions HTTP/1.1\r\ncontent-length: 1025\r\n\r\n");
+    let r = c.read_response();
+    assert_eq!((r.status, r.error_kind().as_str()), (413, "body_too_large"));
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(c.is_closed(Duration::from_secs(5)));
+
+    let mut c = server.client();
+    let chunk = format!("400\r\n{}\r\n", "x".repeat(1024));
+    c.send_raw(format!("POST /functions HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n{chunk}{chunk}").as_bytes());
+    let r = c.read_response();
+    assert_eq!((r.status, r.error_kind().as_str()), (413, "body_too_large"));
+
+    // Exactly at the limit is fine (and then a bad deploy body, not a size error).
+    let mut c = server.client();
+    let r = c.request("POST", "/functions", &[], &[b' '; 1024]);
+    assert_eq!(r.status, 400);
+}
+
+#[test]
+fn oversized_or_too_many_headers_get_431() {
+    let server = Server::start(&["--max-header-bytes", "1024", "--max-headers", "8"]);
+    let mut c = server.client();
+    let r = c.request("GET", "/healthz", &[("x-big", &"a".repeat(2000))], b"");
+    assert_eq!((r.status, r.error_kind().as_str()), (431, "headers_too_large"));
+
+    let mut c = server.client();
+    let many: Vec<(String, String)> = (0..12).map(|i| (format!("x-h{i}"), "v".to_string())).collect();
+    let refs: Vec<(&str, &str)> = many.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let r = c.request("GET", "/healthz", &refs, b"");
+    assert_eq!((r.status, r.error_kind().as_str()), (431, "too_many_headers"));
+
+    // An endless head without a line break is cut off at the limit too.
+    let mut c = server.client();
+    c.send_raw(&vec![b'G'; 4096]);
+    let r = c.read_response();
+    assert_eq!(r.status, 431);
+}
+
+#[test]
+fn malformed_requests_get_400() {
+    let server = Server::start(&[]);
+    for raw in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET /healthz HTTP/1.1\r\ncontent-length: abc\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+        b"POST /functions HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
+        b"GET healthz HTTP/1.1\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nbad header\r\n\r\n",
+    ] {
+        let mut c = server.client();
+        c.send_raw(raw);
+        let r = c.read_response();
+        assert_eq!((r.status, r.error_kind().as_str()), (400, "malformed_request"), "{}", String::from_utf8_lossy(raw));
+        assert!(c.is_closed(Duration::from_secs(5)));
+    }
+    let mut c = server.client();
+    c.send_raw(b"POST /functions HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n");
+    let r = c.read_response();
+    assert_eq!((r.status, r.error_kind().as_str()), (501, "unsupported_transfer_encoding"));
+    // The server keeps serving everyone.
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
+}
+
+#[test]
+fn unknown_routes_404_and_wrong_methods_405_with_allow() {
+    let server = Server::start(&[]);
+    let mut c = server.client();
+    let r = c.request("GET", "/nope", &[], b"");
+    assert_eq!((r.status, r.error_kind().as_str()), (404, "not_found"));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+
+    for (method, path, allow) in [
+        ("POST", "/healthz", "GET, HEAD"),
+        ("DELETE", "/metrics", "GET, HEAD"),
+        ("PUT", "/functions", "GET, HEAD, POST"),
+        ("POST", "/functions/0123456789abcdef0123456789abcdef", "GET, HEAD, DELETE"),
+        ("GET", "/functions/0123456789abcdef0123456789abcdef/invoke", "POST"),
+    ] {
+        let r = c.request(method, path, &[], b"");
+        assert_eq!((r.status, r.error_kind().as_str()), (405, "method_not_allowed"), "{method} {path}");
+        assert_eq!(r.header("allow"), Some(allow), "{method} {path}");
+    }
+    // 404 and 405 keep the connection open.
+    assert_eq!(c.request("GET", "/healthz", &[], b"").status, 200);
+    assert!(server.metric("tensor_wasm_http_requests_total", &[("route", "unmatched"), ("status", "404")]) >= 1.0);
+}
+
+#[test]
+fn head_connection_close_and_expect_continue() {
+    let server = Server::start(&[]);
+    let mut c = server.client();
+    let r = c.request("HEAD", "/healthz", &[], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some("15"));
+    assert!(r.body.is_empty());
+
+    let r = c.request("GET", "/healthz", &[("connection", "close")], b"");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(c.is_closed(Duration::from_secs(5)));
+
+    let echo = server.deploy("echo", &guests::echo());
+    let mut c = server.client();
+    let body = b"{\"big\":true}";
+    c.send_raw(
+        format!("POST /functions/{echo}/invoke HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n", body.len())
+            .as_bytes(),
+    );
+    // The server asks for the body before it is sent.
+    let mut interim = [0u8; 25];
+    std::io::Read::read_exact(&mut c.stream, &mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    c.stream.write_all(body).unwrap();
+    let r = c.read_response();
+    assert_eq!(r.text(), String::from_utf8_lossy(body));
+}
+
+#[test]
+fn slow_and_idle_clients_cannot_hold_a_shard() {
+    let server = Server::start(&[
+        "--shards", "1", "--header-timeout-ms", "300", "--body-timeout-ms", "300", "--idle-timeout-ms", "400",
+    ]);
+    // A client that sends half a head and stalls gets 408, then is closed.
+    let mut slow = server.client();
+    slow.send_raw(b"GET /healthz HTTP/1.1\r\nx-slow: ");
+    let started = Instant::now();
+    // Meanwhile the single shard answers others at once.
+    for _ in 0..5 {
+        let t = Instant::now();
+        assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+    let r = slow.read_response();
+    assert_eq!((r.status, r.error_kind().as_str()), (408, "request_timeout"));
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert!(slow.is_closed(Duration::from_secs(5)));
+
+    // A body that stops arriving is cut off as well.
+    let mut stalled = server.client();
+    stalled.send_raw(b"POST /functions HTTP/1.1\r\ncontent-length: 100\r\n\r\n{");
+    let r = stalled.read_response();
+    assert_eq!(r.status, 408);
+
+    // An idle keep-alive connection is closed after the idle timeout.
+    let mut idle = server.client();
+    assert_eq!(idle.request("GET", "/healthz", &[], b"").status, 200);
+    assert!(idle.is_closed(Duration::from_secs(5)));
+}
