@@ -1,0 +1,221 @@
+//! The process's life: restart persistence, artifact reuse and recovery, drain on SIGTERM,
+//! configuration errors, and the I/O driver choice.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{guests, Server};
+use serde_json::json;
+
+#[test]
+fn functions_survive_restarts_with_their_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let (echo, hello, listed) = {
+        let server = Server::start_in(dir.path(), &[]);
+        let echo = server.deploy("echo", &guests::echo());
+        let hello = server.deploy("hello", &guests::hello());
+        let gone = server.deploy("gone", &guests::trap());
+        assert_eq!(server.client().request("DELETE", &format!("/functions/{gone}"), &[], b"").status, 204);
+        let listed = server.client().request("GET", "/functions", &[], b"").json();
+        (echo, hello, listed)
+    }; // Dropping the server kills it with SIGKILL: nothing is flushed at exit.
+
+    for round in 0..2 {
+        let mut server = Server::start_in(dir.path(), &[]);
+        let mut c = server.client();
+        assert_eq!(c.request("GET", "/functions", &[], b"").json(), listed, "round {round}");
+        assert_eq!(c.invoke(&echo, b"[1]").text(), "[1]");
+        assert_eq!(c.invoke(&hello, b"").json(), json!({"result": "ok", "function_id": hello}));
+        assert!(server.stderr().contains("functions=2") && server.stderr().contains("recompiled=0"), "{}", server.stderr());
+        server.signal(libc::SIGTERM);
+        assert!(server.wait_exit(Duration::from_secs(10)).success());
+    }
+}
+
+fn artifact_paths(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir.join("modules"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect()
+}
+
+#[test]
+fn corrupt_or_incompatible_artifacts_are_recompiled() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = {
+        let server = Server::start_in(dir.path(), &[]);
+        server.deploy("echo", &guests::echo())
+    };
+    let artifacts = artifact_paths(dir.path());
+    assert_eq!(artifacts.len(), 1);
+    let original = std::fs::read(&artifacts[0]).unwrap();
+
+    // 1. Flipped bytes: the checksum catches them before wasmtime sees them.
+    let mut corrupt = original.clone();
+    let mid = corrupt.len() / 2;
+    corrupt[mid] ^= 0xff;
+    std::fs::write(&artifacts[0], &corrupt).unwrap();
+    {
+        let server = Server::start_in(dir.path(), &[]);
+        assert_eq!(server.client().invoke(&echo, b"ok").text(), "ok");
+        assert!(server.stderr().contains("recompiled=1"), "{}", server.stderr());
+    }
+    assert_eq!(std::fs::read(&artifacts[0]).unwrap(), original, "the artifact was rewritten");
+
+    // 2. A well-framed artifact that wasmtime refuses (another version's, say).
+    let payload = b"not a wasmtime artifact".to_vec();
+    let mut framed = b"TWART01\n".to_vec();
+    framed.extend_from_slice(&sha256(&payload));
+    framed.extend_from_slice(&payload);
+    std::fs::write(&artifacts[0], &framed).unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    assert_eq!(server.client().invoke(&echo, b"still ok").text(), "still ok");
+    assert!(server.stderr().contains("recompiling"), "{}", server.stderr());
+
+    // 3. A missing artifact, and a truncated record file next to good ones.
+    drop(server);
+    std::fs::remove_file(&artifacts[0]).unwrap();
+    std::fs::write(dir.path().join("functions/ffffffffffffffffffffffffffffffff.json"), b"{\"id\":").unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    assert_eq!(server.client().invoke(&echo, b"again").text(), "again");
+    assert!(server.stderr().contains("failed=1"), "{}", server.stderr());
+}
+
+fn sha256(bytes: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).to_vec()
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let mut server = Server::start(&["--drain-grace-ms", "400", "--drain-timeout-ms", "10000"]);
+    let busy = server.deploy("busy", &guests::busy(1200));
+    let addr = server.addr;
+    let id = busy.clone();
+    let in_flight = std::thread::spawn(move || common::Client::connect(addr).invoke(&id, b""));
+    let mut idle = server.client();
+    assert_eq!(idle.request("GET", "/healthz", &[], b"").status, 200);
+    std::thread::sleep(Duration::from_millis(200));
+
+    server.signal(libc::SIGTERM);
+    let signalled = Instant::now();
+    // During the grace period: readiness is off, responses close their connections.
+    std::thread::sleep(Duration::from_millis(50));
+    let r = server.client().request("GET", "/readyz", &[], b"");
+    assert_eq!((r.status, r.error_kind().as_str()), (503, "draining"));
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
+
+    // After it: no new connections, idle ones closed, the in-flight request finishes.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(std::net::TcpStream::connect(addr).is_err(), "still accepting after the grace period");
+    assert!(idle.is_closed(Duration::from_secs(5)));
+    let r = in_flight.join().unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, r#"{"done":true}"#));
+    assert_eq!(r.header("connection"), Some("close"));
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(signalled.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn drain_timeout_bounds_the_shutdown() {
+    let mut server = Server::start(&["--drain-timeout-ms", "300"]);
+    let busy = server.client().deploy("busy", &guests::busy(5000), json!({"timeout_ms": 10000})).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let addr = server.addr;
+    let in_flight = std::thread::spawn(move || common::Client::connect(addr).try_request("POST", &format!("/functions/{busy}/invoke"), &[], b""));
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(in_flight.join().unwrap().is_err(), "the cut request sees its connection close");
+}
+
+fn run_cli(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm")).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_configuration_exits_2_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"").unwrap();
+    let file_arg = file.to_str().unwrap().to_string();
+    for args in [
+        vec!["serve", "--shards", "0"],
+        vec!["serve", "--listen", "not-an-address"],
+        vec!["serve", "--max-body-bytes", "0"],
+        vec!["serve", "--max-body-bytes", "-5"],
+        vec!["serve", "--io-driver", "kqueue"],
+        vec!["serve", "--default-timeout-ms", "9000", "--max-timeout-ms", "1000"],
+        vec!["serve", "--no-such-flag"],
+        vec!["serve", "--listen", "127.0.0.1:0", "--data-dir", &file_arg],
+    ] {
+        let (code, stderr) = run_cli(&args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        let lines: Vec<_> = stderr.lines().filter(|l| !l.contains(" INFO ") && !l.contains(" WARN ")).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+        assert!(lines[0].starts_with("tensor-wasm: "), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    let (code, _) = run_cli(&["serve", "--help"]);
+    assert_eq!(code, 0);
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm")).args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--listen", "TENSOR_WASM_API_LISTEN_ADDR", "--shards", "TENSOR_WASM_SHARDS", "--data-dir", "TENSOR_WASM_DATA_DIR", "--max-body-bytes", "--io-driver"] {
+        assert!(help.contains(flag), "serve --help lacks {flag}");
+    }
+    // Environment variables configure the same settings.
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm")).args(["serve"]).env("TENSOR_WASM_SHARDS", "0").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn the_io_driver_is_selectable_and_reported() {
+    for (flag, label) in [("epoll", "epoll"), ("auto", "")] {
+        let server = Server::start(&["--io-driver", flag]);
+        let text = server.client().request("GET", "/metrics", &[], b"").text();
+        let line = text.lines().find(|l| l.starts_with("tensor_wasm_shard_io_driver{shard=\"0\"")).unwrap().to_string();
+        assert!(line.contains(label), "{line}");
+        assert!(line.contains("io_uring") || line.contains("epoll"), "{line}");
+        let hello = server.deploy("hello", &guests::hello());
+        assert_eq!(server.client().invoke(&hello, b"").status, 200);
+    }
+}
+
+#[test]
+fn metrics_expose_the_contract() {
+    let server = Server::start(&[]);
+    let hello = server.deploy("hello", &guests::hello());
+    let mut c = server.client();
+    assert_eq!(c.invoke(&hello, b"{}").status, 200);
+    let r = c.request("GET", "/metrics", &[], b"");
+    assert!(r.header("content-type").unwrap().starts_with("text/plain; version=0.0.4"));
+    let text = r.text();
+    for needle in [
+        "# TYPE tensor_wasm_http_requests_total counter",
+        "tensor_wasm_http_requests_total{route=\"/functions/:id/invoke\",method=\"POST\",status=\"200\"} 1",
+        "tensor_wasm_http_requests_total{route=\"/functions\",method=\"POST\",status=\"201\"} 1",
+        "# TYPE tensor_wasm_http_request_duration_seconds histogram",
+        "tensor_wasm_http_request_duration_seconds_bucket{route=\"/functions/:id/invoke\",method=\"POST\",le=\"0.00005\"}",
+        "tensor_wasm_http_request_duration_seconds_bucket{route=\"/functions/:id/invoke\",method=\"POST\",le=\"10\"} 1",
+        "tensor_wasm_http_request_duration_seconds_bucket{route=\"/functions/:id/invoke\",method=\"POST\",le=\"+Inf\"} 1",
+        "tensor_wasm_http_request_duration_seconds_count{route=\"/functions/:id/invoke\",method=\"POST\"} 1",
+        "tensor_wasm_active_instances 0",
+        "tensor_wasm_instance_spawns_total 1",
+        "tensor_wasm_functions_total 1",
+        "tensor_wasm_shards 2",
+        "tensor_wasm_build_info{version=",
+    ] {
+        assert!(text.contains(needle), "missing {needle}\n{text}");
+    }
+    assert!(!text.contains("summary"));
+}
