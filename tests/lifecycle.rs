@@ -192,6 +192,29 @@ fn the_io_driver_is_selectable_and_reported() {
 }
 
 #[test]
+fn io_uring_blocked_by_seccomp_falls_back_to_epoll() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir.path(), &[], common::deny_io_uring);
+    let text = server.client().request("GET", "/metrics", &[], b"").text();
+    for shard in ["0", "1"] {
+        let series = format!("tensor_wasm_shard_io_driver{{shard=\"{shard}\",driver=\"epoll\"}} 1");
+        assert!(text.contains(&series), "{text}");
+    }
+    let stderr = server.stderr();
+    assert_eq!(stderr.matches("io_uring unavailable").count(), 1, "said once:\n{stderr}");
+    let echo = server.deploy("echo", &guests::echo());
+    assert_eq!(server.client().invoke(&echo, b"[42]").text(), "[42]");
+
+    // Asked for io_uring alone, the server refuses to start rather than run on something else.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--io-driver", "io-uring", "--data-dir"]).arg(dir.path());
+    common::deny_io_uring(&mut cmd);
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("io_uring unavailable"));
+}
+
+#[test]
 fn metrics_expose_the_contract() {
     let server = Server::start(&[]);
     let hello = server.deploy("hello", &guests::hello());

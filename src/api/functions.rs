@@ -108,9 +108,6 @@ pub async fn invoke(shard: &Shard, id: &str, body: Vec<u8>) -> Result<Response, 
         return Ok(Response::json_value(Status::Ok, &json!({ "result": "ok", "function_id": record.id })));
     }
     let is_json = serde_json::from_slice::<serde::de::IgnoredAny>(&output.stdout).is_ok();
-    let mut resp = Response::json(Status::Ok, output.stdout);
-    if !is_json {
-        resp.content_type = "application/octet-stream";
-    }
-    Ok(resp)
+    let content_type = if is_json { "application/json" } else { "application/octet-stream" };
+    Ok(Response::new(Status::Ok, content_type, output.stdout))
 }

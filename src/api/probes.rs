@@ -26,7 +26,5 @@ pub fn metrics(shard: &Shard) -> Response {
         functions: shared.catalog.len(),
         ready: shared.is_ready() && !shared.is_draining(),
     });
-    let mut r = Response::json(Status::Ok, text.into_bytes());
-    r.content_type = "text/plain; version=0.0.4; charset=utf-8";
-    r
+    Response::new(Status::Ok, "text/plain; version=0.0.4; charset=utf-8", text.into_bytes())
 }

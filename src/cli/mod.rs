@@ -204,6 +204,19 @@ impl ServeArgs {
     }
 }
 
+/// The configuration `tensor-wasm serve ARGS…` would run with (for benchmarks and embedders).
+pub fn serve_config<I, T>(args: I) -> Result<ServerConfig, String>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let argv = ["tensor-wasm".into(), "serve".into()].into_iter().chain(args.into_iter().map(Into::into));
+    let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+    match cli.command {
+        Command::Serve(args) => args.into_config(),
+    }
+}
+
 /// Parses the command line, runs the command and returns the process exit status.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {

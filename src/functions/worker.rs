@@ -2,6 +2,7 @@
 //! deletes one at a time. Serialising mutations here keeps the store and the catalog consistent
 //! without any locking protocol; compiling itself still uses wasmtime's parallel compiler.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -76,7 +77,7 @@ pub fn spawn(
                 return;
             }
         };
-        let worker = Worker { engine, linker, store, catalog, limits };
+        let worker = Worker { engine, linker, store, catalog, limits, last_created_ms: Cell::new(0) };
         worker.load();
         worker.serve(rx);
     })?;
@@ -89,6 +90,9 @@ struct Worker {
     store: FunctionStore,
     catalog: Arc<Catalog>,
     limits: Arc<Limits>,
+    /// Creation times handed out are strictly increasing, so listing by creation is exact even
+    /// for deploys within one millisecond (which then land a millisecond apart).
+    last_created_ms: Cell<u64>,
 }
 
 #[derive(Deserialize)]
@@ -142,6 +146,7 @@ impl Worker {
                 .entry(record.digest.clone())
                 .or_insert_with(|| self.load_module(&record.digest, &mut recompiled))
                 .clone();
+            self.last_created_ms.set(self.last_created_ms.get().max(record.created_unix_ms));
             match module {
                 Some(module) => live.push(DeployedFunction::new(record, module)),
                 None => failed += 1,
@@ -240,7 +245,7 @@ impl Worker {
             id: new_id(),
             name: body.name,
             digest,
-            created_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            created_unix_ms: self.next_created_ms(),
             timeout_ms,
             memory_limit_mb,
             tenant_id: req.tenant_id,
@@ -249,6 +254,13 @@ impl Worker {
         self.catalog.insert_all([DeployedFunction::new(record.clone(), module)]);
         tracing::info!(id = %record.id, name = %record.name, digest = %record.digest, "function deployed");
         Ok(record)
+    }
+
+    fn next_created_ms(&self) -> u64 {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let created = now.max(self.last_created_ms.get() + 1);
+        self.last_created_ms.set(created);
+        created
     }
 
     fn delete(&self, id: &str) -> Result<(), ApiError> {

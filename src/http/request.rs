@@ -88,7 +88,7 @@ impl RequestHead {
 
     /// The path without its query string.
     pub fn path(&self) -> &str {
-        // The head was validated as UTF-8-free ASCII by httparse's token rules for the path.
+        // httparse hands the request target out as `str`, so these bytes are UTF-8.
         std::str::from_utf8(&self.raw[self.path.clone()]).unwrap_or("")
     }
 
@@ -211,8 +211,6 @@ pub fn parse_head(
         // Both framings at once is the request-smuggling shape: refuse it (RFC 9112 §6.3).
         return Err(ApiError::MalformedRequest("both content-length and transfer-encoding".into()));
     }
-    // Shift ranges: they were computed against `buf` after the skipped empty lines, and `raw`
-    // starts at the same place, so they are already relative to `raw`.
     head.method = Some(method);
     head.framing = Some(if chunked {
         BodyFraming::Chunked

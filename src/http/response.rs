@@ -13,8 +13,12 @@ pub struct Response {
 }
 
 impl Response {
+    pub fn new(status: Status, content_type: &'static str, body: Vec<u8>) -> Self {
+        Response { status, content_type, headers: Vec::new(), body }
+    }
+
     pub fn json(status: Status, body: Vec<u8>) -> Self {
-        Response { status, content_type: "application/json", headers: Vec::new(), body }
+        Self::new(status, "application/json", body)
     }
 
     pub fn json_value(status: Status, value: &serde_json::Value) -> Self {
@@ -22,7 +26,7 @@ impl Response {
     }
 
     pub fn empty(status: Status) -> Self {
-        Response { status, content_type: "", headers: Vec::new(), body: Vec::new() }
+        Self::new(status, "", Vec::new())
     }
 
     pub fn error(err: &ApiError) -> Self {
@@ -50,7 +54,7 @@ impl ResponseWriter {
     pub fn write(&mut self, out: &mut Vec<u8>, resp: &Response, keep_alive: bool, head_only: bool) {
         self.refresh_date();
         out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(itoa(resp.status.code() as u64).as_bytes());
+        out.extend_from_slice(resp.status.code().to_string().as_bytes());
         out.push(b' ');
         out.extend_from_slice(resp.status.reason().as_bytes());
         out.extend_from_slice(b"\r\ndate: ");
@@ -61,7 +65,7 @@ impl ResponseWriter {
         }
         if resp.status != Status::NoContent {
             out.extend_from_slice(b"\r\ncontent-length: ");
-            out.extend_from_slice(itoa(resp.body.len() as u64).as_bytes());
+            out.extend_from_slice(resp.body.len().to_string().as_bytes());
         }
         for (name, value) in &resp.headers {
             out.extend_from_slice(b"\r\n");
@@ -85,10 +89,6 @@ impl ResponseWriter {
             self.date = http_date(now);
         }
     }
-}
-
-fn itoa(n: u64) -> String {
-    n.to_string()
 }
 
 /// IMF-fixdate, e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.

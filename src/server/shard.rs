@@ -17,7 +17,7 @@ use super::event::{race, Either, LocalEvent};
 use super::{cpu, Shared};
 use crate::config::{IoDriverChoice, Limits};
 use crate::error::ApiError;
-use crate::functions::{AdminHandle, Catalog, FunctionCache};
+use crate::functions::{AdminHandle, FunctionCache};
 use crate::metrics::{IoDriverKind, ShardMetrics};
 
 /// io_uring submission queue depth per shard.
@@ -219,10 +219,6 @@ impl Shard {
         self.metrics.active_instances.set(self.instances.get() as u64);
         self.metrics.instance_spawns.inc();
         Ok(InstanceSlot { shard: self })
-    }
-
-    pub fn catalog(&self) -> &Catalog {
-        &self.shared.catalog
     }
 }
 

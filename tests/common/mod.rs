@@ -36,6 +36,11 @@ impl Server {
 
     /// Starts a server on `data_dir` (which outlives it), plus `args`.
     pub fn start_in(data_dir: &Path, args: &[&str]) -> Server {
+        Server::start_with(data_dir, args, |_| {})
+    }
+
+    /// Like `start_in`, with a last say over the command (its environment, limits, filters).
+    pub fn start_with(data_dir: &Path, args: &[&str], configure: impl FnOnce(&mut Command)) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
@@ -50,6 +55,7 @@ impl Server {
                 cmd.args([flag, value]);
             }
         }
+        configure(&mut cmd);
         let mut child = cmd.spawn().expect("spawn tensor-wasm");
         let stderr = Arc::new(Mutex::new(String::new()));
         let sink = stderr.clone();
@@ -305,4 +311,29 @@ pub fn encode_request(method: &str, path: &str, headers: &[(&str, &str)], body: 
     let mut bytes = out.into_bytes();
     bytes.extend_from_slice(body);
     bytes
+}
+
+/// Makes `io_uring_setup` fail with EPERM in the child, as container runtimes' default seccomp
+/// profiles do.
+pub fn deny_io_uring(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    const IO_URING_SETUP: u32 = 425; // the same number on every architecture
+    // SAFETY: between fork and exec we only call prctl with a filter that lives on this stack.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut filter = [
+                libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 0 }, // ld [nr]
+                libc::sock_filter { code: 0x15, jt: 0, jf: 1, k: IO_URING_SETUP }, // jeq
+                libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0x0005_0000 | libc::EPERM as u32 }, // ret errno
+                libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0x7fff_0000 }, // ret allow
+            ];
+            let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_mut_ptr() };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, 2, &prog as *const libc::sock_fprog) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
