@@ -79,39 +79,51 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
         }
     }
 
-    let sum = |f: &dyn Fn(&ShardMetrics) -> u64| shards.iter().map(|s| f(s)).sum::<u64>();
-    header(&mut out, "tensor_wasm_active_instances", "gauge", "Wasm instances running now.");
-    let _ = writeln!(out, "tensor_wasm_active_instances {}", sum(&|s| s.active_instances.get()));
-    header(&mut out, "tensor_wasm_instance_spawns_total", "counter", "Wasm instances created (one per invocation).");
-    let _ = writeln!(out, "tensor_wasm_instance_spawns_total {}", sum(&|s| s.instance_spawns.get()));
-    header(&mut out, "tensor_wasm_invocations_failed_total", "counter", "Invocations that ended in an error.");
-    let _ = writeln!(out, "tensor_wasm_invocations_failed_total {}", sum(&|s| s.invocations_failed.get()));
-    header(&mut out, "tensor_wasm_connections", "gauge", "Open HTTP connections.");
-    let _ = writeln!(out, "tensor_wasm_connections {}", sum(&|s| s.connections.get()));
-    header(&mut out, "tensor_wasm_connections_refused_total", "counter", "Connections refused at the connection limit.");
-    let _ = writeln!(out, "tensor_wasm_connections_refused_total {}", sum(&|s| s.connections_refused.get()));
+    let sum = |f: fn(&ShardMetrics) -> u64| shards.iter().map(|s| f(s)).sum::<u64>();
+    let process_wide: [(&str, &str, &str, u64); 5] = [
+        ("tensor_wasm_active_instances", "gauge", "Wasm instances running now.", sum(|s| s.active_instances.get())),
+        (
+            "tensor_wasm_instance_spawns_total",
+            "counter",
+            "Wasm instances created (one per invocation).",
+            sum(|s| s.instance_spawns.get()),
+        ),
+        (
+            "tensor_wasm_invocations_failed_total",
+            "counter",
+            "Invocations that ended in an error.",
+            sum(|s| s.invocations_failed.get()),
+        ),
+        ("tensor_wasm_connections", "gauge", "Open HTTP connections.", sum(|s| s.connections.get())),
+        (
+            "tensor_wasm_connections_refused_total",
+            "counter",
+            "Connections refused at the connection limit.",
+            sum(|s| s.connections_refused.get()),
+        ),
+    ];
+    for (name, kind, help, value) in process_wide {
+        header(&mut out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
 
-    header(&mut out, "tensor_wasm_shard_requests_total", "counter", "HTTP requests answered, per shard.");
-    for s in shards {
-        let _ = writeln!(out, "tensor_wasm_shard_requests_total{{shard=\"{}\"}} {}", s.shard, s.total_requests());
-    }
-    header(&mut out, "tensor_wasm_shard_connections_accepted_total", "counter", "Connections accepted, per shard.");
-    for s in shards {
-        let _ = writeln!(
-            out,
-            "tensor_wasm_shard_connections_accepted_total{{shard=\"{}\"}} {}",
-            s.shard,
-            s.connections_accepted.get()
-        );
-    }
-    header(&mut out, "tensor_wasm_shard_io_driver", "gauge", "The I/O driver of each shard: io_uring or epoll.");
-    for s in shards {
-        let _ = writeln!(
-            out,
-            "tensor_wasm_shard_io_driver{{shard=\"{}\",driver=\"{}\"}} 1",
-            s.shard,
-            s.io_driver().label()
-        );
+    let per_shard: [(&str, &str, &str, fn(&ShardMetrics) -> (String, u64)); 3] = [
+        ("tensor_wasm_shard_requests_total", "counter", "HTTP requests answered, per shard.", |s| {
+            (String::new(), s.total_requests())
+        }),
+        ("tensor_wasm_shard_connections_accepted_total", "counter", "Connections accepted, per shard.", |s| {
+            (String::new(), s.connections_accepted.get())
+        }),
+        ("tensor_wasm_shard_io_driver", "gauge", "The I/O driver of each shard: io_uring or epoll.", |s| {
+            (format!(",driver=\"{}\"", s.io_driver().label()), 1)
+        }),
+    ];
+    for (name, kind, help, sample) in per_shard {
+        header(&mut out, name, kind, help);
+        for s in shards {
+            let (labels, value) = sample(s);
+            let _ = writeln!(out, "{name}{{shard=\"{}\"{labels}}} {value}", s.shard);
+        }
     }
     out
 }

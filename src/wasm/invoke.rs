@@ -8,36 +8,38 @@ use wasmtime::{Engine, InstancePre, ResourceLimiter, Store, Trap, UpdateDeadline
 
 use crate::error::ApiError;
 
-/// `proc_exit(code)`: unwinds the guest and carries the exit code out.
+/// Why a host function stopped the guest. Carried out of wasmtime as its error, then classified.
 #[derive(Debug)]
-pub struct GuestExit(pub i32);
+pub enum GuestStop {
+    /// `proc_exit(code)`.
+    Exit(i32),
+    /// Stdout passed its cap.
+    OutputCap,
+    /// Memory growth past the function's cap.
+    MemoryCap,
+    /// The export call named no function export.
+    ExportNotFound(String),
+    /// The export call's arguments or results do not fit.
+    ExportArgs(String),
+}
 
-impl std::fmt::Display for GuestExit {
+impl std::fmt::Display for GuestStop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "guest exited with code {}", self.0)
+        match self {
+            GuestStop::Exit(code) => write!(f, "guest exited with code {code}"),
+            GuestStop::OutputCap => write!(f, "stdout cap reached"),
+            GuestStop::MemoryCap => write!(f, "memory cap reached"),
+            GuestStop::ExportNotFound(n) => write!(f, "no export `{n}`"),
+            GuestStop::ExportArgs(m) => write!(f, "{m}"),
+        }
     }
 }
-impl std::error::Error for GuestExit {}
 
-/// Marker error: the guest's stdout passed its cap.
-#[derive(Debug)]
-struct OutputCapReached;
-impl std::fmt::Display for OutputCapReached {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "stdout cap reached")
-    }
-}
-impl std::error::Error for OutputCapReached {}
+impl std::error::Error for GuestStop {}
 
-/// Marker error: the guest asked for memory past its cap.
-#[derive(Debug)]
-struct MemoryCapReached;
-impl std::fmt::Display for MemoryCapReached {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "memory cap reached")
-    }
+fn stop(reason: GuestStop) -> wasmtime::Error {
+    wasmtime::Error::new(reason)
 }
-impl std::error::Error for MemoryCapReached {}
 
 /// What a function sees as its process: argv and environment, NUL-terminated. Built once per
 /// function and shared by its invocations.
@@ -101,7 +103,7 @@ impl GuestState {
     pub fn write_stdout(&mut self, data: &[u8]) -> wasmtime::Result<()> {
         if self.stdout.len() + data.len() > self.limits.max_output_bytes {
             self.output_exceeded = true;
-            return Err(wasmtime::Error::new(OutputCapReached));
+            return Err(stop(GuestStop::OutputCap));
         }
         self.stdout.extend_from_slice(data);
         Ok(())
@@ -120,7 +122,7 @@ impl ResourceLimiter for GuestState {
         if desired > self.limits.memory_limit_mb as usize * 1024 * 1024 {
             // A trap, not a -1 from memory.grow: the guest stops here and the caller learns why.
             self.memory_exceeded = true;
-            return Err(wasmtime::Error::new(MemoryCapReached));
+            return Err(stop(GuestStop::MemoryCap));
         }
         Ok(true)
     }
@@ -205,11 +207,11 @@ async fn run(
         Entry::Export { name, args } => {
             let func = instance
                 .get_func(&mut *store, &name)
-                .ok_or_else(|| wasmtime::Error::new(ExportCallError::NotFound(name.clone())))?;
+                .ok_or_else(|| stop(GuestStop::ExportNotFound(name.clone())))?;
             let ty = func.ty(&*store);
             let params = ty.params().collect::<Vec<_>>();
             if params.len() != args.len() {
-                return Err(wasmtime::Error::new(ExportCallError::Args(format!(
+                return Err(stop(GuestStop::ExportArgs(format!(
                     "`{name}` takes {} arguments, got {}",
                     params.len(),
                     args.len()
@@ -219,39 +221,21 @@ async fn run(
                 .iter()
                 .zip(&args)
                 .enumerate()
-                .map(|(i, (ty, v))| json_to_val(ty, v).ok_or_else(|| {
-                    wasmtime::Error::new(ExportCallError::Args(format!("argument {i} is not a valid {ty}")))
-                }))
+                .map(|(i, (ty, v))| {
+                    json_to_val(ty, v)
+                        .ok_or_else(|| stop(GuestStop::ExportArgs(format!("argument {i} is not a valid {ty}"))))
+                })
                 .collect::<wasmtime::Result<Vec<_>>>()?;
             let mut results = vec![Val::I32(0); ty.results().len()];
             func.call_async(&mut *store, &params, &mut results).await?;
             results
                 .iter()
-                .map(|v| {
-                    val_to_json(v).ok_or_else(|| {
-                        wasmtime::Error::new(ExportCallError::Args("a result is not a number".into()))
-                    })
-                })
+                .map(|v| val_to_json(v).ok_or_else(|| stop(GuestStop::ExportArgs("a result is not a number".into()))))
                 .collect::<wasmtime::Result<Vec<_>>>()
                 .map(Some)
         }
     }
 }
-
-#[derive(Debug)]
-enum ExportCallError {
-    NotFound(String),
-    Args(String),
-}
-impl std::fmt::Display for ExportCallError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ExportCallError::NotFound(n) => write!(f, "no export `{n}`"),
-            ExportCallError::Args(m) => write!(f, "{m}"),
-        }
-    }
-}
-impl std::error::Error for ExportCallError {}
 
 fn json_to_val(ty: &ValType, v: &serde_json::Value) -> Option<Val> {
     Some(match ty {
@@ -283,20 +267,19 @@ fn classify(
     state: &GuestState,
     limits: &InvokeLimits,
 ) -> Result<Option<Vec<serde_json::Value>>, ApiError> {
-    if let Some(GuestExit(code)) = err.downcast_ref::<GuestExit>() {
-        return if *code == 0 { Ok(None) } else { Err(ApiError::GuestExit { code: *code }) };
-    }
+    // A memory or output cap may surface as a trap inside the guest: the flags are the truth.
     if state.memory_exceeded {
         return Err(ApiError::MemoryLimitExceeded { limit_mb: limits.memory_limit_mb });
     }
     if state.output_exceeded {
         return Err(ApiError::OutputTooLarge { limit: limits.max_output_bytes });
     }
-    if let Some(e) = err.downcast_ref::<ExportCallError>() {
-        return Err(match e {
-            ExportCallError::NotFound(n) => ApiError::ExportNotFound(n.clone()),
-            ExportCallError::Args(m) => ApiError::InvalidInvokeRequest(m.clone()),
-        });
+    match err.downcast_ref::<GuestStop>() {
+        Some(GuestStop::Exit(0)) => return Ok(None),
+        Some(GuestStop::Exit(code)) => return Err(ApiError::GuestExit { code: *code }),
+        Some(GuestStop::ExportNotFound(n)) => return Err(ApiError::ExportNotFound(n.clone())),
+        Some(GuestStop::ExportArgs(m)) => return Err(ApiError::InvalidInvokeRequest(m.clone())),
+        Some(GuestStop::OutputCap | GuestStop::MemoryCap) | None => {}
     }
     match err.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => {

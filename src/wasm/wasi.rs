@@ -15,7 +15,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use wasmtime::{Caller, Engine, Extern, FuncType, Linker, Val, ValType};
 
-use super::invoke::{GuestExit, GuestState};
+use super::invoke::{GuestState, GuestStop};
 
 pub const MODULE: &str = "wasi_snapshot_preview1";
 
@@ -273,7 +273,7 @@ pub fn add_to_linker(linker: &mut Linker<GuestState>, engine: &Engine) -> wasmti
         Ok(errno(write_bytes(mem, nwritten, &total.to_le_bytes())))
     })?;
     linker.func_wrap(MODULE, "proc_exit", |_: Ctx<'_>, code: i32| -> wasmtime::Result<()> {
-        Err(wasmtime::Error::new(GuestExit(code)))
+        Err(wasmtime::Error::new(GuestStop::Exit(code)))
     })?;
     linker.func_wrap(MODULE, "random_get", |mut c: Ctx<'_>, buf: i32, len: i32| {
         let (mem, _) = memory(&mut c)?;

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Server CPU per request on loopback, under wrk's keep-alive load.
+#
+#   perf/http-cpu.sh [ROUTE] [IO_DRIVER] [SHARDS] [SECONDS] [CONNECTIONS]
+#
+# ROUTE: healthz | hello (invoke of the seed's hello.wasm, an empty `_start`)
+# IO_DRIVER: io-uring | epoll.  Needs wrk (apt-get install wrk) and a release build.
+# Prints requests/s and the server's own CPU time (utime + stime from /proc) per request.
+set -euo pipefail
+route=${1:-hello}
+driver=${2:-io-uring}
+shards=${3:-1}
+seconds=${4:-10}
+connections=${5:-32}
+root=$(cd "$(dirname "$0")/.." && pwd)
+bin=$root/target/release/tensor-wasm
+[ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
+command -v wrk >/dev/null || { echo "install wrk first: apt-get install wrk" >&2; exit 1; }
+
+data=$(mktemp -d)
+out=$(mktemp)
+lua=$(mktemp --suffix=.lua)
+trap 'kill "$pid" 2>/dev/null; rm -rf "$data" "$out" "$lua"' EXIT
+"$bin" serve --listen 127.0.0.1:0 --data-dir "$data" --shards "$shards" --io-driver "$driver" \
+  --log-level warn >"$out" &
+pid=$!
+for _ in $(seq 100); do grep -q listening "$out" && break; sleep 0.05; done
+addr=$(sed -n 's/^listening on //p' "$out")
+
+deploy() { # name, module in base64
+  curl -sf -X POST "http://$addr/functions" -d "{\"name\":\"$1\",\"wasm_b64\":\"$2\"}" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])'
+}
+case $route in
+  healthz) url="http://$addr/healthz"; echo 'wrk.method = "GET"' >"$lua" ;;
+  hello)
+    id=$(deploy hello AGFzbQEAAAABBAFgAAADAgEABwoBBl9zdGFydAAACgQBAgAL)
+    url="http://$addr/functions/$id/invoke"; printf 'wrk.method = "POST"\nwrk.body = "{}"\n' >"$lua" ;;
+  *) echo "unknown route $route" >&2; exit 2 ;;
+esac
+
+ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+wrk -t1 -c"$connections" -d1s -s "$lua" "$url" >/dev/null # warm up
+before=$(ticks)
+result=$(wrk -t1 -c"$connections" -d"${seconds}s" -s "$lua" "$url")
+after=$(ticks)
+requests=$(echo "$result" | awk '/requests in/ {print $1}')
+errors=$(echo "$result" | awk '/Non-2xx/ {print $NF}')
+hz=$(getconf CLK_TCK)
+python3 - "$route" "$driver" "$shards" "$requests" "$before" "$after" "$hz" "$seconds" "${errors:-0}" <<'PY'
+import sys
+route, driver, shards, requests, before, after, hz, seconds, errors = sys.argv[1:]
+requests = int(requests); cpu = (int(after) - int(before)) / int(hz)
+print(f"| {route} | {driver} | {shards} | {requests / float(seconds):,.0f} | {cpu / requests * 1e6:.2f} | {errors} |")
+PY
