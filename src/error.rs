@@ -48,9 +48,18 @@ impl ApiError {
     pub fn status(&self) -> Status {
         use ApiError::*;
         match self {
-            MalformedRequest(_) | InvalidJson(_) | InvalidRequest(_) | InvalidBase64(_) | InvalidName(_)
-            | InvalidTimeout { .. } | InvalidMemoryLimit { .. } | InvalidModule(_) | UnsupportedImport(_)
-            | ImportMismatch(_) | InvalidInvokeRequest(_) | ExportNotFound(_) => Status::BadRequest,
+            MalformedRequest(_)
+            | InvalidJson(_)
+            | InvalidRequest(_)
+            | InvalidBase64(_)
+            | InvalidName(_)
+            | InvalidTimeout { .. }
+            | InvalidMemoryLimit { .. }
+            | InvalidModule(_)
+            | UnsupportedImport(_)
+            | ImportMismatch(_)
+            | InvalidInvokeRequest(_)
+            | ExportNotFound(_) => Status::BadRequest,
             HeadersTooLarge { .. } | TooManyHeaders { .. } => Status::RequestHeaderFieldsTooLarge,
             BodyTooLarge { .. } => Status::PayloadTooLarge,
             RequestTimeout => Status::RequestTimeout,
@@ -59,9 +68,7 @@ impl ApiError {
             RouteNotFound | FunctionNotFound(_) => Status::NotFound,
             MethodNotAllowed { .. } => Status::MethodNotAllowed,
             // The function, not the server, failed: the gateway convention.
-            GuestTrap(_) | GuestExit { .. } | MemoryLimitExceeded { .. } | OutputTooLarge { .. } => {
-                Status::BadGateway
-            }
+            GuestTrap(_) | GuestExit { .. } | MemoryLimitExceeded { .. } | OutputTooLarge { .. } => Status::BadGateway,
             InvokeTimeout { .. } => Status::GatewayTimeout,
             Overloaded(_) | NotReady | Draining => Status::ServiceUnavailable,
             Storage(_) | Internal(_) => Status::InternalServerError,
@@ -145,10 +152,14 @@ impl fmt::Display for ApiError {
             TooManyHeaders { limit } => write!(f, "request has more than {limit} header fields"),
             BodyTooLarge { limit } => write!(f, "request body exceeds {limit} bytes"),
             RequestTimeout => write!(f, "the request was not received in time"),
-            UnsupportedTransferEncoding(te) => write!(f, "transfer-encoding `{te}` is not supported; use chunked"),
+            UnsupportedTransferEncoding(te) => {
+                write!(f, "transfer-encoding `{te}` is not supported; use chunked")
+            }
             ExpectationFailed(e) => write!(f, "expectation `{e}` is not supported"),
             RouteNotFound => write!(f, "no such route"),
-            MethodNotAllowed { allow } => write!(f, "method not allowed on this route; allowed: {allow}"),
+            MethodNotAllowed { allow } => {
+                write!(f, "method not allowed on this route; allowed: {allow}")
+            }
             InvalidJson(m) => write!(f, "request body is not valid JSON: {m}"),
             InvalidRequest(m) => write!(f, "{m}"),
             InvalidBase64(m) => write!(f, "`wasm_b64` is not valid base64: {m}"),
@@ -165,13 +176,17 @@ impl fmt::Display for ApiError {
             FunctionNotFound(id) => write!(f, "function `{id}` not found"),
             InvalidInvokeRequest(m) => write!(f, "{m}"),
             ExportNotFound(name) => write!(f, "the module exports no function `{name}`"),
-            InvokeTimeout { timeout_ms } => write!(f, "the function did not finish within {timeout_ms} ms"),
+            InvokeTimeout { timeout_ms } => {
+                write!(f, "the function did not finish within {timeout_ms} ms")
+            }
             MemoryLimitExceeded { limit_mb } => {
                 write!(f, "the function tried to grow its memory beyond its {limit_mb} MiB limit")
             }
             GuestTrap(m) => write!(f, "the function trapped: {m}"),
             GuestExit { code } => write!(f, "the function exited with code {code}"),
-            OutputTooLarge { limit } => write!(f, "the function wrote more than {limit} bytes to stdout"),
+            OutputTooLarge { limit } => {
+                write!(f, "the function wrote more than {limit} bytes to stdout")
+            }
             Overloaded(what) => write!(f, "server overloaded: {what}; retry later"),
             NotReady => write!(f, "the server is starting and has not loaded its functions yet"),
             Draining => write!(f, "the server is shutting down"),

@@ -36,7 +36,11 @@ fn deploy_list_get_delete() {
     let r = c.request("DELETE", &format!("/functions/{id}"), &[], b"");
     assert_eq!(r.status, 204);
     assert!(r.body.is_empty());
-    for (method, path) in [("GET", format!("/functions/{id}")), ("DELETE", format!("/functions/{id}")), ("POST", format!("/functions/{id}/invoke"))] {
+    for (method, path) in [
+        ("GET", format!("/functions/{id}")),
+        ("DELETE", format!("/functions/{id}")),
+        ("POST", format!("/functions/{id}/invoke")),
+    ] {
         let r = c.request(method, &path, &[], b"");
         assert_eq!((r.status, r.error_kind().as_str()), (404, "function_not_found"), "{method} {path}");
     }
@@ -126,7 +130,10 @@ fn guest_failures_map_to_their_kinds() {
     assert_eq!((r.status, r.error_kind().as_str()), (502, "guest_trap"));
     assert!(r.text().contains("stack overflow"), "{}", r.text());
 
-    let hog = c.deploy("hog", &guests::memory_hog(), json!({"memory_limit_mb": 8})).json()["id"].as_str().unwrap().to_string();
+    let hog = c.deploy("hog", &guests::memory_hog(), json!({"memory_limit_mb": 8})).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let r = c.invoke(&hog, b"");
     assert_eq!((r.status, r.error_kind().as_str()), (502, "memory_limit_exceeded"));
     assert!(r.text().contains("8 MiB"), "{}", r.text());
@@ -135,7 +142,10 @@ fn guest_failures_map_to_their_kinds() {
     let r = c.invoke(&flood, b"");
     assert_eq!((r.status, r.error_kind().as_str()), (502, "output_too_large"));
 
-    let spin = c.deploy("spin", &guests::infinite_loop(), json!({"timeout_ms": 300})).json()["id"].as_str().unwrap().to_string();
+    let spin = c.deploy("spin", &guests::infinite_loop(), json!({"timeout_ms": 300})).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let started = Instant::now();
     let r = c.invoke(&spin, b"");
     let took = started.elapsed();
@@ -175,7 +185,11 @@ fn exports_are_callable_without_start_and_instances_are_fresh() {
         ),
     );
     for _ in 0..5 {
-        assert_eq!(c.invoke(&counter, br#"{"export":"next"}"#).json(), json!({"result": [1]}), "state leaked between calls");
+        assert_eq!(
+            c.invoke(&counter, br#"{"export":"next"}"#).json(),
+            json!({"result": [1]}),
+            "state leaked between calls"
+        );
     }
 }
 

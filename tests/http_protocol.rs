@@ -30,7 +30,12 @@ fn pipelined_requests_are_answered_in_order() {
     let mut batch = Vec::new();
     for i in 0..200 {
         if i % 2 == 0 {
-            batch.extend(encode_request("POST", &format!("/functions/{echo}/invoke"), &[], format!("[{i}]").as_bytes()));
+            batch.extend(encode_request(
+                "POST",
+                &format!("/functions/{echo}/invoke"),
+                &[],
+                format!("[{i}]").as_bytes(),
+            ));
         } else {
             batch.extend(encode_request("GET", "/healthz", &[], b""));
         }
@@ -180,8 +185,11 @@ fn head_connection_close_and_expect_continue() {
     let mut c = server.client();
     let body = b"{\"big\":true}";
     c.send_raw(
-        format!("POST /functions/{echo}/invoke HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n", body.len())
-            .as_bytes(),
+        format!(
+            "POST /functions/{echo}/invoke HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
     );
     // The server asks for the body before it is sent.
     let mut interim = [0u8; 25];
@@ -195,7 +203,14 @@ fn head_connection_close_and_expect_continue() {
 #[test]
 fn slow_and_idle_clients_cannot_hold_a_shard() {
     let server = Server::start(&[
-        "--shards", "1", "--header-timeout-ms", "300", "--body-timeout-ms", "300", "--idle-timeout-ms", "400",
+        "--shards",
+        "1",
+        "--header-timeout-ms",
+        "300",
+        "--body-timeout-ms",
+        "300",
+        "--idle-timeout-ms",
+        "400",
     ]);
     // A client that sends half a head and stalls gets 408, then is closed.
     let mut slow = server.client();

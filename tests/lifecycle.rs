@@ -28,7 +28,11 @@ fn functions_survive_restarts_with_their_ids() {
         assert_eq!(c.request("GET", "/functions", &[], b"").json(), listed, "round {round}");
         assert_eq!(c.invoke(&echo, b"[1]").text(), "[1]");
         assert_eq!(c.invoke(&hello, b"").json(), json!({"result": "ok", "function_id": hello}));
-        assert!(server.stderr().contains("functions=2") && server.stderr().contains("recompiled=0"), "{}", server.stderr());
+        assert!(
+            server.stderr().contains("functions=2") && server.stderr().contains("recompiled=0"),
+            "{}",
+            server.stderr()
+        );
         server.signal(libc::SIGTERM);
         assert!(server.wait_exit(Duration::from_secs(10)).success());
     }
@@ -129,7 +133,9 @@ fn drain_timeout_bounds_the_shutdown() {
         .unwrap()
         .to_string();
     let addr = server.addr;
-    let in_flight = std::thread::spawn(move || common::Client::connect(addr).try_request("POST", &format!("/functions/{busy}/invoke"), &[], b""));
+    let in_flight = std::thread::spawn(move || {
+        common::Client::connect(addr).try_request("POST", &format!("/functions/{busy}/invoke"), &[], b"")
+    });
     std::thread::sleep(Duration::from_millis(200));
     let t = Instant::now();
     server.signal(libc::SIGTERM);
@@ -170,11 +176,24 @@ fn bad_configuration_exits_2_with_one_line() {
     assert_eq!(code, 0);
     let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm")).args(["serve", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--listen", "TENSOR_WASM_API_LISTEN_ADDR", "--shards", "TENSOR_WASM_SHARDS", "--data-dir", "TENSOR_WASM_DATA_DIR", "--max-body-bytes", "--io-driver"] {
+    for flag in [
+        "--listen",
+        "TENSOR_WASM_API_LISTEN_ADDR",
+        "--shards",
+        "TENSOR_WASM_SHARDS",
+        "--data-dir",
+        "TENSOR_WASM_DATA_DIR",
+        "--max-body-bytes",
+        "--io-driver",
+    ] {
         assert!(help.contains(flag), "serve --help lacks {flag}");
     }
     // Environment variables configure the same settings.
-    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm")).args(["serve"]).env("TENSOR_WASM_SHARDS", "0").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .args(["serve"])
+        .env("TENSOR_WASM_SHARDS", "0")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
 

@@ -72,5 +72,9 @@ fn main() {
         thread.join().unwrap();
     }
     totals.sort();
-    println!("median total: {:.1} ms, worst: {:.1} ms", totals[ROUNDS / 2].as_secs_f64() * 1e3, totals[ROUNDS - 1].as_secs_f64() * 1e3);
+    println!(
+        "median total: {:.1} ms, worst: {:.1} ms",
+        totals[ROUNDS / 2].as_secs_f64() * 1e3,
+        totals[ROUNDS - 1].as_secs_f64() * 1e3
+    );
 }

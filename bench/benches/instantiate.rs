@@ -33,7 +33,8 @@ fn main() {
     let limits = tensor_wasm_bench::default_limits();
     let engine = build_engine(&limits).expect("engine");
     let linker = new_linker(&engine).expect("linker");
-    let hello = check_module(&engine, &linker, &wat::parse_str(r#"(module (func (export "_start")))"#).unwrap()).unwrap();
+    let hello =
+        check_module(&engine, &linker, &wat::parse_str(r#"(module (func (export "_start")))"#).unwrap()).unwrap();
     let echo = check_module(&engine, &linker, &wat::parse_str(ECHO).unwrap()).unwrap();
     let hello_pre = linker.instantiate_pre(&hello).unwrap();
     let echo_pre = linker.instantiate_pre(&echo).unwrap();
@@ -44,7 +45,8 @@ fn main() {
         max_output_bytes: limits.max_output_bytes,
         max_stderr_bytes: limits.max_stderr_bytes,
     };
-    let _ticker = tensor_wasm::wasm::EpochTicker::start(engine.clone(), Duration::from_millis(limits.epoch_tick_ms)).unwrap();
+    let _ticker =
+        tensor_wasm::wasm::EpochTicker::start(engine.clone(), Duration::from_millis(limits.epoch_tick_ms)).unwrap();
 
     let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().expect("runtime");
     let (inst, hello_h, echo_h) = rt.block_on(async {

@@ -43,4 +43,5 @@ pub fn row(name: &str, h: &Histogram<u64>) -> String {
     )
 }
 
-pub const TABLE_HEAD: &str = "| what | n | P50 µs | P99 µs | P99.9 µs | max µs |\n| --- | --- | --- | --- | --- | --- |";
+pub const TABLE_HEAD: &str =
+    "| what | n | P50 µs | P99 µs | P99.9 µs | max µs |\n| --- | --- | --- | --- | --- | --- |";

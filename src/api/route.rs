@@ -11,8 +11,15 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 7] =
-        [Route::Healthz, Route::Readyz, Route::Metrics, Route::Functions, Route::Function, Route::Invoke, Route::Unmatched];
+    pub const ALL: [Route; 7] = [
+        Route::Healthz,
+        Route::Readyz,
+        Route::Metrics,
+        Route::Functions,
+        Route::Function,
+        Route::Invoke,
+        Route::Unmatched,
+    ];
 
     pub fn template(self) -> &'static str {
         match self {
@@ -51,7 +58,9 @@ impl Route {
             "/functions" => return (Route::Functions, ""),
             _ => {}
         }
-        let Some(rest) = trimmed.strip_prefix("/functions/") else { return (Route::Unmatched, "") };
+        let Some(rest) = trimmed.strip_prefix("/functions/") else {
+            return (Route::Unmatched, "");
+        };
         match rest.split_once('/') {
             None if !rest.is_empty() => (Route::Function, rest),
             Some((id, "invoke")) if !id.is_empty() => (Route::Invoke, id),

@@ -199,9 +199,10 @@ impl Worker {
     }
 
     fn save_artifact(&self, digest: &str, module: &Module) {
-        let saved = module.serialize().map_err(|e| e.to_string()).and_then(|bytes| {
-            self.store.write_artifact(digest, &bytes).map_err(|e| e.to_string())
-        });
+        let saved = module
+            .serialize()
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| self.store.write_artifact(digest, &bytes).map_err(|e| e.to_string()));
         if let Err(e) = saved {
             // Not fatal: the next start recompiles.
             tracing::warn!(digest, "cannot save the precompiled artifact: {e}");

@@ -100,9 +100,8 @@ impl ChunkedDecoder {
                         b';' => self.in_extension = true,
                         b' ' | b'\t' if self.size_digits > 0 => self.in_extension = true,
                         _ => {
-                            let digit = (b as char)
-                                .to_digit(16)
-                                .ok_or(ChunkedError::Malformed("invalid chunk size"))?;
+                            let digit =
+                                (b as char).to_digit(16).ok_or(ChunkedError::Malformed("invalid chunk size"))?;
                             self.size_digits += 1;
                             if self.size_digits > 16 {
                                 return Err(ChunkedError::Malformed("chunk size overflows"));

@@ -9,7 +9,9 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use super::{parse_head, BodyFraming, ChunkedDecoder, ChunkedError, HeadParse, Method, RequestHead, Response, ResponseWriter};
+use super::{
+    parse_head, BodyFraming, ChunkedDecoder, ChunkedError, HeadParse, Method, RequestHead, Response, ResponseWriter,
+};
 use crate::api::Route;
 use crate::config::Limits;
 use crate::error::ApiError;

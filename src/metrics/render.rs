@@ -18,11 +18,7 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
     let shards = ctx.shards;
 
     header(&mut out, "tensor_wasm_build_info", "gauge", "Build information; always 1.");
-    let _ = writeln!(
-        out,
-        "tensor_wasm_build_info{{version=\"{}\",wasmtime=\"48.0.8\"}} 1",
-        env!("CARGO_PKG_VERSION")
-    );
+    let _ = writeln!(out, "tensor_wasm_build_info{{version=\"{}\",wasmtime=\"48.0.8\"}} 1", env!("CARGO_PKG_VERSION"));
     header(&mut out, "tensor_wasm_shards", "gauge", "Number of shards (pinned threads) serving.");
     let _ = writeln!(out, "tensor_wasm_shards {}", shards.len());
     header(&mut out, "tensor_wasm_ready", "gauge", "1 when /readyz answers 200.");
@@ -74,7 +70,8 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
                 );
             }
             let _ = writeln!(out, "tensor_wasm_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {count}");
-            let _ = writeln!(out, "tensor_wasm_http_request_duration_seconds_sum{{{labels}}} {}", sum_nanos as f64 / 1e9);
+            let _ =
+                writeln!(out, "tensor_wasm_http_request_duration_seconds_sum{{{labels}}} {}", sum_nanos as f64 / 1e9);
             let _ = writeln!(out, "tensor_wasm_http_request_duration_seconds_count{{{labels}}} {count}");
         }
     }
@@ -107,7 +104,7 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
         let _ = writeln!(out, "{name} {value}");
     }
 
-    let per_shard: [(&str, &str, &str, fn(&ShardMetrics) -> (String, u64)); 3] = [
+    let per_shard: [(&str, &str, &str, ShardSample); 3] = [
         ("tensor_wasm_shard_requests_total", "counter", "HTTP requests answered, per shard.", |s| {
             (String::new(), s.total_requests())
         }),
@@ -127,6 +124,9 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
     }
     out
 }
+
+/// A per-shard sample: extra labels (`,name="value"`…) and the value.
+type ShardSample = fn(&ShardMetrics) -> (String, u64);
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");

@@ -6,8 +6,7 @@ use crate::http::{Method, Status};
 
 /// Upper bounds of the request-duration histogram, in seconds: 50 µs to 10 s.
 pub const DURATION_BUCKETS: [f64; 17] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 const BUCKET_NANOS: [u64; 17] = {
     let mut out = [0u64; 17];

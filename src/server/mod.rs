@@ -75,17 +75,21 @@ impl Shared {
 /// Runs the server until SIGTERM or SIGINT, then drains and returns.
 pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     let limits = Arc::new(config.limits.clone());
-    let store = FunctionStore::open(&config.data_dir).map_err(|e| {
-        ServerError::Config(format!("cannot use data dir {}: {e}", config.data_dir.display()))
-    })?;
-    let engine = build_engine(&limits).map_err(|e| ServerError::Runtime(format!("cannot create the Wasm engine: {e:#}")))?;
+    let store = FunctionStore::open(&config.data_dir)
+        .map_err(|e| ServerError::Config(format!("cannot use data dir {}: {e}", config.data_dir.display())))?;
+    let engine =
+        build_engine(&limits).map_err(|e| ServerError::Runtime(format!("cannot create the Wasm engine: {e:#}")))?;
     let ticker = EpochTicker::start(engine.clone(), Duration::from_millis(limits.epoch_tick_ms))
         .map_err(|e| ServerError::Runtime(format!("cannot start the epoch ticker: {e}")))?;
 
     let cpus = cpu::allowed_cpus().map_err(|e| ServerError::Runtime(format!("sched_getaffinity: {e}")))?;
     let shard_count = config.shards.unwrap_or(cpus.len().max(1));
     if shard_count > cpus.len() {
-        tracing::warn!(shards = shard_count, cpus = cpus.len(), "more shards than allowed CPUs; shards will share CPUs");
+        tracing::warn!(
+            shards = shard_count,
+            cpus = cpus.len(),
+            "more shards than allowed CPUs; shards will share CPUs"
+        );
     }
     let listeners = listener::bind_reuseport(config.listen, shard_count)
         .map_err(|e| ServerError::Runtime(format!("cannot listen on {}: {e}", config.listen)))?;

@@ -108,8 +108,9 @@ fn run_epoll(init: ShardInit, metrics: Arc<ShardMetrics>) {
 }
 
 async fn serve(init: ShardInit) {
-    let ShardInit { id, listener, engine, limits, admin, shared, shard_count, drain_timeout, drain_rx, started, .. } =
-        init;
+    let ShardInit {
+        id, listener, engine, limits, admin, shared, shard_count, drain_timeout, drain_rx, started, ..
+    } = init;
     let setup = (|| -> Result<(TcpListener, FunctionCache), String> {
         let listener = TcpListener::from_std(listener).map_err(|e| format!("shard {id}: listener: {e}"))?;
         let functions = FunctionCache::new(&engine).map_err(|e| format!("shard {id}: linker: {e:#}"))?;

@@ -205,9 +205,8 @@ async fn run(
             Ok(None)
         }
         Entry::Export { name, args } => {
-            let func = instance
-                .get_func(&mut *store, &name)
-                .ok_or_else(|| stop(GuestStop::ExportNotFound(name.clone())))?;
+            let func =
+                instance.get_func(&mut *store, &name).ok_or_else(|| stop(GuestStop::ExportNotFound(name.clone())))?;
             let ty = func.ty(&*store);
             let params = ty.params().collect::<Vec<_>>();
             if params.len() != args.len() {
@@ -239,7 +238,11 @@ async fn run(
 
 fn json_to_val(ty: &ValType, v: &serde_json::Value) -> Option<Val> {
     Some(match ty {
-        ValType::I32 => Val::I32(i32::try_from(v.as_i64()?).ok().or_else(|| v.as_u64().and_then(|u| u32::try_from(u).ok()).map(|u| u as i32))?),
+        ValType::I32 => Val::I32(
+            i32::try_from(v.as_i64()?)
+                .ok()
+                .or_else(|| v.as_u64().and_then(|u| u32::try_from(u).ok()).map(|u| u as i32))?,
+        ),
         ValType::I64 => Val::I64(v.as_i64().or_else(|| v.as_u64().map(|u| u as i64))?),
         ValType::F32 => Val::F32((v.as_f64()? as f32).to_bits()),
         ValType::F64 => Val::F64(v.as_f64()?.to_bits()),
@@ -282,9 +285,7 @@ fn classify(
         Some(GuestStop::OutputCap | GuestStop::MemoryCap) | None => {}
     }
     match err.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => {
-            Err(ApiError::InvokeTimeout { timeout_ms: limits.timeout.as_millis() as u64 })
-        }
+        Some(Trap::Interrupt) => Err(ApiError::InvokeTimeout { timeout_ms: limits.timeout.as_millis() as u64 }),
         Some(Trap::StackOverflow) => Err(ApiError::GuestTrap("stack overflow: the call stack was exhausted".into())),
         Some(trap) => Err(ApiError::GuestTrap(trap.to_string())),
         None => Err(ApiError::GuestTrap(format!("{err}"))),

@@ -47,7 +47,9 @@ pub fn check_compiled(linker: &Linker<GuestState>, module: &Module) -> Result<()
     if let Some(start) = module.get_export("_start") {
         let ok = matches!(&start, ExternType::Func(f) if f.params().len() == 0 && f.results().len() == 0);
         if !ok {
-            return Err(ApiError::InvalidModule("`_start` must be a function with no parameters and no results".into()));
+            return Err(ApiError::InvalidModule(
+                "`_start` must be a function with no parameters and no results".into(),
+            ));
         }
     }
     Ok(())

@@ -149,7 +149,9 @@ fn iovecs(mem: &[u8], iovs: i32, count: i32) -> Option<Vec<(u32, u32)>> {
 fn write_string_list(mem: &mut [u8], list: &[Vec<u8>], ptrs: i32, buf: i32) -> i32 {
     let mut at = buf as u32;
     for (i, s) in list.iter().enumerate() {
-        let Some(slot) = (ptrs as u32).checked_add(i as u32 * 4) else { return EFAULT };
+        let Some(slot) = (ptrs as u32).checked_add(i as u32 * 4) else {
+            return EFAULT;
+        };
         if !write_bytes(mem, slot as i32, &at.to_le_bytes()) || !write_bytes(mem, at as i32, s) {
             return EFAULT;
         }
@@ -207,7 +209,8 @@ pub fn add_to_linker(linker: &mut Linker<GuestState>, engine: &Engine) -> wasmti
         let (mem, _) = memory(&mut c)?;
         Ok(errno(write_bytes(mem, out, &nanos.to_le_bytes())))
     })?;
-    linker.func_wrap(MODULE, "fd_close", |_: Ctx<'_>, fd: i32| Ok(if (0..=2).contains(&fd) { SUCCESS } else { EBADF }))?;
+    linker
+        .func_wrap(MODULE, "fd_close", |_: Ctx<'_>, fd: i32| Ok(if (0..=2).contains(&fd) { SUCCESS } else { EBADF }))?;
     linker.func_wrap(MODULE, "fd_fdstat_get", |mut c: Ctx<'_>, fd: i32, out: i32| {
         let rights = match fd {
             0 => RIGHT_FD_READ | RIGHT_POLL_FD_READWRITE,
@@ -237,12 +240,16 @@ pub fn add_to_linker(linker: &mut Linker<GuestState>, engine: &Engine) -> wasmti
             return Ok(EBADF);
         }
         let (mem, st) = memory(&mut c)?;
-        let Some(vecs) = iovecs(mem, iovs, count) else { return Ok(EFAULT) };
+        let Some(vecs) = iovecs(mem, iovs, count) else {
+            return Ok(EFAULT);
+        };
         let mut total = 0u32;
         for (ptr, len) in vecs {
             let rest = &st.stdin[st.stdin_pos..];
             let n = rest.len().min(len as usize);
-            let Some(dst) = slice_mut(mem, ptr as i32, n as u32) else { return Ok(EFAULT) };
+            let Some(dst) = slice_mut(mem, ptr as i32, n as u32) else {
+                return Ok(EFAULT);
+            };
             dst.copy_from_slice(&rest[..n]);
             st.stdin_pos += n;
             total += n as u32;
@@ -257,12 +264,16 @@ pub fn add_to_linker(linker: &mut Linker<GuestState>, engine: &Engine) -> wasmti
             return Ok(EBADF);
         }
         let (mem, st) = memory(&mut c)?;
-        let Some(vecs) = iovecs(mem, iovs, count) else { return Ok(EFAULT) };
+        let Some(vecs) = iovecs(mem, iovs, count) else {
+            return Ok(EFAULT);
+        };
         let mut total = 0u32;
         // Every buffer is written, not just the first (preview-1 allows short writes; guests that
         // loop on them still work, and those that don't lose nothing).
         for (ptr, len) in vecs {
-            let Some(data) = slice(mem, ptr as i32, len) else { return Ok(EFAULT) };
+            let Some(data) = slice(mem, ptr as i32, len) else {
+                return Ok(EFAULT);
+            };
             if fd == 1 {
                 st.write_stdout(data)?;
             } else {
@@ -277,7 +288,9 @@ pub fn add_to_linker(linker: &mut Linker<GuestState>, engine: &Engine) -> wasmti
     })?;
     linker.func_wrap(MODULE, "random_get", |mut c: Ctx<'_>, buf: i32, len: i32| {
         let (mem, _) = memory(&mut c)?;
-        let Some(dst) = slice_mut(mem, buf, len as u32) else { return Ok(EFAULT) };
+        let Some(dst) = slice_mut(mem, buf, len as u32) else {
+            return Ok(EFAULT);
+        };
         Ok(match getrandom::fill(dst) {
             Ok(()) => SUCCESS,
             Err(_) => EINVAL,

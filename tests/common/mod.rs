@@ -318,7 +318,7 @@ pub fn encode_request(method: &str, path: &str, headers: &[(&str, &str)], body: 
 pub fn deny_io_uring(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     const IO_URING_SETUP: u32 = 425; // the same number on every architecture
-    // SAFETY: between fork and exec we only call prctl with a filter that lives on this stack.
+                                     // SAFETY: between fork and exec we only call prctl with a filter that lives on this stack.
     unsafe {
         cmd.pre_exec(|| {
             let mut filter = [
