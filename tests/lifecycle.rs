@@ -28,11 +28,8 @@ fn functions_survive_restarts_with_their_ids() {
         assert_eq!(c.request("GET", "/functions", &[], b"").json(), listed, "round {round}");
         assert_eq!(c.invoke(&echo, b"[1]").text(), "[1]");
         assert_eq!(c.invoke(&hello, b"").json(), json!({"result": "ok", "function_id": hello}));
-        assert!(
-            server.stderr().contains("functions=2") && server.stderr().contains("recompiled=0"),
-            "{}",
-            server.stderr()
-        );
+        let log = server.wait_for_stderr("stored functions loaded");
+        assert!(log.contains("functions=2") && log.contains("recompiled=0"), "{log}");
         server.signal(libc::SIGTERM);
         assert!(server.wait_exit(Duration::from_secs(10)).success());
     }
@@ -65,7 +62,8 @@ fn corrupt_or_incompatible_artifacts_are_recompiled() {
     {
         let server = Server::start_in(dir.path(), &[]);
         assert_eq!(server.client().invoke(&echo, b"ok").text(), "ok");
-        assert!(server.stderr().contains("recompiled=1"), "{}", server.stderr());
+        let log = server.wait_for_stderr("stored functions loaded");
+        assert!(log.contains("recompiled=1"), "{log}");
     }
     assert_eq!(std::fs::read(&artifacts[0]).unwrap(), original, "the artifact was rewritten");
 
@@ -77,7 +75,7 @@ fn corrupt_or_incompatible_artifacts_are_recompiled() {
     std::fs::write(&artifacts[0], &framed).unwrap();
     let server = Server::start_in(dir.path(), &[]);
     assert_eq!(server.client().invoke(&echo, b"still ok").text(), "still ok");
-    assert!(server.stderr().contains("recompiling"), "{}", server.stderr());
+    server.wait_for_stderr("recompiling");
 
     // 3. A missing artifact, and a truncated record file next to good ones.
     drop(server);
@@ -85,7 +83,8 @@ fn corrupt_or_incompatible_artifacts_are_recompiled() {
     std::fs::write(dir.path().join("functions/ffffffffffffffffffffffffffffffff.json"), b"{\"id\":").unwrap();
     let server = Server::start_in(dir.path(), &[]);
     assert_eq!(server.client().invoke(&echo, b"again").text(), "again");
-    assert!(server.stderr().contains("failed=1"), "{}", server.stderr());
+    let log = server.wait_for_stderr("stored functions loaded");
+    assert!(log.contains("failed=1"), "{log}");
 }
 
 fn sha256(bytes: &[u8]) -> Vec<u8> {
@@ -219,7 +218,7 @@ fn io_uring_blocked_by_seccomp_falls_back_to_epoll() {
         let series = format!("tensor_wasm_shard_io_driver{{shard=\"{shard}\",driver=\"epoll\"}} 1");
         assert!(text.contains(&series), "{text}");
     }
-    let stderr = server.stderr();
+    let stderr = server.wait_for_stderr("io_uring unavailable");
     assert_eq!(stderr.matches("io_uring unavailable").count(), 1, "said once:\n{stderr}");
     let echo = server.deploy("echo", &guests::echo());
     assert_eq!(server.client().invoke(&echo, b"[42]").text(), "[42]");

@@ -30,7 +30,7 @@ fn rust_json_guest_reads_stdin_and_writes_stdout() {
     let r = c.invoke(&id, b"[not json");
     assert_eq!((r.status, r.error_kind().as_str()), (502, "guest_exit"));
     assert!(r.text().contains("code 2"));
-    assert!(server.stderr().contains("json-stats: invalid JSON"), "{}", server.stderr());
+    server.wait_for_stderr("json-stats: invalid JSON");
 
     // Many invocations in a row, each on a fresh instance.
     for i in 0..200 {

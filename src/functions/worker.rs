@@ -152,17 +152,17 @@ impl Worker {
                 None => failed += 1,
             }
         }
-        let count = live.len();
-        self.catalog.insert_all(live);
-        self.catalog.mark_loaded();
+        // Logged before readiness flips, so that anything watching the log sees it by then.
         tracing::info!(
-            functions = count,
+            functions = live.len(),
             modules = modules.len(),
             recompiled,
             failed,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "stored functions loaded"
         );
+        self.catalog.insert_all(live);
+        self.catalog.mark_loaded();
     }
 
     fn load_module(&self, digest: &str, recompiled: &mut usize) -> Option<Module> {

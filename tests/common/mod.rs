@@ -112,6 +112,20 @@ impl Server {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Waits until the server's log contains `needle` (it is read by another thread), at most
+    /// `IO_TIMEOUT`; returns the log.
+    pub fn wait_for_stderr(&self, needle: &str) -> String {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            let log = self.stderr();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "the log never said {needle:?}:\n{log}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn signal(&self, signal: i32) {
         // SAFETY: plain kill(2) on our own child's pid.
         unsafe {
