@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::auth::AuthConfig;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoDriverChoice {
     /// io_uring, falling back to epoll where it cannot be set up.
@@ -14,7 +16,8 @@ pub enum IoDriverChoice {
     Epoll,
 }
 
-#[derive(Clone, Debug)]
+/// No `Debug`: it holds secrets.
+#[derive(Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     /// `None`: one shard per CPU in the allowed set.
@@ -24,6 +27,7 @@ pub struct ServerConfig {
     pub drain_grace_ms: u64,
     pub drain_timeout_ms: u64,
     pub admin_queue_depth: usize,
+    pub auth: AuthConfig,
     pub limits: Limits,
 }
 

@@ -17,6 +17,12 @@ pub enum ApiError {
     ExpectationFailed(String),
     RouteNotFound,
     MethodNotAllowed { allow: &'static str },
+    // --- who may call ---
+    Unauthorized,
+    MissingTenant,
+    InvalidTenant,
+    DuplicateTenantHeader,
+    TenantScopeDenied { tenant: u64 },
     // --- request content ---
     InvalidJson(String),
     InvalidRequest(String),
@@ -59,7 +65,12 @@ impl ApiError {
             | UnsupportedImport(_)
             | ImportMismatch(_)
             | InvalidInvokeRequest(_)
-            | ExportNotFound(_) => Status::BadRequest,
+            | ExportNotFound(_)
+            | MissingTenant
+            | InvalidTenant
+            | DuplicateTenantHeader => Status::BadRequest,
+            Unauthorized => Status::Unauthorized,
+            TenantScopeDenied { .. } => Status::Forbidden,
             HeadersTooLarge { .. } | TooManyHeaders { .. } => Status::RequestHeaderFieldsTooLarge,
             BodyTooLarge { .. } => Status::PayloadTooLarge,
             RequestTimeout => Status::RequestTimeout,
@@ -87,6 +98,11 @@ impl ApiError {
             ExpectationFailed(_) => "expectation_failed",
             RouteNotFound => "not_found",
             MethodNotAllowed { .. } => "method_not_allowed",
+            Unauthorized => "unauthorized",
+            MissingTenant => "missing_tenant",
+            InvalidTenant => "invalid_tenant",
+            DuplicateTenantHeader => "duplicate_tenant_header",
+            TenantScopeDenied { .. } => "tenant_scope_denied",
             InvalidJson(_) => "invalid_json",
             InvalidRequest(_) => "invalid_request",
             InvalidBase64(_) => "invalid_base64",
@@ -116,6 +132,7 @@ impl ApiError {
     pub fn extra_headers(&self) -> Option<(&'static str, &'static str)> {
         match self {
             ApiError::MethodNotAllowed { allow } => Some(("allow", allow)),
+            ApiError::Unauthorized => Some(("www-authenticate", "Bearer realm=\"tensor-wasm\"")),
             ApiError::Overloaded(_) | ApiError::NotReady | ApiError::Draining => Some(("retry-after", "1")),
             _ => None,
         }
@@ -156,6 +173,11 @@ impl fmt::Display for ApiError {
                 write!(f, "transfer-encoding `{te}` is not supported; use chunked")
             }
             ExpectationFailed(e) => write!(f, "expectation `{e}` is not supported"),
+            Unauthorized => write!(f, "a valid `authorization: Bearer <token>` header is required"),
+            MissingTenant => write!(f, "the `x-tensor-wasm-tenant` header is required"),
+            InvalidTenant => write!(f, "`x-tensor-wasm-tenant` must be an unsigned 64-bit integer"),
+            DuplicateTenantHeader => write!(f, "`x-tensor-wasm-tenant` appears more than once"),
+            TenantScopeDenied { tenant } => write!(f, "this token may not act for tenant {tenant}"),
             RouteNotFound => write!(f, "no such route"),
             MethodNotAllowed { allow } => {
                 write!(f, "method not allowed on this route; allowed: {allow}")

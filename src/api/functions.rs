@@ -3,7 +3,7 @@ use serde_json::json;
 
 use crate::error::ApiError;
 use crate::functions::record::is_valid_id;
-use crate::functions::DeployRequest;
+use crate::functions::{DeployRequest, LocalFunction};
 use crate::http::{Response, Status};
 use crate::server::shard::Shard;
 use crate::wasm::{invoke as run_invocation, Entry, InvokeLimits};
@@ -16,33 +16,44 @@ fn require_loaded(shard: &Shard) -> Result<(), ApiError> {
     }
 }
 
-pub fn list(shard: &Shard) -> Result<Response, ApiError> {
+pub fn list(shard: &Shard, tenant: u64) -> Result<Response, ApiError> {
     require_loaded(shard)?;
-    let mut records: Vec<_> = shard.functions.list(&shard.shared.catalog);
+    let mut records: Vec<_> =
+        shard.functions.list(&shard.shared.catalog).into_iter().filter(|r| r.tenant_id == tenant).collect();
     records.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
     let items: Vec<_> = records.iter().map(|r| r.to_json()).collect();
     Ok(Response::json_value(Status::Ok, &json!({ "functions": items })))
 }
 
-pub fn get(shard: &Shard, id: &str) -> Result<Response, ApiError> {
-    require_loaded(shard)?;
-    let f = shard.functions.get(&shard.shared.catalog, id).ok_or_else(|| not_found(id))?;
+pub fn get(shard: &Shard, tenant: u64, id: &str) -> Result<Response, ApiError> {
+    let f = lookup(shard, tenant, id)?;
     Ok(Response::json_value(Status::Ok, &f.deployed.record.to_json()))
 }
 
-pub async fn deploy(shard: &Shard, body: Vec<u8>) -> Result<Response, ApiError> {
+pub async fn deploy(shard: &Shard, tenant: u64, body: Vec<u8>) -> Result<Response, ApiError> {
     require_loaded(shard)?;
-    let record = shard.admin.deploy(DeployRequest { body, tenant_id: 0 }).await?;
+    let record = shard.admin.deploy(DeployRequest { body, tenant_id: tenant }).await?;
     Ok(Response::json_value(Status::Created, &record.to_json()))
 }
 
-pub async fn delete(shard: &Shard, id: &str) -> Result<Response, ApiError> {
+pub async fn delete(shard: &Shard, tenant: u64, id: &str) -> Result<Response, ApiError> {
     require_loaded(shard)?;
     if !is_valid_id(id) {
         return Err(not_found(id));
     }
-    shard.admin.delete(id.to_string()).await?;
+    shard.admin.delete(id.to_string(), tenant).await?;
     Ok(Response::empty(Status::NoContent))
+}
+
+/// The tenant's function `id`. Another tenant's function is "not found", exactly like a missing
+/// one, so that its existence does not leak.
+fn lookup(shard: &Shard, tenant: u64, id: &str) -> Result<std::rc::Rc<LocalFunction>, ApiError> {
+    require_loaded(shard)?;
+    shard
+        .functions
+        .get(&shard.shared.catalog, id)
+        .filter(|f| f.deployed.record.tenant_id == tenant)
+        .ok_or_else(|| not_found(id))
 }
 
 fn not_found(id: &str) -> ApiError {
@@ -59,9 +70,8 @@ struct ExportCall {
     args: Vec<serde_json::Value>,
 }
 
-pub async fn invoke(shard: &Shard, id: &str, body: Vec<u8>) -> Result<Response, ApiError> {
-    require_loaded(shard)?;
-    let function = shard.functions.get(&shard.shared.catalog, id).ok_or_else(|| not_found(id))?;
+pub async fn invoke(shard: &Shard, tenant: u64, id: &str, body: Vec<u8>) -> Result<Response, ApiError> {
+    let function = lookup(shard, tenant, id)?;
     let record = &function.deployed.record;
     let (entry, stdin) = if function.has_start {
         (Entry::Start, body)

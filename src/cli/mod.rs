@@ -5,25 +5,30 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::auth::{AuthConfig, TokenSource};
 use crate::config::{IoDriverChoice, Limits, ServerConfig};
+
+/// The `token_id` key when none is configured: ids are then stable, but anyone can compute them.
+const DEFAULT_TOKEN_ID_KEY: &str = "tensor-wasm/token-id/v1";
 
 /// Exit status for a bad flag, env var or start-up condition the operator must fix.
 pub const EXIT_USAGE: i32 = 2;
 
-#[derive(Parser, Debug)]
+#[derive(Parser)]
 #[command(name = "tensor-wasm", version, about = "Serverless runtime for WebAssembly functions on GPU hosts")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand)]
 pub enum Command {
     /// Run the HTTP server: one pinned shard per allowed CPU.
     Serve(ServeArgs),
 }
 
-#[derive(clap::Args, Debug, Clone)]
+/// No `Debug`: it holds secrets.
+#[derive(clap::Args, Clone)]
 pub struct ServeArgs {
     /// Address to listen on. Every shard binds it with SO_REUSEPORT. Port 0 picks a free port.
     #[arg(long, env = "TENSOR_WASM_API_LISTEN_ADDR", default_value = "127.0.0.1:8080")]
@@ -119,6 +124,34 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_ADMIN_QUEUE_DEPTH", default_value_t = 64)]
     pub admin_queue_depth: u32,
 
+    /// Bearer tokens and the tenants each may act for: `TOKEN:tenant=*,TOKEN:tenant=7,TOKEN:tenant=1,2,3`.
+    /// Prefer the env var or a file: command-line arguments are visible to other local users.
+    #[arg(long, env = "TENSOR_WASM_API_TOKENS", hide_env_values = true)]
+    pub api_tokens: Option<String>,
+
+    /// A file holding the token list (a mounted Secret). Re-read when it changes and on SIGHUP.
+    #[arg(long, env = "TENSOR_WASM_API_TOKENS_FILE")]
+    pub api_tokens_file: Option<PathBuf>,
+
+    /// Key of the `token_id` hash that logs and metrics carry instead of tokens. Give every replica
+    /// the same key for the same ids.
+    #[arg(long, env = "TENSOR_WASM_API_TOKEN_ID_KEY", hide_env_values = true)]
+    pub api_token_id_key: Option<String>,
+
+    /// When set, `/metrics` needs `Authorization: Bearer <this token>`.
+    #[arg(long, env = "TENSOR_WASM_API_METRICS_TOKEN", hide_env_values = true)]
+    pub api_metrics_token: Option<String>,
+
+    /// Refuse requests without `x-tensor-wasm-tenant` (400 `missing_tenant`) instead of using tenant 0.
+    #[arg(long, env = "TENSOR_WASM_API_REQUIRE_TENANT", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub require_tenant: bool,
+
+    /// Serve without tokens on a non-loopback address. Anyone who can reach it can deploy code.
+    #[arg(long, env = "TENSOR_WASM_API_ALLOW_UNAUTHENTICATED", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub allow_unauthenticated: bool,
+
     /// Log filter, e.g. `info` or `tensor_wasm=debug`.
     #[arg(long, env = "TENSOR_WASM_LOG", default_value = "info")]
     pub log_level: String,
@@ -169,6 +202,27 @@ impl ServeArgs {
         if self.max_memory_limit_mb > 64 * 1024 {
             return Err("--max-memory-limit-mb must be at most 65536 (64 GiB)".into());
         }
+        let source = match (self.api_tokens, self.api_tokens_file) {
+            (Some(_), Some(_)) => {
+                return Err("set TENSOR_WASM_API_TOKENS or TENSOR_WASM_API_TOKENS_FILE, not both".into());
+            }
+            (Some(list), None) => TokenSource::Inline(list),
+            (None, Some(path)) => TokenSource::File(path),
+            (None, None) => TokenSource::Dev,
+        };
+        if matches!(source, TokenSource::Dev) && !self.listen.ip().is_loopback() && !self.allow_unauthenticated {
+            return Err(format!(
+                "no API tokens are configured and {} is not a loopback address; set TENSOR_WASM_API_TOKENS \
+                 or TENSOR_WASM_API_TOKENS_FILE, or pass --allow-unauthenticated",
+                self.listen
+            ));
+        }
+        let auth = AuthConfig {
+            source,
+            token_id_key: self.api_token_id_key.unwrap_or_else(|| DEFAULT_TOKEN_ID_KEY.into()).into_bytes(),
+            metrics_token: self.api_metrics_token,
+            require_tenant: self.require_tenant,
+        };
         let io_driver = match self.io_driver {
             IoDriverArg::Auto => IoDriverChoice::Auto,
             IoDriverArg::IoUring => IoDriverChoice::IoUring,
@@ -182,6 +236,7 @@ impl ServeArgs {
             drain_grace_ms: self.drain_grace_ms,
             drain_timeout_ms: self.drain_timeout_ms,
             admin_queue_depth: self.admin_queue_depth as usize,
+            auth,
             limits: Limits {
                 max_body_bytes: self.max_body_bytes,
                 max_header_bytes: self.max_header_bytes as usize,

@@ -30,7 +30,7 @@ pub struct DeployRequest {
 
 enum Job {
     Deploy(DeployRequest, oneshot::Sender<Result<FunctionRecord, ApiError>>),
-    Delete(String, oneshot::Sender<Result<(), ApiError>>),
+    Delete { id: String, tenant: u64, reply: oneshot::Sender<Result<(), ApiError>> },
 }
 
 /// A shard's handle to the worker. Submitting never blocks: a full queue is 503 `overloaded`.
@@ -46,9 +46,10 @@ impl AdminHandle {
         rx.await.map_err(|_| ApiError::Internal("the catalog worker stopped".into()))?
     }
 
-    pub async fn delete(&self, id: String) -> Result<(), ApiError> {
+    /// Deletes `id` if `tenant` owns it; another tenant's function is "not found".
+    pub async fn delete(&self, id: String, tenant: u64) -> Result<(), ApiError> {
         let (tx, rx) = oneshot::channel();
-        self.submit(Job::Delete(id, tx))?;
+        self.submit(Job::Delete { id, tenant, reply: tx })?;
         rx.await.map_err(|_| ApiError::Internal("the catalog worker stopped".into()))?
     }
 
@@ -111,8 +112,8 @@ impl Worker {
                 Job::Deploy(req, reply) => {
                     let _ = reply.send(self.deploy(req));
                 }
-                Job::Delete(id, reply) => {
-                    let _ = reply.send(self.delete(&id));
+                Job::Delete { id, tenant, reply } => {
+                    let _ = reply.send(self.delete(&id, tenant));
                 }
             }
         }
@@ -264,8 +265,8 @@ impl Worker {
         created
     }
 
-    fn delete(&self, id: &str) -> Result<(), ApiError> {
-        let Some(function) = self.catalog.get(id) else {
+    fn delete(&self, id: &str, tenant: u64) -> Result<(), ApiError> {
+        let Some(function) = self.catalog.get(id).filter(|f| f.record.tenant_id == tenant) else {
             return Err(ApiError::FunctionNotFound(id.to_string()));
         };
         self.store.remove_record(id).map_err(|e| ApiError::Storage(e.to_string()))?;

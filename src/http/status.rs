@@ -5,6 +5,8 @@ pub enum Status {
     Created,
     NoContent,
     BadRequest,
+    Unauthorized,
+    Forbidden,
     NotFound,
     MethodNotAllowed,
     RequestTimeout,
@@ -19,11 +21,13 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 15] = [
+    pub const ALL: [Status; 17] = [
         Status::Ok,
         Status::Created,
         Status::NoContent,
         Status::BadRequest,
+        Status::Unauthorized,
+        Status::Forbidden,
         Status::NotFound,
         Status::MethodNotAllowed,
         Status::RequestTimeout,
@@ -43,6 +47,8 @@ impl Status {
             Status::Created => 201,
             Status::NoContent => 204,
             Status::BadRequest => 400,
+            Status::Unauthorized => 401,
+            Status::Forbidden => 403,
             Status::NotFound => 404,
             Status::MethodNotAllowed => 405,
             Status::RequestTimeout => 408,
@@ -63,6 +69,8 @@ impl Status {
             Status::Created => "Created",
             Status::NoContent => "No Content",
             Status::BadRequest => "Bad Request",
+            Status::Unauthorized => "Unauthorized",
+            Status::Forbidden => "Forbidden",
             Status::NotFound => "Not Found",
             Status::MethodNotAllowed => "Method Not Allowed",
             Status::RequestTimeout => "Request Timeout",

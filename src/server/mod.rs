@@ -9,6 +9,7 @@ pub mod event;
 pub mod fair_yield;
 pub mod listener;
 pub mod logging;
+pub mod published;
 pub mod shard;
 
 use std::fmt;
@@ -18,10 +19,12 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::auth::{self, TokenSource};
 use crate::config::ServerConfig;
 use crate::functions::{worker, Catalog, FunctionStore};
 use crate::metrics::ShardMetrics;
 use crate::wasm::{build_engine, EpochTicker};
+use published::Published;
 
 /// Why the server could not start or run.
 #[derive(Debug)]
@@ -77,6 +80,28 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     let limits = Arc::new(config.limits.clone());
     let store = FunctionStore::open(&config.data_dir)
         .map_err(|e| ServerError::Config(format!("cannot use data dir {}: {e}", config.data_dir.display())))?;
+    let auth_config = Arc::new(config.auth.clone());
+    let tokens = auth::reload::initial(&auth_config.source, &auth_config.token_id_key)
+        .map_err(ServerError::Config)?
+        .map(|set| Arc::new(Published::new(set)));
+    // SIGHUP re-reads the token file; handled always, so that it never kills the process.
+    let hangup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hangup.clone())
+        .map_err(|e| ServerError::Runtime(format!("cannot install the SIGHUP handler: {e}")))?;
+    if let (TokenSource::File(path), Some(published)) = (&auth_config.source, &tokens) {
+        auth::reload::spawn_watcher(path.clone(), auth_config.token_id_key.clone(), published.clone(), hangup)
+            .map_err(|e| ServerError::Runtime(format!("cannot start the token watcher: {e}")))?;
+    }
+    match &tokens {
+        None if !config.listen.ip().is_loopback() => tracing::warn!(
+            "SERVING WITHOUT AUTHENTICATION on {}: anyone who can reach it can deploy and run code \
+             (--allow-unauthenticated)",
+            config.listen
+        ),
+        None => tracing::info!("no API tokens configured: dev mode, loopback only"),
+        Some(t) => tracing::info!(tokens = t.load().1.len(), "API tokens loaded"),
+    }
+
     let engine =
         build_engine(&limits).map_err(|e| ServerError::Runtime(format!("cannot create the Wasm engine: {e:#}")))?;
     let ticker = EpochTicker::start(engine.clone(), Duration::from_millis(limits.epoch_tick_ms))
@@ -118,6 +143,8 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
             engine: engine.clone(),
             limits: limits.clone(),
             admin: admin.clone(),
+            auth: auth_config.clone(),
+            tokens: tokens.clone(),
             shared: shared.clone(),
             io_driver: config.io_driver,
             shard_count,

@@ -14,7 +14,9 @@ use monoio::net::TcpListener;
 use wasmtime::Engine;
 
 use super::event::{race, Either, LocalEvent};
+use super::published::Published;
 use super::{cpu, Shared};
+use crate::auth::{AuthConfig, ShardAuth, TokenSet};
 use crate::config::{IoDriverChoice, Limits};
 use crate::error::ApiError;
 use crate::functions::{AdminHandle, FunctionCache};
@@ -31,6 +33,8 @@ pub struct ShardInit {
     pub engine: Engine,
     pub limits: Arc<Limits>,
     pub admin: AdminHandle,
+    pub auth: Arc<AuthConfig>,
+    pub tokens: Option<Arc<Published<TokenSet>>>,
     pub shared: Arc<Shared>,
     pub io_driver: IoDriverChoice,
     pub shard_count: usize,
@@ -46,6 +50,7 @@ pub struct Shard {
     pub engine: Engine,
     pub functions: FunctionCache,
     pub admin: AdminHandle,
+    pub auth: ShardAuth,
     pub metrics: Arc<ShardMetrics>,
     pub shared: Arc<Shared>,
     /// Fired when the process drains: stop accepting, close idle connections.
@@ -109,7 +114,19 @@ fn run_epoll(init: ShardInit, metrics: Arc<ShardMetrics>) {
 
 async fn serve(init: ShardInit) {
     let ShardInit {
-        id, listener, engine, limits, admin, shared, shard_count, drain_timeout, drain_rx, started, ..
+        id,
+        listener,
+        engine,
+        limits,
+        admin,
+        auth,
+        tokens,
+        shared,
+        shard_count,
+        drain_timeout,
+        drain_rx,
+        started,
+        ..
     } = init;
     let setup = (|| -> Result<(TcpListener, FunctionCache), String> {
         let listener = TcpListener::from_std(listener).map_err(|e| format!("shard {id}: listener: {e}"))?;
@@ -133,6 +150,7 @@ async fn serve(init: ShardInit) {
         engine,
         functions,
         admin,
+        auth: ShardAuth::new(auth, tokens),
         shared,
         drain: LocalEvent::default(),
         all_closed: LocalEvent::default(),

@@ -42,7 +42,7 @@ impl Server {
     /// Like `start_in`, with a last say over the command (its environment, limits, filters).
     pub fn start_with(data_dir: &Path, args: &[&str], configure: impl FnOnce(&mut Command)) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        cmd.args(["serve", "--data-dir"])
             .arg(data_dir)
             .args(["--log-level", "info"])
             .args(args)
@@ -50,7 +50,7 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // Two shards and a small instance pool unless the test says otherwise.
-        for (flag, value) in [("--shards", "2"), ("--max-instances", "64")] {
+        for (flag, value) in [("--listen", "127.0.0.1:0"), ("--shards", "2"), ("--max-instances", "64")] {
             if !args.contains(&flag) {
                 cmd.args([flag, value]);
             }
@@ -85,7 +85,12 @@ impl Server {
                 panic!("server did not start; stderr:\n{}", stderr.lock().unwrap());
             }
         };
-        let addr = line.strip_prefix("listening on ").expect("listening line").parse().expect("address");
+        let mut addr: SocketAddr =
+            line.strip_prefix("listening on ").expect("listening line").parse().expect("address");
+        if addr.ip().is_unspecified() {
+            // Bound to every address: talk to it over loopback only.
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
         let server = Server { child, addr, data_dir: data_dir.to_path_buf(), stderr, _temp: None };
         server.wait_ready();
         server

@@ -1,0 +1,149 @@
+//! Who may call: bearer tokens scoped to tenants, the tenant header, and dev mode.
+//!
+//! The token list is published process-wide ([`crate::server::published::Published`]); each shard
+//! keeps its own copy in a [`ShardAuth`], refreshed only when the list's generation moves. A
+//! request therefore authenticates with one SHA-256, one hash-map lookup and a constant-time
+//! comparison, and writes nothing shared.
+
+pub mod reload;
+pub mod tokens;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::error::ApiError;
+use crate::http::RequestHead;
+use crate::server::published::Published;
+pub use tokens::{Scope, TokenEntry, TokenSet};
+
+/// The header that names the tenant a request acts for.
+pub const TENANT_HEADER: &str = "x-tensor-wasm-tenant";
+
+/// Where the token list comes from. No `Debug`: it may hold the tokens themselves.
+#[derive(Clone)]
+pub enum TokenSource {
+    /// No tokens: every request is the dev caller. Loopback listeners only, unless
+    /// `--allow-unauthenticated`.
+    Dev,
+    /// `TENSOR_WASM_API_TOKENS`.
+    Inline(String),
+    /// `TENSOR_WASM_API_TOKENS_FILE`, re-read when it changes and on SIGHUP.
+    File(PathBuf),
+}
+
+/// No `Debug`: it holds secrets.
+#[derive(Clone)]
+pub struct AuthConfig {
+    pub source: TokenSource,
+    pub token_id_key: Vec<u8>,
+    pub metrics_token: Option<String>,
+    pub require_tenant: bool,
+}
+
+/// The authenticated caller of one request.
+#[derive(Clone, Debug)]
+pub enum Caller {
+    Dev,
+    Bearer(Rc<LocalToken>),
+}
+
+impl Caller {
+    pub fn may_act_for(&self, tenant: u64) -> bool {
+        match self {
+            Caller::Dev => true,
+            Caller::Bearer(t) => t.entry.scope.allows(tenant),
+        }
+    }
+
+    pub fn token_id(&self) -> Option<&str> {
+        match self {
+            Caller::Dev => None,
+            Caller::Bearer(t) => Some(&t.id),
+        }
+    }
+}
+
+/// A shard's handle on one token.
+#[derive(Debug)]
+pub struct LocalToken {
+    pub entry: Arc<TokenEntry>,
+    pub id: Rc<str>,
+}
+
+/// A shard's view of the token list.
+pub struct ShardAuth {
+    config: Arc<AuthConfig>,
+    tokens: Option<Arc<Published<TokenSet>>>,
+    generation: Cell<u64>,
+    local: RefCell<HashMap<[u8; 32], Rc<LocalToken>>>,
+}
+
+impl ShardAuth {
+    /// `tokens` is `None` in dev mode.
+    pub fn new(config: Arc<AuthConfig>, tokens: Option<Arc<Published<TokenSet>>>) -> Self {
+        ShardAuth { config, tokens, generation: Cell::new(0), local: RefCell::default() }
+    }
+
+    /// The caller of a protected route: 401 `unauthorized` without a valid bearer token.
+    pub fn authenticate(&self, head: &RequestHead) -> Result<Caller, ApiError> {
+        let Some(tokens) = &self.tokens else { return Ok(Caller::Dev) };
+        let presented = bearer(head).ok_or(ApiError::Unauthorized)?;
+        if tokens.generation() != self.generation.get() {
+            let (generation, set) = tokens.load();
+            let local = set
+                .entries()
+                .map(|(key, entry)| (*key, Rc::new(LocalToken { entry: entry.clone(), id: entry.id.as_str().into() })))
+                .collect();
+            self.local.replace(local);
+            self.generation.set(generation);
+        }
+        let local = self.local.borrow();
+        let token = local.get(&tokens::lookup_key(presented)).filter(|t| t.entry.matches(presented));
+        token.map(|t| Caller::Bearer(t.clone())).ok_or(ApiError::Unauthorized)
+    }
+
+    /// `/metrics` needs `TENSOR_WASM_API_METRICS_TOKEN` when it is set.
+    pub fn authorize_metrics(&self, head: &RequestHead) -> Result<(), ApiError> {
+        match &self.config.metrics_token {
+            None => Ok(()),
+            Some(expected) => match bearer(head) {
+                Some(presented) if tokens::constant_time_eq(expected.as_bytes(), presented) => Ok(()),
+                _ => Err(ApiError::Unauthorized),
+            },
+        }
+    }
+
+    /// The tenant a request acts for, checked against the caller's scope.
+    pub fn tenant(&self, head: &RequestHead, caller: &Caller) -> Result<u64, ApiError> {
+        let mut values = head.headers().filter(|(n, _)| n.eq_ignore_ascii_case(TENANT_HEADER)).map(|(_, v)| v);
+        let tenant = match (values.next(), values.next()) {
+            (Some(_), Some(_)) => return Err(ApiError::DuplicateTenantHeader),
+            (None, _) if self.config.require_tenant => return Err(ApiError::MissingTenant),
+            (None, _) => 0,
+            (Some(v), None) => std::str::from_utf8(v)
+                .ok()
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or(ApiError::InvalidTenant)?,
+        };
+        if !caller.may_act_for(tenant) {
+            return Err(ApiError::TenantScopeDenied { tenant });
+        }
+        Ok(tenant)
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header (the scheme is case-insensitive).
+fn bearer(head: &RequestHead) -> Option<&[u8]> {
+    let value = head.header("authorization")?;
+    let (scheme, token) = value.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let token = token.trim_ascii();
+    (!token.is_empty()).then_some(token)
+}

@@ -1,0 +1,83 @@
+//! Loading the token list, and keeping it current when it comes from a file: the file is checked
+//! every [`POLL_INTERVAL`] (its size, modification time and inode, so a Kubernetes Secret's
+//! `..data` symlink swap counts) and re-read at once on SIGHUP. A list that does not parse is
+//! logged and ignored: the previous one keeps serving.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use super::{TokenSet, TokenSource};
+use crate::server::published::Published;
+
+/// How often the token file is checked. A removed token stops working within this, plus a read.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The list at start-up: `None` in dev mode. The error names the entry, never a token.
+pub fn initial(source: &TokenSource, key: &[u8]) -> Result<Option<TokenSet>, String> {
+    match source {
+        TokenSource::Dev => Ok(None),
+        TokenSource::Inline(list) => {
+            parse_non_empty(list, key).map(Some).map_err(|e| format!("TENSOR_WASM_API_TOKENS: {e}"))
+        }
+        TokenSource::File(path) => read(path, key).map(Some),
+    }
+}
+
+fn read(path: &Path, key: &[u8]) -> Result<TokenSet, String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
+    parse_non_empty(&text, key).map_err(|e| format!("token file {}: {e}", path.display()))
+}
+
+/// A configured list that names no token would lock every caller out: almost surely a mistake
+/// (an empty Secret), so it is refused like a malformed one.
+fn parse_non_empty(list: &str, key: &[u8]) -> Result<TokenSet, String> {
+    let set = TokenSet::parse(list, key).map_err(|e| e.to_string())?;
+    if set.is_empty() {
+        return Err("the token list names no token".into());
+    }
+    Ok(set)
+}
+
+#[derive(PartialEq, Eq)]
+struct Fingerprint(Option<(u64, SystemTime, u64)>);
+
+fn fingerprint(path: &Path) -> Fingerprint {
+    Fingerprint(fs::metadata(path).ok().map(|m| (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.ino())))
+}
+
+/// Watches `path` and publishes every list that parses. `hangup` is set by the SIGHUP handler.
+pub fn spawn_watcher(
+    path: PathBuf,
+    key: Vec<u8>,
+    published: Arc<Published<TokenSet>>,
+    hangup: Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name("tw-tokens".into()).spawn(move || {
+        let mut seen = fingerprint(&path);
+        loop {
+            std::thread::sleep(POLL_INTERVAL);
+            let now = fingerprint(&path);
+            let asked = hangup.swap(false, Ordering::AcqRel);
+            if now == seen && !asked {
+                continue;
+            }
+            seen = now;
+            match read(&path, &key) {
+                Ok(set) => {
+                    tracing::info!(
+                        tokens = set.len(),
+                        reason = if asked { "SIGHUP" } else { "file changed" },
+                        "token list reloaded"
+                    );
+                    published.publish(set);
+                }
+                Err(e) => tracing::error!("{e}; keeping the previous token list"),
+            }
+        }
+    })
+}
