@@ -23,6 +23,7 @@ pub enum ApiError {
     InvalidTenant,
     DuplicateTenantHeader,
     TenantScopeDenied { tenant: u64 },
+    RateLimited { retry_after_secs: u64 },
     // --- request content ---
     InvalidJson(String),
     InvalidRequest(String),
@@ -71,6 +72,7 @@ impl ApiError {
             | DuplicateTenantHeader => Status::BadRequest,
             Unauthorized => Status::Unauthorized,
             TenantScopeDenied { .. } => Status::Forbidden,
+            RateLimited { .. } => Status::TooManyRequests,
             HeadersTooLarge { .. } | TooManyHeaders { .. } => Status::RequestHeaderFieldsTooLarge,
             BodyTooLarge { .. } => Status::PayloadTooLarge,
             RequestTimeout => Status::RequestTimeout,
@@ -103,6 +105,7 @@ impl ApiError {
             InvalidTenant => "invalid_tenant",
             DuplicateTenantHeader => "duplicate_tenant_header",
             TenantScopeDenied { .. } => "tenant_scope_denied",
+            RateLimited { .. } => "rate_limited",
             InvalidJson(_) => "invalid_json",
             InvalidRequest(_) => "invalid_request",
             InvalidBase64(_) => "invalid_base64",
@@ -129,11 +132,12 @@ impl ApiError {
     }
 
     /// Headers this error adds to its response.
-    pub fn extra_headers(&self) -> Option<(&'static str, &'static str)> {
+    pub fn extra_headers(&self) -> Option<(&'static str, String)> {
         match self {
-            ApiError::MethodNotAllowed { allow } => Some(("allow", allow)),
-            ApiError::Unauthorized => Some(("www-authenticate", "Bearer realm=\"tensor-wasm\"")),
-            ApiError::Overloaded(_) | ApiError::NotReady | ApiError::Draining => Some(("retry-after", "1")),
+            ApiError::MethodNotAllowed { allow } => Some(("allow", allow.to_string())),
+            ApiError::Unauthorized => Some(("www-authenticate", "Bearer realm=\"tensor-wasm\"".into())),
+            ApiError::Overloaded(_) | ApiError::NotReady | ApiError::Draining => Some(("retry-after", "1".into())),
+            ApiError::RateLimited { retry_after_secs } => Some(("retry-after", retry_after_secs.to_string())),
             _ => None,
         }
     }
@@ -178,6 +182,9 @@ impl fmt::Display for ApiError {
             InvalidTenant => write!(f, "`x-tensor-wasm-tenant` must be an unsigned 64-bit integer"),
             DuplicateTenantHeader => write!(f, "`x-tensor-wasm-tenant` appears more than once"),
             TenantScopeDenied { tenant } => write!(f, "this token may not act for tenant {tenant}"),
+            RateLimited { retry_after_secs } => {
+                write!(f, "this token is over its request rate; retry in {retry_after_secs} s")
+            }
             RouteNotFound => write!(f, "no such route"),
             MethodNotAllowed { allow } => {
                 write!(f, "method not allowed on this route; allowed: {allow}")

@@ -1,8 +1,8 @@
 //! Routes: which handler answers which request, and the handlers themselves. Every handler returns
 //! `Result<Response, ApiError>`; errors become responses in one place, here.
 //!
-//! Order of checks: the route and method (404, 405), then for function routes the caller (401)
-//! and the tenant (400, 403). Probes are open; `/metrics` has its own optional token.
+//! Order of checks: the route and method (404, 405), then for function routes the caller (401),
+//! its rate (429) and the tenant (400, 403). Probes are open; `/metrics` has its own optional token.
 
 mod functions;
 mod probes;
@@ -55,6 +55,7 @@ async fn dispatch(
         (route, _) => return Err(ApiError::MethodNotAllowed { allow: route.allow() }),
     };
     let caller = shard.auth.authenticate(head)?;
+    shard.auth.admit(&caller)?;
     let tenant = shard.auth.tenant(head, &caller)?;
     match action {
         Action::List => functions::list(shard, tenant),

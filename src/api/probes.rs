@@ -21,10 +21,12 @@ pub fn readyz(shard: &Shard) -> Response {
 
 pub fn metrics(shard: &Shard) -> Response {
     let shared = &shard.shared;
+    let tokens = shared.tokens.as_ref().map(|t| t.load().1);
     let text = render(&ScrapeContext {
         shards: &shared.shard_metrics,
         functions: shared.catalog.len(),
         ready: shared.is_ready() && !shared.is_draining(),
+        tokens: tokens.as_deref(),
     });
     Response::new(Status::Ok, "text/plain; version=0.0.4; charset=utf-8", text.into_bytes())
 }

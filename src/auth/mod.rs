@@ -5,6 +5,7 @@
 //! request therefore authenticates with one SHA-256, one hash-map lookup and a constant-time
 //! comparison, and writes nothing shared.
 
+pub mod rate_limit;
 pub mod reload;
 pub mod tokens;
 
@@ -17,7 +18,9 @@ use std::sync::Arc;
 use crate::error::ApiError;
 use crate::http::RequestHead;
 use crate::server::published::Published;
-pub use tokens::{Scope, TokenEntry, TokenSet};
+use rate_limit::LocalAllowance;
+pub use rate_limit::RateLimit;
+pub use tokens::{Scope, TokenEntry, TokenPolicy, TokenSet};
 
 /// The header that names the tenant a request acts for.
 pub const TENANT_HEADER: &str = "x-tensor-wasm-tenant";
@@ -41,6 +44,8 @@ pub struct AuthConfig {
     pub token_id_key: Vec<u8>,
     pub metrics_token: Option<String>,
     pub require_tenant: bool,
+    /// Per token, across every shard; `None`: unlimited.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// The authenticated caller of one request.
@@ -66,25 +71,50 @@ impl Caller {
     }
 }
 
-/// A shard's handle on one token.
+/// A shard's handle on one token: the shared entry, and what this shard alone keeps for it.
 #[derive(Debug)]
 pub struct LocalToken {
     pub entry: Arc<TokenEntry>,
     pub id: Rc<str>,
+    allowance: LocalAllowance,
 }
 
 /// A shard's view of the token list.
 pub struct ShardAuth {
     config: Arc<AuthConfig>,
     tokens: Option<Arc<Published<TokenSet>>>,
+    shard: usize,
+    /// Admissions taken from a token's bucket at once (see `rate_limit::batch_size`).
+    batch: u32,
     generation: Cell<u64>,
     local: RefCell<HashMap<[u8; 32], Rc<LocalToken>>>,
 }
 
 impl ShardAuth {
     /// `tokens` is `None` in dev mode.
-    pub fn new(config: Arc<AuthConfig>, tokens: Option<Arc<Published<TokenSet>>>) -> Self {
-        ShardAuth { config, tokens, generation: Cell::new(0), local: RefCell::default() }
+    pub fn new(config: Arc<AuthConfig>, tokens: Option<Arc<Published<TokenSet>>>, shard: usize, shards: usize) -> Self {
+        let batch = config.rate_limit.map_or(1, |limit| rate_limit::batch_size(limit, shards));
+        ShardAuth { config, tokens, shard, batch, generation: Cell::new(0), local: RefCell::default() }
+    }
+
+    /// Counts the request against its token's rate: 429 `rate_limited` past it.
+    pub fn admit(&self, caller: &Caller) -> Result<(), ApiError> {
+        let Caller::Bearer(token) = caller else { return Ok(()) };
+        let entry = &token.entry;
+        let verdict = match &entry.bucket {
+            Some(bucket) => token.allowance.admit(bucket, self.batch),
+            None => Ok(()),
+        };
+        match verdict {
+            Ok(()) => {
+                entry.admitted[self.shard].inc();
+                Ok(())
+            }
+            Err(wait) => {
+                entry.limited[self.shard].inc();
+                Err(ApiError::RateLimited { retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64 })
+            }
+        }
     }
 
     /// The caller of a protected route: 401 `unauthorized` without a valid bearer token.
@@ -93,9 +123,21 @@ impl ShardAuth {
         let presented = bearer(head).ok_or(ApiError::Unauthorized)?;
         if tokens.generation() != self.generation.get() {
             let (generation, set) = tokens.load();
+            let mut old = self.local.take();
             let local = set
                 .entries()
-                .map(|(key, entry)| (*key, Rc::new(LocalToken { entry: entry.clone(), id: entry.id.as_str().into() })))
+                .map(|(key, entry)| {
+                    // An unchanged token keeps this shard's unspent allowance.
+                    let kept = old.remove(key).filter(|t| Arc::ptr_eq(&t.entry, entry));
+                    let token = kept.unwrap_or_else(|| {
+                        Rc::new(LocalToken {
+                            entry: entry.clone(),
+                            id: entry.id.as_str().into(),
+                            allowance: LocalAllowance::default(),
+                        })
+                    });
+                    (*key, token)
+                })
                 .collect();
             self.local.replace(local);
             self.generation.set(generation);

@@ -11,32 +11,32 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-use super::{TokenSet, TokenSource};
+use super::{TokenPolicy, TokenSet, TokenSource};
 use crate::server::published::Published;
 
 /// How often the token file is checked. A removed token stops working within this, plus a read.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The list at start-up: `None` in dev mode. The error names the entry, never a token.
-pub fn initial(source: &TokenSource, key: &[u8]) -> Result<Option<TokenSet>, String> {
+pub fn initial(source: &TokenSource, policy: &TokenPolicy) -> Result<Option<TokenSet>, String> {
     match source {
         TokenSource::Dev => Ok(None),
         TokenSource::Inline(list) => {
-            parse_non_empty(list, key).map(Some).map_err(|e| format!("TENSOR_WASM_API_TOKENS: {e}"))
+            parse_non_empty(list, policy, None).map(Some).map_err(|e| format!("TENSOR_WASM_API_TOKENS: {e}"))
         }
-        TokenSource::File(path) => read(path, key).map(Some),
+        TokenSource::File(path) => read(path, policy, None).map(Some),
     }
 }
 
-fn read(path: &Path, key: &[u8]) -> Result<TokenSet, String> {
+fn read(path: &Path, policy: &TokenPolicy, previous: Option<&TokenSet>) -> Result<TokenSet, String> {
     let text = fs::read_to_string(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
-    parse_non_empty(&text, key).map_err(|e| format!("token file {}: {e}", path.display()))
+    parse_non_empty(&text, policy, previous).map_err(|e| format!("token file {}: {e}", path.display()))
 }
 
 /// A configured list that names no token would lock every caller out: almost surely a mistake
 /// (an empty Secret), so it is refused like a malformed one.
-fn parse_non_empty(list: &str, key: &[u8]) -> Result<TokenSet, String> {
-    let set = TokenSet::parse(list, key).map_err(|e| e.to_string())?;
+fn parse_non_empty(list: &str, policy: &TokenPolicy, previous: Option<&TokenSet>) -> Result<TokenSet, String> {
+    let set = TokenSet::parse(list, policy, previous).map_err(|e| e.to_string())?;
     if set.is_empty() {
         return Err("the token list names no token".into());
     }
@@ -53,7 +53,7 @@ fn fingerprint(path: &Path) -> Fingerprint {
 /// Watches `path` and publishes every list that parses. `hangup` is set by the SIGHUP handler.
 pub fn spawn_watcher(
     path: PathBuf,
-    key: Vec<u8>,
+    policy: TokenPolicy,
     published: Arc<Published<TokenSet>>,
     hangup: Arc<AtomicBool>,
 ) -> std::io::Result<JoinHandle<()>> {
@@ -67,7 +67,8 @@ pub fn spawn_watcher(
                 continue;
             }
             seen = now;
-            match read(&path, &key) {
+            let previous = published.load().1;
+            match read(&path, &policy, Some(&previous)) {
                 Ok(set) => {
                     tracing::info!(
                         tokens = set.len(),

@@ -18,7 +18,18 @@ use std::sync::Arc;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
+use super::rate_limit::{GlobalBucket, RateLimit};
 use crate::functions::record::hex;
+use crate::metrics::Counter;
+
+/// How token entries are built: the `token_id` key, the rate limit, and the number of shards
+/// (each shard counts into its own slot).
+#[derive(Clone, Debug)]
+pub struct TokenPolicy {
+    pub token_id_key: Vec<u8>,
+    pub rate_limit: Option<RateLimit>,
+    pub shards: usize,
+}
 
 /// Shortest token accepted: anything shorter is guessable.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -47,6 +58,11 @@ pub struct TokenEntry {
     /// A keyed hash of the token: what logs, metrics and the audit log carry.
     pub id: String,
     pub scope: Scope,
+    /// The token's rate-limit bucket, shared by every shard; `None` without a rate limit.
+    pub bucket: Option<GlobalBucket>,
+    /// Requests admitted and refused for the rate, one slot per shard (each written by its shard).
+    pub admitted: Box<[Counter]>,
+    pub limited: Box<[Counter]>,
 }
 
 impl fmt::Debug for TokenEntry {
@@ -75,8 +91,9 @@ impl fmt::Display for TokenListError {
 }
 
 impl TokenSet {
-    /// Parses a token list; `key` keys the `token_id` hash.
-    pub fn parse(list: &str, key: &[u8]) -> Result<TokenSet, TokenListError> {
+    /// Parses a token list. Entries of `previous` whose token and scope are unchanged are kept as
+    /// they are, with their rate-limit state and counters: a reload does not reset them.
+    pub fn parse(list: &str, policy: &TokenPolicy, previous: Option<&TokenSet>) -> Result<TokenSet, TokenListError> {
         let mut entries: Vec<(String, Scope)> = Vec::new();
         let pieces = list.split([',', '\n']).map(str::trim).filter(|p| !p.is_empty());
         for piece in pieces {
@@ -127,9 +144,19 @@ impl TokenSet {
             .into_iter()
             .map(|(token, scope)| {
                 let digest = lookup_key(token.as_bytes());
-                let entry =
-                    TokenEntry { id: token_id(key, token.as_bytes()), secret: token.into_bytes().into(), scope };
-                (digest, Arc::new(entry))
+                let kept = previous.and_then(|p| p.by_digest.get(&digest)).filter(|e| e.scope == scope);
+                let entry = match kept {
+                    Some(e) => e.clone(),
+                    None => Arc::new(TokenEntry {
+                        id: token_id(&policy.token_id_key, token.as_bytes()),
+                        secret: token.into_bytes().into(),
+                        scope,
+                        bucket: policy.rate_limit.map(GlobalBucket::new),
+                        admitted: (0..policy.shards).map(|_| Counter::default()).collect(),
+                        limited: (0..policy.shards).map(|_| Counter::default()).collect(),
+                    }),
+                };
+                (digest, entry)
             })
             .collect();
         Ok(TokenSet { by_digest })
@@ -188,6 +215,10 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    fn policy(key: &str) -> TokenPolicy {
+        TokenPolicy { token_id_key: key.as_bytes().to_vec(), rate_limit: None, shards: 2 }
+    }
+
     const A: &str = "aaaaaaaaaaaaaaaa-admin";
     const B: &str = "bbbbbbbbbbbbbbbb-svc7";
     const C: &str = "cccccccccccccccc-fleet";
@@ -195,14 +226,18 @@ mod tests {
     #[test]
     fn parses_the_grammar() {
         let list = format!("{A}:tenant=*, {B}:tenant=7,{C}:tenant=1,2, 3\n");
-        let set = TokenSet::parse(&list, b"k").unwrap();
+        let set = TokenSet::parse(&list, &policy("k"), None).unwrap();
         assert_eq!(set.len(), 3);
         assert_eq!(set.find(A.as_bytes()).unwrap().scope, Scope::Wildcard);
         assert_eq!(set.find(B.as_bytes()).unwrap().scope, Scope::Tenants(BTreeSet::from([7])));
         assert_eq!(set.find(C.as_bytes()).unwrap().scope, Scope::Tenants(BTreeSet::from([1, 2, 3])));
         assert!(set.find(b"aaaaaaaaaaaaaaaa-admiN").is_none());
         assert!(set.find(b"").is_none());
-        assert!(TokenSet::parse("", b"k").unwrap().is_empty());
+        assert!(TokenSet::parse("", &policy("k"), None).unwrap().is_empty());
+        // A reload keeps unchanged entries (and their state), and replaces changed ones.
+        let again = TokenSet::parse(&format!("{A}:tenant=*,{B}:tenant=8"), &policy("k"), Some(&set)).unwrap();
+        assert!(Arc::ptr_eq(again.find(A.as_bytes()).unwrap(), set.find(A.as_bytes()).unwrap()));
+        assert!(!Arc::ptr_eq(again.find(B.as_bytes()).unwrap(), set.find(B.as_bytes()).unwrap()));
     }
 
     #[test]
@@ -217,7 +252,7 @@ mod tests {
             (format!("{A}:tenant=1,{B}:tenant=2,x"), 3),
         ];
         for (list, entry) in cases {
-            let e = TokenSet::parse(&list, b"k").unwrap_err();
+            let e = TokenSet::parse(&list, &policy("k"), None).unwrap_err();
             assert_eq!(e.entry, entry, "{list}: {e}");
             let text = e.to_string();
             for secret in [A, B, "t1ny"] {

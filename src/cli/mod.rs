@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::auth::{AuthConfig, TokenSource};
+use crate::auth::{AuthConfig, RateLimit, TokenSource};
 use crate::config::{IoDriverChoice, Limits, ServerConfig};
 
 /// The `token_id` key when none is configured: ids are then stable, but anyone can compute them.
@@ -152,6 +152,14 @@ pub struct ServeArgs {
           default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_unauthenticated: bool,
 
+    /// Requests per second each token may make, across all shards; 0 means unlimited.
+    #[arg(long, env = "TENSOR_WASM_API_RATE_LIMIT_QPS", default_value_t = 0)]
+    pub rate_limit_qps: u32,
+
+    /// Requests a token may make at once above its rate. Default: the qps.
+    #[arg(long, env = "TENSOR_WASM_API_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
+
     /// Log filter, e.g. `info` or `tensor_wasm=debug`.
     #[arg(long, env = "TENSOR_WASM_LOG", default_value = "info")]
     pub log_level: String,
@@ -222,6 +230,12 @@ impl ServeArgs {
             token_id_key: self.api_token_id_key.unwrap_or_else(|| DEFAULT_TOKEN_ID_KEY.into()).into_bytes(),
             metrics_token: self.api_metrics_token,
             require_tenant: self.require_tenant,
+            rate_limit: match (self.rate_limit_qps, self.rate_limit_burst) {
+                (0, Some(_)) => return Err("--rate-limit-burst needs --rate-limit-qps".into()),
+                (0, None) => None,
+                (_, Some(0)) => return Err("--rate-limit-burst must be greater than 0".into()),
+                (qps, burst) => Some(RateLimit { qps, burst: burst.unwrap_or(qps) }),
+            },
         };
         let io_driver = match self.io_driver {
             IoDriverArg::Auto => IoDriverChoice::Auto,

@@ -31,8 +31,8 @@ impl Response {
 
     pub fn error(err: &ApiError) -> Self {
         let mut r = Self::json(err.status(), err.to_body());
-        if let Some((name, value)) = err.extra_headers() {
-            r.headers.push((name, value.to_string()));
+        if let Some(header) = err.extra_headers() {
+            r.headers.push(header);
         }
         r
     }

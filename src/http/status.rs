@@ -12,6 +12,7 @@ pub enum Status {
     RequestTimeout,
     PayloadTooLarge,
     ExpectationFailed,
+    TooManyRequests,
     RequestHeaderFieldsTooLarge,
     InternalServerError,
     NotImplemented,
@@ -21,7 +22,7 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 17] = [
+    pub const ALL: [Status; 18] = [
         Status::Ok,
         Status::Created,
         Status::NoContent,
@@ -33,6 +34,7 @@ impl Status {
         Status::RequestTimeout,
         Status::PayloadTooLarge,
         Status::ExpectationFailed,
+        Status::TooManyRequests,
         Status::RequestHeaderFieldsTooLarge,
         Status::InternalServerError,
         Status::NotImplemented,
@@ -54,6 +56,7 @@ impl Status {
             Status::RequestTimeout => 408,
             Status::PayloadTooLarge => 413,
             Status::ExpectationFailed => 417,
+            Status::TooManyRequests => 429,
             Status::RequestHeaderFieldsTooLarge => 431,
             Status::InternalServerError => 500,
             Status::NotImplemented => 501,
@@ -76,6 +79,7 @@ impl Status {
             Status::RequestTimeout => "Request Timeout",
             Status::PayloadTooLarge => "Payload Too Large",
             Status::ExpectationFailed => "Expectation Failed",
+            Status::TooManyRequests => "Too Many Requests",
             Status::RequestHeaderFieldsTooLarge => "Request Header Fields Too Large",
             Status::InternalServerError => "Internal Server Error",
             Status::NotImplemented => "Not Implemented",

@@ -1,8 +1,9 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
-use super::shard::{ShardMetrics, DURATION_BUCKETS};
+use super::shard::{Counter, ShardMetrics, DURATION_BUCKETS};
 use crate::api::Route;
+use crate::auth::{TokenEntry, TokenSet};
 use crate::http::{Method, Status};
 
 /// What a scrape reads besides the shards' own figures.
@@ -10,6 +11,8 @@ pub struct ScrapeContext<'a> {
     pub shards: &'a [Arc<ShardMetrics>],
     pub functions: usize,
     pub ready: bool,
+    /// The current token list; `None` in dev mode.
+    pub tokens: Option<&'a TokenSet>,
 }
 
 /// Renders every metric in the Prometheus text exposition format (0.0.4).
@@ -104,6 +107,25 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
         let _ = writeln!(out, "{name} {value}");
     }
 
+    if let Some(tokens) = ctx.tokens {
+        let mut entries: Vec<_> = tokens.entries().map(|(_, e)| e).collect();
+        entries.sort_by(|a, b| a.id.cmp(&b.id));
+        let per_token: [(&str, &str, TokenSample); 2] = [
+            ("tensor_wasm_rate_limit_admitted_total", "Requests admitted, per token.", |e| {
+                e.admitted.iter().map(Counter::get).sum()
+            }),
+            ("tensor_wasm_rate_limit_limited_total", "Requests refused with 429 for the token's rate.", |e| {
+                e.limited.iter().map(Counter::get).sum()
+            }),
+        ];
+        for (name, help, value) in per_token {
+            header(&mut out, name, "counter", help);
+            for e in &entries {
+                let _ = writeln!(out, "{name}{{token_id=\"{}\"}} {}", e.id, value(e));
+            }
+        }
+    }
+
     let per_shard: [(&str, &str, &str, ShardSample); 3] = [
         ("tensor_wasm_shard_requests_total", "counter", "HTTP requests answered, per shard.", |s| {
             (String::new(), s.total_requests())
@@ -124,6 +146,9 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
     }
     out
 }
+
+/// A per-token sample: the value summed over the shards.
+type TokenSample = fn(&TokenEntry) -> u64;
 
 /// A per-shard sample: extra labels (`,name="value"`…) and the value.
 type ShardSample = fn(&ShardMetrics) -> (String, u64);

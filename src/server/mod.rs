@@ -19,7 +19,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::auth::{self, TokenSource};
+use crate::auth::{self, TokenPolicy, TokenSet, TokenSource};
 use crate::config::ServerConfig;
 use crate::functions::{worker, Catalog, FunctionStore};
 use crate::metrics::ShardMetrics;
@@ -57,6 +57,8 @@ impl fmt::Display for ServerError {
 pub struct Shared {
     pub shard_metrics: Vec<Arc<ShardMetrics>>,
     pub catalog: Arc<Catalog>,
+    /// The token list (for `/metrics`); `None` in dev mode.
+    pub tokens: Option<Arc<Published<TokenSet>>>,
     shards_serving: AtomicUsize,
     draining: AtomicBool,
 }
@@ -80,8 +82,16 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     let limits = Arc::new(config.limits.clone());
     let store = FunctionStore::open(&config.data_dir)
         .map_err(|e| ServerError::Config(format!("cannot use data dir {}: {e}", config.data_dir.display())))?;
+    let cpus = cpu::allowed_cpus().map_err(|e| ServerError::Runtime(format!("sched_getaffinity: {e}")))?;
+    let shard_count = config.shards.unwrap_or(cpus.len().max(1));
+
     let auth_config = Arc::new(config.auth.clone());
-    let tokens = auth::reload::initial(&auth_config.source, &auth_config.token_id_key)
+    let policy = TokenPolicy {
+        token_id_key: auth_config.token_id_key.clone(),
+        rate_limit: auth_config.rate_limit,
+        shards: shard_count,
+    };
+    let tokens = auth::reload::initial(&auth_config.source, &policy)
         .map_err(ServerError::Config)?
         .map(|set| Arc::new(Published::new(set)));
     // SIGHUP re-reads the token file; handled always, so that it never kills the process.
@@ -89,7 +99,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     signal_hook::flag::register(signal_hook::consts::SIGHUP, hangup.clone())
         .map_err(|e| ServerError::Runtime(format!("cannot install the SIGHUP handler: {e}")))?;
     if let (TokenSource::File(path), Some(published)) = (&auth_config.source, &tokens) {
-        auth::reload::spawn_watcher(path.clone(), auth_config.token_id_key.clone(), published.clone(), hangup)
+        auth::reload::spawn_watcher(path.clone(), policy, published.clone(), hangup)
             .map_err(|e| ServerError::Runtime(format!("cannot start the token watcher: {e}")))?;
     }
     match &tokens {
@@ -107,8 +117,6 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     let ticker = EpochTicker::start(engine.clone(), Duration::from_millis(limits.epoch_tick_ms))
         .map_err(|e| ServerError::Runtime(format!("cannot start the epoch ticker: {e}")))?;
 
-    let cpus = cpu::allowed_cpus().map_err(|e| ServerError::Runtime(format!("sched_getaffinity: {e}")))?;
-    let shard_count = config.shards.unwrap_or(cpus.len().max(1));
     if shard_count > cpus.len() {
         tracing::warn!(
             shards = shard_count,
@@ -128,6 +136,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     let shared = Arc::new(Shared {
         shard_metrics: (0..shard_count).map(|i| Arc::new(ShardMetrics::new(i))).collect(),
         catalog,
+        tokens: tokens.clone(),
         shards_serving: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
     });

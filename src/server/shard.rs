@@ -150,7 +150,7 @@ async fn serve(init: ShardInit) {
         engine,
         functions,
         admin,
-        auth: ShardAuth::new(auth, tokens),
+        auth: ShardAuth::new(auth, tokens, id, shard_count),
         shared,
         drain: LocalEvent::default(),
         all_closed: LocalEvent::default(),
