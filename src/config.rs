@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::auth::AuthConfig;
+use crate::tls::TlsFiles;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoDriverChoice {
@@ -28,6 +29,8 @@ pub struct ServerConfig {
     pub drain_timeout_ms: u64,
     pub admin_queue_depth: usize,
     pub auth: AuthConfig,
+    /// `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
     pub limits: Limits,
 }
 

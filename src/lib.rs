@@ -13,4 +13,5 @@ pub mod functions;
 pub mod http;
 pub mod metrics;
 pub mod server;
+pub mod tls;
 pub mod wasm;

@@ -1,6 +1,7 @@
 use serde::Deserialize;
 use serde_json::json;
 
+use super::RequestContext;
 use crate::error::ApiError;
 use crate::functions::record::is_valid_id;
 use crate::functions::{DeployRequest, LocalFunction};
@@ -16,32 +17,42 @@ fn require_loaded(shard: &Shard) -> Result<(), ApiError> {
     }
 }
 
-pub fn list(shard: &Shard, tenant: u64) -> Result<Response, ApiError> {
+pub fn list(shard: &Shard, ctx: &RequestContext) -> Result<Response, ApiError> {
     require_loaded(shard)?;
     let mut records: Vec<_> =
-        shard.functions.list(&shard.shared.catalog).into_iter().filter(|r| r.tenant_id == tenant).collect();
+        shard.functions.list(&shard.shared.catalog).into_iter().filter(|r| r.tenant_id == ctx.tenant).collect();
     records.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
     let items: Vec<_> = records.iter().map(|r| r.to_json()).collect();
     Ok(Response::json_value(Status::Ok, &json!({ "functions": items })))
 }
 
-pub fn get(shard: &Shard, tenant: u64, id: &str) -> Result<Response, ApiError> {
-    let f = lookup(shard, tenant, id)?;
+pub fn get(shard: &Shard, ctx: &RequestContext, id: &str) -> Result<Response, ApiError> {
+    let f = lookup(shard, ctx.tenant, id)?;
     Ok(Response::json_value(Status::Ok, &f.deployed.record.to_json()))
 }
 
-pub async fn deploy(shard: &Shard, tenant: u64, body: Vec<u8>) -> Result<Response, ApiError> {
+pub async fn deploy(shard: &Shard, ctx: &RequestContext, body: Vec<u8>) -> Result<Response, ApiError> {
     require_loaded(shard)?;
-    let record = shard.admin.deploy(DeployRequest { body, tenant_id: tenant }).await?;
+    let record = shard.admin.deploy(DeployRequest { body, tenant_id: ctx.tenant }).await?;
+    tracing::info!(
+        id = %record.id,
+        name = %record.name,
+        digest = %record.digest,
+        tenant = ctx.tenant,
+        token_id = ctx.token_id(),
+        client = ctx.client(),
+        "function deployed"
+    );
     Ok(Response::json_value(Status::Created, &record.to_json()))
 }
 
-pub async fn delete(shard: &Shard, tenant: u64, id: &str) -> Result<Response, ApiError> {
+pub async fn delete(shard: &Shard, ctx: &RequestContext, id: &str) -> Result<Response, ApiError> {
     require_loaded(shard)?;
     if !is_valid_id(id) {
         return Err(not_found(id));
     }
-    shard.admin.delete(id.to_string(), tenant).await?;
+    shard.admin.delete(id.to_string(), ctx.tenant).await?;
+    tracing::info!(id, tenant = ctx.tenant, token_id = ctx.token_id(), client = ctx.client(), "function deleted");
     Ok(Response::empty(Status::NoContent))
 }
 
@@ -70,8 +81,8 @@ struct ExportCall {
     args: Vec<serde_json::Value>,
 }
 
-pub async fn invoke(shard: &Shard, tenant: u64, id: &str, body: Vec<u8>) -> Result<Response, ApiError> {
-    let function = lookup(shard, tenant, id)?;
+pub async fn invoke(shard: &Shard, ctx: &RequestContext, id: &str, body: Vec<u8>) -> Result<Response, ApiError> {
+    let function = lookup(shard, ctx.tenant, id)?;
     let record = &function.deployed.record;
     let (entry, stdin) = if function.has_start {
         (Entry::Start, body)

@@ -10,9 +10,46 @@ mod route;
 
 pub use route::Route;
 
+use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::http::conn::Peer;
 use crate::http::{Method, RequestHead, Response};
 use crate::server::shard::Shard;
+use crate::tls::forwarded::xfcc_subject;
+
+/// Who a function request is from, once authenticated.
+pub struct RequestContext {
+    pub caller: Caller,
+    pub tenant: u64,
+    /// The client certificate's subject: from this server's own mTLS handshake, else from
+    /// `X-Forwarded-Client-Cert` when the peer is a trusted proxy.
+    pub client_cert_subject: Option<String>,
+}
+
+impl RequestContext {
+    pub fn token_id(&self) -> &str {
+        self.caller.token_id().unwrap_or("dev")
+    }
+
+    pub fn client(&self) -> &str {
+        self.client_cert_subject.as_deref().unwrap_or("-")
+    }
+}
+
+/// The client certificate subject of a request. XFCC from a peer outside the trusted proxies is
+/// ignored, and counted: anyone can send the header.
+fn client_cert_subject(shard: &Shard, peer: &Peer, head: &RequestHead) -> Option<String> {
+    if let Some(subject) = &peer.client_cert_subject {
+        return Some(subject.clone());
+    }
+    let xfcc = head.header("x-forwarded-client-cert")?;
+    if shard.auth.trusts_proxy(peer.addr.ip()) {
+        xfcc_subject(xfcc)
+    } else {
+        shard.metrics.xfcc_ignored.inc();
+        None
+    }
+}
 
 /// What a request to a function route asks for.
 enum Action<'a> {
@@ -24,14 +61,15 @@ enum Action<'a> {
 }
 
 /// Answers one request. Returns the matched route (for metrics) and the response.
-pub async fn handle(shard: &Shard, head: &RequestHead, body: Vec<u8>) -> (Route, Response) {
+pub async fn handle(shard: &Shard, peer: &Peer, head: &RequestHead, body: Vec<u8>) -> (Route, Response) {
     let (route, id) = Route::match_path(head.path());
-    let result = dispatch(shard, route, id, head, body).await;
+    let result = dispatch(shard, peer, route, id, head, body).await;
     (route, result.unwrap_or_else(|e| Response::error(&e)))
 }
 
 async fn dispatch(
     shard: &Shard,
+    peer: &Peer,
     route: Route,
     id: &str,
     head: &RequestHead,
@@ -57,11 +95,12 @@ async fn dispatch(
     let caller = shard.auth.authenticate(head)?;
     shard.auth.admit(&caller)?;
     let tenant = shard.auth.tenant(head, &caller)?;
+    let ctx = RequestContext { caller, tenant, client_cert_subject: client_cert_subject(shard, peer, head) };
     match action {
-        Action::List => functions::list(shard, tenant),
-        Action::Deploy => functions::deploy(shard, tenant, body).await,
-        Action::Get(id) => functions::get(shard, tenant, id),
-        Action::Delete(id) => functions::delete(shard, tenant, id).await,
-        Action::Invoke(id) => functions::invoke(shard, tenant, id, body).await,
+        Action::List => functions::list(shard, &ctx),
+        Action::Deploy => functions::deploy(shard, &ctx, body).await,
+        Action::Get(id) => functions::get(shard, &ctx, id),
+        Action::Delete(id) => functions::delete(shard, &ctx, id).await,
+        Action::Invoke(id) => functions::invoke(shard, &ctx, id, body).await,
     }
 }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use crate::error::ApiError;
 use crate::http::RequestHead;
 use crate::server::published::Published;
+use crate::tls::forwarded::Cidr;
 use rate_limit::LocalAllowance;
 pub use rate_limit::RateLimit;
 pub use tokens::{Scope, TokenEntry, TokenPolicy, TokenSet};
@@ -46,6 +47,8 @@ pub struct AuthConfig {
     pub require_tenant: bool,
     /// Per token, across every shard; `None`: unlimited.
     pub rate_limit: Option<RateLimit>,
+    /// Peers whose `X-Forwarded-Client-Cert` is believed.
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 /// The authenticated caller of one request.
@@ -145,6 +148,11 @@ impl ShardAuth {
         let local = self.local.borrow();
         let token = local.get(&tokens::lookup_key(presented)).filter(|t| t.entry.matches(presented));
         token.map(|t| Caller::Bearer(t.clone())).ok_or(ApiError::Unauthorized)
+    }
+
+    /// Whether `ip` is a proxy whose `X-Forwarded-Client-Cert` may be believed.
+    pub fn trusts_proxy(&self, ip: std::net::IpAddr) -> bool {
+        self.config.trusted_proxies.iter().any(|net| net.contains(ip))
     }
 
     /// `/metrics` needs `TENSOR_WASM_API_METRICS_TOKEN` when it is set.

@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::auth::{AuthConfig, RateLimit, TokenSource};
 use crate::config::{IoDriverChoice, Limits, ServerConfig};
+use crate::tls::forwarded::parse_cidrs;
+use crate::tls::TlsFiles;
 
 /// The `token_id` key when none is configured: ids are then stable, but anyone can compute them.
 const DEFAULT_TOKEN_ID_KEY: &str = "tensor-wasm/token-id/v1";
@@ -152,6 +154,23 @@ pub struct ServeArgs {
           default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_unauthenticated: bool,
 
+    /// PEM certificate chain: with --tls-key, every listener speaks TLS. Reloaded when it changes.
+    #[arg(long, env = "TENSOR_WASM_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert. Reloaded when it changes.
+    #[arg(long, env = "TENSOR_WASM_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates: clients must present a certificate they signed (mTLS).
+    #[arg(long, env = "TENSOR_WASM_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Networks of proxies whose `X-Forwarded-Client-Cert` header is believed, e.g.
+    /// `10.0.0.0/8,fd00::/8`. From any other peer the header is ignored.
+    #[arg(long, env = "TENSOR_WASM_API_TRUSTED_PROXY_CIDRS", default_value = "")]
+    pub trusted_proxy_cidrs: String,
+
     /// Requests per second each token may make, across all shards; 0 means unlimited.
     #[arg(long, env = "TENSOR_WASM_API_RATE_LIMIT_QPS", default_value_t = 0)]
     pub rate_limit_qps: u32,
@@ -230,6 +249,8 @@ impl ServeArgs {
             token_id_key: self.api_token_id_key.unwrap_or_else(|| DEFAULT_TOKEN_ID_KEY.into()).into_bytes(),
             metrics_token: self.api_metrics_token,
             require_tenant: self.require_tenant,
+            trusted_proxies: parse_cidrs(&self.trusted_proxy_cidrs)
+                .map_err(|e| format!("TENSOR_WASM_API_TRUSTED_PROXY_CIDRS: {e}"))?,
             rate_limit: match (self.rate_limit_qps, self.rate_limit_burst) {
                 (0, Some(_)) => return Err("--rate-limit-burst needs --rate-limit-qps".into()),
                 (0, None) => None,
@@ -251,6 +272,10 @@ impl ServeArgs {
             drain_timeout_ms: self.drain_timeout_ms,
             admin_queue_depth: self.admin_queue_depth as usize,
             auth,
+            tls: match (self.tls_cert, self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: self.tls_client_ca }),
+                _ => None,
+            },
             limits: Limits {
                 max_body_bytes: self.max_body_bytes,
                 max_header_bytes: self.max_header_bytes as usize,

@@ -254,7 +254,6 @@ impl Worker {
         };
         self.store.write_record(&record).map_err(|e| ApiError::Storage(e.to_string()))?;
         self.catalog.insert_all([DeployedFunction::new(record.clone(), module)]);
-        tracing::info!(id = %record.id, name = %record.name, digest = %record.digest, "function deployed");
         Ok(record)
     }
 
@@ -277,7 +276,6 @@ impl Worker {
                 tracing::warn!(digest, "cannot remove an unused module: {e}");
             }
         }
-        tracing::info!(id, "function deleted");
         Ok(())
     }
 }

@@ -3,6 +3,9 @@
 //! keep-alive timeout between requests, the header timeout once a head has begun, the body timeout
 //! for its body; every write has the write timeout. A client can therefore never hold a shard.
 
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use monoio::buf::IoBufMut;
@@ -17,6 +20,45 @@ use crate::config::Limits;
 use crate::error::ApiError;
 use crate::server::event::{race, Either, LocalEvent};
 use crate::server::shard::ConnectionGuard;
+use crate::tls::TlsStream;
+
+/// What carries a connection's bytes: plain TCP, or TLS over it. Reads append to the buffer's
+/// spare capacity; both hand their owned buffer back, as monoio's I/O does.
+pub trait Transport {
+    fn read_into(&mut self, buf: Vec<u8>) -> impl Future<Output = (io::Result<usize>, Vec<u8>)>;
+    fn write_all_from(&mut self, buf: Vec<u8>) -> impl Future<Output = (io::Result<()>, Vec<u8>)>;
+}
+
+impl Transport for TcpStream {
+    async fn read_into(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        let (len, cap) = (buf.len(), buf.capacity());
+        let (res, slice) = self.read(buf.slice_mut(len..cap)).await;
+        (res, slice.into_inner())
+    }
+
+    async fn write_all_from(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        let (res, buf) = self.write_all(buf).await;
+        (res.map(|_| ()), buf)
+    }
+}
+
+impl Transport for TlsStream {
+    async fn read_into(&mut self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        TlsStream::read_into(self, buf).await
+    }
+
+    async fn write_all_from(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        TlsStream::write_all(self, buf).await
+    }
+}
+
+/// Who is on the other end of a connection.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The subject of the client certificate verified during the TLS handshake (mTLS).
+    pub client_cert_subject: Option<String>,
+}
 
 /// Bytes asked of the kernel per read when the buffer has little room left.
 const READ_CHUNK: usize = 16 * 1024;
@@ -33,13 +75,17 @@ enum Read {
 
 /// Reads more bytes onto the end of `buf`. On a timeout or drain the read is cancelled and `buf`'s
 /// contents are gone: callers only continue after `Read::Data`.
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, timeout: Duration, drain: Option<&LocalEvent>) -> Read {
+async fn read_more<T: Transport>(
+    stream: &mut T,
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+    drain: Option<&LocalEvent>,
+) -> Read {
     let mut owned = std::mem::take(buf);
     if owned.capacity() - owned.len() < READ_CHUNK / 4 {
         owned.reserve(READ_CHUNK);
     }
-    let (len, cap) = (owned.len(), owned.capacity());
-    let read = monoio::time::timeout(timeout, stream.read(owned.slice_mut(len..cap)));
+    let read = monoio::time::timeout(timeout, stream.read_into(owned));
     let result = match drain {
         Some(event) => match race(read, event.wait()).await {
             Either::Left(r) => r,
@@ -49,8 +95,8 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, timeout: Duration,
     };
     match result {
         Err(_elapsed) => Read::TimedOut,
-        Ok((res, slice)) => {
-            *buf = slice.into_inner();
+        Ok((res, owned)) => {
+            *buf = owned;
             match res {
                 Ok(0) => Read::Eof,
                 Ok(_) => Read::Data,
@@ -61,13 +107,13 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>, timeout: Duration,
 }
 
 /// Writes and clears `out`. False when the peer is gone or too slow.
-async fn flush(stream: &mut TcpStream, out: &mut Vec<u8>, timeout: Duration) -> bool {
+async fn flush<T: Transport>(stream: &mut T, out: &mut Vec<u8>, timeout: Duration) -> bool {
     if out.is_empty() {
         return true;
     }
     let owned = std::mem::take(out);
-    match monoio::time::timeout(timeout, stream.write_all(owned)).await {
-        Ok((Ok(_), mut owned)) => {
+    match monoio::time::timeout(timeout, stream.write_all_from(owned)).await {
+        Ok((Ok(()), mut owned)) => {
             owned.clear();
             *out = owned;
             true
@@ -83,7 +129,7 @@ pub async fn refuse(mut stream: TcpStream, err: ApiError) {
     let _ = flush(&mut stream, &mut out, Duration::from_secs(1)).await;
 }
 
-pub async fn serve(guard: ConnectionGuard, mut stream: TcpStream) {
+pub async fn serve<T: Transport>(guard: ConnectionGuard, mut stream: T, peer: Peer) {
     let shard = guard.shard.clone();
     let limits: &Limits = &shard.limits;
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
@@ -144,7 +190,7 @@ pub async fn serve(guard: ConnectionGuard, mut stream: TcpStream) {
         };
 
         // 3. The answer.
-        let (route, response) = crate::api::handle(&shard, &head, body).await;
+        let (route, response) = crate::api::handle(&shard, &peer, &head, body).await;
         // Once the process drains, every response closes its connection so clients move elsewhere.
         let keep_alive = head.keep_alive && !shard.shared.is_draining();
         writer.write(&mut out, &response, keep_alive, head.method() == Method::Head);
@@ -185,8 +231,8 @@ enum BodyError {
     Connection,
 }
 
-async fn read_body(
-    stream: &mut TcpStream,
+async fn read_body<T: Transport>(
+    stream: &mut T,
     buf: &mut Vec<u8>,
     out: &mut Vec<u8>,
     head: &RequestHead,

@@ -80,7 +80,19 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
     }
 
     let sum = |f: fn(&ShardMetrics) -> u64| shards.iter().map(|s| f(s)).sum::<u64>();
-    let process_wide: [(&str, &str, &str, u64); 5] = [
+    let process_wide: [(&str, &str, &str, u64); 7] = [
+        (
+            "tensor_wasm_tls_handshake_failures_total",
+            "counter",
+            "TLS handshakes that failed (a missing or untrusted client certificate included).",
+            sum(|s| s.tls_handshake_failures.get()),
+        ),
+        (
+            "tensor_wasm_xfcc_ignored_total",
+            "counter",
+            "X-Forwarded-Client-Cert headers ignored because the peer is not a trusted proxy.",
+            sum(|s| s.xfcc_ignored.get()),
+        ),
         ("tensor_wasm_active_instances", "gauge", "Wasm instances running now.", sum(|s| s.active_instances.get())),
         (
             "tensor_wasm_instance_spawns_total",

@@ -101,6 +101,8 @@ pub struct ShardMetrics {
     pub active_instances: Gauge,
     pub instance_spawns: Counter,
     pub invocations_failed: Counter,
+    pub tls_handshake_failures: Counter,
+    pub xfcc_ignored: Counter,
     io_driver: AtomicU8,
 }
 
@@ -116,6 +118,8 @@ impl ShardMetrics {
             active_instances: Gauge::default(),
             instance_spawns: Counter::default(),
             invocations_failed: Counter::default(),
+            tls_handshake_failures: Counter::default(),
+            xfcc_ignored: Counter::default(),
             io_driver: AtomicU8::new(IoDriverKind::Starting as u8),
         }
     }

@@ -23,6 +23,7 @@ use crate::auth::{self, TokenPolicy, TokenSet, TokenSource};
 use crate::config::ServerConfig;
 use crate::functions::{worker, Catalog, FunctionStore};
 use crate::metrics::ShardMetrics;
+use crate::tls::TlsWatcher;
 use crate::wasm::{build_engine, EpochTicker};
 use published::Published;
 
@@ -112,6 +113,18 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         Some(t) => tracing::info!(tokens = t.load().1.len(), "API tokens loaded"),
     }
 
+    let tls = match &config.tls {
+        None => None,
+        Some(files) => {
+            let initial = files.load().map_err(ServerError::Config)?;
+            let published = Arc::new(Published::new(initial));
+            TlsWatcher::spawn(files.clone(), published.clone())
+                .map_err(|e| ServerError::Runtime(format!("cannot start the TLS watcher: {e}")))?;
+            tracing::info!(cert = %files.cert.display(), mtls = files.client_ca.is_some(), "TLS enabled");
+            Some(published)
+        }
+    };
+
     let engine =
         build_engine(&limits).map_err(|e| ServerError::Runtime(format!("cannot create the Wasm engine: {e:#}")))?;
     let ticker = EpochTicker::start(engine.clone(), Duration::from_millis(limits.epoch_tick_ms))
@@ -154,6 +167,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
             admin: admin.clone(),
             auth: auth_config.clone(),
             tokens: tokens.clone(),
+            tls: tls.clone(),
             shared: shared.clone(),
             io_driver: config.io_driver,
             shard_count,

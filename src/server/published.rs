@@ -33,3 +33,27 @@ impl<T> Published<T> {
         (self.generation(), current.clone())
     }
 }
+
+/// A shard's copy of a published value, refreshed when its generation moves.
+pub struct Subscription<T> {
+    generation: std::cell::Cell<u64>,
+    value: std::cell::RefCell<Option<Arc<T>>>,
+}
+
+impl<T> Default for Subscription<T> {
+    fn default() -> Self {
+        Subscription { generation: std::cell::Cell::new(0), value: std::cell::RefCell::new(None) }
+    }
+}
+
+impl<T> Subscription<T> {
+    /// The current value: an atomic load, plus the read lock only when it changed.
+    pub fn get(&self, published: &Published<T>) -> Arc<T> {
+        if published.generation() != self.generation.get() || self.value.borrow().is_none() {
+            let (generation, value) = published.load();
+            self.generation.set(generation);
+            self.value.replace(Some(value));
+        }
+        self.value.borrow().clone().expect("set just above")
+    }
+}

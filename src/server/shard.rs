@@ -10,17 +10,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_channel::oneshot;
-use monoio::net::TcpListener;
+use monoio::net::{TcpListener, TcpStream};
+use std::net::SocketAddr;
 use wasmtime::Engine;
 
 use super::event::{race, Either, LocalEvent};
-use super::published::Published;
+use super::published::{Published, Subscription};
 use super::{cpu, Shared};
 use crate::auth::{AuthConfig, ShardAuth, TokenSet};
 use crate::config::{IoDriverChoice, Limits};
 use crate::error::ApiError;
 use crate::functions::{AdminHandle, FunctionCache};
+use crate::http::conn::{self, Peer};
 use crate::metrics::{IoDriverKind, ShardMetrics};
+use crate::tls::TlsStream;
 
 /// io_uring submission queue depth per shard.
 const URING_ENTRIES: u32 = 1024;
@@ -35,6 +38,7 @@ pub struct ShardInit {
     pub admin: AdminHandle,
     pub auth: Arc<AuthConfig>,
     pub tokens: Option<Arc<Published<TokenSet>>>,
+    pub tls: Option<Arc<Published<rustls::ServerConfig>>>,
     pub shared: Arc<Shared>,
     pub io_driver: IoDriverChoice,
     pub shard_count: usize,
@@ -121,6 +125,7 @@ async fn serve(init: ShardInit) {
         admin,
         auth,
         tokens,
+        tls,
         shared,
         shard_count,
         drain_timeout,
@@ -128,6 +133,7 @@ async fn serve(init: ShardInit) {
         started,
         ..
     } = init;
+    let tls_config = Subscription::default();
     let setup = (|| -> Result<(TcpListener, FunctionCache), String> {
         let listener = TcpListener::from_std(listener).map_err(|e| format!("shard {id}: listener: {e}"))?;
         let functions = FunctionCache::new(&engine).map_err(|e| format!("shard {id}: linker: {e:#}"))?;
@@ -169,16 +175,26 @@ async fn serve(init: ShardInit) {
 
     loop {
         match race(listener.accept(), shard.drain.wait()).await {
-            Either::Left(Ok((stream, _peer))) => {
+            Either::Left(Ok((stream, addr))) => {
                 shard.metrics.connections_accepted.inc();
                 let _ = stream.set_nodelay(true);
                 if shard.connections.get() >= shard.max_connections {
                     shard.metrics.connections_refused.inc();
-                    monoio::spawn(crate::http::conn::refuse(stream, ApiError::Overloaded("too many connections")));
+                    // Over TLS a plain-text answer would be noise: just close.
+                    if tls.is_none() {
+                        monoio::spawn(conn::refuse(stream, ApiError::Overloaded("too many connections")));
+                    }
                     continue;
                 }
                 let guard = ConnectionGuard::new(shard.clone());
-                monoio::spawn(crate::http::conn::serve(guard, stream));
+                match &tls {
+                    None => {
+                        monoio::spawn(conn::serve(guard, stream, Peer { addr, client_cert_subject: None }));
+                    }
+                    Some(published) => {
+                        monoio::spawn(serve_tls(guard, stream, addr, tls_config.get(published)));
+                    }
+                }
             }
             Either::Left(Err(e)) => {
                 // EMFILE and friends: back off briefly rather than spin.
@@ -195,6 +211,25 @@ async fn serve(init: ShardInit) {
     }
     if shard.connections.get() > 0 {
         tracing::warn!(shard = id, open = shard.connections.get(), "drain timeout: closing remaining connections");
+    }
+}
+
+/// Completes the TLS handshake (under the header deadline), then serves the connection.
+async fn serve_tls(guard: ConnectionGuard, stream: TcpStream, addr: SocketAddr, config: Arc<rustls::ServerConfig>) {
+    let shard = guard.shard.clone();
+    match monoio::time::timeout(shard.limits.header_timeout(), TlsStream::accept(stream, config)).await {
+        Ok(Ok(tls)) => {
+            let client_cert_subject = tls.client_cert_subject();
+            conn::serve(guard, tls, Peer { addr, client_cert_subject }).await;
+        }
+        Ok(Err(e)) => {
+            shard.metrics.tls_handshake_failures.inc();
+            tracing::debug!(shard = shard.id, %addr, "TLS handshake failed: {e}");
+        }
+        Err(_) => {
+            shard.metrics.tls_handshake_failures.inc();
+            tracing::debug!(shard = shard.id, %addr, "TLS handshake timed out");
+        }
     }
 }
 

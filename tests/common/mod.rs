@@ -41,6 +41,13 @@ impl Server {
 
     /// Like `start_in`, with a last say over the command (its environment, limits, filters).
     pub fn start_with(data_dir: &Path, args: &[&str], configure: impl FnOnce(&mut Command)) -> Server {
+        let server = Server::spawn(data_dir, args, configure);
+        server.wait_ready();
+        server
+    }
+
+    /// Starts a server without waiting for plain-HTTP readiness (a TLS listener does not answer it).
+    pub fn spawn(data_dir: &Path, args: &[&str], configure: impl FnOnce(&mut Command)) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"));
         cmd.args(["serve", "--data-dir"])
             .arg(data_dir)
@@ -91,9 +98,7 @@ impl Server {
             // Bound to every address: talk to it over loopback only.
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
-        let server = Server { child, addr, data_dir: data_dir.to_path_buf(), stderr, _temp: None };
-        server.wait_ready();
-        server
+        Server { child, addr, data_dir: data_dir.to_path_buf(), stderr, _temp: None }
     }
 
     pub fn wait_ready(&self) {

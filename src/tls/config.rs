@@ -1,0 +1,105 @@
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+
+use crate::server::published::Published;
+
+/// How often the certificate files are checked for changes.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The PEM files TLS is configured from.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by one of these CAs.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    fn paths(&self) -> impl Iterator<Item = &Path> {
+        [self.cert.as_path(), self.key.as_path()].into_iter().chain(self.client_ca.as_deref())
+    }
+
+    /// Builds the rustls configuration. Errors name the file and what is wrong with it.
+    pub fn load(&self) -> Result<ServerConfig, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.cert)
+            .and_then(|certs| certs.collect::<Result<_, _>>())
+            .map_err(|e| format!("TLS certificate {}: {e}", self.cert.display()))?;
+        if chain.is_empty() {
+            return Err(format!("TLS certificate {}: no certificate in the file", self.cert.display()));
+        }
+        let key =
+            PrivateKeyDer::from_pem_file(&self.key).map_err(|e| format!("TLS key {}: {e}", self.key.display()))?;
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(path) => {
+                let mut roots = RootCertStore::empty();
+                let cas = CertificateDer::pem_file_iter(path)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("TLS client CA {}: {e}", path.display()))?;
+                let (added, _) = roots.add_parsable_certificates(cas);
+                if added == 0 {
+                    return Err(format!("TLS client CA {}: no usable CA certificate", path.display()));
+                }
+                let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .map_err(|e| format!("TLS client CA {}: {e}", path.display()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder
+            .with_single_cert(chain, key)
+            .map_err(|e| format!("TLS certificate {} and key {}: {e}", self.cert.display(), self.key.display()))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}
+
+type Fingerprint = Vec<Option<(u64, SystemTime, u64)>>;
+
+fn fingerprint(files: &TlsFiles) -> Fingerprint {
+    files
+        .paths()
+        .map(|p| fs::metadata(p).ok().map(|m| (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.ino())))
+        .collect()
+}
+
+/// The current TLS configuration, rebuilt when its files change.
+pub struct TlsWatcher;
+
+impl TlsWatcher {
+    /// Watches `files`; a configuration that fails to build is logged and the previous one kept.
+    pub fn spawn(files: TlsFiles, published: Arc<Published<ServerConfig>>) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new().name("tw-tls".into()).spawn(move || {
+            let mut seen = fingerprint(&files);
+            loop {
+                std::thread::sleep(POLL_INTERVAL);
+                let now = fingerprint(&files);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                match files.load() {
+                    Ok(config) => {
+                        tracing::info!(cert = %files.cert.display(), "TLS configuration reloaded");
+                        published.publish(config);
+                    }
+                    Err(e) => tracing::error!("{e}; keeping the previous TLS configuration"),
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,14 @@
+//! Native TLS and mTLS on every shard listener (rustls with the ring provider).
+//!
+//! - [`config`]: building a rustls `ServerConfig` from PEM files, and a watcher that rebuilds it
+//!   when the files change (a cert-manager renewal needs no restart);
+//! - [`stream`]: a TLS connection over monoio's owned-buffer I/O, written here because it must
+//!   expose the verified client certificate to the request;
+//! - [`forwarded`]: `X-Forwarded-Client-Cert` from trusted proxies only.
+
+pub mod config;
+pub mod forwarded;
+pub mod stream;
+
+pub use config::{TlsFiles, TlsWatcher};
+pub use stream::TlsStream;

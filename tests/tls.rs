@@ -1,0 +1,270 @@
+//! Native TLS and mTLS with certificates made at test time, certificate reload, and
+//! X-Forwarded-Client-Cert from trusted proxies only.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{guests, Server};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
+
+/// A CA, and certificates it signs, written as PEM files.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        Ca { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap() }
+    }
+
+    fn write_ca(&self, path: &Path) {
+        std::fs::write(path, self.issuer.pem()).unwrap();
+    }
+
+    /// Writes `NAME.pem` and `NAME.key` into `dir`, for `common_name` (also the DNS name).
+    fn issue(&self, dir: &Path, name: &str, common_name: &str) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::new(vec![common_name.to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.distinguished_name.push(DnType::OrganizationName, "TensorWasm Tests");
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (cert_path, key_path) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+}
+
+fn client_config(trust: &Path, identity: Option<(&Path, &Path)>) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(trust).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert).unwrap().map(Result::unwrap).collect();
+            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(key).unwrap()).unwrap()
+        }
+    };
+    Arc::new(config)
+}
+
+/// One HTTP/1.1 request over TLS; the status and body, or the I/O error (a failed handshake).
+fn https(
+    addr: SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
+    let conn = rustls::ClientConnection::new(config.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
+    let sock = TcpStream::connect(addr)?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let request = common::encode_request(method, path, &[("connection", "close")], body);
+    tls.write_all(&request)?;
+    tls.flush()?;
+    let mut reader = BufReader::new(tls);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line)?;
+    let status = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad status line {status_line:?}"))
+    })?;
+    let mut rest = Vec::new();
+    let _ = reader.read_to_end(&mut rest);
+    let text = String::from_utf8_lossy(&rest);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+fn wait_https_ready(server: &Server, config: &Arc<rustls::ClientConfig>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if matches!(https(server.addr, config, "GET", "/readyz", b""), Ok((200, _))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("TLS server never became ready:\n{}", server.stderr());
+}
+
+fn deploy_body() -> Vec<u8> {
+    use base64::Engine as _;
+    serde_json::json!({"name": "hello", "wasm_b64": base64::engine::general_purpose::STANDARD.encode(guests::hello())})
+        .to_string()
+        .into_bytes()
+}
+
+#[test]
+fn tls_serves_https_and_refuses_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Test CA");
+    ca.write_ca(&dir.path().join("ca.pem"));
+    let (cert, key) = ca.issue(dir.path(), "server", "localhost");
+    let server = Server::spawn(
+        &dir.path().join("data"),
+        &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()],
+        |_| {},
+    );
+    let client = client_config(&dir.path().join("ca.pem"), None);
+    wait_https_ready(&server, &client);
+
+    let (status, body) = https(server.addr, &client, "GET", "/healthz", b"").unwrap();
+    assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
+    let (status, body) = https(server.addr, &client, "POST", "/functions", &deploy_body()).unwrap();
+    assert_eq!(status, 201, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"].as_str().unwrap().to_string();
+    let (status, body) = https(server.addr, &client, "POST", &format!("/functions/{id}/invoke"), b"{}").unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    // Plain HTTP to a TLS listener: at most a TLS alert comes back, never HTTP, then the close.
+    let mut plain = TcpStream::connect(server.addr).unwrap();
+    plain.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    plain.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    plain.read_to_end(&mut answer).expect("the server closes the connection");
+    assert!(!answer.starts_with(b"HTTP/"), "{answer:?}");
+    assert!(answer.is_empty() || answer[0] == 0x15, "a TLS alert record, if anything: {answer:?}");
+    // A client that does not trust the server's CA refuses it.
+    let other = Ca::new("Other CA");
+    other.write_ca(&dir.path().join("other.pem"));
+    assert!(https(server.addr, &client_config(&dir.path().join("other.pem"), None), "GET", "/healthz", b"").is_err());
+
+    let (_, metrics) = https(server.addr, &client, "GET", "/metrics", b"").unwrap();
+    assert!(common::sum_metric(&metrics, "tensor_wasm_tls_handshake_failures_total", &[]) >= 1.0, "{metrics}");
+}
+
+#[test]
+fn mtls_accepts_trusted_client_certificates_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Test CA");
+    ca.write_ca(&dir.path().join("ca.pem"));
+    let (cert, key) = ca.issue(dir.path(), "server", "localhost");
+    let (client_cert, client_key) = ca.issue(dir.path(), "client", "svc7-client");
+    let rogue = Ca::new("Rogue CA");
+    let (rogue_cert, rogue_key) = rogue.issue(dir.path(), "rogue", "svc7-client");
+    let ca_arg = dir.path().join("ca.pem");
+    let server = Server::spawn(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--tls-client-ca",
+            ca_arg.to_str().unwrap(),
+        ],
+        |_| {},
+    );
+    let trusted = client_config(&ca_arg, Some((&client_cert, &client_key)));
+    wait_https_ready(&server, &trusted);
+
+    // With a trusted certificate: served, and its subject reaches the request (here, the log).
+    let (status, body) = https(server.addr, &trusted, "POST", "/functions", &deploy_body()).unwrap();
+    assert_eq!(status, 201, "{body}");
+    let log = server.wait_for_stderr("function deployed");
+    assert!(log.contains("CN=svc7-client"), "{log}");
+
+    // Without a certificate, or with one from another CA: the handshake fails.
+    let anonymous = client_config(&ca_arg, None);
+    assert!(https(server.addr, &anonymous, "GET", "/healthz", b"").is_err());
+    let untrusted = client_config(&ca_arg, Some((&rogue_cert, &rogue_key)));
+    assert!(https(server.addr, &untrusted, "GET", "/healthz", b"").is_err());
+    // The server keeps serving the trusted client.
+    assert_eq!(https(server.addr, &trusted, "GET", "/healthz", b"").unwrap().0, 200);
+    let (_, metrics) = https(server.addr, &trusted, "GET", "/metrics", b"").unwrap();
+    assert!(common::sum_metric(&metrics, "tensor_wasm_tls_handshake_failures_total", &[]) >= 2.0, "{metrics}");
+}
+
+#[test]
+fn certificates_are_reloaded_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Ca::new("First CA");
+    first.write_ca(&dir.path().join("first.pem"));
+    let (cert, key) = first.issue(dir.path(), "server", "localhost");
+    let server = Server::spawn(
+        &dir.path().join("data"),
+        &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()],
+        |_| {},
+    );
+    let trusts_first = client_config(&dir.path().join("first.pem"), None);
+    wait_https_ready(&server, &trusts_first);
+
+    // A renewal by another CA, written over the same files (key first, then the certificate).
+    let second = Ca::new("Second CA");
+    second.write_ca(&dir.path().join("second.pem"));
+    let renewed = tempfile::tempdir().unwrap();
+    let (new_cert, new_key) = second.issue(renewed.path(), "server", "localhost");
+    std::fs::copy(&new_key, &key).unwrap();
+    std::fs::copy(&new_cert, &cert).unwrap();
+    let trusts_second = client_config(&dir.path().join("second.pem"), None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while https(server.addr, &trusts_second, "GET", "/healthz", b"").is_err() {
+        assert!(Instant::now() < deadline, "the renewed certificate was not picked up:\n{}", server.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(https(server.addr, &trusts_first, "GET", "/healthz", b"").is_err(), "the old certificate is gone");
+    server.wait_for_stderr("TLS configuration reloaded");
+}
+
+#[test]
+fn forwarded_client_certificates_only_from_trusted_proxies() {
+    let xfcc = r#"By=spiffe://ingress;Hash=abc;Subject="CN=via-proxy,O=Acme""#;
+    // Loopback is a trusted proxy: the header is believed.
+    let trusting = Server::start(&["--trusted-proxy-cidrs", "127.0.0.0/8"]);
+    let r = trusting.client().request("POST", "/functions", &[("x-forwarded-client-cert", xfcc)], &deploy_body());
+    assert_eq!(r.status, 201);
+    let log = trusting.wait_for_stderr("function deployed");
+    assert!(log.contains("CN=via-proxy,O=Acme"), "{log}");
+    assert_eq!(trusting.metric("tensor_wasm_xfcc_ignored_total", &[]), 0.0);
+
+    // Nobody is trusted: the header is ignored, and counted.
+    let wary = Server::start(&[]);
+    let r = wary.client().request("POST", "/functions", &[("x-forwarded-client-cert", xfcc)], &deploy_body());
+    assert_eq!(r.status, 201);
+    let log = wary.wait_for_stderr("function deployed");
+    assert!(!log.contains("via-proxy"), "{log}");
+    assert_eq!(wary.metric("tensor_wasm_xfcc_ignored_total", &[]), 1.0);
+
+    // A bad network list stops start-up.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .args(["serve", "--trusted-proxy-cidrs", "10.0.0.0/99"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn bad_tls_files_stop_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    for args in [
+        vec!["serve", "--tls-cert", junk.to_str().unwrap(), "--tls-key", junk.to_str().unwrap()],
+        vec!["serve", "--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"],
+        vec!["serve", "--tls-cert", junk.to_str().unwrap()],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+            .args(&args)
+            .arg("--data-dir")
+            .arg(dir.path().join("d"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
