@@ -70,8 +70,8 @@ fn assert_rate(admitted: u64, limited: u64, elapsed: Duration, label: &str) {
 #[test]
 fn one_token_gets_its_rate_across_many_connections_and_shards() {
     let (server, _dir) = start();
-    let (admitted, limited, elapsed) = hammer(&server, HOT, 32, Duration::from_secs(3));
-    assert_rate(admitted, limited, elapsed, "32 connections");
+    let (admitted, limited, elapsed) = hammer(&server, HOT, 64, Duration::from_secs(3));
+    assert_rate(admitted, limited, elapsed, "64 connections");
     for shard in ["0", "1"] {
         assert!(server.metric("tensor_wasm_shard_requests_total", &[("shard", shard)]) > 0.0, "shard {shard} idle");
     }
