@@ -103,6 +103,24 @@ fn wait_https_ready(server: &Server, config: &Arc<rustls::ClientConfig>) {
     panic!("TLS server never became ready:\n{}", server.stderr());
 }
 
+/// A TLS server whose certificate `ca` signed (the CA also written to `CA_NAME.pem`), with
+/// `extra` flags; its certificate and key files, and a client that trusts `ca`.
+fn tls_server(
+    dir: &Path,
+    ca: &Ca,
+    ca_name: &str,
+    extra: &[&str],
+) -> (Server, PathBuf, PathBuf, Arc<rustls::ClientConfig>) {
+    let ca_file = dir.join(format!("{ca_name}.pem"));
+    ca.write_ca(&ca_file);
+    let (cert, key) = ca.issue(dir, "server", "localhost");
+    let mut args = vec!["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let server = Server::spawn(&dir.join("data"), &args, |_| {});
+    let client = client_config(&ca_file, None);
+    (server, cert, key, client)
+}
+
 fn deploy_body() -> Vec<u8> {
     use base64::Engine as _;
     serde_json::json!({"name": "hello", "wasm_b64": base64::engine::general_purpose::STANDARD.encode(guests::hello())})
@@ -113,15 +131,7 @@ fn deploy_body() -> Vec<u8> {
 #[test]
 fn tls_serves_https_and_refuses_plain_text() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("Test CA");
-    ca.write_ca(&dir.path().join("ca.pem"));
-    let (cert, key) = ca.issue(dir.path(), "server", "localhost");
-    let server = Server::spawn(
-        &dir.path().join("data"),
-        &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()],
-        |_| {},
-    );
-    let client = client_config(&dir.path().join("ca.pem"), None);
+    let (server, _, _, client) = tls_server(dir.path(), &Ca::new("Test CA"), "ca", &[]);
     wait_https_ready(&server, &client);
 
     let (status, body) = https(server.addr, &client, "GET", "/healthz", b"").unwrap();
@@ -153,24 +163,10 @@ fn tls_serves_https_and_refuses_plain_text() {
 fn mtls_accepts_trusted_client_certificates_only() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("Test CA");
-    ca.write_ca(&dir.path().join("ca.pem"));
-    let (cert, key) = ca.issue(dir.path(), "server", "localhost");
-    let (client_cert, client_key) = ca.issue(dir.path(), "client", "svc7-client");
-    let rogue = Ca::new("Rogue CA");
-    let (rogue_cert, rogue_key) = rogue.issue(dir.path(), "rogue", "svc7-client");
     let ca_arg = dir.path().join("ca.pem");
-    let server = Server::spawn(
-        &dir.path().join("data"),
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-            "--tls-client-ca",
-            ca_arg.to_str().unwrap(),
-        ],
-        |_| {},
-    );
+    let (server, _, _, _) = tls_server(dir.path(), &ca, "ca", &["--tls-client-ca", ca_arg.to_str().unwrap()]);
+    let (client_cert, client_key) = ca.issue(dir.path(), "client", "svc7-client");
+    let (rogue_cert, rogue_key) = Ca::new("Rogue CA").issue(dir.path(), "rogue", "svc7-client");
     let trusted = client_config(&ca_arg, Some((&client_cert, &client_key)));
     wait_https_ready(&server, &trusted);
 
@@ -194,15 +190,7 @@ fn mtls_accepts_trusted_client_certificates_only() {
 #[test]
 fn certificates_are_reloaded_without_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let first = Ca::new("First CA");
-    first.write_ca(&dir.path().join("first.pem"));
-    let (cert, key) = first.issue(dir.path(), "server", "localhost");
-    let server = Server::spawn(
-        &dir.path().join("data"),
-        &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()],
-        |_| {},
-    );
-    let trusts_first = client_config(&dir.path().join("first.pem"), None);
+    let (server, cert, key, trusts_first) = tls_server(dir.path(), &Ca::new("First CA"), "first", &[]);
     wait_https_ready(&server, &trusts_first);
 
     // A renewal by another CA, written over the same files (key first, then the certificate).

@@ -93,6 +93,9 @@ pub fn provides(name: &str) -> bool {
 
 type Ctx<'a> = Caller<'a, GuestState>;
 
+/// Which of the guest's string lists (argv or the environment) a call reads.
+type StringList = fn(&GuestState) -> &[Vec<u8>];
+
 /// Guest memory and the store's state, borrowed together.
 fn memory<'a>(caller: &'a mut Ctx<'_>) -> wasmtime::Result<(&'a mut [u8], &'a mut GuestState)> {
     match caller.get_export("memory") {
@@ -176,22 +179,19 @@ fn process_start() -> Instant {
 /// Adds every `wasi_snapshot_preview1` function to `linker`.
 pub fn add_to_linker(linker: &mut Linker<GuestState>, engine: &Engine) -> wasmtime::Result<()> {
     process_start();
-    linker.func_wrap(MODULE, "args_get", |mut c: Ctx<'_>, argv: i32, buf: i32| {
-        let (mem, st) = memory(&mut c)?;
-        Ok(write_string_list(mem, &st.wasi.args, argv, buf))
-    })?;
-    linker.func_wrap(MODULE, "args_sizes_get", |mut c: Ctx<'_>, count: i32, size: i32| {
-        let (mem, st) = memory(&mut c)?;
-        Ok(write_sizes(mem, &st.wasi.args, count, size))
-    })?;
-    linker.func_wrap(MODULE, "environ_get", |mut c: Ctx<'_>, envp: i32, buf: i32| {
-        let (mem, st) = memory(&mut c)?;
-        Ok(write_string_list(mem, &st.wasi.env, envp, buf))
-    })?;
-    linker.func_wrap(MODULE, "environ_sizes_get", |mut c: Ctx<'_>, count: i32, size: i32| {
-        let (mem, st) = memory(&mut c)?;
-        Ok(write_sizes(mem, &st.wasi.env, count, size))
-    })?;
+    // argv and the environment: the same pair of calls over two lists.
+    let lists: [(&str, &str, StringList); 2] =
+        [("args_get", "args_sizes_get", |st| &st.wasi.args), ("environ_get", "environ_sizes_get", |st| &st.wasi.env)];
+    for (get, sizes_get, list) in lists {
+        linker.func_wrap(MODULE, get, move |mut c: Ctx<'_>, ptrs: i32, buf: i32| {
+            let (mem, st) = memory(&mut c)?;
+            Ok(write_string_list(mem, list(st), ptrs, buf))
+        })?;
+        linker.func_wrap(MODULE, sizes_get, move |mut c: Ctx<'_>, count: i32, size: i32| {
+            let (mem, st) = memory(&mut c)?;
+            Ok(write_sizes(mem, list(st), count, size))
+        })?;
+    }
     linker.func_wrap(MODULE, "clock_res_get", |mut c: Ctx<'_>, id: i32, out: i32| {
         if !(0..=3).contains(&id) {
             return Ok(EINVAL);
