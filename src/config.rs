@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::audit::AuditConfig;
 use crate::auth::AuthConfig;
 use crate::tls::TlsFiles;
 
@@ -29,6 +30,7 @@ pub struct ServerConfig {
     pub drain_timeout_ms: u64,
     pub admin_queue_depth: usize,
     pub auth: AuthConfig,
+    pub audit: AuditConfig,
     /// `None`: plain HTTP.
     pub tls: Option<TlsFiles>,
     pub limits: Limits,

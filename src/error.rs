@@ -45,6 +45,7 @@ pub enum ApiError {
     OutputTooLarge { limit: usize },
     // --- server state ---
     Overloaded(&'static str),
+    AuditUnavailable,
     NotReady,
     Draining,
     Storage(String),
@@ -83,7 +84,7 @@ impl ApiError {
             // The function, not the server, failed: the gateway convention.
             GuestTrap(_) | GuestExit { .. } | MemoryLimitExceeded { .. } | OutputTooLarge { .. } => Status::BadGateway,
             InvokeTimeout { .. } => Status::GatewayTimeout,
-            Overloaded(_) | NotReady | Draining => Status::ServiceUnavailable,
+            Overloaded(_) | AuditUnavailable | NotReady | Draining => Status::ServiceUnavailable,
             Storage(_) | Internal(_) => Status::InternalServerError,
         }
     }
@@ -124,6 +125,7 @@ impl ApiError {
             GuestExit { .. } => "guest_exit",
             OutputTooLarge { .. } => "output_too_large",
             Overloaded(_) => "overloaded",
+            AuditUnavailable => "audit_unavailable",
             NotReady => "not_ready",
             Draining => "draining",
             Storage(_) => "storage_error",
@@ -136,7 +138,9 @@ impl ApiError {
         match self {
             ApiError::MethodNotAllowed { allow } => Some(("allow", allow.to_string())),
             ApiError::Unauthorized => Some(("www-authenticate", "Bearer realm=\"tensor-wasm\"".into())),
-            ApiError::Overloaded(_) | ApiError::NotReady | ApiError::Draining => Some(("retry-after", "1".into())),
+            ApiError::Overloaded(_) | ApiError::AuditUnavailable | ApiError::NotReady | ApiError::Draining => {
+                Some(("retry-after", "1".into()))
+            }
             ApiError::RateLimited { retry_after_secs } => Some(("retry-after", retry_after_secs.to_string())),
             _ => None,
         }
@@ -217,6 +221,7 @@ impl fmt::Display for ApiError {
                 write!(f, "the function wrote more than {limit} bytes to stdout")
             }
             Overloaded(what) => write!(f, "server overloaded: {what}; retry later"),
+            AuditUnavailable => write!(f, "the audit log cannot be written, so protected requests are refused"),
             NotReady => write!(f, "the server is starting and has not loaded its functions yet"),
             Draining => write!(f, "the server is shutting down"),
             Storage(m) => write!(f, "storage error: {m}"),

@@ -5,6 +5,7 @@
 //! [`functions`] catalog and to [`wasm`] execution; [`metrics`] are per shard and merged on scrape.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -31,7 +31,8 @@ pub fn get(shard: &Shard, ctx: &RequestContext, id: &str) -> Result<Response, Ap
     Ok(Response::json_value(Status::Ok, &f.deployed.record.to_json()))
 }
 
-pub async fn deploy(shard: &Shard, ctx: &RequestContext, body: Vec<u8>) -> Result<Response, ApiError> {
+/// Deploys; returns the answer and the new function's id.
+pub async fn deploy(shard: &Shard, ctx: &RequestContext, body: Vec<u8>) -> Result<(Response, String), ApiError> {
     require_loaded(shard)?;
     let record = shard.admin.deploy(DeployRequest { body, tenant_id: ctx.tenant }).await?;
     tracing::info!(
@@ -43,7 +44,7 @@ pub async fn deploy(shard: &Shard, ctx: &RequestContext, body: Vec<u8>) -> Resul
         client = ctx.client(),
         "function deployed"
     );
-    Ok(Response::json_value(Status::Created, &record.to_json()))
+    Ok((Response::json_value(Status::Created, &record.to_json()), record.id))
 }
 
 pub async fn delete(shard: &Shard, ctx: &RequestContext, id: &str) -> Result<Response, ApiError> {

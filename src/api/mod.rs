@@ -10,7 +10,9 @@ mod route;
 
 pub use route::Route;
 
-use crate::auth::Caller;
+use crate::audit::{Actor, ActorScope, AuditEvent, AuditTicket};
+use crate::auth::{Caller, Scope};
+use crate::functions::record::is_valid_id;
 use crate::error::ApiError;
 use crate::http::conn::Peer;
 use crate::http::{Method, RequestHead, Response};
@@ -60,11 +62,86 @@ enum Action<'a> {
     Invoke(&'a str),
 }
 
-/// Answers one request. Returns the matched route (for metrics) and the response.
-pub async fn handle(shard: &Shard, peer: &Peer, head: &RequestHead, body: Vec<u8>) -> (Route, Response) {
+impl Action<'_> {
+    /// The audit log's name for it.
+    fn audit_name(&self) -> &'static str {
+        match self {
+            Action::List => "list_functions",
+            Action::Deploy => "create_function",
+            Action::Get(_) => "get_function",
+            Action::Delete(_) => "delete_function",
+            Action::Invoke(_) => "invoke_function",
+        }
+    }
+
+    fn function_id(&self) -> Option<&str> {
+        match self {
+            Action::Get(id) | Action::Delete(id) | Action::Invoke(id) => Some(*id).filter(|id| is_valid_id(id)),
+            Action::List | Action::Deploy => None,
+        }
+    }
+}
+
+/// The audit record of a protected request, filled in as the request goes and written by the
+/// connection before the response leaves.
+pub struct PendingAudit {
+    pub ticket: AuditTicket,
+    pub request_id: String,
+    pub action: &'static str,
+    pub actor: Actor,
+    pub function_id: Option<String>,
+    pub tenant_id: Option<u64>,
+    pub client_cert_subject: Option<String>,
+}
+
+impl PendingAudit {
+    pub fn into_event(self, response: &Response, latency: std::time::Duration, peer: std::net::SocketAddr) -> (AuditTicket, AuditEvent) {
+        let ts_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let event = AuditEvent {
+            ts_unix_ms,
+            request_id: self.request_id,
+            actor: self.actor,
+            action: self.action,
+            function_id: self.function_id,
+            tenant_id: self.tenant_id,
+            status_code: response.status.code(),
+            error_kind: response.error_kind,
+            latency_us: latency.as_micros() as u64,
+            peer_addr: peer,
+            client_cert_subject: self.client_cert_subject,
+        };
+        (self.ticket, event)
+    }
+}
+
+fn actor_of(caller: &Caller) -> Actor {
+    match caller {
+        Caller::Dev => Actor::Dev,
+        Caller::Bearer(t) => Actor::Bearer {
+            token_id: Some(t.id.to_string()),
+            scope: match &t.entry.scope {
+                Scope::Wildcard => ActorScope::Wildcard,
+                Scope::Tenants(set) => ActorScope::TenantSet(set.iter().copied().collect()),
+            },
+        },
+    }
+}
+
+/// Answers one request. Returns the matched route (for metrics), the response, and for a
+/// protected request its pending audit record.
+pub async fn handle(
+    shard: &Shard,
+    peer: &Peer,
+    head: &RequestHead,
+    body: Vec<u8>,
+) -> (Route, Response, Option<PendingAudit>) {
     let (route, id) = Route::match_path(head.path());
-    let result = dispatch(shard, peer, route, id, head, body).await;
-    (route, result.unwrap_or_else(|e| Response::error(&e)))
+    let mut audit = None;
+    let result = dispatch(shard, peer, route, id, head, body, &mut audit).await;
+    (route, result.unwrap_or_else(|e| Response::error(&e)), audit)
 }
 
 async fn dispatch(
@@ -74,6 +151,7 @@ async fn dispatch(
     id: &str,
     head: &RequestHead,
     body: Vec<u8>,
+    audit: &mut Option<PendingAudit>,
 ) -> Result<Response, ApiError> {
     let method = head.method();
     let read = matches!(method, Method::Get | Method::Head);
@@ -92,13 +170,31 @@ async fn dispatch(
         (Route::Unmatched, _) => return Err(ApiError::RouteNotFound),
         (route, _) => return Err(ApiError::MethodNotAllowed { allow: route.allow() }),
     };
-    let caller = shard.auth.authenticate(head)?;
+    // Room for the record first: when the log cannot be written, nothing happens unaudited.
+    let ticket = shard.audit.ticket()?;
+    let subject = client_cert_subject(shard, peer, head);
+    let pending = audit.insert(PendingAudit {
+        ticket,
+        request_id: shard.next_request_id(),
+        action: action.audit_name(),
+        actor: Actor::Bearer { token_id: None, scope: ActorScope::None },
+        function_id: action.function_id().map(str::to_string),
+        tenant_id: None,
+        client_cert_subject: subject.clone(),
+    });
+    let caller = shard.auth.authenticate(head).inspect_err(|_| pending.action = "auth_failure")?;
+    pending.actor = actor_of(&caller);
     shard.auth.admit(&caller)?;
     let tenant = shard.auth.tenant(head, &caller)?;
-    let ctx = RequestContext { caller, tenant, client_cert_subject: client_cert_subject(shard, peer, head) };
+    pending.tenant_id = Some(tenant);
+    let ctx = RequestContext { caller, tenant, client_cert_subject: subject };
     match action {
         Action::List => functions::list(shard, &ctx),
-        Action::Deploy => functions::deploy(shard, &ctx, body).await,
+        Action::Deploy => {
+            let (response, id) = functions::deploy(shard, &ctx, body).await?;
+            pending.function_id = Some(id);
+            Ok(response)
+        }
         Action::Get(id) => functions::get(shard, &ctx, id),
         Action::Delete(id) => functions::delete(shard, &ctx, id).await,
         Action::Invoke(id) => functions::invoke(shard, &ctx, id, body).await,

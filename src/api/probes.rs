@@ -27,6 +27,7 @@ pub fn metrics(shard: &Shard) -> Response {
         functions: shared.catalog.len(),
         ready: shared.is_ready() && !shared.is_draining(),
         tokens: tokens.as_deref(),
+        audit_sync: &shared.audit_sync,
     });
     Response::new(Status::Ok, "text/plain; version=0.0.4; charset=utf-8", text.into_bytes())
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::audit::{parse_destination, AuditConfig, AuditOnError, AuditSync};
 use crate::auth::{AuthConfig, RateLimit, TokenSource};
 use crate::config::{IoDriverChoice, Limits, ServerConfig};
 use crate::tls::forwarded::parse_cidrs;
@@ -27,6 +28,29 @@ pub struct Cli {
 pub enum Command {
     /// Run the HTTP server: one pinned shard per allowed CPU.
     Serve(ServeArgs),
+    /// Read the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Check every record's framing and every shard's hash chain; exits 1 at the first broken record.
+    Verify {
+        /// The audit directory (or one shard's directory).
+        dir: PathBuf,
+    },
+    /// Print the newest records as JSON lines, the active segment's included.
+    Tail {
+        /// How many records.
+        #[arg(short = 'n', default_value_t = 10)]
+        n: usize,
+        /// Keep printing records as they are written.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// The audit directory.
+        dir: PathBuf,
+    },
 }
 
 /// No `Debug`: it holds secrets.
@@ -171,6 +195,32 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_API_TRUSTED_PROXY_CIDRS", default_value = "")]
     pub trusted_proxy_cidrs: String,
 
+    /// Where audit records go: `file:/path` (a directory of segments), `stdout`, `none`, or a list
+    /// such as `file:/var/lib/tensor-wasm/audit,stdout`. Default: `file:<data dir>/audit`.
+    #[arg(long, env = "TENSOR_WASM_API_AUDIT_LOG")]
+    pub audit_log: Option<String>,
+
+    /// When audit records are durable: `interval` (group commit every 10 ms), `always` (before each
+    /// response), or `none` (the page cache: survives a process crash, not a machine crash).
+    #[arg(long, env = "TENSOR_WASM_AUDIT_SYNC", value_enum, default_value_t = AuditSyncArg::Interval)]
+    pub audit_sync: AuditSyncArg,
+
+    /// When the audit log cannot be written: `reject` protected requests with 503, or `continue`.
+    #[arg(long, env = "TENSOR_WASM_AUDIT_ON_ERROR", value_enum, default_value_t = AuditOnErrorArg::Reject)]
+    pub audit_on_error: AuditOnErrorArg,
+
+    /// Size of an audit segment file (at least 64 KiB).
+    #[arg(long, env = "TENSOR_WASM_AUDIT_SEGMENT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub audit_segment_bytes: u64,
+
+    /// Sealed audit segments kept per shard (the oldest go first). Default: all.
+    #[arg(long, env = "TENSOR_WASM_AUDIT_RETENTION_SEGMENTS")]
+    pub audit_retention_segments: Option<usize>,
+
+    /// Bytes of sealed audit segments kept per shard. Default: all.
+    #[arg(long, env = "TENSOR_WASM_AUDIT_RETENTION_BYTES")]
+    pub audit_retention_bytes: Option<u64>,
+
     /// Requests per second each token may make, across all shards; 0 means unlimited.
     #[arg(long, env = "TENSOR_WASM_API_RATE_LIMIT_QPS", default_value_t = 0)]
     pub rate_limit_qps: u32,
@@ -182,6 +232,19 @@ pub struct ServeArgs {
     /// Log filter, e.g. `info` or `tensor_wasm=debug`.
     #[arg(long, env = "TENSOR_WASM_LOG", default_value = "info")]
     pub log_level: String,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditSyncArg {
+    Interval,
+    Always,
+    None,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuditOnErrorArg {
+    Reject,
+    Continue,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -258,6 +321,29 @@ impl ServeArgs {
                 (qps, burst) => Some(RateLimit { qps, burst: burst.unwrap_or(qps) }),
             },
         };
+        if (self.audit_segment_bytes as usize) < crate::audit::MIN_SEGMENT_BYTES {
+            return Err("--audit-segment-bytes must be at least 65536".into());
+        }
+        let (audit_dir, audit_stdout) = match &self.audit_log {
+            None => (Some(self.data_dir.join("audit")), false),
+            Some(spec) => parse_destination(spec).map_err(|e| format!("TENSOR_WASM_API_AUDIT_LOG: {e}"))?,
+        };
+        let audit = AuditConfig {
+            dir: audit_dir,
+            stdout: audit_stdout,
+            segment_bytes: self.audit_segment_bytes as usize,
+            retain_segments: self.audit_retention_segments,
+            retain_bytes: self.audit_retention_bytes,
+            sync: match self.audit_sync {
+                AuditSyncArg::Interval => AuditSync::Interval,
+                AuditSyncArg::Always => AuditSync::Always,
+                AuditSyncArg::None => AuditSync::None,
+            },
+            on_error: match self.audit_on_error {
+                AuditOnErrorArg::Reject => AuditOnError::Reject,
+                AuditOnErrorArg::Continue => AuditOnError::Continue,
+            },
+        };
         let io_driver = match self.io_driver {
             IoDriverArg::Auto => IoDriverChoice::Auto,
             IoDriverArg::IoUring => IoDriverChoice::IoUring,
@@ -272,6 +358,7 @@ impl ServeArgs {
             drain_timeout_ms: self.drain_timeout_ms,
             admin_queue_depth: self.admin_queue_depth as usize,
             auth,
+            audit,
             tls: match (self.tls_cert, self.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: self.tls_client_ca }),
                 _ => None,
@@ -298,6 +385,45 @@ impl ServeArgs {
     }
 }
 
+fn run_audit(command: AuditCommand) -> i32 {
+    match command {
+        AuditCommand::Verify { dir } => match crate::audit::verify(&dir) {
+            Ok(Ok(records)) => {
+                println!("ok: {records} records, every chain intact");
+                0
+            }
+            Ok(Err(broken)) => {
+                eprintln!(
+                    "tensor-wasm: broken audit record: {} at offset {} (seq {}): {}",
+                    broken.file.display(),
+                    broken.offset,
+                    broken.seq,
+                    broken.reason
+                );
+                1
+            }
+            Err(e) => {
+                eprintln!("tensor-wasm: cannot read {}: {e}", dir.display());
+                EXIT_USAGE
+            }
+        },
+        AuditCommand::Tail { n, follow, dir } => {
+            let result = if follow {
+                crate::audit::follow(&dir, n)
+            } else {
+                crate::audit::tail(&dir, n).map(|lines| lines.iter().for_each(|l| println!("{l}")))
+            };
+            match result {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("tensor-wasm: cannot read {}: {e}", dir.display());
+                    EXIT_USAGE
+                }
+            }
+        }
+    }
+}
+
 /// The configuration `tensor-wasm serve ARGS…` would run with (for benchmarks and embedders).
 pub fn serve_config<I, T>(args: I) -> Result<ServerConfig, String>
 where
@@ -308,6 +434,7 @@ where
     let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
     match cli.command {
         Command::Serve(args) => args.into_config(),
+        Command::Audit(_) => Err("not a serve command".into()),
     }
 }
 
@@ -333,6 +460,7 @@ pub fn main() -> i32 {
         }
     };
     match cli.command {
+        Command::Audit(command) => run_audit(command),
         Command::Serve(args) => {
             crate::server::logging::init(&args.log_level);
             let config = match args.into_config() {

@@ -190,7 +190,13 @@ pub async fn serve<T: Transport>(guard: ConnectionGuard, mut stream: T, peer: Pe
         };
 
         // 3. The answer.
-        let (route, response) = crate::api::handle(&shard, &peer, &head, body).await;
+        let (route, mut response, audit) = crate::api::handle(&shard, &peer, &head, body).await;
+        if let Some(pending) = audit {
+            // Written before the response leaves: an answered request always has its record.
+            response.headers.push(("x-request-id", pending.request_id.clone()));
+            let (ticket, event) = pending.into_event(&response, started.elapsed(), peer.addr);
+            shard.audit.record(ticket, &event);
+        }
         // Once the process drains, every response closes its connection so clients move elsewhere.
         let keep_alive = head.keep_alive && !shard.shared.is_draining();
         writer.write(&mut out, &response, keep_alive, head.method() == Method::Head);

@@ -10,11 +10,13 @@ pub struct Response {
     pub content_type: &'static str,
     pub headers: Vec<(&'static str, String)>,
     pub body: Vec<u8>,
+    /// The error kind, when this answers an error (for the audit record).
+    pub error_kind: Option<&'static str>,
 }
 
 impl Response {
     pub fn new(status: Status, content_type: &'static str, body: Vec<u8>) -> Self {
-        Response { status, content_type, headers: Vec::new(), body }
+        Response { status, content_type, headers: Vec::new(), body, error_kind: None }
     }
 
     pub fn json(status: Status, body: Vec<u8>) -> Self {
@@ -31,6 +33,7 @@ impl Response {
 
     pub fn error(err: &ApiError) -> Self {
         let mut r = Self::json(err.status(), err.to_body());
+        r.error_kind = Some(err.kind());
         if let Some(header) = err.extra_headers() {
             r.headers.push(header);
         }

@@ -5,4 +5,4 @@ mod render;
 mod shard;
 
 pub use render::{render, ScrapeContext};
-pub use shard::{Counter, Gauge, IoDriverKind, ShardMetrics, DURATION_BUCKETS};
+pub use shard::{Counter, Gauge, Histogram, IoDriverKind, ShardMetrics, DURATION_BUCKETS};

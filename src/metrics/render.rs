@@ -1,7 +1,7 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
-use super::shard::{Counter, ShardMetrics, DURATION_BUCKETS};
+use super::shard::{Counter, Histogram, ShardMetrics, DURATION_BUCKETS};
 use crate::api::Route;
 use crate::auth::{TokenEntry, TokenSet};
 use crate::http::{Method, Status};
@@ -13,6 +13,8 @@ pub struct ScrapeContext<'a> {
     pub ready: bool,
     /// The current token list; `None` in dev mode.
     pub tokens: Option<&'a TokenSet>,
+    /// The audit group commit's fdatasync durations.
+    pub audit_sync: &'a Histogram,
 }
 
 /// Renders every metric in the Prometheus text exposition format (0.0.4).
@@ -50,37 +52,25 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
     header(&mut out, "tensor_wasm_http_request_duration_seconds", "histogram", "Server time per HTTP request.");
     for route in Route::ALL {
         for method in Method::ALL {
-            let mut buckets = [0u64; 18];
-            let mut sum_nanos = 0u64;
-            for s in shards {
-                let h = s.histogram(route, method);
-                for (acc, c) in buckets.iter_mut().zip(&h.buckets) {
-                    *acc += c.get();
-                }
-                sum_nanos = sum_nanos.wrapping_add(h.sum_nanos.get());
-            }
-            let count: u64 = buckets.iter().sum();
-            if count == 0 {
-                continue;
-            }
             let labels = format!("route=\"{}\",method=\"{}\"", route.template(), method.as_str());
-            let mut cumulative = 0;
-            for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
-                cumulative += buckets[i];
-                let _ = writeln!(
-                    out,
-                    "tensor_wasm_http_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {cumulative}"
-                );
-            }
-            let _ = writeln!(out, "tensor_wasm_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {count}");
-            let _ =
-                writeln!(out, "tensor_wasm_http_request_duration_seconds_sum{{{labels}}} {}", sum_nanos as f64 / 1e9);
-            let _ = writeln!(out, "tensor_wasm_http_request_duration_seconds_count{{{labels}}} {count}");
+            let series: Vec<&Histogram> = shards.iter().map(|s| s.histogram(route, method)).collect();
+            histogram(&mut out, "tensor_wasm_http_request_duration_seconds", &labels, &series);
         }
     }
 
+    header(&mut out, "tensor_wasm_audit_sync_seconds", "histogram", "Time of each audit group commit (fdatasync).");
+    histogram(&mut out, "tensor_wasm_audit_sync_seconds", "", &[ctx.audit_sync]);
+
     let sum = |f: fn(&ShardMetrics) -> u64| shards.iter().map(|s| f(s)).sum::<u64>();
-    let process_wide: [(&str, &str, &str, u64); 7] = [
+    let process_wide: [(&str, &str, &str, u64); 10] = [
+        ("tensor_wasm_audit_records_total", "counter", "Audit records written.", sum(|s| s.audit_records.get())),
+        ("tensor_wasm_audit_bytes_total", "counter", "Bytes of audit records written.", sum(|s| s.audit_bytes.get())),
+        (
+            "tensor_wasm_audit_errors_total",
+            "counter",
+            "Audit log failures: a segment that could not be created or synced, a record lost.",
+            sum(|s| s.audit_errors.get()),
+        ),
         (
             "tensor_wasm_tls_handshake_failures_total",
             "counter",
@@ -157,6 +147,33 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
         }
     }
     out
+}
+
+/// Renders the sum of `series` as one Prometheus histogram with `labels` (`k="v",…` or empty);
+/// nothing when it has no observation.
+fn histogram(out: &mut String, name: &str, labels: &str, series: &[&Histogram]) {
+    let mut buckets = [0u64; 18];
+    let mut sum_nanos = 0u64;
+    for h in series {
+        for (acc, c) in buckets.iter_mut().zip(&h.buckets) {
+            *acc += c.get();
+        }
+        sum_nanos = sum_nanos.wrapping_add(h.sum_nanos.get());
+    }
+    let count: u64 = buckets.iter().sum();
+    if count == 0 {
+        return;
+    }
+    let sep = if labels.is_empty() { "" } else { "," };
+    let mut cumulative = 0;
+    for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
+        cumulative += buckets[i];
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+    let braced = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+    let _ = writeln!(out, "{name}_sum{braced} {}", sum_nanos as f64 / 1e9);
+    let _ = writeln!(out, "{name}_count{braced} {count}");
 }
 
 /// A per-token sample: the value summed over the shards.

@@ -82,7 +82,8 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    fn observe(&self, d: Duration) {
+    /// Records one duration. Single writer: the owning shard, or the one thread that owns it.
+    pub fn observe(&self, d: Duration) {
         let nanos = d.as_nanos().min(u64::MAX as u128) as u64;
         let i = BUCKET_NANOS.iter().position(|&b| nanos <= b).unwrap_or(BUCKET_NANOS.len());
         self.buckets[i].inc();
@@ -102,6 +103,9 @@ pub struct ShardMetrics {
     pub instance_spawns: Counter,
     pub invocations_failed: Counter,
     pub tls_handshake_failures: Counter,
+    pub audit_records: Counter,
+    pub audit_bytes: Counter,
+    pub audit_errors: Counter,
     pub xfcc_ignored: Counter,
     io_driver: AtomicU8,
 }
@@ -119,6 +123,9 @@ impl ShardMetrics {
             instance_spawns: Counter::default(),
             invocations_failed: Counter::default(),
             tls_handshake_failures: Counter::default(),
+            audit_records: Counter::default(),
+            audit_bytes: Counter::default(),
+            audit_errors: Counter::default(),
             xfcc_ignored: Counter::default(),
             io_driver: AtomicU8::new(IoDriverKind::Starting as u8),
         }

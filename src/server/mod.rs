@@ -19,7 +19,9 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::audit::{self, AuditSync, CommitSlot};
 use crate::auth::{self, TokenPolicy, TokenSet, TokenSource};
+use crate::metrics::Histogram;
 use crate::config::ServerConfig;
 use crate::functions::{worker, Catalog, FunctionStore};
 use crate::metrics::ShardMetrics;
@@ -60,6 +62,8 @@ pub struct Shared {
     pub catalog: Arc<Catalog>,
     /// The token list (for `/metrics`); `None` in dev mode.
     pub tokens: Option<Arc<Published<TokenSet>>>,
+    /// The audit group commit's fdatasync durations (written by its thread alone).
+    pub audit_sync: Arc<Histogram>,
     shards_serving: AtomicUsize,
     draining: AtomicBool,
 }
@@ -80,6 +84,12 @@ impl Shared {
 
 /// Runs the server until SIGTERM or SIGINT, then drains and returns.
 pub fn run(config: ServerConfig) -> Result<(), ServerError> {
+    // A file-size limit (RLIMIT_FSIZE) must surface as an EFBIG error, which the audit log's
+    // failure policy handles, not as SIGXFSZ killing the process.
+    // SAFETY: setting a signal's disposition to "ignore" before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let limits = Arc::new(config.limits.clone());
     let store = FunctionStore::open(&config.data_dir)
         .map_err(|e| ServerError::Config(format!("cannot use data dir {}: {e}", config.data_dir.display())))?;
@@ -146,10 +156,24 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         worker::spawn(engine.clone(), store, catalog.clone(), limits.clone(), config.admin_queue_depth)
             .map_err(|e| ServerError::Runtime(format!("cannot start the catalog worker: {e}")))?;
 
+    let audit_config = Arc::new(config.audit.clone());
+    let commit_slots: Vec<Arc<CommitSlot>> = (0..shard_count).map(|_| Arc::default()).collect();
+    let audit_sync = Arc::new(Histogram::default());
+    if audit_config.dir.is_some() && audit_config.sync == AuditSync::Interval {
+        audit::spawn_group_commit(commit_slots.clone(), audit_sync.clone())
+            .map_err(|e| ServerError::Runtime(format!("cannot start the audit group commit: {e}")))?;
+    }
+    match (&audit_config.dir, audit_config.stdout) {
+        (Some(dir), _) => tracing::info!(dir = %dir.display(), stdout = audit_config.stdout, sync = ?audit_config.sync, "audit log"),
+        (None, true) => tracing::info!("audit log: stdout only"),
+        (None, false) => tracing::warn!("audit log disabled (TENSOR_WASM_API_AUDIT_LOG=none)"),
+    }
+
     let shared = Arc::new(Shared {
         shard_metrics: (0..shard_count).map(|i| Arc::new(ShardMetrics::new(i))).collect(),
         catalog,
         tokens: tokens.clone(),
+        audit_sync: audit_sync.clone(),
         shards_serving: AtomicUsize::new(0),
         draining: AtomicBool::new(false),
     });
@@ -168,6 +192,8 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
             auth: auth_config.clone(),
             tokens: tokens.clone(),
             tls: tls.clone(),
+            audit: audit_config.clone(),
+            commit: commit_slots[i].clone(),
             shared: shared.clone(),
             io_driver: config.io_driver,
             shard_count,

@@ -17,6 +17,7 @@ use wasmtime::Engine;
 use super::event::{race, Either, LocalEvent};
 use super::published::{Published, Subscription};
 use super::{cpu, Shared};
+use crate::audit::{AuditConfig, CommitSlot, ShardAudit};
 use crate::auth::{AuthConfig, ShardAuth, TokenSet};
 use crate::config::{IoDriverChoice, Limits};
 use crate::error::ApiError;
@@ -39,6 +40,8 @@ pub struct ShardInit {
     pub auth: Arc<AuthConfig>,
     pub tokens: Option<Arc<Published<TokenSet>>>,
     pub tls: Option<Arc<Published<rustls::ServerConfig>>>,
+    pub audit: Arc<AuditConfig>,
+    pub commit: Arc<CommitSlot>,
     pub shared: Arc<Shared>,
     pub io_driver: IoDriverChoice,
     pub shard_count: usize,
@@ -55,6 +58,9 @@ pub struct Shard {
     pub functions: FunctionCache,
     pub admin: AdminHandle,
     pub auth: ShardAuth,
+    pub audit: ShardAudit,
+    /// Numbers this shard's requests (`x-request-id`).
+    next_request: Cell<u64>,
     pub metrics: Arc<ShardMetrics>,
     pub shared: Arc<Shared>,
     /// Fired when the process drains: stop accepting, close idle connections.
@@ -126,6 +132,8 @@ async fn serve(init: ShardInit) {
         auth,
         tokens,
         tls,
+        audit,
+        commit,
         shared,
         shard_count,
         drain_timeout,
@@ -157,6 +165,8 @@ async fn serve(init: ShardInit) {
         functions,
         admin,
         auth: ShardAuth::new(auth, tokens, id, shard_count),
+        audit: ShardAudit::open(id, audit, shared.shard_metrics[id].clone(), commit),
+        next_request: Cell::new(0),
         shared,
         drain: LocalEvent::default(),
         all_closed: LocalEvent::default(),
@@ -212,6 +222,7 @@ async fn serve(init: ShardInit) {
     if shard.connections.get() > 0 {
         tracing::warn!(shard = id, open = shard.connections.get(), "drain timeout: closing remaining connections");
     }
+    shard.audit.close();
 }
 
 /// Completes the TLS handshake (under the header deadline), then serves the connection.
@@ -263,6 +274,16 @@ pub struct InstanceSlot<'a> {
 }
 
 impl Shard {
+    /// A request id unique in this process's life: a per-process random prefix, the shard, and
+    /// the shard's own count.
+    pub fn next_request_id(&self) -> String {
+        static PROCESS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let process = PROCESS.get_or_init(|| crate::functions::record::new_id()[..8].to_string());
+        let n = self.next_request.get() + 1;
+        self.next_request.set(n);
+        format!("{process}-{}-{n}", self.id)
+    }
+
     /// Claims an instance slot, or refuses with 503 `overloaded` when the shard's share of the
     /// instance pool is in use: a bounded pool, never a queue without end.
     pub fn acquire_instance_slot(&self) -> Result<InstanceSlot<'_>, ApiError> {

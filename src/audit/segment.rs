@@ -1,0 +1,162 @@
+//! Segment files: a shard's chain is a series of them in its own directory, named by the `seq` of
+//! their first record (`00000000000000000001.jsonl`).
+//!
+//! The active segment is preallocated (`posix_fallocate`) to its full size and mapped: an append
+//! is a copy into the mapping, which a `kill -9` cannot lose (the page cache outlives the process)
+//! and which can never fail for lack of disk, since the blocks are already reserved. Past the last
+//! record the file is zeros. A sealed segment is cut to its exact length and fsynced: a plain
+//! JSONL file.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::MmapMut;
+
+use super::record::{check_line, LineError, LineFacts};
+
+pub fn segment_name(first_seq: u64) -> String {
+    format!("{first_seq:020}.jsonl")
+}
+
+/// The segments of one chain directory, oldest first.
+pub fn list_segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut paths: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "jsonl")
+                && p.file_stem().and_then(|s| s.to_str()).is_some_and(|s| s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
+/// The segment being appended to.
+pub struct ActiveSegment {
+    pub path: PathBuf,
+    file: Arc<File>,
+    map: MmapMut,
+    len: usize,
+}
+
+impl ActiveSegment {
+    /// Creates a new segment of `capacity` bytes, all reserved on disk.
+    pub fn create(path: PathBuf, capacity: usize) -> io::Result<ActiveSegment> {
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+        Self::reserve(&file, capacity).inspect_err(|_| {
+            let _ = fs::remove_file(&path);
+        })?;
+        sync_parent(&path)?;
+        Self::map(path, file, 0)
+    }
+
+    /// Reopens an existing active segment whose valid records end at `len`, after a restart.
+    pub fn reopen(path: PathBuf, len: usize, capacity: usize) -> io::Result<ActiveSegment> {
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        // Zero whatever a torn write left past the valid end, then reserve the full size again.
+        file.set_len(len as u64)?;
+        Self::reserve(&file, capacity.max(len))?;
+        Self::map(path, file, len)
+    }
+
+    fn reserve(file: &File, capacity: usize) -> io::Result<()> {
+        // SAFETY: fallocate on an fd we own.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, capacity as libc::off_t) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(())
+    }
+
+    fn map(path: PathBuf, file: File, len: usize) -> io::Result<ActiveSegment> {
+        // SAFETY: the file is ours alone (one writer per shard directory) and stays open and at
+        // least this long while mapped; other processes only read it.
+        let map = unsafe { MmapMut::map_mut(&file)? };
+        Ok(ActiveSegment { path, file: Arc::new(file), map, len })
+    }
+
+    pub fn room(&self) -> usize {
+        self.map.len() - self.len
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The file, for the group-commit thread's fdatasync.
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone()
+    }
+
+    /// Copies `line` in. The caller has checked `room()`.
+    pub fn append(&mut self, line: &[u8]) {
+        assert!(line.len() <= self.room(), "audit segment overflow");
+        self.map[self.len..self.len + line.len()].copy_from_slice(line);
+        self.len += line.len();
+    }
+
+    /// Makes the last `n` appended bytes durable (`--audit-sync always`).
+    pub fn sync_tail(&self, n: usize) -> io::Result<()> {
+        self.map.flush_range(self.len - n, n)
+    }
+
+    /// Cuts the file to its records and fsyncs it: a plain JSONL file from now on.
+    pub fn seal(self) -> io::Result<PathBuf> {
+        let ActiveSegment { path, file, map, len } = self;
+        map.flush()?;
+        drop(map);
+        file.set_len(len as u64)?;
+        file.sync_all()?;
+        Ok(path)
+    }
+}
+
+fn sync_parent(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Where a segment's valid records end, and the last one's facts.
+#[derive(Debug)]
+pub struct Scan {
+    /// Bytes of valid records from the start.
+    pub valid_len: usize,
+    pub last: Option<LineFacts>,
+    pub records: u64,
+    /// The first invalid record, if any, at `valid_len`: zeros past the end are not one.
+    pub damage: Option<LineError>,
+}
+
+/// Reads a segment's records in order, checking each line and the chain from `prev`.
+pub fn scan(bytes: &[u8], mut prev: Option<LineFacts>) -> Scan {
+    let mut at = 0;
+    let mut records = 0;
+    while at < bytes.len() && bytes[at] != 0 {
+        let Some(end) = bytes[at..].iter().position(|b| *b == b'\n') else {
+            return Scan { valid_len: at, last: prev, records, damage: Some(LineError::Torn) };
+        };
+        let line = &bytes[at..at + end];
+        let facts = match check_line(line) {
+            Ok(f) => f,
+            Err(e) => return Scan { valid_len: at, last: prev, records, damage: Some(e) },
+        };
+        if let Some(p) = &prev {
+            if facts.prev_hash != p.hash || facts.seq != p.seq + 1 {
+                return Scan { valid_len: at, last: prev, records, damage: Some(LineError::Malformed("chain broken")) };
+            }
+        }
+        prev = Some(facts);
+        records += 1;
+        at += end + 1;
+    }
+    Scan { valid_len: at, last: prev, records, damage: None }
+}
