@@ -12,8 +12,8 @@ pub use route::Route;
 
 use crate::audit::{Actor, ActorScope, AuditEvent, AuditTicket};
 use crate::auth::{Caller, Scope};
-use crate::functions::record::is_valid_id;
 use crate::error::ApiError;
+use crate::functions::record::is_valid_id;
 use crate::http::conn::Peer;
 use crate::http::{Method, RequestHead, Response};
 use crate::server::shard::Shard;
@@ -95,7 +95,12 @@ pub struct PendingAudit {
 }
 
 impl PendingAudit {
-    pub fn into_event(self, response: &Response, latency: std::time::Duration, peer: std::net::SocketAddr) -> (AuditTicket, AuditEvent) {
+    pub fn into_event(
+        self,
+        response: &Response,
+        latency: std::time::Duration,
+        peer: std::net::SocketAddr,
+    ) -> (AuditTicket, AuditEvent) {
         let ts_unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)

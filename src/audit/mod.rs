@@ -162,7 +162,9 @@ pub fn verify(dir: &Path) -> io::Result<Result<u64, Broken>> {
 
 /// The last `n` records under `dir` (every shard, in time order), as JSON lines.
 pub fn tail(dir: &Path, n: usize) -> io::Result<Vec<String>> {
-    let mut lines: Vec<(u64, String)> = Vec::new();
+    // Sorted by (time, shard, seq): each shard's records in chain order, the shards interleaved by
+    // time.
+    let mut lines: Vec<((u64, u64, u64), String)> = Vec::new();
     for chain in chain_dirs(dir)? {
         for path in list_segments(&chain)?.iter().rev() {
             let bytes = fs::read(path)?;
@@ -170,18 +172,16 @@ pub fn tail(dir: &Path, n: usize) -> io::Result<Vec<String>> {
             let text = String::from_utf8_lossy(&bytes[..found.valid_len]);
             let before = lines.len();
             for line in text.lines().rev().take(n) {
-                let ts = serde_json::from_str::<serde_json::Value>(line)
-                    .ok()
-                    .and_then(|v| v["ts_unix_ms"].as_u64())
-                    .unwrap_or(0);
-                lines.push((ts, line.to_string()));
+                let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+                let key = |f: &str| v[f].as_u64().unwrap_or(0);
+                lines.push(((key("ts_unix_ms"), key("shard"), key("seq")), line.to_string()));
             }
             if lines.len() - before >= n {
                 break;
             }
         }
     }
-    lines.sort_by_key(|(ts, _)| *ts);
+    lines.sort_by_key(|(key, _)| *key);
     let skip = lines.len().saturating_sub(n);
     Ok(lines.into_iter().skip(skip).map(|(_, l)| l).collect())
 }

@@ -28,7 +28,10 @@ const MAX_TENANTS: usize = 32;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Actor {
     /// A bearer token; `None` when authentication failed.
-    Bearer { token_id: Option<String>, scope: ActorScope },
+    Bearer {
+        token_id: Option<String>,
+        scope: ActorScope,
+    },
     Dev,
 }
 
@@ -104,12 +107,16 @@ pub fn encode(event: &AuditEvent, shard: usize, seq: u64, prev_hash: &[u8; 32], 
     }
     let _ = write!(out, ",\"outcome\":{{\"status_code\":{},\"error_kind\":", event.status_code);
     opt_str(out, event.error_kind);
-    let _ = write!(out, "}},\"latency_us\":{},\"peer_addr\":\"{}\",\"client_cert_subject\":", event.latency_us, event.peer_addr);
+    let _ = write!(
+        out,
+        "}},\"latency_us\":{},\"peer_addr\":\"{}\",\"client_cert_subject\":",
+        event.latency_us, event.peer_addr
+    );
     let subject = event.client_cert_subject.as_deref().map(|s| truncate(s, MAX_SUBJECT));
     opt_str(out, subject);
     let _ = write!(out, ",\"shard\":{shard},\"seq\":{seq},\"prev_hash\":\"{}\"", hex(prev_hash));
     let hash: [u8; 32] = Sha256::digest(out.as_bytes()).into();
-    let _ = write!(out, ",\"hash\":\"{}\"}}\n", hex(&hash));
+    let _ = writeln!(out, ",\"hash\":\"{}\"}}", hex(&hash));
     debug_assert!(out.len() <= MAX_RECORD);
     hash
 }
@@ -177,7 +184,8 @@ pub fn check_line(line: &[u8]) -> Result<LineFacts, LineError> {
         return Err(LineError::BadHash);
     }
     let value: serde_json::Value = serde_json::from_slice(line).map_err(|_| LineError::Malformed("not JSON"))?;
-    let field = |name| value.get(name).and_then(serde_json::Value::as_u64).ok_or(LineError::Malformed("missing shard or seq"));
+    let field =
+        |name| value.get(name).and_then(serde_json::Value::as_u64).ok_or(LineError::Malformed("missing shard or seq"));
     let prev = value.get("prev_hash").and_then(|v| v.as_str()).ok_or(LineError::Malformed("missing prev_hash"))?;
     Ok(LineFacts {
         shard: field("shard")?,
@@ -195,7 +203,10 @@ mod tests {
         AuditEvent {
             ts_unix_ms: 1_795_000_000_000,
             request_id: "r-1".into(),
-            actor: Actor::Bearer { token_id: Some("0011223344556677".into()), scope: ActorScope::TenantSet(vec![7, 8]) },
+            actor: Actor::Bearer {
+                token_id: Some("0011223344556677".into()),
+                scope: ActorScope::TenantSet(vec![7, 8]),
+            },
             action: "invoke_function",
             function_id: Some("0123456789abcdef0123456789abcdef".into()),
             tenant_id: Some(7),

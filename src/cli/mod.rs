@@ -27,7 +27,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the HTTP server: one pinned shard per allowed CPU.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Read the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -433,7 +433,7 @@ where
     let argv = ["tensor-wasm".into(), "serve".into()].into_iter().chain(args.into_iter().map(Into::into));
     let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
     match cli.command {
-        Command::Serve(args) => args.into_config(),
+        Command::Serve(args) => (*args).into_config(),
         Command::Audit(_) => Err("not a serve command".into()),
     }
 }
@@ -463,7 +463,7 @@ pub fn main() -> i32 {
         Command::Audit(command) => run_audit(command),
         Command::Serve(args) => {
             crate::server::logging::init(&args.log_level);
-            let config = match args.into_config() {
+            let config = match (*args).into_config() {
                 Ok(c) => c,
                 Err(reason) => {
                     eprintln!("tensor-wasm: {reason}");

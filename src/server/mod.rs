@@ -21,9 +21,9 @@ use std::time::Duration;
 
 use crate::audit::{self, AuditSync, CommitSlot};
 use crate::auth::{self, TokenPolicy, TokenSet, TokenSource};
-use crate::metrics::Histogram;
 use crate::config::ServerConfig;
 use crate::functions::{worker, Catalog, FunctionStore};
+use crate::metrics::Histogram;
 use crate::metrics::ShardMetrics;
 use crate::tls::TlsWatcher;
 use crate::wasm::{build_engine, EpochTicker};
@@ -164,7 +164,9 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
             .map_err(|e| ServerError::Runtime(format!("cannot start the audit group commit: {e}")))?;
     }
     match (&audit_config.dir, audit_config.stdout) {
-        (Some(dir), _) => tracing::info!(dir = %dir.display(), stdout = audit_config.stdout, sync = ?audit_config.sync, "audit log"),
+        (Some(dir), _) => {
+            tracing::info!(dir = %dir.display(), stdout = audit_config.stdout, sync = ?audit_config.sync, "audit log")
+        }
         (None, true) => tracing::info!("audit log: stdout only"),
         (None, false) => tracing::warn!("audit log disabled (TENSOR_WASM_API_AUDIT_LOG=none)"),
     }
