@@ -5,6 +5,7 @@
 #
 # ROUTE: healthz | hello (invoke of the seed's hello.wasm, an empty `_start`)
 # IO_DRIVER: io-uring | epoll.  Needs wrk (apt-get install wrk) and a release build.
+# SERVER_ARGS: extra flags for the server, e.g. SERVER_ARGS="--audit-log none".
 # Prints requests/s and the server's own CPU time (utime + stime from /proc) per request.
 set -euo pipefail
 route=${1:-hello}
@@ -22,7 +23,7 @@ out=$(mktemp)
 lua=$(mktemp --suffix=.lua)
 trap 'kill "$pid" 2>/dev/null; rm -rf "$data" "$out" "$lua"' EXIT
 "$bin" serve --listen 127.0.0.1:0 --data-dir "$data" --shards "$shards" --io-driver "$driver" \
-  --log-level warn >"$out" &
+  --log-level warn ${SERVER_ARGS:-} >"$out" &
 pid=$!
 for _ in $(seq 100); do grep -q listening "$out" && break; sleep 0.05; done
 addr=$(sed -n 's/^listening on //p' "$out")

@@ -139,13 +139,14 @@ pub fn verify(dir: &Path) -> io::Result<Result<u64, Broken>> {
     for chain in chain_dirs(dir)? {
         let segments = list_segments(&chain)?;
         let mut prev = None;
-        for (i, path) in segments.iter().enumerate() {
+        for path in &segments {
             let bytes = fs::read(path)?;
             let found = scan(&bytes, prev.clone());
             total += found.records;
-            let newest = i + 1 == segments.len();
+            // Zeros past the last record are a segment not yet sealed (the active one, or one being
+            // sealed in the background), not damage.
             let zero_tail = bytes[found.valid_len..].iter().all(|b| *b == 0);
-            let damaged = found.damage.is_some() || (!zero_tail) || (!newest && found.valid_len != bytes.len());
+            let damaged = found.damage.is_some() || !zero_tail;
             if damaged {
                 let reason = match found.damage {
                     Some(d) => d.to_string(),

@@ -13,8 +13,6 @@ use std::net::SocketAddr;
 
 use sha2::{Digest, Sha256};
 
-use crate::functions::record::hex;
-
 /// The `prev_hash` of a chain's first record.
 pub const GENESIS: [u8; 32] = [0; 32];
 /// No record is longer: fields a client controls are capped so that this always holds, and a
@@ -59,9 +57,46 @@ pub struct AuditEvent {
     pub client_cert_subject: Option<String>,
 }
 
+/// A JSON string literal, escaped straight into `out` (no allocation: this runs per record).
 fn json_str(out: &mut String, s: &str) {
-    // serde_json's escaping, into our buffer.
-    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into()));
+    out.push('"');
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
+    let mut plain = 0;
+    for (i, c) in s.char_indices() {
+        let escape = match c {
+            '"' => "\\\"",
+            '\\' => "\\\\",
+            '\n' => "\\n",
+            '\r' => "\\r",
+            '\t' => "\\t",
+            c if (c as u32) < 0x20 => "",
+            _ => continue,
+        };
+        out.push_str(&s[plain..i]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        } else {
+            out.push_str(escape);
+        }
+        plain = i + c.len_utf8();
+    }
+    out.push_str(&s[plain..]);
+    out.push('"');
+}
+
+/// Lowercase hex of a 32-byte hash, straight into `out`.
+fn hex_into(out: &mut String, bytes: &[u8; 32]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = [0u8; 64];
+    for (i, b) in bytes.iter().enumerate() {
+        text[2 * i] = DIGITS[(b >> 4) as usize];
+        text[2 * i + 1] = DIGITS[(b & 15) as usize];
+    }
+    out.push_str(std::str::from_utf8(&text).unwrap_or_default());
 }
 
 fn opt_str(out: &mut String, s: Option<&str>) {
@@ -71,10 +106,35 @@ fn opt_str(out: &mut String, s: Option<&str>) {
     }
 }
 
+fn num(out: &mut String, n: u64) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
+fn addr(out: &mut String, a: &SocketAddr) {
+    match a {
+        SocketAddr::V4(v4) => {
+            let [a, b, c, d] = v4.ip().octets();
+            for (i, octet) in [a, b, c, d].into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                num(out, u64::from(octet));
+            }
+            out.push(':');
+            num(out, u64::from(v4.port()));
+        }
+        SocketAddr::V6(_) => {
+            let _ = write!(out, "{a}");
+        }
+    }
+}
+
 /// Renders `event` as a complete line (with its trailing newline) into `out`; returns its hash.
 pub fn encode(event: &AuditEvent, shard: usize, seq: u64, prev_hash: &[u8; 32], out: &mut String) -> [u8; 32] {
     out.clear();
-    let _ = write!(out, "{{\"ts_unix_ms\":{},\"request_id\":", event.ts_unix_ms);
+    out.push_str("{\"ts_unix_ms\":");
+    num(out, event.ts_unix_ms);
+    out.push_str(",\"request_id\":");
     json_str(out, &event.request_id);
     out.push_str(",\"actor\":");
     match &event.actor {
@@ -88,9 +148,13 @@ pub fn encode(event: &AuditEvent, shard: usize, seq: u64, prev_hash: &[u8; 32], 
                 ActorScope::TenantSet(tenants) => {
                     out.push_str(r#","scope":{"kind":"tenant_set","tenants":["#);
                     for (i, t) in tenants.iter().take(MAX_TENANTS).enumerate() {
-                        let _ = write!(out, "{}{t}", if i > 0 { "," } else { "" });
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        num(out, *t);
                     }
-                    let _ = write!(out, "],\"tenants_truncated\":{}}}}}", tenants.len() > MAX_TENANTS);
+                    out.push_str("],\"tenants_truncated\":");
+                    out.push_str(if tenants.len() > MAX_TENANTS { "true}}" } else { "false}}" });
                 }
             }
         }
@@ -99,24 +163,33 @@ pub fn encode(event: &AuditEvent, shard: usize, seq: u64, prev_hash: &[u8; 32], 
     json_str(out, event.action);
     out.push_str(",\"resource\":{\"function_id\":");
     opt_str(out, event.function_id.as_deref());
+    out.push_str(",\"tenant_id\":");
     match event.tenant_id {
-        Some(t) => {
-            let _ = write!(out, ",\"tenant_id\":{t}}}");
-        }
-        None => out.push_str(",\"tenant_id\":null}"),
+        Some(t) => num(out, t),
+        None => out.push_str("null"),
     }
-    let _ = write!(out, ",\"outcome\":{{\"status_code\":{},\"error_kind\":", event.status_code);
+    out.push_str("},\"outcome\":{\"status_code\":");
+    num(out, u64::from(event.status_code));
+    out.push_str(",\"error_kind\":");
     opt_str(out, event.error_kind);
-    let _ = write!(
-        out,
-        "}},\"latency_us\":{},\"peer_addr\":\"{}\",\"client_cert_subject\":",
-        event.latency_us, event.peer_addr
-    );
+    out.push_str("},\"latency_us\":");
+    num(out, event.latency_us);
+    out.push_str(",\"peer_addr\":\"");
+    addr(out, &event.peer_addr);
+    out.push_str("\",\"client_cert_subject\":");
     let subject = event.client_cert_subject.as_deref().map(|s| truncate(s, MAX_SUBJECT));
     opt_str(out, subject);
-    let _ = write!(out, ",\"shard\":{shard},\"seq\":{seq},\"prev_hash\":\"{}\"", hex(prev_hash));
+    out.push_str(",\"shard\":");
+    num(out, shard as u64);
+    out.push_str(",\"seq\":");
+    num(out, seq);
+    out.push_str(",\"prev_hash\":\"");
+    hex_into(out, prev_hash);
+    out.push('"');
     let hash: [u8; 32] = Sha256::digest(out.as_bytes()).into();
-    let _ = writeln!(out, ",\"hash\":\"{}\"}}", hex(&hash));
+    out.push_str(",\"hash\":\"");
+    hex_into(out, &hash);
+    out.push_str("\"}\n");
     debug_assert!(out.len() <= MAX_RECORD);
     hash
 }
@@ -239,6 +312,15 @@ mod tests {
         bytes[20] ^= 1;
         assert_eq!(check_line(&bytes), Err(LineError::BadHash));
         assert_eq!(check_line(&line.as_bytes()[..line.len() / 2]), Err(LineError::Torn));
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_would() {
+        for s in ["plain", "a\"b\\c", "line\nbreak\t\r", "\u{1}\u{1f}", "é✓ \u{7f}"] {
+            let mut out = String::new();
+            json_str(&mut out, s);
+            assert_eq!(serde_json::from_str::<String>(&out).unwrap(), s, "{out}");
+        }
     }
 
     #[test]

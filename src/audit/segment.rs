@@ -45,13 +45,16 @@ pub struct ActiveSegment {
 }
 
 impl ActiveSegment {
-    /// Creates a new segment of `capacity` bytes, all reserved on disk.
-    pub fn create(path: PathBuf, capacity: usize) -> io::Result<ActiveSegment> {
+    /// Creates a new segment of `capacity` bytes, all reserved on disk. With `sync_dir` the
+    /// directory entry is made durable now; otherwise the caller arranges it (see [`Sealer`]).
+    pub fn create(path: PathBuf, capacity: usize, sync_dir: bool) -> io::Result<ActiveSegment> {
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
         Self::reserve(&file, capacity).inspect_err(|_| {
             let _ = fs::remove_file(&path);
         })?;
-        sync_parent(&path)?;
+        if sync_dir {
+            sync_parent(&path)?;
+        }
         Self::map(path, file, 0)
     }
 
@@ -117,6 +120,94 @@ impl ActiveSegment {
         file.set_len(len as u64)?;
         file.sync_all()?;
         Ok(path)
+    }
+}
+
+/// Finishes the seal of a segment a crash interrupted: cuts its zero tail. Returns whether it
+/// was unsealed (its last byte a zero).
+pub fn finish_seal(path: &Path) -> io::Result<bool> {
+    let bytes = fs::read(path)?;
+    if bytes.last().is_none_or(|b| *b != 0) {
+        return Ok(false);
+    }
+    let valid = scan(&bytes, None).valid_len;
+    let file = OpenOptions::new().write(true).open(path)?;
+    file.set_len(valid as u64)?;
+    file.sync_all()?;
+    Ok(true)
+}
+
+/// Work done off the shards: sealing full segments (msync, cut, fsync) and making new segments'
+/// directory entries durable. One thread per process; its queue is bounded, and when it is full
+/// the shard does the work itself.
+pub struct Sealer {
+    tx: std::sync::mpsc::SyncSender<SealJob>,
+}
+
+enum SealJob {
+    Seal(ActiveSegment),
+    SyncDir(PathBuf),
+    /// Answered once every job before it is done.
+    Barrier(std::sync::mpsc::Sender<()>),
+}
+
+impl Sealer {
+    /// The process's sealer, started on first use.
+    pub fn get() -> Option<&'static Sealer> {
+        static SEALER: std::sync::OnceLock<Option<Sealer>> = std::sync::OnceLock::new();
+        SEALER
+            .get_or_init(|| {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<SealJob>(64);
+                let spawned = std::thread::Builder::new().name("tw-audit-seal".into()).spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        let result = match job {
+                            SealJob::Seal(segment) => segment.seal().map(|_| ()),
+                            SealJob::SyncDir(path) => sync_parent(&path),
+                            SealJob::Barrier(done) => {
+                                let _ = done.send(());
+                                Ok(())
+                            }
+                        };
+                        if let Err(e) = result {
+                            tracing::error!("audit: background seal failed: {e}");
+                        }
+                    }
+                });
+                spawned.ok().map(|_| Sealer { tx })
+            })
+            .as_ref()
+    }
+
+    /// Seals `segment` in the background, or here when the sealer is busy or absent.
+    pub fn seal(segment: ActiveSegment) -> io::Result<()> {
+        let segment = match Self::get() {
+            Some(sealer) => match sealer.tx.try_send(SealJob::Seal(segment)) {
+                Ok(()) => return Ok(()),
+                Err(std::sync::mpsc::TrySendError::Full(SealJob::Seal(s)))
+                | Err(std::sync::mpsc::TrySendError::Disconnected(SealJob::Seal(s))) => s,
+                Err(_) => return Ok(()),
+            },
+            None => segment,
+        };
+        segment.seal().map(|_| ())
+    }
+
+    /// Waits until every seal queued so far is done (at shutdown).
+    pub fn flush() {
+        if let Some(sealer) = Self::get() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            if sealer.tx.send(SealJob::Barrier(tx)).is_ok() {
+                let _ = rx.recv();
+            }
+        }
+    }
+
+    /// Makes `path`'s directory entry durable, in the background when possible.
+    pub fn sync_dir(path: PathBuf) -> io::Result<()> {
+        match Self::get().map(|s| s.tx.try_send(SealJob::SyncDir(path.clone()))) {
+            Some(Ok(())) => Ok(()),
+            _ => sync_parent(&path),
+        }
     }
 }
 

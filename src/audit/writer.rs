@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::record::{encode, AuditEvent, GENESIS, MAX_RECORD};
-use super::segment::{list_segments, scan, segment_name, ActiveSegment};
+use super::segment::{finish_seal, list_segments, scan, segment_name, ActiveSegment, Sealer};
 use super::{AuditConfig, AuditOnError, AuditSync};
 use crate::error::ApiError;
 use crate::metrics::ShardMetrics;
@@ -73,6 +73,13 @@ impl ShardAudit {
         let Some(dir) = &self.dir else { return Ok(()) };
         fs::create_dir_all(dir)?;
         let segments = list_segments(dir)?;
+        // Seals a crash interrupted (in the background sealer) are finished first.
+        for path in segments.iter().rev().skip(1) {
+            if !finish_seal(path)? {
+                break;
+            }
+            tracing::info!(shard = self.shard, file = %path.display(), "audit: finished an interrupted seal");
+        }
         let mut chain = self.chain.borrow_mut();
         // The newest segment with a record tells where the chain stands.
         for (i, path) in segments.iter().enumerate().rev() {
@@ -117,6 +124,7 @@ impl ShardAudit {
     /// anyway under `continue` (the record is then counted as lost).
     pub fn ticket(&self) -> Result<AuditTicket, ApiError> {
         if self.dir.is_none() {
+            // stdout needs no room; with no destination at all `record` does nothing.
             return Ok(AuditTicket(()));
         }
         // Room for every record promised and this one, up to what a fresh segment holds; beyond
@@ -148,11 +156,17 @@ impl ShardAudit {
         if chain.active.as_ref().is_some_and(ActiveSegment::is_empty) {
             return Ok(()); // a fresh segment already: nothing to gain
         }
-        let next = ActiveSegment::create(dir.join(segment_name(chain.seq + 1)), self.config.segment_bytes)?;
+        // Under `always` every durability step happens before the next answer; otherwise the
+        // directory entry and the old segment's seal go to the background sealer.
+        let always = self.config.sync == AuditSync::Always;
+        let path = dir.join(segment_name(chain.seq + 1));
+        let next = ActiveSegment::create(path.clone(), self.config.segment_bytes, always)?;
+        if !always {
+            Sealer::sync_dir(path)?;
+        }
         if let Some(old) = chain.active.replace(next) {
-            if old.is_empty() {
-                let _ = fs::remove_file(&old.path);
-            } else if let Err(e) = old.seal() {
+            let sealed = if always { old.seal().map(|_| ()) } else { Sealer::seal(old) };
+            if let Err(e) = sealed {
                 tracing::error!(shard = self.shard, "audit: cannot seal a segment: {e}");
             }
         }
@@ -189,7 +203,12 @@ impl ShardAudit {
     /// Appends the record of a request whose ticket was taken, before its response is sent.
     pub fn record(&self, ticket: AuditTicket, event: &AuditEvent) {
         let AuditTicket(()) = ticket;
-        self.outstanding.set(self.outstanding.get().saturating_sub(1));
+        if !self.config.enabled() {
+            return;
+        }
+        if self.dir.is_some() {
+            self.outstanding.set(self.outstanding.get().saturating_sub(1));
+        }
         let mut line = self.line.borrow_mut();
         let (seq, prev_hash) = {
             let chain = self.chain.borrow();
@@ -225,7 +244,13 @@ impl ShardAudit {
                         return;
                     }
                 }
-                AuditSync::Interval => self.commit.dirty.store(true, std::sync::atomic::Ordering::Release),
+                AuditSync::Interval => {
+                    // Stored only when clear: the shared line is written once per commit interval,
+                    // not once per record.
+                    if !self.commit.dirty.load(std::sync::atomic::Ordering::Relaxed) {
+                        self.commit.dirty.store(true, std::sync::atomic::Ordering::Release);
+                    }
+                }
                 AuditSync::None => {}
             }
         }

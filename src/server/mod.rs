@@ -246,6 +246,8 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
             tracing::error!(shard = i, "shard thread panicked");
         }
     }
+    // Segments handed to the background sealer are cut and fsynced before the process exits.
+    audit::segment::Sealer::flush();
     drop(ticker);
     drop(worker_thread);
     match failure {

@@ -1,0 +1,105 @@
+//! Audit append speed on one shard: `ShardAudit::ticket` + `record` (format, SHA-256, chain, copy
+//! into the mapped segment), as the request path does it.
+//!
+//! `cargo bench -p tensor-wasm-bench --bench audit_append`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tensor_wasm::audit::{Actor, ActorScope, AuditConfig, AuditEvent, AuditOnError, AuditSync, CommitSlot, ShardAudit};
+use tensor_wasm::metrics::ShardMetrics;
+use tensor_wasm_bench::{histogram, pin_like_a_shard, record, row, TABLE_HEAD};
+
+const WARMUP: usize = 100_000;
+
+fn event(i: u64) -> AuditEvent {
+    AuditEvent {
+        ts_unix_ms: 1_795_000_000_000 + i / 1000,
+        request_id: format!("e8f6b952-0-{i}"),
+        actor: Actor::Bearer { token_id: Some("0011223344556677".into()), scope: ActorScope::TenantSet(vec![7]) },
+        action: "invoke_function",
+        function_id: Some("69b9b105b8603c223d1da105b67830b0".into()),
+        tenant_id: Some(7),
+        status_code: 200,
+        error_kind: None,
+        latency_us: 9,
+        peer_addr: "127.0.0.1:47436".parse().unwrap(),
+        client_cert_subject: None,
+    }
+}
+
+/// Latency per append (each timed) and, separately, throughput (`rounds` appends timed as a
+/// whole, with no clock read inside the loop).
+fn run(sync: AuditSync, rounds: usize) -> (hdrhistogram::Histogram<u64>, Duration, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Arc::new(AuditConfig {
+        dir: Some(dir.path().to_path_buf()),
+        stdout: false,
+        segment_bytes: 64 * 1024 * 1024,
+        retain_segments: Some(2),
+        retain_bytes: None,
+        sync,
+        on_error: AuditOnError::Reject,
+    });
+    let metrics = Arc::new(ShardMetrics::new(0));
+    let audit = ShardAudit::open(0, config, metrics.clone(), Arc::new(CommitSlot::default()));
+    let events: Vec<AuditEvent> = (0..1024).map(event).collect();
+    let mut h = histogram();
+    let mut measured_from = Instant::now();
+    for i in 0..WARMUP.min(rounds) + rounds {
+        if i == WARMUP.min(rounds) {
+            measured_from = Instant::now();
+        }
+        let t = Instant::now();
+        let ticket = audit.ticket().expect("writable");
+        audit.record(ticket, &events[i % events.len()]);
+        if i >= WARMUP.min(rounds) {
+            record(&mut h, t.elapsed());
+        }
+    }
+    let _ = measured_from;
+    let bytes = metrics.audit_bytes.get();
+    let started = Instant::now();
+    for i in 0..rounds {
+        let ticket = audit.ticket().expect("writable");
+        audit.record(ticket, &events[i % events.len()]);
+    }
+    let elapsed = started.elapsed();
+    audit.close();
+    (h, elapsed, bytes)
+}
+
+/// The record's formatting and hashing alone, no file.
+fn encode_only(rounds: usize) -> hdrhistogram::Histogram<u64> {
+    let events: Vec<AuditEvent> = (0..1024).map(event).collect();
+    let mut line = String::with_capacity(1024);
+    let mut prev = [0u8; 32];
+    let mut h = histogram();
+    for i in 0..rounds {
+        let t = Instant::now();
+        prev = tensor_wasm::audit::record::encode(&events[i % events.len()], 0, i as u64 + 1, &prev, &mut line);
+        record(&mut h, t.elapsed());
+    }
+    h
+}
+
+fn main() {
+    pin_like_a_shard();
+    println!("{TABLE_HEAD}");
+    println!("{}", row("encode only (format + SHA-256)", &encode_only(1_000_000)));
+    for (name, sync, rounds) in [
+        ("append, sync interval", AuditSync::Interval, 2_000_000),
+        ("append, sync none", AuditSync::None, 2_000_000),
+        ("append, sync always", AuditSync::Always, 2_000),
+    ] {
+        let (h, elapsed, bytes) = run(sync, rounds);
+        println!("{}", row(name, &h));
+        let per_record = bytes / (rounds + WARMUP.min(rounds)) as u64;
+        let per_second = rounds as f64 / elapsed.as_secs_f64();
+        eprintln!(
+            "{name}: {:.2} M records/s, {:.0} MB/s, {per_record} bytes per record",
+            per_second / 1e6,
+            per_second * per_record as f64 / 1e6
+        );
+    }
+}
