@@ -53,6 +53,8 @@ impl TlsStream {
     async fn read_tls(&mut self) -> io::Result<usize> {
         let mut buf = std::mem::take(&mut self.incoming);
         buf.clear();
+        // A cancelled read (a deadline) takes its buffer with it: make sure there is room again.
+        buf.reserve(RECORD_READ);
         let (res, slice) = self.io.read(buf.slice_mut(0..RECORD_READ)).await;
         self.incoming = slice.into_inner();
         let n = res?;
