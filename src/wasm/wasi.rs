@@ -137,15 +137,18 @@ fn errno(ok: bool) -> i32 {
     }
 }
 
-/// The (ptr, len) pairs of an iovec array, bounds-checked.
-fn iovecs(mem: &[u8], iovs: i32, count: i32) -> Option<Vec<(u32, u32)>> {
-    let base = iovs as u32;
-    (0..count as u32)
-        .map(|i| {
-            let at = base.checked_add(i.checked_mul(8)?)?;
-            Some((read_u32(mem, at)?, read_u32(mem, at.checked_add(4)?)?))
-        })
-        .collect()
+/// The number of entries of an iovec array, if the whole array lies inside guest memory. Checked
+/// up front, so that a bad array fails before anything is read or written; no allocation, as
+/// this runs on every fd_read and fd_write.
+fn iovec_count(mem: &[u8], iovs: i32, count: i32) -> Option<u32> {
+    let count = count as u32;
+    slice(mem, iovs, count.checked_mul(8)?).map(|_| count)
+}
+
+/// Entry `i` (ptr, len) of an iovec array checked by [`iovec_count`].
+fn iovec(mem: &[u8], iovs: i32, i: u32) -> Option<(u32, u32)> {
+    let at = (iovs as u32).checked_add(i.checked_mul(8)?)?;
+    Some((read_u32(mem, at)?, read_u32(mem, at.checked_add(4)?)?))
 }
 
 /// Writes a list of NUL-terminated strings as WASI's `*_get` calls lay them out.
@@ -240,11 +243,12 @@ pub fn add_to_linker(linker: &mut Linker<GuestState>, engine: &Engine) -> wasmti
             return Ok(EBADF);
         }
         let (mem, st) = memory(&mut c)?;
-        let Some(vecs) = iovecs(mem, iovs, count) else {
+        let Some(entries) = iovec_count(mem, iovs, count) else {
             return Ok(EFAULT);
         };
         let mut total = 0u32;
-        for (ptr, len) in vecs {
+        for i in 0..entries {
+            let Some((ptr, len)) = iovec(mem, iovs, i) else { return Ok(EFAULT) };
             let rest = &st.stdin[st.stdin_pos..];
             let n = rest.len().min(len as usize);
             let Some(dst) = slice_mut(mem, ptr as i32, n as u32) else {
@@ -264,13 +268,14 @@ pub fn add_to_linker(linker: &mut Linker<GuestState>, engine: &Engine) -> wasmti
             return Ok(EBADF);
         }
         let (mem, st) = memory(&mut c)?;
-        let Some(vecs) = iovecs(mem, iovs, count) else {
+        let Some(entries) = iovec_count(mem, iovs, count) else {
             return Ok(EFAULT);
         };
         let mut total = 0u32;
         // Every buffer is written, not just the first (preview-1 allows short writes; guests that
         // loop on them still work, and those that don't lose nothing).
-        for (ptr, len) in vecs {
+        for i in 0..entries {
+            let Some((ptr, len)) = iovec(mem, iovs, i) else { return Ok(EFAULT) };
             let Some(data) = slice(mem, ptr as i32, len) else {
                 return Ok(EFAULT);
             };
