@@ -45,8 +45,8 @@ impl FunctionCache {
         let (generation, functions) = catalog.snapshot();
         let mut old = self.map.take();
         let mut map = HashMap::with_capacity(functions.len());
-        for deployed in functions {
-            let id = deployed.record.id.clone();
+        for (id, deployed) in functions.iter() {
+            let (id, deployed) = (id.clone(), deployed.clone());
             if let Some(kept) = old.remove(&id).filter(|f| Arc::ptr_eq(&f.deployed, &deployed)) {
                 map.insert(id, kept);
                 continue;

@@ -1,10 +1,11 @@
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use wasmtime::Module;
 
 use super::FunctionRecord;
+use crate::server::published::Published;
 use crate::wasm::WasiArgs;
 
 /// A live function: its record and its compiled module, shared by every shard.
@@ -21,35 +22,47 @@ impl DeployedFunction {
     }
 }
 
+/// Live functions by id.
+pub type FunctionMap = BTreeMap<String, Arc<DeployedFunction>>;
+
 /// The authoritative set of live functions: the one piece of function state shared across shards.
 ///
-/// The worker writes it; a shard reads `generation` (an atomic load, no write) on each function
-/// request and copies the map into its own cache only when the generation moved. A deploy or delete
-/// is acknowledged only after the generation moved, so the next request on any shard sees it.
-#[derive(Default)]
+/// It is a [`Published`] map. Only the catalog worker writes it, copy-on-write, so a deploy or
+/// delete replaces the whole map. A shard compares the generation (an atomic load, no write) on
+/// each function request and copies the map into its own cache only when it moved. A deploy or
+/// delete is acknowledged only after the new map is published, so the next request on any shard
+/// sees it.
 pub struct Catalog {
-    functions: RwLock<BTreeMap<String, Arc<DeployedFunction>>>,
-    generation: AtomicU64,
+    functions: Published<FunctionMap>,
     loaded: AtomicBool,
+}
+
+impl Default for Catalog {
+    fn default() -> Self {
+        Catalog { functions: Published::new(FunctionMap::new()), loaded: AtomicBool::new(false) }
+    }
 }
 
 impl Catalog {
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        self.functions.generation()
     }
 
     /// The current generation and every live function.
-    pub fn snapshot(&self) -> (u64, Vec<Arc<DeployedFunction>>) {
-        let map = self.functions.read().unwrap_or_else(|p| p.into_inner());
-        (self.generation(), map.values().cloned().collect())
+    pub fn snapshot(&self) -> (u64, Arc<FunctionMap>) {
+        self.functions.load()
+    }
+
+    fn current(&self) -> Arc<FunctionMap> {
+        self.functions.load().1
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<DeployedFunction>> {
-        self.functions.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+        self.current().get(id).cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.functions.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.current().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -59,22 +72,23 @@ impl Catalog {
     /// A compiled module with this digest, if some live function has it: deploying the same bytes
     /// twice compiles once.
     pub fn module_with_digest(&self, digest: &str) -> Option<Module> {
-        let map = self.functions.read().unwrap_or_else(|p| p.into_inner());
-        map.values().find(|f| f.record.digest == digest).map(|f| f.module.clone())
+        self.current().values().find(|f| f.record.digest == digest).map(|f| f.module.clone())
     }
 
+    /// Adds functions. The catalog worker's alone: writes are not serialised with each other.
     pub fn insert_all(&self, functions: impl IntoIterator<Item = DeployedFunction>) {
-        let mut map = self.functions.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = FunctionMap::clone(&self.current());
         for f in functions {
             map.insert(f.record.id.clone(), Arc::new(f));
         }
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.functions.publish(map);
     }
 
+    /// Removes a function. The catalog worker's alone, as `insert_all`.
     pub fn remove(&self, id: &str) -> Option<Arc<DeployedFunction>> {
-        let mut map = self.functions.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = FunctionMap::clone(&self.current());
         let removed = map.remove(id);
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.functions.publish(map);
         removed
     }
 
