@@ -1,0 +1,422 @@
+//! The CUDA back-end, through cudarc with dynamic loading: the binary builds and starts where no
+//! CUDA is installed, and this module is only entered after probing for the driver library,
+//! because cudarc panics on first use when it is missing.
+//!
+//! Element-wise kernels, softmax and sum are compiled with NVRTC at start-up for the device's own
+//! architecture; matmul goes through cuBLAS. Each request runs on one of the device's streams
+//! (an idle one first), and an event recorded after it tells the worker when it finished, so
+//! requests of different invocations overlap on the device.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+
+use super::{shape_of, staging, Backend, BackendKind, Finished, Submitted};
+use crate::record::{status, Op, Request};
+
+/// The kernels, in CUDA C. Public so that benchmarks launch exactly these.
+pub const KERNEL_SOURCE: &str = r#"
+extern "C" __global__ void tw_add(const float* a, const float* b, float* out, unsigned n) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = a[i] + b[i];
+}
+extern "C" __global__ void tw_mul(const float* a, const float* b, float* out, unsigned n) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = a[i] * b[i];
+}
+extern "C" __global__ void tw_scale(const float* a, float s, float* out, unsigned n) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = a[i] * s;
+}
+extern "C" __global__ void tw_relu(const float* a, float* out, unsigned n) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = fmaxf(a[i], 0.0f);
+}
+// One block of 256 threads per row.
+extern "C" __global__ void tw_softmax(const float* x, float* out, unsigned rows, unsigned cols) {
+    __shared__ float buf[256];
+    unsigned r = blockIdx.x;
+    if (r >= rows) return;
+    const float* row = x + (size_t)r * cols;
+    float* o = out + (size_t)r * cols;
+    float m = -INFINITY;
+    for (unsigned c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, row[c]);
+    buf[threadIdx.x] = m;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) buf[threadIdx.x] = fmaxf(buf[threadIdx.x], buf[threadIdx.x + s]);
+        __syncthreads();
+    }
+    m = buf[0];
+    __syncthreads();
+    float sum = 0.0f;
+    for (unsigned c = threadIdx.x; c < cols; c += blockDim.x) sum += expf(row[c] - m);
+    buf[threadIdx.x] = sum;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) buf[threadIdx.x] += buf[threadIdx.x + s];
+        __syncthreads();
+    }
+    sum = buf[0];
+    for (unsigned c = threadIdx.x; c < cols; c += blockDim.x) o[c] = expf(row[c] - m) / sum;
+}
+// One block of 1024 threads, accumulating in double like the host back-end.
+extern "C" __global__ void tw_sum(const float* x, float* out, unsigned n) {
+    __shared__ double buf[1024];
+    double acc = 0.0;
+    for (unsigned i = threadIdx.x; i < n; i += blockDim.x) acc += x[i];
+    buf[threadIdx.x] = acc;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) buf[threadIdx.x] += buf[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[0] = (float)buf[0];
+}
+// The device's FP32 peak, for benchmarks: eight independent FMA chains per thread.
+extern "C" __global__ void tw_fma_peak(float* out, unsigned iters) {
+    float a0 = threadIdx.x, a1 = a0 + 1, a2 = a0 + 2, a3 = a0 + 3, a4 = a0 + 4, a5 = a0 + 5, a6 = a0 + 6, a7 = a0 + 7;
+    const float m = 0.999999f, c = 1e-7f;
+    for (unsigned i = 0; i < iters; i++) {
+        a0 = fmaf(a0, m, c); a1 = fmaf(a1, m, c); a2 = fmaf(a2, m, c); a3 = fmaf(a3, m, c);
+        a4 = fmaf(a4, m, c); a5 = fmaf(a5, m, c); a6 = fmaf(a6, m, c); a7 = fmaf(a7, m, c);
+    }
+    float r = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7;
+    if (r == 12345.678f) out[0] = r;
+}
+"#;
+
+/// Whether the NVIDIA driver library can be loaded. Never touch cudarc's driver API without it.
+pub fn driver_present() -> bool {
+    // SAFETY: probing tries `dlopen` on the library's names and nothing more.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Compiles [`KERNEL_SOURCE`] for the context's device.
+pub fn compile(ctx: &Arc<CudaContext>) -> Result<Arc<cudarc::driver::CudaModule>, String> {
+    // SAFETY: as above, a probe.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err("libnvrtc was not found: install the CUDA toolkit's NVRTC".into());
+    }
+    let (major, minor) = ctx.compute_capability().map_err(|e| format!("compute capability: {e}"))?;
+    let opts = cudarc::nvrtc::CompileOptions {
+        options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| format!("NVRTC: {e:?}"))?;
+    ctx.load_module(ptx).map_err(|e| format!("loading the kernels: {e}"))
+}
+
+/// Opens every visible device (CUDA_VISIBLE_DEVICES applies, as the driver reads it).
+pub fn open_all(streams: usize) -> Result<Vec<Box<dyn Backend>>, String> {
+    if !driver_present() {
+        return Err("libcuda was not found: no NVIDIA driver on this host".into());
+    }
+    // SAFETY: as above.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err("libcublas was not found: install the CUDA toolkit's cuBLAS".into());
+    }
+    let count = CudaContext::device_count().map_err(|e| format!("cuInit or device count: {e}"))?;
+    if count <= 0 {
+        return Err("the driver sees no CUDA device (check CUDA_VISIBLE_DEVICES)".into());
+    }
+    (0..count as usize)
+        .map(|ordinal| CudaBackend::open(ordinal, streams).map(|b| Box::new(b) as Box<dyn Backend>))
+        .collect()
+}
+
+struct Kernels {
+    add: CudaFunction,
+    mul: CudaFunction,
+    scale: CudaFunction,
+    relu: CudaFunction,
+    softmax: CudaFunction,
+    sum: CudaFunction,
+}
+
+struct Lane {
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    /// Requests on this stream not yet reported.
+    pending: usize,
+}
+
+struct InFlight {
+    req: Request,
+    started: Instant,
+    lane: usize,
+    event: CudaEvent,
+}
+
+pub struct CudaBackend {
+    ordinal: usize,
+    name: String,
+    ctx: Arc<CudaContext>,
+    lanes: Vec<Lane>,
+    next_lane: usize,
+    kernels: Kernels,
+    tensors: HashMap<u64, CudaSlice<f32>>,
+    sessions: HashMap<u64, Vec<u64>>,
+    in_flight: Vec<InFlight>,
+    spare_events: Vec<CudaEvent>,
+    used_bytes: u64,
+}
+
+impl CudaBackend {
+    pub fn open(ordinal: usize, streams: usize) -> Result<CudaBackend, String> {
+        let ctx = CudaContext::new(ordinal).map_err(|e| format!("device {ordinal}: {e}"))?;
+        // Ordering is ours: a guest waits for every request before its next one, and frees wait
+        // for the requests that use the tensor. cudarc's per-buffer events would only add cost.
+        // SAFETY: no buffer is shared between streams while a request on another is in flight.
+        unsafe { ctx.disable_event_tracking() };
+        let name = ctx.name().unwrap_or_else(|_| "unknown".into());
+        let module = compile(&ctx)?;
+        let f = |n: &str| module.load_function(n).map_err(|e| format!("kernel {n}: {e}"));
+        let kernels = Kernels {
+            add: f("tw_add")?,
+            mul: f("tw_mul")?,
+            scale: f("tw_scale")?,
+            relu: f("tw_relu")?,
+            softmax: f("tw_softmax")?,
+            sum: f("tw_sum")?,
+        };
+        let lanes = (0..streams.max(1))
+            .map(|_| {
+                let stream = ctx.new_stream().map_err(|e| format!("stream: {e}"))?;
+                let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS: {e:?}"))?;
+                Ok(Lane { stream, blas, pending: 0 })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(CudaBackend {
+            ordinal,
+            name,
+            ctx,
+            lanes,
+            next_lane: 0,
+            kernels,
+            tensors: HashMap::new(),
+            sessions: HashMap::new(),
+            in_flight: Vec::new(),
+            spare_events: Vec::new(),
+            used_bytes: 0,
+        })
+    }
+
+    /// An idle stream if there is one, else the next in turn.
+    fn pick_lane(&mut self) -> usize {
+        if let Some(i) = self.lanes.iter().position(|l| l.pending == 0) {
+            return i;
+        }
+        self.next_lane = (self.next_lane + 1) % self.lanes.len();
+        self.next_lane
+    }
+
+    /// Waits for in-flight requests that touch tensor `id` (or any tensor of `session`), so that a
+    /// free never races a kernel. Only an invocation that was cut off mid-request gets here with
+    /// work in flight.
+    fn settle(&mut self, matches: impl Fn(&Request) -> bool) {
+        for f in self.in_flight.iter().filter(|f| matches(&f.req)) {
+            let _ = f.event.synchronize();
+        }
+    }
+
+    fn drop_tensor(&mut self, id: u64) {
+        if let Some(buf) = self.tensors.remove(&id) {
+            self.used_bytes -= buf.num_bytes() as u64;
+        }
+    }
+
+    fn operand(&self, id: u64, len: usize) -> Result<&CudaSlice<f32>, i32> {
+        let t = self.tensors.get(&id).ok_or(status::BAD_HANDLE)?;
+        if t.len() != len {
+            return Err(status::SHAPE_MISMATCH);
+        }
+        Ok(t)
+    }
+
+    /// Enqueues `req` on `lane`. Returns the tensor it creates, if any.
+    fn enqueue(&mut self, op: Op, req: &Request, lane: usize) -> Result<Option<CudaSlice<f32>>, i32> {
+        let stream = self.lanes[lane].stream.clone();
+        let dev = |_| status::DEVICE_ERROR;
+        match op {
+            Op::Upload => {
+                // SAFETY: the ticket owns the staging buffer until this request completes. A copy
+                // from pageable memory returns once the data is staged, and we complete later.
+                let src = unsafe { staging(req) };
+                stream.clone_htod(&*src).map(Some).map_err(dev)
+            }
+            Op::Download => {
+                let t = self.tensors.get(&req.a).ok_or(status::BAD_HANDLE)?;
+                // SAFETY: as above.
+                let dst = unsafe { staging(req) };
+                if dst.len() != t.len() {
+                    return Err(status::BUFFER_TOO_SMALL);
+                }
+                stream.memcpy_dtoh(t, dst).map(|_| None).map_err(dev)
+            }
+            Op::Free | Op::Release => Err(status::INVALID_ARGUMENT),
+            kernel => {
+                let shape = shape_of(kernel, req)?;
+                let a = self.operand(req.a, shape.a)?;
+                // SAFETY: every element of `out` is written by the kernel below before anyone
+                // reads it (the tests poison and check this).
+                let mut out = unsafe { stream.alloc::<f32>(shape.out) }.map_err(dev)?;
+                let n = req.dims[0];
+                let k = &self.kernels;
+                // SAFETY (all launches): arguments match the kernels' signatures in KERNEL_SOURCE,
+                // and the buffers have the element counts checked by `shape_of`.
+                let launched = unsafe {
+                    match kernel {
+                        Op::Add | Op::Mul => {
+                            let b = self.operand(req.b, shape.b)?;
+                            let f = if kernel == Op::Add { &k.add } else { &k.mul };
+                            stream.launch_builder(f).arg(a).arg(b).arg(&mut out).arg(&n).launch(elementwise(n))
+                        }
+                        Op::Scale => stream
+                            .launch_builder(&k.scale)
+                            .arg(a)
+                            .arg(&req.scalar)
+                            .arg(&mut out)
+                            .arg(&n)
+                            .launch(elementwise(n)),
+                        Op::Relu => stream.launch_builder(&k.relu).arg(a).arg(&mut out).arg(&n).launch(elementwise(n)),
+                        Op::Softmax => {
+                            let (rows, cols) = (req.dims[0], req.dims[1]);
+                            let cfg =
+                                LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                            stream.launch_builder(&k.softmax).arg(a).arg(&mut out).arg(&rows).arg(&cols).launch(cfg)
+                        }
+                        Op::Sum => {
+                            let cfg =
+                                LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+                            stream.launch_builder(&k.sum).arg(a).arg(&mut out).arg(&n).launch(cfg)
+                        }
+                        Op::Matmul => {
+                            let b = self.operand(req.b, shape.b)?;
+                            let [m, kk, nn] = req.dims.map(|d| d as i32);
+                            // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: swap the operands.
+                            let cfg = GemmConfig {
+                                transa: cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+                                transb: cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+                                m: nn,
+                                n: m,
+                                k: kk,
+                                alpha: 1.0f32,
+                                lda: nn,
+                                ldb: kk,
+                                beta: 0.0f32,
+                                ldc: nn,
+                            };
+                            return self.lanes[lane]
+                                .blas
+                                .gemm(cfg, b, a, &mut out)
+                                .map(|_| Some(out))
+                                .map_err(|_| status::DEVICE_ERROR);
+                        }
+                        _ => return Err(status::INVALID_ARGUMENT),
+                    }
+                };
+                launched.map(|_| Some(out)).map_err(dev)
+            }
+        }
+    }
+
+    fn event(&mut self) -> Result<CudaEvent, i32> {
+        match self.spare_events.pop() {
+            Some(e) => Ok(e),
+            None => self.ctx.new_event(None).map_err(|_| status::DEVICE_ERROR),
+        }
+    }
+
+    fn start(&mut self, req: &Request, started: Instant) -> Result<Submitted, i32> {
+        let op = Op::from_u8(req.op).ok_or(status::INVALID_ARGUMENT)?;
+        match op {
+            Op::Free => {
+                let id = req.a;
+                self.settle(|r| r.a == id || r.b == id || r.out == id);
+                self.drop_tensor(id);
+                return Ok(Submitted::Done(status::OK));
+            }
+            Op::Release => {
+                let session = req.session;
+                self.settle(|r| r.session == session);
+                for id in self.sessions.remove(&session).unwrap_or_default() {
+                    self.drop_tensor(id);
+                }
+                return Ok(Submitted::Done(status::OK));
+            }
+            _ => {}
+        }
+        if (op == Op::Upload || op.is_kernel()) && self.tensors.contains_key(&req.out) {
+            return Err(status::INVALID_ARGUMENT);
+        }
+        let lane = self.pick_lane();
+        let event = self.event()?;
+        let created = self.enqueue(op, req, lane)?;
+        if let Err(_e) = event.record(&self.lanes[lane].stream) {
+            self.spare_events.push(event);
+            return Err(status::DEVICE_ERROR);
+        }
+        if let Some(buf) = created {
+            self.used_bytes += buf.num_bytes() as u64;
+            self.tensors.insert(req.out, buf);
+            self.sessions.entry(req.session).or_default().push(req.out);
+        }
+        self.lanes[lane].pending += 1;
+        self.in_flight.push(InFlight { req: *req, started, lane, event });
+        Ok(Submitted::InFlight)
+    }
+}
+
+fn elementwise(n: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (n.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+impl Backend for CudaBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cuda
+    }
+
+    fn describe(&self) -> String {
+        format!("cuda:{} {}", self.ordinal, self.name)
+    }
+
+    fn submit(&mut self, req: &Request, started: Instant) -> Submitted {
+        match self.start(req, started) {
+            Ok(s) => s,
+            Err(code) => Submitted::Done(code),
+        }
+    }
+
+    fn poll(&mut self, finished: &mut Vec<Finished>) {
+        let mut i = 0;
+        while i < self.in_flight.len() {
+            let status = match self.in_flight[i].event.try_is_complete() {
+                Ok(false) => {
+                    i += 1;
+                    continue;
+                }
+                Ok(true) => status::OK,
+                Err(_) => status::DEVICE_ERROR,
+            };
+            let f = self.in_flight.swap_remove(i);
+            self.lanes[f.lane].pending -= 1;
+            if status != status::OK {
+                self.drop_tensor(f.req.out);
+            }
+            self.spare_events.push(f.event);
+            finished.push(Finished { req: f.req, status, started: f.started });
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    fn memory_used(&self) -> u64 {
+        self.used_bytes
+    }
+}

@@ -1,0 +1,303 @@
+//! The dispatcher: every device's worker and rings, every shard's port, the tenant quotas. Built
+//! once at start-up and shared by the shards through an `Arc`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::thread::{JoinHandle, Thread};
+use std::time::Duration;
+
+use crossbeam_queue::ArrayQueue;
+
+use crate::backend::{cuda, host::HostBackend, Backend, BackendKind};
+use crate::port::{ShardPort, UNTRACKED};
+use crate::quota::Quotas;
+use crate::record::{Op, Request};
+use crate::worker;
+
+/// Which back-end to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// CUDA when a device is present, else the host back-end.
+    Auto,
+    /// CUDA, or start-up fails.
+    Cuda,
+    /// The host back-end.
+    Host,
+}
+
+/// Every limit of the dispatch path.
+#[derive(Clone, Debug)]
+pub struct DispatchConfig {
+    pub backend: BackendChoice,
+    /// Host "devices" (workers) when the host back-end runs.
+    pub host_devices: usize,
+    /// Shards that submit: one ring per shard and device.
+    pub shards: usize,
+    /// Requests each shard-to-device ring holds. Full: the guest waits, then gets `busy`.
+    pub ring_depth: usize,
+    /// CUDA streams per device.
+    pub streams_per_device: usize,
+    /// Requests one shard may have in flight (its ticket table).
+    pub max_tickets_per_shard: usize,
+    /// How long a waiting guest spins before it parks its task.
+    pub guest_spin: Duration,
+    /// How long an idle worker spins before it sleeps.
+    pub worker_spin: Duration,
+    /// Device memory a tenant may hold, over all devices.
+    pub tenant_quota_bytes: u64,
+    /// Tensors one invocation may hold at once.
+    pub max_tensors_per_session: usize,
+    /// Elements one tensor may have.
+    pub max_tensor_elements: u64,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            backend: BackendChoice::Auto,
+            host_devices: 1,
+            shards: 1,
+            ring_depth: 256,
+            streams_per_device: 4,
+            max_tickets_per_shard: 4096,
+            guest_spin: Duration::from_micros(20),
+            worker_spin: Duration::from_micros(50),
+            tenant_quota_bytes: 1 << 30,
+            max_tensors_per_session: 1024,
+            max_tensor_elements: 64 << 20,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum DispatchError {
+    /// `--gpu cuda` where no CUDA device can be used; the reason.
+    CudaUnavailable(String),
+    Config(String),
+    Spawn(std::io::Error),
+}
+
+impl std::fmt::Display for DispatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DispatchError::CudaUnavailable(why) => write!(f, "CUDA is not available: {why}"),
+            DispatchError::Config(why) => write!(f, "invalid dispatch configuration: {why}"),
+            DispatchError::Spawn(e) => write!(f, "cannot start a device worker: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DispatchError {}
+
+/// One device as the shards see it.
+pub struct Device {
+    pub index: usize,
+    pub kind: BackendKind,
+    pub name: String,
+    /// One ring per shard: each has a single producer, its shard.
+    pub(crate) rings: Box<[ArrayQueue<Request>]>,
+    /// Requests pushed and not yet completed; the placement policy reads it.
+    pub(crate) in_flight: AtomicU64,
+    pub(crate) memory_used: AtomicU64,
+    pub(crate) sleeping: AtomicBool,
+    pub(crate) thread: OnceLock<Thread>,
+}
+
+impl Device {
+    /// Free places in `shard`'s ring to this device.
+    pub fn permits(&self, shard: usize) -> usize {
+        let ring = &self.rings[shard];
+        ring.capacity() - ring.len()
+    }
+
+    pub fn memory_used(&self) -> u64 {
+        self.memory_used.load(Ordering::Relaxed)
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn wake(&self) {
+        // Pairs with the worker's fence between announcing sleep and re-checking the rings: either
+        // it sees this request, or this sees it sleeping.
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::Relaxed) && self.sleeping.swap(false, Ordering::AcqRel) {
+            if let Some(t) = self.thread.get() {
+                t.unpark();
+            }
+        }
+    }
+}
+
+pub struct Dispatcher {
+    pub config: DispatchConfig,
+    pub devices: Box<[Device]>,
+    pub(crate) ports: Box<[Arc<ShardPort>]>,
+    pub quotas: Quotas,
+    /// Requests that found their ring full when nobody could wait: frees and releases. The shard's
+    /// poller retries them; bounded by the tickets and sessions a shard can have.
+    deferred: Box<[Mutex<Vec<(usize, Request)>>]>,
+    pub(crate) stop: AtomicBool,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Dispatcher {
+    /// Opens the back-ends and starts one worker per device.
+    pub fn start(config: DispatchConfig) -> Result<Arc<Dispatcher>, DispatchError> {
+        if config.shards == 0 || config.ring_depth == 0 || config.streams_per_device == 0 {
+            return Err(DispatchError::Config("shards, ring depth and streams must be at least 1".into()));
+        }
+        let backends: Vec<Box<dyn Backend>> = match config.backend {
+            BackendChoice::Host => host_backends(config.host_devices),
+            BackendChoice::Cuda => cuda::open_all(config.streams_per_device).map_err(DispatchError::CudaUnavailable)?,
+            BackendChoice::Auto => match cuda::open_all(config.streams_per_device) {
+                Ok(devices) => devices,
+                Err(_) => host_backends(config.host_devices),
+            },
+        };
+        if backends.is_empty() {
+            return Err(DispatchError::Config("no device to dispatch to".into()));
+        }
+        let shards = config.shards;
+        // A worker never drops a completion: when the ring is full it keeps it and retries. The
+        // depth covers every request a shard can have in flight, so that rarely happens.
+        let completion_depth = (config.ring_depth * backends.len()).max(config.max_tickets_per_shard) + 64;
+        let devices = backends
+            .iter()
+            .enumerate()
+            .map(|(index, b)| Device {
+                index,
+                kind: b.kind(),
+                name: b.describe(),
+                rings: (0..shards).map(|_| ArrayQueue::new(config.ring_depth)).collect(),
+                in_flight: AtomicU64::new(0),
+                memory_used: AtomicU64::new(0),
+                sleeping: AtomicBool::new(false),
+                thread: OnceLock::new(),
+            })
+            .collect();
+        let dispatcher = Arc::new(Dispatcher {
+            ports: (0..shards)
+                .map(|s| Arc::new(ShardPort::new(s, completion_depth, config.max_tickets_per_shard)))
+                .collect(),
+            deferred: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+            quotas: Quotas::new(config.tenant_quota_bytes, 4096),
+            config,
+            devices,
+            stop: AtomicBool::new(false),
+            workers: Mutex::new(Vec::new()),
+        });
+        for (index, backend) in backends.into_iter().enumerate() {
+            let d = dispatcher.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("tw-device-{index}"))
+                .spawn(move || worker::run(d, index, backend))
+                .map_err(DispatchError::Spawn)?;
+            let _ = dispatcher.devices[index].thread.set(handle.thread().clone());
+            dispatcher.workers.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+        }
+        Ok(dispatcher)
+    }
+
+    /// The back-end every device runs.
+    pub fn backend(&self) -> BackendKind {
+        self.devices[0].kind
+    }
+
+    pub fn port(&self, shard: usize) -> &Arc<ShardPort> {
+        &self.ports[shard]
+    }
+
+    /// The device for a new session: the one with the fewest requests in flight; ties go to the
+    /// lowest index after a rotating start, so idle devices share the sessions.
+    pub fn place(&self, shard: usize) -> usize {
+        let n = self.devices.len();
+        let start = (self.ports[shard].next_id() as usize) % n;
+        (0..n).map(|i| (start + i) % n).min_by_key(|&i| self.devices[i].in_flight()).unwrap_or(0)
+    }
+
+    /// Pushes `req` onto `shard`'s ring to `device`. `Err` gives it back when the ring is full.
+    pub fn try_submit(&self, shard: usize, device: usize, req: Request) -> Result<(), Request> {
+        debug_assert_eq!(usize::from(req.shard), shard);
+        let d = &self.devices[device];
+        d.rings[shard].push(req)?;
+        d.in_flight.fetch_add(1, Ordering::Relaxed);
+        d.wake();
+        Ok(())
+    }
+
+    /// Sends a request nobody waits for (`Free`, `Release`). A full ring defers it to the shard's
+    /// poller: it is never dropped, since it returns device memory.
+    pub(crate) fn send_untracked(&self, shard: usize, device: usize, mut req: Request) {
+        req.ticket = UNTRACKED;
+        if let Err(req) = self.try_submit(shard, device, req) {
+            self.deferred[shard].lock().unwrap_or_else(|e| e.into_inner()).push((device, req));
+        }
+    }
+
+    fn retry_deferred(&self, shard: usize) {
+        let mut deferred = self.deferred[shard].lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = Vec::new();
+        for (device, req) in deferred.drain(..) {
+            if let Err(req) = self.try_submit(shard, device, req) {
+                kept.push((device, req));
+            }
+        }
+        *deferred = kept;
+    }
+
+    /// The task each shard runs for as long as it lives: it routes completions to the waiting
+    /// guests and retries deferred frees. Workers wake it after each completion they push.
+    pub fn poller(self: &Arc<Self>, shard: usize) -> Poller {
+        Poller { dispatcher: self.clone(), shard }
+    }
+
+    /// A request for `op` from `shard`; the caller fills in the operands.
+    pub fn request(&self, shard: usize, op: Op, session: u64) -> Request {
+        Request { session, shard: shard as u16, op: op as u8, ..Default::default() }
+    }
+
+    /// Stops the workers; requests still on the rings are dropped with the process.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        for d in self.devices.iter() {
+            if let Some(t) = d.thread.get() {
+                t.unpark();
+            }
+        }
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in workers {
+            let _ = w.join();
+        }
+    }
+}
+
+fn host_backends(count: usize) -> Vec<Box<dyn Backend>> {
+    (0..count.max(1)).map(|i| Box::new(HostBackend::new(i)) as Box<dyn Backend>).collect()
+}
+
+/// See [`Dispatcher::poller`].
+pub struct Poller {
+    dispatcher: Arc<Dispatcher>,
+    shard: usize,
+}
+
+impl Future for Poller {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let port = &self.dispatcher.ports[self.shard];
+        loop {
+            port.drain();
+            self.dispatcher.retry_deferred(self.shard);
+            port.poller.register(cx.waker());
+            if port.completions.is_empty() {
+                return Poll::Pending;
+            }
+        }
+    }
+}
