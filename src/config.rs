@@ -29,6 +29,8 @@ pub struct ServerConfig {
     pub drain_grace_ms: u64,
     pub drain_timeout_ms: u64,
     pub admin_queue_depth: usize,
+    /// Kernel dispatch; its `shards` is set when the shard count is known.
+    pub dispatch: tensor_wasm_dispatch::DispatchConfig,
     pub auth: AuthConfig,
     pub audit: AuditConfig,
     /// `None`: plain HTTP.

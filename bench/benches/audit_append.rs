@@ -41,7 +41,7 @@ fn run(sync: AuditSync, rounds: usize) -> (hdrhistogram::Histogram<u64>, Duratio
         sync,
         on_error: AuditOnError::Reject,
     });
-    let metrics = Arc::new(ShardMetrics::new(0));
+    let metrics = Arc::new(ShardMetrics::new(0, 1));
     let audit = ShardAudit::open(0, config, metrics.clone(), Arc::new(CommitSlot::default()));
     let events: Vec<AuditEvent> = (0..1024).map(event).collect();
     let mut h = histogram();

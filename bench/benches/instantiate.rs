@@ -67,7 +67,7 @@ fn main() {
         }
         for i in 0..WARMUP + ROUNDS {
             let t = Instant::now();
-            let out = invoke(&engine, &hello_pre, wasi.clone(), Vec::new(), Entry::Start, invoke_limits).await;
+            let out = invoke(&engine, &hello_pre, wasi.clone(), Vec::new(), Entry::Start, invoke_limits, None).await;
             let took = t.elapsed();
             assert!(out.outcome.is_ok());
             if i >= WARMUP {
@@ -77,7 +77,7 @@ fn main() {
         let body = br#"{"values":[1,2,3],"label":"bench"}"#.to_vec();
         for i in 0..WARMUP + ROUNDS {
             let t = Instant::now();
-            let out = invoke(&engine, &echo_pre, wasi.clone(), body.clone(), Entry::Start, invoke_limits).await;
+            let out = invoke(&engine, &echo_pre, wasi.clone(), body.clone(), Entry::Start, invoke_limits, None).await;
             let took = t.elapsed();
             assert_eq!(out.outcome.unwrap().stdout, body);
             if i >= WARMUP {

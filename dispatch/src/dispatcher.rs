@@ -92,6 +92,9 @@ impl std::fmt::Display for DispatchError {
 
 impl std::error::Error for DispatchError {}
 
+/// A request waiting for room in its ring: (device, request).
+type Deferred = (usize, Request);
+
 /// One device as the shards see it.
 pub struct Device {
     pub index: usize,
@@ -140,7 +143,7 @@ pub struct Dispatcher {
     pub quotas: Quotas,
     /// Requests that found their ring full when nobody could wait: frees and releases. The shard's
     /// poller retries them; bounded by the tickets and sessions a shard can have.
-    deferred: Box<[Mutex<Vec<(usize, Request)>>]>,
+    deferred: Box<[Mutex<Vec<Deferred>>]>,
     pub(crate) stop: AtomicBool,
     workers: Mutex<Vec<JoinHandle<()>>>,
 }

@@ -244,6 +244,7 @@ impl Session {
 
     /// Pushes the call onto the ring of the session's device. A full ring gives the call back:
     /// the caller waits and tries again, or gives up with [`Session::abort`].
+    #[allow(clippy::result_large_err)] // the call comes back whole, to be retried
     pub fn try_send(&mut self, call: Call) -> Result<Pending, Call> {
         let device = *self.device.get_or_insert_with(|| self.dispatcher.place(self.shard));
         match self.dispatcher.try_submit(self.shard, device, call.req) {

@@ -7,7 +7,7 @@ use crate::functions::record::is_valid_id;
 use crate::functions::{DeployRequest, LocalFunction};
 use crate::http::{Response, Status};
 use crate::server::shard::Shard;
-use crate::wasm::{invoke as run_invocation, Entry, InvokeLimits};
+use crate::wasm::{invoke as run_invocation, Entry, InvokeLimits, TensorContext};
 
 fn require_loaded(shard: &Shard) -> Result<(), ApiError> {
     if shard.shared.catalog.is_loaded() {
@@ -102,8 +102,12 @@ pub async fn invoke(shard: &Shard, ctx: &RequestContext, id: &str, body: Vec<u8>
         max_output_bytes: shard.limits.max_output_bytes,
         max_stderr_bytes: shard.limits.max_stderr_bytes,
     };
+    let tensors = function
+        .uses_tensors
+        .then(|| TensorContext::new(shard.shared.dispatcher.clone(), shard.id, ctx.tenant, shard.metrics.clone()));
     let invocation =
-        run_invocation(&shard.engine, &function.pre, function.deployed.wasi.clone(), stdin, entry, limits).await;
+        run_invocation(&shard.engine, &function.pre, function.deployed.wasi.clone(), stdin, entry, limits, tensors)
+            .await;
     let output = match invocation.outcome {
         Ok(output) => {
             if !invocation.stderr.is_empty() {

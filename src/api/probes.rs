@@ -28,6 +28,7 @@ pub fn metrics(shard: &Shard) -> Response {
         ready: shared.is_ready() && !shared.is_draining(),
         tokens: tokens.as_deref(),
         audit_sync: &shared.audit_sync,
+        dispatcher: &shared.dispatcher,
     });
     Response::new(Status::Ok, "text/plain; version=0.0.4; charset=utf-8", text.into_bytes())
 }

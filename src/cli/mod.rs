@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use tensor_wasm_dispatch::{BackendChoice, DispatchConfig};
 
 use crate::audit::{parse_destination, AuditConfig, AuditOnError, AuditSync};
 use crate::auth::{AuthConfig, RateLimit, TokenSource};
@@ -150,6 +151,37 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_ADMIN_QUEUE_DEPTH", default_value_t = 64)]
     pub admin_queue_depth: u32,
 
+    /// Where guests' tensor kernels run: `auto` takes CUDA when a device is present (as
+    /// CUDA_VISIBLE_DEVICES shows them), else the host back-end.
+    #[arg(long, env = "TENSOR_WASM_GPU", value_enum, default_value_t = GpuArg::Auto)]
+    pub gpu: GpuArg,
+
+    /// Host-back-end "devices": one worker thread each.
+    #[arg(long, env = "TENSOR_WASM_GPU_HOST_DEVICES", default_value_t = 1)]
+    pub gpu_host_devices: u16,
+
+    /// CUDA streams per device.
+    #[arg(long, env = "TENSOR_WASM_GPU_STREAMS", default_value_t = 4)]
+    pub gpu_streams: u16,
+
+    /// Requests each shard-to-device ring holds. When it is full, a guest waits (yielding) up to
+    /// its deadline, then gets `busy`.
+    #[arg(long, env = "TENSOR_WASM_DISPATCH_RING_DEPTH", default_value_t = 256)]
+    pub dispatch_ring_depth: u32,
+
+    /// How long a guest spins for a kernel's completion before its task parks and the shard serves
+    /// others. 0: park at once.
+    #[arg(long, env = "TENSOR_WASM_DISPATCH_SPIN_US", default_value_t = 20)]
+    pub dispatch_spin_us: u64,
+
+    /// Device memory one tenant may hold, across devices and invocations.
+    #[arg(long, env = "TENSOR_WASM_GPU_MEMORY_PER_TENANT_MB", default_value_t = 1024)]
+    pub gpu_memory_per_tenant_mb: u64,
+
+    /// Tensors one invocation may hold at once.
+    #[arg(long, env = "TENSOR_WASM_MAX_TENSORS_PER_INVOCATION", default_value_t = 1024)]
+    pub max_tensors_per_invocation: u32,
+
     /// Bearer tokens and the tenants each may act for: `TOKEN:tenant=*,TOKEN:tenant=7,TOKEN:tenant=1,2,3`.
     /// Prefer the env var or a file: command-line arguments are visible to other local users.
     #[arg(long, env = "TENSOR_WASM_API_TOKENS", hide_env_values = true)]
@@ -248,6 +280,13 @@ pub enum AuditOnErrorArg {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuArg {
+    Auto,
+    Cuda,
+    Host,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoDriverArg {
     Auto,
     IoUring,
@@ -270,6 +309,11 @@ impl ServeArgs {
         positive("max-instances", self.max_instances.into())?;
         positive("max-output-bytes", self.max_output_bytes.into())?;
         positive("admin-queue-depth", self.admin_queue_depth.into())?;
+        positive("gpu-host-devices", self.gpu_host_devices.into())?;
+        positive("gpu-streams", self.gpu_streams.into())?;
+        positive("dispatch-ring-depth", self.dispatch_ring_depth.into())?;
+        positive("gpu-memory-per-tenant-mb", self.gpu_memory_per_tenant_mb)?;
+        positive("max-tensors-per-invocation", self.max_tensors_per_invocation.into())?;
         for (name, v) in [
             ("header-timeout-ms", self.header_timeout_ms),
             ("body-timeout-ms", self.body_timeout_ms),
@@ -357,6 +401,20 @@ impl ServeArgs {
             drain_grace_ms: self.drain_grace_ms,
             drain_timeout_ms: self.drain_timeout_ms,
             admin_queue_depth: self.admin_queue_depth as usize,
+            dispatch: DispatchConfig {
+                backend: match self.gpu {
+                    GpuArg::Auto => BackendChoice::Auto,
+                    GpuArg::Cuda => BackendChoice::Cuda,
+                    GpuArg::Host => BackendChoice::Host,
+                },
+                host_devices: self.gpu_host_devices.into(),
+                streams_per_device: self.gpu_streams.into(),
+                ring_depth: self.dispatch_ring_depth as usize,
+                guest_spin: std::time::Duration::from_micros(self.dispatch_spin_us),
+                tenant_quota_bytes: self.gpu_memory_per_tenant_mb.saturating_mul(1 << 20),
+                max_tensors_per_session: self.max_tensors_per_invocation as usize,
+                ..DispatchConfig::default()
+            },
             auth,
             audit,
             tls: match (self.tls_cert, self.tls_key) {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use wasmtime::{Engine, InstancePre, Linker};
 
 use super::{Catalog, DeployedFunction, FunctionRecord};
+use crate::wasm::module::uses_tensors;
 use crate::wasm::{new_linker, GuestState};
 
 /// A function as one shard runs it: the shared module, pre-linked against this shard's linker.
@@ -13,6 +14,8 @@ pub struct LocalFunction {
     pub deployed: Arc<DeployedFunction>,
     pub pre: InstancePre<GuestState>,
     pub has_start: bool,
+    /// It imports the tensor ABI, so its invocations get a dispatch session.
+    pub uses_tensors: bool,
 }
 
 /// A shard's own copy of the catalog. On each lookup it compares the catalog's generation with the
@@ -54,7 +57,8 @@ impl FunctionCache {
             match self.linker.instantiate_pre(&deployed.module) {
                 Ok(pre) => {
                     let has_start = deployed.module.get_export("_start").is_some();
-                    map.insert(id, Rc::new(LocalFunction { deployed, pre, has_start }));
+                    let uses_tensors = uses_tensors(&deployed.module);
+                    map.insert(id, Rc::new(LocalFunction { deployed, pre, has_start, uses_tensors }));
                 }
                 // The worker linked this module against an identical linker; failing here is a bug.
                 Err(e) => tracing::error!(function = %id, "cannot pre-link on this shard: {e:#}"),

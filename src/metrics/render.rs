@@ -1,7 +1,9 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
-use super::shard::{Counter, Histogram, ShardMetrics, DURATION_BUCKETS};
+use tensor_wasm_dispatch::{Dispatcher, Op};
+
+use super::shard::{Counter, Histogram, ShardMetrics};
 use crate::api::Route;
 use crate::auth::{TokenEntry, TokenSet};
 use crate::http::{Method, Status};
@@ -15,6 +17,7 @@ pub struct ScrapeContext<'a> {
     pub tokens: Option<&'a TokenSet>,
     /// The audit group commit's fdatasync durations.
     pub audit_sync: &'a Histogram,
+    pub dispatcher: &'a Dispatcher,
 }
 
 /// Renders every metric in the Prometheus text exposition format (0.0.4).
@@ -128,6 +131,8 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
         }
     }
 
+    dispatch(&mut out, shards, ctx.dispatcher);
+
     let per_shard: [(&str, &str, &str, ShardSample); 3] = [
         ("tensor_wasm_shard_requests_total", "counter", "HTTP requests answered, per shard.", |s| {
             (String::new(), s.total_requests())
@@ -149,10 +154,99 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
     out
 }
 
+/// Kernel dispatch: per device and op, the guest-visible latency, device and tenant memory, the
+/// rings' free places.
+fn dispatch(out: &mut String, shards: &[Arc<ShardMetrics>], dispatcher: &Dispatcher) {
+    let backend = dispatcher.backend().label();
+    header(out, "tensor_wasm_kernel_dispatches_total", "counter", "Requests sent to a device, per op.");
+    for device in dispatcher.devices.iter() {
+        for op in Op::ALL {
+            let n: u64 = shards.iter().map(|s| s.kernel_count(device.index, op)).sum();
+            if n > 0 {
+                let _ = writeln!(
+                    out,
+                    "tensor_wasm_kernel_dispatches_total{{op=\"{}\",backend=\"{backend}\",device=\"{}\"}} {n}",
+                    op.name(),
+                    device.index
+                );
+            }
+        }
+    }
+    header(
+        out,
+        "tensor_wasm_kernel_latency_seconds",
+        "histogram",
+        "From a guest's tensor host call to its result being visible to the guest (docs/SLO.md).",
+    );
+    for op in Op::ALL {
+        let series: Vec<&Histogram> = shards.iter().map(|s| &s.kernel_latency[op.index()]).collect();
+        histogram(out, "tensor_wasm_kernel_latency_seconds", &format!("op=\"{}\"", op.name()), &series);
+    }
+    header(out, "tensor_wasm_gpu_devices", "gauge", "Devices kernels are dispatched to, by back-end.");
+    let _ = writeln!(out, "tensor_wasm_gpu_devices{{backend=\"{backend}\"}} {}", dispatcher.devices.len());
+    header(out, "tensor_wasm_gpu_memory_used_bytes", "gauge", "Bytes of tensors each device holds.");
+    for d in dispatcher.devices.iter() {
+        let _ = writeln!(
+            out,
+            "tensor_wasm_gpu_memory_used_bytes{{device=\"{}\",backend=\"{backend}\"}} {}",
+            d.index,
+            d.memory_used()
+        );
+    }
+    let tenants = dispatcher.quotas.snapshot();
+    header(out, "tensor_wasm_tenant_gpu_memory_used_bytes", "gauge", "Device memory each tenant holds, all devices.");
+    for (tenant, used, _) in &tenants {
+        let _ = writeln!(out, "tensor_wasm_tenant_gpu_memory_used_bytes{{tenant=\"{tenant}\"}} {used}");
+    }
+    header(
+        out,
+        "tensor_wasm_gpu_quota_rejections_total",
+        "counter",
+        "Allocations refused by the tenant's device-memory quota.",
+    );
+    for (tenant, _, rejected) in &tenants {
+        let _ = writeln!(out, "tensor_wasm_gpu_quota_rejections_total{{tenant=\"{tenant}\"}} {rejected}");
+    }
+    header(
+        out,
+        "tensor_wasm_dispatch_ring_permits_available",
+        "gauge",
+        "Free places in each shard's ring to each device.",
+    );
+    for d in dispatcher.devices.iter() {
+        for s in shards {
+            let _ = writeln!(
+                out,
+                "tensor_wasm_dispatch_ring_permits_available{{device=\"{}\",shard=\"{}\"}} {}",
+                d.index,
+                s.shard,
+                d.permits(s.shard)
+            );
+        }
+    }
+    let total = |f: fn(&ShardMetrics) -> u64| shards.iter().map(|s| f(s)).sum::<u64>();
+    header(
+        out,
+        "tensor_wasm_dispatch_ring_waits_total",
+        "counter",
+        "Times a guest found its dispatch ring full and waited.",
+    );
+    let _ = writeln!(out, "tensor_wasm_dispatch_ring_waits_total {}", total(|s| s.dispatch_ring_waits.get()));
+    header(
+        out,
+        "tensor_wasm_dispatch_busy_total",
+        "counter",
+        "Dispatches that failed with `busy`: the ring stayed full to the deadline.",
+    );
+    let _ = writeln!(out, "tensor_wasm_dispatch_busy_total {}", total(|s| s.dispatch_busy.get()));
+}
+
 /// Renders the sum of `series` as one Prometheus histogram with `labels` (`k="v",…` or empty);
 /// nothing when it has no observation.
 fn histogram(out: &mut String, name: &str, labels: &str, series: &[&Histogram]) {
-    let mut buckets = [0u64; 18];
+    let Some(first) = series.first() else { return };
+    let bounds = first.bounds.seconds;
+    let mut buckets = vec![0u64; bounds.len() + 1];
     let mut sum_nanos = 0u64;
     for h in series {
         for (acc, c) in buckets.iter_mut().zip(&h.buckets) {
@@ -166,7 +260,7 @@ fn histogram(out: &mut String, name: &str, labels: &str, series: &[&Histogram]) 
     }
     let sep = if labels.is_empty() { "" } else { "," };
     let mut cumulative = 0;
-    for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
+    for (i, bound) in bounds.iter().enumerate() {
         cumulative += buckets[i];
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
     }

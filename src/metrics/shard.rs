@@ -1,22 +1,53 @@
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
+use tensor_wasm_dispatch::Op;
+
 use crate::api::Route;
 use crate::http::{Method, Status};
 
-/// Upper bounds of the request-duration histogram, in seconds: 50 µs to 10 s.
-pub const DURATION_BUCKETS: [f64; 17] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-const BUCKET_NANOS: [u64; 17] = {
-    let mut out = [0u64; 17];
+/// A histogram's upper bounds, in seconds (for rendering) and nanoseconds (for observing).
+pub struct Buckets {
+    pub seconds: &'static [f64],
+    nanos: &'static [u64],
+}
+
+const fn nanos<const N: usize>(seconds: [f64; N]) -> [u64; N] {
+    let mut out = [0u64; N];
     let mut i = 0;
-    while i < 17 {
-        out[i] = (DURATION_BUCKETS[i] * 1e9) as u64;
+    while i < N {
+        out[i] = (seconds[i] * 1e9) as u64;
         i += 1;
     }
     out
-};
+}
+
+const DURATION_SECONDS: [f64; 17] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Request durations: 50 µs to 10 s.
+pub static DURATION_BUCKETS: Buckets = Buckets { seconds: &DURATION_SECONDS, nanos: &nanos(DURATION_SECONDS) };
+
+const KERNEL_SECONDS: [f64; 16] = [
+    0.000_001,
+    0.000_002_5,
+    0.000_005,
+    0.000_01,
+    0.000_025,
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.002_5,
+    0.01,
+    0.05,
+    0.25,
+    1.0,
+    5.0,
+];
+/// Kernel dispatch latency: 1 µs to 5 s.
+pub static KERNEL_BUCKETS: Buckets = Buckets { seconds: &KERNEL_SECONDS, nanos: &nanos(KERNEL_SECONDS) };
 
 /// A counter with a single writer, its shard. The write is a plain load and store (no locked
 /// read-modify-write, no contention); the scraper on another thread may read a value one
@@ -75,17 +106,32 @@ const METHODS: usize = Method::ALL.len();
 const STATUSES: usize = Status::ALL.len();
 
 /// One histogram series: cumulative only at render time; here, one count per bucket plus +Inf.
-#[derive(Default)]
 pub struct Histogram {
-    pub buckets: [Counter; 18],
+    pub bounds: &'static Buckets,
+    pub buckets: Box<[Counter]>,
     pub sum_nanos: Counter,
 }
 
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new(&DURATION_BUCKETS)
+    }
+}
+
 impl Histogram {
+    pub fn new(bounds: &'static Buckets) -> Self {
+        Histogram {
+            bounds,
+            buckets: (0..=bounds.nanos.len()).map(|_| Counter::default()).collect(),
+            sum_nanos: Counter::default(),
+        }
+    }
+
     /// Records one duration. Single writer: the owning shard, or the one thread that owns it.
     pub fn observe(&self, d: Duration) {
         let nanos = d.as_nanos().min(u64::MAX as u128) as u64;
-        let i = BUCKET_NANOS.iter().position(|&b| nanos <= b).unwrap_or(BUCKET_NANOS.len());
+        let bounds = self.bounds.nanos;
+        let i = bounds.iter().position(|&b| nanos <= b).unwrap_or(bounds.len());
         self.buckets[i].inc();
         self.sum_nanos.add(nanos);
     }
@@ -107,11 +153,18 @@ pub struct ShardMetrics {
     pub audit_bytes: Counter,
     pub audit_errors: Counter,
     pub xfcc_ignored: Counter,
+    /// Kernel requests per device and op (`devices × Op::ALL`).
+    pub kernel_dispatches: Box<[Counter]>,
+    /// Guest-visible latency per op: from the host call to its result in the guest.
+    pub kernel_latency: Box<[Histogram]>,
+    /// Times a guest found its dispatch ring full and waited.
+    pub dispatch_ring_waits: Counter,
+    pub dispatch_busy: Counter,
     io_driver: AtomicU8,
 }
 
 impl ShardMetrics {
-    pub fn new(shard: usize) -> Self {
+    pub fn new(shard: usize, devices: usize) -> Self {
         ShardMetrics {
             shard,
             requests: (0..ROUTES * METHODS * STATUSES).map(|_| Counter::default()).collect(),
@@ -127,6 +180,10 @@ impl ShardMetrics {
             audit_bytes: Counter::default(),
             audit_errors: Counter::default(),
             xfcc_ignored: Counter::default(),
+            kernel_dispatches: (0..devices * Op::ALL.len()).map(|_| Counter::default()).collect(),
+            kernel_latency: Op::ALL.iter().map(|_| Histogram::new(&KERNEL_BUCKETS)).collect(),
+            dispatch_ring_waits: Counter::default(),
+            dispatch_busy: Counter::default(),
             io_driver: AtomicU8::new(IoDriverKind::Starting as u8),
         }
     }
@@ -156,6 +213,16 @@ impl ShardMetrics {
             2 => IoDriverKind::Epoll,
             _ => IoDriverKind::Starting,
         }
+    }
+
+    /// Counts one request of `op` to `device` and the guest-visible time it took.
+    pub fn record_kernel(&self, device: usize, op: Op, elapsed: Duration) {
+        self.kernel_dispatches[device * Op::ALL.len() + op.index()].inc();
+        self.kernel_latency[op.index()].observe(elapsed);
+    }
+
+    pub fn kernel_count(&self, device: usize, op: Op) -> u64 {
+        self.kernel_dispatches[device * Op::ALL.len() + op.index()].get()
     }
 
     /// Requests this shard answered, all routes.

@@ -28,6 +28,7 @@ use crate::metrics::ShardMetrics;
 use crate::tls::TlsWatcher;
 use crate::wasm::{build_engine, EpochTicker};
 use published::Published;
+use tensor_wasm_dispatch::{DispatchConfig, Dispatcher};
 
 /// Why the server could not start or run.
 #[derive(Debug)]
@@ -59,6 +60,8 @@ impl fmt::Display for ServerError {
 /// request path only reads it.
 pub struct Shared {
     pub shard_metrics: Vec<Arc<ShardMetrics>>,
+    /// Kernel dispatch: every device's rings and worker.
+    pub dispatcher: Arc<Dispatcher>,
     pub catalog: Arc<Catalog>,
     /// The token list (for `/metrics`); `None` in dev mode.
     pub tokens: Option<Arc<Published<TokenSet>>>,
@@ -171,8 +174,15 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         (None, false) => tracing::warn!("audit log disabled (TENSOR_WASM_API_AUDIT_LOG=none)"),
     }
 
+    let dispatcher = Dispatcher::start(DispatchConfig { shards: shard_count, ..config.dispatch.clone() })
+        .map_err(|e| ServerError::Config(e.to_string()))?;
+    for d in dispatcher.devices.iter() {
+        tracing::info!(device = d.index, name = %d.name, backend = d.kind.label(), "kernel dispatch device");
+    }
+
     let shared = Arc::new(Shared {
-        shard_metrics: (0..shard_count).map(|i| Arc::new(ShardMetrics::new(i))).collect(),
+        shard_metrics: (0..shard_count).map(|i| Arc::new(ShardMetrics::new(i, dispatcher.devices.len()))).collect(),
+        dispatcher: dispatcher.clone(),
         catalog,
         tokens: tokens.clone(),
         audit_sync: audit_sync.clone(),
@@ -248,6 +258,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     }
     // Segments handed to the background sealer are cut and fsynced before the process exits.
     audit::segment::Sealer::flush();
+    dispatcher.shutdown();
     drop(ticker);
     drop(worker_thread);
     match failure {

@@ -175,6 +175,8 @@ async fn serve(init: ShardInit) {
     });
 
     monoio::spawn(super::fair_yield::pump());
+    // Routes kernel completions from the device workers to this shard's waiting guests.
+    monoio::spawn(shard.shared.dispatcher.poller(id));
     let on_drain = shard.clone();
     monoio::spawn(async move {
         let _ = drain_rx.await;

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{Engine, InstancePre, ResourceLimiter, Store, Trap, UpdateDeadline, Val, ValType};
 
+use super::TensorContext;
 use crate::error::ApiError;
+use crate::server::event::{race, Either};
 
 /// Why a host function stopped the guest. Carried out of wasmtime as its error, then classified.
 #[derive(Debug)]
@@ -83,6 +85,8 @@ pub struct GuestState {
     limits: InvokeLimits,
     memory_exceeded: bool,
     output_exceeded: bool,
+    /// The tensor ABI's state, for functions that import `tensor_wasm`.
+    pub tensors: Option<TensorContext>,
 }
 
 impl GuestState {
@@ -97,6 +101,7 @@ impl GuestState {
             limits,
             memory_exceeded: false,
             output_exceeded: false,
+            tensors: None,
         }
     }
 
@@ -165,10 +170,17 @@ pub async fn invoke(
     stdin: Vec<u8>,
     entry: Entry,
     limits: InvokeLimits,
+    tensors: Option<TensorContext>,
 ) -> Invocation {
-    let mut store = Store::new(engine, GuestState::new(wasi, stdin, limits));
-    store.limiter(|s| s);
     let deadline = Instant::now() + limits.timeout;
+    let uses_tensors = tensors.is_some();
+    let mut state = GuestState::new(wasi, stdin, limits);
+    state.tensors = tensors.map(|mut t| {
+        t.deadline = deadline;
+        t
+    });
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| s);
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(move |_| {
         if Instant::now() >= deadline {
@@ -179,7 +191,17 @@ pub async fn invoke(
         }
     });
 
-    let outcome = run(&mut store, pre, entry).await;
+    let outcome = if uses_tensors {
+        // The epoch deadline interrupts guest code, not a host call waiting on a kernel: a timer
+        // bounds that wait. Dropping the run abandons the ticket; the session frees the tensors.
+        let timer = monoio::time::sleep(deadline.saturating_duration_since(Instant::now()));
+        match race(run(&mut store, pre, entry), timer).await {
+            Either::Left(outcome) => outcome,
+            Either::Right(()) => Err(wasmtime::Error::new(Trap::Interrupt)),
+        }
+    } else {
+        run(&mut store, pre, entry).await
+    };
     let state = store.into_data();
     let result = match outcome {
         Ok(results) => Ok(results),

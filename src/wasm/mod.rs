@@ -4,8 +4,10 @@
 pub mod engine;
 pub mod invoke;
 pub mod module;
+pub mod tensor;
 pub mod wasi;
 
 pub use engine::{build_engine, EpochTicker};
 pub use invoke::{invoke, Entry, GuestState, Invocation, InvokeLimits, InvokeOutput, WasiArgs};
 pub use module::{check_module, new_linker};
+pub use tensor::TensorContext;

@@ -3,13 +3,14 @@
 
 use wasmtime::{Engine, ExternType, Linker, Module};
 
-use super::{wasi, GuestState};
+use super::{tensor, wasi, GuestState};
 use crate::error::ApiError;
 
 /// A linker with everything a guest may import. One per shard, plus one per catalog worker.
 pub fn new_linker(engine: &Engine) -> wasmtime::Result<Linker<GuestState>> {
     let mut linker = Linker::new(engine);
     wasi::add_to_linker(&mut linker, engine)?;
+    tensor::add_to_linker(&mut linker)?;
     Ok(linker)
 }
 
@@ -18,6 +19,11 @@ pub fn check_module(engine: &Engine, linker: &Linker<GuestState>, wasm: &[u8]) -
     let module = Module::new(engine, wasm).map_err(|e| ApiError::InvalidModule(format!("{e:#}")))?;
     check_compiled(linker, &module)?;
     Ok(module)
+}
+
+/// Whether the module calls the tensor ABI: only such invocations get a dispatch session.
+pub fn uses_tensors(module: &Module) -> bool {
+    module.imports().any(|i| i.module() == tensor::MODULE)
 }
 
 /// The checks that do not need compiling again: used for artifacts loaded from disk too.
@@ -30,16 +36,20 @@ pub fn check_compiled(linker: &Linker<GuestState>, module: &Module) -> Result<()
             ExternType::Global(_) => "global",
             ExternType::Tag(_) => "tag",
         };
-        let provided = import.module() == wasi::MODULE
-            && matches!(import.ty(), ExternType::Func(_))
-            && wasi::provides(import.name());
+        let provided = matches!(import.ty(), ExternType::Func(_))
+            && match import.module() {
+                wasi::MODULE => wasi::provides(import.name()),
+                tensor::MODULE => tensor::provides(import.name()),
+                _ => false,
+            };
         if !provided {
             return Err(ApiError::UnsupportedImport(format!(
                 "the module imports {kind} `{}::{}`, which the runtime does not provide \
-                 (it provides the functions of `{}`)",
+                 (it provides the functions of `{}` and `{}`)",
                 import.module(),
                 import.name(),
-                wasi::MODULE
+                wasi::MODULE,
+                tensor::MODULE
             )));
         }
     }

@@ -97,19 +97,19 @@ type Ctx<'a> = Caller<'a, GuestState>;
 type StringList = fn(&GuestState) -> &[Vec<u8>];
 
 /// Guest memory and the store's state, borrowed together.
-fn memory<'a>(caller: &'a mut Ctx<'_>) -> wasmtime::Result<(&'a mut [u8], &'a mut GuestState)> {
+pub(super) fn memory<'a>(caller: &'a mut Ctx<'_>) -> wasmtime::Result<(&'a mut [u8], &'a mut GuestState)> {
     match caller.get_export("memory") {
         Some(Extern::Memory(mem)) => Ok(mem.data_and_store_mut(caller)),
         _ => Err(wasmtime::Error::msg("WASI call from a module that exports no `memory`")),
     }
 }
 
-fn slice(mem: &[u8], ptr: i32, len: u32) -> Option<&[u8]> {
+pub(super) fn slice(mem: &[u8], ptr: i32, len: u32) -> Option<&[u8]> {
     let start = ptr as u32 as usize;
     mem.get(start..start.checked_add(len as usize)?)
 }
 
-fn slice_mut(mem: &mut [u8], ptr: i32, len: u32) -> Option<&mut [u8]> {
+pub(super) fn slice_mut(mem: &mut [u8], ptr: i32, len: u32) -> Option<&mut [u8]> {
     let start = ptr as u32 as usize;
     mem.get_mut(start..start.checked_add(len as usize)?)
 }

@@ -137,24 +137,73 @@ pub fn mismatched_wasi_import() -> Vec<u8> {
 /// The Rust guest in tests/guests/json-stats, built once per test binary for wasm32-wasip1.
 pub fn rust_json_stats() -> Vec<u8> {
     static BUILT: OnceLock<Vec<u8>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-            let manifest = root.join("tests/guests/json-stats/Cargo.toml");
-            let target_dir = root.join("target/guests");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "--release", "--target", "wasm32-wasip1", "--manifest-path"])
-                .arg(&manifest)
-                .arg("--target-dir")
-                .arg(&target_dir)
-                // The guest must not inherit this build's flags (coverage, sanitizers, ...).
-                .env_remove("RUSTFLAGS")
-                .env_remove("CARGO_ENCODED_RUSTFLAGS")
-                .status()
-                .expect("run cargo for the guest");
-            assert!(status.success(), "building the Rust guest failed (is the wasm32-wasip1 target installed?)");
-            std::fs::read(target_dir.join("wasm32-wasip1/release/json-stats.wasm")).expect("guest wasm")
-        })
-        .clone()
+    BUILT.get_or_init(|| build_rust_guest("json-stats")).clone()
+}
+
+/// The example tensor guest in tests/guests/tensor-ops (docs/ABI.md).
+pub fn rust_tensor_ops() -> Vec<u8> {
+    static BUILT: OnceLock<Vec<u8>> = OnceLock::new();
+    BUILT.get_or_init(|| build_rust_guest("tensor-ops")).clone()
+}
+
+fn build_rust_guest(name: &str) -> Vec<u8> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let manifest = root.join(format!("tests/guests/{name}/Cargo.toml"));
+    let target_dir = root.join("target/guests");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "--target", "wasm32-wasip1", "--manifest-path"])
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(&target_dir)
+        // The guest must not inherit this build's flags (coverage, sanitizers, ...).
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .status()
+        .expect("run cargo for the guest");
+    assert!(status.success(), "building the Rust guest {name} failed (is the wasm32-wasip1 target installed?)");
+    std::fs::read(target_dir.join(format!("wasm32-wasip1/release/{name}.wasm"))).expect("guest wasm")
+}
+
+/// Imports of the tensor ABI, for WAT guests.
+pub const TENSOR: &str = r#"
+  (import "tensor_wasm" "tensor_create" (func $create (param i32 i32 i32 i32 i32) (result i32)))
+  (import "tensor_wasm" "tensor_read" (func $read (param i32 i32 i32) (result i32)))
+  (import "tensor_wasm" "tensor_free" (func $free (param i32) (result i32)))
+  (import "tensor_wasm" "tensor_matmul" (func $matmul (param i32 i32) (result i32)))
+  (import "tensor_wasm" "tensor_add" (func $add (param i32 i32) (result i32)))
+  (import "tensor_wasm" "tensor_last_error" (func $last_error (param i32 i32) (result i32)))
+"#;
+
+/// Calls with raw arguments, for the ABI's edge cases: exports `create(shape_ptr, rank, data_ptr,
+/// len) -> code`, `read(h, ptr, len) -> code`, `add(a, b)`, `free(h)`, and `matmul_loop(n, times)`,
+/// which makes an n×n tensor and multiplies it by itself `times` times, returning the last code.
+pub fn tensor_abi() -> Vec<u8> {
+    wasm(&format!(
+        r#"(module {TENSOR}
+  (memory (export "memory") 64)
+  (func (export "create") (param i32 i32 i32 i32) (result i32)
+    (call $create (i32.const 0) (local.get 0) (local.get 1) (local.get 2) (local.get 3)))
+  (func (export "create_dtype") (param i32) (result i32)
+    (i32.store (i32.const 0) (i32.const 1))
+    (call $create (local.get 0) (i32.const 0) (i32.const 1) (i32.const 16) (i32.const 4)))
+  (func (export "read") (param i32 i32 i32) (result i32) (call $read (local.get 0) (local.get 1) (local.get 2)))
+  (func (export "add") (param i32 i32) (result i32) (call $add (local.get 0) (local.get 1)))
+  (func (export "free") (param i32) (result i32) (call $free (local.get 0)))
+  (func (export "error_len") (result i32) (call $last_error (i32.const 0) (i32.const 0)))
+  (func (export "matmul_loop") (param $n i32) (param $times i32) (result i32) (local $h i32) (local $r i32)
+    (i32.store (i32.const 0) (local.get $n))
+    (i32.store (i32.const 4) (local.get $n))
+    (local.set $h (call $create (i32.const 0) (i32.const 0) (i32.const 2) (i32.const 1024)
+      (i32.mul (i32.const 4) (i32.mul (local.get $n) (local.get $n)))))
+    (if (i32.lt_s (local.get $h) (i32.const 0)) (then (return (local.get $h))))
+    (block $done
+      (loop $again
+        (br_if $done (i32.eqz (local.get $times)))
+        (local.set $r (call $matmul (local.get $h) (local.get $h)))
+        (br_if $done (i32.lt_s (local.get $r) (i32.const 0)))
+        (local.set $times (i32.sub (local.get $times) (i32.const 1)))
+        (br $again)))
+    (local.get $r)))"#
+    ))
 }

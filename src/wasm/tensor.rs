@@ -1,0 +1,341 @@
+//! The guest's tensor ABI: import module `tensor_wasm` (docs/ABI.md). Each call builds a request
+//! through the invocation's `Session`, pushes it onto the shard's ring to the session's device,
+//! and awaits the completion without blocking the shard: the guest's task parks, and the shard's
+//! dispatch poller wakes it.
+//!
+//! Every pointer and length from the guest is checked against its memory before anything is
+//! sent. Failures are negative codes (`tensor_wasm_dispatch::status`), with a message that
+//! `tensor_last_error` copies out. Handles index the invocation's own table, so a guest cannot name
+//! another invocation's tensor, and the `Session` frees them all when the store is dropped.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tensor_wasm_dispatch::{status, Call, Dispatcher, Done, Op, Session, MAX_RANK};
+use wasmtime::{Caller, Linker};
+
+use super::invoke::GuestState;
+use super::wasi::{memory, slice, slice_mut};
+use crate::metrics::ShardMetrics;
+use crate::server::fair_yield;
+
+pub const MODULE: &str = "tensor_wasm";
+
+/// Every function of the module; `module::check_compiled` refuses any other import from it.
+const FUNCTIONS: &[&str] = &[
+    "tensor_create",
+    "tensor_read",
+    "tensor_shape",
+    "tensor_free",
+    "tensor_add",
+    "tensor_mul",
+    "tensor_scale",
+    "tensor_relu",
+    "tensor_softmax",
+    "tensor_matmul",
+    "tensor_sum",
+    "tensor_last_error",
+];
+
+pub fn provides(name: &str) -> bool {
+    FUNCTIONS.contains(&name)
+}
+
+/// The only dtype so far.
+const DTYPE_F32: i32 = 0;
+
+/// What a tensor-using invocation carries in its store.
+pub struct TensorContext {
+    dispatcher: Arc<Dispatcher>,
+    shard: usize,
+    tenant: u64,
+    metrics: Arc<ShardMetrics>,
+    /// The invocation's deadline: a full ring is waited on until then, and no longer.
+    pub(super) deadline: Instant,
+    /// Made at the first tensor call; dropping it frees every tensor and returns the quota.
+    session: Option<Session>,
+    last_error: String,
+}
+
+impl TensorContext {
+    pub fn new(dispatcher: Arc<Dispatcher>, shard: usize, tenant: u64, metrics: Arc<ShardMetrics>) -> Self {
+        TensorContext {
+            dispatcher,
+            shard,
+            tenant,
+            metrics,
+            deadline: Instant::now(),
+            session: None,
+            last_error: String::new(),
+        }
+    }
+
+    fn session(&mut self) -> &mut Session {
+        let (d, shard, tenant) = (&self.dispatcher, self.shard, self.tenant);
+        self.session.get_or_insert_with(|| Session::new(d.clone(), shard, tenant))
+    }
+
+    fn fail(&mut self, code: i32, message: impl std::fmt::Display) -> i32 {
+        self.last_error = format!("{}: {message}", status::name(code));
+        code
+    }
+}
+
+type Ctx<'a> = Caller<'a, GuestState>;
+
+fn context<'a>(caller: &'a mut Ctx<'_>) -> wasmtime::Result<&'a mut TensorContext> {
+    caller
+        .data_mut()
+        .tensors
+        .as_mut()
+        .ok_or_else(|| wasmtime::Error::msg("tensor call from an invocation without a tensor context"))
+}
+
+/// Why a call failed, as the guest's negative code and `tensor_last_error` message.
+struct Failure(i32, String);
+
+impl Failure {
+    fn new(code: i32, message: impl Into<String>) -> Self {
+        Failure(code, message.into())
+    }
+
+    fn code(code: i32) -> Self {
+        Failure(code, describe(code).to_string())
+    }
+}
+
+fn describe(code: i32) -> &'static str {
+    match code {
+        status::BAD_HANDLE => "no such tensor in this invocation",
+        status::SHAPE_MISMATCH => "the operands' shapes do not fit the op",
+        status::QUOTA_EXCEEDED => "the tenant's device-memory quota is used up",
+        status::BUSY => "the dispatch ring stayed full until the invocation's deadline",
+        status::DEVICE_ERROR => "the device failed the operation",
+        status::TOO_MANY_TENSORS => "the invocation holds as many tensors as it may",
+        status::INVALID_ARGUMENT => "a dimension is zero or the tensor is too large",
+        _ => "the request failed",
+    }
+}
+
+/// Sends the call that `prepare` builds and waits for it: a full ring is retried, yielding to the
+/// shard between tries, until the deadline. Returns what finished and the device it ran on.
+async fn dispatch(
+    caller: &mut Ctx<'_>,
+    prepare: impl FnOnce(&mut Session) -> Result<Call, i32>,
+) -> wasmtime::Result<Result<(Done, usize, Op), Failure>> {
+    let ctx = context(caller)?;
+    let mut call = match prepare(ctx.session()) {
+        Ok(c) => c,
+        Err(code) => return Ok(Err(Failure::code(code))),
+    };
+    let pending = loop {
+        let ctx = context(caller)?;
+        let (deadline, metrics) = (ctx.deadline, ctx.metrics.clone());
+        let session = ctx.session();
+        match session.try_send(call) {
+            Ok(p) => break p,
+            Err(c) if Instant::now() < deadline => {
+                call = c;
+                metrics.dispatch_ring_waits.inc();
+                fair_yield::yield_now().await;
+            }
+            Err(c) => {
+                session.abort(c);
+                metrics.dispatch_busy.inc();
+                return Ok(Err(Failure::code(status::BUSY)));
+            }
+        }
+    };
+    let op = pending.op();
+    let wait = context(caller)?.session().wait(&pending);
+    let (completion, staging) = wait.await;
+    let session = context(caller)?.session();
+    let device = session.device().unwrap_or(0);
+    Ok(session.finish(pending, completion, staging).map(|done| (done, device, op)).map_err(Failure::code))
+}
+
+/// Ends a call: counts it, keeps the message of a failure, and gives the guest its i32.
+fn settle(
+    caller: &mut Ctx<'_>,
+    started: Instant,
+    op: Op,
+    outcome: Result<(i32, usize), Failure>,
+) -> wasmtime::Result<i32> {
+    let ctx = context(caller)?;
+    Ok(match outcome {
+        Ok((value, device)) => {
+            ctx.metrics.record_kernel(device, op, started.elapsed());
+            value
+        }
+        Err(Failure(code, message)) => ctx.fail(code, message),
+    })
+}
+
+fn handle_of(done: Done) -> i32 {
+    match done {
+        Done::Tensor(h) => h,
+        Done::Data(_) => status::INVALID_ARGUMENT,
+    }
+}
+
+async fn create(
+    caller: &mut Ctx<'_>,
+    dtype: i32,
+    shape_ptr: i32,
+    rank: i32,
+    data_ptr: i32,
+    data_len: i32,
+) -> wasmtime::Result<i32> {
+    let started = Instant::now();
+    let read = (|| {
+        if dtype != DTYPE_F32 {
+            return Err(Failure::new(status::UNSUPPORTED_DTYPE, format!("dtype {dtype}: only 0 (f32) exists")));
+        }
+        let rank = usize::try_from(rank).ok().filter(|r| (1..=MAX_RANK).contains(r)).ok_or_else(|| {
+            Failure::new(status::INVALID_ARGUMENT, format!("rank {rank}: a tensor has 1 to {MAX_RANK} dimensions"))
+        })?;
+        let (mem, _) =
+            memory(caller).map_err(|_| Failure::new(status::OUT_OF_BOUNDS, "the module exports no memory"))?;
+        let shape_bytes = slice(mem, shape_ptr, (rank * 4) as u32)
+            .ok_or_else(|| Failure::new(status::OUT_OF_BOUNDS, "the shape lies outside guest memory"))?;
+        let shape: Vec<u32> =
+            shape_bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let data = slice(mem, data_ptr, data_len as u32)
+            .ok_or_else(|| Failure::new(status::OUT_OF_BOUNDS, "the data lies outside guest memory"))?;
+        if data.len() % 4 != 0 {
+            return Err(Failure::new(status::SHAPE_MISMATCH, "the data is not a whole number of f32"));
+        }
+        let values: Vec<f32> = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        Ok((shape, values))
+    })();
+    let outcome = match read {
+        Ok((shape, values)) => {
+            dispatch(caller, |s| s.upload(&shape, values)).await?.map(|(d, dev, _)| (handle_of(d), dev))
+        }
+        Err(f) => Err(f),
+    };
+    settle(caller, started, Op::Upload, outcome)
+}
+
+async fn read(caller: &mut Ctx<'_>, handle: i32, out_ptr: i32, out_len: i32) -> wasmtime::Result<i32> {
+    let started = Instant::now();
+    let check = (|| {
+        let bytes = context(caller)
+            .map_err(|_| Failure::code(status::BAD_HANDLE))?
+            .session()
+            .tensor(handle)
+            .map_err(Failure::code)?
+            .bytes();
+        if (out_len as u32 as u64) < bytes {
+            return Err(Failure::new(
+                status::BUFFER_TOO_SMALL,
+                format!("the tensor has {bytes} bytes, the buffer {out_len}"),
+            ));
+        }
+        let (mem, _) =
+            memory(caller).map_err(|_| Failure::new(status::OUT_OF_BOUNDS, "the module exports no memory"))?;
+        // Checked before sending: guest memory only grows, so the range stays valid.
+        slice(mem, out_ptr, bytes as u32)
+            .ok_or_else(|| Failure::new(status::OUT_OF_BOUNDS, "the buffer lies outside guest memory"))?;
+        Ok(bytes)
+    })();
+    let outcome = match check {
+        Ok(bytes) => match dispatch(caller, |s| s.download(handle)).await? {
+            Ok((Done::Data(values), device, _)) => {
+                let (mem, _) = memory(caller)?;
+                let dst =
+                    slice_mut(mem, out_ptr, bytes as u32).ok_or_else(|| wasmtime::Error::msg("guest memory shrank"))?;
+                for (d, v) in dst.chunks_exact_mut(4).zip(values) {
+                    d.copy_from_slice(&v.to_le_bytes());
+                }
+                Ok((bytes as i32, device))
+            }
+            Ok((Done::Tensor(_), _, _)) => Err(Failure::code(status::INVALID_ARGUMENT)),
+            Err(f) => Err(f),
+        },
+        Err(f) => Err(f),
+    };
+    settle(caller, started, Op::Download, outcome)
+}
+
+async fn kernel(caller: &mut Ctx<'_>, op: Op, a: i32, b: i32, scalar: f32) -> wasmtime::Result<i32> {
+    let started = Instant::now();
+    let outcome = dispatch(caller, |s| s.kernel(op, a, b, scalar)).await?.map(|(d, dev, _)| (handle_of(d), dev));
+    settle(caller, started, op, outcome)
+}
+
+fn shape(caller: &mut Ctx<'_>, handle: i32, out_ptr: i32, max_rank: i32) -> wasmtime::Result<i32> {
+    let info = match context(caller)?.session().tensor(handle) {
+        Ok(t) => *t,
+        Err(code) => return Ok(context(caller)?.fail(code, describe(code))),
+    };
+    let rank = info.shape().len();
+    if (max_rank as u32 as usize) < rank {
+        return Ok(context(caller)?.fail(status::BUFFER_TOO_SMALL, format!("the tensor has rank {rank}")));
+    }
+    let (mem, state) = memory(caller)?;
+    match slice_mut(mem, out_ptr, (rank * 4) as u32) {
+        Some(dst) => {
+            for (d, v) in dst.chunks_exact_mut(4).zip(info.shape()) {
+                d.copy_from_slice(&v.to_le_bytes());
+            }
+            Ok(rank as i32)
+        }
+        None => Ok(state
+            .tensors
+            .as_mut()
+            .map_or(status::OUT_OF_BOUNDS, |c| c.fail(status::OUT_OF_BOUNDS, "the buffer lies outside guest memory"))),
+    }
+}
+
+fn free(caller: &mut Ctx<'_>, handle: i32) -> wasmtime::Result<i32> {
+    let ctx = context(caller)?;
+    Ok(match ctx.session().free(handle) {
+        Ok(()) => status::OK,
+        Err(code) => ctx.fail(code, describe(code)),
+    })
+}
+
+fn last_error(caller: &mut Ctx<'_>, ptr: i32, len: i32) -> wasmtime::Result<i32> {
+    let (mem, state) = memory(caller)?;
+    let message = state.tensors.as_ref().map(|c| c.last_error.as_bytes()).unwrap_or_default();
+    let n = message.len().min(len.max(0) as usize);
+    match slice_mut(mem, ptr, n as u32) {
+        Some(dst) => {
+            dst.copy_from_slice(&message[..n]);
+            Ok(message.len() as i32)
+        }
+        None => Ok(status::OUT_OF_BOUNDS),
+    }
+}
+
+pub fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
+    linker.func_wrap_async(
+        MODULE,
+        "tensor_create",
+        |mut c: Ctx<'_>, (dtype, shape, rank, data, len): (i32, i32, i32, i32, i32)| {
+            Box::new(async move { create(&mut c, dtype, shape, rank, data, len).await })
+        },
+    )?;
+    linker.func_wrap_async(MODULE, "tensor_read", |mut c: Ctx<'_>, (h, ptr, len): (i32, i32, i32)| {
+        Box::new(async move { read(&mut c, h, ptr, len).await })
+    })?;
+    for (name, op) in [("tensor_add", Op::Add), ("tensor_mul", Op::Mul), ("tensor_matmul", Op::Matmul)] {
+        linker.func_wrap_async(MODULE, name, move |mut c: Ctx<'_>, (a, b): (i32, i32)| {
+            Box::new(async move { kernel(&mut c, op, a, b, 0.0).await })
+        })?;
+    }
+    for (name, op) in [("tensor_relu", Op::Relu), ("tensor_softmax", Op::Softmax), ("tensor_sum", Op::Sum)] {
+        linker.func_wrap_async(MODULE, name, move |mut c: Ctx<'_>, (a,): (i32,)| {
+            Box::new(async move { kernel(&mut c, op, a, 0, 0.0).await })
+        })?;
+    }
+    linker.func_wrap_async(MODULE, "tensor_scale", |mut c: Ctx<'_>, (a, s): (i32, f32)| {
+        Box::new(async move { kernel(&mut c, Op::Scale, a, 0, s).await })
+    })?;
+    linker
+        .func_wrap(MODULE, "tensor_shape", |mut c: Ctx<'_>, h: i32, ptr: i32, max: i32| shape(&mut c, h, ptr, max))?;
+    linker.func_wrap(MODULE, "tensor_free", |mut c: Ctx<'_>, h: i32| free(&mut c, h))?;
+    linker.func_wrap(MODULE, "tensor_last_error", |mut c: Ctx<'_>, ptr: i32, len: i32| last_error(&mut c, ptr, len))?;
+    Ok(())
+}

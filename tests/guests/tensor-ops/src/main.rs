@@ -1,0 +1,70 @@
+//! Reads one JSON request on stdin and writes one JSON answer on stdout.
+//!
+//! - `{"x": [[..]..], "w": [[..]..], "scale": s}`: a dense layer, `softmax(relu(x·w) * s)`, with
+//!   its shape, values and sum.
+//! - `{"probe": n, "len": l}`: `n` adds of two `l`-element tensors, each timed from the guest's
+//!   call to its result (nanoseconds, through WASI's clock): P50, P95, P99 and max.
+
+use std::io::Read;
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use tensor_wasm_guest::Tensor;
+
+fn matrix(v: &Value) -> Result<(Vec<u32>, Vec<f32>), String> {
+    let rows = v.as_array().ok_or("a matrix is an array of rows")?;
+    let cols = rows.first().and_then(Value::as_array).map_or(0, Vec::len);
+    let mut data = Vec::new();
+    for row in rows {
+        let row = row.as_array().filter(|r| r.len() == cols).ok_or("rows must have equal lengths")?;
+        for x in row {
+            data.push(x.as_f64().ok_or("elements must be numbers")? as f32);
+        }
+    }
+    Ok((vec![rows.len() as u32, cols as u32], data))
+}
+
+fn dense(req: &Value) -> Result<Value, String> {
+    let (xs, xd) = matrix(&req["x"])?;
+    let (ws, wd) = matrix(&req["w"])?;
+    let scale = req["scale"].as_f64().unwrap_or(1.0) as f32;
+    let x = Tensor::new(&xs, &xd).map_err(|e| e.to_string())?;
+    let w = Tensor::new(&ws, &wd).map_err(|e| e.to_string())?;
+    let y = x.matmul(&w).and_then(|t| t.relu()).and_then(|t| t.scale(scale)).and_then(|t| t.softmax());
+    let y = y.map_err(|e| e.to_string())?;
+    let sum = y.sum().and_then(|t| t.to_vec()).map_err(|e| e.to_string())?;
+    Ok(json!({ "shape": y.shape().map_err(|e| e.to_string())?, "y": y.to_vec().map_err(|e| e.to_string())?, "sum": sum[0] }))
+}
+
+fn probe(n: usize, len: usize) -> Result<Value, String> {
+    let data: Vec<f32> = (0..len).map(|i| i as f32 * 0.5 + 1.0).collect();
+    let a = Tensor::new(&[len as u32], &data).map_err(|e| e.to_string())?;
+    let mut nanos = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let c = a.add(&a).map_err(|e| e.to_string())?;
+        nanos.push(t.elapsed().as_nanos() as u64);
+        drop(c);
+    }
+    nanos.sort_unstable();
+    let q = |p: f64| nanos[((nanos.len() as f64 * p) as usize).min(nanos.len() - 1)];
+    Ok(json!({ "samples": n, "p50_ns": q(0.5), "p95_ns": q(0.95), "p99_ns": q(0.99), "max_ns": nanos[nanos.len() - 1] }))
+}
+
+fn main() {
+    let mut input = String::new();
+    std::io::stdin().read_to_string(&mut input).expect("stdin");
+    let answer = serde_json::from_str::<Value>(&input).map_err(|e| e.to_string()).and_then(|req| {
+        match req.get("probe").and_then(Value::as_u64) {
+            Some(n) => probe(n.max(1) as usize, req["len"].as_u64().unwrap_or(1024) as usize),
+            None => dense(&req),
+        }
+    });
+    match answer {
+        Ok(v) => println!("{v}"),
+        Err(e) => {
+            println!("{}", json!({ "error": e }));
+            std::process::exit(1);
+        }
+    }
+}
