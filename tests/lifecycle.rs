@@ -160,6 +160,8 @@ fn bad_configuration_exits_2_with_one_line() {
         vec!["serve", "--max-body-bytes", "0"],
         vec!["serve", "--max-body-bytes", "-5"],
         vec!["serve", "--io-driver", "kqueue"],
+        vec!["serve", "--gpu", "tpu"],
+        vec!["serve", "--dispatch-ring-depth", "0"],
         vec!["serve", "--default-timeout-ms", "9000", "--max-timeout-ms", "1000"],
         vec!["serve", "--no-such-flag"],
         vec!["serve", "--listen", "127.0.0.1:0", "--data-dir", &file_arg],

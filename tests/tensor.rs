@@ -168,3 +168,24 @@ fn a_module_importing_an_unknown_tensor_function_is_refused_at_deploy() {
     let r = server.client().deploy("fft", &wasm, json!({}));
     assert_eq!((r.status, r.error_kind().as_str()), (400, "unsupported_import"), "{}", r.text());
 }
+
+#[test]
+fn gpu_cuda_without_a_device_refuses_to_start_and_auto_falls_back() {
+    if tensor_wasm_dispatch::backend::cuda::driver_present() {
+        eprintln!("SKIPPED: this host has a CUDA driver");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--gpu", "cuda", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("CUDA is not available: libcuda was not found"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // The default, `auto`, serves on the host back-end.
+    let server = Server::start(&[]);
+    assert_eq!(server.metric("tensor_wasm_gpu_devices", &[("backend", "host")]), 1.0);
+}
