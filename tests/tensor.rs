@@ -189,3 +189,32 @@ fn gpu_cuda_without_a_device_refuses_to_start_and_auto_falls_back() {
     let server = Server::start(&[]);
     assert_eq!(server.metric("tensor_wasm_gpu_devices", &[("backend", "host")]), 1.0);
 }
+
+#[test]
+fn a_full_ring_makes_the_guest_wait_then_busy() {
+    let server = Server::start(&[
+        "--gpu",
+        "host",
+        "--shards",
+        "1",
+        "--dispatch-ring-depth",
+        "1",
+        "--dispatch-max-wait-ms",
+        "20",
+    ]);
+    let id = server.deploy("abi", &guests::tensor_abi());
+    let addr = server.addr;
+    let run = |n: u32, times: u32| {
+        let id = id.clone();
+        std::thread::spawn(move || call(&mut common::Client::connect(addr), &id, "matmul_loop", json!([n, times])))
+    };
+    // The worker is busy for hundreds of milliseconds; one request then fills the one-place ring.
+    let long = run(800, 3);
+    std::thread::sleep(Duration::from_millis(100));
+    let small: Vec<_> = (0..3).map(|_| run(8, 1)).collect();
+    let codes: Vec<i64> = small.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(codes.contains(&-6), "someone found the ring full for 20 ms: {codes:?}");
+    assert!(long.join().unwrap() > 0);
+    assert!(server.metric("tensor_wasm_dispatch_busy_total", &[]) >= 1.0);
+    assert!(server.metric("tensor_wasm_dispatch_ring_waits_total", &[]) >= 1.0);
+}

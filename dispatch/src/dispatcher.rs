@@ -42,6 +42,9 @@ pub struct DispatchConfig {
     pub streams_per_device: usize,
     /// Requests one shard may have in flight (its ticket table).
     pub max_tickets_per_shard: usize,
+    /// How long a call waits for room in a full ring (within its invocation's deadline) before it
+    /// fails with `busy`.
+    pub max_ring_wait: Duration,
     /// How long a waiting guest spins before it parks its task.
     pub guest_spin: Duration,
     /// How long an idle worker spins before it sleeps.
@@ -63,6 +66,7 @@ impl Default for DispatchConfig {
             ring_depth: 256,
             streams_per_device: 4,
             max_tickets_per_shard: 4096,
+            max_ring_wait: Duration::from_millis(1000),
             guest_spin: Duration::from_micros(20),
             worker_spin: Duration::from_micros(50),
             tenant_quota_bytes: 1 << 30,

@@ -173,7 +173,7 @@ impl ShardPort {
     }
 
     /// The guest is gone: keep the buffer until the completion comes, then recycle the entry.
-    fn abandon(&self, ticket: u32) {
+    pub(crate) fn abandon(&self, ticket: u32) {
         let mut t = self.lock();
         let (index, _) = decode(ticket);
         match std::mem::replace(&mut t.entries[index].state, State::Free) {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::dispatcher::Dispatcher;
-use crate::port::TicketWait;
+use crate::port::{ShardPort, TicketWait};
 use crate::quota::TenantMemory;
 use crate::record::{status, Completion, Op, Request};
 
@@ -43,22 +43,43 @@ fn info(id: u64, shape: &[u32], max_elements: u64) -> Result<TensorInfo, i32> {
     Ok(TensorInfo { id, dims, rank: shape.len() as u8, elements })
 }
 
-/// A request that is ready to send: its ticket is open, and its quota is reserved.
+/// A request that is ready to send: its ticket is open, and its quota is reserved. Dropped
+/// unsent (its invocation ended while it waited for room), it closes its ticket; the session
+/// returns its quota.
 pub struct Call {
     req: Request,
     out: Option<TensorInfo>,
+    port: Option<Arc<ShardPort>>,
 }
 
-/// A request on its way: what `finish` needs.
+impl Drop for Call {
+    fn drop(&mut self) {
+        if let Some(port) = self.port.take() {
+            drop(port.cancel(self.req.ticket));
+        }
+    }
+}
+
+/// A request on its way: what `finish` needs. Dropped before it is waited on, it abandons its
+/// ticket, which then keeps the staging buffer until the completion comes.
 pub struct Pending {
     ticket: u32,
     op: Op,
     out: Option<TensorInfo>,
+    port: Option<Arc<ShardPort>>,
 }
 
 impl Pending {
     pub fn op(&self) -> Op {
         self.op
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(port) = self.port.take() {
+            port.abandon(self.ticket);
+        }
     }
 }
 
@@ -239,44 +260,50 @@ impl Session {
         req.ticket = ticket;
         req.host_addr = addr;
         debug_assert_eq!(len as u64, req.host_len);
-        Ok(Call { req, out })
+        Ok(Call { req, out, port: Some(self.dispatcher.port(self.shard).clone()) })
     }
 
     /// Pushes the call onto the ring of the session's device. A full ring gives the call back:
     /// the caller waits and tries again, or gives up with [`Session::abort`].
     #[allow(clippy::result_large_err)] // the call comes back whole, to be retried
-    pub fn try_send(&mut self, call: Call) -> Result<Pending, Call> {
+    pub fn try_send(&mut self, mut call: Call) -> Result<Pending, Call> {
         let device = *self.device.get_or_insert_with(|| self.dispatcher.place(self.shard));
         match self.dispatcher.try_submit(self.shard, device, call.req) {
-            Ok(()) => {
-                Ok(Pending { ticket: call.req.ticket, op: Op::from_u8(call.req.op).unwrap_or(Op::Add), out: call.out })
-            }
+            Ok(()) => Ok(Pending {
+                ticket: call.req.ticket,
+                op: Op::from_u8(call.req.op).unwrap_or(Op::Add),
+                out: call.out.take(),
+                port: call.port.take(),
+            }),
             Err(_) => Err(call),
         }
     }
 
-    /// Gives up a call that was never sent.
-    pub fn abort(&mut self, call: Call) {
-        drop(self.dispatcher.port(self.shard).cancel(call.req.ticket));
-        if let Some(t) = call.out {
+    /// Gives up a call that was never sent, and returns its quota now.
+    pub fn abort(&mut self, mut call: Call) {
+        if let Some(t) = call.out.take() {
             self.return_quota(t.bytes());
         }
+        drop(call);
     }
 
-    /// The future that resolves when `pending` completes.
-    pub fn wait(&self, pending: &Pending) -> TicketWait {
+    /// The future that resolves when `pending` completes. From here on the wait owns the ticket.
+    pub fn wait(&self, pending: &mut Pending) -> TicketWait {
+        pending.port = None;
         TicketWait::new(self.dispatcher.port(self.shard).clone(), pending.ticket, self.dispatcher.config.guest_spin)
     }
 
     /// Applies a completion: registers the new tensor, or hands back the data.
-    pub fn finish(&mut self, pending: Pending, completion: Completion, staging: Vec<f32>) -> Result<Done, i32> {
+    pub fn finish(&mut self, mut pending: Pending, completion: Completion, staging: Vec<f32>) -> Result<Done, i32> {
+        pending.port = None;
+        let out = pending.out.take();
         if completion.status != status::OK {
-            if let Some(t) = pending.out {
+            if let Some(t) = out {
                 self.return_quota(t.bytes());
             }
             return Err(completion.status);
         }
-        match pending.out {
+        match out {
             Some(t) => {
                 let slot = match self.free_slots.pop() {
                     Some(s) => {
@@ -312,6 +339,8 @@ impl Session {
             }
         };
         let port = self.dispatcher.port(self.shard).clone();
+        let mut pending = pending;
+        pending.port = None; // `wait_blocking` abandons the ticket itself on timeout.
         match port.wait_blocking(pending.ticket, deadline) {
             Some((completion, staging)) => self.finish(pending, completion, staging),
             None => Err(status::TIMEOUT),

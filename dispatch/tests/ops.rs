@@ -302,3 +302,25 @@ fn a_full_ring_gives_the_call_back_and_busy_after_the_deadline() {
     drop(s);
     d.shutdown();
 }
+
+#[test]
+fn calls_and_pending_requests_dropped_midway_leak_no_ticket() {
+    let d = host(1);
+    let mut s = Session::new(d.clone(), 0, 1);
+    let a = upload(&mut s, &[64], &[1.0; 64]);
+    // A call dropped unsent: its invocation ended while it waited for room.
+    drop(s.kernel(Op::Relu, a, 0, 0.0).unwrap());
+    // A request sent and never waited for: its completion recycles the ticket.
+    let call = s.kernel(Op::Relu, a, 0, 0.0).unwrap();
+    let pending = s.try_send(call).ok().unwrap();
+    drop(pending);
+    let port = d.port(0).clone();
+    let until = Instant::now() + Duration::from_secs(5);
+    while port.tickets_in_use() > 0 && Instant::now() < until {
+        port.drain();
+        std::thread::yield_now();
+    }
+    assert_eq!(port.tickets_in_use(), 0);
+    drop(s);
+    d.shutdown();
+}

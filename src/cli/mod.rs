@@ -169,6 +169,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_DISPATCH_RING_DEPTH", default_value_t = 256)]
     pub dispatch_ring_depth: u32,
 
+    /// How long a tensor call waits for room in a full dispatch ring before it fails with `busy`
+    /// (never past the invocation's deadline).
+    #[arg(long, env = "TENSOR_WASM_DISPATCH_MAX_WAIT_MS", default_value_t = 1000)]
+    pub dispatch_max_wait_ms: u64,
+
     /// How long a guest spins for a kernel's completion before its task parks and the shard serves
     /// others. 0: park at once.
     #[arg(long, env = "TENSOR_WASM_DISPATCH_SPIN_US", default_value_t = 20)]
@@ -411,6 +416,7 @@ impl ServeArgs {
                 streams_per_device: self.gpu_streams.into(),
                 ring_depth: self.dispatch_ring_depth as usize,
                 guest_spin: std::time::Duration::from_micros(self.dispatch_spin_us),
+                max_ring_wait: std::time::Duration::from_millis(self.dispatch_max_wait_ms),
                 tenant_quota_bytes: self.gpu_memory_per_tenant_mb.saturating_mul(1 << 20),
                 max_tensors_per_session: self.max_tensors_per_invocation as usize,
                 ..DispatchConfig::default()

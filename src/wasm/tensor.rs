@@ -118,7 +118,7 @@ fn describe(code: i32) -> &'static str {
 }
 
 /// Sends the call that `prepare` builds and waits for it: a full ring is retried, yielding to the
-/// shard between tries, until the deadline. Returns what finished and the device it ran on.
+/// shard between tries, for up to `--dispatch-max-wait-ms` within the invocation's deadline. Returns what finished and the device it ran on.
 async fn dispatch(
     caller: &mut Ctx<'_>,
     prepare: impl FnOnce(&mut Session) -> Result<Call, i32>,
@@ -128,9 +128,12 @@ async fn dispatch(
         Ok(c) => c,
         Err(code) => return Ok(Err(Failure::code(code))),
     };
-    let pending = loop {
+    let ctx = context(caller)?;
+    // Within the invocation's deadline, so that the guest sees `busy` rather than a timeout.
+    let busy_at = ctx.deadline.min(Instant::now() + ctx.dispatcher.config.max_ring_wait);
+    let mut pending = loop {
         let ctx = context(caller)?;
-        let (deadline, metrics) = (ctx.deadline, ctx.metrics.clone());
+        let (deadline, metrics) = (busy_at, ctx.metrics.clone());
         let session = ctx.session();
         match session.try_send(call) {
             Ok(p) => break p,
@@ -147,7 +150,7 @@ async fn dispatch(
         }
     };
     let op = pending.op();
-    let wait = context(caller)?.session().wait(&pending);
+    let wait = context(caller)?.session().wait(&mut pending);
     let (completion, staging) = wait.await;
     let session = context(caller)?.session();
     let device = session.device().unwrap_or(0);
