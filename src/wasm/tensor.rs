@@ -50,7 +50,7 @@ pub struct TensorContext {
     shard: usize,
     tenant: u64,
     metrics: Arc<ShardMetrics>,
-    /// The invocation's deadline: a full ring is waited on until then, and no longer.
+    /// The invocation's deadline: no wait for ring room outlasts it.
     pub(super) deadline: Instant,
     /// Made at the first tensor call; dropping it frees every tensor and returns the quota.
     session: Option<Session>,
@@ -109,7 +109,7 @@ fn describe(code: i32) -> &'static str {
         status::BAD_HANDLE => "no such tensor in this invocation",
         status::SHAPE_MISMATCH => "the operands' shapes do not fit the op",
         status::QUOTA_EXCEEDED => "the tenant's device-memory quota is used up",
-        status::BUSY => "the dispatch ring stayed full until the invocation's deadline",
+        status::BUSY => "the dispatch ring stayed full for --dispatch-max-wait-ms",
         status::DEVICE_ERROR => "the device failed the operation",
         status::TOO_MANY_TENSORS => "the invocation holds as many tensors as it may",
         status::INVALID_ARGUMENT => "a dimension is zero or the tensor is too large",
@@ -118,7 +118,8 @@ fn describe(code: i32) -> &'static str {
 }
 
 /// Sends the call that `prepare` builds and waits for it: a full ring is retried, yielding to the
-/// shard between tries, for up to `--dispatch-max-wait-ms` within the invocation's deadline. Returns what finished and the device it ran on.
+/// shard between tries, for up to `--dispatch-max-wait-ms` within the invocation's deadline.
+/// Returns what finished and the device it ran on.
 async fn dispatch(
     caller: &mut Ctx<'_>,
     prepare: impl FnOnce(&mut Session) -> Result<Call, i32>,
@@ -133,18 +134,16 @@ async fn dispatch(
     let busy_at = ctx.deadline.min(Instant::now() + ctx.dispatcher.config.max_ring_wait);
     let mut pending = loop {
         let ctx = context(caller)?;
-        let (deadline, metrics) = (busy_at, ctx.metrics.clone());
-        let session = ctx.session();
-        match session.try_send(call) {
+        match ctx.session().try_send(call) {
             Ok(p) => break p,
-            Err(c) if Instant::now() < deadline => {
+            Err(c) if Instant::now() < busy_at => {
                 call = c;
-                metrics.dispatch_ring_waits.inc();
+                ctx.metrics.dispatch_ring_waits.inc();
                 fair_yield::yield_now().await;
             }
             Err(c) => {
-                session.abort(c);
-                metrics.dispatch_busy.inc();
+                ctx.session().abort(c);
+                ctx.metrics.dispatch_busy.inc();
                 return Ok(Err(Failure::code(status::BUSY)));
             }
         }
