@@ -324,3 +324,23 @@ fn calls_and_pending_requests_dropped_midway_leak_no_ticket() {
     drop(s);
     d.shutdown();
 }
+
+/// NVRTC needs no GPU: wherever it is installed (CI installs the wheel's library), the kernels
+/// must compile for the architectures we ship to.
+#[test]
+fn cuda_kernels_compile_with_nvrtc() {
+    for (major, minor) in [(8, 0), (8, 9), (9, 0)] {
+        let ptx = match cuda::compile_ptx(major, minor) {
+            Ok(ptx) => ptx,
+            Err(e) if e.contains("libnvrtc was not found") => {
+                eprintln!("SKIPPED: {e}");
+                return;
+            }
+            Err(e) => panic!("sm_{major}{minor}: {e}"),
+        };
+        let src = ptx.to_src();
+        for kernel in ["tw_add", "tw_mul", "tw_scale", "tw_relu", "tw_softmax", "tw_sum", "tw_fma_peak"] {
+            assert!(src.contains(&format!(".entry {kernel}(")), "sm_{major}{minor}: no {kernel} in the PTX");
+        }
+    }
+}

@@ -17,7 +17,8 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream
 use super::{shape_of, staging, Backend, BackendKind, Finished, Submitted};
 use crate::record::{status, Op, Request};
 
-/// The kernels, in CUDA C. Public so that benchmarks launch exactly these.
+/// The kernels, in CUDA C. Public so that benchmarks launch exactly these. NVRTC compiles them
+/// without any header, so they use no macro (`INFINITY`) or type (`size_t`) that headers define.
 pub const KERNEL_SOURCE: &str = r#"
 extern "C" __global__ void tw_add(const float* a, const float* b, float* out, unsigned n) {
     unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -40,9 +41,9 @@ extern "C" __global__ void tw_softmax(const float* x, float* out, unsigned rows,
     __shared__ float buf[256];
     unsigned r = blockIdx.x;
     if (r >= rows) return;
-    const float* row = x + (size_t)r * cols;
-    float* o = out + (size_t)r * cols;
-    float m = -INFINITY;
+    const float* row = x + (unsigned long long)r * cols;
+    float* o = out + (unsigned long long)r * cols;
+    float m = __int_as_float(0xff800000); // -inf
     for (unsigned c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, row[c]);
     buf[threadIdx.x] = m;
     __syncthreads();
@@ -95,18 +96,24 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// Compiles [`KERNEL_SOURCE`] for the context's device.
-pub fn compile(ctx: &Arc<CudaContext>) -> Result<Arc<cudarc::driver::CudaModule>, String> {
+/// Compiles [`KERNEL_SOURCE`] to PTX for compute capability `major.minor`. Needs NVRTC only, not a
+/// device.
+pub fn compile_ptx(major: i32, minor: i32) -> Result<cudarc::nvrtc::Ptx, String> {
     // SAFETY: as above, a probe.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err("libnvrtc was not found: install the CUDA toolkit's NVRTC".into());
     }
-    let (major, minor) = ctx.compute_capability().map_err(|e| format!("compute capability: {e}"))?;
     let opts = cudarc::nvrtc::CompileOptions {
         options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
         ..Default::default()
     };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| format!("NVRTC: {e:?}"))?;
+    cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| format!("NVRTC: {e:?}"))
+}
+
+/// Compiles [`KERNEL_SOURCE`] for the context's device and loads it.
+pub fn compile(ctx: &Arc<CudaContext>) -> Result<Arc<cudarc::driver::CudaModule>, String> {
+    let (major, minor) = ctx.compute_capability().map_err(|e| format!("compute capability: {e}"))?;
+    let ptx = compile_ptx(major, minor)?;
     ctx.load_module(ptx).map_err(|e| format!("loading the kernels: {e}"))
 }
 
