@@ -18,7 +18,7 @@ use super::{shape_of, staging, Backend, BackendKind, Finished, Submitted};
 use crate::record::{status, Op, Request};
 
 /// The kernels, in CUDA C. Public so that benchmarks launch exactly these. NVRTC compiles them
-/// without any header, so they use no macro (`INFINITY`) or type (`size_t`) that headers define.
+/// without any header, so they use no macro that headers define (`INFINITY` is undefined there).
 pub const KERNEL_SOURCE: &str = r#"
 extern "C" __global__ void tw_add(const float* a, const float* b, float* out, unsigned n) {
     unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
