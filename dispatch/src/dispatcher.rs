@@ -150,6 +150,8 @@ pub struct Dispatcher {
     deferred: Box<[Mutex<Vec<Deferred>>]>,
     pub(crate) stop: AtomicBool,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// With `auto`: why CUDA was not used, for the operator's log.
+    pub cuda_fallback: Option<String>,
 }
 
 impl Dispatcher {
@@ -158,12 +160,16 @@ impl Dispatcher {
         if config.shards == 0 || config.ring_depth == 0 || config.streams_per_device == 0 {
             return Err(DispatchError::Config("shards, ring depth and streams must be at least 1".into()));
         }
+        let mut cuda_fallback = None;
         let backends: Vec<Box<dyn Backend>> = match config.backend {
             BackendChoice::Host => host_backends(config.host_devices),
             BackendChoice::Cuda => cuda::open_all(config.streams_per_device).map_err(DispatchError::CudaUnavailable)?,
             BackendChoice::Auto => match cuda::open_all(config.streams_per_device) {
                 Ok(devices) => devices,
-                Err(_) => host_backends(config.host_devices),
+                Err(why) => {
+                    cuda_fallback = Some(why);
+                    host_backends(config.host_devices)
+                }
             },
         };
         if backends.is_empty() {
@@ -197,6 +203,7 @@ impl Dispatcher {
             devices,
             stop: AtomicBool::new(false),
             workers: Mutex::new(Vec::new()),
+            cuda_fallback,
         });
         for (index, backend) in backends.into_iter().enumerate() {
             let d = dispatcher.clone();

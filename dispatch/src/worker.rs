@@ -50,7 +50,11 @@ pub(crate) fn run(dispatcher: Arc<Dispatcher>, index: usize, mut backend: Box<dy
         }
 
         if worked || backend.in_flight() > 0 || !backlog.is_empty() {
+            // Kernels in flight are polled without a pause: their completion is the latency.
             idle_since = Instant::now();
+            if !worked {
+                std::hint::spin_loop();
+            }
             continue;
         }
         if dispatcher.stop.load(Ordering::Acquire) {

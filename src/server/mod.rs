@@ -176,6 +176,9 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
 
     let dispatcher = Dispatcher::start(DispatchConfig { shards: shard_count, ..config.dispatch.clone() })
         .map_err(|e| ServerError::Config(e.to_string()))?;
+    if let Some(why) = &dispatcher.cuda_fallback {
+        tracing::info!("--gpu auto: kernels run on the host back-end ({why})");
+    }
     for d in dispatcher.devices.iter() {
         tracing::info!(device = d.index, name = %d.name, backend = d.kind.label(), "kernel dispatch device");
     }
