@@ -161,6 +161,7 @@ fn bad_configuration_exits_2_with_one_line() {
         vec!["serve", "--max-body-bytes", "-5"],
         vec!["serve", "--io-driver", "kqueue"],
         vec!["serve", "--gpu", "tpu"],
+        vec!["serve", "--rate-limit-qps", "2000000000"],
         vec!["serve", "--dispatch-ring-depth", "0"],
         vec!["serve", "--default-timeout-ms", "9000", "--max-timeout-ms", "1000"],
         vec!["serve", "--no-such-flag"],

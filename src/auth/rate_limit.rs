@@ -22,6 +22,11 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
+impl RateLimit {
+    /// The bucket counts in nanoseconds: one admission per nanosecond is the finest rate.
+    pub const MAX_QPS: u32 = 1_000_000_000;
+}
+
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
@@ -44,7 +49,7 @@ pub struct GlobalBucket {
 
 impl GlobalBucket {
     pub fn new(limit: RateLimit) -> Self {
-        assert!(limit.qps > 0 && limit.burst > 0);
+        assert!(limit.qps > 0 && limit.qps <= RateLimit::MAX_QPS && limit.burst > 0);
         let interval = 1_000_000_000 / u64::from(limit.qps);
         epoch();
         GlobalBucket { interval, capacity: interval * u64::from(limit.burst), tat: AtomicU64::new(0) }

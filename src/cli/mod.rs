@@ -367,6 +367,9 @@ impl ServeArgs {
                 (0, Some(_)) => return Err("--rate-limit-burst needs --rate-limit-qps".into()),
                 (0, None) => None,
                 (_, Some(0)) => return Err("--rate-limit-burst must be greater than 0".into()),
+                (qps, _) if qps > RateLimit::MAX_QPS => {
+                    return Err(format!("--rate-limit-qps must be at most {}", RateLimit::MAX_QPS));
+                }
                 (qps, burst) => Some(RateLimit { qps, burst: burst.unwrap_or(qps) }),
             },
         };
