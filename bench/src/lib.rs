@@ -1,4 +1,9 @@
-//! Shared helpers of the benchmarks: the built-in configuration, pinning, and reporting.
+//! The benchmarks of TensorWasm: the SLO harness (`tensor-wasm-bench`, in [`harness`]), the
+//! conventional server it is compared with ([`baseline`]), and the micro-benchmarks' shared helpers
+//! below: the built-in configuration, pinning, and reporting.
+
+pub mod baseline;
+pub mod harness;
 
 use std::time::Duration;
 

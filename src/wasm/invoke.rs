@@ -114,6 +114,11 @@ impl GuestState {
         Ok(())
     }
 
+    /// What the guest has written to stdout so far.
+    pub fn stdout(&self) -> &[u8] {
+        &self.stdout
+    }
+
     pub fn write_stderr(&mut self, data: &[u8]) {
         let room = self.limits.max_stderr_bytes.saturating_sub(self.stderr.len());
         let keep = room.min(data.len());

@@ -1,0 +1,224 @@
+//! `tensor-wasm-bench`: the SLO harness. See the README's "Benchmark it" and docs/SLO.md.
+//!
+//! Exit status: 0 when every gated SLO held, 1 when one did not, 2 when the run could not be made.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use tensor_wasm_bench::harness::guests::GuestSource;
+use tensor_wasm_bench::harness::run::{ServerSource, Settings};
+use tensor_wasm_bench::harness::scenario::{Scenario, ScenarioOptions};
+use tensor_wasm_bench::harness::slo::Gate;
+use tensor_wasm_bench::harness::suite::{run_suite, Mode, StepPlan, SuiteOptions};
+use tensor_wasm_bench::harness::target::{sibling_binary, Endpoint};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tensor-wasm-bench",
+    about = "Open-loop SLO benchmark harness for TensorWasm",
+    long_about = "Sends open-loop, constant-rate load over keep-alive connections, records latency \
+                  corrected for coordinated omission, and judges it against docs/SLO.md. Without \
+                  --server it starts a fresh tensor-wasm for every scenario on a loopback port."
+)]
+struct Args {
+    /// Scenarios to run, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "healthz,hello,json,tensor,tenant-mix,deploy-storm"
+    )]
+    scenario: Vec<Scenario>,
+
+    /// A live server to measure (http://host:port) instead of starting one.
+    #[arg(long, env = "TENSOR_WASM_SERVER")]
+    server: Option<String>,
+    /// The bearer token for a live server.
+    #[arg(long, env = "TENSOR_WASM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The tenant to act as on a live server.
+    #[arg(long, env = "TENSOR_WASM_TENANT")]
+    tenant: Option<u64>,
+    /// The tensor-wasm binary to start (default: beside this one).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// The baseline binary to start (default: beside this one).
+    #[arg(long)]
+    baseline_bin: Option<PathBuf>,
+    /// Shards of a started server (baseline: tokio workers). Default: every CPU.
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Folder with prebuilt json-stats.wasm and tensor-ops.wasm (default: build them with cargo).
+    #[arg(long)]
+    guests_dir: Option<PathBuf>,
+
+    /// The offered rate of a fixed-rate run, in requests per second.
+    #[arg(long, default_value_t = 2000.0)]
+    rate: f64,
+    /// Step mode: ramp the rate and report the highest at which the SLO holds.
+    #[arg(long)]
+    step: bool,
+    /// The step search's first rate.
+    #[arg(long, default_value_t = 1000.0)]
+    step_start: f64,
+    /// Each step multiplies the rate by this.
+    #[arg(long, default_value_t = 1.5)]
+    step_factor: f64,
+    /// The step search stops here.
+    #[arg(long, default_value_t = 1_000_000.0)]
+    step_max: f64,
+    /// Bisections between the last passing and the first failing step.
+    #[arg(long, default_value_t = 2)]
+    step_refine: u32,
+    /// Also run the conventional baseline server and print the ratios.
+    #[arg(long)]
+    baseline: bool,
+    /// Also measure the shard-scaling curve (step mode at each count).
+    #[arg(long)]
+    scale: bool,
+    /// Shard counts of the curve, comma-separated. Default: 1, 2, 4, ... and every CPU.
+    #[arg(long, value_delimiter = ',')]
+    scale_shards: Vec<usize>,
+    /// The curve's scenario.
+    #[arg(long, value_enum, default_value = "hello")]
+    scale_scenario: Scenario,
+
+    /// Keep-alive connections, each with its own thread.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Sent but not recorded, before each measurement (e.g. 2s, 500ms).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// The measured window of each rate.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// A request unanswered for this long is an error.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    io_timeout: Duration,
+    /// Replaces our own P99 objective (e.g. 2ms).
+    #[arg(long, value_parser = parse_duration)]
+    p99_target: Option<Duration>,
+    /// Which objectives decide the exit status.
+    #[arg(long, value_enum, default_value = "all")]
+    gate: Gate,
+    /// Deploys per second in the deploy-storm scenario.
+    #[arg(long, default_value_t = 10.0)]
+    storm_rate: f64,
+    /// Each tenant's rate limit in the tenant-mix scenario (requests per second).
+    #[arg(long, default_value_t = 2000)]
+    mix_limit_qps: u32,
+
+    /// Writes results.json and results.md into this folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.find(|c: char| c.is_ascii_alphabetic()).map_or((text, "s"), |i| text.split_at(i));
+    let value: f64 = number.trim().parse().map_err(|_| format!("`{text}` is not a duration such as 10s or 500ms"))?;
+    let seconds = match unit {
+        "s" => value,
+        "ms" => value / 1e3,
+        "us" | "µs" => value / 1e6,
+        "m" => value * 60.0,
+        _ => return Err(format!("`{text}`: the unit must be m, s, ms or us")),
+    };
+    if !(seconds.is_finite() && seconds >= 0.0) {
+        return Err(format!("`{text}` is not a duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn main() {
+    let args = Args::parse();
+    match run(args) {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("tensor-wasm-bench: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn run(args: Args) -> Result<bool, String> {
+    if args.rate <= 0.0 || args.step_start <= 0.0 || args.step_factor <= 1.0 || args.connections == 0 {
+        return Err("--rate and --step-start must be positive, --step-factor above 1, --connections at least 1".into());
+    }
+    if args.duration.is_zero() {
+        return Err("--duration must be longer than zero".into());
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let source = match &args.server {
+        Some(url) => {
+            if args.baseline || args.scale {
+                return Err("--baseline and --scale start their own servers; leave out --server".into());
+            }
+            ServerSource::Remote(Endpoint::from_url(url, args.token.clone(), args.tenant)?)
+        }
+        None => ServerSource::Start {
+            binary: match &args.server_bin {
+                Some(p) => p.clone(),
+                None => sibling_binary("tensor-wasm")?,
+            },
+            baseline_binary: match &args.baseline_bin {
+                Some(p) => Some(p.clone()),
+                None if args.baseline => Some(sibling_binary("tensor-wasm-baseline")?),
+                None => None,
+            },
+            shards: args.shards.unwrap_or(cpus),
+        },
+    };
+    let steps =
+        StepPlan { start: args.step_start, factor: args.step_factor, max: args.step_max, refine: args.step_refine };
+    let scale = args.scale.then(|| {
+        let counts = if args.scale_shards.is_empty() {
+            let mut c: Vec<usize> =
+                std::iter::successors(Some(1usize), |n| Some(n * 2)).take_while(|n| *n < cpus).collect();
+            c.push(cpus);
+            c
+        } else {
+            args.scale_shards.clone()
+        };
+        (counts, args.scale_scenario)
+    });
+    let options = SuiteOptions {
+        scenarios: args.scenario.clone(),
+        source,
+        mode: if args.step { Mode::Step(steps) } else { Mode::Fixed { rate: args.rate } },
+        steps,
+        baseline: args.baseline,
+        scale,
+        settings: Settings {
+            connections: args.connections,
+            warmup: args.warmup,
+            duration: args.duration,
+            io_timeout: args.io_timeout,
+            p99_override: args.p99_target,
+            gate: args.gate,
+            storm_rate: args.storm_rate,
+            scenario: ScenarioOptions {
+                guests: args.guests_dir.clone().map_or(GuestSource::Build, GuestSource::Prebuilt),
+                mix_limit_qps: args.mix_limit_qps,
+            },
+            progress: !args.quiet,
+        },
+        command: std::env::args().collect(),
+    };
+    let report = run_suite(&options)?;
+    let markdown = report.to_markdown();
+    print!("{markdown}");
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        for (name, text) in [("results.json", json.as_str()), ("results.md", markdown.as_str())] {
+            let path = dir.join(name);
+            std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        }
+    }
+    Ok(report.pass)
+}

@@ -1,0 +1,65 @@
+//! The guests the scenarios deploy: WAT for the trivial ones, and the repository's Rust guests,
+//! built for wasm32-wasip1 on first use (or taken prebuilt from a folder).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The seed's hello.wasm: an empty `_start`.
+pub fn hello() -> Vec<u8> {
+    wat::parse_str(r#"(module (func (export "_start")))"#).expect("valid WAT")
+}
+
+/// A hello whose bytes differ for every `n`, so that each deploy of the storm compiles anew.
+pub fn unique_hello(n: u64) -> Vec<u8> {
+    wat::parse_str(format!(r#"(module (memory 1) (data (i32.const 0) "storm-{n}") (func (export "_start")))"#))
+        .expect("valid WAT")
+}
+
+/// Where the Rust guests come from.
+#[derive(Clone, Debug)]
+pub enum GuestSource {
+    /// `NAME.wasm` files in this folder.
+    Prebuilt(PathBuf),
+    /// Built from `tests/guests/NAME` of this repository, with cargo.
+    Build,
+}
+
+impl GuestSource {
+    /// The module of the Rust guest `name` (`json-stats` or `tensor-ops`).
+    pub fn rust_guest(&self, name: &str) -> Result<Vec<u8>, String> {
+        let path = match self {
+            GuestSource::Prebuilt(dir) => dir.join(format!("{name}.wasm")),
+            GuestSource::Build => build(name)?,
+        };
+        std::fs::read(&path).map_err(|e| format!("cannot read the guest {}: {e}", path.display()))
+    }
+}
+
+fn build(name: &str) -> Result<PathBuf, String> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let manifest = repo.join(format!("tests/guests/{name}/Cargo.toml"));
+    if !manifest.is_file() {
+        return Err(format!(
+            "{} is missing: run the harness from its repository, or give --guests-dir with {name}.wasm",
+            manifest.display()
+        ));
+    }
+    let target_dir = repo.join("target/guests");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "--release", "--target", "wasm32-wasip1", "--manifest-path"])
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(&target_dir)
+        // The guest must not inherit the harness's own build flags.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .status()
+        .map_err(|e| format!("cannot run cargo to build the guest {name}: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "building the guest {name} failed (is the target installed? `rustup target add wasm32-wasip1`)"
+        ));
+    }
+    Ok(target_dir.join(format!("wasm32-wasip1/release/{name}.wasm")))
+}

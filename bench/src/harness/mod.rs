@@ -1,0 +1,42 @@
+//! `tensor-wasm-bench`: the SLO harness. It drives a live server with open-loop, constant-rate
+//! load, corrects latency for coordinated omission, and judges the results against docs/SLO.md.
+//!
+//! - [`load`]: the load generator (one thread per keep-alive connection, each on a schedule).
+//! - [`client`]: its blocking HTTP/1.1 connection.
+//! - [`target`]: the server under test, started here or reached by URL.
+//! - [`scenario`]: what each scenario deploys and sends; [`guests`]: the modules.
+//! - [`slo`]: the objectives; [`scrape`]: the server-side dispatch histogram.
+//! - [`run`]: one measurement, and the step search; [`suite`]: a whole run;
+//!   [`report`]: its JSON and Markdown.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tensor_wasm_bench::harness::load::{self, LoadPlan, Progress, RequestClass};
+//!
+//! let plan = LoadPlan {
+//!     addr: "127.0.0.1:8080".parse().unwrap(),
+//!     rate: 1000.0,
+//!     warmup: Duration::from_secs(1),
+//!     duration: Duration::from_secs(5),
+//!     connections: 8,
+//!     classes: vec![RequestClass {
+//!         name: "healthz".into(),
+//!         request: b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n".to_vec().into(),
+//!         weight: 1,
+//!     }],
+//!     io_timeout: Duration::from_secs(10),
+//! };
+//! let outcome = load::run(&plan, &Progress::default()).unwrap();
+//! println!("P99: {} ns", outcome.total().latency.value_at_quantile(0.99));
+//! ```
+
+pub mod client;
+pub mod guests;
+pub mod load;
+pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod scrape;
+pub mod slo;
+pub mod suite;
+pub mod target;

@@ -1,0 +1,505 @@
+//! Running scenarios: one rate, a step search for the highest rate within the SLO, the
+//! side-by-side with the baseline, and the shard-scaling curve.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::guests;
+use super::load::{self, latency_histogram, LoadOutcome, LoadPlan, Progress};
+use super::scenario::{deploy, Prepared, Scenario, ScenarioOptions};
+use super::scrape::KernelHistogram;
+use super::slo::{Gate, Measure, Verdict};
+use super::target::{Endpoint, Implementation, StartedServer};
+
+/// How every measurement of a harness run is taken.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub connections: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub io_timeout: Duration,
+    pub p99_override: Option<Duration>,
+    pub gate: Gate,
+    /// Deploys per second beside the load in the deploy-storm scenario.
+    pub storm_rate: f64,
+    pub scenario: ScenarioOptions,
+    pub progress: bool,
+}
+
+/// Where the server under test comes from.
+#[derive(Clone, Debug)]
+pub enum ServerSource {
+    /// A live server; the harness only sends requests.
+    Remote(Endpoint),
+    /// A server process the harness starts for each scenario, with a fresh data dir.
+    Start { binary: PathBuf, baseline_binary: Option<PathBuf>, shards: usize },
+}
+
+/// A server ready for one scenario, and the scenario deployed on it.
+pub struct Session {
+    pub scenario: Scenario,
+    pub server: &'static str,
+    pub shards: Option<usize>,
+    endpoint: Endpoint,
+    prepared: Prepared,
+    process: Option<StartedServer>,
+}
+
+impl Session {
+    /// Starts (or reaches) the server for `scenario` and deploys what it needs.
+    pub fn open(
+        source: &ServerSource,
+        implementation: Implementation,
+        scenario: Scenario,
+        shards: Option<usize>,
+        settings: &Settings,
+    ) -> Result<Session, String> {
+        if !scenario.runs_on(implementation) {
+            return Err(format!("the {} server cannot run the {} scenario", implementation.name(), scenario.name()));
+        }
+        let (endpoint, process, shards) = match source {
+            ServerSource::Remote(endpoint) => (endpoint.clone(), None, None),
+            ServerSource::Start { binary, baseline_binary, shards: default_shards } => {
+                let binary = match implementation {
+                    Implementation::TensorWasm => binary.clone(),
+                    Implementation::Baseline => {
+                        baseline_binary.clone().ok_or("the baseline server's binary was not found (--baseline-bin)")?
+                    }
+                };
+                let shards = shards.unwrap_or(*default_shards);
+                let extra = scenario.server_settings(&settings.scenario);
+                let process = StartedServer::start(implementation, &binary, shards, &extra.args, &extra.env)?;
+                (process.endpoint.clone(), Some(process), Some(shards))
+            }
+        };
+        let prepared = scenario.prepare(&endpoint, process.is_some(), &settings.scenario)?;
+        Ok(Session { scenario, server: implementation.name(), shards, endpoint, prepared, process })
+    }
+
+    /// One measurement at `rate` requests per second.
+    pub fn measure(&self, rate: f64, settings: &Settings) -> Result<Measurement, String> {
+        let plan = LoadPlan {
+            addr: self.endpoint.addr,
+            rate,
+            warmup: settings.warmup,
+            duration: settings.duration,
+            connections: settings.connections,
+            classes: self.prepared.classes.clone(),
+            io_timeout: settings.io_timeout,
+        };
+        let kernels_before = self.kernel_histogram();
+        let progress = Progress::default();
+        let server_cpu_before = self.process.as_ref().and_then(|p| cpu_seconds(p.pid()));
+        let harness_cpu_before = cpu_seconds(std::process::id());
+        let running = AtomicBool::new(true);
+        let label = format!("{} on {} at {rate:.0}/s", self.scenario.name(), self.server);
+        let (outcome, storm) = std::thread::scope(|scope| {
+            let storm = self.prepared.storm.then(|| {
+                let endpoint = &self.endpoint;
+                let running = &running;
+                let rate = settings.storm_rate;
+                scope.spawn(move || storm(endpoint, rate, running))
+            });
+            let reporter = settings.progress.then(|| {
+                let (progress, running) = (&progress, &running);
+                let total = settings.warmup + settings.duration;
+                let label = &label;
+                scope.spawn(move || report_progress(label, total, progress, running))
+            });
+            let outcome = load::run(&plan, &progress);
+            running.store(false, Ordering::Relaxed);
+            let storm = storm.map(|h| h.join().expect("the storm thread does not panic"));
+            if let Some(h) = reporter {
+                let _ = h.join();
+            }
+            (outcome, storm)
+        });
+        let outcome = outcome?;
+        // CPU per answer, over the whole plan (warm-up included, as its answers are counted too).
+        let answered = progress.answered.load(Ordering::Relaxed).max(1) as f64;
+        let per_answer = |before: Option<f64>, after: Option<f64>| Some((after? - before?) / answered * 1e6);
+        let cpu = CpuReport {
+            server_us_per_answer: per_answer(
+                server_cpu_before,
+                self.process.as_ref().and_then(|p| cpu_seconds(p.pid())),
+            ),
+            harness_us_per_answer: per_answer(harness_cpu_before, cpu_seconds(std::process::id())),
+        };
+        let dispatch = match (kernels_before, self.kernel_histogram()) {
+            (Some(before), Some(after)) => {
+                let run = after.since(&before);
+                (run.count() > 0.0).then(|| DispatchReport {
+                    kernels: run.count() as u64,
+                    p50_bound_us: run.quantile_bound(0.50).map(|s| s * 1e6),
+                    p95_bound_us: run.quantile_bound(0.95).map(|s| s * 1e6),
+                    p99_bound_us: run.quantile_bound(0.99).map(|s| s * 1e6),
+                })
+            }
+            _ => None,
+        };
+        Ok(Measurement::new(self, &outcome, cpu, dispatch, storm, settings))
+    }
+
+    /// Steps the rate up from `start` by `factor` while the SLO holds, up to `max`, then narrows
+    /// the boundary `refine` times by bisection.
+    pub fn step_search(
+        &self,
+        start: f64,
+        factor: f64,
+        max: f64,
+        refine: u32,
+        settings: &Settings,
+    ) -> Result<StepSearch, String> {
+        let mut steps = Vec::new();
+        let mut best: Option<usize> = None;
+        let mut rate = start;
+        let mut failed_at: Option<f64> = None;
+        while rate <= max {
+            let m = self.measure(rate, settings)?;
+            let pass = m.pass;
+            steps.push(m);
+            if pass {
+                best = Some(steps.len() - 1);
+                rate *= factor;
+            } else {
+                failed_at = Some(rate);
+                break;
+            }
+            pause_between_steps();
+        }
+        if let (Some(mut high), Some(b)) = (failed_at, best) {
+            let mut low = steps[b].offered_rate;
+            for _ in 0..refine {
+                pause_between_steps();
+                let mid = (low + high) / 2.0;
+                let m = self.measure(mid, settings)?;
+                if m.pass {
+                    low = mid;
+                    steps.push(m);
+                    best = Some(steps.len() - 1);
+                } else {
+                    high = mid;
+                    steps.push(m);
+                }
+            }
+        }
+        Ok(StepSearch { scenario: self.scenario.name(), server: self.server, shards: self.shards, steps, best })
+    }
+
+    fn kernel_histogram(&self) -> Option<KernelHistogram> {
+        matches!(self.scenario, Scenario::Tensor)
+            .then(|| self.endpoint.metrics().ok().map(|t| KernelHistogram::parse(&t)))
+            .flatten()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // A started server goes away with its data; a live one gets its functions deleted.
+        if self.process.is_none() {
+            for problem in self.prepared.clean_up() {
+                eprintln!("tensor-wasm-bench: clean-up: {problem}");
+            }
+        }
+    }
+}
+
+/// Lets the server drain what the last step queued before the next one starts.
+fn pause_between_steps() {
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Clone, Debug, Serialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50_us: f64,
+    pub p95_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    pub mean_us: f64,
+}
+
+impl LatencySummary {
+    pub fn of(h: &Histogram<u64>) -> LatencySummary {
+        let us = |ns: u64| ns as f64 / 1e3;
+        LatencySummary {
+            count: h.len(),
+            p50_us: us(h.value_at_quantile(0.50)),
+            p95_us: us(h.value_at_quantile(0.95)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+            mean_us: h.mean() / 1e3,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ClassReport {
+    pub name: String,
+    /// Whether its latency counts toward the SLO (a class expected to be refused does not).
+    pub judged: bool,
+    pub latency: LatencySummary,
+    /// Answers by status, as strings for JSON.
+    pub statuses: BTreeMap<String, u64>,
+    pub io_errors: u64,
+    pub unsent: u64,
+    /// Answers per second, of any status.
+    pub throughput: f64,
+}
+
+/// CPU time per answered request, from /proc: the fairest comparison of two designs on a machine
+/// where the load generator shares the CPUs.
+#[derive(Clone, Debug, Serialize)]
+pub struct CpuReport {
+    /// The server process (only when the harness started it).
+    pub server_us_per_answer: Option<f64>,
+    /// The harness itself: the load generator's cost.
+    pub harness_us_per_answer: Option<f64>,
+}
+
+/// User plus system CPU seconds of process `pid` so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after its closing parenthesis do not.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (hz > 0.0).then(|| ticks / hz)
+}
+
+/// The server's kernel-latency histogram over the run; bounds of the buckets that hold each
+/// quantile.
+#[derive(Clone, Debug, Serialize)]
+pub struct DispatchReport {
+    pub kernels: u64,
+    pub p50_bound_us: Option<f64>,
+    pub p95_bound_us: Option<f64>,
+    pub p99_bound_us: Option<f64>,
+}
+
+/// What the deploys beside the load did.
+#[derive(Clone, Debug, Serialize)]
+pub struct StormReport {
+    pub deploys: u64,
+    pub failed: u64,
+    pub deploy_latency: LatencySummary,
+    pub first_error: Option<String>,
+}
+
+/// One scenario at one rate.
+#[derive(Clone, Debug, Serialize)]
+pub struct Measurement {
+    pub scenario: &'static str,
+    pub server: &'static str,
+    pub shards: Option<usize>,
+    pub offered_rate: f64,
+    /// Answers per second of any status, over the measured window.
+    pub achieved_rate: f64,
+    /// The judged classes together.
+    pub latency: LatencySummary,
+    pub classes: Vec<ClassReport>,
+    /// Every answer by status, all classes together.
+    pub statuses: BTreeMap<String, u64>,
+    pub io_errors: u64,
+    pub unsent: u64,
+    /// The generator's own lateness at P99 (µs): large values mean the load generator, not the
+    /// server, fell behind.
+    pub generator_lag_p99_us: f64,
+    pub cpu: CpuReport,
+    pub dispatch: Option<DispatchReport>,
+    pub storm: Option<StormReport>,
+    pub verdicts: Vec<Verdict>,
+    /// Every verdict the gate counts passed.
+    pub pass: bool,
+}
+
+impl Measurement {
+    fn new(
+        session: &Session,
+        outcome: &LoadOutcome,
+        cpu: CpuReport,
+        dispatch: Option<DispatchReport>,
+        storm: Option<StormReport>,
+        settings: &Settings,
+    ) -> Measurement {
+        let seconds = outcome.measured.as_secs_f64();
+        let prepared = &session.prepared;
+        let mut judged = latency_histogram();
+        let (mut attempts, mut server_errors, mut failed) = (0u64, 0u64, 0u64);
+        let mut statuses = BTreeMap::new();
+        let classes = outcome
+            .classes
+            .iter()
+            .map(|c| {
+                let is_judged = prepared.judged(&c.name);
+                if is_judged {
+                    let _ = judged.add(&c.latency);
+                }
+                attempts += c.answered() + c.io_errors + c.unsent;
+                server_errors += c.io_errors + c.unsent;
+                failed += c.io_errors + c.unsent;
+                for (status, n) in &c.statuses {
+                    if *status >= 500 {
+                        server_errors += n;
+                    }
+                    if !prepared.expects(&c.name, *status) {
+                        failed += n;
+                    }
+                    *statuses.entry(status.to_string()).or_default() += n;
+                }
+                ClassReport {
+                    name: c.name.clone(),
+                    judged: is_judged,
+                    latency: LatencySummary::of(&c.latency),
+                    statuses: c.statuses.iter().map(|(s, n)| (s.to_string(), *n)).collect(),
+                    io_errors: c.io_errors,
+                    unsent: c.unsent,
+                    throughput: c.answered() as f64 / seconds,
+                }
+            })
+            .collect::<Vec<_>>();
+        if let Some(s) = &storm {
+            attempts += s.deploys;
+            failed += s.failed;
+        }
+        let ratio = |n: u64| if attempts == 0 { None } else { Some(n as f64 / attempts as f64) };
+        let verdicts = prepared
+            .traffic
+            .targets(settings.p99_override)
+            .into_iter()
+            .map(|target| {
+                let measured = match target.measure {
+                    Measure::HttpLatency { quantile } => {
+                        (!judged.is_empty()).then(|| judged.value_at_quantile(quantile) as f64 / 1e9)
+                    }
+                    Measure::DispatchLatency { quantile } => dispatch
+                        .as_ref()
+                        .and_then(|d| match quantile {
+                            q if q <= 0.5 => d.p50_bound_us,
+                            q if q <= 0.95 => d.p95_bound_us,
+                            _ => d.p99_bound_us,
+                        })
+                        .map(|us| us / 1e6),
+                    Measure::ServerErrorRatio => ratio(server_errors),
+                    Measure::FailedRatio => ratio(failed),
+                };
+                Verdict::judge(target, measured)
+            })
+            .collect::<Vec<_>>();
+        let pass = verdicts.iter().filter(|v| settings.gate.gates(&v.target)).all(|v| v.pass);
+        let total = outcome.total();
+        Measurement {
+            scenario: session.scenario.name(),
+            server: session.server,
+            shards: session.shards,
+            offered_rate: outcome.offered_rate,
+            achieved_rate: total.answered() as f64 / seconds,
+            latency: LatencySummary::of(&judged),
+            classes,
+            statuses,
+            io_errors: total.io_errors,
+            unsent: total.unsent,
+            generator_lag_p99_us: outcome.lag.value_at_quantile(0.99) as f64 / 1e3,
+            cpu,
+            dispatch,
+            storm,
+            verdicts,
+            pass,
+        }
+    }
+}
+
+/// A step search's measurements, in the order taken, and the best passing one.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepSearch {
+    pub scenario: &'static str,
+    pub server: &'static str,
+    pub shards: Option<usize>,
+    pub steps: Vec<Measurement>,
+    /// Index into `steps` of the highest rate within the SLO.
+    pub best: Option<usize>,
+}
+
+impl StepSearch {
+    pub fn best(&self) -> Option<&Measurement> {
+        self.best.map(|i| &self.steps[i])
+    }
+}
+
+/// Deploys a fresh module and deletes it again, `rate` times a second, until `running` clears.
+/// Deploys are paced, not open-loop: a slow one delays the next.
+fn storm(endpoint: &Endpoint, rate: f64, running: &AtomicBool) -> StormReport {
+    let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let mut latency = latency_histogram();
+    let (mut deploys, mut failed, mut first_error) = (0u64, 0u64, None);
+    let start = Instant::now();
+    let mut n = 0u64;
+    while running.load(Ordering::Relaxed) {
+        let due = start + period.mul_f64(n as f64);
+        let now = Instant::now();
+        if now < due {
+            // Sleep in short slices so that the end of the load is noticed promptly.
+            std::thread::sleep((due - now).min(Duration::from_millis(50)));
+            continue;
+        }
+        n += 1;
+        let t = Instant::now();
+        let name = format!("bench-storm-{n}");
+        match deploy(endpoint, &name, &guests::unique_hello(n)) {
+            Ok(id) => {
+                let _ = latency.record((t.elapsed().as_nanos() as u64).max(1));
+                deploys += 1;
+                if let Err(e) = endpoint.call("DELETE", &format!("/functions/{id}"), b"") {
+                    failed += 1;
+                    first_error.get_or_insert(e);
+                }
+            }
+            Err(e) => {
+                deploys += 1;
+                failed += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    StormReport { deploys, failed, deploy_latency: LatencySummary::of(&latency), first_error }
+}
+
+/// A progress line on stderr, once a second: rewritten in place on a terminal, a line each
+/// otherwise.
+fn report_progress(label: &str, total: Duration, progress: &Progress, running: &AtomicBool) {
+    let tty = std::io::stderr().is_terminal();
+    let start = Instant::now();
+    let mut next = start + Duration::from_secs(1);
+    while running.load(Ordering::Relaxed) {
+        if Instant::now() < next {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        next += Duration::from_secs(1);
+        let line = format!(
+            "{label}: {:.0}/{:.0} s, {} answered, {} failed",
+            start.elapsed().as_secs_f64().min(total.as_secs_f64()),
+            total.as_secs_f64(),
+            progress.answered.load(Ordering::Relaxed),
+            progress.failed.load(Ordering::Relaxed),
+        );
+        if tty {
+            eprint!("\r\x1b[2K{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+    if tty {
+        eprint!("\r\x1b[2K");
+    }
+}

@@ -1,0 +1,249 @@
+//! The scenarios: what each deploys, what it sends, and which objectives judge it.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use serde::Serialize;
+
+use super::guests::{self, GuestSource};
+use super::load::RequestClass;
+use super::slo::TrafficClass;
+use super::target::{Endpoint, Implementation};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// `GET /healthz`.
+    Healthz,
+    /// Invoke of the empty WASI hello.
+    Hello,
+    /// Invoke of the Rust guest `json-stats`: parses a JSON body and writes JSON.
+    Json,
+    /// Invoke of the Rust guest `tensor-ops`: a dense layer through the dispatch path.
+    Tensor,
+    /// Four tenants with rate limits on; one offers far more than its limit.
+    TenantMix,
+    /// Invokes of hello while functions are deployed and deleted beside them.
+    DeployStorm,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 6] = [
+        Scenario::Healthz,
+        Scenario::Hello,
+        Scenario::Json,
+        Scenario::Tensor,
+        Scenario::TenantMix,
+        Scenario::DeployStorm,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Healthz => "healthz",
+            Scenario::Hello => "hello",
+            Scenario::Json => "json",
+            Scenario::Tensor => "tensor",
+            Scenario::TenantMix => "tenant-mix",
+            Scenario::DeployStorm => "deploy-storm",
+        }
+    }
+
+    /// Whether `implementation` can serve the scenario. The conventional baseline has no dispatch
+    /// path, tokens or rate limits.
+    pub fn runs_on(self, implementation: Implementation) -> bool {
+        implementation == Implementation::TensorWasm
+            || matches!(self, Scenario::Healthz | Scenario::Hello | Scenario::Json | Scenario::DeployStorm)
+    }
+
+    /// The flags and environment a server started for this scenario needs.
+    pub fn server_settings(self, options: &ScenarioOptions) -> ServerSettings {
+        match self {
+            Scenario::TenantMix => ServerSettings {
+                args: vec![
+                    "--rate-limit-qps".into(),
+                    options.mix_limit_qps.to_string(),
+                    "--rate-limit-burst".into(),
+                    options.mix_limit_qps.to_string(),
+                ],
+                env: vec![(
+                    "TENSOR_WASM_API_TOKENS".into(),
+                    MIX_TENANTS.map(|t| format!("{}:tenant={t}", mix_token(t))).join(","),
+                )],
+            },
+            _ => ServerSettings::default(),
+        }
+    }
+
+    /// Deploys what the scenario needs on `endpoint` and encodes its requests.
+    /// `started` says whether the harness started the server (and so configured it).
+    pub fn prepare(self, endpoint: &Endpoint, started: bool, options: &ScenarioOptions) -> Result<Prepared, String> {
+        let invoke = |endpoint: &Endpoint, id: &str, body: &[u8]| -> Arc<[u8]> {
+            endpoint.request("POST", &format!("/functions/{id}/invoke"), body).into()
+        };
+        let single = |name: &str, request: Arc<[u8]>, traffic| Prepared {
+            classes: vec![RequestClass { name: name.into(), request, weight: 1 }],
+            traffic,
+            expected: Vec::new(),
+            storm: false,
+            functions: Vec::new(),
+        };
+        let mut prepared = match self {
+            Scenario::Healthz => {
+                single("healthz", endpoint.request("GET", "/healthz", b"").into(), TrafficClass::Healthz)
+            }
+            Scenario::Hello | Scenario::DeployStorm => {
+                let id = deploy(endpoint, "bench-hello", &guests::hello())?;
+                let mut p = single("hello", invoke(endpoint, &id, b""), TrafficClass::InvokeHost);
+                p.functions.push((endpoint.clone(), id));
+                p.storm = self == Scenario::DeployStorm;
+                p
+            }
+            Scenario::Json => {
+                let id = deploy(endpoint, "bench-json", &options.guests.rust_guest("json-stats")?)?;
+                let body = serde_json::json!({
+                    "values": (0..64).map(|i| i as f64 * 1.5).collect::<Vec<_>>(),
+                    "label": "tensor-wasm-bench",
+                });
+                let mut p =
+                    single("json", invoke(endpoint, &id, body.to_string().as_bytes()), TrafficClass::InvokeHost);
+                p.functions.push((endpoint.clone(), id));
+                p
+            }
+            Scenario::Tensor => {
+                let id = deploy(endpoint, "bench-tensor", &options.guests.rust_guest("tensor-ops")?)?;
+                let matrix = |rows: usize, cols: usize| -> Vec<Vec<f64>> {
+                    (0..rows).map(|r| (0..cols).map(|c| ((r * cols + c) % 7) as f64 * 0.25 - 0.5).collect()).collect()
+                };
+                let body = serde_json::json!({ "x": matrix(16, 32), "w": matrix(32, 16), "scale": 0.5 });
+                let gpu = live_backend(endpoint)? == "cuda";
+                let mut p = single(
+                    "tensor",
+                    invoke(endpoint, &id, body.to_string().as_bytes()),
+                    TrafficClass::InvokeTensor { gpu },
+                );
+                p.functions.push((endpoint.clone(), id));
+                p
+            }
+            Scenario::TenantMix => {
+                if !started {
+                    return Err("the tenant-mix scenario configures tokens and rate limits, so it runs only on a \
+                                server the harness starts (leave out --server)"
+                        .into());
+                }
+                let mut p = Prepared {
+                    classes: Vec::new(),
+                    traffic: TrafficClass::InvokeHost,
+                    expected: Vec::new(),
+                    storm: false,
+                    functions: Vec::new(),
+                };
+                for tenant in MIX_TENANTS {
+                    let as_tenant = endpoint.acting_as(Some(mix_token(tenant)), Some(tenant));
+                    let id = deploy(&as_tenant, &format!("bench-hello-{tenant}"), &guests::hello())?;
+                    let noisy = tenant == MIX_TENANTS[0];
+                    let name = if noisy { format!("tenant {tenant} (noisy)") } else { format!("tenant {tenant}") };
+                    // The noisy tenant offers half the total, three times each quiet tenant's share.
+                    p.classes.push(RequestClass {
+                        name: name.clone(),
+                        request: invoke(&as_tenant, &id, b""),
+                        weight: if noisy { 3 } else { 1 },
+                    });
+                    if noisy {
+                        p.expected.push((name, 429));
+                    }
+                    p.functions.push((as_tenant, id));
+                }
+                p
+            }
+        };
+        prepared.classes.retain(|c| c.weight > 0);
+        Ok(prepared)
+    }
+}
+
+/// Settings of the scenarios that have any.
+#[derive(Clone, Debug)]
+pub struct ScenarioOptions {
+    pub guests: GuestSource,
+    /// The per-token rate limit of the tenant-mix server.
+    pub mix_limit_qps: u32,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ServerSettings {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+/// A scenario ready to run.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub classes: Vec<RequestClass>,
+    pub traffic: TrafficClass,
+    /// Statuses a class is expected to get besides 2xx: they are neither errors nor judged.
+    pub expected: Vec<(String, u16)>,
+    /// Whether functions are deployed and deleted beside the load.
+    pub storm: bool,
+    /// What was deployed, and as whom: deleted when the scenario ends.
+    pub functions: Vec<(Endpoint, String)>,
+}
+
+impl Prepared {
+    /// Whether `status` on class `class` is expected.
+    pub fn expects(&self, class: &str, status: u16) -> bool {
+        (200..300).contains(&status) || self.expected.iter().any(|(c, s)| c == class && *s == status)
+    }
+
+    /// Whether a class's latency is judged: a class with an expected refusal is not, as its fast
+    /// 429s would flatter the percentiles.
+    pub fn judged(&self, class: &str) -> bool {
+        !self.expected.iter().any(|(c, _)| c == class)
+    }
+
+    /// Deletes what `prepare` deployed; failures are reported, not fatal.
+    pub fn clean_up(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (endpoint, id) in &self.functions {
+            match endpoint.call("DELETE", &format!("/functions/{id}"), b"") {
+                Ok(r) if r.status < 300 || r.status == 404 => {}
+                Ok(r) => problems.push(format!("deleting {id} answered {}: {}", r.status, r.text())),
+                Err(e) => problems.push(format!("deleting {id}: {e}")),
+            }
+        }
+        problems
+    }
+}
+
+/// The tenants of the mix; the first is the noisy one.
+const MIX_TENANTS: [u64; 4] = [1, 2, 3, 4];
+
+/// The mix server's token for `tenant`, scoped to it alone.
+fn mix_token(tenant: u64) -> String {
+    format!("tensor-wasm-bench-tenant-{tenant}")
+}
+
+/// Deploys `wasm` as `name`; returns its id.
+pub fn deploy(endpoint: &Endpoint, name: &str, wasm: &[u8]) -> Result<String, String> {
+    let body = serde_json::json!({
+        "name": name,
+        "wasm_b64": base64::engine::general_purpose::STANDARD.encode(wasm),
+    });
+    let r = endpoint.call("POST", "/functions", body.to_string().as_bytes())?;
+    if r.status != 201 {
+        return Err(format!("deploying {name} answered {}: {}", r.status, r.text()));
+    }
+    r.json()
+        .ok()
+        .and_then(|v| v["id"].as_str().map(str::to_string))
+        .ok_or_else(|| format!("deploying {name} answered no id: {}", r.text()))
+}
+
+/// The dispatch back-end the server runs: `cuda` or `host`, from its `tensor_wasm_gpu_devices`.
+fn live_backend(endpoint: &Endpoint) -> Result<&'static str, String> {
+    let text = endpoint.metrics()?;
+    let cuda = text.lines().any(|l| {
+        l.starts_with("tensor_wasm_gpu_devices{backend=\"cuda\"}")
+            && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v > 0.0)
+    });
+    Ok(if cuda { "cuda" } else { "host" })
+}

@@ -1,0 +1,149 @@
+//! The service-level objectives a run is judged against: docs/SLO.md's table, in code.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Whose objective it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The production tutorial's SLOs and alert thresholds.
+    Seed,
+    /// Our own, tighter ones.
+    Ours,
+}
+
+/// What a target measures.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Measure {
+    /// A quantile of the harness's HTTP latency, corrected for coordinated omission.
+    HttpLatency { quantile: f64 },
+    /// A quantile of the server's `tensor_wasm_kernel_latency_seconds`, over the run.
+    DispatchLatency { quantile: f64 },
+    /// The share of requests answered 5xx or not at all.
+    ServerErrorRatio,
+    /// The share of requests that failed in any way the scenario did not expect.
+    FailedRatio,
+}
+
+/// One objective: a measure and its limit (seconds for latencies, a ratio otherwise).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Target {
+    pub name: &'static str,
+    pub source: Source,
+    pub measure: Measure,
+    pub limit: f64,
+}
+
+/// The kind of traffic a scenario is, which decides its targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrafficClass {
+    Healthz,
+    InvokeHost,
+    /// An invoke whose guest dispatches kernels; `gpu` when the live back-end is CUDA.
+    InvokeTensor {
+        gpu: bool,
+    },
+}
+
+const SEED_AVAILABILITY: Target =
+    Target { name: "5xx ratio ≤ 0.5%", source: Source::Seed, measure: Measure::ServerErrorRatio, limit: 0.005 };
+const OUR_AVAILABILITY: Target =
+    Target { name: "failed ratio ≤ 0.01%", source: Source::Ours, measure: Measure::FailedRatio, limit: 0.0001 };
+
+fn p95(name: &'static str, source: Source, seconds: f64) -> Target {
+    Target { name, source, measure: Measure::HttpLatency { quantile: 0.95 }, limit: seconds }
+}
+
+fn p99(name: &'static str, source: Source, seconds: f64) -> Target {
+    Target { name, source, measure: Measure::HttpLatency { quantile: 0.99 }, limit: seconds }
+}
+
+fn dispatch_p95(name: &'static str, source: Source, seconds: f64) -> Target {
+    Target { name, source, measure: Measure::DispatchLatency { quantile: 0.95 }, limit: seconds }
+}
+
+impl TrafficClass {
+    /// docs/SLO.md's targets for this traffic. `p99_override` replaces our own P99 limit.
+    pub fn targets(self, p99_override: Option<Duration>) -> Vec<Target> {
+        let mut targets = match self {
+            TrafficClass::Healthz => {
+                vec![p95("/healthz P95 ≤ 10 ms", Source::Seed, 0.010), p99("/healthz P99 ≤ 1 ms", Source::Ours, 0.001)]
+            }
+            TrafficClass::InvokeHost => {
+                vec![p95("invoke P95 ≤ 100 ms", Source::Seed, 0.100), p99("invoke P99 ≤ 5 ms", Source::Ours, 0.005)]
+            }
+            TrafficClass::InvokeTensor { gpu } => {
+                let mut t = if gpu {
+                    vec![
+                        p95("invoke P95 ≤ 500 ms (GPU)", Source::Seed, 0.500),
+                        p99("invoke P99 ≤ 20 ms (GPU)", Source::Ours, 0.020),
+                        dispatch_p95("dispatch P95 ≤ 15 µs (CUDA)", Source::Ours, 0.000_015),
+                    ]
+                } else {
+                    vec![
+                        p95("invoke P95 ≤ 100 ms", Source::Seed, 0.100),
+                        p99("invoke P99 ≤ 5 ms", Source::Ours, 0.005),
+                        dispatch_p95("dispatch P95 ≤ 5 µs (host)", Source::Ours, 0.000_005),
+                    ]
+                };
+                t.push(dispatch_p95("dispatch P95 ≤ 50 µs", Source::Seed, 0.000_050));
+                t
+            }
+        };
+        if let Some(limit) = p99_override {
+            for t in targets.iter_mut() {
+                if t.source == Source::Ours && t.measure == (Measure::HttpLatency { quantile: 0.99 }) {
+                    t.name = "P99 ≤ the given --p99-target";
+                    t.limit = limit.as_secs_f64();
+                }
+            }
+        }
+        targets.push(SEED_AVAILABILITY);
+        targets.push(OUR_AVAILABILITY);
+        targets
+    }
+}
+
+/// A target and what the run measured for it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Verdict {
+    pub target: Target,
+    /// `None` when the run has no data for it (no kernels were dispatched, say): a failure.
+    pub measured: Option<f64>,
+    pub pass: bool,
+}
+
+impl Verdict {
+    pub fn judge(target: Target, measured: Option<f64>) -> Verdict {
+        let pass = measured.is_some_and(|m| m <= target.limit);
+        Verdict { target, measured, pass }
+    }
+
+    /// The measured value for a table: latencies in µs or ms, ratios in percent.
+    pub fn measured_text(&self) -> String {
+        match (self.measured, self.target.measure) {
+            (None, _) => "no data".into(),
+            (Some(v), Measure::ServerErrorRatio | Measure::FailedRatio) => format!("{:.3}%", v * 100.0),
+            (Some(v), _) if v < 0.001 => format!("{:.1} µs", v * 1e6),
+            (Some(v), _) => format!("{:.2} ms", v * 1e3),
+        }
+    }
+}
+
+/// Which targets decide the exit status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Gate {
+    /// The seed's objectives only: what a deployment must meet.
+    Seed,
+    /// The seed's and ours.
+    All,
+}
+
+impl Gate {
+    pub fn gates(self, target: &Target) -> bool {
+        self == Gate::All || target.source == Source::Seed
+    }
+}

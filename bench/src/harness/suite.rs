@@ -1,0 +1,115 @@
+//! A whole harness run: the chosen scenarios at a fixed rate or by step search, optionally side by
+//! side with the baseline and along the shard-scaling curve.
+
+use super::report::{Comparison, Machine, Report};
+use super::run::{ServerSource, Session, Settings, StepSearch};
+use super::scenario::Scenario;
+use super::target::Implementation;
+
+/// How rates are chosen.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// Every scenario at this rate.
+    Fixed { rate: f64 },
+    /// Every scenario by step search.
+    Step(StepPlan),
+}
+
+/// The ramp of a step search.
+#[derive(Clone, Copy, Debug)]
+pub struct StepPlan {
+    pub start: f64,
+    pub factor: f64,
+    pub max: f64,
+    pub refine: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct SuiteOptions {
+    pub scenarios: Vec<Scenario>,
+    pub source: ServerSource,
+    pub mode: Mode,
+    /// The ramp for the comparison and the scale curve, whatever the mode.
+    pub steps: StepPlan,
+    pub baseline: bool,
+    /// Shard counts for the scaling curve, and its scenario.
+    pub scale: Option<(Vec<usize>, Scenario)>,
+    pub settings: Settings,
+    pub command: Vec<String>,
+}
+
+pub fn run_suite(options: &SuiteOptions) -> Result<Report, String> {
+    let settings = &options.settings;
+    let started_unix_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut report = Report {
+        tool: concat!("tensor-wasm-bench ", env!("CARGO_PKG_VERSION")),
+        started_unix_s,
+        machine: Machine::this(),
+        command: options.command.clone(),
+        connections: settings.connections,
+        warmup_s: settings.warmup.as_secs_f64(),
+        duration_s: settings.duration.as_secs_f64(),
+        measurements: Vec::new(),
+        searches: Vec::new(),
+        comparisons: Vec::new(),
+        scale: Vec::new(),
+        pass: true,
+    };
+    let search = |session: &Session, plan: &StepPlan| -> Result<StepSearch, String> {
+        session.step_search(plan.start, plan.factor, plan.max, plan.refine, settings)
+    };
+
+    for &scenario in &options.scenarios {
+        let session = Session::open(&options.source, Implementation::TensorWasm, scenario, None, settings)?;
+        match &options.mode {
+            Mode::Fixed { rate } => {
+                let m = session.measure(*rate, settings)?;
+                report.pass &= m.pass;
+                report.measurements.push(m);
+            }
+            Mode::Step(plan) => {
+                let s = search(&session, plan)?;
+                report.pass &= s.best.is_some();
+                report.searches.push(s);
+            }
+        }
+    }
+
+    if options.baseline {
+        for &scenario in options.scenarios.iter().filter(|s| s.runs_on(Implementation::Baseline)) {
+            let ours = Session::open(&options.source, Implementation::TensorWasm, scenario, None, settings)?;
+            let ours_search = search(&ours, &options.steps)?;
+            drop(ours);
+            let base = Session::open(&options.source, Implementation::Baseline, scenario, None, settings)?;
+            let base_search = search(&base, &options.steps)?;
+            let best = |s: &StepSearch| s.best().map(|m| m.offered_rate);
+            let equal = 0.8
+                * match (best(&ours_search), best(&base_search)) {
+                    (Some(a), Some(b)) => a.min(b),
+                    (Some(r), None) | (None, Some(r)) => r,
+                    (None, None) => options.steps.start,
+                };
+            let base_equal = base.measure(equal, settings)?;
+            drop(base);
+            let ours = Session::open(&options.source, Implementation::TensorWasm, scenario, None, settings)?;
+            let ours_equal = ours.measure(equal, settings)?;
+            report.comparisons.push(Comparison::new(
+                scenario.name(),
+                ours_search,
+                base_search,
+                equal,
+                ours_equal,
+                base_equal,
+            ));
+        }
+    }
+
+    if let Some((shard_counts, scenario)) = &options.scale {
+        for &shards in shard_counts {
+            let session =
+                Session::open(&options.source, Implementation::TensorWasm, *scenario, Some(shards), settings)?;
+            report.scale.push(search(&session, &options.steps)?);
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,206 @@
+//! The server under test: one the harness starts (TensorWasm or the conventional baseline), or a
+//! live deployment named by URL.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::client::{encode, Connection, Response};
+
+/// How long a started server may take to print its address and become ready.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// The I/O timeout of the harness's own set-up requests (deploys included).
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Which server implementation a started target runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Implementation {
+    TensorWasm,
+    Baseline,
+}
+
+impl Implementation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Implementation::TensorWasm => "tensor-wasm",
+            Implementation::Baseline => "baseline",
+        }
+    }
+}
+
+/// Where requests go and what identity they carry.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// The `host` header.
+    pub host: String,
+    pub token: Option<String>,
+    pub tenant: Option<u64>,
+}
+
+impl Endpoint {
+    /// An endpoint from `http://host:port` (TLS is not spoken by the harness).
+    pub fn from_url(url: &str, token: Option<String>, tenant: Option<u64>) -> Result<Endpoint, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("`{url}` is not an http:// URL (the harness does not speak TLS)"))?;
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        let addr = with_port
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve `{authority}`: {e}"))?
+            .next()
+            .ok_or_else(|| format!("`{authority}` resolves to no address"))?;
+        Ok(Endpoint { addr, host: authority.to_string(), token, tenant })
+    }
+
+    /// This endpoint acting with another token and tenant.
+    pub fn acting_as(&self, token: Option<String>, tenant: Option<u64>) -> Endpoint {
+        Endpoint { token, tenant, ..self.clone() }
+    }
+
+    /// A request with this endpoint's host, token and tenant, encoded once.
+    pub fn request(&self, method: &str, path: &str, body: &[u8]) -> Vec<u8> {
+        let bearer = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let tenant = self.tenant.map(|t| t.to_string());
+        let mut headers: Vec<(&str, &str)> = Vec::new();
+        if let Some(b) = &bearer {
+            headers.push(("authorization", b));
+        }
+        if let Some(t) = &tenant {
+            headers.push(("x-tensor-wasm-tenant", t));
+        }
+        if !body.is_empty() {
+            headers.push(("content-type", "application/json"));
+        }
+        encode(method, path, &self.host, &headers, body)
+    }
+
+    /// One set-up request on a fresh connection.
+    pub fn call(&self, method: &str, path: &str, body: &[u8]) -> Result<Response, String> {
+        let mut conn = Connection::connect(self.addr, SETUP_TIMEOUT).map_err(|e| format!("{}: {e}", self.addr))?;
+        conn.round_trip(&self.request(method, path, body)).map_err(|e| format!("{method} {path}: {e}"))
+    }
+
+    /// The server's `/metrics` text.
+    pub fn metrics(&self) -> Result<String, String> {
+        let r = self.call("GET", "/metrics", b"")?;
+        if r.status != 200 {
+            return Err(format!("GET /metrics answered {}: {}", r.status, r.text()));
+        }
+        Ok(r.text())
+    }
+}
+
+/// A server process the harness started. Killed when dropped.
+pub struct StartedServer {
+    child: Child,
+    pub implementation: Implementation,
+    pub endpoint: Endpoint,
+    _data_dir: tempfile::TempDir,
+}
+
+impl StartedServer {
+    /// Starts `binary` on an ephemeral loopback port with a fresh data dir, `shards` shards or
+    /// worker threads, `args` and `env`, and waits until it is ready.
+    pub fn start(
+        implementation: Implementation,
+        binary: &Path,
+        shards: usize,
+        args: &[String],
+        env: &[(String, String)],
+    ) -> Result<StartedServer, String> {
+        let data_dir = tempfile::tempdir().map_err(|e| format!("cannot make a data dir: {e}"))?;
+        let mut cmd = Command::new(binary);
+        match implementation {
+            Implementation::TensorWasm => {
+                cmd.arg("serve").arg("--data-dir").arg(data_dir.path()).args(["--log-level", "warn"]);
+                cmd.args(["--shards", &shards.to_string()]);
+            }
+            Implementation::Baseline => {
+                cmd.args(["--threads", &shards.to_string()]);
+            }
+        }
+        cmd.args(["--listen", "127.0.0.1:0"]).args(args);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+
+        // The first line of stdout is `listening on ADDR`; stderr is kept for the error message.
+        let stdout = child.stdout.take().expect("piped");
+        let mut stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next());
+            for _ in lines {}
+        });
+        let (err_tx, err_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            let _ = err_tx.send(text);
+        });
+        let fail = |mut child: Child, what: String| {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = err_rx.recv_timeout(Duration::from_secs(2)).unwrap_or_default();
+            Err(format!("{} {what}; its log:\n{log}", implementation.name()))
+        };
+        let line = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(Some(Ok(line))) => line,
+            _ => return fail(child, "did not start".into()),
+        };
+        let Some(addr) = line.strip_prefix("listening on ").and_then(|a| a.parse::<SocketAddr>().ok()) else {
+            return fail(child, format!("printed `{line}` instead of its address"));
+        };
+        let endpoint = Endpoint { addr, host: addr.to_string(), token: None, tenant: None };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if endpoint.call("GET", "/readyz", b"").is_ok_and(|r| r.status == 200) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return fail(child, "never became ready".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(StartedServer { child, implementation, endpoint, _data_dir: data_dir })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for StartedServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The binary `name` beside the running executable, as cargo lays out `target/<profile>/`.
+pub fn sibling_binary(name: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    // Test executables live one level down, in `deps/`.
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} does not exist; build it with `cargo build --release --workspace --bins`, or name it with a flag",
+            path.display()
+        ))
+    }
+}

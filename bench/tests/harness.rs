@@ -1,0 +1,204 @@
+//! The harness measures correctly: against a loopback server with a known injected delay, the
+//! reported percentiles come out as the delay dictates, coordinated omission included. Then the
+//! `tensor-wasm-bench` binary end to end, against a real `tensor-wasm`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tensor_wasm_bench::harness::client::encode;
+use tensor_wasm_bench::harness::load::{self, LoadOutcome, LoadPlan, Progress, RequestClass};
+
+/// A keep-alive HTTP/1.1 server on loopback that answers every GET after `delay(n)`, where `n`
+/// counts requests over all connections from 0. It serves until the test process ends.
+fn delaying_server(delay: impl Fn(u64) -> Duration + Send + Sync + 'static) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let delay = Arc::new(delay);
+    let count = Arc::new(AtomicU64::new(0));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let (delay, count) = (delay.clone(), count.clone());
+            std::thread::spawn(move || serve_connection(stream, &*delay, &count));
+        }
+    });
+    addr
+}
+
+fn serve_connection(mut stream: TcpStream, delay: &dyn Fn(u64) -> Duration, count: &AtomicU64) {
+    stream.set_nodelay(true).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        // One request head per answer; the harness does not pipeline.
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        buf.drain(..end);
+        std::thread::sleep(delay(count.fetch_add(1, Ordering::SeqCst)));
+        if stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").is_err() {
+            return;
+        }
+    }
+}
+
+fn run(addr: SocketAddr, rate: f64, connections: usize, warmup_ms: u64, duration_ms: u64) -> LoadOutcome {
+    let plan = LoadPlan {
+        addr,
+        rate,
+        warmup: Duration::from_millis(warmup_ms),
+        duration: Duration::from_millis(duration_ms),
+        connections,
+        classes: vec![RequestClass {
+            name: "get".into(),
+            request: encode("GET", "/", "test", &[], b"").into(),
+            weight: 1,
+        }],
+        io_timeout: Duration::from_secs(10),
+    };
+    load::run(&plan, &Progress::default()).unwrap()
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+#[test]
+fn a_constant_delay_is_reported_as_that_delay() {
+    let addr = delaying_server(|_| Duration::from_millis(5));
+    // 400/s over 8 connections: each connection sends every 20 ms, so nothing queues.
+    let outcome = run(addr, 400.0, 8, 300, 1500);
+    let all = outcome.total();
+    assert_eq!(all.statuses.get(&200), Some(&600), "every due request answered: {:?}", all.statuses);
+    assert_eq!((all.io_errors, all.unsent), (0, 0));
+    let h = &all.latency;
+    // Never below the injected delay; the typical one within the timer noise of a sleep.
+    assert!(ms(h.min()) >= 5.0, "min {} ms", ms(h.min()));
+    let p50 = ms(h.value_at_quantile(0.5));
+    assert!((5.0..7.5).contains(&p50), "P50 {p50} ms");
+    assert!(ms(h.max()) < 100.0, "max {} ms", ms(h.max()));
+}
+
+#[test]
+fn a_stall_is_charged_to_every_request_it_delayed() {
+    // One connection at 500/s (a request every 2 ms); the 600th request overall (the 100 of the
+    // warm-up come first) is held for 400 ms. During the stall 200 requests fall due, and an open
+    // loop charges each with its wait: their latencies run evenly from 400 ms down to about 0.
+    // Of the 1,000 measured, the top 10% are then above 200 ms and the top 1% above 380 ms. A
+    // closed loop would report one slow request and a P99 of well under a millisecond.
+    let addr = delaying_server(|n| if n == 600 { Duration::from_millis(400) } else { Duration::ZERO });
+    let outcome = run(addr, 500.0, 1, 200, 2000);
+    let all = outcome.total();
+    assert_eq!(all.answered() + all.unsent, 1000, "{:?}, unsent {}", all.statuses, all.unsent);
+    assert_eq!(all.io_errors, 0);
+    let h = &all.latency;
+    let (p50, p90, p99, max) =
+        (ms(h.value_at_quantile(0.50)), ms(h.value_at_quantile(0.90)), ms(h.value_at_quantile(0.99)), ms(h.max()));
+    assert!(p50 < 50.0, "P50 {p50} ms");
+    assert!((170.0..250.0).contains(&p90), "P90 {p90} ms (expected about 200)");
+    assert!((350.0..430.0).contains(&p99), "P99 {p99} ms (expected about 380)");
+    assert!((399.0..500.0).contains(&max), "max {max} ms (expected about 400)");
+}
+
+#[test]
+fn a_mix_follows_its_weights() {
+    let addr = delaying_server(|_| Duration::ZERO);
+    let class = |name: &str, weight| RequestClass {
+        name: name.into(),
+        request: encode("GET", &format!("/{name}"), "test", &[], b"").into(),
+        weight,
+    };
+    let plan = LoadPlan {
+        addr,
+        rate: 800.0,
+        warmup: Duration::from_millis(100),
+        duration: Duration::from_millis(1000),
+        connections: 4,
+        classes: vec![class("heavy", 3), class("light", 1)],
+        io_timeout: Duration::from_secs(10),
+    };
+    let outcome = load::run(&plan, &Progress::default()).unwrap();
+    let (heavy, light) = (outcome.class("heavy").unwrap().answered(), outcome.class("light").unwrap().answered());
+    // 800 due in the window; a due time that falls exactly on its edge may land either side.
+    assert!((796..=804).contains(&(heavy + light)), "{heavy} + {light}");
+    let ratio = heavy as f64 / light as f64;
+    assert!((2.9..3.1).contains(&ratio), "{heavy} : {light}");
+}
+
+fn bench_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tensor-wasm-bench"))
+}
+
+/// `tensor-wasm` beside the harness, as `cargo test --workspace` builds it.
+fn server_binary() -> PathBuf {
+    let path = bench_binary().with_file_name("tensor-wasm");
+    assert!(path.is_file(), "{} is missing: run `cargo test --workspace`", path.display());
+    path
+}
+
+#[test]
+fn the_binary_measures_a_real_server_and_gates_on_the_slo() {
+    let out = tempfile::tempdir().unwrap();
+    let common = |extra: &[&str]| {
+        let mut cmd = Command::new(bench_binary());
+        cmd.arg("--server-bin")
+            .arg(server_binary())
+            .args(["--scenario", "healthz,hello", "--rate", "200", "--warmup", "300ms", "--duration", "1s"])
+            .args(["--connections", "4", "--shards", "1", "--quiet"])
+            .args(extra);
+        cmd.output().unwrap()
+    };
+
+    let run = common(&["--out", out.path().to_str().unwrap()]);
+    let code = run.status.code();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(code == Some(0) || code == Some(1), "exit {code:?}: {stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
+    // The exit status is the report's verdict.
+    assert_eq!(report["pass"].as_bool(), Some(code == Some(0)));
+    let measurements = report["measurements"].as_array().unwrap();
+    assert_eq!(measurements.len(), 2);
+    for (m, scenario) in measurements.iter().zip(["healthz", "hello"]) {
+        assert_eq!(m["scenario"], scenario);
+        // 200/s for 1 s, every one answered 200 by a server with every CPU to spare.
+        assert_eq!(m["statuses"]["200"], 200, "{m}");
+        assert_eq!(m["latency"]["count"], 200);
+        assert!(m["latency"]["p50_us"].as_f64().unwrap() > 0.0);
+        assert!(m["cpu"]["server_us_per_answer"].as_f64().unwrap() > 0.0);
+        assert!(m["verdicts"].as_array().unwrap().iter().any(|v| v["target"]["source"] == "seed"));
+    }
+    let markdown = std::fs::read_to_string(out.path().join("results.md")).unwrap();
+    assert!(markdown.contains("| healthz | tensor-wasm | 1 | 200 |"), "{markdown}");
+    assert_eq!(String::from_utf8_lossy(&run.stdout), markdown);
+
+    // No HTTP round trip takes a microsecond: an objective that tight fails, and so does the run.
+    let strict = common(&["--p99-target", "1us"]);
+    assert_eq!(strict.status.code(), Some(1), "{}", String::from_utf8_lossy(&strict.stderr));
+    let text = String::from_utf8_lossy(&strict.stdout);
+    assert!(text.contains("P99 ≤ the given --p99-target") && text.contains("Result: FAIL"), "{text}");
+}
+
+#[test]
+fn unusable_requests_exit_2_with_a_sentence() {
+    let cases: [&[&str]; 3] = [
+        &["--scenario", "tenant-mix", "--server", "http://127.0.0.1:9"],
+        &["--server", "https://127.0.0.1:9"],
+        &["--rate", "0"],
+    ];
+    for args in cases {
+        let out = Command::new(bench_binary()).args(args).arg("--quiet").output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.starts_with("tensor-wasm-bench: "), "{args:?}: {stderr}");
+    }
+}
