@@ -191,6 +191,24 @@ fn exports_are_callable_without_start_and_instances_are_fresh() {
             "state leaked between calls"
         );
     }
+
+    // Memory too: a recycled slot is reset in place (src/wasm/engine.rs), for the pages just
+    // above the data, below it, in a data segment, and far beyond any reset window.
+    let bumper = server.deploy(
+        "bumper",
+        &guests::wasm(
+            r#"(module (memory 64) (data (i32.const 2000000) "\29\00\00\00")
+                 (func (export "bump") (param i32) (result i32)
+                   (i32.store (local.get 0) (i32.add (i32.load (local.get 0)) (i32.const 1)))
+                   (i32.load (local.get 0))))"#,
+        ),
+    );
+    for _ in 0..5 {
+        for (addr, fresh) in [(100, 1), (1_100_000, 1), (2_000_000, 42), (4_000_000, 1)] {
+            let r = c.invoke(&bumper, format!(r#"{{"export":"bump","args":[{addr}]}}"#).as_bytes());
+            assert_eq!(r.json(), json!({"result": [fresh]}), "memory at {addr} leaked between calls");
+        }
+    }
 }
 
 #[test]
