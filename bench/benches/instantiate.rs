@@ -5,6 +5,9 @@
 //!   on a pinned monoio executor, as a shard runs it;
 //! - the same for a WASI guest that echoes a small JSON body through stdin and stdout.
 //!
+//! Protects: instantiation P99 ≤ 5 µs, and a hello invoke well under the 20 µs of server CPU a
+//! whole HTTP invoke may cost (perf/CORE.md).
+//!
 //! `cargo bench -p tensor-wasm-bench --bench instantiate`
 
 use std::sync::Arc;

@@ -46,7 +46,8 @@ struct Args {
     /// The baseline binary to start (default: beside this one).
     #[arg(long)]
     baseline_bin: Option<PathBuf>,
-    /// Shards of a started server (baseline: tokio workers). Default: every CPU.
+    /// Shards of a started server (baseline: tokio workers). Default: every CPU, but one CPU is
+    /// left to the device worker in the tensor scenario.
     #[arg(long)]
     shards: Option<usize>,
     /// Folder with prebuilt json-stats.wasm and tensor-ops.wasm (default: build them with cargo).
@@ -170,7 +171,7 @@ fn run(args: Args) -> Result<bool, String> {
                 None if args.baseline => Some(sibling_binary("tensor-wasm-baseline")?),
                 None => None,
             },
-            shards: args.shards.unwrap_or(cpus),
+            shards: args.shards,
         },
     };
     let steps =

@@ -38,7 +38,8 @@ pub enum ServerSource {
     /// A live server; the harness only sends requests.
     Remote(Endpoint),
     /// A server process the harness starts for each scenario, with a fresh data dir.
-    Start { binary: PathBuf, baseline_binary: Option<PathBuf>, shards: usize },
+    /// `shards`: the shard count (baseline: tokio workers); `None` for the scenario's default.
+    Start { binary: PathBuf, baseline_binary: Option<PathBuf>, shards: Option<usize> },
 }
 
 /// A server ready for one scenario, and the scenario deployed on it.
@@ -65,14 +66,14 @@ impl Session {
         }
         let (endpoint, process, shards) = match source {
             ServerSource::Remote(endpoint) => (endpoint.clone(), None, None),
-            ServerSource::Start { binary, baseline_binary, shards: default_shards } => {
+            ServerSource::Start { binary, baseline_binary, shards: configured } => {
                 let binary = match implementation {
                     Implementation::TensorWasm => binary.clone(),
                     Implementation::Baseline => {
                         baseline_binary.clone().ok_or("the baseline server's binary was not found (--baseline-bin)")?
                     }
                 };
-                let shards = shards.unwrap_or(*default_shards);
+                let shards = shards.or(*configured).unwrap_or_else(|| scenario.default_shards(implementation));
                 let extra = scenario.server_settings(&settings.scenario);
                 let process = StartedServer::start(implementation, &binary, shards, &extra.args, &extra.env)?;
                 (process.endpoint.clone(), Some(process), Some(shards))
@@ -146,8 +147,9 @@ impl Session {
         Ok(Measurement::new(self, &outcome, cpu, dispatch, storm, settings))
     }
 
-    /// Steps the rate up from `start` by `factor` while the SLO holds, up to `max`, then narrows
-    /// the boundary `refine` times by bisection.
+    /// Steps the rate up from `start` by `factor`, up to `max`, until two steps in a row miss the
+    /// SLO (one miss may be noise, such as a stalled vCPU), then narrows the boundary above the
+    /// best passing rate `refine` times by bisection.
     pub fn step_search(
         &self,
         start: f64,
@@ -156,39 +158,29 @@ impl Session {
         refine: u32,
         settings: &Settings,
     ) -> Result<StepSearch, String> {
-        let mut steps = Vec::new();
-        let mut best: Option<usize> = None;
+        let mut steps: Vec<Measurement> = Vec::new();
+        let mut misses_in_a_row = 0;
         let mut rate = start;
-        let mut failed_at: Option<f64> = None;
-        while rate <= max {
+        while rate <= max && misses_in_a_row < 2 {
             let m = self.measure(rate, settings)?;
-            let pass = m.pass;
+            misses_in_a_row = if m.pass { 0 } else { misses_in_a_row + 1 };
             steps.push(m);
-            if pass {
-                best = Some(steps.len() - 1);
-                rate *= factor;
-            } else {
-                failed_at = Some(rate);
-                break;
-            }
+            rate *= factor;
             pause_between_steps();
         }
-        if let (Some(mut high), Some(b)) = (failed_at, best) {
-            let mut low = steps[b].offered_rate;
-            for _ in 0..refine {
-                pause_between_steps();
-                let mid = (low + high) / 2.0;
-                let m = self.measure(mid, settings)?;
-                if m.pass {
-                    low = mid;
-                    steps.push(m);
-                    best = Some(steps.len() - 1);
-                } else {
-                    high = mid;
-                    steps.push(m);
-                }
-            }
+        let best_rate =
+            |steps: &[Measurement]| steps.iter().filter(|m| m.pass).map(|m| m.offered_rate).reduce(f64::max);
+        for _ in 0..refine {
+            let Some(low) = best_rate(&steps) else { break };
+            let Some(high) =
+                steps.iter().filter(|m| !m.pass && m.offered_rate > low).map(|m| m.offered_rate).reduce(f64::min)
+            else {
+                break;
+            };
+            steps.push(self.measure((low + high) / 2.0, settings)?);
+            pause_between_steps();
         }
+        let best = best_rate(&steps).and_then(|r| steps.iter().position(|m| m.pass && m.offered_rate == r));
         Ok(StepSearch { scenario: self.scenario.name(), server: self.server, shards: self.shards, steps, best })
     }
 

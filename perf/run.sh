@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The whole performance suite on this machine, the GPU machine included. Writes every table into
+# one folder and prints where.
+#
+#   perf/run.sh [OUT_DIR]
+#
+# Env: DURATION (measured seconds per rate, default 5), WARMUP (default 2), CONNECTIONS (32),
+#      RATE (the fixed-rate pass, default 2000), SKIP_MICRO=1, SKIP_BASELINE=1, SKIP_SCALE=1.
+# Needs: a Rust toolchain with the wasm32-wasip1 target. Sends traffic to loopback only.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+out=${1:-perf/results/$(date -u +%F)-$(hostname)-$commit}
+mkdir -p "$out"
+duration=${DURATION:-5}
+warmup=${WARMUP:-2}
+connections=${CONNECTIONS:-32}
+rate=${RATE:-2000}
+
+rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
+cargo build --release --workspace --bins
+bench=target/release/tensor-wasm-bench
+common=(--duration "${duration}s" --warmup "${warmup}s" --connections "$connections")
+
+status=0
+run() { # name, harness args...
+  local name=$1
+  shift
+  echo "== $name" >&2
+  "$bench" "${common[@]}" --out "$out/$name" "$@" >/dev/null || status=$?
+  # Exit 1 is an SLO miss, recorded in the tables; 2 means the run itself failed.
+  [ "$status" -ne 2 ] || { echo "perf/run.sh: the $name run failed" >&2; exit 2; }
+}
+
+if [ -z "${SKIP_MICRO:-}" ]; then
+  echo "== micro-benchmarks" >&2
+  {
+    for b in request_path instantiate audit_append; do
+      echo "### $b"
+      echo
+      cargo bench -q -p tensor-wasm-bench --bench "$b" 2>/dev/null | grep '^|'
+      echo
+    done
+    echo "### dispatch_latency"
+    echo
+    cargo bench -q -p tensor-wasm-dispatch --bench dispatch_latency 2>/dev/null | grep '^|'
+  } >"$out/micro.md"
+fi
+
+run fixed --rate "$rate"
+run step --step
+[ -n "${SKIP_BASELINE:-}" ] || run baseline --scenario healthz,hello,json --baseline --rate "$rate"
+[ -n "${SKIP_SCALE:-}" ] || run scale --scenario healthz --scale --rate "$rate"
+
+{
+  echo "# Performance run $(date -u +%F), commit $commit"
+  echo
+  echo "Command: \`perf/run.sh\` with DURATION=$duration WARMUP=$warmup CONNECTIONS=$connections RATE=$rate."
+  echo
+  [ -f "$out/micro.md" ] && { echo "## Micro-benchmarks"; echo; cat "$out/micro.md"; echo; }
+  echo "## Fixed rate, every scenario"; echo; cat "$out/fixed/results.md"; echo
+  echo "## Step search, every scenario"; echo; cat "$out/step/results.md"; echo
+  [ -f "$out/baseline/results.md" ] && { echo "## Against the baseline"; echo; cat "$out/baseline/results.md"; echo; }
+  [ -f "$out/scale/results.md" ] && { echo "## Scale"; echo; cat "$out/scale/results.md"; echo; }
+} >"$out/README.md"
+echo "perf/run.sh: the tables are in $out/README.md" >&2
+exit "$status"
