@@ -58,6 +58,7 @@ fn run(addr: SocketAddr, rate: f64, connections: usize, warmup_ms: u64, duration
         warmup: Duration::from_millis(warmup_ms),
         duration: Duration::from_millis(duration_ms),
         connections,
+        threads: 1,
         classes: vec![RequestClass {
             name: "get".into(),
             request: encode("GET", "/", "test", &[], b"").into(),
@@ -123,6 +124,7 @@ fn a_mix_follows_its_weights() {
         warmup: Duration::from_millis(100),
         duration: Duration::from_millis(1000),
         connections: 4,
+        threads: 2,
         classes: vec![class("heavy", 3), class("light", 1)],
         io_timeout: Duration::from_secs(10),
     };

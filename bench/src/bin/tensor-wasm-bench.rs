@@ -85,9 +85,12 @@ struct Args {
     #[arg(long, value_enum, default_value = "hello")]
     scale_scenario: Scenario,
 
-    /// Keep-alive connections, each with its own thread.
+    /// Keep-alive connections, each with its own schedule.
     #[arg(long, default_value_t = 32)]
     connections: usize,
+    /// Load-generator threads, each an event loop over its share of the connections.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// Sent but not recorded, before each measurement (e.g. 2s, 500ms).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     warmup: Duration,
@@ -147,8 +150,16 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<bool, String> {
-    if args.rate <= 0.0 || args.step_start <= 0.0 || args.step_factor <= 1.0 || args.connections == 0 {
-        return Err("--rate and --step-start must be positive, --step-factor above 1, --connections at least 1".into());
+    if args.rate <= 0.0
+        || args.step_start <= 0.0
+        || args.step_factor <= 1.0
+        || args.connections == 0
+        || args.threads == 0
+    {
+        return Err(
+            "--rate and --step-start must be positive, --step-factor above 1, --connections and --threads at least 1"
+                .into(),
+        );
     }
     if args.duration.is_zero() {
         return Err("--duration must be longer than zero".into());
@@ -196,6 +207,7 @@ fn run(args: Args) -> Result<bool, String> {
         scale,
         settings: Settings {
             connections: args.connections,
+            threads: args.threads,
             warmup: args.warmup,
             duration: args.duration,
             io_timeout: args.io_timeout,

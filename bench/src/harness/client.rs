@@ -58,42 +58,13 @@ impl Connection {
     /// Reads one response. With `keep_body` false the body is read and discarded.
     pub fn receive(&mut self, keep_body: bool) -> io::Result<Response> {
         loop {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut parsed = httparse::Response::new(&mut headers);
-            match parsed.parse(&self.buf[..self.filled]).map_err(|e| invalid(format!("bad response head: {e}")))? {
-                httparse::Status::Complete(head_len) => {
-                    let status = parsed.code.unwrap_or(0);
-                    let mut length = None;
-                    let mut chunked = false;
-                    for h in parsed.headers.iter() {
-                        if h.name.eq_ignore_ascii_case("content-length") {
-                            let text = std::str::from_utf8(h.value).map_err(|_| invalid("bad content-length"))?;
-                            length = Some(text.trim().parse::<usize>().map_err(|_| invalid("bad content-length"))?);
-                        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                            chunked = h.value.eq_ignore_ascii_case(b"chunked");
-                        } else if h.name.eq_ignore_ascii_case("connection") {
-                            self.closed |= h.value.eq_ignore_ascii_case(b"close");
-                        }
-                    }
-                    self.consume(head_len);
-                    let body = if chunked {
-                        self.read_chunked(keep_body)?
-                    } else {
-                        let length = length.unwrap_or(0);
-                        if length > MAX_BODY_BYTES {
-                            return Err(invalid(format!("a body of {length} bytes is over the client's limit")));
-                        }
-                        self.read_exact_body(length, keep_body)?
-                    };
-                    return Ok(Response { status, body });
-                }
-                httparse::Status::Partial => {
-                    if self.filled >= MAX_HEAD_BYTES {
-                        return Err(invalid("the response head is too large"));
-                    }
-                    self.fill()?;
-                }
+            if let Some(framed) = frame(&self.buf[..self.filled])? {
+                let body = if keep_body { framed.body(&self.buf) } else { Vec::new() };
+                self.closed |= framed.close;
+                self.consume(framed.len);
+                return Ok(Response { status: framed.status, body });
             }
+            self.fill()?;
         }
     }
 
@@ -101,59 +72,6 @@ impl Connection {
     pub fn round_trip(&mut self, request: &[u8]) -> io::Result<Response> {
         self.send(request)?;
         self.receive(true)
-    }
-
-    fn read_exact_body(&mut self, mut length: usize, keep: bool) -> io::Result<Vec<u8>> {
-        let mut body = Vec::with_capacity(if keep { length } else { 0 });
-        while length > 0 {
-            if self.filled == 0 {
-                self.fill()?;
-            }
-            let take = length.min(self.filled);
-            if keep {
-                body.extend_from_slice(&self.buf[..take]);
-            }
-            self.consume(take);
-            length -= take;
-        }
-        Ok(body)
-    }
-
-    fn read_chunked(&mut self, keep: bool) -> io::Result<Vec<u8>> {
-        let mut body = Vec::new();
-        let mut total = 0usize;
-        loop {
-            let line = self.read_line()?;
-            let size_text = line.split(';').next().unwrap_or("").trim();
-            let size = usize::from_str_radix(size_text, 16).map_err(|_| invalid("bad chunk size"))?;
-            total += size;
-            if total > MAX_BODY_BYTES {
-                return Err(invalid("a chunked body is over the client's limit"));
-            }
-            if size == 0 {
-                // Trailers, up to the empty line.
-                while !self.read_line()?.is_empty() {}
-                return Ok(body);
-            }
-            body.extend(self.read_exact_body(size, keep)?);
-            if !self.read_line()?.is_empty() {
-                return Err(invalid("a chunk is not followed by CRLF"));
-            }
-        }
-    }
-
-    fn read_line(&mut self) -> io::Result<String> {
-        loop {
-            if let Some(end) = self.buf[..self.filled].windows(2).position(|w| w == b"\r\n") {
-                let line = String::from_utf8_lossy(&self.buf[..end]).into_owned();
-                self.consume(end + 2);
-                return Ok(line);
-            }
-            if self.filled >= MAX_HEAD_BYTES {
-                return Err(invalid("a chunk-size line is too long"));
-            }
-            self.fill()?;
-        }
     }
 
     fn fill(&mut self) -> io::Result<()> {
@@ -171,6 +89,95 @@ impl Connection {
     fn consume(&mut self, n: usize) {
         self.buf.copy_within(n..self.filled, 0);
         self.filled -= n;
+    }
+}
+
+/// One whole response at the start of a buffer: where it ends, and where its body lies.
+#[derive(Debug)]
+pub struct Framed {
+    pub status: u16,
+    /// The server announced `connection: close`.
+    pub close: bool,
+    /// The bytes of the whole response, head and body.
+    pub len: usize,
+    /// The body's pieces in the buffer: one range, or one per chunk.
+    body: Vec<std::ops::Range<usize>>,
+}
+
+impl Framed {
+    pub fn body(&self, buf: &[u8]) -> Vec<u8> {
+        self.body.iter().flat_map(|r| buf[r.clone()].iter().copied()).collect()
+    }
+}
+
+/// Finds a complete response at the start of `buf`: `None` until all of it has arrived. The one
+/// framing parser of the harness, for its blocking and its event-loop connections alike.
+pub fn frame(buf: &[u8]) -> io::Result<Option<Framed>> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let head_len = match parsed.parse(buf).map_err(|e| invalid(format!("bad response head: {e}")))? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial if buf.len() >= MAX_HEAD_BYTES => {
+            return Err(invalid("the response head is too large"))
+        }
+        httparse::Status::Partial => return Ok(None),
+    };
+    let (mut length, mut chunked, mut close) = (0usize, false, false);
+    for h in parsed.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let text = std::str::from_utf8(h.value).map_err(|_| invalid("bad content-length"))?;
+            length = text.trim().parse::<usize>().map_err(|_| invalid("bad content-length"))?;
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = h.value.eq_ignore_ascii_case(b"chunked");
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            close = h.value.eq_ignore_ascii_case(b"close");
+        }
+    }
+    let status = parsed.code.unwrap_or(0);
+    if !chunked {
+        if length > MAX_BODY_BYTES {
+            return Err(invalid(format!("a body of {length} bytes is over the client's limit")));
+        }
+        let len = head_len + length;
+        return Ok((buf.len() >= len).then(|| Framed {
+            status,
+            close,
+            len,
+            body: std::iter::once(head_len..len).collect(),
+        }));
+    }
+    let line = |at: usize| -> Option<(usize, &[u8])> {
+        let end = buf.get(at..)?.windows(2).position(|w| w == b"\r\n")?;
+        Some((at + end + 2, &buf[at..at + end]))
+    };
+    let (mut at, mut body, mut total) = (head_len, Vec::new(), 0usize);
+    loop {
+        let Some((next, size_line)) = line(at) else { return Ok(None) };
+        let size_text = std::str::from_utf8(size_line).unwrap_or("").split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16).map_err(|_| invalid("bad chunk size"))?;
+        total += size;
+        if total > MAX_BODY_BYTES {
+            return Err(invalid("a chunked body is over the client's limit"));
+        }
+        if size == 0 {
+            // Trailers, up to the empty line.
+            let mut at = next;
+            loop {
+                let Some((after, trailer)) = line(at) else { return Ok(None) };
+                at = after;
+                if trailer.is_empty() {
+                    return Ok(Some(Framed { status, close, len: at, body }));
+                }
+            }
+        }
+        if buf.len() < next + size + 2 {
+            return Ok(None);
+        }
+        if &buf[next + size..next + size + 2] != b"\r\n" {
+            return Err(invalid("a chunk is not followed by CRLF"));
+        }
+        body.push(next..next + size);
+        at = next + size + 2;
     }
 }
 

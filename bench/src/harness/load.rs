@@ -1,7 +1,10 @@
 //! Open-loop, constant-rate load with latency corrected for coordinated omission.
 //!
-//! Each connection has its own thread and its own schedule: request `i` of connection `c` is due
-//! at `start + c·period/connections + i·period`, whatever happened to the requests before it. A
+//! Each connection has its own schedule: request `i` of connection `c` is due at
+//! `start + c·period/connections + i·period`, whatever happened to the requests before it. A few
+//! threads (`LoadPlan::threads`) each run an epoll loop over their share of the connections,
+//! waking at each due time with nanosecond timeouts (`epoll_pwait2`); few threads rather than one
+//! per connection, so that the generator does not crowd the server's pinned shards off the CPUs. A
 //! connection carries one request at a time (HTTP/1.1 without pipelining), so when the server is
 //! slow the next request waits for the previous answer. That wait is the server's doing and is
 //! counted. Precisely,
@@ -19,15 +22,18 @@
 //! Requests still unsent when the run ends, because their connection was stuck behind a slow
 //! answer, are recorded with the time they had already waited: a lower bound.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use super::client::Connection;
+use super::client::frame;
 
 /// The largest latency the histograms hold: one hour, in nanoseconds.
 const MAX_LATENCY_NS: u64 = 3_600_000_000_000;
@@ -53,6 +59,8 @@ pub struct LoadPlan {
     pub warmup: Duration,
     pub duration: Duration,
     pub connections: usize,
+    /// Generator threads; the connections are dealt out among them.
+    pub threads: usize,
     pub classes: Vec<RequestClass>,
     /// The longest a connect, write or read may take before it counts as an error.
     pub io_timeout: Duration,
@@ -145,19 +153,18 @@ pub fn run(plan: &LoadPlan, progress: &Progress) -> Result<LoadOutcome, String> 
     if plan.connections == 0 || plan.classes.is_empty() || plan.classes.iter().all(|c| c.weight == 0) {
         return Err("a plan needs at least one connection and one request class with a weight".into());
     }
+    let threads = plan.threads.clamp(1, plan.connections);
     // Connect everything first, so that connection set-up is not in anyone's latency.
-    let mut conns = Vec::with_capacity(plan.connections);
-    for _ in 0..plan.connections {
-        conns.push(
-            Connection::connect(plan.addr, plan.io_timeout)
-                .map_err(|e| format!("cannot connect to {}: {e}", plan.addr))?,
-        );
+    let mut shares: Vec<Vec<EventConn>> = (0..threads).map(|_| Vec::new()).collect();
+    for index in 0..plan.connections {
+        let stream = connect(plan)?;
+        shares[index % threads].push(EventConn::new(index, stream));
     }
     let schedule: Vec<usize> =
         plan.classes.iter().enumerate().flat_map(|(i, c)| std::iter::repeat_n(i, c.weight as usize)).collect();
     // Whole nanoseconds, so that due times are exact and a window holds a predictable count.
     let period_ns = ((plan.connections as f64 / plan.rate) * 1e9).round().max(1.0) as u64;
-    let barrier = Barrier::new(plan.connections + 1);
+    let barrier = Barrier::new(threads + 1);
     let start_cell = std::sync::OnceLock::<Instant>::new();
     let mut outcome = LoadOutcome {
         offered_rate: plan.rate,
@@ -166,12 +173,12 @@ pub fn run(plan: &LoadPlan, progress: &Progress) -> Result<LoadOutcome, String> 
         lag: latency_histogram(),
     };
     std::thread::scope(|scope| -> Result<(), String> {
-        let mut threads = Vec::with_capacity(plan.connections);
-        for (index, conn) in conns.into_iter().enumerate() {
-            let worker = ConnectionWorker { plan, index, period_ns, schedule: &schedule, conn: Some(conn) };
+        let mut handles = Vec::with_capacity(threads);
+        for (n, conns) in shares.into_iter().enumerate() {
+            let worker = EventLoop { plan, period_ns, schedule: &schedule, conns };
             let (barrier, start_cell) = (&barrier, &start_cell);
             let handle = std::thread::Builder::new()
-                .name(format!("load-{index}"))
+                .name(format!("load-{n}"))
                 .stack_size(THREAD_STACK)
                 .spawn_scoped(scope, move || {
                     barrier.wait();
@@ -179,13 +186,13 @@ pub fn run(plan: &LoadPlan, progress: &Progress) -> Result<LoadOutcome, String> 
                     worker.run(start, progress)
                 })
                 .map_err(|e| format!("cannot start a load thread: {e}"))?;
-            threads.push(handle);
+            handles.push(handle);
         }
         // A short lead, so that every thread is waiting on its first due time rather than late.
         start_cell.set(Instant::now() + Duration::from_millis(20)).expect("set once");
         barrier.wait();
-        for handle in threads {
-            let part = handle.join().map_err(|_| "a load thread panicked".to_string())?;
+        for handle in handles {
+            let part = handle.join().map_err(|_| "a load thread panicked".to_string())??;
             for (mine, theirs) in outcome.classes.iter_mut().zip(&part.classes) {
                 mine.merge(theirs);
             }
@@ -196,12 +203,53 @@ pub fn run(plan: &LoadPlan, progress: &Progress) -> Result<LoadOutcome, String> 
     Ok(outcome)
 }
 
-struct ConnectionWorker<'a> {
-    plan: &'a LoadPlan,
+fn connect(plan: &LoadPlan) -> Result<TcpStream, String> {
+    let stream = TcpStream::connect_timeout(&plan.addr, plan.io_timeout)
+        .map_err(|e| format!("cannot connect to {}: {e}", plan.addr))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+    Ok(stream)
+}
+
+/// One connection of an event loop, with its place in the schedule.
+struct EventConn {
     index: usize,
+    stream: Option<TcpStream>,
+    /// The number of the next request to fall due.
+    next: u64,
+    in_flight: Option<InFlight>,
+    previous_done: Option<Instant>,
+    buf: Vec<u8>,
+    /// Part of the request not yet written (a full socket buffer).
+    unsent: Option<(Arc<[u8]>, usize)>,
+}
+
+struct InFlight {
+    class: usize,
+    due: Instant,
+    sent: Instant,
+    free_at: Instant,
+}
+
+impl EventConn {
+    fn new(index: usize, stream: TcpStream) -> Self {
+        EventConn {
+            index,
+            stream: Some(stream),
+            next: 0,
+            in_flight: None,
+            previous_done: None,
+            buf: Vec::with_capacity(16 * 1024),
+            unsent: None,
+        }
+    }
+}
+
+struct EventLoop<'a> {
+    plan: &'a LoadPlan,
     period_ns: u64,
     schedule: &'a [usize],
-    conn: Option<Connection>,
+    conns: Vec<EventConn>,
 }
 
 struct WorkerOutcome {
@@ -209,9 +257,11 @@ struct WorkerOutcome {
     lag: Histogram<u64>,
 }
 
-impl ConnectionWorker<'_> {
-    fn run(mut self, start: Instant, progress: &Progress) -> WorkerOutcome {
-        set_timer_slack_ns(1_000);
+/// The largest number of events taken from one `epoll_pwait2`.
+const EVENTS: usize = 256;
+
+impl EventLoop<'_> {
+    fn run(mut self, start: Instant, progress: &Progress) -> Result<WorkerOutcome, String> {
         let plan = self.plan;
         let mut out = WorkerOutcome {
             classes: plan.classes.iter().map(|c| ClassOutcome::new(&c.name)).collect(),
@@ -219,76 +269,298 @@ impl ConnectionWorker<'_> {
         };
         let measure_from = start + plan.warmup;
         let end = measure_from + plan.duration;
-        // Stagger the connections evenly over one period.
-        let first = start + Duration::from_nanos(self.period_ns * self.index as u64 / plan.connections as u64);
-        let mut previous_done = start;
-        let mut i: u64 = 0;
+        let epoll = Epoll::new().map_err(|e| format!("epoll: {e}"))?;
+        for (slot, conn) in self.conns.iter().enumerate() {
+            epoll.add(conn.stream.as_ref().expect("connected"), slot).map_err(|e| format!("epoll: {e}"))?;
+        }
+        // Connections waiting for their next due time, earliest first.
+        let mut waiting: BinaryHeap<Reverse<(Instant, usize)>> = BinaryHeap::new();
+        for (slot, conn) in self.conns.iter().enumerate() {
+            waiting.push(Reverse((self.due(conn, 0, start), slot)));
+        }
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
         loop {
-            let due = first + Duration::from_nanos(self.period_ns.saturating_mul(i));
             let now = Instant::now();
-            // A connection that fell behind stops at the end too; what it owes is counted below.
-            if due >= end || now >= end {
+            // Send whatever has fallen due; a connection that fell behind sends at once.
+            while let Some(Reverse((due, slot))) = waiting.peek().copied() {
+                if due > now {
+                    break;
+                }
+                waiting.pop();
+                if due >= end || now >= end {
+                    continue; // its remaining requests are counted as unsent below
+                }
+                self.send(slot, due, start, &epoll, &mut out, progress);
+            }
+            let busy = self.conns.iter().any(|c| c.in_flight.is_some());
+            if waiting.is_empty() && !busy {
                 break;
             }
-            let class = self.schedule[(self.index + i as usize) % self.schedule.len()];
-            i += 1;
-            if now < due {
-                std::thread::sleep(due - now);
+            // Sleep until the next due time, or (only answers outstanding) until the I/O deadline.
+            let wake = waiting.peek().map(|Reverse((due, _))| *due);
+            let oldest = self.conns.iter().filter_map(|c| c.in_flight.as_ref().map(|f| f.sent)).min();
+            let deadline = oldest.map(|t| t + plan.io_timeout);
+            let until = [wake, deadline].into_iter().flatten().min().unwrap_or(now);
+            let n = epoll.wait(&mut events, until.saturating_duration_since(Instant::now()));
+            for event in &events[..n] {
+                self.on_readable(event.u64 as usize, start, measure_from, &epoll, &mut out, &mut waiting, progress);
             }
-            let measured = due >= measure_from;
-            let sent = Instant::now();
-            let free_at = due.max(previous_done);
-            let result = self.exchange(&plan.classes[class].request);
-            let done = Instant::now();
-            previous_done = done;
-            let target = &mut out.classes[class];
-            match result {
-                Ok(status) => {
-                    progress.answered.fetch_add(1, Ordering::Relaxed);
-                    if measured {
-                        record(&mut target.latency, (done - sent) + previous_wait(free_at, due));
-                        *target.statuses.entry(status).or_default() += 1;
-                        record(&mut out.lag, sent.saturating_duration_since(free_at));
-                    }
-                }
-                Err(_) => {
-                    progress.failed.fetch_add(1, Ordering::Relaxed);
-                    if measured {
-                        target.io_errors += 1;
-                    }
-                    // Do not spin on a dead server: the next due time paces the retries, and a
-                    // failed connect has already waited up to the I/O timeout.
+            // Answers that did not come in time.
+            let now = Instant::now();
+            for slot in 0..self.conns.len() {
+                if self.conns[slot].in_flight.as_ref().is_some_and(|f| now >= f.sent + plan.io_timeout) {
+                    self.fail(slot, measure_from, &epoll, &mut out, &mut waiting, start, progress);
                 }
             }
         }
-        // Requests due in the measured window that the connection never got to send.
+        // Requests due in the measured window that their connections never got to send.
         let stopped = Instant::now();
-        loop {
-            let due = first + Duration::from_nanos(self.period_ns.saturating_mul(i));
-            if due >= end {
-                break;
-            }
-            let class = self.schedule[(self.index + i as usize) % self.schedule.len()];
-            i += 1;
-            if due >= measure_from {
-                let target = &mut out.classes[class];
-                target.unsent += 1;
-                record(&mut target.latency, stopped.saturating_duration_since(due));
+        for conn in &self.conns {
+            let mut i = conn.next;
+            loop {
+                let due = self.due(conn, i, start);
+                if due >= end {
+                    break;
+                }
+                let class = self.schedule[(conn.index + i as usize) % self.schedule.len()];
+                i += 1;
+                if due >= measure_from {
+                    let target = &mut out.classes[class];
+                    target.unsent += 1;
+                    record(&mut target.latency, stopped.saturating_duration_since(due));
+                }
             }
         }
-        out
+        Ok(out)
     }
 
-    /// One request and its answer; reconnects when the connection is gone.
-    fn exchange(&mut self, request: &[u8]) -> std::io::Result<u16> {
-        let mut conn = match self.conn.take() {
-            Some(c) if !c.closed => c,
-            _ => Connection::connect(self.plan.addr, self.plan.io_timeout)?,
+    fn due(&self, conn: &EventConn, i: u64, start: Instant) -> Instant {
+        let offset = self.period_ns * conn.index as u64 / self.plan.connections as u64;
+        start + Duration::from_nanos(offset + self.period_ns.saturating_mul(i))
+    }
+
+    fn send(
+        &mut self,
+        slot: usize,
+        due: Instant,
+        start: Instant,
+        epoll: &Epoll,
+        out: &mut WorkerOutcome,
+        progress: &Progress,
+    ) {
+        let class = {
+            let conn = &self.conns[slot];
+            self.schedule[(conn.index + conn.next as usize) % self.schedule.len()]
         };
-        conn.send(request)?;
-        let response = conn.receive(false)?;
-        self.conn = Some(conn);
-        Ok(response.status)
+        let request = self.plan.classes[class].request.clone();
+        let conn = &mut self.conns[slot];
+        conn.next += 1;
+        if conn.stream.is_none() {
+            match connect(self.plan) {
+                Ok(stream) if epoll.add(&stream, slot).is_ok() => conn.stream = Some(stream),
+                _ => {
+                    // No server to talk to: the request fails, and the next due time paces the
+                    // retries, having already waited for the connect timeout.
+                    progress.failed.fetch_add(1, Ordering::Relaxed);
+                    if due >= start + self.plan.warmup {
+                        out.classes[class].io_errors += 1;
+                    }
+                    return;
+                }
+            }
+        }
+        let sent = Instant::now();
+        let free_at = conn.previous_done.map_or(due, |p| p.max(due));
+        conn.in_flight = Some(InFlight { class, due, sent, free_at });
+        conn.unsent = Some((request, 0));
+        let _ = Self::write_pending(conn, slot, epoll);
+    }
+
+    /// Writes what is left of the request; false when the connection failed. A full socket buffer
+    /// leaves the rest for when epoll reports the socket writable.
+    fn write_pending(conn: &mut EventConn, slot: usize, epoll: &Epoll) -> bool {
+        let Some((request, mut written)) = conn.unsent.take() else { return true };
+        let Some(stream) = conn.stream.as_mut() else { return false };
+        let was_blocked = written > 0;
+        while written < request.len() {
+            match stream.write(&request[written..]) {
+                Ok(0) => return false,
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    conn.unsent = Some((request, written));
+                    return epoll.watch(stream, slot, true).is_ok();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        !was_blocked || epoll.watch(stream, slot, false).is_ok()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_readable(
+        &mut self,
+        slot: usize,
+        start: Instant,
+        measure_from: Instant,
+        epoll: &Epoll,
+        out: &mut WorkerOutcome,
+        waiting: &mut BinaryHeap<Reverse<(Instant, usize)>>,
+        progress: &Progress,
+    ) {
+        let conn = &mut self.conns[slot];
+        if !Self::write_pending(conn, slot, epoll) {
+            return self.fail(slot, measure_from, epoll, out, waiting, start, progress);
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        let mut closed = false;
+        loop {
+            let Some(stream) = conn.stream.as_mut() else { return };
+            match stream.read(&mut chunk) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => {
+                    conn.buf.extend_from_slice(&chunk[..n]);
+                    // A short read drained the socket; level-triggered epoll reports anything
+                    // newer, so the extra read that would only say WouldBlock is skipped.
+                    if n < chunk.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        let framed = match frame(&conn.buf) {
+            Ok(f) => f,
+            Err(_) => return self.fail(slot, measure_from, epoll, out, waiting, start, progress),
+        };
+        let Some(framed) = framed else {
+            if closed {
+                self.fail(slot, measure_from, epoll, out, waiting, start, progress);
+            }
+            return;
+        };
+        let done = Instant::now();
+        conn.buf.drain(..framed.len);
+        let Some(flight) = conn.in_flight.take() else {
+            // An answer nobody asked for: the stream's framing is lost.
+            return self.fail(slot, measure_from, epoll, out, waiting, start, progress);
+        };
+        conn.previous_done = Some(done);
+        progress.answered.fetch_add(1, Ordering::Relaxed);
+        if flight.due >= measure_from {
+            let target = &mut out.classes[flight.class];
+            record(&mut target.latency, (done - flight.sent) + previous_wait(flight.free_at, flight.due));
+            *target.statuses.entry(framed.status).or_default() += 1;
+            record(&mut out.lag, flight.sent.saturating_duration_since(flight.free_at));
+        }
+        if framed.close || closed {
+            Self::drop_stream(conn, epoll);
+        }
+        let next_due = self.due(&self.conns[slot], self.conns[slot].next, start);
+        waiting.push(Reverse((next_due, slot)));
+    }
+
+    /// The in-flight request failed: count it, drop the connection, and schedule the next one.
+    #[allow(clippy::too_many_arguments)]
+    fn fail(
+        &mut self,
+        slot: usize,
+        measure_from: Instant,
+        epoll: &Epoll,
+        out: &mut WorkerOutcome,
+        waiting: &mut BinaryHeap<Reverse<(Instant, usize)>>,
+        start: Instant,
+        progress: &Progress,
+    ) {
+        let conn = &mut self.conns[slot];
+        Self::drop_stream(conn, epoll);
+        if let Some(flight) = conn.in_flight.take() {
+            progress.failed.fetch_add(1, Ordering::Relaxed);
+            if flight.due >= measure_from {
+                out.classes[flight.class].io_errors += 1;
+            }
+            conn.previous_done = Some(Instant::now());
+            let next_due = self.due(&self.conns[slot], self.conns[slot].next, start);
+            waiting.push(Reverse((next_due, slot)));
+        }
+    }
+
+    fn drop_stream(conn: &mut EventConn, epoll: &Epoll) {
+        if let Some(stream) = conn.stream.take() {
+            epoll.remove(&stream);
+        }
+        conn.buf.clear();
+        conn.unsent = None;
+    }
+}
+
+/// A level-triggered epoll set with nanosecond waits.
+struct Epoll(OwnedFd);
+
+impl Epoll {
+    fn new() -> std::io::Result<Epoll> {
+        // SAFETY: epoll_create1 has no preconditions; a non-negative result is a new descriptor.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn add(&self, stream: &TcpStream, slot: usize) -> std::io::Result<()> {
+        let mut event = libc::epoll_event { events: libc::EPOLLIN as u32, u64: slot as u64 };
+        // SAFETY: both descriptors are open; `event` lives across the call.
+        let rc = unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, stream.as_raw_fd(), &mut event) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Watches `stream` for writability too, or no longer.
+    fn watch(&self, stream: &TcpStream, slot: usize, writable: bool) -> std::io::Result<()> {
+        let events = if writable { libc::EPOLLIN | libc::EPOLLOUT } else { libc::EPOLLIN };
+        let mut event = libc::epoll_event { events: events as u32, u64: slot as u64 };
+        // SAFETY: both descriptors are open; `event` lives across the call.
+        let rc = unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_MOD, stream.as_raw_fd(), &mut event) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn remove(&self, stream: &TcpStream) {
+        // SAFETY: both descriptors are open; a null event is allowed for EPOLL_CTL_DEL.
+        unsafe {
+            libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_DEL, stream.as_raw_fd(), std::ptr::null_mut());
+        }
+    }
+
+    /// Waits at most `timeout` for readiness; returns how many of `events` were filled.
+    fn wait(&self, events: &mut [libc::epoll_event], timeout: Duration) -> usize {
+        let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as _ };
+        // SAFETY: `events` is writable for its length; `ts` outlives the call; no signal mask.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_epoll_pwait2,
+                self.0.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as libc::c_int,
+                &ts as *const libc::timespec,
+                std::ptr::null::<libc::sigset_t>(),
+                0usize,
+            )
+        };
+        n.max(0) as usize
     }
 }
 

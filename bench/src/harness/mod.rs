@@ -19,6 +19,7 @@
 //!     warmup: Duration::from_secs(1),
 //!     duration: Duration::from_secs(5),
 //!     connections: 8,
+//!     threads: 1,
 //!     classes: vec![RequestClass {
 //!         name: "healthz".into(),
 //!         request: b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n".to_vec().into(),

@@ -21,6 +21,8 @@ use super::target::{Endpoint, Implementation, StartedServer};
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub connections: usize,
+    /// Load-generator threads.
+    pub threads: usize,
     pub warmup: Duration,
     pub duration: Duration,
     pub io_timeout: Duration,
@@ -91,6 +93,7 @@ impl Session {
             warmup: settings.warmup,
             duration: settings.duration,
             connections: settings.connections,
+            threads: settings.threads,
             classes: self.prepared.classes.clone(),
             io_timeout: settings.io_timeout,
         };
