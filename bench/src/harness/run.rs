@@ -152,7 +152,8 @@ impl Session {
 
     /// Steps the rate up from `start` by `factor`, up to `max`, until two steps in a row miss the
     /// SLO (one miss may be noise, such as a stalled vCPU), then narrows the boundary above the
-    /// best passing rate `refine` times by bisection.
+    /// best passing rate `refine` times by bisection. A missed step whose generator was itself
+    /// stalled is measured once more.
     pub fn step_search(
         &self,
         start: f64,
@@ -165,7 +166,14 @@ impl Session {
         let mut misses_in_a_row = 0;
         let mut rate = start;
         while rate <= max && misses_in_a_row < 2 {
-            let m = self.measure(rate, settings)?;
+            let mut m = self.measure(rate, settings)?;
+            if !m.pass && m.generator_lag_p99_us > STALLED_GENERATOR_LAG_US {
+                // The generator itself was stalled (the machine was, for milliseconds): the step
+                // says nothing about the server. Both measurements stay in the record.
+                steps.push(m);
+                pause_between_steps();
+                m = self.measure(rate, settings)?;
+            }
             misses_in_a_row = if m.pass { 0 } else { misses_in_a_row + 1 };
             steps.push(m);
             rate *= factor;
@@ -204,6 +212,9 @@ impl Drop for Session {
         }
     }
 }
+
+/// A generator late by more than this at P99 was stalled along with the machine.
+const STALLED_GENERATOR_LAG_US: f64 = 1000.0;
 
 /// Lets the server drain what the last step queued before the next one starts.
 fn pause_between_steps() {
