@@ -296,7 +296,11 @@ impl EventLoop<'_> {
                 if due >= end || now >= end + END_GRACE {
                     continue;
                 }
-                self.send(slot, due, start, &epoll, &mut out, progress);
+                if !self.send(slot, due, start, &epoll, &mut out, progress) {
+                    // Not even connected: try again at the connection's next due time.
+                    let next_due = self.due(&self.conns[slot], self.conns[slot].next, start);
+                    waiting.push(Reverse((next_due, slot)));
+                }
             }
             let busy = self.conns.iter().any(|c| c.in_flight.is_some());
             if waiting.is_empty() && !busy {
@@ -345,6 +349,7 @@ impl EventLoop<'_> {
         start + Duration::from_nanos(offset + self.period_ns.saturating_mul(i))
     }
 
+    /// Sends the connection's next request; false when it could not even connect.
     fn send(
         &mut self,
         slot: usize,
@@ -353,7 +358,7 @@ impl EventLoop<'_> {
         epoll: &Epoll,
         out: &mut WorkerOutcome,
         progress: &Progress,
-    ) {
+    ) -> bool {
         let class = {
             let conn = &self.conns[slot];
             self.schedule[(conn.index + conn.next as usize) % self.schedule.len()]
@@ -371,7 +376,7 @@ impl EventLoop<'_> {
                     if due >= start + self.plan.warmup {
                         out.classes[class].io_errors += 1;
                     }
-                    return;
+                    return false;
                 }
             }
         }
@@ -380,6 +385,7 @@ impl EventLoop<'_> {
         conn.in_flight = Some(InFlight { class, due, sent, free_at });
         conn.unsent = Some((request, 0));
         let _ = Self::write_pending(conn, slot, epoll);
+        true
     }
 
     /// Writes what is left of the request; false when the connection failed. A full socket buffer
