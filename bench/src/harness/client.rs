@@ -1,8 +1,6 @@
-//! A blocking HTTP/1.1 keep-alive connection: the load generator's only client.
-//!
-//! Blocking sockets on their own threads keep the timing honest: the send time is taken right
-//! before `write`, and the completion time right after the last byte of the body is read, with no
-//! event loop in between to add its own queueing.
+//! The harness's HTTP/1.1 client side: a blocking keep-alive connection for set-up requests
+//! (deploys, scrapes, readiness), the response framing that the load generator's event loops use
+//! too, and request encoding.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};

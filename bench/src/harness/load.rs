@@ -37,7 +37,7 @@ use super::client::frame;
 
 /// The largest latency the histograms hold: one hour, in nanoseconds.
 const MAX_LATENCY_NS: u64 = 3_600_000_000_000;
-/// The stack of a connection thread; the loop needs little.
+/// The stack of a generator thread; its loop needs little.
 const THREAD_STACK: usize = 256 * 1024;
 
 /// One kind of request in the mix, pre-encoded.

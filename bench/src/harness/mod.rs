@@ -1,8 +1,8 @@
 //! `tensor-wasm-bench`: the SLO harness. It drives a live server with open-loop, constant-rate
 //! load, corrects latency for coordinated omission, and judges the results against docs/SLO.md.
 //!
-//! - [`load`]: the load generator (one thread per keep-alive connection, each on a schedule).
-//! - [`client`]: its blocking HTTP/1.1 connection.
+//! - [`load`]: the load generator (epoll loops over keep-alive connections, each on a schedule).
+//! - [`client`]: response framing, and a blocking connection for set-up requests.
 //! - [`target`]: the server under test, started here or reached by URL.
 //! - [`scenario`]: what each scenario deploys and sends; [`guests`]: the modules.
 //! - [`slo`]: the objectives; [`scrape`]: the server-side dispatch histogram.
