@@ -35,8 +35,6 @@ pub struct Connection {
     buf: Vec<u8>,
     /// Bytes of `buf` already received but not yet consumed.
     filled: usize,
-    /// The server announced `connection: close`.
-    pub closed: bool,
 }
 
 impl Connection {
@@ -45,7 +43,7 @@ impl Connection {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
-        Ok(Connection { stream, buf: vec![0; 16 * 1024], filled: 0, closed: false })
+        Ok(Connection { stream, buf: vec![0; 16 * 1024], filled: 0 })
     }
 
     /// Sends one complete, pre-encoded request.
@@ -58,7 +56,6 @@ impl Connection {
         loop {
             if let Some(framed) = frame(&self.buf[..self.filled])? {
                 let body = if keep_body { framed.body(&self.buf) } else { Vec::new() };
-                self.closed |= framed.close;
                 self.consume(framed.len);
                 return Ok(Response { status: framed.status, body });
             }

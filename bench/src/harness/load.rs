@@ -34,9 +34,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use super::client::frame;
+use crate::{histogram, record};
 
-/// The largest latency the histograms hold: one hour, in nanoseconds.
-const MAX_LATENCY_NS: u64 = 3_600_000_000_000;
 /// The stack of a generator thread; its loop needs little.
 const THREAD_STACK: usize = 256 * 1024;
 
@@ -84,7 +83,7 @@ impl ClassOutcome {
     fn new(name: &str) -> Self {
         ClassOutcome {
             name: name.to_string(),
-            latency: latency_histogram(),
+            latency: histogram(),
             statuses: BTreeMap::new(),
             io_errors: 0,
             unsent: 0,
@@ -137,14 +136,6 @@ pub struct Progress {
     pub failed: AtomicU64,
 }
 
-pub fn latency_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_LATENCY_NS, 3).expect("valid histogram bounds")
-}
-
-fn record(h: &mut Histogram<u64>, d: Duration) {
-    let _ = h.record((d.as_nanos() as u64).clamp(1, MAX_LATENCY_NS));
-}
-
 /// Runs `plan` to its end and returns what was measured. Errors only when the plan is unusable.
 pub fn run(plan: &LoadPlan, progress: &Progress) -> Result<LoadOutcome, String> {
     if !(plan.rate.is_finite() && plan.rate > 0.0) {
@@ -170,7 +161,7 @@ pub fn run(plan: &LoadPlan, progress: &Progress) -> Result<LoadOutcome, String> 
         offered_rate: plan.rate,
         measured: plan.duration,
         classes: plan.classes.iter().map(|c| ClassOutcome::new(&c.name)).collect(),
-        lag: latency_histogram(),
+        lag: histogram(),
     };
     std::thread::scope(|scope| -> Result<(), String> {
         let mut handles = Vec::with_capacity(threads);
@@ -266,10 +257,12 @@ const EVENTS: usize = 256;
 
 impl EventLoop<'_> {
     fn run(mut self, start: Instant, progress: &Progress) -> Result<WorkerOutcome, String> {
+        // epoll_pwait2's timeout is a timer like any other: without this it may wake 50 µs late.
+        set_timer_slack_ns(1_000);
         let plan = self.plan;
         let mut out = WorkerOutcome {
             classes: plan.classes.iter().map(|c| ClassOutcome::new(&c.name)).collect(),
-            lag: latency_histogram(),
+            lag: histogram(),
         };
         let measure_from = start + plan.warmup;
         let end = measure_from + plan.duration;

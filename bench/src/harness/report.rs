@@ -26,6 +26,15 @@ pub struct Comparison {
 }
 
 impl Comparison {
+    /// Every measurement taken for it: both step searches, then the equal-load pair.
+    pub fn measurements(&self) -> impl Iterator<Item = &Measurement> {
+        self.ours
+            .steps
+            .iter()
+            .chain(&self.baseline.steps)
+            .chain([&self.ours_at_equal_load, &self.baseline_at_equal_load])
+    }
+
     pub fn new(
         scenario: &'static str,
         ours: StepSearch,
@@ -89,7 +98,7 @@ impl Machine {
 /// Sleeps 200 µs a thousand times and returns how late it woke at P50 and P99, in µs.
 fn wake_lateness() -> (f64, f64) {
     const SLEEP: Duration = Duration::from_micros(200);
-    let mut late = super::load::latency_histogram();
+    let mut late = crate::histogram();
     super::load::set_timer_slack_ns(1_000);
     for _ in 0..1000 {
         let t = Instant::now();
@@ -144,47 +153,45 @@ impl Report {
         let dispatch: Vec<&Measurement> = self.all_measurements().filter(|m| m.dispatch.is_some()).collect();
         if !dispatch.is_empty() {
             md.push_str("\n### Kernel dispatch (the server's histogram over each run; bucket bounds)\n\n");
-            md.push_str("| scenario | server | offered/s | kernels | P50 ≤ µs | P95 ≤ µs | P99 ≤ µs |\n");
-            md.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
-            for m in dispatch {
-                let d = m.dispatch.as_ref().expect("filtered");
-                let b = |v: Option<f64>| v.map_or("over the last bucket".into(), |v| format!("{v:.1}"));
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {:.0} | {} | {} | {} | {} |",
-                    m.scenario,
-                    m.server,
-                    m.offered_rate,
-                    d.kernels,
-                    b(d.p50_bound_us),
-                    b(d.p95_bound_us),
-                    b(d.p99_bound_us)
-                );
-            }
+            let bound = |v: Option<f64>| v.map_or("over the last bucket".into(), |v| format!("{v:.1}"));
+            table(
+                &mut md,
+                &["scenario", "server", "offered/s", "kernels", "P50 ≤ µs", "P95 ≤ µs", "P99 ≤ µs"],
+                dispatch.iter().filter_map(|m| {
+                    let d = m.dispatch.as_ref()?;
+                    Some(vec![
+                        m.scenario.into(),
+                        m.server.into(),
+                        format!("{:.0}", m.offered_rate),
+                        d.kernels.to_string(),
+                        bound(d.p50_bound_us),
+                        bound(d.p95_bound_us),
+                        bound(d.p99_bound_us),
+                    ])
+                }),
+            );
         }
         let storms: Vec<&Measurement> = self.all_measurements().filter(|m| m.storm.is_some()).collect();
         if !storms.is_empty() {
             md.push_str("\n### Deploys beside the load (each a fresh module, deleted again)\n\n");
-            md.push_str(
-                "| scenario | server | offered/s | deploys | failed | P50 ms | P99 ms | max ms | first error |\n",
+            table(
+                &mut md,
+                &["scenario", "server", "offered/s", "deploys", "failed", "P50 ms", "P99 ms", "max ms", "first error"],
+                storms.iter().filter_map(|m| {
+                    let s = m.storm.as_ref()?;
+                    Some(vec![
+                        m.scenario.into(),
+                        m.server.into(),
+                        format!("{:.0}", m.offered_rate),
+                        s.deploys.to_string(),
+                        s.failed.to_string(),
+                        format!("{:.1}", s.deploy_latency.p50_us / 1e3),
+                        format!("{:.1}", s.deploy_latency.p99_us / 1e3),
+                        format!("{:.1}", s.deploy_latency.max_us / 1e3),
+                        s.first_error.clone().unwrap_or_default(),
+                    ])
+                }),
             );
-            md.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
-            for m in storms {
-                let s = m.storm.as_ref().expect("filtered");
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {:.0} | {} | {} | {:.1} | {:.1} | {:.1} | {} |",
-                    m.scenario,
-                    m.server,
-                    m.offered_rate,
-                    s.deploys,
-                    s.failed,
-                    s.deploy_latency.p50_us / 1e3,
-                    s.deploy_latency.p99_us / 1e3,
-                    s.deploy_latency.max_us / 1e3,
-                    s.first_error.as_deref().unwrap_or("")
-                );
-            }
         }
         if !self.searches.is_empty() {
             md.push_str("\n### Highest rate within the SLO (step mode)\n\n");
@@ -194,37 +201,37 @@ impl Report {
         }
         if !self.comparisons.is_empty() {
             md.push_str("\n### TensorWasm against the conventional baseline\n\n");
-            md.push_str(
-                "| scenario | best rate, ours | best rate, baseline | throughput × | equal load/s | P99 ours µs | \
-                 P99 baseline µs | P99 ÷ |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
+            let best = |s: &StepSearch| s.best().map_or("none passed".into(), |m| format!("{:.0}", m.achieved_rate));
+            let ratio = |r: Option<f64>| r.map_or("n/a".into(), |r| format!("{r:.1}×"));
+            table(
+                &mut md,
+                &[
+                    "scenario",
+                    "best rate, ours",
+                    "best rate, baseline",
+                    "throughput ×",
+                    "equal load/s",
+                    "P99 ours µs",
+                    "P99 baseline µs",
+                    "P99 ÷",
+                ],
+                self.comparisons.iter().map(|c| {
+                    vec![
+                        c.scenario.into(),
+                        best(&c.ours),
+                        best(&c.baseline),
+                        ratio(c.throughput_ratio),
+                        format!("{:.0}", c.equal_load_rate),
+                        format!("{:.0}", c.ours_at_equal_load.latency.p99_us),
+                        format!("{:.0}", c.baseline_at_equal_load.latency.p99_us),
+                        ratio(c.p99_ratio),
+                    ]
+                }),
             );
-            for c in &self.comparisons {
-                let best =
-                    |s: &StepSearch| s.best().map_or("none passed".into(), |m| format!("{:.0}", m.achieved_rate));
-                let ratio = |r: Option<f64>| r.map_or("n/a".into(), |r| format!("{r:.1}×"));
-                let _ = writeln!(
-                    md,
-                    "| {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {} |",
-                    c.scenario,
-                    best(&c.ours),
-                    best(&c.baseline),
-                    ratio(c.throughput_ratio),
-                    c.equal_load_rate,
-                    c.ours_at_equal_load.latency.p99_us,
-                    c.baseline_at_equal_load.latency.p99_us,
-                    ratio(c.p99_ratio)
-                );
-            }
             md.push_str("\nEvery step of both:\n\n");
             search_table(&mut md, self.comparisons.iter().flat_map(|c| [&c.ours, &c.baseline]));
             md.push('\n');
-            measurement_table(
-                &mut md,
-                self.comparisons
-                    .iter()
-                    .flat_map(|c| c.ours.steps.iter().chain(&c.baseline.steps))
-                    .chain(self.comparisons.iter().flat_map(|c| [&c.ours_at_equal_load, &c.baseline_at_equal_load])),
-            );
+            measurement_table(&mut md, self.comparisons.iter().flat_map(Comparison::measurements));
         }
         if !self.scale.is_empty() {
             md.push_str("\n### Scale: highest rate within the SLO against shards\n\n");
@@ -238,9 +245,7 @@ impl Report {
         self.measurements
             .iter()
             .chain(self.searches.iter().flat_map(|s| &s.steps))
-            .chain(self.comparisons.iter().flat_map(|c| {
-                c.ours.steps.iter().chain(&c.baseline.steps).chain([&c.ours_at_equal_load, &c.baseline_at_equal_load])
-            }))
+            .chain(self.comparisons.iter().flat_map(Comparison::measurements))
             .chain(self.scale.iter().flat_map(|s| &s.steps))
     }
 }
@@ -249,35 +254,64 @@ fn shards(s: Option<usize>) -> String {
     s.map_or("?".into(), |s| s.to_string())
 }
 
-fn measurement_table<'a>(md: &mut String, rows: impl Iterator<Item = &'a Measurement>) {
-    md.push_str(
-        "| scenario | server | shards | offered/s | achieved/s | P50 µs | P95 µs | P99 µs | P99.9 µs | max µs | \
-         answers by status | no answer | lag P99 µs | server CPU µs/req | harness CPU µs/req | SLO |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
-    );
-    for m in rows {
-        let statuses = m.statuses.iter().map(|(s, n)| format!("{s}: {n}")).collect::<Vec<_>>().join(", ");
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {:.0} | {} | {} | {} |",
-            m.scenario,
-            m.server,
-            shards(m.shards),
-            m.offered_rate,
-            m.achieved_rate,
-            m.latency.p50_us,
-            m.latency.p95_us,
-            m.latency.p99_us,
-            m.latency.p999_us,
-            m.latency.max_us,
-            statuses,
-            m.io_errors + m.unsent,
-            m.generator_lag_p99_us,
-            cpu(m.cpu.server_us_per_answer),
-            cpu(m.cpu.harness_us_per_answer),
-            if m.pass { "pass" } else { "FAIL" }
-        );
+/// A Markdown table: the head, its rule, and a line per row.
+fn table(md: &mut String, head: &[&str], rows: impl IntoIterator<Item = Vec<String>>) {
+    let _ = writeln!(md, "| {} |", head.join(" | "));
+    let _ = writeln!(md, "|{}", " --- |".repeat(head.len()));
+    for row in rows {
+        let _ = writeln!(md, "| {} |", row.join(" | "));
     }
+}
+
+fn pass_text(pass: bool) -> String {
+    if pass { "pass" } else { "FAIL" }.into()
+}
+
+fn measurement_table<'a>(md: &mut String, rows: impl Iterator<Item = &'a Measurement>) {
+    let head = [
+        "scenario",
+        "server",
+        "shards",
+        "offered/s",
+        "achieved/s",
+        "P50 µs",
+        "P95 µs",
+        "P99 µs",
+        "P99.9 µs",
+        "max µs",
+        "answers by status",
+        "no answer",
+        "lag P99 µs",
+        "server CPU µs/req",
+        "harness CPU µs/req",
+        "SLO",
+    ];
+    table(
+        md,
+        &head,
+        rows.map(|m| {
+            let statuses = m.statuses.iter().map(|(s, n)| format!("{s}: {n}")).collect::<Vec<_>>().join(", ");
+            let l = &m.latency;
+            vec![
+                m.scenario.into(),
+                m.server.into(),
+                shards(m.shards),
+                format!("{:.0}", m.offered_rate),
+                format!("{:.0}", m.achieved_rate),
+                format!("{:.1}", l.p50_us),
+                format!("{:.1}", l.p95_us),
+                format!("{:.1}", l.p99_us),
+                format!("{:.1}", l.p999_us),
+                format!("{:.1}", l.max_us),
+                statuses,
+                (m.io_errors + m.unsent).to_string(),
+                format!("{:.0}", m.generator_lag_p99_us),
+                cpu(m.cpu.server_us_per_answer),
+                cpu(m.cpu.harness_us_per_answer),
+                pass_text(m.pass),
+            ]
+        }),
+    );
 }
 
 fn cpu(us: Option<f64>) -> String {
@@ -285,42 +319,45 @@ fn cpu(us: Option<f64>) -> String {
 }
 
 fn verdict_table(md: &mut String, rows: &[Measurement]) {
-    md.push_str("| scenario | server | offered/s | objective | whose | measured | result |\n");
-    md.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
-    for m in rows {
-        for v in &m.verdicts {
-            let _ = writeln!(
-                md,
-                "| {} | {} | {:.0} | {} | {} | {} | {} |",
-                m.scenario,
-                m.server,
-                m.offered_rate,
-                v.target.name,
-                match v.target.source {
+    table(
+        md,
+        &["scenario", "server", "offered/s", "objective", "whose", "measured", "result"],
+        rows.iter().flat_map(|m| {
+            m.verdicts.iter().map(move |v| {
+                let whose = match v.target.source {
                     Source::Seed => "seed",
                     Source::Ours => "ours",
-                },
-                v.measured_text(),
-                if v.pass { "pass" } else { "FAIL" }
-            );
-        }
-    }
+                };
+                vec![
+                    m.scenario.into(),
+                    m.server.into(),
+                    format!("{:.0}", m.offered_rate),
+                    v.target.name.into(),
+                    whose.into(),
+                    v.measured_text(),
+                    pass_text(v.pass),
+                ]
+            })
+        }),
+    );
 }
 
 fn search_table<'a>(md: &mut String, rows: impl Iterator<Item = &'a StepSearch>) {
-    md.push_str("| scenario | server | shards | rates tried | best offered/s | achieved/s | P99 µs there |\n");
-    md.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
-    for s in rows {
-        let (offered, achieved, p99) = s.best().map_or(("none passed".into(), "-".into(), "-".into()), |m| {
-            (format!("{:.0}", m.offered_rate), format!("{:.0}", m.achieved_rate), format!("{:.1}", m.latency.p99_us))
-        });
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {} | {offered} | {achieved} | {p99} |",
-            s.scenario,
-            s.server,
-            shards(s.shards),
-            s.steps.len()
-        );
-    }
+    table(
+        md,
+        &["scenario", "server", "shards", "rates tried", "best offered/s", "achieved/s", "P99 µs there"],
+        rows.map(|s| {
+            let best = s.best().map_or(["none passed".into(), "-".into(), "-".into()], |m| {
+                [
+                    format!("{:.0}", m.offered_rate),
+                    format!("{:.0}", m.achieved_rate),
+                    format!("{:.1}", m.latency.p99_us),
+                ]
+            });
+            [s.scenario.into(), s.server.into(), shards(s.shards), s.steps.len().to_string()]
+                .into_iter()
+                .chain(best)
+                .collect()
+        }),
+    );
 }

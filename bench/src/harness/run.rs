@@ -11,11 +11,12 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::guests;
-use super::load::{self, latency_histogram, LoadOutcome, LoadPlan, Progress};
+use super::load::{self, LoadOutcome, LoadPlan, Progress};
 use super::scenario::{deploy, Prepared, Scenario, ScenarioOptions};
 use super::scrape::KernelHistogram;
 use super::slo::{Gate, Measure, Verdict};
 use super::target::{Endpoint, Implementation, StartedServer};
+use crate::histogram;
 
 /// How every measurement of a harness run is taken.
 #[derive(Clone, Debug)]
@@ -340,7 +341,7 @@ impl Measurement {
     ) -> Measurement {
         let seconds = outcome.measured.as_secs_f64();
         let prepared = &session.prepared;
-        let mut judged = latency_histogram();
+        let mut judged = histogram();
         let (mut attempts, mut server_errors, mut failed) = (0u64, 0u64, 0u64);
         let mut statuses = BTreeMap::new();
         let classes = outcome
@@ -446,7 +447,7 @@ impl StepSearch {
 /// Deploys are paced, not open-loop: a slow one delays the next.
 fn storm(endpoint: &Endpoint, rate: f64, running: &AtomicBool) -> StormReport {
     let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
-    let mut latency = latency_histogram();
+    let mut latency = histogram();
     let (mut deploys, mut failed, mut first_error) = (0u64, 0u64, None);
     let start = Instant::now();
     let mut n = 0u64;

@@ -98,7 +98,7 @@ impl Scenario {
             storm: false,
             functions: Vec::new(),
         };
-        let mut prepared = match self {
+        let prepared = match self {
             Scenario::Healthz => {
                 single("healthz", endpoint.request("GET", "/healthz", b"").into(), TrafficClass::Healthz)
             }
@@ -167,7 +167,6 @@ impl Scenario {
                 p
             }
         };
-        prepared.classes.retain(|c| c.weight > 0);
         Ok(prepared)
     }
 }

@@ -79,6 +79,8 @@ pub fn run_suite(options: &SuiteOptions) -> Result<Report, String> {
         for &scenario in options.scenarios.iter().filter(|s| s.runs_on(Implementation::Baseline)) {
             let ours = Session::open(&options.source, Implementation::TensorWasm, scenario, None, settings)?;
             let ours_search = search(&ours, &options.steps)?;
+            // Only one server runs at a time, so that neither takes CPUs from the other; ours is
+            // started again, fresh, for the equal-load measurement.
             drop(ours);
             let base = Session::open(&options.source, Implementation::Baseline, scenario, None, settings)?;
             let base_search = search(&base, &options.steps)?;
