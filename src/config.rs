@@ -29,6 +29,11 @@ pub struct ServerConfig {
     pub drain_grace_ms: u64,
     pub drain_timeout_ms: u64,
     pub admin_queue_depth: usize,
+    /// The functions directory to load and watch, if any.
+    pub functions_dir: Option<crate::functions::worker::DirectoryConfig>,
+    /// Threads delivering pipeline outputs to sinks, and deliveries that may wait for one.
+    pub sink_workers: usize,
+    pub sink_queue_depth: usize,
     /// Kernel dispatch; its `shards` is set when the shard count is known.
     pub dispatch: tensor_wasm_dispatch::DispatchConfig,
     pub auth: AuthConfig,

@@ -37,12 +37,27 @@ pub enum ApiError {
     FunctionNotFound(String),
     InvalidInvokeRequest(String),
     ExportNotFound(String),
+    /// An envelope function's request body is not JSON.
+    InvalidPayload(String),
+    /// The function or pipeline is managed by the functions directory; the API may not change it.
+    ManagedByDirectory { what: &'static str, name: String },
+    PipelineNotFound(String),
+    InvalidPipeline(String),
     // --- guest outcome ---
     InvokeTimeout { timeout_ms: u64 },
     MemoryLimitExceeded { limit_mb: u32 },
     GuestTrap(String),
     GuestExit { code: i32 },
     OutputTooLarge { limit: usize },
+    /// An envelope function's stdout is not a `{"payload", "headers"}` object.
+    InvalidEnvelopeOutput(String),
+    EnvelopeMissingPayload,
+    /// A pipeline's own deadline passed (each step's deadline is `InvokeTimeout`).
+    PipelineTimeout { timeout_ms: u64 },
+    /// A pipeline step failed: the step's own error, and which step it was.
+    /// `function` is the step's reference as written, `function_id` what it resolved to.
+    PipelineStep { index: usize, function: String, function_id: Option<String>, error: Box<ApiError> },
+    SinkDeliveryFailed { url: String, attempts: u32, last: String },
     // --- server state ---
     Overloaded(&'static str),
     AuditUnavailable,
@@ -68,6 +83,8 @@ impl ApiError {
             | ImportMismatch(_)
             | InvalidInvokeRequest(_)
             | ExportNotFound(_)
+            | InvalidPayload(_)
+            | InvalidPipeline(_)
             | MissingTenant
             | InvalidTenant
             | DuplicateTenantHeader => Status::BadRequest,
@@ -79,11 +96,19 @@ impl ApiError {
             RequestTimeout => Status::RequestTimeout,
             UnsupportedTransferEncoding(_) => Status::NotImplemented,
             ExpectationFailed(_) => Status::ExpectationFailed,
-            RouteNotFound | FunctionNotFound(_) => Status::NotFound,
+            RouteNotFound | FunctionNotFound(_) | PipelineNotFound(_) => Status::NotFound,
+            ManagedByDirectory { .. } => Status::Conflict,
             MethodNotAllowed { .. } => Status::MethodNotAllowed,
             // The function, not the server, failed: the gateway convention.
-            GuestTrap(_) | GuestExit { .. } | MemoryLimitExceeded { .. } | OutputTooLarge { .. } => Status::BadGateway,
-            InvokeTimeout { .. } => Status::GatewayTimeout,
+            GuestTrap(_)
+            | GuestExit { .. }
+            | MemoryLimitExceeded { .. }
+            | OutputTooLarge { .. }
+            | InvalidEnvelopeOutput(_)
+            | EnvelopeMissingPayload
+            | SinkDeliveryFailed { .. } => Status::BadGateway,
+            InvokeTimeout { .. } | PipelineTimeout { .. } => Status::GatewayTimeout,
+            PipelineStep { error, .. } => error.status(),
             Overloaded(_) | AuditUnavailable | NotReady | Draining => Status::ServiceUnavailable,
             Storage(_) | Internal(_) => Status::InternalServerError,
         }
@@ -119,6 +144,15 @@ impl ApiError {
             FunctionNotFound(_) => "function_not_found",
             InvalidInvokeRequest(_) => "invalid_invoke_request",
             ExportNotFound(_) => "export_not_found",
+            InvalidPayload(_) => "invalid_payload",
+            ManagedByDirectory { .. } => "managed_by_directory",
+            PipelineNotFound(_) => "pipeline_not_found",
+            InvalidPipeline(_) => "invalid_pipeline",
+            InvalidEnvelopeOutput(_) => "invalid_envelope_output",
+            EnvelopeMissingPayload => "envelope_missing_payload",
+            PipelineTimeout { .. } => "pipeline_timeout",
+            PipelineStep { error, .. } => error.kind(),
+            SinkDeliveryFailed { .. } => "sink_delivery_failed",
             InvokeTimeout { .. } => "invoke_timeout",
             MemoryLimitExceeded { .. } => "memory_limit_exceeded",
             GuestTrap(_) => "guest_trap",
@@ -136,6 +170,7 @@ impl ApiError {
     /// Headers this error adds to its response.
     pub fn extra_headers(&self) -> Option<(&'static str, String)> {
         match self {
+            ApiError::PipelineStep { error, .. } => error.extra_headers(),
             ApiError::MethodNotAllowed { allow } => Some(("allow", allow.to_string())),
             ApiError::Unauthorized => Some(("www-authenticate", "Bearer realm=\"tensor-wasm\"".into())),
             ApiError::Overloaded(_) | ApiError::AuditUnavailable | ApiError::NotReady | ApiError::Draining => {
@@ -161,10 +196,14 @@ impl ApiError {
         )
     }
 
-    /// `{"error":{"kind":…,"message":…}}`
+    /// `{"error":{"kind":…,"message":…}}`, plus `"step":{"index":…,"function":…}` when a pipeline
+    /// step failed.
     pub fn to_body(&self) -> Vec<u8> {
-        let body = serde_json::json!({"error": {"kind": self.kind(), "message": self.to_string()}});
-        serde_json::to_vec(&body).unwrap_or_default()
+        let mut error = serde_json::json!({"kind": self.kind(), "message": self.to_string()});
+        if let ApiError::PipelineStep { index, function, function_id, .. } = self {
+            error["step"] = serde_json::json!({"index": index, "function": function, "function_id": function_id});
+        }
+        serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default()
     }
 }
 
@@ -209,6 +248,24 @@ impl fmt::Display for ApiError {
             FunctionNotFound(id) => write!(f, "function `{id}` not found"),
             InvalidInvokeRequest(m) => write!(f, "{m}"),
             ExportNotFound(name) => write!(f, "the module exports no function `{name}`"),
+            InvalidPayload(m) => {
+                write!(f, "the function speaks the JSON envelope ABI, so the request body must be JSON, but {m}")
+            }
+            ManagedByDirectory { what, name } => write!(
+                f,
+                "the {what} `{name}` is loaded from the functions directory; change it there, not through the API"
+            ),
+            PipelineNotFound(id) => write!(f, "pipeline `{id}` not found"),
+            InvalidPipeline(m) => write!(f, "{m}"),
+            InvalidEnvelopeOutput(m) => {
+                write!(f, "the function's output is not a JSON envelope {{\"payload\", \"headers\"}}: {m}")
+            }
+            EnvelopeMissingPayload => write!(f, "the function's output envelope has no `payload`"),
+            PipelineTimeout { timeout_ms } => write!(f, "the pipeline did not finish within {timeout_ms} ms"),
+            PipelineStep { index, function, error, .. } => write!(f, "step {index} (`{function}`) failed: {error}"),
+            SinkDeliveryFailed { url, attempts, last } => {
+                write!(f, "delivery to the sink {url} failed after {attempts} attempt(s); last: {last}")
+            }
             InvokeTimeout { timeout_ms } => {
                 write!(f, "the function did not finish within {timeout_ms} ms")
             }

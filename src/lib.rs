@@ -13,6 +13,7 @@ pub mod error;
 pub mod functions;
 pub mod http;
 pub mod metrics;
+pub mod pipelines;
 pub mod server;
 pub mod tls;
 pub mod wasm;

@@ -1,15 +1,16 @@
 use serde::Deserialize;
 use serde_json::json;
 
+use super::run::{execute, run_step, Message};
 use super::RequestContext;
 use crate::error::ApiError;
-use crate::functions::record::is_valid_id;
+use crate::functions::record::{is_valid_id, Abi};
 use crate::functions::{DeployRequest, LocalFunction};
-use crate::http::{Response, Status};
+use crate::http::{RequestHead, Response, Status};
 use crate::server::shard::Shard;
-use crate::wasm::{invoke as run_invocation, Entry, InvokeLimits, TensorContext};
+use crate::wasm::Entry;
 
-fn require_loaded(shard: &Shard) -> Result<(), ApiError> {
+pub fn require_loaded(shard: &Shard) -> Result<(), ApiError> {
     if shard.shared.catalog.is_loaded() {
         Ok(())
     } else {
@@ -82,9 +83,20 @@ struct ExportCall {
     args: Vec<serde_json::Value>,
 }
 
-pub async fn invoke(shard: &Shard, ctx: &RequestContext, id: &str, body: Vec<u8>) -> Result<Response, ApiError> {
+pub async fn invoke(
+    shard: &Shard,
+    ctx: &RequestContext,
+    id: &str,
+    head: &RequestHead,
+    body: Vec<u8>,
+) -> Result<Response, ApiError> {
     let function = lookup(shard, ctx.tenant, id)?;
     let record = &function.deployed.record;
+    let timeout = std::time::Duration::from_millis(record.timeout_ms);
+    if record.abi == Abi::Envelope {
+        let message = run_step(shard, ctx.tenant, &function, Message::from_request(head, body), timeout).await?;
+        return Ok(message.into_response());
+    }
     let (entry, stdin) = if function.has_start {
         (Entry::Start, body)
     } else {
@@ -95,45 +107,12 @@ pub async fn invoke(shard: &Shard, ctx: &RequestContext, id: &str, body: Vec<u8>
         })?;
         (Entry::Export { name: call.export, args: call.args }, Vec::new())
     };
-    let _slot = shard.acquire_instance_slot()?;
-    let limits = InvokeLimits {
-        timeout: std::time::Duration::from_millis(record.timeout_ms),
-        memory_limit_mb: record.memory_limit_mb,
-        max_output_bytes: shard.limits.max_output_bytes,
-        max_stderr_bytes: shard.limits.max_stderr_bytes,
-    };
-    let tensors = function
-        .uses_tensors
-        .then(|| TensorContext::new(shard.shared.dispatcher.clone(), shard.id, ctx.tenant, shard.metrics.clone()));
-    let invocation =
-        run_invocation(&shard.engine, &function.pre, function.deployed.wasi.clone(), stdin, entry, limits, tensors)
-            .await;
-    let output = match invocation.outcome {
-        Ok(output) => {
-            if !invocation.stderr.is_empty() {
-                tracing::debug!(function = %record.id, stderr = %String::from_utf8_lossy(&invocation.stderr), "guest stderr");
-            }
-            output
-        }
-        Err(err) => {
-            shard.metrics.invocations_failed.inc();
-            tracing::warn!(
-                function = %record.id,
-                kind = err.kind(),
-                stderr = %String::from_utf8_lossy(&invocation.stderr),
-                stderr_dropped = invocation.stderr_dropped,
-                "invocation failed: {err}"
-            );
-            return Err(err);
-        }
-    };
+    let output = execute(shard, ctx.tenant, &function, stdin, entry, timeout).await?;
     if let Some(results) = output.results {
         return Ok(Response::json_value(Status::Ok, &json!({ "result": results })));
     }
     if output.stdout.is_empty() {
         return Ok(Response::json_value(Status::Ok, &json!({ "result": "ok", "function_id": record.id })));
     }
-    let is_json = serde_json::from_slice::<serde::de::IgnoredAny>(&output.stdout).is_ok();
-    let content_type = if is_json { "application/json" } else { "application/octet-stream" };
-    Ok(Response::new(Status::Ok, content_type, output.stdout))
+    Ok(Message { body: output.stdout, headers: Default::default(), guest_headers: false }.into_response())
 }

@@ -5,8 +5,10 @@
 //! its rate (429) and the tenant (400, 403). Probes are open; `/metrics` has its own optional token.
 
 mod functions;
+mod pipelines;
 mod probes;
 mod route;
+mod run;
 
 pub use route::Route;
 
@@ -60,6 +62,11 @@ enum Action<'a> {
     Get(&'a str),
     Delete(&'a str),
     Invoke(&'a str),
+    ListPipelines,
+    CreatePipeline,
+    GetPipeline(&'a str),
+    DeletePipeline(&'a str),
+    InvokePipeline(&'a str),
 }
 
 impl Action<'_> {
@@ -71,13 +78,27 @@ impl Action<'_> {
             Action::Get(_) => "get_function",
             Action::Delete(_) => "delete_function",
             Action::Invoke(_) => "invoke_function",
+            Action::ListPipelines => "list_pipelines",
+            Action::CreatePipeline => "create_pipeline",
+            Action::GetPipeline(_) => "get_pipeline",
+            Action::DeletePipeline(_) => "delete_pipeline",
+            Action::InvokePipeline(_) => "invoke_pipeline",
         }
     }
 
     fn function_id(&self) -> Option<&str> {
         match self {
             Action::Get(id) | Action::Delete(id) | Action::Invoke(id) => Some(*id).filter(|id| is_valid_id(id)),
-            Action::List | Action::Deploy => None,
+            _ => None,
+        }
+    }
+
+    fn pipeline_id(&self) -> Option<&str> {
+        match self {
+            Action::GetPipeline(id) | Action::DeletePipeline(id) | Action::InvokePipeline(id) => {
+                Some(*id).filter(|id| is_valid_id(id))
+            }
+            _ => None,
         }
     }
 }
@@ -90,8 +111,11 @@ pub struct PendingAudit {
     pub action: &'static str,
     pub actor: Actor,
     pub function_id: Option<String>,
+    pub pipeline_id: Option<String>,
     pub tenant_id: Option<u64>,
     pub client_cert_subject: Option<String>,
+    /// A failed pipeline's step: its index and function.
+    pub failed_step: Option<(usize, String)>,
 }
 
 impl PendingAudit {
@@ -111,9 +135,11 @@ impl PendingAudit {
             actor: self.actor,
             action: self.action,
             function_id: self.function_id,
+            pipeline_id: self.pipeline_id,
             tenant_id: self.tenant_id,
             status_code: response.status.code(),
             error_kind: response.error_kind,
+            failed_step: self.failed_step,
             latency_us: latency.as_micros() as u64,
             peer_addr: peer,
             client_cert_subject: self.client_cert_subject,
@@ -172,6 +198,11 @@ async fn dispatch(
         (Route::Function, _) if read => Action::Get(id),
         (Route::Function, Method::Delete) => Action::Delete(id),
         (Route::Invoke, Method::Post) => Action::Invoke(id),
+        (Route::Pipelines, _) if read => Action::ListPipelines,
+        (Route::Pipelines, Method::Post) => Action::CreatePipeline,
+        (Route::Pipeline, _) if read => Action::GetPipeline(id),
+        (Route::Pipeline, Method::Delete) => Action::DeletePipeline(id),
+        (Route::PipelineInvoke, Method::Post) => Action::InvokePipeline(id),
         (Route::Unmatched, _) => return Err(ApiError::RouteNotFound),
         (route, _) => return Err(ApiError::MethodNotAllowed { allow: route.allow() }),
     };
@@ -184,8 +215,10 @@ async fn dispatch(
         action: action.audit_name(),
         actor: Actor::Bearer { token_id: None, scope: ActorScope::None },
         function_id: action.function_id().map(str::to_string),
+        pipeline_id: action.pipeline_id().map(str::to_string),
         tenant_id: None,
         client_cert_subject: subject.clone(),
+        failed_step: None,
     });
     let caller = shard.auth.authenticate(head).inspect_err(|_| pending.action = "auth_failure")?;
     pending.actor = actor_of(&caller);
@@ -202,6 +235,19 @@ async fn dispatch(
         }
         Action::Get(id) => functions::get(shard, &ctx, id),
         Action::Delete(id) => functions::delete(shard, &ctx, id).await,
-        Action::Invoke(id) => functions::invoke(shard, &ctx, id, body).await,
+        Action::Invoke(id) => functions::invoke(shard, &ctx, id, head, body).await,
+        Action::ListPipelines => pipelines::list(shard, &ctx),
+        Action::CreatePipeline => {
+            let (response, id) = pipelines::create(shard, &ctx, body).await?;
+            pending.pipeline_id = Some(id);
+            Ok(response)
+        }
+        Action::GetPipeline(id) => pipelines::get(shard, &ctx, id),
+        Action::DeletePipeline(id) => pipelines::delete(shard, &ctx, id).await,
+        Action::InvokePipeline(id) => pipelines::invoke(shard, &ctx, id, head, body).await.inspect_err(|e| {
+            if let ApiError::PipelineStep { index, function, function_id, .. } = e {
+                pending.failed_step = Some((*index, function_id.clone().unwrap_or_else(|| function.clone())));
+            }
+        }),
     }
 }

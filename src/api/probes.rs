@@ -25,6 +25,8 @@ pub fn metrics(shard: &Shard) -> Response {
     let text = render(&ScrapeContext {
         shards: &shared.shard_metrics,
         functions: shared.catalog.len(),
+        pipelines: shared.catalog.pipelines().load().1.len(),
+        directory: shared.watches_directory.then_some(&shared.catalog.directory),
         ready: shared.is_ready() && !shared.is_draining(),
         tokens: tokens.as_deref(),
         audit_sync: &shared.audit_sync,

@@ -7,17 +7,23 @@ pub enum Route {
     Functions,
     Function,
     Invoke,
+    Pipelines,
+    Pipeline,
+    PipelineInvoke,
     Unmatched,
 }
 
 impl Route {
-    pub const ALL: [Route; 7] = [
+    pub const ALL: [Route; 10] = [
         Route::Healthz,
         Route::Readyz,
         Route::Metrics,
         Route::Functions,
         Route::Function,
         Route::Invoke,
+        Route::Pipelines,
+        Route::Pipeline,
+        Route::PipelineInvoke,
         Route::Unmatched,
     ];
 
@@ -29,6 +35,9 @@ impl Route {
             Route::Functions => "/functions",
             Route::Function => "/functions/:id",
             Route::Invoke => "/functions/:id/invoke",
+            Route::Pipelines => "/pipelines",
+            Route::Pipeline => "/pipelines/:id",
+            Route::PipelineInvoke => "/pipelines/:id/invoke",
             Route::Unmatched => "unmatched",
         }
     }
@@ -37,9 +46,9 @@ impl Route {
     pub fn allow(self) -> &'static str {
         match self {
             Route::Healthz | Route::Readyz | Route::Metrics => "GET, HEAD",
-            Route::Functions => "GET, HEAD, POST",
-            Route::Function => "GET, HEAD, DELETE",
-            Route::Invoke => "POST",
+            Route::Functions | Route::Pipelines => "GET, HEAD, POST",
+            Route::Function | Route::Pipeline => "GET, HEAD, DELETE",
+            Route::Invoke | Route::PipelineInvoke => "POST",
             Route::Unmatched => "",
         }
     }
@@ -56,14 +65,19 @@ impl Route {
             "/readyz" => return (Route::Readyz, ""),
             "/metrics" => return (Route::Metrics, ""),
             "/functions" => return (Route::Functions, ""),
+            "/pipelines" => return (Route::Pipelines, ""),
             _ => {}
         }
-        let Some(rest) = trimmed.strip_prefix("/functions/") else {
+        let (rest, one, invoke) = if let Some(rest) = trimmed.strip_prefix("/functions/") {
+            (rest, Route::Function, Route::Invoke)
+        } else if let Some(rest) = trimmed.strip_prefix("/pipelines/") {
+            (rest, Route::Pipeline, Route::PipelineInvoke)
+        } else {
             return (Route::Unmatched, "");
         };
         match rest.split_once('/') {
-            None if !rest.is_empty() => (Route::Function, rest),
-            Some((id, "invoke")) if !id.is_empty() => (Route::Invoke, id),
+            None if !rest.is_empty() => (one, rest),
+            Some((id, "invoke")) if !id.is_empty() => (invoke, id),
             _ => (Route::Unmatched, ""),
         }
     }
@@ -82,5 +96,9 @@ mod tests {
         assert_eq!(Route::match_path("/functions/abc/other").0, Route::Unmatched);
         assert_eq!(Route::match_path("/functions//invoke").0, Route::Unmatched);
         assert_eq!(Route::match_path("/").0, Route::Unmatched);
+        assert_eq!(Route::match_path("/pipelines"), (Route::Pipelines, ""));
+        assert_eq!(Route::match_path("/pipelines/p1"), (Route::Pipeline, "p1"));
+        assert_eq!(Route::match_path("/pipelines/p1/invoke/"), (Route::PipelineInvoke, "p1"));
+        assert_eq!(Route::match_path("/pipelines/p1/run").0, Route::Unmatched);
     }
 }

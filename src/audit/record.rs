@@ -49,9 +49,13 @@ pub struct AuditEvent {
     pub actor: Actor,
     pub action: &'static str,
     pub function_id: Option<String>,
+    /// For pipeline requests: the pipeline's id (32 hex digits).
+    pub pipeline_id: Option<String>,
     pub tenant_id: Option<u64>,
     pub status_code: u16,
     pub error_kind: Option<&'static str>,
+    /// For a failed pipeline invocation: the failing step's index and function id.
+    pub failed_step: Option<(usize, String)>,
     pub latency_us: u64,
     pub peer_addr: SocketAddr,
     pub client_cert_subject: Option<String>,
@@ -163,6 +167,11 @@ pub fn encode(event: &AuditEvent, shard: usize, seq: u64, prev_hash: &[u8; 32], 
     json_str(out, event.action);
     out.push_str(",\"resource\":{\"function_id\":");
     opt_str(out, event.function_id.as_deref());
+    // Only on pipeline requests, so that function records keep their shape.
+    if let Some(pipeline) = &event.pipeline_id {
+        out.push_str(",\"pipeline_id\":");
+        json_str(out, pipeline);
+    }
     out.push_str(",\"tenant_id\":");
     match event.tenant_id {
         Some(t) => num(out, t),
@@ -172,6 +181,13 @@ pub fn encode(event: &AuditEvent, shard: usize, seq: u64, prev_hash: &[u8; 32], 
     num(out, u64::from(event.status_code));
     out.push_str(",\"error_kind\":");
     opt_str(out, event.error_kind);
+    if let Some((index, function)) = &event.failed_step {
+        out.push_str(",\"failed_step\":{\"index\":");
+        num(out, *index as u64);
+        out.push_str(",\"function_id\":");
+        json_str(out, function);
+        out.push('}');
+    }
     out.push_str("},\"latency_us\":");
     num(out, event.latency_us);
     out.push_str(",\"peer_addr\":\"");
@@ -282,9 +298,11 @@ mod tests {
             },
             action: "invoke_function",
             function_id: Some("0123456789abcdef0123456789abcdef".into()),
+            pipeline_id: None,
             tenant_id: Some(7),
             status_code: 200,
             error_kind: None,
+            failed_step: None,
             latency_us: 12,
             peer_addr: "127.0.0.1:4000".parse().unwrap(),
             client_cert_subject: Some("CN=a \"quoted\" client".into()),
@@ -302,6 +320,16 @@ mod tests {
         assert_eq!(v["client_cert_subject"], "CN=a \"quoted\" client");
         let facts = check_line(line.trim_end().as_bytes()).unwrap();
         assert_eq!((facts.shard, facts.seq, facts.prev_hash, facts.hash), (3, 1, GENESIS, h1));
+
+        assert!(v["resource"].get("pipeline_id").is_none() && v["outcome"].get("failed_step").is_none());
+        let mut failed = event();
+        failed.pipeline_id = Some("fedcba9876543210fedcba9876543210".into());
+        failed.failed_step = Some((2, "0123456789abcdef0123456789abcdef".into()));
+        let mut line = String::new();
+        encode(&failed, 3, 1, &GENESIS, &mut line);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["resource"]["pipeline_id"], "fedcba9876543210fedcba9876543210");
+        assert_eq!(v["outcome"]["failed_step"], serde_json::json!({"index": 2, "function_id": "0123456789abcdef0123456789abcdef"}));
 
         let mut second = String::new();
         encode(&event(), 3, 2, &h1, &mut second);

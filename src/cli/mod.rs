@@ -151,6 +151,24 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_ADMIN_QUEUE_DEPTH", default_value_t = 64)]
     pub admin_queue_depth: u32,
 
+    /// Load every NAME.wasm in this folder as a function (NAME.toml beside it sets tenant, abi,
+    /// timeout, memory and env), and NAME.pipeline.toml as a pipeline; changes apply without a
+    /// restart. The API may not change these (409).
+    #[arg(long, env = "TENSOR_WASM_FUNCTIONS_DIR")]
+    pub functions_dir: Option<PathBuf>,
+
+    /// How often the functions directory is checked for changes.
+    #[arg(long, env = "TENSOR_WASM_FUNCTIONS_DIR_POLL_MS", default_value_t = 250)]
+    pub functions_dir_poll_ms: u64,
+
+    /// Threads delivering pipeline outputs to their sinks.
+    #[arg(long, env = "TENSOR_WASM_SINK_WORKERS", default_value_t = 4)]
+    pub sink_workers: u16,
+
+    /// Sink deliveries that may wait for a free thread; more get 503 `overloaded`.
+    #[arg(long, env = "TENSOR_WASM_SINK_QUEUE_DEPTH", default_value_t = 256)]
+    pub sink_queue_depth: u32,
+
     /// Where guests' tensor kernels run: `auto` takes CUDA when a device is present (as
     /// CUDA_VISIBLE_DEVICES shows them), else the host back-end.
     #[arg(long, env = "TENSOR_WASM_GPU", value_enum, default_value_t = GpuArg::Auto)]
@@ -314,6 +332,14 @@ impl ServeArgs {
         positive("max-instances", self.max_instances.into())?;
         positive("max-output-bytes", self.max_output_bytes.into())?;
         positive("admin-queue-depth", self.admin_queue_depth.into())?;
+        positive("functions-dir-poll-ms", self.functions_dir_poll_ms)?;
+        positive("sink-workers", self.sink_workers.into())?;
+        positive("sink-queue-depth", self.sink_queue_depth.into())?;
+        if let Some(dir) = &self.functions_dir {
+            if !dir.is_dir() {
+                return Err(format!("--functions-dir {}: not a directory", dir.display()));
+            }
+        }
         positive("gpu-host-devices", self.gpu_host_devices.into())?;
         positive("gpu-streams", self.gpu_streams.into())?;
         positive("dispatch-ring-depth", self.dispatch_ring_depth.into())?;
@@ -409,6 +435,12 @@ impl ServeArgs {
             drain_grace_ms: self.drain_grace_ms,
             drain_timeout_ms: self.drain_timeout_ms,
             admin_queue_depth: self.admin_queue_depth as usize,
+            functions_dir: self.functions_dir.map(|root| crate::functions::worker::DirectoryConfig {
+                root,
+                poll: std::time::Duration::from_millis(self.functions_dir_poll_ms),
+            }),
+            sink_workers: self.sink_workers.into(),
+            sink_queue_depth: self.sink_queue_depth as usize,
             dispatch: DispatchConfig {
                 backend: match self.gpu {
                     GpuArg::Auto => BackendChoice::Auto,

@@ -1,10 +1,11 @@
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use wasmtime::Module;
 
 use super::FunctionRecord;
+use crate::pipelines::PipelineRecord;
 use crate::server::published::Published;
 use crate::wasm::WasiArgs;
 
@@ -17,13 +18,25 @@ pub struct DeployedFunction {
 
 impl DeployedFunction {
     pub fn new(record: FunctionRecord, module: Module) -> Self {
-        let wasi = Arc::new(WasiArgs::new(&[record.name.as_str()], &[]));
+        let env: Vec<(&str, &str)> = record.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let wasi = Arc::new(WasiArgs::new(&[record.name.as_str()], &env));
         DeployedFunction { record, module, wasi }
     }
 }
 
 /// Live functions by id.
 pub type FunctionMap = BTreeMap<String, Arc<DeployedFunction>>;
+/// Pipelines by id.
+pub type PipelineMap = BTreeMap<String, Arc<PipelineRecord>>;
+
+/// What the functions directory's watcher has done, for `/metrics`.
+#[derive(Default)]
+pub struct DirectoryStats {
+    /// Functions and pipelines added, replaced or removed.
+    pub changes: AtomicU64,
+    /// Modules, manifests and files that could not be loaded.
+    pub errors: AtomicU64,
+}
 
 /// The authoritative set of live functions: the one piece of function state shared across shards.
 ///
@@ -32,14 +45,23 @@ pub type FunctionMap = BTreeMap<String, Arc<DeployedFunction>>;
 /// each function request and copies the map into its own cache only when it moved. A deploy or
 /// delete is acknowledged only after the new map is published, so the next request on any shard
 /// sees it.
+///
+/// Pipelines are a second published map beside it, written the same way.
 pub struct Catalog {
     functions: Published<FunctionMap>,
+    pipelines: Published<PipelineMap>,
     loaded: AtomicBool,
+    pub directory: DirectoryStats,
 }
 
 impl Default for Catalog {
     fn default() -> Self {
-        Catalog { functions: Published::new(FunctionMap::new()), loaded: AtomicBool::new(false) }
+        Catalog {
+            functions: Published::new(FunctionMap::new()),
+            pipelines: Published::new(PipelineMap::new()),
+            loaded: AtomicBool::new(false),
+            directory: DirectoryStats::default(),
+        }
     }
 }
 
@@ -53,8 +75,27 @@ impl Catalog {
         self.functions.load()
     }
 
-    fn current(&self) -> Arc<FunctionMap> {
+    pub fn current(&self) -> Arc<FunctionMap> {
         self.functions.load().1
+    }
+
+    /// Replaces the function map. The catalog worker's alone: writes are not serialised.
+    pub fn publish_functions(&self, map: FunctionMap) {
+        self.functions.publish(map);
+    }
+
+    /// Every pipeline, for a shard's subscription.
+    pub fn pipelines(&self) -> &Published<PipelineMap> {
+        &self.pipelines
+    }
+
+    pub fn pipeline(&self, id: &str) -> Option<Arc<PipelineRecord>> {
+        self.pipelines.load().1.get(id).cloned()
+    }
+
+    /// Replaces the pipeline map. The catalog worker's alone, as `publish_functions`.
+    pub fn publish_pipelines(&self, map: PipelineMap) {
+        self.pipelines.publish(map);
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<DeployedFunction>> {

@@ -6,9 +6,13 @@
 //! - [`catalog`]: the process's authoritative map of live functions, shared by the shards; written
 //!   only by the worker, read by a shard only when its generation moved.
 //! - [`worker`]: the thread that loads the store at start-up and performs deploys and deletes, so
-//!   that compiling and fsyncing never run on a shard.
+//!   that compiling and fsyncing never run on a shard. It also applies the functions directory.
+//! - [`directory`] and [`manifest`]: the functions directory's files (`--functions-dir`), and the
+//!   `NAME.toml` manifest beside a module.
 
 pub mod catalog;
+pub mod directory;
+pub mod manifest;
 pub mod record;
 pub mod store;
 pub mod worker;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::record::{hex, FunctionRecord};
+use crate::pipelines::PipelineRecord;
 
 /// Header of a stored precompiled artifact: magic, then the SHA-256 of the payload. wasmtime trusts
 /// the bytes it deserializes, so a corrupt artifact must be caught before it gets there.
@@ -15,11 +16,14 @@ const ARTIFACT_MAGIC: &[u8; 8] = b"TWART01\n";
 /// modules/<sha256-hex>.wasm    the module as deployed
 /// modules/<sha256-hex>.cwasm   its precompiled artifact (magic, checksum, wasmtime bytes)
 /// functions/<id>.json          one record per function
+/// pipelines/<id>.json          one record per pipeline
 /// ```
+/// Functions and pipelines from the functions directory are not stored: the directory is theirs.
 #[derive(Debug, Clone)]
 pub struct FunctionStore {
     modules: PathBuf,
     functions: PathBuf,
+    pipelines: PathBuf,
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -38,8 +42,12 @@ fn digest_hex(digest: &str) -> &str {
 impl FunctionStore {
     /// Opens (creating if needed) the data dir and sweeps temp files left by a crash.
     pub fn open(root: &Path) -> io::Result<Self> {
-        let store = FunctionStore { modules: root.join("modules"), functions: root.join("functions") };
-        for dir in [&store.modules, &store.functions] {
+        let store = FunctionStore {
+            modules: root.join("modules"),
+            functions: root.join("functions"),
+            pipelines: root.join("pipelines"),
+        };
+        for dir in [&store.modules, &store.functions, &store.pipelines] {
             fs::create_dir_all(dir)?;
             for entry in fs::read_dir(dir)? {
                 let entry = entry?;
@@ -119,22 +127,41 @@ impl FunctionStore {
         sync_dir(&self.functions)
     }
 
-    /// Every stored record; unreadable ones are returned as errors naming their file.
+    /// Every stored function record; unreadable ones are returned as errors naming their file.
     pub fn list_records(&self) -> io::Result<Vec<Result<FunctionRecord, String>>> {
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&self.functions)? {
-            let path = entry?.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                continue;
-            }
-            let parsed = fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<FunctionRecord>(&b).map_err(|e| e.to_string()))
-                .map_err(|e| format!("{}: {e}", path.display()));
-            out.push(parsed);
-        }
-        Ok(out)
+        list_json(&self.functions)
     }
+
+    pub fn write_pipeline(&self, pipeline: &PipelineRecord) -> io::Result<()> {
+        let json = serde_json::to_vec_pretty(pipeline).map_err(io::Error::other)?;
+        write_atomic(&self.pipelines.join(format!("{}.json", pipeline.id)), &json)
+    }
+
+    pub fn remove_pipeline(&self, id: &str) -> io::Result<()> {
+        fs::remove_file(self.pipelines.join(format!("{id}.json")))?;
+        sync_dir(&self.pipelines)
+    }
+
+    /// Every stored pipeline, as `list_records`.
+    pub fn list_pipelines(&self) -> io::Result<Vec<Result<PipelineRecord, String>>> {
+        list_json(&self.pipelines)
+    }
+}
+
+fn list_json<T: serde::de::DeserializeOwned>(dir: &Path) -> io::Result<Vec<Result<T, String>>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let parsed = fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<T>(&b).map_err(|e| e.to_string()))
+            .map_err(|e| format!("{}: {e}", path.display()));
+        out.push(parsed);
+    }
+    Ok(out)
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one: a temp

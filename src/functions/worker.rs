@@ -1,24 +1,31 @@
 //! The catalog worker: one thread that loads the store at start-up, then performs deploys and
-//! deletes one at a time. Serialising mutations here keeps the store and the catalog consistent
-//! without any locking protocol; compiling itself still uses wasmtime's parallel compiler.
+//! deletes one at a time, and applies the functions directory's changes between them. Serialising
+//! mutations here keeps the store and the catalog consistent without any locking protocol;
+//! compiling itself still uses wasmtime's parallel compiler.
 
-use std::cell::Cell;
-use std::collections::HashMap;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use futures_channel::oneshot;
 use serde::Deserialize;
 use wasmtime::{Engine, Linker, Module};
 
-use super::record::{new_id, validate_name};
+use super::catalog::{FunctionMap, PipelineMap};
+use super::directory::{self, FunctionFiles, Stamp};
+use super::manifest::FunctionManifest;
+use super::record::{directory_id, new_id, resolve, validate_env, validate_name, Abi, Source};
 use super::store::digest_of;
 use super::{Catalog, DeployedFunction, FunctionRecord, FunctionStore};
 use crate::config::Limits;
 use crate::error::ApiError;
+use crate::pipelines::{PipelineRecord, PipelineSpec};
 use crate::wasm::{check_module, module::check_compiled, new_linker, GuestState};
 
 /// A deploy as it arrives: the raw JSON body, parsed on the worker so that a 64 MiB body never
@@ -31,6 +38,8 @@ pub struct DeployRequest {
 enum Job {
     Deploy(DeployRequest, oneshot::Sender<Result<FunctionRecord, ApiError>>),
     Delete { id: String, tenant: u64, reply: oneshot::Sender<Result<(), ApiError>> },
+    CreatePipeline { body: Vec<u8>, tenant: u64, reply: oneshot::Sender<Result<PipelineRecord, ApiError>> },
+    DeletePipeline { id: String, tenant: u64, reply: oneshot::Sender<Result<(), ApiError>> },
 }
 
 /// A shard's handle to the worker. Submitting never blocks: a full queue is 503 `overloaded`.
@@ -53,6 +62,20 @@ impl AdminHandle {
         rx.await.map_err(|_| ApiError::Internal("the catalog worker stopped".into()))?
     }
 
+    /// Creates a pipeline from a `POST /pipelines` body.
+    pub async fn create_pipeline(&self, body: Vec<u8>, tenant: u64) -> Result<PipelineRecord, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Job::CreatePipeline { body, tenant, reply: tx })?;
+        rx.await.map_err(|_| ApiError::Internal("the catalog worker stopped".into()))?
+    }
+
+    /// Deletes pipeline `id` if `tenant` owns it, as `delete`.
+    pub async fn delete_pipeline(&self, id: String, tenant: u64) -> Result<(), ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Job::DeletePipeline { id, tenant, reply: tx })?;
+        rx.await.map_err(|_| ApiError::Internal("the catalog worker stopped".into()))?
+    }
+
     fn submit(&self, job: Job) -> Result<(), ApiError> {
         self.tx.try_send(job).map_err(|e| match e {
             TrySendError::Full(_) => ApiError::Overloaded("the deploy queue is full"),
@@ -61,13 +84,23 @@ impl AdminHandle {
     }
 }
 
-/// Starts the worker; it loads the store before serving its queue of `queue_depth` jobs.
+/// The functions directory the worker watches.
+#[derive(Clone, Debug)]
+pub struct DirectoryConfig {
+    pub root: PathBuf,
+    /// How often it is listed: changes are live within this, plus a compile.
+    pub poll: Duration,
+}
+
+/// Starts the worker; it loads the store and the functions directory before serving its queue of
+/// `queue_depth` jobs.
 pub fn spawn(
     engine: Engine,
     store: FunctionStore,
     catalog: Arc<Catalog>,
     limits: Arc<Limits>,
     queue_depth: usize,
+    directory: Option<DirectoryConfig>,
 ) -> std::io::Result<(AdminHandle, JoinHandle<()>)> {
     let (tx, rx) = sync_channel(queue_depth);
     let thread = std::thread::Builder::new().name("tw-catalog".into()).spawn(move || {
@@ -78,7 +111,8 @@ pub fn spawn(
                 return;
             }
         };
-        let worker = Worker { engine, linker, store, catalog, limits, last_created_ms: Cell::new(0) };
+        let directory = directory.map(Watch::new);
+        let worker = Worker { engine, linker, store, catalog, limits, last_created_ms: Cell::new(0), directory };
         worker.load();
         worker.serve(rx);
     })?;
@@ -94,6 +128,34 @@ struct Worker {
     /// Creation times handed out are strictly increasing, so listing by creation is exact even
     /// for deploys within one millisecond (which then land a millisecond apart).
     last_created_ms: Cell<u64>,
+    directory: Option<Watch>,
+}
+
+/// What the worker last loaded from the functions directory.
+struct Watch {
+    config: DirectoryConfig,
+    last_scan: Cell<Instant>,
+    /// Each function's file stamps when last tried, loaded or not: a file that failed is tried
+    /// again only when it changes.
+    functions: RefCell<HashMap<String, (Stamp, Option<Stamp>)>>,
+    /// Each pipeline's stamp when last tried, and whether it loaded.
+    pipelines: RefCell<HashMap<String, (Stamp, bool)>>,
+    /// Unusable files already logged, so that each is logged (and counted) once.
+    reported: RefCell<HashSet<String>>,
+    listing_failed: Cell<bool>,
+}
+
+impl Watch {
+    fn new(config: DirectoryConfig) -> Self {
+        Watch {
+            config,
+            last_scan: Cell::new(Instant::now()),
+            functions: RefCell::default(),
+            pipelines: RefCell::default(),
+            reported: RefCell::default(),
+            listing_failed: Cell::new(false),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -103,18 +165,43 @@ struct DeployBody {
     wasm_b64: String,
     timeout_ms: Option<serde_json::Number>,
     memory_limit_mb: Option<serde_json::Number>,
+    abi: Option<Abi>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
 }
 
 impl Worker {
     fn serve(&self, rx: Receiver<Job>) {
-        while let Ok(job) = rx.recv() {
+        loop {
+            let job = match &self.directory {
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(watch) => rx.recv_timeout(watch.config.poll.saturating_sub(watch.last_scan.get().elapsed())),
+            };
             match job {
-                Job::Deploy(req, reply) => {
-                    let _ = reply.send(self.deploy(req));
-                }
-                Job::Delete { id, tenant, reply } => {
-                    let _ = reply.send(self.delete(&id, tenant));
-                }
+                Ok(job) => self.perform(job),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            // After every job too, so that a steady stream of deploys cannot hold the directory back.
+            if self.directory.as_ref().is_some_and(|w| w.last_scan.get().elapsed() >= w.config.poll) {
+                self.sync_directory();
+            }
+        }
+    }
+
+    fn perform(&self, job: Job) {
+        match job {
+            Job::Deploy(req, reply) => {
+                let _ = reply.send(self.deploy(req));
+            }
+            Job::Delete { id, tenant, reply } => {
+                let _ = reply.send(self.delete(&id, tenant));
+            }
+            Job::CreatePipeline { body, tenant, reply } => {
+                let _ = reply.send(self.create_pipeline(&body, tenant));
+            }
+            Job::DeletePipeline { id, tenant, reply } => {
+                let _ = reply.send(self.delete_pipeline(&id, tenant));
             }
         }
     }
@@ -163,7 +250,31 @@ impl Worker {
             "stored functions loaded"
         );
         self.catalog.insert_all(live);
+        self.load_pipelines();
+        self.sync_directory();
         self.catalog.mark_loaded();
+    }
+
+    fn load_pipelines(&self) {
+        let records = match self.store.list_pipelines() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("cannot list stored pipelines: {e}");
+                return;
+            }
+        };
+        let mut map = PipelineMap::clone(&self.catalog.pipelines().load().1);
+        for record in records {
+            match record {
+                Ok(p) => {
+                    self.last_created_ms.set(self.last_created_ms.get().max(p.created_unix_ms));
+                    map.insert(p.id.clone(), Arc::new(p));
+                }
+                Err(e) => tracing::error!("skipping unreadable pipeline record {e}"),
+            }
+        }
+        tracing::info!(pipelines = map.len(), "stored pipelines loaded");
+        self.catalog.publish_pipelines(map);
     }
 
     fn load_module(&self, digest: &str, recompiled: &mut usize) -> Option<Module> {
@@ -219,17 +330,15 @@ impl Worker {
             }
         })?;
         validate_name(&body.name).map_err(ApiError::InvalidName)?;
-        let timeout_ms = match body.timeout_ms {
-            None => self.limits.default_timeout_ms,
-            Some(n) => in_range(&n, self.limits.max_timeout_ms)
-                .ok_or(ApiError::InvalidTimeout { given: clamp_i128(&n), max: self.limits.max_timeout_ms })?,
-        };
-        let memory_limit_mb = match body.memory_limit_mb {
-            None => self.limits.default_memory_limit_mb,
-            Some(n) => in_range(&n, self.limits.max_memory_limit_mb.into())
-                .ok_or(ApiError::InvalidMemoryLimit { given: clamp_i128(&n), max: self.limits.max_memory_limit_mb })?
-                as u32,
-        };
+        let (timeout_ms, memory_limit_mb) = self.resolve_limits(body.timeout_ms, body.memory_limit_mb)?;
+        validate_env(&body.env).map_err(ApiError::InvalidRequest)?;
+        let current = self.catalog.current();
+        let taken = current.values().map(|f| &f.record).find(|r| {
+            r.source == Source::Directory && r.tenant_id == req.tenant_id && r.name == body.name
+        });
+        if taken.is_some() {
+            return Err(ApiError::ManagedByDirectory { what: "function", name: body.name });
+        }
         let wasm = base64::engine::general_purpose::STANDARD
             .decode(body.wasm_b64.trim())
             .map_err(|e| ApiError::InvalidBase64(e.to_string()))?;
@@ -243,6 +352,8 @@ impl Worker {
                 module
             }
         };
+        let abi = body.abi.unwrap_or_default();
+        check_abi(abi, &module).map_err(ApiError::InvalidRequest)?;
         let record = FunctionRecord {
             id: new_id(),
             name: body.name,
@@ -251,10 +362,34 @@ impl Worker {
             timeout_ms,
             memory_limit_mb,
             tenant_id: req.tenant_id,
+            abi,
+            source: Source::Api,
+            env: body.env,
         };
         self.store.write_record(&record).map_err(|e| ApiError::Storage(e.to_string()))?;
         self.catalog.insert_all([DeployedFunction::new(record.clone(), module)]);
         Ok(record)
+    }
+
+    /// A function's timeout and memory cap: the defaults, or the given values within the maxima.
+    fn resolve_limits(
+        &self,
+        timeout_ms: Option<serde_json::Number>,
+        memory_limit_mb: Option<serde_json::Number>,
+    ) -> Result<(u64, u32), ApiError> {
+        let limits = &self.limits;
+        let timeout_ms = match timeout_ms {
+            None => limits.default_timeout_ms,
+            Some(n) => in_range(&n, limits.max_timeout_ms)
+                .ok_or(ApiError::InvalidTimeout { given: clamp_i128(&n), max: limits.max_timeout_ms })?,
+        };
+        let memory_limit_mb = match memory_limit_mb {
+            None => limits.default_memory_limit_mb,
+            Some(n) => in_range(&n, limits.max_memory_limit_mb.into())
+                .ok_or(ApiError::InvalidMemoryLimit { given: clamp_i128(&n), max: limits.max_memory_limit_mb })?
+                as u32,
+        };
+        Ok((timeout_ms, memory_limit_mb))
     }
 
     fn next_created_ms(&self) -> u64 {
@@ -268,6 +403,9 @@ impl Worker {
         let Some(function) = self.catalog.get(id).filter(|f| f.record.tenant_id == tenant) else {
             return Err(ApiError::FunctionNotFound(id.to_string()));
         };
+        if function.record.source == Source::Directory {
+            return Err(ApiError::ManagedByDirectory { what: "function", name: function.record.name.clone() });
+        }
         self.store.remove_record(id).map_err(|e| ApiError::Storage(e.to_string()))?;
         self.catalog.remove(id);
         let digest = &function.record.digest;
@@ -291,4 +429,274 @@ fn clamp_i128(n: &serde_json::Number) -> i128 {
         .or_else(|| n.as_u64().map(i128::from))
         .or_else(|| n.as_f64().map(|f| f as i128))
         .unwrap_or(0)
+}
+
+/// Pipelines through the API.
+impl Worker {
+    fn create_pipeline(&self, body: &[u8], tenant: u64) -> Result<PipelineRecord, ApiError> {
+        let spec: PipelineSpec = serde_json::from_slice(body).map_err(|e| {
+            if e.is_data() {
+                ApiError::InvalidPipeline(format!("invalid pipeline: {e}"))
+            } else {
+                ApiError::InvalidJson(e.to_string())
+            }
+        })?;
+        let Some(name) = spec.name.clone() else {
+            return Err(ApiError::InvalidPipeline("`name` is required".into()));
+        };
+        if spec.tenant.is_some() {
+            return Err(ApiError::InvalidPipeline(
+                "`tenant` is not part of the body; the request's tenant header sets it".into(),
+            ));
+        }
+        let pipelines = self.catalog.pipelines().load().1;
+        if pipelines.values().any(|p| p.source == Source::Directory && p.tenant_id == tenant && p.name == name) {
+            return Err(ApiError::ManagedByDirectory { what: "pipeline", name });
+        }
+        let record = spec.into_record(new_id(), name, tenant, self.next_created_ms(), Source::Api, &self.limits)?;
+        check_steps(&self.catalog.current(), &record).map_err(ApiError::InvalidPipeline)?;
+        self.store.write_pipeline(&record).map_err(|e| ApiError::Storage(e.to_string()))?;
+        let mut map = PipelineMap::clone(&pipelines);
+        map.insert(record.id.clone(), Arc::new(record.clone()));
+        self.catalog.publish_pipelines(map);
+        Ok(record)
+    }
+
+    fn delete_pipeline(&self, id: &str, tenant: u64) -> Result<(), ApiError> {
+        let pipelines = self.catalog.pipelines().load().1;
+        let Some(pipeline) = pipelines.get(id).filter(|p| p.tenant_id == tenant) else {
+            return Err(ApiError::PipelineNotFound(id.to_string()));
+        };
+        if pipeline.source == Source::Directory {
+            return Err(ApiError::ManagedByDirectory { what: "pipeline", name: pipeline.name.clone() });
+        }
+        self.store.remove_pipeline(id).map_err(|e| ApiError::Storage(e.to_string()))?;
+        let mut map = PipelineMap::clone(&pipelines);
+        map.remove(id);
+        self.catalog.publish_pipelines(map);
+        Ok(())
+    }
+}
+
+/// Every step names a function of the pipeline's tenant that can run as a step (has `_start`).
+fn check_steps(functions: &FunctionMap, pipeline: &PipelineRecord) -> Result<(), String> {
+    for (index, step) in pipeline.steps.iter().enumerate() {
+        let records = functions.values().map(|f| &f.record);
+        let Some(record) = resolve(records, pipeline.tenant_id, &step.function) else {
+            return Err(format!("step {index}: no function `{}` in this tenant", step.function));
+        };
+        let module = &functions[&record.id].module;
+        if module.get_export("_start").is_none() {
+            return Err(format!("step {index}: function `{}` has no `_start`, so it cannot be a step", step.function));
+        }
+    }
+    Ok(())
+}
+
+/// The functions directory.
+impl Worker {
+    /// Lists the directory and applies what changed since the last listing: functions first, then
+    /// pipelines, which may name them. Each is published once, so shards see one new generation.
+    fn sync_directory(&self) {
+        let Some(watch) = &self.directory else { return };
+        watch.last_scan.set(Instant::now());
+        let stats = &self.catalog.directory;
+        let listing = match directory::list(&watch.config.root) {
+            Ok(listing) => {
+                watch.listing_failed.set(false);
+                listing
+            }
+            Err(e) => {
+                if !watch.listing_failed.replace(true) {
+                    tracing::error!(dir = %watch.config.root.display(), "cannot list the functions directory; what was loaded keeps serving: {e}");
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                return;
+            }
+        };
+        let mut reported = watch.reported.borrow_mut();
+        reported.retain(|file| listing.ignored.iter().any(|(f, _)| f == file));
+        for (file, why) in &listing.ignored {
+            if reported.insert(file.clone()) {
+                tracing::warn!(file = %file, "functions directory entry ignored: {why}");
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+
+        let current = self.catalog.current();
+        let mut functions: Option<FunctionMap> = None;
+        let mut changes = 0u64;
+        let mut seen = watch.functions.borrow_mut();
+        for (name, files) in &listing.functions {
+            // A file removed since the listing: the next listing sees it gone.
+            let Ok(stamps) = files.stamps() else { continue };
+            if seen.get(name) == Some(&stamps) {
+                continue;
+            }
+            seen.insert(name.clone(), stamps);
+            let id = directory_id("function", name);
+            match self.load_directory_function(name, &id, files) {
+                Ok(f) if current.get(&id).is_some_and(|old| same_function(&old.record, &f.record)) => {}
+                Ok(f) => {
+                    tracing::info!(function = %name, id = %id, digest = %f.record.digest, tenant = f.record.tenant_id, "function loaded from the functions directory");
+                    functions.get_or_insert_with(|| FunctionMap::clone(&current)).insert(id, Arc::new(f));
+                    changes += 1;
+                }
+                Err(e) => {
+                    let serving = if current.contains_key(&id) { "the previous version keeps serving" } else { "it is not served" };
+                    tracing::error!(function = %name, file = %files.wasm.display(), "cannot load from the functions directory; {serving}: {e}");
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let gone: Vec<String> = seen.keys().filter(|n| !listing.functions.contains_key(*n)).cloned().collect();
+        for name in gone {
+            seen.remove(&name);
+            let id = directory_id("function", &name);
+            if current.contains_key(&id) {
+                tracing::info!(function = %name, id = %id, "function removed with its file from the functions directory");
+                functions.get_or_insert_with(|| FunctionMap::clone(&current)).remove(&id);
+                changes += 1;
+            }
+        }
+        let functions_changed = functions.is_some();
+        let live = match functions {
+            Some(map) => {
+                stats.changes.fetch_add(changes, Ordering::Relaxed);
+                self.catalog.publish_functions(map);
+                self.catalog.current()
+            }
+            None => current,
+        };
+        self.sync_directory_pipelines(watch, &listing.pipelines, &live, functions_changed);
+    }
+
+    fn sync_directory_pipelines(
+        &self,
+        watch: &Watch,
+        files: &BTreeMap<String, PathBuf>,
+        functions: &FunctionMap,
+        functions_changed: bool,
+    ) {
+        let stats = &self.catalog.directory;
+        let current = self.catalog.pipelines().load().1;
+        let mut pipelines: Option<PipelineMap> = None;
+        let mut changes = 0u64;
+        let mut seen = watch.pipelines.borrow_mut();
+        for (name, path) in files {
+            let Ok(stamp) = directory::stamp(path) else { continue };
+            // A pipeline that failed may name a function that has just arrived: try it again then.
+            match seen.get(name) {
+                Some(&(s, loaded)) if s == stamp && (loaded || !functions_changed) => continue,
+                _ => {}
+            }
+            let id = directory_id("pipeline", name);
+            let loaded = self.load_directory_pipeline(name, &id, path).and_then(|p| {
+                check_steps(functions, &p)?;
+                Ok(p)
+            });
+            seen.insert(name.clone(), (stamp, loaded.is_ok()));
+            match loaded {
+                Ok(p) if current.get(&id).is_some_and(|old| same_pipeline(old, &p)) => {}
+                Ok(p) => {
+                    tracing::info!(pipeline = %name, id = %id, "pipeline loaded from the functions directory");
+                    pipelines.get_or_insert_with(|| PipelineMap::clone(&current)).insert(id, Arc::new(p));
+                    changes += 1;
+                }
+                Err(e) => {
+                    tracing::error!(pipeline = %name, file = %path.display(), "cannot load from the functions directory: {e}");
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let gone: Vec<String> = seen.keys().filter(|n| !files.contains_key(*n)).cloned().collect();
+        for name in gone {
+            seen.remove(&name);
+            let id = directory_id("pipeline", &name);
+            if current.contains_key(&id) {
+                tracing::info!(pipeline = %name, id = %id, "pipeline removed with its file from the functions directory");
+                pipelines.get_or_insert_with(|| PipelineMap::clone(&current)).remove(&id);
+                changes += 1;
+            }
+        }
+        if let Some(map) = pipelines {
+            stats.changes.fetch_add(changes, Ordering::Relaxed);
+            self.catalog.publish_pipelines(map);
+        }
+    }
+
+    fn load_directory_function(&self, name: &str, id: &str, files: &FunctionFiles) -> Result<DeployedFunction, String> {
+        let manifest = match &files.manifest {
+            Some(path) => FunctionManifest::parse(&directory::read_manifest(path)?)
+                .map_err(|e| format!("{}: {e}", path.display()))?,
+            None => FunctionManifest::default(),
+        };
+        let timeout_ms = manifest.timeout_ms()?.map(serde_json::Number::from);
+        let memory_limit_mb = manifest.memory_limit_mb.map(serde_json::Number::from);
+        let (timeout_ms, memory_limit_mb) =
+            self.resolve_limits(timeout_ms, memory_limit_mb).map_err(|e| e.to_string())?;
+        validate_env(&manifest.env)?;
+        let wasm = read_module_file(&files.wasm, self.limits.max_body_bytes)?;
+        let digest = digest_of(&wasm);
+        let module = match self.catalog.module_with_digest(&digest) {
+            Some(m) => m,
+            None => check_module(&self.engine, &self.linker, &wasm).map_err(|e| format!("{}: {e}", e.kind()))?,
+        };
+        let abi = manifest.abi.unwrap_or_default();
+        check_abi(abi, &module)?;
+        let record = FunctionRecord {
+            id: id.to_string(),
+            name: name.to_string(),
+            digest,
+            created_unix_ms: self.next_created_ms(),
+            timeout_ms,
+            memory_limit_mb,
+            tenant_id: manifest.tenant.unwrap_or(0),
+            abi,
+            source: Source::Directory,
+            env: manifest.env,
+        };
+        Ok(DeployedFunction::new(record, module))
+    }
+
+    fn load_directory_pipeline(&self, name: &str, id: &str, path: &std::path::Path) -> Result<PipelineRecord, String> {
+        let spec: PipelineSpec =
+            toml::from_str(&directory::read_manifest(path)?).map_err(|e| format!("{}: {e}", path.display()))?;
+        if spec.name.is_some() {
+            return Err("`name` is not set in the file: the file's name is the pipeline's".into());
+        }
+        let tenant = spec.tenant.unwrap_or(0);
+        spec.into_record(id.to_string(), name.to_string(), tenant, self.next_created_ms(), Source::Directory, &self.limits)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// An envelope function is a WASI command: its envelope is its stdin and stdout.
+fn check_abi(abi: Abi, module: &Module) -> Result<(), String> {
+    if abi == Abi::Envelope && module.get_export("_start").is_none() {
+        return Err("`abi = \"envelope\"` needs a module with `_start` (a WASI command)".into());
+    }
+    Ok(())
+}
+
+/// Whether a reloaded function is the one already live: then shards keep their pre-linked copy.
+fn same_function(a: &FunctionRecord, b: &FunctionRecord) -> bool {
+    FunctionRecord { created_unix_ms: b.created_unix_ms, ..a.clone() } == *b
+}
+
+fn same_pipeline(a: &PipelineRecord, b: &PipelineRecord) -> bool {
+    PipelineRecord { created_unix_ms: b.created_unix_ms, ..a.clone() } == *b
+}
+
+/// A module file's bytes, refusing one larger than the API would accept.
+fn read_module_file(path: &std::path::Path, limit: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("{} is larger than {limit} bytes (--max-body-bytes)", path.display()));
+    }
+    Ok(bytes)
 }

@@ -193,7 +193,7 @@ pub async fn serve<T: Transport>(guard: ConnectionGuard, mut stream: T, peer: Pe
         let (route, mut response, audit) = crate::api::handle(&shard, &peer, &head, body).await;
         if let Some(pending) = audit {
             // Written before the response leaves: an answered request always has its record.
-            response.headers.push(("x-request-id", pending.request_id.clone()));
+            response.headers.push(("x-request-id".into(), pending.request_id.clone()));
             let (ticket, event) = pending.into_event(&response, started.elapsed(), peer.addr);
             shard.audit.record(ticket, &event);
         }

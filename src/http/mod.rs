@@ -3,6 +3,7 @@
 
 mod chunked;
 pub mod conn;
+pub mod header_rules;
 mod request;
 mod response;
 mod status;

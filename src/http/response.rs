@@ -1,3 +1,4 @@
+use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::Status;
@@ -8,7 +9,8 @@ use crate::error::ApiError;
 pub struct Response {
     pub status: Status,
     pub content_type: &'static str,
-    pub headers: Vec<(&'static str, String)>,
+    /// Owned names are a guest's (envelope ABI), checked by `header_rules`.
+    pub headers: Vec<(Cow<'static, str>, String)>,
     pub body: Vec<u8>,
     /// The error kind, when this answers an error (for the audit record).
     pub error_kind: Option<&'static str>,
@@ -34,8 +36,8 @@ impl Response {
     pub fn error(err: &ApiError) -> Self {
         let mut r = Self::json(err.status(), err.to_body());
         r.error_kind = Some(err.kind());
-        if let Some(header) = err.extra_headers() {
-            r.headers.push(header);
+        if let Some((name, value)) = err.extra_headers() {
+            r.headers.push((Cow::Borrowed(name), value));
         }
         r
     }

@@ -10,6 +10,7 @@ pub enum Status {
     NotFound,
     MethodNotAllowed,
     RequestTimeout,
+    Conflict,
     PayloadTooLarge,
     ExpectationFailed,
     TooManyRequests,
@@ -22,7 +23,7 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 18] = [
+    pub const ALL: [Status; 19] = [
         Status::Ok,
         Status::Created,
         Status::NoContent,
@@ -32,6 +33,7 @@ impl Status {
         Status::NotFound,
         Status::MethodNotAllowed,
         Status::RequestTimeout,
+        Status::Conflict,
         Status::PayloadTooLarge,
         Status::ExpectationFailed,
         Status::TooManyRequests,
@@ -54,6 +56,7 @@ impl Status {
             Status::NotFound => 404,
             Status::MethodNotAllowed => 405,
             Status::RequestTimeout => 408,
+            Status::Conflict => 409,
             Status::PayloadTooLarge => 413,
             Status::ExpectationFailed => 417,
             Status::TooManyRequests => 429,
@@ -77,6 +80,7 @@ impl Status {
             Status::NotFound => "Not Found",
             Status::MethodNotAllowed => "Method Not Allowed",
             Status::RequestTimeout => "Request Timeout",
+            Status::Conflict => "Conflict",
             Status::PayloadTooLarge => "Payload Too Large",
             Status::ExpectationFailed => "Expectation Failed",
             Status::TooManyRequests => "Too Many Requests",

@@ -6,12 +6,16 @@ use tensor_wasm_dispatch::{Dispatcher, Op};
 use super::shard::{Counter, Histogram, ShardMetrics};
 use crate::api::Route;
 use crate::auth::{TokenEntry, TokenSet};
+use crate::functions::catalog::DirectoryStats;
 use crate::http::{Method, Status};
 
 /// What a scrape reads besides the shards' own figures.
 pub struct ScrapeContext<'a> {
     pub shards: &'a [Arc<ShardMetrics>],
     pub functions: usize,
+    pub pipelines: usize,
+    /// `None` without `--functions-dir`.
+    pub directory: Option<&'a DirectoryStats>,
     pub ready: bool,
     /// The current token list; `None` in dev mode.
     pub tokens: Option<&'a TokenSet>,
@@ -33,6 +37,25 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
     let _ = writeln!(out, "tensor_wasm_ready {}", u8::from(ctx.ready));
     header(&mut out, "tensor_wasm_functions_total", "gauge", "Functions deployed and live.");
     let _ = writeln!(out, "tensor_wasm_functions_total {}", ctx.functions);
+    header(&mut out, "tensor_wasm_pipelines_total", "gauge", "Pipelines defined.");
+    let _ = writeln!(out, "tensor_wasm_pipelines_total {}", ctx.pipelines);
+    if let Some(dir) = ctx.directory {
+        use std::sync::atomic::Ordering::Relaxed;
+        header(
+            &mut out,
+            "tensor_wasm_functions_dir_changes_total",
+            "counter",
+            "Functions and pipelines added, replaced or removed from the functions directory.",
+        );
+        let _ = writeln!(out, "tensor_wasm_functions_dir_changes_total {}", dir.changes.load(Relaxed));
+        header(
+            &mut out,
+            "tensor_wasm_functions_dir_errors_total",
+            "counter",
+            "Modules, manifests and files in the functions directory that could not be loaded.",
+        );
+        let _ = writeln!(out, "tensor_wasm_functions_dir_errors_total {}", dir.errors.load(Relaxed));
+    }
 
     header(&mut out, "tensor_wasm_http_requests_total", "counter", "HTTP requests answered.");
     for route in Route::ALL {

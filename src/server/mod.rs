@@ -25,6 +25,7 @@ use crate::config::ServerConfig;
 use crate::functions::{worker, Catalog, FunctionStore};
 use crate::metrics::Histogram;
 use crate::metrics::ShardMetrics;
+use crate::pipelines::sink::SinkHandle;
 use crate::tls::TlsWatcher;
 use crate::wasm::{build_engine, EpochTicker};
 use published::Published;
@@ -63,6 +64,10 @@ pub struct Shared {
     /// Kernel dispatch: every device's rings and worker.
     pub dispatcher: Arc<Dispatcher>,
     pub catalog: Arc<Catalog>,
+    /// The pool delivering pipeline outputs to sinks.
+    pub sinks: SinkHandle,
+    /// Whether `--functions-dir` is set (its figures are on `/metrics` then).
+    pub watches_directory: bool,
     /// The token list (for `/metrics`); `None` in dev mode.
     pub tokens: Option<Arc<Published<TokenSet>>>,
     /// The audit group commit's fdatasync durations (written by its thread alone).
@@ -155,9 +160,20 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     let local_addr = listeners[0].local_addr().map_err(|e| ServerError::Runtime(e.to_string()))?;
 
     let catalog = Arc::new(Catalog::default());
-    let (admin, worker_thread) =
-        worker::spawn(engine.clone(), store, catalog.clone(), limits.clone(), config.admin_queue_depth)
-            .map_err(|e| ServerError::Runtime(format!("cannot start the catalog worker: {e}")))?;
+    if let Some(dir) = &config.functions_dir {
+        tracing::info!(dir = %dir.root.display(), poll_ms = dir.poll.as_millis() as u64, "functions directory");
+    }
+    let (admin, worker_thread) = worker::spawn(
+        engine.clone(),
+        store,
+        catalog.clone(),
+        limits.clone(),
+        config.admin_queue_depth,
+        config.functions_dir.clone(),
+    )
+    .map_err(|e| ServerError::Runtime(format!("cannot start the catalog worker: {e}")))?;
+    let sinks = crate::pipelines::sink::spawn(config.sink_workers, config.sink_queue_depth)
+        .map_err(|e| ServerError::Runtime(format!("cannot start the sink workers: {e}")))?;
 
     let audit_config = Arc::new(config.audit.clone());
     let commit_slots: Vec<Arc<CommitSlot>> = (0..shard_count).map(|_| Arc::default()).collect();
@@ -187,6 +203,8 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         shard_metrics: (0..shard_count).map(|i| Arc::new(ShardMetrics::new(i, dispatcher.devices.len()))).collect(),
         dispatcher: dispatcher.clone(),
         catalog,
+        sinks,
+        watches_directory: config.functions_dir.is_some(),
         tokens: tokens.clone(),
         audit_sync: audit_sync.clone(),
         shards_serving: AtomicUsize::new(0),

@@ -2,6 +2,7 @@
 //! a WASI preview-1 subset written for this runtime, and the per-invocation store and instance.
 
 pub mod engine;
+pub mod envelope;
 pub mod invoke;
 pub mod module;
 pub mod tensor;

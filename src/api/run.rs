@@ -1,0 +1,126 @@
+//! Running one function on the shard: for `POST /functions/:id/invoke` and for each pipeline step.
+//!
+//! A [`Message`] is what flows between a client, functions and a sink: a body and, once an
+//! envelope function has spoken, its headers. A command function reads the body as stdin and its
+//! stdout becomes the next body; an envelope function gets `{payload, headers, direction}` and
+//! answers `{payload, headers}` (`wasm::envelope`).
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use crate::error::ApiError;
+use crate::functions::record::Abi;
+use crate::functions::LocalFunction;
+use crate::http::{header_rules, RequestHead, Response, Status};
+use crate::server::shard::Shard;
+use crate::wasm::envelope::{self, Headers};
+use crate::wasm::{invoke as run_invocation, Entry, InvokeLimits, InvokeOutput, TensorContext};
+
+/// A body on its way through functions.
+pub struct Message {
+    pub body: Vec<u8>,
+    pub headers: Headers,
+    /// An envelope function produced `headers`; they go out on the response and to a sink.
+    pub guest_headers: bool,
+}
+
+impl Message {
+    /// A request's body, with the headers an envelope guest may see. Repeated headers are joined
+    /// with `, ` as RFC 9110 allows.
+    pub fn from_request(head: &RequestHead, body: Vec<u8>) -> Message {
+        let mut headers = Headers::new();
+        for (name, value) in head.headers().filter(|(name, _)| header_rules::passes_to_guest(name)) {
+            let value = String::from_utf8_lossy(value);
+            headers
+                .entry(name.to_string())
+                .and_modify(|v| {
+                    v.push_str(", ");
+                    v.push_str(&value);
+                })
+                .or_insert_with(|| value.into_owned());
+        }
+        Message { body, headers, guest_headers: false }
+    }
+
+    /// The response that carries this message to the client. A guest's headers were checked when
+    /// its output was read; those the server writes itself are left out.
+    pub fn into_response(self) -> Response {
+        if !self.guest_headers {
+            let is_json = serde_json::from_slice::<serde::de::IgnoredAny>(&self.body).is_ok();
+            let content_type = if is_json { "application/json" } else { "application/octet-stream" };
+            return Response::new(Status::Ok, content_type, self.body);
+        }
+        let mut response = Response::json(Status::Ok, self.body);
+        response.headers.extend(
+            self.headers.into_iter().filter(|(name, _)| header_rules::passes_from_guest(name)).map(|(n, v)| (Cow::Owned(n), v)),
+        );
+        response
+    }
+}
+
+/// Runs `function` once on `message` (through `_start`) within `timeout`.
+pub async fn run_step(
+    shard: &Shard,
+    tenant: u64,
+    function: &LocalFunction,
+    message: Message,
+    timeout: Duration,
+) -> Result<Message, ApiError> {
+    match function.deployed.record.abi {
+        Abi::Command => {
+            let output = execute(shard, tenant, function, message.body, Entry::Start, timeout).await?;
+            Ok(Message { body: output.stdout, ..message })
+        }
+        Abi::Envelope => {
+            let stdin = envelope::encode_input(&message.body, &message.headers)?;
+            let output = execute(shard, tenant, function, stdin, Entry::Start, timeout).await?;
+            let answer = envelope::decode_output(&output.stdout, shard.limits.max_headers)?;
+            Ok(Message { body: answer.payload, headers: answer.headers, guest_headers: true })
+        }
+    }
+}
+
+/// One invocation in an instance slot of this shard, with the function's memory cap and
+/// `timeout`. A failure is counted and logged with the guest's stderr.
+pub async fn execute(
+    shard: &Shard,
+    tenant: u64,
+    function: &LocalFunction,
+    stdin: Vec<u8>,
+    entry: Entry,
+    timeout: Duration,
+) -> Result<InvokeOutput, ApiError> {
+    let record = &function.deployed.record;
+    let _slot = shard.acquire_instance_slot()?;
+    let limits = InvokeLimits {
+        timeout,
+        memory_limit_mb: record.memory_limit_mb,
+        max_output_bytes: shard.limits.max_output_bytes,
+        max_stderr_bytes: shard.limits.max_stderr_bytes,
+    };
+    let tensors = function
+        .uses_tensors
+        .then(|| TensorContext::new(shard.shared.dispatcher.clone(), shard.id, tenant, shard.metrics.clone()));
+    let invocation =
+        run_invocation(&shard.engine, &function.pre, function.deployed.wasi.clone(), stdin, entry, limits, tensors)
+            .await;
+    match invocation.outcome {
+        Ok(output) => {
+            if !invocation.stderr.is_empty() {
+                tracing::debug!(function = %record.id, stderr = %String::from_utf8_lossy(&invocation.stderr), "guest stderr");
+            }
+            Ok(output)
+        }
+        Err(err) => {
+            shard.metrics.invocations_failed.inc();
+            tracing::warn!(
+                function = %record.id,
+                kind = err.kind(),
+                stderr = %String::from_utf8_lossy(&invocation.stderr),
+                stderr_dropped = invocation.stderr_dropped,
+                "invocation failed: {err}"
+            );
+            Err(err)
+        }
+    }
+}

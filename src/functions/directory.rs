@@ -1,0 +1,162 @@
+//! The functions directory (`--functions-dir`): what is in it, and which files changed.
+//!
+//! ```text
+//! NAME.wasm            a function, named NAME
+//! NAME.toml            its optional manifest (functions::manifest)
+//! NAME.pipeline.toml   a pipeline, named NAME (pipelines::record::PipelineSpec)
+//! ```
+//!
+//! The catalog worker lists it every `--functions-dir-poll-ms` and compares each file's [`Stamp`]
+//! with the one it last loaded. Stamps follow symlinks, so a Kubernetes ConfigMap volume's atomic
+//! `..data` swap (every file's target moves to a new directory) shows as a change of every file.
+//! Hidden entries (`..data`, `..2024_…`) are that mechanism's internals and are skipped.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::record::validate_name;
+
+/// Most bytes of a manifest read.
+pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
+
+/// A file's version, told without reading it: its inode, size and modification time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+/// The stamp of the file `path` names, through symlinks.
+pub fn stamp(path: &Path) -> io::Result<Stamp> {
+    let m = std::fs::metadata(path)?;
+    Ok(Stamp { dev: m.dev(), ino: m.ino(), len: m.len(), mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()) })
+}
+
+/// A function's files.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FunctionFiles {
+    pub wasm: PathBuf,
+    pub manifest: Option<PathBuf>,
+}
+
+impl FunctionFiles {
+    /// Both files' stamps; a change in either reloads the function.
+    pub fn stamps(&self) -> io::Result<(Stamp, Option<Stamp>)> {
+        Ok((stamp(&self.wasm)?, self.manifest.as_deref().map(stamp).transpose()?))
+    }
+}
+
+/// The directory's contents, by name.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub functions: BTreeMap<String, FunctionFiles>,
+    pub pipelines: BTreeMap<String, PathBuf>,
+    /// Files that look meant for us but cannot be used, and why.
+    pub ignored: Vec<(String, String)>,
+}
+
+/// Lists `root`. Files of other kinds (a README) are left alone.
+pub fn list(root: &Path) -> io::Result<Listing> {
+    let mut listing = Listing::default();
+    let mut manifests = BTreeMap::new();
+    for entry in std::fs::read_dir(root)? {
+        let entry = entry?;
+        let Ok(file) = entry.file_name().into_string() else { continue };
+        if file.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        let (name, kind) = if let Some(name) = file.strip_suffix(".pipeline.toml") {
+            (name, Kind::Pipeline)
+        } else if let Some(name) = file.strip_suffix(".wasm") {
+            (name, Kind::Module)
+        } else if let Some(name) = file.strip_suffix(".toml") {
+            (name, Kind::Manifest)
+        } else {
+            continue;
+        };
+        if let Err(e) = validate_name(name) {
+            listing.ignored.push((file.clone(), format!("the name is not usable: {e}")));
+            continue;
+        }
+        let name = name.to_string();
+        match kind {
+            Kind::Module => {
+                listing.functions.insert(name, FunctionFiles { wasm: path, manifest: None });
+            }
+            Kind::Manifest => {
+                manifests.insert(name, path);
+            }
+            Kind::Pipeline => {
+                listing.pipelines.insert(name, path);
+            }
+        }
+    }
+    for (name, path) in manifests {
+        match listing.functions.get_mut(&name) {
+            Some(files) => files.manifest = Some(path),
+            None => listing.ignored.push((format!("{name}.toml"), format!("there is no {name}.wasm beside it"))),
+        }
+    }
+    Ok(listing)
+}
+
+enum Kind {
+    Module,
+    Manifest,
+    Pipeline,
+}
+
+/// A manifest's text, refusing anything larger than [`MAX_MANIFEST_BYTES`].
+pub fn read_manifest(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_MANIFEST_BYTES + 1).read_to_string(&mut text))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if text.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(format!("{} is larger than {MAX_MANIFEST_BYTES} bytes", path.display()));
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_what_is_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        for file in ["a.wasm", "a.toml", "b.wasm", "orphan.toml", "chain.pipeline.toml", "README.md", "bad name.wasm"] {
+            std::fs::write(dir.path().join(file), b"").unwrap();
+        }
+        std::fs::create_dir(dir.path().join("..data")).unwrap();
+        let l = list(dir.path()).unwrap();
+        assert_eq!(l.functions.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(l.functions["a"].manifest, Some(dir.path().join("a.toml")));
+        assert_eq!(l.functions["b"].manifest, None);
+        assert_eq!(l.pipelines.keys().collect::<Vec<_>>(), ["chain"]);
+        let ignored: Vec<_> = l.ignored.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(ignored, ["bad name.wasm", "orphan.toml"]);
+    }
+
+    #[test]
+    fn stamps_follow_symlink_swaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let (v1, v2) = (dir.path().join("..v1"), dir.path().join("..v2"));
+        for v in [&v1, &v2] {
+            std::fs::create_dir(v).unwrap();
+            std::fs::write(v.join("f.wasm"), b"same size").unwrap();
+        }
+        std::os::unix::fs::symlink("..v1", dir.path().join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/f.wasm", dir.path().join("f.wasm")).unwrap();
+        let before = stamp(&dir.path().join("f.wasm")).unwrap();
+        std::os::unix::fs::symlink("..v2", dir.path().join("..data_tmp")).unwrap();
+        std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+        assert_ne!(before, stamp(&dir.path().join("f.wasm")).unwrap());
+    }
+}
