@@ -74,7 +74,11 @@ pub fn infinite_loop() -> Vec<u8> {
 
 /// Busy for `ms` milliseconds of monotonic time, then writes `{"done":true}`.
 pub fn busy(ms: u64) -> Vec<u8> {
-    let out = r#"{"done":true}"#;
+    busy_then_write(ms, r#"{"done":true}"#)
+}
+
+/// Busy for `ms` milliseconds of monotonic time, then writes `out` to stdout.
+pub fn busy_then_write(ms: u64, out: &str) -> Vec<u8> {
     wasm(&format!(
         r#"(module {WASI}
   (memory (export "memory") 1)
@@ -146,6 +150,18 @@ pub fn rust_tensor_ops() -> Vec<u8> {
     BUILT.get_or_init(|| build_rust_guest("tensor-ops")).clone()
 }
 
+/// A module of tests/guests/fiso-modules, written for Fiso's JSON envelope ABI: `validate`,
+/// `enrich` (the seed's Go example) or `transform`.
+pub fn fiso_module(bin: &str) -> Vec<u8> {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        build_rust_guest("fiso-modules");
+    });
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/guests/wasm32-wasip1/release");
+    std::fs::read(dir.join(format!("{bin}.wasm"))).expect("fiso module wasm")
+}
+
+/// Builds the guest crate tests/guests/`name`; returns its binary of the same name, if any.
 fn build_rust_guest(name: &str) -> Vec<u8> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let manifest = root.join(format!("tests/guests/{name}/Cargo.toml"));
@@ -162,7 +178,7 @@ fn build_rust_guest(name: &str) -> Vec<u8> {
         .status()
         .expect("run cargo for the guest");
     assert!(status.success(), "building the Rust guest {name} failed (is the wasm32-wasip1 target installed?)");
-    std::fs::read(target_dir.join(format!("wasm32-wasip1/release/{name}.wasm"))).expect("guest wasm")
+    std::fs::read(target_dir.join(format!("wasm32-wasip1/release/{name}.wasm"))).unwrap_or_default()
 }
 
 /// Imports of the tensor ABI, for WAT guests.

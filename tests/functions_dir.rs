@@ -1,0 +1,307 @@
+//! The functions directory (`--functions-dir`): modules and manifests from a mounted folder,
+//! applied without a restart, and the JSON envelope ABI that Fiso's modules speak.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{guests, Server};
+use serde_json::json;
+
+/// How long a change may take to be live: the issue's promise.
+const RELOAD_LIMIT: Duration = Duration::from_secs(1);
+
+fn start(dir: &Path, extra: &[&str]) -> Server {
+    let mut args = vec!["--functions-dir", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+/// Writes `bytes` to `dir/name` atomically, as `kubectl cp` of a whole file or a CI job would.
+fn put(dir: &Path, name: &str, bytes: &[u8]) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+/// The id of the function named `name`, from the listing.
+fn id_of(server: &Server, name: &str) -> Option<String> {
+    let list = server.client().request("GET", "/functions", &[], b"").json();
+    list["functions"].as_array().unwrap().iter().find(|f| f["name"] == name).map(|f| f["id"].as_str().unwrap().into())
+}
+
+/// Polls `check` until it holds; returns how long that took, failing past `limit`.
+fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        if check() {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_fiso_module_runs_unchanged_with_its_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    put(dir.path(), "enrich.wasm", &guests::fiso_module("enrich"));
+    put(dir.path(), "enrich.toml", b"abi = \"envelope\"\ntimeout = \"2s\"\nmemory_limit_mb = 32\n");
+    put(dir.path(), "tagged.wasm", &guests::fiso_module("enrich"));
+    put(dir.path(), "tagged.toml", b"abi = \"envelope\"\ntenant = 7\n[env]\nENRICH_BY = \"tensor-wasm\"\n");
+    std::fs::write(dir.path().join("README.md"), b"not a module").unwrap();
+    let server = start(dir.path(), &[]);
+
+    // Ready means loaded: the function is there on the first request.
+    let id = id_of(&server, "enrich").expect("listed once ready");
+    let f = server.client().request("GET", &format!("/functions/{id}"), &[], b"").json();
+    assert_eq!((f["abi"].as_str(), f["source"].as_str(), f["timeout_ms"].as_u64()), (Some("envelope"), Some("directory"), Some(2000)));
+    assert_eq!(f["memory_limit_mb"], 32);
+
+    // The seed's own example input and output.
+    let r = server.client().request(
+        "POST",
+        &format!("/functions/{id}/invoke"),
+        &[("content-type", "application/json"), ("x-trace", "abc"), ("authorization", "Bearer secret")],
+        br#"{"order_id":"123","amount":99.99}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!({"order_id":"123","amount":99.99,"processed_by":"wasm-module","timestamp":"2024-01-15T10:00:00Z"}));
+    assert_eq!(r.header("x-wasm-processed"), Some("true"));
+    assert_eq!(r.header("x-trace"), Some("abc"), "request headers reach the guest, which echoes them");
+    assert_eq!(r.header("authorization"), None, "credentials never reach the guest");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+
+    // The manifest's tenant and environment.
+    let tagged = |tenant: &str| {
+        let list = server.client().request("GET", "/functions", &[("x-tensor-wasm-tenant", tenant)], b"").json();
+        list["functions"].as_array().unwrap().iter().find(|f| f["name"] == "tagged").map(|f| f["id"].as_str().unwrap().to_string())
+    };
+    assert_eq!(tagged("0"), None);
+    let tagged_id = tagged("7").unwrap();
+    let r = server.client().request("POST", &format!("/functions/{tagged_id}/invoke"), &[("x-tensor-wasm-tenant", "7")], br#"{}"#);
+    assert_eq!(r.json()["processed_by"], "tensor-wasm");
+
+    // Envelope errors, each with its own kind.
+    let r = server.client().invoke(&id, b"order=123");
+    assert_eq!((r.status, r.error_kind().as_str()), (400, "invalid_payload"), "{}", r.text());
+    let r = server.client().invoke(&id, b"");
+    assert_eq!((r.status, r.error_kind().as_str()), (400, "invalid_payload"));
+    let r = server.client().invoke(&id, b"[1,2]");
+    assert_eq!((r.status, r.error_kind().as_str()), (502, "guest_exit"), "the module itself refuses a non-object");
+
+    // The API may not delete or shadow it.
+    let r = server.client().request("DELETE", &format!("/functions/{id}"), &[], b"");
+    assert_eq!((r.status, r.error_kind().as_str()), (409, "managed_by_directory"), "{}", r.text());
+    let r = server.client().deploy("enrich", &guests::hello(), json!({}));
+    assert_eq!((r.status, r.error_kind().as_str()), (409, "managed_by_directory"));
+    assert_eq!(server.client().deploy("enrich", &guests::hello(), json!({})).status, 409);
+
+    // The id is derived from the name: the same after a restart.
+    drop(server);
+    let server = start(dir.path(), &[]);
+    assert_eq!(id_of(&server, "enrich"), Some(id));
+}
+
+#[test]
+fn envelope_output_errors_are_precise() {
+    let dir = tempfile::tempdir().unwrap();
+    let envelope = b"abi = \"envelope\"\n";
+    for (name, out) in [
+        ("text", "hello"),
+        ("nopayload", r#"{"headers":{}}"#),
+        ("badheader", r#"{"payload":1,"headers":{"x":"a\nb"}}"#),
+        ("framing", r#"{"payload":{"ok":true},"headers":{"Content-Length":"1","X-Fine":"yes"}}"#),
+    ] {
+        put(dir.path(), &format!("{name}.wasm"), &guests::write_and_exit(out, "", 0));
+        put(dir.path(), &format!("{name}.toml"), envelope);
+    }
+    let server = start(dir.path(), &[]);
+    for (name, status, kind) in [
+        ("text", 502, "invalid_envelope_output"),
+        ("nopayload", 502, "envelope_missing_payload"),
+        ("badheader", 502, "invalid_envelope_output"),
+    ] {
+        let r = server.client().invoke(&id_of(&server, name).unwrap(), b"{}");
+        assert_eq!((r.status, r.error_kind().as_str()), (status, kind), "{name}: {}", r.text());
+    }
+    let r = server.client().invoke(&id_of(&server, "framing").unwrap(), b"{}");
+    assert_eq!((r.status, r.text().as_str(), r.header("x-fine")), (200, r#"{"ok":true}"#, Some("yes")));
+    assert_eq!(r.header("content-length"), Some("11"), "the server frames the response, not the guest");
+}
+
+/// The ConfigMap volume layout: every file is a symlink into `..data`, which is itself a symlink
+/// to a timestamped directory, swapped atomically on update.
+struct ConfigMapVolume<'a> {
+    root: &'a Path,
+    version: u32,
+}
+
+impl<'a> ConfigMapVolume<'a> {
+    fn new(root: &'a Path, files: &[(&str, Vec<u8>)]) -> Self {
+        let mut volume = ConfigMapVolume { root, version: 0 };
+        volume.update(files);
+        for (name, _) in files {
+            std::os::unix::fs::symlink(format!("..data/{name}"), root.join(name)).unwrap();
+        }
+        volume
+    }
+
+    /// What the kubelet does: write a new directory, then swap `..data` to it in one rename.
+    fn update(&mut self, files: &[(&str, Vec<u8>)]) {
+        self.version += 1;
+        let dir = format!("..2026_11_22_{}", self.version);
+        std::fs::create_dir(self.root.join(&dir)).unwrap();
+        for (name, bytes) in files {
+            std::fs::write(self.root.join(&dir).join(name), bytes).unwrap();
+        }
+        std::os::unix::fs::symlink(&dir, self.root.join("..data_tmp")).unwrap();
+        std::fs::rename(self.root.join("..data_tmp"), self.root.join("..data")).unwrap();
+    }
+}
+
+fn version(n: u32) -> Vec<u8> {
+    guests::write_and_exit(&format!("v{n}"), "", 0)
+}
+
+#[test]
+fn twenty_swaps_under_load_lose_no_invoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut volume = ConfigMapVolume::new(dir.path(), &[("mounted.wasm", version(0))]);
+    put(dir.path(), "plain.wasm", &version(0));
+    let server = start(dir.path(), &[]);
+    let ids = [id_of(&server, "mounted").unwrap(), id_of(&server, "plain").unwrap()];
+
+    // Load: two clients invoking both functions back to back until told to stop (at most 120 s).
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let loaders: Vec<_> = (0..2)
+        .map(|_| {
+            let (addr, ids, stop, done) = (server.addr, ids.clone(), stop.clone(), done.clone());
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let mut client = common::Client::connect(addr);
+                let mut failures = Vec::new();
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(120) {
+                    for id in &ids {
+                        let r = client.invoke(id, b"");
+                        if r.status != 200 || !r.text().starts_with('v') {
+                            failures.push(format!("{} {}", r.status, r.text()));
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+
+    let mut slowest = Duration::ZERO;
+    for swap in 1..=20u32 {
+        let (which, id) = if swap % 2 == 0 { ("mounted", &ids[0]) } else { ("plain", &ids[1]) };
+        if which == "mounted" {
+            volume.update(&[("mounted.wasm", version(swap))]);
+        } else {
+            put(dir.path(), "plain.wasm", &version(swap));
+        }
+        let expect = format!("v{swap}");
+        let took = within(RELOAD_LIMIT, &format!("swap {swap} of {which}"), || {
+            server.client().invoke(id, b"").text() == expect
+        });
+        slowest = slowest.max(took);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for loader in loaders {
+        let failures = loader.join().unwrap();
+        assert!(failures.is_empty(), "invokes failed during swaps: {failures:?}");
+    }
+    assert!(done.load(Ordering::Relaxed) > 20, "the load ran");
+    assert_eq!(server.metric("tensor_wasm_functions_dir_errors_total", &[]), 0.0);
+    assert_eq!(server.metric("tensor_wasm_functions_dir_changes_total", &[]), 22.0, "2 first loads, 20 swaps");
+    eprintln!("20 swaps under load; slowest to become visible: {slowest:?}");
+}
+
+#[test]
+fn an_invocation_finishes_on_the_version_it_started_with() {
+    let dir = tempfile::tempdir().unwrap();
+    put(dir.path(), "slow.wasm", &guests::busy_then_write(600, "old"));
+    let server = start(dir.path(), &[]);
+    let id = id_of(&server, "slow").unwrap();
+    let in_flight = {
+        let (addr, id) = (server.addr, id.clone());
+        std::thread::spawn(move || common::Client::connect(addr).invoke(&id, b"").text())
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    put(dir.path(), "slow.wasm", &guests::busy_then_write(0, "new"));
+    within(RELOAD_LIMIT, "the new version", || server.client().invoke(&id, b"").text() == "new");
+    assert_eq!(in_flight.join().unwrap(), "old");
+}
+
+#[test]
+fn a_bad_module_or_manifest_leaves_the_previous_version_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    put(dir.path(), "f.wasm", &version(1));
+    put(dir.path(), "broken.wasm", b"\0asm but not really");
+    let server = start(dir.path(), &[]);
+    // A bad module at start-up is left out; the rest serve, and readiness is not held back.
+    assert_eq!(id_of(&server, "broken"), None);
+    let errors = || server.metric("tensor_wasm_functions_dir_errors_total", &[]);
+    assert_eq!(errors(), 1.0);
+    let id = id_of(&server, "f").unwrap();
+
+    let cases: [(&str, &[u8], &str); 4] = [
+        ("f.wasm", b"not wasm at all", "invalid module"),
+        ("f.wasm", &guests::env_import(), "an import we do not provide"),
+        ("f.toml", b"abi = \"grpc\"\n", "an unknown abi"),
+        ("f.toml", b"timeout_ms = 99999999\n", "a timeout over the maximum"),
+    ];
+    for (i, (file, bytes, what)) in cases.into_iter().enumerate() {
+        put(dir.path(), file, bytes);
+        within(RELOAD_LIMIT, what, || errors() == 2.0 + i as f64);
+        let r = server.client().invoke(&id, b"");
+        assert_eq!((r.status, r.text().as_str()), (200, "v1"), "{what}");
+        if file == "f.wasm" {
+            put(dir.path(), "f.wasm", &version(1));
+        }
+    }
+    assert!(server.stderr().contains("the previous version keeps serving"));
+
+    // Fixing the manifest applies it; removing the module removes the function.
+    put(dir.path(), "f.toml", b"timeout_ms = 1234\n");
+    within(RELOAD_LIMIT, "the fixed manifest", || {
+        server.client().request("GET", &format!("/functions/{id}"), &[], b"").json()["timeout_ms"] == 1234
+    });
+    std::fs::remove_file(dir.path().join("f.wasm")).unwrap();
+    within(RELOAD_LIMIT, "the removal", || server.client().invoke(&id, b"").status == 404);
+    // An orphaned manifest and an unusable name are reported once each.
+    put(dir.path(), "bad name.wasm", &version(1));
+    within(RELOAD_LIMIT, "the ignored files", || errors() == 7.0);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(errors(), 7.0, "each unusable file is counted once");
+}
+
+#[test]
+fn a_function_timeout_comes_from_its_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    put(dir.path(), "spin.wasm", &guests::infinite_loop());
+    put(dir.path(), "spin.toml", b"timeout = \"200ms\"\n");
+    let server = start(dir.path(), &[]);
+    let started = Instant::now();
+    let r = server.client().invoke(&id_of(&server, "spin").unwrap(), b"");
+    assert_eq!((r.status, r.error_kind().as_str()), (504, "invoke_timeout"));
+    assert!(r.text().contains("200 ms"), "{}", r.text());
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_missing_functions_dir_is_a_configuration_error() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--functions-dir", "/nonexistent/functions"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
+}

@@ -1,0 +1,281 @@
+//! Pipelines: chains of functions through the API and the functions directory, their deadlines,
+//! their errors, and delivery of the final output to an HTTP sink.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{guests, Server};
+use serde_json::{json, Value};
+
+fn deploy_envelope(server: &Server, name: &str) -> String {
+    let r = server.client().deploy(name, &guests::fiso_module(name), json!({"abi": "envelope"}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+fn create(server: &Server, spec: Value) -> common::Response {
+    server.client().request("POST", "/pipelines", &[("content-type", "application/json")], spec.to_string().as_bytes())
+}
+
+fn invoke(server: &Server, id: &str, body: &[u8]) -> common::Response {
+    server.client().request("POST", &format!("/pipelines/{id}/invoke"), &[("x-trace", "t-1")], body)
+}
+
+const ORDER: &[u8] = br#"{"order_id":"123","amount":99.99}"#;
+
+/// Every audit record, via `audit tail`.
+fn audit_records(data_dir: &Path) -> Vec<Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+        .args(["audit", "tail", "-n", "100000"])
+        .arg(data_dir.join("audit"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn validate_enrich_transform_chain() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start_in(data.path(), &["--audit-sync", "always"]);
+    let validate = deploy_envelope(&server, "validate");
+    for name in ["enrich", "transform"] {
+        deploy_envelope(&server, name);
+    }
+    // Steps by name or by id.
+    let r = create(&server, json!({"name": "orders", "steps": [validate, "enrich", "transform"], "timeout_ms": 5000}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let pipeline = r.json();
+    let id = pipeline["id"].as_str().unwrap().to_string();
+    assert_eq!(pipeline["steps"][1], json!({"function": "enrich", "timeout_ms": null}));
+
+    let r = invoke(&server, &id, ORDER);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!({"id": "123", "amount_cents": 9999, "processed_by": "wasm-module"}));
+    // Headers accumulate along the chain: each step's output headers are the next one's input.
+    assert_eq!((r.header("x-validated"), r.header("x-wasm-processed"), r.header("x-trace")), (Some("true"), Some("true"), Some("t-1")));
+
+    // A failing step is named, in the answer and in the audit record.
+    let r = invoke(&server, &id, br#"{"order_id":"123"}"#);
+    assert_eq!((r.status, r.error_kind().as_str()), (502, "guest_exit"), "{}", r.text());
+    let error = &r.json()["error"];
+    assert_eq!(error["step"], json!({"index": 0, "function": validate, "function_id": validate}));
+    let r = invoke(&server, &id, b"not json");
+    assert_eq!((r.status, r.error_kind().as_str()), (400, "invalid_payload"));
+    assert_eq!(r.json()["error"]["step"]["index"], 0);
+    let records = audit_records(data.path());
+    let failed: Vec<_> = records.iter().filter(|r| r["action"] == "invoke_pipeline" && r["outcome"]["status_code"] != 200).collect();
+    assert_eq!(failed.len(), 2);
+    let exit = failed.iter().find(|r| r["outcome"]["error_kind"] == "guest_exit").expect("the guest_exit record");
+    assert_eq!(exit["resource"]["pipeline_id"], id.as_str());
+    assert_eq!(exit["outcome"]["failed_step"], json!({"index": 0, "function_id": validate}));
+
+    // Get, list, and other tenants.
+    assert_eq!(server.client().request("GET", &format!("/pipelines/{id}"), &[], b"").json()["name"], "orders");
+    let list = server.client().request("GET", "/pipelines", &[], b"").json();
+    assert_eq!(list["pipelines"].as_array().unwrap().len(), 1);
+    let other = [("x-tensor-wasm-tenant", "9")];
+    assert_eq!(server.client().request("GET", &format!("/pipelines/{id}"), &other, b"").status, 404);
+    assert_eq!(server.client().request("POST", &format!("/pipelines/{id}/invoke"), &other, ORDER).status, 404);
+    assert_eq!(server.client().request("GET", "/pipelines", &other, b"").json()["pipelines"], json!([]));
+
+    // Redeploying a function by name moves the pipeline to the new version.
+    let r = server.client().deploy("transform", &guests::write_and_exit(r#"{"payload":"v2","headers":{}}"#, "", 0), json!({"abi": "envelope"}));
+    assert_eq!(r.status, 201);
+    assert_eq!(invoke(&server, &id, ORDER).text(), r#""v2""#);
+
+    // Pipelines outlive restarts; deleting one is final.
+    drop(server);
+    let server = Server::start_in(data.path(), &[]);
+    assert_eq!(invoke(&server, &id, ORDER).status, 200);
+    assert_eq!(server.client().request("DELETE", &format!("/pipelines/{id}"), &[], b"").status, 204);
+    let r = invoke(&server, &id, ORDER);
+    assert_eq!((r.status, r.error_kind().as_str()), (404, "pipeline_not_found"));
+    drop(server);
+    let server = Server::start_in(data.path(), &[]);
+    assert_eq!(invoke(&server, &id, ORDER).status, 404);
+}
+
+#[test]
+fn bad_pipelines_are_refused_with_reasons() {
+    let server = Server::start(&[]);
+    deploy_envelope(&server, "enrich");
+    server.deploy("arith", &guests::arithmetic());
+    for (spec, kind, says) in [
+        (json!({"name": "p", "steps": ["missing"]}), "invalid_pipeline", "no function `missing`"),
+        (json!({"name": "p", "steps": []}), "invalid_pipeline", "1 to 32 steps"),
+        (json!({"steps": ["enrich"]}), "invalid_pipeline", "`name` is required"),
+        (json!({"name": "p", "steps": ["arith"]}), "invalid_pipeline", "no `_start`"),
+        (json!({"name": "p", "steps": ["enrich"], "timeout_ms": 0}), "invalid_pipeline", "between 1 and"),
+        (json!({"name": "p", "steps": [{"function": "enrich", "timeout": "soon"}]}), "invalid_pipeline", "step 0"),
+        (json!({"name": "p", "steps": ["enrich"], "tenant": 3}), "invalid_pipeline", "tenant header"),
+        (json!({"name": "p", "steps": ["enrich"], "sink": {"url": "https://x"}}), "invalid_pipeline", "http://"),
+        (json!({"name": "p", "steps": ["enrich"], "sink": {"url": "http://x", "method": "GET"}}), "invalid_pipeline", "POST, PUT or PATCH"),
+        (json!({"name": "p", "steps": ["enrich"], "extra": 1}), "invalid_pipeline", "unknown field"),
+        (json!({"name": "a b", "steps": ["enrich"]}), "invalid_pipeline", "may contain only"),
+    ] {
+        let r = create(&server, spec.clone());
+        assert_eq!((r.status, r.error_kind().as_str()), (400, kind), "{spec}: {}", r.text());
+        assert!(r.text().contains(says), "{spec}: {}", r.text());
+    }
+    let r = server.client().request("POST", "/pipelines", &[], b"{not json");
+    assert_eq!((r.status, r.error_kind().as_str()), (400, "invalid_json"));
+    let r = server.client().request("PUT", "/pipelines", &[], b"");
+    assert_eq!((r.status, r.header("allow")), (405, Some("GET, HEAD, POST")));
+    assert_eq!(server.client().request("DELETE", "/pipelines/0123456789abcdef0123456789abcdef", &[], b"").status, 404);
+    assert_eq!(server.client().request("GET", "/pipelines/..%2f", &[], b"").error_kind(), "pipeline_not_found");
+    // The server kept serving through all of it.
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
+}
+
+#[test]
+fn step_and_pipeline_deadlines() {
+    let server = Server::start(&[]);
+    server.deploy("spin", &guests::infinite_loop());
+    server.deploy("wait200", &guests::busy(200));
+    let r = create(&server, json!({"name": "per-step", "steps": ["wait200", {"function": "spin", "timeout_ms": 150}]}));
+    let per_step = r.json()["id"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    let r = invoke(&server, &per_step, b"");
+    assert_eq!((r.status, r.error_kind().as_str()), (504, "invoke_timeout"), "{}", r.text());
+    assert_eq!(r.json()["error"]["step"]["index"], 1);
+    assert!(r.text().contains("150 ms"), "{}", r.text());
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    let r = create(&server, json!({"name": "whole", "steps": ["wait200", "wait200", "wait200"], "timeout": "500ms"}));
+    let whole = r.json()["id"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    let r = invoke(&server, &whole, b"");
+    assert_eq!((r.status, r.error_kind().as_str()), (504, "pipeline_timeout"), "{}", r.text());
+    assert_eq!(r.json()["error"]["step"]["index"], 2);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(450) && took < Duration::from_secs(3), "{took:?}");
+}
+
+/// A loopback HTTP sink that answers its requests with `statuses` in turn and records what it got.
+fn sink(statuses: &'static [u16]) -> (String, std::thread::JoinHandle<Vec<(String, Vec<(String, String)>, String)>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/events", listener.local_addr().unwrap());
+    let thread = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        for status in statuses {
+            let (stream, _) = listener.accept().unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let mut headers = Vec::new();
+            loop {
+                let mut h = String::new();
+                reader.read_line(&mut h).unwrap();
+                let h = h.trim_end();
+                if h.is_empty() {
+                    break;
+                }
+                let (n, v) = h.split_once(':').unwrap();
+                headers.push((n.to_ascii_lowercase(), v.trim().to_string()));
+            }
+            let len: usize = headers.iter().find(|(n, _)| n == "content-length").unwrap().1.parse().unwrap();
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            got.push((line.trim_end().to_string(), headers, String::from_utf8(body).unwrap()));
+            let retry = if *status == 429 { "retry-after: 0\r\n" } else { "" };
+            let mut stream = stream;
+            write!(stream, "HTTP/1.1 {status} X\r\ncontent-length: 0\r\n{retry}connection: close\r\n\r\n").unwrap();
+        }
+        got
+    });
+    (url, thread)
+}
+
+#[test]
+fn sink_delivery_retries_then_reports() {
+    let server = Server::start(&[]);
+    deploy_envelope(&server, "enrich");
+
+    // 503, then 429, then 200: delivered on the third attempt.
+    let (url, sink_thread) = sink(&[503, 429, 200]);
+    let r = create(&server, json!({"name": "to-sink", "steps": ["enrich"], "sink": {"url": url, "max_attempts": 4, "backoff_ms": 10}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let r = invoke(&server, &id, ORDER);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["delivered"], true);
+    assert_eq!(r.json()["sink"]["attempts"], 3);
+    assert_eq!(r.json()["sink"]["status"], 200);
+    let got = sink_thread.join().unwrap();
+    assert_eq!(got.len(), 3);
+    let (line, headers, body) = &got[2];
+    assert_eq!(line, "POST /events HTTP/1.1");
+    let header = |n: &str| headers.iter().find(|(h, _)| h == n).map(|(_, v)| v.as_str());
+    assert_eq!((header("x-wasm-processed"), header("content-type")), (Some("true"), Some("application/json")));
+    assert_eq!(serde_json::from_str::<Value>(body).unwrap()["processed_by"], "wasm-module");
+
+    // Out of attempts on 5xx: 502 with the last answer; a 4xx is not retried.
+    let (url, sink_thread) = sink(&[500, 502]);
+    let r = create(&server, json!({"name": "down", "steps": ["enrich"], "sink": {"url": url, "max_attempts": 2, "backoff_ms": 1}}));
+    let r = invoke(&server, r.json()["id"].as_str().unwrap(), ORDER);
+    assert_eq!((r.status, r.error_kind().as_str()), (502, "sink_delivery_failed"), "{}", r.text());
+    assert!(r.text().contains("2 attempt(s)") && r.text().contains("HTTP 502"), "{}", r.text());
+    sink_thread.join().unwrap();
+    let (url, sink_thread) = sink(&[400]);
+    let r = create(&server, json!({"name": "refused", "steps": ["enrich"], "sink": {"url": url, "max_attempts": 5}}));
+    let r = invoke(&server, r.json()["id"].as_str().unwrap(), ORDER);
+    assert!(r.text().contains("1 attempt(s)") && r.text().contains("not retried"), "{}", r.text());
+    assert_eq!(sink_thread.join().unwrap().len(), 1);
+
+    // Nobody listening: connection errors are retried, then reported.
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let r = create(&server, json!({"name": "nobody", "steps": ["enrich"], "sink": {"url": format!("http://{closed}/"), "max_attempts": 2, "backoff_ms": 1}}));
+    let r = invoke(&server, r.json()["id"].as_str().unwrap(), ORDER);
+    assert_eq!(r.error_kind(), "sink_delivery_failed");
+    assert!(r.text().contains("connecting"), "{}", r.text());
+}
+
+#[test]
+fn pipelines_from_the_functions_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["validate", "enrich", "transform"] {
+        std::fs::write(dir.path().join(format!("{name}.wasm")), guests::fiso_module(name)).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.toml")), "abi = \"envelope\"\ntimeout = \"2s\"\n").unwrap();
+    }
+    std::fs::write(dir.path().join("orders.pipeline.toml"), "steps = [\"validate\", \"enrich\", \"transform\"]\ntimeout = \"5s\"\n").unwrap();
+    std::fs::write(dir.path().join("later.pipeline.toml"), "steps = [\"late\"]\n").unwrap();
+    let server = Server::start(&["--functions-dir", dir.path().to_str().unwrap()]);
+    let list = server.client().request("GET", "/pipelines", &[], b"").json();
+    let pipelines = list["pipelines"].as_array().unwrap();
+    assert_eq!(pipelines.len(), 1, "`later` names a function that does not exist yet: {list}");
+    assert_eq!((pipelines[0]["name"].as_str(), pipelines[0]["source"].as_str()), (Some("orders"), Some("directory")));
+    let id = pipelines[0]["id"].as_str().unwrap().to_string();
+    let r = invoke(&server, &id, ORDER);
+    assert_eq!(r.json(), json!({"id": "123", "amount_cents": 9999, "processed_by": "wasm-module"}));
+
+    // Directory pipelines are the directory's to change.
+    let r = server.client().request("DELETE", &format!("/pipelines/{id}"), &[], b"");
+    assert_eq!((r.status, r.error_kind().as_str()), (409, "managed_by_directory"));
+    let r = create(&server, json!({"name": "orders", "steps": ["enrich"]}));
+    assert_eq!((r.status, r.error_kind().as_str()), (409, "managed_by_directory"));
+
+    // A pipeline waiting for its function loads when the function arrives.
+    std::fs::write(dir.path().join("late.wasm"), guests::write_and_exit("late", "", 0)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let later = loop {
+        let list = server.client().request("GET", "/pipelines", &[], b"").json();
+        if let Some(p) = list["pipelines"].as_array().unwrap().iter().find(|p| p["name"] == "later") {
+            break p["id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "the waiting pipeline never loaded");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(invoke(&server, &later, b"").text(), "late");
+    // Removing its file removes it.
+    std::fs::remove_file(dir.path().join("orders.pipeline.toml")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while invoke(&server, &id, ORDER).status != 404 {
+        assert!(Instant::now() < deadline, "the removed pipeline still answers");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
