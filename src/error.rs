@@ -9,28 +9,46 @@ use crate::http::Status;
 pub enum ApiError {
     // --- protocol ---
     MalformedRequest(String),
-    HeadersTooLarge { limit: usize },
-    TooManyHeaders { limit: usize },
-    BodyTooLarge { limit: u64 },
+    HeadersTooLarge {
+        limit: usize,
+    },
+    TooManyHeaders {
+        limit: usize,
+    },
+    BodyTooLarge {
+        limit: u64,
+    },
     RequestTimeout,
     UnsupportedTransferEncoding(String),
     ExpectationFailed(String),
     RouteNotFound,
-    MethodNotAllowed { allow: &'static str },
+    MethodNotAllowed {
+        allow: &'static str,
+    },
     // --- who may call ---
     Unauthorized,
     MissingTenant,
     InvalidTenant,
     DuplicateTenantHeader,
-    TenantScopeDenied { tenant: u64 },
-    RateLimited { retry_after_secs: u64 },
+    TenantScopeDenied {
+        tenant: u64,
+    },
+    RateLimited {
+        retry_after_secs: u64,
+    },
     // --- request content ---
     InvalidJson(String),
     InvalidRequest(String),
     InvalidBase64(String),
     InvalidName(String),
-    InvalidTimeout { given: i128, max: u64 },
-    InvalidMemoryLimit { given: i128, max: u32 },
+    InvalidTimeout {
+        given: i128,
+        max: u64,
+    },
+    InvalidMemoryLimit {
+        given: i128,
+        max: u32,
+    },
     InvalidModule(String),
     UnsupportedImport(String),
     ImportMismatch(String),
@@ -40,24 +58,46 @@ pub enum ApiError {
     /// An envelope function's request body is not JSON.
     InvalidPayload(String),
     /// The function or pipeline is managed by the functions directory; the API may not change it.
-    ManagedByDirectory { what: &'static str, name: String },
+    ManagedByDirectory {
+        what: &'static str,
+        name: String,
+    },
     PipelineNotFound(String),
     InvalidPipeline(String),
     // --- guest outcome ---
-    InvokeTimeout { timeout_ms: u64 },
-    MemoryLimitExceeded { limit_mb: u32 },
+    InvokeTimeout {
+        timeout_ms: u64,
+    },
+    MemoryLimitExceeded {
+        limit_mb: u32,
+    },
     GuestTrap(String),
-    GuestExit { code: i32 },
-    OutputTooLarge { limit: usize },
+    GuestExit {
+        code: i32,
+    },
+    OutputTooLarge {
+        limit: usize,
+    },
     /// An envelope function's stdout is not a `{"payload", "headers"}` object.
     InvalidEnvelopeOutput(String),
     EnvelopeMissingPayload,
     /// A pipeline's own deadline passed (each step's deadline is `InvokeTimeout`).
-    PipelineTimeout { timeout_ms: u64 },
+    PipelineTimeout {
+        timeout_ms: u64,
+    },
     /// A pipeline step failed: the step's own error, and which step it was.
     /// `function` is the step's reference as written, `function_id` what it resolved to.
-    PipelineStep { index: usize, function: String, function_id: Option<String>, error: Box<ApiError> },
-    SinkDeliveryFailed { url: String, attempts: u32, last: String },
+    PipelineStep {
+        index: usize,
+        function: String,
+        function_id: Option<String>,
+        error: Box<ApiError>,
+    },
+    SinkDeliveryFailed {
+        url: String,
+        attempts: u32,
+        last: String,
+    },
     // --- server state ---
     Overloaded(&'static str),
     AuditUnavailable,

@@ -58,7 +58,10 @@ fn a_fiso_module_runs_unchanged_with_its_manifest() {
     // Ready means loaded: the function is there on the first request.
     let id = id_of(&server, "enrich").expect("listed once ready");
     let f = server.client().request("GET", &format!("/functions/{id}"), &[], b"").json();
-    assert_eq!((f["abi"].as_str(), f["source"].as_str(), f["timeout_ms"].as_u64()), (Some("envelope"), Some("directory"), Some(2000)));
+    assert_eq!(
+        (f["abi"].as_str(), f["source"].as_str(), f["timeout_ms"].as_u64()),
+        (Some("envelope"), Some("directory"), Some(2000))
+    );
     assert_eq!(f["memory_limit_mb"], 32);
 
     // The seed's own example input and output.
@@ -69,7 +72,10 @@ fn a_fiso_module_runs_unchanged_with_its_manifest() {
         br#"{"order_id":"123","amount":99.99}"#,
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.json(), json!({"order_id":"123","amount":99.99,"processed_by":"wasm-module","timestamp":"2024-01-15T10:00:00Z"}));
+    assert_eq!(
+        r.json(),
+        json!({"order_id":"123","amount":99.99,"processed_by":"wasm-module","timestamp":"2024-01-15T10:00:00Z"})
+    );
     assert_eq!(r.header("x-wasm-processed"), Some("true"));
     assert_eq!(r.header("x-trace"), Some("abc"), "request headers reach the guest, which echoes them");
     assert_eq!(r.header("authorization"), None, "credentials never reach the guest");
@@ -78,11 +84,21 @@ fn a_fiso_module_runs_unchanged_with_its_manifest() {
     // The manifest's tenant and environment.
     let tagged = |tenant: &str| {
         let list = server.client().request("GET", "/functions", &[("x-tensor-wasm-tenant", tenant)], b"").json();
-        list["functions"].as_array().unwrap().iter().find(|f| f["name"] == "tagged").map(|f| f["id"].as_str().unwrap().to_string())
+        list["functions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "tagged")
+            .map(|f| f["id"].as_str().unwrap().to_string())
     };
     assert_eq!(tagged("0"), None);
     let tagged_id = tagged("7").unwrap();
-    let r = server.client().request("POST", &format!("/functions/{tagged_id}/invoke"), &[("x-tensor-wasm-tenant", "7")], br#"{}"#);
+    let r = server.client().request(
+        "POST",
+        &format!("/functions/{tagged_id}/invoke"),
+        &[("x-tensor-wasm-tenant", "7")],
+        br#"{}"#,
+    );
     assert_eq!(r.json()["processed_by"], "tensor-wasm");
 
     // Envelope errors, each with its own kind.
@@ -284,11 +300,16 @@ fn a_bad_module_or_manifest_leaves_the_previous_version_serving() {
 }
 
 #[test]
-fn a_function_timeout_comes_from_its_manifest() {
+fn timeout_and_memory_limit_come_from_the_manifest() {
     let dir = tempfile::tempdir().unwrap();
     put(dir.path(), "spin.wasm", &guests::infinite_loop());
     put(dir.path(), "spin.toml", b"timeout = \"200ms\"\n");
+    put(dir.path(), "hog.wasm", &guests::memory_hog());
+    put(dir.path(), "hog.toml", b"memory_limit_mb = 2\n");
     let server = start(dir.path(), &[]);
+    let r = server.client().invoke(&id_of(&server, "hog").unwrap(), b"");
+    assert_eq!((r.status, r.error_kind().as_str()), (502, "memory_limit_exceeded"), "{}", r.text());
+    assert!(r.text().contains("2 MiB"), "{}", r.text());
     let started = Instant::now();
     let r = server.client().invoke(&id_of(&server, "spin").unwrap(), b"");
     assert_eq!((r.status, r.error_kind().as_str()), (504, "invoke_timeout"));

@@ -56,7 +56,10 @@ fn validate_enrich_transform_chain() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json(), json!({"id": "123", "amount_cents": 9999, "processed_by": "wasm-module"}));
     // Headers accumulate along the chain: each step's output headers are the next one's input.
-    assert_eq!((r.header("x-validated"), r.header("x-wasm-processed"), r.header("x-trace")), (Some("true"), Some("true"), Some("t-1")));
+    assert_eq!(
+        (r.header("x-validated"), r.header("x-wasm-processed"), r.header("x-trace")),
+        (Some("true"), Some("true"), Some("t-1"))
+    );
 
     // A failing step is named, in the answer and in the audit record.
     let r = invoke(&server, &id, br#"{"order_id":"123"}"#);
@@ -67,7 +70,8 @@ fn validate_enrich_transform_chain() {
     assert_eq!((r.status, r.error_kind().as_str()), (400, "invalid_payload"));
     assert_eq!(r.json()["error"]["step"]["index"], 0);
     let records = audit_records(data.path());
-    let failed: Vec<_> = records.iter().filter(|r| r["action"] == "invoke_pipeline" && r["outcome"]["status_code"] != 200).collect();
+    let failed: Vec<_> =
+        records.iter().filter(|r| r["action"] == "invoke_pipeline" && r["outcome"]["status_code"] != 200).collect();
     assert_eq!(failed.len(), 2);
     let exit = failed.iter().find(|r| r["outcome"]["error_kind"] == "guest_exit").expect("the guest_exit record");
     assert_eq!(exit["resource"]["pipeline_id"], id.as_str());
@@ -83,7 +87,11 @@ fn validate_enrich_transform_chain() {
     assert_eq!(server.client().request("GET", "/pipelines", &other, b"").json()["pipelines"], json!([]));
 
     // Redeploying a function by name moves the pipeline to the new version.
-    let r = server.client().deploy("transform", &guests::write_and_exit(r#"{"payload":"v2","headers":{}}"#, "", 0), json!({"abi": "envelope"}));
+    let r = server.client().deploy(
+        "transform",
+        &guests::write_and_exit(r#"{"payload":"v2","headers":{}}"#, "", 0),
+        json!({"abi": "envelope"}),
+    );
     assert_eq!(r.status, 201);
     assert_eq!(invoke(&server, &id, ORDER).text(), r#""v2""#);
 
@@ -113,7 +121,11 @@ fn bad_pipelines_are_refused_with_reasons() {
         (json!({"name": "p", "steps": [{"function": "enrich", "timeout": "soon"}]}), "invalid_pipeline", "step 0"),
         (json!({"name": "p", "steps": ["enrich"], "tenant": 3}), "invalid_pipeline", "tenant header"),
         (json!({"name": "p", "steps": ["enrich"], "sink": {"url": "https://x"}}), "invalid_pipeline", "http://"),
-        (json!({"name": "p", "steps": ["enrich"], "sink": {"url": "http://x", "method": "GET"}}), "invalid_pipeline", "POST, PUT or PATCH"),
+        (
+            json!({"name": "p", "steps": ["enrich"], "sink": {"url": "http://x", "method": "GET"}}),
+            "invalid_pipeline",
+            "POST, PUT or PATCH",
+        ),
         (json!({"name": "p", "steps": ["enrich"], "extra": 1}), "invalid_pipeline", "unknown field"),
         (json!({"name": "a b", "steps": ["enrich"]}), "invalid_pipeline", "may contain only"),
     ] {
@@ -155,8 +167,11 @@ fn step_and_pipeline_deadlines() {
     assert!(took >= Duration::from_millis(450) && took < Duration::from_secs(3), "{took:?}");
 }
 
+/// What a sink received: the request line, its headers (names lowercased) and its body.
+type Received = (String, Vec<(String, String)>, String);
+
 /// A loopback HTTP sink that answers its requests with `statuses` in turn and records what it got.
-fn sink(statuses: &'static [u16]) -> (String, std::thread::JoinHandle<Vec<(String, Vec<(String, String)>, String)>>) {
+fn sink(statuses: &'static [u16]) -> (String, std::thread::JoinHandle<Vec<Received>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/events", listener.local_addr().unwrap());
     let thread = std::thread::spawn(move || {
@@ -198,7 +213,10 @@ fn sink_delivery_retries_then_reports() {
 
     // 503, then 429, then 200: delivered on the third attempt.
     let (url, sink_thread) = sink(&[503, 429, 200]);
-    let r = create(&server, json!({"name": "to-sink", "steps": ["enrich"], "sink": {"url": url, "max_attempts": 4, "backoff_ms": 10}}));
+    let r = create(
+        &server,
+        json!({"name": "to-sink", "steps": ["enrich"], "sink": {"url": url, "max_attempts": 4, "backoff_ms": 10}}),
+    );
     assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
     let r = invoke(&server, &id, ORDER);
@@ -216,7 +234,10 @@ fn sink_delivery_retries_then_reports() {
 
     // Out of attempts on 5xx: 502 with the last answer; a 4xx is not retried.
     let (url, sink_thread) = sink(&[500, 502]);
-    let r = create(&server, json!({"name": "down", "steps": ["enrich"], "sink": {"url": url, "max_attempts": 2, "backoff_ms": 1}}));
+    let r = create(
+        &server,
+        json!({"name": "down", "steps": ["enrich"], "sink": {"url": url, "max_attempts": 2, "backoff_ms": 1}}),
+    );
     let r = invoke(&server, r.json()["id"].as_str().unwrap(), ORDER);
     assert_eq!((r.status, r.error_kind().as_str()), (502, "sink_delivery_failed"), "{}", r.text());
     assert!(r.text().contains("2 attempt(s)") && r.text().contains("HTTP 502"), "{}", r.text());
@@ -229,7 +250,10 @@ fn sink_delivery_retries_then_reports() {
 
     // Nobody listening: connection errors are retried, then reported.
     let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let r = create(&server, json!({"name": "nobody", "steps": ["enrich"], "sink": {"url": format!("http://{closed}/"), "max_attempts": 2, "backoff_ms": 1}}));
+    let r = create(
+        &server,
+        json!({"name": "nobody", "steps": ["enrich"], "sink": {"url": format!("http://{closed}/"), "max_attempts": 2, "backoff_ms": 1}}),
+    );
     let r = invoke(&server, r.json()["id"].as_str().unwrap(), ORDER);
     assert_eq!(r.error_kind(), "sink_delivery_failed");
     assert!(r.text().contains("connecting"), "{}", r.text());
@@ -242,7 +266,11 @@ fn pipelines_from_the_functions_directory() {
         std::fs::write(dir.path().join(format!("{name}.wasm")), guests::fiso_module(name)).unwrap();
         std::fs::write(dir.path().join(format!("{name}.toml")), "abi = \"envelope\"\ntimeout = \"2s\"\n").unwrap();
     }
-    std::fs::write(dir.path().join("orders.pipeline.toml"), "steps = [\"validate\", \"enrich\", \"transform\"]\ntimeout = \"5s\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("orders.pipeline.toml"),
+        "steps = [\"validate\", \"enrich\", \"transform\"]\ntimeout = \"5s\"\n",
+    )
+    .unwrap();
     std::fs::write(dir.path().join("later.pipeline.toml"), "steps = [\"late\"]\n").unwrap();
     let server = Server::start(&["--functions-dir", dir.path().to_str().unwrap()]);
     let list = server.client().request("GET", "/pipelines", &[], b"").json();

@@ -52,7 +52,10 @@ impl Message {
         }
         let mut response = Response::json(Status::Ok, self.body);
         response.headers.extend(
-            self.headers.into_iter().filter(|(name, _)| header_rules::passes_from_guest(name)).map(|(n, v)| (Cow::Owned(n), v)),
+            self.headers
+                .into_iter()
+                .filter(|(name, _)| header_rules::passes_from_guest(name))
+                .map(|(n, v)| (Cow::Owned(n), v)),
         );
         response
     }

@@ -329,7 +329,10 @@ mod tests {
         encode(&failed, 3, 1, &GENESIS, &mut line);
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["resource"]["pipeline_id"], "fedcba9876543210fedcba9876543210");
-        assert_eq!(v["outcome"]["failed_step"], serde_json::json!({"index": 2, "function_id": "0123456789abcdef0123456789abcdef"}));
+        assert_eq!(
+            v["outcome"]["failed_step"],
+            serde_json::json!({"index": 2, "function_id": "0123456789abcdef0123456789abcdef"})
+        );
 
         let mut second = String::new();
         encode(&event(), 3, 2, &h1, &mut second);

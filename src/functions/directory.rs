@@ -33,7 +33,12 @@ pub struct Stamp {
 /// The stamp of the file `path` names, through symlinks.
 pub fn stamp(path: &Path) -> io::Result<Stamp> {
     let m = std::fs::metadata(path)?;
-    Ok(Stamp { dev: m.dev(), ino: m.ino(), len: m.len(), mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()) })
+    Ok(Stamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+    })
 }
 
 /// A function's files.

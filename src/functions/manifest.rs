@@ -74,7 +74,8 @@ mod tests {
 
     #[test]
     fn manifests() {
-        let m = FunctionManifest::parse("tenant = 7\nabi = \"envelope\"\ntimeout = \"2s\"\n[env]\nMODE = \"x\"\n").unwrap();
+        let m =
+            FunctionManifest::parse("tenant = 7\nabi = \"envelope\"\ntimeout = \"2s\"\n[env]\nMODE = \"x\"\n").unwrap();
         assert_eq!((m.tenant, m.abi, m.timeout_ms()), (Some(7), Some(Abi::Envelope), Ok(Some(2_000))));
         assert_eq!(m.env["MODE"], "x");
         assert!(FunctionManifest::parse("abi = \"grpc\"").is_err());

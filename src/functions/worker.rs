@@ -333,9 +333,10 @@ impl Worker {
         let (timeout_ms, memory_limit_mb) = self.resolve_limits(body.timeout_ms, body.memory_limit_mb)?;
         validate_env(&body.env).map_err(ApiError::InvalidRequest)?;
         let current = self.catalog.current();
-        let taken = current.values().map(|f| &f.record).find(|r| {
-            r.source == Source::Directory && r.tenant_id == req.tenant_id && r.name == body.name
-        });
+        let taken = current
+            .values()
+            .map(|f| &f.record)
+            .find(|r| r.source == Source::Directory && r.tenant_id == req.tenant_id && r.name == body.name);
         if taken.is_some() {
             return Err(ApiError::ManagedByDirectory { what: "function", name: body.name });
         }
@@ -543,7 +544,11 @@ impl Worker {
                     changes += 1;
                 }
                 Err(e) => {
-                    let serving = if current.contains_key(&id) { "the previous version keeps serving" } else { "it is not served" };
+                    let serving = if current.contains_key(&id) {
+                        "the previous version keeps serving"
+                    } else {
+                        "it is not served"
+                    };
                     tracing::error!(function = %name, file = %files.wasm.display(), "cannot load from the functions directory; {serving}: {e}");
                     stats.errors.fetch_add(1, Ordering::Relaxed);
                 }
@@ -666,8 +671,15 @@ impl Worker {
             return Err("`name` is not set in the file: the file's name is the pipeline's".into());
         }
         let tenant = spec.tenant.unwrap_or(0);
-        spec.into_record(id.to_string(), name.to_string(), tenant, self.next_created_ms(), Source::Directory, &self.limits)
-            .map_err(|e| e.to_string())
+        spec.into_record(
+            id.to_string(),
+            name.to_string(),
+            tenant,
+            self.next_created_ms(),
+            Source::Directory,
+            &self.limits,
+        )
+        .map_err(|e| e.to_string())
     }
 }
 

@@ -54,7 +54,8 @@ mod tests {
     fn rules() {
         assert!(passes_to_guest("X-Trace"));
         assert!(passes_to_guest("content-type"));
-        for name in ["Authorization", "X-Tensor-Wasm-Tenant", "Connection", "Transfer-Encoding", "Proxy-Authorization"] {
+        for name in ["Authorization", "X-Tensor-Wasm-Tenant", "Connection", "Transfer-Encoding", "Proxy-Authorization"]
+        {
             assert!(!passes_to_guest(name), "{name}");
         }
         assert!(passes_from_guest("X-WASM-Processed"));

@@ -181,7 +181,8 @@ impl SinkSpec {
         if !(1..=MAX_SINK_ATTEMPTS).contains(&max_attempts) {
             return Err(format!("sink `max_attempts` must be between 1 and {MAX_SINK_ATTEMPTS}, got {max_attempts}"));
         }
-        let timeout_ms = timeout("timeout", self.timeout_ms, None, limits.max_timeout_ms)?.unwrap_or(DEFAULT_SINK_TIMEOUT_MS.min(limits.max_timeout_ms));
+        let timeout_ms = timeout("timeout", self.timeout_ms, None, limits.max_timeout_ms)?
+            .unwrap_or(DEFAULT_SINK_TIMEOUT_MS.min(limits.max_timeout_ms));
         let backoff_ms = self.backoff_ms.unwrap_or(DEFAULT_SINK_BACKOFF_MS).min(limits.max_timeout_ms);
         Ok(Sink { url: self.url, method, max_attempts, timeout_ms, backoff_ms })
     }

@@ -114,7 +114,12 @@ mod tests {
             br#"{"payload":1,"headers":{"a":"","b":"","c":"","d":"","e":""}}"#,
         ];
         for bad in bad {
-            assert_eq!(decode(bad).unwrap_err().kind(), "invalid_envelope_output", "{:?}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                decode(bad).unwrap_err().kind(),
+                "invalid_envelope_output",
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }
