@@ -116,8 +116,19 @@ fn a_fiso_module_runs_unchanged_with_its_manifest() {
     assert_eq!((r.status, r.error_kind().as_str()), (409, "managed_by_directory"));
     assert_eq!(server.client().deploy("enrich", &guests::hello(), json!({})).status, 409);
 
-    // The id is derived from the name: the same after a restart.
+    // The same bytes deployed through the API are stored for that function, even though a
+    // directory function already had them compiled.
+    let data = tempfile::tempdir().unwrap();
     drop(server);
+    let server = Server::start_in(data.path(), &["--functions-dir", dir.path().to_str().unwrap()]);
+    let r = server.client().deploy("copy", &guests::fiso_module("enrich"), json!({"abi": "envelope"}));
+    let copy = r.json()["id"].as_str().unwrap().to_string();
+    drop(server);
+    let server = Server::start_in(data.path(), &[]);
+    assert_eq!(server.client().invoke(&copy, b"{}").status, 200, "the API copy outlives the directory");
+    drop(server);
+
+    // The id is derived from the name: the same after a restart.
     let server = start(dir.path(), &[]);
     assert_eq!(id_of(&server, "enrich"), Some(id));
 }

@@ -75,6 +75,11 @@ impl FunctionStore {
         write_atomic(&self.module_path(digest), wasm)
     }
 
+    /// Whether the module's file is present (its bytes are checked when read).
+    pub fn has_module(&self, digest: &str) -> bool {
+        self.module_path(digest).is_file()
+    }
+
     /// The module's bytes, if present and matching their digest.
     pub fn read_module(&self, digest: &str) -> io::Result<Vec<u8>> {
         let bytes = fs::read(self.module_path(digest))?;

@@ -346,13 +346,14 @@ impl Worker {
         let digest = digest_of(&wasm);
         let module = match self.catalog.module_with_digest(&digest) {
             Some(m) => m,
-            None => {
-                let module = check_module(&self.engine, &self.linker, &wasm)?;
-                self.store.write_module(&digest, &wasm).map_err(|e| ApiError::Storage(e.to_string()))?;
-                self.save_artifact(&digest, &module);
-                module
-            }
+            None => check_module(&self.engine, &self.linker, &wasm)?,
         };
+        // Live modules of directory functions are not in the store: a deploy of the same bytes
+        // must still store them, or the function would not survive a restart.
+        if !self.store.has_module(&digest) {
+            self.store.write_module(&digest, &wasm).map_err(|e| ApiError::Storage(e.to_string()))?;
+            self.save_artifact(&digest, &module);
+        }
         let abi = body.abi.unwrap_or_default();
         check_abi(abi, &module).map_err(ApiError::InvalidRequest)?;
         let record = FunctionRecord {
