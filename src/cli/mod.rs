@@ -1,4 +1,10 @@
-//! Command line: `tensor-wasm serve` and its flags. Every flag has a `TENSOR_WASM_*` env var.
+//! Command line: `tensor-wasm serve` and its flags (every flag has a `TENSOR_WASM_*` env var),
+//! `audit`, the client commands (`client`), `observe`, `token generate` (`token`), and
+//! `backup`/`restore` (`crate::backup`).
+
+pub mod client;
+pub mod observe;
+pub mod token;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,6 +38,81 @@ pub enum Command {
     /// Read the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Deploy a module to a running server.
+    Deploy(client::DeployArgs),
+    /// Invoke a function on a running server; prints its answer.
+    Invoke(client::InvokeArgs),
+    /// List, show or delete a running server's functions.
+    #[command(subcommand)]
+    Functions(client::FunctionsCommand),
+    /// Bearer tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// A live one-screen board of a running server; `--once` for CI and deploy windows.
+    Observe(observe::ObserveArgs),
+    /// Copy the data dir (functions, pipelines, modules, sealed audit segments) into a new
+    /// directory, while the server runs.
+    Backup(BackupArgs),
+    /// Put a backup into an empty data dir.
+    Restore(BackupArgs),
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Print a new 256-bit token, its `TENSOR_WASM_API_TOKENS` entry and its token_id.
+    Generate(token::GenerateArgs),
+}
+
+#[derive(clap::Args)]
+pub struct BackupArgs {
+    /// The backup directory.
+    pub dir: PathBuf,
+    /// The server's data dir.
+    #[arg(long, env = "TENSOR_WASM_DATA_DIR", default_value = "./tensor-wasm-data")]
+    pub data_dir: PathBuf,
+    /// The server's audit log setting (`file:/path`; default `file:<data dir>/audit`).
+    #[arg(long, env = "TENSOR_WASM_API_AUDIT_LOG")]
+    pub audit_log: Option<String>,
+}
+
+impl BackupArgs {
+    fn audit_dir(&self) -> Result<Option<PathBuf>, String> {
+        match &self.audit_log {
+            None => Ok(Some(self.data_dir.join("audit"))),
+            Some(spec) => {
+                parse_destination(spec).map(|(dir, _)| dir).map_err(|e| format!("TENSOR_WASM_API_AUDIT_LOG: {e}"))
+            }
+        }
+    }
+}
+
+fn run_backup(args: BackupArgs, restore: bool) -> i32 {
+    let result = args.audit_dir().and_then(|audit| {
+        // Without an audit directory there is none to copy: an empty path lists nothing.
+        let audit = audit.unwrap_or_default();
+        if restore {
+            crate::backup::restore(&args.dir, &args.data_dir, &audit)
+        } else {
+            crate::backup::backup(&args.data_dir, &audit, &args.dir)
+        }
+    });
+    match result {
+        Ok(summary) => {
+            let verb = if restore { "restored" } else { "backed up" };
+            println!(
+                "{verb}: {} functions, {} pipelines, {} modules, {} audit segments",
+                summary.functions, summary.pipelines, summary.modules, summary.audit_segments
+            );
+            for skipped in &summary.skipped {
+                println!("left out: {skipped}");
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -533,7 +614,7 @@ where
     let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
     match cli.command {
         Command::Serve(args) => (*args).into_config(),
-        Command::Audit(_) => Err("not a serve command".into()),
+        _ => Err("not a serve command".into()),
     }
 }
 
@@ -553,13 +634,25 @@ pub fn main() -> i32 {
             }
             // clap's rendering spans several lines; operators and scripts want one.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("tensor-wasm: {}", first.trim_start_matches("error: "));
+            let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+            let mut first = lines.next().unwrap_or("invalid arguments").trim_start_matches("error: ").to_string();
+            // "the following required arguments were not provided:" names them on the next line.
+            if first.ends_with(':') {
+                first = format!("{first} {}", lines.next().unwrap_or_default());
+            }
+            eprintln!("tensor-wasm: {first}");
             return EXIT_USAGE;
         }
     };
     match cli.command {
         Command::Audit(command) => run_audit(command),
+        Command::Deploy(args) => client::deploy(args),
+        Command::Invoke(args) => client::invoke(args),
+        Command::Functions(command) => client::functions(command),
+        Command::Token(TokenCommand::Generate(args)) => token::generate(args),
+        Command::Observe(args) => observe::run(args),
+        Command::Backup(args) => run_backup(args, false),
+        Command::Restore(args) => run_backup(args, true),
         Command::Serve(args) => {
             crate::server::logging::init(&args.log_level);
             let config = match (*args).into_config() {

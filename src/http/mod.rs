@@ -2,6 +2,7 @@
 //! chunked), responses, and the per-connection loop with its deadlines, keep-alive and pipelining.
 
 mod chunked;
+pub mod client;
 pub mod conn;
 pub mod header_rules;
 mod request;

@@ -172,7 +172,7 @@ impl PipelineSpec {
 
 impl SinkSpec {
     fn into_sink(self, limits: &Limits) -> Result<Sink, String> {
-        crate::pipelines::sink::Target::parse(&self.url).map_err(|e| format!("sink `url`: {e}"))?;
+        crate::http::client::Target::parse(&self.url).map_err(|e| format!("sink `url`: {e}"))?;
         let method = self.method.unwrap_or_else(|| "POST".into()).to_ascii_uppercase();
         if !matches!(method.as_str(), "POST" | "PUT" | "PATCH") {
             return Err(format!("sink `method` must be POST, PUT or PATCH, got {method}"));

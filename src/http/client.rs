@@ -1,0 +1,217 @@
+//! A blocking HTTP/1.1 client, one request per connection, for threads that may block: the sink
+//! workers and the command-line client. Shards never use it.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use super::ChunkedDecoder;
+
+/// Most bytes of a response head read.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// An `http://host[:port][/path]` URL, split. Plain HTTP only.
+#[derive(Debug, PartialEq, Eq, Clone)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+}
+
+impl Target {
+    pub fn parse(url: &str) -> Result<Target, String> {
+        let rest = url.strip_prefix("http://").ok_or("only http:// URLs are supported")?;
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if authority.contains('@') {
+            return Err("user info in the URL is not supported".into());
+        }
+        let (host, port) = match authority.rsplit_once(':').filter(|(h, _)| !h.ends_with(']') || h.starts_with('[')) {
+            Some((host, port)) if !host.is_empty() && !port.contains(']') => {
+                (host, port.parse::<u16>().map_err(|_| format!("bad port {port:?}"))?)
+            }
+            _ => (authority, 80),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+            return Err(format!("bad host {host:?}"));
+        }
+        if path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+            return Err("the path holds whitespace or control characters".into());
+        }
+        let path = if path.starts_with('?') { format!("/{path}") } else { path.to_string() };
+        Ok(Target { host: host.to_string(), port, path })
+    }
+
+    /// The same server, another path (which starts with `/`).
+    pub fn with_path(&self, path: &str) -> Target {
+        let base = self.path.trim_end_matches('/');
+        Target { path: format!("{base}{path}"), ..self.clone() }
+    }
+}
+
+/// A response.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A request: `content-type: application/json` and a content length are added when there is a
+/// body; the connection closes after the answer.
+pub fn encode_request(method: &str, target: &Target, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut head =
+        format!("{method} {} HTTP/1.1\r\nhost: {}:{}\r\nconnection: close\r\n", target.path, target.host, target.port);
+    if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+        head.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut request = head.into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
+/// Sends `request` and reads the answer, all within `timeout`. Reads at most `max_body` bytes of
+/// body, a longer one being an error; `None` reads the head only.
+pub fn exchange(target: &Target, request: &[u8], timeout: Duration, max_body: Option<usize>) -> Result<Answer, String> {
+    let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let addrs =
+        (target.host.as_str(), target.port).to_socket_addrs().map_err(|e| format!("resolving {}: {e}", target.host))?;
+    let mut stream = None;
+    let mut error = format!("{} has no address", target.host);
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, left()) {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(e) => error = format!("connecting to {addr}: {e}"),
+        }
+    }
+    let mut stream = stream.ok_or(error)?;
+    stream.set_write_timeout(Some(left())).map_err(|e| e.to_string())?;
+    stream.write_all(request).map_err(|e| format!("sending: {e}"))?;
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 16 * 1024];
+    let mut read = |stream: &mut TcpStream, buf: &mut Vec<u8>| -> Result<usize, String> {
+        stream.set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
+        let n = stream.read(&mut chunk).map_err(|e| format!("reading the answer: {e}"))?;
+        buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    };
+    let (status, headers, head_len) = loop {
+        if read(&mut stream, &mut buf)? == 0 {
+            return Err("the connection closed before an answer".into());
+        }
+        let mut parsed = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut parsed);
+        match response.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let headers = response
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                    .collect::<Vec<_>>();
+                break (response.code.unwrap_or(0), headers, len);
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+            Ok(httparse::Status::Partial) => return Err("the response head is too large".into()),
+            Err(e) => return Err(format!("the answer is not HTTP: {e}")),
+        }
+    };
+    let mut answer = Answer { status, headers, body: Vec::new() };
+    let Some(max_body) = max_body else { return Ok(answer) };
+    let mut rest = buf.split_off(head_len);
+    let too_large = || format!("the answer's body is larger than {max_body} bytes");
+    if answer.header("transfer-encoding").is_some_and(|te| te.eq_ignore_ascii_case("chunked")) {
+        let mut decoder = ChunkedDecoder::new(max_body as u64);
+        loop {
+            let used = decoder.decode(&rest, &mut answer.body).map_err(|e| e.to_string())?;
+            rest.drain(..used);
+            if decoder.is_done() {
+                return Ok(answer);
+            }
+            if read(&mut stream, &mut rest)? == 0 {
+                return Err("the connection closed inside a chunked body".into());
+            }
+        }
+    }
+    let length = answer.header("content-length").and_then(|v| v.trim().parse::<usize>().ok());
+    if length.is_some_and(|n| n > max_body) {
+        return Err(too_large());
+    }
+    while length.is_none_or(|n| rest.len() < n) {
+        if rest.len() > max_body {
+            return Err(too_large());
+        }
+        if read(&mut stream, &mut rest)? == 0 {
+            if length.is_some() {
+                return Err("the connection closed inside the body".into());
+            }
+            break;
+        }
+    }
+    rest.truncate(length.unwrap_or(rest.len()));
+    answer.body = rest;
+    Ok(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls() {
+        let t = |host: &str, port, path: &str| Target { host: host.into(), port, path: path.into() };
+        assert_eq!(Target::parse("http://user-service:8082").unwrap(), t("user-service", 8082, "/"));
+        assert_eq!(Target::parse("http://127.0.0.1:9/events?x=1").unwrap(), t("127.0.0.1", 9, "/events?x=1"));
+        assert_eq!(Target::parse("http://[::1]:81/a").unwrap(), t("::1", 81, "/a"));
+        assert_eq!(Target::parse("http://example").unwrap(), t("example", 80, "/"));
+        assert_eq!(Target::parse("http://h:1/api/").unwrap().with_path("/metrics").path, "/api/metrics");
+        for bad in ["https://x", "ftp://x", "http://", "http://a:b", "http://u@h/", "http://h/a b"] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn reads_length_chunked_and_close_framed_bodies() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = Target::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+        let answers: [&[u8]; 3] = [
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+            b"HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+            b"HTTP/1.1 503 Busy\r\nretry-after: 2\r\n\r\nuntil close",
+        ];
+        let server = std::thread::spawn(move || {
+            for answer in answers {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).unwrap();
+                s.write_all(answer).unwrap();
+            }
+        });
+        let get = || {
+            exchange(&target, &encode_request("GET", &target, &[], b""), Duration::from_secs(5), Some(1024)).unwrap()
+        };
+        let a = get();
+        assert_eq!((a.status, a.body.as_slice()), (200, &b"hello"[..]));
+        let a = get();
+        assert_eq!((a.status, a.body.as_slice()), (201, &b"abcde"[..]));
+        let a = get();
+        assert_eq!((a.status, a.body.as_slice(), a.header("Retry-After")), (503, &b"until close"[..], Some("2")));
+        server.join().unwrap();
+    }
+}
