@@ -39,8 +39,11 @@ fn config_md_names_every_flag_its_variable_and_its_default() {
 #[test]
 fn every_runbook_an_alert_links_exists() {
     let rules = std::fs::read_to_string(root().join("deploy/prometheus/tensor-wasm-rules.yaml")).unwrap();
-    let links: Vec<&str> =
-        rules.lines().filter_map(|l| l.trim().strip_prefix("runbook_url: \"")).map(|l| l.trim_end_matches('"')).collect();
+    let links: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runbook_url: \""))
+        .map(|l| l.trim_end_matches('"'))
+        .collect();
     assert!(links.len() >= 7);
     for link in links {
         assert!(root().join(link).is_file(), "the runbook {link} does not exist");

@@ -121,6 +121,24 @@ pub fn stdout_flood() -> Vec<u8> {
     ))
 }
 
+/// Writes 64 KiB to stderr `times` times (`u32::MAX`: until stopped), then exits 0.
+pub fn stderr_flood(times: u32) -> Vec<u8> {
+    wasm(&format!(
+        r#"(module {WASI}
+  (memory (export "memory") 2)
+  (func (export "_start") (local $n i32)
+    (local.set $n (i32.const {times}))
+    (i32.store (i32.const 0) (i32.const 1024)) (i32.store (i32.const 4) (i32.const 65536))
+    (block $done
+      (loop $l
+        (br_if $done (i32.eqz (local.get $n)))
+        (drop (call $fd_write (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 8)))
+        (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+        (br $l)))))"#,
+        times = times as i32
+    ))
+}
+
 /// No `_start`: exports `add(i32, i32) -> i32` and `scale(f64) -> f64`.
 pub fn arithmetic() -> Vec<u8> {
     wasm(
