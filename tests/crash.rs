@@ -65,21 +65,19 @@ fn load(addr: std::net::SocketAddr, seed: u64, stop: Arc<AtomicBool>, ledger: Ar
             let text = format!("f-{seed:x}-{serial}");
             let body = json!({"name": "crash", "wasm_b64": base64::Engine::encode(
                 &base64::engine::general_purpose::STANDARD, guests::write_and_exit(&text, "", 0))});
-            client.try_request("POST", "/functions", &[], body.to_string().as_bytes()).map(|r| {
+            client.try_request("POST", "/functions", &[], body.to_string().as_bytes()).inspect(|r| {
                 if r.status == 201 {
                     let id = r.json()["id"].as_str().unwrap().to_string();
                     ledger.lock().unwrap().deployed.insert(id, text);
                 }
-                r
             })
         } else if pick < 4 {
             let id = live[rng.below(live.len() as u64) as usize].clone();
             ledger.lock().unwrap().delete_sent.insert(id.clone());
-            client.try_request("DELETE", &format!("/functions/{id}"), &[], b"").map(|r| {
+            client.try_request("DELETE", &format!("/functions/{id}"), &[], b"").inspect(|r| {
                 if r.status == 204 {
-                    ledger.lock().unwrap().deleted.insert(id);
+                    ledger.lock().unwrap().deleted.insert(id.clone());
                 }
-                r
             })
         } else {
             let id = &live[rng.below(live.len() as u64) as usize];
