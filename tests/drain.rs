@@ -27,7 +27,13 @@ fn start(data: &Path, functions: &Path, addr: SocketAddr) -> Server {
 }
 
 /// One client: invokes round-robin over `addrs` until `stop`, at most 60 s.
-fn client(addrs: [SocketAddr; 2], path: String, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>, failures: Arc<Mutex<Vec<String>>>) {
+fn client(
+    addrs: [SocketAddr; 2],
+    path: String,
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+) {
     let mut connections: [Option<Client>; 2] = [None, None];
     let started = Instant::now();
     let mut turn = 0usize;
@@ -86,7 +92,8 @@ fn a_rolling_restart_of_two_servers_loses_nothing() {
     let failures = Arc::new(Mutex::new(Vec::new()));
     let clients: Vec<_> = (0..4)
         .map(|_| {
-            let (path, stop, ok, failures) = (format!("/functions/{id}/invoke"), stop.clone(), ok.clone(), failures.clone());
+            let (path, stop, ok, failures) =
+                (format!("/functions/{id}/invoke"), stop.clone(), ok.clone(), failures.clone());
             std::thread::spawn(move || client(addrs, path, stop, ok, failures))
         })
         .collect();

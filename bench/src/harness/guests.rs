@@ -15,6 +15,20 @@ pub fn unique_hello(n: u64) -> Vec<u8> {
         .expect("valid WAT")
 }
 
+/// Spins `iterations` times through a loop of integer work, then exits: CPU-bound, with no host
+/// call, so only the epoch deadline and yields interrupt it.
+pub fn spin(iterations: u32) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module (func (export "_start") (local $i i32) (local $x i32)
+  (loop $l
+    (local.set $x (i32.add (i32.mul (local.get $x) (i32.const 1664525)) (i32.const 1013904223)))
+    (local.set $i (i32.add (local.get $i) (i32.const 1)))
+    (br_if $l (i32.lt_u (local.get $i) (i32.const {iterations}))))
+  (if (i32.eq (local.get $x) (i32.const 7)) (then unreachable))))"#
+    ))
+    .expect("valid WAT")
+}
+
 /// Where the Rust guests come from.
 #[derive(Clone, Debug)]
 pub enum GuestSource {

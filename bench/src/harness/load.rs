@@ -71,6 +71,8 @@ pub struct ClassOutcome {
     pub name: String,
     /// Nanoseconds, corrected for coordinated omission.
     pub latency: Histogram<u64>,
+    /// The same, of the 2xx answers only: what admitted requests saw while others were shed.
+    pub admitted: Histogram<u64>,
     /// Answers by HTTP status.
     pub statuses: BTreeMap<u16, u64>,
     /// Requests that got no answer: connect, write or read failed or timed out.
@@ -84,6 +86,7 @@ impl ClassOutcome {
         ClassOutcome {
             name: name.to_string(),
             latency: histogram(),
+            admitted: histogram(),
             statuses: BTreeMap::new(),
             io_errors: 0,
             unsent: 0,
@@ -96,6 +99,7 @@ impl ClassOutcome {
 
     fn merge(&mut self, other: &ClassOutcome) {
         let _ = self.latency.add(&other.latency);
+        let _ = self.admitted.add(&other.admitted);
         for (status, n) in &other.statuses {
             *self.statuses.entry(*status).or_default() += n;
         }
@@ -462,7 +466,11 @@ impl EventLoop<'_> {
         progress.answered.fetch_add(1, Ordering::Relaxed);
         if flight.due >= measure_from {
             let target = &mut out.classes[flight.class];
-            record(&mut target.latency, (done - flight.sent) + previous_wait(flight.free_at, flight.due));
+            let latency = (done - flight.sent) + previous_wait(flight.free_at, flight.due);
+            record(&mut target.latency, latency);
+            if (200..300).contains(&framed.status) {
+                record(&mut target.admitted, latency);
+            }
             *target.statuses.entry(framed.status).or_default() += 1;
             record(&mut out.lag, flight.sent.saturating_duration_since(flight.free_at));
         }

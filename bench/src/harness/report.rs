@@ -149,6 +149,7 @@ impl Report {
             measurement_table(&mut md, self.measurements.iter());
             md.push_str("\n### SLO verdicts\n\n");
             verdict_table(&mut md, &self.measurements);
+            memory_table(&mut md, &self.measurements);
         }
         let dispatch: Vec<&Measurement> = self.all_measurements().filter(|m| m.dispatch.is_some()).collect();
         if !dispatch.is_empty() {
@@ -309,6 +310,36 @@ fn measurement_table<'a>(md: &mut String, rows: impl Iterator<Item = &'a Measure
                 cpu(m.cpu.server_us_per_answer),
                 cpu(m.cpu.harness_us_per_answer),
                 pass_text(m.pass),
+            ]
+        }),
+    );
+}
+
+/// The server's resident memory per fixed-rate run, where the harness started the server.
+fn memory_table(md: &mut String, rows: &[Measurement]) {
+    let rows: Vec<_> = rows.iter().filter_map(|m| m.server_memory.map(|r| (m, r))).collect();
+    if rows.is_empty() {
+        return;
+    }
+    md.push_str("\n### Server memory\n\n");
+    table(
+        md,
+        &[
+            "scenario",
+            "offered/s",
+            "anonymous after warm-up MiB",
+            "anonymous at the end",
+            "anonymous peak",
+            "RSS peak (with mapped audit segments)",
+        ],
+        rows.into_iter().map(|(m, r)| {
+            vec![
+                m.scenario.into(),
+                format!("{:.0}", m.offered_rate),
+                format!("{:.1}", r.anon_after_warmup_mib),
+                format!("{:.1}", r.anon_end_mib),
+                format!("{:.1}", r.anon_peak_mib),
+                format!("{:.1}", r.rss_peak_mib),
             ]
         }),
     );

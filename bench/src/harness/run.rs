@@ -77,7 +77,7 @@ impl Session {
                     }
                 };
                 let shards = shards.or(*configured).unwrap_or_else(|| scenario.default_shards(implementation));
-                let extra = scenario.server_settings(&settings.scenario);
+                let extra = scenario.server_settings(&settings.scenario, shards);
                 let process = StartedServer::start(implementation, &binary, shards, &extra.args, &extra.env)?;
                 (process.endpoint.clone(), Some(process), Some(shards))
             }
@@ -104,7 +104,11 @@ impl Session {
         let harness_cpu_before = cpu_seconds(std::process::id());
         let running = AtomicBool::new(true);
         let label = format!("{} on {} at {rate:.0}/s", self.scenario.name(), self.server);
-        let (outcome, storm) = std::thread::scope(|scope| {
+        let (outcome, storm, memory) = std::thread::scope(|scope| {
+            let memory = self.process.as_ref().map(|p| {
+                let (pid, running, warmup) = (p.pid(), &running, settings.warmup);
+                scope.spawn(move || sample_memory(pid, warmup, running))
+            });
             let storm = self.prepared.storm.then(|| {
                 let endpoint = &self.endpoint;
                 let running = &running;
@@ -123,7 +127,8 @@ impl Session {
             if let Some(h) = reporter {
                 let _ = h.join();
             }
-            (outcome, storm)
+            let memory = memory.and_then(|h| h.join().ok().flatten());
+            (outcome, storm, memory)
         });
         let outcome = outcome?;
         // CPU per answer, over the whole plan (warm-up included, as its answers are counted too).
@@ -148,7 +153,9 @@ impl Session {
             }
             _ => None,
         };
-        Ok(Measurement::new(self, &outcome, cpu, dispatch, storm, settings))
+        let mut measurement = Measurement::new(self, &outcome, cpu, dispatch, storm, settings);
+        measurement.server_memory = memory;
+        Ok(measurement)
     }
 
     /// Steps the rate up from `start` by `factor`, up to `max`, until two steps in a row miss the
@@ -273,6 +280,54 @@ pub struct CpuReport {
     pub harness_us_per_answer: Option<f64>,
 }
 
+/// The server's resident memory over a run: whether it stays flat under load. Anonymous memory
+/// (heap, stacks, instance slots) is what can leak; the rest of the resident set is mostly the
+/// audit log's mapped segment, page cache that grows to the segment size and is released when
+/// the segment is sealed.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct MemoryReport {
+    /// Anonymous memory at the end of the warm-up, in MiB.
+    pub anon_after_warmup_mib: f64,
+    /// At the end of the run.
+    pub anon_end_mib: f64,
+    /// The most seen in between (sampled every 250 ms).
+    pub anon_peak_mib: f64,
+    /// The whole resident set at its largest, file-backed pages included.
+    pub rss_peak_mib: f64,
+}
+
+/// Samples `pid`'s memory every 250 ms while `running`.
+fn sample_memory(pid: u32, warmup: Duration, running: &AtomicBool) -> Option<MemoryReport> {
+    let read = || -> Option<(f64, f64)> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |name: &str| -> Option<f64> {
+            let kib = status.lines().find_map(|l| l.strip_prefix(name))?.trim().trim_end_matches("kB").trim();
+            Some(kib.parse::<f64>().ok()? / 1024.0)
+        };
+        Some((field("RssAnon:")?, field("VmRSS:")?))
+    };
+    let started = Instant::now();
+    let (mut after_warmup, mut end, mut peak, mut rss_peak) = (None, None, 0.0f64, 0.0f64);
+    while running.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(250));
+        let Some((anon, rss)) = read() else { break };
+        if after_warmup.is_none() && started.elapsed() >= warmup {
+            after_warmup = Some(anon);
+        }
+        if after_warmup.is_some() {
+            peak = peak.max(anon);
+            rss_peak = rss_peak.max(rss);
+        }
+        end = Some(anon);
+    }
+    Some(MemoryReport {
+        anon_after_warmup_mib: after_warmup?,
+        anon_end_mib: end?,
+        anon_peak_mib: peak,
+        rss_peak_mib: rss_peak,
+    })
+}
+
 /// User plus system CPU seconds of process `pid` so far.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -323,6 +378,8 @@ pub struct Measurement {
     /// server, fell behind.
     pub generator_lag_p99_us: f64,
     pub cpu: CpuReport,
+    /// The server's memory over the run, when the harness started the server.
+    pub server_memory: Option<MemoryReport>,
     pub dispatch: Option<DispatchReport>,
     pub storm: Option<StormReport>,
     pub verdicts: Vec<Verdict>,
@@ -350,7 +407,7 @@ impl Measurement {
             .map(|c| {
                 let is_judged = prepared.judged(&c.name);
                 if is_judged {
-                    let _ = judged.add(&c.latency);
+                    let _ = judged.add(if prepared.judge_admitted { &c.admitted } else { &c.latency });
                 }
                 attempts += c.answered() + c.io_errors + c.unsent;
                 server_errors += c.io_errors + c.unsent;
@@ -418,6 +475,7 @@ impl Measurement {
             unsent: total.unsent,
             generator_lag_p99_us: outcome.lag.value_at_quantile(0.99) as f64 / 1e3,
             cpu,
+            server_memory: None,
             dispatch,
             storm,
             verdicts,

@@ -46,6 +46,9 @@ pub enum TrafficClass {
     InvokeTensor {
         gpu: bool,
     },
+    /// Invokes offered past capacity: shedding (503) is expected, so there is no 5xx objective;
+    /// the admitted requests are judged.
+    Overload,
 }
 
 const SEED_AVAILABILITY: Target =
@@ -69,6 +72,16 @@ impl TrafficClass {
     /// docs/SLO.md's targets for this traffic. `p99_override` replaces our own P99 limit.
     pub fn targets(self, p99_override: Option<Duration>) -> Vec<Target> {
         let mut targets = match self {
+            TrafficClass::Overload => {
+                // Admitted requests keep the seed's invoke objective. Ours is the budget we give a
+                // GPU invoke: an admitted request may share its shard's CPU with the other guest
+                // of its slot pool (OVERLOAD_SLOTS_PER_SHARD) and with the load generator.
+                return vec![
+                    p95("admitted invoke P95 ≤ 100 ms", Source::Seed, 0.100),
+                    p99("admitted invoke P99 ≤ 20 ms", Source::Ours, p99_override.map_or(0.020, |d| d.as_secs_f64())),
+                    OUR_AVAILABILITY,
+                ];
+            }
             TrafficClass::Healthz => {
                 vec![p95("/healthz P95 ≤ 10 ms", Source::Seed, 0.010), p99("/healthz P99 ≤ 1 ms", Source::Ours, 0.001)]
             }
