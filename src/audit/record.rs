@@ -248,8 +248,10 @@ impl std::fmt::Display for LineError {
     }
 }
 
+/// 64 lowercase hex digits, as `encode` writes them. Uppercase is refused: a record whose bytes
+/// changed is a changed record, even where the change would decode to the same hash.
 fn parse_hex32(text: &[u8]) -> Option<[u8; 32]> {
-    if text.len() != 64 {
+    if text.len() != 64 || !text.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b)) {
         return None;
     }
     let mut out = [0u8; 32];

@@ -158,16 +158,31 @@ impl Watch {
     }
 }
 
+/// The body of `POST /functions`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeployBody {
-    name: String,
-    wasm_b64: String,
-    timeout_ms: Option<serde_json::Number>,
-    memory_limit_mb: Option<serde_json::Number>,
-    abi: Option<Abi>,
+pub struct DeployBody {
+    pub name: String,
+    pub wasm_b64: String,
+    pub timeout_ms: Option<serde_json::Number>,
+    pub memory_limit_mb: Option<serde_json::Number>,
+    pub abi: Option<Abi>,
     #[serde(default)]
-    env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, String>,
+}
+
+impl DeployBody {
+    /// Parses a deploy body: `invalid_json` when it is not JSON, `invalid_request` when its
+    /// fields are wrong.
+    pub fn parse(body: &[u8]) -> Result<DeployBody, ApiError> {
+        serde_json::from_slice(body).map_err(|e| {
+            if e.is_data() {
+                ApiError::InvalidRequest(format!("invalid deploy request: {e}"))
+            } else {
+                ApiError::InvalidJson(e.to_string())
+            }
+        })
+    }
 }
 
 impl Worker {
@@ -322,13 +337,7 @@ impl Worker {
     }
 
     fn deploy(&self, req: DeployRequest) -> Result<FunctionRecord, ApiError> {
-        let body: DeployBody = serde_json::from_slice(&req.body).map_err(|e| {
-            if e.is_data() {
-                ApiError::InvalidRequest(format!("invalid deploy request: {e}"))
-            } else {
-                ApiError::InvalidJson(e.to_string())
-            }
-        })?;
+        let body = DeployBody::parse(&req.body)?;
         validate_name(&body.name).map_err(ApiError::InvalidName)?;
         let (timeout_ms, memory_limit_mb) = self.resolve_limits(body.timeout_ms, body.memory_limit_mb)?;
         validate_env(&body.env).map_err(ApiError::InvalidRequest)?;

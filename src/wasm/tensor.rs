@@ -180,6 +180,37 @@ fn handle_of(done: Done) -> i32 {
     }
 }
 
+/// Reads `tensor_create`'s arguments out of guest memory `mem`: the shape (`rank` u32s at
+/// `shape_ptr`) and the data (`data_len` bytes of little-endian f32 at `data_ptr`). Every pointer
+/// and length comes from the guest, so every one is checked; a failure is a status code and a
+/// message. Public for the fuzzer and the property tests.
+pub fn decode_create_args(
+    mem: &[u8],
+    dtype: i32,
+    shape_ptr: i32,
+    rank: i32,
+    data_ptr: i32,
+    data_len: i32,
+) -> Result<(Vec<u32>, Vec<f32>), (i32, String)> {
+    if dtype != DTYPE_F32 {
+        return Err((status::UNSUPPORTED_DTYPE, format!("dtype {dtype}: only 0 (f32) exists")));
+    }
+    let rank = usize::try_from(rank)
+        .ok()
+        .filter(|r| (1..=MAX_RANK).contains(r))
+        .ok_or_else(|| (status::INVALID_ARGUMENT, format!("rank {rank}: a tensor has 1 to {MAX_RANK} dimensions")))?;
+    let shape_bytes = slice(mem, shape_ptr, (rank * 4) as u32)
+        .ok_or_else(|| (status::OUT_OF_BOUNDS, "the shape lies outside guest memory".to_string()))?;
+    let shape: Vec<u32> = shape_bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let data = slice(mem, data_ptr, data_len as u32)
+        .ok_or_else(|| (status::OUT_OF_BOUNDS, "the data lies outside guest memory".to_string()))?;
+    if data.len() % 4 != 0 {
+        return Err((status::SHAPE_MISMATCH, "the data is not a whole number of f32".to_string()));
+    }
+    let values: Vec<f32> = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    Ok((shape, values))
+}
+
 async fn create(
     caller: &mut Ctx<'_>,
     dtype: i32,
@@ -189,27 +220,11 @@ async fn create(
     data_len: i32,
 ) -> wasmtime::Result<i32> {
     let started = Instant::now();
-    let read = (|| {
-        if dtype != DTYPE_F32 {
-            return Err(Failure::new(status::UNSUPPORTED_DTYPE, format!("dtype {dtype}: only 0 (f32) exists")));
-        }
-        let rank = usize::try_from(rank).ok().filter(|r| (1..=MAX_RANK).contains(r)).ok_or_else(|| {
-            Failure::new(status::INVALID_ARGUMENT, format!("rank {rank}: a tensor has 1 to {MAX_RANK} dimensions"))
-        })?;
-        let (mem, _) =
-            memory(caller).map_err(|_| Failure::new(status::OUT_OF_BOUNDS, "the module exports no memory"))?;
-        let shape_bytes = slice(mem, shape_ptr, (rank * 4) as u32)
-            .ok_or_else(|| Failure::new(status::OUT_OF_BOUNDS, "the shape lies outside guest memory"))?;
-        let shape: Vec<u32> =
-            shape_bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        let data = slice(mem, data_ptr, data_len as u32)
-            .ok_or_else(|| Failure::new(status::OUT_OF_BOUNDS, "the data lies outside guest memory"))?;
-        if data.len() % 4 != 0 {
-            return Err(Failure::new(status::SHAPE_MISMATCH, "the data is not a whole number of f32"));
-        }
-        let values: Vec<f32> = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        Ok((shape, values))
-    })();
+    let read = match memory(caller) {
+        Ok((mem, _)) => decode_create_args(mem, dtype, shape_ptr, rank, data_ptr, data_len)
+            .map_err(|(code, message)| Failure::new(code, message)),
+        Err(_) => Err(Failure::new(status::OUT_OF_BOUNDS, "the module exports no memory")),
+    };
     let outcome = match read {
         Ok((shape, values)) => {
             dispatch(caller, |s| s.upload(&shape, values)).await?.map(|(d, dev, _)| (handle_of(d), dev))
