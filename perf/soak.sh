@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Soak: a release server under the mixed workload (invokes while functions are deployed and
+# deleted beside them: the deploy-storm scenario) at a fixed rate for MINUTES one-minute windows,
+# on one server that is never restarted. After each window: the window's P99 and errors (from the
+# harness), and the server's RSS, anonymous memory and open file descriptors (from /proc).
+#
+#   perf/soak.sh [OUT_DIR]
+#
+# Env: RATE (default 9000: 70% of deploy-storm's best step rate on the 2-vCPU VM, perf/README.md),
+#      MINUTES (default 10), CONNECTIONS (32). Loopback only; every run stops by itself.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+out=${1:-perf/results/soak-$(date -u +%F)-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+rate=${RATE:-9000}
+minutes=${MINUTES:-10}
+connections=${CONNECTIONS:-32}
+mkdir -p "$out"
+cargo build --release --workspace --bins >&2
+data=$(mktemp -d)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+target/release/tensor-wasm serve --listen "127.0.0.1:$port" --data-dir "$data" --log-level warn >"$out/server.log" 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null || true; rm -rf "$data"' EXIT
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+
+sample() { # RSS MiB, anonymous MiB, open fds
+  awk '/^VmRSS:/{r=$2} /^RssAnon:/{a=$2} END{printf "%.1f %.1f", r/1024, a/1024}' "/proc/$pid/status"
+  printf ' %s\n' "$(ls "/proc/$pid/fd" | wc -l)"
+}
+echo "| minute | offered/s | answered/s | P50 µs | P99 µs | max µs | errors | deploys | RSS MiB | anonymous MiB | open fds |" >"$out/soak.md"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" >>"$out/soak.md"
+echo "| 0 | - | - | - | - | - | - | - | $(sample | awk '{print $1" | "$2" | "$3}') |" >>"$out/soak.md"
+status=0
+for minute in $(seq "$minutes"); do
+  target/release/tensor-wasm-bench --server "http://127.0.0.1:$port" --scenario deploy-storm \
+    --rate "$rate" --duration 60s --warmup 1s --connections "$connections" --quiet \
+    --out "$out/minute-$minute" >/dev/null || status=$?
+  [ "$status" -ne 2 ] || { echo "perf/soak.sh: minute $minute failed to run" >&2; exit 2; }
+  row=$(python3 - "$out/minute-$minute/results.json" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))["measurements"][0]
+storm = m.get("storm") or {}
+errors = m["io_errors"] + m["unsent"] + sum(n for s, n in m["statuses"].items() if not s.startswith("2")) + storm.get("failed", 0)
+l = m["latency"]
+print(f'{m["offered_rate"]:.0f} | {m["achieved_rate"]:.0f} | {l["p50_us"]:.0f} | {l["p99_us"]:.0f} | {l["max_us"]:.0f} | {errors} | {storm.get("deploys", 0)}')
+PY
+)
+  echo "| $minute | $row | $(sample | awk '{print $1" | "$2" | "$3}') |" >>"$out/soak.md"
+  tail -1 "$out/soak.md" >&2
+done
+cat "$out/soak.md"
