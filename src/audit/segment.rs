@@ -42,7 +42,17 @@ pub struct ActiveSegment {
     file: Arc<File>,
     map: MmapMut,
     len: usize,
+    /// Bytes from the start whose pages were dropped from the mapping (see `release_written`).
+    released: usize,
 }
+
+/// How much written data stays mapped behind the write position: a segment's eighth, at most
+/// 8 MiB, in whole pages. Pages behind it are released, so the resident set stays bounded.
+fn release_lag(capacity: usize) -> usize {
+    (capacity / 8).clamp(PAGE, 8 << 20) & !(PAGE - 1)
+}
+
+const PAGE: usize = 4096;
 
 impl ActiveSegment {
     /// Creates a new segment of `capacity` bytes, all reserved on disk. With `sync_dir` the
@@ -80,7 +90,7 @@ impl ActiveSegment {
         // SAFETY: the file is ours alone (one writer per shard directory) and stays open and at
         // least this long while mapped; other processes only read it.
         let map = unsafe { MmapMut::map_mut(&file)? };
-        Ok(ActiveSegment { path, file: Arc::new(file), map, len })
+        Ok(ActiveSegment { path, file: Arc::new(file), map, len, released: 0 })
     }
 
     pub fn room(&self) -> usize {
@@ -105,6 +115,28 @@ impl ActiveSegment {
         assert!(line.len() <= self.room(), "audit segment overflow");
         self.map[self.len..self.len + line.len()].copy_from_slice(line);
         self.len += line.len();
+        self.release_written();
+    }
+
+    /// Drops pages written well behind the write position from the mapping, once a lag's worth
+    /// has gathered. Without it every written page of a 64 MiB segment stays resident until the
+    /// segment is sealed. Nothing is lost: the mapping is shared, so the kernel marks each
+    /// unmapped page dirty in the page cache, where fdatasync, sealing and readers find it; and
+    /// `sync_tail` only ever reaches the last record, which stays mapped.
+    fn release_written(&mut self) {
+        let lag = release_lag(self.map.len());
+        if self.len < self.released + 2 * lag {
+            return;
+        }
+        let end = (self.len - lag) & !(PAGE - 1);
+        // SAFETY: MADV_DONTNEED on a shared file mapping only unmaps pages; their contents stay
+        // in the file's page cache. The range is page-aligned and inside the mapping.
+        let released = unsafe {
+            self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, self.released, end - self.released)
+        };
+        if released.is_ok() {
+            self.released = end;
+        }
     }
 
     /// Makes the last `n` appended bytes durable (`--audit-sync always`).
@@ -114,7 +146,7 @@ impl ActiveSegment {
 
     /// Cuts the file to its records and fsyncs it: a plain JSONL file from now on.
     pub fn seal(self) -> io::Result<PathBuf> {
-        let ActiveSegment { path, file, map, len } = self;
+        let ActiveSegment { path, file, map, len, .. } = self;
         map.flush()?;
         drop(map);
         file.set_len(len as u64)?;
@@ -252,4 +284,33 @@ pub fn scan(bytes: &[u8], mut prev: Option<LineFacts>) -> Scan {
         at += end + 1;
     }
     Scan { valid_len: at, last: prev, records, damage: None }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn released_pages_keep_their_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(segment_name(1));
+        let mut segment = ActiveSegment::create(path.clone(), 64 * 1024, false).unwrap();
+        let mut written = Vec::new();
+        let mut i = 0u64;
+        while segment.room() > 200 {
+            let line = format!("{{\"record\":{i},\"pad\":\"{}\"}}\n", "x".repeat((i % 97) as usize));
+            if line.len() > segment.room() {
+                break;
+            }
+            segment.append(line.as_bytes());
+            written.extend_from_slice(line.as_bytes());
+            i += 1;
+        }
+        assert!(segment.released >= 32 * 1024, "pages were released: {}", segment.released);
+        // Readers see every byte while the segment is active, and after it is sealed.
+        assert_eq!(&fs::read(&path).unwrap()[..written.len()], &written[..]);
+        segment.sync_tail(10).unwrap();
+        let sealed = segment.seal().unwrap();
+        assert_eq!(fs::read(sealed).unwrap(), written);
+    }
 }
