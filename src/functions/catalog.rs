@@ -89,10 +89,6 @@ impl Catalog {
         &self.pipelines
     }
 
-    pub fn pipeline(&self, id: &str) -> Option<Arc<PipelineRecord>> {
-        self.pipelines.load().1.get(id).cloned()
-    }
-
     /// Replaces the pipeline map. The catalog worker's alone, as `publish_functions`.
     pub fn publish_pipelines(&self, map: PipelineMap) {
         self.pipelines.publish(map);

@@ -116,17 +116,22 @@ enum Kind {
     Pipeline,
 }
 
+/// A file's bytes, refusing one larger than `limit` without reading past it.
+pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("{} is larger than {limit} bytes", path.display()));
+    }
+    Ok(bytes)
+}
+
 /// A manifest's text, refusing anything larger than [`MAX_MANIFEST_BYTES`].
 pub fn read_manifest(path: &Path) -> Result<String, String> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_MANIFEST_BYTES + 1).read_to_string(&mut text))
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if text.len() as u64 > MAX_MANIFEST_BYTES {
-        return Err(format!("{} is larger than {MAX_MANIFEST_BYTES} bytes", path.display()));
-    }
-    Ok(text)
+    String::from_utf8(read_limited(path, MAX_MANIFEST_BYTES)?).map_err(|_| format!("{} is not UTF-8", path.display()))
 }
 
 #[cfg(test)]

@@ -34,12 +34,17 @@ impl FunctionManifest {
 
     /// The timeout in milliseconds, from either spelling.
     pub fn timeout_ms(&self) -> Result<Option<u64>, String> {
-        match (self.timeout_ms, &self.timeout) {
-            (Some(_), Some(_)) => Err("set `timeout_ms` or `timeout`, not both".into()),
-            (Some(ms), None) => Ok(Some(ms)),
-            (None, Some(text)) => duration_ms(text).map(Some).map_err(|e| format!("`timeout`: {e}")),
-            (None, None) => Ok(None),
-        }
+        either_timeout(self.timeout_ms, self.timeout.as_deref())
+    }
+}
+
+/// A timeout given as `timeout_ms` or as a `timeout` duration string, not both.
+pub fn either_timeout(ms: Option<u64>, text: Option<&str>) -> Result<Option<u64>, String> {
+    match (ms, text) {
+        (Some(_), Some(_)) => Err("set `timeout_ms` or `timeout`, not both".into()),
+        (Some(ms), None) => Ok(Some(ms)),
+        (None, Some(text)) => duration_ms(text).map(Some).map_err(|e| format!("`timeout`: {e}")),
+        (None, None) => Ok(None),
     }
 }
 

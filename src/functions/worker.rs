@@ -651,7 +651,8 @@ impl Worker {
         let (timeout_ms, memory_limit_mb) =
             self.resolve_limits(timeout_ms, memory_limit_mb).map_err(|e| e.to_string())?;
         validate_env(&manifest.env)?;
-        let wasm = read_module_file(&files.wasm, self.limits.max_body_bytes)?;
+        // No larger than the API would accept (--max-body-bytes).
+        let wasm = directory::read_limited(&files.wasm, self.limits.max_body_bytes)?;
         let digest = digest_of(&wasm);
         let module = match self.catalog.module_with_digest(&digest) {
             Some(m) => m,
@@ -708,17 +709,4 @@ fn same_function(a: &FunctionRecord, b: &FunctionRecord) -> bool {
 
 fn same_pipeline(a: &PipelineRecord, b: &PipelineRecord) -> bool {
     PipelineRecord { created_unix_ms: b.created_unix_ms, ..a.clone() } == *b
-}
-
-/// A module file's bytes, refusing one larger than the API would accept.
-fn read_module_file(path: &std::path::Path, limit: u64) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(limit + 1).read_to_end(&mut bytes))
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if bytes.len() as u64 > limit {
-        return Err(format!("{} is larger than {limit} bytes (--max-body-bytes)", path.display()));
-    }
-    Ok(bytes)
 }

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Limits;
 use crate::error::ApiError;
-use crate::functions::manifest::duration_ms;
+use crate::functions::manifest::either_timeout;
 use crate::functions::record::{validate_name, Source};
 
 /// Most steps a pipeline may have.
@@ -108,16 +108,11 @@ pub struct SinkSpec {
     pub backoff_ms: Option<u64>,
 }
 
-/// A timeout given as `*_ms` or as a duration string, in `1..=max` milliseconds.
-fn timeout(field: &str, ms: Option<u64>, text: Option<&str>, max: u64) -> Result<Option<u64>, String> {
-    let ms = match (ms, text) {
-        (Some(_), Some(_)) => return Err(format!("set `{field}_ms` or `{field}`, not both")),
-        (Some(ms), None) => ms,
-        (None, Some(text)) => duration_ms(text).map_err(|e| format!("`{field}`: {e}"))?,
-        (None, None) => return Ok(None),
-    };
+/// A timeout given as `timeout_ms` or as a duration string, in `1..=max` milliseconds.
+fn timeout(ms: Option<u64>, text: Option<&str>, max: u64) -> Result<Option<u64>, String> {
+    let Some(ms) = either_timeout(ms, text)? else { return Ok(None) };
     if !(1..=max).contains(&ms) {
-        return Err(format!("`{field}` must be between 1 and {max} ms, got {ms}"));
+        return Err(format!("`timeout` must be between 1 and {max} ms, got {ms}"));
     }
     Ok(Some(ms))
 }
@@ -140,13 +135,13 @@ impl PipelineSpec {
             return Err(invalid(format!("a pipeline has 1 to {MAX_STEPS} steps, got {}", self.steps.len())));
         }
         let max = limits.max_timeout_ms;
-        let timeout_ms = timeout("timeout", self.timeout_ms, self.timeout.as_deref(), max).map_err(invalid)?;
+        let timeout_ms = timeout(self.timeout_ms, self.timeout.as_deref(), max).map_err(invalid)?;
         let mut steps = Vec::with_capacity(self.steps.len());
         for (index, step) in self.steps.into_iter().enumerate() {
             let step = match step {
                 StepSpec::Function(function) => Step { function, timeout_ms: None },
                 StepSpec::Detailed(d) => Step {
-                    timeout_ms: timeout("timeout", d.timeout_ms, d.timeout.as_deref(), max)
+                    timeout_ms: timeout(d.timeout_ms, d.timeout.as_deref(), max)
                         .map_err(|e| invalid(format!("step {index}: {e}")))?,
                     function: d.function,
                 },
@@ -181,7 +176,7 @@ impl SinkSpec {
         if !(1..=MAX_SINK_ATTEMPTS).contains(&max_attempts) {
             return Err(format!("sink `max_attempts` must be between 1 and {MAX_SINK_ATTEMPTS}, got {max_attempts}"));
         }
-        let timeout_ms = timeout("timeout", self.timeout_ms, None, limits.max_timeout_ms)?
+        let timeout_ms = timeout(self.timeout_ms, None, limits.max_timeout_ms)?
             .unwrap_or(DEFAULT_SINK_TIMEOUT_MS.min(limits.max_timeout_ms));
         let backoff_ms = self.backoff_ms.unwrap_or(DEFAULT_SINK_BACKOFF_MS).min(limits.max_timeout_ms);
         Ok(Sink { url: self.url, method, max_attempts, timeout_ms, backoff_ms })

@@ -407,7 +407,7 @@ impl Measurement {
             .map(|c| {
                 let is_judged = prepared.judged(&c.name);
                 if is_judged {
-                    let _ = judged.add(if prepared.judge_admitted { &c.admitted } else { &c.latency });
+                    let _ = if prepared.judge_admitted { judged.add(c.admitted()) } else { judged.add(&c.latency) };
                 }
                 attempts += c.answered() + c.io_errors + c.unsent;
                 server_errors += c.io_errors + c.unsent;
