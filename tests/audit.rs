@@ -186,8 +186,16 @@ fn rotation_retention_and_a_flipped_byte() {
         &["--shards", "1", "--audit-segment-bytes", "65536", "--audit-retention-segments", "2"],
     );
     load(&server, 1200);
+    // The next segment waits ready, reserved in the background, under a name no reader lists.
+    let spare = data.join("audit/shard-0/next.jsonl.spare");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::metadata(&spare).map(|m| m.len()).ok() != Some(65536) {
+        assert!(Instant::now() < deadline, "no spare segment was reserved");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     server.signal(libc::SIGTERM);
     assert!(server.wait_exit(Duration::from_secs(10)).success());
+    assert!(!spare.exists(), "its blocks are given back at shutdown");
     let shard = data.join("audit/shard-0");
     let mut files: Vec<_> = std::fs::read_dir(&shard).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
@@ -291,6 +299,36 @@ fn a_full_disk_rejects_then_recovers_by_itself() {
     set_file_size_limit(server.pid(), Some(16 * 1024));
     load(&server, 400);
     assert!(server.metric("tensor_wasm_audit_errors_total", &[]) >= 1.0);
+}
+
+/// The CPUs a thread of `pid` may run on, by thread name (`Cpus_allowed_list`).
+fn thread_cpus(pid: u32) -> Vec<(String, String)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .map(|t| {
+            let t = t.unwrap().path();
+            let name = std::fs::read_to_string(t.join("comm")).unwrap().trim().to_string();
+            let status = std::fs::read_to_string(t.join("status")).unwrap();
+            let cpus = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string();
+            (name, cpus)
+        })
+        .collect()
+}
+
+#[test]
+fn the_audit_helper_threads_do_not_share_a_shards_cpu() {
+    let server = Server::start(&["--shards", "1"]);
+    load(&server, 1);
+    let threads = thread_cpus(server.pid());
+    let cpus_of = |name: &str| threads.iter().find(|(n, _)| n == name).map(|(_, c)| c.clone()).unwrap();
+    let process = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    let all = process.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string();
+    // Thread names are cut to 15 bytes. The shard is pinned; the helpers reserve, seal and prefault on any of the process's CPUs.
+    if all.contains([',', '-']) {
+        assert_ne!(cpus_of("tw-shard-0"), all, "{threads:?}");
+    }
+    assert_eq!(cpus_of("tw-audit-seal"), all, "{threads:?}");
+    assert_eq!(cpus_of("tw-audit-prefau"), all, "{threads:?}");
 }
 
 #[test]

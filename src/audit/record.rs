@@ -8,7 +8,6 @@
 //! detectable on its own line, and `prev_hash` (the previous record's `hash`) chains each shard's
 //! records, so removing or reordering one breaks the chain. The line stays plain JSON.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use sha2::{Digest, Sha256};
@@ -61,152 +60,207 @@ pub struct AuditEvent {
     pub client_cert_subject: Option<String>,
 }
 
-/// A JSON string literal, escaped straight into `out` (no allocation: this runs per record).
-fn json_str(out: &mut String, s: &str) {
-    out.push('"');
-    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
-        out.push_str(s);
-        out.push('"');
-        return;
-    }
-    let mut plain = 0;
-    for (i, c) in s.char_indices() {
-        let escape = match c {
-            '"' => "\\\"",
-            '\\' => "\\\\",
-            '\n' => "\\n",
-            '\r' => "\\r",
-            '\t' => "\\t",
-            c if (c as u32) < 0x20 => "",
-            _ => continue,
-        };
-        out.push_str(&s[plain..i]);
-        if escape.is_empty() {
-            let _ = write!(out, "\\u{:04x}", c as u32);
-        } else {
-            out.push_str(escape);
-        }
-        plain = i + c.len_utf8();
-    }
-    out.push_str(&s[plain..]);
-    out.push('"');
+/// A record being written into a buffer of `MAX_RECORD` bytes or more: the active segment's
+/// mapping itself, so a record is formatted and hashed in place and never copied. A push past the
+/// end is dropped and remembered, so a broken size invariant loses the record, not the process.
+struct LineOut<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+    overflow: bool,
 }
 
-/// Lowercase hex of a 32-byte hash, straight into `out`.
-fn hex_into(out: &mut String, bytes: &[u8; 32]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut text = [0u8; 64];
-    for (i, b) in bytes.iter().enumerate() {
-        text[2 * i] = DIGITS[(b >> 4) as usize];
-        text[2 * i + 1] = DIGITS[(b & 15) as usize];
-    }
-    out.push_str(std::str::from_utf8(&text).unwrap_or_default());
-}
-
-fn opt_str(out: &mut String, s: Option<&str>) {
-    match s {
-        Some(s) => json_str(out, s),
-        None => out.push_str("null"),
-    }
-}
-
-fn num(out: &mut String, n: u64) {
-    out.push_str(itoa::Buffer::new().format(n));
-}
-
-fn addr(out: &mut String, a: &SocketAddr) {
-    match a {
-        SocketAddr::V4(v4) => {
-            let [a, b, c, d] = v4.ip().octets();
-            for (i, octet) in [a, b, c, d].into_iter().enumerate() {
-                if i > 0 {
-                    out.push('.');
-                }
-                num(out, u64::from(octet));
+impl LineOut<'_> {
+    #[inline]
+    fn push(&mut self, bytes: &[u8]) {
+        match self.buf.get_mut(self.len..self.len + bytes.len()) {
+            Some(to) => {
+                to.copy_from_slice(bytes);
+                self.len += bytes.len();
             }
-            out.push(':');
-            num(out, u64::from(v4.port()));
+            None => self.overflow = true,
         }
-        SocketAddr::V6(_) => {
-            let _ = write!(out, "{a}");
+    }
+
+    #[inline]
+    fn text(&mut self, s: &str) {
+        self.push(s.as_bytes());
+    }
+
+    fn num(&mut self, n: u64) {
+        self.text(itoa::Buffer::new().format(n));
+    }
+
+    /// A string known to need no escaping: the names this program gives its actions and errors.
+    fn known_str(&mut self, s: &'static str) {
+        debug_assert!(!s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\'));
+        self.push(b"\"");
+        self.text(s);
+        self.push(b"\"");
+    }
+
+    /// A JSON string literal, escaped as serde_json would.
+    fn json_str(&mut self, s: &str) {
+        self.push(b"\"");
+        if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+            self.text(s);
+            self.push(b"\"");
+            return;
+        }
+        let mut plain = 0;
+        for (i, c) in s.char_indices() {
+            let escape = match c {
+                '"' => "\\\"",
+                '\\' => "\\\\",
+                '\n' => "\\n",
+                '\r' => "\\r",
+                '\t' => "\\t",
+                c if (c as u32) < 0x20 => "",
+                _ => continue,
+            };
+            self.text(&s[plain..i]);
+            if escape.is_empty() {
+                const DIGITS: &[u8; 16] = b"0123456789abcdef";
+                let code = c as usize;
+                self.push(&[b'\\', b'u', b'0', b'0', DIGITS[code >> 4], DIGITS[code & 15]]);
+            } else {
+                self.text(escape);
+            }
+            plain = i + c.len_utf8();
+        }
+        self.text(&s[plain..]);
+        self.push(b"\"");
+    }
+
+    fn opt_str(&mut self, s: Option<&str>) {
+        match s {
+            Some(s) => self.json_str(s),
+            None => self.push(b"null"),
+        }
+    }
+
+    /// Lowercase hex of a 32-byte hash.
+    fn hex(&mut self, bytes: &[u8; 32]) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [0u8; 64];
+        for (i, b) in bytes.iter().enumerate() {
+            text[2 * i] = DIGITS[(b >> 4) as usize];
+            text[2 * i + 1] = DIGITS[(b & 15) as usize];
+        }
+        self.push(&text);
+    }
+
+    fn addr(&mut self, a: &SocketAddr) {
+        match a {
+            SocketAddr::V4(v4) => {
+                for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.push(b".");
+                    }
+                    self.num(u64::from(octet));
+                }
+                self.push(b":");
+                self.num(u64::from(v4.port()));
+            }
+            SocketAddr::V6(_) => self.text(&a.to_string()),
         }
     }
 }
 
-/// Renders `event` as a complete line (with its trailing newline) into `out`; returns its hash.
-pub fn encode(event: &AuditEvent, shard: usize, seq: u64, prev_hash: &[u8; 32], out: &mut String) -> [u8; 32] {
-    out.clear();
-    out.push_str("{\"ts_unix_ms\":");
-    num(out, event.ts_unix_ms);
-    out.push_str(",\"request_id\":");
-    json_str(out, &event.request_id);
-    out.push_str(",\"actor\":");
+/// Renders `event` as a complete line (with its trailing newline) at the start of `out`, which
+/// should hold `MAX_RECORD` bytes. Returns the line's length and its hash, or `None` when it did
+/// not fit (what was written is then garbage past the caller's valid end).
+pub fn encode_into(
+    event: &AuditEvent,
+    shard: usize,
+    seq: u64,
+    prev_hash: &[u8; 32],
+    out: &mut [u8],
+) -> Option<(usize, [u8; 32])> {
+    let mut out = LineOut { buf: out, len: 0, overflow: false };
+    out.push(b"{\"ts_unix_ms\":");
+    out.num(event.ts_unix_ms);
+    out.push(b",\"request_id\":");
+    out.json_str(&event.request_id);
+    out.push(b",\"actor\":");
     match &event.actor {
-        Actor::Dev => out.push_str(r#"{"kind":"dev","token_id":null,"scope":{"kind":"dev","tenants":null}}"#),
+        Actor::Dev => out.push(br#"{"kind":"dev","token_id":null,"scope":{"kind":"dev","tenants":null}}"#),
         Actor::Bearer { token_id, scope } => {
-            out.push_str("{\"kind\":\"bearer\",\"token_id\":");
-            opt_str(out, token_id.as_deref());
+            out.push(b"{\"kind\":\"bearer\",\"token_id\":");
+            out.opt_str(token_id.as_deref());
             match scope {
-                ActorScope::Wildcard => out.push_str(r#","scope":{"kind":"wildcard","tenants":null}}"#),
-                ActorScope::None => out.push_str(r#","scope":null}"#),
+                ActorScope::Wildcard => out.push(br#","scope":{"kind":"wildcard","tenants":null}}"#),
+                ActorScope::None => out.push(br#","scope":null}"#),
                 ActorScope::TenantSet(tenants) => {
-                    out.push_str(r#","scope":{"kind":"tenant_set","tenants":["#);
+                    out.push(br#","scope":{"kind":"tenant_set","tenants":["#);
                     for (i, t) in tenants.iter().take(MAX_TENANTS).enumerate() {
                         if i > 0 {
-                            out.push(',');
+                            out.push(b",");
                         }
-                        num(out, *t);
+                        out.num(*t);
                     }
-                    out.push_str("],\"tenants_truncated\":");
-                    out.push_str(if tenants.len() > MAX_TENANTS { "true}}" } else { "false}}" });
+                    out.push(b"],\"tenants_truncated\":");
+                    out.push(if tenants.len() > MAX_TENANTS { b"true}}" } else { b"false}}" });
                 }
             }
         }
     }
-    out.push_str(",\"action\":");
-    json_str(out, event.action);
-    out.push_str(",\"resource\":{\"function_id\":");
-    opt_str(out, event.function_id.as_deref());
+    out.push(b",\"action\":");
+    out.known_str(event.action);
+    out.push(b",\"resource\":{\"function_id\":");
+    out.opt_str(event.function_id.as_deref());
     // Only on pipeline requests, so that function records keep their shape.
     if let Some(pipeline) = &event.pipeline_id {
-        out.push_str(",\"pipeline_id\":");
-        json_str(out, pipeline);
+        out.push(b",\"pipeline_id\":");
+        out.json_str(pipeline);
     }
-    out.push_str(",\"tenant_id\":");
+    out.push(b",\"tenant_id\":");
     match event.tenant_id {
-        Some(t) => num(out, t),
-        None => out.push_str("null"),
+        Some(t) => out.num(t),
+        None => out.push(b"null"),
     }
-    out.push_str("},\"outcome\":{\"status_code\":");
-    num(out, u64::from(event.status_code));
-    out.push_str(",\"error_kind\":");
-    opt_str(out, event.error_kind);
+    out.push(b"},\"outcome\":{\"status_code\":");
+    out.num(u64::from(event.status_code));
+    out.push(b",\"error_kind\":");
+    match event.error_kind {
+        Some(kind) => out.known_str(kind),
+        None => out.push(b"null"),
+    }
     if let Some((index, function)) = &event.failed_step {
-        out.push_str(",\"failed_step\":{\"index\":");
-        num(out, *index as u64);
-        out.push_str(",\"function_id\":");
-        json_str(out, function);
-        out.push('}');
+        out.push(b",\"failed_step\":{\"index\":");
+        out.num(*index as u64);
+        out.push(b",\"function_id\":");
+        out.json_str(function);
+        out.push(b"}");
     }
-    out.push_str("},\"latency_us\":");
-    num(out, event.latency_us);
-    out.push_str(",\"peer_addr\":\"");
-    addr(out, &event.peer_addr);
-    out.push_str("\",\"client_cert_subject\":");
+    out.push(b"},\"latency_us\":");
+    out.num(event.latency_us);
+    out.push(b",\"peer_addr\":\"");
+    out.addr(&event.peer_addr);
+    out.push(b"\",\"client_cert_subject\":");
     let subject = event.client_cert_subject.as_deref().map(|s| truncate(s, MAX_SUBJECT));
-    opt_str(out, subject);
-    out.push_str(",\"shard\":");
-    num(out, shard as u64);
-    out.push_str(",\"seq\":");
-    num(out, seq);
-    out.push_str(",\"prev_hash\":\"");
-    hex_into(out, prev_hash);
-    out.push('"');
-    let hash: [u8; 32] = Sha256::digest(out.as_bytes()).into();
-    out.push_str(",\"hash\":\"");
-    hex_into(out, &hash);
-    out.push_str("\"}\n");
-    debug_assert!(out.len() <= MAX_RECORD);
+    out.opt_str(subject);
+    out.push(b",\"shard\":");
+    out.num(shard as u64);
+    out.push(b",\"seq\":");
+    out.num(seq);
+    out.push(b",\"prev_hash\":\"");
+    out.hex(prev_hash);
+    out.push(b"\"");
+    let hashed = out.len.min(out.buf.len());
+    let hash: [u8; 32] = Sha256::digest(&out.buf[..hashed]).into();
+    out.push(HASH_FIELD);
+    out.hex(&hash);
+    out.push(b"\"}\n");
+    debug_assert!(out.overflow || out.len <= MAX_RECORD);
+    (!out.overflow).then_some((out.len, hash))
+}
+
+/// [`encode_into`] for callers that want the line on its own: tests, tools.
+pub fn encode(event: &AuditEvent, shard: usize, seq: u64, prev_hash: &[u8; 32], out: &mut String) -> [u8; 32] {
+    let mut buf = vec![0; MAX_RECORD];
+    let (len, hash) = encode_into(event, shard, seq, prev_hash, &mut buf).expect("every record fits MAX_RECORD");
+    buf.truncate(len);
+    *out = String::from_utf8(buf).expect("records are UTF-8: every piece is a &str or ASCII");
     hash
 }
 
@@ -350,9 +404,12 @@ mod tests {
     #[test]
     fn strings_are_escaped_as_serde_would() {
         for s in ["plain", "a\"b\\c", "line\nbreak\t\r", "\u{1}\u{1f}", "é✓ \u{7f}"] {
-            let mut out = String::new();
-            json_str(&mut out, s);
-            assert_eq!(serde_json::from_str::<String>(&out).unwrap(), s, "{out}");
+            let mut buf = [0u8; 64];
+            let mut out = LineOut { buf: &mut buf, len: 0, overflow: false };
+            out.json_str(s);
+            let len = out.len;
+            let written = std::str::from_utf8(&buf[..len]).unwrap();
+            assert_eq!(serde_json::from_str::<String>(written).unwrap(), s, "{written}");
         }
     }
 

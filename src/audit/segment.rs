@@ -6,6 +6,10 @@
 //! and which can never fail for lack of disk, since the blocks are already reserved. Past the last
 //! record the file is zeros. A sealed segment is cut to its exact length and fsynced: a plain
 //! JSONL file.
+//!
+//! Reserving a segment (zeroing 64 MiB on tmpfs, allocating its blocks on disk) takes milliseconds,
+//! so each shard keeps one [`Spare`] made ahead of time by the background thread: a rotation on
+//! the shard is then a rename.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -13,7 +17,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::MmapMut;
+use memmap2::MmapRaw;
 
 use super::record::{check_line, LineError, LineFacts};
 
@@ -40,10 +44,14 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<PathBuf>> {
 pub struct ActiveSegment {
     pub path: PathBuf,
     file: Arc<File>,
-    map: MmapMut,
+    /// Shared with the prefault thread, which only ever madvises it: the shard is the one thread
+    /// that forms references to its bytes.
+    map: Arc<MmapRaw>,
     len: usize,
     /// Bytes from the start whose pages were dropped from the mapping (see `release_written`).
     released: usize,
+    /// Bytes from the start whose pages were asked to be mapped writable ahead of the writes.
+    prefaulted: usize,
 }
 
 /// How much written data stays mapped behind the write position: a segment's eighth, at most
@@ -53,6 +61,9 @@ fn release_lag(capacity: usize) -> usize {
 }
 
 const PAGE: usize = 4096;
+/// Pages are faulted in by the prefault thread this many bytes at a time, a window ahead of the
+/// write position: a page fault costs the shard more than an append.
+const PREFAULT_WINDOW: usize = 128 * 1024;
 
 impl ActiveSegment {
     /// Creates a new segment of `capacity` bytes, all reserved on disk. With `sync_dir` the
@@ -66,6 +77,13 @@ impl ActiveSegment {
             sync_parent(&path)?;
         }
         Self::map(path, file, 0)
+    }
+
+    /// Makes the shard's spare, when it is ready, the segment at `path`; `None` when it is not.
+    pub fn from_spare(spare: &Spare, path: PathBuf, sync_dir: bool) -> Option<io::Result<ActiveSegment>> {
+        let file = spare.ready.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        let renamed = fs::rename(&spare.path, &path).and_then(|()| if sync_dir { sync_parent(&path) } else { Ok(()) });
+        Some(renamed.and_then(|()| Self::map(path, file, 0)))
     }
 
     /// Reopens an existing active segment whose valid records end at `len`, after a restart.
@@ -89,8 +107,11 @@ impl ActiveSegment {
     fn map(path: PathBuf, file: File, len: usize) -> io::Result<ActiveSegment> {
         // SAFETY: the file is ours alone (one writer per shard directory) and stays open and at
         // least this long while mapped; other processes only read it.
-        let map = unsafe { MmapMut::map_mut(&file)? };
-        Ok(ActiveSegment { path, file: Arc::new(file), map, len, released: 0 })
+        let map = Arc::new(MmapRaw::map_raw(&file)?);
+        let mut segment =
+            ActiveSegment { path, file: Arc::new(file), map, len, released: 0, prefaulted: len & !(PAGE - 1) };
+        segment.prefault_ahead();
+        Ok(segment)
     }
 
     pub fn room(&self) -> usize {
@@ -110,12 +131,46 @@ impl ActiveSegment {
         self.file.clone()
     }
 
+    /// The unwritten rest of the segment, where the next record is formatted in place; it becomes
+    /// part of the segment only through [`ActiveSegment::commit`].
+    pub fn unwritten(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is live while `self` is, `len <= map.len()`, and the shard (through
+        // `&mut self`) is the only one that forms references to its bytes; other processes and
+        // the prefault thread do not (see `map`).
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(self.len), self.room()) }
+    }
+
+    /// Makes the first `n` bytes of [`ActiveSegment::unwritten`] part of the segment.
+    pub fn commit(&mut self, n: usize) {
+        assert!(n <= self.room(), "audit segment overflow");
+        self.len += n;
+        self.release_written();
+        self.prefault_ahead();
+    }
+
+    /// Asks the prefault thread for the next window once the write position is within a window
+    /// of the end of what was asked for. When its queue is full the shard faults the pages in
+    /// itself, as it writes them.
+    fn prefault_ahead(&mut self) {
+        if self.len + PREFAULT_WINDOW <= self.prefaulted || self.prefaulted >= self.map.len() {
+            return;
+        }
+        let start = self.prefaulted.max(self.len & !(PAGE - 1));
+        let end = (start + PREFAULT_WINDOW).min(self.map.len());
+        Prefaulter::ask(&self.map, start..end);
+        self.prefaulted = end;
+    }
+
+    /// The last `n` bytes committed.
+    pub fn tail(&self, n: usize) -> &[u8] {
+        // SAFETY: as in `unwritten`; these bytes are written and no `&mut` to them is live.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(self.len - n), n) }
+    }
+
     /// Copies `line` in. The caller has checked `room()`.
     pub fn append(&mut self, line: &[u8]) {
-        assert!(line.len() <= self.room(), "audit segment overflow");
-        self.map[self.len..self.len + line.len()].copy_from_slice(line);
-        self.len += line.len();
-        self.release_written();
+        self.unwritten()[..line.len()].copy_from_slice(line);
+        self.commit(line.len());
     }
 
     /// Drops pages written well behind the write position from the mapping, once a lag's worth
@@ -169,76 +224,229 @@ pub fn finish_seal(path: &Path) -> io::Result<bool> {
     Ok(true)
 }
 
-/// Work done off the shards: sealing full segments (msync, cut, fsync) and making new segments'
-/// directory entries durable. One thread per process; its queue is bounded, and when it is full
+/// Work done off the shards: sealing full segments (msync, cut, fsync), making new segments'
+/// directory entries durable, and reserving spares. One thread per process; its queue is bounded, and when it is full
 /// the shard does the work itself.
 pub struct Sealer {
     tx: std::sync::mpsc::SyncSender<SealJob>,
 }
 
+static SEALER: std::sync::OnceLock<Option<Sealer>> = std::sync::OnceLock::new();
+
+/// Starts the threads that take the audit log's slow work off the shards: the [`Sealer`] and
+/// the [`Prefaulter`]. Call it before any thread is pinned: a thread inherits its creator's CPUs,
+/// and a helper sharing a shard's CPU would stall that shard while it works. Until they are
+/// started, sealing runs on the caller and nothing is prefaulted.
+pub fn start_background_threads() {
+    Sealer::start();
+    Prefaulter::start();
+}
+
+/// Faults in pages of active segments ahead of their shards' writes (MADV_POPULATE_WRITE, one
+/// call per window instead of a fault per page). One thread per process, with a bounded queue;
+/// a request that does not fit is dropped, and its pages are faulted in by the writes.
+struct Prefaulter {
+    tx: std::sync::mpsc::SyncSender<(Arc<MmapRaw>, std::ops::Range<usize>)>,
+}
+
+static PREFAULTER: std::sync::OnceLock<Option<Prefaulter>> = std::sync::OnceLock::new();
+
+impl Prefaulter {
+    fn start() {
+        PREFAULTER.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(Arc<MmapRaw>, std::ops::Range<usize>)>(256);
+            let spawned = std::thread::Builder::new().name("tw-audit-prefault".into()).spawn(move || {
+                while let Ok((map, range)) = rx.recv() {
+                    // A segment sealed since (its last holder is this request) is not worth it.
+                    // Kernels before 5.14 refuse the advice; a sealed segment's cut tail answers
+                    // EFAULT. Either way the writes fault the pages in themselves.
+                    if Arc::strong_count(&map) > 1 {
+                        let _ = map.advise_range(memmap2::Advice::PopulateWrite, range.start, range.len());
+                    }
+                }
+            });
+            spawned.ok().map(|_| Prefaulter { tx })
+        });
+    }
+
+    fn ask(map: &Arc<MmapRaw>, range: std::ops::Range<usize>) {
+        if let Some(prefaulter) = PREFAULTER.get().and_then(Option::as_ref) {
+            let _ = prefaulter.tx.try_send((map.clone(), range));
+        }
+    }
+}
+
+/// A shard's next segment file, reserved ahead of time under a name no reader lists
+/// (`next.jsonl.spare` in the shard's directory).
+pub struct Spare {
+    path: PathBuf,
+    capacity: usize,
+    /// The reserved file, once the background thread has made it.
+    ready: std::sync::Mutex<Option<File>>,
+    /// A request is queued or being worked on: one at a time.
+    requested: std::sync::atomic::AtomicBool,
+}
+
+impl Spare {
+    /// The spare for the chain in `dir`; one a previous run left behind is removed (its size may
+    /// be another configuration's).
+    pub fn new(dir: &Path, capacity: usize) -> Arc<Spare> {
+        let path = dir.join("next.jsonl.spare");
+        let _ = fs::remove_file(&path);
+        Arc::new(Spare { path, capacity, ready: Default::default(), requested: Default::default() })
+    }
+
+    /// Asks the background thread for a spare, unless one is ready or on its way. When the
+    /// thread's queue is full the next rotation reserves its segment itself.
+    pub fn request(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        let ready = self.ready.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        if ready || self.requested.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let queued = Sealer::get().is_some_and(|s| s.tx.try_send(SealJob::PrepareSpare(self.clone())).is_ok());
+        if !queued {
+            self.requested.store(false, Ordering::Release);
+        }
+    }
+
+    fn prepare(&self) -> io::Result<()> {
+        let made = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&self.path);
+        let reserved = made.and_then(|file| ActiveSegment::reserve(&file, self.capacity).map(|()| file));
+        let outcome = match reserved {
+            Ok(file) => {
+                *self.ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&self.path);
+                Err(e)
+            }
+        };
+        // Only now: a request seen before the file is ready would reserve it twice.
+        self.requested.store(false, std::sync::atomic::Ordering::Release);
+        outcome
+    }
+
+    /// Gives the reserved blocks back (at shutdown).
+    pub fn remove(&self) {
+        if self.ready.lock().unwrap_or_else(|p| p.into_inner()).take().is_some() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// How many sealed segments a chain keeps, by count and by total size (`None`: no limit).
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    pub segments: Option<usize>,
+    pub bytes: Option<u64>,
+}
+
+/// Removes the oldest sealed segments of the chain in `dir` beyond `retention`.
+fn apply_retention(dir: &Path, retention: Retention) -> io::Result<()> {
+    let segments = list_segments(dir)?;
+    // The newest is the active one: never removed.
+    let sealed = &segments[..segments.len().saturating_sub(1)];
+    let sizes: Vec<u64> = sealed.iter().map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0)).collect();
+    let mut total: u64 = sizes.iter().sum();
+    let mut count = sealed.len();
+    for (path, size) in sealed.iter().zip(sizes) {
+        let over_count = retention.segments.is_some_and(|n| count > n);
+        let over_bytes = retention.bytes.is_some_and(|b| total > b);
+        if !over_count && !over_bytes {
+            break;
+        }
+        fs::remove_file(path)?;
+        count -= 1;
+        total -= size;
+    }
+    Ok(())
+}
+
 enum SealJob {
     Seal(ActiveSegment),
+    Retain(PathBuf, Retention),
+    PrepareSpare(Arc<Spare>),
     SyncDir(PathBuf),
     /// Answered once every job before it is done.
     Barrier(std::sync::mpsc::Sender<()>),
 }
 
+impl SealJob {
+    fn run(self) -> io::Result<()> {
+        match self {
+            SealJob::Seal(segment) => segment.seal().map(|_| ()),
+            SealJob::SyncDir(path) => sync_parent(&path),
+            SealJob::PrepareSpare(spare) => spare.prepare(),
+            SealJob::Retain(dir, retention) => apply_retention(&dir, retention),
+            SealJob::Barrier(done) => {
+                let _ = done.send(());
+                Ok(())
+            }
+        }
+    }
+}
+
 impl Sealer {
-    /// The process's sealer, started on first use.
-    pub fn get() -> Option<&'static Sealer> {
-        static SEALER: std::sync::OnceLock<Option<Sealer>> = std::sync::OnceLock::new();
-        SEALER
-            .get_or_init(|| {
-                let (tx, rx) = std::sync::mpsc::sync_channel::<SealJob>(64);
-                let spawned = std::thread::Builder::new().name("tw-audit-seal".into()).spawn(move || {
-                    while let Ok(job) = rx.recv() {
-                        let result = match job {
-                            SealJob::Seal(segment) => segment.seal().map(|_| ()),
-                            SealJob::SyncDir(path) => sync_parent(&path),
-                            SealJob::Barrier(done) => {
-                                let _ = done.send(());
-                                Ok(())
-                            }
-                        };
-                        if let Err(e) = result {
-                            tracing::error!("audit: background seal failed: {e}");
-                        }
+    fn start() {
+        SEALER.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<SealJob>(64);
+            let spawned = std::thread::Builder::new().name("tw-audit-seal".into()).spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    if let Err(e) = job.run() {
+                        tracing::error!("audit: background work failed: {e}");
                     }
-                });
-                spawned.ok().map(|_| Sealer { tx })
-            })
-            .as_ref()
+                }
+            });
+            if let Err(e) = &spawned {
+                tracing::error!("audit: no background sealer ({e}); shards seal their own segments");
+            }
+            spawned.ok().map(|_| Sealer { tx })
+        });
+    }
+
+    fn get() -> Option<&'static Sealer> {
+        SEALER.get().and_then(Option::as_ref)
+    }
+
+    /// Queues `job`, or runs it here when the queue is full or there is no sealer thread.
+    fn submit(job: SealJob) -> io::Result<()> {
+        use std::sync::mpsc::TrySendError;
+        let job = match Self::get() {
+            Some(sealer) => match sealer.tx.try_send(job) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => job,
+            },
+            None => job,
+        };
+        job.run()
     }
 
     /// Seals `segment` in the background, or here when the sealer is busy or absent.
     pub fn seal(segment: ActiveSegment) -> io::Result<()> {
-        let segment = match Self::get() {
-            Some(sealer) => match sealer.tx.try_send(SealJob::Seal(segment)) {
-                Ok(()) => return Ok(()),
-                Err(std::sync::mpsc::TrySendError::Full(SealJob::Seal(s)))
-                | Err(std::sync::mpsc::TrySendError::Disconnected(SealJob::Seal(s))) => s,
-                Err(_) => return Ok(()),
-            },
-            None => segment,
-        };
-        segment.seal().map(|_| ())
+        Self::submit(SealJob::Seal(segment))
     }
 
-    /// Waits until every seal queued so far is done (at shutdown).
-    pub fn flush() {
-        if let Some(sealer) = Self::get() {
-            let (tx, rx) = std::sync::mpsc::channel();
-            if sealer.tx.send(SealJob::Barrier(tx)).is_ok() {
-                let _ = rx.recv();
-            }
-        }
+    /// Applies `retention` to the chain in `dir` (removing a 64 MiB file takes milliseconds), in
+    /// the background when possible.
+    pub fn retain(dir: PathBuf, retention: Retention) -> io::Result<()> {
+        Self::submit(SealJob::Retain(dir, retention))
     }
 
     /// Makes `path`'s directory entry durable, in the background when possible.
     pub fn sync_dir(path: PathBuf) -> io::Result<()> {
-        match Self::get().map(|s| s.tx.try_send(SealJob::SyncDir(path.clone()))) {
-            Some(Ok(())) => Ok(()),
-            _ => sync_parent(&path),
+        Self::submit(SealJob::SyncDir(path))
+    }
+
+    /// Waits until every job queued so far is done (at shutdown).
+    pub fn flush() {
+        if let Some(sealer) = Self::get() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            // Blocking, unlike `submit`: the barrier must queue behind every job.
+            if sealer.tx.send(SealJob::Barrier(tx)).is_ok() {
+                let _ = rx.recv();
+            }
         }
     }
 }

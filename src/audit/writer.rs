@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::record::{encode, AuditEvent, GENESIS, MAX_RECORD};
-use super::segment::{finish_seal, list_segments, scan, segment_name, ActiveSegment, Sealer};
+use super::record::{encode_into, AuditEvent, GENESIS, MAX_RECORD};
+use super::segment::{finish_seal, list_segments, scan, segment_name, ActiveSegment, Retention, Sealer, Spare};
 use super::{AuditConfig, AuditOnError, AuditSync};
 use crate::error::ApiError;
 use crate::metrics::ShardMetrics;
@@ -38,10 +38,13 @@ pub struct ShardAudit {
     dir: Option<PathBuf>,
     config: Arc<AuditConfig>,
     chain: RefCell<Chain>,
-    line: RefCell<String>,
+    /// The record being formatted, when there is no segment to format it in (stdout only).
+    line: RefCell<Vec<u8>>,
     /// Tickets given out and not yet written: room kept for their records.
     outstanding: Cell<usize>,
     commit: Arc<CommitSlot>,
+    /// The next segment, reserved in the background; `None` without a directory.
+    spare: Option<Arc<Spare>>,
     metrics: Arc<ShardMetrics>,
 }
 
@@ -53,18 +56,23 @@ impl ShardAudit {
     /// A log that cannot be opened is not fatal: the shard starts in the failing state.
     pub fn open(shard: usize, config: Arc<AuditConfig>, metrics: Arc<ShardMetrics>, commit: Arc<CommitSlot>) -> Self {
         let dir = config.dir.as_ref().map(|d| d.join(format!("shard-{shard}")));
+        let spare = dir.as_ref().filter(|d| fs::create_dir_all(d).is_ok()).map(|d| Spare::new(d, config.segment_bytes));
         let audit = ShardAudit {
             shard,
             dir,
             config,
             chain: RefCell::new(Chain { seq: 0, prev_hash: GENESIS, active: None, failing: false, last_attempt: None }),
-            line: RefCell::new(String::with_capacity(1024)),
+            line: RefCell::new(vec![0; MAX_RECORD]),
             outstanding: Cell::new(0),
             commit,
+            spare,
             metrics,
         };
         if let Err(e) = audit.recover() {
             audit.fail(&format!("cannot open the audit log: {e}"));
+        }
+        if let Some(spare) = &audit.spare {
+            spare.request();
         }
         audit
     }
@@ -160,7 +168,14 @@ impl ShardAudit {
         // directory entry and the old segment's seal go to the background sealer.
         let always = self.config.sync == AuditSync::Always;
         let path = dir.join(segment_name(chain.seq + 1));
-        let next = ActiveSegment::create(path.clone(), self.config.segment_bytes, always)?;
+        let from_spare = self.spare.as_ref().and_then(|spare| ActiveSegment::from_spare(spare, path.clone(), always));
+        let next = match from_spare {
+            Some(next) => next?,
+            None => ActiveSegment::create(path.clone(), self.config.segment_bytes, always)?,
+        };
+        if let Some(spare) = &self.spare {
+            spare.request();
+        }
         if !always {
             Sealer::sync_dir(path)?;
         }
@@ -176,28 +191,12 @@ impl ShardAudit {
         chain.failing = false;
         self.publish_file(&chain);
         drop(chain);
-        self.apply_retention(dir);
-        Ok(())
-    }
-
-    fn apply_retention(&self, dir: &std::path::Path) {
-        let Ok(segments) = list_segments(dir) else { return };
-        // The newest is the active one: never removed.
-        let sealed = &segments[..segments.len().saturating_sub(1)];
-        let sizes: Vec<u64> = sealed.iter().map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0)).collect();
-        let mut total: u64 = sizes.iter().sum();
-        let mut count = sealed.len();
-        for (path, size) in sealed.iter().zip(sizes) {
-            let over_count = self.config.retain_segments.is_some_and(|n| count > n);
-            let over_bytes = self.config.retain_bytes.is_some_and(|b| total > b);
-            if !over_count && !over_bytes {
-                break;
-            }
-            if fs::remove_file(path).is_ok() {
-                count -= 1;
-                total -= size;
-            }
+        // Removing a 64 MiB file takes milliseconds too: off the shard.
+        let retention = Retention { segments: self.config.retain_segments, bytes: self.config.retain_bytes };
+        if let Err(e) = Sealer::retain(dir.clone(), retention) {
+            tracing::error!(shard = self.shard, "audit: retention failed: {e}");
         }
+        Ok(())
     }
 
     /// Appends the record of a request whose ticket was taken, before its response is sent.
@@ -206,64 +205,86 @@ impl ShardAudit {
         if !self.config.enabled() {
             return;
         }
-        if self.dir.is_some() {
-            self.outstanding.set(self.outstanding.get().saturating_sub(1));
-        }
-        let mut line = self.line.borrow_mut();
         let (seq, prev_hash) = {
             let chain = self.chain.borrow();
             (chain.seq + 1, chain.prev_hash)
         };
-        let hash = encode(event, self.shard, seq, &prev_hash, &mut line);
-        if self.config.stdout {
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(line.as_bytes());
-        }
-        if self.dir.is_some() {
-            let fits = self.chain.borrow().active.as_ref().is_some_and(|a| a.room() >= line.len());
-            if !fits {
-                if let Err(e) = self.rotate() {
-                    // Only under `continue`, or a segment too small for the shard's concurrency:
-                    // the record is lost, and counted.
-                    self.fail(&format!("an audit record could not be written: {e}"));
-                    return;
-                }
+        let hash = if self.dir.is_some() {
+            self.outstanding.set(self.outstanding.get().saturating_sub(1));
+            match self.append(event, seq, &prev_hash) {
+                Ok(hash) => hash,
+                // Only under `continue`, or a segment too small for the shard's concurrency: the
+                // record is lost, and counted.
+                Err(e) => return self.fail(&format!("an audit record could not be written: {e}")),
             }
-            let mut chain = self.chain.borrow_mut();
-            let Some(active) = chain.active.as_mut().filter(|a| a.room() >= line.len()) else {
-                drop(chain);
-                self.fail("an audit record could not be written: no segment");
-                return;
+        } else {
+            let mut line = self.line.borrow_mut();
+            let Some((len, hash)) = encode_into(event, self.shard, seq, &prev_hash, &mut line) else {
+                return self.fail("an audit record could not be written: larger than MAX_RECORD");
             };
-            active.append(line.as_bytes());
-            match self.config.sync {
-                AuditSync::Always => {
-                    if let Err(e) = active.sync_tail(line.len()) {
-                        drop(chain);
-                        self.fail(&format!("audit sync failed: {e}"));
-                        return;
-                    }
-                }
-                AuditSync::Interval => {
-                    // Stored only when clear: the shared line is written once per commit interval,
-                    // not once per record.
-                    if !self.commit.dirty.load(std::sync::atomic::Ordering::Relaxed) {
-                        self.commit.dirty.store(true, std::sync::atomic::Ordering::Release);
-                    }
-                }
-                AuditSync::None => {}
-            }
-        }
+            self.mirror(&line[..len]);
+            self.count(len);
+            hash
+        };
         let mut chain = self.chain.borrow_mut();
         chain.seq = seq;
         chain.prev_hash = hash;
+    }
+
+    /// Formats the record straight into the active segment (rotating first when less than a
+    /// record's room is left), mirrors it and makes it as durable as `--audit-sync` asks.
+    fn append(&self, event: &AuditEvent, seq: u64, prev_hash: &[u8; 32]) -> Result<[u8; 32], String> {
+        let fits = self.chain.borrow().active.as_ref().is_some_and(|a| a.room() >= MAX_RECORD);
+        if !fits {
+            self.rotate().map_err(|e| e.to_string())?;
+        }
+        let mut chain = self.chain.borrow_mut();
+        let active = chain.active.as_mut().filter(|a| a.room() >= MAX_RECORD).ok_or("no segment")?;
+        let Some((len, hash)) = encode_into(event, self.shard, seq, prev_hash, active.unwritten()) else {
+            // Past the valid end, but a reader of the active segment must find zeros there.
+            active.unwritten()[..MAX_RECORD].fill(0);
+            return Err("larger than MAX_RECORD".into());
+        };
+        active.commit(len);
+        self.mirror(active.tail(len));
+        self.count(len);
+        match self.config.sync {
+            AuditSync::Always => {
+                // The record is in the segment either way, so the chain goes on from it.
+                if let Err(e) = active.sync_tail(len) {
+                    drop(chain);
+                    self.fail(&format!("audit sync failed: {e}"));
+                }
+            }
+            AuditSync::Interval => {
+                // Stored only when clear: the shared line is written once per commit interval,
+                // not once per record.
+                if !self.commit.dirty.load(std::sync::atomic::Ordering::Relaxed) {
+                    self.commit.dirty.store(true, std::sync::atomic::Ordering::Release);
+                }
+            }
+            AuditSync::None => {}
+        }
+        Ok(hash)
+    }
+
+    fn mirror(&self, line: &[u8]) {
+        if self.config.stdout {
+            let _ = std::io::stdout().lock().write_all(line);
+        }
+    }
+
+    fn count(&self, bytes: usize) {
         self.metrics.audit_records.inc();
-        self.metrics.audit_bytes.add(line.len() as u64);
+        self.metrics.audit_bytes.add(bytes as u64);
     }
 
     /// Seals nothing, but cuts the active segment to its records so that it reads as plain JSONL
     /// while the server is down. It is reopened and extended on the next start.
     pub fn close(&self) {
+        if let Some(spare) = &self.spare {
+            spare.remove();
+        }
         let mut chain = self.chain.borrow_mut();
         if let Some(active) = chain.active.take() {
             if let Err(e) = active.seal() {

@@ -190,6 +190,8 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         (None, false) => tracing::warn!("audit log disabled (TENSOR_WASM_API_AUDIT_LOG=none)"),
     }
 
+    // Before the shards pin themselves: these threads must not inherit a shard's CPU.
+    audit::segment::start_background_threads();
     let dispatcher = Dispatcher::start(DispatchConfig { shards: shard_count, ..config.dispatch.clone() })
         .map_err(|e| ServerError::Config(e.to_string()))?;
     if let Some(why) = &dispatcher.cuda_fallback {
