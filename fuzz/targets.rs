@@ -14,8 +14,11 @@ use tensor_wasm::pipelines::{PipelineRecord, PipelineSpec};
 use tensor_wasm::wasm::envelope::{decode_output, encode_input, Headers};
 use tensor_wasm::wasm::tensor::decode_create_args;
 
+/// A target's body: panics when a check fails.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name cargo-fuzz knows it by (and its folder in `seeds/`).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("http_request", http_request),
     ("token_list", token_list),
     ("json_bodies", json_bodies),
