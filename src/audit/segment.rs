@@ -55,10 +55,14 @@ pub struct ActiveSegment {
 }
 
 /// How much written data stays mapped behind the write position: a segment's eighth, at most
-/// 8 MiB, in whole pages. Pages behind it are released, so the resident set stays bounded.
+/// 1 MiB, in whole pages. Pages behind it are released, so the resident set stays flat.
 fn release_lag(capacity: usize) -> usize {
-    (capacity / 8).clamp(PAGE, 8 << 20) & !(PAGE - 1)
+    (capacity / 8).clamp(PAGE, 1 << 20) & !(PAGE - 1)
 }
+
+/// Pages are released this many bytes at a time (or a lag's worth, if less): one madvise per
+/// few hundred records, and a resident set that moves by no more than this per shard.
+const RELEASE_STEP: usize = 256 * 1024;
 
 const PAGE: usize = 4096;
 /// Pages are faulted in by the prefault thread this many bytes at a time, a window ahead of the
@@ -180,7 +184,7 @@ impl ActiveSegment {
     /// `sync_tail` only ever reaches the last record, which stays mapped.
     fn release_written(&mut self) {
         let lag = release_lag(self.map.len());
-        if self.len < self.released + 2 * lag {
+        if self.len < self.released + lag + RELEASE_STEP.min(lag) {
             return;
         }
         let end = (self.len - lag) & !(PAGE - 1);
