@@ -2,7 +2,10 @@
 # Soak: a release server under the mixed workload (invokes while functions are deployed and
 # deleted beside them: the deploy-storm scenario) at a fixed rate for MINUTES one-minute windows,
 # on one server that is never restarted. After each window: the window's P99 and errors (from the
-# harness), and the server's RSS, anonymous memory and open file descriptors (from /proc).
+# harness), and the server's RSS, anonymous memory and open file descriptors (from /proc). Two
+# columns tell a stalled machine from a slow server: the load generator's own lag P99 (it runs
+# beside the server and is late when the machine is), and the share of CPU time the hypervisor
+# stole (/proc/stat).
 #
 #   perf/soak.sh [OUT_DIR]
 #
@@ -24,15 +27,19 @@ pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -rf "$data"' EXIT
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
 
+steal_ticks() { # the machine's stolen and total CPU ticks so far (/proc/stat)
+  awk '/^cpu /{t=0; for(i=2;i<=NF;i++) t+=$i; print $9, t}' /proc/stat
+}
 sample() { # RSS MiB, anonymous MiB, open fds
   awk '/^VmRSS:/{r=$2} /^RssAnon:/{a=$2} END{printf "%.1f %.1f", r/1024, a/1024}' "/proc/$pid/status"
   printf ' %s\n' "$(ls "/proc/$pid/fd" | wc -l)"
 }
-echo "| minute | offered/s | answered/s | P50 µs | P99 µs | max µs | errors | deploys | RSS MiB | anonymous MiB | open fds |" >"$out/soak.md"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" >>"$out/soak.md"
-echo "| 0 | - | - | - | - | - | - | - | $(sample | awk '{print $1" | "$2" | "$3}') |" >>"$out/soak.md"
+echo "| minute | offered/s | answered/s | P50 µs | P99 µs | max µs | errors | deploys | generator lag P99 µs | CPU stolen % | RSS MiB | anonymous MiB | open fds |" >"$out/soak.md"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |" >>"$out/soak.md"
+echo "| 0 | - | - | - | - | - | - | - | - | - | $(sample | awk '{print $1" | "$2" | "$3}') |" >>"$out/soak.md"
 status=0
 for minute in $(seq "$minutes"); do
+  read -r steal0 total0 < <(steal_ticks)
   target/release/tensor-wasm-bench --server "http://127.0.0.1:$port" --scenario deploy-storm \
     --rate "$rate" --duration 60s --warmup 1s --connections "$connections" --quiet \
     --out "$out/minute-$minute" >/dev/null || status=$?
@@ -43,10 +50,12 @@ m = json.load(open(sys.argv[1]))["measurements"][0]
 storm = m.get("storm") or {}
 errors = m["io_errors"] + m["unsent"] + sum(n for s, n in m["statuses"].items() if not s.startswith("2")) + storm.get("failed", 0)
 l = m["latency"]
-print(f'{m["offered_rate"]:.0f} | {m["achieved_rate"]:.0f} | {l["p50_us"]:.0f} | {l["p99_us"]:.0f} | {l["max_us"]:.0f} | {errors} | {storm.get("deploys", 0)}')
+print(f'{m["offered_rate"]:.0f} | {m["achieved_rate"]:.0f} | {l["p50_us"]:.0f} | {l["p99_us"]:.0f} | {l["max_us"]:.0f} | {errors} | {storm.get("deploys", 0)} | {m["generator_lag_p99_us"]:.0f}')
 PY
 )
-  echo "| $minute | $row | $(sample | awk '{print $1" | "$2" | "$3}') |" >>"$out/soak.md"
+  read -r steal1 total1 < <(steal_ticks)
+  stolen=$(awk -v s="$((steal1 - steal0))" -v t="$((total1 - total0))" 'BEGIN{printf "%.1f", t ? 100 * s / t : 0}')
+  echo "| $minute | $row | $stolen | $(sample | awk '{print $1" | "$2" | "$3}') |" >>"$out/soak.md"
   tail -1 "$out/soak.md" >&2
 done
 cat "$out/soak.md"

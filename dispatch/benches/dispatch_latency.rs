@@ -73,6 +73,13 @@ fn dispatch_rows(label: &str, dispatcher: &Arc<Dispatcher>, load: usize, out: &m
     let a = tensor(&mut s, &[1024], 1.5);
     let b = tensor(&mut s, &[1024], 2.5);
     out.push(row(&format!("{label}: add 1,024, idle"), &measure(iters(), || add_round_trip(&mut s, a, b))));
+    // Calls 1 ms apart: the worker has parked (after `worker_spin`) before each, so each call pays
+    // for waking it. The difference to the row above is what the worker's spin saves a call.
+    let parked = measure(iters() / 20, || {
+        std::thread::sleep(Duration::from_millis(1));
+        add_round_trip(&mut s, a, b)
+    });
+    out.push(row(&format!("{label}: add 1,024, calls 1 ms apart (worker parked)"), &parked));
     if load > 0 {
         let stop = Arc::new(AtomicBool::new(false));
         let threads: Vec<_> = (1..=load)
