@@ -10,7 +10,10 @@
 #   perf/soak.sh [OUT_DIR]
 #
 # Env: RATE (default 9000: 70% of deploy-storm's best step rate on the 2-vCPU VM, perf/README.md),
-#      MINUTES (default 10), CONNECTIONS (32). Loopback only; every run stops by itself.
+#      MINUTES (default 10), CONNECTIONS (32), THREADS (the generator's, 1), BIN_DIR (a folder
+#      holding tensor-wasm and tensor-wasm-bench, for a machine without a Rust toolchain; by
+#      default they are built), SERVER_ARGS (more flags for the server, e.g. audit retention on a
+#      fast machine). Loopback only; every run stops by itself.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -19,10 +22,16 @@ rate=${RATE:-9000}
 minutes=${MINUTES:-10}
 connections=${CONNECTIONS:-32}
 mkdir -p "$out"
-cargo build --release --workspace --bins >&2
+threads=${THREADS:-1}
+if [ -n "${BIN_DIR:-}" ]; then
+  bin=$BIN_DIR
+else
+  cargo build --release --workspace --bins >&2
+  bin=target/release
+fi
 data=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-target/release/tensor-wasm serve --listen "127.0.0.1:$port" --data-dir "$data" --log-level warn >"$out/server.log" 2>&1 &
+"$bin/tensor-wasm" serve --listen "127.0.0.1:$port" --data-dir "$data" --log-level warn ${SERVER_ARGS:-} >"$out/server.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -rf "$data"' EXIT
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
@@ -40,8 +49,8 @@ echo "| 0 | - | - | - | - | - | - | - | - | - | $(sample | awk '{print $1" | "$2
 status=0
 for minute in $(seq "$minutes"); do
   read -r steal0 total0 < <(steal_ticks)
-  target/release/tensor-wasm-bench --server "http://127.0.0.1:$port" --scenario deploy-storm \
-    --rate "$rate" --duration 60s --warmup 1s --connections "$connections" --quiet \
+  "$bin/tensor-wasm-bench" --server "http://127.0.0.1:$port" --scenario deploy-storm \
+    --rate "$rate" --duration 60s --warmup 1s --connections "$connections" --threads "$threads" --quiet \
     --out "$out/minute-$minute" >/dev/null || status=$?
   [ "$status" -ne 2 ] || { echo "perf/soak.sh: minute $minute failed to run" >&2; exit 2; }
   row=$(python3 - "$out/minute-$minute/results.json" <<'PY'
