@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{guests, Client, Server};
+use common::{guests, Client, Rng, Server};
 use serde_json::json;
 
 const ROUNDS: usize = 20;
@@ -29,23 +29,6 @@ struct Ledger {
     deleted: BTreeSet<String>,
     /// `x-request-id` of every answered protected request.
     answered: BTreeSet<String>,
-}
-
-/// xorshift64*: enough randomness for kill moments and operation mixes, and reproducible from
-/// the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// One client's mixed load until `stop`, recording every answer in `ledger`.
@@ -72,7 +55,7 @@ fn load(addr: std::net::SocketAddr, seed: u64, stop: Arc<AtomicBool>, ledger: Ar
                 }
             })
         } else if pick < 4 {
-            let id = live[rng.below(live.len() as u64) as usize].clone();
+            let id = live[rng.index(live.len())].clone();
             ledger.lock().unwrap().delete_sent.insert(id.clone());
             client.try_request("DELETE", &format!("/functions/{id}"), &[], b"").inspect(|r| {
                 if r.status == 204 {
@@ -80,7 +63,7 @@ fn load(addr: std::net::SocketAddr, seed: u64, stop: Arc<AtomicBool>, ledger: Ar
                 }
             })
         } else {
-            let id = &live[rng.below(live.len() as u64) as usize];
+            let id = &live[rng.index(live.len())];
             client.try_request("POST", &format!("/functions/{id}/invoke"), &[], b"")
         };
         match result {

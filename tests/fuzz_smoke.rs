@@ -7,12 +7,15 @@
 //! `RUSTC_BOOTSTRAP=1 cargo fuzz run -s none TARGET FILE` in fuzz/. `FUZZ_SMOKE_SEED=N` varies the
 //! mutations, `FUZZ_SMOKE_RUNS=N` sets how many there are per target.
 
+mod common;
 #[path = "../fuzz/targets.rs"]
 mod targets;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use common::Rng;
 
 const DEFAULT_RUNS: usize = 100_000;
 /// However many runs are asked for, a target stops after this long.
@@ -21,53 +24,37 @@ const MAX_INPUT: usize = 64 * 1024;
 /// Bytes that mean something to one of the grammars under test.
 const INTERESTING: &[u8] = b"\0\xff\x7f\x80\n\r:,\"{}[]\\09-=* \t";
 
-/// xorshift64*: deterministic for a given seed, so a failure can be reproduced.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 fn mutate(rng: &mut Rng, input: &mut Vec<u8>, other: &[u8]) {
-    for _ in 0..1 + rng.below(4) {
+    for _ in 0..1 + rng.index(4) {
         let len = input.len();
-        let at = rng.below(len + 1);
-        match rng.below(7) {
-            0 if len > 0 => input[at.min(len - 1)] ^= 1 << rng.below(8),
-            1 if len > 0 => input[at.min(len - 1)] = INTERESTING[rng.below(INTERESTING.len())],
+        let at = rng.index(len + 1);
+        match rng.index(7) {
+            0 if len > 0 => input[at.min(len - 1)] ^= 1 << rng.index(8),
+            1 if len > 0 => input[at.min(len - 1)] = INTERESTING[rng.index(INTERESTING.len())],
             2 => {
                 let bytes: Vec<u8> =
-                    (0..1 + rng.below(8))
+                    (0..1 + rng.index(8))
                         .map(|_| {
-                            if rng.below(2) == 0 {
+                            if rng.index(2) == 0 {
                                 rng.next() as u8
                             } else {
-                                INTERESTING[rng.below(INTERESTING.len())]
+                                INTERESTING[rng.index(INTERESTING.len())]
                             }
                         })
                         .collect();
                 input.splice(at..at, bytes);
             }
             3 => {
-                let end = (at + 1 + rng.below(16)).min(len);
+                let end = (at + 1 + rng.index(16)).min(len);
                 input.drain(at.min(end)..end);
             }
             4 if len > 0 => {
-                let start = rng.below(len);
-                let piece = input[start..(start + 1 + rng.below(32)).min(len)].to_vec();
+                let start = rng.index(len);
+                let piece = input[start..(start + 1 + rng.index(32)).min(len)].to_vec();
                 input.splice(at..at, piece);
             }
             5 if !other.is_empty() => {
-                let from = rng.below(other.len());
+                let from = rng.index(other.len());
                 input.truncate(at);
                 input.extend_from_slice(&other[from..]);
             }
@@ -113,14 +100,14 @@ fn smoke(target: &str) {
     let started = Instant::now();
     let mut done = 0;
     while done < runs && started.elapsed() < TIME_LIMIT {
-        let mut input = pool[rng.below(pool.len())].clone();
-        let other = &seeds[rng.below(seeds.len())];
+        let mut input = pool[rng.index(pool.len())].clone();
+        let other = &seeds[rng.index(seeds.len())];
         mutate(&mut rng, &mut input, other);
         run_one(target, body, &input, &format!("seed {seed} run {done}"));
         if pool.len() < 64 {
             pool.push(input);
         } else {
-            let slot = seeds.len() + rng.below(64 - seeds.len());
+            let slot = seeds.len() + rng.index(64 - seeds.len());
             pool[slot] = input;
         }
         done += 1;

@@ -172,7 +172,8 @@ impl ActiveSegment {
     }
 
     /// Copies `line` in. The caller has checked `room()`.
-    pub fn append(&mut self, line: &[u8]) {
+    #[cfg(test)]
+    fn append(&mut self, line: &[u8]) {
         self.unwritten()[..line.len()].copy_from_slice(line);
         self.commit(line.len());
     }
@@ -246,6 +247,28 @@ pub fn start_background_threads() {
     Prefaulter::start();
 }
 
+/// A helper thread named `name` that does `work` on each item sent to it, behind a queue of
+/// `depth`. `None` when the thread cannot be started: then the callers do the work themselves.
+fn spawn_helper<T: Send + 'static>(
+    name: &str,
+    depth: usize,
+    mut work: impl FnMut(T) + Send + 'static,
+) -> Option<std::sync::mpsc::SyncSender<T>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<T>(depth);
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
+        while let Ok(item) = rx.recv() {
+            work(item);
+        }
+    });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::error!("audit: cannot start {name} ({e}); the shards do its work themselves");
+            None
+        }
+    }
+}
+
 /// Faults in pages of active segments ahead of their shards' writes (MADV_POPULATE_WRITE, one
 /// call per window instead of a fault per page). One thread per process, with a bounded queue;
 /// a request that does not fit is dropped, and its pages are faulted in by the writes.
@@ -258,18 +281,15 @@ static PREFAULTER: std::sync::OnceLock<Option<Prefaulter>> = std::sync::OnceLock
 impl Prefaulter {
     fn start() {
         PREFAULTER.get_or_init(|| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<(Arc<MmapRaw>, std::ops::Range<usize>)>(256);
-            let spawned = std::thread::Builder::new().name("tw-audit-prefault".into()).spawn(move || {
-                while let Ok((map, range)) = rx.recv() {
-                    // A segment sealed since (its last holder is this request) is not worth it.
-                    // Kernels before 5.14 refuse the advice; a sealed segment's cut tail answers
-                    // EFAULT. Either way the writes fault the pages in themselves.
-                    if Arc::strong_count(&map) > 1 {
-                        let _ = map.advise_range(memmap2::Advice::PopulateWrite, range.start, range.len());
-                    }
+            let tx = spawn_helper("tw-audit-prefault", 256, |(map, range): (Arc<MmapRaw>, std::ops::Range<usize>)| {
+                // A segment sealed since (its last holder is this request) is not worth it.
+                // Kernels before 5.14 refuse the advice; a sealed segment's cut tail answers
+                // EFAULT. Either way the writes fault the pages in themselves.
+                if Arc::strong_count(&map) > 1 {
+                    let _ = map.advise_range(memmap2::Advice::PopulateWrite, range.start, range.len());
                 }
             });
-            spawned.ok().map(|_| Prefaulter { tx })
+            tx.map(|tx| Prefaulter { tx })
         });
     }
 
@@ -395,18 +415,12 @@ impl SealJob {
 impl Sealer {
     fn start() {
         SEALER.get_or_init(|| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<SealJob>(64);
-            let spawned = std::thread::Builder::new().name("tw-audit-seal".into()).spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    if let Err(e) = job.run() {
-                        tracing::error!("audit: background work failed: {e}");
-                    }
+            let tx = spawn_helper("tw-audit-seal", 64, |job: SealJob| {
+                if let Err(e) = job.run() {
+                    tracing::error!("audit: background work failed: {e}");
                 }
             });
-            if let Err(e) = &spawned {
-                tracing::error!("audit: no background sealer ({e}); shards seal their own segments");
-            }
-            spawned.ok().map(|_| Sealer { tx })
+            tx.map(|tx| Sealer { tx })
         });
     }
 

@@ -15,6 +15,28 @@ use base64::Engine as _;
 
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// xorshift64*: enough randomness for kill moments, operation mixes and input mutations, and
+/// reproducible from the seed a test prints.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// A position in something `len` long (0 when it is empty).
+    pub fn index(&mut self, len: usize) -> usize {
+        self.below(len as u64) as usize
+    }
+}
+
 /// A running server process. Killed when dropped.
 pub struct Server {
     child: Child,
