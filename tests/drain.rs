@@ -1,7 +1,7 @@
 //! Drain and restart: a rolling restart of two servers on two ports, under keep-alive load whose
-//! clients do what HTTP clients do (reconnect when a response says `connection: close`, and send
-//! an idempotent request again, to the other server, when a connection dies before its answer),
-//! loses no request.
+//! clients do what HTTP clients and balancers do (reconnect when a response says
+//! `connection: close`; send an idempotent request again, to the other server, when a connection
+//! dies before its answer or a server refuses it with 503 and Retry-After), loses no request.
 
 mod common;
 
@@ -54,6 +54,11 @@ fn client(
                 Ok(r) => {
                     if r.header("connection") == Some("close") {
                         connections[i] = None;
+                    }
+                    // A server still starting (or draining) refuses with 503 and Retry-After and
+                    // runs nothing: like a balancer that follows readiness, go to the other one.
+                    if r.status == 503 && r.header("retry-after").is_some() {
+                        continue;
                     }
                     if r.status == 200 {
                         ok.fetch_add(1, Ordering::Relaxed);
