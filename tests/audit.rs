@@ -251,6 +251,48 @@ fn a_torn_tail_is_repaired_and_the_chain_continues() {
     assert_eq!(seqs, (1..=15).collect::<Vec<_>>());
 }
 
+#[test]
+fn a_record_cut_short_by_kill_9_is_not_damage_but_a_cut_record_elsewhere_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = Server::start_in(&data, &["--shards", "1"]);
+    load(&server, 10);
+    server.kill9();
+    // The live segment is preallocated: records, then zeros. A kill in the middle of formatting
+    // a record in place leaves its prefix where the zeros begin.
+    let active = data.join("audit/shard-0/00000000000000000001.jsonl");
+    let live = std::fs::read(&active).unwrap();
+    let end = live.iter().position(|b| *b == 0).expect("a live segment has a zero tail");
+    let last_line = String::from_utf8_lossy(&live[..end]).lines().last().unwrap().to_string();
+    let prefix = &last_line.as_bytes()[..last_line.len() / 2];
+    let with_prefix_at = |at: usize| {
+        let mut bytes = live.clone();
+        bytes[at..at + prefix.len()].copy_from_slice(prefix);
+        std::fs::write(&active, &bytes).unwrap();
+    };
+
+    with_prefix_at(end);
+    let (code, out, err) = verify(&data.join("audit"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ok: 10 records") && out.contains("cut short by a crash"), "{out}");
+
+    // The same prefix with zeros before it is not a write in progress.
+    with_prefix_at(end + 4096);
+    let (code, _, err) = verify(&data.join("audit"));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("offset {end}")) && err.contains("bytes after the last record"), "{err}");
+
+    with_prefix_at(end);
+    let server = Server::start_in(&data, &["--shards", "1"]);
+    server.wait_for_stderr("torn tail cut away");
+    load(&server, 5);
+    drop(server);
+    let (code, out, err) = verify(&data.join("audit"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("cut short"), "{out}");
+    assert_eq!(records(&data.join("audit")).len(), 15);
+}
+
 fn set_file_size_limit(pid: u32, bytes: Option<u64>) {
     let limit = libc::rlimit { rlim_cur: bytes.unwrap_or(libc::RLIM_INFINITY), rlim_max: libc::RLIM_INFINITY };
     // SAFETY: prlimit on our own child with a valid rlimit.

@@ -19,6 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use record::{Actor, ActorScope, AuditEvent};
+use record::{LineError, MAX_RECORD};
 use segment::{list_segments, scan};
 pub use writer::{AuditTicket, CommitSlot, ShardAudit};
 
@@ -131,23 +132,44 @@ pub struct Broken {
     pub reason: String,
 }
 
-/// Checks the framing and the chains of every segment under `dir`. Returns the number of records
-/// checked, or the first broken one. A zero tail after the last record of a shard's newest
-/// segment (a live, preallocated segment) is not damage.
-pub fn verify(dir: &Path) -> io::Result<Result<u64, Broken>> {
-    let mut total = 0;
+/// What [`verify`] found in a log with no broken record.
+#[derive(Debug)]
+pub struct Verified {
+    /// Records checked.
+    pub records: u64,
+    /// Live segments that end in a record a crash cut short (see [`verify`]).
+    pub unfinished: Vec<PathBuf>,
+}
+
+/// Checks the framing and the chains of every segment under `dir`. Returns what it checked, or
+/// the first broken record.
+///
+/// Two things after the last record of a shard's newest segment are not damage, when that
+/// segment is still live (preallocated: its last byte a zero): a zero tail, and before it at most
+/// one record's prefix with no end of line. The shard formats each record in place, so a process
+/// killed mid-record leaves that prefix; the record was never acknowledged, and the next start
+/// cuts it away. A sealed segment has no such excuse.
+pub fn verify(dir: &Path) -> io::Result<Result<Verified, Broken>> {
+    let mut verified = Verified { records: 0, unfinished: Vec::new() };
     for chain in chain_dirs(dir)? {
         let segments = list_segments(&chain)?;
         let mut prev = None;
-        for path in &segments {
+        for (i, path) in segments.iter().enumerate() {
             let bytes = fs::read(path)?;
             let found = scan(&bytes, prev.clone());
-            total += found.records;
-            // Zeros past the last record are a segment not yet sealed (the active one, or one being
-            // sealed in the background), not damage.
-            let zero_tail = bytes[found.valid_len..].iter().all(|b| *b == 0);
-            let damaged = found.damage.is_some() || !zero_tail;
-            if damaged {
+            verified.records += found.records;
+            let rest = &bytes[found.valid_len..];
+            let zeros_from = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+            let zero_tail = rest[zeros_from..].iter().all(|b| *b == 0);
+            let live = i + 1 == segments.len() && bytes.last() == Some(&0);
+            let unfinished = live
+                && matches!(found.damage, Some(LineError::Torn))
+                && zero_tail
+                && (1..MAX_RECORD).contains(&zeros_from)
+                && !rest[..zeros_from].contains(&b'\n');
+            if unfinished {
+                verified.unfinished.push(path.clone());
+            } else if found.damage.is_some() || zeros_from > 0 || !zero_tail {
                 let reason = match found.damage {
                     Some(d) => d.to_string(),
                     None => "bytes after the last record".into(),
@@ -158,7 +180,7 @@ pub fn verify(dir: &Path) -> io::Result<Result<u64, Broken>> {
             prev = found.last.or(prev);
         }
     }
-    Ok(Ok(total))
+    Ok(Ok(verified))
 }
 
 /// The last `n` records under `dir` (every shard, in time order), as JSON lines.

@@ -568,8 +568,14 @@ impl ServeArgs {
 fn run_audit(command: AuditCommand) -> i32 {
     match command {
         AuditCommand::Verify { dir } => match crate::audit::verify(&dir) {
-            Ok(Ok(records)) => {
-                println!("ok: {records} records, every chain intact");
+            Ok(Ok(verified)) => {
+                println!("ok: {} records, every chain intact", verified.records);
+                for path in verified.unfinished {
+                    println!(
+                        "note: {} ends in a record cut short by a crash (never acknowledged); the next start cuts it away",
+                        path.display()
+                    );
+                }
                 0
             }
             Ok(Err(broken)) => {
