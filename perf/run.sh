@@ -5,8 +5,12 @@
 #   perf/run.sh [OUT_DIR]
 #
 # Env: DURATION (measured seconds per rate, default 5), WARMUP (default 2), CONNECTIONS (32),
-#      RATE (the fixed-rate pass, default 2000), SKIP_MICRO=1, SKIP_BASELINE=1, SKIP_SCALE=1.
-# Needs: a Rust toolchain with the wasm32-wasip1 target. Sends traffic to loopback only.
+#      RATE (the fixed-rate pass, default 2000), SKIP_MICRO=1, SKIP_BASELINE=1, SKIP_SCALE=1,
+#      SERVER_CPUS (e.g. 0-11: started servers run there, the harness on the other CPUs),
+#      BIN_DIR and GUESTS_DIR (prebuilt release binaries and json-stats.wasm/tensor-ops.wasm, for
+#      a machine without a toolchain; the micro-benchmarks then need cargo and are skipped).
+# Needs: a Rust toolchain with the wasm32-wasip1 target, or BIN_DIR and GUESTS_DIR. Sends traffic
+# to loopback only.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -18,10 +22,19 @@ warmup=${WARMUP:-2}
 connections=${CONNECTIONS:-32}
 rate=${RATE:-2000}
 
-rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
-cargo build --release --workspace --bins
-bench=target/release/tensor-wasm-bench
 common=(--duration "${duration}s" --warmup "${warmup}s" --connections "$connections")
+if [ -n "${BIN_DIR:-}" ]; then
+  bench=$BIN_DIR/tensor-wasm-bench
+  common+=(--server-bin "$BIN_DIR/tensor-wasm" --baseline-bin "$BIN_DIR/tensor-wasm-baseline")
+  [ -n "${GUESTS_DIR:-}" ] || { echo "perf/run.sh: BIN_DIR needs GUESTS_DIR too" >&2; exit 2; }
+  command -v cargo >/dev/null || SKIP_MICRO=1
+else
+  rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
+  cargo build --release --workspace --bins
+  bench=target/release/tensor-wasm-bench
+fi
+[ -z "${GUESTS_DIR:-}" ] || common+=(--guests-dir "$GUESTS_DIR")
+[ -z "${SERVER_CPUS:-}" ] || common+=(--server-cpus "$SERVER_CPUS")
 
 status=0
 run() { # name, harness args...
@@ -56,7 +69,7 @@ run step --step
 {
   echo "# Performance run $(date -u +%F), commit $commit"
   echo
-  echo "Command: \`perf/run.sh\` with DURATION=$duration WARMUP=$warmup CONNECTIONS=$connections RATE=$rate."
+  echo "Command: \`perf/run.sh\` with DURATION=$duration WARMUP=$warmup CONNECTIONS=$connections RATE=$rate${SERVER_CPUS:+ SERVER_CPUS=$SERVER_CPUS}."
   echo
   [ -f "$out/micro.md" ] && { echo "## Micro-benchmarks"; echo; cat "$out/micro.md"; echo; }
   echo "## Fixed rate, every scenario"; echo; cat "$out/fixed/results.md"; echo

@@ -207,8 +207,42 @@ fn the_binary_measures_a_real_server_and_gates_on_the_slo() {
 }
 
 #[test]
+fn started_servers_and_the_generator_can_be_kept_on_separate_cpus() {
+    let allowed = tensor_wasm::server::cpu::allowed_cpus().unwrap();
+    if allowed.len() < 2 {
+        eprintln!("one CPU only: nothing to keep apart");
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let server_cpu = allowed[0].to_string();
+    let run = Command::new(bench_binary())
+        .arg("--server-bin")
+        .arg(server_binary())
+        .args(["--scenario", "healthz", "--rate", "200", "--warmup", "300ms", "--duration", "1s"])
+        .args(["--connections", "4", "--server-cpus", &server_cpu, "--quiet", "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    // The harness checks the started server's CPU list in /proc and exits 2 when it differs.
+    let code = run.status.code();
+    assert!(code == Some(0) || code == Some(1), "exit {code:?}: {}", String::from_utf8_lossy(&run.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
+    let machine = &report["machine"];
+    assert_eq!(machine["server_cpus"], server_cpu.as_str());
+    let harness = tensor_wasm::server::cpu::parse_list(machine["harness_cpus"].as_str().unwrap()).unwrap();
+    assert_eq!(harness, allowed[1..].to_vec());
+    // The default shard count follows the server's CPUs: one.
+    let m = &report["measurements"][0];
+    assert_eq!((m["shards"].as_u64(), m["statuses"]["200"].as_u64()), (Some(1), Some(200)), "{m}");
+}
+
+#[test]
 fn unusable_requests_exit_2_with_a_sentence() {
-    let cases: [&[&str]; 3] = [
+    let every_cpu = tensor_wasm::server::cpu::format_list(&tensor_wasm::server::cpu::allowed_cpus().unwrap());
+    let cases: [&[&str]; 5] = [
+        &["--server-cpus", "1000"],
+        &["--server-cpus", &every_cpu],
         &["--scenario", "tenant-mix", "--server", "http://127.0.0.1:9"],
         &["--server", "https://127.0.0.1:9"],
         &["--rate", "0"],

@@ -50,6 +50,11 @@ struct Args {
     /// left to the device worker in the tensor scenario.
     #[arg(long)]
     shards: Option<usize>,
+    /// CPUs for the servers the harness starts (ours and the baseline), as `taskset -c` writes
+    /// them (0-3,8); the harness's own threads then run on the other CPUs it may use. Default
+    /// shard counts follow this set. Without it, servers and generator share every CPU.
+    #[arg(long)]
+    server_cpus: Option<String>,
     /// Folder with prebuilt json-stats.wasm and tensor-ops.wasm (default: build them with cargo).
     #[arg(long)]
     guests_dir: Option<PathBuf>,
@@ -149,6 +154,22 @@ fn main() {
     }
 }
 
+/// Moves this process (before it starts any thread) off `server_cpus`, onto the rest of the CPUs
+/// it may use, so that the generator never takes a started server's CPU. Returns the servers' set.
+fn confine_away_from(server_cpus: &[usize]) -> Result<Vec<usize>, String> {
+    use tensor_wasm::server::cpu;
+    let allowed = cpu::allowed_cpus().map_err(|e| format!("cannot read this process's CPUs: {e}"))?;
+    if let Some(cpu) = server_cpus.iter().find(|c| !allowed.contains(c)) {
+        return Err(format!("--server-cpus names CPU {cpu}, which this process may not use ({allowed:?})"));
+    }
+    let rest: Vec<usize> = allowed.into_iter().filter(|c| !server_cpus.contains(c)).collect();
+    if rest.is_empty() {
+        return Err("--server-cpus takes every CPU; leave at least one to the load generator".into());
+    }
+    cpu::confine_current_thread(&rest).map_err(|e| format!("cannot move the harness to CPUs {rest:?}: {e}"))?;
+    Ok(server_cpus.to_vec())
+}
+
 fn run(args: Args) -> Result<bool, String> {
     if args.rate <= 0.0
         || args.step_start <= 0.0
@@ -164,11 +185,16 @@ fn run(args: Args) -> Result<bool, String> {
     if args.duration.is_zero() {
         return Err("--duration must be longer than zero".into());
     }
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let server_cpus = match &args.server_cpus {
+        Some(list) => Some(confine_away_from(&tensor_wasm::server::cpu::parse_list(list)?)?),
+        None => None,
+    };
+    let cpus =
+        server_cpus.as_ref().map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), Vec::len);
     let source = match &args.server {
         Some(url) => {
-            if args.baseline || args.scale {
-                return Err("--baseline and --scale start their own servers; leave out --server".into());
+            if args.baseline || args.scale || server_cpus.is_some() {
+                return Err("--baseline, --scale and --server-cpus start their own servers; leave out --server".into());
             }
             ServerSource::Remote(Endpoint::from_url(url, args.token.clone(), args.tenant)?)
         }
@@ -183,6 +209,7 @@ fn run(args: Args) -> Result<bool, String> {
                 None => None,
             },
             shards: args.shards,
+            cpus: server_cpus,
         },
     };
     let steps =

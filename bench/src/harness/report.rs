@@ -65,7 +65,12 @@ impl Comparison {
 /// The machine a run was taken on.
 #[derive(Clone, Debug, Serialize)]
 pub struct Machine {
+    /// CPUs online.
     pub cpus: usize,
+    /// The CPUs the harness ran on, and those of the servers it started when they were kept
+    /// apart (`--server-cpus`), as CPU lists.
+    pub harness_cpus: String,
+    pub server_cpus: Option<String>,
     pub cpu_model: String,
     pub kernel: String,
     /// How late a 200 µs sleep wakes, at P50 and P99 (µs): the scheduling noise of this machine,
@@ -75,7 +80,8 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn this() -> Machine {
+    pub fn this(server_cpus: Option<&[usize]>) -> Machine {
+        use tensor_wasm::server::cpu;
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu_model = cpuinfo
             .lines()
@@ -85,8 +91,12 @@ impl Machine {
             .unwrap_or_else(|| "unknown".into());
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
         let (wake_late_p50_us, wake_late_p99_us) = wake_lateness();
+        // SAFETY: sysconf only reads.
+        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
         Machine {
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpus: usize::try_from(online).unwrap_or(1).max(1),
+            harness_cpus: cpu::allowed_cpus().map(|c| cpu::format_list(&c)).unwrap_or_default(),
+            server_cpus: server_cpus.map(cpu::format_list),
             cpu_model,
             kernel,
             wake_late_p50_us,
@@ -134,12 +144,16 @@ impl Report {
         let _ = writeln!(
             md,
             "Machine: {} CPUs ({}), Linux {}; a 200 µs sleep wakes {:.0} µs late at P50 and {:.0} µs at P99. \
-             {} connections, {:.0} s warm-up, {:.0} s measured per rate.\n",
+             {}. {} connections, {:.0} s warm-up, {:.0} s measured per rate.\n",
             m.cpus,
             m.cpu_model,
             m.kernel,
             m.wake_late_p50_us,
             m.wake_late_p99_us,
+            match &m.server_cpus {
+                Some(server) => format!("Started servers on CPUs {server}, the harness on {}", m.harness_cpus),
+                None => format!("The harness ran on CPUs {}", m.harness_cpus),
+            },
             self.connections,
             self.warmup_s,
             self.duration_s
@@ -285,6 +299,7 @@ fn measurement_table<'a>(md: &mut String, rows: impl Iterator<Item = &'a Measure
         "lag P99 µs",
         "server CPU µs/req",
         "harness CPU µs/req",
+        "stolen CPU %",
         "SLO",
     ];
     table(
@@ -309,6 +324,7 @@ fn measurement_table<'a>(md: &mut String, rows: impl Iterator<Item = &'a Measure
                 format!("{:.0}", m.generator_lag_p99_us),
                 cpu(m.cpu.server_us_per_answer),
                 cpu(m.cpu.harness_us_per_answer),
+                m.cpu.stolen_percent.map_or("n/a".into(), |p| format!("{p:.1}")),
                 pass_text(m.pass),
             ]
         }),

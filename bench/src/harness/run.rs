@@ -42,7 +42,8 @@ pub enum ServerSource {
     Remote(Endpoint),
     /// A server process the harness starts for each scenario, with a fresh data dir.
     /// `shards`: the shard count (baseline: tokio workers); `None` for the scenario's default.
-    Start { binary: PathBuf, baseline_binary: Option<PathBuf>, shards: Option<usize> },
+    /// `cpus`: the CPUs the server is confined to; `None` for the harness's own.
+    Start { binary: PathBuf, baseline_binary: Option<PathBuf>, shards: Option<usize>, cpus: Option<Vec<usize>> },
 }
 
 /// A server ready for one scenario, and the scenario deployed on it.
@@ -69,16 +70,20 @@ impl Session {
         }
         let (endpoint, process, shards) = match source {
             ServerSource::Remote(endpoint) => (endpoint.clone(), None, None),
-            ServerSource::Start { binary, baseline_binary, shards: configured } => {
+            ServerSource::Start { binary, baseline_binary, shards: configured, cpus } => {
                 let binary = match implementation {
                     Implementation::TensorWasm => binary.clone(),
                     Implementation::Baseline => {
                         baseline_binary.clone().ok_or("the baseline server's binary was not found (--baseline-bin)")?
                     }
                 };
-                let shards = shards.or(*configured).unwrap_or_else(|| scenario.default_shards(implementation));
+                let cpu_count =
+                    cpus.as_ref().map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), Vec::len);
+                let shards =
+                    shards.or(*configured).unwrap_or_else(|| scenario.default_shards(implementation, cpu_count));
                 let extra = scenario.server_settings(&settings.scenario, shards);
-                let process = StartedServer::start(implementation, &binary, shards, &extra.args, &extra.env)?;
+                let process =
+                    StartedServer::start(implementation, &binary, shards, cpus.as_deref(), &extra.args, &extra.env)?;
                 (process.endpoint.clone(), Some(process), Some(shards))
             }
         };
@@ -102,6 +107,7 @@ impl Session {
         let progress = Progress::default();
         let server_cpu_before = self.process.as_ref().and_then(|p| cpu_seconds(p.pid()));
         let harness_cpu_before = cpu_seconds(std::process::id());
+        let machine_before = machine_ticks();
         let running = AtomicBool::new(true);
         let label = format!("{} on {} at {rate:.0}/s", self.scenario.name(), self.server);
         let (outcome, storm, memory) = std::thread::scope(|scope| {
@@ -140,6 +146,9 @@ impl Session {
                 self.process.as_ref().and_then(|p| cpu_seconds(p.pid())),
             ),
             harness_us_per_answer: per_answer(harness_cpu_before, cpu_seconds(std::process::id())),
+            stolen_percent: machine_before.zip(machine_ticks()).and_then(|((total0, stolen0), (total1, stolen1))| {
+                (total1 > total0).then(|| 100.0 * (stolen1 - stolen0) as f64 / (total1 - total0) as f64)
+            }),
         };
         let dispatch = match (kernels_before, self.kernel_histogram()) {
             (Some(before), Some(after)) => {
@@ -278,6 +287,9 @@ pub struct CpuReport {
     pub server_us_per_answer: Option<f64>,
     /// The harness itself: the load generator's cost.
     pub harness_us_per_answer: Option<f64>,
+    /// The share of the machine's CPU time its hypervisor took for other guests over the plan
+    /// (`steal` in /proc/stat). Above a few percent, tail latency measures the host, not the server.
+    pub stolen_percent: Option<f64>,
 }
 
 /// The server's resident memory over a run: whether it stays flat under load. Anonymous memory
@@ -329,6 +341,16 @@ fn sample_memory(pid: u32, warmup: Duration, running: &AtomicBool) -> Option<Mem
 }
 
 /// User plus system CPU seconds of process `pid` so far.
+/// The machine's CPU time so far, all CPUs and states together, and the part of it stolen, in
+/// clock ticks (the `cpu` line of /proc/stat).
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).map(|t| t.parse().unwrap_or(0)).collect();
+    // user nice system idle iowait irq softirq steal guest guest_nice; guest time is already in user.
+    Some((ticks.iter().take(8).sum(), *ticks.get(7)?))
+}
+
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces; the fields after its closing parenthesis do not.

@@ -61,11 +61,10 @@ impl Scenario {
             || matches!(self, Scenario::Healthz | Scenario::Hello | Scenario::Json | Scenario::DeployStorm)
     }
 
-    /// The shard count of a server started for this scenario: every CPU, except that the tensor
-    /// scenario leaves one to the device worker, which otherwise waits for a shard to yield its CPU
-    /// (perf/DISPATCH.md).
-    pub fn default_shards(self, implementation: Implementation) -> usize {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    /// The shard count of a server started for this scenario on `cpus` CPUs: one per CPU, except
+    /// that the tensor scenario leaves one to the device worker, which otherwise waits for a shard
+    /// to yield its CPU (perf/DISPATCH.md).
+    pub fn default_shards(self, implementation: Implementation, cpus: usize) -> usize {
         match (self, implementation) {
             (Scenario::Tensor, Implementation::TensorWasm) => cpus.saturating_sub(1).max(1),
             _ => cpus,

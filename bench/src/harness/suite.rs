@@ -44,7 +44,10 @@ pub fn run_suite(options: &SuiteOptions) -> Result<Report, String> {
     let mut report = Report {
         tool: concat!("tensor-wasm-bench ", env!("CARGO_PKG_VERSION")),
         started_unix_s,
-        machine: Machine::this(),
+        machine: Machine::this(match &options.source {
+            ServerSource::Start { cpus, .. } => cpus.as_deref(),
+            ServerSource::Remote(_) => None,
+        }),
         command: options.command.clone(),
         connections: settings.connections,
         warmup_s: settings.warmup.as_secs_f64(),

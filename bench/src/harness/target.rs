@@ -108,11 +108,13 @@ pub struct StartedServer {
 
 impl StartedServer {
     /// Starts `binary` on an ephemeral loopback port with a fresh data dir, `shards` shards or
-    /// worker threads, `args` and `env`, and waits until it is ready.
+    /// worker threads, confined to `cpus` when given, with `args` and `env`, and waits until it
+    /// is ready.
     pub fn start(
         implementation: Implementation,
         binary: &Path,
         shards: usize,
+        cpus: Option<&[usize]>,
         args: &[String],
         env: &[(String, String)],
     ) -> Result<StartedServer, String> {
@@ -130,6 +132,9 @@ impl StartedServer {
         cmd.args(["--listen", "127.0.0.1:0"]).args(args);
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        if let Some(cpus) = cpus {
+            confine_child(&mut cmd, cpus);
+        }
         let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
 
         // The first line of stdout is `listening on ADDR`; stderr is kept for the error message.
@@ -171,6 +176,15 @@ impl StartedServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        if let Some(cpus) = cpus {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+            let actual = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).map(str::trim);
+            let asked = tensor_wasm::server::cpu::format_list(cpus);
+            if actual != Some(asked.as_str()) {
+                let actual = actual.unwrap_or("that /proc does not show");
+                return fail(child, format!("runs on CPUs {actual}, not on {asked} as asked"));
+            }
+        }
         Ok(StartedServer { child, implementation, endpoint, _data_dir: data_dir })
     }
 
@@ -183,6 +197,31 @@ impl Drop for StartedServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Makes the process `cmd` starts run on `cpus` only, from its first instruction: TensorWasm pins
+/// its shards to the first CPUs of the set it starts with, and tokio's workers inherit it.
+fn confine_child(cmd: &mut Command, cpus: &[usize]) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: cpu_set_t is plain data, and CPU_SET is given only CPUs below CPU_SETSIZE (the list
+    // was parsed with that bound).
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &cpu in cpus.iter().filter(|c| **c < libc::CPU_SETSIZE as usize) {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        set
+    };
+    // SAFETY: the closure runs between fork and exec, where only async-signal-safe calls are
+    // allowed; it makes one system call on a set built before the fork, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
