@@ -101,7 +101,7 @@ fn every_protected_request_is_recorded_before_its_answer() {
     assert_eq!(created["request_id"], created_rid.as_str());
     assert_eq!(created["resource"], json!({"function_id": id, "tenant_id": 7}));
     assert_eq!(created["actor"]["kind"], "bearer");
-    assert_eq!(created["actor"]["scope"], json!({"kind": "tenant_set", "tenants": [7], "tenants_truncated": false}));
+    assert_eq!(created["actor"]["scope"], json!({"kind": "tenant_set", "tenants": [7]}));
     assert_eq!(created["actor"]["token_id"].as_str().unwrap().len(), 16);
     assert_eq!(all[2]["outcome"]["error_kind"], "tenant_scope_denied");
     assert_eq!(all[3]["actor"], json!({"kind": "bearer", "token_id": null, "scope": null}));

@@ -92,7 +92,7 @@ impl LineOut<'_> {
 
     /// A string known to need no escaping: the names this program gives its actions and errors.
     fn known_str(&mut self, s: &'static str) {
-        debug_assert!(!s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\'));
+        debug_assert!(!needs_escape(s));
         self.push(b"\"");
         self.text(s);
         self.push(b"\"");
@@ -101,7 +101,7 @@ impl LineOut<'_> {
     /// A JSON string literal, escaped as serde_json would.
     fn json_str(&mut self, s: &str) {
         self.push(b"\"");
-        if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        if !needs_escape(s) {
             self.text(s);
             self.push(b"\"");
             return;
@@ -140,13 +140,15 @@ impl LineOut<'_> {
 
     /// Lowercase hex of a 32-byte hash.
     fn hex(&mut self, bytes: &[u8; 32]) {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut text = [0u8; 64];
-        for (i, b) in bytes.iter().enumerate() {
-            text[2 * i] = DIGITS[(b >> 4) as usize];
-            text[2 * i + 1] = DIGITS[(b & 15) as usize];
+        match self.buf.get_mut(self.len..self.len + 64) {
+            Some(to) => {
+                for (pair, b) in to.chunks_exact_mut(2).zip(bytes) {
+                    pair.copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
+                }
+                self.len += 64;
+            }
+            None => self.overflow = true,
         }
-        self.push(&text);
     }
 
     fn addr(&mut self, a: &SocketAddr) {
@@ -164,6 +166,24 @@ impl LineOut<'_> {
             SocketAddr::V6(_) => self.text(&a.to_string()),
         }
     }
+}
+
+/// The two lowercase hex digits of every byte: one lookup per byte of a hash.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0; 2]; 256];
+    let mut b = 0;
+    while b < 256 {
+        pairs[b] = [DIGITS[b >> 4], DIGITS[b & 15]];
+        b += 1;
+    }
+    pairs
+};
+
+/// Whether `s` holds a byte JSON must escape. Without an early exit, so that the compiler can
+/// compare 16 or 32 bytes at a time: the strings are short, and almost never need escaping.
+fn needs_escape(s: &str) -> bool {
+    s.bytes().fold(false, |found, b| found | (b < 0x20) | (b == b'"') | (b == b'\\'))
 }
 
 /// Renders `event` as a complete line (with its trailing newline) at the start of `out`, which
@@ -198,8 +218,8 @@ pub fn encode_into(
                         }
                         out.num(*t);
                     }
-                    out.push(b"],\"tenants_truncated\":");
-                    out.push(if tenants.len() > MAX_TENANTS { b"true}}" } else { b"false}}" });
+                    // Only when true: the field would otherwise cost every record a hash block.
+                    out.push(if tenants.len() > MAX_TENANTS { b"],\"tenants_truncated\":true}}" } else { b"]}}" });
                 }
             }
         }
@@ -422,5 +442,20 @@ mod tests {
         encode(&e, 0, 1, &GENESIS, &mut line);
         assert!(line.len() <= MAX_RECORD, "{}", line.len());
         assert!(check_line(line.trim_end().as_bytes()).is_ok());
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["actor"]["scope"]["tenants"].as_array().unwrap().len(), MAX_TENANTS);
+        assert_eq!(v["actor"]["scope"]["tenants_truncated"], true);
+        // Present only when true.
+        encode(&event(), 0, 1, &GENESIS, &mut line);
+        assert!(!line.contains("tenants_truncated"), "{line}");
+    }
+
+    #[test]
+    fn hashes_are_lowercase_hex() {
+        let mut buf = [0u8; 64];
+        let mut out = LineOut { buf: &mut buf, len: 0, overflow: false };
+        out.hex(&std::array::from_fn(|i| (i * 37) as u8));
+        let expected: String = (0..32).map(|i| format!("{:02x}", (i * 37) as u8)).collect();
+        assert_eq!(std::str::from_utf8(&buf).unwrap(), expected);
     }
 }
