@@ -343,8 +343,19 @@ fn a_full_disk_rejects_then_recovers_by_itself() {
     assert!(server.metric("tensor_wasm_audit_errors_total", &[]) >= 1.0);
 }
 
-/// The CPUs a thread of `pid` may run on, by thread name (`Cpus_allowed_list`).
-fn thread_cpus(pid: u32) -> Vec<(String, String)> {
+/// A thread of a process, as /proc shows it.
+#[derive(Debug)]
+struct ThreadInfo {
+    /// Cut to 15 bytes by the kernel.
+    name: String,
+    /// `Cpus_allowed_list`.
+    cpus: String,
+    nice: i64,
+    /// The scheduling policy: 0 normal, 5 SCHED_IDLE.
+    policy: u64,
+}
+
+fn threads(pid: u32) -> Vec<ThreadInfo> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
     tasks
         .map(|t| {
@@ -352,7 +363,10 @@ fn thread_cpus(pid: u32) -> Vec<(String, String)> {
             let name = std::fs::read_to_string(t.join("comm")).unwrap().trim().to_string();
             let status = std::fs::read_to_string(t.join("status")).unwrap();
             let cpus = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string();
-            (name, cpus)
+            let stat = std::fs::read_to_string(t.join("stat")).unwrap();
+            // Fields after the name's closing parenthesis start at field 3 of proc(5).
+            let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+            ThreadInfo { name, cpus, nice: fields[19 - 3].parse().unwrap(), policy: fields[41 - 3].parse().unwrap() }
         })
         .collect()
 }
@@ -361,16 +375,21 @@ fn thread_cpus(pid: u32) -> Vec<(String, String)> {
 fn the_audit_helper_threads_do_not_share_a_shards_cpu() {
     let server = Server::start(&["--shards", "1"]);
     load(&server, 1);
-    let threads = thread_cpus(server.pid());
-    let cpus_of = |name: &str| threads.iter().find(|(n, _)| n == name).map(|(_, c)| c.clone()).unwrap();
+    let threads = threads(server.pid());
+    let thread = |name: &str| threads.iter().find(|t| t.name == name).unwrap();
     // The main thread never pins itself: it holds the process's CPUs.
-    let all = cpus_of("tensor-wasm");
-    // Thread names are cut to 15 bytes. The shard is pinned; the helpers reserve, seal and prefault on any of the process's CPUs.
+    let all = &thread("tensor-wasm").cpus;
+    // The shard is pinned; the helpers reserve, seal and prefault on any of the process's CPUs.
     if all.contains([',', '-']) {
-        assert_ne!(cpus_of("tw-shard-0"), all, "{threads:?}");
+        assert_ne!(&thread("tw-shard-0").cpus, all, "{threads:?}");
     }
-    assert_eq!(cpus_of("tw-audit-seal"), all, "{threads:?}");
-    assert_eq!(cpus_of("tw-audit-prefau"), all, "{threads:?}");
+    let (seal, prefault) = (thread("tw-audit-seal"), thread("tw-audit-prefau"));
+    assert_eq!((&seal.cpus, &prefault.cpus), (all, all), "{threads:?}");
+    // Where they do share a shard's CPU, they yield it: the sealer at nice 19, the prefaulter
+    // only when the CPU is otherwise idle.
+    assert_eq!((seal.nice, seal.policy), (19, 0), "{threads:?}");
+    assert_eq!(prefault.policy, 5, "{threads:?}");
+    assert_eq!((thread("tw-shard-0").nice, thread("tw-shard-0").policy), (0, 0), "{threads:?}");
 }
 
 #[test]

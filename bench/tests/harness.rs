@@ -237,6 +237,52 @@ fn started_servers_and_the_generator_can_be_kept_on_separate_cpus() {
     assert_eq!((m["shards"].as_u64(), m["statuses"]["200"].as_u64()), (Some(1), Some(200)), "{m}");
 }
 
+/// The pids of the live processes whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // After the command name's closing parenthesis: state, then the parent's pid.
+            let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+            fields.get(1) == Some(&parent.to_string().as_str()) && fields.first() != Some(&"Z")
+        })
+        .collect()
+}
+
+#[test]
+fn a_started_server_dies_with_the_harness() {
+    let mut harness = Command::new(bench_binary())
+        .arg("--server-bin")
+        .arg(server_binary())
+        .args(["--scenario", "healthz", "--rate", "50", "--warmup", "0s", "--duration", "60s", "--quiet"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let server = loop {
+        if let Some(pid) = children_of(harness.id()).first() {
+            break *pid;
+        }
+        assert!(Instant::now() < deadline, "the harness started no server");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    harness.kill().unwrap();
+    harness.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Gone, or a zombie waiting for its new parent to reap it.
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{server}/stat"))
+            .is_ok_and(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+    };
+    while alive() {
+        assert!(Instant::now() < deadline, "server {server} outlived the harness that started it");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn unusable_requests_exit_2_with_a_sentence() {
     let every_cpu = tensor_wasm::server::cpu::format_list(&tensor_wasm::server::cpu::allowed_cpus().unwrap());

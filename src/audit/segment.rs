@@ -247,15 +247,52 @@ pub fn start_background_threads() {
     Prefaulter::start();
 }
 
+/// How a helper thread yields to the shards. Where the server has no CPU to spare (fewer CPUs
+/// than shards plus helpers, as under a Kubernetes CPU limit), a helper runs on a shard's CPU, and
+/// at normal priority a freshly woken helper takes that CPU for a whole time slice: `perf sched`
+/// caught the prefault thread holding a lone shard off its CPU for 10 ms.
+#[derive(Clone, Copy)]
+enum HelperPriority {
+    /// SCHED_IDLE: runs only on a CPU with nothing else to run. For work the shard does itself
+    /// when the helper falls behind (prefaulting).
+    Idle,
+    /// Nice 19: the least CPU of the normal threads, but never starved. For work whose delay
+    /// delays durability (sealing).
+    Background,
+}
+
+impl HelperPriority {
+    /// Applies to the calling thread. A refusal only costs latency, so it is logged, not fatal.
+    fn apply(self, name: &str) {
+        // SAFETY: both calls only change the calling thread's scheduling; the parameters are
+        // plain data.
+        let rc = unsafe {
+            match self {
+                HelperPriority::Idle => {
+                    let param = libc::sched_param { sched_priority: 0 };
+                    libc::sched_setscheduler(0, libc::SCHED_IDLE, &param)
+                }
+                HelperPriority::Background => libc::setpriority(libc::PRIO_PROCESS, 0, 19),
+            }
+        };
+        if rc != 0 {
+            tracing::warn!("audit: {name} keeps normal priority: {}", io::Error::last_os_error());
+        }
+    }
+}
+
 /// A helper thread named `name` that does `work` on each item sent to it, behind a queue of
-/// `depth`. `None` when the thread cannot be started: then the callers do the work themselves.
+/// `depth`, at `priority`. `None` when the thread cannot be started: then the callers do the
+/// work themselves.
 fn spawn_helper<T: Send + 'static>(
-    name: &str,
+    name: &'static str,
     depth: usize,
+    priority: HelperPriority,
     mut work: impl FnMut(T) + Send + 'static,
 ) -> Option<std::sync::mpsc::SyncSender<T>> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<T>(depth);
     let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
+        priority.apply(name);
         while let Ok(item) = rx.recv() {
             work(item);
         }
@@ -281,14 +318,19 @@ static PREFAULTER: std::sync::OnceLock<Option<Prefaulter>> = std::sync::OnceLock
 impl Prefaulter {
     fn start() {
         PREFAULTER.get_or_init(|| {
-            let tx = spawn_helper("tw-audit-prefault", 256, |(map, range): (Arc<MmapRaw>, std::ops::Range<usize>)| {
-                // A segment sealed since (its last holder is this request) is not worth it.
-                // Kernels before 5.14 refuse the advice; a sealed segment's cut tail answers
-                // EFAULT. Either way the writes fault the pages in themselves.
-                if Arc::strong_count(&map) > 1 {
-                    let _ = map.advise_range(memmap2::Advice::PopulateWrite, range.start, range.len());
-                }
-            });
+            let tx = spawn_helper(
+                "tw-audit-prefault",
+                256,
+                HelperPriority::Idle,
+                |(map, range): (Arc<MmapRaw>, std::ops::Range<usize>)| {
+                    // A segment sealed since (its last holder is this request) is not worth it.
+                    // Kernels before 5.14 refuse the advice; a sealed segment's cut tail answers
+                    // EFAULT. Either way the writes fault the pages in themselves.
+                    if Arc::strong_count(&map) > 1 {
+                        let _ = map.advise_range(memmap2::Advice::PopulateWrite, range.start, range.len());
+                    }
+                },
+            );
             tx.map(|tx| Prefaulter { tx })
         });
     }
@@ -415,7 +457,7 @@ impl SealJob {
 impl Sealer {
     fn start() {
         SEALER.get_or_init(|| {
-            let tx = spawn_helper("tw-audit-seal", 64, |job: SealJob| {
+            let tx = spawn_helper("tw-audit-seal", 64, HelperPriority::Background, |job: SealJob| {
                 if let Err(e) = job.run() {
                     tracing::error!("audit: background work failed: {e}");
                 }

@@ -1,7 +1,5 @@
 //! Guests: WAT compiled with the `wat` crate, and a Rust guest built for wasm32-wasip1 at test time.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
 
 pub fn wasm(text: &str) -> Vec<u8> {
@@ -175,28 +173,17 @@ pub fn fiso_module(bin: &str) -> Vec<u8> {
     BUILT.get_or_init(|| {
         build_rust_guest("fiso-modules");
     });
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/guests/wasm32-wasip1/release");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guests/wasm32-wasip1/release");
     std::fs::read(dir.join(format!("{bin}.wasm"))).expect("fiso module wasm")
 }
 
+#[path = "../guests/cargo_build.rs"]
+mod cargo_build;
+
 /// Builds the guest crate tests/guests/`name`; returns its binary of the same name, if any.
 fn build_rust_guest(name: &str) -> Vec<u8> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let manifest = root.join(format!("tests/guests/{name}/Cargo.toml"));
-    let target_dir = root.join("target/guests");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "--target", "wasm32-wasip1", "--manifest-path"])
-        .arg(&manifest)
-        .arg("--target-dir")
-        .arg(&target_dir)
-        // The guest must not inherit this build's flags (coverage, sanitizers, ...).
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .status()
-        .expect("run cargo for the guest");
-    assert!(status.success(), "building the Rust guest {name} failed (is the wasm32-wasip1 target installed?)");
-    std::fs::read(target_dir.join(format!("wasm32-wasip1/release/{name}.wasm"))).unwrap_or_default()
+    let built = cargo_build::build_guest(env!("CARGO_MANIFEST_DIR").as_ref(), name).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::read(built.join(format!("{name}.wasm"))).unwrap_or_default()
 }
 
 /// Imports of the tensor ABI, for WAT guests.

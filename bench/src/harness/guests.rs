@@ -2,7 +2,6 @@
 //! built for wasm32-wasip1 on first use (or taken prebuilt from a folder).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// The seed's hello.wasm: an empty `_start`.
 pub fn hello() -> Vec<u8> {
@@ -49,31 +48,12 @@ impl GuestSource {
     }
 }
 
+#[path = "../../../tests/guests/cargo_build.rs"]
+mod cargo_build;
+
 fn build(name: &str) -> Result<PathBuf, String> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let manifest = repo.join(format!("tests/guests/{name}/Cargo.toml"));
-    if !manifest.is_file() {
-        return Err(format!(
-            "{} is missing: run the harness from its repository, or give --guests-dir with {name}.wasm",
-            manifest.display()
-        ));
-    }
-    let target_dir = repo.join("target/guests");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--quiet", "--release", "--target", "wasm32-wasip1", "--manifest-path"])
-        .arg(&manifest)
-        .arg("--target-dir")
-        .arg(&target_dir)
-        // The guest must not inherit the harness's own build flags.
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .status()
-        .map_err(|e| format!("cannot run cargo to build the guest {name}: {e}"))?;
-    if !status.success() {
-        return Err(format!(
-            "building the guest {name} failed (is the target installed? `rustup target add wasm32-wasip1`)"
-        ));
-    }
-    Ok(target_dir.join(format!("wasm32-wasip1/release/{name}.wasm")))
+    let built = cargo_build::build_guest(&repo, name)
+        .map_err(|e| format!("{e}: run the harness from its repository, or give --guests-dir with {name}.wasm"))?;
+    Ok(built.join(format!("{name}.wasm")))
 }

@@ -109,7 +109,8 @@ pub struct StartedServer {
 impl StartedServer {
     /// Starts `binary` on an ephemeral loopback port with a fresh data dir, `shards` shards or
     /// worker threads, confined to `cpus` when given, with `args` and `env`, and waits until it
-    /// is ready.
+    /// is ready. The server is killed when the thread that calls this exits (see `tie_child`),
+    /// so call it from one that outlives the server.
     pub fn start(
         implementation: Implementation,
         binary: &Path,
@@ -132,9 +133,7 @@ impl StartedServer {
         cmd.args(["--listen", "127.0.0.1:0"]).args(args);
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        if let Some(cpus) = cpus {
-            confine_child(&mut cmd, cpus);
-        }
+        tie_child(&mut cmd, cpus);
         let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
 
         // The first line of stdout is `listening on ADDR`; stderr is kept for the error message.
@@ -200,25 +199,34 @@ impl Drop for StartedServer {
     }
 }
 
-/// Makes the process `cmd` starts run on `cpus` only, from its first instruction: TensorWasm pins
-/// its shards to the first CPUs of the set it starts with, and tokio's workers inherit it.
-fn confine_child(cmd: &mut Command, cpus: &[usize]) {
+/// Ties the process `cmd` starts to this one: it is killed when the harness dies, however the
+/// harness dies (a started server left behind would skew every later measurement on the
+/// machine), and with `cpus` it runs on those CPUs only, from its first instruction (TensorWasm
+/// pins its shards to the first CPUs of the set it starts with; tokio's workers inherit it).
+fn tie_child(cmd: &mut Command, cpus: Option<&[usize]>) {
     use std::os::unix::process::CommandExt as _;
     // SAFETY: cpu_set_t is plain data, and CPU_SET is given only CPUs below CPU_SETSIZE (the list
     // was parsed with that bound).
-    let set = unsafe {
+    let set = cpus.map(|cpus| unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         for &cpu in cpus.iter().filter(|c| **c < libc::CPU_SETSIZE as usize) {
             libc::CPU_SET(cpu, &mut set);
         }
         set
-    };
+    });
     // SAFETY: the closure runs between fork and exec, where only async-signal-safe calls are
-    // allowed; it makes one system call on a set built before the fork, and allocates nothing.
+    // allowed; it makes plain system calls on values built before the fork, and allocates nothing.
+    // The parent-death signal belongs to the spawning thread, the harness's main thread, which
+    // lives as long as the run.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(set) = &set {
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
