@@ -340,7 +340,6 @@ fn sample_memory(pid: u32, warmup: Duration, running: &AtomicBool) -> Option<Mem
     })
 }
 
-/// User plus system CPU seconds of process `pid` so far.
 /// The machine's CPU time so far, all CPUs and states together, and the part of it stolen, in
 /// clock ticks (the `cpu` line of /proc/stat).
 fn machine_ticks() -> Option<(u64, u64)> {
@@ -351,6 +350,7 @@ fn machine_ticks() -> Option<(u64, u64)> {
     Some((ticks.iter().take(8).sum(), *ticks.get(7)?))
 }
 
+/// User plus system CPU seconds of process `pid` so far.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces; the fields after its closing parenthesis do not.

@@ -218,10 +218,15 @@ fn tie_child(cmd: &mut Command, cpus: Option<&[usize]>) {
     // allowed; it makes plain system calls on values built before the fork, and allocates nothing.
     // The parent-death signal belongs to the spawning thread, the harness's main thread, which
     // lives as long as the run.
+    let harness = std::process::id();
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // The harness died before the signal was armed: do not start an orphan.
+            if u32::try_from(libc::getppid()).ok() != Some(harness) {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             if let Some(set) = &set {
                 if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) != 0 {
