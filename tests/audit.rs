@@ -223,15 +223,36 @@ fn rotation_retention_and_a_flipped_byte() {
     assert!(err.contains(&format!("seq {}", first_seq + 2)), "{err}");
 }
 
-#[test]
-fn a_torn_tail_is_repaired_and_the_chain_continues() {
+/// A one-shard server's data dir holding 10 records, stopped by `stop`; and its active segment.
+fn ten_records_then(stop: impl FnOnce(&mut Server)) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mut server = Server::start_in(&data, &["--shards", "1"]);
     load(&server, 10);
-    server.signal(libc::SIGTERM);
-    assert!(server.wait_exit(Duration::from_secs(10)).success());
+    stop(&mut server);
     let active = data.join("audit/shard-0/00000000000000000001.jsonl");
+    (dir, data, active)
+}
+
+/// Restarts on `data`, which must log that it cut a torn tail, appends 5 more records, and
+/// returns every record after `verify` passed.
+fn restart_cuts_the_tail_and_continues(data: &Path) -> Vec<Value> {
+    let server = Server::start_in(data, &["--shards", "1"]);
+    server.wait_for_stderr("torn tail cut away");
+    load(&server, 5);
+    drop(server);
+    let (code, out, err) = verify(&data.join("audit"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("cut short"), "{out}");
+    records(&data.join("audit"))
+}
+
+#[test]
+fn a_torn_tail_is_repaired_and_the_chain_continues() {
+    let (_dir, data, active) = ten_records_then(|server| {
+        server.signal(libc::SIGTERM);
+        assert!(server.wait_exit(Duration::from_secs(10)).success());
+    });
     // Half a record, as a crash in the middle of a write leaves it.
     let mut bytes = std::fs::read(&active).unwrap();
     let last_line = String::from_utf8_lossy(&bytes).lines().last().unwrap().to_string();
@@ -239,13 +260,7 @@ fn a_torn_tail_is_repaired_and_the_chain_continues() {
     std::fs::write(&active, &bytes).unwrap();
     assert_eq!(verify(&data.join("audit")).0, 1, "the torn tail is visible");
 
-    let server = Server::start_in(&data, &["--shards", "1"]);
-    server.wait_for_stderr("torn tail cut away");
-    load(&server, 5);
-    drop(server);
-    let (code, out, err) = verify(&data.join("audit"));
-    assert_eq!(code, 0, "{out}{err}");
-    let all = records(&data.join("audit"));
+    let all = restart_cuts_the_tail_and_continues(&data);
     assert_eq!(all.len(), 15);
     let seqs: Vec<u64> = all.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=15).collect::<Vec<_>>());
@@ -253,14 +268,9 @@ fn a_torn_tail_is_repaired_and_the_chain_continues() {
 
 #[test]
 fn a_record_cut_short_by_kill_9_is_not_damage_but_a_cut_record_elsewhere_is() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let mut server = Server::start_in(&data, &["--shards", "1"]);
-    load(&server, 10);
-    server.kill9();
+    let (_dir, data, active) = ten_records_then(Server::kill9);
     // The live segment is preallocated: records, then zeros. A kill in the middle of formatting
     // a record in place leaves its prefix where the zeros begin.
-    let active = data.join("audit/shard-0/00000000000000000001.jsonl");
     let live = std::fs::read(&active).unwrap();
     let end = live.iter().position(|b| *b == 0).expect("a live segment has a zero tail");
     let last_line = String::from_utf8_lossy(&live[..end]).lines().last().unwrap().to_string();
@@ -283,14 +293,7 @@ fn a_record_cut_short_by_kill_9_is_not_damage_but_a_cut_record_elsewhere_is() {
     assert!(err.contains(&format!("offset {end}")) && err.contains("bytes after the last record"), "{err}");
 
     with_prefix_at(end);
-    let server = Server::start_in(&data, &["--shards", "1"]);
-    server.wait_for_stderr("torn tail cut away");
-    load(&server, 5);
-    drop(server);
-    let (code, out, err) = verify(&data.join("audit"));
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(!out.contains("cut short"), "{out}");
-    assert_eq!(records(&data.join("audit")).len(), 15);
+    assert_eq!(restart_cuts_the_tail_and_continues(&data).len(), 15);
 }
 
 fn set_file_size_limit(pid: u32, bytes: Option<u64>) {

@@ -140,15 +140,11 @@ impl LineOut<'_> {
 
     /// Lowercase hex of a 32-byte hash.
     fn hex(&mut self, bytes: &[u8; 32]) {
-        match self.buf.get_mut(self.len..self.len + 64) {
-            Some(to) => {
-                for (pair, b) in to.chunks_exact_mut(2).zip(bytes) {
-                    pair.copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
-                }
-                self.len += 64;
-            }
-            None => self.overflow = true,
+        let mut text = [0u8; 64];
+        for (pair, b) in text.chunks_exact_mut(2).zip(bytes) {
+            pair.copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
         }
+        self.push(&text);
     }
 
     fn addr(&mut self, a: &SocketAddr) {

@@ -22,7 +22,17 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
 
 /// Limits the calling thread to `cpus`; threads and processes it starts afterwards inherit the set.
 pub fn confine_current_thread(cpus: &[usize]) -> io::Result<()> {
-    // SAFETY: as above; CPU_SET is given only CPUs below CPU_SETSIZE.
+    let set = cpu_set(cpus)?;
+    // SAFETY: as above, on a set built by `cpu_set`.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `cpus` as the kernel's CPU set, for `sched_setaffinity` here or in a child before `exec`.
+pub fn cpu_set(cpus: &[usize]) -> io::Result<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET is given only CPUs below CPU_SETSIZE.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         for &cpu in cpus {
@@ -31,11 +41,8 @@ pub fn confine_current_thread(cpus: &[usize]) -> io::Result<()> {
             }
             libc::CPU_SET(cpu, &mut set);
         }
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        Ok(set)
     }
-    Ok(())
 }
 
 /// Parses a CPU list as `taskset -c` and /proc write them: `0-3,8,10-11`.

@@ -155,8 +155,8 @@ fn main() {
 }
 
 /// Moves this process (before it starts any thread) off `server_cpus`, onto the rest of the CPUs
-/// it may use, so that the generator never takes a started server's CPU. Returns the servers' set.
-fn confine_away_from(server_cpus: &[usize]) -> Result<Vec<usize>, String> {
+/// it may use, so that the generator never takes a started server's CPU.
+fn confine_away_from(server_cpus: &[usize]) -> Result<(), String> {
     use tensor_wasm::server::cpu;
     let allowed = cpu::allowed_cpus().map_err(|e| format!("cannot read this process's CPUs: {e}"))?;
     if let Some(cpu) = server_cpus.iter().find(|c| !allowed.contains(c)) {
@@ -166,8 +166,7 @@ fn confine_away_from(server_cpus: &[usize]) -> Result<Vec<usize>, String> {
     if rest.is_empty() {
         return Err("--server-cpus takes every CPU; leave at least one to the load generator".into());
     }
-    cpu::confine_current_thread(&rest).map_err(|e| format!("cannot move the harness to CPUs {rest:?}: {e}"))?;
-    Ok(server_cpus.to_vec())
+    cpu::confine_current_thread(&rest).map_err(|e| format!("cannot move the harness to CPUs {rest:?}: {e}"))
 }
 
 fn run(args: Args) -> Result<bool, String> {
@@ -186,7 +185,11 @@ fn run(args: Args) -> Result<bool, String> {
         return Err("--duration must be longer than zero".into());
     }
     let server_cpus = match &args.server_cpus {
-        Some(list) => Some(confine_away_from(&tensor_wasm::server::cpu::parse_list(list)?)?),
+        Some(list) => {
+            let cpus = tensor_wasm::server::cpu::parse_list(list)?;
+            confine_away_from(&cpus)?;
+            Some(cpus)
+        }
         None => None,
     };
     let cpus =

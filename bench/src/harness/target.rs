@@ -133,7 +133,8 @@ impl StartedServer {
         cmd.args(["--listen", "127.0.0.1:0"]).args(args);
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        tie_child(&mut cmd, cpus);
+        tie_child(&mut cmd, cpus)
+            .map_err(|e| format!("cannot confine {} to CPUs {cpus:?}: {e}", implementation.name()))?;
         let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
 
         // The first line of stdout is `listening on ADDR`; stderr is kept for the error message.
@@ -203,17 +204,9 @@ impl Drop for StartedServer {
 /// harness dies (a started server left behind would skew every later measurement on the
 /// machine), and with `cpus` it runs on those CPUs only, from its first instruction (TensorWasm
 /// pins its shards to the first CPUs of the set it starts with; tokio's workers inherit it).
-fn tie_child(cmd: &mut Command, cpus: Option<&[usize]>) {
+fn tie_child(cmd: &mut Command, cpus: Option<&[usize]>) -> std::io::Result<()> {
     use std::os::unix::process::CommandExt as _;
-    // SAFETY: cpu_set_t is plain data, and CPU_SET is given only CPUs below CPU_SETSIZE (the list
-    // was parsed with that bound).
-    let set = cpus.map(|cpus| unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for &cpu in cpus.iter().filter(|c| **c < libc::CPU_SETSIZE as usize) {
-            libc::CPU_SET(cpu, &mut set);
-        }
-        set
-    });
+    let set = cpus.map(tensor_wasm::server::cpu::cpu_set).transpose()?;
     // SAFETY: the closure runs between fork and exec, where only async-signal-safe calls are
     // allowed; it makes plain system calls on values built before the fork, and allocates nothing.
     // The parent-death signal belongs to the spawning thread, the harness's main thread, which
@@ -236,6 +229,7 @@ fn tie_child(cmd: &mut Command, cpus: Option<&[usize]>) {
             Ok(())
         });
     }
+    Ok(())
 }
 
 /// The binary `name` beside the running executable, as cargo lays out `target/<profile>/`.
