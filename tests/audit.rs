@@ -395,6 +395,38 @@ fn the_audit_helper_threads_do_not_share_a_shards_cpu() {
     assert_eq!((thread("tw-shard-0").nice, thread("tw-shard-0").policy), (0, 0), "{threads:?}");
 }
 
+/// The `VmFlags` of each mapping of a file under `dir` in process `pid` (proc(5), smaps).
+fn mapping_flags_under(pid: u32, dir: &Path) -> Vec<(String, Vec<String>)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let dir = dir.canonicalize().unwrap();
+    let mut found = Vec::new();
+    let mut file = None;
+    for line in smaps.lines() {
+        // A mapping starts with its address range and ends with the path, if it has one; its
+        // `VmFlags:` line closes it.
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.first().is_some_and(|range| range.contains('-') && !range.ends_with(':')) {
+            file = fields.get(5).filter(|p| Path::new(p).starts_with(&dir)).map(|p| p.to_string());
+        } else if let (Some(flags), Some(path)) = (line.strip_prefix("VmFlags:"), &file) {
+            found.push((path.clone(), flags.split_whitespace().map(str::to_string).collect()));
+        }
+    }
+    found
+}
+
+#[test]
+fn a_fault_on_the_active_segment_reads_no_pages_around_it() {
+    // Without MADV_RANDOM a fault on the reserved, unwritten segment makes the kernel zero the
+    // device's whole read-ahead window at once: 8 MiB and 9 ms on a disk with read_ahead_kb 8192.
+    let server = Server::start(&["--shards", "1"]);
+    load(&server, 1);
+    let mappings = mapping_flags_under(server.pid(), &server.data_dir.join("audit"));
+    assert!(!mappings.is_empty(), "no audit segment is mapped");
+    for (path, flags) in &mappings {
+        assert!(flags.iter().any(|f| f == "rr"), "{path} is mapped without MADV_RANDOM: {flags:?}");
+    }
+}
+
 #[test]
 fn every_shard_appends_concurrently() {
     let server = Server::start(&["--shards", "2", "--audit-sync", "always"]);

@@ -111,7 +111,13 @@ impl ActiveSegment {
     fn map(path: PathBuf, file: File, len: usize) -> io::Result<ActiveSegment> {
         // SAFETY: the file is ours alone (one writer per shard directory) and stays open and at
         // least this long while mapped; other processes only read it.
-        let map = Arc::new(MmapRaw::map_raw(&file)?);
+        let map = MmapRaw::map_raw(&file)?;
+        // No read-around on faults. The file's pages are reserved but unwritten, so a fault makes
+        // the kernel zero its whole read-ahead window in one go, without a preemption point: with
+        // the VM disk's `read_ahead_kb` of 8 MiB that held the shard (or the prefaulter, on the
+        // shard's CPU) for 9 ms per fault (perf/AUDIT.md). Writes are sequential; reads are ours.
+        map.advise(memmap2::Advice::Random)?;
+        let map = Arc::new(map);
         let mut segment =
             ActiveSegment { path, file: Arc::new(file), map, len, released: 0, prefaulted: len & !(PAGE - 1) };
         segment.prefault_ahead();
