@@ -3,10 +3,14 @@
 //! - instantiating from an `InstancePre` with the pooling allocator (a fresh store each time);
 //! - a whole hello invoke through `tensor_wasm::wasm::invoke` (store, instantiate, `_start`, drop),
 //!   on a pinned monoio executor, as a shard runs it;
-//! - the same for a WASI guest that echoes a small JSON body through stdin and stdout.
+//! - the same for a WASI guest that echoes a small JSON body through stdin and stdout;
+//! - the Rust guest `json-stats` with the json scenario's body, ours and the way the baseline
+//!   server runs it (on-demand allocator, linked and instantiated per request).
 //!
 //! Protects: instantiation P99 ≤ 5 µs, and a hello invoke well under the 20 µs of server CPU a
-//! whole HTTP invoke may cost (perf/CORE.md).
+//! whole HTTP invoke may cost (perf/CORE.md). The json-stats pair says how much of a JSON
+//! request is the guest's own work, which both servers pay: the ceiling on how far ahead of
+//! the baseline a faster server can get on that scenario (perf/README.md).
 //!
 //! `cargo bench -p tensor-wasm-bench --bench instantiate`
 
@@ -39,6 +43,11 @@ fn main() {
     let hello =
         check_module(&engine, &linker, &wat::parse_str(r#"(module (func (export "_start")))"#).unwrap()).unwrap();
     let echo = check_module(&engine, &linker, &wat::parse_str(ECHO).unwrap()).unwrap();
+    let json_wasm =
+        tensor_wasm_bench::harness::guests::GuestSource::Build.rust_guest("json-stats").expect("json-stats");
+    let json_module = check_module(&engine, &linker, &json_wasm).unwrap();
+    let json_pre = linker.instantiate_pre(&json_module).unwrap();
+    let json_body = tensor_wasm_bench::harness::guests::json_stats_body();
     let hello_pre = linker.instantiate_pre(&hello).unwrap();
     let echo_pre = linker.instantiate_pre(&echo).unwrap();
     let wasi = Arc::new(WasiArgs::new(&["bench"], &[]));
@@ -89,8 +98,57 @@ fn main() {
         }
         (inst, hello_h, echo_h)
     });
+    let json_ours = rt.block_on(async {
+        timed(JSON_ROUNDS, || async {
+            let out =
+                invoke(&engine, &json_pre, wasi.clone(), json_body.clone(), Entry::Start, invoke_limits, None).await;
+            assert!(out.outcome.unwrap().stdout.starts_with(b"{"));
+        })
+        .await
+    });
+    let baseline_engine = tensor_wasm_bench::baseline::engine().expect("engine");
+    let baseline_linker = new_linker(&baseline_engine).expect("linker");
+    let baseline_module = check_module(&baseline_engine, &baseline_linker, &json_wasm).unwrap();
+    let _baseline_ticker =
+        tensor_wasm::wasm::EpochTicker::start(baseline_engine.clone(), Duration::from_millis(10)).unwrap();
+    let json_baseline = rt.block_on(async {
+        timed(JSON_ROUNDS, || async {
+            let (outcome, store) = tensor_wasm_bench::baseline::run_fresh_instance(
+                &baseline_engine,
+                &baseline_linker,
+                &baseline_module,
+                wasi.clone(),
+                json_body.clone(),
+            )
+            .await;
+            outcome.unwrap();
+            assert!(store.data().stdout().starts_with(b"{"));
+        })
+        .await
+    });
     println!("{TABLE_HEAD}");
     println!("{}", row("instantiate (InstancePre, pooling, CoW)", &inst));
     println!("{}", row("hello invoke: store + instantiate + _start + drop", &hello_h));
     println!("{}", row("echo invoke: the same + 34 B stdin→stdout", &echo_h));
+    println!("{}", row("json-stats invoke, ours (the json scenario's body)", &json_ours));
+    println!("{}", row("json-stats invoke, the baseline's way (link + instantiate, on demand)", &json_baseline));
+}
+
+/// The Rust guest runs far longer than the WAT ones: fewer rounds keep the bench short.
+const JSON_ROUNDS: usize = 20_000;
+
+/// Times `rounds` runs of `one` after a tenth as many unrecorded ones.
+async fn timed<F: std::future::Future<Output = ()>>(
+    rounds: usize,
+    one: impl Fn() -> F,
+) -> hdrhistogram::Histogram<u64> {
+    let mut h = histogram();
+    for i in 0..rounds / 10 + rounds {
+        let t = Instant::now();
+        one().await;
+        if i >= rounds / 10 {
+            record(&mut h, t.elapsed());
+        }
+    }
+    h
 }

@@ -41,12 +41,43 @@ struct State {
     wasi: Arc<WasiArgs>,
 }
 
+/// The baseline's engine: wasmtime's defaults (the on-demand allocator), with epoch
+/// interruption for the deadline.
+pub fn engine() -> wasmtime::Result<Engine> {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    Engine::new(&config)
+}
+
+/// Runs one request the baseline's way: a fresh store, `module` linked and instantiated from
+/// scratch, then `_start`. Returns the outcome and the store, which holds the guest's stdout.
+pub async fn run_fresh_instance(
+    engine: &Engine,
+    linker: &Linker<GuestState>,
+    module: &Module,
+    wasi: Arc<WasiArgs>,
+    stdin: Vec<u8>,
+) -> (wasmtime::Result<()>, Store<GuestState>) {
+    let deadline = Instant::now() + LIMITS.timeout;
+    let mut store = Store::new(engine, GuestState::new(wasi, stdin, LIMITS));
+    store.limiter(|s| s);
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
+    });
+    let outcome = async {
+        let instance = linker.instantiate_async(&mut store, module).await?;
+        let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+        start.call_async(&mut store, ()).await
+    }
+    .await;
+    (outcome, store)
+}
+
 /// Serves on `listen` with `threads` tokio workers until the process ends. Prints
 /// `listening on ADDR` on stdout once bound, as `tensor-wasm serve` does.
 pub fn serve(listen: SocketAddr, threads: usize) -> std::io::Result<()> {
-    let mut config = Config::new();
-    config.epoch_interruption(true);
-    let engine = Engine::new(&config).map_err(std::io::Error::other)?;
+    let engine = engine().map_err(std::io::Error::other)?;
     let _ticker = EpochTicker::start(engine.clone(), Duration::from_millis(10))?;
     let linker = new_linker(&engine).map_err(std::io::Error::other)?;
     let state = Arc::new(State {
@@ -120,20 +151,7 @@ async fn invoke(state: &State, id: &str, stdin: Vec<u8>) -> Response<Full<Bytes>
     let Some(module) = state.functions.read().expect("not poisoned").get(id).cloned() else {
         return error(StatusCode::NOT_FOUND, "function_not_found", "no such function");
     };
-    let deadline = Instant::now() + LIMITS.timeout;
-    let mut store = Store::new(&state.engine, GuestState::new(state.wasi.clone(), stdin, LIMITS));
-    store.limiter(|s| s);
-    store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(move |_| {
-        Ok(if Instant::now() >= deadline { UpdateDeadline::Interrupt } else { UpdateDeadline::Yield(1) })
-    });
-    // A fresh instance, linked and instantiated from scratch for this request.
-    let outcome = async {
-        let instance = state.linker.instantiate_async(&mut store, &module).await?;
-        let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-        start.call_async(&mut store, ()).await
-    }
-    .await;
+    let (outcome, store) = run_fresh_instance(&state.engine, &state.linker, &module, state.wasi.clone(), stdin).await;
     match outcome {
         Ok(()) if store.data().stdout().is_empty() => {
             json(StatusCode::OK, serde_json::json!({ "result": "ok", "function_id": id }))

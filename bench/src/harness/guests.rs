@@ -28,6 +28,15 @@ pub fn spin(iterations: u32) -> Vec<u8> {
     .expect("valid WAT")
 }
 
+/// The json scenario's request body for `json-stats`: 64 numbers and a label (about 400 bytes).
+pub fn json_stats_body() -> Vec<u8> {
+    let body = serde_json::json!({
+        "values": (0..64).map(|i| i as f64 * 1.5).collect::<Vec<_>>(),
+        "label": "tensor-wasm-bench",
+    });
+    body.to_string().into_bytes()
+}
+
 /// Where the Rust guests come from.
 #[derive(Clone, Debug)]
 pub enum GuestSource {

@@ -121,12 +121,7 @@ impl Scenario {
             }
             Scenario::Json => {
                 let id = deploy(endpoint, "bench-json", &options.guests.rust_guest("json-stats")?)?;
-                let body = serde_json::json!({
-                    "values": (0..64).map(|i| i as f64 * 1.5).collect::<Vec<_>>(),
-                    "label": "tensor-wasm-bench",
-                });
-                let mut p =
-                    single("json", invoke(endpoint, &id, body.to_string().as_bytes()), TrafficClass::InvokeHost);
+                let mut p = single("json", invoke(endpoint, &id, &guests::json_stats_body()), TrafficClass::InvokeHost);
                 p.functions.push((endpoint.clone(), id));
                 p
             }
