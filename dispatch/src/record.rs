@@ -120,51 +120,8 @@ pub struct Completion {
     pub device_nanos: u64,
 }
 
-/// Status codes, shared by the rings and the guest ABI (docs/ABI.md). Negative means failure.
-pub mod status {
-    pub const OK: i32 = 0;
-    /// A malformed argument: dtype, rank, a zero or too large dimension.
-    pub const INVALID_ARGUMENT: i32 = -1;
-    /// No such tensor in this invocation.
-    pub const BAD_HANDLE: i32 = -2;
-    /// A pointer and length outside the guest's memory.
-    pub const OUT_OF_BOUNDS: i32 = -3;
-    /// The operands' shapes do not fit the op.
-    pub const SHAPE_MISMATCH: i32 = -4;
-    /// The tenant's device-memory quota would be exceeded.
-    pub const QUOTA_EXCEEDED: i32 = -5;
-    /// The dispatch ring stayed full until the invocation's deadline.
-    pub const BUSY: i32 = -6;
-    /// The device failed the operation (out of memory, a launch failure).
-    pub const DEVICE_ERROR: i32 = -7;
-    /// The invocation holds as many tensors as it may.
-    pub const TOO_MANY_TENSORS: i32 = -8;
-    /// The destination is smaller than the tensor.
-    pub const BUFFER_TOO_SMALL: i32 = -9;
-    /// Only f32 (dtype 0) exists so far.
-    pub const UNSUPPORTED_DTYPE: i32 = -10;
-    /// The request did not complete before the caller's deadline.
-    pub const TIMEOUT: i32 = -11;
-
-    /// A stable name per code, for logs and docs.
-    pub fn name(code: i32) -> &'static str {
-        match code {
-            OK => "ok",
-            INVALID_ARGUMENT => "invalid_argument",
-            BAD_HANDLE => "bad_handle",
-            OUT_OF_BOUNDS => "out_of_bounds",
-            SHAPE_MISMATCH => "shape_mismatch",
-            QUOTA_EXCEEDED => "quota_exceeded",
-            BUSY => "busy",
-            DEVICE_ERROR => "device_error",
-            TOO_MANY_TENSORS => "too_many_tensors",
-            BUFFER_TOO_SMALL => "buffer_too_small",
-            UNSUPPORTED_DTYPE => "unsupported_dtype",
-            TIMEOUT => "timeout",
-            _ => "unknown",
-        }
-    }
-}
+#[path = "status.rs"]
+pub mod status;
 
 #[cfg(test)]
 mod tests {

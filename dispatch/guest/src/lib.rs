@@ -41,19 +41,9 @@ impl std::fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-/// The codes of docs/ABI.md.
-pub mod code {
-    pub const INVALID_ARGUMENT: i32 = -1;
-    pub const BAD_HANDLE: i32 = -2;
-    pub const OUT_OF_BOUNDS: i32 = -3;
-    pub const SHAPE_MISMATCH: i32 = -4;
-    pub const QUOTA_EXCEEDED: i32 = -5;
-    pub const BUSY: i32 = -6;
-    pub const DEVICE_ERROR: i32 = -7;
-    pub const TOO_MANY_TENSORS: i32 = -8;
-    pub const BUFFER_TOO_SMALL: i32 = -9;
-    pub const UNSUPPORTED_DTYPE: i32 = -10;
-}
+/// The codes of docs/ABI.md, from the host's own definition.
+#[path = "../../src/status.rs"]
+pub mod code;
 
 fn check(rc: i32) -> Result<i32, Error> {
     if rc >= 0 {
