@@ -120,7 +120,8 @@ impl ActiveSegment {
         // the kernel zero its whole read-ahead window in one go, without a preemption point: with
         // the VM disk's `read_ahead_kb` of 8 MiB that held the shard (or the prefaulter, on the
         // shard's CPU) for 9 ms per fault (perf/AUDIT.md). Writes are sequential; reads are ours.
-        map.advise(memmap2::Advice::Random)?;
+        // Only a hint: refused, it costs tail latency, not the audit log.
+        let _ = map.advise(memmap2::Advice::Random);
         let map = Arc::new(map);
         let mut segment =
             ActiveSegment { path, file: Arc::new(file), map, len, released: 0, prefaulted: len & !(PAGE - 1) };
