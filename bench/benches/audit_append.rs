@@ -52,11 +52,7 @@ fn run(sync: AuditSync, rounds: usize) -> (hdrhistogram::Histogram<u64>, Vec<Dur
     let audit = ShardAudit::open(0, config, metrics.clone(), Arc::new(CommitSlot::default()));
     let events: Vec<AuditEvent> = (0..1024).map(event).collect();
     let mut h = histogram();
-    let mut measured_from = Instant::now();
     for i in 0..WARMUP.min(rounds) + rounds {
-        if i == WARMUP.min(rounds) {
-            measured_from = Instant::now();
-        }
         let t = Instant::now();
         let ticket = audit.ticket().expect("writable");
         audit.record(ticket, &events[i % events.len()]);
@@ -64,7 +60,6 @@ fn run(sync: AuditSync, rounds: usize) -> (hdrhistogram::Histogram<u64>, Vec<Dur
             record(&mut h, t.elapsed());
         }
     }
-    let _ = measured_from;
     let bytes = metrics.audit_bytes.get();
     // Throughput in windows, so that one stall of a shared machine spoils one window, not the
     // figure: their median is reported, and their range beside it.

@@ -61,10 +61,8 @@ fn main() {
         tensor_wasm::wasm::EpochTicker::start(engine.clone(), Duration::from_millis(limits.epoch_tick_ms)).unwrap();
 
     let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().expect("runtime");
-    let (inst, hello_h, echo_h) = rt.block_on(async {
+    let inst = rt.block_on(async {
         let mut inst = histogram();
-        let mut hello_h = histogram();
-        let mut echo_h = histogram();
         for i in 0..WARMUP + ROUNDS {
             let mut store = Store::new(&engine, GuestState::new(wasi.clone(), Vec::new(), invoke_limits));
             store.set_epoch_deadline(1_000);
@@ -77,55 +75,38 @@ fn main() {
                 record(&mut inst, took);
             }
         }
-        for i in 0..WARMUP + ROUNDS {
-            let t = Instant::now();
-            let out = invoke(&engine, &hello_pre, wasi.clone(), Vec::new(), Entry::Start, invoke_limits, None).await;
-            let took = t.elapsed();
-            assert!(out.outcome.is_ok());
-            if i >= WARMUP {
-                record(&mut hello_h, took);
-            }
-        }
-        let body = br#"{"values":[1,2,3],"label":"bench"}"#.to_vec();
-        for i in 0..WARMUP + ROUNDS {
-            let t = Instant::now();
-            let out = invoke(&engine, &echo_pre, wasi.clone(), body.clone(), Entry::Start, invoke_limits, None).await;
-            let took = t.elapsed();
-            assert_eq!(out.outcome.unwrap().stdout, body);
-            if i >= WARMUP {
-                record(&mut echo_h, took);
-            }
-        }
-        (inst, hello_h, echo_h)
+        inst
     });
-    let json_ours = rt.block_on(async {
-        timed(JSON_ROUNDS, || async {
-            let out =
-                invoke(&engine, &json_pre, wasi.clone(), json_body.clone(), Entry::Start, invoke_limits, None).await;
-            assert!(out.outcome.unwrap().stdout.starts_with(b"{"));
-        })
-        .await
-    });
+    let hello_h = rt.block_on(timed(ROUNDS, || async {
+        let out = invoke(&engine, &hello_pre, wasi.clone(), Vec::new(), Entry::Start, invoke_limits, None).await;
+        assert!(out.outcome.is_ok());
+    }));
+    let body = br#"{"values":[1,2,3],"label":"bench"}"#.to_vec();
+    let echo_h = rt.block_on(timed(ROUNDS, || async {
+        let out = invoke(&engine, &echo_pre, wasi.clone(), body.clone(), Entry::Start, invoke_limits, None).await;
+        assert_eq!(out.outcome.unwrap().stdout, body);
+    }));
+    let json_ours = rt.block_on(timed(JSON_ROUNDS, || async {
+        let out = invoke(&engine, &json_pre, wasi.clone(), json_body.clone(), Entry::Start, invoke_limits, None).await;
+        assert!(out.outcome.unwrap().stdout.starts_with(b"{"));
+    }));
     let baseline_engine = tensor_wasm_bench::baseline::engine().expect("engine");
     let baseline_linker = new_linker(&baseline_engine).expect("linker");
     let baseline_module = check_module(&baseline_engine, &baseline_linker, &json_wasm).unwrap();
     let _baseline_ticker =
         tensor_wasm::wasm::EpochTicker::start(baseline_engine.clone(), Duration::from_millis(10)).unwrap();
-    let json_baseline = rt.block_on(async {
-        timed(JSON_ROUNDS, || async {
-            let (outcome, store) = tensor_wasm_bench::baseline::run_fresh_instance(
-                &baseline_engine,
-                &baseline_linker,
-                &baseline_module,
-                wasi.clone(),
-                json_body.clone(),
-            )
-            .await;
-            outcome.unwrap();
-            assert!(store.data().stdout().starts_with(b"{"));
-        })
-        .await
-    });
+    let json_baseline = rt.block_on(timed(JSON_ROUNDS, || async {
+        let (outcome, store) = tensor_wasm_bench::baseline::run_fresh_instance(
+            &baseline_engine,
+            &baseline_linker,
+            &baseline_module,
+            wasi.clone(),
+            json_body.clone(),
+        )
+        .await;
+        outcome.unwrap();
+        assert!(store.data().stdout().starts_with(b"{"));
+    }));
     println!("{TABLE_HEAD}");
     println!("{}", row("instantiate (InstancePre, pooling, CoW)", &inst));
     println!("{}", row("hello invoke: store + instantiate + _start + drop", &hello_h));
@@ -137,7 +118,7 @@ fn main() {
 /// The Rust guest runs far longer than the WAT ones: fewer rounds keep the bench short.
 const JSON_ROUNDS: usize = 20_000;
 
-/// Times `rounds` runs of `one` after a tenth as many unrecorded ones.
+/// Times `rounds` runs of `one` after a tenth as many unrecorded ones (for `ROUNDS`, `WARMUP`).
 async fn timed<F: std::future::Future<Output = ()>>(
     rounds: usize,
     one: impl Fn() -> F,

@@ -22,9 +22,14 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
 
 /// Limits the calling thread to `cpus`; threads and processes it starts afterwards inherit the set.
 pub fn confine_current_thread(cpus: &[usize]) -> io::Result<()> {
-    let set = cpu_set(cpus)?;
-    // SAFETY: as above, on a set built by `cpu_set`.
-    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+    apply_cpu_set(&cpu_set(cpus)?)
+}
+
+/// Limits the calling thread to `set` (from [`cpu_set`]). Makes one system call and allocates
+/// nothing, so a child may call it between fork and exec.
+pub fn apply_cpu_set(set: &libc::cpu_set_t) -> io::Result<()> {
+    // SAFETY: sched_setaffinity only reads `set`, a whole cpu_set_t.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

@@ -192,8 +192,7 @@ fn run(args: Args) -> Result<bool, String> {
         }
         None => None,
     };
-    let cpus =
-        server_cpus.as_ref().map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), Vec::len);
+    let cpus = tensor_wasm_bench::harness::run::cpu_count(server_cpus.as_deref());
     let source = match &args.server {
         Some(url) => {
             if args.baseline || args.scale || server_cpus.is_some() {

@@ -77,10 +77,9 @@ impl Session {
                         baseline_binary.clone().ok_or("the baseline server's binary was not found (--baseline-bin)")?
                     }
                 };
-                let cpu_count =
-                    cpus.as_ref().map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), Vec::len);
-                let shards =
-                    shards.or(*configured).unwrap_or_else(|| scenario.default_shards(implementation, cpu_count));
+                let shards = shards
+                    .or(*configured)
+                    .unwrap_or_else(|| scenario.default_shards(implementation, cpu_count(cpus.as_deref())));
                 let extra = scenario.server_settings(&settings.scenario, shards);
                 let process =
                     StartedServer::start(implementation, &binary, shards, cpus.as_deref(), &extra.args, &extra.env)?;
@@ -338,6 +337,12 @@ fn sample_memory(pid: u32, warmup: Duration, running: &AtomicBool) -> Option<Mem
         anon_peak_mib: peak,
         rss_peak_mib: rss_peak,
     })
+}
+
+/// How many CPUs a started server gets: `cpus` when it is confined to them, else every CPU the
+/// harness may use. Default shard counts follow it.
+pub fn cpu_count(cpus: Option<&[usize]>) -> usize {
+    cpus.map_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()), <[usize]>::len)
 }
 
 /// The machine's CPU time so far, all CPUs and states together, and the part of it stolen, in

@@ -221,12 +221,10 @@ fn tie_child(cmd: &mut Command, cpus: Option<&[usize]>) -> std::io::Result<()> {
             if u32::try_from(libc::getppid()).ok() != Some(harness) {
                 return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
-            if let Some(set) = &set {
-                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            match &set {
+                Some(set) => tensor_wasm::server::cpu::apply_cpu_set(set),
+                None => Ok(()),
             }
-            Ok(())
         });
     }
     Ok(())
