@@ -25,7 +25,7 @@ impl Response {
         Self::new(status, "application/json", body)
     }
 
-    pub fn json_value(status: Status, value: &serde_json::Value) -> Self {
+    pub fn json_value(status: Status, value: &impl serde::Serialize) -> Self {
         Self::json(status, serde_json::to_vec(value).unwrap_or_default())
     }
 
