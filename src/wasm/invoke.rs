@@ -87,6 +87,8 @@ pub struct GuestState {
     output_exceeded: bool,
     /// The tensor ABI's state, for functions that import `tensor_wasm`.
     pub tensors: Option<TensorContext>,
+    /// The instance's exported memory, once a host call has looked it up (`wasi::memory`).
+    pub(super) memory: Option<wasmtime::Memory>,
 }
 
 impl GuestState {
@@ -102,6 +104,7 @@ impl GuestState {
             memory_exceeded: false,
             output_exceeded: false,
             tensors: None,
+            memory: None,
         }
     }
 
