@@ -97,6 +97,7 @@ type Ctx<'a> = Caller<'a, GuestState>;
 type StringList = fn(&GuestState) -> &[Vec<u8>];
 
 /// Guest memory and the store's state, borrowed together.
+///
 /// The export is looked up once per store, on the first host call: a lookup by name hashes the
 /// name, and the json guest's WASI calls spent about 2 µs per invoke doing it every time.
 pub(super) fn memory<'a>(caller: &'a mut Ctx<'_>) -> wasmtime::Result<(&'a mut [u8], &'a mut GuestState)> {
