@@ -169,7 +169,7 @@ impl Session {
     /// Steps the rate up from `start` by `factor`, up to `max`, until two steps in a row miss the
     /// SLO (one miss may be noise, such as a stalled vCPU), then narrows the boundary above the
     /// best passing rate `refine` times by bisection. A missed step, bisections included, is
-    /// measured once more when the machine stalled during it (`Measurement::machine_stalled`).
+    /// measured once more when the machine stalled during it (`machine_stalled`).
     pub fn step_search(
         &self,
         start: f64,
@@ -208,7 +208,7 @@ impl Session {
     /// measurements stay in the record.
     fn measure_step(&self, rate: f64, settings: &Settings, steps: &mut Vec<Measurement>) -> Result<bool, String> {
         let first = self.measure(rate, settings)?;
-        let m = if !first.pass && first.machine_stalled() {
+        let m = if !first.pass && machine_stalled(first.generator_lag_p99_us, first.cpu.stolen_percent) {
             steps.push(first);
             pause_between_steps();
             self.measure(rate, settings)?
@@ -245,6 +245,8 @@ const STALLED_GENERATOR_LAG_US: f64 = 1000.0;
 /// stalls lost 3 to 27.5% (perf/README.md, runs G and H).
 const STALLED_STEAL_PERCENT: f64 = 1.0;
 
+/// Whether the machine, not the server, stalled during a measurement: the generator fell more
+/// than a millisecond behind at P99, or the hypervisor took more than 1% of the CPU.
 fn machine_stalled(generator_lag_p99_us: f64, stolen_percent: Option<f64>) -> bool {
     generator_lag_p99_us > STALLED_GENERATOR_LAG_US || stolen_percent.is_some_and(|p| p > STALLED_STEAL_PERCENT)
 }
@@ -432,12 +434,6 @@ pub struct Measurement {
 }
 
 impl Measurement {
-    /// Whether the machine, not the server, stalled during this measurement: the generator fell
-    /// more than a millisecond behind at P99, or the hypervisor took more than 1% of the CPU.
-    pub fn machine_stalled(&self) -> bool {
-        machine_stalled(self.generator_lag_p99_us, self.cpu.stolen_percent)
-    }
-
     fn new(
         session: &Session,
         outcome: &LoadOutcome,
