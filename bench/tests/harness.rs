@@ -237,6 +237,59 @@ fn started_servers_and_the_generator_can_be_kept_on_separate_cpus() {
     assert_eq!((m["shards"].as_u64(), m["statuses"]["200"].as_u64()), (Some(1), Some(200)), "{m}");
 }
 
+#[test]
+fn the_baseline_comparison_judges_p99_by_the_median_of_rounds_at_equal_load() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(bench_binary())
+        .arg("--server-bin")
+        .arg(server_binary())
+        .arg("--baseline-bin")
+        .arg(bench_binary().with_file_name("tensor-wasm-baseline"))
+        .args(["--scenario", "healthz", "--baseline", "--rate", "200", "--warmup", "200ms", "--duration", "500ms"])
+        .args(["--step-start", "200", "--step-factor", "2", "--step-max", "400", "--step-refine", "0"])
+        .args(["--connections", "4", "--shards", "1", "--quiet", "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let code = run.status.code();
+    assert!(code == Some(0) || code == Some(1), "exit {code:?}: {}", String::from_utf8_lossy(&run.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
+    let comparison = &report["comparisons"][0];
+    assert_eq!(comparison["scenario"], "healthz");
+    let rate = comparison["equal_load_rate"].as_f64().unwrap();
+    assert!((100.0..=320.0).contains(&rate), "80% of a best rate of 200 or 400: {rate}");
+    let median_p99 = |side: &str| {
+        let rounds = comparison[side].as_array().unwrap();
+        assert_eq!(rounds.len(), 3, "{side}");
+        for m in rounds {
+            assert_eq!(m["offered_rate"].as_f64(), Some(rate));
+            assert!(m["statuses"]["200"].as_u64().unwrap() > 0, "{m}");
+        }
+        let mut p99: Vec<f64> = rounds.iter().map(|m| m["latency"]["p99_us"].as_f64().unwrap()).collect();
+        p99.sort_by(f64::total_cmp);
+        p99[1]
+    };
+    let ours = median_p99("ours_at_equal_load");
+    let baseline = median_p99("baseline_at_equal_load");
+    assert_eq!(comparison["ours_equal_load_p99_us"].as_f64(), Some(ours));
+    assert_eq!(comparison["baseline_equal_load_p99_us"].as_f64(), Some(baseline));
+    let ratio = comparison["p99_ratio"].as_f64().unwrap();
+    assert!((ratio - baseline / ours).abs() < 1e-9, "{ratio} vs {baseline} / {ours}");
+    let servers: Vec<&str> = comparison["baseline_at_equal_load"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(comparison["ours_at_equal_load"].as_array().unwrap())
+        .map(|m| m["server"].as_str().unwrap())
+        .collect();
+    // Each side's rounds were taken on its own server.
+    assert_eq!(servers[..3], ["baseline"; 3]);
+    assert_eq!(servers[3..], ["tensor-wasm"; 3]);
+    let markdown = std::fs::read_to_string(out.path().join("results.md")).unwrap();
+    assert!(markdown.contains("P99 ours µs (median of rounds)"), "{markdown}");
+}
+
 /// The pids of the live processes whose parent is `parent`.
 fn children_of(parent: u32) -> Vec<u32> {
     std::fs::read_dir("/proc")

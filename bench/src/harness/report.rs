@@ -17,11 +17,15 @@ pub struct Comparison {
     /// The offered rate of the equal-load pair: 80% of the lower of the two best rates, which
     /// both servers sustain.
     pub equal_load_rate: f64,
-    pub ours_at_equal_load: Measurement,
-    pub baseline_at_equal_load: Measurement,
+    /// Each server's rounds at that rate (`suite::EQUAL_LOAD_ROUNDS`), in the order taken.
+    pub ours_at_equal_load: Vec<Measurement>,
+    pub baseline_at_equal_load: Vec<Measurement>,
+    /// The median P99 of each side's rounds (µs).
+    pub ours_equal_load_p99_us: f64,
+    pub baseline_equal_load_p99_us: f64,
     /// Our best achieved rate over the baseline's.
     pub throughput_ratio: Option<f64>,
-    /// The baseline's P99 over ours, at equal offered load.
+    /// The baseline's median P99 over ours, at equal offered load.
     pub p99_ratio: Option<f64>,
 }
 
@@ -32,7 +36,8 @@ impl Comparison {
             .steps
             .iter()
             .chain(&self.baseline.steps)
-            .chain([&self.ours_at_equal_load, &self.baseline_at_equal_load])
+            .chain(&self.ours_at_equal_load)
+            .chain(&self.baseline_at_equal_load)
     }
 
     pub fn new(
@@ -40,15 +45,17 @@ impl Comparison {
         ours: StepSearch,
         baseline: StepSearch,
         equal_load_rate: f64,
-        ours_at_equal_load: Measurement,
-        baseline_at_equal_load: Measurement,
+        ours_at_equal_load: Vec<Measurement>,
+        baseline_at_equal_load: Vec<Measurement>,
     ) -> Comparison {
         let throughput_ratio = match (ours.best(), baseline.best()) {
             (Some(o), Some(b)) if b.achieved_rate > 0.0 => Some(o.achieved_rate / b.achieved_rate),
             _ => None,
         };
-        let p99_ratio = (ours_at_equal_load.latency.p99_us > 0.0)
-            .then(|| baseline_at_equal_load.latency.p99_us / ours_at_equal_load.latency.p99_us);
+        let median_p99 = |rounds: &[Measurement]| median(rounds.iter().map(|m| m.latency.p99_us)).unwrap_or(0.0);
+        let ours_equal_load_p99_us = median_p99(&ours_at_equal_load);
+        let baseline_equal_load_p99_us = median_p99(&baseline_at_equal_load);
+        let p99_ratio = (ours_equal_load_p99_us > 0.0).then(|| baseline_equal_load_p99_us / ours_equal_load_p99_us);
         Comparison {
             scenario,
             ours,
@@ -56,6 +63,8 @@ impl Comparison {
             equal_load_rate,
             ours_at_equal_load,
             baseline_at_equal_load,
+            ours_equal_load_p99_us,
+            baseline_equal_load_p99_us,
             throughput_ratio,
             p99_ratio,
         }
@@ -226,8 +235,8 @@ impl Report {
                     "best rate, baseline",
                     "throughput ×",
                     "equal load/s",
-                    "P99 ours µs",
-                    "P99 baseline µs",
+                    "P99 ours µs (median of rounds)",
+                    "P99 baseline µs (median of rounds)",
                     "P99 ÷",
                 ],
                 self.comparisons.iter().map(|c| {
@@ -237,8 +246,8 @@ impl Report {
                         best(&c.baseline),
                         ratio(c.throughput_ratio),
                         format!("{:.0}", c.equal_load_rate),
-                        format!("{:.0}", c.ours_at_equal_load.latency.p99_us),
-                        format!("{:.0}", c.baseline_at_equal_load.latency.p99_us),
+                        p99_rounds(c.ours_equal_load_p99_us, &c.ours_at_equal_load),
+                        p99_rounds(c.baseline_equal_load_p99_us, &c.baseline_at_equal_load),
                         ratio(c.p99_ratio),
                     ]
                 }),
@@ -263,6 +272,24 @@ impl Report {
             .chain(self.comparisons.iter().flat_map(Comparison::measurements))
             .chain(self.scale.iter().flat_map(|s| &s.steps))
     }
+}
+
+/// The middle value, or the mean of the two middle ones; `None` for no values.
+fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    match v.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(v[mid]),
+        _ => Some((v[mid - 1] + v[mid]) / 2.0),
+    }
+}
+
+/// `median (round, round, …)`, in µs.
+fn p99_rounds(median: f64, rounds: &[Measurement]) -> String {
+    let each: Vec<String> = rounds.iter().map(|m| format!("{:.0}", m.latency.p99_us)).collect();
+    format!("{median:.0} ({})", each.join(", "))
 }
 
 fn shards(s: Option<usize>) -> String {
@@ -407,4 +434,17 @@ fn search_table<'a>(md: &mut String, rows: impl Iterator<Item = &'a StepSearch>)
                 .collect()
         }),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_ignores_one_stalled_round() {
+        assert_eq!(median([].into_iter()), None);
+        // Two quiet rounds and one that a host stall spoiled.
+        assert_eq!(median([110.3, 703.0, 150.0].into_iter()), Some(150.0));
+        assert_eq!(median([4.0, 1.0, 3.0, 2.0].into_iter()), Some(2.5));
+    }
 }

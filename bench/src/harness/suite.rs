@@ -24,6 +24,12 @@ pub struct StepPlan {
     pub refine: u32,
 }
 
+/// How many times each server is measured at the equal offered load. A P99 is the worst hundredth
+/// of a window, and on a shared VM one host stall fills it (perf/README.md, "Noise"): each side's
+/// P99 is the median of its rounds, and the rounds alternate so that a noisy minute spoils one
+/// round of each side rather than every round of one.
+pub const EQUAL_LOAD_ROUNDS: usize = 3;
+
 #[derive(Clone, Debug)]
 pub struct SuiteOptions {
     pub scenarios: Vec<Scenario>,
@@ -94,10 +100,20 @@ pub fn run_suite(options: &SuiteOptions) -> Result<Report, String> {
                     (Some(r), None) | (None, Some(r)) => r,
                     (None, None) => options.steps.start,
                 };
-            let base_equal = base.measure(equal, settings)?;
-            drop(base);
-            let ours = Session::open(&options.source, Implementation::TensorWasm, scenario, None, settings)?;
-            let ours_equal = ours.measure(equal, settings)?;
+            // Rounds alternate, baseline first (its server is still up), each on a freshly
+            // started server.
+            let (mut base_equal, mut ours_equal) = (Vec::new(), Vec::new());
+            let mut base = Some(base);
+            for _ in 0..EQUAL_LOAD_ROUNDS {
+                let session = match base.take() {
+                    Some(session) => session,
+                    None => Session::open(&options.source, Implementation::Baseline, scenario, None, settings)?,
+                };
+                base_equal.push(session.measure(equal, settings)?);
+                drop(session);
+                let ours = Session::open(&options.source, Implementation::TensorWasm, scenario, None, settings)?;
+                ours_equal.push(ours.measure(equal, settings)?);
+            }
             report.comparisons.push(Comparison::new(
                 scenario.name(),
                 ours_search,
