@@ -60,6 +60,11 @@ fn every_protected_request_is_recorded_before_its_answer() {
     assert_eq!(r.status, 201);
     let id = r.json()["id"].as_str().unwrap().to_string();
     let created_rid = r.header("x-request-id").unwrap().to_string();
+    // `{process}-{shard}-{count}`: 8 hex digits, then decimal numbers.
+    let parts: Vec<&str> = created_rid.split('-').collect();
+    assert_eq!(parts.len(), 3, "{created_rid}");
+    assert!(parts[0].len() == 8 && parts[0].bytes().all(|b| b.is_ascii_hexdigit()), "{created_rid}");
+    assert!(parts[1..].iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())), "{created_rid}");
     let r = c.request(
         "POST",
         &format!("/functions/{id}/invoke"),
