@@ -163,9 +163,19 @@ fn server_binary() -> PathBuf {
     path
 }
 
+/// Runs the harness with `--out` to a fresh folder. It must exit 0 or 1, a verdict and not a usage
+/// error. Returns its output, the parsed results.json, and the folder (results.md is there).
+fn run_with_report(mut cmd: Command) -> (std::process::Output, serde_json::Value, tempfile::TempDir) {
+    let out = tempfile::tempdir().unwrap();
+    let run = cmd.arg("--out").arg(out.path()).output().unwrap();
+    let code = run.status.code();
+    assert!(code == Some(0) || code == Some(1), "exit {code:?}: {}", String::from_utf8_lossy(&run.stderr));
+    let report = serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
+    (run, report, out)
+}
+
 #[test]
 fn the_binary_measures_a_real_server_and_gates_on_the_slo() {
-    let out = tempfile::tempdir().unwrap();
     let common = |extra: &[&str]| {
         let mut cmd = Command::new(bench_binary());
         cmd.arg("--server-bin")
@@ -173,15 +183,11 @@ fn the_binary_measures_a_real_server_and_gates_on_the_slo() {
             .args(["--scenario", "healthz,hello", "--rate", "200", "--warmup", "300ms", "--duration", "1s"])
             .args(["--connections", "4", "--shards", "1", "--quiet"])
             .args(extra);
-        cmd.output().unwrap()
+        cmd
     };
 
-    let run = common(&["--out", out.path().to_str().unwrap()]);
+    let (run, report, out) = run_with_report(common(&[]));
     let code = run.status.code();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(code == Some(0) || code == Some(1), "exit {code:?}: {stderr}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
     // The exit status is the report's verdict.
     assert_eq!(report["pass"].as_bool(), Some(code == Some(0)));
     let measurements = report["measurements"].as_array().unwrap();
@@ -200,7 +206,7 @@ fn the_binary_measures_a_real_server_and_gates_on_the_slo() {
     assert_eq!(String::from_utf8_lossy(&run.stdout), markdown);
 
     // No HTTP round trip takes a microsecond: an objective that tight fails, and so does the run.
-    let strict = common(&["--p99-target", "1us"]);
+    let strict = common(&["--p99-target", "1us"]).output().unwrap();
     assert_eq!(strict.status.code(), Some(1), "{}", String::from_utf8_lossy(&strict.stderr));
     let text = String::from_utf8_lossy(&strict.stdout);
     assert!(text.contains("P99 ≤ the given --p99-target") && text.contains("Result: FAIL"), "{text}");
@@ -213,21 +219,14 @@ fn started_servers_and_the_generator_can_be_kept_on_separate_cpus() {
         eprintln!("one CPU only: nothing to keep apart");
         return;
     }
-    let out = tempfile::tempdir().unwrap();
     let server_cpu = allowed[0].to_string();
-    let run = Command::new(bench_binary())
-        .arg("--server-bin")
+    let mut cmd = Command::new(bench_binary());
+    cmd.arg("--server-bin")
         .arg(server_binary())
         .args(["--scenario", "healthz", "--rate", "200", "--warmup", "300ms", "--duration", "1s"])
-        .args(["--connections", "4", "--server-cpus", &server_cpu, "--quiet", "--out"])
-        .arg(out.path())
-        .output()
-        .unwrap();
+        .args(["--connections", "4", "--server-cpus", &server_cpu, "--quiet"]);
     // The harness checks the started server's CPU list in /proc and exits 2 when it differs.
-    let code = run.status.code();
-    assert!(code == Some(0) || code == Some(1), "exit {code:?}: {}", String::from_utf8_lossy(&run.stderr));
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
+    let (_, report, _) = run_with_report(cmd);
     let machine = &report["machine"];
     assert_eq!(machine["server_cpus"], server_cpu.as_str());
     let harness = tensor_wasm::server::cpu::parse_list(machine["harness_cpus"].as_str().unwrap()).unwrap();
@@ -239,22 +238,15 @@ fn started_servers_and_the_generator_can_be_kept_on_separate_cpus() {
 
 #[test]
 fn the_baseline_comparison_judges_p99_by_the_median_of_rounds_at_equal_load() {
-    let out = tempfile::tempdir().unwrap();
-    let run = Command::new(bench_binary())
-        .arg("--server-bin")
+    let mut cmd = Command::new(bench_binary());
+    cmd.arg("--server-bin")
         .arg(server_binary())
         .arg("--baseline-bin")
         .arg(bench_binary().with_file_name("tensor-wasm-baseline"))
         .args(["--scenario", "healthz", "--baseline", "--rate", "200", "--warmup", "200ms", "--duration", "500ms"])
         .args(["--step-start", "200", "--step-factor", "2", "--step-max", "400", "--step-refine", "0"])
-        .args(["--connections", "4", "--shards", "1", "--quiet", "--out"])
-        .arg(out.path())
-        .output()
-        .unwrap();
-    let code = run.status.code();
-    assert!(code == Some(0) || code == Some(1), "exit {code:?}: {}", String::from_utf8_lossy(&run.stderr));
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
+        .args(["--connections", "4", "--shards", "1", "--quiet"]);
+    let (_, report, out) = run_with_report(cmd);
     let comparison = &report["comparisons"][0];
     assert_eq!(comparison["scenario"], "healthz");
     let rate = comparison["equal_load_rate"].as_f64().unwrap();
