@@ -19,8 +19,8 @@
 //!
 //! The stretch is counted from the heartbeat, not from the pump's last forced park: counted from
 //! that, the first yield after a quiet spell found the interval long past and held its guest for up
-//! to a millisecond although the shard had parked all along. About 2% of the JSON guest's requests
-//! cross an epoch tick and yield, so that was the invoke P99 at any load.
+//! to a millisecond although the shard had parked all along: the invoke P99 of any guest that often
+//! runs across a tick (perf/CORE.md).
 
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
