@@ -17,10 +17,10 @@
 //! round up to the next one), and everything it owes is delivered. A guest that runs for long
 //! thereby loses at most about a millisecond in every `PARK_INTERVAL`.
 //!
-//! The stretch is counted from the heartbeat, not from the pump's last forced park: counted from
-//! that, the first yield after a quiet spell found the interval long past and held its guest for up
-//! to a millisecond although the shard had parked all along: the invoke P99 of any guest that often
-//! runs across a tick (perf/CORE.md).
+//! Counted from the pump's last forced park instead, as it once was, the first yield after a quiet
+//! spell found the interval long past and waited up to a millisecond although the shard had parked
+//! all along; for a guest that often runs across a tick, that wait was the invoke P99
+//! (perf/CORE.md).
 
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
