@@ -26,7 +26,7 @@ use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long guests may keep a shard from parking.
 pub const PARK_INTERVAL: Duration = Duration::from_millis(5);
@@ -45,13 +45,14 @@ thread_local! {
 /// The pump: spawn once per shard, on the shard's executor. It never completes.
 pub async fn pump() {
     QUEUE.with(|q| q.pump_running.set(true));
-    // Armed at the first yield after a park, with the time it was armed; gone once it fired.
-    let mut heartbeat: Option<(Instant, Pin<Box<monoio::time::Sleep>>)> = None;
+    // Armed at the first yield after a park, gone once it fired. Zero-length, so its deadline is
+    // when it was armed.
+    let mut heartbeat: Option<Pin<Box<monoio::time::Sleep>>> = None;
     loop {
         // Until a guest parks itself here. Polling the heartbeat registers it with the timer, and a
         // firing heartbeat wakes the pump only to be cleared.
         poll_fn(|cx| {
-            if heartbeat.as_mut().is_some_and(|(_, timer)| timer.as_mut().poll(cx).is_ready()) {
+            if heartbeat.as_mut().is_some_and(|timer| timer.as_mut().poll(cx).is_ready()) {
                 heartbeat = None;
             }
             QUEUE.with(|q| {
@@ -65,8 +66,8 @@ pub async fn pump() {
         })
         .await;
         match heartbeat.as_mut() {
-            None => heartbeat = Some((Instant::now(), Box::pin(monoio::time::sleep(Duration::ZERO)))),
-            Some((armed, timer)) if armed.elapsed() >= PARK_INTERVAL => {
+            None => heartbeat = Some(Box::pin(monoio::time::sleep(Duration::ZERO))),
+            Some(timer) if timer.deadline().elapsed() >= PARK_INTERVAL => {
                 timer.await;
                 heartbeat = None;
             }
