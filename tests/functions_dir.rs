@@ -337,3 +337,52 @@ fn a_missing_functions_dir_is_a_configuration_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
 }
+
+/// The digests of the precompiled artifacts in a data dir, and whether each has its module beside it.
+fn artifacts(data: &Path) -> Vec<(String, bool)> {
+    let mut found: Vec<_> = std::fs::read_dir(data.join("modules"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .map(|p| (p.file_stem().unwrap().to_string_lossy().into_owned(), p.with_extension("wasm").exists()))
+        .collect();
+    found.sort();
+    found
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    common::sha256(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn a_restart_reuses_compiled_folder_modules_and_drops_unused_ones() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--functions-dir", dir.path().to_str().unwrap()];
+    let (v1, v2) = (version(1), version(2));
+    put(dir.path(), "mounted.wasm", &v1);
+    {
+        let server = Server::start_in(data.path(), &args);
+        assert!(id_of(&server, "mounted").is_some());
+        server.wait_for_stderr("functions directory module compiled");
+    }
+    // The artifact alone: the module's bytes stay in the folder.
+    assert_eq!(artifacts(data.path()), [(sha256_hex(&v1), false)]);
+
+    let server = Server::start_in(data.path(), &args);
+    let id = id_of(&server, "mounted").expect("listed once ready");
+    assert_eq!(server.client().invoke(&id, b"").text(), "v1");
+    assert!(!server.stderr().contains("module compiled"), "compiled again:\n{}", server.stderr());
+
+    // Replaced: the new version's artifact takes the old one's place.
+    put(dir.path(), "mounted.wasm", &v2);
+    within(RELOAD_LIMIT, "v2 live", || server.client().invoke(&id, b"").text() == "v2");
+    within(RELOAD_LIMIT, "v1's artifact removed", || artifacts(data.path()) == [(sha256_hex(&v2), false)]);
+    drop(server);
+
+    // Gone from the folder while the server was down: swept at the next start.
+    std::fs::remove_file(dir.path().join("mounted.wasm")).unwrap();
+    let server = Server::start_in(data.path(), &args);
+    assert_eq!(id_of(&server, "mounted"), None);
+    assert_eq!(artifacts(data.path()), []);
+}

@@ -70,7 +70,7 @@ fn corrupt_or_incompatible_artifacts_are_recompiled() {
     // 2. A well-framed artifact that wasmtime refuses (another version's, say).
     let payload = b"not a wasmtime artifact".to_vec();
     let mut framed = b"TWART01\n".to_vec();
-    framed.extend_from_slice(&sha256(&payload));
+    framed.extend_from_slice(&common::sha256(&payload));
     framed.extend_from_slice(&payload);
     std::fs::write(&artifacts[0], &framed).unwrap();
     let server = Server::start_in(dir.path(), &[]);
@@ -85,11 +85,6 @@ fn corrupt_or_incompatible_artifacts_are_recompiled() {
     assert_eq!(server.client().invoke(&echo, b"again").text(), "again");
     let log = server.wait_for_stderr("stored functions loaded");
     assert!(log.contains("failed=1"), "{log}");
-}
-
-fn sha256(bytes: &[u8]) -> Vec<u8> {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes).to_vec()
 }
 
 #[test]

@@ -14,7 +14,8 @@ const ARTIFACT_MAGIC: &[u8; 8] = b"TWART01\n";
 /// The data dir:
 /// ```text
 /// modules/<sha256-hex>.wasm    the module as deployed
-/// modules/<sha256-hex>.cwasm   its precompiled artifact (magic, checksum, wasmtime bytes)
+/// modules/<sha256-hex>.cwasm   its precompiled artifact (magic, checksum, wasmtime bytes); a
+///                              functions-directory module has this alone
 /// functions/<id>.json          one record per function
 /// pipelines/<id>.json          one record per pipeline
 /// ```
@@ -94,7 +95,9 @@ impl FunctionStore {
         framed.extend_from_slice(ARTIFACT_MAGIC);
         framed.extend_from_slice(&Sha256::digest(artifact));
         framed.extend_from_slice(artifact);
-        write_atomic(&self.artifact_path(digest), &framed)
+        // Not fsynced: an artifact is rebuilt from its module, and one cut short by a crash fails
+        // its checksum and is compiled again. That keeps fsyncs off a folder reload.
+        write_by_rename(&self.artifact_path(digest), &framed, false)
     }
 
     /// The artifact's wasmtime bytes, if present and intact.
@@ -109,6 +112,29 @@ impl FunctionStore {
         }
         framed.drain(..header);
         Ok(framed)
+    }
+
+    /// Digests (`sha256:<hex>`) of the artifacts with no module beside them: those of
+    /// functions-directory modules, whose bytes live in the folder.
+    pub fn artifacts_without_module(&self) -> io::Result<Vec<String>> {
+        let mut digests = Vec::new();
+        for entry in fs::read_dir(&self.modules)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "cwasm") && !path.with_extension("wasm").exists() {
+                if let Some(hex) = path.file_stem().and_then(|s| s.to_str()) {
+                    digests.push(format!("sha256:{hex}"));
+                }
+            }
+        }
+        Ok(digests)
+    }
+
+    /// Not fsynced either: an unused artifact that reappears after a crash is swept again.
+    pub fn remove_artifact(&self, digest: &str) -> io::Result<()> {
+        match fs::remove_file(self.artifact_path(digest)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     pub fn remove_module(&self, digest: &str) -> io::Result<()> {
@@ -172,15 +198,27 @@ fn list_json<T: serde::de::DeserializeOwned>(dir: &Path) -> io::Result<Vec<Resul
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one: a temp
 /// file in the same directory, fsynced, renamed over the target, and the directory fsynced.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_by_rename(path, bytes, true)
+}
+
+/// Writes `bytes` to a temporary file beside `path` and renames it over `path`, so that readers
+/// see the old bytes or the new ones, never a mix; with `durable`, fsyncs the file and then the
+/// directory, so that the new bytes survive a crash once this returns.
+fn write_by_rename(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
     let dir = path.parent().ok_or_else(|| io::Error::other("path has no parent"))?;
     let name = path.file_name().ok_or_else(|| io::Error::other("path has no file name"))?;
     let tmp = dir.join(format!(".tmp-{}-{}", super::record::new_id(), name.to_string_lossy()));
     let result = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
-        sync_dir(dir)
+        if durable {
+            sync_dir(dir)?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

@@ -267,6 +267,8 @@ impl Worker {
         self.catalog.insert_all(live);
         self.load_pipelines();
         self.sync_directory();
+        // Also without a change: the folder may have lost files while the server was down.
+        self.sweep_directory_artifacts();
         self.catalog.mark_loaded();
     }
 
@@ -292,19 +294,34 @@ impl Worker {
         self.catalog.publish_pipelines(map);
     }
 
-    fn load_module(&self, digest: &str, recompiled: &mut usize) -> Option<Module> {
-        if let Ok(bytes) = self.store.read_artifact(digest) {
-            // SAFETY: the bytes are wasmtime's own serialisation, written by this program and
-            // verified against their SHA-256 just now; wasmtime itself rejects artifacts of
-            // another version or configuration.
-            match unsafe { Module::deserialize(&self.engine, &bytes) } {
-                Ok(m) if check_compiled(&self.linker, &m).is_ok() => return Some(m),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(digest, "artifact not usable, recompiling: {e:#}"),
+    /// The module from its precompiled artifact, if that is present, intact and still accepted.
+    fn module_from_artifact(&self, digest: &str) -> Option<Module> {
+        let bytes = match self.store.read_artifact(digest) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(digest, "artifact unreadable or corrupt: {e}");
+                return None;
             }
-        } else {
-            tracing::warn!(digest, "artifact missing or corrupt, recompiling");
+        };
+        // SAFETY: the bytes are wasmtime's own serialisation, written by this program and
+        // verified against their SHA-256 just now; wasmtime itself rejects artifacts of another
+        // version or configuration.
+        match unsafe { Module::deserialize(&self.engine, &bytes) } {
+            Ok(m) if check_compiled(&self.linker, &m).is_ok() => Some(m),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(digest, "artifact not usable: {e:#}");
+                None
+            }
         }
+    }
+
+    fn load_module(&self, digest: &str, recompiled: &mut usize) -> Option<Module> {
+        if let Some(module) = self.module_from_artifact(digest) {
+            return Some(module);
+        }
+        tracing::warn!(digest, "no usable artifact, recompiling");
         let wasm = match self.store.read_module(digest) {
             Ok(w) => w,
             Err(e) => {
@@ -579,6 +596,7 @@ impl Worker {
             Some(map) => {
                 stats.changes.fetch_add(changes, Ordering::Relaxed);
                 self.catalog.publish_functions(map);
+                self.sweep_directory_artifacts();
                 self.catalog.current()
             }
             None => current,
@@ -654,10 +672,7 @@ impl Worker {
         // No larger than the API would accept (--max-body-bytes).
         let wasm = directory::read_limited(&files.wasm, self.limits.max_body_bytes)?;
         let digest = digest_of(&wasm);
-        let module = match self.catalog.module_with_digest(&digest) {
-            Some(m) => m,
-            None => check_module(&self.engine, &self.linker, &wasm).map_err(|e| format!("{}: {e}", e.kind()))?,
-        };
+        let module = self.directory_module(&digest, &wasm).map_err(|e| format!("{}: {e}", e.kind()))?;
         let abi = manifest.abi.unwrap_or_default();
         check_abi(abi, &module)?;
         let record = FunctionRecord {
@@ -673,6 +688,36 @@ impl Worker {
             env: manifest.env,
         };
         Ok(DeployedFunction::new(record, module))
+    }
+
+    /// A directory function's module: live already, or from the artifact an earlier start or
+    /// listing saved, or compiled now with its artifact saved, so that a restart does not compile
+    /// the whole folder again.
+    fn directory_module(&self, digest: &str, wasm: &[u8]) -> Result<Module, ApiError> {
+        if let Some(module) = self.catalog.module_with_digest(digest).or_else(|| self.module_from_artifact(digest)) {
+            return Ok(module);
+        }
+        let module = check_module(&self.engine, &self.linker, wasm)?;
+        tracing::info!(digest, "functions directory module compiled");
+        self.save_artifact(digest, &module);
+        Ok(module)
+    }
+
+    /// Removes the artifacts of directory modules that no function uses any more: replaced,
+    /// removed, or gone from the folder while the server was down.
+    fn sweep_directory_artifacts(&self) {
+        let digests = match self.store.artifacts_without_module() {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!("cannot list the artifacts: {e}");
+                return;
+            }
+        };
+        for digest in digests.iter().filter(|d| self.catalog.module_with_digest(d).is_none()) {
+            if let Err(e) = self.store.remove_artifact(digest) {
+                tracing::warn!(digest, "cannot remove an unused artifact: {e}");
+            }
+        }
     }
 
     fn load_directory_pipeline(&self, name: &str, id: &str, path: &std::path::Path) -> Result<PipelineRecord, String> {

@@ -15,6 +15,11 @@ use base64::Engine as _;
 
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
+pub fn sha256(bytes: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).to_vec()
+}
+
 /// xorshift64*: enough randomness for kill moments, operation mixes and input mutations, and
 /// reproducible from the seed a test prints.
 pub struct Rng(pub u64);
