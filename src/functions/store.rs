@@ -120,10 +120,13 @@ impl FunctionStore {
         let mut digests = Vec::new();
         for entry in fs::read_dir(&self.modules)? {
             let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "cwasm") && !path.with_extension("wasm").exists() {
-                if let Some(hex) = path.file_stem().and_then(|s| s.to_str()) {
-                    digests.push(format!("sha256:{hex}"));
-                }
+            let Some(hex) = path.file_stem().and_then(|s| s.to_str()) else { continue };
+            // Named by a SHA-256, not a temp file of a write in progress.
+            let artifact = path.extension().is_some_and(|e| e == "cwasm")
+                && hex.len() == 64
+                && hex.bytes().all(|b| b.is_ascii_hexdigit());
+            if artifact && !path.with_extension("wasm").exists() {
+                digests.push(format!("sha256:{hex}"));
             }
         }
         Ok(digests)
@@ -261,5 +264,22 @@ mod tests {
         fs::write(dir.path().join("functions/.tmp-x-y.json"), b"{").unwrap();
         FunctionStore::open(dir.path()).unwrap();
         assert!(!dir.path().join("functions/.tmp-x-y.json").exists());
+    }
+
+    #[test]
+    fn only_artifacts_without_their_module_are_the_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FunctionStore::open(dir.path()).unwrap();
+        let (stored, folder) = (digest_of(b"stored"), digest_of(b"folder"));
+        store.write_module(&stored, b"stored").unwrap();
+        store.write_artifact(&stored, b"compiled").unwrap();
+        store.write_artifact(&folder, b"compiled").unwrap();
+        // A write cut short by a crash leaves a temp file, which is not an artifact.
+        fs::write(dir.path().join(format!("modules/.tmp-x-{}.cwasm", sha256_hex(b"other"))), b"").unwrap();
+        assert_eq!(store.artifacts_without_module().unwrap(), [folder.clone()]);
+        store.remove_artifact(&folder).unwrap();
+        store.remove_artifact(&folder).unwrap();
+        assert!(store.artifacts_without_module().unwrap().is_empty());
+        assert!(store.read_artifact(&stored).is_ok());
     }
 }
