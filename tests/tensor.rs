@@ -208,9 +208,17 @@ fn a_full_ring_makes_the_guest_wait_then_busy() {
         let id = id.clone();
         std::thread::spawn(move || call(&mut common::Client::connect(addr), &id, "matmul_loop", json!([n, times])))
     };
-    // The worker is busy for hundreds of milliseconds; one request then fills the one-place ring.
-    let long = run(800, 3);
-    std::thread::sleep(Duration::from_millis(100));
+    // The worker is busy for hundreds of milliseconds with each multiplication of the long run;
+    // one request then fills the one-place ring, and the others wait their 20 ms for a place.
+    // The small ones go only once the long run's first multiplication is on its way to the worker
+    // (the count goes up as it is sent): sent by a clock instead, they could all find the worker
+    // between two multiplications, or before the first, and pass.
+    let long = run(1000, 2);
+    let sent = Instant::now();
+    while server.metric("tensor_wasm_kernel_dispatches_total", &[("op", "matmul")]) < 1.0 {
+        assert!(sent.elapsed() < Duration::from_secs(30), "the long run's multiplication was never sent");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let small: Vec<_> = (0..3).map(|_| run(8, 1)).collect();
     let codes: Vec<i64> = small.into_iter().map(|t| t.join().unwrap()).collect();
     assert!(codes.contains(&-6), "someone found the ring full for 20 ms: {codes:?}");
