@@ -288,7 +288,7 @@ fn instance_slots_are_bounded() {
     let addr = server.addr;
     let id = busy.clone();
     let first = std::thread::spawn(move || common::Client::connect(addr).invoke(&id, b""));
-    std::thread::sleep(Duration::from_millis(300));
+    server.wait_for_metric("tensor_wasm_instance_spawns_total", &[], 1.0);
     let r = server.client().invoke(&busy, b"");
     assert_eq!((r.status, r.error_kind().as_str()), (503, "overloaded"));
     assert_eq!(r.header("retry-after"), Some("1"));

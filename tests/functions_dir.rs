@@ -261,7 +261,8 @@ fn an_invocation_finishes_on_the_version_it_started_with() {
         let (addr, id) = (server.addr, id.clone());
         std::thread::spawn(move || common::Client::connect(addr).invoke(&id, b"").text())
     };
-    std::thread::sleep(Duration::from_millis(100));
+    // Running: it took an instance slot, with the version it resolved.
+    server.wait_for_metric("tensor_wasm_instance_spawns_total", &[], 1.0);
     put(dir.path(), "slow.wasm", &guests::busy_then_write(0, "new"));
     within(RELOAD_LIMIT, "the new version", || server.client().invoke(&id, b"").text() == "new");
     assert_eq!(in_flight.join().unwrap(), "old");

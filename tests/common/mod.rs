@@ -206,6 +206,16 @@ impl Server {
         let text = self.client().request("GET", "/metrics", &[], b"").text();
         sum_metric(&text, name, labels)
     }
+
+    /// Waits until the metric reaches `at_least`, at most `IO_TIMEOUT`: how a test knows that the
+    /// server got as far as it needs, where a sleep would only guess.
+    pub fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], at_least: f64) {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        while self.metric(name, labels) < at_least {
+            assert!(Instant::now() < deadline, "{name} {labels:?} never reached {at_least}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 impl Drop for Server {
