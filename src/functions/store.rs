@@ -276,7 +276,7 @@ mod tests {
         store.write_artifact(&folder, b"compiled").unwrap();
         // A write cut short by a crash leaves a temp file, which is not an artifact.
         fs::write(dir.path().join(format!("modules/.tmp-x-{}.cwasm", sha256_hex(b"other"))), b"").unwrap();
-        assert_eq!(store.artifacts_without_module().unwrap(), [folder.clone()]);
+        assert_eq!(store.artifacts_without_module().unwrap(), std::slice::from_ref(&folder));
         store.remove_artifact(&folder).unwrap();
         store.remove_artifact(&folder).unwrap();
         assert!(store.artifacts_without_module().unwrap().is_empty());

@@ -266,9 +266,11 @@ impl Worker {
         );
         self.catalog.insert_all(live);
         self.load_pipelines();
-        self.sync_directory();
-        // Also without a change: the folder may have lost files while the server was down.
-        self.sweep_directory_artifacts();
+        // A published change swept already; without one, sweep anyway: the folder may have lost
+        // files while the server was down.
+        if !self.sync_directory() {
+            self.sweep_directory_artifacts();
+        }
         self.catalog.mark_loaded();
     }
 
@@ -525,8 +527,9 @@ fn check_steps(functions: &FunctionMap, pipeline: &PipelineRecord) -> Result<(),
 impl Worker {
     /// Lists the directory and applies what changed since the last listing: functions first, then
     /// pipelines, which may name them. Each is published once, so shards see one new generation.
-    fn sync_directory(&self) {
-        let Some(watch) = &self.directory else { return };
+    /// Returns whether functions changed (and unused artifacts were swept).
+    fn sync_directory(&self) -> bool {
+        let Some(watch) = &self.directory else { return false };
         watch.last_scan.set(Instant::now());
         let stats = &self.catalog.directory;
         let listing = match directory::list(&watch.config.root) {
@@ -539,7 +542,7 @@ impl Worker {
                     tracing::error!(dir = %watch.config.root.display(), "cannot list the functions directory; what was loaded keeps serving: {e}");
                     stats.errors.fetch_add(1, Ordering::Relaxed);
                 }
-                return;
+                return false;
             }
         };
         let mut reported = watch.reported.borrow_mut();
@@ -602,6 +605,7 @@ impl Worker {
             None => current,
         };
         self.sync_directory_pipelines(watch, &listing.pipelines, &live, functions_changed);
+        functions_changed
     }
 
     fn sync_directory_pipelines(
