@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{guests, Client, Server};
+use common::{guests, within, Client, Server};
 use serde_json::{json, Value};
 
 const ADMIN: &str = "admin-0123456789abcdef0123456789";
@@ -193,11 +193,9 @@ fn rotation_retention_and_a_flipped_byte() {
     load(&server, 1200);
     // The next segment waits ready, reserved in the background, under a name no reader lists.
     let spare = data.join("audit/shard-0/next.jsonl.spare");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::fs::metadata(&spare).map(|m| m.len()).ok() != Some(65536) {
-        assert!(Instant::now() < deadline, "no spare segment was reserved");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    within(Duration::from_secs(5), "a spare segment reserved", || {
+        std::fs::metadata(&spare).map(|m| m.len()).ok() == Some(65536)
+    });
     server.signal(libc::SIGTERM);
     assert!(server.wait_exit(Duration::from_secs(10)).success());
     assert!(!spare.exists(), "its blocks are given back at shutdown");
@@ -330,11 +328,9 @@ fn a_full_disk_rejects_then_recovers_by_itself() {
     assert!(server.metric("tensor_wasm_audit_errors_total", &[]) >= 1.0);
     // Room again: the server resumes by itself.
     set_file_size_limit(server.pid(), None);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while c.request("GET", &format!("/functions/{:032x}", 1), &[], b"").status == 503 {
-        assert!(Instant::now() < deadline, "did not recover");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    within(Duration::from_secs(5), "recovery", || {
+        c.request("GET", &format!("/functions/{:032x}", 1), &[], b"").status != 503
+    });
     server.wait_for_stderr("audit log writable again");
     let (code, out, err) = verify(&server.data_dir.join("audit"));
     assert_eq!(code, 0, "{out}{err}");
@@ -354,6 +350,7 @@ fn a_full_disk_rejects_then_recovers_by_itself() {
 /// A thread of a process, as /proc shows it.
 #[derive(Debug)]
 struct ThreadInfo {
+    tid: u32,
     /// Cut to 15 bytes by the kernel.
     name: String,
     /// `Cpus_allowed_list`.
@@ -368,13 +365,20 @@ fn threads(pid: u32) -> Vec<ThreadInfo> {
     tasks
         .map(|t| {
             let t = t.unwrap().path();
+            let tid = t.file_name().unwrap().to_str().unwrap().parse().unwrap();
             let name = std::fs::read_to_string(t.join("comm")).unwrap().trim().to_string();
             let status = std::fs::read_to_string(t.join("status")).unwrap();
             let cpus = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string();
             let stat = std::fs::read_to_string(t.join("stat")).unwrap();
             // Fields after the name's closing parenthesis start at field 3 of proc(5).
             let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-            ThreadInfo { name, cpus, nice: fields[19 - 3].parse().unwrap(), policy: fields[41 - 3].parse().unwrap() }
+            ThreadInfo {
+                tid,
+                name,
+                cpus,
+                nice: fields[19 - 3].parse().unwrap(),
+                policy: fields[41 - 3].parse().unwrap(),
+            }
         })
         .collect()
 }
@@ -383,10 +387,20 @@ fn threads(pid: u32) -> Vec<ThreadInfo> {
 fn the_audit_helper_threads_do_not_share_a_shards_cpu() {
     let server = Server::start(&["--shards", "1"]);
     load(&server, 1);
-    let threads = threads(server.pid());
+    // A thread names itself and sets its priority once it runs, which may be after the server
+    // answered: wait for both helpers to have done so.
+    let helpers_started = |threads: &[ThreadInfo]| {
+        let seal = threads.iter().any(|t| t.name == "tw-audit-seal" && t.nice == 19);
+        seal && threads.iter().any(|t| t.name == "tw-audit-prefau" && t.policy == 5)
+    };
+    let mut threads = Vec::new();
+    within(Duration::from_secs(5), "the audit helpers' start", || {
+        threads = self::threads(server.pid());
+        helpers_started(&threads)
+    });
     let thread = |name: &str| threads.iter().find(|t| t.name == name).unwrap();
     // The main thread never pins itself: it holds the process's CPUs.
-    let all = &thread("tensor-wasm").cpus;
+    let all = &threads.iter().find(|t| t.tid == server.pid()).unwrap().cpus;
     // The shard is pinned; the helpers reserve, seal and prefault on any of the process's CPUs.
     if all.contains([',', '-']) {
         assert_ne!(&thread("tw-shard-0").cpus, all, "{threads:?}");

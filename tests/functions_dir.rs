@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{guests, Server};
+use common::{guests, within, Server};
 use serde_json::json;
 
 /// How long a change may take to be live: the promise.
@@ -31,18 +31,6 @@ fn put(dir: &Path, name: &str, bytes: &[u8]) {
 fn id_of(server: &Server, name: &str) -> Option<String> {
     let list = server.client().request("GET", "/functions", &[], b"").json();
     list["functions"].as_array().unwrap().iter().find(|f| f["name"] == name).map(|f| f["id"].as_str().unwrap().into())
-}
-
-/// Polls `check` until it holds; returns how long that took, failing past `limit`.
-fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    loop {
-        if check() {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 #[test]

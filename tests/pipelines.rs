@@ -8,7 +8,7 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{guests, Server};
+use common::{guests, within, Server};
 use serde_json::{json, Value};
 
 fn deploy_envelope(server: &Server, name: &str) -> String {
@@ -289,21 +289,14 @@ fn pipelines_from_the_functions_directory() {
 
     // A pipeline waiting for its function loads when the function arrives.
     std::fs::write(dir.path().join("late.wasm"), guests::write_and_exit("late", "", 0)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let later = loop {
+    let mut later = String::new();
+    within(Duration::from_secs(2), "the waiting pipeline's load", || {
         let list = server.client().request("GET", "/pipelines", &[], b"").json();
-        if let Some(p) = list["pipelines"].as_array().unwrap().iter().find(|p| p["name"] == "later") {
-            break p["id"].as_str().unwrap().to_string();
-        }
-        assert!(Instant::now() < deadline, "the waiting pipeline never loaded");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+        let found = list["pipelines"].as_array().unwrap().iter().find(|p| p["name"] == "later");
+        found.map(|p| later = p["id"].as_str().unwrap().to_string()).is_some()
+    });
     assert_eq!(invoke(&server, &later, b"").text(), "late");
     // Removing its file removes it.
     std::fs::remove_file(dir.path().join("orders.pipeline.toml")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while invoke(&server, &id, ORDER).status != 404 {
-        assert!(Instant::now() < deadline, "the removed pipeline still answers");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    within(Duration::from_secs(2), "the removed pipeline's 404", || invoke(&server, &id, ORDER).status == 404);
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{guests, Server};
+use common::{guests, within, Server};
 use serde_json::{json, Value};
 
 fn call(c: &mut common::Client, id: &str, export: &str, args: Value) -> i64 {
@@ -55,16 +55,10 @@ fn rust_guest_runs_a_dense_layer_through_the_dispatch_path() {
     assert_eq!(server.metric("tensor_wasm_kernel_dispatches_total", &[("op", "matmul")]), 1.0);
     assert!(server.metric("tensor_wasm_kernel_latency_seconds_count", &[("op", "add")]) >= 2000.0);
     // The invocations ended, so their tensors are gone.
-    wait_until(|| server.metric("tensor_wasm_gpu_memory_used_bytes", &[("device", "0")]) == 0.0);
+    within(Duration::from_secs(10), "device memory freed", || {
+        server.metric("tensor_wasm_gpu_memory_used_bytes", &[("device", "0")]) == 0.0
+    });
     assert_eq!(server.metric("tensor_wasm_tenant_gpu_memory_used_bytes", &[("tenant", "0")]), 0.0);
-}
-
-fn wait_until(mut ok: impl FnMut() -> bool) {
-    let until = Instant::now() + Duration::from_secs(10);
-    while !ok() {
-        assert!(Instant::now() < until, "condition not met within 10 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -142,7 +136,9 @@ fn a_timeout_during_a_kernel_answers_504_and_frees_everything() {
     assert_eq!((r.status, r.error_kind().as_str()), (504, "invoke_timeout"), "{}", r.text());
     assert!(t.elapsed() < Duration::from_secs(5), "answered at the deadline, not after the kernels");
     // The abandoned kernel finishes on the worker; then the release frees its tensors.
-    wait_until(|| server.metric("tensor_wasm_gpu_memory_used_bytes", &[("device", "0")]) == 0.0);
+    within(Duration::from_secs(10), "device memory freed", || {
+        server.metric("tensor_wasm_gpu_memory_used_bytes", &[("device", "0")]) == 0.0
+    });
     assert_eq!(server.metric("tensor_wasm_tenant_gpu_memory_used_bytes", &[("tenant", "0")]), 0.0);
 }
 

@@ -15,6 +15,20 @@ use base64::Engine as _;
 
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Polls `check` every few milliseconds until it holds and returns how long that took; fails the
+/// test, naming `what`, once `limit` has passed. Every wait for the server's background work
+/// (a reload, a sealed segment, a thread's start) goes through here, never a guessed sleep.
+pub fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        if check() {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 pub fn sha256(bytes: &[u8]) -> Vec<u8> {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).to_vec()
@@ -210,11 +224,7 @@ impl Server {
     /// Waits until the metric reaches `at_least`, at most `IO_TIMEOUT`: how a test knows that the
     /// server got as far as it needs, where a sleep would only guess.
     pub fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], at_least: f64) {
-        let deadline = Instant::now() + IO_TIMEOUT;
-        while self.metric(name, labels) < at_least {
-            assert!(Instant::now() < deadline, "{name} {labels:?} never reached {at_least}");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        within(IO_TIMEOUT, &format!("{name} {labels:?} reaching {at_least}"), || self.metric(name, labels) >= at_least);
     }
 }
 
