@@ -22,8 +22,9 @@ pub enum IoDriverChoice {
 #[derive(Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
-    /// `None`: one shard per CPU in the allowed set.
+    /// `None`: one shard per CPU in the allowed set, at most the cgroups' CPU limit.
     pub shards: Option<usize>,
+    pub pin_shards: crate::server::cpu::PinShards,
     pub data_dir: PathBuf,
     pub io_driver: IoDriverChoice,
     pub drain_grace_ms: u64,

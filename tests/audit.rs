@@ -347,55 +347,19 @@ fn a_full_disk_rejects_then_recovers_by_itself() {
     assert!(server.metric("tensor_wasm_audit_errors_total", &[]) >= 1.0);
 }
 
-/// A thread of a process, as /proc shows it.
-#[derive(Debug)]
-struct ThreadInfo {
-    tid: u32,
-    /// Cut to 15 bytes by the kernel.
-    name: String,
-    /// `Cpus_allowed_list`.
-    cpus: String,
-    nice: i64,
-    /// The scheduling policy: 0 normal, 5 SCHED_IDLE.
-    policy: u64,
-}
-
-fn threads(pid: u32) -> Vec<ThreadInfo> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-    tasks
-        .map(|t| {
-            let t = t.unwrap().path();
-            let tid = t.file_name().unwrap().to_str().unwrap().parse().unwrap();
-            let name = std::fs::read_to_string(t.join("comm")).unwrap().trim().to_string();
-            let status = std::fs::read_to_string(t.join("status")).unwrap();
-            let cpus = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string();
-            let stat = std::fs::read_to_string(t.join("stat")).unwrap();
-            // Fields after the name's closing parenthesis start at field 3 of proc(5).
-            let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
-            ThreadInfo {
-                tid,
-                name,
-                cpus,
-                nice: fields[19 - 3].parse().unwrap(),
-                policy: fields[41 - 3].parse().unwrap(),
-            }
-        })
-        .collect()
-}
-
 #[test]
 fn the_audit_helper_threads_do_not_share_a_shards_cpu() {
-    let server = Server::start(&["--shards", "1"]);
+    let server = Server::start(&["--shards", "1", "--pin-shards", "always"]);
     load(&server, 1);
     // A thread names itself and sets its priority once it runs, which may be after the server
     // answered: wait for both helpers to have done so.
-    let helpers_started = |threads: &[ThreadInfo]| {
+    let helpers_started = |threads: &[common::ThreadInfo]| {
         let seal = threads.iter().any(|t| t.name == "tw-audit-seal" && t.nice == 19);
         seal && threads.iter().any(|t| t.name == "tw-audit-prefau" && t.policy == 5)
     };
     let mut threads = Vec::new();
     within(Duration::from_secs(5), "the audit helpers' start", || {
-        threads = self::threads(server.pid());
+        threads = common::threads(server.pid());
         helpers_started(&threads)
     });
     let thread = |name: &str| threads.iter().find(|t| t.name == name).unwrap();

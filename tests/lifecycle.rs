@@ -1,5 +1,5 @@
 //! The process's life: restart persistence, artifact reuse and recovery, drain on SIGTERM,
-//! configuration errors, and the I/O driver choice.
+//! configuration errors, the I/O driver choice and shard pinning.
 
 mod common;
 
@@ -228,6 +228,91 @@ fn io_uring_blocked_by_seccomp_falls_back_to_epoll() {
     let out = cmd.output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("io_uring unavailable"));
+}
+
+/// Each shard thread's CPU list, in shard order, and the process's main thread's.
+fn shard_cpu_lists(server: &Server) -> (Vec<String>, String) {
+    let threads = common::threads(server.pid());
+    let process = threads.iter().find(|t| t.tid == server.pid()).unwrap().cpus.clone();
+    let mut shards: Vec<_> = threads.iter().filter(|t| t.name.starts_with("tw-shard-")).collect();
+    shards.sort_by_key(|t| t.name.clone());
+    (shards.iter().map(|t| t.cpus.clone()).collect(), process)
+}
+
+#[test]
+fn shards_are_pinned_only_where_each_has_a_cpu_of_its_own() {
+    use std::os::unix::process::CommandExt as _;
+    use tensor_wasm::server::cpu;
+    let allowed = cpu::allowed_cpus().unwrap();
+    let Some(two) = allowed.get(..2) else {
+        eprintln!("one CPU: nothing to pin or float");
+        return;
+    };
+    let (first, both) = (two[0].to_string(), cpu::format_list(two));
+    let set = cpu::cpu_set(two).unwrap();
+    // SAFETY: one sched_setaffinity call on a set built before the fork.
+    let on_two_cpus = |cmd: &mut Command| unsafe {
+        cmd.pre_exec(move || cpu::apply_cpu_set(&set));
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for (args, pinned, log) in [
+        // One shard per allowed CPU: each owns its CPU, as under Kubernetes' static policy.
+        (&["--shards", "2"][..], vec![first.clone(), two[1].to_string()], "shards pinned, one per CPU"),
+        (&["--shards", "2", "--pin-shards", "never"], vec![both.clone(); 2], "shards not pinned"),
+        // Fewer shards than CPUs: a shared set, where pinning would stack replicas on one CPU.
+        (&["--shards", "1"], vec![both.clone()], "shards not pinned"),
+        (&["--shards", "1", "--pin-shards", "always"], vec![first.clone()], "shards pinned, one per CPU"),
+    ] {
+        let server = Server::start_with(dir.path(), args, on_two_cpus);
+        assert_eq!(shard_cpu_lists(&server), (pinned, both.clone()), "{args:?}");
+        server.wait_for_stderr(log);
+        let hello = server.deploy("hello", &guests::hello());
+        assert_eq!(server.client().invoke(&hello, b"").status, 200, "{args:?}");
+    }
+}
+
+#[test]
+fn the_default_shard_count_follows_the_cgroups_cpu_limit() {
+    use std::io::BufRead as _;
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::process::CommandExt as _;
+    // A real cgroup needs a writable v1 cpu controller (root, as on the development VM); where
+    // there is none, cpu.rs's unit tests read the same files from a temporary directory.
+    let cgroup = std::path::Path::new("/sys/fs/cgroup/cpu").join(format!("tensor-wasm-test-{}", std::process::id()));
+    if tensor_wasm::server::cpu::allowed_cpus().unwrap().len() < 2 || std::fs::create_dir(&cgroup).is_err() {
+        eprintln!("no second CPU or no writable cgroup v1 cpu controller: not run");
+        return;
+    }
+    struct Removed<'a>(&'a std::path::Path);
+    impl Drop for Removed<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(self.0);
+        }
+    }
+    let _removed = Removed(&cgroup);
+    // Half a CPU per 100 ms period, as a Kubernetes limit of `500m` sets it.
+    std::fs::write(cgroup.join("cpu.cfs_quota_us"), "50000").unwrap();
+    let procs = std::fs::OpenOptions::new().write(true).open(cgroup.join("cgroup.procs")).unwrap();
+    let fd = procs.as_raw_fd();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--log-level", "info", "--data-dir"]).arg(dir.path());
+    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    // SAFETY: one write(2) of a static byte between fork and exec: "0" moves the writer itself.
+    unsafe {
+        cmd.pre_exec(move || match libc::write(fd, b"0".as_ptr().cast(), 1) {
+            1 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    // The server either says it listens or exits, which ends the lines.
+    let log: Vec<String> = stderr.lines().map_while(Result::ok).take_while(|l| !l.contains("listening")).collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = log.join("\n");
+    assert!(log.contains("shards not pinned") && log.contains("shards=1 "), "{log}");
 }
 
 #[test]

@@ -15,6 +15,7 @@ use tensor_wasm_dispatch::{BackendChoice, DispatchConfig};
 use crate::audit::{parse_destination, AuditConfig, AuditOnError, AuditSync};
 use crate::auth::{AuthConfig, RateLimit, TokenSource};
 use crate::config::{IoDriverChoice, Limits, ServerConfig};
+use crate::server::cpu::PinShards;
 use crate::tls::forwarded::parse_cidrs;
 use crate::tls::TlsFiles;
 
@@ -142,9 +143,16 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_API_LISTEN_ADDR", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Number of shards (threads). Default: one per CPU in the process's allowed CPU set.
+    /// Number of shards (threads). Default: one per CPU in the process's allowed CPU set, and no
+    /// more than its cgroups' CPU limit (a container's `resources.limits.cpu`).
     #[arg(long, env = "TENSOR_WASM_SHARDS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub shards: Option<u16>,
+
+    /// Whether each shard is pinned to a CPU. `auto` pins when the allowed CPU set has exactly one
+    /// CPU per shard (Kubernetes' static CPU policy, taskset, a whole machine) and lets the shards
+    /// float over a larger, shared set.
+    #[arg(long, env = "TENSOR_WASM_PIN_SHARDS", value_enum, default_value_t = PinShardsArg::Auto)]
+    pub pin_shards: PinShardsArg,
 
     /// Directory for stored modules, precompiled artifacts and function records.
     #[arg(long, env = "TENSOR_WASM_DATA_DIR", default_value = "./tensor-wasm-data")]
@@ -391,6 +399,13 @@ pub enum GpuArg {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinShardsArg {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IoDriverArg {
     Auto,
     IoUring,
@@ -511,6 +526,11 @@ impl ServeArgs {
         Ok(ServerConfig {
             listen: self.listen,
             shards: self.shards.map(usize::from),
+            pin_shards: match self.pin_shards {
+                PinShardsArg::Auto => PinShards::Auto,
+                PinShardsArg::Always => PinShards::Always,
+                PinShardsArg::Never => PinShards::Never,
+            },
             data_dir: self.data_dir,
             io_driver,
             drain_grace_ms: self.drain_grace_ms,

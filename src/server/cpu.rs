@@ -90,3 +90,156 @@ pub fn format_list(cpus: &[usize]) -> String {
     }
     parts.join(",")
 }
+
+/// Whether each shard is pinned to a CPU of its own or floats over the process's allowed set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinShards {
+    /// Pin when the allowed set has exactly one CPU per shard, float otherwise.
+    Auto,
+    Always,
+    Never,
+}
+
+/// The CPU each shard pins itself to, in shard order, or `None` when the shards float.
+///
+/// Pinning pays where each shard owns its CPU: an allowed set of one CPU per shard is what
+/// Kubernetes' static CPU policy, `taskset` or a whole machine give. A larger set is shared with
+/// others (a Burstable pod sees the node's whole shared pool), and there pinning would put every
+/// replica on the node onto the same first CPUs.
+///
+/// ```
+/// use tensor_wasm::server::cpu::{shard_cpus, PinShards};
+/// assert_eq!(shard_cpus(PinShards::Auto, 2, &[4, 5]), Some(vec![4, 5]));
+/// assert_eq!(shard_cpus(PinShards::Auto, 2, &[0, 1, 2, 3]), None);
+/// assert_eq!(shard_cpus(PinShards::Always, 3, &[0, 1]), Some(vec![0, 1, 0]));
+/// assert_eq!(shard_cpus(PinShards::Never, 2, &[4, 5]), None);
+/// ```
+pub fn shard_cpus(mode: PinShards, shards: usize, allowed: &[usize]) -> Option<Vec<usize>> {
+    let pin = match mode {
+        PinShards::Always => true,
+        PinShards::Never => false,
+        PinShards::Auto => shards == allowed.len(),
+    };
+    (pin && !allowed.is_empty()).then(|| (0..shards).map(|i| allowed[i % allowed.len()]).collect())
+}
+
+/// The default shard count: one per allowed CPU, but no more than the CPU time the cgroups give
+/// (a container's CPU limit), so that a pod limited to 2 CPUs on a 64-CPU node runs 2 shards.
+pub fn default_shard_count(allowed: usize, cgroup_limit: Option<usize>) -> usize {
+    allowed.min(cgroup_limit.unwrap_or(usize::MAX)).max(1)
+}
+
+/// The CPU time the process's cgroups allow, in whole CPUs rounded up (`cpu.max` of cgroup v2,
+/// `cpu.cfs_quota_us` over `cpu.cfs_period_us` of v1, the tightest of the process's cgroup and
+/// its ancestors); `None` where no quota is set or none can be read.
+pub fn cgroup_cpu_limit() -> Option<usize> {
+    let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    cgroup_cpu_limit_in(std::path::Path::new("/sys/fs/cgroup"), &membership)
+}
+
+/// [`cgroup_cpu_limit`] for the cgroup file system mounted at `root` and the process's
+/// `/proc/self/cgroup` text `membership` (lines of `id:controllers:path`).
+pub fn cgroup_cpu_limit_in(root: &std::path::Path, membership: &str) -> Option<usize> {
+    let mut tightest: Option<f64> = None;
+    for line in membership.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
+        let relative = path.trim_start_matches('/');
+        let limit = if controllers.is_empty() {
+            walk_up(root, relative, |dir| {
+                let text = std::fs::read_to_string(dir.join("cpu.max")).ok()?;
+                let (quota, period) = text.trim().split_once(' ')?;
+                Some((quota.parse().ok()?, period.parse().ok()?))
+            })
+        } else if controllers.split(',').any(|c| c == "cpu") {
+            // v1 mounts the controller under its own name, alone or with cpuacct.
+            [controllers, "cpu"].iter().find_map(|mount| {
+                walk_up(&root.join(mount), relative, |dir| {
+                    let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok()?.trim().parse::<i64>().ok();
+                    let quota = read("cpu.cfs_quota_us").filter(|q| *q > 0)?;
+                    Some((quota as f64, read("cpu.cfs_period_us")? as f64))
+                })
+            })
+        } else {
+            None
+        };
+        if let Some(limit) = limit {
+            tightest = Some(tightest.map_or(limit, |t| t.min(limit)));
+        }
+    }
+    tightest.map(|cpus| (cpus.ceil() as usize).max(1))
+}
+
+/// The tightest `quota / period` that `read` finds in the cgroup `relative` under `root` and in
+/// its ancestors up to `root`. A container that sees only its own cgroup at `root` while
+/// /proc/self/cgroup names the host's path is read at `root` alone.
+fn walk_up(
+    root: &std::path::Path,
+    relative: &str,
+    read: impl Fn(&std::path::Path) -> Option<(f64, f64)>,
+) -> Option<f64> {
+    let start = root.join(relative);
+    let mut dir = if start.is_dir() { start } else { root.to_path_buf() };
+    let mut tightest: Option<f64> = None;
+    loop {
+        if let Some((quota, period)) = read(&dir).filter(|(q, p)| *q > 0.0 && *p > 0.0) {
+            tightest = Some(tightest.map_or(quota / period, |t| t.min(quota / period)));
+        }
+        if dir == root || !dir.pop() || !dir.starts_with(root) {
+            return tightest;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn write(root: &Path, relative: &str, file: &str, text: &str) {
+        let dir = root.join(relative);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(file), text).unwrap();
+    }
+
+    #[test]
+    fn a_v2_limit_is_the_tightest_on_the_way_up_rounded_up() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        write(root, "kubepods.slice", "cpu.max", "400000 100000\n");
+        write(root, "kubepods.slice/pod1", "cpu.max", "max 100000\n");
+        write(root, "kubepods.slice/pod1/c1", "cpu.max", "150000 100000\n");
+        assert_eq!(cgroup_cpu_limit_in(root, "0::/kubepods.slice/pod1/c1\n"), Some(2));
+        write(root, "kubepods.slice", "cpu.max", "50000 100000\n");
+        assert_eq!(cgroup_cpu_limit_in(root, "0::/kubepods.slice/pod1/c1\n"), Some(1), "a parent's half CPU");
+        write(root, "free", "cpu.max", "max 100000\n");
+        assert_eq!(cgroup_cpu_limit_in(root, "0::/free\n"), None);
+        assert_eq!(cgroup_cpu_limit_in(root, "0::/\n"), None, "the root has no cpu.max");
+        // A container that sees only its own cgroup, while the path is the host's.
+        write(root, "", "cpu.max", "300000 100000\n");
+        assert_eq!(cgroup_cpu_limit_in(root, "0::/docker/abc\n"), Some(3));
+    }
+
+    #[test]
+    fn a_v1_limit_comes_from_the_cpu_controller() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        write(root, "cpu,cpuacct/docker/abc", "cpu.cfs_quota_us", "250000\n");
+        write(root, "cpu,cpuacct/docker/abc", "cpu.cfs_period_us", "100000\n");
+        let membership = "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n";
+        assert_eq!(cgroup_cpu_limit_in(root, membership), Some(3));
+        write(root, "cpu,cpuacct/docker/abc", "cpu.cfs_quota_us", "-1\n");
+        assert_eq!(cgroup_cpu_limit_in(root, membership), None, "-1: no quota");
+        assert_eq!(cgroup_cpu_limit_in(root, "garbage\n\n1:x\n"), None);
+    }
+
+    #[test]
+    fn the_default_shard_count_follows_the_cpus_and_the_limit() {
+        assert_eq!(default_shard_count(64, Some(2)), 2);
+        assert_eq!(default_shard_count(4, Some(8)), 4);
+        assert_eq!(default_shard_count(4, None), 4);
+        assert_eq!(default_shard_count(0, None), 1);
+    }
+}

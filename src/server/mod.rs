@@ -102,7 +102,18 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     let store = FunctionStore::open(&config.data_dir)
         .map_err(|e| ServerError::Config(format!("cannot use data dir {}: {e}", config.data_dir.display())))?;
     let cpus = cpu::allowed_cpus().map_err(|e| ServerError::Runtime(format!("sched_getaffinity: {e}")))?;
-    let shard_count = config.shards.unwrap_or(cpus.len().max(1));
+    let shard_count = config.shards.unwrap_or_else(|| cpu::default_shard_count(cpus.len(), cpu::cgroup_cpu_limit()));
+    let shard_cpus = cpu::shard_cpus(config.pin_shards, shard_count, &cpus);
+    match &shard_cpus {
+        Some(pinned) => {
+            tracing::info!(shards = shard_count, cpus = %cpu::format_list(pinned), "shards pinned, one per CPU")
+        }
+        None => tracing::info!(
+            shards = shard_count,
+            allowed = %cpu::format_list(&cpus),
+            "shards not pinned: they float over the allowed CPUs (--pin-shards)"
+        ),
+    }
 
     let auth_config = Arc::new(config.auth.clone());
     let policy = TokenPolicy {
@@ -219,7 +230,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         let (drain_tx, drain_rx) = futures_channel::oneshot::channel::<()>();
         let init = shard::ShardInit {
             id: i,
-            cpu: cpus[i % cpus.len()],
+            cpu: shard_cpus.as_ref().map(|pinned| pinned[i]),
             listener,
             engine: engine.clone(),
             limits: limits.clone(),

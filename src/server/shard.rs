@@ -32,7 +32,8 @@ const URING_ENTRIES: u32 = 1024;
 /// What a shard thread starts from.
 pub struct ShardInit {
     pub id: usize,
-    pub cpu: usize,
+    /// `None`: the shard floats over the process's allowed CPUs.
+    pub cpu: Option<usize>,
     pub listener: StdListener,
     pub engine: Engine,
     pub limits: Arc<Limits>,
@@ -78,8 +79,10 @@ static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
 
 /// The shard thread's body.
 pub fn run(init: ShardInit) {
-    if let Err(e) = cpu::pin_current_thread(init.cpu) {
-        tracing::warn!(shard = init.id, cpu = init.cpu, "cannot pin shard to its CPU: {e}");
+    if let Some(cpu) = init.cpu {
+        if let Err(e) = cpu::pin_current_thread(cpu) {
+            tracing::warn!(shard = init.id, cpu, "cannot pin shard to its CPU: {e}");
+        }
     }
     let metrics = init.shared.shard_metrics[init.id].clone();
     match init.io_driver {

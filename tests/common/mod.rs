@@ -228,6 +228,38 @@ impl Server {
     }
 }
 
+/// A thread of a process, as /proc shows it.
+#[derive(Debug)]
+pub struct ThreadInfo {
+    pub tid: u32,
+    /// Cut to 15 bytes by the kernel.
+    pub name: String,
+    /// `Cpus_allowed_list`.
+    pub cpus: String,
+    pub nice: i64,
+    /// The scheduling policy: 0 normal, 5 SCHED_IDLE.
+    pub policy: u64,
+}
+
+/// The threads of process `pid` (a thread that exits while they are read is left out).
+pub fn threads(pid: u32) -> Vec<ThreadInfo> {
+    let read = |task: &Path| -> Option<ThreadInfo> {
+        let status = std::fs::read_to_string(task.join("status")).ok()?;
+        let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+        // Fields after the name's closing parenthesis start at field 3 of proc(5).
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        Some(ThreadInfo {
+            tid: task.file_name()?.to_str()?.parse().ok()?,
+            name: std::fs::read_to_string(task.join("comm")).ok()?.trim().to_string(),
+            cpus: status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?.trim().to_string(),
+            nice: fields[19 - 3].parse().ok()?,
+            policy: fields[41 - 3].parse().ok()?,
+        })
+    };
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks.filter_map(|t| read(&t.ok()?.path())).collect()
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();

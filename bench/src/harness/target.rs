@@ -124,7 +124,9 @@ impl StartedServer {
         match implementation {
             Implementation::TensorWasm => {
                 cmd.arg("serve").arg("--data-dir").arg(data_dir.path()).args(["--log-level", "warn"]);
-                cmd.args(["--shards", &shards.to_string()]);
+                // The design under test pins each shard, also where the scale curve runs fewer
+                // shards than there are CPUs (which `--pin-shards auto` would let float).
+                cmd.args(["--shards", &shards.to_string(), "--pin-shards", "always"]);
             }
             Implementation::Baseline => {
                 cmd.args(["--threads", &shards.to_string()]);
