@@ -375,3 +375,28 @@ fn a_restart_reuses_compiled_folder_modules_and_drops_unused_ones() {
     assert_eq!(id_of(&server, "mounted"), None);
     assert_eq!(artifacts(data.path()), []);
 }
+
+#[test]
+fn an_api_function_and_a_folder_function_of_the_same_bytes_leave_nothing_behind() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(data.path(), &["--functions-dir", dir.path().to_str().unwrap()]);
+    let v1 = version(1);
+    let hex = sha256_hex(&v1);
+    put(dir.path(), "mounted.wasm", &v1);
+    within(RELOAD_LIMIT, "the folder function", || id_of(&server, "mounted").is_some());
+    let api = server.deploy("same-bytes", &v1);
+    assert_eq!(artifacts(data.path()), [(hex.clone(), true)], "stored once, for the API function");
+
+    // The API function goes first: its stored copy goes, the folder function's artifact stays.
+    assert_eq!(server.client().request("DELETE", &format!("/functions/{api}"), &[], b"").status, 204);
+    assert_eq!(artifacts(data.path()), [(hex, false)]);
+    let id = id_of(&server, "mounted").unwrap();
+    assert_eq!(server.client().invoke(&id, b"").text(), "v1");
+    // Then the folder function, and its artifact with it.
+    std::fs::remove_file(dir.path().join("mounted.wasm")).unwrap();
+    within(RELOAD_LIMIT, "the artifact swept", || artifacts(data.path()).is_empty());
+    let left: Vec<_> =
+        std::fs::read_dir(data.path().join("modules")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "{left:?}");
+}

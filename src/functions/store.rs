@@ -140,15 +140,19 @@ impl FunctionStore {
         }
     }
 
+    /// Removes the module's bytes and its artifact.
     pub fn remove_module(&self, digest: &str) -> io::Result<()> {
-        for path in [self.artifact_path(digest), self.module_path(digest)] {
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
+        self.remove_artifact(digest)?;
+        self.remove_module_bytes(digest)
+    }
+
+    /// Removes the module's bytes and keeps its artifact, which is then a functions-directory
+    /// module's (see [`Self::artifacts_without_module`]).
+    pub fn remove_module_bytes(&self, digest: &str) -> io::Result<()> {
+        match fs::remove_file(self.module_path(digest)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => sync_dir(&self.modules),
         }
-        sync_dir(&self.modules)
     }
 
     pub fn write_record(&self, record: &FunctionRecord) -> io::Result<()> {

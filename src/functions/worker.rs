@@ -438,11 +438,22 @@ impl Worker {
         }
         self.store.remove_record(id).map_err(|e| ApiError::Storage(e.to_string()))?;
         self.catalog.remove(id);
+        // The module goes with its last API function. Where folder functions still run the same
+        // bytes, only the stored copy goes: the folder has them, and the artifact is swept with
+        // the last of those functions.
         let digest = &function.record.digest;
-        if self.catalog.module_with_digest(digest).is_none() {
-            if let Err(e) = self.store.remove_module(digest) {
-                tracing::warn!(digest, "cannot remove an unused module: {e}");
-            }
+        let current = self.catalog.current();
+        let users: Vec<Source> =
+            current.values().filter(|f| f.record.digest == *digest).map(|f| f.record.source).collect();
+        let removed = if users.is_empty() {
+            self.store.remove_module(digest)
+        } else if users.iter().all(|s| *s == Source::Directory) {
+            self.store.remove_module_bytes(digest)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = removed {
+            tracing::warn!(digest, "cannot remove an unused module: {e}");
         }
         Ok(())
     }
