@@ -120,7 +120,11 @@ fn bad_pipelines_are_refused_with_reasons() {
         (json!({"name": "p", "steps": ["enrich"], "timeout_ms": 0}), "invalid_pipeline", "between 1 and"),
         (json!({"name": "p", "steps": [{"function": "enrich", "timeout": "soon"}]}), "invalid_pipeline", "step 0"),
         (json!({"name": "p", "steps": ["enrich"], "tenant": 3}), "invalid_pipeline", "tenant header"),
-        (json!({"name": "p", "steps": ["enrich"], "sink": {"url": "https://x"}}), "invalid_pipeline", "http://"),
+        (
+            json!({"name": "p", "steps": ["enrich"], "sink": {"url": "ftp://x"}}),
+            "invalid_pipeline",
+            "only http:// and https://",
+        ),
         (
             json!({"name": "p", "steps": ["enrich"], "sink": {"url": "http://x", "method": "GET"}}),
             "invalid_pipeline",

@@ -256,3 +256,140 @@ fn bad_tls_files_stop_start_up() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// Runs `tensor-wasm ARGS` with `env`, and none of the client settings of this process's
+/// environment; returns (exit code, stdout, stderr).
+fn tensor_wasm(args: &[&str], env: &[(&str, &Path)]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tensor-wasm"));
+    cmd.args(args).stdin(std::process::Stdio::null());
+    for var in ["TENSOR_WASM_SERVER", "TENSOR_WASM_CA_CERT", "TENSOR_WASM_CLIENT_CERT", "TENSOR_WASM_CLIENT_KEY"] {
+        cmd.env_remove(var);
+    }
+    cmd.env_remove("SSL_CERT_FILE").envs(env.iter().map(|(k, v)| (k, v)));
+    let out = cmd.output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn the_client_commands_reach_an_https_server_with_mtls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Test CA");
+    let ca_file = dir.path().join("ca.pem");
+    let (server, _, _, _) = tls_server(dir.path(), &ca, "ca", &["--tls-client-ca", ca_file.to_str().unwrap()]);
+    let (cert, key) = ca.issue(dir.path(), "client", "svc7-client");
+    wait_https_ready(&server, &client_config(&ca_file, Some((&cert, &key))));
+    let url = format!("https://localhost:{}", server.addr.port());
+    let hello = dir.path().join("hello.wasm");
+    std::fs::write(&hello, guests::hello()).unwrap();
+    let (ca_arg, cert_arg, key_arg) = (ca_file.to_str().unwrap(), cert.to_str().unwrap(), key.to_str().unwrap());
+    let with = |args: &[&str]| -> Vec<String> {
+        let tls = ["--server", &url, "--ca-cert", ca_arg, "--client-cert", cert_arg, "--client-key", key_arg];
+        args.iter().chain(tls.iter()).map(|s| s.to_string()).collect()
+    };
+    let run = |args: Vec<String>| tensor_wasm(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+
+    let (code, out, err) = run(with(&["deploy", hello.to_str().unwrap(), "--name", "hello"]));
+    assert_eq!(code, 0, "{err}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].as_str().unwrap().to_string();
+    let (code, out, err) = run(with(&["invoke", &id]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"result\":\"ok\""), "{out}");
+    let (code, out, err) = run(with(&["observe", "--once", "--interval", "200ms"]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("HEALTHY"), "{out}");
+
+    // Without a client certificate the server ends the handshake: a sentence and exit 1.
+    let (code, _, err) = tensor_wasm(&["functions", "list", "--server", &url, "--ca-cert", ca_arg], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot reach"), "{err}");
+    // By default the server is checked against the system's trust store (SSL_CERT_FILE here).
+    let other = dir.path().join("other.pem");
+    Ca::new("Other CA").write_ca(&other);
+    let list = ["functions", "list", "--server", &url, "--client-cert", cert_arg, "--client-key", key_arg];
+    let (code, _, err) = tensor_wasm(&list, &[("SSL_CERT_FILE", &other)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("certificate"), "{err}");
+    let (code, out, err) = tensor_wasm(&list, &[("SSL_CERT_FILE", &ca_file)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&id), "{out}");
+    // A certificate without its key is a usage error.
+    let (code, _, err) = tensor_wasm(&["functions", "list", "--server", &url, "--client-cert", cert_arg], &[]);
+    assert_eq!(code, 2, "{err}");
+}
+
+/// A one-shot HTTPS sink on loopback with `cert` and `key`: answers the request it gets with 200
+/// and returns its body; a failed handshake returns `None`.
+fn https_sink(cert: &Path, key: &Path) -> (u16, std::thread::JoinHandle<Option<String>>) {
+    let chain = CertificateDer::pem_file_iter(cert).unwrap().map(Result::unwrap).collect();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, PrivateKeyDer::from_pem_file(key).unwrap())
+        .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let thread = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let session = rustls::ServerConnection::new(Arc::new(config)).unwrap();
+        let mut reader = BufReader::new(rustls::StreamOwned::new(session, sock));
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).ok()?;
+            match line.trim_end().split_once(':') {
+                Some((name, value)) if name.eq_ignore_ascii_case("content-length") => {
+                    length = value.trim().parse().unwrap();
+                }
+                None if line.trim_end().is_empty() => break,
+                _ => {}
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).ok()?;
+        let tls = reader.get_mut();
+        tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").ok()?;
+        tls.conn.send_close_notify();
+        tls.flush().ok()?;
+        Some(String::from_utf8(body).unwrap())
+    });
+    (port, thread)
+}
+
+#[test]
+fn pipelines_deliver_to_https_sinks_that_the_trust_store_vouches_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Sink CA");
+    let ca_file = dir.path().join("sink-ca.pem");
+    ca.write_ca(&ca_file);
+    let server = Server::start_with(&dir.path().join("data"), &[], |cmd| {
+        cmd.env("SSL_CERT_FILE", &ca_file);
+    });
+    let r = server.client().deploy("enrich", &guests::fiso_module("enrich"), serde_json::json!({"abi": "envelope"}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let pipeline = |name: &str, port: u16| {
+        let sink = serde_json::json!({"url": format!("https://localhost:{port}/events"), "max_attempts": 1});
+        let spec = serde_json::json!({"name": name, "steps": ["enrich"], "sink": sink}).to_string();
+        let r = server.client().request("POST", "/pipelines", &[("content-type", "application/json")], spec.as_bytes());
+        assert_eq!(r.status, 201, "{}", r.text());
+        let id = r.json()["id"].as_str().unwrap().to_string();
+        server.client().request("POST", &format!("/pipelines/{id}/invoke"), &[], br#"{"order_id":"1"}"#)
+    };
+
+    let (cert, key) = ca.issue(dir.path(), "sink", "localhost");
+    let (port, sink) = https_sink(&cert, &key);
+    let r = pipeline("trusted", port);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!((r.json()["delivered"].clone(), r.json()["sink"]["status"].clone()), (true.into(), 200.into()));
+    assert!(sink.join().unwrap().unwrap().contains("processed_by"));
+
+    // A sink whose certificate no trusted CA signed is not delivered to, and the answer says why.
+    let (cert, key) = Ca::new("Rogue CA").issue(dir.path(), "rogue", "localhost");
+    let (port, sink) = https_sink(&cert, &key);
+    let r = pipeline("untrusted", port);
+    assert_eq!((r.status, r.error_kind().as_str()), (502, "sink_delivery_failed"), "{}", r.text());
+    assert!(r.text().contains("certificate"), "{}", r.text());
+    assert_eq!(sink.join().unwrap(), None);
+}

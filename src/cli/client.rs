@@ -9,6 +9,7 @@ use base64::Engine as _;
 use clap::{Args, Subcommand};
 
 use crate::http::client::{encode_request, exchange, Answer, Target};
+use crate::tls::ClientTls;
 
 /// Most bytes of an answer the client reads.
 const MAX_ANSWER: usize = 64 * 1024 * 1024;
@@ -16,11 +17,40 @@ const MAX_ANSWER: usize = 64 * 1024 * 1024;
 /// Exit status when the request could not be made or the server refused it.
 pub const EXIT_FAILED: i32 = 1;
 
+/// How the client reaches an https:// server.
+#[derive(Args, Clone, Debug)]
+pub struct TlsArgs {
+    /// PEM file of the CAs to trust for an https:// server. Default: the system's trust store
+    /// (`SSL_CERT_FILE`, or the distribution's bundle).
+    #[arg(long, env = "TENSOR_WASM_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate chain (PEM) for a server that requires mTLS.
+    #[arg(long, env = "TENSOR_WASM_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "TENSOR_WASM_CLIENT_KEY", requires = "client_cert", hide_env_values = true)]
+    pub client_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The TLS settings these flags give; `None` where they give none, and an https:// server is
+    /// then checked against the system's trust store.
+    pub fn client_tls(&self) -> Result<Option<ClientTls>, String> {
+        let identity = self.client_cert.as_deref().zip(self.client_key.as_deref());
+        if self.ca_cert.is_none() && identity.is_none() {
+            return Ok(None);
+        }
+        ClientTls::new(self.ca_cert.as_deref(), identity).map(Some)
+    }
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct ClientArgs {
-    /// The server's base URL (http:// only; reach a TLS ingress through `kubectl port-forward`).
+    /// The server's base URL, http:// or https://.
     #[arg(long, env = "TENSOR_WASM_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// The bearer token.
     #[arg(long, env = "TENSOR_WASM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -103,7 +133,9 @@ impl ClientArgs {
             headers.push(("x-tensor-wasm-tenant", tenant));
         }
         let request = encode_request(method, &target, &headers, body);
-        let answer = exchange(&target, &request, Duration::from_secs(self.timeout_secs), Some(MAX_ANSWER))
+        let tls = self.tls.client_tls()?;
+        let timeout = Duration::from_secs(self.timeout_secs);
+        let answer = exchange(&target, &request, timeout, Some(MAX_ANSWER), tls.as_ref())
             .map_err(|e| format!("cannot reach {}: {e}", self.server))?;
         if (200..300).contains(&answer.status) {
             return Ok(answer);

@@ -14,15 +14,18 @@ use clap::Args;
 
 use crate::functions::manifest::duration_ms;
 use crate::http::client::{encode_request, exchange, Target};
+use crate::tls::ClientTls;
 
 /// The share of 5xx answers over which the board says unhealthy (docs/SLO.md, the seed's target).
 const MAX_5XX_RATIO: f64 = 0.005;
 
 #[derive(Args)]
 pub struct ObserveArgs {
-    /// The server's base URL (http://).
+    /// The server's base URL, http:// or https://.
     #[arg(long, env = "TENSOR_WASM_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
+    #[command(flatten)]
+    pub tls: super::client::TlsArgs,
     /// Time between boards, e.g. `2s` or `500ms`.
     #[arg(long, default_value = "2s")]
     pub interval: String,
@@ -94,12 +97,13 @@ struct Scrape {
 }
 
 impl Scrape {
-    fn take(base: &Target, token: Option<&str>) -> Result<Scrape, String> {
+    fn take(base: &Target, token: Option<&str>, tls: Option<&ClientTls>) -> Result<Scrape, String> {
         let get = |path: &str, auth: Option<&str>| {
             let target = base.with_path(path);
             let bearer = auth.map(|t| format!("Bearer {t}"));
             let headers: Vec<(&str, &str)> = bearer.iter().map(|b| ("authorization", b.as_str())).collect();
-            exchange(&target, &encode_request("GET", &target, &headers, b""), Duration::from_secs(10), Some(64 << 20))
+            let request = encode_request("GET", &target, &headers, b"");
+            exchange(&target, &request, Duration::from_secs(10), Some(64 << 20), tls)
         };
         let metrics = get("/metrics", token)?;
         if metrics.status != 200 {
@@ -334,11 +338,18 @@ pub fn run(args: ObserveArgs) -> i32 {
             return 2;
         }
     };
+    let tls = match args.tls.client_tls() {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
     let token = args.token.as_deref();
     let tty = std::io::stdout().is_terminal();
     let mut before: Option<Scrape> = None;
     loop {
-        let now = match Scrape::take(&base, token) {
+        let now = match Scrape::take(&base, token, tls.as_ref()) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("error: cannot read {}: {e}", args.server);

@@ -1,18 +1,23 @@
-//! A blocking HTTP/1.1 client, one request per connection, for threads that may block: the sink
-//! workers and the command-line client. Shards never use it.
+//! A blocking HTTP/1.1 client, one request per connection, over plain TCP or TLS, for threads
+//! that may block: the sink workers and the command-line client. Shards never use it.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::ServerName;
+
 use super::ChunkedDecoder;
+use crate::tls::ClientTls;
 
 /// Most bytes of a response head read.
 const MAX_HEAD: usize = 16 * 1024;
 
-/// An `http://host[:port][/path]` URL, split. Plain HTTP only.
+/// An `http://` or `https://host[:port][/path]` URL, split.
 #[derive(Debug, PartialEq, Eq, Clone)]
 pub struct Target {
+    /// `https://`.
+    pub tls: bool,
     pub host: String,
     pub port: u16,
     pub path: String,
@@ -20,7 +25,11 @@ pub struct Target {
 
 impl Target {
     pub fn parse(url: &str) -> Result<Target, String> {
-        let rest = url.strip_prefix("http://").ok_or("only http:// URLs are supported")?;
+        let (tls, rest) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+            (Some(rest), _) => (false, rest),
+            (_, Some(rest)) => (true, rest),
+            _ => return Err("only http:// and https:// URLs are supported".into()),
+        };
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -32,7 +41,7 @@ impl Target {
             Some((host, port)) if !host.is_empty() && !port.contains(']') => {
                 (host, port.parse::<u16>().map_err(|_| format!("bad port {port:?}"))?)
             }
-            _ => (authority, 80),
+            _ => (authority, if tls { 443 } else { 80 }),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() || host.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
@@ -42,7 +51,7 @@ impl Target {
             return Err("the path holds whitespace or control characters".into());
         }
         let path = if path.starts_with('?') { format!("/{path}") } else { path.to_string() };
-        Ok(Target { host: host.to_string(), port, path })
+        Ok(Target { tls, host: host.to_string(), port, path })
     }
 
     /// The same server, another path (which starts with `/`).
@@ -83,9 +92,56 @@ pub fn encode_request(method: &str, target: &Target, headers: &[(&str, &str)], b
     request
 }
 
+/// A connection, plain or TLS; the socket is kept at hand for its timeouts.
+enum Connection {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Connection {
+    fn socket(&self) -> &TcpStream {
+        match self {
+            Connection::Plain(s) => s,
+            Connection::Tls(s) => &s.sock,
+        }
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Connection::Plain(s) => s.read(buf),
+            Connection::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Connection::Plain(s) => s.write(buf),
+            Connection::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Connection::Plain(s) => s.flush(),
+            Connection::Tls(s) => s.flush(),
+        }
+    }
+}
+
 /// Sends `request` and reads the answer, all within `timeout`. Reads at most `max_body` bytes of
-/// body, a longer one being an error; `None` reads the head only.
-pub fn exchange(target: &Target, request: &[u8], timeout: Duration, max_body: Option<usize>) -> Result<Answer, String> {
+/// body, a longer one being an error; `None` reads the head only. An https:// target is reached
+/// over TLS with `tls`, or with the system's trust store when `None`.
+pub fn exchange(
+    target: &Target,
+    request: &[u8],
+    timeout: Duration,
+    max_body: Option<usize>,
+    tls: Option<&ClientTls>,
+) -> Result<Answer, String> {
     let deadline = Instant::now() + timeout;
     let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     let addrs =
@@ -101,13 +157,30 @@ pub fn exchange(target: &Target, request: &[u8], timeout: Duration, max_body: Op
             Err(e) => error = format!("connecting to {addr}: {e}"),
         }
     }
-    let mut stream = stream.ok_or(error)?;
-    stream.set_write_timeout(Some(left())).map_err(|e| e.to_string())?;
-    stream.write_all(request).map_err(|e| format!("sending: {e}"))?;
+    let stream = stream.ok_or(error)?;
+    let mut stream = if target.tls {
+        let system;
+        let tls = match tls {
+            Some(tls) => tls,
+            None => {
+                system = ClientTls::system()?;
+                &system
+            }
+        };
+        let name = ServerName::try_from(target.host.clone()).map_err(|e| format!("TLS server name: {e}"))?;
+        let session = rustls::ClientConnection::new(tls.config.clone(), name).map_err(|e| format!("TLS: {e}"))?;
+        Connection::Tls(Box::new(rustls::StreamOwned::new(session, stream)))
+    } else {
+        Connection::Plain(stream)
+    };
+    // The TLS handshake runs inside the first write and read, under the same timeouts.
+    stream.socket().set_write_timeout(Some(left())).map_err(|e| e.to_string())?;
+    stream.socket().set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
+    stream.write_all(request).and_then(|()| stream.flush()).map_err(|e| format!("sending: {e}"))?;
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 16 * 1024];
-    let mut read = |stream: &mut TcpStream, buf: &mut Vec<u8>| -> Result<usize, String> {
-        stream.set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
+    let mut read = |stream: &mut Connection, buf: &mut Vec<u8>| -> Result<usize, String> {
+        stream.socket().set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
         let n = stream.read(&mut chunk).map_err(|e| format!("reading the answer: {e}"))?;
         buf.extend_from_slice(&chunk[..n]);
         Ok(n)
@@ -175,13 +248,15 @@ mod tests {
 
     #[test]
     fn parses_urls() {
-        let t = |host: &str, port, path: &str| Target { host: host.into(), port, path: path.into() };
+        let t = |host: &str, port, path: &str| Target { tls: false, host: host.into(), port, path: path.into() };
         assert_eq!(Target::parse("http://user-service:8082").unwrap(), t("user-service", 8082, "/"));
         assert_eq!(Target::parse("http://127.0.0.1:9/events?x=1").unwrap(), t("127.0.0.1", 9, "/events?x=1"));
         assert_eq!(Target::parse("http://[::1]:81/a").unwrap(), t("::1", 81, "/a"));
         assert_eq!(Target::parse("http://example").unwrap(), t("example", 80, "/"));
         assert_eq!(Target::parse("http://h:1/api/").unwrap().with_path("/metrics").path, "/api/metrics");
-        for bad in ["https://x", "ftp://x", "http://", "http://a:b", "http://u@h/", "http://h/a b"] {
+        let https = Target::parse("https://example/a").unwrap();
+        assert_eq!((https.tls, https.port, https.path.as_str()), (true, 443, "/a"));
+        for bad in ["ftp://x", "http://", "http://a:b", "http://u@h/", "http://h/a b"] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }
     }
@@ -204,7 +279,8 @@ mod tests {
             }
         });
         let get = || {
-            exchange(&target, &encode_request("GET", &target, &[], b""), Duration::from_secs(5), Some(1024)).unwrap()
+            exchange(&target, &encode_request("GET", &target, &[], b""), Duration::from_secs(5), Some(1024), None)
+                .unwrap()
         };
         let a = get();
         assert_eq!((a.status, a.body.as_slice()), (200, &b"hello"[..]));

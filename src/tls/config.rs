@@ -32,28 +32,15 @@ impl TlsFiles {
     /// Builds the rustls configuration. Errors name the file and what is wrong with it.
     pub fn load(&self) -> Result<ServerConfig, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.cert)
-            .and_then(|certs| certs.collect::<Result<_, _>>())
-            .map_err(|e| format!("TLS certificate {}: {e}", self.cert.display()))?;
-        if chain.is_empty() {
-            return Err(format!("TLS certificate {}: no certificate in the file", self.cert.display()));
-        }
-        let key =
-            PrivateKeyDer::from_pem_file(&self.key).map_err(|e| format!("TLS key {}: {e}", self.key.display()))?;
+        let chain = read_certificates(&self.cert, "TLS certificate")?;
+        let key = read_key(&self.key, "TLS key")?;
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS: {e}"))?;
         let builder = match &self.client_ca {
             None => builder.with_no_client_auth(),
             Some(path) => {
-                let mut roots = RootCertStore::empty();
-                let cas = CertificateDer::pem_file_iter(path)
-                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                    .map_err(|e| format!("TLS client CA {}: {e}", path.display()))?;
-                let (added, _) = roots.add_parsable_certificates(cas);
-                if added == 0 {
-                    return Err(format!("TLS client CA {}: no usable CA certificate", path.display()));
-                }
+                let roots = read_roots(path, "TLS client CA")?;
                 let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                     .build()
                     .map_err(|e| format!("TLS client CA {}: {e}", path.display()))?;
@@ -66,6 +53,32 @@ impl TlsFiles {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(config)
     }
+}
+
+/// The certificates of PEM file `path`, at least one; errors start with `what` and the path.
+pub(crate) fn read_certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{what} {}: no certificate in the file", path.display()));
+    }
+    Ok(certs)
+}
+
+/// The private key of PEM file `path`.
+pub(crate) fn read_key(path: &Path, what: &str) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{what} {}: {e}", path.display()))
+}
+
+/// The CA certificates of PEM file `path` that parse, at least one.
+pub(crate) fn read_roots(path: &Path, what: &str) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(read_certificates(path, what)?);
+    if added == 0 {
+        return Err(format!("{what} {}: no usable CA certificate", path.display()));
+    }
+    Ok(roots)
 }
 
 type Fingerprint = Vec<Option<(u64, SystemTime, u64)>>;
