@@ -6,26 +6,8 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{guests, Server};
+use common::{guests, tensor_wasm as run, Server};
 use serde_json::Value;
-
-/// Runs `tensor-wasm ARGS` with `env`; returns (exit code, stdout, stderr).
-fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"));
-    cmd.args(args).stdin(Stdio::null());
-    for var in ["TENSOR_WASM_SERVER", "TENSOR_WASM_TOKEN", "TENSOR_WASM_TENANT", "TENSOR_WASM_API_METRICS_TOKEN"] {
-        cmd.env_remove(var);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn url(server: &Server) -> String {
     format!("http://{}", server.addr)

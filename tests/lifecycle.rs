@@ -139,8 +139,8 @@ fn drain_timeout_bounds_the_shutdown() {
 }
 
 fn run_cli(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tensor-wasm")).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    let (code, _, stderr) = common::tensor_wasm(args, &[]);
+    (code, stderr)
 }
 
 #[test]

@@ -257,20 +257,6 @@ fn bad_tls_files_stop_start_up() {
     }
 }
 
-/// Runs `tensor-wasm ARGS` with `env`, and none of the client settings of this process's
-/// environment; returns (exit code, stdout, stderr).
-fn tensor_wasm(args: &[&str], env: &[(&str, &Path)]) -> (i32, String, String) {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tensor-wasm"));
-    cmd.args(args).stdin(std::process::Stdio::null());
-    for var in ["TENSOR_WASM_SERVER", "TENSOR_WASM_CA_CERT", "TENSOR_WASM_CLIENT_CERT", "TENSOR_WASM_CLIENT_KEY"] {
-        cmd.env_remove(var);
-    }
-    cmd.env_remove("SSL_CERT_FILE").envs(env.iter().map(|(k, v)| (k, v)));
-    let out = cmd.output().unwrap();
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
-}
-
 #[test]
 fn the_client_commands_reach_an_https_server_with_mtls() {
     let dir = tempfile::tempdir().unwrap();
@@ -287,7 +273,7 @@ fn the_client_commands_reach_an_https_server_with_mtls() {
         let tls = ["--server", &url, "--ca-cert", ca_arg, "--client-cert", cert_arg, "--client-key", key_arg];
         args.iter().chain(tls.iter()).map(|s| s.to_string()).collect()
     };
-    let run = |args: Vec<String>| tensor_wasm(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+    let run = |args: Vec<String>| common::tensor_wasm(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
 
     let (code, out, err) = run(with(&["deploy", hello.to_str().unwrap(), "--name", "hello"]));
     assert_eq!(code, 0, "{err}");
@@ -300,21 +286,21 @@ fn the_client_commands_reach_an_https_server_with_mtls() {
     assert!(out.contains("HEALTHY"), "{out}");
 
     // Without a client certificate the server ends the handshake: a sentence and exit 1.
-    let (code, _, err) = tensor_wasm(&["functions", "list", "--server", &url, "--ca-cert", ca_arg], &[]);
+    let (code, _, err) = common::tensor_wasm(&["functions", "list", "--server", &url, "--ca-cert", ca_arg], &[]);
     assert_eq!(code, 1);
     assert!(err.contains("cannot reach"), "{err}");
     // By default the server is checked against the system's trust store (SSL_CERT_FILE here).
     let other = dir.path().join("other.pem");
     Ca::new("Other CA").write_ca(&other);
     let list = ["functions", "list", "--server", &url, "--client-cert", cert_arg, "--client-key", key_arg];
-    let (code, _, err) = tensor_wasm(&list, &[("SSL_CERT_FILE", &other)]);
+    let (code, _, err) = common::tensor_wasm(&list, &[("SSL_CERT_FILE", other.to_str().unwrap())]);
     assert_eq!(code, 1);
     assert!(err.contains("certificate"), "{err}");
-    let (code, out, err) = tensor_wasm(&list, &[("SSL_CERT_FILE", &ca_file)]);
+    let (code, out, err) = common::tensor_wasm(&list, &[("SSL_CERT_FILE", ca_file.to_str().unwrap())]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&id), "{out}");
     // A certificate without its key is a usage error.
-    let (code, _, err) = tensor_wasm(&["functions", "list", "--server", &url, "--client-cert", cert_arg], &[]);
+    let (code, _, err) = common::tensor_wasm(&["functions", "list", "--server", &url, "--client-cert", cert_arg], &[]);
     assert_eq!(code, 2, "{err}");
 }
 

@@ -29,6 +29,28 @@ pub fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> D
     }
 }
 
+/// Runs `tensor-wasm ARGS` with `env`, and none of the client settings of this process's
+/// environment; returns (exit code, stdout, stderr).
+pub fn tensor_wasm(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"));
+    cmd.args(args).stdin(Stdio::null());
+    for var in [
+        "TENSOR_WASM_SERVER",
+        "TENSOR_WASM_TOKEN",
+        "TENSOR_WASM_TENANT",
+        "TENSOR_WASM_API_METRICS_TOKEN",
+        "TENSOR_WASM_CA_CERT",
+        "TENSOR_WASM_CLIENT_CERT",
+        "TENSOR_WASM_CLIENT_KEY",
+        "SSL_CERT_FILE",
+    ] {
+        cmd.env_remove(var);
+    }
+    let out = cmd.envs(env.iter().copied()).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
 pub fn sha256(bytes: &[u8]) -> Vec<u8> {
     use sha2::Digest;
     sha2::Sha256::digest(bytes).to_vec()
