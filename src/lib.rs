@@ -8,6 +8,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod backup;
+pub mod cidr;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -304,3 +304,40 @@ fn pipelines_from_the_functions_directory() {
     std::fs::remove_file(dir.path().join("orders.pipeline.toml")).unwrap();
     within(Duration::from_secs(2), "the removed pipeline's 404", || invoke(&server, &id, ORDER).status == 404);
 }
+
+#[test]
+fn sinks_reach_only_the_networks_the_operator_allows() {
+    // By default any address but link-local ones, where cloud metadata services answer.
+    let server = Server::start(&[]);
+    deploy_envelope(&server, "enrich");
+    let metadata =
+        json!({"name": "m", "steps": ["enrich"], "sink": {"url": "http://169.254.169.254/latest/meta-data"}});
+    let r = create(&server, metadata);
+    assert_eq!((r.status, r.error_kind().as_str()), (400, "invalid_pipeline"), "{}", r.text());
+    assert!(r.text().contains("link-local"), "{}", r.text());
+    drop(server);
+
+    // Only the networks listed: a literal address outside them is refused when the pipeline is
+    // made, and a host name that resolves outside them when it delivers, without connecting.
+    let server = Server::start(&["--sink-allowed-cidrs", "10.0.0.0/8"]);
+    deploy_envelope(&server, "enrich");
+    let (url, sink_thread) = sink(&[200]);
+    let r = create(&server, json!({"name": "literal", "steps": ["enrich"], "sink": {"url": url}}));
+    assert_eq!((r.status, r.error_kind().as_str()), (400, "invalid_pipeline"), "{}", r.text());
+    assert!(r.text().contains("outside --sink-allowed-cidrs"), "{}", r.text());
+    let named = url.replace("127.0.0.1", "localhost");
+    let r = create(&server, json!({"name": "named", "steps": ["enrich"], "sink": {"url": named, "max_attempts": 3}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = invoke(&server, r.json()["id"].as_str().unwrap(), ORDER);
+    assert_eq!((r.status, r.error_kind().as_str()), (502, "sink_delivery_failed"), "{}", r.text());
+    assert!(r.text().contains("outside --sink-allowed-cidrs") && r.text().contains("1 attempt(s)"), "{}", r.text());
+    drop(server);
+
+    // Listed, the same sink is delivered to; the refused attempts never reached it.
+    let server = Server::start(&["--sink-allowed-cidrs", "127.0.0.0/8,::1"]);
+    deploy_envelope(&server, "enrich");
+    let r = create(&server, json!({"name": "named", "steps": ["enrich"], "sink": {"url": named}}));
+    let r = invoke(&server, r.json()["id"].as_str().unwrap(), ORDER);
+    assert_eq!((r.status, r.json()["delivered"].clone()), (200, json!(true)), "{}", r.text());
+    assert_eq!(sink_thread.join().unwrap().len(), 1);
+}

@@ -15,10 +15,10 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use crate::cidr::Cidr;
 use crate::error::ApiError;
 use crate::http::RequestHead;
 use crate::server::published::Published;
-use crate::tls::forwarded::Cidr;
 use rate_limit::LocalAllowance;
 pub use rate_limit::RateLimit;
 pub use tokens::{Scope, TokenEntry, TokenPolicy, TokenSet};

@@ -14,9 +14,10 @@ use tensor_wasm_dispatch::{BackendChoice, DispatchConfig};
 
 use crate::audit::{parse_destination, AuditConfig, AuditOnError, AuditSync};
 use crate::auth::{AuthConfig, RateLimit, TokenSource};
+use crate::cidr::parse_cidrs;
 use crate::config::{IoDriverChoice, Limits, ServerConfig};
+use crate::pipelines::sink::SinkNetworks;
 use crate::server::cpu::PinShards;
-use crate::tls::forwarded::parse_cidrs;
 use crate::tls::TlsFiles;
 
 /// The `token_id` key when none is configured: ids are then stable, but anyone can compute them.
@@ -257,6 +258,12 @@ pub struct ServeArgs {
     /// Sink deliveries that may wait for a free thread; more get 503 `overloaded`.
     #[arg(long, env = "TENSOR_WASM_SINK_QUEUE_DEPTH", default_value_t = 256)]
     pub sink_queue_depth: u32,
+
+    /// The only networks pipeline sinks may be delivered to, e.g. `10.0.0.0/8,fd00::/8`, checked
+    /// against every address a sink's host resolves to. Default: any address but link-local ones
+    /// (169.254.0.0/16, fe80::/10), where cloud metadata services answer.
+    #[arg(long, env = "TENSOR_WASM_SINK_ALLOWED_CIDRS", default_value = "")]
+    pub sink_allowed_cidrs: String,
 
     /// Where guests' tensor kernels run: `auto` takes CUDA when a device is present (as
     /// CUDA_VISIBLE_DEVICES shows them), else the host back-end.
@@ -518,6 +525,11 @@ impl ServeArgs {
                 AuditOnErrorArg::Continue => AuditOnError::Continue,
             },
         };
+        let sink_networks =
+            match parse_cidrs(&self.sink_allowed_cidrs).map_err(|e| format!("TENSOR_WASM_SINK_ALLOWED_CIDRS: {e}"))? {
+                networks if networks.is_empty() => SinkNetworks::AnyButLinkLocal,
+                networks => SinkNetworks::Only(networks),
+            };
         let io_driver = match self.io_driver {
             IoDriverArg::Auto => IoDriverChoice::Auto,
             IoDriverArg::IoUring => IoDriverChoice::IoUring,
@@ -580,6 +592,7 @@ impl ServeArgs {
                 max_output_bytes: self.max_output_bytes as usize,
                 max_stderr_bytes: self.max_stderr_bytes as usize,
                 epoch_tick_ms: self.epoch_tick_ms,
+                sink_networks,
             },
         })
     }

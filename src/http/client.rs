@@ -2,7 +2,7 @@
 //! that may block: the sink workers and the command-line client. Shards never use it.
 
 use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
@@ -142,14 +142,32 @@ pub fn exchange(
     max_body: Option<usize>,
     tls: Option<&ClientTls>,
 ) -> Result<Answer, String> {
-    let deadline = Instant::now() + timeout;
-    let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    exchange_at(&resolve(target)?, target, request, timeout, max_body, tls)
+}
+
+/// The addresses `target`'s host names (the host itself, where it is an address).
+pub fn resolve(target: &Target) -> Result<Vec<SocketAddr>, String> {
     let addrs =
         (target.host.as_str(), target.port).to_socket_addrs().map_err(|e| format!("resolving {}: {e}", target.host))?;
+    Ok(addrs.collect())
+}
+
+/// [`exchange`] with `target` reached at `addrs`, tried in turn: for a caller that has checked
+/// the addresses it resolved, so that a second lookup cannot answer differently.
+pub fn exchange_at(
+    addrs: &[SocketAddr],
+    target: &Target,
+    request: &[u8],
+    timeout: Duration,
+    max_body: Option<usize>,
+    tls: Option<&ClientTls>,
+) -> Result<Answer, String> {
+    let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     let mut stream = None;
     let mut error = format!("{} has no address", target.host);
     for addr in addrs {
-        match TcpStream::connect_timeout(&addr, left()) {
+        match TcpStream::connect_timeout(addr, left()) {
             Ok(s) => {
                 stream = Some(s);
                 break;

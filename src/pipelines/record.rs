@@ -167,7 +167,13 @@ impl PipelineSpec {
 
 impl SinkSpec {
     fn into_sink(self, limits: &Limits) -> Result<Sink, String> {
-        crate::http::client::Target::parse(&self.url).map_err(|e| format!("sink `url`: {e}"))?;
+        let target = crate::http::client::Target::parse(&self.url).map_err(|e| format!("sink `url`: {e}"))?;
+        // A host name is checked at each delivery, against the addresses it resolves to then.
+        if let Ok(ip) = target.host.parse::<std::net::IpAddr>() {
+            if !limits.sink_networks.allows(ip) {
+                return Err(format!("sink `url`: {}", limits.sink_networks.refusal(ip)));
+            }
+        }
         let method = self.method.unwrap_or_else(|| "POST".into()).to_ascii_uppercase();
         if !matches!(method.as_str(), "POST" | "PUT" | "PATCH") {
             return Err(format!("sink `method` must be POST, PUT or PATCH, got {method}"));

@@ -4,6 +4,7 @@
 //! Deliveries run on a small pool of blocking threads fed by a bounded queue, so that name lookups,
 //! connects and backoff sleeps never run on a shard. A full queue is 503 `overloaded`.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use futures_channel::oneshot;
 
 use super::record::Sink;
+use crate::cidr::Cidr;
 use crate::error::ApiError;
 use crate::http::client::{self, Target};
 use crate::http::header_rules;
@@ -18,6 +20,51 @@ use crate::wasm::envelope::Headers;
 
 /// Longest wait between two attempts, whatever the backoff or `retry-after` says.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The addresses a sink may be delivered to. Tenants choose sink URLs, and the server makes the
+/// request from inside the operator's network, so where it may go is the operator's to say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SinkNetworks {
+    /// Every address but the link-local ones (169.254.0.0/16, fe80::/10), where cloud metadata
+    /// services hand out the node's credentials.
+    AnyButLinkLocal,
+    /// Only addresses inside these networks.
+    Only(Vec<Cidr>),
+}
+
+impl SinkNetworks {
+    /// ```
+    /// use tensor_wasm::pipelines::sink::SinkNetworks;
+    /// use tensor_wasm::cidr::parse_cidrs;
+    /// let any = SinkNetworks::AnyButLinkLocal;
+    /// assert!(any.allows("10.1.2.3".parse().unwrap()));
+    /// assert!(!any.allows("169.254.169.254".parse().unwrap()));
+    /// assert!(!any.allows("::ffff:169.254.169.254".parse().unwrap()));
+    /// let only = SinkNetworks::Only(parse_cidrs("10.0.0.0/8").unwrap());
+    /// assert!(!only.allows("127.0.0.1".parse().unwrap()));
+    /// ```
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        match self {
+            SinkNetworks::AnyButLinkLocal => !LINK_LOCAL.iter().any(|net| net.contains(ip)),
+            SinkNetworks::Only(networks) => networks.iter().any(|net| net.contains(ip)),
+        }
+    }
+
+    /// Why `ip` is refused.
+    pub fn refusal(&self, ip: IpAddr) -> String {
+        match self {
+            SinkNetworks::AnyButLinkLocal => {
+                format!("{ip} is link-local, where sinks may not go unless --sink-allowed-cidrs lists it")
+            }
+            SinkNetworks::Only(_) => format!("{ip} is outside --sink-allowed-cidrs"),
+        }
+    }
+}
+
+const LINK_LOCAL: [Cidr; 2] = [
+    Cidr::new_const(IpAddr::V4(Ipv4Addr::new(169, 254, 0, 0)), 16),
+    Cidr::new_const(IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)), 10),
+];
 
 /// One delivery: the pipeline's final output and headers.
 pub struct Delivery {
@@ -52,28 +99,32 @@ impl SinkHandle {
     }
 }
 
-/// Starts `workers` delivery threads behind a queue of `queue_depth` deliveries.
-pub fn spawn(workers: usize, queue_depth: usize) -> std::io::Result<SinkHandle> {
+/// Starts `workers` delivery threads behind a queue of `queue_depth` deliveries, which reach
+/// only addresses that `networks` allows.
+pub fn spawn(workers: usize, queue_depth: usize, networks: SinkNetworks) -> std::io::Result<SinkHandle> {
     let (tx, rx) = sync_channel::<Job>(queue_depth);
     let rx = Arc::new(Mutex::new(rx));
+    let networks = Arc::new(networks);
     for i in 0..workers {
-        let rx = rx.clone();
-        std::thread::Builder::new().name(format!("tw-sink-{i}")).spawn(move || serve(&rx))?;
+        let (rx, networks) = (rx.clone(), networks.clone());
+        std::thread::Builder::new().name(format!("tw-sink-{i}")).spawn(move || serve(&rx, &networks))?;
     }
     Ok(SinkHandle { tx })
 }
 
-fn serve(rx: &Mutex<Receiver<Job>>) {
+fn serve(rx: &Mutex<Receiver<Job>>, networks: &SinkNetworks) {
     loop {
         // The lock is held only while waiting for the next job, never while delivering.
         let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
         let Ok((delivery, reply)) = job else { return };
-        let _ = reply.send(deliver(&delivery));
+        let _ = reply.send(deliver(&delivery, networks));
     }
 }
 
-/// Attempts the delivery until it succeeds, fails for good, or runs out of attempts.
-pub fn deliver(delivery: &Delivery) -> Result<Delivered, ApiError> {
+/// Attempts the delivery until it succeeds, fails for good, or runs out of attempts. The sink's
+/// host is looked up at every attempt, and only the addresses `networks` allows are tried: a
+/// name that resolves to none of them fails for good.
+pub fn deliver(delivery: &Delivery, networks: &SinkNetworks) -> Result<Delivered, ApiError> {
     let sink = &delivery.sink;
     let failed = |attempts: u32, last: String| ApiError::SinkDeliveryFailed { url: sink.url.clone(), attempts, last };
     let target = Target::parse(&sink.url).map_err(|e| failed(0, e))?;
@@ -82,7 +133,18 @@ pub fn deliver(delivery: &Delivery) -> Result<Delivered, ApiError> {
     let mut last = String::new();
     for attempt in 1..=sink.max_attempts {
         let mut wait = backoff;
-        match send(&target, &request, Duration::from_millis(sink.timeout_ms)) {
+        let addrs = client::resolve(&target).map(|all| {
+            let (allowed, refused): (Vec<_>, Vec<_>) = all.into_iter().partition(|a| networks.allows(a.ip()));
+            (allowed, refused.first().map(|a| networks.refusal(a.ip())))
+        });
+        let sent = match addrs {
+            Ok((allowed, Some(refusal))) if allowed.is_empty() => {
+                return Err(failed(attempt, format!("{} (not retried)", refusal)));
+            }
+            Ok((allowed, _)) => send(&allowed, &target, &request, Duration::from_millis(sink.timeout_ms)),
+            Err(e) => Err(e),
+        };
+        match sent {
             Ok(answer) if (200..300).contains(&answer.status) => {
                 return Ok(Delivered { status: answer.status, attempts: attempt });
             }
@@ -116,8 +178,8 @@ fn encode_request(target: &Target, delivery: &Delivery) -> Vec<u8> {
 
 /// One attempt: connect, send, and read the answer's head (only its status and `retry-after`
 /// matter), all within `timeout`.
-fn send(target: &Target, request: &[u8], timeout: Duration) -> Result<Answer, String> {
-    let answer = client::exchange(target, request, timeout, None, None)?;
+fn send(addrs: &[SocketAddr], target: &Target, request: &[u8], timeout: Duration) -> Result<Answer, String> {
+    let answer = client::exchange_at(addrs, target, request, timeout, None, None)?;
     let retry_after = answer.header("retry-after").and_then(|v| v.trim().parse::<u64>().ok()).map(Duration::from_secs);
     Ok(Answer { status: answer.status, retry_after })
 }

@@ -183,8 +183,9 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         config.functions_dir.clone(),
     )
     .map_err(|e| ServerError::Runtime(format!("cannot start the catalog worker: {e}")))?;
-    let sinks = crate::pipelines::sink::spawn(config.sink_workers, config.sink_queue_depth)
-        .map_err(|e| ServerError::Runtime(format!("cannot start the sink workers: {e}")))?;
+    let sinks =
+        crate::pipelines::sink::spawn(config.sink_workers, config.sink_queue_depth, limits.sink_networks.clone())
+            .map_err(|e| ServerError::Runtime(format!("cannot start the sink workers: {e}")))?;
 
     let audit_config = Arc::new(config.audit.clone());
     let commit_slots: Vec<Arc<CommitSlot>> = (0..shard_count).map(|_| Arc::default()).collect();
