@@ -295,3 +295,25 @@ fn instance_slots_are_bounded() {
     let r = first.join().unwrap();
     assert_eq!((r.status, r.text().as_str()), (200, r#"{"done":true}"#));
 }
+
+#[test]
+fn a_spent_instance_frees_its_slot_once_answered_and_before_the_next_step() {
+    // One slot: every invoke and every pipeline step must find the previous one's freed.
+    let server = Server::start(&["--shards", "1", "--max-instances", "1"]);
+    let echo = server.deploy("echo", &guests::echo());
+    let mut c = server.client();
+    for i in 0..20 {
+        assert_eq!(c.invoke(&echo, format!("[{i}]").as_bytes()).text(), format!("[{i}]"));
+    }
+    let spec = serde_json::json!({"name": "three", "steps": ["echo", "echo", "echo"]}).to_string();
+    let r = c.request("POST", "/pipelines", &[("content-type", "application/json")], spec.as_bytes());
+    assert_eq!(r.status, 201, "{}", r.text());
+    let pipeline = r.json()["id"].as_str().unwrap().to_string();
+    let r = c.request("POST", &format!("/pipelines/{pipeline}/invoke"), &[], b"[7]");
+    assert_eq!((r.status, r.text().as_str()), (200, "[7]"));
+    // Answered and idle: no instance is left alive.
+    common::within(Duration::from_secs(5), "no live instance", || {
+        server.metric("tensor_wasm_active_instances", &[]) == 0.0
+    });
+    assert_eq!(server.metric("tensor_wasm_instance_spawns_total", &[]), 23.0);
+}

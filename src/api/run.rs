@@ -94,7 +94,9 @@ pub async fn execute(
     timeout: Duration,
 ) -> Result<InvokeOutput, ApiError> {
     let record = &function.deployed.record;
-    let _slot = shard.acquire_instance_slot()?;
+    // A pipeline's earlier step, or another connection's answer not yet sent, may still hold one.
+    shard.drop_spent();
+    let slot = shard.acquire_instance_slot()?;
     let limits = InvokeLimits {
         timeout,
         memory_limit_mb: record.memory_limit_mb,
@@ -107,6 +109,7 @@ pub async fn execute(
     let invocation =
         run_invocation(&shard.engine, &function.pre, function.deployed.wasi.clone(), stdin, entry, limits, tensors)
             .await;
+    shard.keep_spent(slot, invocation.spent);
     match invocation.outcome {
         Ok(output) => {
             if !invocation.stderr.is_empty() {

@@ -151,6 +151,8 @@ pub async fn serve<T: Transport>(guard: ConnectionGuard, mut stream: T, peer: Pe
             if !flush(&mut stream, &mut out, limits.write_timeout()).await {
                 return;
             }
+            // The answers are out: now the memory their guests dirtied is reset.
+            shard.drop_spent();
             let idle = buf.is_empty();
             let (timeout, drain) = if idle {
                 if shard.drain.is_fired() {

@@ -162,11 +162,13 @@ pub struct InvokeOutput {
 }
 
 /// An invocation's outcome, and its stderr (kept up to the cap) for the log, whatever the outcome.
-#[derive(Debug)]
 pub struct Invocation {
     pub outcome: Result<InvokeOutput, ApiError>,
     pub stderr: Vec<u8>,
     pub stderr_dropped: usize,
+    /// The spent store. Dropping it resets the instance's memory slot (the pages the guest
+    /// dirtied), which a caller may leave until the answer has been sent.
+    pub spent: Store<GuestState>,
 }
 
 /// Runs one invocation to completion on the current task. The guest yields to the shard's
@@ -210,15 +212,18 @@ pub async fn invoke(
     } else {
         run(&mut store, pre, entry).await
     };
-    let state = store.into_data();
+    let state = store.data_mut();
+    // The tensors go now, with their quota: only the memory slot's reset waits.
+    drop(state.tensors.take());
     let result = match outcome {
         Ok(results) => Ok(results),
-        Err(err) => classify(err, &state, &limits),
+        Err(err) => classify(err, state, &limits),
     };
     Invocation {
-        outcome: result.map(|results| InvokeOutput { stdout: state.stdout, results }),
-        stderr: state.stderr,
+        outcome: result.map(|results| InvokeOutput { stdout: std::mem::take(&mut state.stdout), results }),
+        stderr: std::mem::take(&mut state.stderr),
         stderr_dropped: state.stderr_dropped,
+        spent: store,
     }
 }
 
