@@ -139,7 +139,7 @@ pub fn deliver(delivery: &Delivery, networks: &SinkNetworks) -> Result<Delivered
         });
         let sent = match addrs {
             Ok((allowed, Some(refusal))) if allowed.is_empty() => {
-                return Err(failed(attempt, format!("{} (not retried)", refusal)));
+                return Err(failed(attempt, format!("{refusal} (not retried)")));
             }
             Ok((allowed, _)) => send(&allowed, &target, &request, Duration::from_millis(sink.timeout_ms)),
             Err(e) => Err(e),
