@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use common::{guests, within, Server};
 use serde_json::json;
 
-/// How long a change may take to be live: the promise.
-const RELOAD_LIMIT: Duration = Duration::from_secs(1);
+/// How long a test waits for a change to be live. The promise is 1 s; it is measured in a release
+/// build by perf/reload-dir.py (perf/CORE.md), not here, where a debug build shares the machine
+/// with every other test.
+const RELOAD_LIMIT: Duration = Duration::from_secs(10);
 
 fn start(dir: &Path, extra: &[&str]) -> Server {
     let mut args = vec!["--functions-dir", dir.to_str().unwrap()];
