@@ -8,7 +8,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use clap::{Args, Subcommand};
 
-use crate::http::client::{encode_request, exchange, Answer, Target};
+use crate::http::client::{encode_request, exchange, Answer, Exchange, Target};
 use crate::tls::ClientTls;
 
 /// Most bytes of an answer the client reads.
@@ -134,9 +134,9 @@ impl ClientArgs {
         }
         let request = encode_request(method, &target, &headers, body);
         let tls = self.tls.client_tls()?;
-        let timeout = Duration::from_secs(self.timeout_secs);
-        let answer = exchange(&target, &request, timeout, Some(MAX_ANSWER), tls.as_ref())
-            .map_err(|e| format!("cannot reach {}: {e}", self.server))?;
+        let how =
+            Exchange { timeout: Duration::from_secs(self.timeout_secs), max_body: Some(MAX_ANSWER), tls: tls.as_ref() };
+        let answer = exchange(&target, &request, how).map_err(|e| format!("cannot reach {}: {e}", self.server))?;
         if (200..300).contains(&answer.status) {
             return Ok(answer);
         }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use crate::functions::manifest::duration_ms;
-use crate::http::client::{encode_request, exchange, Target};
+use crate::http::client::{encode_request, exchange, Exchange, Target};
 use crate::tls::ClientTls;
 
 /// The share of 5xx answers over which the board says unhealthy (docs/SLO.md, the seed's target).
@@ -103,7 +103,7 @@ impl Scrape {
             let bearer = auth.map(|t| format!("Bearer {t}"));
             let headers: Vec<(&str, &str)> = bearer.iter().map(|b| ("authorization", b.as_str())).collect();
             let request = encode_request("GET", &target, &headers, b"");
-            exchange(&target, &request, Duration::from_secs(10), Some(64 << 20), tls)
+            exchange(&target, &request, Exchange { timeout: Duration::from_secs(10), max_body: Some(64 << 20), tls })
         };
         let metrics = get("/metrics", token)?;
         if metrics.status != 200 {

@@ -132,17 +132,20 @@ impl Write for Connection {
     }
 }
 
-/// Sends `request` and reads the answer, all within `timeout`. Reads at most `max_body` bytes of
-/// body, a longer one being an error; `None` reads the head only. An https:// target is reached
-/// over TLS with `tls`, or with the system's trust store when `None`.
-pub fn exchange(
-    target: &Target,
-    request: &[u8],
-    timeout: Duration,
-    max_body: Option<usize>,
-    tls: Option<&ClientTls>,
-) -> Result<Answer, String> {
-    exchange_at(&resolve(target)?, target, request, timeout, max_body, tls)
+/// How one exchange is bounded and secured.
+#[derive(Clone, Copy)]
+pub struct Exchange<'a> {
+    /// For the whole exchange: connect, TLS handshake, send and read.
+    pub timeout: Duration,
+    /// Most bytes of body read, a longer one being an error; `None` reads the head only.
+    pub max_body: Option<usize>,
+    /// For an https:// target; `None` checks the server against the system's trust store.
+    pub tls: Option<&'a ClientTls>,
+}
+
+/// Sends `request` to `target` and reads the answer, as `how` bounds it.
+pub fn exchange(target: &Target, request: &[u8], how: Exchange<'_>) -> Result<Answer, String> {
+    exchange_at(&resolve(target)?, target, request, how)
 }
 
 /// The addresses `target`'s host names (the host itself, where it is an address).
@@ -154,14 +157,8 @@ pub fn resolve(target: &Target) -> Result<Vec<SocketAddr>, String> {
 
 /// [`exchange`] with `target` reached at `addrs`, tried in turn: for a caller that has checked
 /// the addresses it resolved, so that a second lookup cannot answer differently.
-pub fn exchange_at(
-    addrs: &[SocketAddr],
-    target: &Target,
-    request: &[u8],
-    timeout: Duration,
-    max_body: Option<usize>,
-    tls: Option<&ClientTls>,
-) -> Result<Answer, String> {
+pub fn exchange_at(addrs: &[SocketAddr], target: &Target, request: &[u8], how: Exchange<'_>) -> Result<Answer, String> {
+    let Exchange { timeout, max_body, tls } = how;
     let deadline = Instant::now() + timeout;
     let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     let mut stream = None;
@@ -297,8 +294,8 @@ mod tests {
             }
         });
         let get = || {
-            exchange(&target, &encode_request("GET", &target, &[], b""), Duration::from_secs(5), Some(1024), None)
-                .unwrap()
+            let how = Exchange { timeout: Duration::from_secs(5), max_body: Some(1024), tls: None };
+            exchange(&target, &encode_request("GET", &target, &[], b""), how).unwrap()
         };
         let a = get();
         assert_eq!((a.status, a.body.as_slice()), (200, &b"hello"[..]));

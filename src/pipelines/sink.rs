@@ -179,7 +179,7 @@ fn encode_request(target: &Target, delivery: &Delivery) -> Vec<u8> {
 /// One attempt: connect, send, and read the answer's head (only its status and `retry-after`
 /// matter), all within `timeout`.
 fn send(addrs: &[SocketAddr], target: &Target, request: &[u8], timeout: Duration) -> Result<Answer, String> {
-    let answer = client::exchange_at(addrs, target, request, timeout, None, None)?;
+    let answer = client::exchange_at(addrs, target, request, client::Exchange { timeout, max_body: None, tls: None })?;
     let retry_after = answer.header("retry-after").and_then(|v| v.trim().parse::<u64>().ok()).map(Duration::from_secs);
     Ok(Answer { status: answer.status, retry_after })
 }
