@@ -238,18 +238,20 @@ fn token_file_rotation_without_restart() {
     let server = Server::start_with(&data, &["--api-tokens-file", file.to_str().unwrap()], |_| {});
     let mut c = server.client();
     let works = |c: &mut Client, token: &str| call(c, "GET", "/functions", Some(token), None, b"").status == 200;
-    let within_a_second = |c: &mut Client, token: &str, want: bool| {
-        within(Duration::from_secs(1), "the token's new state", || works(c, token) == want);
+    // The promise is a second, measured in a release build by perf/token-rotation.py; a debug
+    // build sharing CI's CPUs with every other test gets more room.
+    let takes_effect = |c: &mut Client, token: &str, want: bool| {
+        within(Duration::from_secs(5), "the token's new state", || works(c, token) == want);
     };
     assert!(works(&mut c, ADMIN));
     assert!(!works(&mut c, SVC7));
 
     // Rotation: old and new overlap, then the old one goes.
     write(&format!("{ADMIN}:tenant=*\n{SVC7}:tenant=0\n"));
-    within_a_second(&mut c, SVC7, true);
+    takes_effect(&mut c, SVC7, true);
     assert!(works(&mut c, ADMIN));
     write(&format!("{SVC7}:tenant=0\n"));
-    within_a_second(&mut c, ADMIN, false);
+    takes_effect(&mut c, ADMIN, false);
 
     // A broken file is ignored: the previous list keeps serving.
     write("garbage");
@@ -262,7 +264,7 @@ fn token_file_rotation_without_restart() {
     let path = std::ffi::CString::new(file.to_str().unwrap()).unwrap();
     let unnoticed = (0..5).any(|_| {
         write(&format!("{FLEET}:tenant=0\n"));
-        within_a_second(&mut c, FLEET, true);
+        takes_effect(&mut c, FLEET, true);
         let modified =
             std::fs::metadata(&file).unwrap().modified().unwrap().duration_since(std::time::UNIX_EPOCH).unwrap();
         std::fs::write(&file, format!("{}:tenant=0\n", "z".repeat(FLEET.len()))).unwrap();
@@ -274,7 +276,7 @@ fn token_file_rotation_without_restart() {
     });
     assert!(unnoticed, "every try, the poll alone saw the change");
     server.signal(libc::SIGHUP);
-    within_a_second(&mut c, FLEET, false);
+    takes_effect(&mut c, FLEET, false);
     server.wait_for_stderr("reason=\"SIGHUP\"");
     assert_eq!(call(&mut c, "GET", "/healthz", None, None, b"").status, 200, "SIGHUP does not stop the server");
 }
