@@ -94,8 +94,6 @@ pub async fn execute(
     timeout: Duration,
 ) -> Result<InvokeOutput, ApiError> {
     let record = &function.deployed.record;
-    // A pipeline's earlier step, or another connection's answer not yet sent, may still hold one.
-    shard.drop_spent();
     let slot = shard.acquire_instance_slot()?;
     let limits = InvokeLimits {
         timeout,

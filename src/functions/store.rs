@@ -134,10 +134,7 @@ impl FunctionStore {
 
     /// Not fsynced either: an unused artifact that reappears after a crash is swept again.
     pub fn remove_artifact(&self, digest: &str) -> io::Result<()> {
-        match fs::remove_file(self.artifact_path(digest)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        remove_if_present(&self.artifact_path(digest))
     }
 
     /// Removes the module's bytes and its artifact.
@@ -149,10 +146,8 @@ impl FunctionStore {
     /// Removes the module's bytes and keeps its artifact, which is then a functions-directory
     /// module's (see [`Self::artifacts_without_module`]).
     pub fn remove_module_bytes(&self, digest: &str) -> io::Result<()> {
-        match fs::remove_file(self.module_path(digest)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => sync_dir(&self.modules),
-        }
+        remove_if_present(&self.module_path(digest))?;
+        sync_dir(&self.modules)
     }
 
     pub fn write_record(&self, record: &FunctionRecord) -> io::Result<()> {
@@ -200,6 +195,14 @@ fn list_json<T: serde::de::DeserializeOwned>(dir: &Path) -> io::Result<Vec<Resul
         out.push(parsed);
     }
     Ok(out)
+}
+
+/// Removes `path`; one already gone is not an error.
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one: a temp

@@ -443,14 +443,11 @@ impl Worker {
         // the last of those functions.
         let digest = &function.record.digest;
         let current = self.catalog.current();
-        let users: Vec<Source> =
-            current.values().filter(|f| f.record.digest == *digest).map(|f| f.record.source).collect();
-        let removed = if users.is_empty() {
-            self.store.remove_module(digest)
-        } else if users.iter().all(|s| *s == Source::Directory) {
-            self.store.remove_module_bytes(digest)
-        } else {
-            Ok(())
+        let used_by = |source| current.values().any(|f| f.record.digest == *digest && f.record.source == source);
+        let removed = match (used_by(Source::Api), used_by(Source::Directory)) {
+            (true, _) => Ok(()),
+            (false, true) => self.store.remove_module_bytes(digest),
+            (false, false) => self.store.remove_module(digest),
         };
         if let Err(e) = removed {
             tracing::warn!(digest, "cannot remove an unused module: {e}");

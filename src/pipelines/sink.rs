@@ -133,16 +133,20 @@ pub fn deliver(delivery: &Delivery, networks: &SinkNetworks) -> Result<Delivered
     let mut last = String::new();
     for attempt in 1..=sink.max_attempts {
         let mut wait = backoff;
-        let addrs = client::resolve(&target).map(|all| {
-            let (allowed, refused): (Vec<_>, Vec<_>) = all.into_iter().partition(|a| networks.allows(a.ip()));
-            (allowed, refused.first().map(|a| networks.refusal(a.ip())))
-        });
-        let sent = match addrs {
-            Ok((allowed, Some(refusal))) if allowed.is_empty() => {
-                return Err(failed(attempt, format!("{refusal} (not retried)")));
-            }
-            Ok((allowed, _)) => send(&allowed, &target, &request, Duration::from_millis(sink.timeout_ms)),
+        // Only the addresses the operator allows; a name that resolves to none of them is refused
+        // for good, where a failed lookup is retried.
+        let sent = match client::resolve(&target) {
             Err(e) => Err(e),
+            Ok(all) => {
+                let allowed: Vec<_> = all.iter().copied().filter(|a| networks.allows(a.ip())).collect();
+                match all.first() {
+                    Some(refused) if allowed.is_empty() => {
+                        let refusal = networks.refusal(refused.ip());
+                        return Err(failed(attempt, format!("{refusal} (not retried)")));
+                    }
+                    _ => send(&allowed, &target, &request, Duration::from_millis(sink.timeout_ms)),
+                }
+            }
         };
         match sent {
             Ok(answer) if (200..300).contains(&answer.status) => {

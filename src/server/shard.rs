@@ -310,7 +310,10 @@ impl Shard {
 
     /// Claims an instance slot, or refuses with 503 `overloaded` when the shard's share of the
     /// instance pool is in use: a bounded pool, never a queue without end.
+    /// Spent stores are dropped first, so that they never hold a slot an invocation needs (a
+    /// pipeline's earlier step, or an answer another connection has not sent yet).
     pub fn acquire_instance_slot(&self) -> Result<InstanceSlot<'_>, ApiError> {
+        self.drop_spent();
         if self.instances.get() >= self.max_instances {
             return Err(ApiError::Overloaded("every instance slot of this shard is busy"));
         }
@@ -319,9 +322,7 @@ impl Shard {
         self.metrics.instance_spawns.inc();
         Ok(InstanceSlot { shard: self })
     }
-}
 
-impl Shard {
     /// Keeps `store`, whose invocation is over, and its slot until [`Self::drop_spent`]: dropping
     /// a store resets the memory its guest dirtied (a PAGEMAP_SCAN and a memset per page, about a
     /// tenth of a JSON request's CPU), which need not delay the answer.
@@ -331,8 +332,9 @@ impl Shard {
         self.spent.borrow_mut().push(store);
     }
 
-    /// Drops the spent stores and frees their slots. Called once an answer has been sent, and
-    /// before an invocation claims a slot, so that no more are held than invocations running.
+    /// Drops the spent stores and frees their slots. Called once an answer has been sent, when a
+    /// connection ends, and before a slot is claimed, so that no more are held than invocations
+    /// running.
     pub fn drop_spent(&self) {
         let mut spent = self.spent.borrow_mut();
         let count = spent.len();
@@ -342,6 +344,10 @@ impl Shard {
         // Kept, not freed: the vector serves the next answers without allocating.
         spent.clear();
         drop(spent);
+        self.release_slots(count);
+    }
+
+    fn release_slots(&self, count: usize) {
         self.instances.set(self.instances.get() - count);
         self.metrics.active_instances.set(self.instances.get() as u64);
     }
@@ -349,8 +355,6 @@ impl Shard {
 
 impl Drop for InstanceSlot<'_> {
     fn drop(&mut self) {
-        let shard = self.shard;
-        shard.instances.set(shard.instances.get() - 1);
-        shard.metrics.active_instances.set(shard.instances.get() as u64);
+        self.shard.release_slots(1);
     }
 }
