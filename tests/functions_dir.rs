@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::configmap::ConfigMapVolume;
 use common::{guests, within, Server};
 use serde_json::json;
 
@@ -29,12 +30,6 @@ fn put(dir: &Path, name: &str, bytes: &[u8]) {
     std::fs::rename(&tmp, dir.join(name)).unwrap();
 }
 
-/// The id of the function named `name`, from the listing.
-fn id_of(server: &Server, name: &str) -> Option<String> {
-    let list = server.client().request("GET", "/functions", &[], b"").json();
-    list["functions"].as_array().unwrap().iter().find(|f| f["name"] == name).map(|f| f["id"].as_str().unwrap().into())
-}
-
 #[test]
 fn a_fiso_module_runs_unchanged_with_its_manifest() {
     let dir = tempfile::tempdir().unwrap();
@@ -46,7 +41,7 @@ fn a_fiso_module_runs_unchanged_with_its_manifest() {
     let server = start(dir.path(), &[]);
 
     // Ready means loaded: the function is there on the first request.
-    let id = id_of(&server, "enrich").expect("listed once ready");
+    let id = server.function_id("enrich").expect("listed once ready");
     let f = server.client().request("GET", &format!("/functions/{id}"), &[], b"").json();
     assert_eq!(
         (f["abi"].as_str(), f["source"].as_str(), f["timeout_ms"].as_u64()),
@@ -120,7 +115,7 @@ fn a_fiso_module_runs_unchanged_with_its_manifest() {
 
     // The id is derived from the name: the same after a restart.
     let server = start(dir.path(), &[]);
-    assert_eq!(id_of(&server, "enrich"), Some(id));
+    assert_eq!(server.function_id("enrich"), Some(id));
 }
 
 #[test]
@@ -142,42 +137,12 @@ fn envelope_output_errors_are_precise() {
         ("nopayload", 502, "envelope_missing_payload"),
         ("badheader", 502, "invalid_envelope_output"),
     ] {
-        let r = server.client().invoke(&id_of(&server, name).unwrap(), b"{}");
+        let r = server.client().invoke(&server.function_id(name).unwrap(), b"{}");
         assert_eq!((r.status, r.error_kind().as_str()), (status, kind), "{name}: {}", r.text());
     }
-    let r = server.client().invoke(&id_of(&server, "framing").unwrap(), b"{}");
+    let r = server.client().invoke(&server.function_id("framing").unwrap(), b"{}");
     assert_eq!((r.status, r.text().as_str(), r.header("x-fine")), (200, r#"{"ok":true}"#, Some("yes")));
     assert_eq!(r.header("content-length"), Some("11"), "the server frames the response, not the guest");
-}
-
-/// The ConfigMap volume layout: every file is a symlink into `..data`, which is itself a symlink
-/// to a timestamped directory, swapped atomically on update.
-struct ConfigMapVolume<'a> {
-    root: &'a Path,
-    version: u32,
-}
-
-impl<'a> ConfigMapVolume<'a> {
-    fn new(root: &'a Path, files: &[(&str, Vec<u8>)]) -> Self {
-        let mut volume = ConfigMapVolume { root, version: 0 };
-        volume.update(files);
-        for (name, _) in files {
-            std::os::unix::fs::symlink(format!("..data/{name}"), root.join(name)).unwrap();
-        }
-        volume
-    }
-
-    /// What the kubelet does: write a new directory, then swap `..data` to it in one rename.
-    fn update(&mut self, files: &[(&str, Vec<u8>)]) {
-        self.version += 1;
-        let dir = format!("..2026_11_22_{}", self.version);
-        std::fs::create_dir(self.root.join(&dir)).unwrap();
-        for (name, bytes) in files {
-            std::fs::write(self.root.join(&dir).join(name), bytes).unwrap();
-        }
-        std::os::unix::fs::symlink(&dir, self.root.join("..data_tmp")).unwrap();
-        std::fs::rename(self.root.join("..data_tmp"), self.root.join("..data")).unwrap();
-    }
 }
 
 fn version(n: u32) -> Vec<u8> {
@@ -190,7 +155,7 @@ fn twenty_swaps_under_load_lose_no_invoke() {
     let mut volume = ConfigMapVolume::new(dir.path(), &[("mounted.wasm", version(0))]);
     put(dir.path(), "plain.wasm", &version(0));
     let server = start(dir.path(), &[]);
-    let ids = [id_of(&server, "mounted").unwrap(), id_of(&server, "plain").unwrap()];
+    let ids = [server.function_id("mounted").unwrap(), server.function_id("plain").unwrap()];
 
     // Load: two clients invoking both functions back to back until told to stop (at most 120 s).
     let stop = Arc::new(AtomicBool::new(false));
@@ -246,7 +211,7 @@ fn an_invocation_finishes_on_the_version_it_started_with() {
     let dir = tempfile::tempdir().unwrap();
     put(dir.path(), "slow.wasm", &guests::busy_then_write(600, "old"));
     let server = start(dir.path(), &[]);
-    let id = id_of(&server, "slow").unwrap();
+    let id = server.function_id("slow").unwrap();
     let in_flight = {
         let (addr, id) = (server.addr, id.clone());
         std::thread::spawn(move || common::Client::connect(addr).invoke(&id, b"").text())
@@ -265,10 +230,10 @@ fn a_bad_module_or_manifest_leaves_the_previous_version_serving() {
     put(dir.path(), "broken.wasm", b"\0asm but not really");
     let server = start(dir.path(), &[]);
     // A bad module at start-up is left out; the rest serve, and readiness is not held back.
-    assert_eq!(id_of(&server, "broken"), None);
+    assert_eq!(server.function_id("broken"), None);
     let errors = || server.metric("tensor_wasm_functions_dir_errors_total", &[]);
     assert_eq!(errors(), 1.0);
-    let id = id_of(&server, "f").unwrap();
+    let id = server.function_id("f").unwrap();
 
     let cases: [(&str, &[u8], &str); 4] = [
         ("f.wasm", b"not wasm at all", "invalid module"),
@@ -309,11 +274,11 @@ fn timeout_and_memory_limit_come_from_the_manifest() {
     put(dir.path(), "hog.wasm", &guests::memory_hog());
     put(dir.path(), "hog.toml", b"memory_limit_mb = 2\n");
     let server = start(dir.path(), &[]);
-    let r = server.client().invoke(&id_of(&server, "hog").unwrap(), b"");
+    let r = server.client().invoke(&server.function_id("hog").unwrap(), b"");
     assert_eq!((r.status, r.error_kind().as_str()), (502, "memory_limit_exceeded"), "{}", r.text());
     assert!(r.text().contains("2 MiB"), "{}", r.text());
     let started = Instant::now();
-    let r = server.client().invoke(&id_of(&server, "spin").unwrap(), b"");
+    let r = server.client().invoke(&server.function_id("spin").unwrap(), b"");
     assert_eq!((r.status, r.error_kind().as_str()), (504, "invoke_timeout"));
     assert!(r.text().contains("200 ms"), "{}", r.text());
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -354,14 +319,14 @@ fn a_restart_reuses_compiled_folder_modules_and_drops_unused_ones() {
     put(dir.path(), "mounted.wasm", &v1);
     {
         let server = Server::start_in(data.path(), &args);
-        assert!(id_of(&server, "mounted").is_some());
+        assert!(server.function_id("mounted").is_some());
         server.wait_for_stderr("functions directory module compiled");
     }
     // The artifact alone: the module's bytes stay in the folder.
     assert_eq!(artifacts(data.path()), [(sha256_hex(&v1), false)]);
 
     let server = Server::start_in(data.path(), &args);
-    let id = id_of(&server, "mounted").expect("listed once ready");
+    let id = server.function_id("mounted").expect("listed once ready");
     assert_eq!(server.client().invoke(&id, b"").text(), "v1");
     assert!(!server.stderr().contains("module compiled"), "compiled again:\n{}", server.stderr());
 
@@ -374,7 +339,7 @@ fn a_restart_reuses_compiled_folder_modules_and_drops_unused_ones() {
     // Gone from the folder while the server was down: swept at the next start.
     std::fs::remove_file(dir.path().join("mounted.wasm")).unwrap();
     let server = Server::start_in(data.path(), &args);
-    assert_eq!(id_of(&server, "mounted"), None);
+    assert_eq!(server.function_id("mounted"), None);
     assert_eq!(artifacts(data.path()), []);
 }
 
@@ -386,14 +351,14 @@ fn an_api_function_and_a_folder_function_of_the_same_bytes_leave_nothing_behind(
     let v1 = version(1);
     let hex = sha256_hex(&v1);
     put(dir.path(), "mounted.wasm", &v1);
-    within(RELOAD_LIMIT, "the folder function", || id_of(&server, "mounted").is_some());
+    within(RELOAD_LIMIT, "the folder function", || server.function_id("mounted").is_some());
     let api = server.deploy("same-bytes", &v1);
     assert_eq!(artifacts(data.path()), [(hex.clone(), true)], "stored once, for the API function");
 
     // The API function goes first: its stored copy goes, the folder function's artifact stays.
     assert_eq!(server.client().request("DELETE", &format!("/functions/{api}"), &[], b"").status, 204);
     assert_eq!(artifacts(data.path()), [(hex, false)]);
-    let id = id_of(&server, "mounted").unwrap();
+    let id = server.function_id("mounted").unwrap();
     assert_eq!(server.client().invoke(&id, b"").text(), "v1");
     // Then the folder function, and its artifact with it.
     std::fs::remove_file(dir.path().join("mounted.wasm")).unwrap();

@@ -2,6 +2,7 @@
 //! HTTP/1.1 client over real sockets, and the guests the tests deploy.
 #![allow(dead_code)]
 
+pub mod configmap;
 pub mod guests;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -238,6 +239,12 @@ impl Server {
     }
 
     /// The sum of a metric's samples whose label set contains every `labels` pair.
+    /// The id of the function named `name`, from the listing.
+    pub fn function_id(&self, name: &str) -> Option<String> {
+        let list = self.client().request("GET", "/functions", &[], b"").json();
+        list["functions"].as_array()?.iter().find(|f| f["name"] == name).map(|f| f["id"].as_str().unwrap().into())
+    }
+
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let text = self.client().request("GET", "/metrics", &[], b"").text();
         sum_metric(&text, name, labels)
