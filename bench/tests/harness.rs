@@ -251,33 +251,36 @@ fn the_baseline_comparison_judges_p99_by_the_median_of_rounds_at_equal_load() {
     assert_eq!(comparison["scenario"], "healthz");
     let rate = comparison["equal_load_rate"].as_f64().unwrap();
     assert!((100.0..=320.0).contains(&rate), "80% of a best rate of 200 or 400: {rate}");
-    let median_p99 = |side: &str| {
+    let median_p99 = |side: &str, server: &str| {
+        // Three rounds, each on its own server, and each taken once more if the machine stalled.
         let rounds = comparison[side].as_array().unwrap();
-        assert_eq!(rounds.len(), 3, "{side}");
+        let stalled = |m: &&serde_json::Value| m["machine_stalled"].as_bool().unwrap();
+        let repeats = rounds.len() - 3;
+        assert!(repeats <= rounds.iter().filter(stalled).count(), "{side}: {} rounds", rounds.len());
         for m in rounds {
-            assert_eq!(m["offered_rate"].as_f64(), Some(rate));
+            assert_eq!((m["offered_rate"].as_f64(), m["server"].as_str()), (Some(rate), Some(server)));
             assert!(m["statuses"]["200"].as_u64().unwrap() > 0, "{m}");
         }
-        let mut p99: Vec<f64> = rounds.iter().map(|m| m["latency"]["p99_us"].as_f64().unwrap()).collect();
+        let clean: Vec<&serde_json::Value> = rounds.iter().filter(|m| !stalled(m)).collect();
+        let counted = if clean.is_empty() { rounds.iter().collect() } else { clean };
+        let mut p99: Vec<f64> = counted.iter().map(|m| m["latency"]["p99_us"].as_f64().unwrap()).collect();
         p99.sort_by(f64::total_cmp);
-        p99[1]
+        let mid = p99.len() / 2;
+        if p99.len() % 2 == 1 {
+            p99[mid]
+        } else {
+            (p99[mid - 1] + p99[mid]) / 2.0
+        }
     };
-    let ours = median_p99("ours_at_equal_load");
-    let baseline = median_p99("baseline_at_equal_load");
-    assert_eq!(comparison["ours_equal_load_p99_us"].as_f64(), Some(ours));
-    assert_eq!(comparison["baseline_equal_load_p99_us"].as_f64(), Some(baseline));
+    let ours = median_p99("ours_at_equal_load", "tensor-wasm");
+    let baseline = median_p99("baseline_at_equal_load", "baseline");
+    // serde_json reads floats to within an ulp, and a median of an even count averages two.
+    for (key, expected) in [("ours_equal_load_p99_us", ours), ("baseline_equal_load_p99_us", baseline)] {
+        let reported = comparison[key].as_f64().unwrap();
+        assert!((reported - expected).abs() <= 1e-9 * expected, "{key}: {reported} against {expected}");
+    }
     let ratio = comparison["p99_ratio"].as_f64().unwrap();
     assert!((ratio - baseline / ours).abs() < 1e-9, "{ratio} vs {baseline} / {ours}");
-    let servers: Vec<&str> = comparison["baseline_at_equal_load"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .chain(comparison["ours_at_equal_load"].as_array().unwrap())
-        .map(|m| m["server"].as_str().unwrap())
-        .collect();
-    // Each side's rounds were taken on its own server.
-    assert_eq!(servers[..3], ["baseline"; 3]);
-    assert_eq!(servers[3..], ["tensor-wasm"; 3]);
     let markdown = std::fs::read_to_string(out.path().join("results.md")).unwrap();
     assert!(markdown.contains("P99 ours µs (median of rounds)"), "{markdown}");
 }

@@ -17,10 +17,12 @@ pub struct Comparison {
     /// The offered rate of the equal-load pair: 80% of the lower of the two best rates, which
     /// both servers sustain.
     pub equal_load_rate: f64,
-    /// Each server's rounds at that rate (`suite::EQUAL_LOAD_ROUNDS`), in the order taken.
+    /// Each server's rounds at that rate (`suite::EQUAL_LOAD_ROUNDS`, and a repeat of each round
+    /// in which the machine stalled), in the order taken.
     pub ours_at_equal_load: Vec<Measurement>,
     pub baseline_at_equal_load: Vec<Measurement>,
-    /// The median P99 of each side's rounds (µs).
+    /// The median P99 of each side's rounds (µs), leaving out those in which the machine stalled
+    /// unless every round did.
     pub ours_equal_load_p99_us: f64,
     pub baseline_equal_load_p99_us: f64,
     /// Our best achieved rate over the baseline's.
@@ -52,7 +54,9 @@ impl Comparison {
             (Some(o), Some(b)) if b.achieved_rate > 0.0 => Some(o.achieved_rate / b.achieved_rate),
             _ => None,
         };
-        let median_p99 = |rounds: &[Measurement]| median(rounds.iter().map(|m| m.latency.p99_us)).unwrap_or(0.0);
+        let median_p99 = |rounds: &[Measurement]| {
+            median_of_unstalled(rounds.iter().map(|m| (m.latency.p99_us, m.machine_stalled))).unwrap_or(0.0)
+        };
         let ours_equal_load_p99_us = median_p99(&ours_at_equal_load);
         let baseline_equal_load_p99_us = median_p99(&baseline_at_equal_load);
         let p99_ratio = (ours_equal_load_p99_us > 0.0).then(|| baseline_equal_load_p99_us / ours_equal_load_p99_us);
@@ -286,9 +290,20 @@ fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
     }
 }
 
+/// The median of the `(value, stalled)` rounds in which the machine did not stall, or of all of
+/// them when it stalled in every one.
+fn median_of_unstalled(rounds: impl Iterator<Item = (f64, bool)>) -> Option<f64> {
+    let rounds: Vec<(f64, bool)> = rounds.collect();
+    let clean = rounds.iter().filter(|(_, stalled)| !stalled).map(|(v, _)| *v);
+    median(clean).or_else(|| median(rounds.iter().map(|(v, _)| *v)))
+}
+
 /// `median (round, round, …)`, in µs.
 fn p99_rounds(median: f64, rounds: &[Measurement]) -> String {
-    let each: Vec<String> = rounds.iter().map(|m| format!("{:.0}", m.latency.p99_us)).collect();
+    let each: Vec<String> = rounds
+        .iter()
+        .map(|m| format!("{:.0}{}", m.latency.p99_us, if m.machine_stalled { " stalled" } else { "" }))
+        .collect();
     format!("{median:.0} ({})", each.join(", "))
 }
 
@@ -438,7 +453,7 @@ fn search_table<'a>(md: &mut String, rows: impl Iterator<Item = &'a StepSearch>)
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{median, median_of_unstalled};
 
     #[test]
     fn the_median_ignores_one_stalled_round() {
@@ -446,5 +461,15 @@ mod tests {
         // Two quiet rounds and one that a host stall spoiled.
         assert_eq!(median([110.3, 703.0, 150.0].into_iter()), Some(150.0));
         assert_eq!(median([4.0, 1.0, 3.0, 2.0].into_iter()), Some(2.5));
+    }
+
+    #[test]
+    fn a_round_in_which_the_machine_stalled_is_left_out_of_the_median() {
+        // Three rounds; the first stalled and was taken again.
+        let rounds = [(2427.0, true), (732.0, false), (488.0, false), (985.0, false)];
+        assert_eq!(median_of_unstalled(rounds.into_iter()), Some(732.0));
+        // Stalled throughout: the median of what there is, rather than nothing.
+        assert_eq!(median_of_unstalled([(300.0, true), (100.0, true), (200.0, true)].into_iter()), Some(200.0));
+        assert_eq!(median_of_unstalled([].into_iter()), None);
     }
 }

@@ -207,16 +207,28 @@ impl Session {
     /// stalled says nothing about the server, so that rate is measured once more; both
     /// measurements stay in the record.
     fn measure_step(&self, rate: f64, settings: &Settings, steps: &mut Vec<Measurement>) -> Result<bool, String> {
+        self.measure_again_if(rate, settings, steps, |m| !m.pass && m.machine_stalled)
+    }
+
+    /// Measures `rate` onto `record`, and once more when `again` holds for the first measurement
+    /// (both stay in the record); whether the last one passed.
+    pub fn measure_again_if(
+        &self,
+        rate: f64,
+        settings: &Settings,
+        record: &mut Vec<Measurement>,
+        again: impl Fn(&Measurement) -> bool,
+    ) -> Result<bool, String> {
         let first = self.measure(rate, settings)?;
-        let m = if !first.pass && machine_stalled(first.generator_lag_p99_us, first.cpu.stolen_percent) {
-            steps.push(first);
+        let m = if again(&first) {
+            record.push(first);
             pause_between_steps();
             self.measure(rate, settings)?
         } else {
             first
         };
         let pass = m.pass;
-        steps.push(m);
+        record.push(m);
         Ok(pass)
     }
 
@@ -424,6 +436,9 @@ pub struct Measurement {
     /// server, fell behind.
     pub generator_lag_p99_us: f64,
     pub cpu: CpuReport,
+    /// The machine stalled during the window (the generator fell behind or the hypervisor took
+    /// CPU), so the window measured the machine as much as the server.
+    pub machine_stalled: bool,
     /// The server's memory over the run, when the harness started the server.
     pub server_memory: Option<MemoryReport>,
     pub dispatch: Option<DispatchReport>,
@@ -508,6 +523,7 @@ impl Measurement {
             .collect::<Vec<_>>();
         let pass = verdicts.iter().filter(|v| settings.gate.gates(&v.target)).all(|v| v.pass);
         let total = outcome.total();
+        let generator_lag_p99_us = outcome.lag.value_at_quantile(0.99) as f64 / 1e3;
         Measurement {
             scenario: session.scenario.name(),
             server: session.server,
@@ -519,7 +535,8 @@ impl Measurement {
             statuses,
             io_errors: total.io_errors,
             unsent: total.unsent,
-            generator_lag_p99_us: outcome.lag.value_at_quantile(0.99) as f64 / 1e3,
+            generator_lag_p99_us,
+            machine_stalled: machine_stalled(generator_lag_p99_us, cpu.stolen_percent),
             cpu,
             server_memory: None,
             dispatch,
