@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -163,6 +163,25 @@ fn server_binary() -> PathBuf {
     path
 }
 
+/// A `--server-bin` that writes its arguments to `dir/args`, a line per start, and then runs
+/// `tensor-wasm` with them.
+fn recording_server(dir: &Path) -> PathBuf {
+    let script = dir.join("tensor-wasm");
+    let text = format!(
+        "#!/bin/sh\necho \"$*\" >> '{}'\nexec '{}' \"$@\"\n",
+        dir.join("args").display(),
+        server_binary().display()
+    );
+    std::fs::write(&script, text).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    script
+}
+
+/// The arguments of every start of a `recording_server`.
+fn recorded_starts(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("args")).unwrap().lines().map(String::from).collect()
+}
+
 /// Runs the harness with `--out` to a fresh folder. It must exit 0 or 1, a verdict and not a usage
 /// error. Returns its output, the parsed results.json, and the folder (results.md is there).
 fn run_with_report(mut cmd: Command) -> (std::process::Output, serde_json::Value, tempfile::TempDir) {
@@ -176,10 +195,11 @@ fn run_with_report(mut cmd: Command) -> (std::process::Output, serde_json::Value
 
 #[test]
 fn the_binary_measures_a_real_server_and_gates_on_the_slo() {
+    let bin = tempfile::tempdir().unwrap();
     let common = |extra: &[&str]| {
         let mut cmd = Command::new(bench_binary());
         cmd.arg("--server-bin")
-            .arg(server_binary())
+            .arg(recording_server(bin.path()))
             .args(["--scenario", "healthz,hello", "--rate", "200", "--warmup", "300ms", "--duration", "1s"])
             .args(["--connections", "4", "--shards", "1", "--quiet"])
             .args(extra);
@@ -204,6 +224,9 @@ fn the_binary_measures_a_real_server_and_gates_on_the_slo() {
     let markdown = std::fs::read_to_string(out.path().join("results.md")).unwrap();
     assert!(markdown.contains("| healthz | tensor-wasm | 1 | 200 |"), "{markdown}");
     assert_eq!(String::from_utf8_lossy(&run.stdout), markdown);
+    // Beside the generator, the shards float rather than wait for it on their own CPUs.
+    let starts = recorded_starts(bin.path());
+    assert!(!starts.is_empty() && starts.iter().all(|a| a.contains("--pin-shards never")), "{starts:?}");
 
     // No HTTP round trip takes a microsecond: an objective that tight fails, and so does the run.
     let strict = common(&["--p99-target", "1us"]).output().unwrap();
@@ -220,13 +243,17 @@ fn started_servers_and_the_generator_can_be_kept_on_separate_cpus() {
         return;
     }
     let server_cpu = allowed[0].to_string();
+    let bin = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(bench_binary());
     cmd.arg("--server-bin")
-        .arg(server_binary())
+        .arg(recording_server(bin.path()))
         .args(["--scenario", "healthz", "--rate", "200", "--warmup", "300ms", "--duration", "1s"])
         .args(["--connections", "4", "--server-cpus", &server_cpu, "--quiet"]);
     // The harness checks the started server's CPU list in /proc and exits 2 when it differs.
     let (_, report, _) = run_with_report(cmd);
+    // On CPUs of their own, the shards are pinned.
+    let starts = recorded_starts(bin.path());
+    assert!(!starts.is_empty() && starts.iter().all(|a| a.contains("--pin-shards always")), "{starts:?}");
     let machine = &report["machine"];
     assert_eq!(machine["server_cpus"], server_cpu.as_str());
     let harness = tensor_wasm::server::cpu::parse_list(machine["harness_cpus"].as_str().unwrap()).unwrap();

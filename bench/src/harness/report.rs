@@ -164,8 +164,14 @@ impl Report {
             m.wake_late_p50_us,
             m.wake_late_p99_us,
             match &m.server_cpus {
-                Some(server) => format!("Started servers on CPUs {server}, the harness on {}", m.harness_cpus),
-                None => format!("The harness ran on CPUs {}", m.harness_cpus),
+                Some(server) => format!(
+                    "Started servers on CPUs {server} (ours with pinned shards), the harness on {}",
+                    m.harness_cpus
+                ),
+                None => format!(
+                    "The harness ran on CPUs {}, beside any server it started (ours with floating shards)",
+                    m.harness_cpus
+                ),
             },
             self.connections,
             self.warmup_s,
