@@ -52,7 +52,8 @@ struct Args {
     shards: Option<usize>,
     /// CPUs for the servers the harness starts (ours and the baseline), as `taskset -c` writes
     /// them (0-3,8); the harness's own threads then run on the other CPUs it may use. Default
-    /// shard counts follow this set. Ours pins its shards there. Without it, servers and generator share every CPU, and ours' shards float.
+    /// shard counts follow this set, and ours pins its shards there. Without it, servers and
+    /// generator share every CPU, and ours' shards float.
     #[arg(long)]
     server_cpus: Option<String>,
     /// Folder with prebuilt json-stats.wasm and tensor-ops.wasm (default: build them with cargo).
