@@ -208,8 +208,7 @@ fn kustomize_builds_manifests_that_validate_and_functions_a_server_serves() {
 
     // The volume, laid out as the kubelet does, and a server reading it.
     let files = configmap_files(map);
-    let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(name, bytes)| (name.as_str(), bytes.clone())).collect();
-    let names: BTreeSet<&str> = files.iter().map(|(name, _)| *name).collect();
+    let names: BTreeSet<&str> = files.iter().map(|(name, _)| name.as_str()).collect();
     assert_eq!(names, BTreeSet::from(["hello.toml", "hello.wasm"]));
     let volume = tempfile::tempdir().unwrap();
     ConfigMapVolume::new(volume.path(), &files);
