@@ -17,8 +17,8 @@ pub struct Comparison {
     /// The offered rate of the equal-load pair: 80% of the lower of the two best rates, which
     /// both servers sustain.
     pub equal_load_rate: f64,
-    /// Each server's rounds at that rate (`suite::EQUAL_LOAD_ROUNDS`, and a repeat of each round
-    /// in which the machine stalled), in the order taken.
+    /// Each server's rounds at that rate (`suite::EQUAL_LOAD_ROUNDS`, and the repeats of those in
+    /// which the machine stalled), in the order taken.
     pub ours_at_equal_load: Vec<Measurement>,
     pub baseline_at_equal_load: Vec<Measurement>,
     /// The median P99 of each side's rounds (µs), leaving out those in which the machine stalled

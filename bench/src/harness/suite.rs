@@ -28,7 +28,7 @@ pub struct StepPlan {
 /// of a window, and on a shared VM one host stall fills it (perf/README.md, "Noise"): each side's
 /// P99 is the median of its rounds, and the rounds alternate so that a noisy minute spoils one
 /// round of each side rather than every round of one. A round in which the machine stalled is
-/// taken once more, and the median leaves the stalled one out.
+/// taken again (`Session::measure_again_if`), and the median leaves the stalled ones out.
 pub const EQUAL_LOAD_ROUNDS: usize = 3;
 
 #[derive(Clone, Debug)]
