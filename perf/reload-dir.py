@@ -12,26 +12,17 @@ the version, so that every version is a new module to compile) and polls the fun
 every millisecond until its digest is the new one: the figure is that time, from just before the
 write. Two threads invoke both functions back to back meanwhile; any answer but 200 is counted.
 """
-import hashlib, http.client, json, os, shutil, subprocess, sys, tempfile, threading, time
+import hashlib, http.client, json, os, shutil, sys, tempfile, threading, time
 
-root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from release_server import JSON_STATS, distinct, put, request, serving, summary, wait_ready
+
 swaps = int(sys.argv[1]) if len(sys.argv) > 1 else 20
-binary = os.path.join(root, "target/release/tensor-wasm")
-guest = open(os.path.join(root, "target/guests/wasm32-wasip1/release/json-stats.wasm"), "rb").read()
+guest = open(JSON_STATS, "rb").read()
 BODY = json.dumps({"values": list(range(64)), "label": "reload"})
 
 
 def version(n):
-    name = f"version-{n}".encode()
-    section = bytes([len(name)]) + name  # a custom section (id 0): its name, no payload
-    return guest + b"\x00" + bytes([len(section)]) + section
-
-
-def put(directory, name, data):
-    tmp = os.path.join(directory, f".{name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.rename(tmp, os.path.join(directory, name))
+    return distinct(guest, f"version-{n}")
 
 
 class ConfigMapVolume:
@@ -50,73 +41,55 @@ class ConfigMapVolume:
         os.rename(os.path.join(self.directory, "..data_tmp"), os.path.join(self.directory, "..data"))
 
 
-def request(host, port, method, path, body=None):
-    conn = http.client.HTTPConnection(host, port, timeout=10)
-    conn.request(method, path, body=body)
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    return response.status, data
-
-
 work = tempfile.mkdtemp(prefix="tw-reload-dir-")
 functions, data = os.path.join(work, "functions"), os.path.join(work, "data")
 os.makedirs(functions)
 volume = ConfigMapVolume(functions, "mounted.wasm", version(0))
-put(functions, "plain.wasm", version(0))
-proc = subprocess.Popen([binary, "serve", "--listen", "127.0.0.1:0", "--data-dir", data,
-                         "--functions-dir", functions, "--log-level", "warn"],
-                        stdout=subprocess.PIPE, text=True, env=dict(os.environ, TENSOR_WASM_API_AUDIT_LOG="none"))
+put(os.path.join(functions, "plain.wasm"), version(0))
 stop = threading.Event()
 try:
-    host, port = proc.stdout.readline().split()[-1].rsplit(":", 1)
-    port = int(port)
-    while request(host, port, "GET", "/readyz")[0] != 200:
-        time.sleep(0.001)
-    listing = json.loads(request(host, port, "GET", "/functions")[1])
-    ids = {f["name"]: f["id"] for f in listing["functions"]}
+    with serving("--data-dir", data, "--functions-dir", functions) as (host, port):
+        wait_ready(host, port)
+        listing = json.loads(request(host, port, "GET", "/functions")[1])
+        ids = {f["name"]: f["id"] for f in listing["functions"]}
 
-    counts = {"invokes": 0, "failed": 0}
+        counts = {"invokes": 0, "failed": 0}
 
-    def load():
-        conn = http.client.HTTPConnection(host, port, timeout=10)
-        deadline = time.monotonic() + 600
-        while not stop.is_set() and time.monotonic() < deadline:
-            for fid in ids.values():
-                conn.request("POST", f"/functions/{fid}/invoke", body=BODY)
-                response = conn.getresponse()
-                response.read()
-                counts["invokes"] += 1
-                counts["failed"] += response.status != 200
+        def load():
+            conn = http.client.HTTPConnection(host, port, timeout=10)
+            deadline = time.monotonic() + 600
+            while not stop.is_set() and time.monotonic() < deadline:
+                for fid in ids.values():
+                    conn.request("POST", f"/functions/{fid}/invoke", body=BODY)
+                    response = conn.getresponse()
+                    response.read()
+                    counts["invokes"] += 1
+                    counts["failed"] += response.status != 200
 
-    loaders = [threading.Thread(target=load) for _ in range(2)]
-    for t in loaders:
-        t.start()
+        loaders = [threading.Thread(target=load) for _ in range(2)]
+        for t in loaders:
+            t.start()
 
-    took = []
-    for swap in range(1, swaps + 1):
-        name = "mounted" if swap % 2 == 0 else "plain"
-        new = version(swap)
-        digest = "sha256:" + hashlib.sha256(new).hexdigest()
-        started = time.monotonic()
-        if name == "mounted":
-            volume.update(new)
-        else:
-            put(functions, "plain.wasm", new)
-        while json.loads(request(host, port, "GET", f"/functions/{ids[name]}")[1]).get("digest") != digest:
-            if time.monotonic() - started > 30:
-                sys.exit(f"swap {swap} of {name}: not live after 30 s")
-            time.sleep(0.001)
-        took.append((time.monotonic() - started) * 1000)
-        print(f"swap {swap:2} ({name:7}): live in {took[-1]:6.1f} ms", flush=True)
-    stop.set()
-    for t in loaders:
-        t.join()
-    took.sort()
-    print(f"{swaps} swaps: min {took[0]:.1f} ms, median {took[len(took) // 2]:.1f} ms, "
-          f"max {took[-1]:.1f} ms; {counts['invokes']} invokes meanwhile, {counts['failed']} not 200")
+        took = []
+        for swap in range(1, swaps + 1):
+            name = "mounted" if swap % 2 == 0 else "plain"
+            new = version(swap)
+            digest = "sha256:" + hashlib.sha256(new).hexdigest()
+            started = time.monotonic()
+            if name == "mounted":
+                volume.update(new)
+            else:
+                put(os.path.join(functions, "plain.wasm"), new)
+            while json.loads(request(host, port, "GET", f"/functions/{ids[name]}")[1]).get("digest") != digest:
+                if time.monotonic() - started > 30:
+                    sys.exit(f"swap {swap} of {name}: not live after 30 s")
+                time.sleep(0.001)
+            took.append((time.monotonic() - started) * 1000)
+            print(f"swap {swap:2} ({name:7}): live in {took[-1]:6.1f} ms", flush=True)
+        stop.set()
+        for t in loaders:
+            t.join()
+        print(f"{summary(swaps, 'swaps', took)}; {counts['invokes']} invokes meanwhile, {counts['failed']} not 200")
 finally:
     stop.set()
-    proc.terminate()
-    proc.wait()
     shutil.rmtree(work)

@@ -8,29 +8,22 @@ For each run: start target/release/tensor-wasm on the data dir, poll /readyz eve
 until it answers 200 (that is the figure), then invoke every stored function once over one
 keep-alive connection and check each answers 200.
 """
-import http.client, json, os, subprocess, sys, time
+import http.client, json, sys, time
 
-root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from release_server import serving, wait_ready
+
 data_dir = sys.argv[1]
 runs = int(sys.argv[2]) if len(sys.argv) > 2 else 5
-binary = os.path.join(root, "target/release/tensor-wasm")
 
 results = []
 for run in range(runs):
     started = time.monotonic()
-    proc = subprocess.Popen([binary, "serve", "--listen", "127.0.0.1:0", "--data-dir", data_dir,
-                             "--log-level", "warn"], stdout=subprocess.PIPE, text=True)
-    try:
-        host, port = proc.stdout.readline().split()[-1].rsplit(":", 1)
+    # The audit log stays on, as the measured runs had it.
+    with serving("--data-dir", data_dir, audit=True) as (host, port):
         listening = time.monotonic() - started
-        while True:
-            conn = http.client.HTTPConnection(host, int(port))
-            conn.request("GET", "/readyz")
-            if conn.getresponse().status == 200:
-                break
-            time.sleep(0.001)
+        wait_ready(host, port)
         ready = time.monotonic() - started
-        conn = http.client.HTTPConnection(host, int(port))
+        conn = http.client.HTTPConnection(host, port)
         conn.request("GET", "/functions")
         ids = [f["id"] for f in json.loads(conn.getresponse().read())["functions"]]
         for fid in ids:
@@ -41,7 +34,5 @@ for run in range(runs):
         results.append(ready)
         print(f"run {run}: listening {listening*1e3:.1f} ms, ready {ready*1e3:.1f} ms, "
               f"all {len(ids)} invoked once by {all_invoked*1e3:.1f} ms")
-    finally:
-        proc.terminate(); proc.wait()
 results.sort()
 print(f"exec to ready: median {results[len(results)//2]*1e3:.1f} ms, worst {results[-1]*1e3:.1f} ms")
