@@ -126,6 +126,9 @@ fn observe_once_reports_health() {
     load.join().unwrap();
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("UNHEALTHY: 5xx are"), "{out}");
+    // The window's invokes have a P95, read from the server's histogram; no kernel ran.
+    let p95 = out.lines().find(|l| l.starts_with("P95")).unwrap_or_default();
+    assert!(p95.contains(" invoke ") && !p95.contains("invoke -") && p95.ends_with("dispatch -"), "{out}");
 
     // Unreachable: exit 2 with a sentence.
     drop(server);

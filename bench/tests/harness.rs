@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tensor_wasm::metrics::DURATION_BUCKETS;
 use tensor_wasm_bench::harness::client::encode;
 use tensor_wasm_bench::harness::load::{self, LoadOutcome, LoadPlan, Progress, RequestClass};
 
@@ -220,9 +221,21 @@ fn the_binary_measures_a_real_server_and_gates_on_the_slo() {
         assert!(m["latency"]["p50_us"].as_f64().unwrap() > 0.0);
         assert!(m["cpu"]["server_us_per_answer"].as_f64().unwrap() > 0.0);
         assert!(m["verdicts"].as_array().unwrap().iter().any(|v| v["target"]["source"] == "seed"));
+        // The server's own histogram of the scenario's route, scraped around the run, holds
+        // exactly its requests: 60 in the 300 ms warm-up and the 200 measured.
+        let inside = &m["in_server"];
+        assert_eq!(inside["samples"], 260, "{m}");
+        // Inside the server a request spends less than the round trip the client measured: the
+        // bucket that holds the server's median starts below the client's median.
+        let bound = inside["p50_bound_us"].as_f64().unwrap();
+        assert!(DURATION_BUCKETS.seconds.iter().any(|s| (s * 1e6 - bound).abs() < 1e-6), "{m}");
+        let lower_edge =
+            DURATION_BUCKETS.seconds.iter().map(|s| s * 1e6).filter(|b| *b < bound - 1e-6).fold(0.0, f64::max);
+        assert!(lower_edge < m["latency"]["p50_us"].as_f64().unwrap(), "{m}");
     }
     let markdown = std::fs::read_to_string(out.path().join("results.md")).unwrap();
     assert!(markdown.contains("| healthz | tensor-wasm | 1 | 200 |"), "{markdown}");
+    assert!(markdown.contains("| in-server P99 ≤ µs |"), "{markdown}");
     assert_eq!(String::from_utf8_lossy(&run.stdout), markdown);
     // Beside the generator, the shards float rather than wait for it on their own CPUs.
     let starts = recorded_starts(bin.path());
@@ -287,6 +300,8 @@ fn the_baseline_comparison_judges_p99_by_the_median_of_rounds_at_equal_load() {
         for m in rounds {
             assert_eq!((m["offered_rate"].as_f64(), m["server"].as_str()), (Some(rate), Some(server)));
             assert!(m["statuses"]["200"].as_u64().unwrap() > 0, "{m}");
+            // Only ours exports its own time per request.
+            assert_eq!(m["in_server"].is_null(), server == "baseline", "{m}");
         }
         let clean: Vec<&serde_json::Value> = rounds.iter().filter(|m| !stalled(m)).collect();
         let counted = if clean.is_empty() { rounds.iter().collect() } else { clean };

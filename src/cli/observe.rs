@@ -5,7 +5,6 @@
 //! it is not (a probe failing, audit errors, or 5xx over 0.5% of answers: the seed's SLO), and 2
 //! when it cannot be reached.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -14,6 +13,7 @@ use clap::Args;
 
 use crate::functions::manifest::duration_ms;
 use crate::http::client::{encode_request, exchange, Exchange, Target};
+use crate::metrics::exposition::{self, Sample, ScrapedHistogram};
 use crate::tls::ClientTls;
 
 /// The share of 5xx answers over which the board says unhealthy (docs/SLO.md, the seed's target).
@@ -35,57 +35,6 @@ pub struct ObserveArgs {
     /// Print one board and exit: 0 healthy, 1 unhealthy, 2 unreachable.
     #[arg(long)]
     pub once: bool,
-}
-
-/// One sample of the exposition: name, labels, value.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    pub value: f64,
-}
-
-/// Parses the Prometheus text format (as this server writes it: no escapes in label values but
-/// `\"`, `\\` and `\n`).
-pub fn parse_metrics(text: &str) -> Vec<Sample> {
-    let mut samples = Vec::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
-        let Ok(value) = value.parse::<f64>() else { continue };
-        let (name, labels) = match series.split_once('{') {
-            Some((name, rest)) => (name, parse_labels(rest.trim_end_matches('}'))),
-            None => (series, BTreeMap::new()),
-        };
-        samples.push(Sample { name: name.to_string(), labels, value });
-    }
-    samples
-}
-
-fn parse_labels(text: &str) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::new();
-    let mut rest = text;
-    while let Some((key, after)) = rest.split_once("=\"") {
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let mut end = after.len();
-        while let Some((i, c)) = chars.next() {
-            match c {
-                '\\' => match chars.next() {
-                    Some((_, 'n')) => value.push('\n'),
-                    Some((_, other)) => value.push(other),
-                    None => {}
-                },
-                '"' => {
-                    end = i + 1;
-                    break;
-                }
-                c => value.push(c),
-            }
-        }
-        labels.insert(key.trim_start_matches(',').trim().to_string(), value);
-        rest = &after[end..];
-    }
-    labels
 }
 
 /// One scrape of the server.
@@ -111,7 +60,7 @@ impl Scrape {
         }
         Ok(Scrape {
             at: Instant::now(),
-            samples: parse_metrics(&String::from_utf8_lossy(&metrics.body)),
+            samples: exposition::parse(&String::from_utf8_lossy(&metrics.body)),
             healthz: get("/healthz", None).map(|a| a.status),
             readyz: get("/readyz", None).map(|a| a.status),
         })
@@ -123,50 +72,12 @@ impl Scrape {
     }
 
     fn matching<'a>(&'a self, name: &'a str, want: &'a [(&'a str, &'a str)]) -> impl Iterator<Item = &'a Sample> + 'a {
-        self.samples.iter().filter(move |s| {
-            s.name == name && want.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-        })
+        exposition::matching(&self.samples, name, want)
     }
 
-    /// Cumulative bucket counts of histogram `name` (summed over other labels), by upper bound.
-    fn buckets(&self, name: &str, want: &[(&str, &str)]) -> Vec<(f64, f64)> {
-        let bucket = format!("{name}_bucket");
-        let mut by_le: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
-        for s in self.matching(&bucket, want) {
-            let le = match s.labels.get("le").map(String::as_str) {
-                Some("+Inf") => f64::INFINITY,
-                Some(v) => v.parse().unwrap_or(f64::INFINITY),
-                None => continue,
-            };
-            by_le.entry(le.to_bits()).or_insert((le, 0.0)).1 += s.value;
-        }
-        let mut out: Vec<(f64, f64)> = by_le.into_values().collect();
-        out.sort_by(|a, b| a.0.total_cmp(&b.0));
-        out
+    fn histogram(&self, name: &str, want: &[(&str, &str)]) -> ScrapedHistogram {
+        ScrapedHistogram::of(&self.samples, name, want)
     }
-}
-
-/// The `q` quantile of cumulative `buckets`, interpolated within its bucket as Prometheus's
-/// `histogram_quantile` does. `None` without observations.
-pub fn quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
-    let total = buckets.last()?.1;
-    if total <= 0.0 {
-        return None;
-    }
-    let rank = q * total;
-    let mut lower = (0.0, 0.0);
-    for &(le, count) in buckets {
-        if count >= rank {
-            if le.is_infinite() {
-                return Some(lower.0);
-            }
-            let in_bucket = count - lower.1;
-            let fraction = if in_bucket > 0.0 { (rank - lower.1) / in_bucket } else { 1.0 };
-            return Some(lower.0 + (le - lower.0) * fraction);
-        }
-        lower = (le, count);
-    }
-    Some(lower.0)
 }
 
 /// What changed between two scrapes (or since start-up, when there is no earlier one).
@@ -185,13 +96,8 @@ impl Window<'_> {
     }
 
     fn p95(&self, name: &str, want: &[(&str, &str)]) -> Option<f64> {
-        let now = self.now.buckets(name, want);
-        let before = self.before.map(|b| b.buckets(name, want)).unwrap_or_default();
-        let diff: Vec<(f64, f64)> = now
-            .iter()
-            .map(|&(le, count)| (le, count - before.iter().find(|(l, _)| *l == le).map_or(0.0, |(_, c)| *c)))
-            .collect();
-        quantile(0.95, &diff)
+        let before = self.before.map(|b| b.histogram(name, want)).unwrap_or_default();
+        self.now.histogram(name, want).since(&before).quantile(0.95)
     }
 
     /// Answers by status class in the window: 2xx, 3xx, 4xx, 5xx.
@@ -376,31 +282,5 @@ pub fn run(args: ObserveArgs) -> i32 {
         }
         before = Some(now);
         std::thread::sleep(interval);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_the_exposition() {
-        let s = parse_metrics(
-            "# HELP x y\nup 1\nreq{route=\"/a\",status=\"200\"} 5\nreq{route=\"q\\\"x\",le=\"+Inf\"} 2.5\n",
-        );
-        assert_eq!(s.len(), 3);
-        assert_eq!(s[1].labels["route"], "/a");
-        assert_eq!(s[2].labels["route"], "q\"x");
-        assert_eq!(s[2].labels["le"], "+Inf");
-        assert_eq!(s[2].value, 2.5);
-    }
-
-    #[test]
-    fn quantiles_interpolate_like_prometheus() {
-        let b = [(0.1, 50.0), (0.2, 100.0), (f64::INFINITY, 100.0)];
-        assert!((quantile(0.95, &b).unwrap() - 0.19).abs() < 1e-9);
-        assert!((quantile(0.5, &b).unwrap() - 0.1).abs() < 1e-9);
-        assert_eq!(quantile(0.95, &[(0.1, 0.0), (f64::INFINITY, 0.0)]), None);
-        assert_eq!(quantile(0.99, &[(0.1, 1.0), (f64::INFINITY, 100.0)]), Some(0.1));
     }
 }

@@ -1,6 +1,8 @@
 //! Metrics. Each shard owns a [`ShardMetrics`] and is its only writer; `/metrics` merges every
-//! shard's figures at scrape time and renders the Prometheus text format.
+//! shard's figures at scrape time and renders the Prometheus text format, which [`exposition`]
+//! reads back for the tools that watch a server from outside.
 
+pub mod exposition;
 mod render;
 mod shard;
 

@@ -5,7 +5,7 @@
 //! - [`client`]: response framing, and a blocking connection for set-up requests.
 //! - [`target`]: the server under test, started here or reached by URL.
 //! - [`scenario`]: what each scenario deploys and sends; [`guests`]: the modules.
-//! - [`slo`]: the objectives; [`scrape`]: the server-side dispatch histogram.
+//! - [`slo`]: the objectives; [`scrape`]: the server's own histograms (dispatch, time per request).
 //! - [`run`]: one measurement, and the step search; [`suite`]: a whole run;
 //!   [`report`]: its JSON and Markdown.
 //!

@@ -187,7 +187,6 @@ impl Report {
         let dispatch: Vec<&Measurement> = self.all_measurements().filter(|m| m.dispatch.is_some()).collect();
         if !dispatch.is_empty() {
             md.push_str("\n### Kernel dispatch (the server's histogram over each run; bucket bounds)\n\n");
-            let bound = |v: Option<f64>| v.map_or("over the last bucket".into(), |v| format!("{v:.1}"));
             table(
                 &mut md,
                 &["scenario", "server", "offered/s", "kernels", "P50 ≤ µs", "P95 ≤ µs", "P99 ≤ µs"],
@@ -197,10 +196,10 @@ impl Report {
                         m.scenario.into(),
                         m.server.into(),
                         format!("{:.0}", m.offered_rate),
-                        d.kernels.to_string(),
-                        bound(d.p50_bound_us),
-                        bound(d.p95_bound_us),
-                        bound(d.p99_bound_us),
+                        d.samples.to_string(),
+                        bucket_bound(d.p50_bound_us),
+                        bucket_bound(d.p95_bound_us),
+                        bucket_bound(d.p99_bound_us),
                     ])
                 }),
             );
@@ -313,6 +312,11 @@ fn p99_rounds(median: f64, rounds: &[Measurement]) -> String {
     format!("{median:.0} ({})", each.join(", "))
 }
 
+/// A quantile read from one of the server's histograms: the upper bound of its bucket.
+fn bucket_bound(bound_us: Option<f64>) -> String {
+    bound_us.map_or("over the last bucket".into(), |v| format!("{v:.1}"))
+}
+
 fn shards(s: Option<usize>) -> String {
     s.map_or("?".into(), |s| s.to_string())
 }
@@ -342,6 +346,7 @@ fn measurement_table<'a>(md: &mut String, rows: impl Iterator<Item = &'a Measure
         "P99 µs",
         "P99.9 µs",
         "max µs",
+        "in-server P99 ≤ µs",
         "answers by status",
         "no answer",
         "lag P99 µs",
@@ -367,6 +372,7 @@ fn measurement_table<'a>(md: &mut String, rows: impl Iterator<Item = &'a Measure
                 format!("{:.1}", l.p99_us),
                 format!("{:.1}", l.p999_us),
                 format!("{:.1}", l.max_us),
+                m.in_server.as_ref().map_or("-".into(), |q| bucket_bound(q.p99_bound_us)),
                 statuses,
                 (m.io_errors + m.unsent).to_string(),
                 format!("{:.0}", m.generator_lag_p99_us),

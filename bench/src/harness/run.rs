@@ -13,10 +13,11 @@ use serde::Serialize;
 use super::guests;
 use super::load::{self, LoadOutcome, LoadPlan, Progress};
 use super::scenario::{deploy, Prepared, Scenario, ScenarioOptions};
-use super::scrape::KernelHistogram;
+use super::scrape::{self, HistogramSeries};
 use super::slo::{Gate, Measure, Verdict};
 use super::target::{Endpoint, Implementation, StartedServer};
 use crate::histogram;
+use tensor_wasm::metrics::exposition::ScrapedHistogram;
 
 /// How every measurement of a harness run is taken.
 #[derive(Clone, Debug)]
@@ -102,7 +103,7 @@ impl Session {
             classes: self.prepared.classes.clone(),
             io_timeout: settings.io_timeout,
         };
-        let kernels_before = self.kernel_histogram();
+        let metrics_before = self.server_metrics();
         let progress = Progress::default();
         let server_cpu_before = self.process.as_ref().and_then(|p| cpu_seconds(p.pid()));
         let harness_cpu_before = cpu_seconds(std::process::id());
@@ -149,20 +150,16 @@ impl Session {
                 (total1 > total0).then(|| 100.0 * (stolen1 - stolen0) as f64 / (total1 - total0) as f64)
             }),
         };
-        let dispatch = match (kernels_before, self.kernel_histogram()) {
-            (Some(before), Some(after)) => {
-                let run = after.since(&before);
-                (run.count() > 0.0).then(|| DispatchReport {
-                    kernels: run.count() as u64,
-                    p50_bound_us: run.quantile_bound(0.50).map(|s| s * 1e6),
-                    p95_bound_us: run.quantile_bound(0.95).map(|s| s * 1e6),
-                    p99_bound_us: run.quantile_bound(0.99).map(|s| s * 1e6),
-                })
-            }
-            _ => None,
+        let metrics_after = self.server_metrics();
+        let over_the_run = |series: HistogramSeries| {
+            BucketQuantiles::of(&scrape::between(metrics_before.as_deref()?, metrics_after.as_deref()?, series))
         };
+        let dispatch =
+            matches!(self.scenario, Scenario::Tensor).then(|| over_the_run(scrape::KERNEL_LATENCY)).flatten();
+        let in_server = over_the_run(scrape::request_duration(self.scenario.route().template()));
         let mut measurement = Measurement::new(self, &outcome, cpu, dispatch, storm, settings);
         measurement.server_memory = memory;
+        measurement.in_server = in_server;
         Ok(measurement)
     }
 
@@ -234,10 +231,9 @@ impl Session {
         }
     }
 
-    fn kernel_histogram(&self) -> Option<KernelHistogram> {
-        matches!(self.scenario, Scenario::Tensor)
-            .then(|| self.endpoint.metrics().ok().map(|t| KernelHistogram::parse(&t)))
-            .flatten()
+    /// The server's `/metrics` text, where it has one (ours, not the baseline).
+    fn server_metrics(&self) -> Option<String> {
+        (self.server == Implementation::TensorWasm.name()).then(|| self.endpoint.metrics().ok()).flatten()
     }
 }
 
@@ -404,14 +400,27 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     (hz > 0.0).then(|| ticks / hz)
 }
 
-/// The server's kernel-latency histogram over the run; bounds of the buckets that hold each
-/// quantile.
+/// One of the server's histograms over a run (warm-up included): the upper bounds, in µs, of the
+/// buckets that hold each quantile; `None` past the last finite bucket.
 #[derive(Clone, Debug, Serialize)]
-pub struct DispatchReport {
-    pub kernels: u64,
+pub struct BucketQuantiles {
+    pub samples: u64,
     pub p50_bound_us: Option<f64>,
     pub p95_bound_us: Option<f64>,
     pub p99_bound_us: Option<f64>,
+}
+
+impl BucketQuantiles {
+    /// `None` for a histogram without samples.
+    fn of(run: &ScrapedHistogram) -> Option<BucketQuantiles> {
+        let bound = |q: f64| run.quantile_bound(q).map(|s| s * 1e6);
+        (run.count() > 0.0).then(|| BucketQuantiles {
+            samples: run.count() as u64,
+            p50_bound_us: bound(0.50),
+            p95_bound_us: bound(0.95),
+            p99_bound_us: bound(0.99),
+        })
+    }
 }
 
 /// What the deploys beside the load did.
@@ -448,7 +457,11 @@ pub struct Measurement {
     pub machine_stalled: bool,
     /// The server's memory over the run, when the harness started the server.
     pub server_memory: Option<MemoryReport>,
-    pub dispatch: Option<DispatchReport>,
+    /// The server's kernel-dispatch latency over the run (the tensor scenario).
+    pub dispatch: Option<BucketQuantiles>,
+    /// The server's own time per request on the scenario's route over the run, where it exports
+    /// one: what of the measured latency was spent inside it.
+    pub in_server: Option<BucketQuantiles>,
     pub storm: Option<StormReport>,
     pub verdicts: Vec<Verdict>,
     /// Every verdict the gate counts passed.
@@ -460,7 +473,7 @@ impl Measurement {
         session: &Session,
         outcome: &LoadOutcome,
         cpu: CpuReport,
-        dispatch: Option<DispatchReport>,
+        dispatch: Option<BucketQuantiles>,
         storm: Option<StormReport>,
         settings: &Settings,
     ) -> Measurement {
@@ -546,6 +559,7 @@ impl Measurement {
             machine_stalled: machine_stalled(generator_lag_p99_us, cpu.stolen_percent),
             cpu,
             server_memory: None,
+            in_server: None,
             dispatch,
             storm,
             verdicts,

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use serde::Serialize;
+use tensor_wasm::api::Route;
 
 use super::guests::{self, GuestSource};
 use super::load::RequestClass;
@@ -51,6 +52,19 @@ impl Scenario {
             Scenario::TenantMix => "tenant-mix",
             Scenario::DeployStorm => "deploy-storm",
             Scenario::Overload => "overload",
+        }
+    }
+
+    /// The server's route that the scenario's load goes to.
+    pub fn route(self) -> Route {
+        match self {
+            Scenario::Healthz => Route::Healthz,
+            Scenario::Hello
+            | Scenario::Json
+            | Scenario::Tensor
+            | Scenario::TenantMix
+            | Scenario::DeployStorm
+            | Scenario::Overload => Route::Invoke,
         }
     }
 

@@ -1,69 +1,35 @@
-//! What the harness reads from the server's `/metrics`: the kernel-dispatch latency histogram,
-//! before and after a run, so that a quantile covers exactly the run.
+//! What the harness reads from the server's `/metrics`, scraped before and after a run so that
+//! the figures cover the run (warm-up included): the kernel-dispatch latency, which the dispatch
+//! objectives judge, and the server's own time per request on the scenario's route, which says how
+//! much of the latency the client measured was spent inside the server.
 
-use std::collections::BTreeMap;
+use tensor_wasm::metrics::exposition::{self, ScrapedHistogram};
 
-const KERNEL_BUCKET: &str = "tensor_wasm_kernel_latency_seconds_bucket{";
-
-/// Cumulative bucket counts of `tensor_wasm_kernel_latency_seconds`, summed over every label but
-/// `le`, keyed by the bucket's upper bound in nanoseconds (`u64::MAX` for `+Inf`).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct KernelHistogram {
-    buckets: BTreeMap<u64, f64>,
+/// One histogram of the server's metrics: its name, and the label every counted series must carry
+/// (`None`: every series, summed).
+#[derive(Clone, Copy, Debug)]
+pub struct HistogramSeries {
+    pub name: &'static str,
+    pub label: Option<(&'static str, &'static str)>,
 }
 
-impl KernelHistogram {
-    pub fn parse(metrics: &str) -> KernelHistogram {
-        let mut buckets = BTreeMap::new();
-        for line in metrics.lines() {
-            let Some(rest) = line.strip_prefix(KERNEL_BUCKET) else { continue };
-            let Some((labels, value)) = rest.rsplit_once("} ") else { continue };
-            let Some(le) = labels.split(',').find_map(|l| l.strip_prefix("le=\"")).map(|l| l.trim_end_matches('"'))
-            else {
-                continue;
-            };
-            let bound = if le == "+Inf" {
-                u64::MAX
-            } else {
-                match le.parse::<f64>() {
-                    Ok(seconds) => (seconds * 1e9).round() as u64,
-                    Err(_) => continue,
-                }
-            };
-            if let Ok(v) = value.trim().parse::<f64>() {
-                *buckets.entry(bound).or_default() += v;
-            }
-        }
-        KernelHistogram { buckets }
-    }
+/// The kernel-dispatch latency, over every op.
+pub const KERNEL_LATENCY: HistogramSeries = HistogramSeries { name: "tensor_wasm_kernel_latency_seconds", label: None };
 
-    /// The counts that arrived between `earlier` and `self`.
-    pub fn since(&self, earlier: &KernelHistogram) -> KernelHistogram {
-        let buckets = self
-            .buckets
-            .iter()
-            .map(|(le, v)| (*le, (v - earlier.buckets.get(le).copied().unwrap_or(0.0)).max(0.0)))
-            .collect();
-        KernelHistogram { buckets }
-    }
+/// The server's time per request on `route` (as the `route` label names it): from the parsed
+/// head to the answer queued for writing. The kernel's TCP, the wake-ups and the client are
+/// outside it.
+pub fn request_duration(route: &'static str) -> HistogramSeries {
+    HistogramSeries { name: "tensor_wasm_http_request_duration_seconds", label: Some(("route", route)) }
+}
 
-    pub fn count(&self) -> f64 {
-        self.buckets.get(&u64::MAX).copied().unwrap_or(0.0)
-    }
-
-    /// The upper bound, in seconds, of the bucket that holds quantile `q`: the value is at most
-    /// that. `None` without samples, or when the quantile lies past the last finite bucket.
-    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
-        let total = self.count();
-        if total <= 0.0 {
-            return None;
-        }
-        let rank = q * total;
-        self.buckets
-            .iter()
-            .find(|(_, cumulative)| **cumulative >= rank)
-            .and_then(|(le, _)| (*le != u64::MAX).then(|| *le as f64 / 1e9))
-    }
+/// `series` as observed between the scrapes `before` and `after` (`/metrics` texts).
+pub fn between(before: &str, after: &str, series: HistogramSeries) -> ScrapedHistogram {
+    let read = |text: &str| {
+        let want: Vec<(&str, &str)> = series.label.into_iter().collect();
+        ScrapedHistogram::of(&exposition::parse(text), series.name, &want)
+    };
+    read(after).since(&read(before))
 }
 
 #[cfg(test)]
@@ -71,27 +37,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn quantiles_come_from_the_difference_of_two_scrapes() {
-        let before = KernelHistogram::parse(
-            "tensor_wasm_kernel_latency_seconds_bucket{op=\"add\",le=\"0.000001\"} 5\n\
-             tensor_wasm_kernel_latency_seconds_bucket{op=\"add\",le=\"0.000005\"} 10\n\
-             tensor_wasm_kernel_latency_seconds_bucket{op=\"add\",le=\"+Inf\"} 10\n",
-        );
-        let after = KernelHistogram::parse(
-            "# HELP x\n\
-             tensor_wasm_kernel_latency_seconds_bucket{op=\"add\",le=\"0.000001\"} 5\n\
-             tensor_wasm_kernel_latency_seconds_bucket{op=\"add\",le=\"0.000005\"} 100\n\
-             tensor_wasm_kernel_latency_seconds_bucket{op=\"add\",le=\"+Inf\"} 110\n\
-             tensor_wasm_kernel_latency_seconds_bucket{op=\"mul\",le=\"0.000001\"} 0\n\
-             tensor_wasm_kernel_latency_seconds_bucket{op=\"mul\",le=\"0.000005\"} 0\n\
-             tensor_wasm_kernel_latency_seconds_bucket{op=\"mul\",le=\"+Inf\"} 0\n",
-        );
-        let run = after.since(&before);
-        assert_eq!(run.count(), 100.0);
-        // 90 of the run's 100 samples are ≤ 5 µs, the other 10 past every finite bucket.
-        assert_eq!(run.quantile_bound(0.5), Some(0.000005));
-        assert_eq!(run.quantile_bound(0.90), Some(0.000005));
-        assert_eq!(run.quantile_bound(0.95), None);
-        assert_eq!(KernelHistogram::default().quantile_bound(0.5), None);
+    fn a_series_is_read_over_the_run_between_two_scrapes() {
+        let scrape = |add: u32, mul: u32, invokes: u32| {
+            format!(
+                "tensor_wasm_kernel_latency_seconds_bucket{{op=\"add\",le=\"0.000005\"}} {add}\n\
+                 tensor_wasm_kernel_latency_seconds_bucket{{op=\"add\",le=\"+Inf\"}} {add}\n\
+                 tensor_wasm_kernel_latency_seconds_bucket{{op=\"mul\",le=\"0.000005\"}} 0\n\
+                 tensor_wasm_kernel_latency_seconds_bucket{{op=\"mul\",le=\"+Inf\"}} {mul}\n\
+                 tensor_wasm_http_request_duration_seconds_bucket{{route=\"/functions/:id/invoke\",method=\"POST\",le=\"0.00005\"}} {invokes}\n\
+                 tensor_wasm_http_request_duration_seconds_bucket{{route=\"/functions/:id/invoke\",method=\"POST\",le=\"+Inf\"}} {invokes}\n\
+                 tensor_wasm_http_request_duration_seconds_bucket{{route=\"/healthz\",method=\"GET\",le=\"0.00005\"}} 0\n\
+                 tensor_wasm_http_request_duration_seconds_bucket{{route=\"/healthz\",method=\"GET\",le=\"+Inf\"}} 500\n"
+            )
+        };
+        let (before, after) = (scrape(10, 0, 7), scrape(100, 10, 107));
+        // Every op counts: 90 adds within 5 µs, 10 muls past every bucket.
+        let kernels = between(&before, &after, KERNEL_LATENCY);
+        assert_eq!((kernels.count(), kernels.quantile_bound(0.9)), (100.0, Some(0.000005)));
+        assert_eq!(kernels.quantile_bound(0.95), None);
+        // Only the route asked for.
+        let invokes = between(&before, &after, request_duration("/functions/:id/invoke"));
+        assert_eq!((invokes.count(), invokes.quantile_bound(0.99)), (100.0, Some(0.00005)));
     }
 }
