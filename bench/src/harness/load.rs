@@ -14,9 +14,14 @@
 //! ```
 //!
 //! The first term is the round trip. The second is the queueing the server caused by answering the
-//! previous request late. What is not counted is the generator's own lateness (a sleep that woke
-//! late, a thread that was not scheduled): it is recorded apart, as `lag`, and reported so that a
-//! run whose generator could not keep up is visible as such. A closed loop (wrk, hey) would send
+//! previous request late. `sent` is read just before the request is written; `done` is when the
+//! answer's last bytes reached the generator's socket, as the kernel stamped them on arrival
+//! (`SO_TIMESTAMPNS`), not when the generator got round to reading them: on a VM a sleeping
+//! thread takes tens of microseconds to wake, and that wake is the instrument's, not the
+//! server's. Where the kernel gives no stamp the time of the read stands in. What is not counted
+//! either is the generator's own lateness in sending (a sleep that woke late, a thread that was
+//! not scheduled): it is recorded apart, as `lag`, and reported so that a run whose generator
+//! could not keep up is visible as such. A closed loop (wrk, hey) would send
 //! the next request only after the answer and so never see the queue the server built up.
 //!
 //! Requests still unsent when the run ends, because their connection was stuck behind a slow
@@ -24,12 +29,12 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 
@@ -212,7 +217,24 @@ fn connect(plan: &LoadPlan) -> Result<TcpStream, String> {
         .map_err(|e| format!("cannot connect to {}: {e}", plan.addr))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+    stamp_arrivals(&stream);
     Ok(stream)
+}
+
+/// Asks the kernel to stamp the arrival of everything `stream` receives (see [`recv_stamped`]).
+/// Where it cannot, reads are timed as they happen.
+fn stamp_arrivals(stream: &TcpStream) {
+    let on: libc::c_int = 1;
+    // SAFETY: the descriptor is open; `on` is a c_int that outlives the call.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 /// One connection of an event loop, with its place in the schedule.
@@ -224,6 +246,8 @@ struct EventConn {
     in_flight: Option<InFlight>,
     previous_done: Option<Instant>,
     buf: Vec<u8>,
+    /// When the bytes of the last read reached the socket: the kernel's stamp, wall-clock ns.
+    arrived: Option<i128>,
     /// Part of the request not yet written (a full socket buffer).
     unsent: Option<(Arc<[u8]>, usize)>,
 }
@@ -244,6 +268,7 @@ impl EventConn {
             in_flight: None,
             previous_done: None,
             buf: Vec::with_capacity(16 * 1024),
+            arrived: None,
             unsent: None,
         }
     }
@@ -433,14 +458,15 @@ impl EventLoop<'_> {
         let mut chunk = [0u8; 16 * 1024];
         let mut closed = false;
         loop {
-            let Some(stream) = conn.stream.as_mut() else { return };
-            match stream.read(&mut chunk) {
-                Ok(0) => {
+            let Some(stream) = conn.stream.as_ref() else { return };
+            match recv_stamped(stream.as_raw_fd(), &mut chunk) {
+                Ok((0, _)) => {
                     closed = true;
                     break;
                 }
-                Ok(n) => {
+                Ok((n, stamp)) => {
                     conn.buf.extend_from_slice(&chunk[..n]);
+                    conn.arrived = stamp;
                     // A short read drained the socket; level-triggered epoll reports anything
                     // newer, so the extra read that would only say WouldBlock is skipped.
                     if n < chunk.len() {
@@ -465,12 +491,12 @@ impl EventLoop<'_> {
             }
             return;
         };
-        let done = Instant::now();
         conn.buf.drain(..framed.len);
         let Some(flight) = conn.in_flight.take() else {
             // An answer nobody asked for: the stream's framing is lost.
             return self.fail(slot, measure_from, epoll, out, waiting, start, progress);
         };
+        let done = arrival(Instant::now(), wall_clock_ns(), conn.arrived.take(), flight.sent);
         conn.previous_done = Some(done);
         progress.answered.fetch_add(1, Ordering::Relaxed);
         if flight.due >= measure_from {
@@ -586,6 +612,57 @@ impl Epoll {
     }
 }
 
+/// Reads what `fd` holds into `buf`: the byte count and, where the kernel attached one, the
+/// wall-clock time in ns at which the last of those bytes arrived.
+fn recv_stamped(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Option<i128>)> {
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // Room for one control message holding a timespec, aligned as a cmsghdr must be.
+    let mut control = [0u64; 8];
+    // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control) until filled in below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: `msg` points at `iov` (over `buf`) and `control`, all of which outlive the call.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut stamp = None;
+    // SAFETY: the CMSG macros walk the control buffer the kernel filled, within msg_controllen;
+    // SCM_TIMESTAMPNS carries a timespec, read unaligned as the data may not be.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let ts = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timespec>());
+                stamp = Some(ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128);
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok((n as usize, stamp))
+}
+
+fn wall_clock_ns() -> i128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// When an answer arrived, on the monotonic clock: `now` less the age of its arrival stamp
+/// `stamp_ns`, `now_wall_ns` being the wall clock read with `now`. The stamp is on the wall clock,
+/// which may be stepped; a stamp that does not fall between `sent` and `now` is not believed,
+/// and `now` stands in, as it does where there is no stamp.
+fn arrival(now: Instant, now_wall_ns: i128, stamp_ns: Option<i128>, sent: Instant) -> Instant {
+    let Some(age) = stamp_ns.map(|stamp| now_wall_ns - stamp).and_then(|age| u64::try_from(age).ok()) else {
+        return now;
+    };
+    match now.checked_sub(Duration::from_nanos(age)) {
+        Some(arrived) if arrived >= sent => arrived,
+        _ => now,
+    }
+}
+
 /// How long the request waited for its connection, past its due time.
 fn previous_wait(free_at: Instant, due: Instant) -> Duration {
     free_at.saturating_duration_since(due)
@@ -597,5 +674,45 @@ pub(crate) fn set_timer_slack_ns(ns: u64) {
     // SAFETY: PR_SET_TIMERSLACK takes an unsigned long and touches only the calling thread.
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, ns as libc::c_ulong, 0, 0, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn the_kernel_stamps_when_an_answer_arrived() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        stamp_arrivals(&client);
+        let (mut server, _) = listener.accept().unwrap();
+        // The kernel turns stamping on from a work item, soon after the first socket asks.
+        std::thread::sleep(Duration::from_millis(50));
+        let before = wall_clock_ns();
+        server.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").unwrap();
+        // Read well after the bytes arrived: the stamp is their arrival, not the read.
+        std::thread::sleep(Duration::from_millis(50));
+        let mut buf = [0u8; 256];
+        let (n, stamp) = recv_stamped(client.as_raw_fd(), &mut buf).unwrap();
+        let read = wall_clock_ns();
+        assert_eq!(n, 38);
+        let stamp = stamp.expect("loopback TCP carries SO_TIMESTAMPNS stamps");
+        assert!(before <= stamp && stamp + 40_000_000 < read, "{before} {stamp} {read}");
+    }
+
+    #[test]
+    fn an_arrival_is_placed_on_the_monotonic_clock_when_it_can_be_believed() {
+        let sent = Instant::now();
+        let now = sent + Duration::from_micros(500);
+        let wall = 1_000_000_000_000i128;
+        // Stamped 200 µs before `now`: arrived 300 µs after sending.
+        assert_eq!(arrival(now, wall, Some(wall - 200_000), sent), sent + Duration::from_micros(300));
+        // No stamp, a stamp from before the send or from the future (the wall clock was stepped
+        // between): the read's time stands in.
+        assert_eq!(arrival(now, wall, None, sent), now);
+        assert_eq!(arrival(now, wall, Some(wall - 600_000), sent), now);
+        assert_eq!(arrival(now, wall, Some(wall + 1), sent), now);
     }
 }
