@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use tensor_wasm::metrics::exposition::ScrapedHistogram;
 
 use super::guests;
 use super::load::{self, LoadOutcome, LoadPlan, Progress};
@@ -17,7 +18,6 @@ use super::scrape::{self, HistogramSeries};
 use super::slo::{Gate, Measure, Verdict};
 use super::target::{Endpoint, Implementation, StartedServer};
 use crate::histogram;
-use tensor_wasm::metrics::exposition::ScrapedHistogram;
 
 /// How every measurement of a harness run is taken.
 #[derive(Clone, Debug)]
