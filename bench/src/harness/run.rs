@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tensor_wasm::metrics::exposition::ScrapedHistogram;
+use tensor_wasm::metrics::exposition::{self, ScrapedHistogram};
 
 use super::guests;
 use super::load::{self, LoadOutcome, LoadPlan, Progress};
@@ -152,7 +152,7 @@ impl Session {
         };
         let metrics_after = self.server_metrics();
         let over_the_run = |series: HistogramSeries| {
-            BucketQuantiles::of(&scrape::between(metrics_before.as_deref()?, metrics_after.as_deref()?, series))
+            BucketQuantiles::of(&scrape::between(metrics_before.as_ref()?, metrics_after.as_ref()?, series))
         };
         let dispatch =
             matches!(self.scenario, Scenario::Tensor).then(|| over_the_run(scrape::KERNEL_LATENCY)).flatten();
@@ -231,9 +231,12 @@ impl Session {
         }
     }
 
-    /// The server's `/metrics` text, where it has one (ours, not the baseline).
-    fn server_metrics(&self) -> Option<String> {
-        (self.server == Implementation::TensorWasm.name()).then(|| self.endpoint.metrics().ok()).flatten()
+    /// The server's `/metrics`, parsed, where it has one (ours, not the baseline).
+    fn server_metrics(&self) -> Option<Vec<exposition::Sample>> {
+        (self.server == Implementation::TensorWasm.name())
+            .then(|| self.endpoint.metrics().ok())
+            .flatten()
+            .map(|t| exposition::parse(&t))
     }
 }
 

@@ -3,7 +3,7 @@
 //! objectives judge, and the server's own time per request on the scenario's route, which says how
 //! much of the latency the client measured was spent inside the server.
 
-use tensor_wasm::metrics::exposition::{self, ScrapedHistogram};
+use tensor_wasm::metrics::exposition::{Sample, ScrapedHistogram};
 
 /// One histogram of the server's metrics: its name, and the label every counted series must carry
 /// (`None`: every series, summed).
@@ -23,18 +23,17 @@ pub fn request_duration(route: &'static str) -> HistogramSeries {
     HistogramSeries { name: "tensor_wasm_http_request_duration_seconds", label: Some(("route", route)) }
 }
 
-/// `series` as observed between the scrapes `before` and `after` (`/metrics` texts).
-pub fn between(before: &str, after: &str, series: HistogramSeries) -> ScrapedHistogram {
-    let read = |text: &str| {
-        let want: Vec<(&str, &str)> = series.label.into_iter().collect();
-        ScrapedHistogram::of(&exposition::parse(text), series.name, &want)
-    };
-    read(after).since(&read(before))
+/// `series` as observed between the scrapes `before` and `after` (each parsed once, with
+/// `exposition::parse`, and read for every series).
+pub fn between(before: &[Sample], after: &[Sample], series: HistogramSeries) -> ScrapedHistogram {
+    let want: Vec<(&str, &str)> = series.label.into_iter().collect();
+    ScrapedHistogram::of(after, series.name, &want).since(&ScrapedHistogram::of(before, series.name, &want))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tensor_wasm::metrics::exposition::parse;
 
     #[test]
     fn a_series_is_read_over_the_run_between_two_scrapes() {
@@ -50,7 +49,7 @@ mod tests {
                  tensor_wasm_http_request_duration_seconds_bucket{{route=\"/healthz\",method=\"GET\",le=\"+Inf\"}} 500\n"
             )
         };
-        let (before, after) = (scrape(10, 0, 7), scrape(100, 10, 107));
+        let (before, after) = (parse(&scrape(10, 0, 7)), parse(&scrape(100, 10, 107)));
         // Every op counts: 90 adds within 5 µs, 10 muls past every bucket.
         let kernels = between(&before, &after, KERNEL_LATENCY);
         assert_eq!((kernels.count(), kernels.quantile_bound(0.9)), (100.0, Some(0.000005)));
