@@ -291,6 +291,18 @@ fn the_baseline_comparison_judges_p99_by_the_median_of_rounds_at_equal_load() {
     assert_eq!(comparison["scenario"], "healthz");
     let rate = comparison["equal_load_rate"].as_f64().unwrap();
     assert!((100.0..=320.0).contains(&rate), "80% of a best rate of 200 or 400: {rate}");
+    // Each search's best rate was confirmed: it passed at least twice, and missed only while the
+    // machine stalled.
+    for side in ["ours", "baseline"] {
+        let search = &comparison[side];
+        let steps = search["steps"].as_array().unwrap();
+        let best = &steps[search["best"].as_u64().unwrap() as usize];
+        let at_best: Vec<&serde_json::Value> =
+            steps.iter().filter(|m| m["offered_rate"] == best["offered_rate"]).collect();
+        let passed = |m: &serde_json::Value| m["pass"].as_bool().unwrap();
+        assert!(at_best.iter().filter(|m| passed(m)).count() >= 2, "{side}: {at_best:?}");
+        assert!(at_best.iter().all(|m| passed(m) || m["machine_stalled"].as_bool().unwrap()), "{side}");
+    }
     let median_p99 = |side: &str, server: &str| {
         // Three rounds, each on its own server, and each taken once more if the machine stalled.
         let rounds = comparison[side].as_array().unwrap();

@@ -91,20 +91,24 @@ impl ScrapedHistogram {
     /// include every pair of `want`.
     pub fn of(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> ScrapedHistogram {
         let bucket = format!("{name}_bucket");
-        let mut by_le: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
-        for s in matching(samples, &bucket, want) {
-            let le = match s.labels.get("le").map(String::as_str) {
-                Some("+Inf") => f64::INFINITY,
-                Some(v) => match v.parse() {
-                    Ok(le) => le,
-                    Err(_) => continue,
-                },
-                None => continue,
-            };
-            by_le.entry(le.to_bits()).or_insert((le, 0.0)).1 += s.value;
+        let mut series: Vec<(f64, f64)> = matching(samples, &bucket, want)
+            .filter_map(|s| {
+                let le = match s.labels.get("le")?.as_str() {
+                    "+Inf" => f64::INFINITY,
+                    v => v.parse().ok()?,
+                };
+                Some((le, s.value))
+            })
+            .collect();
+        series.sort_by(|a, b| a.0.total_cmp(&b.0));
+        // The same bound in several series (one per label set) sums into one bucket.
+        let mut buckets: Vec<(f64, f64)> = Vec::with_capacity(series.len());
+        for (le, count) in series {
+            match buckets.last_mut() {
+                Some((last, total)) if *last == le => *total += count,
+                _ => buckets.push((le, count)),
+            }
         }
-        let mut buckets: Vec<(f64, f64)> = by_le.into_values().collect();
-        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
         ScrapedHistogram { buckets }
     }
 

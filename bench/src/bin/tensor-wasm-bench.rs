@@ -63,7 +63,8 @@ struct Args {
     /// The offered rate of a fixed-rate run, in requests per second.
     #[arg(long, default_value_t = 2000.0)]
     rate: f64,
-    /// Step mode: ramp the rate and report the highest at which the SLO holds.
+    /// Step mode: ramp the rate and report the highest at which the SLO holds, confirmed by a
+    /// second pass.
     #[arg(long)]
     step: bool,
     /// The step search's first rate.

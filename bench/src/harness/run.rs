@@ -167,7 +167,8 @@ impl Session {
     /// SLO (one miss may be noise, such as a stalled vCPU), then narrows the boundary above the
     /// best passing rate `refine` times by bisection. A missed step, bisections included, is
     /// measured again while the machine stalled during it (`machine_stalled`), up to
-    /// `MEASUREMENTS_PER_RATE` times.
+    /// `MEASUREMENTS_PER_RATE` times. Last, the best rate is confirmed: it is measured once more,
+    /// and a miss there sends the search down to the next passing rate, to be confirmed in turn.
     pub fn step_search(
         &self,
         start: f64,
@@ -177,27 +178,32 @@ impl Session {
         settings: &Settings,
     ) -> Result<StepSearch, String> {
         let mut steps: Vec<Measurement> = Vec::new();
+        let mut verdicts = Verdicts::default();
         let mut misses_in_a_row = 0;
         let mut rate = start;
         while rate <= max && misses_in_a_row < 2 {
             let pass = self.measure_step(rate, settings, &mut steps)?;
+            verdicts.record(rate, pass);
             misses_in_a_row = if pass { 0 } else { misses_in_a_row + 1 };
             rate *= factor;
             pause_between_steps();
         }
-        let best_rate =
-            |steps: &[Measurement]| steps.iter().filter(|m| m.pass).map(|m| m.offered_rate).reduce(f64::max);
         for _ in 0..refine {
-            let Some(low) = best_rate(&steps) else { break };
-            let Some(high) =
-                steps.iter().filter(|m| !m.pass && m.offered_rate > low).map(|m| m.offered_rate).reduce(f64::min)
-            else {
-                break;
-            };
-            self.measure_step((low + high) / 2.0, settings, &mut steps)?;
+            let Some(high) = verdicts.lowest_miss_above_best() else { break };
+            let Some(low) = verdicts.best() else { break };
+            let rate = (low + high) / 2.0;
+            let pass = self.measure_step(rate, settings, &mut steps)?;
+            verdicts.record(rate, pass);
             pause_between_steps();
         }
-        let best = best_rate(&steps).and_then(|r| steps.iter().position(|m| m.pass && m.offered_rate == r));
+        // Each pass either confirms the best rate or refutes it, so this ends within one pass per
+        // rate measured.
+        while let Some(rate) = verdicts.best().filter(|&r| !verdicts.confirmed(r)) {
+            let pass = self.measure_step(rate, settings, &mut steps)?;
+            verdicts.record(rate, pass);
+            pause_between_steps();
+        }
+        let best = verdicts.best().and_then(|r| steps.iter().rposition(|m| m.pass && m.offered_rate == r));
         Ok(StepSearch { scenario: self.scenario.name(), server: self.server, shards: self.shards, steps, best })
     }
 
@@ -571,6 +577,40 @@ impl Measurement {
     }
 }
 
+/// What a step search has learnt of each rate: one verdict per time it was measured, the last of
+/// a stalled step's attempts standing for them all.
+#[derive(Debug, Default)]
+struct Verdicts {
+    by_rate: Vec<(f64, bool)>,
+}
+
+impl Verdicts {
+    fn record(&mut self, rate: f64, pass: bool) {
+        self.by_rate.push((rate, pass));
+    }
+
+    /// Passed every time it was measured.
+    fn held(&self, rate: f64) -> bool {
+        self.by_rate.iter().filter(|(r, _)| *r == rate).all(|(_, pass)| *pass)
+    }
+
+    /// Held, and passed at least twice: one pass at the edge of the server's capacity may be luck.
+    fn confirmed(&self, rate: f64) -> bool {
+        self.held(rate) && self.by_rate.iter().filter(|(r, pass)| *r == rate && *pass).count() >= 2
+    }
+
+    /// The highest rate that held.
+    fn best(&self) -> Option<f64> {
+        self.by_rate.iter().map(|(r, _)| *r).filter(|r| self.held(*r)).reduce(f64::max)
+    }
+
+    /// The lowest rate above the best that missed: the other end of a bisection.
+    fn lowest_miss_above_best(&self) -> Option<f64> {
+        let best = self.best()?;
+        self.by_rate.iter().filter(|(r, pass)| !pass && *r > best).map(|(r, _)| *r).reduce(f64::min)
+    }
+}
+
 /// A step search's measurements, in the order taken, and the best passing one.
 #[derive(Clone, Debug, Serialize)]
 pub struct StepSearch {
@@ -578,7 +618,8 @@ pub struct StepSearch {
     pub server: &'static str,
     pub shards: Option<usize>,
     pub steps: Vec<Measurement>,
-    /// Index into `steps` of the highest rate within the SLO.
+    /// Index into `steps` of the last measurement of the highest rate within the SLO: a rate
+    /// that passed every time it was measured, and at least twice.
     pub best: Option<usize>,
 }
 
@@ -658,7 +699,28 @@ fn report_progress(label: &str, total: Duration, progress: &Progress, running: &
 
 #[cfg(test)]
 mod tests {
-    use super::machine_stalled;
+    use super::{machine_stalled, Verdicts};
+
+    #[test]
+    fn the_best_rate_is_the_highest_that_passed_twice_and_never_missed() {
+        let mut v = Verdicts::default();
+        for (rate, pass) in [(1000.0, true), (1500.0, true), (2250.0, false), (3375.0, false), (1875.0, true)] {
+            v.record(rate, pass);
+        }
+        // One pass at 1,875/s is not yet a confirmed best, and 2,250/s bounds the next bisection.
+        assert_eq!((v.best(), v.confirmed(1875.0)), (Some(1875.0), false));
+        assert_eq!(v.lowest_miss_above_best(), Some(2250.0));
+        // Its confirmation misses: the search falls back to 1,500/s, which must pass again too.
+        v.record(1875.0, false);
+        assert_eq!((v.best(), v.confirmed(1500.0)), (Some(1500.0), false));
+        assert_eq!(v.lowest_miss_above_best(), Some(1875.0));
+        v.record(1500.0, true);
+        assert_eq!((v.best(), v.confirmed(1500.0)), (Some(1500.0), true));
+        // Nothing held: no best.
+        let mut none = Verdicts::default();
+        none.record(1000.0, false);
+        assert_eq!((none.best(), none.lowest_miss_above_best()), (None, None));
+    }
 
     #[test]
     fn a_step_is_measured_again_only_when_the_machine_stalled() {
