@@ -196,8 +196,8 @@ impl Session {
             verdicts.record(rate, pass);
             pause_between_steps();
         }
-        // Each pass either confirms the best rate or refutes it, so this ends within one pass per
-        // rate measured.
+        // Each measurement here confirms the best rate or refutes it, so this ends within one
+        // measurement per rate the search has passed.
         while let Some(rate) = verdicts.best().filter(|&r| !verdicts.confirmed(r)) {
             let pass = self.measure_step(rate, settings, &mut steps)?;
             verdicts.record(rate, pass);
