@@ -120,6 +120,44 @@ fn sigterm_drains_in_flight_requests_then_exits_zero() {
 }
 
 #[test]
+fn a_sigterm_as_soon_as_the_port_accepts_still_drains() {
+    // A supervisor may signal the moment the port accepts, before the server has said that it
+    // listens. Several starts, since the moment is a race.
+    for _ in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
+            .args(["serve", "--listen", &addr.to_string(), "--shards", "2", "--data-dir"])
+            .arg(dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30), "the port never accepted");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let signalled = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if signalled.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("no exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // Killed by the signal, it would have no exit code.
+        assert_eq!(status.code(), Some(0), "{status:?}");
+    }
+}
+
+#[test]
 fn drain_timeout_bounds_the_shutdown() {
     let mut server = Server::start(&["--drain-timeout-ms", "300"]);
     let busy = server.client().deploy("busy", &guests::busy(5000), json!({"timeout_ms": 10000})).json()["id"]

@@ -98,6 +98,9 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
+    // Before any shard serves: a supervisor may send SIGTERM as soon as the port answers, and
+    // until these handlers exist that signal kills the process without a drain.
+    let termination = termination_signals()?;
     let limits = Arc::new(config.limits.clone());
     let store = FunctionStore::open(&config.data_dir)
         .map_err(|e| ServerError::Config(format!("cannot use data dir {}: {e}", config.data_dir.display())))?;
@@ -275,7 +278,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         let mut stdout = std::io::stdout().lock();
         let _ = writeln!(stdout, "listening on {local_addr}");
         let _ = stdout.flush();
-        wait_for_termination()?;
+        wait_for_termination(termination)?;
         tracing::info!("signal received: draining");
     }
 
@@ -305,12 +308,17 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     }
 }
 
+/// Catches SIGTERM and SIGINT from now on; a signal that arrives before the wait is kept for it.
+fn termination_signals() -> Result<signal_hook::iterator::Signals, ServerError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| ServerError::Runtime(format!("cannot install signal handlers: {e}")))
+}
+
 /// Blocks until SIGTERM or SIGINT. A second SIGINT during the drain (an operator's second Ctrl-C)
 /// exits at once; repeated SIGTERMs, which supervisors send, do not cut the drain short.
-fn wait_for_termination() -> Result<(), ServerError> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
-        .map_err(|e| ServerError::Runtime(format!("cannot install signal handlers: {e}")))?;
+fn wait_for_termination(mut signals: signal_hook::iterator::Signals) -> Result<(), ServerError> {
+    use signal_hook::consts::SIGINT;
     let _ = signals.forever().next();
     std::thread::Builder::new()
         .name("tw-signals".into())
