@@ -11,12 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{guests, Client, Server};
-
-/// A free loopback port, for a server that must come back on the same address.
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
+use common::{free_port, guests, Client, Server};
 
 fn start(data: &Path, functions: &Path, addr: SocketAddr) -> Server {
     let listen = addr.to_string();

@@ -125,7 +125,7 @@ fn a_sigterm_as_soon_as_the_port_accepts_still_drains() {
     // listens. Several starts, since the moment is a race.
     for _ in 0..5 {
         let dir = tempfile::tempdir().unwrap();
-        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let addr = common::free_port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
             .args(["serve", "--listen", &addr.to_string(), "--shards", "2", "--data-dir"])
             .arg(dir.path())
@@ -141,17 +141,7 @@ fn a_sigterm_as_soon_as_the_port_accepts_still_drains() {
         }
         // SAFETY: plain kill(2) on our own child's pid.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let signalled = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if signalled.elapsed() > Duration::from_secs(30) {
-                let _ = child.kill();
-                panic!("no exit within 30 s of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let status = common::wait_exit(&mut child, Duration::from_secs(30), String::new);
         // Killed by the signal, it would have no exit code.
         assert_eq!(status.code(), Some(0), "{status:?}");
     }

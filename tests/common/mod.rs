@@ -16,6 +16,27 @@ use base64::Engine as _;
 
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A free loopback port, for a server that must listen on an address known before it starts.
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// Waits for `child` to exit, at most `limit`; past it, kills it and fails the test with what
+/// `log` returns.
+pub fn wait_exit(child: &mut Child, limit: Duration, log: impl Fn() -> String) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("server did not exit within {limit:?}; stderr:\n{}", log());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Polls `check` every few milliseconds until it holds and returns how long that took; fails the
 /// test, naming `what`, once `limit` has passed. Every wait for the server's background work
 /// (a reload, a sealed segment, a thread's start) goes through here, never a guessed sleep.
@@ -209,17 +230,8 @@ impl Server {
 
     /// Waits for the process to exit, at most `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("server did not exit within {limit:?}; stderr:\n{}", self.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let stderr = self.stderr.clone();
+        wait_exit(&mut self.child, limit, || stderr.lock().unwrap().clone())
     }
 
     pub fn pid(&self) -> u32 {

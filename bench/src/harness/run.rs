@@ -182,36 +182,38 @@ impl Session {
         let mut misses_in_a_row = 0;
         let mut rate = start;
         while rate <= max && misses_in_a_row < 2 {
-            let pass = self.measure_step(rate, settings, &mut steps)?;
-            verdicts.record(rate, pass);
+            let pass = self.measure_step(rate, settings, &mut steps, &mut verdicts)?;
             misses_in_a_row = if pass { 0 } else { misses_in_a_row + 1 };
             rate *= factor;
-            pause_between_steps();
         }
         for _ in 0..refine {
             let Some(high) = verdicts.lowest_miss_above_best() else { break };
             let Some(low) = verdicts.best() else { break };
-            let rate = (low + high) / 2.0;
-            let pass = self.measure_step(rate, settings, &mut steps)?;
-            verdicts.record(rate, pass);
-            pause_between_steps();
+            self.measure_step((low + high) / 2.0, settings, &mut steps, &mut verdicts)?;
         }
         // Each measurement here confirms the best rate or refutes it, so this ends within one
         // measurement per rate the search has passed.
         while let Some(rate) = verdicts.best().filter(|&r| !verdicts.confirmed(r)) {
-            let pass = self.measure_step(rate, settings, &mut steps)?;
-            verdicts.record(rate, pass);
-            pause_between_steps();
+            self.measure_step(rate, settings, &mut steps, &mut verdicts)?;
         }
         let best = verdicts.best().and_then(|r| steps.iter().rposition(|m| m.pass && m.offered_rate == r));
         Ok(StepSearch { scenario: self.scenario.name(), server: self.server, shards: self.shards, steps, best })
     }
 
-    /// Measures one step of a search onto `steps`, and whether it passed. A miss while the machine
-    /// stalled says nothing about the server, so that rate is measured again; every measurement
-    /// stays in the record.
-    fn measure_step(&self, rate: f64, settings: &Settings, steps: &mut Vec<Measurement>) -> Result<bool, String> {
-        self.measure_again_if(rate, settings, steps, |m| !m.pass && m.machine_stalled)
+    /// Measures one step of a search onto `steps`, records its verdict, and pauses before the
+    /// next; whether it passed. A miss while the machine stalled says nothing about the server, so
+    /// that rate is measured again; every measurement stays in the record.
+    fn measure_step(
+        &self,
+        rate: f64,
+        settings: &Settings,
+        steps: &mut Vec<Measurement>,
+        verdicts: &mut Verdicts,
+    ) -> Result<bool, String> {
+        let pass = self.measure_again_if(rate, settings, steps, |m| !m.pass && m.machine_stalled)?;
+        verdicts.record(rate, pass);
+        pause_between_steps();
+        Ok(pass)
     }
 
     /// Measures `rate` onto `record`, again while `again` holds for the last measurement, at most
