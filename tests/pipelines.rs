@@ -253,7 +253,7 @@ fn sink_delivery_retries_then_reports() {
     assert_eq!(sink_thread.join().unwrap().len(), 1);
 
     // Nobody listening: connection errors are retried, then reported.
-    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = common::free_port();
     let r = create(
         &server,
         json!({"name": "nobody", "steps": ["enrich"], "sink": {"url": format!("http://{closed}/"), "max_attempts": 2, "backoff_ms": 1}}),

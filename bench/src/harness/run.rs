@@ -187,8 +187,8 @@ impl Session {
             rate *= factor;
         }
         for _ in 0..refine {
-            let Some(high) = verdicts.lowest_miss_above_best() else { break };
             let Some(low) = verdicts.best() else { break };
+            let Some(high) = verdicts.lowest_miss_above(low) else { break };
             self.measure_step((low + high) / 2.0, settings, &mut steps, &mut verdicts)?;
         }
         // Each measurement here confirms the best rate or refutes it, so this ends within one
@@ -606,10 +606,9 @@ impl Verdicts {
         self.by_rate.iter().map(|(r, _)| *r).filter(|r| self.held(*r)).reduce(f64::max)
     }
 
-    /// The lowest rate above the best that missed: the other end of a bisection.
-    fn lowest_miss_above_best(&self) -> Option<f64> {
-        let best = self.best()?;
-        self.by_rate.iter().filter(|(r, pass)| !pass && *r > best).map(|(r, _)| *r).reduce(f64::min)
+    /// The lowest rate above `rate` that missed: with the best rate, the other end of a bisection.
+    fn lowest_miss_above(&self, rate: f64) -> Option<f64> {
+        self.by_rate.iter().filter(|(r, pass)| !pass && *r > rate).map(|(r, _)| *r).reduce(f64::min)
     }
 }
 
@@ -711,17 +710,17 @@ mod tests {
         }
         // One pass at 1,875/s is not yet a confirmed best, and 2,250/s bounds the next bisection.
         assert_eq!((v.best(), v.confirmed(1875.0)), (Some(1875.0), false));
-        assert_eq!(v.lowest_miss_above_best(), Some(2250.0));
+        assert_eq!(v.lowest_miss_above(1875.0), Some(2250.0));
         // Its confirmation misses: the search falls back to 1,500/s, which must pass again too.
         v.record(1875.0, false);
         assert_eq!((v.best(), v.confirmed(1500.0)), (Some(1500.0), false));
-        assert_eq!(v.lowest_miss_above_best(), Some(1875.0));
+        assert_eq!(v.lowest_miss_above(1500.0), Some(1875.0));
         v.record(1500.0, true);
         assert_eq!((v.best(), v.confirmed(1500.0)), (Some(1500.0), true));
         // Nothing held: no best.
         let mut none = Verdicts::default();
         none.record(1000.0, false);
-        assert_eq!((none.best(), none.lowest_miss_above_best()), (None, None));
+        assert_eq!(none.best(), None);
     }
 
     #[test]
