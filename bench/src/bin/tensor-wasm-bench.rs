@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use tensor_wasm_bench::harness::guests::GuestSource;
-use tensor_wasm_bench::harness::run::{ServerSource, Settings};
+use tensor_wasm_bench::harness::run::{ServerSource, Settings, StepPlan};
 use tensor_wasm_bench::harness::scenario::{Scenario, ScenarioOptions};
 use tensor_wasm_bench::harness::slo::Gate;
-use tensor_wasm_bench::harness::suite::{run_suite, Mode, StepPlan, SuiteOptions};
+use tensor_wasm_bench::harness::suite::{run_suite, Mode, SuiteOptions};
 use tensor_wasm_bench::harness::target::{sibling_binary, Endpoint};
 
 #[derive(Parser, Debug)]
@@ -76,7 +76,8 @@ struct Args {
     /// The step search stops here.
     #[arg(long, default_value_t = 1_000_000.0)]
     step_max: f64,
-    /// Bisections between the last passing and the first failing step.
+    /// Bisections between the best passing and the lowest failing rate, after the ramp and again
+    /// each time a confirmation refutes the best rate.
     #[arg(long, default_value_t = 2)]
     step_refine: u32,
     /// Also run the conventional baseline server and print the ratios.

@@ -163,57 +163,19 @@ impl Session {
         Ok(measurement)
     }
 
-    /// Steps the rate up from `start` by `factor`, up to `max`, until two steps in a row miss the
-    /// SLO (one miss may be noise, such as a stalled vCPU), then narrows the boundary above the
-    /// best passing rate `refine` times by bisection. A missed step, bisections included, is
-    /// measured again while the machine stalled during it (`machine_stalled`), up to
-    /// `MEASUREMENTS_PER_RATE` times. Last, the best rate is confirmed: it is measured once more,
-    /// and a miss there sends the search down to the next passing rate, to be confirmed in turn.
-    pub fn step_search(
-        &self,
-        start: f64,
-        factor: f64,
-        max: f64,
-        refine: u32,
-        settings: &Settings,
-    ) -> Result<StepSearch, String> {
+    /// Searches for the highest rate within the SLO along `plan` (`StepPlan::search`). A missed
+    /// step, bisections included, is measured again while the machine stalled during it
+    /// (`machine_stalled`), up to `MEASUREMENTS_PER_RATE` times; every measurement stays in the
+    /// record.
+    pub fn step_search(&self, plan: &StepPlan, settings: &Settings) -> Result<StepSearch, String> {
         let mut steps: Vec<Measurement> = Vec::new();
-        let mut verdicts = Verdicts::default();
-        let mut misses_in_a_row = 0;
-        let mut rate = start;
-        while rate <= max && misses_in_a_row < 2 {
-            let pass = self.measure_step(rate, settings, &mut steps, &mut verdicts)?;
-            misses_in_a_row = if pass { 0 } else { misses_in_a_row + 1 };
-            rate *= factor;
-        }
-        for _ in 0..refine {
-            let Some(low) = verdicts.best() else { break };
-            let Some(high) = verdicts.lowest_miss_above(low) else { break };
-            self.measure_step((low + high) / 2.0, settings, &mut steps, &mut verdicts)?;
-        }
-        // Each measurement here confirms the best rate or refutes it, so this ends within one
-        // measurement per rate the search has passed.
-        while let Some(rate) = verdicts.best().filter(|&r| !verdicts.confirmed(r)) {
-            self.measure_step(rate, settings, &mut steps, &mut verdicts)?;
-        }
+        let verdicts = plan.search(|rate| {
+            let pass = self.measure_again_if(rate, settings, &mut steps, |m| !m.pass && m.machine_stalled)?;
+            pause_between_steps();
+            Ok(pass)
+        })?;
         let best = verdicts.best().and_then(|r| steps.iter().rposition(|m| m.pass && m.offered_rate == r));
         Ok(StepSearch { scenario: self.scenario.name(), server: self.server, shards: self.shards, steps, best })
-    }
-
-    /// Measures one step of a search onto `steps`, records its verdict, and pauses before the
-    /// next; whether it passed. A miss while the machine stalled says nothing about the server, so
-    /// that rate is measured again; every measurement stays in the record.
-    fn measure_step(
-        &self,
-        rate: f64,
-        settings: &Settings,
-        steps: &mut Vec<Measurement>,
-        verdicts: &mut Verdicts,
-    ) -> Result<bool, String> {
-        let pass = self.measure_again_if(rate, settings, steps, |m| !m.pass && m.machine_stalled)?;
-        verdicts.record(rate, pass);
-        pause_between_steps();
-        Ok(pass)
     }
 
     /// Measures `rate` onto `record`, again while `again` holds for the last measurement, at most
@@ -579,6 +541,63 @@ impl Measurement {
     }
 }
 
+/// The ramp of a step search, and how finely it narrows the edge.
+#[derive(Clone, Copy, Debug)]
+pub struct StepPlan {
+    pub start: f64,
+    /// Each step of the ramp multiplies the rate by this (above 1).
+    pub factor: f64,
+    pub max: f64,
+    /// Bisections each time the edge is narrowed.
+    pub refine: u32,
+}
+
+/// How many times one search narrows its edge: after the ramp, and again after each confirmation
+/// that refutes the best rate, because the edge then lies below it, between rates that may be a
+/// whole step of the ramp apart (run AP's baseline: 3,375/s confirmed, 5,062/s refuted, nothing
+/// measured between). Bounded, because a server that passes every rate once and misses it the
+/// second time would otherwise be bisected for ever.
+const NARROWINGS: usize = 3;
+
+impl StepPlan {
+    /// The search itself, apart from how a rate is measured: `measure` says whether a rate passed.
+    /// It steps the rate up from `start` by `factor`, up to `max`, until two steps in a row miss
+    /// (one miss may be noise, such as a stalled vCPU), then narrows the edge above the best
+    /// passing rate by `refine` bisections. Last, the best rate is confirmed: it is measured once
+    /// more, and a miss there sends the search down to the next passing rate, whose edge is
+    /// narrowed again (up to `NARROWINGS` times in all) and whose best is confirmed in turn.
+    fn search(&self, mut measure: impl FnMut(f64) -> Result<bool, String>) -> Result<Verdicts, String> {
+        let mut verdicts = Verdicts::default();
+        let mut step = |rate: f64, verdicts: &mut Verdicts| -> Result<bool, String> {
+            let pass = measure(rate)?;
+            verdicts.record(rate, pass);
+            Ok(pass)
+        };
+        let (mut rate, mut misses_in_a_row) = (self.start, 0);
+        while rate <= self.max && misses_in_a_row < 2 {
+            misses_in_a_row = if step(rate, &mut verdicts)? { 0 } else { misses_in_a_row + 1 };
+            rate *= self.factor;
+        }
+        let (mut narrowings, mut narrow) = (0, true);
+        // Ends: a confirmation either confirms the best rate, which ends the search, or refutes a
+        // rate for good, and rates to refute come only from the ramp and from at most
+        // `NARROWINGS` narrowings of `refine` bisections each.
+        loop {
+            if narrow && narrowings < NARROWINGS {
+                narrowings += 1;
+                for _ in 0..self.refine {
+                    let Some(low) = verdicts.best() else { break };
+                    let Some(high) = verdicts.lowest_miss_above(low) else { break };
+                    step((low + high) / 2.0, &mut verdicts)?;
+                }
+            }
+            let Some(best) = verdicts.best().filter(|&r| !verdicts.confirmed(r)) else { break };
+            narrow = !step(best, &mut verdicts)?;
+        }
+        Ok(verdicts)
+    }
+}
+
 /// What a step search has learnt of each rate: one verdict per time it was measured, the last of
 /// a stalled step's attempts standing for them all.
 #[derive(Debug, Default)]
@@ -700,7 +719,7 @@ fn report_progress(label: &str, total: Duration, progress: &Progress, running: &
 
 #[cfg(test)]
 mod tests {
-    use super::{machine_stalled, Verdicts};
+    use super::{machine_stalled, StepPlan, Verdicts, NARROWINGS};
 
     #[test]
     fn the_best_rate_is_the_highest_that_passed_twice_and_never_missed() {
@@ -721,6 +740,53 @@ mod tests {
         let mut none = Verdicts::default();
         none.record(1000.0, false);
         assert_eq!(none.best(), None);
+    }
+
+    /// Runs `plan`'s search against a model server, `passes(rate, times measured before)`; the
+    /// rates measured, in order, and the best.
+    fn search_model(plan: StepPlan, passes: impl Fn(f64, usize) -> bool) -> (Vec<f64>, Option<f64>) {
+        let mut measured: Vec<f64> = Vec::new();
+        let verdicts = plan
+            .search(|rate| {
+                let before = measured.iter().filter(|&&r| r == rate).count();
+                measured.push(rate);
+                Ok(passes(rate, before))
+            })
+            .unwrap();
+        (measured, verdicts.best())
+    }
+
+    const RAMP: StepPlan = StepPlan { start: 1000.0, factor: 1.5, max: 1e6, refine: 2 };
+
+    #[test]
+    fn a_steady_edge_is_bisected_then_confirmed() {
+        let (measured, best) = search_model(RAMP, |rate, _| rate <= 4000.0);
+        // The ramp to two misses, two bisections (4,219 misses, 3,797 passes), one confirmation.
+        assert_eq!(measured, [1000.0, 1500.0, 2250.0, 3375.0, 5062.5, 7593.75, 4218.75, 3796.875, 3796.875]);
+        assert_eq!(best, Some(3796.875));
+    }
+
+    #[test]
+    fn a_refuted_best_rate_sends_the_bisection_below_it() {
+        // Run AP's baseline: 5,062/s passes once and misses its confirmation, while the edge
+        // really lies at 4,000/s. The search must look between 3,375 and 5,062/s, not stop at 3,375.
+        let (measured, best) = search_model(RAMP, |rate, before| rate <= 4000.0 || (rate == 5062.5 && before == 0));
+        assert_eq!(best, Some(3796.875));
+        assert_eq!(measured[..7], [1000.0, 1500.0, 2250.0, 3375.0, 5062.5, 7593.75, 11390.625]);
+        // Bisections above 5,062/s, its refuting confirmation, bisections below it, confirmation.
+        assert_eq!(measured[7..], [6328.125, 5695.3125, 5062.5, 4218.75, 3796.875, 3796.875]);
+    }
+
+    #[test]
+    fn a_server_that_never_passes_twice_ends_the_search_with_no_best() {
+        let plan = StepPlan { max: 10_000.0, ..RAMP };
+        let (measured, best) = search_model(plan, |_, before| before == 0);
+        assert_eq!(best, None);
+        // Every rate the ramp passed (1,000 to 7,594/s), and every one the narrowings added, is
+        // refuted once; no more.
+        let ramp = 6;
+        let bisections = NARROWINGS * plan.refine as usize;
+        assert!(measured.len() <= 2 * (ramp + bisections), "{measured:?}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! side with the baseline and along the shard-scaling curve.
 
 use super::report::{Comparison, Machine, Report};
-use super::run::{ServerSource, Session, Settings, StepSearch};
+use super::run::{ServerSource, Session, Settings, StepPlan, StepSearch};
 use super::scenario::Scenario;
 use super::target::Implementation;
 
@@ -13,15 +13,6 @@ pub enum Mode {
     Fixed { rate: f64 },
     /// Every scenario by step search.
     Step(StepPlan),
-}
-
-/// The ramp of a step search.
-#[derive(Clone, Copy, Debug)]
-pub struct StepPlan {
-    pub start: f64,
-    pub factor: f64,
-    pub max: f64,
-    pub refine: u32,
 }
 
 /// How many times each server is measured at the equal offered load. A P99 is the worst hundredth
@@ -65,9 +56,7 @@ pub fn run_suite(options: &SuiteOptions) -> Result<Report, String> {
         scale: Vec::new(),
         pass: true,
     };
-    let search = |session: &Session, plan: &StepPlan| -> Result<StepSearch, String> {
-        session.step_search(plan.start, plan.factor, plan.max, plan.refine, settings)
-    };
+    let search = |session: &Session, plan: &StepPlan| session.step_search(plan, settings);
 
     for &scenario in &options.scenarios {
         let session = Session::open(&options.source, Implementation::TensorWasm, scenario, None, settings)?;
