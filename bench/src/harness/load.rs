@@ -184,7 +184,7 @@ pub fn run(plan: &LoadPlan, progress: &Progress) -> Result<LoadOutcome, String> 
     std::thread::scope(|scope| -> Result<(), String> {
         let mut handles = Vec::with_capacity(threads);
         for (n, conns) in shares.into_iter().enumerate() {
-            let worker = EventLoop { plan, period_ns, schedule: &schedule, conns };
+            let worker = EventLoop { plan, period_ns, schedule: &schedule, conns, chunk: Box::new([0; READ_CHUNK]) };
             let (barrier, start_cell) = (&barrier, &start_cell);
             let handle = std::thread::Builder::new()
                 .name(format!("load-{n}"))
@@ -279,6 +279,9 @@ struct EventLoop<'a> {
     period_ns: u64,
     schedule: &'a [usize],
     conns: Vec<EventConn>,
+    /// What each read lands in before it joins its connection's buffer. Kept for the loop's life:
+    /// zeroing 16 KiB on every readable event was 1.6% of the generator's time at 50,000 hello/s.
+    chunk: Box<[u8; READ_CHUNK]>,
 }
 
 struct WorkerOutcome {
@@ -292,6 +295,9 @@ const END_GRACE: Duration = Duration::from_secs(1);
 
 /// The largest number of events taken from one `epoll_pwait2`.
 const EVENTS: usize = 256;
+
+/// The most one read takes from a socket.
+const READ_CHUNK: usize = 16 * 1024;
 
 impl EventLoop<'_> {
     fn run(mut self, start: Instant, progress: &Progress) -> Result<WorkerOutcome, String> {
@@ -455,11 +461,11 @@ impl EventLoop<'_> {
         if !Self::write_pending(conn, slot, epoll) {
             return self.fail(slot, measure_from, epoll, out, waiting, start, progress);
         }
-        let mut chunk = [0u8; 16 * 1024];
+        let chunk = &mut self.chunk[..];
         let mut closed = false;
         loop {
             let Some(stream) = conn.stream.as_ref() else { return };
-            match recv_stamped(stream.as_raw_fd(), &mut chunk) {
+            match recv_stamped(stream.as_raw_fd(), chunk) {
                 Ok((0, _)) => {
                     closed = true;
                     break;
