@@ -578,13 +578,12 @@ impl StepPlan {
             misses_in_a_row = if step(rate, &mut verdicts)? { 0 } else { misses_in_a_row + 1 };
             rate *= self.factor;
         }
-        let (mut narrowings, mut narrow) = (0, true);
-        // Ends: a confirmation either confirms the best rate, which ends the search, or refutes a
-        // rate for good, and rates to refute come only from the ramp and from at most
-        // `NARROWINGS` narrowings of `refine` bisections each.
-        loop {
-            if narrow && narrowings < NARROWINGS {
-                narrowings += 1;
+        // Each round narrows the edge (while narrowings are left), then measures the best rate
+        // again. A pass confirms it, since the best rate held and has now passed twice, and ends
+        // the search; a miss refutes that rate for good and starts another round. Rates to refute
+        // come only from the ramp and from at most `NARROWINGS` narrowings, so this ends.
+        for round in 0.. {
+            if round < NARROWINGS {
                 for _ in 0..self.refine {
                     let Some(low) = verdicts.best() else { break };
                     let Some(high) = verdicts.lowest_miss_above(low) else { break };
@@ -592,7 +591,10 @@ impl StepPlan {
                 }
             }
             let Some(best) = verdicts.best().filter(|&r| !verdicts.confirmed(r)) else { break };
-            narrow = !step(best, &mut verdicts)?;
+            if step(best, &mut verdicts)? {
+                debug_assert!(verdicts.confirmed(best));
+                break;
+            }
         }
         Ok(verdicts)
     }
