@@ -5,12 +5,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser;
 use clap::Parser;
 use tensor_wasm_bench::harness::guests::GuestSource;
 use tensor_wasm_bench::harness::run::{ServerSource, Settings, StepPlan};
 use tensor_wasm_bench::harness::scenario::{Scenario, ScenarioOptions};
 use tensor_wasm_bench::harness::slo::Gate;
-use tensor_wasm_bench::harness::suite::{run_suite, Mode, SuiteOptions};
+use tensor_wasm_bench::harness::suite::{run_suite, Mode, SuiteOptions, EQUAL_LOAD_ROUNDS};
 use tensor_wasm_bench::harness::target::{sibling_binary, Endpoint};
 
 #[derive(Parser, Debug)]
@@ -83,6 +84,11 @@ struct Args {
     /// Also run the conventional baseline server and print the ratios.
     #[arg(long)]
     baseline: bool,
+    /// With --baseline: how many times each server is measured at the equal offered load (80% of
+    /// the lower best rate). Its P99 there is the median of its rounds.
+    #[arg(long, default_value_t = EQUAL_LOAD_ROUNDS,
+          value_parser = clap::value_parser!(u16).range(1..=100).map(usize::from))]
+    equal_load_rounds: usize,
     /// Also measure the shard-scaling curve (step mode at each count).
     #[arg(long)]
     scale: bool,
@@ -236,6 +242,7 @@ fn run(args: Args) -> Result<bool, String> {
         mode: if args.step { Mode::Step(steps) } else { Mode::Fixed { rate: args.rate } },
         steps,
         baseline: args.baseline,
+        equal_load_rounds: args.equal_load_rounds,
         scale,
         settings: Settings {
             connections: args.connections,

@@ -15,12 +15,15 @@ pub enum Mode {
     Step(StepPlan),
 }
 
-/// How many times each server is measured at the equal offered load. A P99 is the worst hundredth
-/// of a window, and on a shared VM one host stall fills it (perf/README.md, "Noise"): each side's
-/// P99 is the median of its rounds, and the rounds alternate so that a noisy minute spoils one
-/// round of each side rather than every round of one. A round in which the machine stalled is
-/// taken again (`Session::measure_again_if`), and the median leaves the stalled ones out.
-pub const EQUAL_LOAD_ROUNDS: usize = 3;
+/// How many times each server is measured at the equal offered load, by default. A P99 is the
+/// worst hundredth of a window, and on a shared VM one host stall fills it (perf/README.md,
+/// "Noise"): each side's P99 is the median of its rounds, and the rounds alternate so that a noisy
+/// minute spoils one round of each side rather than every round of one. A round in which the
+/// machine stalled is taken again (`Session::measure_again_if`), and the median leaves the stalled
+/// ones out. Five, not three: near its capacity the baseline's P99 varied fourfold from round to
+/// round on the same server (248 to 1,048 µs in run AV), so the median of three was one round
+/// away from either answer.
+pub const EQUAL_LOAD_ROUNDS: usize = 5;
 
 #[derive(Clone, Debug)]
 pub struct SuiteOptions {
@@ -30,6 +33,8 @@ pub struct SuiteOptions {
     /// The ramp for the comparison and the scale curve, whatever the mode.
     pub steps: StepPlan,
     pub baseline: bool,
+    /// Rounds per server at the equal offered load (at least one).
+    pub equal_load_rounds: usize,
     /// Shard counts for the scaling curve, and its scenario.
     pub scale: Option<(Vec<usize>, Scenario)>,
     pub settings: Settings,
@@ -94,7 +99,8 @@ pub fn run_suite(options: &SuiteOptions) -> Result<Report, String> {
             // started server.
             let (mut base_equal, mut ours_equal) = (Vec::new(), Vec::new());
             let mut base = Some(base);
-            for _ in 0..EQUAL_LOAD_ROUNDS {
+            assert!(options.equal_load_rounds >= 1, "the command line refuses zero rounds");
+            for _ in 0..options.equal_load_rounds {
                 let session = match base.take() {
                     Some(session) => session,
                     None => Session::open(&options.source, Implementation::Baseline, scenario, None, settings)?,
