@@ -238,6 +238,27 @@ fn the_io_driver_is_selectable_and_reported() {
 }
 
 #[test]
+fn guest_functions_are_named_for_perf_only_when_asked() {
+    // A name no other module in the process carries, from the WAT's name section.
+    let probe = wat::parse_str(r#"(module (func $tensor_wasm_perf_map_probe (export "_start")))"#).unwrap();
+    for (args, named) in [(&["--guest-perf-map"][..], true), (&[][..], false)] {
+        let server = Server::start(args);
+        let map = std::path::PathBuf::from(format!("/tmp/perf-{}.map", server.pid()));
+        let id = server.deploy("probe", &probe);
+        assert_eq!(server.client().invoke(&id, b"").status, 200);
+        let text = std::fs::read_to_string(&map).unwrap_or_default();
+        let _ = std::fs::remove_file(&map);
+        // perf's format: start address and size in hex (the address may carry 0x), then the name.
+        let line = text.lines().find(|l| l.ends_with(" tensor_wasm_perf_map_probe"));
+        assert_eq!(line.is_some(), named, "{args:?}: {}", map.display());
+        if let Some(line) = line {
+            let hex = |f: &str| u64::from_str_radix(f.trim_start_matches("0x"), 16).is_ok_and(|n| n > 0);
+            assert!(line.split(' ').take(2).all(hex), "{line}");
+        }
+    }
+}
+
+#[test]
 fn io_uring_blocked_by_seccomp_falls_back_to_epoll() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_with(dir.path(), &[], common::deny_io_uring);

@@ -228,6 +228,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_EPOCH_TICK_MS", default_value_t = 1)]
     pub epoch_tick_ms: u64,
 
+    /// Name compiled guest functions for `perf` in /tmp/perf-PID.map, so that profiles and flame
+    /// graphs of a shard show a guest's own functions instead of bare addresses.
+    #[arg(long, env = "TENSOR_WASM_GUEST_PERF_MAP", num_args = 0..=1, default_value_t = false,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub guest_perf_map: bool,
+
     /// After SIGTERM/SIGINT, /readyz answers 503 and responses close their connections, but new
     /// connections are still accepted for this long, so that load balancers can stop sending.
     #[arg(long, env = "TENSOR_WASM_DRAIN_GRACE_MS", default_value_t = 0)]
@@ -592,6 +598,7 @@ impl ServeArgs {
                 max_output_bytes: self.max_output_bytes as usize,
                 max_stderr_bytes: self.max_stderr_bytes as usize,
                 epoch_tick_ms: self.epoch_tick_ms,
+                guest_perf_map: self.guest_perf_map,
                 sink_networks,
             },
         })

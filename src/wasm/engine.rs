@@ -15,6 +15,12 @@ pub fn build_engine(limits: &Limits) -> wasmtime::Result<Engine> {
     config.epoch_interruption(true);
     config.memory_init_cow(true);
     config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    if limits.guest_perf_map {
+        // perf reads /tmp/perf-PID.map to name JIT code; without it a guest is bare addresses
+        // under `catch_traps`. The map grows by a line per function of every module compiled and
+        // is never trimmed, so it is off unless an operator asks for it.
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
 
     // A recycled memory slot is reset in place, page by page, rather than unmapped, so that the next
     // guest touches it without page faults. With PAGEMAP_SCAN (Linux 6.7+) only the pages the last

@@ -250,7 +250,6 @@ impl Server {
         r.json()["id"].as_str().unwrap().to_string()
     }
 
-    /// The sum of a metric's samples whose label set contains every `labels` pair.
     /// The id of the function named `name`, from the listing.
     pub fn function_id(&self, name: &str) -> Option<String> {
         let list = self.client().request("GET", "/functions", &[], b"").json();
@@ -308,6 +307,7 @@ impl Drop for Server {
     }
 }
 
+/// The sum of a metric's samples whose label set contains every `labels` pair.
 pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
