@@ -41,6 +41,7 @@ pub struct ServerConfig {
     pub audit: AuditConfig,
     /// `None`: plain HTTP.
     pub tls: Option<TlsFiles>,
+    pub guest_profiler: crate::wasm::GuestProfiler,
     pub limits: Limits,
 }
 
@@ -63,8 +64,6 @@ pub struct Limits {
     pub max_output_bytes: usize,
     pub max_stderr_bytes: usize,
     pub epoch_tick_ms: u64,
-    /// Whether the engine names compiled guest functions in /tmp/perf-PID.map for `perf`.
-    pub guest_perf_map: bool,
     /// Where pipeline sinks may be delivered to.
     pub sink_networks: crate::pipelines::sink::SinkNetworks,
 }

@@ -21,7 +21,7 @@ fn main() {
     let dir = std::env::var_os("TW_BENCH_DATA_DIR").map(Into::into).unwrap_or_else(|| temp.path().to_path_buf());
     let config = tensor_wasm_bench::default_config();
     let limits = Arc::new(config.limits.clone());
-    let engine = tensor_wasm::wasm::build_engine(&limits).unwrap();
+    let engine = tensor_wasm::wasm::build_engine(&limits, tensor_wasm::wasm::GuestProfiler::Off).unwrap();
 
     // Deploy.
     let catalog = Arc::new(Catalog::default());

@@ -17,7 +17,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tensor_wasm::wasm::{build_engine, check_module, invoke, new_linker, Entry, GuestState, InvokeLimits, WasiArgs};
+use tensor_wasm::wasm::{
+    build_engine, check_module, invoke, new_linker, Entry, GuestProfiler, GuestState, InvokeLimits, WasiArgs,
+};
 use tensor_wasm_bench::{histogram, pin_like_a_shard, record, row, TABLE_HEAD};
 use wasmtime::Store;
 
@@ -38,7 +40,7 @@ const ECHO: &str = r#"(module
 fn main() {
     pin_like_a_shard();
     let limits = tensor_wasm_bench::default_limits();
-    let engine = build_engine(&limits).expect("engine");
+    let engine = build_engine(&limits, GuestProfiler::Off).expect("engine");
     let linker = new_linker(&engine).expect("linker");
     let hello =
         check_module(&engine, &linker, &wat::parse_str(r#"(module (func (export "_start")))"#).unwrap()).unwrap();

@@ -577,6 +577,10 @@ impl ServeArgs {
             },
             auth,
             audit,
+            guest_profiler: match self.guest_perf_map {
+                true => crate::wasm::GuestProfiler::PerfMap,
+                false => crate::wasm::GuestProfiler::Off,
+            },
             tls: match (self.tls_cert, self.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: self.tls_client_ca }),
                 _ => None,
@@ -598,7 +602,6 @@ impl ServeArgs {
                 max_output_bytes: self.max_output_bytes as usize,
                 max_stderr_bytes: self.max_stderr_bytes as usize,
                 epoch_tick_ms: self.epoch_tick_ms,
-                guest_perf_map: self.guest_perf_map,
                 sink_networks,
             },
         })

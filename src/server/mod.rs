@@ -157,8 +157,8 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         }
     };
 
-    let engine =
-        build_engine(&limits).map_err(|e| ServerError::Runtime(format!("cannot create the Wasm engine: {e:#}")))?;
+    let engine = build_engine(&limits, config.guest_profiler)
+        .map_err(|e| ServerError::Runtime(format!("cannot create the Wasm engine: {e:#}")))?;
     let ticker = EpochTicker::start(engine.clone(), Duration::from_millis(limits.epoch_tick_ms))
         .map_err(|e| ServerError::Runtime(format!("cannot start the epoch ticker: {e}")))?;
 

@@ -7,20 +7,28 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use crate::config::Limits;
 
+/// Whether the engine tells a profiler the names of the guest code it compiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestProfiler {
+    Off,
+    /// perf reads /tmp/perf-PID.map to name JIT code; without it a guest is bare addresses under
+    /// `catch_traps`. The map grows by a line per function of every module compiled and is never
+    /// trimmed, so it is for profiling sessions, not for production.
+    PerfMap,
+}
+
 /// The one engine of the process: async (guests yield to their shard), epoch interruption
 /// (deadlines without a timer per request), and the pooling allocator with copy-on-write memory
 /// images (an instantiation is a few microseconds).
-pub fn build_engine(limits: &Limits) -> wasmtime::Result<Engine> {
+pub fn build_engine(limits: &Limits, profiler: GuestProfiler) -> wasmtime::Result<Engine> {
     let mut config = Config::new();
     config.epoch_interruption(true);
     config.memory_init_cow(true);
     config.cranelift_opt_level(wasmtime::OptLevel::Speed);
-    if limits.guest_perf_map {
-        // perf reads /tmp/perf-PID.map to name JIT code; without it a guest is bare addresses
-        // under `catch_traps`. The map grows by a line per function of every module compiled and
-        // is never trimmed, so it is off unless an operator asks for it.
-        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
-    }
+    config.profiler(match profiler {
+        GuestProfiler::Off => wasmtime::ProfilingStrategy::None,
+        GuestProfiler::PerfMap => wasmtime::ProfilingStrategy::PerfMap,
+    });
 
     // A recycled memory slot is reset in place, page by page, rather than unmapped, so that the next
     // guest touches it without page faults. With PAGEMAP_SCAN (Linux 6.7+) only the pages the last

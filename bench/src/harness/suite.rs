@@ -80,6 +80,7 @@ pub fn run_suite(options: &SuiteOptions) -> Result<Report, String> {
     }
 
     if options.baseline {
+        assert!(options.equal_load_rounds >= 1, "a P99 at equal load needs a round of each server");
         for &scenario in options.scenarios.iter().filter(|s| s.runs_on(Implementation::Baseline)) {
             let ours = Session::open(&options.source, Implementation::TensorWasm, scenario, None, settings)?;
             let ours_search = search(&ours, &options.steps)?;
@@ -99,7 +100,6 @@ pub fn run_suite(options: &SuiteOptions) -> Result<Report, String> {
             // started server.
             let (mut base_equal, mut ours_equal) = (Vec::new(), Vec::new());
             let mut base = Some(base);
-            assert!(options.equal_load_rounds >= 1, "the command line refuses zero rounds");
             for _ in 0..options.equal_load_rounds {
                 let session = match base.take() {
                     Some(session) => session,
