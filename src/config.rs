@@ -41,6 +41,7 @@ pub struct ServerConfig {
     pub audit: AuditConfig,
     /// `None`: plain HTTP.
     pub tls: Option<TlsFiles>,
+    /// Whether the engine names compiled guest code for `perf` (`--guest-perf-map`).
     pub guest_profiler: crate::wasm::GuestProfiler,
     pub limits: Limits,
 }
