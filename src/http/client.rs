@@ -92,42 +92,43 @@ pub fn encode_request(method: &str, target: &Target, headers: &[(&str, &str)], b
     request
 }
 
-/// A connection, plain or TLS; the socket is kept at hand for its timeouts.
-enum Connection {
+/// A blocking client connection, plain or TLS; the socket is kept at hand for its timeouts. Also
+/// the benchmark harness's set-up connection.
+pub enum ClientStream {
     Plain(TcpStream),
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
-impl Connection {
-    fn socket(&self) -> &TcpStream {
+impl ClientStream {
+    pub fn socket(&self) -> &TcpStream {
         match self {
-            Connection::Plain(s) => s,
-            Connection::Tls(s) => &s.sock,
+            ClientStream::Plain(s) => s,
+            ClientStream::Tls(s) => &s.sock,
         }
     }
 }
 
-impl Read for Connection {
+impl Read for ClientStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
-            Connection::Plain(s) => s.read(buf),
-            Connection::Tls(s) => s.read(buf),
+            ClientStream::Plain(s) => s.read(buf),
+            ClientStream::Tls(s) => s.read(buf),
         }
     }
 }
 
-impl Write for Connection {
+impl Write for ClientStream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
-            Connection::Plain(s) => s.write(buf),
-            Connection::Tls(s) => s.write(buf),
+            ClientStream::Plain(s) => s.write(buf),
+            ClientStream::Tls(s) => s.write(buf),
         }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
-            Connection::Plain(s) => s.flush(),
-            Connection::Tls(s) => s.flush(),
+            ClientStream::Plain(s) => s.flush(),
+            ClientStream::Tls(s) => s.flush(),
         }
     }
 }
@@ -184,9 +185,9 @@ pub fn exchange_at(addrs: &[SocketAddr], target: &Target, request: &[u8], how: E
         };
         let name = ServerName::try_from(target.host.clone()).map_err(|e| format!("TLS server name: {e}"))?;
         let session = rustls::ClientConnection::new(tls.config.clone(), name).map_err(|e| format!("TLS: {e}"))?;
-        Connection::Tls(Box::new(rustls::StreamOwned::new(session, stream)))
+        ClientStream::Tls(Box::new(rustls::StreamOwned::new(session, stream)))
     } else {
-        Connection::Plain(stream)
+        ClientStream::Plain(stream)
     };
     // The TLS handshake runs inside the first write and read, under the same timeouts.
     stream.socket().set_write_timeout(Some(left())).map_err(|e| e.to_string())?;
@@ -194,7 +195,7 @@ pub fn exchange_at(addrs: &[SocketAddr], target: &Target, request: &[u8], how: E
     stream.write_all(request).and_then(|()| stream.flush()).map_err(|e| format!("sending: {e}"))?;
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 16 * 1024];
-    let mut read = |stream: &mut Connection, buf: &mut Vec<u8>| -> Result<usize, String> {
+    let mut read = |stream: &mut ClientStream, buf: &mut Vec<u8>| -> Result<usize, String> {
         stream.socket().set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
         let n = stream.read(&mut chunk).map_err(|e| format!("reading the answer: {e}"))?;
         buf.extend_from_slice(&chunk[..n]);

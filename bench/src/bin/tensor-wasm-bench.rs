@@ -32,9 +32,11 @@ struct Args {
     )]
     scenario: Vec<Scenario>,
 
-    /// A live server to measure (http://host:port) instead of starting one.
+    /// A live server to measure (http://host:port, or https://host:port) instead of starting one.
     #[arg(long, env = "TENSOR_WASM_SERVER")]
     server: Option<String>,
+    #[command(flatten)]
+    tls: tensor_wasm::cli::client::TlsArgs,
     /// The bearer token for a live server.
     #[arg(long, env = "TENSOR_WASM_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -207,7 +209,8 @@ fn run(args: Args) -> Result<bool, String> {
             if args.baseline || args.scale || server_cpus.is_some() {
                 return Err("--baseline, --scale and --server-cpus start their own servers; leave out --server".into());
             }
-            ServerSource::Remote(Endpoint::from_url(url, args.token.clone(), args.tenant)?)
+            let tls = args.tls.client_tls()?;
+            ServerSource::Remote(Endpoint::from_url(url, args.token.clone(), args.tenant, tls.as_ref())?)
         }
         None => ServerSource::Start {
             binary: match &args.server_bin {

@@ -1,10 +1,15 @@
 //! The harness's HTTP/1.1 client side: a blocking keep-alive connection for set-up requests
-//! (deploys, scrapes, readiness), the response framing that the load generator's event loops use
-//! too, and request encoding.
+//! (deploys, scrapes, readiness), TLS toward an https:// server, the response framing that the
+//! load generator's event loops use too, and request encoding.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tensor_wasm::http::client::ClientStream;
+use tensor_wasm::tls::ClientTls;
 
 /// The largest response head the client accepts.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -28,27 +33,65 @@ impl Response {
     }
 }
 
+/// TLS toward an https:// server: what to trust and present, and the name its certificate must
+/// carry.
+#[derive(Clone, Debug)]
+pub struct Tls {
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+}
+
+impl Tls {
+    pub fn new(client: &ClientTls, host: &str) -> Result<Tls, String> {
+        let name =
+            ServerName::try_from(host.to_string()).map_err(|e| format!("`{host}` is no TLS server name: {e}"))?;
+        Ok(Tls { config: client.config.clone(), name })
+    }
+
+    /// Runs a handshake over the blocking `stream`, each read and write within `timeout`, so that
+    /// no measured request pays for it.
+    pub fn handshake(&self, stream: &mut TcpStream, timeout: Duration) -> io::Result<rustls::ClientConnection> {
+        let mut session =
+            rustls::ClientConnection::new(self.config.clone(), self.name.clone()).map_err(io::Error::other)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        while session.is_handshaking() {
+            session.complete_io(stream)?;
+        }
+        Ok(session)
+    }
+}
+
 /// A keep-alive connection. After any I/O error it must be replaced, as the stream's framing is
 /// then unknown.
 pub struct Connection {
-    stream: TcpStream,
+    stream: ClientStream,
     buf: Vec<u8>,
     /// Bytes of `buf` already received but not yet consumed.
     filled: usize,
 }
 
 impl Connection {
-    pub fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<Connection> {
-        let stream = TcpStream::connect_timeout(&addr, timeout)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
+    /// Connects to `addr`, with TLS where `tls` is given.
+    pub fn connect(addr: SocketAddr, tls: Option<&Tls>, timeout: Duration) -> io::Result<Connection> {
+        let mut socket = TcpStream::connect_timeout(&addr, timeout)?;
+        socket.set_nodelay(true)?;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.set_write_timeout(Some(timeout))?;
+        let stream = match tls {
+            None => ClientStream::Plain(socket),
+            Some(tls) => {
+                let session = tls.handshake(&mut socket, timeout)?;
+                ClientStream::Tls(Box::new(rustls::StreamOwned::new(session, socket)))
+            }
+        };
         Ok(Connection { stream, buf: vec![0; 16 * 1024], filled: 0 })
     }
 
     /// Sends one complete, pre-encoded request.
     pub fn send(&mut self, request: &[u8]) -> io::Result<()> {
-        self.stream.write_all(request)
+        self.stream.write_all(request)?;
+        self.stream.flush()
     }
 
     /// Reads one response. With `keep_body` false the body is read and discarded.

@@ -29,7 +29,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,7 +38,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 
-use super::client::frame;
+use super::client::{frame, Tls};
 use crate::{histogram, record};
 
 /// The stack of a generator thread; its loop needs little.
@@ -57,6 +57,9 @@ pub struct RequestClass {
 #[derive(Clone, Debug)]
 pub struct LoadPlan {
     pub addr: SocketAddr,
+    /// For an https:// server: each connection's handshake runs before the schedule starts (or,
+    /// for a connection the server closed, before its next request is sent), outside any latency.
+    pub tls: Option<Tls>,
     /// Requests per second, over all connections.
     pub rate: f64,
     /// Requests due in the warm-up are sent but not recorded.
@@ -166,8 +169,8 @@ pub fn run(plan: &LoadPlan, progress: &Progress) -> Result<LoadOutcome, String> 
     // Connect everything first, so that connection set-up is not in anyone's latency.
     let mut shares: Vec<Vec<EventConn>> = (0..threads).map(|_| Vec::new()).collect();
     for index in 0..plan.connections {
-        let stream = connect(plan)?;
-        shares[index % threads].push(EventConn::new(index, stream));
+        let (stream, tls) = connect(plan)?;
+        shares[index % threads].push(EventConn::new(index, stream, tls));
     }
     let schedule: Vec<usize> =
         plan.classes.iter().enumerate().flat_map(|(i, c)| std::iter::repeat_n(i, c.weight as usize)).collect();
@@ -212,13 +215,21 @@ pub fn run(plan: &LoadPlan, progress: &Progress) -> Result<LoadOutcome, String> 
     Ok(outcome)
 }
 
-fn connect(plan: &LoadPlan) -> Result<TcpStream, String> {
-    let stream = TcpStream::connect_timeout(&plan.addr, plan.io_timeout)
+/// A connection ready for the event loop: connected, past its TLS handshake, non-blocking.
+fn connect(plan: &LoadPlan) -> Result<(TcpStream, Option<Box<rustls::ClientConnection>>), String> {
+    let mut stream = TcpStream::connect_timeout(&plan.addr, plan.io_timeout)
         .map_err(|e| format!("cannot connect to {}: {e}", plan.addr))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let tls = match &plan.tls {
+        None => None,
+        Some(tls) => Some(Box::new(
+            tls.handshake(&mut stream, plan.io_timeout)
+                .map_err(|e| format!("TLS handshake with {}: {e}", plan.addr))?,
+        )),
+    };
     stream.set_nonblocking(true).map_err(|e| e.to_string())?;
     stamp_arrivals(&stream);
-    Ok(stream)
+    Ok((stream, tls))
 }
 
 /// Asks the kernel to stamp the arrival of everything `stream` receives (see [`recv_stamped`]).
@@ -241,6 +252,11 @@ fn stamp_arrivals(stream: &TcpStream) {
 struct EventConn {
     index: usize,
     stream: Option<TcpStream>,
+    /// The TLS session over `stream`, toward an https:// server. It holds the ciphertext not yet
+    /// written, so `unsent` stays empty.
+    tls: Option<Box<rustls::ClientConnection>>,
+    /// Epoll watches the socket for writability: a write found its buffer full.
+    watching_writable: bool,
     /// The number of the next request to fall due.
     next: u64,
     in_flight: Option<InFlight>,
@@ -260,10 +276,12 @@ struct InFlight {
 }
 
 impl EventConn {
-    fn new(index: usize, stream: TcpStream) -> Self {
+    fn new(index: usize, stream: TcpStream, tls: Option<Box<rustls::ClientConnection>>) -> Self {
         EventConn {
             index,
             stream: Some(stream),
+            tls,
+            watching_writable: false,
             next: 0,
             in_flight: None,
             previous_done: None,
@@ -405,7 +423,10 @@ impl EventLoop<'_> {
         conn.next += 1;
         if conn.stream.is_none() {
             match connect(self.plan) {
-                Ok(stream) if epoll.add(&stream, slot).is_ok() => conn.stream = Some(stream),
+                Ok((stream, tls)) if epoll.add(&stream, slot).is_ok() => {
+                    conn.stream = Some(stream);
+                    conn.tls = tls;
+                }
                 _ => {
                     // No server to talk to: the request fails, and the next due time paces the
                     // retries, having already waited for the connect timeout.
@@ -420,7 +441,13 @@ impl EventLoop<'_> {
         let sent = Instant::now();
         let free_at = conn.previous_done.map_or(due, |p| p.max(due));
         conn.in_flight = Some(InFlight { class, due, sent, free_at });
-        conn.unsent = Some((request, 0));
+        match conn.tls.as_mut() {
+            // Encrypted into the session's buffer; a failure shows when the answer does not come.
+            Some(tls) => {
+                let _ = tls.writer().write_all(&request);
+            }
+            None => conn.unsent = Some((request, 0)),
+        }
         let _ = Self::write_pending(conn, slot, epoll);
         true
     }
@@ -428,22 +455,18 @@ impl EventLoop<'_> {
     /// Writes what is left of the request; false when the connection failed. A full socket buffer
     /// leaves the rest for when epoll reports the socket writable.
     fn write_pending(conn: &mut EventConn, slot: usize, epoll: &Epoll) -> bool {
-        let Some((request, mut written)) = conn.unsent.take() else { return true };
         let Some(stream) = conn.stream.as_mut() else { return false };
-        let was_blocked = written > 0;
-        while written < request.len() {
-            match stream.write(&request[written..]) {
-                Ok(0) => return false,
-                Ok(n) => written += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    conn.unsent = Some((request, written));
-                    return epoll.watch(stream, slot, true).is_ok();
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return false,
-            }
+        let written = match conn.tls.as_mut() {
+            Some(tls) => flush_tls(tls, stream),
+            None => flush_plain(&mut conn.unsent, stream),
+        };
+        let Ok(all) = written else { return false };
+        if all == conn.watching_writable {
+            // The buffer filled, or drained after filling: epoll's interest follows.
+            conn.watching_writable = !all;
+            return epoll.watch(stream, slot, !all).is_ok();
         }
-        !was_blocked || epoll.watch(stream, slot, false).is_ok()
+        true
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -471,7 +494,13 @@ impl EventLoop<'_> {
                     break;
                 }
                 Ok((n, stamp)) => {
-                    conn.buf.extend_from_slice(&chunk[..n]);
+                    match conn.tls.as_mut() {
+                        None => conn.buf.extend_from_slice(&chunk[..n]),
+                        Some(tls) => match decrypt(tls, &chunk[..n], &mut conn.buf) {
+                            Ok(peer_closed) => closed |= peer_closed,
+                            Err(_) => return self.fail(slot, measure_from, epoll, out, waiting, start, progress),
+                        },
+                    }
                     conn.arrived = stamp;
                     // A short read drained the socket; level-triggered epoll reports anything
                     // newer, so the extra read that would only say WouldBlock is skipped.
@@ -551,9 +580,62 @@ impl EventLoop<'_> {
         if let Some(stream) = conn.stream.take() {
             epoll.remove(&stream);
         }
+        conn.tls = None;
+        conn.watching_writable = false;
         conn.buf.clear();
         conn.unsent = None;
     }
+}
+
+/// Writes what is left of a plain request; Ok(true) when all of it is written, Ok(false) when the
+/// socket buffer filled first.
+fn flush_plain(unsent: &mut Option<(Arc<[u8]>, usize)>, stream: &mut TcpStream) -> std::io::Result<bool> {
+    let Some((request, mut written)) = unsent.take() else { return Ok(true) };
+    while written < request.len() {
+        match stream.write(&request[written..]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                *unsent = Some((request, written));
+                return Ok(false);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Writes the TLS session's pending records, as [`flush_plain`] does a plain request.
+fn flush_tls(tls: &mut rustls::ClientConnection, stream: &mut TcpStream) -> std::io::Result<bool> {
+    while tls.wants_write() {
+        match tls.write_tls(stream) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Feeds the records in `wire` to the TLS session and appends what they decrypt to `plain`; true
+/// when the server closed the session.
+fn decrypt(tls: &mut rustls::ClientConnection, mut wire: &[u8], plain: &mut Vec<u8>) -> std::io::Result<bool> {
+    while !wire.is_empty() {
+        if tls.read_tls(&mut wire)? == 0 {
+            break;
+        }
+        let state = tls.process_new_packets().map_err(std::io::Error::other)?;
+        let (at, n) = (plain.len(), state.plaintext_bytes_to_read());
+        plain.resize(at + n, 0);
+        tls.reader().read_exact(&mut plain[at..])?;
+        if state.peer_has_closed() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// A level-triggered epoll set with nanosecond waits.

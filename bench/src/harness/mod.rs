@@ -2,7 +2,7 @@
 //! load, corrects latency for coordinated omission, and judges the results against docs/SLO.md.
 //!
 //! - [`load`]: the load generator (epoll loops over keep-alive connections, each on a schedule).
-//! - [`client`]: response framing, and a blocking connection for set-up requests.
+//! - [`client`]: response framing, TLS, and a blocking connection for set-up requests.
 //! - [`target`]: the server under test, started here or reached by URL.
 //! - [`scenario`]: what each scenario deploys and sends; [`guests`]: the modules.
 //! - [`slo`]: the objectives; [`scrape`]: the server's own histograms (dispatch, time per request).
@@ -15,6 +15,7 @@
 //!
 //! let plan = LoadPlan {
 //!     addr: "127.0.0.1:8080".parse().unwrap(),
+//!     tls: None,
 //!     rate: 1000.0,
 //!     warmup: Duration::from_secs(1),
 //!     duration: Duration::from_secs(5),

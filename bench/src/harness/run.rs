@@ -95,6 +95,7 @@ impl Session {
     pub fn measure(&self, rate: f64, settings: &Settings) -> Result<Measurement, String> {
         let plan = LoadPlan {
             addr: self.endpoint.addr,
+            tls: self.endpoint.tls.clone(),
             rate,
             warmup: settings.warmup,
             duration: settings.duration,

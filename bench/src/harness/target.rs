@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::client::{encode, Connection, Response};
+use tensor_wasm::http::client::Target;
+use tensor_wasm::tls::ClientTls;
+
+use super::client::{encode, Connection, Response, Tls};
 
 /// How long a started server may take to print its address and become ready.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -38,26 +41,37 @@ pub struct Endpoint {
     pub host: String,
     pub token: Option<String>,
     pub tenant: Option<u64>,
+    /// For an https:// server.
+    pub tls: Option<Tls>,
 }
 
 impl Endpoint {
-    /// An endpoint from `http://host:port` (TLS is not spoken by the harness).
-    pub fn from_url(url: &str, token: Option<String>, tenant: Option<u64>) -> Result<Endpoint, String> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("`{url}` is not an http:// URL (the harness does not speak TLS)"))?;
-        let authority = rest.split('/').next().unwrap_or(rest);
-        let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
-        };
-        let addr = with_port
+    /// An endpoint from `http://host[:port]` or `https://host[:port]`. An https:// server is
+    /// checked against `tls`'s CAs and offered its client certificate, or checked against the
+    /// system's trust store where `tls` is `None`; an http:// one ignores `tls`.
+    pub fn from_url(
+        url: &str,
+        token: Option<String>,
+        tenant: Option<u64>,
+        tls: Option<&ClientTls>,
+    ) -> Result<Endpoint, String> {
+        let target = Target::parse(url).map_err(|e| format!("--server `{url}`: {e}"))?;
+        let addr = (target.host.as_str(), target.port)
             .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve `{authority}`: {e}"))?
+            .map_err(|e| format!("cannot resolve `{}`: {e}", target.host))?
             .next()
-            .ok_or_else(|| format!("`{authority}` resolves to no address"))?;
-        Ok(Endpoint { addr, host: authority.to_string(), token, tenant })
+            .ok_or_else(|| format!("`{}` resolves to no address", target.host))?;
+        let tls = match (target.tls, tls) {
+            (false, _) => None,
+            (true, Some(client)) => Some(Tls::new(client, &target.host)?),
+            (true, None) => Some(Tls::new(&ClientTls::system()?, &target.host)?),
+        };
+        let host = if target.host.contains(':') {
+            format!("[{}]:{}", target.host, target.port)
+        } else {
+            format!("{}:{}", target.host, target.port)
+        };
+        Ok(Endpoint { addr, host, token, tenant, tls })
     }
 
     /// This endpoint acting with another token and tenant.
@@ -84,7 +98,8 @@ impl Endpoint {
 
     /// One set-up request on a fresh connection.
     pub fn call(&self, method: &str, path: &str, body: &[u8]) -> Result<Response, String> {
-        let mut conn = Connection::connect(self.addr, SETUP_TIMEOUT).map_err(|e| format!("{}: {e}", self.addr))?;
+        let mut conn = Connection::connect(self.addr, self.tls.as_ref(), SETUP_TIMEOUT)
+            .map_err(|e| format!("{}: {e}", self.addr))?;
         conn.round_trip(&self.request(method, path, body)).map_err(|e| format!("{method} {path}: {e}"))
     }
 
@@ -171,7 +186,7 @@ impl StartedServer {
         let Some(addr) = line.strip_prefix("listening on ").and_then(|a| a.parse::<SocketAddr>().ok()) else {
             return fail(child, format!("printed `{line}` instead of its address"));
         };
-        let endpoint = Endpoint { addr, host: addr.to_string(), token: None, tenant: None };
+        let endpoint = Endpoint { addr, host: addr.to_string(), token: None, tenant: None, tls: None };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if endpoint.call("GET", "/readyz", b"").is_ok_and(|r| r.status == 200) {
