@@ -457,6 +457,58 @@ fn the_binary_measures_a_live_server_over_tls_with_a_client_certificate() {
     }
 }
 
+#[test]
+fn ctrl_c_on_a_live_server_deletes_what_the_harness_deployed() {
+    use tensor_wasm_bench::harness::target::Endpoint;
+
+    let token = "bench-token-0123456789abcdef";
+    let tokens = format!("{token}:tenant=7");
+    let server = LiveServer::start(&[], &[("TENSOR_WASM_API_TOKENS", &tokens)]);
+    let url = format!("http://{}", server.addr);
+    let endpoint = Endpoint::from_url(&url, Some(token.into()), Some(7), None).unwrap();
+    let names = || -> Vec<String> {
+        let listing = endpoint.call("GET", "/functions", b"").map(|r| r.json().unwrap()).unwrap_or_default();
+        let functions = listing["functions"].as_array().cloned().unwrap_or_default();
+        functions.iter().filter_map(|f| f["name"].as_str().map(String::from)).collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !endpoint.call("GET", "/readyz", b"").is_ok_and(|r| r.status == 200) {
+        assert!(Instant::now() < deadline, "the server never became ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A run far longer than the test, interrupted once its function is deployed and load flows.
+    let mut harness = Command::new(bench_binary())
+        .args(["--server", &url, "--token", token, "--tenant", "7", "--scenario", "hello"])
+        .args(["--rate", "100", "--warmup", "0s", "--duration", "10m", "--connections", "2", "--quiet"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while !names().contains(&"bench-hello".to_string()) {
+        assert!(Instant::now() < deadline, "the harness never deployed its function");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill with a valid signal on the child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(harness.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let stopped_by = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = harness.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > stopped_by {
+            let _ = harness.kill();
+            panic!("the harness did not stop within 10 s of Ctrl-C");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    harness.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(names().iter().all(|n| !n.starts_with("bench-")), "left behind: {:?}", names());
+}
+
 /// The pids of the live processes whose parent is `parent`.
 fn children_of(parent: u32) -> Vec<u32> {
     std::fs::read_dir("/proc")

@@ -1,6 +1,7 @@
 //! `tensor-wasm-bench`: the SLO harness. See the README's "Benchmark it" and docs/SLO.md.
 //!
-//! Exit status: 0 when every gated SLO held, 1 when one did not, 2 when the run could not be made.
+//! Exit status: 0 when every gated SLO held, 1 when one did not, 2 when the run could not be made,
+//! 130 when Ctrl-C or SIGTERM ended it (after it cleaned up; see `harness::interrupt`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use clap::builder::TypedValueParser;
 use clap::Parser;
 use tensor_wasm_bench::harness::guests::GuestSource;
+use tensor_wasm_bench::harness::interrupt;
 use tensor_wasm_bench::harness::run::{ServerSource, Settings, StepPlan};
 use tensor_wasm_bench::harness::scenario::{Scenario, ScenarioOptions};
 use tensor_wasm_bench::harness::slo::Gate;
@@ -155,12 +157,16 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn main() {
     let args = Args::parse();
+    if let Err(e) = interrupt::catch_signals() {
+        eprintln!("tensor-wasm-bench: cannot catch Ctrl-C: {e}");
+        std::process::exit(2);
+    }
     match run(args) {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
         Err(e) => {
             eprintln!("tensor-wasm-bench: {e}");
-            std::process::exit(2);
+            std::process::exit(if interrupt::interrupted() { interrupt::EXIT_INTERRUPTED } else { 2 });
         }
     }
 }

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hdrhistogram::Histogram;
 
 use super::client::{frame, Tls};
+use super::interrupt;
 use crate::{histogram, record};
 
 /// The stack of a generator thread; its loop needs little.
@@ -339,6 +340,10 @@ impl EventLoop<'_> {
         }
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
         loop {
+            // The caller sees the flag too and discards this plan's outcome.
+            if interrupt::interrupted() {
+                break;
+            }
             let now = Instant::now();
             // Send whatever has fallen due; a connection that fell behind sends at once.
             while let Some(Reverse((due, slot))) = waiting.peek().copied() {

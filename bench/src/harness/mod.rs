@@ -6,7 +6,8 @@
 //! - [`target`]: the server under test, started here or reached by URL.
 //! - [`scenario`]: what each scenario deploys and sends; [`guests`]: the modules.
 //! - [`slo`]: the objectives; [`scrape`]: the server's own histograms (dispatch, time per request).
-//! - [`run`]: one measurement, and the step search; [`suite`]: a whole run;
+//! - [`run`]: one measurement, and the step search; [`suite`]: a whole run; [`interrupt`]: how
+//!   Ctrl-C ends one cleanly;
 //!   [`report`]: its JSON and Markdown.
 //!
 //! ```no_run
@@ -34,6 +35,7 @@
 
 pub mod client;
 pub mod guests;
+pub mod interrupt;
 pub mod load;
 pub mod report;
 pub mod run;

@@ -12,6 +12,7 @@ use serde::Serialize;
 use tensor_wasm::metrics::exposition::{self, ScrapedHistogram};
 
 use super::guests;
+use super::interrupt;
 use super::load::{self, LoadOutcome, LoadPlan, Progress};
 use super::scenario::{deploy, Prepared, Scenario, ScenarioOptions};
 use super::scrape::{self, HistogramSeries};
@@ -138,6 +139,9 @@ impl Session {
             (outcome, storm, memory)
         });
         let outcome = outcome?;
+        if interrupt::interrupted() {
+            return Err(interrupt::error());
+        }
         // CPU per answer, over the whole plan (warm-up included, as its answers are counted too).
         let answered = progress.answered.load(Ordering::Relaxed).max(1) as f64;
         let per_answer = |before: Option<f64>, after: Option<f64>| Some((after? - before?) / answered * 1e6);
