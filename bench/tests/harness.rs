@@ -558,11 +558,12 @@ fn a_started_server_dies_with_the_harness() {
 #[test]
 fn unusable_requests_exit_2_with_a_sentence() {
     let every_cpu = tensor_wasm::server::cpu::format_list(&tensor_wasm::server::cpu::allowed_cpus().unwrap());
-    let cases: [&[&str]; 5] = [
+    let cases: [&[&str]; 6] = [
         &["--server-cpus", "1000"],
         &["--server-cpus", &every_cpu],
         &["--scenario", "tenant-mix", "--server", "http://127.0.0.1:9"],
         &["--server", "ftp://127.0.0.1:9"],
+        &["--server", "http://127.0.0.1:9/api"],
         &["--rate", "0"],
     ];
     for args in cases {

@@ -56,6 +56,10 @@ impl Endpoint {
         tls: Option<&ClientTls>,
     ) -> Result<Endpoint, String> {
         let target = Target::parse(url).map_err(|e| format!("--server `{url}`: {e}"))?;
+        if target.path != "/" {
+            // The scenarios' routes are the API's own, from the root.
+            return Err(format!("--server `{url}`: give the server's root URL, without a path"));
+        }
         let addr = (target.host.as_str(), target.port)
             .to_socket_addrs()
             .map_err(|e| format!("cannot resolve `{}`: {e}", target.host))?
