@@ -459,23 +459,20 @@ fn the_binary_measures_a_live_server_over_tls_with_a_client_certificate() {
 
 #[test]
 fn ctrl_c_on_a_live_server_deletes_what_the_harness_deployed() {
-    use tensor_wasm_bench::harness::target::Endpoint;
+    use tensor_wasm_bench::harness::target::{Implementation, StartedServer};
 
     let token = "bench-token-0123456789abcdef";
-    let tokens = format!("{token}:tenant=7");
-    let server = LiveServer::start(&[], &[("TENSOR_WASM_API_TOKENS", &tokens)]);
-    let url = format!("http://{}", server.addr);
-    let endpoint = Endpoint::from_url(&url, Some(token.into()), Some(7), None).unwrap();
+    let tokens = ("TENSOR_WASM_API_TOKENS".to_string(), format!("{token}:tenant=7"));
+    // Started and made ready as the harness starts its own; here the harness is pointed at it.
+    let server = StartedServer::start(Implementation::TensorWasm, &server_binary(), 1, None, &[], &[tokens]).unwrap();
+    let url = format!("http://{}", server.endpoint.addr);
+    let endpoint = server.endpoint.acting_as(Some(token.into()), Some(7));
     let names = || -> Vec<String> {
         let listing = endpoint.call("GET", "/functions", b"").map(|r| r.json().unwrap()).unwrap_or_default();
         let functions = listing["functions"].as_array().cloned().unwrap_or_default();
         functions.iter().filter_map(|f| f["name"].as_str().map(String::from)).collect()
     };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !endpoint.call("GET", "/readyz", b"").is_ok_and(|r| r.status == 200) {
-        assert!(Instant::now() < deadline, "the server never became ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 
     // A run far longer than the test, interrupted once its function is deployed and load flows.
     let mut harness = Command::new(bench_binary())
