@@ -42,7 +42,6 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::Relaxed)
 }
 
-/// The error that unwinds an interrupted run.
-pub fn error() -> String {
-    "interrupted; stopped started servers and deleted what it deployed (see above for anything it could not)".into()
-}
+/// The error that unwinds an interrupted run; by the time it is printed, the drops have run.
+pub const MESSAGE: &str =
+    "interrupted; stopped started servers and deleted what it deployed (see above for anything it could not)";

@@ -6,9 +6,9 @@
 //! - [`target`]: the server under test, started here or reached by URL.
 //! - [`scenario`]: what each scenario deploys and sends; [`guests`]: the modules.
 //! - [`slo`]: the objectives; [`scrape`]: the server's own histograms (dispatch, time per request).
-//! - [`run`]: one measurement, and the step search; [`suite`]: a whole run; [`interrupt`]: how
-//!   Ctrl-C ends one cleanly;
+//! - [`run`]: one measurement, and the step search; [`suite`]: a whole run;
 //!   [`report`]: its JSON and Markdown.
+//! - [`interrupt`]: Ctrl-C ends a run early and cleanly.
 //!
 //! ```no_run
 //! use std::time::Duration;

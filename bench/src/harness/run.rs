@@ -140,7 +140,7 @@ impl Session {
         });
         let outcome = outcome?;
         if interrupt::interrupted() {
-            return Err(interrupt::error());
+            return Err(interrupt::MESSAGE.into());
         }
         // CPU per answer, over the whole plan (warm-up included, as its answers are counted too).
         let answered = progress.answered.load(Ordering::Relaxed).max(1) as f64;
