@@ -48,18 +48,31 @@ impl Tls {
         Ok(Tls { config: client.config.clone(), name })
     }
 
-    /// Runs a handshake over the blocking `stream`, each read and write within `timeout`, so that
-    /// no measured request pays for it.
-    pub fn handshake(&self, stream: &mut TcpStream, timeout: Duration) -> io::Result<rustls::ClientConnection> {
+    /// Runs a handshake over the blocking `stream`, so that no measured request pays for it.
+    fn handshake(&self, stream: &mut TcpStream) -> io::Result<rustls::ClientConnection> {
         let mut session =
             rustls::ClientConnection::new(self.config.clone(), self.name.clone()).map_err(io::Error::other)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
         while session.is_handshaking() {
             session.complete_io(stream)?;
         }
         Ok(session)
     }
+}
+
+/// A blocking socket to `addr` without Nagle's delay, each read and write bounded by `timeout`, and
+/// past its TLS handshake where `tls` is given: what the set-up connection and every connection of
+/// the load generator start from.
+pub fn open(
+    addr: SocketAddr,
+    tls: Option<&Tls>,
+    timeout: Duration,
+) -> io::Result<(TcpStream, Option<rustls::ClientConnection>)> {
+    let mut socket = TcpStream::connect_timeout(&addr, timeout)?;
+    socket.set_nodelay(true)?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.set_write_timeout(Some(timeout))?;
+    let session = tls.map(|tls| tls.handshake(&mut socket)).transpose()?;
+    Ok((socket, session))
 }
 
 /// A keep-alive connection. After any I/O error it must be replaced, as the stream's framing is
@@ -74,16 +87,9 @@ pub struct Connection {
 impl Connection {
     /// Connects to `addr`, with TLS where `tls` is given.
     pub fn connect(addr: SocketAddr, tls: Option<&Tls>, timeout: Duration) -> io::Result<Connection> {
-        let mut socket = TcpStream::connect_timeout(&addr, timeout)?;
-        socket.set_nodelay(true)?;
-        socket.set_read_timeout(Some(timeout))?;
-        socket.set_write_timeout(Some(timeout))?;
-        let stream = match tls {
-            None => ClientStream::Plain(socket),
-            Some(tls) => {
-                let session = tls.handshake(&mut socket, timeout)?;
-                ClientStream::Tls(Box::new(rustls::StreamOwned::new(session, socket)))
-            }
+        let stream = match open(addr, tls, timeout)? {
+            (socket, None) => ClientStream::Plain(socket),
+            (socket, Some(session)) => ClientStream::Tls(Box::new(rustls::StreamOwned::new(session, socket))),
         };
         Ok(Connection { stream, buf: vec![0; 16 * 1024], filled: 0 })
     }

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 
-use super::client::{frame, Tls};
+use super::client::{frame, open, Tls};
 use super::interrupt;
 use crate::{histogram, record};
 
@@ -218,19 +218,11 @@ pub fn run(plan: &LoadPlan, progress: &Progress) -> Result<LoadOutcome, String> 
 
 /// A connection ready for the event loop: connected, past its TLS handshake, non-blocking.
 fn connect(plan: &LoadPlan) -> Result<(TcpStream, Option<Box<rustls::ClientConnection>>), String> {
-    let mut stream = TcpStream::connect_timeout(&plan.addr, plan.io_timeout)
+    let (stream, tls) = open(plan.addr, plan.tls.as_ref(), plan.io_timeout)
         .map_err(|e| format!("cannot connect to {}: {e}", plan.addr))?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let tls = match &plan.tls {
-        None => None,
-        Some(tls) => Some(Box::new(
-            tls.handshake(&mut stream, plan.io_timeout)
-                .map_err(|e| format!("TLS handshake with {}: {e}", plan.addr))?,
-        )),
-    };
     stream.set_nonblocking(true).map_err(|e| e.to_string())?;
     stamp_arrivals(&stream);
-    Ok((stream, tls))
+    Ok((stream, tls.map(Box::new)))
 }
 
 /// Asks the kernel to stamp the arrival of everything `stream` receives (see [`recv_stamped`]).
