@@ -345,47 +345,11 @@ fn the_baseline_comparison_judges_p99_by_the_median_of_rounds_at_equal_load() {
     assert!(markdown.contains("P99 ours µs (median of rounds)"), "{markdown}");
 }
 
-/// A live `tensor-wasm` that speaks TLS and requires client certificates: started with `args`,
-/// its address read from its first line. Killed when dropped.
-struct LiveServer {
-    child: std::process::Child,
-    addr: SocketAddr,
-    _data: tempfile::TempDir,
-}
-
-impl LiveServer {
-    fn start(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> LiveServer {
-        use std::io::BufRead;
-        let data = tempfile::tempdir().unwrap();
-        let mut child = Command::new(server_binary())
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(data.path())
-            .args(["--listen", "127.0.0.1:0", "--shards", "1", "--log-level", "warn"])
-            .args(args)
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line.trim().strip_prefix("listening on ").and_then(|a| a.parse().ok());
-        let addr = addr.unwrap_or_else(|| panic!("the server printed {line:?}"));
-        LiveServer { child, addr, _data: data }
-    }
-}
-
-impl Drop for LiveServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn the_binary_measures_a_live_server_over_tls_with_a_client_certificate() {
     use tensor_wasm::tls::ClientTls;
-    use tensor_wasm_bench::harness::target::Endpoint;
+    use tensor_wasm_bench::harness::client::Tls;
+    use tensor_wasm_bench::harness::target::{Implementation, StartedServer};
 
     let dir = tempfile::tempdir().unwrap();
     let (ca_pem, other_pem) = (dir.path().join("ca.pem"), dir.path().join("other.pem"));
@@ -394,26 +358,20 @@ fn the_binary_measures_a_live_server_over_tls_with_a_client_certificate() {
     let (server_cert, server_key) = ca.issue(dir.path(), "server", "localhost");
     let (client_cert, client_key) = ca.issue(dir.path(), "client", "bench-client");
     let token = "bench-token-0123456789abcdef";
-    let tokens = format!("{token}:tenant=7");
-    let server = LiveServer::start(
-        &[
-            "--tls-cert".as_ref(),
-            server_cert.as_os_str(),
-            "--tls-key".as_ref(),
-            server_key.as_os_str(),
-            "--tls-client-ca".as_ref(),
-            ca_pem.as_os_str(),
-        ],
-        &[("TENSOR_WASM_API_TOKENS", &tokens)],
-    );
-    let url = format!("https://localhost:{}", server.addr.port());
-    let tls = ClientTls::new(Some(&ca_pem), Some((&client_cert, &client_key))).unwrap();
-    let endpoint = Endpoint::from_url(&url, Some(token.into()), Some(7), Some(&tls)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !endpoint.call("GET", "/readyz", b"").is_ok_and(|r| r.status == 200) {
-        assert!(Instant::now() < deadline, "the server never became ready over TLS");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let tokens = ("TENSOR_WASM_API_TOKENS".to_string(), format!("{token}:tenant=7"));
+    let tls_flags: Vec<String> =
+        [("--tls-cert", &server_cert), ("--tls-key", &server_key), ("--tls-client-ca", &ca_pem)]
+            .iter()
+            .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
+            .collect();
+    // Started and made ready (over TLS) as the harness starts its own; here the harness is pointed
+    // at it.
+    let client = ClientTls::new(Some(&ca_pem), Some((&client_cert, &client_key))).unwrap();
+    let tls = Tls::new(&client, "localhost").unwrap();
+    let server =
+        StartedServer::start(Implementation::TensorWasm, &server_binary(), 1, None, &tls_flags, &[tokens], Some(&tls))
+            .unwrap();
+    let url = format!("https://localhost:{}", server.endpoint.addr.port());
 
     let harness =
         |tls_args: &[&std::ffi::OsStr], scenarios: &str| {
@@ -464,7 +422,8 @@ fn ctrl_c_on_a_live_server_deletes_what_the_harness_deployed() {
     let token = "bench-token-0123456789abcdef";
     let tokens = ("TENSOR_WASM_API_TOKENS".to_string(), format!("{token}:tenant=7"));
     // Started and made ready as the harness starts its own; here the harness is pointed at it.
-    let server = StartedServer::start(Implementation::TensorWasm, &server_binary(), 1, None, &[], &[tokens]).unwrap();
+    let server =
+        StartedServer::start(Implementation::TensorWasm, &server_binary(), 1, None, &[], &[tokens], None).unwrap();
     let url = format!("http://{}", server.endpoint.addr);
     let endpoint = server.endpoint.acting_as(Some(token.into()), Some(7));
     let names = || -> Vec<String> {

@@ -83,8 +83,15 @@ impl Session {
                     .or(*configured)
                     .unwrap_or_else(|| scenario.default_shards(implementation, cpu_count(cpus.as_deref())));
                 let extra = scenario.server_settings(&settings.scenario, shards);
-                let process =
-                    StartedServer::start(implementation, &binary, shards, cpus.as_deref(), &extra.args, &extra.env)?;
+                let process = StartedServer::start(
+                    implementation,
+                    &binary,
+                    shards,
+                    cpus.as_deref(),
+                    &extra.args,
+                    &extra.env,
+                    None,
+                )?;
                 (process.endpoint.clone(), Some(process), Some(shards))
             }
         };

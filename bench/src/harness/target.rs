@@ -128,7 +128,7 @@ pub struct StartedServer {
 impl StartedServer {
     /// Starts `binary` on an ephemeral loopback port with a fresh data dir, `shards` shards or
     /// worker threads, confined to `cpus` when given, with `args` and `env`, and waits until it
-    /// is ready. The server is killed when the thread that calls this exits (see `tie_child`),
+    /// is ready: over TLS where `tls` is given (and `args` make the server speak it). The server is killed when the thread that calls this exits (see `tie_child`),
     /// so call it from one that outlives the server.
     pub fn start(
         implementation: Implementation,
@@ -137,6 +137,7 @@ impl StartedServer {
         cpus: Option<&[usize]>,
         args: &[String],
         env: &[(String, String)],
+        tls: Option<&Tls>,
     ) -> Result<StartedServer, String> {
         let data_dir = tempfile::tempdir().map_err(|e| format!("cannot make a data dir: {e}"))?;
         let mut cmd = Command::new(binary);
@@ -190,7 +191,7 @@ impl StartedServer {
         let Some(addr) = line.strip_prefix("listening on ").and_then(|a| a.parse::<SocketAddr>().ok()) else {
             return fail(child, format!("printed `{line}` instead of its address"));
         };
-        let endpoint = Endpoint { addr, host: addr.to_string(), token: None, tenant: None, tls: None };
+        let endpoint = Endpoint { addr, host: addr.to_string(), token: None, tenant: None, tls: tls.cloned() };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if endpoint.call("GET", "/readyz", b"").is_ok_and(|r| r.status == 200) {
