@@ -13,24 +13,9 @@ use common::ca::Ca;
 use common::{guests, Server};
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
 
+/// The CLI client's own TLS set-up, trusting `trust` and presenting `identity` when given.
 fn client_config(trust: &Path, identity: Option<(&Path, &Path)>) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(trust).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let config = match identity {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => {
-            let chain = CertificateDer::pem_file_iter(cert).unwrap().map(Result::unwrap).collect();
-            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(key).unwrap()).unwrap()
-        }
-    };
-    Arc::new(config)
+    tensor_wasm::tls::client::ClientTls::new(Some(trust), identity).unwrap().config
 }
 
 /// One HTTP/1.1 request over TLS; the status and body, or the I/O error (a failed handshake).
