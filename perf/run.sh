@@ -6,7 +6,8 @@
 #
 # Env: DURATION (measured seconds per rate, default 5), WARMUP (default 2), CONNECTIONS (32),
 #      RATE (the fixed-rate pass, default 2000), SKIP_MICRO=1, SKIP_BASELINE=1, SKIP_SCALE=1,
-#      SERVER_CPUS (e.g. 0-11: started servers run there, the harness on the other CPUs),
+#      SERVER_CPUS (e.g. 0-11: started servers run there, the harness on the other CPUs, with a
+#      generator thread for each), SCALE_SCENARIO (the curve's guest: hello, the default, or json),
 #      BIN_DIR and GUESTS_DIR (prebuilt release binaries and json-stats.wasm/tensor-ops.wasm, for
 #      a machine without a toolchain; the micro-benchmarks then need cargo and are skipped).
 # Needs: a Rust toolchain with the wasm32-wasip1 target, or BIN_DIR and GUESTS_DIR. Sends traffic
@@ -64,12 +65,12 @@ fi
 run fixed --rate "$rate"
 run step --step
 [ -n "${SKIP_BASELINE:-}" ] || run baseline --scenario healthz,hello,json --baseline --rate "$rate"
-[ -n "${SKIP_SCALE:-}" ] || run scale --scenario healthz --scale --rate "$rate"
+[ -n "${SKIP_SCALE:-}" ] || run scale --scenario healthz --scale --scale-scenario "${SCALE_SCENARIO:-hello}" --rate "$rate"
 
 {
   echo "# Performance run $(date -u +%F), commit $commit"
   echo
-  echo "Command: \`perf/run.sh\` with DURATION=$duration WARMUP=$warmup CONNECTIONS=$connections RATE=$rate${SERVER_CPUS:+ SERVER_CPUS=$SERVER_CPUS}."
+  echo "Command: \`perf/run.sh\` with DURATION=$duration WARMUP=$warmup CONNECTIONS=$connections RATE=$rate${SERVER_CPUS:+ SERVER_CPUS=$SERVER_CPUS}${SCALE_SCENARIO:+ SCALE_SCENARIO=$SCALE_SCENARIO}."
   echo
   [ -f "$out/micro.md" ] && { echo "## Micro-benchmarks"; echo; cat "$out/micro.md"; echo; }
   echo "## Fixed rate, every scenario"; echo; cat "$out/fixed/results.md"; echo

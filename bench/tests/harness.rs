@@ -242,6 +242,8 @@ fn the_binary_measures_a_real_server_and_gates_on_the_slo() {
     assert!(markdown.contains("| healthz | tensor-wasm | 1 | 200 |"), "{markdown}");
     assert!(markdown.contains("| in-server P99 ≤ µs |"), "{markdown}");
     assert_eq!(String::from_utf8_lossy(&run.stdout), markdown);
+    // Beside the servers, the generator keeps to one thread, so as to take one CPU at most.
+    assert_eq!(report["threads"], 1);
     // Beside the generator, the shards float rather than wait for it on their own CPUs.
     let starts = recorded_starts(bin.path());
     assert!(!starts.is_empty() && starts.iter().all(|a| a.contains("--pin-shards never")), "{starts:?}");
@@ -276,6 +278,8 @@ fn started_servers_and_the_generator_can_be_kept_on_separate_cpus() {
     assert_eq!(machine["server_cpus"], server_cpu.as_str());
     let harness = tensor_wasm::server::cpu::parse_list(machine["harness_cpus"].as_str().unwrap()).unwrap();
     assert_eq!(harness, allowed[1..].to_vec());
+    // A generator thread for each CPU left to it, and no more than there are connections.
+    assert_eq!(report["threads"].as_u64(), Some(harness.len().min(4) as u64));
     // The default shard count follows the server's CPUs: one.
     let m = &report["measurements"][0];
     assert_eq!((m["shards"].as_u64(), m["statuses"]["200"].as_u64()), (Some(1), Some(200)), "{m}");
@@ -514,13 +518,14 @@ fn a_started_server_dies_with_the_harness() {
 #[test]
 fn unusable_requests_exit_2_with_a_sentence() {
     let every_cpu = tensor_wasm::server::cpu::format_list(&tensor_wasm::server::cpu::allowed_cpus().unwrap());
-    let cases: [&[&str]; 6] = [
+    let cases: [&[&str]; 7] = [
         &["--server-cpus", "1000"],
         &["--server-cpus", &every_cpu],
         &["--scenario", "tenant-mix", "--server", "http://127.0.0.1:9"],
         &["--server", "ftp://127.0.0.1:9"],
         &["--server", "http://127.0.0.1:9/api"],
         &["--rate", "0"],
+        &["--threads", "5", "--connections", "4"],
     ];
     for args in cases {
         let out = Command::new(bench_binary()).args(args).arg("--quiet").output().unwrap();

@@ -106,9 +106,11 @@ struct Args {
     /// Keep-alive connections, each with its own schedule.
     #[arg(long, default_value_t = 32)]
     connections: usize,
-    /// Load-generator threads, each an event loop over its share of the connections.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    /// Load-generator threads, each an event loop over its share of the connections. Default: one
+    /// per CPU left to the harness where --server-cpus sets the servers apart (at most
+    /// --connections), else 1, so that a generator beside the servers takes one CPU at most.
+    #[arg(long)]
+    threads: Option<usize>,
     /// Sent but not recorded, before each measurement (e.g. 2s, 500ms).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     warmup: Duration,
@@ -172,8 +174,8 @@ fn main() {
 }
 
 /// Moves this process (before it starts any thread) off `server_cpus`, onto the rest of the CPUs
-/// it may use, so that the generator never takes a started server's CPU.
-fn confine_away_from(server_cpus: &[usize]) -> Result<(), String> {
+/// it may use, so that the generator never takes a started server's CPU. Returns how many are left.
+fn confine_away_from(server_cpus: &[usize]) -> Result<usize, String> {
     use tensor_wasm::server::cpu;
     let allowed = cpu::allowed_cpus().map_err(|e| format!("cannot read this process's CPUs: {e}"))?;
     if let Some(cpu) = server_cpus.iter().find(|c| !allowed.contains(c)) {
@@ -183,7 +185,15 @@ fn confine_away_from(server_cpus: &[usize]) -> Result<(), String> {
     if rest.is_empty() {
         return Err("--server-cpus takes every CPU; leave at least one to the load generator".into());
     }
-    cpu::confine_current_thread(&rest).map_err(|e| format!("cannot move the harness to CPUs {rest:?}: {e}"))
+    cpu::confine_current_thread(&rest).map_err(|e| format!("cannot move the harness to CPUs {rest:?}: {e}"))?;
+    Ok(rest.len())
+}
+
+/// `--threads`, or its default: a thread per CPU the harness has to itself, since a generator
+/// short of CPU sends late and measures itself; one where it shares the CPUs with the servers,
+/// since each more thread would take CPU from what it measures.
+fn generator_threads(explicit: Option<usize>, cpus_of_its_own: Option<usize>, connections: usize) -> usize {
+    explicit.unwrap_or_else(|| cpus_of_its_own.unwrap_or(1).clamp(1, connections))
 }
 
 fn run(args: Args) -> Result<bool, String> {
@@ -191,24 +201,28 @@ fn run(args: Args) -> Result<bool, String> {
         || args.step_start <= 0.0
         || args.step_factor <= 1.0
         || args.connections == 0
-        || args.threads == 0
+        || args.threads == Some(0)
     {
         return Err(
             "--rate and --step-start must be positive, --step-factor above 1, --connections and --threads at least 1"
                 .into(),
         );
     }
+    if args.threads.is_some_and(|t| t > args.connections) {
+        return Err("--threads must not exceed --connections: a thread without a connection sends nothing".into());
+    }
     if args.duration.is_zero() {
         return Err("--duration must be longer than zero".into());
     }
-    let server_cpus = match &args.server_cpus {
+    let (server_cpus, harness_cpus) = match &args.server_cpus {
         Some(list) => {
             let cpus = tensor_wasm::server::cpu::parse_list(list)?;
-            confine_away_from(&cpus)?;
-            Some(cpus)
+            let rest = confine_away_from(&cpus)?;
+            (Some(cpus), Some(rest))
         }
-        None => None,
+        None => (None, None),
     };
+    let threads = generator_threads(args.threads, harness_cpus, args.connections);
     let cpus = tensor_wasm_bench::harness::run::cpu_count(server_cpus.as_deref());
     let source = match &args.server {
         Some(url) => {
@@ -255,7 +269,7 @@ fn run(args: Args) -> Result<bool, String> {
         scale,
         settings: Settings {
             connections: args.connections,
-            threads: args.threads,
+            threads,
             warmup: args.warmup,
             duration: args.duration,
             io_timeout: args.io_timeout,
@@ -282,4 +296,18 @@ fn run(args: Args) -> Result<bool, String> {
         }
     }
     Ok(report.pass)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::generator_threads;
+
+    #[test]
+    fn the_generator_takes_a_thread_per_cpu_of_its_own_and_one_beside_the_servers() {
+        assert_eq!(generator_threads(None, None, 32), 1, "beside the servers");
+        assert_eq!(generator_threads(None, Some(4), 32), 4, "four CPUs of its own");
+        assert_eq!(generator_threads(None, Some(64), 32), 32, "no more threads than connections");
+        assert_eq!(generator_threads(Some(3), Some(4), 32), 3, "--threads wins");
+        assert_eq!(generator_threads(Some(2), None, 32), 2, "--threads wins beside the servers too");
+    }
 }

@@ -53,6 +53,7 @@ pub fn run_suite(options: &SuiteOptions) -> Result<Report, String> {
         }),
         command: options.command.clone(),
         connections: settings.connections,
+        threads: settings.threads,
         warmup_s: settings.warmup.as_secs_f64(),
         duration_s: settings.duration.as_secs_f64(),
         measurements: Vec::new(),
