@@ -5,7 +5,8 @@
 #   perf/run.sh [OUT_DIR]
 #
 # Env: DURATION (measured seconds per rate, default 5), WARMUP (default 2), CONNECTIONS (32),
-#      RATE (the fixed-rate pass, default 2000), SKIP_MICRO=1, SKIP_BASELINE=1, SKIP_SCALE=1,
+#      RATE (the fixed-rate pass, default 2000), SKIP_MICRO=1, SKIP_FIXED=1, SKIP_STEP=1,
+#      SKIP_BASELINE=1, SKIP_SCALE=1 (to split the suite over several shorter runs),
 #      SERVER_CPUS (e.g. 0-11: started servers run there, the harness on the other CPUs, with a
 #      generator thread for each), SCALE_SCENARIO (the curve's guest: hello, the default, or json),
 #      BIN_DIR and GUESTS_DIR (prebuilt release binaries and json-stats.wasm/tensor-ops.wasm, for
@@ -62,8 +63,8 @@ if [ -z "${SKIP_MICRO:-}" ]; then
   } >"$out/micro.md"
 fi
 
-run fixed --rate "$rate"
-run step --step
+[ -n "${SKIP_FIXED:-}" ] || run fixed --rate "$rate"
+[ -n "${SKIP_STEP:-}" ] || run step --step
 [ -n "${SKIP_BASELINE:-}" ] || run baseline --scenario healthz,hello,json --baseline --rate "$rate"
 [ -n "${SKIP_SCALE:-}" ] || run scale --scenario healthz --scale --scale-scenario "${SCALE_SCENARIO:-hello}" --rate "$rate"
 
@@ -73,8 +74,8 @@ run step --step
   echo "Command: \`perf/run.sh\` with DURATION=$duration WARMUP=$warmup CONNECTIONS=$connections RATE=$rate${SERVER_CPUS:+ SERVER_CPUS=$SERVER_CPUS}${SCALE_SCENARIO:+ SCALE_SCENARIO=$SCALE_SCENARIO}."
   echo
   [ -f "$out/micro.md" ] && { echo "## Micro-benchmarks"; echo; cat "$out/micro.md"; echo; }
-  echo "## Fixed rate, every scenario"; echo; cat "$out/fixed/results.md"; echo
-  echo "## Step search, every scenario"; echo; cat "$out/step/results.md"; echo
+  [ -f "$out/fixed/results.md" ] && { echo "## Fixed rate, every scenario"; echo; cat "$out/fixed/results.md"; echo; }
+  [ -f "$out/step/results.md" ] && { echo "## Step search, every scenario"; echo; cat "$out/step/results.md"; echo; }
   [ -f "$out/baseline/results.md" ] && { echo "## Against the baseline"; echo; cat "$out/baseline/results.md"; echo; }
   [ -f "$out/scale/results.md" ] && { echo "## Scale"; echo; cat "$out/scale/results.md"; echo; }
 } >"$out/README.md"
