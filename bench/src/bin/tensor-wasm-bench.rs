@@ -107,8 +107,9 @@ struct Args {
     #[arg(long, default_value_t = 32)]
     connections: usize,
     /// Load-generator threads, each an event loop over its share of the connections. Default: one
-    /// per CPU left to the harness where --server-cpus sets the servers apart (at most
-    /// --connections), else 1, so that a generator beside the servers takes one CPU at most.
+    /// per CPU the harness has to itself (at most --connections): those --server-cpus leaves it,
+    /// or all it may use against a --server on another machine; else 1, so that a generator
+    /// beside the servers takes one CPU at most.
     #[arg(long)]
     threads: Option<usize>,
     /// Sent but not recorded, before each measurement (e.g. 2s, 500ms).
@@ -189,6 +190,11 @@ fn confine_away_from(server_cpus: &[usize]) -> Result<usize, String> {
     Ok(rest.len())
 }
 
+/// Whether `ip` is one of this machine's own addresses: only those can be bound to.
+fn on_this_machine(ip: std::net::IpAddr) -> bool {
+    ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
 /// `--threads`, or its default: a thread per CPU the harness has to itself, since a generator
 /// short of CPU sends late and measures itself; one where it shares the CPUs with the servers,
 /// since each more thread would take CPU from what it measures.
@@ -222,7 +228,6 @@ fn run(args: Args) -> Result<bool, String> {
         }
         None => (None, None),
     };
-    let threads = generator_threads(args.threads, harness_cpus, args.connections);
     let cpus = tensor_wasm_bench::harness::run::cpu_count(server_cpus.as_deref());
     let source = match &args.server {
         Some(url) => {
@@ -246,6 +251,16 @@ fn run(args: Args) -> Result<bool, String> {
             cpus: server_cpus,
         },
     };
+    let cpus_of_its_own = match (&source, harness_cpus) {
+        (_, Some(rest)) => Some(rest),
+        (ServerSource::Remote(endpoint), None) if !on_this_machine(endpoint.addr.ip()) => Some(
+            tensor_wasm::server::cpu::allowed_cpus()
+                .map_err(|e| format!("cannot read this process's CPUs: {e}"))?
+                .len(),
+        ),
+        _ => None,
+    };
+    let threads = generator_threads(args.threads, cpus_of_its_own, args.connections);
     let steps =
         StepPlan { start: args.step_start, factor: args.step_factor, max: args.step_max, refine: args.step_refine };
     let scale = args.scale.then(|| {
@@ -300,7 +315,7 @@ fn run(args: Args) -> Result<bool, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::generator_threads;
+    use super::{generator_threads, on_this_machine};
 
     #[test]
     fn the_generator_takes_a_thread_per_cpu_of_its_own_and_one_beside_the_servers() {
@@ -309,5 +324,19 @@ mod tests {
         assert_eq!(generator_threads(None, Some(64), 32), 32, "no more threads than connections");
         assert_eq!(generator_threads(Some(3), Some(4), 32), 3, "--threads wins");
         assert_eq!(generator_threads(Some(2), None, 32), 2, "--threads wins beside the servers too");
+    }
+
+    #[test]
+    fn a_server_is_on_this_machine_where_its_address_is_one_of_ours() {
+        assert!(on_this_machine("127.0.0.1".parse().unwrap()));
+        // The address this machine would send from toward another, where it has a route: its own,
+        // though not a loopback one. A UDP connect sends nothing.
+        let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        if probe.connect("192.0.2.1:9").is_ok() {
+            let own = probe.local_addr().unwrap().ip();
+            assert!(!own.is_loopback() && on_this_machine(own), "{own}");
+        }
+        // An address from TEST-NET-2 (RFC 5737), which no machine should hold.
+        assert!(!on_this_machine("198.51.100.77".parse().unwrap()));
     }
 }
