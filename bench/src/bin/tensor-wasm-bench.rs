@@ -253,11 +253,8 @@ fn run(args: Args) -> Result<bool, String> {
     };
     let cpus_of_its_own = match (&source, harness_cpus) {
         (_, Some(rest)) => Some(rest),
-        (ServerSource::Remote(endpoint), None) if !on_this_machine(endpoint.addr.ip()) => Some(
-            tensor_wasm::server::cpu::allowed_cpus()
-                .map_err(|e| format!("cannot read this process's CPUs: {e}"))?
-                .len(),
-        ),
+        // Without --server-cpus, `cpus` counts every CPU this process may use.
+        (ServerSource::Remote(endpoint), None) if !on_this_machine(endpoint.addr.ip()) => Some(cpus),
         _ => None,
     };
     let threads = generator_threads(args.threads, cpus_of_its_own, args.connections);
