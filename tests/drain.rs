@@ -40,8 +40,10 @@ fn client(
             let i = (turn + attempt) % 2;
             let connection = match &mut connections[i] {
                 Some(c) => c,
+                // A draining server may close its listener at any moment, so the connection that
+                // succeeded is the one used.
                 slot => match std::net::TcpStream::connect(addrs[i]) {
-                    Ok(_) => slot.insert(Client::connect(addrs[i])),
+                    Ok(stream) => slot.insert(Client::over(stream)),
                     Err(_) => continue,
                 },
             };
