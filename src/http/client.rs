@@ -5,8 +5,6 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::ServerName;
-
 use super::ChunkedDecoder;
 use crate::tls::ClientTls;
 
@@ -54,6 +52,15 @@ impl Target {
         Ok(Target { tls, host: host.to_string(), port, path })
     }
 
+    /// `host:port` as a `host` header carries it, an IPv6 address in brackets.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
     /// The same server, another path (which starts with `/`).
     pub fn with_path(&self, path: &str) -> Target {
         let base = self.path.trim_end_matches('/');
@@ -79,7 +86,7 @@ impl Answer {
 /// body; the connection closes after the answer.
 pub fn encode_request(method: &str, target: &Target, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
     let mut head =
-        format!("{method} {} HTTP/1.1\r\nhost: {}:{}\r\nconnection: close\r\n", target.path, target.host, target.port);
+        format!("{method} {} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n", target.path, target.authority());
     if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
         head.push_str(&format!("content-length: {}\r\n", body.len()));
     }
@@ -183,8 +190,7 @@ pub fn exchange_at(addrs: &[SocketAddr], target: &Target, request: &[u8], how: E
                 &system
             }
         };
-        let name = ServerName::try_from(target.host.clone()).map_err(|e| format!("TLS server name: {e}"))?;
-        let session = rustls::ClientConnection::new(tls.config.clone(), name).map_err(|e| format!("TLS: {e}"))?;
+        let session = tls.session(&target.host)?;
         ClientStream::Tls(Box::new(rustls::StreamOwned::new(session, stream)))
     } else {
         ClientStream::Plain(stream)
@@ -268,6 +274,8 @@ mod tests {
         assert_eq!(Target::parse("http://user-service:8082").unwrap(), t("user-service", 8082, "/"));
         assert_eq!(Target::parse("http://127.0.0.1:9/events?x=1").unwrap(), t("127.0.0.1", 9, "/events?x=1"));
         assert_eq!(Target::parse("http://[::1]:81/a").unwrap(), t("::1", 81, "/a"));
+        assert_eq!(Target::parse("http://[::1]:81/a").unwrap().authority(), "[::1]:81");
+        assert_eq!(Target::parse("http://example").unwrap().authority(), "example:80");
         assert_eq!(Target::parse("http://example").unwrap(), t("example", 80, "/"));
         assert_eq!(Target::parse("http://h:1/api/").unwrap().with_path("/metrics").path, "/api/metrics");
         let https = Target::parse("https://example/a").unwrap();

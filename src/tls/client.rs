@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
 
 use super::config::{read_certificates, read_key, read_roots};
 
@@ -18,7 +19,7 @@ const SYSTEM_BUNDLES: [&str; 4] = [
 ];
 
 /// A rustls client configuration: the CAs to trust and, for mTLS, the certificate to present.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ClientTls {
     pub config: Arc<ClientConfig>,
 }
@@ -49,6 +50,14 @@ impl ClientTls {
         };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(ClientTls { config: Arc::new(config) })
+    }
+
+    /// A session toward `host`, whose certificate must carry that name; its handshake runs in its
+    /// first reads and writes.
+    pub fn session(&self, host: &str) -> Result<ClientConnection, String> {
+        let name =
+            ServerName::try_from(host.to_string()).map_err(|e| format!("`{host}` is no TLS server name: {e}"))?;
+        ClientConnection::new(self.config.clone(), name).map_err(|e| format!("TLS: {e}"))
     }
 
     /// The system's trust store, read once per process.

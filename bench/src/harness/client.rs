@@ -4,10 +4,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::ServerName;
 use tensor_wasm::http::client::ClientStream;
 use tensor_wasm::tls::ClientTls;
 
@@ -37,21 +35,20 @@ impl Response {
 /// carry.
 #[derive(Clone, Debug)]
 pub struct Tls {
-    config: Arc<rustls::ClientConfig>,
-    name: ServerName<'static>,
+    client: ClientTls,
+    host: String,
 }
 
 impl Tls {
+    /// Fails where `host` cannot name a certificate.
     pub fn new(client: &ClientTls, host: &str) -> Result<Tls, String> {
-        let name =
-            ServerName::try_from(host.to_string()).map_err(|e| format!("`{host}` is no TLS server name: {e}"))?;
-        Ok(Tls { config: client.config.clone(), name })
+        client.session(host)?;
+        Ok(Tls { client: client.clone(), host: host.to_string() })
     }
 
     /// Runs a handshake over the blocking `stream`, so that no measured request pays for it.
     fn handshake(&self, stream: &mut TcpStream) -> io::Result<rustls::ClientConnection> {
-        let mut session =
-            rustls::ClientConnection::new(self.config.clone(), self.name.clone()).map_err(io::Error::other)?;
+        let mut session = self.client.session(&self.host).map_err(io::Error::other)?;
         while session.is_handshaking() {
             session.complete_io(stream)?;
         }

@@ -70,12 +70,7 @@ impl Endpoint {
             (true, Some(client)) => Some(Tls::new(client, &target.host)?),
             (true, None) => Some(Tls::new(&ClientTls::system()?, &target.host)?),
         };
-        let host = if target.host.contains(':') {
-            format!("[{}]:{}", target.host, target.port)
-        } else {
-            format!("{}:{}", target.host, target.port)
-        };
-        Ok(Endpoint { addr, host, token, tenant, tls })
+        Ok(Endpoint { addr, host: target.authority(), token, tenant, tls })
     }
 
     /// This endpoint acting with another token and tenant.
@@ -128,8 +123,9 @@ pub struct StartedServer {
 impl StartedServer {
     /// Starts `binary` on an ephemeral loopback port with a fresh data dir, `shards` shards or
     /// worker threads, confined to `cpus` when given, with `args` and `env`, and waits until it
-    /// is ready: over TLS where `tls` is given (and `args` make the server speak it). The server is killed when the thread that calls this exits (see `tie_child`),
-    /// so call it from one that outlives the server.
+    /// is ready: over TLS where `tls` is given (and `args` make the server speak it). The server is
+    /// killed when the thread that calls this exits (see `tie_child`), so call it from one that
+    /// outlives the server.
     pub fn start(
         implementation: Implementation,
         binary: &Path,
