@@ -422,6 +422,73 @@ fn the_binary_measures_a_live_server_over_tls_with_a_client_certificate() {
 }
 
 #[test]
+fn with_tls_the_harness_starts_ours_speaking_it_and_measures_over_it() {
+    use tensor_wasm_bench::harness::target::{Endpoint, Implementation, StartedServer, StartedTls};
+
+    let bin = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(bench_binary());
+    cmd.arg("--server-bin").arg(recording_server(bin.path())).arg("--tls");
+    cmd.args(["--scenario", "healthz,hello", "--rate", "200", "--warmup", "300ms", "--duration", "1s"]).args([
+        "--connections",
+        "4",
+        "--shards",
+        "1",
+        "--quiet",
+    ]);
+    let (_, report, out) = run_with_report(cmd);
+    assert_eq!(report["tls"], true);
+    let measurements = report["measurements"].as_array().unwrap();
+    assert_eq!(measurements.len(), 2);
+    for m in measurements {
+        // Every request went over TLS and was answered 200: a server speaking plain HTTP would
+        // have answered none of them. The scrapes around the run went over TLS too.
+        assert_eq!((&m["tls"], &m["statuses"]["200"], &m["io_errors"]), (&true.into(), &200.into(), &0.into()), "{m}");
+        assert_eq!(m["in_server"]["samples"], 260, "{m}");
+    }
+    let markdown = std::fs::read_to_string(out.path().join("results.md")).unwrap();
+    assert!(markdown.contains("4 TLS connections over 1 generator thread"), "{markdown}");
+    let starts = recorded_starts(bin.path());
+    assert!(starts.iter().all(|a| a.contains("--tls-cert") && a.contains("--tls-key")), "{starts:?}");
+
+    // The certificate is one only the harness trusts, and a server started with it refuses
+    // plain HTTP.
+    let dir = tempfile::tempdir().unwrap();
+    let tls = StartedTls::self_signed(dir.path()).unwrap();
+    let server = StartedServer::start(
+        Implementation::TensorWasm,
+        &server_binary(),
+        1,
+        None,
+        &tls.server_args(),
+        &[],
+        Some(&tls.client),
+    )
+    .unwrap();
+    assert_eq!(server.endpoint.call("GET", "/healthz", b"").unwrap().status, 200);
+    let plain = Endpoint { tls: None, ..server.endpoint.clone() };
+    assert!(plain.call("GET", "/healthz", b"").is_err(), "a TLS listener answered plain HTTP");
+
+    // The baseline speaks plain HTTP only: said before anything starts. The trust flags are for a
+    // live server, whose URL says https://.
+    let refused = tempfile::tempdir().unwrap();
+    let baseline = Command::new(bench_binary())
+        .arg("--server-bin")
+        .arg(recording_server(refused.path()))
+        .args(["--tls", "--baseline", "--scenario", "hello", "--quiet"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&baseline.stderr);
+    assert_eq!(baseline.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("plain HTTP only"), "{stderr}");
+    assert!(!refused.path().join("args").exists(), "a server was started: {:?}", recorded_starts(refused.path()));
+    let cert = dir.path().join("cert.pem");
+    let trust = Command::new(bench_binary()).arg("--ca-cert").arg(&cert).args(["--quiet"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&trust.stderr);
+    assert_eq!(trust.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("live https:// --server"), "{stderr}");
+}
+
+#[test]
 fn ctrl_c_on_a_live_server_deletes_what_the_harness_deployed() {
     use tensor_wasm_bench::harness::target::{Implementation, StartedServer};
 
@@ -520,8 +587,9 @@ fn a_started_server_dies_with_the_harness() {
 #[test]
 fn unusable_requests_exit_2_with_a_sentence() {
     let every_cpu = tensor_wasm::server::cpu::format_list(&tensor_wasm::server::cpu::allowed_cpus().unwrap());
-    let cases: [&[&str]; 7] = [
+    let cases: [&[&str]; 8] = [
         &["--server-cpus", "1000"],
+        &["--tls", "--server", "http://127.0.0.1:9"],
         &["--server-cpus", &every_cpu],
         &["--scenario", "tenant-mix", "--server", "http://127.0.0.1:9"],
         &["--server", "ftp://127.0.0.1:9"],

@@ -14,7 +14,7 @@ use tensor_wasm_bench::harness::run::{ServerSource, Settings, StepPlan};
 use tensor_wasm_bench::harness::scenario::{Scenario, ScenarioOptions};
 use tensor_wasm_bench::harness::slo::Gate;
 use tensor_wasm_bench::harness::suite::{run_suite, Mode, SuiteOptions, EQUAL_LOAD_ROUNDS};
-use tensor_wasm_bench::harness::target::{sibling_binary, Endpoint};
+use tensor_wasm_bench::harness::target::{sibling_binary, Endpoint, StartedTls};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,8 +37,9 @@ struct Args {
     /// A live server to measure (http://host:port, or https://host:port) instead of starting one.
     #[arg(long, env = "TENSOR_WASM_SERVER")]
     server: Option<String>,
+    /// How a live https:// server is trusted, and the client certificate it may ask for.
     #[command(flatten)]
-    tls: tensor_wasm::cli::client::TlsArgs,
+    trust: tensor_wasm::cli::client::TlsArgs,
     /// The bearer token for a live server.
     #[arg(long, env = "TENSOR_WASM_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -61,6 +62,11 @@ struct Args {
     /// generator share every CPU, and ours' shards float.
     #[arg(long)]
     server_cpus: Option<String>,
+    /// Start ours speaking TLS, with a fresh self-signed certificate for localhost that the
+    /// harness trusts: what TLS costs a deployment. Not with --server (whose URL says https://)
+    /// or --baseline (which speaks plain HTTP only).
+    #[arg(long)]
+    tls: bool,
     /// Folder with prebuilt json-stats.wasm and tensor-ops.wasm (default: build them with cargo).
     #[arg(long)]
     guests_dir: Option<PathBuf>,
@@ -229,13 +235,20 @@ fn run(args: Args) -> Result<bool, String> {
         None => (None, None),
     };
     let cpus = tensor_wasm_bench::harness::run::cpu_count(server_cpus.as_deref());
+    let trust = args.trust.client_tls()?;
+    // Kept until the run ends: the certificate of the servers it starts.
+    let mut tls_dir = None;
     let source = match &args.server {
         Some(url) => {
-            if args.baseline || args.scale || server_cpus.is_some() {
-                return Err("--baseline, --scale and --server-cpus start their own servers; leave out --server".into());
+            if args.baseline || args.scale || server_cpus.is_some() || args.tls {
+                return Err(
+                    "--baseline, --scale, --server-cpus and --tls start their own servers; leave out --server".into()
+                );
             }
-            let tls = args.tls.client_tls()?;
-            ServerSource::Remote(Endpoint::from_url(url, args.token.clone(), args.tenant, tls.as_ref())?)
+            ServerSource::Remote(Endpoint::from_url(url, args.token.clone(), args.tenant, trust.as_ref())?)
+        }
+        None if trust.is_some() => {
+            return Err("--ca-cert and --client-cert are for a live https:// --server".into());
         }
         None => ServerSource::Start {
             binary: match &args.server_bin {
@@ -249,6 +262,13 @@ fn run(args: Args) -> Result<bool, String> {
             },
             shards: args.shards,
             cpus: server_cpus,
+            tls: if args.tls {
+                let dir = tls_dir
+                    .insert(tempfile::tempdir().map_err(|e| format!("cannot make a folder for the certificate: {e}"))?);
+                Some(StartedTls::self_signed(dir.path())?)
+            } else {
+                None
+            },
         },
     };
     let cpus_of_its_own = match (&source, harness_cpus) {

@@ -139,6 +139,8 @@ pub struct Report {
     pub machine: Machine,
     pub command: Vec<String>,
     pub connections: usize,
+    /// The connections spoke TLS.
+    pub tls: bool,
     /// Load-generator threads the connections were dealt out among.
     pub threads: usize,
     pub warmup_s: f64,
@@ -159,7 +161,7 @@ impl Report {
         let _ = writeln!(
             md,
             "Machine: {} CPUs ({}), Linux {}; a 200 µs sleep wakes {:.0} µs late at P50 and {:.0} µs at P99. \
-             {}. {} connections over {} generator thread{}, {:.0} s warm-up, {:.0} s measured per rate.\n",
+             {}. {} {}connections over {} generator thread{}, {:.0} s warm-up, {:.0} s measured per rate.\n",
             m.cpus,
             m.cpu_model,
             m.kernel,
@@ -176,6 +178,7 @@ impl Report {
                 ),
             },
             self.connections,
+            if self.tls { "TLS " } else { "" },
             self.threads,
             if self.threads == 1 { "" } else { "s" },
             self.warmup_s,

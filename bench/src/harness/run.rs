@@ -17,7 +17,7 @@ use super::load::{self, LoadOutcome, LoadPlan, Progress};
 use super::scenario::{deploy, Prepared, Scenario, ScenarioOptions};
 use super::scrape::{self, HistogramSeries};
 use super::slo::{Gate, Measure, Verdict};
-use super::target::{Endpoint, Implementation, StartedServer};
+use super::target::{Endpoint, Implementation, StartedServer, StartedTls};
 use crate::histogram;
 
 /// How every measurement of a harness run is taken.
@@ -37,6 +37,9 @@ pub struct Settings {
     pub progress: bool,
 }
 
+/// Why a run cannot start the baseline with TLS.
+pub const BASELINE_WITHOUT_TLS: &str = "the baseline server speaks plain HTTP only; compare without --tls";
+
 /// Where the server under test comes from.
 #[derive(Clone, Debug)]
 pub enum ServerSource {
@@ -45,7 +48,24 @@ pub enum ServerSource {
     /// A server process the harness starts for each scenario, with a fresh data dir.
     /// `shards`: the shard count (baseline: tokio workers); `None` for the scenario's default.
     /// `cpus`: the CPUs the server is confined to; `None` for the harness's own.
-    Start { binary: PathBuf, baseline_binary: Option<PathBuf>, shards: Option<usize>, cpus: Option<Vec<usize>> },
+    /// `tls`: ours speaks TLS with it (the baseline speaks plain HTTP only).
+    Start {
+        binary: PathBuf,
+        baseline_binary: Option<PathBuf>,
+        shards: Option<usize>,
+        cpus: Option<Vec<usize>>,
+        tls: Option<StartedTls>,
+    },
+}
+
+impl ServerSource {
+    /// Whether the server under test is reached over TLS.
+    pub fn speaks_tls(&self) -> bool {
+        match self {
+            ServerSource::Remote(endpoint) => endpoint.tls.is_some(),
+            ServerSource::Start { tls, .. } => tls.is_some(),
+        }
+    }
 }
 
 /// A server ready for one scenario, and the scenario deployed on it.
@@ -72,9 +92,10 @@ impl Session {
         }
         let (endpoint, process, shards) = match source {
             ServerSource::Remote(endpoint) => (endpoint.clone(), None, None),
-            ServerSource::Start { binary, baseline_binary, shards: configured, cpus } => {
+            ServerSource::Start { binary, baseline_binary, shards: configured, cpus, tls } => {
                 let binary = match implementation {
                     Implementation::TensorWasm => binary.clone(),
+                    Implementation::Baseline if tls.is_some() => return Err(BASELINE_WITHOUT_TLS.into()),
                     Implementation::Baseline => {
                         baseline_binary.clone().ok_or("the baseline server's binary was not found (--baseline-bin)")?
                     }
@@ -82,7 +103,8 @@ impl Session {
                 let shards = shards
                     .or(*configured)
                     .unwrap_or_else(|| scenario.default_shards(implementation, cpu_count(cpus.as_deref())));
-                let extra = scenario.server_settings(&settings.scenario, shards);
+                let mut extra = scenario.server_settings(&settings.scenario, shards);
+                extra.args.extend(tls.iter().flat_map(StartedTls::server_args));
                 let process = StartedServer::start(
                     implementation,
                     &binary,
@@ -90,7 +112,7 @@ impl Session {
                     cpus.as_deref(),
                     &extra.args,
                     &extra.env,
-                    None,
+                    tls.as_ref().map(|t| &t.client),
                 )?;
                 (process.endpoint.clone(), Some(process), Some(shards))
             }
@@ -423,6 +445,8 @@ pub struct Measurement {
     pub scenario: &'static str,
     pub server: &'static str,
     pub shards: Option<usize>,
+    /// Every request went over TLS.
+    pub tls: bool,
     pub offered_rate: f64,
     /// Answers per second of any status, over the measured window.
     pub achieved_rate: f64,
@@ -533,6 +557,7 @@ impl Measurement {
             scenario: session.scenario.name(),
             server: session.server,
             shards: session.shards,
+            tls: session.endpoint.tls.is_some(),
             offered_rate: outcome.offered_rate,
             achieved_rate: total.answered() as f64 / seconds,
             latency: LatencySummary::of(&judged),

@@ -2,7 +2,7 @@
 //! side with the baseline and along the shard-scaling curve.
 
 use super::report::{Comparison, Machine, Report};
-use super::run::{ServerSource, Session, Settings, StepPlan, StepSearch};
+use super::run::{ServerSource, Session, Settings, StepPlan, StepSearch, BASELINE_WITHOUT_TLS};
 use super::scenario::Scenario;
 use super::target::Implementation;
 
@@ -42,6 +42,10 @@ pub struct SuiteOptions {
 }
 
 pub fn run_suite(options: &SuiteOptions) -> Result<Report, String> {
+    if options.baseline && matches!(options.source, ServerSource::Start { tls: Some(_), .. }) {
+        // Said before the first scenario rather than minutes later, at the first comparison.
+        return Err(BASELINE_WITHOUT_TLS.into());
+    }
     let settings = &options.settings;
     let started_unix_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut report = Report {
@@ -53,6 +57,7 @@ pub fn run_suite(options: &SuiteOptions) -> Result<Report, String> {
         }),
         command: options.command.clone(),
         connections: settings.connections,
+        tls: options.source.speaks_tls(),
         threads: settings.threads,
         warmup_s: settings.warmup.as_secs_f64(),
         duration_s: settings.duration.as_secs_f64(),

@@ -112,6 +112,38 @@ impl Endpoint {
     }
 }
 
+/// TLS for the servers the harness starts (`--tls`): a fresh self-signed certificate for
+/// `localhost` and 127.0.0.1, the files ours is started with, and a client that trusts it and
+/// nothing else. What a deployment's TLS costs does not depend on who signed its certificate,
+/// since the harness's keep-alive connections handshake once, before the schedule starts.
+#[derive(Clone, Debug)]
+pub struct StartedTls {
+    cert: PathBuf,
+    key: PathBuf,
+    pub client: Tls,
+}
+
+impl StartedTls {
+    /// Writes the certificate (`cert.pem`) and its key (`key.pem`) into `dir`, which must outlive
+    /// every server started with them.
+    pub fn self_signed(dir: &Path) -> Result<StartedTls, String> {
+        const NAME: &str = "localhost";
+        let made = rcgen::generate_simple_self_signed(vec![NAME.to_string(), "127.0.0.1".to_string()])
+            .map_err(|e| format!("cannot make a self-signed certificate: {e}"))?;
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        for (path, pem) in [(&cert, made.cert.pem()), (&key, made.signing_key.serialize_pem())] {
+            std::fs::write(path, pem).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        }
+        let client = Tls::new(&ClientTls::new(Some(&cert), None)?, NAME)?;
+        Ok(StartedTls { cert, key, client })
+    }
+
+    /// The flags that make ours speak TLS with this certificate.
+    pub fn server_args(&self) -> [String; 4] {
+        ["--tls-cert".into(), self.cert.display().to_string(), "--tls-key".into(), self.key.display().to_string()]
+    }
+}
+
 /// A server process the harness started. Killed when dropped.
 pub struct StartedServer {
     child: Child,
