@@ -33,7 +33,14 @@ pub fn get(shard: &Shard, ctx: &RequestContext, id: &str) -> Result<Response, Ap
 pub async fn create(shard: &Shard, ctx: &RequestContext, body: Vec<u8>) -> Result<(Response, String), ApiError> {
     require_loaded(shard)?;
     let record = shard.admin.create_pipeline(body, ctx.tenant).await?;
-    tracing::info!(id = %record.id, name = %record.name, tenant = ctx.tenant, token_id = ctx.token_id(), "pipeline created");
+    tracing::info!(
+        id = %record.id,
+        name = %record.name,
+        tenant = ctx.tenant,
+        token_id = ctx.token_id(),
+        client = ctx.client(),
+        "pipeline created"
+    );
     Ok((Response::json_value(Status::Created, &record.to_json()), record.id))
 }
 
@@ -43,7 +50,7 @@ pub async fn delete(shard: &Shard, ctx: &RequestContext, id: &str) -> Result<Res
         return Err(not_found(id));
     }
     shard.admin.delete_pipeline(id.to_string(), ctx.tenant).await?;
-    tracing::info!(id, tenant = ctx.tenant, token_id = ctx.token_id(), "pipeline deleted");
+    tracing::info!(id, tenant = ctx.tenant, token_id = ctx.token_id(), client = ctx.client(), "pipeline deleted");
     Ok(Response::empty(Status::NoContent))
 }
 
