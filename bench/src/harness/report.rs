@@ -161,7 +161,7 @@ impl Report {
         let _ = writeln!(
             md,
             "Machine: {} CPUs ({}), Linux {}; a 200 µs sleep wakes {:.0} µs late at P50 and {:.0} µs at P99. \
-             {}. {} {}connections over {} generator thread{}, {:.0} s warm-up, {:.0} s measured per rate.\n",
+             {}. {} {}connections over {} generator thread{}, {} s warm-up, {} s measured per rate.\n",
             m.cpus,
             m.cpu_model,
             m.kernel,
@@ -181,8 +181,8 @@ impl Report {
             if self.tls { "TLS " } else { "" },
             self.threads,
             if self.threads == 1 { "" } else { "s" },
-            self.warmup_s,
-            self.duration_s
+            seconds(self.warmup_s),
+            seconds(self.duration_s)
         );
         if !self.measurements.is_empty() {
             md.push_str("### Fixed rate\n\n");
@@ -470,9 +470,23 @@ fn search_table<'a>(md: &mut String, rows: impl Iterator<Item = &'a StepSearch>)
     );
 }
 
+/// Seconds as a person writes them: `2`, `0.5`, `1.25` (to the millisecond).
+fn seconds(value: f64) -> String {
+    let text = format!("{value:.3}");
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{median, median_of_unstalled};
+    use super::{median, median_of_unstalled, seconds};
+
+    #[test]
+    fn seconds_read_as_written() {
+        let cases = [(0.0, "0"), (0.5, "0.5"), (2.0, "2"), (10.0, "10"), (1.25, "1.25"), (0.0004, "0")];
+        for (value, text) in cases {
+            assert_eq!(seconds(value), text, "{value}");
+        }
+    }
 
     #[test]
     fn the_median_ignores_one_stalled_round() {
