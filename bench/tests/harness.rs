@@ -428,13 +428,8 @@ fn with_tls_the_harness_starts_ours_speaking_it_and_measures_over_it() {
     let bin = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(bench_binary());
     cmd.arg("--server-bin").arg(recording_server(bin.path())).arg("--tls");
-    cmd.args(["--scenario", "healthz,hello", "--rate", "200", "--warmup", "300ms", "--duration", "1s"]).args([
-        "--connections",
-        "4",
-        "--shards",
-        "1",
-        "--quiet",
-    ]);
+    cmd.args(["--scenario", "healthz,hello", "--rate", "200", "--warmup", "300ms", "--duration", "1s"]);
+    cmd.args(["--connections", "4", "--shards", "1", "--quiet"]);
     let (_, report, out) = run_with_report(cmd);
     assert_eq!(report["tls"], true);
     let measurements = report["measurements"].as_array().unwrap();
@@ -450,7 +445,7 @@ fn with_tls_the_harness_starts_ours_speaking_it_and_measures_over_it() {
     let starts = recorded_starts(bin.path());
     assert!(starts.iter().all(|a| a.contains("--tls-cert") && a.contains("--tls-key")), "{starts:?}");
 
-    // The certificate is one only the harness trusts, and a server started with it refuses
+    // A server started with the harness's certificate answers its client over TLS and refuses
     // plain HTTP.
     let dir = tempfile::tempdir().unwrap();
     let tls = StartedTls::self_signed(dir.path()).unwrap();
