@@ -64,6 +64,17 @@ fn serve_connection(mut stream: TcpStream, delay: &dyn Fn(u64) -> Duration, coun
 }
 
 fn run(addr: SocketAddr, rate: f64, connections: usize, warmup_ms: u64, duration_ms: u64) -> LoadOutcome {
+    run_with(addr, rate, connections, warmup_ms, duration_ms, false)
+}
+
+fn run_with(
+    addr: SocketAddr,
+    rate: f64,
+    connections: usize,
+    warmup_ms: u64,
+    duration_ms: u64,
+    spin: bool,
+) -> LoadOutcome {
     let plan = LoadPlan {
         addr,
         tls: None,
@@ -78,6 +89,7 @@ fn run(addr: SocketAddr, rate: f64, connections: usize, warmup_ms: u64, duration
             weight: 1,
         }],
         io_timeout: Duration::from_secs(10),
+        spin,
     };
     load::run(&plan, &Progress::default()).unwrap()
 }
@@ -88,9 +100,18 @@ fn ms(ns: u64) -> f64 {
 
 #[test]
 fn a_constant_delay_is_reported_as_that_delay() {
+    constant_delay_reads_as_itself(false);
+}
+
+#[test]
+fn a_spinning_generator_reports_a_constant_delay_as_that_delay_too() {
+    constant_delay_reads_as_itself(true);
+}
+
+fn constant_delay_reads_as_itself(spin: bool) {
     let (addr, times) = delaying_server(|_| Duration::from_millis(5));
     // 400/s over 8 connections: each connection sends every 20 ms, so nothing queues.
-    let outcome = run(addr, 400.0, 8, 300, 1500);
+    let outcome = run_with(addr, 400.0, 8, 300, 1500, spin);
     let all = outcome.total();
     assert_eq!(all.statuses.get(&200), Some(&600), "every due request answered: {:?}", all.statuses);
     assert_eq!((all.io_errors, all.unsent), (0, 0));
@@ -149,6 +170,7 @@ fn a_mix_follows_its_weights() {
         threads: 2,
         classes: vec![class("heavy", 3), class("light", 1)],
         io_timeout: Duration::from_secs(10),
+        spin: false,
     };
     let outcome = load::run(&plan, &Progress::default()).unwrap();
     let (heavy, light) = (outcome.class("heavy").unwrap().answered(), outcome.class("light").unwrap().answered());
@@ -264,13 +286,17 @@ fn started_servers_and_the_generator_can_be_kept_on_separate_cpus() {
     }
     let server_cpu = allowed[0].to_string();
     let bin = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(bench_binary());
-    cmd.arg("--server-bin")
-        .arg(recording_server(bin.path()))
-        .args(["--scenario", "healthz", "--rate", "200", "--warmup", "300ms", "--duration", "1s"])
-        .args(["--connections", "4", "--server-cpus", &server_cpu, "--quiet"]);
+    let bench = |extra: &[&str]| {
+        let mut cmd = Command::new(bench_binary());
+        cmd.arg("--server-bin")
+            .arg(recording_server(bin.path()))
+            .args(["--scenario", "healthz", "--rate", "200", "--warmup", "300ms", "--duration", "1s"])
+            .args(["--connections", "4", "--server-cpus", &server_cpu, "--quiet"])
+            .args(extra);
+        cmd
+    };
     // The harness checks the started server's CPU list in /proc and exits 2 when it differs.
-    let (_, report, _) = run_with_report(cmd);
+    let (_, report, _) = run_with_report(bench(&[]));
     // On CPUs of their own, the shards are pinned.
     let starts = recorded_starts(bin.path());
     assert!(!starts.is_empty() && starts.iter().all(|a| a.contains("--pin-shards always")), "{starts:?}");
@@ -283,6 +309,17 @@ fn started_servers_and_the_generator_can_be_kept_on_separate_cpus() {
     // The default shard count follows the server's CPUs: one.
     let m = &report["measurements"][0];
     assert_eq!((m["shards"].as_u64(), m["statuses"]["200"].as_u64()), (Some(1), Some(200)), "{m}");
+
+    // With CPUs of its own the generator may spin: it then takes its whole CPU (at 200/s, about
+    // 5 ms of CPU per answer, where one that sleeps takes well under a millisecond) and measures
+    // as before.
+    let (_, report, out) = run_with_report(bench(&["--threads", "1", "--spin"]));
+    assert_eq!(report["spin"], true);
+    let m = &report["measurements"][0];
+    assert_eq!(m["statuses"]["200"].as_u64(), Some(200), "{m}");
+    assert!(m["cpu"]["harness_us_per_answer"].as_f64().unwrap() > 1000.0, "{m}");
+    let markdown = std::fs::read_to_string(out.path().join("results.md")).unwrap();
+    assert!(markdown.contains("4 connections over 1 spinning generator thread,"), "{markdown}");
 }
 
 #[test]
@@ -582,7 +619,7 @@ fn a_started_server_dies_with_the_harness() {
 #[test]
 fn unusable_requests_exit_2_with_a_sentence() {
     let every_cpu = tensor_wasm::server::cpu::format_list(&tensor_wasm::server::cpu::allowed_cpus().unwrap());
-    let cases: [&[&str]; 8] = [
+    let cases: [&[&str]; 10] = [
         &["--server-cpus", "1000"],
         &["--tls", "--server", "http://127.0.0.1:9"],
         &["--server-cpus", &every_cpu],
@@ -591,6 +628,9 @@ fn unusable_requests_exit_2_with_a_sentence() {
         &["--server", "http://127.0.0.1:9/api"],
         &["--rate", "0"],
         &["--threads", "5", "--connections", "4"],
+        // Spinning beside the servers would take their CPU.
+        &["--spin"],
+        &["--spin", "--server", "http://127.0.0.1:9"],
     ];
     for args in cases {
         let out = Command::new(bench_binary()).args(args).arg("--quiet").output().unwrap();

@@ -118,6 +118,12 @@ struct Args {
     /// beside the servers takes one CPU at most.
     #[arg(long)]
     threads: Option<usize>,
+    /// The generator's threads poll instead of sleeping, each taking its whole CPU, so that no
+    /// answer pays to wake a parked generator on the same machine, as none would from a client on
+    /// another. Only where the harness has CPUs of its own (--server-cpus, or a --server on another
+    /// machine), at least one per thread.
+    #[arg(long)]
+    spin: bool,
     /// Sent but not recorded, before each measurement (e.g. 2s, 500ms).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     warmup: Duration,
@@ -278,6 +284,9 @@ fn run(args: Args) -> Result<bool, String> {
         _ => None,
     };
     let threads = generator_threads(args.threads, cpus_of_its_own, args.connections);
+    if args.spin && cpus_of_its_own.is_none_or(|cpus| threads > cpus) {
+        return Err("--spin takes a CPU per generator thread: give the servers --server-cpus, and use no more --threads than the CPUs left".into());
+    }
     let steps =
         StepPlan { start: args.step_start, factor: args.step_factor, max: args.step_max, refine: args.step_refine };
     let scale = args.scale.then(|| {
@@ -302,6 +311,7 @@ fn run(args: Args) -> Result<bool, String> {
         settings: Settings {
             connections: args.connections,
             threads,
+            spin: args.spin,
             warmup: args.warmup,
             duration: args.duration,
             io_timeout: args.io_timeout,

@@ -72,6 +72,9 @@ pub struct LoadPlan {
     pub classes: Vec<RequestClass>,
     /// The longest a connect, write or read may take before it counts as an error.
     pub io_timeout: Duration,
+    /// Each thread polls without sleeping, taking its whole CPU: no wake-up of a parked generator
+    /// for the server's answer to pay, as with a client on another machine.
+    pub spin: bool,
 }
 
 /// The outcome for one class of requests.
@@ -363,7 +366,8 @@ impl EventLoop<'_> {
             let oldest = self.conns.iter().filter_map(|c| c.in_flight.as_ref().map(|f| f.sent)).min();
             let deadline = oldest.map(|t| t + plan.io_timeout);
             let until = [wake, deadline].into_iter().flatten().min().unwrap_or(now);
-            let n = epoll.wait(&mut events, until.saturating_duration_since(Instant::now()));
+            let timeout = if plan.spin { Duration::ZERO } else { until.saturating_duration_since(Instant::now()) };
+            let n = epoll.wait(&mut events, timeout);
             for event in &events[..n] {
                 self.on_readable(event.u64 as usize, start, measure_from, &epoll, &mut out, &mut waiting, progress);
             }

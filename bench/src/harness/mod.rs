@@ -28,6 +28,7 @@
 //!         weight: 1,
 //!     }],
 //!     io_timeout: Duration::from_secs(10),
+//!     spin: false,
 //! };
 //! let outcome = load::run(&plan, &Progress::default()).unwrap();
 //! println!("P99: {} ns", outcome.total().latency.value_at_quantile(0.99));

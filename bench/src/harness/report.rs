@@ -143,6 +143,8 @@ pub struct Report {
     pub tls: bool,
     /// Load-generator threads the connections were dealt out among.
     pub threads: usize,
+    /// The generator's threads polled instead of sleeping, each taking a whole CPU.
+    pub spin: bool,
     pub warmup_s: f64,
     pub duration_s: f64,
     pub measurements: Vec<Measurement>,
@@ -161,7 +163,7 @@ impl Report {
         let _ = writeln!(
             md,
             "Machine: {} CPUs ({}), Linux {}; a 200 µs sleep wakes {:.0} µs late at P50 and {:.0} µs at P99. \
-             {}. {} {}connections over {} generator thread{}, {} s warm-up, {} s measured per rate.\n",
+             {}. {} {}connections over {} {}generator thread{}, {} s warm-up, {} s measured per rate.\n",
             m.cpus,
             m.cpu_model,
             m.kernel,
@@ -180,6 +182,7 @@ impl Report {
             self.connections,
             if self.tls { "TLS " } else { "" },
             self.threads,
+            if self.spin { "spinning " } else { "" },
             if self.threads == 1 { "" } else { "s" },
             seconds(self.warmup_s),
             seconds(self.duration_s)

@@ -26,6 +26,8 @@ pub struct Settings {
     pub connections: usize,
     /// Load-generator threads.
     pub threads: usize,
+    /// The generator's threads poll instead of sleeping (`LoadPlan::spin`).
+    pub spin: bool,
     pub warmup: Duration,
     pub duration: Duration,
     pub io_timeout: Duration,
@@ -133,6 +135,7 @@ impl Session {
             threads: settings.threads,
             classes: self.prepared.classes.clone(),
             io_timeout: settings.io_timeout,
+            spin: settings.spin,
         };
         let metrics_before = self.server_metrics();
         let progress = Progress::default();

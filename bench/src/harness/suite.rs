@@ -59,6 +59,7 @@ pub fn run_suite(options: &SuiteOptions) -> Result<Report, String> {
         connections: settings.connections,
         tls: options.source.speaks_tls(),
         threads: settings.threads,
+        spin: settings.spin,
         warmup_s: settings.warmup.as_secs_f64(),
         duration_s: settings.duration.as_secs_f64(),
         measurements: Vec::new(),
