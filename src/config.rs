@@ -56,6 +56,7 @@ pub struct Limits {
     pub body_timeout_ms: u64,
     pub write_timeout_ms: u64,
     pub idle_timeout_ms: u64,
+    pub linger_ms: u64,
     pub max_connections: usize,
     pub max_instances: u32,
     pub default_timeout_ms: u64,
@@ -81,5 +82,8 @@ impl Limits {
     }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+    pub fn linger(&self) -> Duration {
+        Duration::from_millis(self.linger_ms)
     }
 }

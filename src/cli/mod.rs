@@ -191,6 +191,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
     pub idle_timeout_ms: u64,
 
+    /// After an answer that closes the connection on a request too large or malformed to read
+    /// (400, 413, 431), what the client still sends is read and discarded for at most this long,
+    /// so that it reads the answer rather than a reset. 0: close at once.
+    #[arg(long, env = "TENSOR_WASM_LINGER_MS", default_value_t = 2_000)]
+    pub linger_ms: u64,
+
     /// Most open connections in the process, split evenly over the shards.
     #[arg(long, env = "TENSOR_WASM_MAX_CONNECTIONS", default_value_t = 16_384)]
     pub max_connections: u32,
@@ -593,6 +599,7 @@ impl ServeArgs {
                 body_timeout_ms: self.body_timeout_ms,
                 write_timeout_ms: self.write_timeout_ms,
                 idle_timeout_ms: self.idle_timeout_ms,
+                linger_ms: self.linger_ms,
                 max_connections: self.max_connections as usize,
                 max_instances: self.max_instances,
                 default_timeout_ms: self.default_timeout_ms,

@@ -173,8 +173,7 @@ pub async fn serve<T: Transport>(guard: ConnectionGuard, mut stream: T, peer: Pe
         let consumed = match parsed {
             Ok(n) => n,
             Err(e) => {
-                answer_protocol_error(&shard, &mut writer, &mut out, None, e, started);
-                let _ = flush(&mut stream, &mut out, limits.write_timeout()).await;
+                answer_protocol_error(&shard, &mut stream, &mut writer, &mut out, &mut buf, None, e, started).await;
                 return;
             }
         };
@@ -185,8 +184,8 @@ pub async fn serve<T: Transport>(guard: ConnectionGuard, mut stream: T, peer: Pe
             Ok(body) => body,
             Err(BodyError::Connection) => return,
             Err(BodyError::Http(e)) => {
-                answer_protocol_error(&shard, &mut writer, &mut out, Some(&head), e, started);
-                let _ = flush(&mut stream, &mut out, limits.write_timeout()).await;
+                answer_protocol_error(&shard, &mut stream, &mut writer, &mut out, &mut buf, Some(&head), e, started)
+                    .await;
                 return;
             }
         };
@@ -213,11 +212,15 @@ pub async fn serve<T: Transport>(guard: ConnectionGuard, mut stream: T, peer: Pe
     }
 }
 
-/// Queues the response to a request whose framing failed; the connection closes after it.
-fn answer_protocol_error(
+/// Answers a request whose framing failed; the connection closes after it, once the client has
+/// stopped sending (`linger`).
+#[allow(clippy::too_many_arguments)]
+async fn answer_protocol_error<T: Transport>(
     shard: &crate::server::shard::Shard,
+    stream: &mut T,
     writer: &mut ResponseWriter,
     out: &mut Vec<u8>,
+    buf: &mut Vec<u8>,
     head: Option<&RequestHead>,
     err: ApiError,
     started: Instant,
@@ -230,6 +233,29 @@ fn answer_protocol_error(
         None => (Route::Unmatched, Method::Other),
     };
     shard.metrics.record_request(route, method, response.status, started.elapsed());
+    // A client too slow to finish its request is not waited for again.
+    if flush(stream, out, shard.limits.write_timeout()).await && !matches!(err, ApiError::RequestTimeout) {
+        linger(stream, buf, &shard.limits, &shard.drain).await;
+    }
+}
+
+/// Reads and discards what the client still sends, until it closes, for at most `--linger-ms`
+/// (not at all once the process drains). A socket closed with unread bytes sends a reset, which
+/// fails the client's write of the rest of its request and can discard the answer before it is
+/// read. The time bounds the cost: a legitimate upload of the largest body costs as much.
+async fn linger<T: Transport>(stream: &mut T, buf: &mut Vec<u8>, limits: &Limits, drain: &LocalEvent) {
+    let deadline = Instant::now() + limits.linger();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        buf.clear();
+        match read_more(stream, buf, left, Some(drain)).await {
+            Read::Data => {}
+            Read::Eof | Read::TimedOut | Read::Drained | Read::Failed => return,
+        }
+    }
 }
 
 enum BodyError {
