@@ -100,6 +100,26 @@ fn oversized_bodies_get_413_and_the_connection_closes() {
 }
 
 #[test]
+fn a_client_still_sending_after_its_error_answer_is_let_go_after_the_linger() {
+    let server = Server::start(&["--max-body-bytes", "1024", "--linger-ms", "200"]);
+    let mut c = server.client();
+    c.send_raw(b"POST /functions HTTP/1.1\r\ncontent-length: 1000000000\r\n\r\n");
+    let r = c.read_response();
+    assert_eq!((r.status, r.error_kind().as_str()), (413, "body_too_large"));
+    // The server reads and discards the body it refused for 200 ms, then closes: a write fails
+    // soon after, where a server lingering without end would take all of it.
+    let chunk = vec![b'x'; 64 * 1024];
+    let started = Instant::now();
+    let mut sent = 0usize;
+    while c.try_send_raw(&chunk).is_ok() {
+        sent += chunk.len();
+        assert!(started.elapsed() < Duration::from_secs(20) && sent < 1_000_000_000, "still taken after {sent} bytes");
+    }
+    // A connection still served the while.
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
+}
+
+#[test]
 fn oversized_or_too_many_headers_get_431() {
     let server = Server::start(&["--max-header-bytes", "1024", "--max-headers", "8"]);
     let mut c = server.client();
