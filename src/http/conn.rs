@@ -240,9 +240,10 @@ async fn answer_protocol_error<T: Transport>(
 }
 
 /// Reads and discards what the client still sends, until it closes, for at most `--linger-ms`
-/// (not at all once the process drains). A socket closed with unread bytes sends a reset, which
-/// fails the client's write of the rest of its request and can discard the answer before it is
-/// read. The time bounds the cost: a legitimate upload of the largest body costs as much.
+/// (less once the process drains, unless bytes keep coming). A socket closed with unread bytes
+/// sends a reset, which fails the client's write of the rest of its request and can discard the
+/// answer before it is read. The time bounds the cost: a legitimate upload of the largest body
+/// costs as much.
 async fn linger<T: Transport>(stream: &mut T, buf: &mut Vec<u8>, limits: &Limits, drain: &LocalEvent) {
     let deadline = Instant::now() + limits.linger();
     loop {
