@@ -484,8 +484,7 @@ fn with_tls_the_harness_starts_ours_speaking_it_and_measures_over_it() {
 
     // A server started with the harness's certificate answers its client over TLS and refuses
     // plain HTTP.
-    let dir = tempfile::tempdir().unwrap();
-    let tls = StartedTls::self_signed(dir.path()).unwrap();
+    let tls = StartedTls::self_signed().unwrap();
     let server = StartedServer::start(
         Implementation::TensorWasm,
         &server_binary(),
@@ -513,8 +512,7 @@ fn with_tls_the_harness_starts_ours_speaking_it_and_measures_over_it() {
     assert_eq!(baseline.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("plain HTTP only"), "{stderr}");
     assert!(!refused.path().join("args").exists(), "a server was started: {:?}", recorded_starts(refused.path()));
-    let cert = dir.path().join("cert.pem");
-    let trust = Command::new(bench_binary()).arg("--ca-cert").arg(&cert).args(["--quiet"]).output().unwrap();
+    let trust = Command::new(bench_binary()).arg("--ca-cert").arg(tls.cert()).args(["--quiet"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&trust.stderr);
     assert_eq!(trust.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("live https:// --server"), "{stderr}");

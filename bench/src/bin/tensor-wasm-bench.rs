@@ -242,8 +242,6 @@ fn run(args: Args) -> Result<bool, String> {
     };
     let cpus = tensor_wasm_bench::harness::run::cpu_count(server_cpus.as_deref());
     let trust = args.trust.client_tls()?;
-    // Kept until the run ends: the certificate of the servers it starts.
-    let mut tls_dir = None;
     let source = match &args.server {
         Some(url) => {
             if args.baseline || args.scale || server_cpus.is_some() || args.tls {
@@ -268,13 +266,7 @@ fn run(args: Args) -> Result<bool, String> {
             },
             shards: args.shards,
             cpus: server_cpus,
-            tls: if args.tls {
-                let dir = tls_dir
-                    .insert(tempfile::tempdir().map_err(|e| format!("cannot make a folder for the certificate: {e}"))?);
-                Some(StartedTls::self_signed(dir.path())?)
-            } else {
-                None
-            },
+            tls: if args.tls { Some(StartedTls::self_signed()?) } else { None },
         },
     };
     let cpus_of_its_own = match (&source, harness_cpus) {

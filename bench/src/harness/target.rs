@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tensor_wasm::http::client::Target;
@@ -118,29 +119,34 @@ impl Endpoint {
 /// since the harness's keep-alive connections handshake once, before the schedule starts.
 #[derive(Clone, Debug)]
 pub struct StartedTls {
-    cert: PathBuf,
-    key: PathBuf,
+    /// Holds `cert.pem` and `key.pem`; removed with the last clone.
+    dir: Arc<tempfile::TempDir>,
     pub client: Tls,
 }
 
 impl StartedTls {
-    /// Writes the certificate (`cert.pem`) and its key (`key.pem`) into `dir`, which must outlive
-    /// every server started with them.
-    pub fn self_signed(dir: &Path) -> Result<StartedTls, String> {
+    pub fn self_signed() -> Result<StartedTls, String> {
         const NAME: &str = "localhost";
         let made = rcgen::generate_simple_self_signed(vec![NAME.to_string(), "127.0.0.1".to_string()])
             .map_err(|e| format!("cannot make a self-signed certificate: {e}"))?;
-        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let dir = tempfile::tempdir().map_err(|e| format!("cannot make a folder for the certificate: {e}"))?;
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         for (path, pem) in [(&cert, made.cert.pem()), (&key, made.signing_key.serialize_pem())] {
             std::fs::write(path, pem).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         }
         let client = Tls::new(&ClientTls::new(Some(&cert), None)?, NAME)?;
-        Ok(StartedTls { cert, key, client })
+        Ok(StartedTls { dir: Arc::new(dir), client })
+    }
+
+    /// The certificate's PEM file, which is also the only CA its client trusts.
+    pub fn cert(&self) -> PathBuf {
+        self.dir.path().join("cert.pem")
     }
 
     /// The flags that make ours speak TLS with this certificate.
     pub fn server_args(&self) -> [String; 4] {
-        ["--tls-cert".into(), self.cert.display().to_string(), "--tls-key".into(), self.key.display().to_string()]
+        let key = self.dir.path().join("key.pem");
+        ["--tls-cert".into(), self.cert().display().to_string(), "--tls-key".into(), key.display().to_string()]
     }
 }
 
