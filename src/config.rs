@@ -27,6 +27,9 @@ pub struct ServerConfig {
     pub pin_shards: crate::server::cpu::PinShards,
     pub data_dir: PathBuf,
     pub io_driver: IoDriverChoice,
+    /// How long a shard keeps polling without sleeping after a request (`--idle-spin-us`); zero:
+    /// it parks as soon as it has nothing to do.
+    pub idle_spin: std::time::Duration,
     pub drain_grace_ms: u64,
     pub drain_timeout_ms: u64,
     pub admin_queue_depth: usize,

@@ -4,6 +4,8 @@
 mod common;
 
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{guests, Server};
@@ -235,6 +237,59 @@ fn the_io_driver_is_selectable_and_reported() {
         let hello = server.deploy("hello", &guests::hello());
         assert_eq!(server.client().invoke(&hello, b"").status, 200);
     }
+}
+
+#[test]
+fn a_shard_spins_for_its_window_after_a_request_then_sleeps_and_its_deadlines_still_fire() {
+    let window = Duration::from_millis(1500);
+    let server = Server::start(&["--shards", "1", "--idle-spin-us", "1500000", "--header-timeout-ms", "300"]);
+    let shard_cpu = || {
+        let threads = common::threads(server.pid());
+        threads.iter().find(|t| t.name == "tw-shard-0").expect("the shard thread").cpu_time
+    };
+    let cpu_over = |span: Duration| {
+        let before = shard_cpu();
+        std::thread::sleep(span);
+        shard_cpu() - before
+    };
+    let text = server.client().request("GET", "/metrics", &[], b"").text();
+    assert!(text.contains("tensor_wasm_shard_io_driver{shard=\"0\",driver=\"epoll\"} 1"), "auto picks epoll");
+
+    // Spinning for the window after that request, then asleep. The bounds are loose (a spinning
+    // shard takes a whole CPU, a sleeping one next to nothing) for a machine running other tests.
+    let spun = cpu_over(Duration::from_secs(1));
+    assert!(spun >= Duration::from_millis(250), "spun for {spun:?} of 1 s");
+    std::thread::sleep(window);
+    let slept = cpu_over(Duration::from_secs(1));
+    assert!(slept <= Duration::from_millis(100), "idle, yet took {slept:?} of 1 s");
+
+    // A header deadline fires on time while requests keep the shard spinning.
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let (stop, mut client) = (stop.clone(), server.client());
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(5) {
+                assert_eq!(client.request("GET", "/healthz", &[], b"").status, 200);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let mut stalled = server.client();
+    stalled.send_raw(b"GET /healthz HTTP/1.1\r\n");
+    let sent = Instant::now();
+    assert_eq!(stalled.read_response().status, 408);
+    let answered = sent.elapsed();
+    let spinning = cpu_over(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    busy.join().unwrap();
+    assert!(answered < Duration::from_secs(2), "the 300 ms header deadline fired after {answered:?}");
+    assert!(spinning >= Duration::from_millis(100), "not spinning meanwhile: {spinning:?} of 500 ms");
+
+    // io_uring takes other threads' wakes only when it sleeps: it does not spin.
+    let (code, _, stderr) = common::tensor_wasm(&["serve", "--io-driver", "io-uring", "--idle-spin-us", "50"], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--idle-spin-us needs the epoll driver"), "{stderr}");
 }
 
 #[test]

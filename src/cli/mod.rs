@@ -163,6 +163,13 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_IO_DRIVER", value_enum, default_value_t = IoDriverArg::Auto)]
     pub io_driver: IoDriverArg,
 
+    /// For this long after a request, a shard keeps polling its sockets instead of sleeping, so
+    /// that the next request is read without a wake-up. It spends that CPU time spinning: for
+    /// shards on CPUs of their own (a static CPU policy, pinned shards). Runs on the epoll driver,
+    /// which `auto` then picks. 0: sleep at once.
+    #[arg(long, env = "TENSOR_WASM_IDLE_SPIN_US", default_value_t = 0)]
+    pub idle_spin_us: u64,
+
     /// Largest request body accepted; larger bodies get 413.
     #[arg(long, env = "TENSOR_WASM_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_body_bytes: u64,
@@ -542,10 +549,17 @@ impl ServeArgs {
                 networks if networks.is_empty() => SinkNetworks::AnyButLinkLocal,
                 networks => SinkNetworks::Only(networks),
             };
-        let io_driver = match self.io_driver {
-            IoDriverArg::Auto => IoDriverChoice::Auto,
-            IoDriverArg::IoUring => IoDriverChoice::IoUring,
-            IoDriverArg::Epoll => IoDriverChoice::Epoll,
+        // Spinning needs epoll's non-blocking poll, which also takes other threads' wakes
+        // (server/idle_spin.rs).
+        let io_driver = match (self.io_driver, self.idle_spin_us) {
+            (IoDriverArg::IoUring, 1..) => {
+                return Err("--idle-spin-us needs the epoll driver: io_uring takes other threads' wakes only when it \
+                            sleeps (use --io-driver auto or epoll, or --idle-spin-us 0)"
+                    .into())
+            }
+            (IoDriverArg::Auto, 1..) | (IoDriverArg::Epoll, _) => IoDriverChoice::Epoll,
+            (IoDriverArg::Auto, 0) => IoDriverChoice::Auto,
+            (IoDriverArg::IoUring, 0) => IoDriverChoice::IoUring,
         };
         Ok(ServerConfig {
             listen: self.listen,
@@ -557,6 +571,7 @@ impl ServeArgs {
             },
             data_dir: self.data_dir,
             io_driver,
+            idle_spin: std::time::Duration::from_micros(self.idle_spin_us),
             drain_grace_ms: self.drain_grace_ms,
             drain_timeout_ms: self.drain_timeout_ms,
             admin_queue_depth: self.admin_queue_depth as usize,

@@ -170,6 +170,7 @@ pub async fn serve<T: Transport>(guard: ConnectionGuard, mut stream: T, peer: Pe
             }
         };
         let started = Instant::now();
+        shard.idle_spin.note_request();
         let consumed = match parsed {
             Ok(n) => n,
             Err(e) => {

@@ -7,6 +7,7 @@
 pub mod cpu;
 pub mod event;
 pub mod fair_yield;
+pub mod idle_spin;
 pub mod listener;
 pub mod logging;
 pub mod published;
@@ -246,6 +247,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
             commit: commit_slots[i].clone(),
             shared: shared.clone(),
             io_driver: config.io_driver,
+            idle_spin: config.idle_spin,
             shard_count,
             drain_timeout: Duration::from_millis(config.drain_timeout_ms),
             drain_rx,

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use wasmtime::{Engine, Store};
 
 use super::event::{race, Either, LocalEvent};
+use super::idle_spin::IdleSpin;
 use super::published::{Published, Subscription};
 use super::{cpu, Shared};
 use crate::audit::{AuditConfig, CommitSlot, ShardAudit};
@@ -46,6 +47,7 @@ pub struct ShardInit {
     pub commit: Arc<CommitSlot>,
     pub shared: Arc<Shared>,
     pub io_driver: IoDriverChoice,
+    pub idle_spin: Duration,
     pub shard_count: usize,
     pub drain_timeout: Duration,
     pub drain_rx: oneshot::Receiver<()>,
@@ -68,6 +70,8 @@ pub struct Shard {
     pub shared: Arc<Shared>,
     /// Fired when the process drains: stop accepting, close idle connections.
     pub drain: LocalEvent,
+    /// Told of every request, for the spinner of `--idle-spin-us`.
+    pub idle_spin: Rc<IdleSpin>,
     /// Fired when draining and the last connection closed.
     all_closed: LocalEvent,
     connections: Cell<usize>,
@@ -142,6 +146,7 @@ async fn serve(init: ShardInit) {
         audit,
         commit,
         shared,
+        idle_spin,
         shard_count,
         drain_timeout,
         drain_rx,
@@ -177,6 +182,7 @@ async fn serve(init: ShardInit) {
         request_id_prefix: request_id_prefix(id),
         shared,
         drain: LocalEvent::default(),
+        idle_spin: Rc::default(),
         all_closed: LocalEvent::default(),
         connections: Cell::new(0),
         instances: Cell::new(0),
@@ -184,6 +190,9 @@ async fn serve(init: ShardInit) {
     });
 
     monoio::spawn(super::fair_yield::pump());
+    if !idle_spin.is_zero() {
+        monoio::spawn(shard.idle_spin.clone().spin(idle_spin));
+    }
     // Routes kernel completions from the device workers to this shard's waiting guests.
     monoio::spawn(shard.shared.dispatcher.poller(id));
     let on_drain = shard.clone();
