@@ -79,7 +79,9 @@ fn the_chart_lints_renders_and_validates() {
         assert!(ok, "helm {args:?}:\n{out}");
     }
     // values.schema.json catches a typo and a bad value.
-    for bad in ["replicaCount=-1", "tyop=1", "cpuPinning.cpus=0", "image.pullPolicy=Sometimes"] {
+    for bad in
+        ["replicaCount=-1", "tyop=1", "cpuPinning.cpus=0", "cpuPinning.idleSpinUs=-1", "image.pullPolicy=Sometimes"]
+    {
         let (ok, out) = run(&helm, &["lint", &chart(), "--set", bad], None);
         assert!(!ok, "the schema let {bad} through:\n{out}");
     }
@@ -88,6 +90,7 @@ fn the_chart_lints_renders_and_validates() {
     // read-only root file system, shards from the CPU limit.
     let defaults = render(&[]);
     validate("defaults", &defaults);
+    assert!(!defaults.contains("TENSOR_WASM_IDLE_SPIN_US"), "shards sleep unless their CPUs are their own");
     for expected in [
         ":tenant=*\"",
         "path: /readyz",
@@ -130,7 +133,7 @@ fn the_chart_lints_renders_and_validates() {
     // Static CPU policy, modules from the values, native mTLS.
     let pinned = render(&[
         "--set",
-        "cpuPinning.enabled=true,cpuPinning.cpus=6,cpuPinning.memory=8Gi,gpu.enabled=true",
+        "cpuPinning.enabled=true,cpuPinning.cpus=6,cpuPinning.memory=8Gi,cpuPinning.idleSpinUs=100,gpu.enabled=true",
         "--set",
         "functions.modules.hello\\.wasm=AGFzbQEAAAABBAFgAAADAgEABwoBBl9zdGFydAAACgQBAgAL",
         "--set",
@@ -150,6 +153,7 @@ fn the_chart_lints_renders_and_validates() {
         "hello.wasm: AGFzbQEAAAABBAFgAAADAgEABwoBBl9zdGFydAAACgQBAgAL",
         "{ name: TENSOR_WASM_FUNCTIONS_DIR, value: /etc/tensor-wasm/functions }",
         "{ name: TENSOR_WASM_TLS_CLIENT_CA, value: /etc/tensor-wasm/client-ca/ca.crt }",
+        "{ name: TENSOR_WASM_IDLE_SPIN_US, value: \"100\" }",
         "tcpSocket: { port: http }",
     ] {
         assert!(pinned.contains(expected), "pinned lacks {expected:?}:\n{pinned}");
