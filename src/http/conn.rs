@@ -174,7 +174,7 @@ pub async fn serve<T: Transport>(guard: ConnectionGuard, mut stream: T, peer: Pe
         let consumed = match parsed {
             Ok(n) => n,
             Err(e) => {
-                answer_protocol_error(&shard, &mut stream, &mut writer, &mut out, &mut buf, None, e, started).await;
+                answer_protocol_error(&shard, &mut stream, &mut out, &mut buf, None, e, started).await;
                 return;
             }
         };
@@ -185,8 +185,7 @@ pub async fn serve<T: Transport>(guard: ConnectionGuard, mut stream: T, peer: Pe
             Ok(body) => body,
             Err(BodyError::Connection) => return,
             Err(BodyError::Http(e)) => {
-                answer_protocol_error(&shard, &mut stream, &mut writer, &mut out, &mut buf, Some(&head), e, started)
-                    .await;
+                answer_protocol_error(&shard, &mut stream, &mut out, &mut buf, Some(&head), e, started).await;
                 return;
             }
         };
@@ -214,12 +213,10 @@ pub async fn serve<T: Transport>(guard: ConnectionGuard, mut stream: T, peer: Pe
 }
 
 /// Answers a request whose framing failed; the connection closes after it, once the client has
-/// stopped sending (`linger`).
-#[allow(clippy::too_many_arguments)]
+/// stopped sending (`linger`). Answers already queued in `out` go first.
 async fn answer_protocol_error<T: Transport>(
     shard: &crate::server::shard::Shard,
     stream: &mut T,
-    writer: &mut ResponseWriter,
     out: &mut Vec<u8>,
     buf: &mut Vec<u8>,
     head: Option<&RequestHead>,
@@ -228,7 +225,8 @@ async fn answer_protocol_error<T: Transport>(
 ) {
     debug_assert!(err.closes_connection());
     let response = Response::error(&err);
-    writer.write(out, &response, false, false);
+    // The connection's last answer: a fresh writer's one formatting of the date costs nothing here.
+    ResponseWriter::default().write(out, &response, false, false);
     let (route, method) = match head {
         Some(h) => (Route::match_path(h.path()).0, h.method()),
         None => (Route::Unmatched, Method::Other),
