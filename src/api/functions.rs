@@ -108,11 +108,16 @@ pub async fn invoke(
         (Entry::Export { name: call.export, args: call.args }, Vec::new())
     };
     let output = execute(shard, ctx.tenant, &function, stdin, entry, timeout).await?;
+    // Structs, not `json!`: these answer every export call and every empty-output invoke, and a
+    // map costs allocations.
     if let Some(results) = output.results {
-        return Ok(Response::json_value(Status::Ok, &json!({ "result": results })));
+        #[derive(serde::Serialize)]
+        struct Returned {
+            result: Vec<serde_json::Value>,
+        }
+        return Ok(Response::json_value(Status::Ok, &Returned { result: results }));
     }
     if output.stdout.is_empty() {
-        // A struct, not `json!`: this is every empty-output invoke, and a map costs allocations.
         #[derive(serde::Serialize)]
         struct Done<'a> {
             result: &'static str,
