@@ -1,6 +1,8 @@
-//! The CPUs this process may run on, and pinning a thread to one of them.
+//! The CPUs this process may run on, pinning a thread to one of them, and the CPU time a process
+//! or thread has used (for the benchmarks and tests that measure shards).
 
 use std::io;
+use std::time::Duration;
 
 /// The CPUs in the process's allowed set (honours `taskset` and Kubernetes' static CPU policy).
 pub fn allowed_cpus() -> io::Result<Vec<usize>> {
@@ -13,6 +15,18 @@ pub fn allowed_cpus() -> io::Result<Vec<usize>> {
         }
         Ok((0..libc::CPU_SETSIZE as usize).filter(|&cpu| libc::CPU_ISSET(cpu, &set)).collect())
     }
+}
+
+/// User plus system CPU time from the text of a `/proc/PID/stat` or `/proc/PID/task/TID/stat`
+/// file; `None` when it does not parse.
+pub fn cpu_time_from_stat(stat: &str) -> Option<Duration> {
+    // The command name may hold spaces; the fields after its closing parenthesis (field 3 on of
+    // proc(5)) do not. utime and stime are fields 14 and 15, in clock ticks.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(14 - 3);
+    let ticks = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|&hz| hz > 0)?;
+    Some(Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / per_second))
 }
 
 /// Pins the calling thread to `cpu`.
@@ -202,6 +216,18 @@ mod tests {
         let dir = root.join(relative);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(file), text).unwrap();
+    }
+
+    #[test]
+    fn cpu_time_is_user_plus_system_from_a_stat_line_whose_name_has_spaces() {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        let stat = format!("42 (tw shard) 0) R 1 42 42 0 -1 4194560 10 0 0 0 {} {} 0 0 20 0 3", 3 * hz, hz / 2);
+        assert_eq!(cpu_time_from_stat(&stat), Some(Duration::from_millis(3_500)));
+        assert_eq!(cpu_time_from_stat("42 (short) R 1"), None);
+        // And the kernel's own file parses.
+        let own = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(cpu_time_from_stat(&own).is_some());
     }
 
     #[test]

@@ -21,7 +21,7 @@
 //! a shard sets is a deadline (a request's, a guest's), for which a few milliseconds more do not
 //! matter.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
@@ -35,14 +35,14 @@ pub struct IdleSpin {
     /// Requests the shard has begun, wrapping.
     requests: Cell<u64>,
     /// The spinner, when it waits for a request to start spinning again.
-    idle: RefCell<Option<Waker>>,
+    idle: Cell<Option<Waker>>,
 }
 
 impl IdleSpin {
     /// Counts a request; a spinner that went idle starts again.
     pub fn note_request(&self) {
         self.requests.set(self.requests.get().wrapping_add(1));
-        if let Some(spinner) = self.idle.borrow_mut().take() {
+        if let Some(spinner) = self.idle.take() {
             spinner.wake();
         }
     }
@@ -57,7 +57,7 @@ impl IdleSpin {
                 if self.requests.get() != seen {
                     return Poll::Ready(());
                 }
-                *self.idle.borrow_mut() = Some(cx.waker().clone());
+                self.idle.set(Some(cx.waker().clone()));
                 Poll::Pending
             })
             .await;

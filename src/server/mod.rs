@@ -112,17 +112,19 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         Some(pinned) => {
             tracing::info!(shards = shard_count, cpus = %cpu::format_list(pinned), "shards pinned, one per CPU")
         }
-        None => tracing::info!(
-            shards = shard_count,
-            allowed = %cpu::format_list(&cpus),
-            "shards not pinned: they float over the allowed CPUs (--pin-shards)"
-        ),
-    }
-    if !config.idle_spin.is_zero() && shard_cpus.is_none() {
-        tracing::warn!(
-            idle_spin_us = config.idle_spin.as_micros() as u64,
-            "shards spin after requests but share their CPUs: the spinning takes CPU time from the other threads"
-        );
+        None => {
+            tracing::info!(
+                shards = shard_count,
+                allowed = %cpu::format_list(&cpus),
+                "shards not pinned: they float over the allowed CPUs (--pin-shards)"
+            );
+            if !config.idle_spin.is_zero() {
+                tracing::warn!(
+                    idle_spin_us = config.idle_spin.as_micros() as u64,
+                    "shards spin after requests but share their CPUs: the spinning takes CPU time from the other threads"
+                );
+            }
+        }
     }
 
     let auth_config = Arc::new(config.auth.clone());

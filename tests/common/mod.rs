@@ -280,7 +280,7 @@ pub struct ThreadInfo {
     pub nice: i64,
     /// The scheduling policy: 0 normal, 5 SCHED_IDLE.
     pub policy: u64,
-    /// User plus system time, in the kernel's clock ticks (10 ms where `CLK_TCK` is 100).
+    /// User plus system time, counted in the kernel's clock ticks (10 ms where `CLK_TCK` is 100).
     pub cpu_time: Duration,
 }
 
@@ -297,12 +297,7 @@ pub fn threads(pid: u32) -> Vec<ThreadInfo> {
             cpus: status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?.trim().to_string(),
             nice: fields[19 - 3].parse().ok()?,
             policy: fields[41 - 3].parse().ok()?,
-            cpu_time: {
-                let ticks: u64 = fields[14 - 3].parse::<u64>().ok()? + fields[15 - 3].parse::<u64>().ok()?;
-                // SAFETY: sysconf reads a constant of the running kernel.
-                let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-                Duration::from_nanos(ticks * 1_000_000_000 / per_second)
-            },
+            cpu_time: tensor_wasm::server::cpu::cpu_time_from_stat(&stat)?,
         })
     };
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();

@@ -402,12 +402,7 @@ fn machine_ticks() -> Option<(u64, u64)> {
 /// User plus system CPU seconds of process `pid` so far.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces; the fields after its closing parenthesis do not.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (hz > 0.0).then(|| ticks / hz)
+    tensor_wasm::server::cpu::cpu_time_from_stat(&stat).map(|t| t.as_secs_f64())
 }
 
 /// One of the server's histograms over a run (warm-up included): the upper bounds, in µs, of the
