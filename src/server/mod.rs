@@ -255,7 +255,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
             commit: commit_slots[i].clone(),
             shared: shared.clone(),
             io_driver: config.io_driver,
-            idle_spin: config.idle_spin,
+            spin_window: config.idle_spin,
             shard_count,
             drain_timeout: Duration::from_millis(config.drain_timeout_ms),
             drain_rx,

@@ -47,7 +47,8 @@ pub struct ShardInit {
     pub commit: Arc<CommitSlot>,
     pub shared: Arc<Shared>,
     pub io_driver: IoDriverChoice,
-    pub idle_spin: Duration,
+    /// How long the shard polls after a request before it sleeps (`--idle-spin-us`); zero: no spinner.
+    pub spin_window: Duration,
     pub shard_count: usize,
     pub drain_timeout: Duration,
     pub drain_rx: oneshot::Receiver<()>,
@@ -146,7 +147,7 @@ async fn serve(init: ShardInit) {
         audit,
         commit,
         shared,
-        idle_spin,
+        spin_window,
         shard_count,
         drain_timeout,
         drain_rx,
@@ -190,8 +191,8 @@ async fn serve(init: ShardInit) {
     });
 
     monoio::spawn(super::fair_yield::pump());
-    if !idle_spin.is_zero() {
-        monoio::spawn(shard.idle_spin.clone().spin(idle_spin));
+    if !spin_window.is_zero() {
+        monoio::spawn(shard.idle_spin.clone().spin(spin_window));
     }
     // Routes kernel completions from the device workers to this shard's waiting guests.
     monoio::spawn(shard.shared.dispatcher.poller(id));
