@@ -52,7 +52,17 @@ pub struct ServerConfig {
 /// Limits shared read-only by every shard.
 #[derive(Clone, Debug)]
 pub struct Limits {
+    /// The largest body of a control-plane request: a deploy (the module, base64-encoded, with its
+    /// settings) or a pipeline's definition.
     pub max_body_bytes: u64,
+    /// The largest body of an invoke, of a function or a pipeline.
+    pub max_invoke_body_bytes: u64,
+    /// Most body bytes one shard holds for requests in flight, whatever their routes; past it,
+    /// 503 `overloaded`.
+    pub max_inflight_body_bytes: u64,
+    /// Most invocations one tenant may run at once in the process, split over the shards; past
+    /// it, 429 `concurrency_limited`.
+    pub max_concurrent_per_tenant: u32,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub header_timeout_ms: u64,

@@ -36,6 +36,14 @@ pub enum ApiError {
     RateLimited {
         retry_after_secs: u64,
     },
+    /// A source address that keeps failing authentication is over its rate.
+    UnauthenticatedRateLimited {
+        retry_after_secs: u64,
+    },
+    /// The tenant already runs as many invocations as `--max-concurrent-per-tenant` allows.
+    ConcurrencyLimited {
+        limit: u32,
+    },
     // --- request content ---
     InvalidJson(String),
     InvalidRequest(String),
@@ -130,7 +138,9 @@ impl ApiError {
             | DuplicateTenantHeader => Status::BadRequest,
             Unauthorized => Status::Unauthorized,
             TenantScopeDenied { .. } => Status::Forbidden,
-            RateLimited { .. } => Status::TooManyRequests,
+            RateLimited { .. } | ConcurrencyLimited { .. } | UnauthenticatedRateLimited { .. } => {
+                Status::TooManyRequests
+            }
             HeadersTooLarge { .. } | TooManyHeaders { .. } => Status::RequestHeaderFieldsTooLarge,
             BodyTooLarge { .. } => Status::PayloadTooLarge,
             RequestTimeout => Status::RequestTimeout,
@@ -172,6 +182,8 @@ impl ApiError {
             DuplicateTenantHeader => "duplicate_tenant_header",
             TenantScopeDenied { .. } => "tenant_scope_denied",
             RateLimited { .. } => "rate_limited",
+            ConcurrencyLimited { .. } => "concurrency_limited",
+            UnauthenticatedRateLimited { .. } => "unauthenticated_rate_limited",
             InvalidJson(_) => "invalid_json",
             InvalidRequest(_) => "invalid_request",
             InvalidBase64(_) => "invalid_base64",
@@ -213,10 +225,14 @@ impl ApiError {
             ApiError::PipelineStep { error, .. } => error.extra_headers(),
             ApiError::MethodNotAllowed { allow } => Some(("allow", allow.to_string())),
             ApiError::Unauthorized => Some(("www-authenticate", "Bearer realm=\"tensor-wasm\"".into())),
-            ApiError::Overloaded(_) | ApiError::AuditUnavailable | ApiError::NotReady | ApiError::Draining => {
-                Some(("retry-after", "1".into()))
+            ApiError::Overloaded(_)
+            | ApiError::AuditUnavailable
+            | ApiError::NotReady
+            | ApiError::Draining
+            | ApiError::ConcurrencyLimited { .. } => Some(("retry-after", "1".into())),
+            ApiError::RateLimited { retry_after_secs } | ApiError::UnauthenticatedRateLimited { retry_after_secs } => {
+                Some(("retry-after", retry_after_secs.to_string()))
             }
-            ApiError::RateLimited { retry_after_secs } => Some(("retry-after", retry_after_secs.to_string())),
             _ => None,
         }
     }
@@ -268,6 +284,13 @@ impl fmt::Display for ApiError {
             RateLimited { retry_after_secs } => {
                 write!(f, "this token is over its request rate; retry in {retry_after_secs} s")
             }
+            UnauthenticatedRateLimited { retry_after_secs } => {
+                write!(f, "too many requests from this address failed authentication; retry in {retry_after_secs} s")
+            }
+            ConcurrencyLimited { limit } => write!(
+                f,
+                "this tenant already runs as many invocations as it may ({limit} in the whole server); retry shortly"
+            ),
             RouteNotFound => write!(f, "no such route"),
             MethodNotAllowed { allow } => {
                 write!(f, "method not allowed on this route; allowed: {allow}")

@@ -283,7 +283,7 @@ fn concurrent_invokes_spread_over_all_shards() {
 
 #[test]
 fn instance_slots_are_bounded() {
-    let server = Server::start(&["--shards", "1", "--max-instances", "1"]);
+    let server = Server::start(&["--shards", "1", "--max-instances", "1", "--max-concurrent-per-tenant", "2"]);
     let busy = server.deploy("busy", &guests::busy(1500));
     let addr = server.addr;
     let id = busy.clone();
@@ -299,7 +299,7 @@ fn instance_slots_are_bounded() {
 #[test]
 fn a_spent_instance_frees_its_slot_once_answered_and_before_the_next_step() {
     // One slot: every invoke and every pipeline step must find the previous one's freed.
-    let server = Server::start(&["--shards", "1", "--max-instances", "1"]);
+    let server = Server::start(&["--shards", "1", "--max-instances", "1", "--max-concurrent-per-tenant", "2"]);
     let echo = server.deploy("echo", &guests::echo());
     let mut c = server.client();
     for i in 0..20 {

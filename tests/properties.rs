@@ -183,6 +183,7 @@ proptest! {
                 latency_us: seq,
                 peer_addr: "127.0.0.1:1".parse().unwrap(),
                 client_cert_subject: None,
+                repeated: 0,
             };
             prev = encode(&event, 0, seq, &prev, &mut line);
             segment.extend_from_slice(line.as_bytes());

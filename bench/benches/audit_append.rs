@@ -32,6 +32,7 @@ fn event(i: u64) -> AuditEvent {
         latency_us: 9,
         peer_addr: "127.0.0.1:47436".parse().unwrap(),
         client_cert_subject: None,
+        repeated: 0,
     }
 }
 

@@ -1,8 +1,10 @@
 //! Routes: which handler answers which request, and the handlers themselves. Every handler returns
 //! `Result<Response, ApiError>`; errors become responses in one place, here.
 //!
-//! Order of checks: the route and method (404, 405), then for function routes the caller (401),
-//! its rate (429) and the tenant (400, 403). Probes are open; `/metrics` has its own optional token.
+//! Order of checks, all on the head before any body byte is read ([`admit`]): the route and method
+//! (404, 405), then for function routes room in the audit log (503), the caller (401), its rate
+//! (429) and the tenant (400, 403); then the body's size against the route's limit (413). Probes
+//! are open; `/metrics` has its own optional token.
 
 mod functions;
 mod pipelines;
@@ -13,6 +15,9 @@ mod run;
 pub use route::Route;
 
 use crate::audit::{Actor, ActorScope, AuditEvent, AuditTicket};
+use std::time::Instant;
+
+use crate::auth::refusals::{Refused, Verdict};
 use crate::auth::{Caller, Scope};
 use crate::error::ApiError;
 use crate::functions::record::is_valid_id;
@@ -116,6 +121,8 @@ pub struct PendingAudit {
     pub client_cert_subject: Option<String>,
     /// A failed pipeline's step: its index and function.
     pub failed_step: Option<(usize, String)>,
+    /// For a coalesced refusal, how many like it were left out before (`auth::refusals`).
+    pub repeated: u64,
 }
 
 impl PendingAudit {
@@ -143,6 +150,7 @@ impl PendingAudit {
             latency_us: latency.as_micros() as u64,
             peer_addr: peer,
             client_cert_subject: self.client_cert_subject,
+            repeated: self.repeated,
         };
         (self.ticket, event)
     }
@@ -161,48 +169,63 @@ fn actor_of(caller: &Caller) -> Actor {
     }
 }
 
-/// Answers one request. Returns the matched route (for metrics), the response, and for a
-/// protected request its pending audit record.
-pub async fn handle(
-    shard: &Shard,
-    peer: &Peer,
-    head: &RequestHead,
-    body: Vec<u8>,
-) -> (Route, Response, Option<PendingAudit>) {
-    let (route, id) = Route::match_path(head.path());
-    let mut audit = None;
-    let result = dispatch(shard, peer, route, id, head, body, &mut audit).await;
-    (route, result.unwrap_or_else(|e| Response::error(&e)), audit)
+/// A request whose head passed every check a head allows: route and method, and for a function
+/// route room in the audit log, the caller, its rate and its tenant. Only then is its body read,
+/// at most `body_limit` bytes of it: a request that will be refused never costs its body.
+pub struct Admitted<'h> {
+    pub body_limit: u64,
+    what: Admit<'h>,
 }
 
-async fn dispatch(
+enum Admit<'h> {
+    Healthz,
+    Readyz,
+    Metrics,
+    Call { action: Action<'h>, ctx: RequestContext },
+}
+
+/// Decides, on the head alone, whether a request will be served. Returns the matched route (for
+/// metrics) and the admission or the refusal; for a function route `audit` holds its pending
+/// record either way.
+pub fn admit<'h>(
+    shard: &Shard,
+    peer: &Peer,
+    head: &'h RequestHead,
+    audit: &mut Option<PendingAudit>,
+) -> (Route, Result<Admitted<'h>, ApiError>) {
+    let (route, id) = Route::match_path(head.path());
+    (route, admit_route(shard, peer, route, id, head, audit))
+}
+
+fn admit_route<'h>(
     shard: &Shard,
     peer: &Peer,
     route: Route,
-    id: &str,
+    id: &'h str,
     head: &RequestHead,
-    body: Vec<u8>,
     audit: &mut Option<PendingAudit>,
-) -> Result<Response, ApiError> {
+) -> Result<Admitted<'h>, ApiError> {
     let method = head.method();
     let read = matches!(method, Method::Get | Method::Head);
-    let action = match (route, method) {
-        (Route::Healthz, _) if read => return Ok(probes::healthz()),
-        (Route::Readyz, _) if read => return Ok(probes::readyz(shard)),
+    // Probes, metrics and reads take no body; a deploy takes a module, an invoke its input.
+    let limits = &shard.limits;
+    let (action, body_limit) = match (route, method) {
+        (Route::Healthz, _) if read => return Ok(Admitted { body_limit: 0, what: Admit::Healthz }),
+        (Route::Readyz, _) if read => return Ok(Admitted { body_limit: 0, what: Admit::Readyz }),
         (Route::Metrics, _) if read => {
             shard.auth.authorize_metrics(head)?;
-            return Ok(probes::metrics(shard));
+            return Ok(Admitted { body_limit: 0, what: Admit::Metrics });
         }
-        (Route::Functions, _) if read => Action::List,
-        (Route::Functions, Method::Post) => Action::Deploy,
-        (Route::Function, _) if read => Action::Get(id),
-        (Route::Function, Method::Delete) => Action::Delete(id),
-        (Route::Invoke, Method::Post) => Action::Invoke(id),
-        (Route::Pipelines, _) if read => Action::ListPipelines,
-        (Route::Pipelines, Method::Post) => Action::CreatePipeline,
-        (Route::Pipeline, _) if read => Action::GetPipeline(id),
-        (Route::Pipeline, Method::Delete) => Action::DeletePipeline(id),
-        (Route::PipelineInvoke, Method::Post) => Action::InvokePipeline(id),
+        (Route::Functions, _) if read => (Action::List, 0),
+        (Route::Functions, Method::Post) => (Action::Deploy, limits.max_body_bytes),
+        (Route::Function, _) if read => (Action::Get(id), 0),
+        (Route::Function, Method::Delete) => (Action::Delete(id), 0),
+        (Route::Invoke, Method::Post) => (Action::Invoke(id), limits.max_invoke_body_bytes),
+        (Route::Pipelines, _) if read => (Action::ListPipelines, 0),
+        (Route::Pipelines, Method::Post) => (Action::CreatePipeline, limits.max_body_bytes),
+        (Route::Pipeline, _) if read => (Action::GetPipeline(id), 0),
+        (Route::Pipeline, Method::Delete) => (Action::DeletePipeline(id), 0),
+        (Route::PipelineInvoke, Method::Post) => (Action::InvokePipeline(id), limits.max_invoke_body_bytes),
         (Route::Unmatched, _) => return Err(ApiError::RouteNotFound),
         (route, _) => return Err(ApiError::MethodNotAllowed { allow: route.allow() }),
     };
@@ -219,13 +242,84 @@ async fn dispatch(
         tenant_id: None,
         client_cert_subject: subject.clone(),
         failed_step: None,
+        repeated: 0,
     });
-    let caller = shard.auth.authenticate(head).inspect_err(|_| pending.action = "auth_failure")?;
+    let caller = match shard.auth.authenticate(head) {
+        Ok(caller) => caller,
+        Err(e) => {
+            pending.action = "auth_failure";
+            // A source that keeps failing is slowed down, and its refusals are coalesced.
+            let err = match shard.refusals.charge_unauthenticated(peer.addr.ip(), Instant::now()) {
+                Ok(()) => e,
+                Err(wait) => ApiError::UnauthenticatedRateLimited { retry_after_secs: whole_seconds(wait) },
+            };
+            coalesce(shard, audit, Refused::source(peer.addr.ip()), &err);
+            return Err(err);
+        }
+    };
     pending.actor = actor_of(&caller);
-    shard.auth.admit(&caller)?;
+    if let Err(e) = shard.auth.admit(&caller) {
+        if let Caller::Bearer(token) = &caller {
+            coalesce(shard, audit, Refused::Token(token.id.clone()), &e);
+        }
+        return Err(e);
+    }
+    let pending = audit.as_mut().expect("filled in above");
     let tenant = shard.auth.tenant(head, &caller)?;
     pending.tenant_id = Some(tenant);
     let ctx = RequestContext { caller, tenant, client_cert_subject: subject };
+    Ok(Admitted { body_limit, what: Admit::Call { action, ctx } })
+}
+
+/// Records a repeated refusal only once per window of its source (or token) and kind: the
+/// others are left out of the audit log, and counted in the next record (`auth::refusals`).
+fn coalesce(shard: &Shard, audit: &mut Option<PendingAudit>, who: Refused, err: &ApiError) {
+    match shard.refusals.audit(who, err.kind(), Instant::now()) {
+        Verdict::Record { repeated } => {
+            if let Some(pending) = audit {
+                pending.repeated = repeated;
+            }
+        }
+        Verdict::LeaveOut => {
+            if let Some(pending) = audit.take() {
+                shard.audit.forget(pending.ticket);
+            }
+            shard.metrics.audit_refusals_coalesced.inc();
+        }
+    }
+}
+
+/// A wait as `retry-after` says it: whole seconds, at least one.
+pub fn whole_seconds(wait: std::time::Duration) -> u64 {
+    wait.as_secs_f64().ceil().max(1.0) as u64
+}
+
+/// Answers an admitted request with its body.
+pub async fn respond(
+    shard: &Shard,
+    admitted: Admitted<'_>,
+    head: &RequestHead,
+    body: Vec<u8>,
+    audit: &mut Option<PendingAudit>,
+) -> Response {
+    let result = match admitted.what {
+        Admit::Healthz => Ok(probes::healthz()),
+        Admit::Readyz => Ok(probes::readyz(shard)),
+        Admit::Metrics => Ok(probes::metrics(shard)),
+        Admit::Call { action, ctx } => call(shard, action, ctx, head, body, audit).await,
+    };
+    result.unwrap_or_else(|e| Response::error(&e))
+}
+
+async fn call(
+    shard: &Shard,
+    action: Action<'_>,
+    ctx: RequestContext,
+    head: &RequestHead,
+    body: Vec<u8>,
+    audit: &mut Option<PendingAudit>,
+) -> Result<Response, ApiError> {
+    let pending = audit.as_mut().expect("an admitted call has its pending record");
     match action {
         Action::List => functions::list(shard, &ctx),
         Action::Deploy => {

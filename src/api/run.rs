@@ -94,6 +94,8 @@ pub async fn execute(
     timeout: Duration,
 ) -> Result<InvokeOutput, ApiError> {
     let record = &function.deployed.record;
+    // The tenant's share first: a tenant at its limit never takes a slot another could use.
+    let _running = shard.acquire_tenant_slot(tenant)?;
     let slot = shard.acquire_instance_slot()?;
     let limits = InvokeLimits {
         timeout,
@@ -111,7 +113,7 @@ pub async fn execute(
     match invocation.outcome {
         Ok(output) => {
             if !invocation.stderr.is_empty() {
-                tracing::debug!(function = %record.id, stderr = %String::from_utf8_lossy(&invocation.stderr), "guest stderr");
+                tracing::debug!(function = %record.id, stderr = %invocation.stderr.escape_ascii(), "guest stderr");
             }
             Ok(output)
         }
@@ -120,7 +122,8 @@ pub async fn execute(
             tracing::warn!(
                 function = %record.id,
                 kind = err.kind(),
-                stderr = %String::from_utf8_lossy(&invocation.stderr),
+                // Escaped: raw, a guest's newlines and terminal escapes could forge whole log lines.
+                stderr = %invocation.stderr.escape_ascii(),
                 stderr_dropped = invocation.stderr_dropped,
                 "invocation failed: {err}"
             );

@@ -58,6 +58,9 @@ pub struct AuditEvent {
     pub latency_us: u64,
     pub peer_addr: SocketAddr,
     pub client_cert_subject: Option<String>,
+    /// For a coalesced refusal: how many more like it were left out of the log before this record
+    /// (`auth::refusals`). Written only when non-zero.
+    pub repeated: u64,
 }
 
 /// A record being written into a buffer of `MAX_RECORD` bytes or more: the active segment's
@@ -241,6 +244,10 @@ pub fn encode_into(
         Some(kind) => out.known_str(kind),
         None => out.push(b"null"),
     }
+    if event.repeated > 0 {
+        out.push(b",\"repeated\":");
+        out.num(event.repeated);
+    }
     if let Some((index, function)) = &event.failed_step {
         out.push(b",\"failed_step\":{\"index\":");
         out.num(*index as u64);
@@ -378,6 +385,7 @@ mod tests {
             latency_us: 12,
             peer_addr: "127.0.0.1:4000".parse().unwrap(),
             client_cert_subject: Some("CN=a \"quoted\" client".into()),
+            repeated: 0,
         }
     }
 

@@ -200,6 +200,15 @@ impl ShardAudit {
     }
 
     /// Appends the record of a request whose ticket was taken, before its response is sent.
+    /// Gives back a ticket whose request ended with no answer (its client left while sending the
+    /// body): nothing happened, so there is nothing to record.
+    pub fn forget(&self, ticket: AuditTicket) {
+        let AuditTicket(()) = ticket;
+        if self.dir.is_some() {
+            self.outstanding.set(self.outstanding.get().saturating_sub(1));
+        }
+    }
+
     pub fn record(&self, ticket: AuditTicket, event: &AuditEvent) {
         let AuditTicket(()) = ticket;
         if !self.config.enabled() {

@@ -6,6 +6,7 @@
 //! comparison, and writes nothing shared.
 
 pub mod rate_limit;
+pub mod refusals;
 pub mod reload;
 pub mod tokens;
 
@@ -49,6 +50,11 @@ pub struct AuthConfig {
     pub rate_limit: Option<RateLimit>,
     /// Peers whose `X-Forwarded-Client-Cert` is believed.
     pub trusted_proxies: Vec<Cidr>,
+    /// Per source address, across the process, for requests that fail authentication; `None`:
+    /// unlimited.
+    pub unauthenticated_rate_limit: Option<RateLimit>,
+    /// Sources and tokens a shard remembers refusals of (`auth::refusals`).
+    pub max_refusal_sources: usize,
 }
 
 /// The authenticated caller of one request.

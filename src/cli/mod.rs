@@ -170,9 +170,25 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_IDLE_SPIN_US", default_value_t = 0)]
     pub idle_spin_us: u64,
 
-    /// Largest request body accepted; larger bodies get 413.
+    /// Largest body of a deploy or a pipeline definition; larger bodies get 413 before they are read.
     #[arg(long, env = "TENSOR_WASM_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_body_bytes: u64,
+
+    /// Largest body of an invoke (a function's or a pipeline's); larger bodies get 413 before they
+    /// are read.
+    #[arg(long, env = "TENSOR_WASM_MAX_INVOKE_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub max_invoke_body_bytes: u64,
+
+    /// Most request-body bytes one shard holds at once, over all its connections. A request whose
+    /// declared body would pass it gets 503 `overloaded` with `retry-after`, before its body is read.
+    #[arg(long, env = "TENSOR_WASM_MAX_INFLIGHT_BODY_BYTES", default_value_t = 128 * 1024 * 1024)]
+    pub max_inflight_body_bytes: u64,
+
+    /// Most invocations one tenant may run at once, in the whole process (split evenly over the
+    /// shards); more get 429 `concurrency_limited` with `retry-after`. 0: a quarter of
+    /// --max-instances.
+    #[arg(long, env = "TENSOR_WASM_MAX_CONCURRENT_PER_TENANT", default_value_t = 0)]
+    pub max_concurrent_per_tenant: u32,
 
     /// Largest request head (request line and headers); larger heads get 431.
     #[arg(long, env = "TENSOR_WASM_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
@@ -399,6 +415,20 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_API_RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<u32>,
 
+    /// Requests per second one source address may make that fail authentication, across all
+    /// shards; past it they get 429 `unauthenticated_rate_limited`. 0 means unlimited.
+    #[arg(long, env = "TENSOR_WASM_UNAUTHENTICATED_RATE_LIMIT_QPS", default_value_t = 20)]
+    pub unauthenticated_rate_limit_qps: u32,
+
+    /// Failed authentications one source address may make at once above that rate.
+    #[arg(long, env = "TENSOR_WASM_UNAUTHENTICATED_RATE_LIMIT_BURST", default_value_t = 40)]
+    pub unauthenticated_rate_limit_burst: u32,
+
+    /// Refused source addresses and tokens each shard remembers, for their rate and for coalescing
+    /// their audit records; past it the oldest is forgotten.
+    #[arg(long, env = "TENSOR_WASM_MAX_REFUSAL_SOURCES", default_value_t = 4096)]
+    pub max_refusal_sources: u32,
+
     /// Log filter, e.g. `info` or `tensor_wasm=debug`.
     #[arg(long, env = "TENSOR_WASM_LOG", default_value = "info")]
     pub log_level: String,
@@ -448,6 +478,18 @@ impl ServeArgs {
             Ok(v)
         }
         positive("max-body-bytes", self.max_body_bytes)?;
+        positive("max-invoke-body-bytes", self.max_invoke_body_bytes)?;
+        positive("max-inflight-body-bytes", self.max_inflight_body_bytes)?;
+        for (name, body) in
+            [("max-body-bytes", self.max_body_bytes), ("max-invoke-body-bytes", self.max_invoke_body_bytes)]
+        {
+            if body > self.max_inflight_body_bytes {
+                return Err(format!(
+                    "--{name} ({body}) is larger than --max-inflight-body-bytes ({}): no such request could ever be read",
+                    self.max_inflight_body_bytes
+                ));
+            }
+        }
         positive("max-header-bytes", self.max_header_bytes.into())?;
         positive("max-headers", self.max_headers.into())?;
         positive("max-connections", self.max_connections.into())?;
@@ -520,6 +562,18 @@ impl ServeArgs {
                 }
                 (qps, burst) => Some(RateLimit { qps, burst: burst.unwrap_or(qps) }),
             },
+            unauthenticated_rate_limit: match (
+                self.unauthenticated_rate_limit_qps,
+                self.unauthenticated_rate_limit_burst,
+            ) {
+                (0, _) => None,
+                (_, 0) => return Err("--unauthenticated-rate-limit-burst must be greater than 0".into()),
+                (qps, _) if qps > RateLimit::MAX_QPS => {
+                    return Err(format!("--unauthenticated-rate-limit-qps must be at most {}", RateLimit::MAX_QPS));
+                }
+                (qps, burst) => Some(RateLimit { qps, burst }),
+            },
+            max_refusal_sources: positive("max-refusal-sources", self.max_refusal_sources.into())? as usize,
         };
         if (self.audit_segment_bytes as usize) < crate::audit::MIN_SEGMENT_BYTES {
             return Err("--audit-segment-bytes must be at least 65536".into());
@@ -608,6 +662,12 @@ impl ServeArgs {
             },
             limits: Limits {
                 max_body_bytes: self.max_body_bytes,
+                max_invoke_body_bytes: self.max_invoke_body_bytes,
+                max_inflight_body_bytes: self.max_inflight_body_bytes,
+                max_concurrent_per_tenant: match self.max_concurrent_per_tenant {
+                    0 => self.max_instances.div_ceil(4),
+                    n => n,
+                },
                 max_header_bytes: self.max_header_bytes as usize,
                 max_headers: self.max_headers as usize,
                 header_timeout_ms: self.header_timeout_ms,

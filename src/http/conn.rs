@@ -19,7 +19,7 @@ use crate::api::Route;
 use crate::config::Limits;
 use crate::error::ApiError;
 use crate::server::event::{race, Either, LocalEvent};
-use crate::server::shard::ConnectionGuard;
+use crate::server::shard::{BodyReservation, ConnectionGuard};
 use crate::tls::TlsStream;
 
 /// What carries a connection's bytes: plain TCP, or TLS over it. Reads append to the buffer's
@@ -174,42 +174,107 @@ pub async fn serve<T: Transport>(guard: ConnectionGuard, mut stream: T, peer: Pe
         let consumed = match parsed {
             Ok(n) => n,
             Err(e) => {
-                answer_protocol_error(&shard, &mut stream, &mut out, &mut buf, None, e, started).await;
+                let failure = Failure { head: None, audit: None, err: e, started };
+                answer_protocol_error(&shard, &mut stream, &mut out, &mut buf, &peer, failure).await;
                 return;
             }
         };
         buf.drain(..consumed);
 
-        // 2. Its body.
-        let body = match read_body(&mut stream, &mut buf, &mut out, &head, limits).await {
-            Ok(body) => body,
-            Err(BodyError::Connection) => return,
-            Err(BodyError::Http(e)) => {
-                answer_protocol_error(&shard, &mut stream, &mut out, &mut buf, Some(&head), e, started).await;
-                return;
+        // 2. Whether it will be served, decided on the head: a refused request costs no body.
+        let mut audit = None;
+        let (route, admitted) = crate::api::admit(&shard, &peer, &head, &mut audit);
+        let admitted = admitted.and_then(|a| {
+            let declared = declared_body(&head, a.body_limit)?;
+            Ok((shard.reserve_body(declared)?, a))
+        });
+        let (mut response, body_consumed) = match admitted {
+            Err(e) => (Response::error(&e), skip_buffered_body(&head, &mut buf)),
+            Ok((reservation, admitted)) => {
+                // 3. Its body, then the answer.
+                let read = read_body(&mut stream, &mut buf, &mut out, &head, admitted.body_limit, &reservation, limits);
+                match read.await {
+                    Ok(body) => (crate::api::respond(&shard, admitted, &head, body, &mut audit).await, true),
+                    Err(BodyError::Connection) => {
+                        if let Some(pending) = audit {
+                            shard.audit.forget(pending.ticket);
+                        }
+                        return;
+                    }
+                    Err(BodyError::Http(e)) => {
+                        drop(reservation);
+                        let failure = Failure { head: Some(&head), audit, err: e, started };
+                        answer_protocol_error(&shard, &mut stream, &mut out, &mut buf, &peer, failure).await;
+                        return;
+                    }
+                }
             }
         };
-
-        // 3. The answer.
-        let (route, mut response, audit) = crate::api::handle(&shard, &peer, &head, body).await;
         if let Some(pending) = audit {
             // Written before the response leaves: an answered request always has its record.
-            response.headers.push(("x-request-id".into(), pending.request_id.clone()));
-            let (ticket, event) = pending.into_event(&response, started.elapsed(), peer.addr);
-            shard.audit.record(ticket, &event);
+            write_audit(&shard, pending, &mut response, started, &peer);
         }
         // Once the process drains, every response closes its connection so clients move elsewhere.
-        let keep_alive = head.keep_alive && !shard.shared.is_draining();
+        // A refused request whose body has not arrived closes too, once the client stops sending.
+        let keep_alive = head.keep_alive && body_consumed && !shard.shared.is_draining();
         writer.write(&mut out, &response, keep_alive, head.method() == Method::Head);
         shard.metrics.record_request(route, head.method(), response.status, started.elapsed());
         if !keep_alive {
-            let _ = flush(&mut stream, &mut out, limits.write_timeout()).await;
+            if flush(&mut stream, &mut out, limits.write_timeout()).await && !body_consumed {
+                linger(&mut stream, &mut buf, limits, &shard.drain).await;
+            }
             return;
         }
         if out.len() >= FLUSH_AT && !flush(&mut stream, &mut out, limits.write_timeout()).await {
             return;
         }
     }
+}
+
+/// Writes a request's audit record and names it on the response.
+fn write_audit(
+    shard: &crate::server::shard::Shard,
+    pending: crate::api::PendingAudit,
+    response: &mut Response,
+    started: Instant,
+    peer: &Peer,
+) {
+    response.headers.push(("x-request-id".into(), pending.request_id.clone()));
+    let (ticket, event) = pending.into_event(response, started.elapsed(), peer.addr);
+    shard.audit.record(ticket, &event);
+}
+
+/// The body length a head declares (what to reserve before reading it), or 413 when it is over
+/// `limit`. A chunked body declares nothing: it is reserved as it is decoded.
+fn declared_body(head: &RequestHead, limit: u64) -> Result<u64, ApiError> {
+    match head.framing() {
+        BodyFraming::Length(n) if n > limit => Err(ApiError::BodyTooLarge { limit }),
+        BodyFraming::Length(n) => Ok(n),
+        BodyFraming::None | BodyFraming::Chunked => Ok(0),
+    }
+}
+
+/// Consumes a refused request's body when all of it is already buffered, so that the connection
+/// can carry the next request. False when some of it is still to come: the connection then closes
+/// after the answer, and what the client still sends is discarded (`linger`), never buffered.
+fn skip_buffered_body(head: &RequestHead, buf: &mut Vec<u8>) -> bool {
+    match head.framing() {
+        BodyFraming::None => true,
+        BodyFraming::Length(n) if n <= buf.len() as u64 => {
+            buf.drain(..n as usize);
+            true
+        }
+        BodyFraming::Length(_) | BodyFraming::Chunked => false,
+    }
+}
+
+/// A request whose framing failed: its head, if it was parsed, its pending audit record, if it
+/// was admitted, and what went wrong.
+struct Failure<'h> {
+    head: Option<&'h RequestHead>,
+    audit: Option<crate::api::PendingAudit>,
+    err: ApiError,
+    started: Instant,
 }
 
 /// Answers a request whose framing failed; the connection closes after it, once the client has
@@ -219,12 +284,15 @@ async fn answer_protocol_error<T: Transport>(
     stream: &mut T,
     out: &mut Vec<u8>,
     buf: &mut Vec<u8>,
-    head: Option<&RequestHead>,
-    err: ApiError,
-    started: Instant,
+    peer: &Peer,
+    failure: Failure<'_>,
 ) {
+    let Failure { head, audit, err, started } = failure;
     debug_assert!(err.closes_connection());
-    let response = Response::error(&err);
+    let mut response = Response::error(&err);
+    if let Some(pending) = audit {
+        write_audit(shard, pending, &mut response, started, peer);
+    }
     // The connection's last answer: a fresh writer's one formatting of the date costs nothing here.
     ResponseWriter::default().write(out, &response, false, false);
     let (route, method) = match head {
@@ -270,17 +338,15 @@ async fn read_body<T: Transport>(
     buf: &mut Vec<u8>,
     out: &mut Vec<u8>,
     head: &RequestHead,
+    limit: u64,
+    reservation: &BodyReservation<'_>,
     limits: &Limits,
 ) -> Result<Vec<u8>, BodyError> {
     let framing = head.framing();
     if framing == BodyFraming::None {
         return Ok(Vec::new());
     }
-    if let BodyFraming::Length(n) = framing {
-        if n > limits.max_body_bytes {
-            return Err(BodyError::Http(ApiError::BodyTooLarge { limit: limits.max_body_bytes }));
-        }
-    }
+    // Told only now, once the request is admitted and its declared size reserved.
     if head.expect_continue && buf.is_empty() {
         out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
         if !flush(stream, out, limits.write_timeout()).await {
@@ -311,16 +377,18 @@ async fn read_body<T: Transport>(
             Ok(std::mem::replace(buf, rest))
         }
         BodyFraming::Chunked => {
-            let mut decoder = ChunkedDecoder::new(limits.max_body_bytes);
+            let mut decoder = ChunkedDecoder::new(limit);
             let mut body = Vec::new();
             loop {
                 let used = decoder.decode(buf, &mut body).map_err(|e| {
                     BodyError::Http(match e {
-                        ChunkedError::TooLarge => ApiError::BodyTooLarge { limit: limits.max_body_bytes },
+                        ChunkedError::TooLarge => ApiError::BodyTooLarge { limit },
                         ChunkedError::Malformed(_) => ApiError::MalformedRequest(e.to_string()),
                     })
                 })?;
                 buf.drain(..used);
+                // Counted as it arrives: a chunked body declares no size to reserve up front.
+                reservation.grow_to(body.len() as u64).map_err(BodyError::Http)?;
                 if decoder.is_done() {
                     return Ok(body);
                 }

@@ -88,7 +88,7 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
     histogram(&mut out, "tensor_wasm_audit_sync_seconds", "", &[ctx.audit_sync]);
 
     let sum = |f: fn(&ShardMetrics) -> u64| shards.iter().map(|s| f(s)).sum::<u64>();
-    let process_wide: [(&str, &str, &str, u64); 10] = [
+    let process_wide: [(&str, &str, &str, u64); 13] = [
         ("tensor_wasm_audit_records_total", "counter", "Audit records written.", sum(|s| s.audit_records.get())),
         ("tensor_wasm_audit_bytes_total", "counter", "Bytes of audit records written.", sum(|s| s.audit_bytes.get())),
         (
@@ -128,6 +128,24 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
             "counter",
             "Connections refused at the connection limit.",
             sum(|s| s.connections_refused.get()),
+        ),
+        (
+            "tensor_wasm_body_budget_refusals_total",
+            "counter",
+            "Requests refused with 503 before their body was read: the shard held --max-inflight-body-bytes.",
+            sum(|s| s.body_budget_refusals.get()),
+        ),
+        (
+            "tensor_wasm_concurrency_limited_total",
+            "counter",
+            "Invocations refused with 429 concurrency_limited: the tenant ran its --max-concurrent-per-tenant.",
+            sum(|s| s.concurrency_refusals.get()),
+        ),
+        (
+            "tensor_wasm_audit_refusals_coalesced_total",
+            "counter",
+            "401s and 429s left out of the audit log: at most one record per source or token and kind per second carries the count.",
+            sum(|s| s.audit_refusals_coalesced.get()),
         ),
     ];
     for (name, kind, help, value) in process_wide {

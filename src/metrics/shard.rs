@@ -147,6 +147,12 @@ pub struct ShardMetrics {
     pub connections: Gauge,
     pub connections_accepted: Counter,
     pub connections_refused: Counter,
+    /// Requests refused with 503 because the shard held `--max-inflight-body-bytes` of bodies.
+    pub body_budget_refusals: Counter,
+    /// Invocations refused with 429 `concurrency_limited`.
+    pub concurrency_refusals: Counter,
+    /// Refusals left out of the audit log by coalescing (`auth::refusals`).
+    pub audit_refusals_coalesced: Counter,
     pub active_instances: Gauge,
     pub instance_spawns: Counter,
     pub invocations_failed: Counter,
@@ -174,6 +180,9 @@ impl ShardMetrics {
             connections: Gauge::default(),
             connections_accepted: Counter::default(),
             connections_refused: Counter::default(),
+            body_budget_refusals: Counter::default(),
+            concurrency_refusals: Counter::default(),
+            audit_refusals_coalesced: Counter::default(),
             active_instances: Gauge::default(),
             instance_spawns: Counter::default(),
             invocations_failed: Counter::default(),

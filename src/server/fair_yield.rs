@@ -4,9 +4,11 @@
 //! wasmtime's built-in `UpdateDeadline::Yield` (which does exactly that) lets a looping guest run
 //! again at once, forever: its shard would answer nothing else until the guest's deadline.
 //!
-//! Here a yielding guest parks its waker in a shard-local list instead, and wakes a pump task. The
+//! Here a yielding guest parks its waker in a shard-local FIFO instead, and wakes a pump task. The
 //! pump was idle, so it is queued at the *back*; when it runs, after the tasks already waiting
-//! (I/O completions included), it wakes the parked guests, which then queue behind them too.
+//! (I/O completions included), it wakes the oldest parked guest, which then queues behind them
+//! too. Only one guest at a time is let go: the next only once that one yielded again or the
+//! shard parked, so a ready connection waits behind one guest's slice, never behind all of them.
 //!
 //! monoio also processes timers and cross-thread wakes (the drain signal, a finished deploy) only
 //! when it parks, and it parks only when its run queue is empty, which a yielding guest never lets
@@ -23,6 +25,7 @@
 //! (perf/CORE.md).
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
@@ -34,8 +37,12 @@ pub const PARK_INTERVAL: Duration = Duration::from_millis(5);
 #[derive(Default)]
 struct YieldQueue {
     pump_running: Cell<bool>,
-    parked: RefCell<Vec<Waker>>,
+    /// Yielded guests, oldest first: they run again in the order they yielded.
+    parked: RefCell<VecDeque<Waker>>,
     pump: RefCell<Option<Waker>>,
+    /// Whether a guest the pump let go may still be queued or running: the pump lets the next one
+    /// go only once it is not (it yielded again, or the shard parked, so it finished or waits).
+    released: Cell<bool>,
 }
 
 thread_local! {
@@ -43,21 +50,32 @@ thread_local! {
 }
 
 /// The pump: spawn once per shard, on the shard's executor. It never completes.
+///
+/// It lets yielded guests go *one at a time*: at most one guest is ever in the executor's run
+/// queue through here, however many are runnable. So a connection task that becomes ready (a
+/// probe, another tenant's short request) waits behind at most one guest's slice (an epoch tick),
+/// not one slice per runnable guest: with 500 spinning guests on a shard and a wake-all pump,
+/// `/healthz` waited half a second.
 pub async fn pump() {
     QUEUE.with(|q| q.pump_running.set(true));
     // Armed at the first yield after a park, gone once it fired. Zero-length, so its deadline is
     // when it was armed.
     let mut heartbeat: Option<Pin<Box<monoio::time::Sleep>>> = None;
     loop {
-        // Until a guest parks itself here. Polling the heartbeat registers it with the timer, and a
-        // firing heartbeat wakes the pump only to be cleared.
+        // Until a guest is parked here and none let go is still about. Polling the heartbeat
+        // registers it with the timer; a firing heartbeat means the shard parked, which it does
+        // only with an empty run queue: the guest let go last is done or waits on something else.
         poll_fn(|cx| {
-            if heartbeat.as_mut().is_some_and(|timer| timer.as_mut().poll(cx).is_ready()) {
+            let fired = heartbeat.as_mut().is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
+            if fired {
                 heartbeat = None;
             }
             QUEUE.with(|q| {
+                if fired {
+                    q.released.set(false);
+                }
                 *q.pump.borrow_mut() = Some(cx.waker().clone());
-                if q.parked.borrow().is_empty() {
+                if q.parked.borrow().is_empty() || q.released.get() {
                     Poll::Pending
                 } else {
                     Poll::Ready(())
@@ -69,19 +87,23 @@ pub async fn pump() {
             None => heartbeat = Some(Box::pin(monoio::time::sleep(Duration::ZERO))),
             Some(timer) if timer.deadline().elapsed() >= PARK_INTERVAL => {
                 timer.await;
-                heartbeat = None;
+                // Parked since. Armed again, so that the next park tells of the guest let go below.
+                heartbeat = Some(Box::pin(monoio::time::sleep(Duration::ZERO)));
             }
             Some(_) => {}
         }
-        let parked = QUEUE.with(|q| std::mem::take(&mut *q.parked.borrow_mut()));
-        for w in parked {
-            w.wake();
-        }
+        QUEUE.with(|q| {
+            let next = q.parked.borrow_mut().pop_front();
+            if let Some(guest) = next {
+                q.released.set(true);
+                guest.wake();
+            }
+        });
     }
 }
 
-/// Yields once, behind every task already queued on this shard. Off a shard (no pump), it falls
-/// back to an immediate self-wake.
+/// Yields once, behind every task already queued on this shard and every guest that yielded
+/// before. Off a shard (no pump), it falls back to an immediate self-wake.
 pub fn yield_now() -> FairYield {
     FairYield { yielded: false }
 }
@@ -102,7 +124,10 @@ impl Future for FairYield {
             let pump = q.pump.borrow();
             match (q.pump_running.get(), pump.as_ref()) {
                 (true, Some(pump)) => {
-                    q.parked.borrow_mut().push(cx.waker().clone());
+                    q.parked.borrow_mut().push_back(cx.waker().clone());
+                    // Whichever guest was let go, one is parked again now: the pump may let the
+                    // next one go.
+                    q.released.set(false);
                     pump.wake_by_ref();
                 }
                 _ => cx.waker().wake_by_ref(),

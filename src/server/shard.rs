@@ -2,6 +2,7 @@
 //! connections, its function cache (with one `InstancePre` per function) and its metrics.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::net::TcpListener as StdListener;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +19,9 @@ use super::event::{race, Either, LocalEvent};
 use super::idle_spin::IdleSpin;
 use super::published::{Published, Subscription};
 use super::{cpu, Shared};
+use crate::audit::{Actor, ActorScope, AuditEvent};
 use crate::audit::{AuditConfig, CommitSlot, ShardAudit};
+use crate::auth::refusals::{LeftOut, Refusals, Refused, WINDOW};
 use crate::auth::{AuthConfig, ShardAuth, TokenSet};
 use crate::config::{IoDriverChoice, Limits};
 use crate::error::ApiError;
@@ -63,6 +66,8 @@ pub struct Shard {
     pub functions: FunctionCache,
     pub admin: AdminHandle,
     pub auth: ShardAuth,
+    /// Refused sources and tokens: their rate, and the coalescing of their audit records.
+    pub refusals: Refusals,
     pub audit: ShardAudit,
     /// Numbers this shard's requests (`x-request-id`), after the prefix `{process}-{shard}-`.
     next_request: Cell<u64>,
@@ -81,6 +86,13 @@ pub struct Shard {
     max_instances: usize,
     /// Spent stores whose answers are not sent yet, each still holding its instance slot.
     spent: RefCell<Vec<Store<GuestState>>>,
+    /// Request-body bytes reserved by this shard's connections, at most `--max-inflight-body-bytes`.
+    inflight_body_bytes: Cell<u64>,
+    /// Invocations running per tenant on this shard; a tenant leaves the map at zero, so it holds
+    /// at most as many entries as instance slots.
+    running_per_tenant: RefCell<HashMap<u64, u32>>,
+    /// This shard's share of `--max-concurrent-per-tenant`.
+    max_running_per_tenant: u32,
 }
 
 static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
@@ -168,6 +180,7 @@ async fn serve(init: ShardInit) {
         }
     };
     let per_shard = |total: usize| total.div_ceil(shard_count).max(1);
+    let limits_max_concurrent = limits.max_concurrent_per_tenant as usize;
     let shard = Rc::new(Shard {
         id,
         metrics: shared.shard_metrics[id].clone(),
@@ -177,6 +190,7 @@ async fn serve(init: ShardInit) {
         engine,
         functions,
         admin,
+        refusals: Refusals::new(auth.unauthenticated_rate_limit, shard_count, auth.max_refusal_sources),
         auth: ShardAuth::new(auth, tokens, id, shard_count),
         audit: ShardAudit::open(id, audit, shared.shard_metrics[id].clone(), commit),
         next_request: Cell::new(0),
@@ -188,9 +202,13 @@ async fn serve(init: ShardInit) {
         connections: Cell::new(0),
         instances: Cell::new(0),
         spent: RefCell::new(Vec::new()),
+        inflight_body_bytes: Cell::new(0),
+        running_per_tenant: RefCell::default(),
+        max_running_per_tenant: per_shard(limits_max_concurrent) as u32,
     });
 
     monoio::spawn(super::fair_yield::pump());
+    monoio::spawn(record_left_out_refusals(shard.clone()));
     if !spin_window.is_zero() {
         monoio::spawn(shard.idle_spin.clone().spin(spin_window));
     }
@@ -244,6 +262,17 @@ async fn serve(init: ShardInit) {
         tracing::warn!(shard = id, open = shard.connections.get(), "drain timeout: closing remaining connections");
     }
     shard.audit.close();
+}
+
+/// Once a window, writes the refusals that coalescing left out of the audit log and that no later
+/// record counted: one summary record per source (or token) and kind.
+async fn record_left_out_refusals(shard: Rc<Shard>) {
+    loop {
+        monoio::time::sleep(WINDOW).await;
+        for left in shard.refusals.ended(std::time::Instant::now()) {
+            shard.record_left_out(left);
+        }
+    }
 }
 
 /// Completes the TLS handshake (under the header deadline), then serves the connection.
@@ -360,6 +389,112 @@ impl Shard {
     fn release_slots(&self, count: usize) {
         self.instances.set(self.instances.get() - count);
         self.metrics.active_instances.set(self.instances.get() as u64);
+    }
+}
+
+/// Request-body bytes held for one request, given back when it is dropped.
+pub struct BodyReservation<'a> {
+    shard: &'a Shard,
+    bytes: Cell<u64>,
+}
+
+impl BodyReservation<'_> {
+    /// Grows the reservation to `total` bytes: a chunked body, as it is decoded.
+    pub fn grow_to(&self, total: u64) -> Result<(), ApiError> {
+        let more = total.saturating_sub(self.bytes.get());
+        if more > 0 {
+            self.shard.take_body_bytes(more)?;
+            self.bytes.set(total);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for BodyReservation<'_> {
+    fn drop(&mut self) {
+        let shard = self.shard;
+        shard.inflight_body_bytes.set(shard.inflight_body_bytes.get() - self.bytes.get());
+    }
+}
+
+/// One running invocation of a tenant, counted against its share of `--max-concurrent-per-tenant`.
+pub struct TenantSlot<'a> {
+    shard: &'a Shard,
+    tenant: u64,
+}
+
+impl Drop for TenantSlot<'_> {
+    fn drop(&mut self) {
+        let mut running = self.shard.running_per_tenant.borrow_mut();
+        if let Some(n) = running.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                running.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+impl Shard {
+    /// One audit record summing up refusals left out of the log.
+    fn record_left_out(&self, left: LeftOut) {
+        let Ok(ticket) = self.audit.ticket() else { return };
+        let (token_id, ip) = match left.who {
+            Refused::Source(ip) => (None, ip),
+            Refused::Token(id) => (Some(id.to_string()), std::net::Ipv4Addr::UNSPECIFIED.into()),
+        };
+        let status = if left.kind == "unauthorized" { 401 } else { 429 };
+        let event = AuditEvent {
+            ts_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            request_id: self.next_request_id(),
+            actor: Actor::Bearer { token_id, scope: ActorScope::None },
+            // Not a refusal itself: `repeated` counts the ones it stands for.
+            action: "refusals_left_out",
+            function_id: None,
+            pipeline_id: None,
+            tenant_id: None,
+            status_code: status,
+            error_kind: Some(left.kind),
+            failed_step: None,
+            latency_us: 0,
+            peer_addr: SocketAddr::new(ip, 0),
+            client_cert_subject: None,
+            repeated: left.count,
+        };
+        self.audit.record(ticket, &event);
+    }
+
+    /// Reserves `bytes` of the shard's in-flight body budget for a request about to be read, or
+    /// refuses it with 503 `overloaded` before any of its body is read.
+    pub fn reserve_body(&self, bytes: u64) -> Result<BodyReservation<'_>, ApiError> {
+        self.take_body_bytes(bytes)?;
+        Ok(BodyReservation { shard: self, bytes: Cell::new(bytes) })
+    }
+
+    fn take_body_bytes(&self, bytes: u64) -> Result<(), ApiError> {
+        let held = self.inflight_body_bytes.get();
+        if held.saturating_add(bytes) > self.limits.max_inflight_body_bytes {
+            self.metrics.body_budget_refusals.inc();
+            return Err(ApiError::Overloaded("this shard holds as many request bodies as it may"));
+        }
+        self.inflight_body_bytes.set(held + bytes);
+        Ok(())
+    }
+
+    /// Counts one more running invocation for `tenant`, or refuses it with 429
+    /// `concurrency_limited` when the tenant already runs its share on this shard.
+    pub fn acquire_tenant_slot(&self, tenant: u64) -> Result<TenantSlot<'_>, ApiError> {
+        let mut running = self.running_per_tenant.borrow_mut();
+        let n = running.entry(tenant).or_insert(0);
+        if *n >= self.max_running_per_tenant {
+            self.metrics.concurrency_refusals.inc();
+            return Err(ApiError::ConcurrencyLimited { limit: self.limits.max_concurrent_per_tenant });
+        }
+        *n += 1;
+        Ok(TenantSlot { shard: self, tenant })
     }
 }
 

@@ -89,6 +89,8 @@ pub struct GuestState {
     pub tensors: Option<TensorContext>,
     /// The instance's exported memory, once a host call has looked it up (`wasi::memory`).
     pub(super) memory: Option<wasmtime::Memory>,
+    /// When the invocation's time is up: host calls that work in chunks stop there.
+    pub deadline: Instant,
 }
 
 impl GuestState {
@@ -105,6 +107,7 @@ impl GuestState {
             output_exceeded: false,
             tensors: None,
             memory: None,
+            deadline: Instant::now() + limits.timeout,
         }
     }
 
@@ -185,6 +188,7 @@ pub async fn invoke(
     let deadline = Instant::now() + limits.timeout;
     let uses_tensors = tensors.is_some();
     let mut state = GuestState::new(wasi, stdin, limits);
+    state.deadline = deadline;
     state.tensors = tensors.map(|mut t| {
         t.deadline = deadline;
         t

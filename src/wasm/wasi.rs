@@ -31,6 +31,15 @@ const RIGHT_FD_READ: u64 = 1 << 1;
 const RIGHT_FD_WRITE: u64 = 1 << 6;
 const RIGHT_POLL_FD_READWRITE: u64 = 1 << 27;
 
+/// Bytes `random_get` fills between two looks at the clock: about a fifth of a millisecond.
+const RANDOM_CHUNK_BYTES: u32 = 64 * 1024;
+/// How long a host call works before it yields the shard, as guest code does at an epoch tick.
+const HOST_SLICE: std::time::Duration = std::time::Duration::from_millis(1);
+/// Most buffers in one `fd_read` or `fd_write`, as Linux's `IOV_MAX`: more is `EINVAL`, so that
+/// one call's work is bounded by the buffers' bytes (capped by stdin and the output caps), not by
+/// a count the guest chooses.
+const IOV_MAX: u32 = 1024;
+
 /// Functions that exist only to answer "no such descriptor": (name, parameter types as `i`/`I`).
 /// `I` is i64. Every one returns an errno (i32).
 const NO_DESCRIPTOR: &[(&str, &str)] = &[
@@ -150,9 +159,12 @@ fn errno(ok: bool) -> i32 {
 /// The number of entries of an iovec array, if the whole array lies inside guest memory. Checked
 /// up front, so that a bad array fails before anything is read or written; no allocation, as
 /// this runs on every fd_read and fd_write.
-fn iovec_count(mem: &[u8], iovs: i32, count: i32) -> Option<u32> {
+fn iovec_count(mem: &[u8], iovs: i32, count: i32) -> Result<u32, i32> {
     let count = count as u32;
-    slice(mem, iovs, count.checked_mul(8)?).map(|_| count)
+    if count > IOV_MAX {
+        return Err(EINVAL);
+    }
+    slice(mem, iovs, count * 8).map(|_| count).ok_or(EFAULT)
 }
 
 /// Entry `i` (ptr, len) of an iovec array checked by [`iovec_count`].
@@ -253,8 +265,9 @@ pub fn add_to_linker(linker: &mut Linker<GuestState>, engine: &Engine) -> wasmti
             return Ok(EBADF);
         }
         let (mem, st) = memory(&mut c)?;
-        let Some(entries) = iovec_count(mem, iovs, count) else {
-            return Ok(EFAULT);
+        let entries = match iovec_count(mem, iovs, count) {
+            Ok(entries) => entries,
+            Err(errno) => return Ok(errno),
         };
         let mut total = 0u32;
         for i in 0..entries {
@@ -278,8 +291,9 @@ pub fn add_to_linker(linker: &mut Linker<GuestState>, engine: &Engine) -> wasmti
             return Ok(EBADF);
         }
         let (mem, st) = memory(&mut c)?;
-        let Some(entries) = iovec_count(mem, iovs, count) else {
-            return Ok(EFAULT);
+        let entries = match iovec_count(mem, iovs, count) {
+            Ok(entries) => entries,
+            Err(errno) => return Ok(errno),
         };
         let mut total = 0u32;
         // Every buffer is written, not just the first (preview-1 allows short writes; guests that
@@ -301,14 +315,34 @@ pub fn add_to_linker(linker: &mut Linker<GuestState>, engine: &Engine) -> wasmti
     linker.func_wrap(MODULE, "proc_exit", |_: Ctx<'_>, code: i32| -> wasmtime::Result<()> {
         Err(wasmtime::Error::new(GuestStop::Exit(code)))
     })?;
-    linker.func_wrap(MODULE, "random_get", |mut c: Ctx<'_>, buf: i32, len: i32| {
-        let (mem, _) = memory(&mut c)?;
-        let Some(dst) = slice_mut(mem, buf, len as u32) else {
-            return Ok(EFAULT);
-        };
-        Ok(match getrandom::fill(dst) {
-            Ok(()) => SUCCESS,
-            Err(_) => EINVAL,
+    // Filling a buffer costs time in proportion to its length (the kernel's generator does about
+    // 300 MB/s), and one call may ask for all of memory: so it fills in chunks, yields the shard
+    // between them like guest code does at an epoch tick, and stops at the deadline.
+    linker.func_wrap_async(MODULE, "random_get", |mut c: Ctx<'_>, (buf, len): (i32, i32)| {
+        Box::new(async move {
+            let total = len as u32;
+            if slice_mut(memory(&mut c)?.0, buf, total).is_none() {
+                return Ok(EFAULT);
+            }
+            let mut done = 0u32;
+            let mut ran_since = Instant::now();
+            while done < total {
+                let n = (total - done).min(RANDOM_CHUNK_BYTES);
+                let (mem, st) = memory(&mut c)?;
+                let dst = slice_mut(mem, (buf as u32 + done) as i32, n).expect("checked against memory above");
+                if getrandom::fill(dst).is_err() {
+                    return Ok(EINVAL);
+                }
+                done += n;
+                if Instant::now() >= st.deadline {
+                    return Err(wasmtime::Error::new(wasmtime::Trap::Interrupt));
+                }
+                if ran_since.elapsed() >= HOST_SLICE {
+                    crate::server::fair_yield::yield_now().await;
+                    ran_since = Instant::now();
+                }
+            }
+            Ok(SUCCESS)
         })
     })?;
     linker.func_wrap(MODULE, "sched_yield", |_: Ctx<'_>| Ok(SUCCESS))?;

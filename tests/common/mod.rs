@@ -2,6 +2,7 @@
 //! HTTP/1.1 client over real sockets, and the guests the tests deploy.
 #![allow(dead_code)]
 
+pub mod bystander;
 pub mod ca;
 pub mod configmap;
 pub mod guests;

@@ -1,0 +1,421 @@
+//! Hostile tenants and clients (docs/BAD-INPUT.md, "Hostile tenants"): one test per attack, each
+//! against a real server on loopback while a bystander tenant calls `/healthz` and invokes its
+//! own function. Each asserts the attacker's precise status and kind, that the bystander was never
+//! refused (with its P99 under 50 ms here; the real figure is the benchmark's), and that the
+//! server's memory stayed within its limits. Every loop is bounded in count and time.
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::bystander::{deploy_as, Bystander};
+use common::{guests, within, Client, Response, Server};
+use serde_json::{json, Value};
+
+const ATTACKER: &str = "attacker-0123456789abcdef01234567";
+const VICTIM: &str = "victim-0123456789abcdef0123456789a";
+const BYSTANDER_P99: Duration = Duration::from_millis(50);
+
+/// One attack at a time: each measures a bystander's latency, which another test's spinning
+/// guests on the same two CPUs would measure instead.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn tokens() -> String {
+    format!("{ATTACKER}:tenant=1,{VICTIM}:tenant=2")
+}
+
+/// A server with the two tenants' tokens, plus `args`.
+fn start(args: &[&str]) -> Server {
+    let dir = tempfile::tempdir().unwrap().keep();
+    Server::start_with(&dir, args, |cmd| {
+        cmd.env("TENSOR_WASM_API_TOKENS", tokens());
+    })
+}
+
+fn as_tenant(token: &str, tenant: &str) -> Vec<(String, String)> {
+    vec![("authorization".into(), format!("Bearer {token}")), ("x-tensor-wasm-tenant".into(), tenant.into())]
+}
+
+fn headers(h: &[(String, String)]) -> Vec<(&str, &str)> {
+    h.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect()
+}
+
+fn victim(server: &Server) -> Bystander {
+    Bystander::start_as(server, &headers(&as_tenant(VICTIM, "2")))
+}
+
+fn expect(r: &Response, status: u16, kind: &str) {
+    assert_eq!((r.status, r.error_kind().as_str()), (status, kind), "{}", r.text());
+}
+
+/// The server's resident memory, from /proc.
+fn rss_bytes(server: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    let kb: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap();
+    kb * 1024
+}
+
+/// Sends a head declaring `len` body bytes and `sent` of them, then reads the answer without
+/// sending the rest.
+fn head_then_answer(server: &Server, head: &str, sent: usize) -> (Client, Response) {
+    let mut c = server.client();
+    c.send_raw(head.as_bytes());
+    c.send_raw(&vec![b'x'; sent]);
+    let r = c.read_response();
+    (c, r)
+}
+
+#[test]
+fn bodies_are_not_read_for_requests_that_will_be_refused() {
+    let _serial = serial();
+    let server = start(&[]);
+    let b = victim(&server);
+    let before = rss_bytes(&server);
+    let big = 64 * 1024 * 1024;
+    // The issue's attack: anonymous 64 MiB bodies to a probe. Each is answered from its head (405),
+    // with the connection closing, and nothing of the body is kept.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let head = format!("POST /healthz HTTP/1.1\r\nhost: t\r\ncontent-length: {big}\r\n\r\n");
+        let (c, r) = head_then_answer(&server, &head, 1024 * 1024);
+        expect(&r, 405, "method_not_allowed");
+        assert_eq!(r.header("connection"), Some("close"));
+        held.push(c);
+    }
+    // Unauthenticated deploys and invokes: 401 before their bodies, and no `100 Continue`.
+    for path in ["/functions", "/functions/0123456789abcdef0123456789abcdef/invoke"] {
+        let head = format!("POST {path} HTTP/1.1\r\nhost: t\r\nexpect: 100-continue\r\ncontent-length: {big}\r\n\r\n");
+        let mut c = server.client();
+        c.send_raw(head.as_bytes());
+        let mut first = [0u8; 12];
+        c.stream.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"HTTP/1.1 401", "no 100 Continue before the refusal");
+        held.push(c);
+    }
+    // An authenticated invoke over the invoke limit: 413 from its head, naming the limit.
+    let head = format!(
+        "POST /functions/0123456789abcdef0123456789abcdef/invoke HTTP/1.1\r\nhost: t\r\nauthorization: Bearer \
+         {ATTACKER}\r\nx-tensor-wasm-tenant: 1\r\ncontent-length: {}\r\n\r\n",
+        8 * 1024 * 1024 + 1
+    );
+    let (_c, r) = head_then_answer(&server, &head, 0);
+    expect(&r, 413, "body_too_large");
+    assert!(r.text().contains("8388608"), "{}", r.text());
+    // A body on a probe is refused too: probes take none.
+    let r = server.client().request("GET", "/healthz", &[("content-length", "5")], b"hello");
+    expect(&r, 413, "body_too_large");
+    let grown = rss_bytes(&server).saturating_sub(before);
+    assert!(grown < 32 * 1024 * 1024, "the server grew by {grown} bytes");
+    drop(held);
+    b.finish("bodies of refused requests").p99_within(BYSTANDER_P99);
+}
+
+#[test]
+fn a_shard_holds_at_most_its_in_flight_body_budget() {
+    let _serial = serial();
+    let mib = 1024 * 1024;
+    let server = start(&[
+        "--shards",
+        "1",
+        "--max-inflight-body-bytes",
+        &(2 * mib).to_string(),
+        "--max-invoke-body-bytes",
+        &mib.to_string(),
+        "--max-body-bytes",
+        &mib.to_string(),
+    ]);
+    let attacker = as_tenant(ATTACKER, "1");
+    let echo = deploy_as(&server, "echo", &guests::echo(), &attacker);
+    let b = victim(&server);
+    // Two slow uploads of a whole MiB each hold the shard's budget...
+    let auth = format!("authorization: Bearer {ATTACKER}\r\nx-tensor-wasm-tenant: 1\r\n");
+    let head = format!("POST /functions/{echo}/invoke HTTP/1.1\r\nhost: t\r\n{auth}content-length: {mib}\r\n\r\n");
+    let mut slow: Vec<Client> = (0..2)
+        .map(|_| {
+            let mut c = server.client();
+            c.send_raw(head.as_bytes());
+            c.send_raw(&vec![b'a'; 1000]);
+            c
+        })
+        .collect();
+    server.wait_for_metric("tensor_wasm_connections", &[], 3.0);
+    // ...so a third is refused from its head, with retry-after, and its body is never read.
+    let mut r = None;
+    within(Duration::from_secs(10), "a refusal for the body budget", || {
+        let (_c, answer) = head_then_answer(&server, &head, 0);
+        let refused = answer.status == 503;
+        r = Some(answer);
+        refused
+    });
+    let r = r.unwrap();
+    expect(&r, 503, "overloaded");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(server.metric("tensor_wasm_body_budget_refusals_total", &[]) >= 1.0);
+    // The slow uploads finish and are served whole.
+    for c in &mut slow {
+        c.send_raw(&vec![b'a'; mib - 1000]);
+        let r = c.read_response();
+        assert_eq!((r.status, r.body.len()), (200, mib), "{}", r.text());
+    }
+    // Their budget is back: the same request now passes.
+    let body = vec![b'b'; mib];
+    let r = server.client().request("POST", &format!("/functions/{echo}/invoke"), &headers(&attacker), &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    b.finish("the in-flight body budget").p99_within(BYSTANDER_P99);
+}
+
+/// Calls `random_get` on all of its `pages` of memory, forever.
+fn random_forever(pages: u32) -> Vec<u8> {
+    guests::wasm(&format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "random_get" (func $random_get (param i32 i32) (result i32)))
+  (memory (export "memory") {pages})
+  (func (export "_start")
+    (loop $again
+      (drop (call $random_get (i32.const 0) (i32.const {bytes})))
+      (br $again))))"#,
+        bytes = pages as u64 * 65536
+    ))
+}
+
+#[test]
+fn a_host_call_stops_at_the_deadline_and_never_holds_the_shard() {
+    let _serial = serial();
+    let server = start(&["--shards", "1"]);
+    let attacker = as_tenant(ATTACKER, "1");
+    let r = server.client().request(
+        "POST",
+        "/functions",
+        &headers(&attacker),
+        json!({
+            "name": "random",
+            "wasm_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, random_forever(4096)),
+            "memory_limit_mb": 256,
+            "timeout_ms": 100,
+        })
+        .to_string()
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let b = victim(&server);
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = server.client().request("POST", &format!("/functions/{id}/invoke"), &headers(&attacker), b"");
+        expect(&r, 504, "invoke_timeout");
+        // 256 MiB of randomness takes about a second: the deadline (100 ms) stopped the call.
+        assert!(started.elapsed() < Duration::from_millis(600), "answered after {:?}", started.elapsed());
+    }
+    b.finish("random_get over 256 MiB").p99_within(BYSTANDER_P99);
+}
+
+#[test]
+fn fd_write_refuses_more_buffers_than_iov_max() {
+    let _serial = serial();
+    let server = start(&[]);
+    let attacker = as_tenant(ATTACKER, "1");
+    // 100,000 empty iovecs in one call: EINVAL (28), which the guest returns as its exit code.
+    let wasm = guests::wasm(
+        r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 16)
+  (func (export "_start")
+    (call $proc_exit (call $fd_write (i32.const 2) (i32.const 0) (i32.const 100000) (i32.const 900000)))))"#,
+    );
+    let id = deploy_as(&server, "iovecs", &wasm, &attacker);
+    let r = server.client().request("POST", &format!("/functions/{id}/invoke"), &headers(&attacker), b"");
+    expect(&r, 502, "guest_exit");
+    assert!(r.text().contains("code 28"), "{}", r.text());
+}
+
+/// Starts `n` invocations of `id` as `who`, each on its own connection, without waiting.
+fn start_invokes(server: &Server, id: &str, who: &[(String, String)], n: usize) -> Vec<Client> {
+    let h = headers(who);
+    (0..n)
+        .map(|_| {
+            let mut c = server.client();
+            c.send_raw(&common::encode_request("POST", &format!("/functions/{id}/invoke"), &h, b""));
+            c
+        })
+        .collect()
+}
+
+fn spinner(server: &Server, who: &[(String, String)], timeout_ms: u64) -> String {
+    let r = server.client().request(
+        "POST",
+        "/functions",
+        &headers(who),
+        json!({
+            "name": "spin",
+            "wasm_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, guests::infinite_loop()),
+            "timeout_ms": timeout_ms,
+        })
+        .to_string()
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_tenant_past_its_concurrency_gets_429_and_others_keep_their_share() {
+    let _serial = serial();
+    let server = start(&["--shards", "1", "--max-instances", "16", "--max-concurrent-per-tenant", "4"]);
+    let attacker = as_tenant(ATTACKER, "1");
+    let spin = spinner(&server, &attacker, 3000);
+    let b = victim(&server);
+    let running = start_invokes(&server, &spin, &attacker, 4);
+    server.wait_for_metric("tensor_wasm_active_instances", &[], 4.0);
+    let r = server.client().request("POST", &format!("/functions/{spin}/invoke"), &headers(&attacker), b"");
+    expect(&r, 429, "concurrency_limited");
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(server.metric("tensor_wasm_concurrency_limited_total", &[]), 1.0);
+    for mut c in running {
+        expect(&c.read_response(), 504, "invoke_timeout");
+    }
+    // Its slots are its own again once they finished.
+    let r = server.client().request("POST", &format!("/functions/{spin}/invoke"), &headers(&attacker), b"");
+    expect(&r, 504, "invoke_timeout");
+    b.finish("a tenant at its concurrency limit").p99_within(BYSTANDER_P99);
+}
+
+#[test]
+fn probes_answer_while_every_instance_slot_spins() {
+    let _serial = serial();
+    // Four tenants, each at its share (a quarter of the pool by default), fill every slot of the
+    // one shard with guests that never yield on their own.
+    let dir = tempfile::tempdir().unwrap();
+    let list = (1..=4).map(|t| format!("spinner{t}-0123456789abcdef0123456789:tenant={t}")).collect::<Vec<_>>();
+    let list = list.join(",");
+    let server = Server::start_with(dir.path(), &["--shards", "1", "--max-instances", "64"], |cmd| {
+        cmd.env("TENSOR_WASM_API_TOKENS", &list);
+    });
+    let mut running = Vec::new();
+    for t in 1..=4 {
+        let who = as_tenant(&format!("spinner{t}-0123456789abcdef0123456789"), &t.to_string());
+        let spin = spinner(&server, &who, 6000);
+        running.extend(start_invokes(&server, &spin, &who, 16));
+    }
+    let metric = || server.metric("tensor_wasm_active_instances", &[]);
+    within(Duration::from_secs(20), "every slot busy", || metric() >= 64.0);
+    // While all 64 spin: the probe's round trips.
+    let mut probe = server.client();
+    let mut latencies = Vec::new();
+    for _ in 0..100 {
+        let t = Instant::now();
+        assert_eq!(probe.request("GET", "/healthz", &[], b"").status, 200);
+        latencies.push(t.elapsed());
+    }
+    assert!(metric() >= 64.0, "the guests ended before the probes did");
+    latencies.sort();
+    let p99 = latencies[98];
+    eprintln!("/healthz with 64 spinning guests: P50 {:?}, P99 {p99:?}", latencies[50]);
+    assert!(p99 <= BYSTANDER_P99, "/healthz P99 {p99:?} with every slot spinning");
+    for mut c in running {
+        expect(&c.read_response(), 504, "invoke_timeout");
+    }
+}
+
+/// Every audit record under the server's data dir.
+fn records(audit: &Path) -> Vec<Value> {
+    let (code, out, err) = common::tensor_wasm(&["audit", "tail", "-n", "1000000", audit.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// How many refusals the records of `kind` account for: each record of a refusal is one, plus
+/// the ones it says were left out before it; a summary counts only those.
+fn accounted(records: &[Value], kind: &str) -> u64 {
+    records
+        .iter()
+        .filter(|r| r["outcome"]["error_kind"] == kind)
+        .map(|r| u64::from(r["action"] != "refusals_left_out") + r["outcome"]["repeated"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+#[test]
+fn failed_authentication_is_coalesced_in_the_audit_log_and_rate_limited_per_source() {
+    let _serial = serial();
+    let server = start(&[
+        "--unauthenticated-rate-limit-qps",
+        "10",
+        "--unauthenticated-rate-limit-burst",
+        "20",
+        "--rate-limit-qps",
+        "1",
+        "--rate-limit-burst",
+        "1",
+    ]);
+    let mut c = server.client();
+    let (mut unauthorized, mut limited) = (0u64, 0u64);
+    for _ in 0..300 {
+        let r = c.request("GET", "/functions", &[("authorization", "Bearer not-a-token-not-a-token")], b"");
+        match r.status {
+            401 => unauthorized += 1,
+            429 => {
+                expect(&r, 429, "unauthenticated_rate_limited");
+                assert!(r.header("retry-after").is_some());
+                limited += 1;
+            }
+            other => panic!("unexpected {other}: {}", r.text()),
+        }
+    }
+    // The burst is split over the two shards; one connection stays on one.
+    assert!(limited > 0 && unauthorized >= 10, "{unauthorized} 401s, {limited} 429s");
+    // A token over its own rate: its 429s are coalesced too.
+    let attacker = as_tenant(ATTACKER, "1");
+    let mut token_limited = 0u64;
+    for _ in 0..50 {
+        let r = c.request("GET", "/functions", &headers(&attacker), b"");
+        if r.status == 429 {
+            expect(&r, 429, "rate_limited");
+            token_limited += 1;
+        }
+    }
+    assert!(token_limited >= 45, "{token_limited}");
+    // The log holds a few records that account for every refusal, once the windows ended.
+    let audit = server.data_dir.join("audit");
+    // Each check reads whole segments: once every half second is plenty.
+    within(Duration::from_secs(10), "every refusal accounted for", || {
+        std::thread::sleep(Duration::from_millis(500));
+        let all = records(&audit);
+        accounted(&all, "unauthorized") == unauthorized
+            && accounted(&all, "unauthenticated_rate_limited") == limited
+            && accounted(&all, "rate_limited") == token_limited
+    });
+    let all = records(&audit);
+    assert!(all.len() < 40, "{} records for {} refusals", all.len(), unauthorized + limited + token_limited);
+    assert!(server.metric("tensor_wasm_audit_refusals_coalesced_total", &[]) > 300.0);
+    let (code, out, err) = common::tensor_wasm(&["audit", "verify", audit.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    // Another source is not limited by this one: a valid token still passes at once.
+    let victim = as_tenant(VICTIM, "2");
+    assert_eq!(server.client().request("GET", "/functions", &headers(&victim), b"").status, 200);
+}
+
+#[test]
+fn guest_stderr_cannot_forge_log_lines() {
+    let _serial = serial();
+    let server = start(&[]);
+    let attacker = as_tenant(ATTACKER, "1");
+    let forged = "ok\n2026-12-07T00:00:00Z  INFO function deleted tenant=8 token_id=ADMIN\x1b[2K\r";
+    let id = deploy_as(&server, "forger", &guests::write_and_exit("out", forged, 3), &attacker);
+    let r = server.client().request("POST", &format!("/functions/{id}/invoke"), &headers(&attacker), b"");
+    expect(&r, 502, "guest_exit");
+    let log = server.wait_for_stderr("invocation failed");
+    let line = log.lines().find(|l| l.contains("invocation failed")).unwrap();
+    assert!(
+        line.contains(r"ok\n2026-12-07T00:00:00Z  INFO function deleted tenant=8 token_id=ADMIN\x1b[2K\r"),
+        "{line}"
+    );
+    assert!(!log.lines().any(|l| l.starts_with("2026-12-07T00:00:00Z")), "{log}");
+    assert!(!log.contains('\x1b'), "{log}");
+}
