@@ -60,6 +60,10 @@ pub struct Limits {
     /// Most body bytes one shard holds for requests in flight, whatever their routes; past it,
     /// 503 `overloaded`.
     pub max_inflight_body_bytes: u64,
+    /// The share of that one tenant's requests may hold; past it, 429 `inflight_body_limited`.
+    pub max_inflight_body_bytes_per_tenant: u64,
+    /// What a module may be before it is compiled (`wasm::module::check_shape`).
+    pub module_shape: crate::wasm::module::ModuleShape,
     /// Most invocations one tenant may run at once in the process, split over the shards; past
     /// it, 429 `concurrency_limited`.
     pub max_concurrent_per_tenant: u32,

@@ -40,6 +40,10 @@ pub enum ApiError {
     UnauthenticatedRateLimited {
         retry_after_secs: u64,
     },
+    /// The tenant's requests on this shard already hold `--max-inflight-body-bytes-per-tenant`.
+    InflightBodyLimited {
+        limit: u64,
+    },
     /// The tenant already runs as many invocations as `--max-concurrent-per-tenant` allows.
     ConcurrencyLimited {
         limit: u32,
@@ -58,6 +62,21 @@ pub enum ApiError {
         max: u32,
     },
     InvalidModule(String),
+    /// The module defines more functions than `--max-module-functions`.
+    TooManyFunctions {
+        count: u32,
+        limit: u32,
+    },
+    /// The module's code section is over `--max-module-code-bytes`.
+    CodeTooLarge {
+        bytes: u64,
+        limit: u64,
+    },
+    /// One function body is over `--max-function-body-bytes`.
+    FunctionTooLarge {
+        bytes: usize,
+        limit: u32,
+    },
     UnsupportedImport(String),
     ImportMismatch(String),
     FunctionNotFound(String),
@@ -127,6 +146,9 @@ impl ApiError {
             | InvalidTimeout { .. }
             | InvalidMemoryLimit { .. }
             | InvalidModule(_)
+            | TooManyFunctions { .. }
+            | CodeTooLarge { .. }
+            | FunctionTooLarge { .. }
             | UnsupportedImport(_)
             | ImportMismatch(_)
             | InvalidInvokeRequest(_)
@@ -138,9 +160,10 @@ impl ApiError {
             | DuplicateTenantHeader => Status::BadRequest,
             Unauthorized => Status::Unauthorized,
             TenantScopeDenied { .. } => Status::Forbidden,
-            RateLimited { .. } | ConcurrencyLimited { .. } | UnauthenticatedRateLimited { .. } => {
-                Status::TooManyRequests
-            }
+            RateLimited { .. }
+            | ConcurrencyLimited { .. }
+            | UnauthenticatedRateLimited { .. }
+            | InflightBodyLimited { .. } => Status::TooManyRequests,
             HeadersTooLarge { .. } | TooManyHeaders { .. } => Status::RequestHeaderFieldsTooLarge,
             BodyTooLarge { .. } => Status::PayloadTooLarge,
             RequestTimeout => Status::RequestTimeout,
@@ -183,6 +206,7 @@ impl ApiError {
             TenantScopeDenied { .. } => "tenant_scope_denied",
             RateLimited { .. } => "rate_limited",
             ConcurrencyLimited { .. } => "concurrency_limited",
+            InflightBodyLimited { .. } => "inflight_body_limited",
             UnauthenticatedRateLimited { .. } => "unauthenticated_rate_limited",
             InvalidJson(_) => "invalid_json",
             InvalidRequest(_) => "invalid_request",
@@ -191,6 +215,9 @@ impl ApiError {
             InvalidTimeout { .. } => "invalid_timeout",
             InvalidMemoryLimit { .. } => "invalid_memory_limit",
             InvalidModule(_) => "invalid_module",
+            TooManyFunctions { .. } => "too_many_functions",
+            CodeTooLarge { .. } => "code_too_large",
+            FunctionTooLarge { .. } => "function_too_large",
             UnsupportedImport(_) => "unsupported_import",
             ImportMismatch(_) => "import_mismatch",
             FunctionNotFound(_) => "function_not_found",
@@ -229,7 +256,8 @@ impl ApiError {
             | ApiError::AuditUnavailable
             | ApiError::NotReady
             | ApiError::Draining
-            | ApiError::ConcurrencyLimited { .. } => Some(("retry-after", "1".into())),
+            | ApiError::ConcurrencyLimited { .. }
+            | ApiError::InflightBodyLimited { .. } => Some(("retry-after", "1".into())),
             ApiError::RateLimited { retry_after_secs } | ApiError::UnauthenticatedRateLimited { retry_after_secs } => {
                 Some(("retry-after", retry_after_secs.to_string()))
             }
@@ -287,6 +315,9 @@ impl fmt::Display for ApiError {
             UnauthenticatedRateLimited { retry_after_secs } => {
                 write!(f, "too many requests from this address failed authentication; retry in {retry_after_secs} s")
             }
+            InflightBodyLimited { limit } => {
+                write!(f, "this tenant's requests on this shard already hold {limit} bytes of bodies; retry shortly")
+            }
             ConcurrencyLimited { limit } => write!(
                 f,
                 "this tenant already runs as many invocations as it may ({limit} in the whole server); retry shortly"
@@ -306,6 +337,15 @@ impl fmt::Display for ApiError {
                 write!(f, "`memory_limit_mb` must be between 1 and {max}, got {given}")
             }
             InvalidModule(m) => write!(f, "not a valid WebAssembly module: {m}"),
+            TooManyFunctions { count, limit } => {
+                write!(f, "the module defines {count} functions, more than the {limit} this server compiles")
+            }
+            CodeTooLarge { bytes, limit } => {
+                write!(f, "the module has {bytes} bytes of code, more than the {limit} this server compiles")
+            }
+            FunctionTooLarge { bytes, limit } => {
+                write!(f, "the module has a function body of {bytes} bytes, more than the {limit} this server compiles")
+            }
             UnsupportedImport(m) => write!(f, "{m}"),
             ImportMismatch(m) => write!(f, "{m}"),
             FunctionNotFound(id) => write!(f, "function `{id}` not found"),

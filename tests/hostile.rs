@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 
 const ATTACKER: &str = "attacker-0123456789abcdef01234567";
 const VICTIM: &str = "victim-0123456789abcdef0123456789a";
+const OTHER: &str = "other-0123456789abcdef0123456789ab";
 const BYSTANDER_P99: Duration = Duration::from_millis(50);
 
 /// One attack at a time: each measures a bystander's latency, which another test's spinning
@@ -27,7 +28,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn tokens() -> String {
-    format!("{ATTACKER}:tenant=1,{VICTIM}:tenant=2")
+    format!("{ATTACKER}:tenant=1,{VICTIM}:tenant=2,{OTHER}:tenant=3")
 }
 
 /// A server with the two tenants' tokens, plus `args`.
@@ -118,7 +119,7 @@ fn bodies_are_not_read_for_requests_that_will_be_refused() {
 }
 
 #[test]
-fn a_shard_holds_at_most_its_in_flight_body_budget() {
+fn a_shard_holds_at_most_its_in_flight_body_budget_and_a_tenant_half_of_it() {
     let _serial = serial();
     let mib = 1024 * 1024;
     let server = start(&[
@@ -131,42 +132,54 @@ fn a_shard_holds_at_most_its_in_flight_body_budget() {
         "--max-body-bytes",
         &mib.to_string(),
     ]);
-    let attacker = as_tenant(ATTACKER, "1");
-    let echo = deploy_as(&server, "echo", &guests::echo(), &attacker);
+    let (attacker, second, other) = (as_tenant(ATTACKER, "1"), as_tenant(VICTIM, "2"), as_tenant(OTHER, "3"));
+    let echo = |who: &[(String, String)]| deploy_as(&server, "echo", &guests::echo(), who);
+    let echoes = [echo(&attacker), echo(&second), echo(&other)];
     let b = victim(&server);
-    // Two slow uploads of a whole MiB each hold the shard's budget...
-    let auth = format!("authorization: Bearer {ATTACKER}\r\nx-tensor-wasm-tenant: 1\r\n");
-    let head = format!("POST /functions/{echo}/invoke HTTP/1.1\r\nhost: t\r\n{auth}content-length: {mib}\r\n\r\n");
-    let mut slow: Vec<Client> = (0..2)
-        .map(|_| {
-            let mut c = server.client();
-            c.send_raw(head.as_bytes());
-            c.send_raw(&vec![b'a'; 1000]);
-            c
-        })
-        .collect();
-    server.wait_for_metric("tensor_wasm_connections", &[], 3.0);
-    // ...so a third is refused from its head, with retry-after, and its body is never read.
-    let mut r = None;
-    within(Duration::from_secs(10), "a refusal for the body budget", || {
-        let (_c, answer) = head_then_answer(&server, &head, 0);
-        let refused = answer.status == 503;
-        r = Some(answer);
-        refused
-    });
-    let r = r.unwrap();
+    let head = |who: &[(String, String)], id: &str| {
+        let mut h = format!("POST /functions/{id}/invoke HTTP/1.1\r\nhost: t\r\ncontent-length: {mib}\r\n");
+        for (n, v) in who {
+            h.push_str(&format!("{n}: {v}\r\n"));
+        }
+        h + "\r\n"
+    };
+    // A slow upload of a whole MiB: the head, then a little of the body.
+    let slow = |who: &[(String, String)], id: &str| {
+        let mut c = server.client();
+        c.send_raw(head(who, id).as_bytes());
+        c.send_raw(&vec![b'a'; 1000]);
+        c
+    };
+    let refused = |who: &[(String, String)], id: &str, status: u16| {
+        let mut r = None;
+        within(Duration::from_secs(10), "a refusal for the body budget", || {
+            let (_c, answer) = head_then_answer(&server, &head(who, id), 0);
+            let done = answer.status == status;
+            r = Some(answer);
+            done
+        });
+        r.unwrap()
+    };
+    // The attacker holds its share (half the shard's budget); its next body is refused.
+    let mut uploads = vec![slow(&attacker, &echoes[0])];
+    let r = refused(&attacker, &echoes[0], 429);
+    expect(&r, 429, "inflight_body_limited");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // Another tenant takes the other half; a third is refused for the shard's budget.
+    uploads.push(slow(&second, &echoes[1]));
+    let r = refused(&other, &echoes[2], 503);
     expect(&r, 503, "overloaded");
     assert_eq!(r.header("retry-after"), Some("1"));
-    assert!(server.metric("tensor_wasm_body_budget_refusals_total", &[]) >= 1.0);
+    assert!(server.metric("tensor_wasm_body_budget_refusals_total", &[]) >= 2.0);
     // The slow uploads finish and are served whole.
-    for c in &mut slow {
+    for c in &mut uploads {
         c.send_raw(&vec![b'a'; mib - 1000]);
         let r = c.read_response();
         assert_eq!((r.status, r.body.len()), (200, mib), "{}", r.text());
     }
-    // Their budget is back: the same request now passes.
+    // Their budget is back: the refused request now passes.
     let body = vec![b'b'; mib];
-    let r = server.client().request("POST", &format!("/functions/{echo}/invoke"), &headers(&attacker), &body);
+    let r = server.client().request("POST", &format!("/functions/{}/invoke", echoes[2]), &headers(&other), &body);
     assert_eq!(r.status, 200, "{}", r.text());
     b.finish("the in-flight body budget").p99_within(BYSTANDER_P99);
 }
@@ -368,8 +381,8 @@ fn failed_authentication_is_coalesced_in_the_audit_log_and_rate_limited_per_sour
             other => panic!("unexpected {other}: {}", r.text()),
         }
     }
-    // The burst is split over the two shards; one connection stays on one.
-    assert!(limited > 0 && unauthorized >= 10, "{unauthorized} 401s, {limited} 429s");
+    // One connection stays on one shard, which enforces the whole burst.
+    assert!(limited > 0 && unauthorized >= 20, "{unauthorized} 401s, {limited} 429s");
     // A token over its own rate: its 429s are coalesced too.
     let attacker = as_tenant(ATTACKER, "1");
     let mut token_limited = 0u64;
@@ -418,4 +431,44 @@ fn guest_stderr_cannot_forge_log_lines() {
     );
     assert!(!log.lines().any(|l| l.starts_with("2026-12-07T00:00:00Z")), "{log}");
     assert!(!log.contains('\x1b'), "{log}");
+}
+
+/// A module of `functions` functions, each with a body of about `body_bytes` bytes.
+fn module_of(functions: usize, body_bytes: usize) -> Vec<u8> {
+    let body = "(drop (i32.const 0))".repeat(body_bytes / 3);
+    let funcs = (0..functions).map(|_| format!("(func {body})")).collect::<String>();
+    guests::wasm(&format!(r#"(module {funcs} (func (export "_start")))"#))
+}
+
+#[test]
+fn a_module_is_refused_for_its_shape_before_it_is_compiled() {
+    let _serial = serial();
+    let server = start(&[
+        "--max-module-functions",
+        "100",
+        "--max-module-code-bytes",
+        "65536",
+        "--max-function-body-bytes",
+        "4096",
+    ]);
+    let attacker = as_tenant(ATTACKER, "1");
+    let b = victim(&server);
+    let deploy = |wasm: Vec<u8>| {
+        let body = json!({
+            "name": "shape",
+            "wasm_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, wasm),
+        });
+        server.client().request("POST", "/functions", &headers(&attacker), body.to_string().as_bytes())
+    };
+    let r = deploy(module_of(200, 0));
+    expect(&r, 400, "too_many_functions");
+    assert!(r.text().contains("201 functions") && r.text().contains("100"), "{}", r.text());
+    let r = deploy(module_of(50, 2000));
+    expect(&r, 400, "code_too_large");
+    let r = deploy(module_of(2, 6000));
+    expect(&r, 400, "function_too_large");
+    // Within every limit: deployed and served.
+    let r = deploy(module_of(50, 100));
+    assert_eq!(r.status, 201, "{}", r.text());
+    b.finish("modules over their shape").p99_within(BYSTANDER_P99);
 }

@@ -42,12 +42,14 @@ fn main() {
     let limits = tensor_wasm_bench::default_limits();
     let engine = build_engine(&limits, GuestProfiler::Off).expect("engine");
     let linker = new_linker(&engine).expect("linker");
+    let shape = limits.module_shape;
     let hello =
-        check_module(&engine, &linker, &wat::parse_str(r#"(module (func (export "_start")))"#).unwrap()).unwrap();
-    let echo = check_module(&engine, &linker, &wat::parse_str(ECHO).unwrap()).unwrap();
+        check_module(&engine, &linker, &wat::parse_str(r#"(module (func (export "_start")))"#).unwrap(), &shape)
+            .unwrap();
+    let echo = check_module(&engine, &linker, &wat::parse_str(ECHO).unwrap(), &shape).unwrap();
     let json_wasm =
         tensor_wasm_bench::harness::guests::GuestSource::Build.rust_guest("json-stats").expect("json-stats");
-    let json_module = check_module(&engine, &linker, &json_wasm).unwrap();
+    let json_module = check_module(&engine, &linker, &json_wasm, &shape).unwrap();
     let json_pre = linker.instantiate_pre(&json_module).unwrap();
     let json_body = tensor_wasm_bench::harness::guests::json_stats_body();
     let hello_pre = linker.instantiate_pre(&hello).unwrap();
@@ -94,7 +96,7 @@ fn main() {
     }));
     let baseline_engine = tensor_wasm_bench::baseline::engine().expect("engine");
     let baseline_linker = new_linker(&baseline_engine).expect("linker");
-    let baseline_module = check_module(&baseline_engine, &baseline_linker, &json_wasm).unwrap();
+    let baseline_module = check_module(&baseline_engine, &baseline_linker, &json_wasm, &shape).unwrap();
     let _baseline_ticker =
         tensor_wasm::wasm::EpochTicker::start(baseline_engine.clone(), Duration::from_millis(10)).unwrap();
     let json_baseline = rt.block_on(timed(JSON_ROUNDS, || async {

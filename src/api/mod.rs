@@ -177,6 +177,16 @@ pub struct Admitted<'h> {
     what: Admit<'h>,
 }
 
+impl Admitted<'_> {
+    /// The tenant it acts for, for a function route.
+    pub fn tenant(&self) -> Option<u64> {
+        match &self.what {
+            Admit::Call { ctx, .. } => Some(ctx.tenant),
+            Admit::Healthz | Admit::Readyz | Admit::Metrics => None,
+        }
+    }
+}
+
 enum Admit<'h> {
     Healthz,
     Readyz,

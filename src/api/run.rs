@@ -125,7 +125,9 @@ pub async fn execute(
                 // Escaped: raw, a guest's newlines and terminal escapes could forge whole log lines.
                 stderr = %invocation.stderr.escape_ascii(),
                 stderr_dropped = invocation.stderr_dropped,
-                "invocation failed: {err}"
+                // The message can carry the guest's own names (a backtrace of its name section).
+                "invocation failed: {}",
+                err.to_string().escape_debug()
             );
             Err(err)
         }

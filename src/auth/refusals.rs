@@ -1,8 +1,10 @@
 //! What one shard remembers of refused callers, so that refusals cost the refused, not everyone:
 //!
 //! - a GCRA bucket per source address for requests that fail authentication: past
-//!   `--unauthenticated-rate-limit-qps` (this shard's share of it) they get 429
-//!   `unauthenticated_rate_limited` instead of 401;
+//!   `--unauthenticated-rate-limit-qps` (on this shard) they get 429
+//!   `unauthenticated_rate_limited` instead of 401. It saves no work (the token was checked),
+//!   but tells a client that retries a bad token to slow down, and lets its refusals be counted
+//!   apart;
 //! - the coalescing of repeated refusals in the audit log: of the 401s and 429s with the same
 //!   source (or token) and kind, at most one is recorded per [`WINDOW`]. The next record of that
 //!   source and kind, or a summary written when its window ends, carries how many were left out
@@ -71,6 +73,16 @@ struct Entry {
     windows: Vec<(&'static str, Instant, u64)>,
 }
 
+impl Entry {
+    fn is_hot(&self, now: Instant) -> bool {
+        self.tat > now
+            || self.windows.iter().any(|(_, began, left_out)| *left_out > 0 || now.duration_since(*began) < WINDOW)
+    }
+}
+
+/// How many hot entries eviction passes over before it forgets one anyway.
+const EVICTION_TRIES: usize = 8;
+
 pub struct Refusals {
     /// Nanoseconds between unauthenticated requests of one source at this shard's share of the
     /// rate, and how many may come at once; `None`: unlimited.
@@ -84,12 +96,14 @@ pub struct Refusals {
 }
 
 impl Refusals {
-    /// `limit` is the whole process's per-source rate, of which this shard takes `1/shards`.
-    pub fn new(limit: Option<RateLimit>, shards: usize, max_entries: usize) -> Refusals {
+    /// `limit` is a source's rate on this shard. Each shard enforces all of it on its own: a
+    /// connection stays on one shard, so a split would leave a single-connection client a
+    /// `1/shards` share, and a refusal costs about what a 401 does.
+    pub fn new(limit: Option<RateLimit>, max_entries: usize) -> Refusals {
         assert!(max_entries > 0);
         let limit = limit.map(|l| {
-            let interval = Duration::from_nanos(1_000_000_000 / u64::from(l.qps)) * shards.max(1) as u32;
-            (interval, interval * l.burst.div_ceil(shards.max(1) as u32).max(1))
+            let interval = Duration::from_nanos(1_000_000_000 / u64::from(l.qps));
+            (interval, interval * l.burst)
         });
         Refusals {
             limit,
@@ -158,8 +172,18 @@ impl Refusals {
         let mut table = self.table.borrow_mut();
         if !table.contains_key(&who) {
             let mut order = self.order.borrow_mut();
+            let mut skipped_hot = 0;
             while table.len() >= self.max_entries {
                 let Some(oldest) = order.pop_front() else { break };
+                // A source still over its rate or inside a window goes to the back, a few times at
+                // most: forgetting it would hand it a fresh burst, while a cold entry costs nothing
+                // to forget. A flood of new sources, all hot, still evicts in O(EVICTION_TRIES).
+                let hot = table.get(&oldest).is_some_and(|e| e.is_hot(now));
+                if hot && skipped_hot < EVICTION_TRIES {
+                    skipped_hot += 1;
+                    order.push_back(oldest);
+                    continue;
+                }
                 if let Some(entry) = table.remove(&oldest) {
                     let mut evicted = self.evicted.borrow_mut();
                     for (kind, _, count) in entry.windows.into_iter().filter(|w| w.2 > 0) {
@@ -196,7 +220,7 @@ mod tests {
 
     #[test]
     fn a_source_past_its_rate_waits_and_others_do_not() {
-        let refusals = Refusals::new(Some(RateLimit { qps: 10, burst: 3 }), 1, 16);
+        let refusals = Refusals::new(Some(RateLimit { qps: 10, burst: 3 }), 16);
         let t0 = Instant::now();
         for _ in 0..3 {
             assert_eq!(refusals.charge_unauthenticated(ip("10.0.0.1"), t0), Ok(()));
@@ -210,7 +234,7 @@ mod tests {
 
     #[test]
     fn one_record_per_window_carries_what_was_left_out() {
-        let refusals = Refusals::new(None, 1, 16);
+        let refusals = Refusals::new(None, 16);
         let t0 = Instant::now();
         let who = Refused::source(ip("10.0.0.1"));
         assert_eq!(refusals.audit(who.clone(), "unauthorized", t0), Verdict::Record { repeated: 0 });
@@ -229,7 +253,7 @@ mod tests {
 
     #[test]
     fn the_table_is_bounded_and_evicted_counts_are_kept() {
-        let refusals = Refusals::new(None, 1, 2);
+        let refusals = Refusals::new(None, 2);
         let t0 = Instant::now();
         let first = Refused::source(ip("10.0.0.1"));
         refusals.audit(first.clone(), "unauthorized", t0);
@@ -238,6 +262,22 @@ mod tests {
         refusals.audit(Refused::source(ip("10.0.0.3")), "unauthorized", t0);
         assert_eq!(refusals.len(), 2);
         assert_eq!(refusals.ended(t0), vec![LeftOut { who: first, kind: "unauthorized", count: 1 }]);
+    }
+
+    #[test]
+    fn eviction_forgets_a_cold_source_before_a_hot_one() {
+        let refusals = Refusals::new(Some(RateLimit { qps: 1, burst: 1 }), 2);
+        let t0 = Instant::now();
+        let (hot, cold) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        assert_eq!(refusals.charge_unauthenticated(hot, t0), Ok(()));
+        let later = t0 + Duration::from_millis(1500);
+        assert_eq!(refusals.charge_unauthenticated(cold, t0), Ok(()));
+        // At `later` the cold source has nothing left to remember, the hot one charges again.
+        assert_eq!(refusals.charge_unauthenticated(hot, later), Ok(()));
+        assert!(refusals.charge_unauthenticated(hot, later).is_err());
+        refusals.charge_unauthenticated(ip("10.0.0.3"), later).unwrap();
+        // The hot source is still remembered, still over its rate.
+        assert!(refusals.charge_unauthenticated(hot, later).is_err());
     }
 
     #[test]

@@ -184,9 +184,14 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_MAX_INFLIGHT_BODY_BYTES", default_value_t = 128 * 1024 * 1024)]
     pub max_inflight_body_bytes: u64,
 
+    /// Most request-body bytes one tenant's requests hold at once on one shard; past it, 429
+    /// `inflight_body_limited`. 0: half of --max-inflight-body-bytes, and at least --max-body-bytes.
+    #[arg(long, env = "TENSOR_WASM_MAX_INFLIGHT_BODY_BYTES_PER_TENANT", default_value_t = 0)]
+    pub max_inflight_body_bytes_per_tenant: u64,
+
     /// Most invocations one tenant may run at once, in the whole process (split evenly over the
     /// shards); more get 429 `concurrency_limited` with `retry-after`. 0: a quarter of
-    /// --max-instances.
+    /// --max-instances, or all of it in dev mode (no tokens: one caller).
     #[arg(long, env = "TENSOR_WASM_MAX_CONCURRENT_PER_TENANT", default_value_t = 0)]
     pub max_concurrent_per_tenant: u32,
 
@@ -236,6 +241,21 @@ pub struct ServeArgs {
     /// Largest `timeout_ms` a function may ask for.
     #[arg(long, env = "TENSOR_WASM_MAX_TIMEOUT_MS", default_value_t = 60_000)]
     pub max_timeout_ms: u64,
+
+    /// Most functions a deployed module may define; more get 400 `too_many_functions` before
+    /// anything is compiled.
+    #[arg(long, env = "TENSOR_WASM_MAX_MODULE_FUNCTIONS", default_value_t = 100_000)]
+    pub max_module_functions: u32,
+
+    /// Most bytes of code (every function body together) a deployed module may have; more get
+    /// 400 `code_too_large` before anything is compiled.
+    #[arg(long, env = "TENSOR_WASM_MAX_MODULE_CODE_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_module_code_bytes: u64,
+
+    /// Largest function body a deployed module may have; a larger one gets 400
+    /// `function_too_large` before anything is compiled.
+    #[arg(long, env = "TENSOR_WASM_MAX_FUNCTION_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_function_body_bytes: u32,
 
     /// Linear-memory cap of a function that sets none.
     #[arg(long, env = "TENSOR_WASM_DEFAULT_MEMORY_LIMIT_MB", default_value_t = 64)]
@@ -479,6 +499,19 @@ impl ServeArgs {
         }
         positive("max-body-bytes", self.max_body_bytes)?;
         positive("max-invoke-body-bytes", self.max_invoke_body_bytes)?;
+        let per_tenant_body_bytes = match self.max_inflight_body_bytes_per_tenant {
+            0 => (self.max_inflight_body_bytes / 2).max(self.max_body_bytes).min(self.max_inflight_body_bytes),
+            n if n < self.max_body_bytes.max(self.max_invoke_body_bytes) => {
+                return Err(format!(
+                    "--max-inflight-body-bytes-per-tenant ({n}) is smaller than the largest body a tenant may send: \
+                     no such request could ever be read"
+                ));
+            }
+            n => n,
+        };
+        positive("max-module-functions", self.max_module_functions.into())?;
+        positive("max-module-code-bytes", self.max_module_code_bytes)?;
+        positive("max-function-body-bytes", self.max_function_body_bytes.into())?;
         positive("max-inflight-body-bytes", self.max_inflight_body_bytes)?;
         for (name, body) in
             [("max-body-bytes", self.max_body_bytes), ("max-invoke-body-bytes", self.max_invoke_body_bytes)]
@@ -546,6 +579,8 @@ impl ServeArgs {
                 self.listen
             ));
         }
+        // Without tokens every request is the one dev caller: no tenants to share between.
+        let dev_mode = matches!(source, TokenSource::Dev);
         let auth = AuthConfig {
             source,
             token_id_key: self.api_token_id_key.unwrap_or_else(|| DEFAULT_TOKEN_ID_KEY.into()).into_bytes(),
@@ -664,7 +699,14 @@ impl ServeArgs {
                 max_body_bytes: self.max_body_bytes,
                 max_invoke_body_bytes: self.max_invoke_body_bytes,
                 max_inflight_body_bytes: self.max_inflight_body_bytes,
+                max_inflight_body_bytes_per_tenant: per_tenant_body_bytes,
+                module_shape: crate::wasm::module::ModuleShape {
+                    max_functions: self.max_module_functions,
+                    max_code_bytes: self.max_module_code_bytes,
+                    max_function_body_bytes: self.max_function_body_bytes,
+                },
                 max_concurrent_per_tenant: match self.max_concurrent_per_tenant {
+                    0 if dev_mode => self.max_instances,
                     0 => self.max_instances.div_ceil(4),
                     n => n,
                 },

@@ -331,7 +331,7 @@ impl Worker {
                 return None;
             }
         };
-        match check_module(&self.engine, &self.linker, &wasm) {
+        match check_module(&self.engine, &self.linker, &wasm, &self.limits.module_shape) {
             Ok(module) => {
                 *recompiled += 1;
                 self.save_artifact(digest, &module);
@@ -374,7 +374,7 @@ impl Worker {
         let digest = digest_of(&wasm);
         let module = match self.catalog.module_with_digest(&digest) {
             Some(m) => m,
-            None => check_module(&self.engine, &self.linker, &wasm)?,
+            None => check_module(&self.engine, &self.linker, &wasm, &self.limits.module_shape)?,
         };
         // Live modules of directory functions are not in the store: a deploy of the same bytes
         // must still store them, or the function would not survive a restart.
@@ -709,7 +709,7 @@ impl Worker {
         if let Some(module) = self.catalog.module_with_digest(digest).or_else(|| self.module_from_artifact(digest)) {
             return Ok(module);
         }
-        let module = check_module(&self.engine, &self.linker, wasm)?;
+        let module = check_module(&self.engine, &self.linker, wasm, &self.limits.module_shape)?;
         tracing::info!(digest, "functions directory module compiled");
         self.save_artifact(digest, &module);
         Ok(module)

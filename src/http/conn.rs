@@ -186,7 +186,7 @@ pub async fn serve<T: Transport>(guard: ConnectionGuard, mut stream: T, peer: Pe
         let (route, admitted) = crate::api::admit(&shard, &peer, &head, &mut audit);
         let admitted = admitted.and_then(|a| {
             let declared = declared_body(&head, a.body_limit)?;
-            Ok((shard.reserve_body(declared)?, a))
+            Ok((shard.reserve_body(a.tenant(), declared)?, a))
         });
         let (mut response, body_consumed) = match admitted {
             Err(e) => (Response::error(&e), skip_buffered_body(&head, &mut buf)),
@@ -288,7 +288,9 @@ async fn answer_protocol_error<T: Transport>(
     failure: Failure<'_>,
 ) {
     let Failure { head, audit, err, started } = failure;
-    debug_assert!(err.closes_connection());
+    // A framing error, or a chunked body that outgrew the shard's body budget (503): either way
+    // the rest of the body is unread, so the connection cannot carry another request.
+    debug_assert!(err.closes_connection() || matches!(err, ApiError::Overloaded(_)));
     let mut response = Response::error(&err);
     if let Some(pending) = audit {
         write_audit(shard, pending, &mut response, started, peer);
@@ -347,7 +349,9 @@ async fn read_body<T: Transport>(
         return Ok(Vec::new());
     }
     // Told only now, once the request is admitted and its declared size reserved.
-    if head.expect_continue && buf.is_empty() {
+    // Only to a request whose route takes a body: a chunked body on a route that takes none would
+    // be invited only to be refused.
+    if head.expect_continue && buf.is_empty() && limit > 0 {
         out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
         if !flush(stream, out, limits.write_timeout()).await {
             return Err(BodyError::Connection);

@@ -37,8 +37,12 @@ pub const PARK_INTERVAL: Duration = Duration::from_millis(5);
 #[derive(Default)]
 struct YieldQueue {
     pump_running: Cell<bool>,
-    /// Yielded guests, oldest first: they run again in the order they yielded.
-    parked: RefCell<VecDeque<Waker>>,
+    /// Yielded guests, oldest first: they run again in the order they yielded. Each is named by
+    /// its yield's id, so that a yield dropped while parked can take itself out.
+    parked: RefCell<VecDeque<(u64, Waker)>>,
+    next_id: Cell<u64>,
+    /// The id of the yield the pump let go last.
+    last_released: Cell<u64>,
     pump: RefCell<Option<Waker>>,
     /// Whether a guest the pump let go may still be queued or running: the pump lets the next one
     /// go only once it is not (it yielded again, or the shard parked, so it finished or waits).
@@ -94,46 +98,107 @@ pub async fn pump() {
         }
         QUEUE.with(|q| {
             let next = q.parked.borrow_mut().pop_front();
-            if let Some(guest) = next {
+            if let Some((id, guest)) = next {
                 q.released.set(true);
+                q.last_released.set(id);
                 guest.wake();
             }
         });
     }
 }
 
+/// Hands the turn on: the guest that ran has finished (or stopped waiting) without yielding
+/// again, so the pump need not wait for the shard to park before it lets the next one go.
+/// Called when an invocation ends. Should the guest let go last still be queued, two run in turn
+/// once, which the next yield sets right.
+pub fn guest_done() {
+    QUEUE.with(|q| {
+        if q.released.replace(false) && !q.parked.borrow().is_empty() {
+            if let Some(pump) = q.pump.borrow().as_ref() {
+                pump.wake_by_ref();
+            }
+        }
+    });
+}
+
 /// Yields once, behind every task already queued on this shard and every guest that yielded
 /// before. Off a shard (no pump), it falls back to an immediate self-wake.
 pub fn yield_now() -> FairYield {
-    FairYield { yielded: false }
+    FairYield { state: YieldState::New }
 }
 
 pub struct FairYield {
-    yielded: bool,
+    state: YieldState,
+}
+
+enum YieldState {
+    New,
+    /// In the FIFO (or let go and not polled since), under this id.
+    Parked(u64),
+    /// Woken off a shard, or done.
+    Done,
 }
 
 impl Future for FairYield {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.yielded {
-            return Poll::Ready(());
+        match self.state {
+            YieldState::New => {}
+            YieldState::Parked(id) => {
+                // Polled again: let go by the pump, or woken by something else while still queued,
+                // whose entry must not be let go later (it would wake a task that is past it).
+                QUEUE.with(|q| {
+                    if q.last_released.get() != id {
+                        q.parked.borrow_mut().retain(|(queued, _)| *queued != id);
+                    }
+                });
+                self.state = YieldState::Done;
+                return Poll::Ready(());
+            }
+            YieldState::Done => return Poll::Ready(()),
         }
-        self.yielded = true;
-        QUEUE.with(|q| {
+        self.state = QUEUE.with(|q| {
             let pump = q.pump.borrow();
             match (q.pump_running.get(), pump.as_ref()) {
                 (true, Some(pump)) => {
-                    q.parked.borrow_mut().push_back(cx.waker().clone());
+                    // From 1: `last_released` starts at 0, which names no yield.
+                    let id = q.next_id.get() + 1;
+                    q.next_id.set(id);
+                    q.parked.borrow_mut().push_back((id, cx.waker().clone()));
                     // Whichever guest was let go, one is parked again now: the pump may let the
                     // next one go.
                     q.released.set(false);
                     pump.wake_by_ref();
+                    YieldState::Parked(id)
                 }
-                _ => cx.waker().wake_by_ref(),
+                _ => {
+                    cx.waker().wake_by_ref();
+                    YieldState::Done
+                }
             }
         });
         Poll::Pending
+    }
+}
+
+impl Drop for FairYield {
+    /// A yield dropped while parked (its invocation's deadline timer won a race, its connection
+    /// went away) leaves no waker behind; one dropped after it was let go hands the turn on.
+    fn drop(&mut self) {
+        let YieldState::Parked(id) = self.state else { return };
+        QUEUE.with(|q| {
+            let mut parked = q.parked.borrow_mut();
+            match parked.iter().position(|(queued, _)| *queued == id) {
+                Some(at) => {
+                    parked.remove(at);
+                }
+                None => {
+                    drop(parked);
+                    guest_done();
+                }
+            }
+        });
     }
 }
 

@@ -88,6 +88,9 @@ pub struct Shard {
     spent: RefCell<Vec<Store<GuestState>>>,
     /// Request-body bytes reserved by this shard's connections, at most `--max-inflight-body-bytes`.
     inflight_body_bytes: Cell<u64>,
+    /// The same per tenant, at most `--max-inflight-body-bytes-per-tenant` each; a tenant leaves
+    /// the map at zero.
+    inflight_body_per_tenant: RefCell<HashMap<u64, u64>>,
     /// Invocations running per tenant on this shard; a tenant leaves the map at zero, so it holds
     /// at most as many entries as instance slots.
     running_per_tenant: RefCell<HashMap<u64, u32>>,
@@ -190,7 +193,7 @@ async fn serve(init: ShardInit) {
         engine,
         functions,
         admin,
-        refusals: Refusals::new(auth.unauthenticated_rate_limit, shard_count, auth.max_refusal_sources),
+        refusals: Refusals::new(auth.unauthenticated_rate_limit, auth.max_refusal_sources),
         auth: ShardAuth::new(auth, tokens, id, shard_count),
         audit: ShardAudit::open(id, audit, shared.shard_metrics[id].clone(), commit),
         next_request: Cell::new(0),
@@ -203,6 +206,7 @@ async fn serve(init: ShardInit) {
         instances: Cell::new(0),
         spent: RefCell::new(Vec::new()),
         inflight_body_bytes: Cell::new(0),
+        inflight_body_per_tenant: RefCell::default(),
         running_per_tenant: RefCell::default(),
         max_running_per_tenant: per_shard(limits_max_concurrent) as u32,
     });
@@ -269,7 +273,11 @@ async fn serve(init: ShardInit) {
 async fn record_left_out_refusals(shard: Rc<Shard>) {
     loop {
         monoio::time::sleep(WINDOW).await;
-        for left in shard.refusals.ended(std::time::Instant::now()) {
+        for (i, left) in shard.refusals.ended(std::time::Instant::now()).into_iter().enumerate() {
+            // Up to two records per remembered source: in turns, so requests are not held back.
+            if i % 64 == 63 {
+                super::fair_yield::yield_now().await;
+            }
             shard.record_left_out(left);
         }
     }
@@ -395,6 +403,7 @@ impl Shard {
 /// Request-body bytes held for one request, given back when it is dropped.
 pub struct BodyReservation<'a> {
     shard: &'a Shard,
+    tenant: Option<u64>,
     bytes: Cell<u64>,
 }
 
@@ -403,7 +412,7 @@ impl BodyReservation<'_> {
     pub fn grow_to(&self, total: u64) -> Result<(), ApiError> {
         let more = total.saturating_sub(self.bytes.get());
         if more > 0 {
-            self.shard.take_body_bytes(more)?;
+            self.shard.take_body_bytes(self.tenant, more)?;
             self.bytes.set(total);
         }
         Ok(())
@@ -412,8 +421,17 @@ impl BodyReservation<'_> {
 
 impl Drop for BodyReservation<'_> {
     fn drop(&mut self) {
-        let shard = self.shard;
-        shard.inflight_body_bytes.set(shard.inflight_body_bytes.get() - self.bytes.get());
+        let (shard, bytes) = (self.shard, self.bytes.get());
+        shard.inflight_body_bytes.set(shard.inflight_body_bytes.get() - bytes);
+        if let Some(tenant) = self.tenant {
+            let mut per_tenant = shard.inflight_body_per_tenant.borrow_mut();
+            if let Some(held) = per_tenant.get_mut(&tenant) {
+                *held -= bytes;
+                if *held == 0 {
+                    per_tenant.remove(&tenant);
+                }
+            }
+        }
     }
 }
 
@@ -438,7 +456,11 @@ impl Drop for TenantSlot<'_> {
 impl Shard {
     /// One audit record summing up refusals left out of the log.
     fn record_left_out(&self, left: LeftOut) {
-        let Ok(ticket) = self.audit.ticket() else { return };
+        let Ok(ticket) = self.audit.ticket() else {
+            // The log cannot be written (and refuses): counted as a lost record.
+            self.metrics.audit_errors.inc();
+            return;
+        };
         let (token_id, ip) = match left.who {
             Refused::Source(ip) => (None, ip),
             Refused::Token(id) => (Some(id.to_string()), std::net::Ipv4Addr::UNSPECIFIED.into()),
@@ -469,16 +491,31 @@ impl Shard {
 
     /// Reserves `bytes` of the shard's in-flight body budget for a request about to be read, or
     /// refuses it with 503 `overloaded` before any of its body is read.
-    pub fn reserve_body(&self, bytes: u64) -> Result<BodyReservation<'_>, ApiError> {
-        self.take_body_bytes(bytes)?;
-        Ok(BodyReservation { shard: self, bytes: Cell::new(bytes) })
+    /// A tenant's request past its own share gets 429 `inflight_body_limited` instead, so that one
+    /// tenant's slow uploads cannot take the whole budget.
+    pub fn reserve_body(&self, tenant: Option<u64>, bytes: u64) -> Result<BodyReservation<'_>, ApiError> {
+        self.take_body_bytes(tenant, bytes)?;
+        Ok(BodyReservation { shard: self, tenant, bytes: Cell::new(bytes) })
     }
 
-    fn take_body_bytes(&self, bytes: u64) -> Result<(), ApiError> {
+    fn take_body_bytes(&self, tenant: Option<u64>, bytes: u64) -> Result<(), ApiError> {
         let held = self.inflight_body_bytes.get();
         if held.saturating_add(bytes) > self.limits.max_inflight_body_bytes {
             self.metrics.body_budget_refusals.inc();
             return Err(ApiError::Overloaded("this shard holds as many request bodies as it may"));
+        }
+        if let Some(tenant) = tenant {
+            let limit = self.limits.max_inflight_body_bytes_per_tenant;
+            let mut per_tenant = self.inflight_body_per_tenant.borrow_mut();
+            let tenant_held = per_tenant.entry(tenant).or_insert(0);
+            if tenant_held.saturating_add(bytes) > limit {
+                if *tenant_held == 0 {
+                    per_tenant.remove(&tenant);
+                }
+                self.metrics.body_budget_refusals.inc();
+                return Err(ApiError::InflightBodyLimited { limit });
+            }
+            *tenant_held += bytes;
         }
         self.inflight_body_bytes.set(held + bytes);
         Ok(())

@@ -87,7 +87,9 @@ impl TlsStream {
     pub async fn read_into(&mut self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         loop {
             let start = buf.len();
-            let room = (buf.capacity() - start).max(4096);
+            // Zero-filled before each read: capped near a few records, or a large body's reserved
+            // capacity would be zeroed again on every 16 KiB record (quadratic in the body).
+            let room = (buf.capacity() - start).clamp(4096, 4 * RECORD_READ);
             buf.resize(start + room, 0);
             let read = self.conn.reader().read(&mut buf[start..]);
             match read {

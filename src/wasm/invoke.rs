@@ -194,6 +194,9 @@ pub async fn invoke(
         t
     });
     let mut store = Store::new(engine, state);
+    // However the run ends (finished, failed, or its future dropped), the shard's guest turn moves
+    // on at once rather than at the next park.
+    let _turn = TurnGuard;
     store.limiter(|s| s);
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(move |_| {
@@ -228,6 +231,15 @@ pub async fn invoke(
         stderr: std::mem::take(&mut state.stderr),
         stderr_dropped: state.stderr_dropped,
         spent: store,
+    }
+}
+
+/// Calls `fair_yield::guest_done` when dropped.
+struct TurnGuard;
+
+impl Drop for TurnGuard {
+    fn drop(&mut self) {
+        crate::server::fair_yield::guest_done();
     }
 }
 

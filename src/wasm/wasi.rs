@@ -303,12 +303,14 @@ pub fn add_to_linker(linker: &mut Linker<GuestState>, engine: &Engine) -> wasmti
             let Some(data) = slice(mem, ptr as i32, len) else {
                 return Ok(EFAULT);
             };
+            // As writev(2): buffers that add up past what the count can say are EINVAL.
+            let Some(sum) = total.checked_add(len) else { return Ok(EINVAL) };
+            total = sum;
             if fd == 1 {
                 st.write_stdout(data)?;
             } else {
                 st.write_stderr(data);
             }
-            total += len;
         }
         Ok(errno(write_bytes(mem, nwritten, &total.to_le_bytes())))
     })?;
