@@ -62,6 +62,13 @@ pub struct Limits {
     pub max_inflight_body_bytes: u64,
     /// The share of that one tenant's requests may hold; past it, 429 `inflight_body_limited`.
     pub max_inflight_body_bytes_per_tenant: u64,
+    /// Functions one tenant may deploy through the API; past it, 403 `quota_exceeded`.
+    pub max_functions_per_tenant: u32,
+    /// Bytes of modules and artifacts one tenant's functions may take; past it, 403 `quota_exceeded`.
+    pub max_storage_bytes_per_tenant: u64,
+    /// Free bytes a deploy must leave on the data dir's file system, for the audit log; past it,
+    /// 507 `insufficient_storage`.
+    pub audit_reserve_bytes: u64,
     /// What a module may be before it is compiled (`wasm::module::check_shape`).
     pub module_shape: crate::wasm::module::ModuleShape,
     /// Most invocations one tenant may run at once in the process, split over the shards; past

@@ -33,6 +33,12 @@ pub enum ApiError {
     TenantScopeDenied {
         tenant: u64,
     },
+    /// The tenant is at one of its quotas: `what` names it (`functions` or `storage`).
+    QuotaExceeded {
+        what: &'static str,
+        used: u64,
+        limit: u64,
+    },
     RateLimited {
         retry_after_secs: u64,
     },
@@ -130,6 +136,13 @@ pub enum ApiError {
     AuditUnavailable,
     NotReady,
     Draining,
+    /// A deploy would leave the data dir's file system with less free space than the audit log's
+    /// reserve.
+    InsufficientStorage {
+        free: u64,
+        needed: u64,
+        reserve: u64,
+    },
     Storage(String),
     Internal(String),
 }
@@ -159,7 +172,8 @@ impl ApiError {
             | InvalidTenant
             | DuplicateTenantHeader => Status::BadRequest,
             Unauthorized => Status::Unauthorized,
-            TenantScopeDenied { .. } => Status::Forbidden,
+            TenantScopeDenied { .. } | QuotaExceeded { .. } => Status::Forbidden,
+            InsufficientStorage { .. } => Status::InsufficientStorage,
             RateLimited { .. }
             | ConcurrencyLimited { .. }
             | UnauthenticatedRateLimited { .. }
@@ -204,6 +218,8 @@ impl ApiError {
             InvalidTenant => "invalid_tenant",
             DuplicateTenantHeader => "duplicate_tenant_header",
             TenantScopeDenied { .. } => "tenant_scope_denied",
+            QuotaExceeded { .. } => "quota_exceeded",
+            InsufficientStorage { .. } => "insufficient_storage",
             RateLimited { .. } => "rate_limited",
             ConcurrencyLimited { .. } => "concurrency_limited",
             InflightBodyLimited { .. } => "inflight_body_limited",
@@ -309,6 +325,17 @@ impl fmt::Display for ApiError {
             InvalidTenant => write!(f, "`x-tensor-wasm-tenant` must be an unsigned 64-bit integer"),
             DuplicateTenantHeader => write!(f, "`x-tensor-wasm-tenant` appears more than once"),
             TenantScopeDenied { tenant } => write!(f, "this token may not act for tenant {tenant}"),
+            QuotaExceeded { what: "functions", used, limit } => {
+                write!(f, "quota `functions` exceeded: the tenant has {used} functions, and may have {limit}")
+            }
+            QuotaExceeded { what, used, limit } => {
+                write!(f, "quota `{what}` exceeded: the tenant's modules would take {used} bytes, and may take {limit}")
+            }
+            InsufficientStorage { free, needed, reserve } => write!(
+                f,
+                "the data dir has {free} bytes free; storing this module ({needed} bytes) would leave less than \
+                 the {reserve} bytes kept for the audit log"
+            ),
             RateLimited { retry_after_secs } => {
                 write!(f, "this token is over its request rate; retry in {retry_after_secs} s")
             }

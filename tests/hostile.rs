@@ -472,3 +472,78 @@ fn a_module_is_refused_for_its_shape_before_it_is_compiled() {
     assert_eq!(r.status, 201, "{}", r.text());
     b.finish("modules over their shape").p99_within(BYSTANDER_P99);
 }
+
+/// A module whose data segment holds `bytes` bytes: storage without compile time.
+fn module_with_data(bytes: usize, seed: u8) -> Vec<u8> {
+    let pages = bytes.div_ceil(65536) + 1;
+    let data = format!("\\{seed:02x}").repeat(bytes);
+    guests::wasm(&format!(r#"(module (memory {pages}) (data (i32.const 0) "{data}") (func (export "_start")))"#))
+}
+
+fn deploy_module(server: &Server, who: &[(String, String)], name: &str, wasm: &[u8]) -> Response {
+    let body = json!({
+        "name": name,
+        "wasm_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, wasm),
+    });
+    server.client().request("POST", "/functions", &headers(who), body.to_string().as_bytes())
+}
+
+#[test]
+fn a_tenant_is_held_to_its_function_and_storage_quotas() {
+    let _serial = serial();
+    let server = start(&["--max-functions-per-tenant", "3", "--max-storage-mb-per-tenant", "1"]);
+    let attacker = as_tenant(ATTACKER, "1");
+    let b = victim(&server);
+    // Storage: a 300 KB module and its artifact fit in 1 MiB; a second one does not.
+    let r = deploy_module(&server, &attacker, "a", &module_with_data(300_000, 1));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = deploy_module(&server, &attacker, "b", &module_with_data(300_000, 2));
+    expect(&r, 403, "quota_exceeded");
+    assert!(r.text().contains("`storage`"), "{}", r.text());
+    // The same module again costs nothing more.
+    let r = deploy_module(&server, &attacker, "a2", &module_with_data(300_000, 1));
+    assert_eq!(r.status, 201, "{}", r.text());
+    // Functions: three, then 403 naming the quota.
+    let r = deploy_module(&server, &attacker, "h", &guests::hello());
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = deploy_module(&server, &attacker, "h2", &guests::hello());
+    expect(&r, 403, "quota_exceeded");
+    assert!(r.text().contains("`functions`") && r.text().contains("3"), "{}", r.text());
+    // Another tenant's quotas are its own.
+    let r = deploy_module(&server, &as_tenant(OTHER, "3"), "b", &module_with_data(300_000, 2));
+    assert_eq!(r.status, 201, "{}", r.text());
+    b.finish("a tenant at its quotas").p99_within(BYSTANDER_P99);
+}
+
+/// Free bytes on the file system of `path`.
+fn free_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("df").args(["--output=avail", "-B1"]).arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn deploys_never_take_the_audit_logs_reserve() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // The reserve is all but 16 MiB of what is free now: small deploys fit, a 32 MiB one does not.
+    let reserve_mb = (free_bytes(dir.path()) / (1024 * 1024)).saturating_sub(16).to_string();
+    let server = Server::start_with(
+        dir.path(),
+        &["--audit-reserve-mb", &reserve_mb, "--audit-segment-bytes", "65536", "--max-storage-mb-per-tenant", "1024"],
+        |cmd| {
+            cmd.env("TENSOR_WASM_API_TOKENS", tokens());
+        },
+    );
+    let attacker = as_tenant(ATTACKER, "1");
+    let b = victim(&server);
+    let r = deploy_module(&server, &attacker, "big", &module_with_data(32 * 1024 * 1024, 7));
+    expect(&r, 507, "insufficient_storage");
+    // Everyone else keeps being served and audited.
+    let hello = deploy_as(&server, "small", &guests::hello(), &as_tenant(OTHER, "3"));
+    let r =
+        server.client().request("POST", &format!("/functions/{hello}/invoke"), &headers(&as_tenant(OTHER, "3")), b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    b.finish("deploys against the audit reserve").p99_within(BYSTANDER_P99);
+    let audit = server.data_dir.join("audit");
+    assert!(records(&audit).iter().any(|r| r["outcome"]["error_kind"] == "insufficient_storage"));
+}

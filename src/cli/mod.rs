@@ -242,6 +242,20 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_MAX_TIMEOUT_MS", default_value_t = 60_000)]
     pub max_timeout_ms: u64,
 
+    /// Most functions one tenant may deploy through the API; more get 403 `quota_exceeded`.
+    #[arg(long, env = "TENSOR_WASM_MAX_FUNCTIONS_PER_TENANT", default_value_t = 1_000)]
+    pub max_functions_per_tenant: u32,
+
+    /// Most MiB of modules and their precompiled artifacts one tenant's functions may take on
+    /// disk; a deploy past it gets 403 `quota_exceeded`.
+    #[arg(long, env = "TENSOR_WASM_MAX_STORAGE_MB_PER_TENANT", default_value_t = 1_024)]
+    pub max_storage_mb_per_tenant: u64,
+
+    /// MiB of free space a deploy must leave on the data dir's file system, for the audit log; a
+    /// deploy that would leave less gets 507 `insufficient_storage`.
+    #[arg(long, env = "TENSOR_WASM_AUDIT_RESERVE_MB", default_value_t = 256)]
+    pub audit_reserve_mb: u64,
+
     /// Most functions a deployed module may define; more get 400 `too_many_functions` before
     /// anything is compiled.
     #[arg(long, env = "TENSOR_WASM_MAX_MODULE_FUNCTIONS", default_value_t = 100_000)]
@@ -423,9 +437,9 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_AUDIT_RETENTION_SEGMENTS")]
     pub audit_retention_segments: Option<usize>,
 
-    /// Bytes of sealed audit segments kept per shard. Default: all.
-    #[arg(long, env = "TENSOR_WASM_AUDIT_RETENTION_BYTES")]
-    pub audit_retention_bytes: Option<u64>,
+    /// Bytes of sealed audit segments kept per shard (the oldest go first); 0 keeps all.
+    #[arg(long, env = "TENSOR_WASM_AUDIT_RETENTION_BYTES", default_value_t = 512 * 1024 * 1024)]
+    pub audit_retention_bytes: u64,
 
     /// Requests per second each token may make, across all shards; 0 means unlimited.
     #[arg(long, env = "TENSOR_WASM_API_RATE_LIMIT_QPS", default_value_t = 0)]
@@ -510,6 +524,8 @@ impl ServeArgs {
             n => n,
         };
         positive("max-module-functions", self.max_module_functions.into())?;
+        positive("max-functions-per-tenant", self.max_functions_per_tenant.into())?;
+        positive("max-storage-mb-per-tenant", self.max_storage_mb_per_tenant)?;
         positive("max-module-code-bytes", self.max_module_code_bytes)?;
         positive("max-function-body-bytes", self.max_function_body_bytes.into())?;
         positive("max-inflight-body-bytes", self.max_inflight_body_bytes)?;
@@ -622,7 +638,7 @@ impl ServeArgs {
             stdout: audit_stdout,
             segment_bytes: self.audit_segment_bytes as usize,
             retain_segments: self.audit_retention_segments,
-            retain_bytes: self.audit_retention_bytes,
+            retain_bytes: Some(self.audit_retention_bytes).filter(|&b| b > 0),
             sync: match self.audit_sync {
                 AuditSyncArg::Interval => AuditSync::Interval,
                 AuditSyncArg::Always => AuditSync::Always,
@@ -700,6 +716,9 @@ impl ServeArgs {
                 max_invoke_body_bytes: self.max_invoke_body_bytes,
                 max_inflight_body_bytes: self.max_inflight_body_bytes,
                 max_inflight_body_bytes_per_tenant: per_tenant_body_bytes,
+                max_functions_per_tenant: self.max_functions_per_tenant,
+                max_storage_bytes_per_tenant: self.max_storage_mb_per_tenant.saturating_mul(1024 * 1024),
+                audit_reserve_bytes: self.audit_reserve_mb.saturating_mul(1024 * 1024),
                 module_shape: crate::wasm::module::ModuleShape {
                     max_functions: self.max_module_functions,
                     max_code_bytes: self.max_module_code_bytes,

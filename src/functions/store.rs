@@ -90,6 +90,23 @@ impl FunctionStore {
         Ok(bytes)
     }
 
+    /// Bytes the module and its artifact take on disk (0 for a file that is not there).
+    pub fn stored_bytes(&self, digest: &str) -> u64 {
+        let len = |p: PathBuf| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        len(self.module_path(digest)) + len(self.artifact_path(digest))
+    }
+
+    /// Free bytes on the file system that holds the store, for unprivileged writers.
+    pub fn free_bytes(&self) -> io::Result<u64> {
+        let path = std::ffi::CString::new(self.modules.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a NUL-terminated path and a statvfs the call fills in.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+    }
+
     pub fn write_artifact(&self, digest: &str, artifact: &[u8]) -> io::Result<()> {
         let mut framed = Vec::with_capacity(ARTIFACT_MAGIC.len() + 32 + artifact.len());
         framed.extend_from_slice(ARTIFACT_MAGIC);

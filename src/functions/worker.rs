@@ -355,6 +355,18 @@ impl Worker {
         }
     }
 
+    /// Refuses a write of `needed` bytes that would leave the data dir's file system with less
+    /// than the audit log's reserve: deploys must never take the room every tenant's audit
+    /// records need.
+    fn check_reserve(&self, needed: u64) -> Result<(), ApiError> {
+        let free = self.store.free_bytes().map_err(|e| ApiError::Storage(format!("cannot read free space: {e}")))?;
+        let reserve = self.limits.audit_reserve_bytes;
+        if free.saturating_sub(needed) < reserve {
+            return Err(ApiError::InsufficientStorage { free, needed, reserve });
+        }
+        Ok(())
+    }
+
     fn deploy(&self, req: DeployRequest) -> Result<FunctionRecord, ApiError> {
         let body = DeployBody::parse(&req.body)?;
         validate_name(&body.name).map_err(ApiError::InvalidName)?;
@@ -368,17 +380,63 @@ impl Worker {
         if taken.is_some() {
             return Err(ApiError::ManagedByDirectory { what: "function", name: body.name });
         }
+        // The cheap quota first: before anything is decoded or compiled.
+        let owned: Vec<&FunctionRecord> = current
+            .values()
+            .map(|f| &f.record)
+            .filter(|r| r.source == Source::Api && r.tenant_id == req.tenant_id)
+            .collect();
+        let limit = self.limits.max_functions_per_tenant;
+        if owned.len() >= limit as usize {
+            return Err(ApiError::QuotaExceeded { what: "functions", used: owned.len() as u64, limit: limit.into() });
+        }
         let wasm = base64::engine::general_purpose::STANDARD
             .decode(body.wasm_b64.trim())
             .map_err(|e| ApiError::InvalidBase64(e.to_string()))?;
         let digest = digest_of(&wasm);
         let module = match self.catalog.module_with_digest(&digest) {
             Some(m) => m,
-            None => check_module(&self.engine, &self.linker, &wasm, &self.limits.module_shape)?,
+            None => {
+                // Refused before compiling when even the module alone would eat into the reserve.
+                if !self.store.has_module(&digest) {
+                    self.check_reserve(wasm.len() as u64)?;
+                }
+                check_module(&self.engine, &self.linker, &wasm, &self.limits.module_shape)?
+            }
         };
-        // Live modules of directory functions are not in the store: a deploy of the same bytes
-        // must still store them, or the function would not survive a restart.
-        if !self.store.has_module(&digest) {
+        // A module the tenant does not use yet counts against its storage quota (a module shared
+        // with another tenant counts for each), and a new file against the audit log's reserve.
+        if !owned.iter().any(|r| r.digest == digest) {
+            let used: u64 = owned
+                .iter()
+                .map(|r| r.digest.as_str())
+                .collect::<HashSet<_>>()
+                .iter()
+                .map(|d| self.store.stored_bytes(d))
+                .sum();
+            let stored = self.store.has_module(&digest);
+            let artifact =
+                if stored { None } else { Some(module.serialize().map_err(|e| ApiError::Internal(format!("{e:#}")))?) };
+            let adding = match &artifact {
+                Some(artifact) => (wasm.len() + artifact.len()) as u64,
+                None => self.store.stored_bytes(&digest),
+            };
+            let limit = self.limits.max_storage_bytes_per_tenant;
+            if used + adding > limit {
+                return Err(ApiError::QuotaExceeded { what: "storage", used: used + adding, limit });
+            }
+            // Live modules of directory functions are not in the store: a deploy of the same bytes
+            // must still store them, or the function would not survive a restart.
+            if let Some(artifact) = artifact {
+                self.check_reserve(adding)?;
+                self.store.write_module(&digest, &wasm).map_err(|e| ApiError::Storage(e.to_string()))?;
+                if let Err(e) = self.store.write_artifact(&digest, &artifact) {
+                    // Not fatal: the next start recompiles.
+                    tracing::warn!(digest, "cannot save the precompiled artifact: {e}");
+                }
+            }
+        } else if !self.store.has_module(&digest) {
+            self.check_reserve(wasm.len() as u64)?;
             self.store.write_module(&digest, &wasm).map_err(|e| ApiError::Storage(e.to_string()))?;
             self.save_artifact(&digest, &module);
         }

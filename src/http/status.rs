@@ -20,10 +20,11 @@ pub enum Status {
     BadGateway,
     ServiceUnavailable,
     GatewayTimeout,
+    InsufficientStorage,
 }
 
 impl Status {
-    pub const ALL: [Status; 19] = [
+    pub const ALL: [Status; 20] = [
         Status::Ok,
         Status::Created,
         Status::NoContent,
@@ -43,6 +44,7 @@ impl Status {
         Status::BadGateway,
         Status::ServiceUnavailable,
         Status::GatewayTimeout,
+        Status::InsufficientStorage,
     ];
 
     pub fn code(self) -> u16 {
@@ -66,6 +68,7 @@ impl Status {
             Status::BadGateway => 502,
             Status::ServiceUnavailable => 503,
             Status::GatewayTimeout => 504,
+            Status::InsufficientStorage => 507,
         }
     }
 
@@ -90,6 +93,7 @@ impl Status {
             Status::BadGateway => "Bad Gateway",
             Status::ServiceUnavailable => "Service Unavailable",
             Status::GatewayTimeout => "Gateway Timeout",
+            Status::InsufficientStorage => "Insufficient Storage",
         }
     }
 
