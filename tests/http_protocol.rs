@@ -258,3 +258,36 @@ fn slow_and_idle_clients_cannot_hold_a_shard() {
     assert_eq!(idle.request("GET", "/healthz", &[], b"").status, 200);
     assert!(idle.is_closed(Duration::from_secs(5)));
 }
+
+#[test]
+fn chunk_size_lines_outside_the_grammar_get_400() {
+    let server = Server::start(&[]);
+    let echo = server.deploy("echo", &guests::echo());
+    let head = format!("POST /functions/{echo}/invoke HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n");
+    for (body, says) in [
+        // A bare CR inside the size: decoded as 16 before, which a proxy reading it as 1 frames
+        // differently.
+        ("1\r0\r\n[1,2,3,4,5,6,7,8]\r\n0\r\n\r\n", "not ended by CRLF"),
+        // A bare LF as a line end, after a size and after chunk data.
+        ("2\n[]\r\n0\r\n\r\n", "not ended by CRLF"),
+        ("2\r\n[]\n0\r\n\r\n", "missing CRLF after chunk data"),
+        // Whitespace inside the size, and a bare CR in an extension.
+        ("1 0\r\n", "invalid chunk extension"),
+        ("2;a\rb\r\n[]\r\n0\r\n\r\n", "not ended by CRLF"),
+        // A bare LF ending a trailer.
+        ("2\r\n[]\r\n0\r\nx-t: 1\n\r\n", "trailer line not ended by CRLF"),
+    ] {
+        let mut c = server.client();
+        c.send_raw(format!("{head}{body}").as_bytes());
+        let r = c.read_response();
+        assert_eq!((r.status, r.error_kind().as_str()), (400, "malformed_request"), "{body:?}: {}", r.text());
+        assert!(r.text().contains(says), "{body:?}: {}", r.text());
+        assert!(c.is_closed(Duration::from_secs(5)), "{body:?}");
+    }
+    // The same body in the grammar is served, and so is everyone else.
+    let mut c = server.client();
+    c.send_raw(format!("{head}2;a=\"b c\"\r\n[]\r\n0\r\nx-t: 1\r\n\r\n").as_bytes());
+    let r = c.read_response();
+    assert_eq!((r.status, r.text()), (200, "[]".to_string()));
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
+}
