@@ -11,5 +11,5 @@ mod status;
 
 pub use chunked::{ChunkedDecoder, ChunkedError};
 pub use request::{parse_head, BodyFraming, HeadParse, Method, RequestHead};
-pub use response::{Response, ResponseWriter};
+pub use response::{Persistence, Response, ResponseWriter};
 pub use status::Status;
