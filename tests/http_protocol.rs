@@ -342,3 +342,25 @@ fn http10_keep_alive_is_answered_with_keep_alive() {
     assert_eq!((r.status, r.error_kind().as_str()), (400, "malformed_request"), "{}", r.text());
     assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
 }
+
+#[test]
+fn max_headers_is_kept_as_given_up_to_its_cap_and_refused_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    for given in ["257", "1000"] {
+        let args = ["serve", "--listen", "127.0.0.1:0", "--data-dir", data, "--max-headers", given];
+        let (code, _, stderr) = common::tensor_wasm(&args, &[]);
+        assert_eq!(code, 2, "--max-headers {given}: {stderr}");
+        assert!(stderr.contains("--max-headers must be at most 256"), "{stderr}");
+    }
+    // At the cap, exactly 256 fields are served (`host` is one of them) and 257 are not.
+    let server = Server::start(&["--max-headers", "256"]);
+    let names: Vec<String> = (0..256).map(|i| format!("x-h{i}")).collect();
+    let headers: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    let r = server.client().request("GET", "/healthz", &headers[..255], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = server.client().request("GET", "/healthz", &headers, b"");
+    assert_eq!((r.status, r.error_kind().as_str()), (431, "too_many_headers"));
+    assert!(r.text().contains("more than 256"), "{}", r.text());
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
+}

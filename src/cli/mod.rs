@@ -178,7 +178,7 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
     pub max_header_bytes: u32,
 
-    /// Most header fields in one request; more get 431.
+    /// Most header fields in one request; more get 431. At most 256.
     #[arg(long, env = "TENSOR_WASM_MAX_HEADERS", default_value_t = 64)]
     pub max_headers: u16,
 
@@ -450,6 +450,12 @@ impl ServeArgs {
         positive("max-body-bytes", self.max_body_bytes)?;
         positive("max-header-bytes", self.max_header_bytes.into())?;
         positive("max-headers", self.max_headers.into())?;
+        if usize::from(self.max_headers) > crate::http::MAX_HEADERS_CAP {
+            return Err(format!(
+                "--max-headers must be at most {}: a request head is parsed into that many slots on the shard's stack",
+                crate::http::MAX_HEADERS_CAP
+            ));
+        }
         positive("max-connections", self.max_connections.into())?;
         positive("max-instances", self.max_instances.into())?;
         positive("max-output-bytes", self.max_output_bytes.into())?;

@@ -110,6 +110,11 @@ impl RequestHead {
     }
 }
 
+/// The most header fields `--max-headers` may allow: a head is parsed into an array of this many
+/// slots on the shard's stack. 256 is four times the default, and far more than any browser or
+/// proxy sends; a larger array would cost stack on every parse for heads nobody sends.
+pub const MAX_HEADERS_CAP: usize = 256;
+
 pub enum HeadParse {
     /// A complete head of this many bytes was parsed into the given `RequestHead`.
     Complete(usize),
@@ -132,7 +137,9 @@ pub fn parse_head(
     let buf = &buf[skip..];
     // Uninitialised slots: an initialised array of 256 headers would be an 8 KiB memset on every
     // parse, on the hot path.
-    let mut storage = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 256];
+    let mut storage = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
+    // `--max-headers` is checked against the cap at start-up; the `min` only keeps a caller
+    // that skipped that check (a fuzz target) in bounds.
     let slots = max_headers.min(storage.len());
     let mut req = httparse::Request::new(&mut []);
     let status = match req.parse_with_uninit_headers(buf, &mut storage[..slots]) {
