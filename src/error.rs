@@ -30,6 +30,7 @@ pub enum ApiError {
     MissingTenant,
     InvalidTenant,
     DuplicateTenantHeader,
+    DuplicateAuthorizationHeader,
     TenantScopeDenied {
         tenant: u64,
     },
@@ -127,7 +128,8 @@ impl ApiError {
             | InvalidPipeline(_)
             | MissingTenant
             | InvalidTenant
-            | DuplicateTenantHeader => Status::BadRequest,
+            | DuplicateTenantHeader
+            | DuplicateAuthorizationHeader => Status::BadRequest,
             Unauthorized => Status::Unauthorized,
             TenantScopeDenied { .. } => Status::Forbidden,
             RateLimited { .. } => Status::TooManyRequests,
@@ -170,6 +172,7 @@ impl ApiError {
             MissingTenant => "missing_tenant",
             InvalidTenant => "invalid_tenant",
             DuplicateTenantHeader => "duplicate_tenant_header",
+            DuplicateAuthorizationHeader => "duplicate_authorization_header",
             TenantScopeDenied { .. } => "tenant_scope_denied",
             RateLimited { .. } => "rate_limited",
             InvalidJson(_) => "invalid_json",
@@ -264,6 +267,7 @@ impl fmt::Display for ApiError {
             MissingTenant => write!(f, "the `x-tensor-wasm-tenant` header is required"),
             InvalidTenant => write!(f, "`x-tensor-wasm-tenant` must be an unsigned 64-bit integer"),
             DuplicateTenantHeader => write!(f, "`x-tensor-wasm-tenant` appears more than once"),
+            DuplicateAuthorizationHeader => write!(f, "`authorization` appears more than once"),
             TenantScopeDenied { tenant } => write!(f, "this token may not act for tenant {tenant}"),
             RateLimited { retry_after_secs } => {
                 write!(f, "this token is over its request rate; retry in {retry_after_secs} s")

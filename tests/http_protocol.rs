@@ -364,3 +364,32 @@ fn max_headers_is_kept_as_given_up_to_its_cap_and_refused_past_it() {
     assert!(r.text().contains("more than 256"), "{}", r.text());
     assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
 }
+
+#[test]
+fn two_authorization_headers_get_400_on_protected_routes_and_metrics() {
+    const TOKEN: &str = "admin-0123456789abcdef0123456789";
+    const METRICS: &str = "metrics-0123456789abcdef01234567";
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir.path(), &[], |cmd| {
+        cmd.env("TENSOR_WASM_API_TOKENS", format!("{TOKEN}:tenant=*")).env("TENSOR_WASM_API_METRICS_TOKEN", METRICS);
+    });
+    let good = format!("Bearer {TOKEN}");
+    let metrics = format!("Bearer {METRICS}");
+    // Whichever comes first, and even when both are the same valid token.
+    for (path, first, second) in [
+        ("/functions", good.as_str(), "Bearer someone-else-0123456789abcdef"),
+        ("/functions", "Bearer someone-else-0123456789abcdef", good.as_str()),
+        ("/functions", good.as_str(), good.as_str()),
+        ("/pipelines", good.as_str(), good.as_str()),
+        ("/metrics", metrics.as_str(), metrics.as_str()),
+        ("/metrics", metrics.as_str(), "Bearer wrong"),
+    ] {
+        let mut c = server.client();
+        let r = c.request("GET", path, &[("authorization", first), ("Authorization", second)], b"");
+        assert_eq!((r.status, r.error_kind().as_str()), (400, "duplicate_authorization_header"), "{path}");
+        // Not a framing error: the connection stays open for the next request.
+        let valid = if path == "/metrics" { metrics.as_str() } else { good.as_str() };
+        assert_eq!(c.request("GET", path, &[("authorization", valid)], b"").status, 200, "{path}");
+    }
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
+}

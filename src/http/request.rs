@@ -102,6 +102,15 @@ impl RequestHead {
             .map(|(_, v)| &self.raw[v.clone()])
     }
 
+    /// Every value of header `name` (ASCII case-insensitive), in order: for a header that must
+    /// not be repeated.
+    pub fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| self.raw[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| &self.raw[v.clone()])
+    }
+
     /// Every header, in order.
     pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
         self.headers
