@@ -89,7 +89,9 @@ fn oversized_bodies_get_413_and_the_connection_closes() {
 
     let mut c = server.client();
     let chunk = format!("400\r\n{}\r\n", "x".repeat(1024));
-    c.send_raw(format!("POST /functions HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n{chunk}{chunk}").as_bytes());
+    c.send_raw(
+        format!("POST /functions HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n{chunk}{chunk}").as_bytes(),
+    );
     let r = c.read_response();
     assert_eq!((r.status, r.error_kind().as_str()), (413, "body_too_large"));
 

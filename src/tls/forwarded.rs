@@ -65,7 +65,10 @@ mod tests {
 
     #[test]
     fn xfcc() {
-        assert_eq!(one(br#"By=spiffe://a;Hash=abc;Subject="CN=svc7,O=Acme, Inc.";URI=spiffe://b"#).as_deref(), Some("CN=svc7,O=Acme, Inc."));
+        assert_eq!(
+            one(br#"By=spiffe://a;Hash=abc;Subject="CN=svc7,O=Acme, Inc.";URI=spiffe://b"#).as_deref(),
+            Some("CN=svc7,O=Acme, Inc.")
+        );
         assert_eq!(one(b"Subject=CN=plain").as_deref(), Some("CN=plain"));
         assert_eq!(one(br#"Subject="CN=a \"quoted\" name""#).as_deref(), Some(r#"CN=a "quoted" name"#));
         assert_eq!(one(b"Hash=abc"), None);
