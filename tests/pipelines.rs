@@ -210,6 +210,9 @@ fn sink(statuses: &'static [u16]) -> (String, std::thread::JoinHandle<Vec<Receiv
     (url, thread)
 }
 
+/// Sinks in these tests listen on loopback; these flags allow it whatever the default.
+const LOOPBACK_SINKS: [&str; 2] = ["--sink-allowed-cidrs", "127.0.0.0/8,::1"];
+
 #[test]
 fn sink_delivery_retries_then_reports() {
     let server = Server::start(&[]);
@@ -340,4 +343,49 @@ fn sinks_reach_only_the_networks_the_operator_allows() {
     let r = invoke(&server, r.json()["id"].as_str().unwrap(), ORDER);
     assert_eq!((r.status, r.json()["delivered"].clone()), (200, json!(true)), "{}", r.text());
     assert_eq!(sink_thread.join().unwrap().len(), 1);
+}
+
+#[test]
+fn guest_credentials_forwarding_and_hop_by_hop_headers_never_reach_a_sink() {
+    let server = Server::start(&LOOPBACK_SINKS);
+    // A guest that copies everything a hostile caller could hand it into its output headers.
+    let refused = [
+        ("authorization", "Bearer t"),
+        ("proxy-authorization", "B"),
+        ("cookie", "c=1"),
+        ("set-cookie", "c=1"),
+        ("forwarded", "for=1.2.3.4"),
+        ("x-forwarded-for", "1.2.3.4"),
+        ("x-forwarded-client-cert", "Subject=CN"),
+        ("x-real-ip", "1.2.3.4"),
+        ("x-tensor-wasm-tenant", "9"),
+        ("connection", "close"),
+        ("keep-alive", "5"),
+        ("proxy-connection", "x"),
+        ("te", "trailers"),
+        ("trailer", "x"),
+        ("upgrade", "h2c"),
+        ("transfer-encoding", "chunked"),
+    ];
+    let mut headers: serde_json::Map<String, Value> = refused.iter().map(|(n, v)| (n.to_string(), json!(v))).collect();
+    headers.insert("x-kept".into(), json!("yes"));
+    let output = json!({"payload": {"n": 1}, "headers": headers}).to_string();
+    let r = server.client().deploy("copier", &guests::write_and_exit(&output, "", 0), json!({"abi": "envelope"}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let (url, sink_thread) = sink(&[200]);
+    let r = create(&server, json!({"name": "copy", "steps": ["copier"], "sink": {"url": url}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = invoke(&server, r.json()["id"].as_str().unwrap(), ORDER);
+    assert_eq!((r.status, r.json()["delivered"].clone()), (200, json!(true)), "{}", r.text());
+    let got = sink_thread.join().unwrap();
+    let (_, received, body) = &got[0];
+    let header = |n: &str| received.iter().filter(|(h, _)| h == n).map(|(_, v)| v.as_str()).collect::<Vec<_>>();
+    for (name, value) in refused {
+        // The client writes its own `connection: close`; the guest's value never arrives.
+        let ours: &[&str] = if name == "connection" { &["close"] } else { &[] };
+        assert_eq!(header(name), ours, "{name}: {value} reached the sink: {received:?}");
+    }
+    assert_eq!(header("x-kept"), ["yes"]);
+    assert_eq!(body, r#"{"n":1}"#);
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
 }

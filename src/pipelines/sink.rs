@@ -174,7 +174,7 @@ fn encode_request(target: &Target, delivery: &Delivery) -> Vec<u8> {
         delivery
             .headers
             .iter()
-            .filter(|(name, value)| header_rules::passes_from_guest(name) && header_rules::check(name, value).is_ok())
+            .filter(|(name, value)| header_rules::passes_to_sink(name) && header_rules::check(name, value).is_ok())
             .map(|(name, value)| (name.as_str(), value.as_str())),
     );
     client::encode_request(&delivery.sink.method, target, &headers, &delivery.body)
