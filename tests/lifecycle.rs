@@ -187,6 +187,7 @@ fn bad_configuration_exits_2_with_one_line() {
         vec!["serve", "--io-driver", "kqueue"],
         vec!["serve", "--pin-shards", "sometimes"],
         vec!["serve", "--sink-allowed-cidrs", "10.0.0.0/99"],
+        vec!["serve", "--sink-allowed-cidrs", "public,nonsense"],
         vec!["serve", "--gpu", "tpu"],
         vec!["serve", "--rate-limit-qps", "2000000000"],
         vec!["serve", "--dispatch-ring-depth", "0"],

@@ -210,12 +210,12 @@ fn sink(statuses: &'static [u16]) -> (String, std::thread::JoinHandle<Vec<Receiv
     (url, thread)
 }
 
-/// Sinks in these tests listen on loopback; these flags allow it whatever the default.
+/// Sinks in these tests listen on loopback, which the default policy refuses.
 const LOOPBACK_SINKS: [&str; 2] = ["--sink-allowed-cidrs", "127.0.0.0/8,::1"];
 
 #[test]
 fn sink_delivery_retries_then_reports() {
-    let server = Server::start(&[]);
+    let server = Server::start(&LOOPBACK_SINKS);
     deploy_envelope(&server, "enrich");
 
     // 503, then 429, then 200: delivered on the third attempt.
@@ -310,25 +310,63 @@ fn pipelines_from_the_functions_directory() {
 
 #[test]
 fn sinks_reach_only_the_networks_the_operator_allows() {
-    // By default any address but link-local ones, where cloud metadata services answer.
+    // By default only public addresses: a literal address that is not is refused when the
+    // pipeline is made, before anything connects to it.
     let server = Server::start(&[]);
     deploy_envelope(&server, "enrich");
-    let metadata =
-        json!({"name": "m", "steps": ["enrich"], "sink": {"url": "http://169.254.169.254/latest/meta-data"}});
-    let r = create(&server, metadata);
-    assert_eq!((r.status, r.error_kind().as_str()), (400, "invalid_pipeline"), "{}", r.text());
-    assert!(r.text().contains("link-local"), "{}", r.text());
+    for (url, says) in [
+        ("http://169.254.169.254/latest/meta-data", "metadata"),
+        ("http://[fd00:ec2::254]/latest/meta-data", "AWS's IPv6 metadata"),
+        ("http://100.100.100.200/latest/meta-data", "Alibaba"),
+        ("http://192.0.0.192/opc/v2/instance", "Oracle"),
+        ("http://127.0.0.1:8080/functions", "loopback"),
+        ("http://[::1]/", "loopback"),
+        ("http://0.0.0.0:8080/", "this network"),
+        ("http://[::]/", "unspecified"),
+        ("http://10.0.0.1/", "private"),
+        ("http://172.16.0.1/", "private"),
+        ("http://192.168.1.1/", "private"),
+        ("http://100.64.0.1/", "shared address space"),
+        ("http://[fc00::1]/", "unique-local"),
+        ("http://[fe80::1]/", "link-local"),
+        ("http://198.18.0.1/", "benchmarking"),
+        ("http://224.0.0.1/", "multicast"),
+        ("http://255.255.255.255/", "broadcast"),
+        ("http://[2001:db8::1]/", "documentation"),
+        ("http://[::ffff:169.254.169.254]/", "IPv4-mapped form of 169.254.169.254"),
+        ("http://[::ffff:127.0.0.1]/", "IPv4-mapped form of 127.0.0.1"),
+        ("http://[::127.0.0.1]/", "IPv4-compatible"),
+        ("http://[64:ff9b::a9fe:a9fe]/", "NAT64 form of 169.254.169.254"),
+        ("http://[64:ff9b:1::a9fe:a9fe]/", "local-use NAT64"),
+        ("http://[2002:a9fe:a9fe::1]/", "6to4 form of 169.254.169.254"),
+        ("http://[2001:0:4136:e378:8000:63bf:5601:5601]/", "Teredo form of 169.254.169.254"),
+    ] {
+        let r = create(&server, json!({"name": "m", "steps": ["enrich"], "sink": {"url": url}}));
+        assert_eq!((r.status, r.error_kind().as_str()), (400, "invalid_pipeline"), "{url}: {}", r.text());
+        assert!(r.text().contains(says) && r.text().contains("--sink-allowed-cidrs"), "{url}: {}", r.text());
+    }
+    // A host name is checked against what it resolves to, at delivery, before any connect:
+    // `localhost` is loopback, so the sink listening there never hears of it.
+    let (url, sink_thread) = sink(&[200]);
+    let named = url.replace("127.0.0.1", "localhost");
+    let r = create(&server, json!({"name": "named", "steps": ["enrich"], "sink": {"url": named, "max_attempts": 3}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = invoke(&server, r.json()["id"].as_str().unwrap(), ORDER);
+    assert_eq!((r.status, r.error_kind().as_str()), (502, "sink_delivery_failed"), "{}", r.text());
+    assert!(r.text().contains("loopback") && r.text().contains("1 attempt(s)"), "{}", r.text());
+    assert!(r.text().contains("not retried"), "{}", r.text());
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
     drop(server);
 
     // Only the networks listed: a literal address outside them is refused when the pipeline is
     // made, and a host name that resolves outside them when it delivers, without connecting.
     let server = Server::start(&["--sink-allowed-cidrs", "10.0.0.0/8"]);
     deploy_envelope(&server, "enrich");
-    let (url, sink_thread) = sink(&[200]);
     let r = create(&server, json!({"name": "literal", "steps": ["enrich"], "sink": {"url": url}}));
     assert_eq!((r.status, r.error_kind().as_str()), (400, "invalid_pipeline"), "{}", r.text());
     assert!(r.text().contains("outside --sink-allowed-cidrs"), "{}", r.text());
-    let named = url.replace("127.0.0.1", "localhost");
+    let r = create(&server, json!({"name": "public", "steps": ["enrich"], "sink": {"url": "http://8.8.8.8/"}}));
+    assert!(r.text().contains("outside --sink-allowed-cidrs"), "a list without `public` replaces it: {}", r.text());
     let r = create(&server, json!({"name": "named", "steps": ["enrich"], "sink": {"url": named, "max_attempts": 3}}));
     assert_eq!(r.status, 201, "{}", r.text());
     let r = invoke(&server, r.json()["id"].as_str().unwrap(), ORDER);
@@ -336,9 +374,15 @@ fn sinks_reach_only_the_networks_the_operator_allows() {
     assert!(r.text().contains("outside --sink-allowed-cidrs") && r.text().contains("1 attempt(s)"), "{}", r.text());
     drop(server);
 
-    // Listed, the same sink is delivered to; the refused attempts never reached it.
-    let server = Server::start(&["--sink-allowed-cidrs", "127.0.0.0/8,::1"]);
+    // `public` beside a network keeps public addresses and adds the network; the rest stays
+    // refused. Listed, the same sink is delivered to; the refused attempts never reached it.
+    let server = Server::start(&["--sink-allowed-cidrs", "public,127.0.0.0/8,::1"]);
     deploy_envelope(&server, "enrich");
+    let r = create(&server, json!({"name": "private", "steps": ["enrich"], "sink": {"url": "http://10.0.0.1/"}}));
+    assert_eq!((r.status, r.error_kind().as_str()), (400, "invalid_pipeline"), "{}", r.text());
+    assert!(r.text().contains("private (10.0.0.0/8)"), "{}", r.text());
+    let r = create(&server, json!({"name": "public", "steps": ["enrich"], "sink": {"url": "http://8.8.8.8/"}}));
+    assert_eq!(r.status, 201, "{}", r.text());
     let r = create(&server, json!({"name": "named", "steps": ["enrich"], "sink": {"url": named}}));
     let r = invoke(&server, r.json()["id"].as_str().unwrap(), ORDER);
     assert_eq!((r.status, r.json()["delivered"].clone()), (200, json!(true)), "{}", r.text());

@@ -166,7 +166,9 @@ fn certificates_are_reloaded_without_restart() {
 
 /// The server's log once it holds `n` deploy lines.
 fn within_log(server: &Server, n: usize) -> String {
-    within(Duration::from_secs(10), "the deploy log lines", || server.stderr().matches("function deployed").count() >= n);
+    within(Duration::from_secs(10), "the deploy log lines", || {
+        server.stderr().matches("function deployed").count() >= n
+    });
     server.stderr()
 }
 
@@ -191,7 +193,8 @@ fn forwarded_client_certificates_only_from_trusted_proxies() {
     assert_eq!(r.status, 201);
     // A quote the client leaves open would swallow the proxy's comma: the header names nobody.
     let unbalanced = format!(r#"Subject="CN=forged-open,{xfcc}"#);
-    let r = trusting.client().request("POST", "/functions", &[("x-forwarded-client-cert", &unbalanced)], &deploy_body());
+    let r =
+        trusting.client().request("POST", "/functions", &[("x-forwarded-client-cert", &unbalanced)], &deploy_body());
     assert_eq!(r.status, 201);
     let log = within_log(&trusting, 4);
     assert!(!log.contains("forged"), "{log}");
@@ -328,7 +331,8 @@ fn pipelines_deliver_to_https_sinks_that_the_trust_store_vouches_for() {
     let ca = Ca::new("Sink CA");
     let ca_file = dir.path().join("sink-ca.pem");
     ca.write_ca(&ca_file);
-    let server = Server::start_with(&dir.path().join("data"), &[], |cmd| {
+    // The sinks listen on loopback, which the default policy refuses.
+    let server = Server::start_with(&dir.path().join("data"), &["--sink-allowed-cidrs", "127.0.0.0/8,::1"], |cmd| {
         cmd.env("SSL_CERT_FILE", &ca_file);
     });
     let r = server.client().deploy("enrich", &guests::fiso_module("enrich"), serde_json::json!({"abi": "envelope"}));

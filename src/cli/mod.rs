@@ -279,8 +279,10 @@ pub struct ServeArgs {
     pub sink_queue_depth: u32,
 
     /// The only networks pipeline sinks may be delivered to, e.g. `10.0.0.0/8,fd00::/8`, checked
-    /// against every address a sink's host resolves to. Default: any address but link-local ones
-    /// (169.254.0.0/16, fe80::/10), where cloud metadata services answer.
+    /// against every address a sink's host resolves to and again at connect; the word `public`
+    /// in the list allows public addresses beside them. Default: public addresses only, never
+    /// loopback, private, link-local, unique-local, CGNAT, special-purpose or cloud metadata
+    /// addresses, nor IPv6 forms that embed one.
     #[arg(long, env = "TENSOR_WASM_SINK_ALLOWED_CIDRS", default_value = "")]
     pub sink_allowed_cidrs: String,
 
@@ -550,11 +552,8 @@ impl ServeArgs {
                 AuditOnErrorArg::Continue => AuditOnError::Continue,
             },
         };
-        let sink_networks =
-            match parse_cidrs(&self.sink_allowed_cidrs).map_err(|e| format!("TENSOR_WASM_SINK_ALLOWED_CIDRS: {e}"))? {
-                networks if networks.is_empty() => SinkNetworks::AnyButLinkLocal,
-                networks => SinkNetworks::Only(networks),
-            };
+        let sink_networks = SinkNetworks::parse(&self.sink_allowed_cidrs)
+            .map_err(|e| format!("TENSOR_WASM_SINK_ALLOWED_CIDRS: {e}"))?;
         // Spinning needs epoll's non-blocking poll, which also takes other threads' wakes
         // (server/idle_spin.rs).
         let io_driver = match (self.io_driver, self.idle_spin_us) {

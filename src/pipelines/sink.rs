@@ -4,7 +4,7 @@
 //! Deliveries run on a small pool of blocking threads fed by a bounded queue, so that name lookups,
 //! connects and backoff sleeps never run on a shard. A full queue is 503 `overloaded`.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures_channel::oneshot;
 
 use super::record::Sink;
-use crate::cidr::Cidr;
+use crate::cidr::{not_public, Cidr};
 use crate::error::ApiError;
 use crate::http::client::{self, Target};
 use crate::http::header_rules;
@@ -23,48 +23,72 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The addresses a sink may be delivered to. Tenants choose sink URLs, and the server makes the
 /// request from inside the operator's network, so where it may go is the operator's to say.
+///
+/// By default only public addresses ([`crate::cidr::not_public`] names the rest): a sink is a
+/// tenant's service on the internet, and anything else is the operator's, the host's loopback
+/// and the server's own API, the cloud's metadata service with the node's credentials, the
+/// cluster and the data centre. `--sink-allowed-cidrs` replaces that with the networks it lists;
+/// the word `public` in the list keeps public addresses allowed beside them.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SinkNetworks {
-    /// Every address but the link-local ones (169.254.0.0/16, fe80::/10), where cloud metadata
-    /// services hand out the node's credentials.
-    AnyButLinkLocal,
-    /// Only addresses inside these networks.
-    Only(Vec<Cidr>),
+pub struct SinkNetworks {
+    public: bool,
+    listed: Vec<Cidr>,
+}
+
+impl Default for SinkNetworks {
+    fn default() -> Self {
+        SinkNetworks { public: true, listed: Vec::new() }
+    }
 }
 
 impl SinkNetworks {
+    /// `--sink-allowed-cidrs`: networks such as `10.0.0.0/8,fd00::/8`, and optionally the word
+    /// `public`. Empty: the default, public addresses only.
+    ///
     /// ```
     /// use tensor_wasm::pipelines::sink::SinkNetworks;
-    /// use tensor_wasm::cidr::parse_cidrs;
-    /// let any = SinkNetworks::AnyButLinkLocal;
-    /// assert!(any.allows("10.1.2.3".parse().unwrap()));
-    /// assert!(!any.allows("169.254.169.254".parse().unwrap()));
-    /// assert!(!any.allows("::ffff:169.254.169.254".parse().unwrap()));
-    /// let only = SinkNetworks::Only(parse_cidrs("10.0.0.0/8").unwrap());
+    /// let default = SinkNetworks::parse("").unwrap();
+    /// assert!(default.allows("8.8.8.8".parse().unwrap()));
+    /// for refused in ["10.1.2.3", "127.0.0.1", "169.254.169.254", "::ffff:169.254.169.254", "fd00:ec2::254"] {
+    ///     assert!(!default.allows(refused.parse().unwrap()), "{refused}");
+    /// }
+    /// let only = SinkNetworks::parse("10.0.0.0/8").unwrap();
+    /// assert!(only.allows("10.1.2.3".parse().unwrap()));
     /// assert!(!only.allows("127.0.0.1".parse().unwrap()));
+    /// assert!(!only.allows("8.8.8.8".parse().unwrap()));
+    /// let both = SinkNetworks::parse("public, 10.0.0.0/8").unwrap();
+    /// assert!(both.allows("10.1.2.3".parse().unwrap()) && both.allows("8.8.8.8".parse().unwrap()));
+    /// assert!(!both.allows("127.0.0.1".parse().unwrap()));
     /// ```
-    pub fn allows(&self, ip: IpAddr) -> bool {
-        match self {
-            SinkNetworks::AnyButLinkLocal => !LINK_LOCAL.iter().any(|net| net.contains(ip)),
-            SinkNetworks::Only(networks) => networks.iter().any(|net| net.contains(ip)),
+    pub fn parse(list: &str) -> Result<SinkNetworks, String> {
+        let mut networks = SinkNetworks { public: false, listed: Vec::new() };
+        for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            if entry.eq_ignore_ascii_case("public") {
+                networks.public = true;
+            } else {
+                networks.listed.push(Cidr::parse(entry)?);
+            }
         }
+        if networks.listed.is_empty() && !networks.public {
+            return Ok(SinkNetworks::default());
+        }
+        Ok(networks)
+    }
+
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        self.listed.iter().any(|net| net.contains(ip)) || (self.public && not_public(ip).is_none())
     }
 
     /// Why `ip` is refused.
     pub fn refusal(&self, ip: IpAddr) -> String {
-        match self {
-            SinkNetworks::AnyButLinkLocal => {
-                format!("{ip} is link-local, where sinks may not go unless --sink-allowed-cidrs lists it")
+        match (self.public, not_public(ip)) {
+            (true, Some(why)) => {
+                format!("{ip} is {why}, where sinks may not go unless --sink-allowed-cidrs lists it")
             }
-            SinkNetworks::Only(_) => format!("{ip} is outside --sink-allowed-cidrs"),
+            _ => format!("{ip} is outside --sink-allowed-cidrs"),
         }
     }
 }
-
-const LINK_LOCAL: [Cidr; 2] = [
-    Cidr::new_const(IpAddr::V4(Ipv4Addr::new(169, 254, 0, 0)), 16),
-    Cidr::new_const(IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)), 10),
-];
 
 /// One delivery: the pipeline's final output and headers.
 pub struct Delivery {
@@ -144,7 +168,7 @@ pub fn deliver(delivery: &Delivery, networks: &SinkNetworks) -> Result<Delivered
                         let refusal = networks.refusal(refused.ip());
                         return Err(failed(attempt, format!("{refusal} (not retried)")));
                     }
-                    _ => send(&allowed, &target, &request, Duration::from_millis(sink.timeout_ms)),
+                    _ => send(&allowed, &target, &request, Duration::from_millis(sink.timeout_ms), networks),
                 }
             }
         };
@@ -181,9 +205,19 @@ fn encode_request(target: &Target, delivery: &Delivery) -> Vec<u8> {
 }
 
 /// One attempt: connect, send, and read the answer's head (only its status and `retry-after`
-/// matter), all within `timeout`.
-fn send(addrs: &[SocketAddr], target: &Target, request: &[u8], timeout: Duration) -> Result<Answer, String> {
-    let answer = client::exchange_at(addrs, target, request, client::Exchange { timeout, max_body: None, tls: None })?;
+/// matter), all within `timeout`. The client checks each address against `networks` again as it
+/// connects, and the peer it reached: `addrs` were checked when resolved, but nothing may ever
+/// connect to an address that was not checked.
+fn send(
+    addrs: &[SocketAddr],
+    target: &Target,
+    request: &[u8],
+    timeout: Duration,
+    networks: &SinkNetworks,
+) -> Result<Answer, String> {
+    let allow = |ip: IpAddr| networks.allows(ip);
+    let how = client::Exchange { timeout, max_body: None, tls: None, allow: Some(&allow) };
+    let answer = client::exchange_at(addrs, target, request, how)?;
     let retry_after = answer.header("retry-after").and_then(|v| v.trim().parse::<u64>().ok()).map(Duration::from_secs);
     Ok(Answer { status: answer.status, retry_after })
 }
@@ -191,4 +225,24 @@ fn send(addrs: &[SocketAddr], target: &Target, request: &[u8], timeout: Duration
 struct Answer {
     status: u16,
     retry_after: Option<Duration>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn a_name_that_resolves_only_to_refused_addresses_is_never_connected() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://localhost:{}/", listener.local_addr().unwrap().port());
+        let sink = Sink { url, method: "POST".into(), max_attempts: 3, timeout_ms: 1_000, backoff_ms: 10 };
+        let delivery = Delivery { sink, headers: Headers::new(), body: b"{}".to_vec() };
+        let e = deliver(&delivery, &SinkNetworks::default()).unwrap_err();
+        assert_eq!(e.kind(), "sink_delivery_failed", "{e}");
+        assert!(e.to_string().contains("loopback") && e.to_string().contains("not retried"), "{e}");
+        assert!(e.to_string().contains("1 attempt(s)"), "{e}");
+        assert_eq!(listener.accept().map(|_| ()).unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
+    }
 }
