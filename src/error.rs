@@ -99,6 +99,17 @@ pub enum ApiError {
         attempts: u32,
         last: String,
     },
+    /// The delivery did not succeed within `--sink-max-delivery-ms`, retries included.
+    SinkDeliveryTimeout {
+        url: String,
+        limit_ms: u64,
+        attempts: u32,
+        last: String,
+    },
+    /// The tenant already has `--sink-max-inflight-per-tenant` deliveries queued or running.
+    SinkConcurrencyLimited {
+        limit: u32,
+    },
     // --- server state ---
     Overloaded(&'static str),
     AuditUnavailable,
@@ -132,7 +143,7 @@ impl ApiError {
             | DuplicateAuthorizationHeader => Status::BadRequest,
             Unauthorized => Status::Unauthorized,
             TenantScopeDenied { .. } => Status::Forbidden,
-            RateLimited { .. } => Status::TooManyRequests,
+            RateLimited { .. } | SinkConcurrencyLimited { .. } => Status::TooManyRequests,
             HeadersTooLarge { .. } | TooManyHeaders { .. } => Status::RequestHeaderFieldsTooLarge,
             BodyTooLarge { .. } => Status::PayloadTooLarge,
             RequestTimeout => Status::RequestTimeout,
@@ -149,7 +160,7 @@ impl ApiError {
             | InvalidEnvelopeOutput(_)
             | EnvelopeMissingPayload
             | SinkDeliveryFailed { .. } => Status::BadGateway,
-            InvokeTimeout { .. } | PipelineTimeout { .. } => Status::GatewayTimeout,
+            InvokeTimeout { .. } | PipelineTimeout { .. } | SinkDeliveryTimeout { .. } => Status::GatewayTimeout,
             PipelineStep { error, .. } => error.status(),
             Overloaded(_) | AuditUnavailable | NotReady | Draining => Status::ServiceUnavailable,
             Storage(_) | Internal(_) => Status::InternalServerError,
@@ -196,6 +207,8 @@ impl ApiError {
             PipelineTimeout { .. } => "pipeline_timeout",
             PipelineStep { error, .. } => error.kind(),
             SinkDeliveryFailed { .. } => "sink_delivery_failed",
+            SinkDeliveryTimeout { .. } => "sink_delivery_timeout",
+            SinkConcurrencyLimited { .. } => "sink_concurrency_limited",
             InvokeTimeout { .. } => "invoke_timeout",
             MemoryLimitExceeded { .. } => "memory_limit_exceeded",
             GuestTrap(_) => "guest_trap",
@@ -216,9 +229,11 @@ impl ApiError {
             ApiError::PipelineStep { error, .. } => error.extra_headers(),
             ApiError::MethodNotAllowed { allow } => Some(("allow", allow.to_string())),
             ApiError::Unauthorized => Some(("www-authenticate", "Bearer realm=\"tensor-wasm\"".into())),
-            ApiError::Overloaded(_) | ApiError::AuditUnavailable | ApiError::NotReady | ApiError::Draining => {
-                Some(("retry-after", "1".into()))
-            }
+            ApiError::Overloaded(_)
+            | ApiError::AuditUnavailable
+            | ApiError::NotReady
+            | ApiError::Draining
+            | ApiError::SinkConcurrencyLimited { .. } => Some(("retry-after", "1".into())),
             ApiError::RateLimited { retry_after_secs } => Some(("retry-after", retry_after_secs.to_string())),
             _ => None,
         }
@@ -310,6 +325,16 @@ impl fmt::Display for ApiError {
             SinkDeliveryFailed { url, attempts, last } => {
                 write!(f, "delivery to the sink {url} failed after {attempts} attempt(s); last: {last}")
             }
+            SinkDeliveryTimeout { url, limit_ms, attempts, last } => write!(
+                f,
+                "delivery to the sink {url} did not succeed within --sink-max-delivery-ms ({limit_ms} ms), \
+                 retries included, after {attempts} attempt(s); last: {last}"
+            ),
+            SinkConcurrencyLimited { limit } => write!(
+                f,
+                "this tenant already has {limit} sink deliveries in flight, the most \
+                 --sink-max-inflight-per-tenant allows; retry later"
+            ),
             InvokeTimeout { timeout_ms } => {
                 write!(f, "the function did not finish within {timeout_ms} ms")
             }

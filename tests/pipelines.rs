@@ -433,3 +433,138 @@ fn guest_credentials_forwarding_and_hop_by_hop_headers_never_reach_a_sink() {
     assert_eq!(body, r#"{"n":1}"#);
     assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
 }
+
+/// A loopback sink that accepts connections and never answers, holding each until the test
+/// ends; counts what it accepted. Bounded: it stops after 64 connections or 60 s.
+fn tarpit() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}/slow", listener.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut held = Vec::new();
+        while held.len() < 64 && started.elapsed() < Duration::from_secs(60) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    held.push(stream);
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    (url, accepted)
+}
+
+/// Deploys the Fiso `enrich` module for `tenant`.
+fn deploy_for(server: &Server, tenant: &str) {
+    let body = json!({
+        "name": "enrich",
+        "abi": "envelope",
+        "wasm_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, guests::fiso_module("enrich")),
+    });
+    let headers = [("content-type", "application/json"), ("x-tensor-wasm-tenant", tenant)];
+    let r = server.client().request("POST", "/functions", &headers, body.to_string().as_bytes());
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
+fn create_for(server: &Server, tenant: &str, spec: Value) -> String {
+    let headers = [("content-type", "application/json"), ("x-tensor-wasm-tenant", tenant)];
+    let r = server.client().request("POST", "/pipelines", &headers, spec.to_string().as_bytes());
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+fn invoke_for(server: &Server, tenant: &str, id: &str) -> common::Response {
+    server.client().request("POST", &format!("/pipelines/{id}/invoke"), &[("x-tensor-wasm-tenant", tenant)], ORDER)
+}
+
+#[test]
+fn a_tenants_tarpit_sink_holds_at_most_its_share_of_workers_and_each_delivery_ends_at_the_cap() {
+    use std::sync::atomic::Ordering;
+    let server = Server::start(&[
+        "--sink-workers",
+        "4",
+        "--sink-max-inflight-per-tenant",
+        "2",
+        "--sink-max-delivery-ms",
+        "1500",
+        "--sink-allowed-cidrs",
+        "127.0.0.0/8",
+    ]);
+    let server = std::sync::Arc::new(server);
+    for tenant in ["1", "2"] {
+        deploy_for(&server, tenant);
+    }
+    // Tenant 1's sink never answers, and its pipeline would wait a minute a try, ten times.
+    let (slow, accepted) = tarpit();
+    let spec =
+        json!({"name": "p", "steps": ["enrich"], "sink": {"url": slow, "max_attempts": 10, "timeout_ms": 60000}});
+    let attacker = create_for(&server, "1", spec);
+    let started = Instant::now();
+    let hanging: Vec<_> = (0..2)
+        .map(|_| {
+            let (server, id) = (server.clone(), attacker.clone());
+            std::thread::spawn(move || (invoke_for(&server, "1", &id), started.elapsed()))
+        })
+        .collect();
+    within(Duration::from_secs(10), "the tarpit holding two deliveries", || accepted.load(Ordering::SeqCst) >= 2);
+
+    // A third is refused at once: the tenant has its two deliveries in flight.
+    let t = Instant::now();
+    let r = invoke_for(&server, "1", &attacker);
+    assert_eq!((r.status, r.error_kind().as_str()), (429, "sink_concurrency_limited"), "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(r.text().contains("--sink-max-inflight-per-tenant"), "{}", r.text());
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+
+    // Another tenant's delivery meanwhile finds a free worker and is done at once.
+    let (fast, sink_thread) = sink(&[200]);
+    let bystander = create_for(&server, "2", json!({"name": "p", "steps": ["enrich"], "sink": {"url": fast}}));
+    let t = Instant::now();
+    let r = invoke_for(&server, "2", &bystander);
+    assert_eq!((r.status, r.json()["delivered"].clone()), (200, json!(true)), "{}", r.text());
+    assert!(t.elapsed() < Duration::from_secs(1), "the bystander waited {:?}", t.elapsed());
+    sink_thread.join().unwrap();
+
+    // The tarpit's deliveries end at the cap, not after ten minutes of attempts.
+    for thread in hanging {
+        let (r, took) = thread.join().unwrap();
+        assert_eq!((r.status, r.error_kind().as_str()), (504, "sink_delivery_timeout"), "{}", r.text());
+        assert!(r.text().contains("--sink-max-delivery-ms (1500 ms)"), "{}", r.text());
+        assert!(took >= Duration::from_millis(1400) && took < Duration::from_secs(5), "{took:?}");
+    }
+    // Their places are free again: the next one is delivered to (and cut at the cap), not refused.
+    let r = invoke_for(&server, "1", &attacker);
+    assert_eq!((r.status, r.error_kind().as_str()), (504, "sink_delivery_timeout"), "{}", r.text());
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
+}
+
+#[test]
+fn a_sink_delivery_counts_its_backoff_against_the_cap() {
+    // A sink that asks for a 5 s pause: within a 1 s cap no attempt could follow, so the
+    // delivery ends after the first, at once, where it used to sleep and retry.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/busy", listener.local_addr().unwrap());
+    let sink_thread = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = stream.read(&mut [0u8; 16 * 1024]).unwrap();
+        stream.write_all(b"HTTP/1.1 503 Busy\r\nretry-after: 5\r\ncontent-length: 0\r\n\r\n").unwrap();
+    });
+    let server = Server::start(&["--sink-max-delivery-ms", "1000", "--sink-allowed-cidrs", "127.0.0.0/8"]);
+    deploy_envelope(&server, "enrich");
+    let spec = json!({"name": "busy", "steps": ["enrich"], "sink": {"url": url, "max_attempts": 10}});
+    let r = create(&server, spec);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let started = Instant::now();
+    let r = invoke(&server, r.json()["id"].as_str().unwrap(), ORDER);
+    assert_eq!((r.status, r.error_kind().as_str()), (504, "sink_delivery_timeout"), "{}", r.text());
+    assert!(r.text().contains("after 1 attempt(s); last: HTTP 503"), "{}", r.text());
+    assert!(started.elapsed() < Duration::from_millis(1000), "{:?}", started.elapsed());
+    sink_thread.join().unwrap();
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
+}

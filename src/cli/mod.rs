@@ -278,6 +278,17 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_SINK_QUEUE_DEPTH", default_value_t = 256)]
     pub sink_queue_depth: u32,
 
+    /// Deliveries one tenant may have queued or running at once; more get 429
+    /// `sink_concurrency_limited`. Must be below --sink-workers (but for a single worker), so
+    /// that one tenant's slow sink never holds every worker. Default: half the workers, rounded up.
+    #[arg(long, env = "TENSOR_WASM_SINK_MAX_INFLIGHT_PER_TENANT")]
+    pub sink_max_inflight_per_tenant: Option<u32>,
+
+    /// Longest a sink delivery may take from being queued, every attempt and backoff included;
+    /// past it, 504 `sink_delivery_timeout`.
+    #[arg(long, env = "TENSOR_WASM_SINK_MAX_DELIVERY_MS", default_value_t = 30_000)]
+    pub sink_max_delivery_ms: u64,
+
     /// The only networks pipeline sinks may be delivered to, e.g. `10.0.0.0/8,fd00::/8`, checked
     /// against every address a sink's host resolves to and again at connect; the word `public`
     /// in the list allows public addresses beside them. Default: public addresses only, never
@@ -465,6 +476,22 @@ impl ServeArgs {
         positive("functions-dir-poll-ms", self.functions_dir_poll_ms)?;
         positive("sink-workers", self.sink_workers.into())?;
         positive("sink-queue-depth", self.sink_queue_depth.into())?;
+        positive("sink-max-delivery-ms", self.sink_max_delivery_ms)?;
+        let sink_max_inflight_per_tenant = match self.sink_max_inflight_per_tenant {
+            None => u32::from(self.sink_workers).div_ceil(2),
+            Some(0) => return Err("--sink-max-inflight-per-tenant must be greater than 0".into()),
+            Some(n) if n >= u32::from(self.sink_workers) && self.sink_workers > 1 => {
+                return Err(format!(
+                    "--sink-max-inflight-per-tenant must be below --sink-workers ({}), so that one tenant's slow \
+                     sink cannot hold every worker",
+                    self.sink_workers
+                ));
+            }
+            Some(n) if n > 1 && self.sink_workers == 1 => {
+                return Err("--sink-max-inflight-per-tenant must be 1 with a single sink worker".into());
+            }
+            Some(n) => n,
+        };
         if let Some(dir) = &self.functions_dir {
             if !dir.is_dir() {
                 return Err(format!("--functions-dir {}: not a directory", dir.display()));
@@ -586,6 +613,8 @@ impl ServeArgs {
             }),
             sink_workers: self.sink_workers.into(),
             sink_queue_depth: self.sink_queue_depth as usize,
+            sink_max_inflight_per_tenant,
+            sink_max_delivery_ms: self.sink_max_delivery_ms,
             dispatch: DispatchConfig {
                 backend: match self.gpu {
                     GpuArg::Auto => BackendChoice::Auto,
