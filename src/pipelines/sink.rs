@@ -31,8 +31,9 @@ use crate::wasm::envelope::Headers;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// How long past `--sink-max-delivery-ms` a shard waits for its worker's answer. The worker bounds
-/// every step by the deadline but one: the system resolver's lookup, which runs to its own
-/// timeouts. The grace lets the worker's own, more precise answer win in every other case.
+/// every step by the deadline but two: the system resolver's lookup, which runs to its own
+/// timeouts, and the wait in the queue for a worker, which ends only when one is free. The grace
+/// lets the worker's own, more precise answer win in every other case.
 const LOOKUP_GRACE: Duration = Duration::from_millis(250);
 
 /// The addresses a sink may be delivered to. Tenants choose sink URLs, and the server makes the
@@ -222,12 +223,14 @@ impl SinkHandle {
         })?;
         match race(rx, monoio::time::sleep(self.max_delivery + LOOKUP_GRACE)).await {
             Either::Left(reply) => reply.map_err(|_| ApiError::Internal("the sink workers stopped".into()))?,
-            // The worker keeps the slot until its lookup returns: the tenant's place stays taken.
+            // The job keeps its slot until a worker has ended it: the tenant's place stays taken.
             Either::Right(()) => Err(ApiError::SinkDeliveryTimeout {
                 url,
                 limit_ms: self.max_delivery.as_millis() as u64,
                 attempts: 0,
-                last: "the sink's host name was still being looked up".into(),
+                last: "no answer from the sink workers: the delivery was still queued, or its host name still \
+                       being looked up"
+                    .into(),
             }),
         }
     }
