@@ -38,6 +38,10 @@ pub struct ServerConfig {
     /// Threads delivering pipeline outputs to sinks, and deliveries that may wait for one.
     pub sink_workers: usize,
     pub sink_queue_depth: usize,
+    /// Deliveries one tenant may have queued or running, fewer than `sink_workers`.
+    pub sink_max_inflight_per_tenant: u32,
+    /// How long a delivery may take from being queued, attempts and backoff included.
+    pub sink_max_delivery_ms: u64,
     /// Kernel dispatch; its `shards` is set when the shard count is known.
     pub dispatch: tensor_wasm_dispatch::DispatchConfig,
     pub auth: AuthConfig,

@@ -30,6 +30,7 @@ pub enum ApiError {
     MissingTenant,
     InvalidTenant,
     DuplicateTenantHeader,
+    DuplicateAuthorizationHeader,
     TenantScopeDenied {
         tenant: u64,
     },
@@ -131,6 +132,17 @@ pub enum ApiError {
         attempts: u32,
         last: String,
     },
+    /// The delivery did not succeed within `--sink-max-delivery-ms`, retries included.
+    SinkDeliveryTimeout {
+        url: String,
+        limit_ms: u64,
+        attempts: u32,
+        last: String,
+    },
+    /// The tenant already has `--sink-max-inflight-per-tenant` deliveries queued or running.
+    SinkConcurrencyLimited {
+        limit: u32,
+    },
     // --- server state ---
     Overloaded(&'static str),
     AuditUnavailable,
@@ -170,14 +182,16 @@ impl ApiError {
             | InvalidPipeline(_)
             | MissingTenant
             | InvalidTenant
-            | DuplicateTenantHeader => Status::BadRequest,
+            | DuplicateTenantHeader
+            | DuplicateAuthorizationHeader => Status::BadRequest,
             Unauthorized => Status::Unauthorized,
             TenantScopeDenied { .. } | QuotaExceeded { .. } => Status::Forbidden,
             InsufficientStorage { .. } => Status::InsufficientStorage,
             RateLimited { .. }
             | ConcurrencyLimited { .. }
             | UnauthenticatedRateLimited { .. }
-            | InflightBodyLimited { .. } => Status::TooManyRequests,
+            | InflightBodyLimited { .. }
+            | SinkConcurrencyLimited { .. } => Status::TooManyRequests,
             HeadersTooLarge { .. } | TooManyHeaders { .. } => Status::RequestHeaderFieldsTooLarge,
             BodyTooLarge { .. } => Status::PayloadTooLarge,
             RequestTimeout => Status::RequestTimeout,
@@ -194,7 +208,7 @@ impl ApiError {
             | InvalidEnvelopeOutput(_)
             | EnvelopeMissingPayload
             | SinkDeliveryFailed { .. } => Status::BadGateway,
-            InvokeTimeout { .. } | PipelineTimeout { .. } => Status::GatewayTimeout,
+            InvokeTimeout { .. } | PipelineTimeout { .. } | SinkDeliveryTimeout { .. } => Status::GatewayTimeout,
             PipelineStep { error, .. } => error.status(),
             Overloaded(_) | AuditUnavailable | NotReady | Draining => Status::ServiceUnavailable,
             Storage(_) | Internal(_) => Status::InternalServerError,
@@ -217,6 +231,7 @@ impl ApiError {
             MissingTenant => "missing_tenant",
             InvalidTenant => "invalid_tenant",
             DuplicateTenantHeader => "duplicate_tenant_header",
+            DuplicateAuthorizationHeader => "duplicate_authorization_header",
             TenantScopeDenied { .. } => "tenant_scope_denied",
             QuotaExceeded { .. } => "quota_exceeded",
             InsufficientStorage { .. } => "insufficient_storage",
@@ -248,6 +263,8 @@ impl ApiError {
             PipelineTimeout { .. } => "pipeline_timeout",
             PipelineStep { error, .. } => error.kind(),
             SinkDeliveryFailed { .. } => "sink_delivery_failed",
+            SinkDeliveryTimeout { .. } => "sink_delivery_timeout",
+            SinkConcurrencyLimited { .. } => "sink_concurrency_limited",
             InvokeTimeout { .. } => "invoke_timeout",
             MemoryLimitExceeded { .. } => "memory_limit_exceeded",
             GuestTrap(_) => "guest_trap",
@@ -273,7 +290,8 @@ impl ApiError {
             | ApiError::NotReady
             | ApiError::Draining
             | ApiError::ConcurrencyLimited { .. }
-            | ApiError::InflightBodyLimited { .. } => Some(("retry-after", "1".into())),
+            | ApiError::InflightBodyLimited { .. }
+            | ApiError::SinkConcurrencyLimited { .. } => Some(("retry-after", "1".into())),
             ApiError::RateLimited { retry_after_secs } | ApiError::UnauthenticatedRateLimited { retry_after_secs } => {
                 Some(("retry-after", retry_after_secs.to_string()))
             }
@@ -324,6 +342,7 @@ impl fmt::Display for ApiError {
             MissingTenant => write!(f, "the `x-tensor-wasm-tenant` header is required"),
             InvalidTenant => write!(f, "`x-tensor-wasm-tenant` must be an unsigned 64-bit integer"),
             DuplicateTenantHeader => write!(f, "`x-tensor-wasm-tenant` appears more than once"),
+            DuplicateAuthorizationHeader => write!(f, "`authorization` appears more than once"),
             TenantScopeDenied { tenant } => write!(f, "this token may not act for tenant {tenant}"),
             QuotaExceeded { what: "functions", used, limit } => {
                 write!(f, "quota `functions` exceeded: the tenant has {used} functions, and may have {limit}")
@@ -396,6 +415,16 @@ impl fmt::Display for ApiError {
             SinkDeliveryFailed { url, attempts, last } => {
                 write!(f, "delivery to the sink {url} failed after {attempts} attempt(s); last: {last}")
             }
+            SinkDeliveryTimeout { url, limit_ms, attempts, last } => write!(
+                f,
+                "delivery to the sink {url} did not succeed within --sink-max-delivery-ms ({limit_ms} ms), \
+                 retries included, after {attempts} attempt(s); last: {last}"
+            ),
+            SinkConcurrencyLimited { limit } => write!(
+                f,
+                "this tenant already has {limit} sink deliveries in flight, the most \
+                 --sink-max-inflight-per-tenant allows; retry later"
+            ),
             InvokeTimeout { timeout_ms } => {
                 write!(f, "the function did not finish within {timeout_ms} ms")
             }

@@ -70,7 +70,7 @@ fn chunked_bodies_are_decoded_across_reads() {
     // The connection is still usable after a chunked body.
     assert_eq!(c.request("GET", "/healthz", &[], b"").status, 200);
 
-    let bad = format!("POST /functions/{echo}/invoke HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n");
+    let bad = format!("POST /functions/{echo}/invoke HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n");
     let mut c = server.client();
     c.send_raw(bad.as_bytes());
     let r = c.read_response();
@@ -81,7 +81,7 @@ fn chunked_bodies_are_decoded_across_reads() {
 fn oversized_bodies_get_413_and_the_connection_closes() {
     let server = Server::start(&["--max-body-bytes", "1024"]);
     let mut c = server.client();
-    c.send_raw(b"POST /functions HTTP/1.1\r\ncontent-length: 1025\r\n\r\n");
+    c.send_raw(b"POST /functions HTTP/1.1\r\nhost: t\r\ncontent-length: 1025\r\n\r\n");
     let r = c.read_response();
     assert_eq!((r.status, r.error_kind().as_str()), (413, "body_too_large"));
     assert_eq!(r.header("connection"), Some("close"));
@@ -89,7 +89,9 @@ fn oversized_bodies_get_413_and_the_connection_closes() {
 
     let mut c = server.client();
     let chunk = format!("400\r\n{}\r\n", "x".repeat(1024));
-    c.send_raw(format!("POST /functions HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n{chunk}{chunk}").as_bytes());
+    c.send_raw(
+        format!("POST /functions HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n{chunk}{chunk}").as_bytes(),
+    );
     let r = c.read_response();
     assert_eq!((r.status, r.error_kind().as_str()), (413, "body_too_large"));
 
@@ -103,7 +105,7 @@ fn oversized_bodies_get_413_and_the_connection_closes() {
 fn a_client_still_sending_after_its_error_answer_is_let_go_after_the_linger() {
     let server = Server::start(&["--max-body-bytes", "1024", "--linger-ms", "200"]);
     let mut c = server.client();
-    c.send_raw(b"POST /functions HTTP/1.1\r\ncontent-length: 1000000000\r\n\r\n");
+    c.send_raw(b"POST /functions HTTP/1.1\r\nhost: t\r\ncontent-length: 1000000000\r\n\r\n");
     let r = c.read_response();
     assert_eq!((r.status, r.error_kind().as_str()), (413, "body_too_large"));
     // The server reads and discards the body it refused for 200 ms, then closes: a write fails
@@ -144,11 +146,11 @@ fn malformed_requests_get_400() {
     let server = Server::start(&[]);
     for raw in [
         &b"GARBAGE\r\n\r\n"[..],
-        b"GET /healthz HTTP/1.1\r\ncontent-length: abc\r\n\r\n",
-        b"GET /healthz HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
-        b"POST /functions HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
-        b"GET healthz HTTP/1.1\r\n\r\n",
-        b"GET /healthz HTTP/1.1\r\nbad header\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nhost: t\r\ncontent-length: abc\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nhost: t\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+        b"POST /functions HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
+        b"GET healthz HTTP/1.1\r\nhost: t\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nhost: t\r\nbad header\r\n\r\n",
     ] {
         let mut c = server.client();
         c.send_raw(raw);
@@ -157,7 +159,7 @@ fn malformed_requests_get_400() {
         assert!(c.is_closed(Duration::from_secs(5)));
     }
     let mut c = server.client();
-    c.send_raw(b"POST /functions HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n");
+    c.send_raw(b"POST /functions HTTP/1.1\r\nhost: t\r\ntransfer-encoding: gzip\r\n\r\n");
     let r = c.read_response();
     assert_eq!((r.status, r.error_kind().as_str()), (501, "unsupported_transfer_encoding"));
     // The server keeps serving everyone.
@@ -206,7 +208,7 @@ fn head_connection_close_and_expect_continue() {
     let body = b"{\"big\":true}";
     c.send_raw(
         format!(
-            "POST /functions/{echo}/invoke HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+            "POST /functions/{echo}/invoke HTTP/1.1\r\nhost: t\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
             body.len()
         )
         .as_bytes(),
@@ -234,7 +236,7 @@ fn slow_and_idle_clients_cannot_hold_a_shard() {
     ]);
     // A client that sends half a head and stalls gets 408, then is closed.
     let mut slow = server.client();
-    slow.send_raw(b"GET /healthz HTTP/1.1\r\nx-slow: ");
+    slow.send_raw(b"GET /healthz HTTP/1.1\r\nhost: t\r\nx-slow: ");
     let started = Instant::now();
     // Meanwhile the single shard answers others at once.
     for _ in 0..5 {
@@ -249,7 +251,7 @@ fn slow_and_idle_clients_cannot_hold_a_shard() {
 
     // A body that stops arriving is cut off as well.
     let mut stalled = server.client();
-    stalled.send_raw(b"POST /functions HTTP/1.1\r\ncontent-length: 100\r\n\r\n{");
+    stalled.send_raw(b"POST /functions HTTP/1.1\r\nhost: t\r\ncontent-length: 100\r\n\r\n{");
     let r = stalled.read_response();
     assert_eq!(r.status, 408);
 
@@ -257,4 +259,139 @@ fn slow_and_idle_clients_cannot_hold_a_shard() {
     let mut idle = server.client();
     assert_eq!(idle.request("GET", "/healthz", &[], b"").status, 200);
     assert!(idle.is_closed(Duration::from_secs(5)));
+}
+
+#[test]
+fn chunk_size_lines_outside_the_grammar_get_400() {
+    let server = Server::start(&[]);
+    let echo = server.deploy("echo", &guests::echo());
+    let head = format!("POST /functions/{echo}/invoke HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n");
+    for (body, says) in [
+        // A bare CR inside the size: decoded as 16 before, which a proxy reading it as 1 frames
+        // differently.
+        ("1\r0\r\n[1,2,3,4,5,6,7,8]\r\n0\r\n\r\n", "not ended by CRLF"),
+        // A bare LF as a line end, after a size and after chunk data.
+        ("2\n[]\r\n0\r\n\r\n", "not ended by CRLF"),
+        ("2\r\n[]\n0\r\n\r\n", "missing CRLF after chunk data"),
+        // Whitespace inside the size, and a bare CR in an extension.
+        ("1 0\r\n", "invalid chunk extension"),
+        ("2;a\rb\r\n[]\r\n0\r\n\r\n", "not ended by CRLF"),
+        // A bare LF ending a trailer.
+        ("2\r\n[]\r\n0\r\nx-t: 1\n\r\n", "trailer line not ended by CRLF"),
+    ] {
+        let mut c = server.client();
+        c.send_raw(format!("{head}{body}").as_bytes());
+        let r = c.read_response();
+        assert_eq!((r.status, r.error_kind().as_str()), (400, "malformed_request"), "{body:?}: {}", r.text());
+        assert!(r.text().contains(says), "{body:?}: {}", r.text());
+        assert!(c.is_closed(Duration::from_secs(5)), "{body:?}");
+    }
+    // The same body in the grammar is served, and so is everyone else.
+    let mut c = server.client();
+    c.send_raw(format!("{head}2;a=\"b c\"\r\n[]\r\n0\r\nx-t: 1\r\n\r\n").as_bytes());
+    let r = c.read_response();
+    assert_eq!((r.status, r.text()), (200, "[]".to_string()));
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
+}
+
+#[test]
+fn http11_needs_exactly_one_host_and_http10_needs_none() {
+    let server = Server::start(&[]);
+    for (raw, says) in [
+        (&b"GET /healthz HTTP/1.1\r\n\r\n"[..], "must have a Host header"),
+        (b"GET /healthz HTTP/1.1\r\nx-a: 1\r\n\r\n", "must have a Host header"),
+        (b"GET /healthz HTTP/1.1\r\nhost: a\r\nHost: b\r\n\r\n", "more than one Host header"),
+        (b"GET /healthz HTTP/1.0\r\nhost: a\r\nhost: a\r\n\r\n", "more than one Host header"),
+    ] {
+        let mut c = server.client();
+        c.send_raw(raw);
+        let r = c.read_response();
+        let text = String::from_utf8_lossy(raw);
+        assert_eq!((r.status, r.error_kind().as_str()), (400, "malformed_request"), "{text}: {}", r.text());
+        assert!(r.text().contains(says), "{text}: {}", r.text());
+        assert!(c.is_closed(Duration::from_secs(5)), "{text}");
+    }
+    // HTTP/1.0 predates Host.
+    let mut c = server.client();
+    c.send_raw(b"GET /healthz HTTP/1.0\r\n\r\n");
+    assert_eq!(c.read_response().status, 200);
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
+}
+
+#[test]
+fn http10_keep_alive_is_answered_with_keep_alive() {
+    let server = Server::start(&[]);
+    let mut c = server.client();
+    // An HTTP/1.0 client closes unless the answer says keep-alive: it must say so, every time,
+    // and then serve the next request on the same connection.
+    for _ in 0..3 {
+        c.send_raw(b"GET /healthz HTTP/1.0\r\nconnection: keep-alive\r\n\r\n");
+        let r = c.read_response();
+        assert_eq!((r.status, r.header("connection")), (200, Some("keep-alive")));
+    }
+    // Without it, HTTP/1.0 closes, and says so.
+    c.send_raw(b"GET /healthz HTTP/1.0\r\n\r\n");
+    let r = c.read_response();
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    assert!(c.is_closed(Duration::from_secs(5)));
+    // HTTP/1.1 keeps alive without a word, as before.
+    let r = server.client().request("GET", "/healthz", &[("connection", "keep-alive")], b"");
+    assert_eq!((r.status, r.header("connection")), (200, None));
+    // And HTTP/1.0 has no chunked coding: on a kept-alive connection a chunked body is refused.
+    let mut c = server.client();
+    c.send_raw(b"POST /functions HTTP/1.0\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n");
+    let r = c.read_response();
+    assert_eq!((r.status, r.error_kind().as_str()), (400, "malformed_request"), "{}", r.text());
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
+}
+
+#[test]
+fn max_headers_is_kept_as_given_up_to_its_cap_and_refused_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    for given in ["257", "1000"] {
+        let args = ["serve", "--listen", "127.0.0.1:0", "--data-dir", data, "--max-headers", given];
+        let (code, _, stderr) = common::tensor_wasm(&args, &[]);
+        assert_eq!(code, 2, "--max-headers {given}: {stderr}");
+        assert!(stderr.contains("--max-headers must be at most 256"), "{stderr}");
+    }
+    // At the cap, exactly 256 fields are served (`host` is one of them) and 257 are not.
+    let server = Server::start(&["--max-headers", "256"]);
+    let names: Vec<String> = (0..256).map(|i| format!("x-h{i}")).collect();
+    let headers: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    let r = server.client().request("GET", "/healthz", &headers[..255], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = server.client().request("GET", "/healthz", &headers, b"");
+    assert_eq!((r.status, r.error_kind().as_str()), (431, "too_many_headers"));
+    assert!(r.text().contains("more than 256"), "{}", r.text());
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
+}
+
+#[test]
+fn two_authorization_headers_get_400_on_protected_routes_and_metrics() {
+    const TOKEN: &str = "admin-0123456789abcdef0123456789";
+    const METRICS: &str = "metrics-0123456789abcdef01234567";
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir.path(), &[], |cmd| {
+        cmd.env("TENSOR_WASM_API_TOKENS", format!("{TOKEN}:tenant=*")).env("TENSOR_WASM_API_METRICS_TOKEN", METRICS);
+    });
+    let good = format!("Bearer {TOKEN}");
+    let metrics = format!("Bearer {METRICS}");
+    // Whichever comes first, and even when both are the same valid token.
+    for (path, first, second) in [
+        ("/functions", good.as_str(), "Bearer someone-else-0123456789abcdef"),
+        ("/functions", "Bearer someone-else-0123456789abcdef", good.as_str()),
+        ("/functions", good.as_str(), good.as_str()),
+        ("/pipelines", good.as_str(), good.as_str()),
+        ("/metrics", metrics.as_str(), metrics.as_str()),
+        ("/metrics", metrics.as_str(), "Bearer wrong"),
+    ] {
+        let mut c = server.client();
+        let r = c.request("GET", path, &[("authorization", first), ("Authorization", second)], b"");
+        assert_eq!((r.status, r.error_kind().as_str()), (400, "duplicate_authorization_header"), "{path}");
+        // Not a framing error: the connection stays open for the next request.
+        let valid = if path == "/metrics" { metrics.as_str() } else { good.as_str() };
+        assert_eq!(c.request("GET", path, &[("authorization", valid)], b"").status, 200, "{path}");
+    }
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
 }

@@ -210,9 +210,12 @@ fn sink(statuses: &'static [u16]) -> (String, std::thread::JoinHandle<Vec<Receiv
     (url, thread)
 }
 
+/// Sinks in these tests listen on loopback, which the default policy refuses.
+const LOOPBACK_SINKS: [&str; 2] = ["--sink-allowed-cidrs", "127.0.0.0/8,::1"];
+
 #[test]
 fn sink_delivery_retries_then_reports() {
-    let server = Server::start(&[]);
+    let server = Server::start(&LOOPBACK_SINKS);
     deploy_envelope(&server, "enrich");
 
     // 503, then 429, then 200: delivered on the third attempt.
@@ -307,25 +310,63 @@ fn pipelines_from_the_functions_directory() {
 
 #[test]
 fn sinks_reach_only_the_networks_the_operator_allows() {
-    // By default any address but link-local ones, where cloud metadata services answer.
+    // By default only public addresses: a literal address that is not is refused when the
+    // pipeline is made, before anything connects to it.
     let server = Server::start(&[]);
     deploy_envelope(&server, "enrich");
-    let metadata =
-        json!({"name": "m", "steps": ["enrich"], "sink": {"url": "http://169.254.169.254/latest/meta-data"}});
-    let r = create(&server, metadata);
-    assert_eq!((r.status, r.error_kind().as_str()), (400, "invalid_pipeline"), "{}", r.text());
-    assert!(r.text().contains("link-local"), "{}", r.text());
+    for (url, says) in [
+        ("http://169.254.169.254/latest/meta-data", "metadata"),
+        ("http://[fd00:ec2::254]/latest/meta-data", "AWS's IPv6 metadata"),
+        ("http://100.100.100.200/latest/meta-data", "Alibaba"),
+        ("http://192.0.0.192/opc/v2/instance", "Oracle"),
+        ("http://127.0.0.1:8080/functions", "loopback"),
+        ("http://[::1]/", "loopback"),
+        ("http://0.0.0.0:8080/", "this network"),
+        ("http://[::]/", "unspecified"),
+        ("http://10.0.0.1/", "private"),
+        ("http://172.16.0.1/", "private"),
+        ("http://192.168.1.1/", "private"),
+        ("http://100.64.0.1/", "shared address space"),
+        ("http://[fc00::1]/", "unique-local"),
+        ("http://[fe80::1]/", "link-local"),
+        ("http://198.18.0.1/", "benchmarking"),
+        ("http://224.0.0.1/", "multicast"),
+        ("http://255.255.255.255/", "broadcast"),
+        ("http://[2001:db8::1]/", "documentation"),
+        ("http://[::ffff:169.254.169.254]/", "IPv4-mapped form of 169.254.169.254"),
+        ("http://[::ffff:127.0.0.1]/", "IPv4-mapped form of 127.0.0.1"),
+        ("http://[::127.0.0.1]/", "IPv4-compatible"),
+        ("http://[64:ff9b::a9fe:a9fe]/", "NAT64 form of 169.254.169.254"),
+        ("http://[64:ff9b:1::a9fe:a9fe]/", "local-use NAT64"),
+        ("http://[2002:a9fe:a9fe::1]/", "6to4 form of 169.254.169.254"),
+        ("http://[2001:0:4136:e378:8000:63bf:5601:5601]/", "Teredo form of 169.254.169.254"),
+    ] {
+        let r = create(&server, json!({"name": "m", "steps": ["enrich"], "sink": {"url": url}}));
+        assert_eq!((r.status, r.error_kind().as_str()), (400, "invalid_pipeline"), "{url}: {}", r.text());
+        assert!(r.text().contains(says) && r.text().contains("--sink-allowed-cidrs"), "{url}: {}", r.text());
+    }
+    // A host name is checked against what it resolves to, at delivery, before any connect:
+    // `localhost` is loopback, so the sink listening there never hears of it.
+    let (url, sink_thread) = sink(&[200]);
+    let named = url.replace("127.0.0.1", "localhost");
+    let r = create(&server, json!({"name": "named", "steps": ["enrich"], "sink": {"url": named, "max_attempts": 3}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = invoke(&server, r.json()["id"].as_str().unwrap(), ORDER);
+    assert_eq!((r.status, r.error_kind().as_str()), (502, "sink_delivery_failed"), "{}", r.text());
+    assert!(r.text().contains("loopback") && r.text().contains("1 attempt(s)"), "{}", r.text());
+    assert!(r.text().contains("not retried"), "{}", r.text());
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
     drop(server);
 
     // Only the networks listed: a literal address outside them is refused when the pipeline is
     // made, and a host name that resolves outside them when it delivers, without connecting.
     let server = Server::start(&["--sink-allowed-cidrs", "10.0.0.0/8"]);
     deploy_envelope(&server, "enrich");
-    let (url, sink_thread) = sink(&[200]);
     let r = create(&server, json!({"name": "literal", "steps": ["enrich"], "sink": {"url": url}}));
     assert_eq!((r.status, r.error_kind().as_str()), (400, "invalid_pipeline"), "{}", r.text());
     assert!(r.text().contains("outside --sink-allowed-cidrs"), "{}", r.text());
-    let named = url.replace("127.0.0.1", "localhost");
+    let r = create(&server, json!({"name": "public", "steps": ["enrich"], "sink": {"url": "http://8.8.8.8/"}}));
+    assert!(r.text().contains("outside --sink-allowed-cidrs"), "a list without `public` replaces it: {}", r.text());
     let r = create(&server, json!({"name": "named", "steps": ["enrich"], "sink": {"url": named, "max_attempts": 3}}));
     assert_eq!(r.status, 201, "{}", r.text());
     let r = invoke(&server, r.json()["id"].as_str().unwrap(), ORDER);
@@ -333,11 +374,197 @@ fn sinks_reach_only_the_networks_the_operator_allows() {
     assert!(r.text().contains("outside --sink-allowed-cidrs") && r.text().contains("1 attempt(s)"), "{}", r.text());
     drop(server);
 
-    // Listed, the same sink is delivered to; the refused attempts never reached it.
-    let server = Server::start(&["--sink-allowed-cidrs", "127.0.0.0/8,::1"]);
+    // `public` beside a network keeps public addresses and adds the network; the rest stays
+    // refused. Listed, the same sink is delivered to; the refused attempts never reached it.
+    let server = Server::start(&["--sink-allowed-cidrs", "public,127.0.0.0/8,::1"]);
     deploy_envelope(&server, "enrich");
+    let r = create(&server, json!({"name": "private", "steps": ["enrich"], "sink": {"url": "http://10.0.0.1/"}}));
+    assert_eq!((r.status, r.error_kind().as_str()), (400, "invalid_pipeline"), "{}", r.text());
+    assert!(r.text().contains("private (10.0.0.0/8)"), "{}", r.text());
+    let r = create(&server, json!({"name": "public", "steps": ["enrich"], "sink": {"url": "http://8.8.8.8/"}}));
+    assert_eq!(r.status, 201, "{}", r.text());
     let r = create(&server, json!({"name": "named", "steps": ["enrich"], "sink": {"url": named}}));
     let r = invoke(&server, r.json()["id"].as_str().unwrap(), ORDER);
     assert_eq!((r.status, r.json()["delivered"].clone()), (200, json!(true)), "{}", r.text());
     assert_eq!(sink_thread.join().unwrap().len(), 1);
+}
+
+#[test]
+fn guest_credentials_forwarding_and_hop_by_hop_headers_never_reach_a_sink() {
+    let server = Server::start(&LOOPBACK_SINKS);
+    // A guest that copies everything a hostile caller could hand it into its output headers.
+    let refused = [
+        ("authorization", "Bearer t"),
+        ("proxy-authorization", "B"),
+        ("cookie", "c=1"),
+        ("set-cookie", "c=1"),
+        ("forwarded", "for=1.2.3.4"),
+        ("x-forwarded-for", "1.2.3.4"),
+        ("x-forwarded-client-cert", "Subject=CN"),
+        ("x-real-ip", "1.2.3.4"),
+        ("x-tensor-wasm-tenant", "9"),
+        ("connection", "close"),
+        ("keep-alive", "5"),
+        ("proxy-connection", "x"),
+        ("te", "trailers"),
+        ("trailer", "x"),
+        ("upgrade", "h2c"),
+        ("transfer-encoding", "chunked"),
+    ];
+    let mut headers: serde_json::Map<String, Value> = refused.iter().map(|(n, v)| (n.to_string(), json!(v))).collect();
+    headers.insert("x-kept".into(), json!("yes"));
+    let output = json!({"payload": {"n": 1}, "headers": headers}).to_string();
+    let r = server.client().deploy("copier", &guests::write_and_exit(&output, "", 0), json!({"abi": "envelope"}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let (url, sink_thread) = sink(&[200]);
+    let r = create(&server, json!({"name": "copy", "steps": ["copier"], "sink": {"url": url}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = invoke(&server, r.json()["id"].as_str().unwrap(), ORDER);
+    assert_eq!((r.status, r.json()["delivered"].clone()), (200, json!(true)), "{}", r.text());
+    let got = sink_thread.join().unwrap();
+    let (_, received, body) = &got[0];
+    let header = |n: &str| received.iter().filter(|(h, _)| h == n).map(|(_, v)| v.as_str()).collect::<Vec<_>>();
+    for (name, value) in refused {
+        // The client writes its own `connection: close`; the guest's value never arrives.
+        let ours: &[&str] = if name == "connection" { &["close"] } else { &[] };
+        assert_eq!(header(name), ours, "{name}: {value} reached the sink: {received:?}");
+    }
+    assert_eq!(header("x-kept"), ["yes"]);
+    assert_eq!(body, r#"{"n":1}"#);
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
+}
+
+/// A loopback sink that accepts connections and never answers, holding each until the test
+/// ends; counts what it accepted. Bounded: it stops after 64 connections or 60 s.
+fn tarpit() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}/slow", listener.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut held = Vec::new();
+        while held.len() < 64 && started.elapsed() < Duration::from_secs(60) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    held.push(stream);
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    (url, accepted)
+}
+
+/// Deploys the Fiso `enrich` module for `tenant`.
+fn deploy_for(server: &Server, tenant: &str) {
+    let body = json!({
+        "name": "enrich",
+        "abi": "envelope",
+        "wasm_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, guests::fiso_module("enrich")),
+    });
+    let headers = [("content-type", "application/json"), ("x-tensor-wasm-tenant", tenant)];
+    let r = server.client().request("POST", "/functions", &headers, body.to_string().as_bytes());
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
+fn create_for(server: &Server, tenant: &str, spec: Value) -> String {
+    let headers = [("content-type", "application/json"), ("x-tensor-wasm-tenant", tenant)];
+    let r = server.client().request("POST", "/pipelines", &headers, spec.to_string().as_bytes());
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+fn invoke_for(server: &Server, tenant: &str, id: &str) -> common::Response {
+    server.client().request("POST", &format!("/pipelines/{id}/invoke"), &[("x-tensor-wasm-tenant", tenant)], ORDER)
+}
+
+#[test]
+fn a_tenants_tarpit_sink_holds_at_most_its_share_of_workers_and_each_delivery_ends_at_the_cap() {
+    use std::sync::atomic::Ordering;
+    let server = Server::start(&[
+        "--sink-workers",
+        "4",
+        "--sink-max-inflight-per-tenant",
+        "2",
+        "--sink-max-delivery-ms",
+        "1500",
+        "--sink-allowed-cidrs",
+        "127.0.0.0/8",
+    ]);
+    let server = std::sync::Arc::new(server);
+    for tenant in ["1", "2"] {
+        deploy_for(&server, tenant);
+    }
+    // Tenant 1's sink never answers, and its pipeline would wait a minute a try, ten times.
+    let (slow, accepted) = tarpit();
+    let spec =
+        json!({"name": "p", "steps": ["enrich"], "sink": {"url": slow, "max_attempts": 10, "timeout_ms": 60000}});
+    let attacker = create_for(&server, "1", spec);
+    let started = Instant::now();
+    let hanging: Vec<_> = (0..2)
+        .map(|_| {
+            let (server, id) = (server.clone(), attacker.clone());
+            std::thread::spawn(move || (invoke_for(&server, "1", &id), started.elapsed()))
+        })
+        .collect();
+    within(Duration::from_secs(10), "the tarpit holding two deliveries", || accepted.load(Ordering::SeqCst) >= 2);
+
+    // A third is refused at once: the tenant has its two deliveries in flight.
+    let t = Instant::now();
+    let r = invoke_for(&server, "1", &attacker);
+    assert_eq!((r.status, r.error_kind().as_str()), (429, "sink_concurrency_limited"), "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(r.text().contains("--sink-max-inflight-per-tenant"), "{}", r.text());
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+
+    // Another tenant's delivery meanwhile finds a free worker and is done at once.
+    let (fast, sink_thread) = sink(&[200]);
+    let bystander = create_for(&server, "2", json!({"name": "p", "steps": ["enrich"], "sink": {"url": fast}}));
+    let t = Instant::now();
+    let r = invoke_for(&server, "2", &bystander);
+    assert_eq!((r.status, r.json()["delivered"].clone()), (200, json!(true)), "{}", r.text());
+    assert!(t.elapsed() < Duration::from_secs(1), "the bystander waited {:?}", t.elapsed());
+    sink_thread.join().unwrap();
+
+    // The tarpit's deliveries end at the cap, not after ten minutes of attempts.
+    for thread in hanging {
+        let (r, took) = thread.join().unwrap();
+        assert_eq!((r.status, r.error_kind().as_str()), (504, "sink_delivery_timeout"), "{}", r.text());
+        assert!(r.text().contains("--sink-max-delivery-ms (1500 ms)"), "{}", r.text());
+        assert!(took >= Duration::from_millis(1400) && took < Duration::from_secs(5), "{took:?}");
+    }
+    // Their places are free again: the next one is delivered to (and cut at the cap), not refused.
+    let r = invoke_for(&server, "1", &attacker);
+    assert_eq!((r.status, r.error_kind().as_str()), (504, "sink_delivery_timeout"), "{}", r.text());
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
+}
+
+#[test]
+fn a_sink_delivery_counts_its_backoff_against_the_cap() {
+    // A sink that asks for a 5 s pause: within a 1 s cap no attempt could follow, so the
+    // delivery ends after the first, at once, where it used to sleep and retry.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/busy", listener.local_addr().unwrap());
+    let sink_thread = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = stream.read(&mut [0u8; 16 * 1024]).unwrap();
+        stream.write_all(b"HTTP/1.1 503 Busy\r\nretry-after: 5\r\ncontent-length: 0\r\n\r\n").unwrap();
+    });
+    let server = Server::start(&["--sink-max-delivery-ms", "1000", "--sink-allowed-cidrs", "127.0.0.0/8"]);
+    deploy_envelope(&server, "enrich");
+    let spec = json!({"name": "busy", "steps": ["enrich"], "sink": {"url": url, "max_attempts": 10}});
+    let r = create(&server, spec);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let started = Instant::now();
+    let r = invoke(&server, r.json()["id"].as_str().unwrap(), ORDER);
+    assert_eq!((r.status, r.error_kind().as_str()), (504, "sink_delivery_timeout"), "{}", r.text());
+    assert!(r.text().contains("after 1 attempt(s); last: HTTP 503"), "{}", r.text());
+    assert!(started.elapsed() < Duration::from_millis(1000), "{:?}", started.elapsed());
+    sink_thread.join().unwrap();
+    assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
 }

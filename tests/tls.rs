@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::ca::Ca;
-use common::{guests, Server};
+use common::{guests, within, Server};
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
 
 /// The CLI client's own TLS set-up, trusting `trust` and presenting `identity` when given.
@@ -164,6 +164,14 @@ fn certificates_are_reloaded_without_restart() {
     server.wait_for_stderr("TLS configuration reloaded");
 }
 
+/// The server's log once it holds `n` deploy lines.
+fn within_log(server: &Server, n: usize) -> String {
+    within(Duration::from_secs(10), "the deploy log lines", || {
+        server.stderr().matches("function deployed").count() >= n
+    });
+    server.stderr()
+}
+
 #[test]
 fn forwarded_client_certificates_only_from_trusted_proxies() {
     let xfcc = r#"By=spiffe://ingress;Hash=abc;Subject="CN=via-proxy,O=Acme""#;
@@ -174,6 +182,25 @@ fn forwarded_client_certificates_only_from_trusted_proxies() {
     let log = trusting.wait_for_stderr("function deployed");
     assert!(log.contains("CN=via-proxy,O=Acme"), "{log}");
     assert_eq!(trusting.metric("tensor_wasm_xfcc_ignored_total", &[]), 0.0);
+
+    // A proxy that appends: the client's own element comes first, the proxy's last. Only the
+    // last is believed, whether the elements share one header line or not.
+    let appended = format!(r#"By=x;Subject="CN=forged-first",{xfcc}"#);
+    let r = trusting.client().request("POST", "/functions", &[("x-forwarded-client-cert", &appended)], &deploy_body());
+    assert_eq!(r.status, 201);
+    let lines = [("x-forwarded-client-cert", r#"Subject="CN=forged-line""#), ("x-forwarded-client-cert", xfcc)];
+    let r = trusting.client().request("POST", "/functions", &lines, &deploy_body());
+    assert_eq!(r.status, 201);
+    // A quote the client leaves open would swallow the proxy's comma: the header names nobody.
+    let unbalanced = format!(r#"Subject="CN=forged-open,{xfcc}"#);
+    let r =
+        trusting.client().request("POST", "/functions", &[("x-forwarded-client-cert", &unbalanced)], &deploy_body());
+    assert_eq!(r.status, 201);
+    let log = within_log(&trusting, 4);
+    assert!(!log.contains("forged"), "{log}");
+    assert_eq!(log.matches(r#"client="CN=via-proxy,O=Acme""#).count(), 3, "{log}");
+    assert_eq!(log.matches(r#"client="-""#).count(), 1, "{log}");
+    assert_eq!(trusting.client().request("GET", "/healthz", &[], b"").status, 200);
 
     // Nobody is trusted: the header is ignored, and counted.
     let wary = Server::start(&[]);
@@ -304,7 +331,8 @@ fn pipelines_deliver_to_https_sinks_that_the_trust_store_vouches_for() {
     let ca = Ca::new("Sink CA");
     let ca_file = dir.path().join("sink-ca.pem");
     ca.write_ca(&ca_file);
-    let server = Server::start_with(&dir.path().join("data"), &[], |cmd| {
+    // The sinks listen on loopback, which the default policy refuses.
+    let server = Server::start_with(&dir.path().join("data"), &["--sink-allowed-cidrs", "127.0.0.0/8,::1"], |cmd| {
         cmd.env("SSL_CERT_FILE", &ca_file);
     });
     let r = server.client().deploy("enrich", &guests::fiso_module("enrich"), serde_json::json!({"abi": "envelope"}));

@@ -51,9 +51,10 @@ fn client_cert_subject(shard: &Shard, peer: &Peer, head: &RequestHead) -> Option
     if let Some(subject) = &peer.client_cert_subject {
         return Some(subject.clone());
     }
-    let xfcc = head.header("x-forwarded-client-cert")?;
+    head.header("x-forwarded-client-cert")?;
     if shard.auth.trusts_proxy(peer.addr.ip()) {
-        xfcc_subject(xfcc)
+        // Every line of the header, as one list: the trusted proxy's element is the last.
+        xfcc_subject(head.header_values("x-forwarded-client-cert"))
     } else {
         shard.metrics.xfcc_ignored.inc();
         None

@@ -67,6 +67,10 @@ pub async fn invoke(
     body: Vec<u8>,
 ) -> Result<Response, ApiError> {
     let pipeline = lookup(shard, ctx.tenant, id)?;
+    if pipeline.sink.is_some() {
+        // Running the steps only to be refused at the hand-over would waste a shard's time.
+        shard.shared.sinks.admit(ctx.tenant)?;
+    }
     let deadline = Instant::now() + Duration::from_millis(pipeline.timeout_ms);
     let mut message = Message::from_request(head, body);
     for (index, step) in pipeline.steps.iter().enumerate() {
@@ -100,7 +104,7 @@ pub async fn invoke(
     };
     let headers = if message.guest_headers { message.headers } else { Headers::new() };
     let delivery = Delivery { sink: sink.clone(), headers, body: message.body };
-    let delivered = shard.shared.sinks.deliver(delivery).await?;
+    let delivered = shard.shared.sinks.deliver(ctx.tenant, delivery).await?;
     Ok(Response::json_value(
         Status::Ok,
         &json!({

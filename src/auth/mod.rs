@@ -128,8 +128,9 @@ impl ShardAuth {
 
     /// The caller of a protected route: 401 `unauthorized` without a valid bearer token.
     pub fn authenticate(&self, head: &RequestHead) -> Result<Caller, ApiError> {
+        let presented = bearer(head)?;
         let Some(tokens) = &self.tokens else { return Ok(Caller::Dev) };
-        let presented = bearer(head).ok_or(ApiError::Unauthorized)?;
+        let presented = presented.ok_or(ApiError::Unauthorized)?;
         if tokens.generation() != self.generation.get() {
             let (generation, set) = tokens.load();
             let mut old = self.local.take();
@@ -163,9 +164,10 @@ impl ShardAuth {
 
     /// `/metrics` needs `TENSOR_WASM_API_METRICS_TOKEN` when it is set.
     pub fn authorize_metrics(&self, head: &RequestHead) -> Result<(), ApiError> {
+        let presented = bearer(head)?;
         match &self.config.metrics_token {
             None => Ok(()),
-            Some(expected) => match bearer(head) {
+            Some(expected) => match presented {
                 Some(presented) if tokens::constant_time_eq(expected.as_bytes(), presented) => Ok(()),
                 _ => Err(ApiError::Unauthorized),
             },
@@ -194,8 +196,20 @@ impl ShardAuth {
 }
 
 /// The token of an `Authorization: Bearer <token>` header (the scheme is case-insensitive).
-fn bearer(head: &RequestHead) -> Option<&[u8]> {
-    let value = head.header("authorization")?;
+///
+/// Two `authorization` headers are refused (400 `duplicate_authorization_header`), as two tenant
+/// headers are, whatever they hold and even in dev mode: which one counts would be a choice, and
+/// a proxy in front of us that checks the other one could be made to vouch for a request we
+/// authenticate as someone else.
+fn bearer(head: &RequestHead) -> Result<Option<&[u8]>, ApiError> {
+    let mut values = head.header_values("authorization");
+    match (values.next(), values.next()) {
+        (Some(_), Some(_)) => Err(ApiError::DuplicateAuthorizationHeader),
+        (value, _) => Ok(value.and_then(bearer_token)),
+    }
+}
+
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     let (scheme, token) = value.split_at_checked(7)?;
     if !scheme.eq_ignore_ascii_case(b"bearer ") {
         return None;

@@ -134,8 +134,12 @@ impl ClientArgs {
         }
         let request = encode_request(method, &target, &headers, body);
         let tls = self.tls.client_tls()?;
-        let how =
-            Exchange { timeout: Duration::from_secs(self.timeout_secs), max_body: Some(MAX_ANSWER), tls: tls.as_ref() };
+        let how = Exchange {
+            timeout: Duration::from_secs(self.timeout_secs),
+            max_body: Some(MAX_ANSWER),
+            tls: tls.as_ref(),
+            allow: None,
+        };
         let answer = exchange(&target, &request, how).map_err(|e| format!("cannot reach {}: {e}", self.server))?;
         if (200..300).contains(&answer.status) {
             return Ok(answer);

@@ -199,7 +199,7 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
     pub max_header_bytes: u32,
 
-    /// Most header fields in one request; more get 431.
+    /// Most header fields in one request; more get 431. At most 256.
     #[arg(long, env = "TENSOR_WASM_MAX_HEADERS", default_value_t = 64)]
     pub max_headers: u16,
 
@@ -328,9 +328,22 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_SINK_QUEUE_DEPTH", default_value_t = 256)]
     pub sink_queue_depth: u32,
 
+    /// Deliveries one tenant may have queued or running at once; more get 429
+    /// `sink_concurrency_limited`. Must be below --sink-workers (but for a single worker), so
+    /// that one tenant's slow sink never holds every worker. Default: half the workers, rounded up.
+    #[arg(long, env = "TENSOR_WASM_SINK_MAX_INFLIGHT_PER_TENANT")]
+    pub sink_max_inflight_per_tenant: Option<u32>,
+
+    /// Longest a sink delivery may take from being queued, every attempt and backoff included;
+    /// past it, 504 `sink_delivery_timeout`.
+    #[arg(long, env = "TENSOR_WASM_SINK_MAX_DELIVERY_MS", default_value_t = 30_000)]
+    pub sink_max_delivery_ms: u64,
+
     /// The only networks pipeline sinks may be delivered to, e.g. `10.0.0.0/8,fd00::/8`, checked
-    /// against every address a sink's host resolves to. Default: any address but link-local ones
-    /// (169.254.0.0/16, fe80::/10), where cloud metadata services answer.
+    /// against every address a sink's host resolves to and again at connect; the word `public`
+    /// in the list allows public addresses beside them. Default: public addresses only, never
+    /// loopback, private, link-local, unique-local, CGNAT, special-purpose or cloud metadata
+    /// addresses, nor IPv6 forms that embed one.
     #[arg(long, env = "TENSOR_WASM_SINK_ALLOWED_CIDRS", default_value = "")]
     pub sink_allowed_cidrs: String,
 
@@ -541,6 +554,12 @@ impl ServeArgs {
         }
         positive("max-header-bytes", self.max_header_bytes.into())?;
         positive("max-headers", self.max_headers.into())?;
+        if usize::from(self.max_headers) > crate::http::MAX_HEADERS_CAP {
+            return Err(format!(
+                "--max-headers must be at most {}: a request head is parsed into that many slots on the shard's stack",
+                crate::http::MAX_HEADERS_CAP
+            ));
+        }
         positive("max-connections", self.max_connections.into())?;
         positive("max-instances", self.max_instances.into())?;
         positive("max-output-bytes", self.max_output_bytes.into())?;
@@ -548,6 +567,22 @@ impl ServeArgs {
         positive("functions-dir-poll-ms", self.functions_dir_poll_ms)?;
         positive("sink-workers", self.sink_workers.into())?;
         positive("sink-queue-depth", self.sink_queue_depth.into())?;
+        positive("sink-max-delivery-ms", self.sink_max_delivery_ms)?;
+        let sink_max_inflight_per_tenant = match self.sink_max_inflight_per_tenant {
+            None => u32::from(self.sink_workers).div_ceil(2),
+            Some(0) => return Err("--sink-max-inflight-per-tenant must be greater than 0".into()),
+            Some(n) if n >= u32::from(self.sink_workers) && self.sink_workers > 1 => {
+                return Err(format!(
+                    "--sink-max-inflight-per-tenant must be below --sink-workers ({}), so that one tenant's slow \
+                     sink cannot hold every worker",
+                    self.sink_workers
+                ));
+            }
+            Some(n) if n > 1 && self.sink_workers == 1 => {
+                return Err("--sink-max-inflight-per-tenant must be 1 with a single sink worker".into());
+            }
+            Some(n) => n,
+        };
         if let Some(dir) = &self.functions_dir {
             if !dir.is_dir() {
                 return Err(format!("--functions-dir {}: not a directory", dir.display()));
@@ -649,11 +684,8 @@ impl ServeArgs {
                 AuditOnErrorArg::Continue => AuditOnError::Continue,
             },
         };
-        let sink_networks =
-            match parse_cidrs(&self.sink_allowed_cidrs).map_err(|e| format!("TENSOR_WASM_SINK_ALLOWED_CIDRS: {e}"))? {
-                networks if networks.is_empty() => SinkNetworks::AnyButLinkLocal,
-                networks => SinkNetworks::Only(networks),
-            };
+        let sink_networks = SinkNetworks::parse(&self.sink_allowed_cidrs)
+            .map_err(|e| format!("TENSOR_WASM_SINK_ALLOWED_CIDRS: {e}"))?;
         // Spinning needs epoll's non-blocking poll, which also takes other threads' wakes
         // (server/idle_spin.rs).
         let io_driver = match (self.io_driver, self.idle_spin_us) {
@@ -686,6 +718,8 @@ impl ServeArgs {
             }),
             sink_workers: self.sink_workers.into(),
             sink_queue_depth: self.sink_queue_depth as usize,
+            sink_max_inflight_per_tenant,
+            sink_max_delivery_ms: self.sink_max_delivery_ms,
             dispatch: DispatchConfig {
                 backend: match self.gpu {
                     GpuArg::Auto => BackendChoice::Auto,

@@ -52,7 +52,11 @@ impl Scrape {
             let bearer = auth.map(|t| format!("Bearer {t}"));
             let headers: Vec<(&str, &str)> = bearer.iter().map(|b| ("authorization", b.as_str())).collect();
             let request = encode_request("GET", &target, &headers, b"");
-            exchange(&target, &request, Exchange { timeout: Duration::from_secs(10), max_body: Some(64 << 20), tls })
+            exchange(
+                &target,
+                &request,
+                Exchange { timeout: Duration::from_secs(10), max_body: Some(64 << 20), tls, allow: None },
+            )
         };
         let metrics = get("/metrics", token)?;
         if metrics.status != 200 {

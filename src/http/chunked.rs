@@ -2,6 +2,12 @@
 //!
 //! It consumes whatever bytes have arrived and keeps its state between reads, so a 64 MiB body
 //! arriving in small pieces is decoded in one pass.
+//!
+//! The grammar is taken exactly, with no leniency: every line ends in CRLF, and a CR or LF alone
+//! anywhere is refused, as is anything the chunk-size, chunk-ext and trailer-field grammars do not
+//! allow. A proxy in front of us that reads a lenient shape differently (`1\r0` as 1 or 16, a bare
+//! LF as a line end or not) would otherwise see a different body, or a different next request,
+//! than we do: request smuggling. Refusing is safe, because conforming clients never send them.
 
 use std::fmt;
 
@@ -25,16 +31,49 @@ impl fmt::Display for ChunkedError {
     }
 }
 
+/// Where in a chunk-size line the decoder is: `chunk-size [ chunk-ext ] CRLF`, with
+/// `chunk-ext = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] )`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// Hex digits of the size.
+    Digits,
+    /// Whitespace after the size or after an extension value: only more of it or a `;` may
+    /// follow, since the grammar's whitespace (BWS) comes before `;` and `=`, never before CRLF.
+    Gap,
+    /// After `;`: whitespace, then an extension name.
+    NameStart,
+    Name,
+    /// Whitespace after a name: `=`, `;` or the CR.
+    AfterName,
+    /// After `=`: whitespace, then a token or a quoted string.
+    ValueStart,
+    Token,
+    Quoted,
+    /// After a quoted string's closing quote.
+    AfterQuoted,
+    /// After a backslash inside a quoted string.
+    QuotedPair,
+    /// The CR was read; only LF may follow.
+    Lf,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    /// Reading the hex size line; `line_len` counts its bytes so far.
-    Size,
+    /// Reading a chunk-size line.
+    Size(Line),
     /// Inside chunk data with this many bytes left.
     Data(u64),
-    /// Expecting the CRLF after chunk data.
-    DataEnd,
-    /// After the zero-size chunk: trailer lines until an empty one.
-    Trailers,
+    /// Expecting the CR after chunk data, then (`true`) the LF.
+    DataEnd(bool),
+    /// After the zero-size chunk: at the start of a trailer line, or of the final CRLF.
+    TrailerStart,
+    /// In a trailer field's name, then (after `:`) its value.
+    TrailerName,
+    TrailerValue,
+    /// A trailer line's CR was read.
+    TrailerLf,
+    /// The final CR was read.
+    FinalLf,
     Done,
 }
 
@@ -42,28 +81,26 @@ enum State {
 pub struct ChunkedDecoder {
     state: State,
     size: u64,
-    size_digits: usize,
-    in_extension: bool,
     line_len: usize,
     trailer_bytes: usize,
-    trailer_line_len: usize,
     decoded: u64,
     limit: u64,
 }
 
+/// An RFC 9110 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A byte of a field value or quoted string other than the delimiters: SP, HTAB, VCHAR or
+/// obs-text. Never CR, LF, NUL or another control.
+fn is_text(b: u8) -> bool {
+    b == b' ' || b == b'\t' || (0x21..=0x7e).contains(&b) || b >= 0x80
+}
+
 impl ChunkedDecoder {
     pub fn new(limit: u64) -> Self {
-        ChunkedDecoder {
-            state: State::Size,
-            size: 0,
-            size_digits: 0,
-            in_extension: false,
-            line_len: 0,
-            trailer_bytes: 0,
-            trailer_line_len: 0,
-            decoded: 0,
-            limit,
-        }
+        ChunkedDecoder { state: State::Size(Line::Digits), size: 0, line_len: 0, trailer_bytes: 0, decoded: 0, limit }
     }
 
     pub fn is_done(&self) -> bool {
@@ -77,80 +114,99 @@ impl ChunkedDecoder {
         while i < input.len() {
             match self.state {
                 State::Done => break,
-                State::Size => {
-                    let b = input[i];
-                    i += 1;
-                    self.line_len += 1;
-                    if self.line_len > MAX_LINE {
-                        return Err(ChunkedError::Malformed("chunk-size line too long"));
-                    }
-                    match b {
-                        b'\n' => {
-                            if self.size_digits == 0 {
-                                return Err(ChunkedError::Malformed("missing chunk size"));
-                            }
-                            self.state = if self.size == 0 { State::Trailers } else { State::Data(self.size) };
-                            self.size = 0;
-                            self.size_digits = 0;
-                            self.in_extension = false;
-                            self.line_len = 0;
-                        }
-                        b'\r' => {}
-                        _ if self.in_extension => {}
-                        b';' => self.in_extension = true,
-                        b' ' | b'\t' if self.size_digits > 0 => self.in_extension = true,
-                        _ => {
-                            let digit =
-                                (b as char).to_digit(16).ok_or(ChunkedError::Malformed("invalid chunk size"))?;
-                            self.size_digits += 1;
-                            if self.size_digits > 16 {
-                                return Err(ChunkedError::Malformed("chunk size overflows"));
-                            }
-                            self.size = (self.size << 4) | u64::from(digit);
-                            if self.decoded.saturating_add(self.size) > self.limit {
-                                return Err(ChunkedError::TooLarge);
-                            }
-                        }
-                    }
-                }
                 State::Data(left) => {
                     let take = (left.min((input.len() - i) as u64)) as usize;
                     out.extend_from_slice(&input[i..i + take]);
                     i += take;
                     self.decoded += take as u64;
                     let left = left - take as u64;
-                    self.state = if left == 0 { State::DataEnd } else { State::Data(left) };
+                    self.state = if left == 0 { State::DataEnd(false) } else { State::Data(left) };
+                    continue;
                 }
-                State::DataEnd => {
-                    let b = input[i];
-                    i += 1;
-                    match b {
-                        b'\r' => {}
-                        b'\n' => self.state = State::Size,
-                        _ => return Err(ChunkedError::Malformed("missing CRLF after chunk data")),
+                _ => {}
+            }
+            let b = input[i];
+            i += 1;
+            self.state = match self.state {
+                State::Size(line) => {
+                    self.line_len += 1;
+                    if self.line_len > MAX_LINE {
+                        return Err(ChunkedError::Malformed("chunk-size line too long"));
                     }
+                    self.size_line(line, b)?
                 }
-                State::Trailers => {
-                    let b = input[i];
-                    i += 1;
+                State::DataEnd(false) if b == b'\r' => State::DataEnd(true),
+                State::DataEnd(true) if b == b'\n' => State::Size(Line::Digits),
+                State::DataEnd(_) => return Err(ChunkedError::Malformed("missing CRLF after chunk data")),
+                trailer => {
                     self.trailer_bytes += 1;
                     if self.trailer_bytes > MAX_TRAILERS {
                         return Err(ChunkedError::Malformed("trailers too large"));
                     }
-                    match b {
-                        b'\n' => {
-                            if self.trailer_line_len == 0 {
-                                self.state = State::Done;
-                            }
-                            self.trailer_line_len = 0;
-                        }
-                        b'\r' => {}
-                        _ => self.trailer_line_len += 1,
-                    }
+                    Self::trailer(trailer, b)?
                 }
-            }
+            };
         }
         Ok(i)
+    }
+
+    /// The next state of a chunk-size line after byte `b`.
+    fn size_line(&mut self, line: Line, b: u8) -> Result<State, ChunkedError> {
+        const BAD_END: ChunkedError = ChunkedError::Malformed("chunk-size line not ended by CRLF");
+        let ws = b == b' ' || b == b'\t';
+        let next = match (line, b) {
+            (Line::Lf, b'\n') => {
+                let size = std::mem::take(&mut self.size);
+                self.line_len = 0;
+                return Ok(if size == 0 { State::TrailerStart } else { State::Data(size) });
+            }
+            (Line::Lf, _) | (_, b'\n') => return Err(BAD_END),
+            (Line::Digits, _) if b.is_ascii_hexdigit() => {
+                if self.size > u64::MAX >> 4 {
+                    return Err(ChunkedError::Malformed("chunk size overflows"));
+                }
+                self.size = (self.size << 4) | u64::from((b as char).to_digit(16).unwrap_or(0));
+                if self.decoded.saturating_add(self.size) > self.limit {
+                    return Err(ChunkedError::TooLarge);
+                }
+                Line::Digits
+            }
+            // The line's first byte (`line_len` counts it) must be a digit.
+            (Line::Digits, _) if self.line_len == 1 => return Err(ChunkedError::Malformed("invalid chunk size")),
+            (Line::Digits | Line::Name | Line::Token | Line::AfterQuoted, b'\r') => Line::Lf,
+            (Line::Digits | Line::Name | Line::AfterName | Line::Token | Line::AfterQuoted | Line::Gap, b';') => {
+                Line::NameStart
+            }
+            (Line::Digits | Line::Token | Line::AfterQuoted | Line::Gap, _) if ws => Line::Gap,
+            (Line::Digits, _) => return Err(ChunkedError::Malformed("invalid chunk size")),
+            (Line::NameStart | Line::AfterName | Line::ValueStart, _) if ws => line,
+            (Line::Name, _) if ws => Line::AfterName,
+            (Line::NameStart | Line::Name, _) if is_tchar(b) => Line::Name,
+            (Line::Name | Line::AfterName, b'=') => Line::ValueStart,
+            (Line::ValueStart, b'"') => Line::Quoted,
+            (Line::ValueStart | Line::Token, _) if is_tchar(b) => Line::Token,
+            (Line::Quoted, b'"') => Line::AfterQuoted,
+            (Line::Quoted, b'\\') => Line::QuotedPair,
+            (Line::Quoted | Line::QuotedPair, _) if is_text(b) => Line::Quoted,
+            _ => return Err(ChunkedError::Malformed("invalid chunk extension")),
+        };
+        Ok(State::Size(next))
+    }
+
+    /// The next state of the trailer section after byte `b`: `*( field-line CRLF ) CRLF`.
+    fn trailer(state: State, b: u8) -> Result<State, ChunkedError> {
+        const BAD_END: ChunkedError = ChunkedError::Malformed("trailer line not ended by CRLF");
+        Ok(match (state, b) {
+            (State::TrailerStart, b'\r') => State::FinalLf,
+            (State::FinalLf, b'\n') => State::Done,
+            (State::TrailerLf, b'\n') => State::TrailerStart,
+            (State::FinalLf | State::TrailerLf, _) | (_, b'\n') => return Err(BAD_END),
+            (State::TrailerStart | State::TrailerName, _) if is_tchar(b) => State::TrailerName,
+            (State::TrailerName, b':') => State::TrailerValue,
+            (State::TrailerValue, b'\r') => State::TrailerLf,
+            (State::TrailerValue, _) if is_text(b) => State::TrailerValue,
+            _ => return Err(ChunkedError::Malformed("invalid trailer field")),
+        })
     }
 }
 
@@ -168,6 +224,17 @@ mod tests {
         }
         assert!(d.is_done(), "decoder not done");
         Ok((out, pos))
+    }
+
+    /// The first error decoding `input` byte by byte, or the decoded body.
+    fn outcome(input: &[u8]) -> Result<Vec<u8>, ChunkedError> {
+        let mut d = ChunkedDecoder::new(1 << 20);
+        let mut out = Vec::new();
+        for b in input {
+            d.decode(std::slice::from_ref(b), &mut out)?;
+        }
+        assert!(d.is_done(), "{:?} left the decoder unfinished", String::from_utf8_lossy(input));
+        Ok(out)
     }
 
     #[test]
@@ -188,5 +255,79 @@ mod tests {
         assert!(decode_all(b"11111111111111111\r\n", 64).is_err());
         let mut d = ChunkedDecoder::new(4);
         assert_eq!(d.decode(b"5\r\nhello\r\n", &mut Vec::new()), Err(ChunkedError::TooLarge));
+    }
+
+    #[test]
+    fn accepts_the_whole_extension_and_trailer_grammar() {
+        for ok in [
+            &b"1\r\na\r\n0\r\n\r\n"[..],
+            b"1;a\r\na\r\n0\r\n\r\n",
+            b"1 ;a\r\na\r\n0\r\n\r\n",
+            b"1\t; a = b ;c\r\na\r\n0\r\n\r\n",
+            b"1;a=\"q \\\" ;\\\\ \x80\"\r\na\r\n0\r\n\r\n",
+            b"1;a=\"q\" ;b=c\r\na\r\n0;last\r\n\r\n",
+            b"0001\r\na\r\n00000000000000000000\r\n\r\n",
+            b"1\r\na\r\n0\r\nx-a: 1\r\nx-b:\r\nx-c: \t v \x80\r\n\r\n",
+        ] {
+            assert_eq!(outcome(ok), Ok(b"a".to_vec()), "{:?}", String::from_utf8_lossy(ok));
+        }
+    }
+
+    #[test]
+    fn refuses_every_lenient_shape() {
+        for bad in [
+            // A bare CR inside the size: `1\r0` is neither 1 nor 16.
+            &b"1\r0\r\n"[..],
+            b"1\r\r\n",
+            b"\r1\r\n",
+            // Bare LF ends no line, anywhere.
+            b"1\na\r\n0\r\n\r\n",
+            b"1;a\na\r\n0\r\n\r\n",
+            b"1\r\na\n0\r\n\r\n",
+            b"1\r\na\r\n0\n\r\n",
+            b"1\r\na\r\n0\r\n\n",
+            b"1\r\na\r\n0\r\nx: 1\n\r\n",
+            // A bare CR after chunk data, in an extension, in a trailer.
+            b"1\r\na\r0\r\n\r\n",
+            b"1;a\rb\r\n",
+            b"1;a=\"b\rc\"\r\n",
+            b"1\r\na\r\n0\r\nx: 1\r2\r\n\r\n",
+            b"1\r\na\r\n0\r\n\r\r\n",
+            // Sizes: whitespace inside or before, signs, a prefix, nothing before an extension.
+            b"1 0\r\n",
+            b" 1\r\n",
+            b"+1\r\n",
+            b"0x1\r\n",
+            b";a\r\n",
+            b"1 \r\n",
+            // Extensions: no name, a name that is not a token, an unterminated or stray quote,
+            // a control character, whitespace after a token value with no `;`.
+            b"1;\r\n",
+            b"1;=b\r\n",
+            b"1;a@b\r\n",
+            b"1;a=\r\n",
+            b"1;a=b c\r\n",
+            b"1;a=\"b\r\n",
+            b"1;a=\"b\"c\r\n",
+            b"1;a=\x01\r\n",
+            b"1;a=\"\x00\"\r\n",
+            // Trailers: a folded line, no colon, a name that is not a token, a control character.
+            b"1\r\na\r\n0\r\n x: 1\r\n\r\n",
+            b"1\r\na\r\n0\r\nx\r\n\r\n",
+            b"1\r\na\r\n0\r\nx y: 1\r\n\r\n",
+            b"1\r\na\r\n0\r\nx: \x01\r\n\r\n",
+        ] {
+            assert!(
+                matches!(outcome(bad), Err(ChunkedError::Malformed(_))),
+                "{:?} was accepted",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn a_bare_cr_in_the_size_names_the_line_ending() {
+        let e = outcome(b"1\r0\r\n").unwrap_err();
+        assert_eq!(e, ChunkedError::Malformed("chunk-size line not ended by CRLF"));
     }
 }

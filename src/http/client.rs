@@ -2,7 +2,7 @@
 //! that may block: the sink workers and the command-line client. Shards never use it.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use super::ChunkedDecoder;
@@ -149,6 +149,9 @@ pub struct Exchange<'a> {
     pub max_body: Option<usize>,
     /// For an https:// target; `None` checks the server against the system's trust store.
     pub tls: Option<&'a ClientTls>,
+    /// The addresses that may be connected to; `None`: any. Checked for each address before its
+    /// connect, and for the peer after it.
+    pub allow: Option<&'a dyn Fn(IpAddr) -> bool>,
 }
 
 /// Sends `request` to `target` and reads the answer, as `how` bounds it.
@@ -166,17 +169,23 @@ pub fn resolve(target: &Target) -> Result<Vec<SocketAddr>, String> {
 /// [`exchange`] with `target` reached at `addrs`, tried in turn: for a caller that has checked
 /// the addresses it resolved, so that a second lookup cannot answer differently.
 pub fn exchange_at(addrs: &[SocketAddr], target: &Target, request: &[u8], how: Exchange<'_>) -> Result<Answer, String> {
-    let Exchange { timeout, max_body, tls } = how;
+    let Exchange { timeout, max_body, tls, allow } = how;
     let deadline = Instant::now() + timeout;
     let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let allowed = |ip: IpAddr| allow.is_none_or(|allow| allow(ip));
     let mut stream = None;
     let mut error = format!("{} has no address", target.host);
     for addr in addrs {
+        if !allowed(addr.ip()) {
+            error = format!("{addr} is not an address this client may connect to");
+            continue;
+        }
         match TcpStream::connect_timeout(addr, left()) {
-            Ok(s) => {
+            Ok(s) if s.peer_addr().is_ok_and(|peer| allowed(peer.ip())) => {
                 stream = Some(s);
                 break;
             }
+            Ok(_) => error = format!("connected to {addr}, but its peer address is not one this client may reach"),
             Err(e) => error = format!("connecting to {addr}: {e}"),
         }
     }
@@ -286,6 +295,19 @@ mod tests {
     }
 
     #[test]
+    fn never_connects_to_an_address_it_may_not_reach() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let target = Target::parse(&format!("http://{addr}/")).unwrap();
+        let refuse = |_: IpAddr| false;
+        let how = Exchange { timeout: Duration::from_secs(5), max_body: None, tls: None, allow: Some(&refuse) };
+        let e = exchange_at(&[addr], &target, &encode_request("GET", &target, &[], b""), how).unwrap_err();
+        assert!(e.contains("not an address this client may connect to"), "{e}");
+        assert_eq!(listener.accept().map(|_| ()).unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
     fn reads_length_chunked_and_close_framed_bodies() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let target = Target::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
@@ -303,7 +325,7 @@ mod tests {
             }
         });
         let get = || {
-            let how = Exchange { timeout: Duration::from_secs(5), max_body: Some(1024), tls: None };
+            let how = Exchange { timeout: Duration::from_secs(5), max_body: Some(1024), tls: None, allow: None };
             exchange(&target, &encode_request("GET", &target, &[], b""), how).unwrap()
         };
         let a = get();

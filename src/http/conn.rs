@@ -13,7 +13,8 @@ use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use super::{
-    parse_head, BodyFraming, ChunkedDecoder, ChunkedError, HeadParse, Method, RequestHead, Response, ResponseWriter,
+    parse_head, BodyFraming, ChunkedDecoder, ChunkedError, HeadParse, Method, Persistence, RequestHead, Response,
+    ResponseWriter,
 };
 use crate::api::Route;
 use crate::config::Limits;
@@ -125,7 +126,7 @@ async fn flush<T: Transport>(stream: &mut T, out: &mut Vec<u8>, timeout: Duratio
 /// Answers a connection refused at the connection limit, then closes it.
 pub async fn refuse(mut stream: TcpStream, err: ApiError) {
     let mut out = Vec::new();
-    ResponseWriter::default().write(&mut out, &Response::error(&err), false, false);
+    ResponseWriter::default().write(&mut out, &Response::error(&err), Persistence::Close, false);
     let _ = flush(&mut stream, &mut out, Duration::from_secs(1)).await;
 }
 
@@ -217,7 +218,7 @@ pub async fn serve<T: Transport>(guard: ConnectionGuard, mut stream: T, peer: Pe
         // Once the process drains, every response closes its connection so clients move elsewhere.
         // A refused request whose body has not arrived closes too, once the client stops sending.
         let keep_alive = head.keep_alive && body_consumed && !shard.shared.is_draining();
-        writer.write(&mut out, &response, keep_alive, head.method() == Method::Head);
+        writer.write(&mut out, &response, Persistence::new(keep_alive, head.version), head.method() == Method::Head);
         shard.metrics.record_request(route, head.method(), response.status, started.elapsed());
         if !keep_alive {
             if flush(&mut stream, &mut out, limits.write_timeout()).await && !body_consumed {
@@ -296,7 +297,7 @@ async fn answer_protocol_error<T: Transport>(
         write_audit(shard, pending, &mut response, started, peer);
     }
     // The connection's last answer: a fresh writer's one formatting of the date costs nothing here.
-    ResponseWriter::default().write(out, &response, false, false);
+    ResponseWriter::default().write(out, &response, Persistence::Close, false);
     let (route, method) = match head {
         Some(h) => (Route::match_path(h.path()).0, h.method()),
         None => (Route::Unmatched, Method::Other),

@@ -34,6 +34,26 @@ pub fn passes_from_guest(name: &str) -> bool {
     !is_hop_or_framing(name) && !OURS.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
+/// Whether a guest's header goes out on a sink request: what may go on a response, less the
+/// caller's credentials and cookies and what proxies say about a request. A guest saw its
+/// caller's headers (all but `authorization`) and may copy any of them into its output; a sink
+/// must receive neither the caller's secrets nor an identity it might believe, such as a client
+/// certificate (`x-forwarded-client-cert`) or an address (`forwarded`, `x-forwarded-*`), nor
+/// the tenant header, which another TensorWasm behind the sink would act on.
+pub fn passes_to_sink(name: &str) -> bool {
+    const CREDENTIALS_AND_FORWARDING: [&str; 7] = [
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "forwarded",
+        "x-real-ip",
+        crate::auth::TENANT_HEADER,
+    ];
+    let forwarded = name.as_bytes().get(..12).is_some_and(|p| p.eq_ignore_ascii_case(b"x-forwarded-"));
+    passes_from_guest(name) && !forwarded && !CREDENTIALS_AND_FORWARDING.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
 /// A header name is an RFC 9110 token; a value holds no control characters but tab.
 pub fn check(name: &str, value: &str) -> Result<(), String> {
     let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
@@ -63,6 +83,38 @@ mod tests {
             assert!(!passes_from_guest(name), "{name}");
         }
         assert!(check("X-WASM-Processed", "true").is_ok());
+        assert!(passes_to_sink("X-WASM-Processed"));
+        assert!(passes_to_sink("x-forwarded"), "not one of the x-forwarded-* family");
+        for name in [
+            "Connection",
+            "Keep-Alive",
+            "Proxy-Connection",
+            "Proxy-Authorization",
+            "Proxy-Anything",
+            "TE",
+            "Trailer",
+            "Transfer-Encoding",
+            "Upgrade",
+            "Content-Length",
+            "Host",
+            "Authorization",
+            "AUTHORIZATION",
+            "Cookie",
+            "Set-Cookie",
+            "Forwarded",
+            "X-Forwarded-For",
+            "x-forwarded-host",
+            "X-Forwarded-Proto",
+            "X-Forwarded-Client-Cert",
+            "X-Real-IP",
+            "X-Tensor-Wasm-Tenant",
+            "Date",
+            "X-Request-Id",
+        ] {
+            assert!(!passes_to_sink(name), "{name}");
+        }
+        // A guest may still set cookies on its own caller's response.
+        assert!(passes_from_guest("Set-Cookie"));
         assert!(check("bad name", "v").is_err());
         assert!(check("x", "a\r\nb").is_err());
     }

@@ -10,6 +10,6 @@ mod response;
 mod status;
 
 pub use chunked::{ChunkedDecoder, ChunkedError};
-pub use request::{parse_head, BodyFraming, HeadParse, Method, RequestHead};
-pub use response::{Response, ResponseWriter};
+pub use request::{parse_head, BodyFraming, HeadParse, Method, RequestHead, MAX_HEADERS_CAP};
+pub use response::{Persistence, Response, ResponseWriter};
 pub use status::Status;

@@ -73,6 +73,8 @@ pub struct RequestHead {
     headers: Vec<(Range<usize>, Range<usize>)>,
     pub method: Option<Method>,
     pub framing: Option<BodyFraming>,
+    /// The minor version: 1 for HTTP/1.1, 0 for HTTP/1.0.
+    pub version: u8,
     pub keep_alive: bool,
     pub expect_continue: bool,
 }
@@ -100,6 +102,15 @@ impl RequestHead {
             .map(|(_, v)| &self.raw[v.clone()])
     }
 
+    /// Every value of header `name` (ASCII case-insensitive), in order: for a header that must
+    /// not be repeated.
+    pub fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| self.raw[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| &self.raw[v.clone()])
+    }
+
     /// Every header, in order.
     pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
         self.headers
@@ -107,6 +118,11 @@ impl RequestHead {
             .map(|(n, v)| (std::str::from_utf8(&self.raw[n.clone()]).unwrap_or(""), &self.raw[v.clone()]))
     }
 }
+
+/// The most header fields `--max-headers` may allow: a head is parsed into an array of this many
+/// slots on the shard's stack. 256 is four times the default, and far more than any browser or
+/// proxy sends; a larger array would cost stack on every parse for heads nobody sends.
+pub const MAX_HEADERS_CAP: usize = 256;
 
 pub enum HeadParse {
     /// A complete head of this many bytes was parsed into the given `RequestHead`.
@@ -130,7 +146,9 @@ pub fn parse_head(
     let buf = &buf[skip..];
     // Uninitialised slots: an initialised array of 256 headers would be an 8 KiB memset on every
     // parse, on the hot path.
-    let mut storage = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 256];
+    let mut storage = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
+    // `--max-headers` is checked against the cap at start-up; the `min` only keeps a caller
+    // that skipped that check (a fuzz target) in bounds.
     let slots = max_headers.min(storage.len());
     let mut req = httparse::Request::new(&mut []);
     let status = match req.parse_with_uninit_headers(buf, &mut storage[..slots]) {
@@ -169,12 +187,15 @@ pub fn parse_head(
     let mut chunked = false;
     let mut keep_alive = version == 1;
     let mut expect_continue = false;
+    let mut hosts = 0u32;
     for h in req.headers.iter() {
         let n = offset_of(h.name.as_bytes());
         let v = offset_of(h.value);
         head.headers.push((n..n + h.name.len(), v..v + h.value.len()));
         let value = trim(h.value);
-        if h.name.eq_ignore_ascii_case("content-length") {
+        if h.name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+        } else if h.name.eq_ignore_ascii_case("content-length") {
             let parsed = std::str::from_utf8(value)
                 .ok()
                 .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
@@ -185,6 +206,11 @@ pub fn parse_head(
             }
             content_length = Some(parsed);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // HTTP/1.0 has no chunked coding: such a message's framing is faulty (RFC 9112 §6.1),
+            // and on a kept-alive 1.0 connection a reader in front of us may frame it otherwise.
+            if version == 0 {
+                return Err(ApiError::MalformedRequest("transfer-encoding in an HTTP/1.0 request".into()));
+            }
             // Only `chunked` is supported, and it must be the final coding (RFC 9112 §6.1).
             let text = String::from_utf8_lossy(value).to_ascii_lowercase();
             let codings: Vec<&str> = text.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
@@ -213,6 +239,15 @@ pub fn parse_head(
         // Both framings at once is the request-smuggling shape: refuse it (RFC 9112 §6.3).
         return Err(ApiError::MalformedRequest("both content-length and transfer-encoding".into()));
     }
+    // RFC 9112 §3.2: a server must answer 400 to an HTTP/1.1 request without Host, and to any
+    // with more than one. Two could name two different authorities, and a proxy that routes by
+    // one while we log or check the other is the confusion the rule exists to prevent.
+    if hosts > 1 {
+        return Err(ApiError::MalformedRequest("more than one Host header".into()));
+    }
+    if hosts == 0 && version == 1 {
+        return Err(ApiError::MalformedRequest("an HTTP/1.1 request must have a Host header".into()));
+    }
     head.method = Some(method);
     head.framing = Some(if chunked {
         BodyFraming::Chunked
@@ -222,6 +257,7 @@ pub fn parse_head(
             Some(n) => BodyFraming::Length(n),
         }
     });
+    head.version = version;
     head.keep_alive = keep_alive;
     head.expect_continue = expect_continue;
     Ok(HeadParse::Complete(skip + len))
@@ -277,21 +313,48 @@ mod tests {
 
     #[test]
     fn refuses_smuggling_shapes() {
-        assert!(parse("POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n").is_err());
-        assert!(parse("POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n").is_err());
-        assert!(parse("POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n").is_err());
-        let e = parse("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").unwrap_err();
+        assert!(parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n").is_err());
+        assert!(parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n").is_err());
+        assert!(parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\n").is_err());
+        let e = parse("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").unwrap_err();
         assert_eq!(e.kind(), "unsupported_transfer_encoding");
+    }
+
+    #[test]
+    fn host_is_required_on_http11_and_never_repeated() {
+        let e = parse("GET / HTTP/1.1\r\nX: 1\r\n\r\n").err().unwrap();
+        assert_eq!(e.kind(), "malformed_request");
+        assert!(e.to_string().contains("Host"), "{e}");
+        let e = parse("GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n").err().unwrap();
+        assert!(e.to_string().contains("more than one Host"), "{e}");
+        let e = parse("GET / HTTP/1.0\r\nHost: a\r\nHOST: a\r\n\r\n").err().unwrap();
+        assert_eq!(e.kind(), "malformed_request");
+        // HTTP/1.0 predates Host: without one it is still served.
+        let (h, _) = parse("GET / HTTP/1.0\r\n\r\n").unwrap();
+        assert_eq!(h.version, 0);
+        let (h, _) = parse("GET / HTTP/1.1\r\nhOsT: a\r\n\r\n").unwrap();
+        assert_eq!(h.version, 1);
+    }
+
+    #[test]
+    fn http10_keeps_alive_only_when_asked() {
+        let (h, _) = parse("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap();
+        assert!(h.keep_alive);
+        assert_eq!(h.version, 0);
+        let (h, _) = parse("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").unwrap();
+        assert!(!h.keep_alive);
+        let e = parse("POST / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n").err().unwrap();
+        assert_eq!(e.kind(), "malformed_request");
     }
 
     #[test]
     fn limits_head_size_and_count() {
         let mut head = RequestHead::default();
-        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(100));
+        let big = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n", "a".repeat(100));
         let e = parse_head(big.as_bytes(), &mut head, 64, 32).err().unwrap();
         assert_eq!(e.kind(), "headers_too_large");
         let many: String = (0..10).map(|i| format!("H{i}: v\r\n")).collect();
-        let req = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        let req = format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n");
         let e = parse_head(req.as_bytes(), &mut head, 8192, 4).err().unwrap();
         assert_eq!(e.kind(), "too_many_headers");
     }

@@ -43,6 +43,30 @@ impl Response {
     }
 }
 
+/// What a response says about its connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Persistence {
+    /// The connection closes after this response: `connection: close`.
+    Close,
+    /// It stays open, which HTTP/1.1 assumes: nothing to say.
+    KeepAlive,
+    /// It stays open for an HTTP/1.0 client, which assumes the opposite unless told so:
+    /// `connection: keep-alive` (RFC 9112 §9.3). Without it, such a client closes after reading
+    /// the answer, or, worse, waits for a close that never comes to end a body it cannot frame.
+    KeepAliveHttp10,
+}
+
+impl Persistence {
+    /// For a request of HTTP/1.`version` whose connection stays open when `keep_alive`.
+    pub fn new(keep_alive: bool, version: u8) -> Self {
+        match (keep_alive, version) {
+            (false, _) => Persistence::Close,
+            (true, 0) => Persistence::KeepAliveHttp10,
+            (true, _) => Persistence::KeepAlive,
+        }
+    }
+}
+
 /// Serialises responses into a connection's output buffer, with a `date` header cached per second.
 pub struct ResponseWriter {
     date_secs: u64,
@@ -56,7 +80,7 @@ impl Default for ResponseWriter {
 }
 
 impl ResponseWriter {
-    pub fn write(&mut self, out: &mut Vec<u8>, resp: &Response, keep_alive: bool, head_only: bool) {
+    pub fn write(&mut self, out: &mut Vec<u8>, resp: &Response, persistence: Persistence, head_only: bool) {
         self.refresh_date();
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(resp.status.code().to_string().as_bytes());
@@ -78,8 +102,11 @@ impl ResponseWriter {
             out.extend_from_slice(b": ");
             out.extend_from_slice(value.as_bytes());
         }
-        if !keep_alive {
-            out.extend_from_slice(b"\r\nconnection: close");
+        // Static bytes either way: no allocation on the hot path.
+        match persistence {
+            Persistence::Close => out.extend_from_slice(b"\r\nconnection: close"),
+            Persistence::KeepAliveHttp10 => out.extend_from_slice(b"\r\nconnection: keep-alive"),
+            Persistence::KeepAlive => {}
         }
         out.extend_from_slice(b"\r\n\r\n");
         if !head_only && resp.status != Status::NoContent {
@@ -135,6 +162,26 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn written(persistence: Persistence) -> String {
+        let mut out = Vec::new();
+        let resp = Response::json(Status::Ok, b"{}".to_vec());
+        ResponseWriter::default().write(&mut out, &resp, persistence, false);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn says_what_happens_to_the_connection() {
+        assert_eq!(Persistence::new(true, 0), Persistence::KeepAliveHttp10);
+        assert_eq!(Persistence::new(true, 1), Persistence::KeepAlive);
+        assert_eq!(Persistence::new(false, 0), Persistence::Close);
+        assert_eq!(Persistence::new(false, 1), Persistence::Close);
+        assert!(written(Persistence::KeepAliveHttp10).contains("\r\nconnection: keep-alive\r\n"));
+        assert!(written(Persistence::Close).contains("\r\nconnection: close\r\n"));
+        assert!(!written(Persistence::KeepAlive).contains("connection:"));
+    }
+
     #[test]
     fn formats_http_dates() {
         assert_eq!(&super::http_date(784_111_777), b"Sun, 06 Nov 1994 08:49:37 GMT");

@@ -195,9 +195,14 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         config.functions_dir.clone(),
     )
     .map_err(|e| ServerError::Runtime(format!("cannot start the catalog worker: {e}")))?;
-    let sinks =
-        crate::pipelines::sink::spawn(config.sink_workers, config.sink_queue_depth, limits.sink_networks.clone())
-            .map_err(|e| ServerError::Runtime(format!("cannot start the sink workers: {e}")))?;
+    let sinks = crate::pipelines::sink::spawn(
+        config.sink_workers,
+        config.sink_queue_depth,
+        config.sink_max_inflight_per_tenant,
+        std::time::Duration::from_millis(config.sink_max_delivery_ms),
+        limits.sink_networks.clone(),
+    )
+    .map_err(|e| ServerError::Runtime(format!("cannot start the sink workers: {e}")))?;
 
     let audit_config = Arc::new(config.audit.clone());
     let commit_slots: Vec<Arc<CommitSlot>> = (0..shard_count).map(|_| Arc::default()).collect();
