@@ -33,6 +33,8 @@ pub struct ServerConfig {
     pub drain_grace_ms: u64,
     pub drain_timeout_ms: u64,
     pub admin_queue_depth: usize,
+    /// The share of that queue one tenant's jobs may hold.
+    pub admin_queue_depth_per_tenant: usize,
     /// The functions directory to load and watch, if any.
     pub functions_dir: Option<crate::functions::worker::DirectoryConfig>,
     /// Threads delivering pipeline outputs to sinks, and deliveries that may wait for one.

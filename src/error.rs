@@ -51,6 +51,10 @@ pub enum ApiError {
     InflightBodyLimited {
         limit: u64,
     },
+    /// The tenant's deploys and changes already fill its share of the catalog worker's queue.
+    AdminQueueLimited {
+        limit: usize,
+    },
     /// The tenant already runs as many invocations as `--max-concurrent-per-tenant` allows.
     ConcurrencyLimited {
         limit: u32,
@@ -191,6 +195,7 @@ impl ApiError {
             | ConcurrencyLimited { .. }
             | UnauthenticatedRateLimited { .. }
             | InflightBodyLimited { .. }
+            | AdminQueueLimited { .. }
             | SinkConcurrencyLimited { .. } => Status::TooManyRequests,
             HeadersTooLarge { .. } | TooManyHeaders { .. } => Status::RequestHeaderFieldsTooLarge,
             BodyTooLarge { .. } => Status::PayloadTooLarge,
@@ -238,6 +243,7 @@ impl ApiError {
             RateLimited { .. } => "rate_limited",
             ConcurrencyLimited { .. } => "concurrency_limited",
             InflightBodyLimited { .. } => "inflight_body_limited",
+            AdminQueueLimited { .. } => "admin_queue_limited",
             UnauthenticatedRateLimited { .. } => "unauthenticated_rate_limited",
             InvalidJson(_) => "invalid_json",
             InvalidRequest(_) => "invalid_request",
@@ -291,6 +297,7 @@ impl ApiError {
             | ApiError::Draining
             | ApiError::ConcurrencyLimited { .. }
             | ApiError::InflightBodyLimited { .. }
+            | ApiError::AdminQueueLimited { .. }
             | ApiError::SinkConcurrencyLimited { .. } => Some(("retry-after", "1".into())),
             ApiError::RateLimited { retry_after_secs } | ApiError::UnauthenticatedRateLimited { retry_after_secs } => {
                 Some(("retry-after", retry_after_secs.to_string()))
@@ -361,6 +368,10 @@ impl fmt::Display for ApiError {
             UnauthenticatedRateLimited { retry_after_secs } => {
                 write!(f, "too many requests from this address failed authentication; retry in {retry_after_secs} s")
             }
+            AdminQueueLimited { limit } => write!(
+                f,
+                "this tenant already has {limit} deploys and changes waiting for the catalog worker; retry shortly"
+            ),
             InflightBodyLimited { limit } => {
                 write!(f, "this tenant's requests on this shard already hold {limit} bytes of bodies; retry shortly")
             }

@@ -547,3 +547,59 @@ fn deploys_never_take_the_audit_logs_reserve() {
     let audit = server.data_dir.join("audit");
     assert!(records(&audit).iter().any(|r| r["outcome"]["error_kind"] == "insufficient_storage"));
 }
+
+#[test]
+fn one_tenants_compiles_delay_neither_anothers_deletes_nor_its_deploys() {
+    let _serial = serial();
+    let server = start(&["--admin-queue-depth", "8", "--admin-queue-depth-per-tenant", "3"]);
+    let (attacker, other) = (as_tenant(ATTACKER, "1"), as_tenant(OTHER, "3"));
+    let b = victim(&server);
+    let doomed = deploy_as(&server, "doomed", &guests::hello(), &other);
+    // The attacker queues several large modules, each seconds of compiling.
+    let started = Instant::now();
+    let big: Vec<_> = (0..5u8)
+        .map(|i| {
+            let (server_addr, who) = (server.addr, attacker.clone());
+            std::thread::spawn(move || {
+                let mut wasm = module_of(20_000, 30);
+                // Each distinct, so that none is live already.
+                wasm.extend_from_slice(&[0, 5, 3, b'p', b'a', b'd', i]);
+                let body = json!({
+                    "name": format!("big{i}"),
+                    "wasm_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, wasm),
+                });
+                let r = Client::connect(server_addr).request(
+                    "POST",
+                    "/functions",
+                    &headers(&who),
+                    body.to_string().as_bytes(),
+                );
+                let kind = serde_json::from_slice::<Value>(&r.body)
+                    .ok()
+                    .and_then(|v| v["error"]["kind"].as_str().map(String::from));
+                (r.status, kind, Instant::now())
+            })
+        })
+        .collect();
+    within(Duration::from_secs(30), "the attacker's deploys queued", || {
+        server.metric("tensor_wasm_http_requests_total", &[("route", "/functions"), ("method", "POST")]) >= 1.0
+            || big.iter().any(|t| t.is_finished())
+    });
+    // Another tenant's delete and deploy are served while the attacker's modules compile.
+    let r = server.client().request("DELETE", &format!("/functions/{doomed}"), &headers(&other), b"");
+    assert_eq!(r.status, 204, "{}", r.text());
+    let deleted = Instant::now();
+    let r = deploy_module(&server, &other, "small", &guests::hello());
+    assert_eq!(r.status, 201, "{}", r.text());
+    let deployed = Instant::now();
+    let outcomes: Vec<_> = big.into_iter().map(|t| t.join().unwrap()).collect();
+    let created: Vec<Instant> = outcomes.iter().filter(|o| o.0 == 201).map(|o| o.2).collect();
+    let limited = outcomes.iter().filter(|o| o.0 == 429 && o.1.as_deref() == Some("admin_queue_limited")).count();
+    assert!(limited >= 1, "no deploy past the tenant's share was refused: {outcomes:?}");
+    assert!(created.len() >= 2, "{outcomes:?}");
+    // The delete never waited for a compile; the deploy waited for at most the one running.
+    assert!(created.iter().all(|&c| deleted < c), "a delete waited behind a compile: {outcomes:?}");
+    assert!(created.iter().filter(|&&c| c < deployed).count() <= 1, "queued behind the attacker's line: {outcomes:?}");
+    eprintln!("attacker's deploys took {:?}", started.elapsed());
+    b.finish("another tenant's compiles").p99_within(BYSTANDER_P99);
+}

@@ -127,7 +127,7 @@ fn a_sigterm_as_soon_as_the_port_accepts_still_drains() {
     // listens. Several starts, since the moment is a race.
     for _ in 0..5 {
         let dir = tempfile::tempdir().unwrap();
-        let addr = common::free_port();
+        let addr = common::free_port_below_ephemeral();
         let mut child = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"))
             .args(["serve", "--listen", &addr.to_string(), "--shards", "2", "--data-dir"])
             .arg(dir.path())
@@ -163,7 +163,8 @@ fn drain_timeout_bounds_the_shutdown() {
     std::thread::sleep(Duration::from_millis(200));
     let t = Instant::now();
     server.signal(libc::SIGTERM);
-    assert!(server.wait_exit(Duration::from_secs(10)).success());
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}: {}", server.stderr());
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     assert!(in_flight.join().unwrap().is_err(), "the cut request sees its connection close");
 }

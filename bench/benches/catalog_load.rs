@@ -26,7 +26,8 @@ fn main() {
     // Deploy.
     let catalog = Arc::new(Catalog::default());
     let store = FunctionStore::open(&dir).unwrap();
-    let (admin, thread) = worker::spawn(engine.clone(), store, catalog.clone(), limits.clone(), 64, None).unwrap();
+    let (admin, thread) =
+        worker::spawn(engine.clone(), store, catalog.clone(), limits.clone(), (64, 16), None).unwrap();
     let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().unwrap();
     let deploy_started = Instant::now();
     let ids: Vec<String> = rt.block_on(async {
@@ -52,7 +53,8 @@ fn main() {
         let catalog = Arc::new(Catalog::default());
         let store = FunctionStore::open(&dir).unwrap();
         let started = Instant::now();
-        let (admin, thread) = worker::spawn(engine.clone(), store, catalog.clone(), limits.clone(), 64, None).unwrap();
+        let (admin, thread) =
+            worker::spawn(engine.clone(), store, catalog.clone(), limits.clone(), (64, 16), None).unwrap();
         while !catalog.is_loaded() {
             std::thread::sleep(Duration::from_micros(100));
         }

@@ -310,6 +310,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_ADMIN_QUEUE_DEPTH", default_value_t = 64)]
     pub admin_queue_depth: u32,
 
+    /// Deploys and changes one tenant may have waiting for the catalog worker; more get 429
+    /// `admin_queue_limited`. 0: a quarter of --admin-queue-depth.
+    #[arg(long, env = "TENSOR_WASM_ADMIN_QUEUE_DEPTH_PER_TENANT", default_value_t = 0)]
+    pub admin_queue_depth_per_tenant: u32,
+
     /// Load every NAME.wasm in this folder as a function (NAME.toml beside it sets tenant, abi,
     /// timeout, memory and env), and NAME.pipeline.toml as a pipeline; changes apply without a
     /// restart. The API may not change these (409).
@@ -712,6 +717,10 @@ impl ServeArgs {
             drain_grace_ms: self.drain_grace_ms,
             drain_timeout_ms: self.drain_timeout_ms,
             admin_queue_depth: self.admin_queue_depth as usize,
+            admin_queue_depth_per_tenant: match self.admin_queue_depth_per_tenant {
+                0 => self.admin_queue_depth.div_ceil(4),
+                n => n.min(self.admin_queue_depth),
+            } as usize,
             functions_dir: self.functions_dir.map(|root| crate::functions::worker::DirectoryConfig {
                 root,
                 poll: std::time::Duration::from_millis(self.functions_dir_poll_ms),

@@ -13,6 +13,7 @@
 pub mod catalog;
 pub mod directory;
 pub mod manifest;
+pub mod queue;
 pub mod record;
 pub mod store;
 pub mod worker;

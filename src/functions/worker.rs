@@ -7,7 +7,6 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,13 +19,15 @@ use wasmtime::{Engine, Linker, Module};
 use super::catalog::{FunctionMap, PipelineMap};
 use super::directory::{self, FunctionFiles, Stamp};
 use super::manifest::FunctionManifest;
+use super::queue;
 use super::record::{directory_id, new_id, resolve, validate_env, validate_name, Abi, Source};
 use super::store::digest_of;
 use super::{Catalog, DeployedFunction, FunctionRecord, FunctionStore};
 use crate::config::Limits;
 use crate::error::ApiError;
 use crate::pipelines::{PipelineRecord, PipelineSpec};
-use crate::wasm::{check_module, module::check_compiled, new_linker, GuestState};
+use crate::wasm::module::{check_compiled, ModuleShape};
+use crate::wasm::{check_module, new_linker, GuestState};
 
 /// A deploy as it arrives: the raw JSON body, parsed on the worker so that a 64 MiB body never
 /// stalls a shard.
@@ -35,53 +36,87 @@ pub struct DeployRequest {
     pub tenant_id: u64,
 }
 
+type DeployReply = oneshot::Sender<Result<FunctionRecord, ApiError>>;
+
 enum Job {
-    Deploy(DeployRequest, oneshot::Sender<Result<FunctionRecord, ApiError>>),
-    Delete { id: String, tenant: u64, reply: oneshot::Sender<Result<(), ApiError>> },
-    CreatePipeline { body: Vec<u8>, tenant: u64, reply: oneshot::Sender<Result<PipelineRecord, ApiError>> },
-    DeletePipeline { id: String, tenant: u64, reply: oneshot::Sender<Result<(), ApiError>> },
+    Deploy(DeployRequest, DeployReply),
+    /// A deploy's module, back from the compile thread.
+    Compiled(Box<PendingDeploy>, Result<Module, ApiError>),
+    Delete {
+        id: String,
+        tenant: u64,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    CreatePipeline {
+        body: Vec<u8>,
+        tenant: u64,
+        reply: oneshot::Sender<Result<PipelineRecord, ApiError>>,
+    },
+    DeletePipeline {
+        id: String,
+        tenant: u64,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
 }
 
-/// A shard's handle to the worker. Submitting never blocks: a full queue is 503 `overloaded`.
+/// A shard's handle to the worker. Submitting never blocks: a full queue is 503 `overloaded`, a
+/// tenant's full share of it 429 `admin_queue_limited`.
 #[derive(Clone)]
 pub struct AdminHandle {
-    tx: SyncSender<Job>,
+    tx: queue::Sender<Job>,
+    per_tenant: usize,
 }
 
 impl AdminHandle {
     pub async fn deploy(&self, req: DeployRequest) -> Result<FunctionRecord, ApiError> {
         let (tx, rx) = oneshot::channel();
-        self.submit(Job::Deploy(req, tx))?;
+        self.submit(req.tenant_id, false, Job::Deploy(req, tx))?;
         rx.await.map_err(|_| ApiError::Internal("the catalog worker stopped".into()))?
     }
 
-    /// Deletes `id` if `tenant` owns it; another tenant's function is "not found".
+    /// Deletes `id` if `tenant` owns it; another tenant's function is "not found". Never waits
+    /// behind a compile.
     pub async fn delete(&self, id: String, tenant: u64) -> Result<(), ApiError> {
         let (tx, rx) = oneshot::channel();
-        self.submit(Job::Delete { id, tenant, reply: tx })?;
+        self.submit(tenant, true, Job::Delete { id, tenant, reply: tx })?;
         rx.await.map_err(|_| ApiError::Internal("the catalog worker stopped".into()))?
     }
 
     /// Creates a pipeline from a `POST /pipelines` body.
     pub async fn create_pipeline(&self, body: Vec<u8>, tenant: u64) -> Result<PipelineRecord, ApiError> {
         let (tx, rx) = oneshot::channel();
-        self.submit(Job::CreatePipeline { body, tenant, reply: tx })?;
+        self.submit(tenant, true, Job::CreatePipeline { body, tenant, reply: tx })?;
         rx.await.map_err(|_| ApiError::Internal("the catalog worker stopped".into()))?
     }
 
     /// Deletes pipeline `id` if `tenant` owns it, as `delete`.
     pub async fn delete_pipeline(&self, id: String, tenant: u64) -> Result<(), ApiError> {
         let (tx, rx) = oneshot::channel();
-        self.submit(Job::DeletePipeline { id, tenant, reply: tx })?;
+        self.submit(tenant, true, Job::DeletePipeline { id, tenant, reply: tx })?;
         rx.await.map_err(|_| ApiError::Internal("the catalog worker stopped".into()))?
     }
 
-    fn submit(&self, job: Job) -> Result<(), ApiError> {
-        self.tx.try_send(job).map_err(|e| match e {
-            TrySendError::Full(_) => ApiError::Overloaded("the deploy queue is full"),
-            TrySendError::Disconnected(_) => ApiError::Internal("the catalog worker stopped".into()),
+    /// `urgent`: a cheap job, served before any deploy and while a compile runs.
+    fn submit(&self, tenant: u64, urgent: bool, job: Job) -> Result<(), ApiError> {
+        self.tx.push(tenant, urgent, job).map_err(|e| match e {
+            queue::Refused::Full => ApiError::Overloaded("the deploy queue is full"),
+            queue::Refused::TenantFull => ApiError::AdminQueueLimited { limit: self.per_tenant },
+            queue::Refused::Closed => ApiError::Internal("the catalog worker stopped".into()),
         })
     }
+}
+
+/// A deploy checked up to its compile, while its module compiles on the compile thread.
+pub struct PendingDeploy {
+    name: String,
+    abi: Abi,
+    env: BTreeMap<String, String>,
+    timeout_ms: u64,
+    memory_limit_mb: u32,
+    tenant_id: u64,
+    wasm: Vec<u8>,
+    digest: String,
+    reply: DeployReply,
 }
 
 /// The functions directory the worker watches.
@@ -99,10 +134,11 @@ pub fn spawn(
     store: FunctionStore,
     catalog: Arc<Catalog>,
     limits: Arc<Limits>,
-    queue_depth: usize,
+    (queue_depth, per_tenant): (usize, usize),
     directory: Option<DirectoryConfig>,
 ) -> std::io::Result<(AdminHandle, JoinHandle<()>)> {
-    let (tx, rx) = sync_channel(queue_depth);
+    let (jobs, tx) = queue::FairQueue::new(queue_depth, per_tenant);
+    let compiler = spawn_compiler(engine.clone(), limits.module_shape, jobs.clone())?;
     let thread = std::thread::Builder::new().name("tw-catalog".into()).spawn(move || {
         let linker = match new_linker(&engine) {
             Ok(l) => l,
@@ -112,11 +148,46 @@ pub fn spawn(
             }
         };
         let directory = directory.map(Watch::new);
-        let worker = Worker { engine, linker, store, catalog, limits, last_created_ms: Cell::new(0), directory };
+        let worker = Worker {
+            engine,
+            linker,
+            store,
+            catalog,
+            limits,
+            last_created_ms: Cell::new(0),
+            directory,
+            compiler,
+            compiling: Cell::new(false),
+        };
         worker.load();
-        worker.serve(rx);
+        worker.serve(&jobs);
     })?;
-    Ok((AdminHandle { tx }, thread))
+    Ok((AdminHandle { tx, per_tenant }, thread))
+}
+
+/// The compile thread: compiles one deploy's module at a time, off the worker, so that deletes
+/// and pipeline changes never wait behind a compile; hands the result back through the queue.
+fn spawn_compiler(
+    engine: Engine,
+    shape: ModuleShape,
+    jobs: Arc<queue::FairQueue<Job>>,
+) -> std::io::Result<std::sync::mpsc::Sender<PendingDeploy>> {
+    let (tx, rx) = std::sync::mpsc::channel::<PendingDeploy>();
+    std::thread::Builder::new().name("tw-compile".into()).spawn(move || {
+        let linker = match new_linker(&engine) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("cannot build the WASI linker: {e:#}");
+                return;
+            }
+        };
+        // Ends when the worker, the only sender, is gone.
+        for pending in rx {
+            let result = check_module(&engine, &linker, &pending.wasm, &shape);
+            jobs.push_result(Job::Compiled(Box::new(pending), result));
+        }
+    })?;
+    Ok(tx)
 }
 
 struct Worker {
@@ -129,6 +200,10 @@ struct Worker {
     /// for deploys within one millisecond (which then land a millisecond apart).
     last_created_ms: Cell<u64>,
     directory: Option<Watch>,
+    /// Deploys to compile; at most one at a time (`compiling`).
+    compiler: std::sync::mpsc::Sender<PendingDeploy>,
+    /// A deploy's module is on the compile thread: no other deploy is taken until it is back.
+    compiling: Cell<bool>,
 }
 
 /// What the worker last loaded from the functions directory.
@@ -186,16 +261,16 @@ impl DeployBody {
 }
 
 impl Worker {
-    fn serve(&self, rx: Receiver<Job>) {
+    fn serve(&self, jobs: &queue::FairQueue<Job>) {
         loop {
-            let job = match &self.directory {
-                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                Some(watch) => rx.recv_timeout(watch.config.poll.saturating_sub(watch.last_scan.get().elapsed())),
+            let wait = match &self.directory {
+                None => Duration::from_secs(3600),
+                Some(watch) => watch.config.poll.saturating_sub(watch.last_scan.get().elapsed()),
             };
-            match job {
+            match jobs.pop(wait, !self.compiling.get()) {
                 Ok(job) => self.perform(job),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(queue::Empty::TimedOut) => {}
+                Err(queue::Empty::Closed) => return,
             }
             // After every job too, so that a steady stream of deploys cannot hold the directory back.
             if self.directory.as_ref().is_some_and(|w| w.last_scan.get().elapsed() >= w.config.poll) {
@@ -206,8 +281,11 @@ impl Worker {
 
     fn perform(&self, job: Job) {
         match job {
-            Job::Deploy(req, reply) => {
-                let _ = reply.send(self.deploy(req));
+            Job::Deploy(req, reply) => self.start_deploy(req, reply),
+            Job::Compiled(pending, result) => {
+                self.compiling.set(false);
+                let outcome = result.and_then(|module| self.finish_deploy(&pending, module));
+                let _ = pending.reply.send(outcome);
             }
             Job::Delete { id, tenant, reply } => {
                 let _ = reply.send(self.delete(&id, tenant));
@@ -367,7 +445,56 @@ impl Worker {
         Ok(())
     }
 
-    fn deploy(&self, req: DeployRequest) -> Result<FunctionRecord, ApiError> {
+    /// Checks a deploy up to its compile: answered at once when refused or when its module is
+    /// live already, else handed to the compile thread.
+    fn start_deploy(&self, req: DeployRequest, reply: DeployReply) {
+        let pending = match self.prepare_deploy(req, reply) {
+            Ok(pending) => pending,
+            Err((reply, e)) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if let Some(module) = self.catalog.module_with_digest(&pending.digest) {
+            let outcome = self.finish_deploy(&pending, module);
+            let _ = pending.reply.send(outcome);
+            return;
+        }
+        // Refused before compiling when even the module alone would eat into the reserve.
+        if !self.store.has_module(&pending.digest) {
+            if let Err(e) = self.check_reserve(pending.wasm.len() as u64) {
+                let _ = pending.reply.send(Err(e));
+                return;
+            }
+        }
+        match self.compiler.send(pending) {
+            Ok(()) => self.compiling.set(true),
+            Err(std::sync::mpsc::SendError(pending)) => {
+                let _ = pending.reply.send(Err(ApiError::Internal("the compile thread stopped".into())));
+            }
+        }
+    }
+
+    fn prepare_deploy(&self, req: DeployRequest, reply: DeployReply) -> Result<PendingDeploy, (DeployReply, ApiError)> {
+        match self.check_deploy(&req) {
+            Ok((body, timeout_ms, memory_limit_mb, wasm)) => Ok(PendingDeploy {
+                digest: digest_of(&wasm),
+                name: body.name,
+                abi: body.abi.unwrap_or_default(),
+                env: body.env,
+                timeout_ms,
+                memory_limit_mb,
+                tenant_id: req.tenant_id,
+                wasm,
+                reply,
+            }),
+            Err(e) => Err((reply, e)),
+        }
+    }
+
+    /// The checks before a compile: the body, the name, the limits, the function quota; and the
+    /// module's bytes.
+    fn check_deploy(&self, req: &DeployRequest) -> Result<(DeployBody, u64, u32, Vec<u8>), ApiError> {
         let body = DeployBody::parse(&req.body)?;
         validate_name(&body.name).map_err(ApiError::InvalidName)?;
         let (timeout_ms, memory_limit_mb) = self.resolve_limits(body.timeout_ms, body.memory_limit_mb)?;
@@ -393,20 +520,23 @@ impl Worker {
         let wasm = base64::engine::general_purpose::STANDARD
             .decode(body.wasm_b64.trim())
             .map_err(|e| ApiError::InvalidBase64(e.to_string()))?;
-        let digest = digest_of(&wasm);
-        let module = match self.catalog.module_with_digest(&digest) {
-            Some(m) => m,
-            None => {
-                // Refused before compiling when even the module alone would eat into the reserve.
-                if !self.store.has_module(&digest) {
-                    self.check_reserve(wasm.len() as u64)?;
-                }
-                check_module(&self.engine, &self.linker, &wasm, &self.limits.module_shape)?
-            }
-        };
+        let body = DeployBody { wasm_b64: String::new(), timeout_ms: None, memory_limit_mb: None, ..body };
+        Ok((body, timeout_ms, memory_limit_mb, wasm))
+    }
+
+    /// Stores a compiled deploy and publishes it, within the tenant's storage quota and the
+    /// audit log's reserve.
+    fn finish_deploy(&self, pending: &PendingDeploy, module: Module) -> Result<FunctionRecord, ApiError> {
+        let PendingDeploy { wasm, digest, tenant_id, .. } = pending;
+        let current = self.catalog.current();
+        let owned: Vec<&FunctionRecord> = current
+            .values()
+            .map(|f| &f.record)
+            .filter(|r| r.source == Source::Api && r.tenant_id == *tenant_id)
+            .collect();
         // A module the tenant does not use yet counts against its storage quota (a module shared
         // with another tenant counts for each), and a new file against the audit log's reserve.
-        if !owned.iter().any(|r| r.digest == digest) {
+        if !owned.iter().any(|r| r.digest == *digest) {
             let used: u64 = owned
                 .iter()
                 .map(|r| r.digest.as_str())
@@ -414,12 +544,12 @@ impl Worker {
                 .iter()
                 .map(|d| self.store.stored_bytes(d))
                 .sum();
-            let stored = self.store.has_module(&digest);
+            let stored = self.store.has_module(digest);
             let artifact =
                 if stored { None } else { Some(module.serialize().map_err(|e| ApiError::Internal(format!("{e:#}")))?) };
             let adding = match &artifact {
                 Some(artifact) => (wasm.len() + artifact.len()) as u64,
-                None => self.store.stored_bytes(&digest),
+                None => self.store.stored_bytes(digest),
             };
             let limit = self.limits.max_storage_bytes_per_tenant;
             if used + adding > limit {
@@ -429,30 +559,29 @@ impl Worker {
             // must still store them, or the function would not survive a restart.
             if let Some(artifact) = artifact {
                 self.check_reserve(adding)?;
-                self.store.write_module(&digest, &wasm).map_err(|e| ApiError::Storage(e.to_string()))?;
-                if let Err(e) = self.store.write_artifact(&digest, &artifact) {
+                self.store.write_module(digest, wasm).map_err(|e| ApiError::Storage(e.to_string()))?;
+                if let Err(e) = self.store.write_artifact(digest, &artifact) {
                     // Not fatal: the next start recompiles.
                     tracing::warn!(digest, "cannot save the precompiled artifact: {e}");
                 }
             }
-        } else if !self.store.has_module(&digest) {
+        } else if !self.store.has_module(digest) {
             self.check_reserve(wasm.len() as u64)?;
-            self.store.write_module(&digest, &wasm).map_err(|e| ApiError::Storage(e.to_string()))?;
-            self.save_artifact(&digest, &module);
+            self.store.write_module(digest, wasm).map_err(|e| ApiError::Storage(e.to_string()))?;
+            self.save_artifact(digest, &module);
         }
-        let abi = body.abi.unwrap_or_default();
-        check_abi(abi, &module).map_err(ApiError::InvalidRequest)?;
+        check_abi(pending.abi, &module).map_err(ApiError::InvalidRequest)?;
         let record = FunctionRecord {
             id: new_id(),
-            name: body.name,
-            digest,
+            name: pending.name.clone(),
+            digest: digest.clone(),
             created_unix_ms: self.next_created_ms(),
-            timeout_ms,
-            memory_limit_mb,
-            tenant_id: req.tenant_id,
-            abi,
+            timeout_ms: pending.timeout_ms,
+            memory_limit_mb: pending.memory_limit_mb,
+            tenant_id: *tenant_id,
+            abi: pending.abi,
             source: Source::Api,
-            env: body.env,
+            env: pending.env.clone(),
         };
         self.store.write_record(&record).map_err(|e| ApiError::Storage(e.to_string()))?;
         self.catalog.insert_all([DeployedFunction::new(record.clone(), module)]);

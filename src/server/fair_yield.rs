@@ -112,7 +112,9 @@ pub async fn pump() {
 /// Called when an invocation ends. Should the guest let go last still be queued, two run in turn
 /// once, which the next yield sets right.
 pub fn guest_done() {
-    QUEUE.with(|q| {
+    // `try_with`: called from drops, which also run while the shard thread's locals are torn
+    // down (a drained shard drops its in-flight invocations then), when there is no turn to pass.
+    let _ = QUEUE.try_with(|q| {
         if q.released.replace(false) && !q.parked.borrow().is_empty() {
             if let Some(pump) = q.pump.borrow().as_ref() {
                 pump.wake_by_ref();
@@ -187,7 +189,8 @@ impl Drop for FairYield {
     /// went away) leaves no waker behind; one dropped after it was let go hands the turn on.
     fn drop(&mut self) {
         let YieldState::Parked(id) = self.state else { return };
-        QUEUE.with(|q| {
+        // As in `guest_done`: also run while the thread's locals are torn down.
+        let _ = QUEUE.try_with(|q| {
             let mut parked = q.parked.borrow_mut();
             match parked.iter().position(|(queued, _)| *queued == id) {
                 Some(at) => {

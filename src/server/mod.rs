@@ -191,7 +191,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         store,
         catalog.clone(),
         limits.clone(),
-        config.admin_queue_depth,
+        (config.admin_queue_depth, config.admin_queue_depth_per_tenant),
         config.functions_dir.clone(),
     )
     .map_err(|e| ServerError::Runtime(format!("cannot start the catalog worker: {e}")))?;

@@ -23,6 +23,22 @@ pub fn free_port() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
+/// A free loopback port below the kernel's ephemeral range (32768 and up by default), for a test
+/// that takes a successful connect as "this server listens": a port from the ephemeral range can
+/// be handed to another test's server (bound to port 0) in the meantime, and a connect would then
+/// reach that one.
+pub fn free_port_below_ephemeral() -> SocketAddr {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let mut rng = Rng((u64::from(std::process::id()) << 32 | u64::from(nanos)) | 1);
+    for _ in 0..1000 {
+        let port = 20_000 + rng.below(10_000) as u16;
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr().unwrap();
+        }
+    }
+    panic!("no free port between 20000 and 30000");
+}
+
 /// Waits for `child` to exit, at most `limit`; past it, kills it and fails the test with what
 /// `log` returns.
 pub fn wait_exit(child: &mut Child, limit: Duration, log: impl Fn() -> String) -> ExitStatus {
