@@ -12,7 +12,7 @@ set -euo pipefail
 sizes=${1:-64 128 256 512 1024}
 rounds=${2:-7}
 root=$(cd "$(dirname "$0")/.." && pwd)
-bin=$root/target/release/tensor-wasm
+bin=${TENSOR_WASM_BIN:-$root/target/release/tensor-wasm}
 [ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 max=$(echo "$sizes" | tr ' ' '\n' | sort -n | tail -1)
 

@@ -6,6 +6,7 @@
 # ROUTE: healthz | hello (invoke of the seed's hello.wasm, an empty `_start`)
 # IO_DRIVER: io-uring | epoll.  Needs wrk (apt-get install wrk) and a release build.
 # SERVER_ARGS: extra flags for the server, e.g. SERVER_ARGS="--audit-log none".
+# TENSOR_WASM_BIN: the binary to measure (default: target/release/tensor-wasm), to compare builds.
 # Prints requests/s and the server's own CPU time (utime + stime from /proc) per request.
 set -euo pipefail
 route=${1:-hello}
@@ -14,7 +15,7 @@ shards=${3:-1}
 seconds=${4:-10}
 connections=${5:-32}
 root=$(cd "$(dirname "$0")/.." && pwd)
-bin=$root/target/release/tensor-wasm
+bin=${TENSOR_WASM_BIN:-$root/target/release/tensor-wasm}
 [ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 command -v wrk >/dev/null || { echo "install wrk first: apt-get install wrk" >&2; exit 1; }
 

@@ -201,7 +201,7 @@ fn random_forever(pages: u32) -> Vec<u8> {
 #[test]
 fn a_host_call_stops_at_the_deadline_and_never_holds_the_shard() {
     let _serial = serial();
-    let server = start(&["--shards", "1"]);
+    let server = start(&["--shards", "1", "--max-memory-limit-mb", "256"]);
     let attacker = as_tenant(ATTACKER, "1");
     let r = server.client().request(
         "POST",

@@ -276,7 +276,9 @@ pub struct ServeArgs {
     pub default_memory_limit_mb: u32,
 
     /// Largest `memory_limit_mb` a function may ask for; also the size of each pooled memory slot.
-    #[arg(long, env = "TENSOR_WASM_MAX_MEMORY_LIMIT_MB", default_value_t = 1_024)]
+    /// It bounds how long one bulk-memory instruction (which nothing can interrupt) holds a shard:
+    /// about 0.6 ms per MiB of fresh memory (perf/HOSTILE.md).
+    #[arg(long, env = "TENSOR_WASM_MAX_MEMORY_LIMIT_MB", default_value_t = 64)]
     pub max_memory_limit_mb: u32,
 
     /// Most bytes a guest may write to stdout; more is an `output_too_large` error, never a truncation.

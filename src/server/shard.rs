@@ -499,6 +499,10 @@ impl Shard {
     }
 
     fn take_body_bytes(&self, tenant: Option<u64>, bytes: u64) -> Result<(), ApiError> {
+        if bytes == 0 {
+            // Most requests (reads, probes): nothing to hold, and no map to touch.
+            return Ok(());
+        }
         let held = self.inflight_body_bytes.get();
         if held.saturating_add(bytes) > self.limits.max_inflight_body_bytes {
             self.metrics.body_budget_refusals.inc();
