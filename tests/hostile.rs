@@ -10,7 +10,7 @@ use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::bystander::{deploy_as, Bystander};
+use common::bystander::{deploy_as, deploy_request, Bystander};
 use common::{guests, within, Client, Response, Server};
 use serde_json::{json, Value};
 
@@ -203,19 +203,8 @@ fn a_host_call_stops_at_the_deadline_and_never_holds_the_shard() {
     let _serial = serial();
     let server = start(&["--shards", "1", "--max-memory-limit-mb", "256"]);
     let attacker = as_tenant(ATTACKER, "1");
-    let r = server.client().request(
-        "POST",
-        "/functions",
-        &headers(&attacker),
-        json!({
-            "name": "random",
-            "wasm_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, random_forever(4096)),
-            "memory_limit_mb": 256,
-            "timeout_ms": 100,
-        })
-        .to_string()
-        .as_bytes(),
-    );
+    let extra = json!({"memory_limit_mb": 256, "timeout_ms": 100});
+    let r = deploy_request(&mut server.client(), &attacker, "random", &random_forever(4096), extra);
     assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
     let b = victim(&server);
@@ -262,18 +251,8 @@ fn start_invokes(server: &Server, id: &str, who: &[(String, String)], n: usize) 
 }
 
 fn spinner(server: &Server, who: &[(String, String)], timeout_ms: u64) -> String {
-    let r = server.client().request(
-        "POST",
-        "/functions",
-        &headers(who),
-        json!({
-            "name": "spin",
-            "wasm_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, guests::infinite_loop()),
-            "timeout_ms": timeout_ms,
-        })
-        .to_string()
-        .as_bytes(),
-    );
+    let extra = json!({"timeout_ms": timeout_ms});
+    let r = deploy_request(&mut server.client(), who, "spin", &guests::infinite_loop(), extra);
     assert_eq!(r.status, 201, "{}", r.text());
     r.json()["id"].as_str().unwrap().to_string()
 }
@@ -453,13 +432,7 @@ fn a_module_is_refused_for_its_shape_before_it_is_compiled() {
     ]);
     let attacker = as_tenant(ATTACKER, "1");
     let b = victim(&server);
-    let deploy = |wasm: Vec<u8>| {
-        let body = json!({
-            "name": "shape",
-            "wasm_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, wasm),
-        });
-        server.client().request("POST", "/functions", &headers(&attacker), body.to_string().as_bytes())
-    };
+    let deploy = |wasm: Vec<u8>| deploy_module(&server, &attacker, "shape", &wasm);
     let r = deploy(module_of(200, 0));
     expect(&r, 400, "too_many_functions");
     assert!(r.text().contains("201 functions") && r.text().contains("100"), "{}", r.text());
@@ -481,11 +454,7 @@ fn module_with_data(bytes: usize, seed: u8) -> Vec<u8> {
 }
 
 fn deploy_module(server: &Server, who: &[(String, String)], name: &str, wasm: &[u8]) -> Response {
-    let body = json!({
-        "name": name,
-        "wasm_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, wasm),
-    });
-    server.client().request("POST", "/functions", &headers(who), body.to_string().as_bytes())
+    deploy_request(&mut server.client(), who, name, wasm, json!({}))
 }
 
 #[test]
@@ -564,16 +533,7 @@ fn one_tenants_compiles_delay_neither_anothers_deletes_nor_its_deploys() {
                 let mut wasm = module_of(20_000, 30);
                 // Each distinct, so that none is live already.
                 wasm.extend_from_slice(&[0, 5, 3, b'p', b'a', b'd', i]);
-                let body = json!({
-                    "name": format!("big{i}"),
-                    "wasm_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, wasm),
-                });
-                let r = Client::connect(server_addr).request(
-                    "POST",
-                    "/functions",
-                    &headers(&who),
-                    body.to_string().as_bytes(),
-                );
+                let r = deploy_request(&mut Client::connect(server_addr), &who, &format!("big{i}"), &wasm, json!({}));
                 let kind = serde_json::from_slice::<Value>(&r.body)
                     .ok()
                     .and_then(|v| v["error"]["kind"].as_str().map(String::from));

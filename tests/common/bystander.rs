@@ -84,12 +84,26 @@ impl Bystander {
 
 /// Deploys `wasm` as `name` with `headers` (a token, a tenant); returns its id.
 pub fn deploy_as(server: &Server, name: &str, wasm: &[u8], headers: &[(String, String)]) -> String {
-    let body = serde_json::json!({
+    let r = deploy_request(&mut server.client(), headers, name, wasm, serde_json::json!({}));
+    assert_eq!(r.status, 201, "deploy {name}: {}", r.text());
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+/// `POST /functions` of `wasm` as `name`, with `headers` and the fields of `extra`; the answer.
+pub fn deploy_request(
+    client: &mut Client,
+    headers: &[(String, String)],
+    name: &str,
+    wasm: &[u8],
+    extra: serde_json::Value,
+) -> super::Response {
+    let mut body = serde_json::json!({
         "name": name,
         "wasm_b64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, wasm),
     });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
     let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-    let r = server.client().request("POST", "/functions", &headers, body.to_string().as_bytes());
-    assert_eq!(r.status, 201, "deploy {name}: {}", r.text());
-    r.json()["id"].as_str().unwrap().to_string()
+    client.request("POST", "/functions", &headers, body.to_string().as_bytes())
 }
