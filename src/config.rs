@@ -75,6 +75,8 @@ pub struct Limits {
     /// Free bytes a deploy must leave on the data dir's file system, for the audit log; past it,
     /// 507 `insufficient_storage`.
     pub audit_reserve_bytes: u64,
+    /// What a deploy's compile may take (`wasm::compile`).
+    pub compile_budget: crate::wasm::compile::CompileBudget,
     /// What a module may be before it is compiled (`wasm::module::check_shape`).
     pub module_shape: crate::wasm::module::ModuleShape,
     /// Most invocations one tenant may run at once in the process, split over the shards; past

@@ -73,6 +73,8 @@ pub enum ApiError {
         max: u32,
     },
     InvalidModule(String),
+    /// Compiling the module needed more than `--compile-memory-mb` or `--compile-timeout-ms`.
+    ModuleTooComplex(String),
     /// The module defines more functions than `--max-module-functions`.
     TooManyFunctions {
         count: u32,
@@ -176,6 +178,7 @@ impl ApiError {
             | InvalidMemoryLimit { .. }
             | InvalidModule(_)
             | TooManyFunctions { .. }
+            | ModuleTooComplex(_)
             | CodeTooLarge { .. }
             | FunctionTooLarge { .. }
             | UnsupportedImport(_)
@@ -253,6 +256,7 @@ impl ApiError {
             InvalidMemoryLimit { .. } => "invalid_memory_limit",
             InvalidModule(_) => "invalid_module",
             TooManyFunctions { .. } => "too_many_functions",
+            ModuleTooComplex(_) => "module_too_complex",
             CodeTooLarge { .. } => "code_too_large",
             FunctionTooLarge { .. } => "function_too_large",
             UnsupportedImport(_) => "unsupported_import",
@@ -394,6 +398,7 @@ impl fmt::Display for ApiError {
                 write!(f, "`memory_limit_mb` must be between 1 and {max}, got {given}")
             }
             InvalidModule(m) => write!(f, "not a valid WebAssembly module: {m}"),
+            ModuleTooComplex(why) => write!(f, "the module is too complex for this server to compile: {why}"),
             TooManyFunctions { count, limit } => {
                 write!(f, "the module defines {count} functions, more than the {limit} this server compiles")
             }

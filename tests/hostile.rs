@@ -563,3 +563,29 @@ fn one_tenants_compiles_delay_neither_anothers_deletes_nor_its_deploys() {
     eprintln!("attacker's deploys took {:?}", started.elapsed());
     b.finish("another tenant's compiles").p99_within(BYSTANDER_P99);
 }
+
+#[test]
+fn a_module_over_its_compile_budget_is_refused_and_the_server_keeps_none_of_it() {
+    let _serial = serial();
+    let (memory, time) = (start(&["--compile-memory-mb", "256"]), start(&["--compile-timeout-ms", "300"]));
+    let attacker = as_tenant(ATTACKER, "1");
+    let b = victim(&memory);
+    let before = rss_bytes(&memory);
+    // 100,000 functions (the shape limit): about a gigabyte of address space and seconds of
+    // compiling (perf/HOSTILE.md).
+    let heavy = module_of(99_999, 0);
+    let r = deploy_module(&memory, &attacker, "heavy", &heavy);
+    expect(&r, 400, "module_too_complex");
+    assert!(r.text().contains("--compile-memory-mb"), "{}", r.text());
+    let r = deploy_module(&time, &attacker, "heavy", &heavy);
+    expect(&r, 400, "module_too_complex");
+    assert!(r.text().contains("--compile-timeout-ms"), "{}", r.text());
+    // The server compiled nothing itself: its memory did not grow by the compile's.
+    let grown = rss_bytes(&memory).saturating_sub(before);
+    assert!(grown < 64 * 1024 * 1024, "the server grew by {grown} bytes");
+    // A module within the budget compiles in the child and serves.
+    let hello = deploy_as(&memory, "hello", &guests::hello(), &attacker);
+    let r = memory.client().request("POST", &format!("/functions/{hello}/invoke"), &headers(&attacker), b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    b.finish("a module over its compile budget").p99_within(BYSTANDER_P99);
+}

@@ -26,8 +26,16 @@ fn main() {
     // Deploy.
     let catalog = Arc::new(Catalog::default());
     let store = FunctionStore::open(&dir).unwrap();
-    let (admin, thread) =
-        worker::spawn(engine.clone(), store, catalog.clone(), limits.clone(), (64, 16), None).unwrap();
+    let (admin, thread) = worker::spawn(
+        engine.clone(),
+        store,
+        catalog.clone(),
+        limits.clone(),
+        (64, 16),
+        None,
+        tensor_wasm::wasm::GuestProfiler::Off,
+    )
+    .unwrap();
     let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().unwrap();
     let deploy_started = Instant::now();
     let ids: Vec<String> = rt.block_on(async {
@@ -53,8 +61,16 @@ fn main() {
         let catalog = Arc::new(Catalog::default());
         let store = FunctionStore::open(&dir).unwrap();
         let started = Instant::now();
-        let (admin, thread) =
-            worker::spawn(engine.clone(), store, catalog.clone(), limits.clone(), (64, 16), None).unwrap();
+        let (admin, thread) = worker::spawn(
+            engine.clone(),
+            store,
+            catalog.clone(),
+            limits.clone(),
+            (64, 16),
+            None,
+            tensor_wasm::wasm::GuestProfiler::Off,
+        )
+        .unwrap();
         while !catalog.is_loaded() {
             std::thread::sleep(Duration::from_micros(100));
         }

@@ -57,6 +57,12 @@ pub enum Command {
     Backup(BackupArgs),
     /// Put a backup into an empty data dir.
     Restore(BackupArgs),
+    /// The server's compile child (`wasm::compile`): a module on stdin, its artifact on stdout.
+    #[command(name = "compile-guest", hide = true)]
+    CompileGuest {
+        #[arg(long)]
+        guest_perf_map: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -255,6 +261,16 @@ pub struct ServeArgs {
     /// deploy that would leave less gets 507 `insufficient_storage`.
     #[arg(long, env = "TENSOR_WASM_AUDIT_RESERVE_MB", default_value_t = 256)]
     pub audit_reserve_mb: u64,
+
+    /// Address space, in MiB, of the child process that compiles a deployed module; a module
+    /// whose compile needs more gets 400 `module_too_complex`.
+    #[arg(long, env = "TENSOR_WASM_COMPILE_MEMORY_MB", default_value_t = 2_048)]
+    pub compile_memory_mb: u64,
+
+    /// Time a deployed module's compile may take; past it the child is killed and the deploy
+    /// gets 400 `module_too_complex`.
+    #[arg(long, env = "TENSOR_WASM_COMPILE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub compile_timeout_ms: u64,
 
     /// Most functions a deployed module may define; more get 400 `too_many_functions` before
     /// anything is compiled.
@@ -544,6 +560,8 @@ impl ServeArgs {
             n => n,
         };
         positive("max-module-functions", self.max_module_functions.into())?;
+        positive("compile-memory-mb", self.compile_memory_mb)?;
+        positive("compile-timeout-ms", self.compile_timeout_ms)?;
         positive("max-functions-per-tenant", self.max_functions_per_tenant.into())?;
         positive("max-storage-mb-per-tenant", self.max_storage_mb_per_tenant)?;
         positive("max-module-code-bytes", self.max_module_code_bytes)?;
@@ -764,6 +782,10 @@ impl ServeArgs {
                 max_functions_per_tenant: self.max_functions_per_tenant,
                 max_storage_bytes_per_tenant: self.max_storage_mb_per_tenant.saturating_mul(1024 * 1024),
                 audit_reserve_bytes: self.audit_reserve_mb.saturating_mul(1024 * 1024),
+                compile_budget: crate::wasm::compile::CompileBudget {
+                    memory_bytes: self.compile_memory_mb.saturating_mul(1024 * 1024),
+                    timeout: std::time::Duration::from_millis(self.compile_timeout_ms),
+                },
                 module_shape: crate::wasm::module::ModuleShape {
                     max_functions: self.max_module_functions,
                     max_code_bytes: self.max_module_code_bytes,
@@ -890,6 +912,10 @@ pub fn main() -> i32 {
         Command::Observe(args) => observe::run(args),
         Command::Backup(args) => run_backup(args, false),
         Command::Restore(args) => run_backup(args, true),
+        Command::CompileGuest { guest_perf_map } => crate::wasm::compile::child_main(match guest_perf_map {
+            true => crate::wasm::GuestProfiler::PerfMap,
+            false => crate::wasm::GuestProfiler::Off,
+        }),
         Command::Serve(args) => {
             crate::server::logging::init(&args.log_level);
             let config = match (*args).into_config() {

@@ -26,7 +26,9 @@ use super::{Catalog, DeployedFunction, FunctionRecord, FunctionStore};
 use crate::config::Limits;
 use crate::error::ApiError;
 use crate::pipelines::{PipelineRecord, PipelineSpec};
-use crate::wasm::module::{check_compiled, ModuleShape};
+use crate::wasm::compile::CompileBudget;
+use crate::wasm::module::{check_compiled, check_module_in_child, ModuleShape};
+use crate::wasm::GuestProfiler;
 use crate::wasm::{check_module, new_linker, GuestState};
 
 /// A deploy as it arrives: the raw JSON body, parsed on the worker so that a 64 MiB body never
@@ -136,9 +138,11 @@ pub fn spawn(
     limits: Arc<Limits>,
     (queue_depth, per_tenant): (usize, usize),
     directory: Option<DirectoryConfig>,
+    profiler: GuestProfiler,
 ) -> std::io::Result<(AdminHandle, JoinHandle<()>)> {
     let (jobs, tx) = queue::FairQueue::new(queue_depth, per_tenant);
-    let compiler = spawn_compiler(engine.clone(), limits.module_shape, jobs.clone())?;
+    let compiler =
+        spawn_compiler(engine.clone(), (limits.module_shape, limits.compile_budget), profiler, jobs.clone())?;
     let thread = std::thread::Builder::new().name("tw-catalog".into()).spawn(move || {
         let linker = match new_linker(&engine) {
             Ok(l) => l,
@@ -158,6 +162,7 @@ pub fn spawn(
             directory,
             compiler,
             compiling: Cell::new(false),
+            profiler,
         };
         worker.load();
         worker.serve(&jobs);
@@ -167,9 +172,11 @@ pub fn spawn(
 
 /// The compile thread: compiles one deploy's module at a time, off the worker, so that deletes
 /// and pipeline changes never wait behind a compile; hands the result back through the queue.
+/// The compile itself runs in a child process within the budget (`wasm::compile`).
 fn spawn_compiler(
     engine: Engine,
-    shape: ModuleShape,
+    (shape, budget): (ModuleShape, CompileBudget),
+    profiler: GuestProfiler,
     jobs: Arc<queue::FairQueue<Job>>,
 ) -> std::io::Result<std::sync::mpsc::Sender<PendingDeploy>> {
     let (tx, rx) = std::sync::mpsc::channel::<PendingDeploy>();
@@ -183,7 +190,7 @@ fn spawn_compiler(
         };
         // Ends when the worker, the only sender, is gone.
         for pending in rx {
-            let result = check_module(&engine, &linker, &pending.wasm, &shape);
+            let result = check_module_in_child(&engine, &linker, &pending.wasm, &shape, budget, profiler);
             jobs.push_result(Job::Compiled(Box::new(pending), result));
         }
     })?;
@@ -204,6 +211,7 @@ struct Worker {
     compiler: std::sync::mpsc::Sender<PendingDeploy>,
     /// A deploy's module is on the compile thread: no other deploy is taken until it is back.
     compiling: Cell<bool>,
+    profiler: GuestProfiler,
 }
 
 /// What the worker last loaded from the functions directory.
@@ -409,7 +417,10 @@ impl Worker {
                 return None;
             }
         };
-        match check_module(&self.engine, &self.linker, &wasm, &self.limits.module_shape) {
+        // A tenant's module, so within the same budget as its deploy: one that no longer fits is
+        // refused in at most --compile-timeout-ms, and its memory is the child's.
+        let (shape, budget) = (&self.limits.module_shape, self.limits.compile_budget);
+        match check_module_in_child(&self.engine, &self.linker, &wasm, shape, budget, self.profiler) {
             Ok(module) => {
                 *recompiled += 1;
                 self.save_artifact(digest, &module);

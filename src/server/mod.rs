@@ -193,6 +193,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         limits.clone(),
         (config.admin_queue_depth, config.admin_queue_depth_per_tenant),
         config.functions_dir.clone(),
+        config.guest_profiler,
     )
     .map_err(|e| ServerError::Runtime(format!("cannot start the catalog worker: {e}")))?;
     let sinks = crate::pipelines::sink::spawn(

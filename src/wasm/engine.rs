@@ -21,14 +21,7 @@ pub enum GuestProfiler {
 /// (deadlines without a timer per request), and the pooling allocator with copy-on-write memory
 /// images (an instantiation is a few microseconds).
 pub fn build_engine(limits: &Limits, profiler: GuestProfiler) -> wasmtime::Result<Engine> {
-    let mut config = Config::new();
-    config.epoch_interruption(true);
-    config.memory_init_cow(true);
-    config.cranelift_opt_level(wasmtime::OptLevel::Speed);
-    config.profiler(match profiler {
-        GuestProfiler::Off => wasmtime::ProfilingStrategy::None,
-        GuestProfiler::PerfMap => wasmtime::ProfilingStrategy::PerfMap,
-    });
+    let mut config = base_config(profiler);
 
     // A recycled memory slot is reset in place, page by page, rather than unmapped, so that the next
     // guest touches it without page faults. With PAGEMAP_SCAN (Linux 6.7+) only the pages the last
@@ -54,6 +47,26 @@ pub fn build_engine(limits: &Limits, profiler: GuestProfiler) -> wasmtime::Resul
         .pagemap_scan(if scan { wasmtime::Enabled::Yes } else { wasmtime::Enabled::No });
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Engine::new(&config)
+}
+
+/// What decides how guest code is compiled; the server's engine and the compile child's
+/// (`wasm::compile`) share it, so that the child's artifacts load into the server.
+fn base_config(profiler: GuestProfiler) -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    config.memory_init_cow(true);
+    config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    config.profiler(match profiler {
+        GuestProfiler::Off => wasmtime::ProfilingStrategy::None,
+        GuestProfiler::PerfMap => wasmtime::ProfilingStrategy::PerfMap,
+    });
+    config
+}
+
+/// An engine that only compiles: the server's compiler settings without its instance pool, whose
+/// address-space reservation would not fit the compile child's memory budget.
+pub fn compiler_engine(profiler: GuestProfiler) -> wasmtime::Result<Engine> {
+    Engine::new(&base_config(profiler))
 }
 
 /// Whether the kernel has the PAGEMAP_SCAN ioctl: Linux 6.7 or newer.

@@ -66,6 +66,21 @@ pub fn check_module(
     Ok(module)
 }
 
+/// [`check_module`], with the compile in a child process within `budget` (`wasm::compile`).
+pub fn check_module_in_child(
+    engine: &Engine,
+    linker: &Linker<GuestState>,
+    wasm: &[u8],
+    shape: &ModuleShape,
+    budget: super::compile::CompileBudget,
+    profiler: super::GuestProfiler,
+) -> Result<Module, ApiError> {
+    check_shape(wasm, shape)?;
+    let module = super::compile::compile_in_child(engine, wasm, budget, profiler)?;
+    check_compiled(linker, &module)?;
+    Ok(module)
+}
+
 /// Whether the module calls the tensor ABI: only such invocations get a dispatch session.
 pub fn uses_tensors(module: &Module) -> bool {
     module.imports().any(|i| i.module() == tensor::MODULE)

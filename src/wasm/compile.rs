@@ -1,0 +1,158 @@
+//! Compiling a tenant's module in a child process with a memory and a time budget.
+//!
+//! Cranelift's memory and time grow with a module's size and shape, and neither can be bounded
+//! or interrupted from inside: a 5 MB module of a million empty functions took 98.7 s and
+//! 5.8 GB, and 5.2 GB stayed resident in the server after it was deleted (the allocator keeps what
+//! it freed). So a deploy's module is compiled by `tensor-wasm compile-guest`, this binary again,
+//! under `RLIMIT_AS` (`--compile-memory-mb`) and a wall-clock deadline (`--compile-timeout-ms`),
+//! and dies with its parent. What the compile takes is given back to the system when the child
+//! exits; the server only deserializes the artifact. A child that runs out of either budget is
+//! 400 `module_too_complex`.
+//!
+//! The child reads the module on stdin and writes `Engine::precompile_module`'s artifact on
+//! stdout; the engine it compiles with has the server's compiler settings (`engine::base_config`),
+//! so that the artifact loads into the server's engine, which checks that it does.
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use wasmtime::{Engine, Module};
+
+use super::engine::{compiler_engine, GuestProfiler};
+use crate::error::ApiError;
+
+/// The subcommand the child runs. Hidden from `--help`: it is the server's, not an operator's.
+pub const SUBCOMMAND: &str = "compile-guest";
+
+/// How much one compile may take.
+#[derive(Clone, Copy, Debug)]
+pub struct CompileBudget {
+    /// The child's address-space limit, in bytes.
+    pub memory_bytes: u64,
+    pub timeout: Duration,
+}
+
+/// Exit status of a child whose module does not compile (its message is on stderr).
+const EXIT_INVALID: i32 = 3;
+
+/// The child's body: the module on stdin, the artifact on stdout.
+pub fn child_main(profiler: GuestProfiler) -> i32 {
+    let mut wasm = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut wasm) {
+        eprintln!("cannot read the module: {e}");
+        return 1;
+    }
+    let engine = match compiler_engine(profiler) {
+        Ok(engine) => engine,
+        Err(e) => {
+            eprintln!("cannot build the engine: {e:#}");
+            return 1;
+        }
+    };
+    match engine.precompile_module(&wasm) {
+        Ok(artifact) => match std::io::stdout().lock().write_all(&artifact) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("cannot write the artifact: {e}");
+                1
+            }
+        },
+        Err(e) => {
+            eprintln!("{e:#}");
+            EXIT_INVALID
+        }
+    }
+}
+
+/// Compiles `wasm` in a child process within `budget`, and loads the artifact into `engine`.
+pub fn compile_in_child(
+    engine: &Engine,
+    wasm: &[u8],
+    budget: CompileBudget,
+    profiler: GuestProfiler,
+) -> Result<Module, ApiError> {
+    let exe = std::env::current_exe().map_err(|e| ApiError::Internal(format!("cannot find the binary: {e}")))?;
+    let mut command = Command::new(exe);
+    command.arg(SUBCOMMAND).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // glibc reserves 64 MiB of address space per malloc arena, one per thread up to 8 per CPU;
+    // under an address-space limit those reservations, not the compile, would run out first.
+    command.env("MALLOC_ARENA_MAX", "2");
+    if profiler == GuestProfiler::PerfMap {
+        command.arg("--guest-perf-map");
+    }
+    let memory = budget.memory_bytes;
+    // SAFETY: between fork and exec only async-signal-safe calls: setrlimit and prctl.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(move || {
+            let limit = libc::rlimit { rlim_cur: memory, rlim_max: memory };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // A child outliving a killed server would hold the memory the budget is about.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|e| ApiError::Internal(format!("cannot start the compiler: {e}")))?;
+    let started = Instant::now();
+    let (mut stdin, mut stdout, mut stderr) =
+        (child.stdin.take().expect("piped"), child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
+    let artifact = std::thread::scope(|scope| {
+        // Both pipes are drained by threads of their own, so that neither side blocks the other.
+        let writer = scope.spawn(move || {
+            let _ = stdin.write_all(wasm);
+        });
+        let reader = scope.spawn(move || {
+            let mut out = Vec::new();
+            let _ = stdout.read_to_end(&mut out);
+            out
+        });
+        let errors = scope.spawn(move || {
+            let mut out = Vec::new();
+            // The message of a module that does not compile; capped.
+            let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut out);
+            out
+        });
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if started.elapsed() >= budget.timeout => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => break None,
+            }
+        };
+        let _ = writer.join();
+        (status, reader.join().unwrap_or_default(), errors.join().unwrap_or_default())
+    });
+    let (status, artifact, errors) = artifact;
+    let errors = String::from_utf8_lossy(&errors);
+    let Some(status) = status else {
+        return Err(ApiError::ModuleTooComplex(format!(
+            "compiling it took longer than --compile-timeout-ms ({} ms)",
+            budget.timeout.as_millis()
+        )));
+    };
+    match status.code() {
+        Some(0) => {}
+        Some(EXIT_INVALID) => return Err(ApiError::InvalidModule(errors.trim().to_string())),
+        // Out of address space: Rust reports the failed allocation and aborts; a thread the
+        // compiler could not start fails the same way.
+        _ if errors.contains("memory allocation") || errors.contains("failed to spawn") || status.code().is_none() => {
+            return Err(ApiError::ModuleTooComplex(format!(
+                "compiling it needed more than --compile-memory-mb ({} MiB)",
+                budget.memory_bytes / (1024 * 1024)
+            )));
+        }
+        _ => return Err(ApiError::Internal(format!("the compiler failed ({status}): {}", errors.trim()))),
+    }
+    // SAFETY: the bytes are the artifact this binary's child just made for this engine's
+    // settings; wasmtime checks that the settings match before it maps the code.
+    unsafe { Module::deserialize(engine, &artifact) }
+        .map_err(|e| ApiError::Internal(format!("the compiled artifact does not load: {e:#}")))
+}
