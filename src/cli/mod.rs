@@ -550,7 +550,9 @@ impl ServeArgs {
         positive("max-body-bytes", self.max_body_bytes)?;
         positive("max-invoke-body-bytes", self.max_invoke_body_bytes)?;
         let per_tenant_body_bytes = match self.max_inflight_body_bytes_per_tenant {
-            0 => (self.max_inflight_body_bytes / 2).max(self.max_body_bytes).min(self.max_inflight_body_bytes),
+            0 => (self.max_inflight_body_bytes / 2)
+                .max(self.max_body_bytes.max(self.max_invoke_body_bytes))
+                .min(self.max_inflight_body_bytes),
             n if n < self.max_body_bytes.max(self.max_invoke_body_bytes) => {
                 return Err(format!(
                     "--max-inflight-body-bytes-per-tenant ({n}) is smaller than the largest body a tenant may send: \

@@ -42,7 +42,15 @@ struct State<T> {
     /// Jobs queued per tenant, both lanes.
     per_tenant: HashMap<u64, usize>,
     total: usize,
+    /// The worker is gone: nothing queued will ever be taken.
+    consumer_gone: bool,
+    /// Urgent jobs taken in a row while lines waited: past [`URGENT_STREAK`] a line goes first.
+    urgent_streak: usize,
 }
+
+/// Urgent jobs the worker takes in a row before a waiting line's job: cheap jobs go first, but a
+/// steady stream of them cannot starve every deploy.
+const URGENT_STREAK: usize = 8;
 
 pub struct FairQueue<T> {
     state: Mutex<State<T>>,
@@ -81,6 +89,9 @@ impl<T> Sender<T> {
     pub fn push(&self, tenant: u64, urgent: bool, job: T) -> Result<(), Refused> {
         let q = &self.queue;
         let mut state = q.lock();
+        if state.consumer_gone {
+            return Err(Refused::Closed);
+        }
         if state.total >= q.max_total {
             return Err(Refused::Full);
         }
@@ -133,6 +144,8 @@ impl<T> FairQueue<T> {
                 turn: VecDeque::new(),
                 per_tenant: HashMap::new(),
                 total: 0,
+                consumer_gone: false,
+                urgent_streak: 0,
             }),
             ready: Condvar::new(),
             max_total,
@@ -153,6 +166,20 @@ impl<T> FairQueue<T> {
         self.ready.notify_one();
     }
 
+    /// The worker is gone (it stopped, or its thread died): every queued job is dropped, so that
+    /// whoever waits on one hears so, and later pushes are refused.
+    pub fn close_consumer(&self) {
+        let mut state = self.lock();
+        state.consumer_gone = true;
+        let dropped = (std::mem::take(&mut state.urgent), std::mem::take(&mut state.lines));
+        state.turn.clear();
+        state.urgent_tenants.clear();
+        state.per_tenant.clear();
+        state.total = 0;
+        drop(state);
+        drop(dropped);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
         // A panic while holding it leaves consistent counts: every update is a single step.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -164,10 +191,16 @@ impl<T> FairQueue<T> {
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
         loop {
-            if let Some(job) = state.urgent.pop_front() {
-                let tenant = state.urgent_tenants.pop_front().flatten();
-                state.release(tenant);
-                return Ok(job);
+            let line_due = take_lines && state.urgent_streak >= URGENT_STREAK && !state.turn.is_empty();
+            if !line_due {
+                if let Some(job) = state.urgent.pop_front() {
+                    let tenant = state.urgent_tenants.pop_front().flatten();
+                    state.release(tenant);
+                    if take_lines && !state.turn.is_empty() {
+                        state.urgent_streak += 1;
+                    }
+                    return Ok(job);
+                }
             }
             if take_lines {
                 if let Some(tenant) = state.turn.pop_front() {
@@ -179,6 +212,7 @@ impl<T> FairQueue<T> {
                         state.turn.push_back(tenant);
                     }
                     state.release(Some(tenant));
+                    state.urgent_streak = 0;
                     return Ok(job);
                 }
             }
@@ -226,6 +260,27 @@ mod tests {
         assert_eq!(queue.pop(Duration::ZERO, false), Err(Empty::TimedOut));
         assert_eq!(queue.pop(Duration::ZERO, true), Ok(1));
         tx.push(1, false, 7).unwrap();
+    }
+
+    #[test]
+    fn a_stream_of_urgent_jobs_lets_a_line_through_now_and_then() {
+        let (queue, tx) = FairQueue::new(64, 64);
+        tx.push(1, false, "deploy").unwrap();
+        for _ in 0..20 {
+            tx.push(2, true, "delete").unwrap();
+        }
+        let order: Vec<_> = (0..10).map(|_| queue.pop(Duration::ZERO, true).unwrap()).collect();
+        assert_eq!(order.iter().position(|j| *j == "deploy"), Some(URGENT_STREAK));
+    }
+
+    #[test]
+    fn a_gone_worker_refuses_new_jobs_and_drops_the_queued_ones() {
+        let (queue, tx) = FairQueue::new(4, 4);
+        let job = std::rc::Rc::new(());
+        tx.push(1, false, job.clone()).unwrap();
+        queue.close_consumer();
+        assert_eq!(std::rc::Rc::strong_count(&job), 1, "the queued job was dropped");
+        assert_eq!(tx.push(1, true, job.clone()), Err(Refused::Closed));
     }
 
     #[test]

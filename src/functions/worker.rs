@@ -144,6 +144,8 @@ pub fn spawn(
     let compiler =
         spawn_compiler(engine.clone(), (limits.module_shape, limits.compile_budget), profiler, jobs.clone())?;
     let thread = std::thread::Builder::new().name("tw-catalog".into()).spawn(move || {
+        // However this thread ends (a panic included), the shards waiting on its jobs hear of it.
+        let _gone = ConsumerGone(jobs.clone());
         let linker = match new_linker(&engine) {
             Ok(l) => l,
             Err(e) => {
@@ -170,6 +172,15 @@ pub fn spawn(
     Ok((AdminHandle { tx, per_tenant }, thread))
 }
 
+/// Closes the queue's consumer side when dropped (`FairQueue::close_consumer`).
+struct ConsumerGone(Arc<queue::FairQueue<Job>>);
+
+impl Drop for ConsumerGone {
+    fn drop(&mut self) {
+        self.0.close_consumer();
+    }
+}
+
 /// The compile thread: compiles one deploy's module at a time, off the worker, so that deletes
 /// and pipeline changes never wait behind a compile; hands the result back through the queue.
 /// The compile itself runs in a child process within the budget (`wasm::compile`).
@@ -190,7 +201,11 @@ fn spawn_compiler(
         };
         // Ends when the worker, the only sender, is gone.
         for pending in rx {
-            let result = check_module_in_child(&engine, &linker, &pending.wasm, &shape, budget, profiler);
+            // A panic here must still hand a result back: the worker takes no other deploy until
+            // one comes.
+            let compile = || check_module_in_child(&engine, &linker, &pending.wasm, &shape, budget, profiler);
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(compile))
+                .unwrap_or_else(|_| Err(ApiError::Internal("the compile failed unexpectedly".into())));
             jobs.push_result(Job::Compiled(Box::new(pending), result));
         }
     })?;
@@ -539,6 +554,8 @@ impl Worker {
     /// audit log's reserve.
     fn finish_deploy(&self, pending: &PendingDeploy, module: Module) -> Result<FunctionRecord, ApiError> {
         let PendingDeploy { wasm, digest, tenant_id, .. } = pending;
+        // Before anything is written: a refused deploy must leave no file behind.
+        check_abi(pending.abi, &module).map_err(ApiError::InvalidRequest)?;
         let current = self.catalog.current();
         let owned: Vec<&FunctionRecord> = current
             .values()
@@ -581,7 +598,6 @@ impl Worker {
             self.store.write_module(digest, wasm).map_err(|e| ApiError::Storage(e.to_string()))?;
             self.save_artifact(digest, &module);
         }
-        check_abi(pending.abi, &module).map_err(ApiError::InvalidRequest)?;
         let record = FunctionRecord {
             id: new_id(),
             name: pending.name.clone(),
@@ -594,7 +610,13 @@ impl Worker {
             source: Source::Api,
             env: pending.env.clone(),
         };
-        self.store.write_record(&record).map_err(|e| ApiError::Storage(e.to_string()))?;
+        if let Err(e) = self.store.write_record(&record) {
+            // Files no record refers to would count against no quota: gone with the deploy.
+            if self.catalog.module_with_digest(digest).is_none() {
+                let _ = self.store.remove_module(digest);
+            }
+            return Err(ApiError::Storage(e.to_string()));
+        }
         self.catalog.insert_all([DeployedFunction::new(record.clone(), module)]);
         Ok(record)
     }

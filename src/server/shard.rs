@@ -231,6 +231,7 @@ async fn serve(init: ShardInit) {
             Either::Left(Ok((stream, addr))) => {
                 shard.metrics.connections_accepted.inc();
                 let _ = stream.set_nodelay(true);
+                set_cloexec(&stream);
                 if shard.connections.get() >= shard.max_connections {
                     shard.metrics.connections_refused.inc();
                     // Over TLS a plain-text answer would be noise: just close.
@@ -266,6 +267,14 @@ async fn serve(init: ShardInit) {
         tracing::warn!(shard = id, open = shard.connections.get(), "drain timeout: closing remaining connections");
     }
     shard.audit.close();
+}
+
+/// Marks an accepted socket close-on-exec: monoio's io_uring accept does not, and a child the
+/// server spawns (the module compiler) would otherwise hold its clients' connections open.
+fn set_cloexec(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a descriptor this shard owns.
+    unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
 }
 
 /// Once a window, writes the refusals that coalescing left out of the audit log and that no later

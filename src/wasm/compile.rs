@@ -38,6 +38,18 @@ const EXIT_INVALID: i32 = 3;
 
 /// The child's body: the module on stdin, the artifact on stdout.
 pub fn child_main(profiler: GuestProfiler) -> i32 {
+    // A compile outliving a killed server would hold the memory its budget is about. The parent
+    // may already be gone by now: then so are we.
+    // Whatever the server left open (a connection accepted without CLOEXEC, say) is not the
+    // compiler's to hold: closed before anything else.
+    // SAFETY: the close_range syscall on descriptors this process does not use.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    let parent = std::os::unix::process::parent_id();
+    // SAFETY: plain prctl on this process.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    if std::os::unix::process::parent_id() != parent || parent == 1 {
+        return 1;
+    }
     let mut wasm = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut wasm) {
         eprintln!("cannot read the module: {e}");
@@ -51,7 +63,8 @@ pub fn child_main(profiler: GuestProfiler) -> i32 {
         }
     };
     match engine.precompile_module(&wasm) {
-        Ok(artifact) => match std::io::stdout().lock().write_all(&artifact) {
+        // Flushed here, checked: an exit after a short write must not pass for a whole artifact.
+        Ok(artifact) => match std::io::stdout().lock().write_all(&artifact).and_then(|()| std::io::stdout().flush()) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("cannot write the artifact: {e}");
@@ -72,30 +85,28 @@ pub fn compile_in_child(
     budget: CompileBudget,
     profiler: GuestProfiler,
 ) -> Result<Module, ApiError> {
-    let exe = std::env::current_exe().map_err(|e| ApiError::Internal(format!("cannot find the binary: {e}")))?;
-    let mut command = Command::new(exe);
+    // The running binary's inode, also after an upgrade renamed another over its path.
+    let mut command = Command::new("/proc/self/exe");
     command.arg(SUBCOMMAND).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    // glibc reserves 64 MiB of address space per malloc arena, one per thread up to 8 per CPU;
-    // under an address-space limit those reservations, not the compile, would run out first.
-    command.env("MALLOC_ARENA_MAX", "2");
+    // Nothing of the server's environment (its tokens among it) reaches the compiler. glibc
+    // reserves 64 MiB of address space per malloc arena, one per thread up to 8 per CPU; under an
+    // address-space limit those reservations, not the compile, would run out first.
+    command.env_clear().env("MALLOC_ARENA_MAX", "2").current_dir("/");
     if profiler == GuestProfiler::PerfMap {
         command.arg("--guest-perf-map");
     }
-    let memory = budget.memory_bytes;
-    // SAFETY: between fork and exec only async-signal-safe calls: setrlimit and prctl.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        command.pre_exec(move || {
-            let limit = libc::rlimit { rlim_cur: memory, rlim_max: memory };
-            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // A child outliving a killed server would hold the memory the budget is about.
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+    // No `pre_exec`: with one, std forks the whole server (its page tables, every guest's memory)
+    // instead of spawning. The limit is set on the child before it is sent the module, and it
+    // reads all of the module before it allocates for compiling.
     let mut child = command.spawn().map_err(|e| ApiError::Internal(format!("cannot start the compiler: {e}")))?;
+    let limit = libc::rlimit { rlim_cur: budget.memory_bytes, rlim_max: budget.memory_bytes };
+    // SAFETY: prlimit on our own child, with a valid rlimit and no old-value pointer.
+    if unsafe { libc::prlimit(child.id() as libc::pid_t, libc::RLIMIT_AS, &limit, std::ptr::null_mut()) } != 0 {
+        let e = std::io::Error::last_os_error();
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(ApiError::Internal(format!("cannot limit the compiler's memory: {e}")));
+    }
     let started = Instant::now();
     let (mut stdin, mut stdout, mut stderr) =
         (child.stdin.take().expect("piped"), child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
@@ -106,13 +117,14 @@ pub fn compile_in_child(
         });
         let reader = scope.spawn(move || {
             let mut out = Vec::new();
-            let _ = stdout.read_to_end(&mut out);
-            out
+            stdout.read_to_end(&mut out).map(|_| out)
         });
         let errors = scope.spawn(move || {
             let mut out = Vec::new();
-            // The message of a module that does not compile; capped.
+            // The message of a module that does not compile; capped, the rest read and dropped so
+            // that the child never fails on a closed pipe.
             let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut out);
+            let _ = std::io::copy(&mut stderr, &mut std::io::sink());
             out
         });
         let status = loop {
@@ -124,11 +136,16 @@ pub fn compile_in_child(
                     break None;
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-                Err(_) => break None,
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
             }
         };
         let _ = writer.join();
-        (status, reader.join().unwrap_or_default(), errors.join().unwrap_or_default())
+        let artifact = reader.join().unwrap_or_else(|_| Err(std::io::Error::other("reader panicked")));
+        (status, artifact, errors.join().unwrap_or_default())
     });
     let (status, artifact, errors) = artifact;
     let errors = String::from_utf8_lossy(&errors);
@@ -137,6 +154,11 @@ pub fn compile_in_child(
             "compiling it took longer than --compile-timeout-ms ({} ms)",
             budget.timeout.as_millis()
         )));
+    };
+    let artifact = match (status.code(), artifact) {
+        (Some(0), Ok(artifact)) => artifact,
+        (Some(0), Err(e)) => return Err(ApiError::Internal(format!("cannot read the compiled artifact: {e}"))),
+        (_, _) => Vec::new(),
     };
     match status.code() {
         Some(0) => {}
@@ -149,10 +171,16 @@ pub fn compile_in_child(
                 budget.memory_bytes / (1024 * 1024)
             )));
         }
-        _ => return Err(ApiError::Internal(format!("the compiler failed ({status}): {}", errors.trim()))),
+        _ => {
+            // Its stderr stays in the log: paths and panic text are not for the client.
+            tracing::error!(%status, stderr = %errors.trim().escape_debug(), "the compile child failed");
+            return Err(ApiError::Internal("the compiler failed; the server's log says why".into()));
+        }
     }
-    // SAFETY: the bytes are the artifact this binary's child just made for this engine's
-    // settings; wasmtime checks that the settings match before it maps the code.
+    // SAFETY: the bytes are what this binary, run as our child, wrote after a successful compile;
+    // wasmtime checks that they were made for this engine's settings before it maps the code. The
+    // child is a resource boundary, not a security one: a compiler bug that let a module take
+    // over the child could hand back code of its choosing, as it could in-process.
     unsafe { Module::deserialize(engine, &artifact) }
         .map_err(|e| ApiError::Internal(format!("the compiled artifact does not load: {e:#}")))
 }
