@@ -28,6 +28,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -107,30 +109,52 @@ pub async fn pump() {
     }
 }
 
-/// Hands the turn on: the guest that ran has finished (or stopped waiting) without yielding
-/// again, so the pump need not wait for the shard to park before it lets the next one go.
-/// Called when an invocation ends. Should the guest let go last still be queued, two run in turn
-/// once, which the next yield sets right.
-pub fn guest_done() {
-    // `try_with`: called from drops, which also run while the shard thread's locals are torn
-    // down (a drained shard drops its in-flight invocations then), when there is no turn to pass.
-    let _ = QUEUE.try_with(|q| {
-        if q.released.replace(false) && !q.parked.borrow().is_empty() {
-            if let Some(pump) = q.pump.borrow().as_ref() {
-                pump.wake_by_ref();
+/// One invocation's place in the turns: the id of its latest yield, so that when it ends the
+/// turn is handed on only if it is the guest the pump let go last. Any invocation that ended
+/// handing it on would let one more guest into the run queue each time, and under a stream of
+/// short requests the spinning guests would pile up there again.
+#[derive(Clone, Default)]
+pub struct Turn(Arc<AtomicU64>);
+
+impl Turn {
+    /// A yield of this invocation's: [`yield_now`], remembered as its latest.
+    pub fn yield_now(&self) -> FairYield {
+        FairYield { state: YieldState::New, turn: Some(self.0.clone()) }
+    }
+
+    /// The invocation is over: if it held the turn, the pump need not wait for the shard to park
+    /// before it lets the next guest go.
+    pub fn done(&self) {
+        let id = self.0.load(Ordering::Relaxed);
+        // `try_with`: also runs while the shard thread's locals are torn down (a drained shard
+        // drops its in-flight invocations then), when there is no turn to pass.
+        let _ = QUEUE.try_with(|q| {
+            if id != 0 && q.last_released.get() == id {
+                hand_on(q);
             }
+        });
+    }
+}
+
+/// The guest let go last is done with its turn: the pump may let the next one go.
+fn hand_on(q: &YieldQueue) {
+    if q.released.replace(false) && !q.parked.borrow().is_empty() {
+        if let Some(pump) = q.pump.borrow().as_ref() {
+            pump.wake_by_ref();
         }
-    });
+    }
 }
 
 /// Yields once, behind every task already queued on this shard and every guest that yielded
 /// before. Off a shard (no pump), it falls back to an immediate self-wake.
 pub fn yield_now() -> FairYield {
-    FairYield { state: YieldState::New }
+    FairYield { state: YieldState::New, turn: None }
 }
 
 pub struct FairYield {
     state: YieldState,
+    /// The invocation's [`Turn`], told this yield's id.
+    turn: Option<Arc<AtomicU64>>,
 }
 
 enum YieldState {
@@ -167,6 +191,9 @@ impl Future for FairYield {
                     // From 1: `last_released` starts at 0, which names no yield.
                     let id = q.next_id.get() + 1;
                     q.next_id.set(id);
+                    if let Some(turn) = &self.turn {
+                        turn.store(id, Ordering::Relaxed);
+                    }
                     q.parked.borrow_mut().push_back((id, cx.waker().clone()));
                     // Whichever guest was let go, one is parked again now: the pump may let the
                     // next one go.
@@ -196,10 +223,12 @@ impl Drop for FairYield {
                 Some(at) => {
                     parked.remove(at);
                 }
-                None => {
+                // Let go, and dropped before it ran: its turn is over.
+                None if q.last_released.get() == id => {
                     drop(parked);
-                    guest_done();
+                    hand_on(q);
                 }
+                None => {}
             }
         });
     }

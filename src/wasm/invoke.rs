@@ -196,7 +196,8 @@ pub async fn invoke(
     let mut store = Store::new(engine, state);
     // However the run ends (finished, failed, or its future dropped), the shard's guest turn moves
     // on at once rather than at the next park.
-    let _turn = TurnGuard;
+    let turn = crate::server::fair_yield::Turn::default();
+    let _turn = TurnGuard(turn.clone());
     store.limiter(|s| s);
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(move |_| {
@@ -204,7 +205,7 @@ pub async fn invoke(
             Ok(UpdateDeadline::Interrupt)
         } else {
             // Not `UpdateDeadline::Yield`: on monoio that starves the shard (see fair_yield).
-            Ok(UpdateDeadline::YieldCustom(1, Box::pin(crate::server::fair_yield::yield_now())))
+            Ok(UpdateDeadline::YieldCustom(1, Box::pin(turn.yield_now())))
         }
     });
 
@@ -234,12 +235,12 @@ pub async fn invoke(
     }
 }
 
-/// Calls `fair_yield::guest_done` when dropped.
-struct TurnGuard;
+/// Tells the invocation's turn that it is over when dropped (`fair_yield::Turn::done`).
+struct TurnGuard(crate::server::fair_yield::Turn);
 
 impl Drop for TurnGuard {
     fn drop(&mut self) {
-        crate::server::fair_yield::guest_done();
+        self.0.done();
     }
 }
 
