@@ -361,10 +361,11 @@ impl fmt::Display for ApiError {
             QuotaExceeded { what, used, limit } => {
                 write!(f, "quota `{what}` exceeded: the tenant's modules would take {used} bytes, and may take {limit}")
             }
-            InsufficientStorage { free, needed, reserve } => write!(
+            // Not the free space itself: that is the host's, not a tenant's to learn.
+            InsufficientStorage { needed, reserve, .. } => write!(
                 f,
-                "the data dir has {free} bytes free; storing this module ({needed} bytes) would leave less than \
-                 the {reserve} bytes kept for the audit log"
+                "storing this module ({needed} bytes) would leave less free space than the {reserve} bytes kept \
+                 for the audit log"
             ),
             RateLimited { retry_after_secs } => {
                 write!(f, "this token is over its request rate; retry in {retry_after_secs} s")

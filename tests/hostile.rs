@@ -472,6 +472,9 @@ fn a_tenant_is_held_to_its_function_and_storage_quotas() {
     let r = deploy_module(&server, &attacker, "b", &module_with_data(300_000, 2));
     expect(&r, 403, "quota_exceeded");
     assert!(r.text().contains("`storage`"), "{}", r.text());
+    // A module over the quota by itself is refused before it is compiled.
+    let r = deploy_module(&server, &attacker, "huge", &module_with_data(1_200_000, 3));
+    expect(&r, 403, "quota_exceeded");
     // The same module again costs nothing more.
     let r = deploy_module(&server, &attacker, "a2", &module_with_data(300_000, 1));
     assert_eq!(r.status, 201, "{}", r.text());

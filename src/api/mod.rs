@@ -14,9 +14,9 @@ mod run;
 
 pub use route::Route;
 
-use crate::audit::{Actor, ActorScope, AuditEvent, AuditTicket};
 use std::time::Instant;
 
+use crate::audit::{Actor, ActorScope, AuditEvent, AuditTicket};
 use crate::auth::refusals::{Refused, Verdict};
 use crate::auth::{Caller, Scope};
 use crate::error::ApiError;

@@ -459,6 +459,27 @@ impl Worker {
         }
     }
 
+    /// The storage quota's lower bound before a compile: what the tenant's modules take, plus
+    /// this module's bytes (its artifact, unknown yet, comes on top and is checked after).
+    fn check_storage_floor(&self, pending: &PendingDeploy) -> Result<(), ApiError> {
+        let current = self.catalog.current();
+        let digests: HashSet<&str> = current
+            .values()
+            .map(|f| &f.record)
+            .filter(|r| r.source == Source::Api && r.tenant_id == pending.tenant_id)
+            .map(|r| r.digest.as_str())
+            .collect();
+        if digests.contains(pending.digest.as_str()) {
+            return Ok(());
+        }
+        let used: u64 = digests.iter().map(|d| self.store.stored_bytes(d)).sum::<u64>() + pending.wasm.len() as u64;
+        let limit = self.limits.max_storage_bytes_per_tenant;
+        if used > limit {
+            return Err(ApiError::QuotaExceeded { what: "storage", used, limit });
+        }
+        Ok(())
+    }
+
     /// Refuses a write of `needed` bytes that would leave the data dir's file system with less
     /// than the audit log's reserve: deploys must never take the room every tenant's audit
     /// records need.
@@ -486,12 +507,15 @@ impl Worker {
             let _ = pending.reply.send(outcome);
             return;
         }
-        // Refused before compiling when even the module alone would eat into the reserve.
-        if !self.store.has_module(&pending.digest) {
-            if let Err(e) = self.check_reserve(pending.wasm.len() as u64) {
-                let _ = pending.reply.send(Err(e));
-                return;
-            }
+        // Refused before compiling when even the module alone would pass the tenant's storage
+        // quota or eat into the reserve: a compile can take --compile-timeout-ms.
+        let early = self.check_storage_floor(&pending).and_then(|()| match self.store.has_module(&pending.digest) {
+            true => Ok(()),
+            false => self.check_reserve(pending.wasm.len() as u64),
+        });
+        if let Err(e) = early {
+            let _ = pending.reply.send(Err(e));
+            return;
         }
         match self.compiler.send(pending) {
             Ok(()) => self.compiling.set(true),

@@ -216,7 +216,7 @@ impl Drop for FairYield {
     /// went away) leaves no waker behind; one dropped after it was let go hands the turn on.
     fn drop(&mut self) {
         let YieldState::Parked(id) = self.state else { return };
-        // As in `guest_done`: also run while the thread's locals are torn down.
+        // As in `Turn::done`: also runs while the thread's locals are torn down.
         let _ = QUEUE.try_with(|q| {
             let mut parked = q.parked.borrow_mut();
             match parked.iter().position(|(queued, _)| *queued == id) {
