@@ -75,8 +75,10 @@ pub struct Limits {
     /// Free bytes a deploy must leave on the data dir's file system, for the audit log; past it,
     /// 507 `insufficient_storage`.
     pub audit_reserve_bytes: u64,
-    /// What a deploy's compile may take (`wasm::compile`).
-    pub compile_budget: crate::wasm::compile::CompileBudget,
+    /// What a deploy's compile may take, in a child process that runs this process's own binary
+    /// (`wasm::compile`). `None`: compile in-process, for a program other than `tensor-wasm` that
+    /// embeds the catalog (a benchmark), whose binary has no compile subcommand.
+    pub compile_budget: Option<crate::wasm::compile::CompileBudget>,
     /// What a module may be before it is compiled (`wasm::module::check_shape`).
     pub module_shape: crate::wasm::module::ModuleShape,
     /// Most invocations one tenant may run at once in the process, split over the shards; past

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use tensor_wasm::config::Limits;
 use tensor_wasm::functions::{worker, Catalog, DeployRequest, FunctionCache, FunctionStore};
+use tensor_wasm::wasm::GuestProfiler;
 
 const FUNCTIONS: usize = 1_000;
 const ROUNDS: usize = 5;
@@ -20,22 +22,18 @@ fn main() {
     let temp = tempfile::tempdir().unwrap();
     let dir = std::env::var_os("TW_BENCH_DATA_DIR").map(Into::into).unwrap_or_else(|| temp.path().to_path_buf());
     let config = tensor_wasm_bench::default_config();
-    let limits = Arc::new(config.limits.clone());
-    let engine = tensor_wasm::wasm::build_engine(&limits, tensor_wasm::wasm::GuestProfiler::Off).unwrap();
+    // Compiles in-process: this binary is not `tensor-wasm`, whose compile child the server runs.
+    let limits = Arc::new(Limits { compile_budget: None, ..config.limits.clone() });
+    let engine = tensor_wasm::wasm::build_engine(&limits, GuestProfiler::Off).unwrap();
 
     // Deploy.
     let catalog = Arc::new(Catalog::default());
     let store = FunctionStore::open(&dir).unwrap();
-    let (admin, thread) = worker::spawn(
-        engine.clone(),
-        store,
-        catalog.clone(),
-        limits.clone(),
-        (64, 16),
-        None,
-        tensor_wasm::wasm::GuestProfiler::Off,
-    )
-    .unwrap();
+    let spawn = |store, catalog: &Arc<Catalog>| {
+        worker::spawn(engine.clone(), store, catalog.clone(), limits.clone(), (64, 16), None, GuestProfiler::Off)
+            .unwrap()
+    };
+    let (admin, thread) = spawn(store, &catalog);
     let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().unwrap();
     let deploy_started = Instant::now();
     let ids: Vec<String> = rt.block_on(async {
@@ -61,16 +59,7 @@ fn main() {
         let catalog = Arc::new(Catalog::default());
         let store = FunctionStore::open(&dir).unwrap();
         let started = Instant::now();
-        let (admin, thread) = worker::spawn(
-            engine.clone(),
-            store,
-            catalog.clone(),
-            limits.clone(),
-            (64, 16),
-            None,
-            tensor_wasm::wasm::GuestProfiler::Off,
-        )
-        .unwrap();
+        let (admin, thread) = spawn(store, &catalog);
         while !catalog.is_loaded() {
             std::thread::sleep(Duration::from_micros(100));
         }

@@ -784,10 +784,10 @@ impl ServeArgs {
                 max_functions_per_tenant: self.max_functions_per_tenant,
                 max_storage_bytes_per_tenant: self.max_storage_mb_per_tenant.saturating_mul(1024 * 1024),
                 audit_reserve_bytes: self.audit_reserve_mb.saturating_mul(1024 * 1024),
-                compile_budget: crate::wasm::compile::CompileBudget {
+                compile_budget: Some(crate::wasm::compile::CompileBudget {
                     memory_bytes: self.compile_memory_mb.saturating_mul(1024 * 1024),
                     timeout: std::time::Duration::from_millis(self.compile_timeout_ms),
-                },
+                }),
                 module_shape: crate::wasm::module::ModuleShape {
                     max_functions: self.max_module_functions,
                     max_code_bytes: self.max_module_code_bytes,

@@ -172,6 +172,21 @@ pub fn spawn(
     Ok((AdminHandle { tx, per_tenant }, thread))
 }
 
+/// Checks and compiles a tenant's module: in a child process within `budget` where there is one
+/// (the server), else in-process (`Limits::compile_budget`).
+fn compile_checked(
+    engine: &Engine,
+    linker: &Linker<GuestState>,
+    wasm: &[u8],
+    (shape, budget): (&ModuleShape, Option<CompileBudget>),
+    profiler: GuestProfiler,
+) -> Result<Module, ApiError> {
+    match budget {
+        Some(budget) => check_module_in_child(engine, linker, wasm, shape, budget, profiler),
+        None => check_module(engine, linker, wasm, shape),
+    }
+}
+
 /// Closes the queue's consumer side when dropped (`FairQueue::close_consumer`).
 struct ConsumerGone(Arc<queue::FairQueue<Job>>);
 
@@ -186,7 +201,7 @@ impl Drop for ConsumerGone {
 /// The compile itself runs in a child process within the budget (`wasm::compile`).
 fn spawn_compiler(
     engine: Engine,
-    (shape, budget): (ModuleShape, CompileBudget),
+    (shape, budget): (ModuleShape, Option<CompileBudget>),
     profiler: GuestProfiler,
     jobs: Arc<queue::FairQueue<Job>>,
 ) -> std::io::Result<std::sync::mpsc::Sender<PendingDeploy>> {
@@ -203,7 +218,7 @@ fn spawn_compiler(
         for pending in rx {
             // A panic here must still hand a result back: the worker takes no other deploy until
             // one comes.
-            let compile = || check_module_in_child(&engine, &linker, &pending.wasm, &shape, budget, profiler);
+            let compile = || compile_checked(&engine, &linker, &pending.wasm, (&shape, budget), profiler);
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(compile))
                 .unwrap_or_else(|_| Err(ApiError::Internal("the compile failed unexpectedly".into())));
             jobs.push_result(Job::Compiled(Box::new(pending), result));
@@ -435,7 +450,7 @@ impl Worker {
         // A tenant's module, so within the same budget as its deploy: one that no longer fits is
         // refused in at most --compile-timeout-ms, and its memory is the child's.
         let (shape, budget) = (&self.limits.module_shape, self.limits.compile_budget);
-        match check_module_in_child(&self.engine, &self.linker, &wasm, shape, budget, self.profiler) {
+        match compile_checked(&self.engine, &self.linker, &wasm, (shape, budget), self.profiler) {
             Ok(module) => {
                 *recompiled += 1;
                 self.save_artifact(digest, &module);
