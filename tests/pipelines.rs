@@ -514,20 +514,21 @@ fn a_tenants_tarpit_sink_holds_at_most_its_share_of_workers_and_each_delivery_en
     within(Duration::from_secs(10), "the tarpit holding two deliveries", || accepted.load(Ordering::SeqCst) >= 2);
 
     // A third is refused at once: the tenant has its two deliveries in flight.
-    let t = Instant::now();
     let r = invoke_for(&server, "1", &attacker);
     assert_eq!((r.status, r.error_kind().as_str()), (429, "sink_concurrency_limited"), "{}", r.text());
     assert_eq!(r.header("retry-after"), Some("1"));
     assert!(r.text().contains("--sink-max-inflight-per-tenant"), "{}", r.text());
-    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 
     // Another tenant's delivery meanwhile finds a free worker and is done at once.
     let (fast, sink_thread) = sink(&[200]);
     let bystander = create_for(&server, "2", json!({"name": "p", "steps": ["enrich"], "sink": {"url": fast}}));
-    let t = Instant::now();
     let r = invoke_for(&server, "2", &bystander);
     assert_eq!((r.status, r.json()["delivered"].clone()), (200, json!(true)), "{}", r.text());
-    assert!(t.elapsed() < Duration::from_secs(1), "the bystander waited {:?}", t.elapsed());
+    // Delivered while the tarpit still held both of the attacker's: it waited for none of them.
+    assert!(
+        hanging.iter().all(|t| !t.is_finished()),
+        "the bystander was delivered only after the tarpit's deliveries ended"
+    );
     sink_thread.join().unwrap();
 
     // The tarpit's deliveries end at the cap, not after ten minutes of attempts.
