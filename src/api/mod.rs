@@ -133,12 +133,8 @@ impl PendingAudit {
         latency: std::time::Duration,
         peer: std::net::SocketAddr,
     ) -> (AuditTicket, AuditEvent) {
-        let ts_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
         let event = AuditEvent {
-            ts_unix_ms,
+            ts_unix_ms: AuditEvent::now_unix_ms(),
             request_id: self.request_id,
             actor: self.actor,
             action: self.action,

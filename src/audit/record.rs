@@ -63,6 +63,13 @@ pub struct AuditEvent {
     pub repeated: u64,
 }
 
+impl AuditEvent {
+    /// Now, as a record's `ts_unix_ms` says it.
+    pub fn now_unix_ms() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    }
+}
+
 /// A record being written into a buffer of `MAX_RECORD` bytes or more: the active segment's
 /// mapping itself, so a record is formatted and hashed in place and never copied. A push past the
 /// end is dropped and remembered, so a broken size invariant loses the record, not the process.

@@ -476,10 +476,7 @@ impl Shard {
         };
         let status = if left.kind == "unauthorized" { 401 } else { 429 };
         let event = AuditEvent {
-            ts_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            ts_unix_ms: AuditEvent::now_unix_ms(),
             request_id: self.next_request_id(),
             actor: Actor::Bearer { token_id, scope: ActorScope::None },
             // Not a refusal itself: `repeated` counts the ones it stands for.
