@@ -33,8 +33,7 @@ fn tokens() -> String {
 
 /// A server with the two tenants' tokens, plus `args`.
 fn start(args: &[&str]) -> Server {
-    let dir = tempfile::tempdir().unwrap().keep();
-    Server::start_with(&dir, args, |cmd| {
+    Server::start_fresh_with(args, |cmd| {
         cmd.env("TENSOR_WASM_API_TOKENS", tokens());
     })
 }

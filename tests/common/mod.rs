@@ -130,9 +130,13 @@ pub struct Server {
 impl Server {
     /// Starts a server with a fresh data dir and two shards, plus `args`.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_fresh_with(args, |_| {})
+    }
+
+    /// Like `start`, with a last say over the command. The data dir is removed with the server.
+    pub fn start_fresh_with(args: &[&str], configure: impl FnOnce(&mut Command)) -> Server {
         let temp = tempfile::tempdir().expect("tempdir");
-        let dir = temp.path().to_path_buf();
-        let mut s = Server::start_in(&dir, args);
+        let mut s = Server::start_with(temp.path(), args, configure);
         s._temp = Some(temp);
         s
     }
