@@ -79,6 +79,9 @@ pub struct Limits {
     /// (`wasm::compile`). `None`: compile in-process, for a program other than `tensor-wasm` that
     /// embeds the catalog (a benchmark), whose binary has no compile subcommand.
     pub compile_budget: Option<crate::wasm::compile::CompileBudget>,
+    /// Threads that load stored modules at start-up, and compile a functions directory's new
+    /// modules, side by side (`functions::loader`).
+    pub load_threads: usize,
     /// What a module may be before it is compiled (`wasm::module::check_shape`).
     pub module_shape: crate::wasm::module::ModuleShape,
     /// Most invocations one tenant may run at once in the process, split over the shards; past

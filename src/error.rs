@@ -93,6 +93,11 @@ pub enum ApiError {
     UnsupportedImport(String),
     ImportMismatch(String),
     FunctionNotFound(String),
+    /// A stored function whose module cannot be loaded (`DeployedFunction::broken`).
+    FunctionUnavailable {
+        id: String,
+        reason: String,
+    },
     InvalidInvokeRequest(String),
     ExportNotFound(String),
     /// An envelope function's request body is not JSON.
@@ -218,7 +223,9 @@ impl ApiError {
             | SinkDeliveryFailed { .. } => Status::BadGateway,
             InvokeTimeout { .. } | PipelineTimeout { .. } | SinkDeliveryTimeout { .. } => Status::GatewayTimeout,
             PipelineStep { error, .. } => error.status(),
-            Overloaded(_) | AuditUnavailable | NotReady | Draining => Status::ServiceUnavailable,
+            Overloaded(_) | AuditUnavailable | NotReady | Draining | FunctionUnavailable { .. } => {
+                Status::ServiceUnavailable
+            }
             Storage(_) | Internal(_) => Status::InternalServerError,
         }
     }
@@ -262,6 +269,7 @@ impl ApiError {
             UnsupportedImport(_) => "unsupported_import",
             ImportMismatch(_) => "import_mismatch",
             FunctionNotFound(_) => "function_not_found",
+            FunctionUnavailable { .. } => "function_unavailable",
             InvalidInvokeRequest(_) => "invalid_invoke_request",
             ExportNotFound(_) => "export_not_found",
             InvalidPayload(_) => "invalid_payload",
@@ -412,6 +420,10 @@ impl fmt::Display for ApiError {
             UnsupportedImport(m) => write!(f, "{m}"),
             ImportMismatch(m) => write!(f, "{m}"),
             FunctionNotFound(id) => write!(f, "function `{id}` not found"),
+            FunctionUnavailable { id, reason } => write!(
+                f,
+                "function `{id}` is stored but cannot run: {reason}; deploying the same module again repairs it"
+            ),
             InvalidInvokeRequest(m) => write!(f, "{m}"),
             ExportNotFound(name) => write!(f, "the module exports no function `{name}`"),
             InvalidPayload(m) => {

@@ -4,6 +4,8 @@ use serde_json::json;
 use super::run::{execute, run_step, Message};
 use super::RequestContext;
 use crate::error::ApiError;
+use crate::functions::cache::Missing;
+use crate::functions::catalog::function_json;
 use crate::functions::record::{is_valid_id, Abi};
 use crate::functions::{DeployRequest, LocalFunction};
 use crate::http::{RequestHead, Response, Status};
@@ -20,16 +22,17 @@ pub fn require_loaded(shard: &Shard) -> Result<(), ApiError> {
 
 pub fn list(shard: &Shard, ctx: &RequestContext) -> Result<Response, ApiError> {
     require_loaded(shard)?;
-    let mut records: Vec<_> =
-        shard.functions.list(&shard.shared.catalog).into_iter().filter(|r| r.tenant_id == ctx.tenant).collect();
-    records.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
-    let items: Vec<_> = records.iter().map(|r| r.to_json()).collect();
+    let mut functions = shard.functions.list(&shard.shared.catalog, ctx.tenant);
+    functions.sort_by(|a, b| (a.record.created_unix_ms, &a.record.id).cmp(&(b.record.created_unix_ms, &b.record.id)));
+    let items: Vec<_> = functions.iter().map(|f| f.to_json()).collect();
     Ok(Response::json_value(Status::Ok, &json!({ "functions": items })))
 }
 
+/// A broken function is shown too, with its state and reason.
 pub fn get(shard: &Shard, ctx: &RequestContext, id: &str) -> Result<Response, ApiError> {
-    let f = lookup(shard, ctx.tenant, id)?;
-    Ok(Response::json_value(Status::Ok, &f.deployed.record.to_json()))
+    require_loaded(shard)?;
+    let f = shard.functions.describe(&shard.shared.catalog, ctx.tenant, id).ok_or_else(|| not_found(id))?;
+    Ok(Response::json_value(Status::Ok, &f.to_json()))
 }
 
 /// Deploys; returns the answer and the new function's id.
@@ -45,7 +48,7 @@ pub async fn deploy(shard: &Shard, ctx: &RequestContext, body: Vec<u8>) -> Resul
         client = ctx.client(),
         "function deployed"
     );
-    Ok((Response::json_value(Status::Created, &record.to_json()), record.id))
+    Ok((Response::json_value(Status::Created, &function_json(&record, None)), record.id))
 }
 
 pub async fn delete(shard: &Shard, ctx: &RequestContext, id: &str) -> Result<Response, ApiError> {
@@ -58,15 +61,22 @@ pub async fn delete(shard: &Shard, ctx: &RequestContext, id: &str) -> Result<Res
     Ok(Response::empty(Status::NoContent))
 }
 
-/// The tenant's function `id`. Another tenant's function is "not found", exactly like a missing
-/// one, so that its existence does not leak.
+/// The tenant's function `id`, ready to run. Another tenant's function is "not found", exactly
+/// like a missing one, so that its existence does not leak.
 fn lookup(shard: &Shard, tenant: u64, id: &str) -> Result<std::rc::Rc<LocalFunction>, ApiError> {
     require_loaded(shard)?;
-    shard
-        .functions
-        .get(&shard.shared.catalog, id)
-        .filter(|f| f.deployed.record.tenant_id == tenant)
-        .ok_or_else(|| not_found(id))
+    shard.functions.get(&shard.shared.catalog, tenant, id).map_err(|missing| missing_error(missing, id))
+}
+
+/// The error for a lookup of `reference` that found nothing to run: not found, or broken.
+pub(super) fn missing_error(missing: Missing, reference: &str) -> ApiError {
+    match missing {
+        Missing::NotFound => not_found(reference),
+        Missing::Broken(f) => ApiError::FunctionUnavailable {
+            id: f.record.id.clone(),
+            reason: f.module.as_ref().err().map(|reason| reason.to_string()).unwrap_or_default(),
+        },
+    }
 }
 
 fn not_found(id: &str) -> ApiError {

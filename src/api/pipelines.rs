@@ -5,10 +5,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::functions::require_loaded;
+use super::functions::{missing_error, require_loaded};
 use super::run::{run_step, Message};
 use super::RequestContext;
 use crate::error::ApiError;
+use crate::functions::cache::Missing;
 use crate::functions::record::is_valid_id;
 use crate::http::{RequestHead, Response, Status};
 use crate::pipelines::sink::Delivery;
@@ -80,8 +81,10 @@ pub async fn invoke(
             function_id: function_id.map(str::to_string),
             error: Box::new(error),
         };
-        let Some(function) = shard.functions.resolve(&shard.shared.catalog, ctx.tenant, &step.function) else {
-            return Err(fail(None, ApiError::FunctionNotFound(step.function.clone())));
+        let function = match shard.functions.resolve(&shard.shared.catalog, ctx.tenant, &step.function) {
+            Ok(function) => function,
+            Err(Missing::NotFound) => return Err(fail(None, ApiError::FunctionNotFound(step.function.clone()))),
+            Err(broken) => return Err(fail(None, missing_error(broken, &step.function))),
         };
         let function_id = Some(function.deployed.record.id.as_str());
         if !function.has_start {

@@ -25,6 +25,7 @@ pub fn metrics(shard: &Shard) -> Response {
     let text = render(&ScrapeContext {
         shards: &shared.shard_metrics,
         functions: shared.catalog.len(),
+        broken_functions: shared.catalog.broken_count(),
         pipelines: shared.catalog.pipelines().load().1.len(),
         directory: shared.watches_directory.then_some(&shared.catalog.directory),
         ready: shared.is_ready() && !shared.is_draining(),

@@ -272,6 +272,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_COMPILE_TIMEOUT_MS", default_value_t = 30_000)]
     pub compile_timeout_ms: u64,
 
+    /// Threads that load stored modules at start-up (each checks a module's digest, then loads
+    /// its artifact or compiles it in a child within the compile budget), and that compile a
+    /// functions directory's new modules side by side. 0: one per CPU the server may run on.
+    #[arg(long, env = "TENSOR_WASM_LOAD_THREADS", default_value_t = 0)]
+    pub load_threads: usize,
+
     /// Most functions a deployed module may define; more get 400 `too_many_functions` before
     /// anything is compiled.
     #[arg(long, env = "TENSOR_WASM_MAX_MODULE_FUNCTIONS", default_value_t = 100_000)]
@@ -788,6 +794,10 @@ impl ServeArgs {
                     memory_bytes: self.compile_memory_mb.saturating_mul(1024 * 1024),
                     timeout: std::time::Duration::from_millis(self.compile_timeout_ms),
                 }),
+                load_threads: match self.load_threads {
+                    0 => std::thread::available_parallelism().map_or(1, usize::from),
+                    n => n,
+                },
                 module_shape: crate::wasm::module::ModuleShape {
                     max_functions: self.max_module_functions,
                     max_code_bytes: self.max_module_code_bytes,

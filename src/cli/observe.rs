@@ -183,14 +183,20 @@ fn board(server: &str, w: &Window<'_>) -> (String, Vec<String>) {
         millis(w.p95(duration, &[("route", "/healthz")])),
         millis(w.p95("tensor_wasm_kernel_latency_seconds", &[])),
     );
+    let broken = w.now.sum("tensor_wasm_functions_broken", &[]);
     let _ = writeln!(
         out,
-        "instances    {} active   functions {}   pipelines {}   connections {}",
+        "instances    {} active   functions {} ({broken} broken)   pipelines {}   connections {}",
         w.now.sum("tensor_wasm_active_instances", &[]),
         w.now.sum("tensor_wasm_functions_total", &[]),
         w.now.sum("tensor_wasm_pipelines_total", &[]),
         w.now.sum("tensor_wasm_connections", &[]),
     );
+    // /readyz stays 200 with broken functions, so that one bad module cannot take a fleet out of
+    // rotation; the operator hears of them here.
+    if broken > 0.0 {
+        problems.push(format!("{broken} broken functions (their stored modules cannot be loaded; see GET /functions)"));
+    }
     let audit_errors = w.delta("tensor_wasm_audit_errors_total", &[]);
     let audit = if audit_errors > 0.0 {
         problems.push(format!("{audit_errors} audit write errors"));

@@ -21,6 +21,14 @@ pub struct LocalFunction {
     pub uses_tensors: bool,
 }
 
+/// Why a lookup found nothing to run.
+pub enum Missing {
+    /// No such function (or another tenant's: the caller answers the same).
+    NotFound,
+    /// Listed, but its module cannot be loaded (`DeployedFunction::broken`).
+    Broken(Arc<DeployedFunction>),
+}
+
 /// A shard's own copy of the catalog. On each lookup it compares the catalog's generation with the
 /// one it copied (one atomic load); only when they differ does it take the catalog's read lock.
 ///
@@ -29,6 +37,8 @@ pub struct FunctionCache {
     linker: Linker<GuestState>,
     generation: Cell<u64>,
     map: RefCell<HashMap<String, Rc<LocalFunction>>>,
+    /// Broken functions by id: listed and found, never run.
+    broken: RefCell<HashMap<String, Arc<DeployedFunction>>>,
     /// (tenant, name) to the id a pipeline step of that name runs (`record::name_rank`).
     names: RefCell<HashMap<(u64, String), String>>,
     pipelines: Subscription<PipelineMap>,
@@ -40,26 +50,47 @@ impl FunctionCache {
             linker: new_linker(engine)?,
             generation: Cell::new(u64::MAX),
             map: RefCell::default(),
+            broken: RefCell::default(),
             names: RefCell::default(),
             pipelines: Subscription::default(),
         })
     }
 
-    pub fn get(&self, catalog: &Catalog, id: &str) -> Option<Rc<LocalFunction>> {
+    /// The function `id` of `tenant`, ready to run.
+    pub fn get(&self, catalog: &Catalog, tenant: u64, id: &str) -> Result<Rc<LocalFunction>, Missing> {
         self.sync(catalog);
-        self.map.borrow().get(id).cloned()
+        self.find(tenant, id)
     }
 
     /// The function of `tenant` that `reference`, an id or a name, means (`record::resolve`).
-    pub fn resolve(&self, catalog: &Catalog, tenant: u64, reference: &str) -> Option<Rc<LocalFunction>> {
+    pub fn resolve(&self, catalog: &Catalog, tenant: u64, reference: &str) -> Result<Rc<LocalFunction>, Missing> {
         self.sync(catalog);
-        let map = self.map.borrow();
-        let found = if is_valid_id(reference) {
-            map.get(reference)
-        } else {
-            self.names.borrow().get(&(tenant, reference.to_string())).and_then(|id| map.get(id))
-        };
-        found.filter(|f| f.deployed.record.tenant_id == tenant).cloned()
+        if is_valid_id(reference) {
+            return self.find(tenant, reference);
+        }
+        match self.names.borrow().get(&(tenant, reference.to_string())) {
+            Some(id) => self.find(tenant, id),
+            None => Err(Missing::NotFound),
+        }
+    }
+
+    fn find(&self, tenant: u64, id: &str) -> Result<Rc<LocalFunction>, Missing> {
+        if let Some(f) = self.map.borrow().get(id).filter(|f| f.deployed.record.tenant_id == tenant) {
+            return Ok(f.clone());
+        }
+        match self.broken.borrow().get(id).filter(|f| f.record.tenant_id == tenant) {
+            Some(f) => Err(Missing::Broken(f.clone())),
+            None => Err(Missing::NotFound),
+        }
+    }
+
+    /// The function `id` of `tenant` as the API shows it, broken or not.
+    pub fn describe(&self, catalog: &Catalog, tenant: u64, id: &str) -> Option<Arc<DeployedFunction>> {
+        match self.get(catalog, tenant, id) {
+            Ok(f) => Some(f.deployed.clone()),
+            Err(Missing::Broken(f)) => Some(f),
+            Err(Missing::NotFound) => None,
+        }
     }
 
     /// Every pipeline: an atomic load, plus a copy only when they changed.
@@ -67,9 +98,12 @@ impl FunctionCache {
         self.pipelines.get(catalog.pipelines())
     }
 
-    pub fn list(&self, catalog: &Catalog) -> Vec<FunctionRecord> {
+    /// Every function of `tenant`, broken ones included.
+    pub fn list(&self, catalog: &Catalog, tenant: u64) -> Vec<Arc<DeployedFunction>> {
         self.sync(catalog);
-        self.map.borrow().values().map(|f| f.deployed.record.clone()).collect()
+        let ready = self.map.borrow().values().map(|f| f.deployed.clone()).collect::<Vec<_>>();
+        let broken = self.broken.borrow().values().cloned().collect::<Vec<_>>();
+        ready.into_iter().chain(broken).filter(|f| f.record.tenant_id == tenant).collect()
     }
 
     fn sync(&self, catalog: &Catalog) {
@@ -79,25 +113,31 @@ impl FunctionCache {
         let (generation, functions) = catalog.snapshot();
         let mut old = self.map.take();
         let mut map = HashMap::with_capacity(functions.len());
+        let mut broken = HashMap::new();
         for (id, deployed) in functions.iter() {
             let (id, deployed) = (id.clone(), deployed.clone());
             if let Some(kept) = old.remove(&id).filter(|f| Arc::ptr_eq(&f.deployed, &deployed)) {
                 map.insert(id, kept);
                 continue;
             }
-            match self.linker.instantiate_pre(&deployed.module) {
+            let Ok(module) = &deployed.module else {
+                broken.insert(id, deployed);
+                continue;
+            };
+            match self.linker.instantiate_pre(module) {
                 Ok(pre) => {
-                    let has_start = deployed.module.get_export("_start").is_some();
-                    let uses_tensors = uses_tensors(&deployed.module);
+                    let has_start = module.get_export("_start").is_some();
+                    let uses_tensors = uses_tensors(module);
                     map.insert(id, Rc::new(LocalFunction { deployed, pre, has_start, uses_tensors }));
                 }
                 // The worker linked this module against an identical linker; failing here is a bug.
                 Err(e) => tracing::error!(function = %id, "cannot pre-link on this shard: {e:#}"),
             }
         }
+        // Broken functions take part in name resolution: a step naming one is told it is broken,
+        // not sent to an older function of the same name.
         let mut names: HashMap<(u64, String), &FunctionRecord> = HashMap::with_capacity(map.len());
-        for f in map.values() {
-            let r = &f.deployed.record;
+        for r in map.values().map(|f| &f.deployed.record).chain(broken.values().map(|f| &f.record)) {
             let slot = names.entry((r.tenant_id, r.name.clone())).or_insert(r);
             if name_rank(r) > name_rank(slot) {
                 *slot = r;
@@ -106,6 +146,7 @@ impl FunctionCache {
         let names = names.into_iter().map(|(key, r)| (key, r.id.clone())).collect();
         self.names.replace(names);
         self.map.replace(map);
+        self.broken.replace(broken);
         self.generation.set(generation);
     }
 }

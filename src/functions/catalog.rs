@@ -12,16 +12,47 @@ use crate::wasm::WasiArgs;
 /// A live function: its record and its compiled module, shared by every shard.
 pub struct DeployedFunction {
     pub record: FunctionRecord,
-    pub module: Module,
+    /// The compiled module, or why a stored function's module cannot be loaded (its file is
+    /// missing or corrupt, or no longer accepted). A broken function stays listed, counted and
+    /// deletable, so that a tenant's acknowledged deploy never vanishes silently; invoking it is
+    /// 503 `function_unavailable` until the same bytes are deployed again.
+    pub module: Result<Module, Arc<str>>,
     pub wasi: Arc<WasiArgs>,
 }
 
 impl DeployedFunction {
     pub fn new(record: FunctionRecord, module: Module) -> Self {
+        Self::with(record, Ok(module))
+    }
+
+    /// A stored function whose module cannot be loaded, and why.
+    pub fn broken(record: FunctionRecord, reason: String) -> Self {
+        Self::with(record, Err(reason.into()))
+    }
+
+    fn with(record: FunctionRecord, module: Result<Module, Arc<str>>) -> Self {
         let env: Vec<(&str, &str)> = record.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let wasi = Arc::new(WasiArgs::new(&[record.name.as_str()], &env));
         DeployedFunction { record, module, wasi }
     }
+
+    /// The API's view (`function_json`).
+    pub fn to_json(&self) -> serde_json::Value {
+        function_json(&self.record, self.module.as_ref().err().map(|reason| &**reason))
+    }
+}
+
+/// The API's view of a function: its record, its state (`ready`, or `broken` with the reason).
+pub fn function_json(record: &FunctionRecord, broken: Option<&str>) -> serde_json::Value {
+    let mut json = record.to_json();
+    match broken {
+        None => json["state"] = "ready".into(),
+        Some(reason) => {
+            json["state"] = "broken".into();
+            json["reason"] = reason.into();
+        }
+    }
+    json
 }
 
 /// Live functions by id.
@@ -106,10 +137,15 @@ impl Catalog {
         self.len() == 0
     }
 
+    /// Functions listed but not runnable (`DeployedFunction::broken`).
+    pub fn broken_count(&self) -> usize {
+        self.current().values().filter(|f| f.module.is_err()).count()
+    }
+
     /// A compiled module with this digest, if some live function has it: deploying the same bytes
     /// twice compiles once.
     pub fn module_with_digest(&self, digest: &str) -> Option<Module> {
-        self.current().values().find(|f| f.record.digest == digest).map(|f| f.module.clone())
+        self.current().values().filter(|f| f.record.digest == digest).find_map(|f| f.module.clone().ok())
     }
 
     /// Adds functions. The catalog worker's alone: writes are not serialised with each other.

@@ -5,6 +5,8 @@
 //!   every write atomic (temp file, rename, fsync of the directory).
 //! - [`catalog`]: the process's authoritative map of live functions, shared by the shards; written
 //!   only by the worker, read by a shard only when its generation moved.
+//! - [`loader`]: a digest to a compiled module, from its verified artifact or by compiling its
+//!   verified bytes; many at once at start-up.
 //! - [`worker`]: the thread that loads the store at start-up and performs deploys and deletes, so
 //!   that compiling and fsyncing never run on a shard. It also applies the functions directory.
 //! - [`directory`] and [`manifest`]: the functions directory's files (`--functions-dir`), and the
@@ -12,6 +14,7 @@
 
 pub mod catalog;
 pub mod directory;
+pub mod loader;
 pub mod manifest;
 pub mod queue;
 pub mod record;

@@ -1,5 +1,6 @@
+use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -10,6 +11,13 @@ use crate::pipelines::PipelineRecord;
 /// Header of a stored precompiled artifact: magic, then the SHA-256 of the payload. wasmtime trusts
 /// the bytes it deserializes, so a corrupt artifact must be caught before it gets there.
 const ARTIFACT_MAGIC: &[u8; 8] = b"TWART01\n";
+
+/// What [`FunctionStore::sweep`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    pub temp_files: usize,
+    pub orphaned_modules: usize,
+}
 
 /// The data dir:
 /// ```text
@@ -41,7 +49,7 @@ fn digest_hex(digest: &str) -> &str {
 }
 
 impl FunctionStore {
-    /// Opens (creating if needed) the data dir and sweeps temp files left by a crash.
+    /// Opens (creating if needed) the data dir.
     pub fn open(root: &Path) -> io::Result<Self> {
         let store = FunctionStore {
             modules: root.join("modules"),
@@ -50,14 +58,39 @@ impl FunctionStore {
         };
         for dir in [&store.modules, &store.functions, &store.pipelines] {
             fs::create_dir_all(dir)?;
+        }
+        Ok(store)
+    }
+
+    /// Removes what a crash can leave behind: temp files of writes cut short, and stored modules
+    /// (with their artifacts) that no record in `referenced` uses, such as a deploy's module
+    /// written before a kill -9 kept its record from being written. Run at start-up, before
+    /// anything else writes. Artifacts without a module are the functions directory's, swept with
+    /// it.
+    pub fn sweep(&self, referenced: &HashSet<&str>) -> io::Result<Swept> {
+        let mut swept = Swept::default();
+        for dir in [&self.modules, &self.functions, &self.pipelines] {
             for entry in fs::read_dir(dir)? {
                 let entry = entry?;
                 if entry.file_name().to_string_lossy().starts_with(".tmp-") {
-                    let _ = fs::remove_file(entry.path());
+                    remove_if_present(&entry.path())?;
+                    swept.temp_files += 1;
                 }
             }
         }
-        Ok(store)
+        for entry in fs::read_dir(&self.modules)? {
+            let path = entry?.path();
+            let Some(hex) = stored_hex(&path, "wasm") else { continue };
+            if !referenced.contains(format!("sha256:{hex}").as_str()) {
+                remove_if_present(&path.with_extension("cwasm"))?;
+                remove_if_present(&path)?;
+                swept.orphaned_modules += 1;
+            }
+        }
+        if swept != Swept::default() {
+            sync_dir(&self.modules)?;
+        }
+        Ok(swept)
     }
 
     fn module_path(&self, digest: &str) -> PathBuf {
@@ -76,16 +109,32 @@ impl FunctionStore {
         write_atomic(&self.module_path(digest), wasm)
     }
 
-    /// Whether the module's file is present (its bytes are checked when read).
-    pub fn has_module(&self, digest: &str) -> bool {
-        self.module_path(digest).is_file()
+    /// Checks the module's file against its digest, streaming it through the hash: `Ok` only for
+    /// a file that holds exactly the deployed bytes. "Already stored" means this, never that a
+    /// file of that name exists.
+    pub fn verify_module(&self, digest: &str) -> io::Result<()> {
+        let mut file = File::open(self.module_path(digest))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => hasher.update(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if hex(&hasher.finalize()) != digest_hex(digest) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "not the bytes of its digest"));
+        }
+        Ok(())
     }
 
     /// The module's bytes, if present and matching their digest.
     pub fn read_module(&self, digest: &str) -> io::Result<Vec<u8>> {
         let bytes = fs::read(self.module_path(digest))?;
         if sha256_hex(&bytes) != digest_hex(digest) {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "module bytes do not match their digest"));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "not the bytes of its digest"));
         }
         Ok(bytes)
     }
@@ -137,12 +186,8 @@ impl FunctionStore {
         let mut digests = Vec::new();
         for entry in fs::read_dir(&self.modules)? {
             let path = entry?.path();
-            let Some(hex) = path.file_stem().and_then(|s| s.to_str()) else { continue };
-            // Named by a SHA-256, not a temp file of a write in progress.
-            let artifact = path.extension().is_some_and(|e| e == "cwasm")
-                && hex.len() == 64
-                && hex.bytes().all(|b| b.is_ascii_hexdigit());
-            if artifact && !path.with_extension("wasm").exists() {
+            let Some(hex) = stored_hex(&path, "cwasm") else { continue };
+            if !path.with_extension("wasm").exists() {
                 digests.push(format!("sha256:{hex}"));
             }
         }
@@ -196,6 +241,16 @@ impl FunctionStore {
     pub fn list_pipelines(&self) -> io::Result<Vec<Result<PipelineRecord, String>>> {
         list_json(&self.pipelines)
     }
+}
+
+/// The hex digest that names `path`, a stored file with `extension`; `None` for anything else (a
+/// temp file of a write in progress among them).
+fn stored_hex<'a>(path: &'a Path, extension: &str) -> Option<&'a str> {
+    let hex = path.file_stem()?.to_str()?;
+    let named = path.extension().is_some_and(|e| e == extension)
+        && hex.len() == 64
+        && hex.bytes().all(|b| b.is_ascii_hexdigit());
+    named.then_some(hex)
 }
 
 fn list_json<T: serde::de::DeserializeOwned>(dir: &Path) -> io::Result<Vec<Result<T, String>>> {
@@ -285,9 +340,32 @@ mod tests {
         assert_eq!(store.read_module(&digest).unwrap(), b"abc");
         fs::write(store.module_path(&digest), b"abd").unwrap();
         assert!(store.read_module(&digest).is_err());
+        assert_eq!(store.verify_module(&digest).unwrap_err().kind(), io::ErrorKind::InvalidData);
+        fs::write(store.module_path(&digest), b"abc").unwrap();
+        store.verify_module(&digest).unwrap();
+        fs::remove_file(store.module_path(&digest)).unwrap();
+        assert_eq!(store.verify_module(&digest).unwrap_err().kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn sweep_removes_temp_files_and_orphans_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FunctionStore::open(dir.path()).unwrap();
+        let (kept, orphan, folder) = (digest_of(b"kept"), digest_of(b"orphan"), digest_of(b"folder"));
+        for d in [&kept, &orphan] {
+            store.write_module(d, d.as_bytes()).unwrap();
+            store.write_artifact(d, b"compiled").unwrap();
+        }
+        store.write_artifact(&folder, b"compiled").unwrap();
         fs::write(dir.path().join("functions/.tmp-x-y.json"), b"{").unwrap();
-        FunctionStore::open(dir.path()).unwrap();
+        fs::write(dir.path().join("modules/notes.txt"), b"an operator's").unwrap();
+        let swept = store.sweep(&HashSet::from([kept.as_str()])).unwrap();
+        assert_eq!(swept, Swept { temp_files: 1, orphaned_modules: 1 });
         assert!(!dir.path().join("functions/.tmp-x-y.json").exists());
+        assert!(!store.module_path(&orphan).exists() && !store.artifact_path(&orphan).exists());
+        assert!(store.module_path(&kept).exists() && store.artifact_path(&kept).exists());
+        assert!(store.artifact_path(&folder).exists() && dir.path().join("modules/notes.txt").exists());
+        assert_eq!(store.sweep(&HashSet::from([kept.as_str()])).unwrap(), Swept::default());
     }
 
     #[test]

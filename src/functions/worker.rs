@@ -18,6 +18,7 @@ use wasmtime::{Engine, Linker, Module};
 
 use super::catalog::{FunctionMap, PipelineMap};
 use super::directory::{self, FunctionFiles, Stamp};
+use super::loader::{self, ModuleLoader};
 use super::manifest::FunctionManifest;
 use super::queue;
 use super::record::{directory_id, new_id, resolve, validate_env, validate_name, Abi, Source};
@@ -27,9 +28,9 @@ use crate::config::Limits;
 use crate::error::ApiError;
 use crate::pipelines::{PipelineRecord, PipelineSpec};
 use crate::wasm::compile::CompileBudget;
-use crate::wasm::module::{check_compiled, check_module_in_child, ModuleShape};
+use crate::wasm::module::ModuleShape;
 use crate::wasm::GuestProfiler;
-use crate::wasm::{check_module, new_linker, GuestState};
+use crate::wasm::{new_linker, GuestState};
 
 /// A deploy as it arrives: the raw JSON body, parsed on the worker so that a 64 MiB body never
 /// stalls a shard.
@@ -172,21 +173,6 @@ pub fn spawn(
     Ok((AdminHandle { tx, per_tenant }, thread))
 }
 
-/// Checks and compiles a tenant's module: in a child process within `budget` where there is one
-/// (the server), else in-process (`Limits::compile_budget`).
-fn compile_checked(
-    engine: &Engine,
-    linker: &Linker<GuestState>,
-    wasm: &[u8],
-    (shape, budget): (&ModuleShape, Option<CompileBudget>),
-    profiler: GuestProfiler,
-) -> Result<Module, ApiError> {
-    match budget {
-        Some(budget) => check_module_in_child(engine, linker, wasm, shape, budget, profiler),
-        None => check_module(engine, linker, wasm, shape),
-    }
-}
-
 /// Closes the queue's consumer side when dropped (`FairQueue::close_consumer`).
 struct ConsumerGone(Arc<queue::FairQueue<Job>>);
 
@@ -218,7 +204,7 @@ fn spawn_compiler(
         for pending in rx {
             // A panic here must still hand a result back: the worker takes no other deploy until
             // one comes.
-            let compile = || compile_checked(&engine, &linker, &pending.wasm, (&shape, budget), profiler);
+            let compile = || loader::compile(&engine, &linker, &pending.wasm, (&shape, budget), profiler);
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(compile))
                 .unwrap_or_else(|_| Err(ApiError::Internal("the compile failed unexpectedly".into())));
             jobs.push_result(Job::Compiled(Box::new(pending), result));
@@ -337,8 +323,9 @@ impl Worker {
         }
     }
 
-    /// Loads every stored function. A function whose module cannot be loaded is logged and left
-    /// out; the others serve. Artifacts are reused; a corrupt or incompatible one is recompiled.
+    /// Loads every stored function, the modules in parallel (`loader`). A function whose module
+    /// cannot be loaded is listed as broken, never dropped; the others serve. Files no record uses
+    /// are swept first.
     fn load(&self) {
         let started = Instant::now();
         let records = match self.store.list_records() {
@@ -349,34 +336,47 @@ impl Worker {
                 return;
             }
         };
-        let mut modules: HashMap<String, Option<Module>> = HashMap::new();
-        let mut live = Vec::new();
-        let (mut recompiled, mut failed) = (0usize, 0usize);
-        for record in records {
-            let record = match record {
-                Ok(r) => r,
-                Err(e) => {
+        let mut unreadable = 0usize;
+        let records: Vec<FunctionRecord> = records
+            .into_iter()
+            .filter_map(|r| {
+                r.map_err(|e| {
                     tracing::error!("skipping unreadable function record {e}");
-                    failed += 1;
-                    continue;
-                }
-            };
-            let module = modules
-                .entry(record.digest.clone())
-                .or_insert_with(|| self.load_module(&record.digest, &mut recompiled))
-                .clone();
+                    unreadable += 1;
+                })
+                .ok()
+            })
+            .collect();
+        let referenced: HashSet<&str> = records.iter().map(|r| r.digest.as_str()).collect();
+        match self.store.sweep(&referenced) {
+            Ok(swept) => tracing::info!(
+                temp_files = swept.temp_files,
+                orphaned_modules = swept.orphaned_modules,
+                "store swept of what no record uses"
+            ),
+            Err(e) => tracing::warn!("cannot sweep the store: {e}"),
+        }
+        let digests: Vec<String> = referenced.iter().map(|d| d.to_string()).collect();
+        let loaded = self.loader().load_all(&digests, self.limits.load_threads);
+        let (mut live, mut broken) = (Vec::with_capacity(records.len()), 0usize);
+        for record in records {
             self.last_created_ms.set(self.last_created_ms.get().max(record.created_unix_ms));
-            match module {
-                Some(module) => live.push(DeployedFunction::new(record, module)),
-                None => failed += 1,
-            }
+            live.push(match &loaded[&record.digest].module {
+                Ok(module) => DeployedFunction::new(record, module.clone()),
+                Err(reason) => {
+                    broken += 1;
+                    DeployedFunction::broken(record, reason.clone())
+                }
+            });
         }
         // Logged before readiness flips, so that anything watching the log sees it by then.
         tracing::info!(
             functions = live.len(),
-            modules = modules.len(),
-            recompiled,
-            failed,
+            modules = loaded.len(),
+            recompiled = loaded.values().filter(|l| l.compiled).count(),
+            damaged = loaded.values().filter(|l| l.damaged).count(),
+            broken,
+            unreadable,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "stored functions loaded"
         );
@@ -388,6 +388,17 @@ impl Worker {
             self.sweep_directory_artifacts();
         }
         self.catalog.mark_loaded();
+    }
+
+    fn loader(&self) -> ModuleLoader<'_> {
+        ModuleLoader {
+            engine: &self.engine,
+            linker: &self.linker,
+            store: &self.store,
+            shape: self.limits.module_shape,
+            budget: self.limits.compile_budget,
+            profiler: self.profiler,
+        }
     }
 
     fn load_pipelines(&self) {
@@ -410,68 +421,6 @@ impl Worker {
         }
         tracing::info!(pipelines = map.len(), "stored pipelines loaded");
         self.catalog.publish_pipelines(map);
-    }
-
-    /// The module from its precompiled artifact, if that is present, intact and still accepted.
-    fn module_from_artifact(&self, digest: &str) -> Option<Module> {
-        let bytes = match self.store.read_artifact(digest) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-            Err(e) => {
-                tracing::warn!(digest, "artifact unreadable or corrupt: {e}");
-                return None;
-            }
-        };
-        // SAFETY: the bytes are wasmtime's own serialisation, written by this program and
-        // verified against their SHA-256 just now; wasmtime itself rejects artifacts of another
-        // version or configuration.
-        match unsafe { Module::deserialize(&self.engine, &bytes) } {
-            Ok(m) if check_compiled(&self.linker, &m).is_ok() => Some(m),
-            Ok(_) => None,
-            Err(e) => {
-                tracing::warn!(digest, "artifact not usable: {e:#}");
-                None
-            }
-        }
-    }
-
-    fn load_module(&self, digest: &str, recompiled: &mut usize) -> Option<Module> {
-        if let Some(module) = self.module_from_artifact(digest) {
-            return Some(module);
-        }
-        tracing::warn!(digest, "no usable artifact, recompiling");
-        let wasm = match self.store.read_module(digest) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!(digest, "module unreadable, its functions are not served: {e}");
-                return None;
-            }
-        };
-        // A tenant's module, so within the same budget as its deploy: one that no longer fits is
-        // refused in at most --compile-timeout-ms, and its memory is the child's.
-        let (shape, budget) = (&self.limits.module_shape, self.limits.compile_budget);
-        match compile_checked(&self.engine, &self.linker, &wasm, (shape, budget), self.profiler) {
-            Ok(module) => {
-                *recompiled += 1;
-                self.save_artifact(digest, &module);
-                Some(module)
-            }
-            Err(e) => {
-                tracing::error!(digest, "module no longer accepted, its functions are not served: {e}");
-                None
-            }
-        }
-    }
-
-    fn save_artifact(&self, digest: &str, module: &Module) {
-        let saved = module
-            .serialize()
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| self.store.write_artifact(digest, &bytes).map_err(|e| e.to_string()));
-        if let Err(e) = saved {
-            // Not fatal: the next start recompiles.
-            tracing::warn!(digest, "cannot save the precompiled artifact: {e}");
-        }
     }
 
     /// The storage quota's lower bound before a compile: what the tenant's modules take, plus
@@ -524,9 +473,9 @@ impl Worker {
         }
         // Refused before compiling when even the module alone would pass the tenant's storage
         // quota or eat into the reserve: a compile can take --compile-timeout-ms.
-        let early = self.check_storage_floor(&pending).and_then(|()| match self.store.has_module(&pending.digest) {
-            true => Ok(()),
-            false => self.check_reserve(pending.wasm.len() as u64),
+        let early = self.check_storage_floor(&pending).and_then(|()| match self.store.verify_module(&pending.digest) {
+            Ok(()) => Ok(()),
+            Err(_) => self.check_reserve(pending.wasm.len() as u64),
         });
         if let Err(e) = early {
             let _ = pending.reply.send(Err(e));
@@ -611,7 +560,7 @@ impl Worker {
                 .iter()
                 .map(|d| self.store.stored_bytes(d))
                 .sum();
-            let stored = self.store.has_module(digest);
+            let stored = self.store.verify_module(digest).is_ok();
             let artifact =
                 if stored { None } else { Some(module.serialize().map_err(|e| ApiError::Internal(format!("{e:#}")))?) };
             let adding = match &artifact {
@@ -632,10 +581,11 @@ impl Worker {
                     tracing::warn!(digest, "cannot save the precompiled artifact: {e}");
                 }
             }
-        } else if !self.store.has_module(digest) {
+        } else if self.store.verify_module(digest).is_err() {
+            // Missing or corrupt: these bytes repair it (and its artifact, which may be gone too).
             self.check_reserve(wasm.len() as u64)?;
             self.store.write_module(digest, wasm).map_err(|e| ApiError::Storage(e.to_string()))?;
-            self.save_artifact(digest, &module);
+            self.loader().save_artifact(digest, &module);
         }
         let record = FunctionRecord {
             id: new_id(),
@@ -656,7 +606,17 @@ impl Worker {
             }
             return Err(ApiError::Storage(e.to_string()));
         }
-        self.catalog.insert_all([DeployedFunction::new(record.clone(), module)]);
+        // Functions left broken by a missing or corrupt copy of these bytes run again: the store
+        // has them intact now.
+        let revived: Vec<DeployedFunction> = current
+            .values()
+            .filter(|f| f.module.is_err() && f.record.digest == *digest)
+            .map(|f| DeployedFunction::new(f.record.clone(), module.clone()))
+            .collect();
+        if !revived.is_empty() {
+            tracing::info!(digest, functions = revived.len(), "broken functions repaired by a deploy of their module");
+        }
+        self.catalog.insert_all(revived.into_iter().chain([DeployedFunction::new(record.clone(), module)]));
         Ok(record)
     }
 
@@ -782,7 +742,10 @@ fn check_steps(functions: &FunctionMap, pipeline: &PipelineRecord) -> Result<(),
         let Some(record) = resolve(records, pipeline.tenant_id, &step.function) else {
             return Err(format!("step {index}: no function `{}` in this tenant", step.function));
         };
-        let module = &functions[&record.id].module;
+        let module = match &functions[&record.id].module {
+            Ok(module) => module,
+            Err(reason) => return Err(format!("step {index}: function `{}` is broken: {reason}", step.function)),
+        };
         if module.get_export("_start").is_none() {
             return Err(format!("step {index}: function `{}` has no `_start`, so it cannot be a step", step.function));
         }
@@ -825,6 +788,13 @@ impl Worker {
         let mut functions: Option<FunctionMap> = None;
         let mut changes = 0u64;
         let mut seen = watch.functions.borrow_mut();
+        let changed: Vec<&FunctionFiles> = listing
+            .functions
+            .iter()
+            .filter(|(name, files)| files.stamps().is_ok_and(|stamps| seen.get(*name) != Some(&stamps)))
+            .map(|(_, files)| files)
+            .collect();
+        self.precompile_directory(&changed);
         for (name, files) in &listing.functions {
             // A file removed since the listing: the next listing sees it gone.
             let Ok(stamps) = files.stamps() else { continue };
@@ -961,16 +931,35 @@ impl Worker {
         Ok(DeployedFunction::new(record, module))
     }
 
+    /// Compiles the new modules among `changed` together, a batch of `--load-threads` at a time
+    /// (so that at most that many modules are held at once), before they are loaded one by one:
+    /// a first start on a folder of many modules takes a fraction of compiling them in turn.
+    fn precompile_directory(&self, changed: &[&FunctionFiles]) {
+        if changed.len() < 2 {
+            return;
+        }
+        let (loader, threads) = (self.loader(), self.limits.load_threads.max(1));
+        for batch in changed.chunks(threads) {
+            let modules: Vec<(String, Vec<u8>)> = batch
+                .iter()
+                .filter_map(|files| directory::read_limited(&files.wasm, self.limits.max_body_bytes).ok())
+                .map(|wasm| (digest_of(&wasm), wasm))
+                .collect();
+            loader.precompile(&modules, |digest| self.catalog.module_with_digest(digest).is_some(), threads);
+        }
+    }
+
     /// A directory function's module: live already, or from the artifact an earlier start or
     /// listing saved, or compiled now with its artifact saved, so that a restart does not compile
     /// the whole folder again.
     fn directory_module(&self, digest: &str, wasm: &[u8]) -> Result<Module, ApiError> {
-        if let Some(module) = self.catalog.module_with_digest(digest).or_else(|| self.module_from_artifact(digest)) {
+        let loader = self.loader();
+        if let Some(module) = self.catalog.module_with_digest(digest).or_else(|| loader.from_artifact(digest)) {
             return Ok(module);
         }
-        let module = check_module(&self.engine, &self.linker, wasm, &self.limits.module_shape)?;
+        let module = loader.compile(wasm)?;
         tracing::info!(digest, "functions directory module compiled");
-        self.save_artifact(digest, &module);
+        loader.save_artifact(digest, &module);
         Ok(module)
     }
 

@@ -13,6 +13,8 @@ use crate::http::{Method, Status};
 pub struct ScrapeContext<'a> {
     pub shards: &'a [Arc<ShardMetrics>],
     pub functions: usize,
+    /// Of those, the ones whose stored module cannot be loaded.
+    pub broken_functions: usize,
     pub pipelines: usize,
     /// `None` without `--functions-dir`.
     pub directory: Option<&'a DirectoryStats>,
@@ -37,6 +39,13 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
     let _ = writeln!(out, "tensor_wasm_ready {}", u8::from(ctx.ready));
     header(&mut out, "tensor_wasm_functions_total", "gauge", "Functions deployed and live.");
     let _ = writeln!(out, "tensor_wasm_functions_total {}", ctx.functions);
+    header(
+        &mut out,
+        "tensor_wasm_functions_broken",
+        "gauge",
+        "Functions listed whose stored module cannot be loaded; invoking one answers 503 function_unavailable.",
+    );
+    let _ = writeln!(out, "tensor_wasm_functions_broken {}", ctx.broken_functions);
     header(&mut out, "tensor_wasm_pipelines_total", "gauge", "Pipelines defined.");
     let _ = writeln!(out, "tensor_wasm_pipelines_total {}", ctx.pipelines);
     if let Some(dir) = ctx.directory {

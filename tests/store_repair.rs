@@ -1,0 +1,224 @@
+//! The module store trusts no file it did not check, repairs itself from the next deploy of the
+//! same bytes, sweeps what a crash left, and never drops an acknowledged function silently: one it
+//! cannot load is listed as broken (docs/API.md, "POST /functions").
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{guests, tensor_wasm, Server};
+use serde_json::json;
+
+fn module_file(dir: &Path, wasm: &[u8], extension: &str) -> PathBuf {
+    let hex: String = common::sha256(wasm).iter().map(|b| format!("{b:02x}")).collect();
+    dir.join("modules").join(format!("{hex}.{extension}"))
+}
+
+/// A module whose bytes differ per `n` (a data segment), so each has a file of its own.
+fn numbered(n: u32) -> Vec<u8> {
+    guests::wasm(&format!(r#"(module (memory 1) (data (i32.const 0) "module-{n}") (func (export "_start")))"#))
+}
+
+fn stop(mut server: Server) {
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+}
+
+fn state(server: &Server, id: &str) -> serde_json::Value {
+    server.client().request("GET", &format!("/functions/{id}"), &[], b"").json()
+}
+
+#[test]
+fn a_truncated_module_is_rewritten_by_a_deploy_of_the_same_bytes_and_survives_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = guests::echo();
+    let first = {
+        let server = Server::start_in(dir.path(), &[]);
+        let id = server.deploy("echo", &wasm);
+        stop(server);
+        id
+    };
+    // The issue's case: the module cut to 10 bytes and its artifact gone.
+    std::fs::write(module_file(dir.path(), &wasm, "wasm"), &wasm[..10]).unwrap();
+    std::fs::remove_file(module_file(dir.path(), &wasm, "cwasm")).unwrap();
+
+    let server = Server::start_in(dir.path(), &[]);
+    let log = server.wait_for_stderr("stored functions loaded");
+    assert!(log.contains("broken=1"), "{log}");
+    assert_eq!(state(&server, &first)["state"], "broken");
+    // The same bytes again: "already stored" is decided by the digest, not by a file name.
+    let second = server.deploy("echo-again", &wasm);
+    assert_eq!(std::fs::read(module_file(dir.path(), &wasm, "wasm")).unwrap(), wasm);
+    assert!(module_file(dir.path(), &wasm, "cwasm").exists());
+    // The function left broken runs again at once, with the new one.
+    assert_eq!(state(&server, &first)["state"], "ready");
+    assert_eq!(server.client().invoke(&first, b"a").text(), "a");
+    assert_eq!(server.metric("tensor_wasm_functions_broken", &[]), 0.0);
+    stop(server);
+
+    for round in 0..2 {
+        let server = Server::start_in(dir.path(), &[]);
+        let log = server.wait_for_stderr("stored functions loaded");
+        assert!(log.contains("functions=2") && log.contains("broken=0") && log.contains("damaged=0"), "{log}");
+        for id in [&first, &second] {
+            assert_eq!(server.client().invoke(id, b"b").text(), "b", "round {round}");
+        }
+        stop(server);
+    }
+}
+
+#[test]
+fn a_corrupt_module_with_an_intact_artifact_still_runs_and_is_repaired_by_a_deploy() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = guests::echo();
+    let id = {
+        let server = Server::start_in(dir.path(), &[]);
+        let id = server.deploy("echo", &wasm);
+        stop(server);
+        id
+    };
+    let file = module_file(dir.path(), &wasm, "wasm");
+    let mut flipped = wasm.clone();
+    flipped[20] ^= 0x01;
+    std::fs::write(&file, &flipped).unwrap();
+
+    let server = Server::start_in(dir.path(), &[]);
+    let log = server.wait_for_stderr("stored functions loaded");
+    assert!(log.contains("damaged=1") && log.contains("broken=0"), "{log}");
+    assert!(server.stderr().contains("the next deploy of the same bytes rewrites it"));
+    assert_eq!(server.client().invoke(&id, b"c").text(), "c");
+    server.deploy("echo-again", &wasm);
+    assert_eq!(std::fs::read(&file).unwrap(), wasm, "the deploy rewrote the corrupt file");
+}
+
+#[test]
+fn a_missing_artifact_is_recompiled_from_the_checked_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = guests::echo();
+    let id = {
+        let server = Server::start_in(dir.path(), &[]);
+        let id = server.deploy("echo", &wasm);
+        stop(server);
+        id
+    };
+    std::fs::remove_file(module_file(dir.path(), &wasm, "cwasm")).unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    let log = server.wait_for_stderr("stored functions loaded");
+    assert!(log.contains("recompiled=1") && log.contains("broken=0"), "{log}");
+    assert!(module_file(dir.path(), &wasm, "cwasm").exists());
+    assert_eq!(server.client().invoke(&id, b"d").text(), "d");
+}
+
+#[test]
+fn orphans_and_temporary_files_are_removed_at_start_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kept, orphan) = (numbered(1), numbered(2));
+    let id = {
+        let server = Server::start_in(dir.path(), &[]);
+        let id = server.deploy("kept", &kept);
+        stop(server);
+        id
+    };
+    // What a kill -9 between a deploy's module write and its record write leaves, and a write cut
+    // short before its rename.
+    std::fs::write(module_file(dir.path(), &orphan, "wasm"), &orphan).unwrap();
+    std::fs::write(module_file(dir.path(), &orphan, "cwasm"), b"artifact").unwrap();
+    let temp = dir.path().join("modules/.tmp-0123-abc.wasm");
+    std::fs::write(&temp, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(dir.path().join("functions/.tmp-0123-x.json"), b"{").unwrap();
+
+    let server = Server::start_in(dir.path(), &[]);
+    let log = server.wait_for_stderr("store swept");
+    assert!(log.contains("temp_files=2") && log.contains("orphaned_modules=1"), "{log}");
+    assert!(!temp.exists() && !module_file(dir.path(), &orphan, "wasm").exists());
+    assert!(!module_file(dir.path(), &orphan, "cwasm").exists());
+    assert!(module_file(dir.path(), &kept, "wasm").exists() && module_file(dir.path(), &kept, "cwasm").exists());
+    assert_eq!(server.client().invoke(&id, b"").status, 200);
+}
+
+#[test]
+fn a_function_that_cannot_load_is_listed_broken_answers_503_and_fails_observe_but_not_readyz() {
+    let dir = tempfile::tempdir().unwrap();
+    let (good, bad) = (guests::echo(), guests::hello());
+    let (good_id, bad_id) = {
+        let server = Server::start_in(dir.path(), &[]);
+        let ids = (server.deploy("good", &good), server.deploy("bad", &bad));
+        stop(server);
+        ids
+    };
+    std::fs::remove_file(module_file(dir.path(), &bad, "wasm")).unwrap();
+    std::fs::remove_file(module_file(dir.path(), &bad, "cwasm")).unwrap();
+
+    let server = Server::start_in(dir.path(), &[]);
+    let mut c = server.client();
+    assert_eq!(c.request("GET", "/readyz", &[], b"").status, 200);
+    let listed = c.request("GET", "/functions", &[], b"").json();
+    let functions = listed["functions"].as_array().unwrap();
+    assert_eq!(functions.len(), 2, "{listed}");
+    let shown = functions.iter().find(|f| f["id"] == bad_id.as_str()).unwrap();
+    assert_eq!(shown["state"], "broken");
+    assert!(shown["reason"].as_str().unwrap().contains("no usable artifact"), "{shown}");
+    assert_eq!(functions.iter().find(|f| f["id"] == good_id.as_str()).unwrap()["state"], "ready");
+
+    let r = c.invoke(&bad_id, b"");
+    assert_eq!((r.status, r.error_kind().as_str()), (503, "function_unavailable"), "{}", r.text());
+    assert!(r.header("retry-after").is_none(), "waiting does not repair it");
+    assert_eq!(c.invoke(&good_id, b"e").text(), "e");
+    assert_eq!(server.metric("tensor_wasm_functions_broken", &[]), 1.0);
+
+    let url = format!("http://{}", server.addr);
+    let (code, out, _) = tensor_wasm(&["observe", "--once", "--interval", "200ms", "--server", &url], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("1 broken functions"), "{out}");
+
+    // A pipeline step naming it is told so, not sent elsewhere.
+    let r = c.request(
+        "POST",
+        "/pipelines",
+        &[("content-type", "application/json")],
+        json!({"name": "p", "steps": [{"function": "bad"}]}).to_string().as_bytes(),
+    );
+    assert_eq!((r.status, r.error_kind().as_str()), (400, "invalid_pipeline"), "{}", r.text());
+    assert!(r.text().contains("broken"), "{}", r.text());
+
+    // It can be deleted like any function, and then nothing is broken.
+    assert_eq!(c.request("DELETE", &format!("/functions/{bad_id}"), &[], b"").status, 204);
+    assert_eq!(server.metric("tensor_wasm_functions_broken", &[]), 0.0);
+    let (code, out, _) = tensor_wasm(&["observe", "--once", "--interval", "200ms", "--server", &url], &[]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn a_restart_without_artifacts_compiles_the_store_in_parallel_and_refused_modules_do_not_hold_readiness() {
+    let dir = tempfile::tempdir().unwrap();
+    let modules: Vec<Vec<u8>> = (0..6).map(numbered).collect();
+    let ids: Vec<String> = {
+        let server = Server::start_in(dir.path(), &[]);
+        let ids = modules.iter().enumerate().map(|(n, wasm)| server.deploy(&format!("f{n}"), wasm)).collect();
+        stop(server);
+        ids
+    };
+    for wasm in &modules {
+        std::fs::remove_file(module_file(dir.path(), wasm, "cwasm")).unwrap();
+    }
+    let server = Server::start_in(dir.path(), &["--load-threads", "3"]);
+    let log = server.wait_for_stderr("stored functions loaded");
+    assert!(log.contains("recompiled=6") && log.contains("broken=0"), "{log}");
+    for id in &ids {
+        assert_eq!(server.client().invoke(id, b"").status, 200);
+    }
+    stop(server);
+
+    // Limits tightened since: every stored module is refused by its shape, before any compile,
+    // and the server is ready with them listed as broken.
+    for wasm in &modules {
+        std::fs::remove_file(module_file(dir.path(), wasm, "cwasm")).unwrap();
+    }
+    let server = Server::start_in(dir.path(), &["--max-function-body-bytes", "1"]);
+    let log = server.wait_for_stderr("stored functions loaded");
+    assert!(log.contains("broken=6") && log.contains("recompiled=0"), "{log}");
+    assert_eq!(server.client().request("GET", "/readyz", &[], b"").status, 200);
+    let shown = state(&server, &ids[0]);
+    assert!(shown["reason"].as_str().unwrap().contains("no longer accepted"), "{shown}");
+}
