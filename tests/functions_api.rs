@@ -317,3 +317,41 @@ fn a_spent_instance_frees_its_slot_once_answered_and_before_the_next_step() {
     });
     assert_eq!(server.metric("tensor_wasm_instance_spawns_total", &[]), 23.0);
 }
+
+/// Issue 33's bug: with 3 shards and 4 instances, shares rounded up (2 each) summed past the pool,
+/// so an invoke the shard admitted failed inside the pool as 502 `guest_trap`. Shares are exact now:
+/// every invoke beyond them is 503 `overloaded`, and no more than the pool ever run.
+#[test]
+fn invokes_past_an_odd_instance_pool_over_three_shards_are_503_never_502() {
+    let server = Server::start(&["--shards", "3", "--max-instances", "4", "--max-concurrent-per-tenant", "12"]);
+    let id = server.deploy("busy", &guests::busy(1500));
+    // More connections than the pool: the kernel spreads them over the shards, so every shard
+    // gets several whatever its hash.
+    let statuses: Vec<(u16, String)> = std::thread::scope(|scope| {
+        let calls: Vec<_> = (0..12)
+            .map(|_| {
+                let (server, id) = (&server, &id);
+                scope.spawn(move || {
+                    let r = server.client().invoke(id, b"");
+                    let kind = if r.status == 200 { String::new() } else { r.error_kind() };
+                    (r.status, kind)
+                })
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let ok = statuses.iter().filter(|(s, _)| *s == 200).count();
+    let overloaded = statuses.iter().filter(|(s, k)| *s == 503 && k == "overloaded").count();
+    assert_eq!(ok + overloaded, statuses.len(), "only 200 or 503 overloaded: {statuses:?}");
+    assert!((1..=4).contains(&ok) && overloaded >= 8, "{statuses:?}");
+}
+
+#[test]
+fn fewer_instances_than_shards_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let args = ["serve", "--shards", "3", "--max-instances", "2", "--listen", "127.0.0.1:0", "--data-dir", data_dir];
+    let (code, _, err) = common::tensor_wasm(&args, &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--max-instances 2 is fewer than the 3 shards"), "{err}");
+}

@@ -108,6 +108,13 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     let cpus = cpu::allowed_cpus().map_err(|e| ServerError::Runtime(format!("sched_getaffinity: {e}")))?;
     let shard_count = config.shards.unwrap_or_else(|| cpu::default_shard_count(cpus.len(), cpu::cgroup_cpu_limit()));
     let shard_cpus = cpu::shard_cpus(config.pin_shards, shard_count, &cpus);
+    // Each shard runs guests from its exact share of the instance pool (`shard::exact_share`).
+    if (limits.max_instances as usize) < shard_count {
+        return Err(ServerError::Config(format!(
+            "--max-instances {} is fewer than the {shard_count} shards: each shard needs at least one instance",
+            limits.max_instances
+        )));
+    }
     match &shard_cpus {
         Some(pinned) => {
             tracing::info!(shards = shard_count, cpus = %cpu::format_list(pinned), "shards pinned, one per CPU")

@@ -184,11 +184,16 @@ async fn serve(init: ShardInit) {
     };
     let per_shard = |total: usize| total.div_ceil(shard_count).max(1);
     let limits_max_concurrent = limits.max_concurrent_per_tenant as usize;
+    // Exactly, not rounded up: the pooling allocator holds `--max-instances` and no more, so
+    // shares that sum past it would let an invoke past the shard's check fail inside the pool
+    // (a 502 guest_trap where 503 overloaded is the answer). `server::run` refuses fewer
+    // instances than shards.
+    let instance_share = exact_share(limits.max_instances as usize, shard_count, id);
     let shard = Rc::new(Shard {
         id,
         metrics: shared.shard_metrics[id].clone(),
         max_connections: per_shard(limits.max_connections),
-        max_instances: per_shard(limits.max_instances as usize),
+        max_instances: instance_share,
         limits,
         engine,
         functions,
@@ -548,5 +553,26 @@ impl Shard {
 impl Drop for InstanceSlot<'_> {
     fn drop(&mut self) {
         self.shard.release_slots(1);
+    }
+}
+
+/// Shard `id`'s share of `total` split over `shards`: the first `total % shards` shards take one
+/// more, so the shares sum to exactly `total`.
+pub fn exact_share(total: usize, shards: usize, id: usize) -> usize {
+    debug_assert!(id < shards && shards > 0);
+    total / shards + usize::from(id < total % shards)
+}
+
+#[cfg(test)]
+mod share_tests {
+    #[test]
+    fn exact_shares_sum_to_the_total() {
+        for total in [1usize, 2, 3, 4, 5, 999, 1000, 1001] {
+            for shards in 1..=total.min(7) {
+                let shares: Vec<usize> = (0..shards).map(|id| super::exact_share(total, shards, id)).collect();
+                assert_eq!(shares.iter().sum::<usize>(), total, "{total} over {shards}");
+                assert!(shares.iter().all(|&s| s >= 1 && s <= total.div_ceil(shards)), "{shares:?}");
+            }
+        }
     }
 }
