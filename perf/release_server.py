@@ -3,7 +3,8 @@ distinct copies of the json-stats guest, atomic file writes, and a summary line 
 import contextlib, http.client, os, subprocess, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BINARY = os.path.join(ROOT, "target/release/tensor-wasm")
+# TENSOR_WASM_BIN picks another build (an older commit's, to compare), as perf/http-cpu.sh does.
+BINARY = os.environ.get("TENSOR_WASM_BIN", os.path.join(ROOT, "target/release/tensor-wasm"))
 # Built by `cargo test --test rust_guest`.
 JSON_STATS = os.path.join(ROOT, "target/guests/wasm32-wasip1/release/json-stats.wasm")
 
