@@ -66,8 +66,9 @@ impl FunctionStore {
     /// (with their artifacts) that no record in `referenced` uses, such as a deploy's module
     /// written before a kill -9 kept its record from being written. Run at start-up, before
     /// anything else writes. Artifacts without a module are the functions directory's, swept with
-    /// it.
-    pub fn sweep(&self, referenced: &HashSet<&str>) -> io::Result<Swept> {
+    /// it. Without `orphans`, modules are left alone: when a record is unreadable, `referenced`
+    /// is not the whole truth, and a module is not deleted on a guess.
+    pub fn sweep(&self, referenced: &HashSet<&str>, orphans: bool) -> io::Result<Swept> {
         let mut swept = Swept::default();
         for dir in [&self.modules, &self.functions, &self.pipelines] {
             for entry in fs::read_dir(dir)? {
@@ -78,7 +79,9 @@ impl FunctionStore {
                 }
             }
         }
-        for entry in fs::read_dir(&self.modules)? {
+        let modules: Vec<io::Result<fs::DirEntry>> =
+            if orphans { fs::read_dir(&self.modules)?.collect() } else { Vec::new() };
+        for entry in modules {
             let path = entry?.path();
             let Some(hex) = stored_hex(&path, "wasm") else { continue };
             if !referenced.contains(format!("sha256:{hex}").as_str()) {
@@ -359,13 +362,20 @@ mod tests {
         store.write_artifact(&folder, b"compiled").unwrap();
         fs::write(dir.path().join("functions/.tmp-x-y.json"), b"{").unwrap();
         fs::write(dir.path().join("modules/notes.txt"), b"an operator's").unwrap();
-        let swept = store.sweep(&HashSet::from([kept.as_str()])).unwrap();
-        assert_eq!(swept, Swept { temp_files: 1, orphaned_modules: 1 });
+
+        // With a record unreadable, no module is taken for an orphan.
+        assert_eq!(
+            store.sweep(&HashSet::from([kept.as_str()]), false).unwrap(),
+            Swept { temp_files: 1, orphaned_modules: 0 }
+        );
+        assert!(store.module_path(&orphan).exists());
+        let swept = store.sweep(&HashSet::from([kept.as_str()]), true).unwrap();
+        assert_eq!(swept, Swept { temp_files: 0, orphaned_modules: 1 });
         assert!(!dir.path().join("functions/.tmp-x-y.json").exists());
         assert!(!store.module_path(&orphan).exists() && !store.artifact_path(&orphan).exists());
         assert!(store.module_path(&kept).exists() && store.artifact_path(&kept).exists());
         assert!(store.artifact_path(&folder).exists() && dir.path().join("modules/notes.txt").exists());
-        assert_eq!(store.sweep(&HashSet::from([kept.as_str()])).unwrap(), Swept::default());
+        assert_eq!(store.sweep(&HashSet::from([kept.as_str()]), true).unwrap(), Swept::default());
     }
 
     #[test]

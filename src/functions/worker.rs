@@ -348,10 +348,12 @@ impl Worker {
             })
             .collect();
         let referenced: HashSet<&str> = records.iter().map(|r| r.digest.as_str()).collect();
-        match self.store.sweep(&referenced) {
+        // An unreadable record may be the one that uses a module: then none is taken for an orphan.
+        match self.store.sweep(&referenced, unreadable == 0) {
             Ok(swept) => tracing::info!(
                 temp_files = swept.temp_files,
                 orphaned_modules = swept.orphaned_modules,
+                orphans_kept_for_unreadable_records = unreadable > 0,
                 "store swept of what no record uses"
             ),
             Err(e) => tracing::warn!("cannot sweep the store: {e}"),
