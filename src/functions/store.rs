@@ -260,7 +260,9 @@ fn list_json<T: serde::de::DeserializeOwned>(dir: &Path) -> io::Result<Vec<Resul
     let mut out = Vec::new();
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+        // A temp file is a write cut short, never a record (`write_by_rename`; `sweep` removes it).
+        let temp = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".tmp-"));
+        if temp || path.extension().and_then(|e| e.to_str()) != Some("json") {
             continue;
         }
         let parsed = fs::read(&path)
