@@ -9,7 +9,7 @@
 #
 #   perf/soak.sh [OUT_DIR]
 #
-# Env: RATE (default 9000: 70% of deploy-storm's best step rate on the 2-vCPU VM, perf/README.md),
+# Env: RATE (default 9000: 70% of deploy-storm's best step rate on the 2-vCPU VM, perf/HISTORY.md run B),
 #      MINUTES (default 10), CONNECTIONS (32), THREADS (the generator's, 1), BIN_DIR (a folder
 #      holding tensor-wasm and tensor-wasm-bench, for a machine without a Rust toolchain; by
 #      default they are built), SERVER_ARGS (more flags for the server, e.g. audit retention on a
