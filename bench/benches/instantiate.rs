@@ -10,7 +10,7 @@
 //! Protects: instantiation P99 ≤ 5 µs, and a hello invoke well under the 20 µs of server CPU a
 //! whole HTTP invoke may cost (perf/CORE.md). The json-stats pair says how much of a JSON
 //! request is the guest's own work, which both servers pay: the ceiling on how far ahead of
-//! the baseline a faster server can get on that scenario (perf/README.md).
+//! the baseline a faster server can get on that scenario (perf/HISTORY.md, "How much of a JSON request is the guest's").
 //!
 //! `cargo bench -p tensor-wasm-bench --bench instantiate`
 

@@ -259,7 +259,7 @@ impl Drop for Session {
 }
 
 /// The most times one rate is measured while the machine stalls. On the development VM a stall
-/// lasts from seconds to minutes, so one retry often fell into the same one (perf/README.md, run
+/// lasts from seconds to minutes, so one retry often fell into the same one (perf/HISTORY.md, run
 /// AA); three attempts cost at most two more windows.
 const MEASUREMENTS_PER_RATE: usize = 3;
 
@@ -267,7 +267,7 @@ const MEASUREMENTS_PER_RATE: usize = 3;
 const STALLED_GENERATOR_LAG_US: f64 = 1000.0;
 /// A step in which the hypervisor took more than this share of the machine's CPU measured the
 /// host. On the development VM a quiet step loses 0.0 to 0.5%; the steps that failed on host
-/// stalls lost 3 to 27.5% (perf/README.md, runs G and H).
+/// stalls lost 3 to 27.5% (perf/HISTORY.md, runs G and H).
 const STALLED_STEAL_PERCENT: f64 = 1.0;
 
 /// Whether the machine, not the server, stalled during a measurement: the generator fell more
@@ -828,7 +828,7 @@ mod tests {
 
     #[test]
     fn a_step_is_measured_again_only_when_the_machine_stalled() {
-        // Quiet steps of perf/README.md's runs: 0.0 to 0.5% stolen, lag in tens of microseconds.
+        // Quiet steps of perf/HISTORY.md's runs: 0.0 to 0.5% stolen, lag in tens of microseconds.
         assert!(!machine_stalled(68.0, Some(0.5)));
         // No /proc/stat (not Linux): only the generator's lag can tell.
         assert!(!machine_stalled(68.0, None));

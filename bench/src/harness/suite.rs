@@ -16,7 +16,7 @@ pub enum Mode {
 }
 
 /// How many times each server is measured at the equal offered load, by default. A P99 is the
-/// worst hundredth of a window, and on a shared VM one host stall fills it (perf/README.md,
+/// worst hundredth of a window, and on a shared VM one host stall fills it (perf/METHOD.md,
 /// "Noise"): each side's P99 is the median of its rounds, and the rounds alternate so that a noisy
 /// minute spoils one round of each side rather than every round of one. A round in which the
 /// machine stalled is taken again (`Session::measure_again_if`), and the median leaves the stalled

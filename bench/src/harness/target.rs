@@ -182,7 +182,7 @@ impl StartedServer {
                 // curve runs fewer shards than there are CPUs (which `--pin-shards auto` would let
                 // float). Where the generator shares the CPUs, a pinned shard must wait for it
                 // while the other CPU idles, and the baseline's threads, which float, need not:
-                // there the shards float too (perf/README.md, "Pinning").
+                // there the shards float too (perf/METHOD.md, "How load is generated", and HISTORY.md).
                 let pin = if cpus.is_some() { "always" } else { "never" };
                 cmd.args(["--shards", &shards.to_string(), "--pin-shards", pin]);
             }
