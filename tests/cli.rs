@@ -227,3 +227,47 @@ fn a_backup_taken_while_serving_restores_into_a_fresh_server() {
     assert!(code == 1 && err.contains("the backup is damaged"), "{err}");
     assert!(!empty.path().join("functions").exists(), "nothing is written from a damaged backup");
 }
+
+#[test]
+fn doctor_checks_this_host_and_fails_on_what_the_server_could_not_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let data = data_dir.to_str().unwrap();
+    let (code, out, err) = run(&["doctor", "--data-dir", data], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("host back-end") && out.contains("match the float64 reference"), "{out}");
+    assert!(!data_dir.exists(), "the doctor creates nothing");
+
+    let (code, out, _) = run(&["doctor", "--data-dir", data, "--json"], &[]);
+    assert_eq!(code, 0, "{out}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["ok"], true);
+    let checks = report["checks"].as_array().unwrap();
+    let names: Vec<&str> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    for name in ["cpus", "memlock", "io_uring", "data dir", "clock source", "host back-end"] {
+        assert!(names.contains(&name), "{names:?}");
+    }
+    let host = checks.iter().find(|c| c["name"] == "host back-end").unwrap();
+    assert_eq!(host["level"], "ok", "{host}");
+
+    // A data dir that cannot be written: a path below a plain file.
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    let below = file.join("data");
+    let (code, out, _) = run(&["doctor", "--data-dir", below.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAIL  data dir") && out.contains("fix:"), "{out}");
+
+    // Less room than the audit reserve: every deploy would be refused.
+    let (code, out, _) = run(&["doctor", "--data-dir", data, "--audit-reserve-mb", "1000000000"], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("under the audit reserve"), "{out}");
+
+    // A GPU node that lost its driver fails when the GPU is required.
+    let gpu = checks.iter().find(|c| c["name"] == "gpu");
+    if gpu.is_some_and(|g| g["detail"].as_str().unwrap().contains("no NVIDIA driver")) {
+        let (code, out, _) = run(&["doctor", "--data-dir", data, "--require-gpu"], &[]);
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains("FAIL  gpu"), "{out}");
+    }
+}

@@ -137,9 +137,12 @@ fn the_chart_lints_renders_and_validates() {
         "--set",
         "functions.modules.hello\\.wasm=AGFzbQEAAAABBAFgAAADAgEABwoBBl9zdGFydAAACgQBAgAL",
         "--set",
-        "tls.enabled=true,tls.secretName=tw-tls,tls.clientCASecret=tw-ca",
+        "tls.enabled=true,tls.secretName=tw-tls,tls.clientCASecret=tw-ca,doctor.enabled=true",
     ]);
     validate("pinned", &pinned);
+    // The doctor runs first, and on a GPU node requires the GPU.
+    assert!(pinned.contains("initContainers:") && pinned.contains(r#"args: ["doctor", "--require-gpu"]"#), "{pinned}");
+    assert!(!defaults.contains("initContainers:"), "the doctor is opt-in");
     let resources = pinned.split("resources:").nth(1).unwrap().split("securityContext:").next().unwrap();
     let limits = resources.split("requests:").next().unwrap();
     let requests = resources.split("requests:").nth(1).unwrap();

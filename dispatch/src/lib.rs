@@ -32,6 +32,7 @@
 pub mod backend;
 mod dispatcher;
 mod port;
+pub mod probe;
 pub mod quota;
 pub mod record;
 mod session;

@@ -3,6 +3,7 @@
 //! `backup`/`restore` (`crate::backup`).
 
 pub mod client;
+pub mod doctor;
 pub mod observe;
 pub mod token;
 
@@ -57,6 +58,9 @@ pub enum Command {
     Backup(BackupArgs),
     /// Put a backup into an empty data dir.
     Restore(BackupArgs),
+    /// Check this host the way the server would use it: CPUs, memlock, io_uring, the data dir,
+    /// the clock, and each GPU with a tiny computation checked against a float64 reference.
+    Doctor(doctor::DoctorArgs),
     /// The server's compile child (`wasm::compile`): a module on stdin, its artifact on stdout.
     #[command(name = "compile-guest", hide = true)]
     CompileGuest {
@@ -922,6 +926,7 @@ pub fn main() -> i32 {
         Command::Functions(command) => client::functions(command),
         Command::Token(TokenCommand::Generate(args)) => token::generate(args),
         Command::Observe(args) => observe::run(args),
+        Command::Doctor(args) => doctor::run(args),
         Command::Backup(args) => run_backup(args, false),
         Command::Restore(args) => run_backup(args, true),
         Command::CompileGuest { guest_perf_map } => crate::wasm::compile::child_main(match guest_perf_map {

@@ -150,13 +150,7 @@ impl FunctionStore {
 
     /// Free bytes on the file system that holds the store, for unprivileged writers.
     pub fn free_bytes(&self) -> io::Result<u64> {
-        let path = std::ffi::CString::new(self.modules.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: a NUL-terminated path and a statvfs the call fills in.
-        if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+        free_bytes(&self.modules)
     }
 
     pub fn write_artifact(&self, digest: &str, artifact: &[u8]) -> io::Result<()> {
@@ -244,6 +238,17 @@ impl FunctionStore {
     pub fn list_pipelines(&self) -> io::Result<Vec<Result<PipelineRecord, String>>> {
         list_json(&self.pipelines)
     }
+}
+
+/// Free bytes on the file system that holds `path`, for unprivileged writers.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statvfs the call fills in.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
 /// The hex digest that names `path`, a stored file with `extension`; `None` for anything else (a

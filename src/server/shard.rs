@@ -32,7 +32,7 @@ use crate::tls::TlsStream;
 use crate::wasm::GuestState;
 
 /// io_uring submission queue depth per shard.
-const URING_ENTRIES: u32 = 1024;
+pub(crate) const URING_ENTRIES: u32 = 1024;
 
 /// What a shard thread starts from.
 pub struct ShardInit {
