@@ -3,10 +3,12 @@
 //! A server started with two tenants' tokens, an attacker's and a bystander's. The bystander sends
 //! the harness's usual open-loop load ([`super::load`]): `/healthz`, and invokes of its own hello.
 //! The first phase is quiet, the bystander alone; then the same load runs again beside each attack
-//! in turn, and beside all of them together. Each phase is one [`Measurement`] of the bystander,
-//! and each attack's answers are counted by status and kind. A phase passes when the bystander
-//! was never failed, its P99 stayed within 2× of the quiet phase's ([`slo::QUIET_P99_RATIO`]), and
-//! the attacker got only the refusals its attack is meant to get ([`slo::ONLY_REFUSALS`]).
+//! in turn, and beside all of them together; last, the bystander is alone again, which shows
+//! whether the server came back to its quiet latency. Each phase is one [`Measurement`] of the
+//! bystander, and each attack's answers are counted by status and kind. A phase passes when the
+//! bystander was never failed, its P99 stayed within 2× of the quiet phase's
+//! ([`slo::QUIET_P99_RATIO`]), and the attacker got only the refusals its attack is meant to get
+//! ([`slo::ONLY_REFUSALS`]).
 //!
 //! An attack is a few threads, each sending at its own due times (together at most
 //! `--attack-rate` a second), one request at a time: an attacker who waits for its answers, so
@@ -213,7 +215,7 @@ pub struct AttackReport {
 /// One phase: the bystander's measurement beside the attacks of the phase (none when quiet).
 #[derive(Clone, Debug, Serialize)]
 pub struct HostilePhase {
-    /// `quiet`, an attack's name, or `all`.
+    /// `quiet`, an attack's name, `all`, or `quiet again`.
     pub name: &'static str,
     pub attacks: Vec<AttackReport>,
     /// The bystander's requests due in the measured window, answered or not.
@@ -272,8 +274,8 @@ impl Targets {
     }
 }
 
-/// Runs the quiet phase and then a phase per attack (and one of all of them, where there are
-/// several), the bystander at `rate`, on `session`'s server.
+/// Runs the quiet phase, a phase per attack (and one of all of them, where there are several),
+/// and the quiet one again, the bystander at `rate`, on `session`'s server.
 pub fn run(session: &Session, rate: f64, settings: &Settings) -> Result<HostileRun, String> {
     let options = &settings.scenario.hostile;
     if !(options.attack_rate.is_finite() && options.attack_rate > 0.0) {
@@ -288,6 +290,9 @@ pub fn run(session: &Session, rate: f64, settings: &Settings) -> Result<HostileR
     if options.attacks.len() > 1 {
         plan.push(("all", options.attacks.clone()));
     }
+    // Judged like the others: an attack whose cost outlives it (memory, slots, a backlog) shows
+    // here, and so does how far two quiet windows of this machine differ.
+    plan.push(("quiet again", Vec::new()));
     let mut phases: Vec<HostilePhase> = Vec::new();
     for (name, attacks) in plan {
         let mut phase = measure_phase(session, rate, settings, &targets, name, &attacks)?;
