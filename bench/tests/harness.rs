@@ -615,9 +615,94 @@ fn a_started_server_dies_with_the_harness() {
 }
 
 #[test]
+fn the_hostile_scenario_measures_the_bystander_beside_each_attack() {
+    let mut cmd = Command::new(bench_binary());
+    cmd.arg("--server-bin").arg(server_binary());
+    cmd.args(["--scenario", "hostile", "--rate", "200", "--warmup", "300ms", "--duration", "1s"]);
+    cmd.args(["--connections", "4", "--shards", "2", "--quiet"]);
+    let (run, report, out) = run_with_report(cmd);
+    // The exit status is the report's verdict, which the hostile phases are part of; no plain
+    // measurement is taken beside them.
+    assert_eq!(report["pass"].as_bool(), Some(run.status.code() == Some(0)));
+    assert_eq!(report["measurements"].as_array().map(Vec::len), Some(0));
+    let hostile = &report["hostile"][0];
+    assert_eq!(hostile["pass"], report["pass"]);
+    let phases = hostile["phases"].as_array().unwrap();
+    let names: Vec<&str> = phases.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "quiet",
+            "big-bodies",
+            "auth-flood",
+            "spinners",
+            "random-get",
+            "bulk-memory",
+            "deploy-flood",
+            "all",
+            "quiet again"
+        ]
+    );
+    for phase in phases {
+        let (name, m) = (phase["name"].as_str().unwrap(), &phase["bystander"]);
+        // Every request of the bystander due in the window (200/s for 1 s) was answered 200,
+        // beside every attack: refusals and deadlines are the attacker's alone.
+        assert_eq!(phase["bystander_requests"], 200, "{name}: {m}");
+        assert_eq!(phase["bystander_success_ratio"].as_f64(), Some(1.0), "{name}: {m}");
+        assert_eq!((&m["statuses"]["200"], &m["io_errors"], &m["unsent"]), (&200.into(), &0.into(), &0.into()));
+        assert!(m["latency"]["p99_us"].as_f64().unwrap() > 0.0, "{name}");
+        let verdict = |objective: &str| {
+            m["verdicts"].as_array().unwrap().iter().find(|v| v["target"]["name"] == objective).cloned()
+        };
+        assert_eq!(verdict("no bystander failure").unwrap()["pass"], true, "{name}");
+        // The server's memory, sampled and from its high-water mark.
+        assert!(m["server_memory"]["rss_peak_mib"].as_f64().unwrap() > 0.0, "{name}: {m}");
+        assert!(phase["server_vm_hwm_mib"].as_f64().unwrap() > 0.0, "{name}");
+        let attacks = phase["attacks"].as_array().unwrap();
+        if name == "quiet" {
+            assert!(attacks.is_empty() && phase["p99_over_quiet"].is_null(), "{phase}");
+            continue;
+        }
+        // Against the quiet phase's P99; judged, whatever the verdict.
+        let ratio =
+            m["latency"]["p99_us"].as_f64().unwrap() / phases[0]["bystander"]["latency"]["p99_us"].as_f64().unwrap();
+        assert!((phase["p99_over_quiet"].as_f64().unwrap() - ratio).abs() < 1e-9, "{name}");
+        assert!(verdict("bystander P99 ≤ 2× its quiet P99").is_some(), "{name}");
+        assert_eq!(verdict("attacker got only its refusals").unwrap()["pass"], true, "{name}");
+        // The attacker got the precise refusals (or deadlines) its attack is meant to, and nothing else.
+        let expected_attacks = match name {
+            "all" => 6,
+            "quiet again" => 0,
+            _ => 1,
+        };
+        assert_eq!(attacks.len(), expected_attacks, "{name}");
+        for a in attacks {
+            assert_eq!((&a["unexpected"], &a["first_unexpected"]), (&0.into(), &serde_json::Value::Null), "{a}");
+            if name == "all" {
+                continue;
+            }
+            let got = |label: &str| a["answers"][label].as_u64().unwrap_or(0) > 0;
+            let wanted: &[&str] = match name {
+                "big-bodies" => &["405 method_not_allowed", "401 unauthorized"],
+                "auth-flood" => &["401 unauthorized", "429 unauthenticated_rate_limited"],
+                "spinners" => &["504 invoke_timeout", "429 concurrency_limited"],
+                "random-get" | "bulk-memory" => &["504 invoke_timeout"],
+                "deploy-flood" => &["201", "429 admin_queue_limited"],
+                other => panic!("unknown phase {other}"),
+            };
+            assert!(wanted.iter().all(|l| got(l)), "{name}: {a}");
+        }
+    }
+    let markdown = std::fs::read_to_string(out.path().join("results.md")).unwrap();
+    assert!(markdown.contains("### Hostile tenants: the bystander beside each attack"), "{markdown}");
+    assert!(markdown.contains("| spinners | 200 | 100.00% |"), "{markdown}");
+    assert!(markdown.contains("| all | attacker got only its refusals | ours | 0 | pass |"), "{markdown}");
+}
+
+#[test]
 fn unusable_requests_exit_2_with_a_sentence() {
     let every_cpu = tensor_wasm::server::cpu::format_list(&tensor_wasm::server::cpu::allowed_cpus().unwrap());
-    let cases: [&[&str]; 10] = [
+    let cases: [&[&str]; 14] = [
         &["--server-cpus", "1000"],
         &["--tls", "--server", "http://127.0.0.1:9"],
         &["--server-cpus", &every_cpu],
@@ -629,6 +714,11 @@ fn unusable_requests_exit_2_with_a_sentence() {
         // Spinning beside the servers would take their CPU.
         &["--spin"],
         &["--spin", "--server", "http://127.0.0.1:9"],
+        // The hostile scenario compares phases at one rate, on a server it configures.
+        &["--scenario", "hostile", "--step"],
+        &["--scale", "--scale-scenario", "hostile"],
+        &["--scenario", "hostile", "--server", "http://127.0.0.1:9"],
+        &["--scenario", "hostile", "--attack-rate", "0"],
     ];
     for args in cases {
         let out = Command::new(bench_binary()).args(args).arg("--quiet").output().unwrap();

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::builder::TypedValueParser;
 use clap::Parser;
 use tensor_wasm_bench::harness::guests::GuestSource;
+use tensor_wasm_bench::harness::hostile::{Attack, HostileOptions};
 use tensor_wasm_bench::harness::interrupt;
 use tensor_wasm_bench::harness::run::{ServerSource, Settings, StepPlan};
 use tensor_wasm_bench::harness::scenario::{Scenario, ScenarioOptions};
@@ -145,6 +146,18 @@ struct Args {
     /// Each tenant's rate limit in the tenant-mix scenario (requests per second).
     #[arg(long, default_value_t = 2000)]
     mix_limit_qps: u32,
+    /// The hostile scenario's attacks, comma-separated: a phase each after the quiet one, and one
+    /// of all of them together.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "big-bodies,auth-flood,spinners,random-get,bulk-memory,deploy-flood"
+    )]
+    attacks: Vec<Attack>,
+    /// The most requests a second each attack of the hostile scenario sends.
+    #[arg(long, default_value_t = 100.0)]
+    attack_rate: f64,
 
     /// Writes results.json and results.md into this folder.
     #[arg(long)]
@@ -228,6 +241,9 @@ fn run(args: Args) -> Result<bool, String> {
     }
     if args.threads.is_some_and(|t| t > args.connections) {
         return Err("--threads must not exceed --connections: a thread without a connection sends nothing".into());
+    }
+    if !(args.attack_rate.is_finite() && args.attack_rate > 0.0) || args.attacks.is_empty() {
+        return Err("--attack-rate must be positive, and --attacks name at least one attack".into());
     }
     if args.duration.is_zero() {
         return Err("--duration must be longer than zero".into());
@@ -313,6 +329,7 @@ fn run(args: Args) -> Result<bool, String> {
             scenario: ScenarioOptions {
                 guests: args.guests_dir.clone().map_or(GuestSource::Build, GuestSource::Prebuilt),
                 mix_limit_qps: args.mix_limit_qps,
+                hostile: HostileOptions { attacks: args.attacks.clone(), attack_rate: args.attack_rate },
             },
             progress: !args.quiet,
         },

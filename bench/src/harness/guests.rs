@@ -28,6 +28,44 @@ pub fn spin(iterations: u32) -> Vec<u8> {
     .expect("valid WAT")
 }
 
+/// Never returns on its own: a loop with no host call, which only the epoch deadline ends.
+pub fn infinite_loop() -> Vec<u8> {
+    wat::parse_str(r#"(module (func (export "_start") (loop $l (br $l))))"#).expect("valid WAT")
+}
+
+/// Calls `random_get` over all of its `pages` of memory, again and again: host work in proportion
+/// to a length the guest chose, which the host does in chunks and stops at the deadline.
+pub fn random_get_loop(pages: u64) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+  (import "wasi_snapshot_preview1" "random_get" (func $random_get (param i32 i32) (result i32)))
+  (memory (export "memory") {pages})
+  (func (export "_start") (loop $l (drop (call $random_get (i32.const 0) (i32.const {bytes}))) (br $l))))"#,
+        bytes = pages * 65536
+    ))
+    .expect("valid WAT")
+}
+
+/// Fills all of its `pages` of memory with one `memory.fill`, again and again: each fill is one
+/// instruction that nothing interrupts, so it holds its shard until it ends.
+pub fn memory_fill_loop(pages: u64) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+  (memory (export "memory") {pages})
+  (func (export "_start") (loop $l (memory.fill (i32.const 0) (i32.const 90) (i32.const {bytes})) (br $l))))"#,
+        bytes = pages * 65536
+    ))
+    .expect("valid WAT")
+}
+
+/// A module of `functions` small functions (ten instructions each) and an empty `_start`: cheap to
+/// send, costly to compile (tests/hostile.rs's `module_of`).
+pub fn many_functions(functions: usize) -> Vec<u8> {
+    let body = "(drop (i32.const 0))".repeat(10);
+    let funcs = (0..functions).map(|_| format!("(func {body})")).collect::<String>();
+    wat::parse_str(format!(r#"(module {funcs} (func (export "_start")))"#)).expect("valid WAT")
+}
+
 /// The json scenario's request body for `json-stats`: 64 numbers and a label (about 400 bytes).
 pub fn json_stats_body() -> Vec<u8> {
     let body = serde_json::json!({

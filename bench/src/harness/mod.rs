@@ -4,7 +4,8 @@
 //! - [`load`]: the load generator (epoll loops over keep-alive connections, each on a schedule).
 //! - [`client`]: response framing, TLS, and a blocking connection for set-up requests.
 //! - [`target`]: the server under test, started here or reached by URL.
-//! - [`scenario`]: what each scenario deploys and sends; [`guests`]: the modules.
+//! - [`scenario`]: what each scenario deploys and sends; [`guests`]: the modules;
+//!   [`hostile`]: the hostile scenario's attacks and phases.
 //! - [`slo`]: the objectives; [`scrape`]: the server's own histograms (dispatch, time per request).
 //! - [`run`]: one measurement, and the step search; [`suite`]: a whole run;
 //!   [`report`]: its JSON and Markdown.
@@ -36,6 +37,7 @@
 
 pub mod client;
 pub mod guests;
+pub mod hostile;
 pub mod interrupt;
 pub mod load;
 pub mod report;

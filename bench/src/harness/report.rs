@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::hostile::HostileRun;
 use super::run::{Measurement, StepSearch};
 use super::slo::Source;
 
@@ -151,8 +152,10 @@ pub struct Report {
     pub searches: Vec<StepSearch>,
     pub comparisons: Vec<Comparison>,
     pub scale: Vec<StepSearch>,
-    /// Every gated SLO held in every fixed-rate measurement, and every step search found a
-    /// passing rate.
+    /// The hostile scenario's phases, where it ran.
+    pub hostile: Vec<HostileRun>,
+    /// Every gated SLO held in every fixed-rate measurement (every hostile phase included), and
+    /// every step search found a passing rate.
     pub pass: bool,
 }
 
@@ -280,6 +283,9 @@ impl Report {
             md.push_str("\n### Scale: highest rate within the SLO against shards\n\n");
             search_table(&mut md, self.scale.iter());
         }
+        for run in &self.hostile {
+            hostile_tables(&mut md, run);
+        }
         let _ = writeln!(md, "\nResult: {}", if self.pass { "PASS" } else { "FAIL" });
         md
     }
@@ -290,6 +296,7 @@ impl Report {
             .chain(self.searches.iter().flat_map(|s| &s.steps))
             .chain(self.comparisons.iter().flat_map(Comparison::measurements))
             .chain(self.scale.iter().flat_map(|s| &s.steps))
+            .chain(self.hostile.iter().flat_map(|h| h.phases.iter().map(|p| &p.bystander)))
     }
 }
 
@@ -451,6 +458,99 @@ fn verdict_table(md: &mut String, rows: &[Measurement]) {
             })
         }),
     );
+}
+
+/// The hostile scenario: a row per phase, what each attack got, and every verdict.
+fn hostile_tables(md: &mut String, run: &HostileRun) {
+    let _ = writeln!(
+        md,
+        "\n### Hostile tenants: the bystander beside each attack\n\nThe bystander's `/healthz` and invokes at \
+         {:.0}/s, alone (quiet) and beside each attack at up to {:.0} attacker requests a second; {} shards.\n",
+        run.offered_rate,
+        run.attack_rate,
+        shards(run.shards)
+    );
+    let class_p99 = |m: &Measurement, name: &str| {
+        m.classes.iter().find(|c| c.name == name).map_or("-".into(), |c| format!("{:.1}", c.latency.p99_us))
+    };
+    table(
+        md,
+        &[
+            "phase",
+            "bystander requests",
+            "success",
+            "P50 µs",
+            "P99 µs",
+            "P99 ÷ quiet",
+            "healthz P99 µs",
+            "invoke P99 µs",
+            "max µs",
+            "server RSS peak MiB",
+            "VmHWM MiB",
+            "attacker answers",
+            "stolen CPU %",
+            "result",
+        ],
+        run.phases.iter().map(|p| {
+            let m = &p.bystander;
+            // Every attack's answers of the phase together, by label.
+            let mut by_label = std::collections::BTreeMap::<&str, u64>::new();
+            for (label, n) in p.attacks.iter().flat_map(|a| &a.answers) {
+                *by_label.entry(label).or_default() += n;
+            }
+            let answers: Vec<String> = by_label.iter().map(|(label, n)| format!("{label}: {n}")).collect();
+            vec![
+                p.name.into(),
+                p.bystander_requests.to_string(),
+                p.bystander_success_ratio.map_or("-".into(), |r| format!("{:.2}%", r * 100.0)),
+                format!("{:.1}", m.latency.p50_us),
+                format!("{:.1}", m.latency.p99_us),
+                p.p99_over_quiet.map_or("-".into(), |r| format!("{r:.2}×")),
+                class_p99(m, "bystander healthz"),
+                class_p99(m, "bystander invoke"),
+                format!("{:.1}", m.latency.max_us),
+                m.server_memory.map_or("-".into(), |r| format!("{:.1}", r.rss_peak_mib)),
+                p.server_vm_hwm_mib.map_or("-".into(), |v| format!("{v:.1}")),
+                if answers.is_empty() { "-".into() } else { answers.join(", ") },
+                m.cpu.stolen_percent.map_or("n/a".into(), |p| format!("{p:.1}")),
+                pass_text(m.pass),
+            ]
+        }),
+    );
+    md.push_str("\nThe attacks:\n\n");
+    table(
+        md,
+        &["phase", "attack", "threads", "offered/s", "attempts", "unexpected", "first unexpected"],
+        run.phases.iter().flat_map(|p| {
+            p.attacks.iter().map(move |a| {
+                vec![
+                    p.name.into(),
+                    a.attack.name().into(),
+                    a.workers.to_string(),
+                    format!("{:.0}", a.offered_rate),
+                    a.attempts.to_string(),
+                    a.unexpected.to_string(),
+                    a.first_unexpected.clone().unwrap_or_default().replace('|', "\\|"),
+                ]
+            })
+        }),
+    );
+    md.push_str("\nVerdicts:\n\n");
+    table(
+        md,
+        &["phase", "objective", "whose", "measured", "result"],
+        run.phases.iter().flat_map(|p| {
+            p.bystander.verdicts.iter().map(move |v| {
+                let whose = match v.target.source {
+                    Source::Seed => "seed",
+                    Source::Ours => "ours",
+                };
+                vec![p.name.into(), v.target.name.into(), whose.into(), v.measured_text(), pass_text(v.pass)]
+            })
+        }),
+    );
+    md.push_str("\nEvery phase:\n\n");
+    measurement_table(md, run.phases.iter().map(|p| &p.bystander));
 }
 
 fn search_table<'a>(md: &mut String, rows: impl Iterator<Item = &'a StepSearch>) {

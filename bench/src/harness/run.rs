@@ -125,6 +125,19 @@ impl Session {
 
     /// One measurement at `rate` requests per second.
     pub fn measure(&self, rate: f64, settings: &Settings) -> Result<Measurement, String> {
+        self.measure_beside(rate, settings, |_| ()).map(|(m, ())| m)
+    }
+
+    /// One measurement at `rate` requests per second, with `beside` running on a thread of its
+    /// own from the start of the warm-up until the load ends: it must return soon after the flag
+    /// it is given clears (the hostile scenario's attacks). What it returns comes back with the
+    /// measurement, after it returned.
+    pub fn measure_beside<T: Send>(
+        &self,
+        rate: f64,
+        settings: &Settings,
+        beside: impl FnOnce(&AtomicBool) -> T + Send,
+    ) -> Result<(Measurement, T), String> {
         let plan = LoadPlan {
             addr: self.endpoint.addr,
             tls: self.endpoint.tls.clone(),
@@ -144,7 +157,11 @@ impl Session {
         let machine_before = machine_ticks();
         let running = AtomicBool::new(true);
         let label = format!("{} on {} at {rate:.0}/s", self.scenario.name(), self.server);
-        let (outcome, storm, memory) = std::thread::scope(|scope| {
+        let (outcome, storm, memory, beside) = std::thread::scope(|scope| {
+            let beside = {
+                let running = &running;
+                scope.spawn(move || beside(running))
+            };
             let memory = self.process.as_ref().map(|p| {
                 let (pid, running, warmup) = (p.pid(), &running, settings.warmup);
                 scope.spawn(move || sample_memory(pid, warmup, running))
@@ -168,8 +185,10 @@ impl Session {
                 let _ = h.join();
             }
             let memory = memory.and_then(|h| h.join().ok().flatten());
-            (outcome, storm, memory)
+            let beside = beside.join();
+            (outcome, storm, memory, beside)
         });
+        let beside = beside.map_err(|_| "the work beside the load panicked".to_string())?;
         let outcome = outcome?;
         if interrupt::interrupted() {
             return Err(interrupt::MESSAGE.into());
@@ -197,7 +216,17 @@ impl Session {
         let mut measurement = Measurement::new(self, &outcome, cpu, dispatch, storm, settings);
         measurement.server_memory = memory;
         measurement.in_server = in_server;
-        Ok(measurement)
+        Ok((measurement, beside))
+    }
+
+    /// The server under test, as the scenario's own identity reaches it.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The process id of the server, where the harness started it.
+    pub fn server_pid(&self) -> Option<u32> {
+        self.process.as_ref().map(StartedServer::pid)
     }
 
     /// Searches for the highest rate within the SLO along `plan` (`StepPlan::search`). A missed
@@ -544,6 +573,9 @@ impl Measurement {
                         .map(|us| us / 1e6),
                     Measure::ServerErrorRatio => ratio(server_errors),
                     Measure::FailedRatio => ratio(failed),
+                    // Across measurements: `harness::hostile` judges these (`add_verdict`), and
+                    // no scenario's own targets name them.
+                    Measure::QuietP99Ratio | Measure::UnexpectedAnswers => None,
                 };
                 Verdict::judge(target, measured)
             })
@@ -573,6 +605,15 @@ impl Measurement {
             verdicts,
             pass,
         }
+    }
+}
+
+impl Measurement {
+    /// Adds a verdict reached outside the measurement (the hostile scenario's, against its quiet
+    /// phase), and judges the measurement again with it under `gate`.
+    pub fn add_verdict(&mut self, verdict: Verdict, gate: Gate) {
+        self.verdicts.push(verdict);
+        self.pass = self.verdicts.iter().filter(|v| gate.gates(&v.target)).all(|v| v.pass);
     }
 }
 

@@ -6,7 +6,9 @@ use base64::Engine as _;
 use serde::Serialize;
 use tensor_wasm::api::Route;
 
+use super::client::Response;
 use super::guests::{self, GuestSource};
+use super::hostile;
 use super::load::RequestClass;
 use super::slo::TrafficClass;
 use super::target::{Endpoint, Implementation};
@@ -29,11 +31,15 @@ pub enum Scenario {
     /// A CPU-bound guest offered past capacity, with a small instance pool: the server must shed
     /// with 503 `overloaded`, keep admitted requests fast, and hold its memory.
     Overload,
+    /// A bystander tenant's `/healthz` and invokes, first alone and then beside each attack of
+    /// tests/hostile.rs at rate (`harness::hostile`): its P99 must stay within 2× of the quiet one.
+    Hostile,
 }
 
 impl Scenario {
     /// Every scenario a plain run measures. `overload` is asked for by name: it is meant to
-    /// fail a 5xx objective, and judges itself against its own.
+    /// fail a 5xx objective, and judges itself against its own. So is `hostile`: it takes a
+    /// measurement per attack, and judges each against the first, quiet one.
     pub const ALL: [Scenario; 6] = [
         Scenario::Healthz,
         Scenario::Hello,
@@ -52,6 +58,7 @@ impl Scenario {
             Scenario::TenantMix => "tenant-mix",
             Scenario::DeployStorm => "deploy-storm",
             Scenario::Overload => "overload",
+            Scenario::Hostile => "hostile",
         }
     }
 
@@ -64,7 +71,8 @@ impl Scenario {
             | Scenario::Tensor
             | Scenario::TenantMix
             | Scenario::DeployStorm
-            | Scenario::Overload => Route::Invoke,
+            | Scenario::Overload
+            | Scenario::Hostile => Route::Invoke,
         }
     }
 
@@ -104,6 +112,7 @@ impl Scenario {
                 args: vec!["--max-instances".into(), (OVERLOAD_SLOTS_PER_SHARD * shards).to_string()],
                 env: Vec::new(),
             },
+            Scenario::Hostile => hostile::server_settings(shards),
             _ => ServerSettings::default(),
         }
     }
@@ -162,6 +171,14 @@ impl Scenario {
                 p.functions.push((endpoint.clone(), id));
                 p
             }
+            Scenario::Hostile => {
+                if !started {
+                    return Err("the hostile scenario configures tokens and limits, so it runs only on a server the \
+                                harness starts (leave out --server)"
+                        .into());
+                }
+                hostile::prepare_bystander(endpoint)?
+            }
             Scenario::TenantMix => {
                 if !started {
                     return Err("the tenant-mix scenario configures tokens and rate limits, so it runs only on a \
@@ -205,6 +222,8 @@ pub struct ScenarioOptions {
     pub guests: GuestSource,
     /// The per-token rate limit of the tenant-mix server.
     pub mix_limit_qps: u32,
+    /// The attacks of the hostile scenario and how fast they come.
+    pub hostile: hostile::HostileOptions,
 }
 
 /// The overload server's instance slots per shard: an admitted request waits behind at most
@@ -270,11 +289,30 @@ fn mix_token(tenant: u64) -> String {
 
 /// Deploys `wasm` as `name`; returns its id.
 pub fn deploy(endpoint: &Endpoint, name: &str, wasm: &[u8]) -> Result<String, String> {
-    let body = serde_json::json!({
+    deploy_with(endpoint, name, wasm, serde_json::json!({}))
+}
+
+/// `POST /functions` of `wasm` as `name`, with the fields of `extra` (`timeout_ms`, say); the
+/// answer, whatever its status.
+pub fn deploy_request(
+    endpoint: &Endpoint,
+    name: &str,
+    wasm: &[u8],
+    extra: serde_json::Value,
+) -> Result<Response, String> {
+    let mut body = serde_json::json!({
         "name": name,
         "wasm_b64": base64::engine::general_purpose::STANDARD.encode(wasm),
     });
-    let r = endpoint.call("POST", "/functions", body.to_string().as_bytes())?;
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    endpoint.call("POST", "/functions", body.to_string().as_bytes())
+}
+
+/// Deploys `wasm` as `name` with the fields of `extra`; returns its id.
+pub fn deploy_with(endpoint: &Endpoint, name: &str, wasm: &[u8], extra: serde_json::Value) -> Result<String, String> {
+    let r = deploy_request(endpoint, name, wasm, extra)?;
     if r.status != 201 {
         return Err(format!("deploying {name} answered {}: {}", r.status, r.text()));
     }

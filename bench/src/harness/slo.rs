@@ -26,6 +26,12 @@ pub enum Measure {
     ServerErrorRatio,
     /// The share of requests that failed in any way the scenario did not expect.
     FailedRatio,
+    /// The hostile scenario: a phase's P99 over the P99 of its quiet phase, in which no attacker
+    /// ran. Judged across measurements, by `harness::hostile`.
+    QuietP99Ratio,
+    /// The hostile scenario: the attacker's answers that were not the refusals its attack is
+    /// meant to get (an unexpected status or kind, or no answer).
+    UnexpectedAnswers,
 }
 
 /// One objective: a measure and its limit (seconds for latencies, a ratio otherwise).
@@ -49,7 +55,29 @@ pub enum TrafficClass {
     /// Invokes offered past capacity: shedding (503) is expected, so there is no 5xx objective;
     /// the admitted requests are judged.
     Overload,
+    /// A bystander's `/healthz` and invokes beside an attacker: every one must succeed. Its
+    /// latency is judged against its own quiet P99 (`QUIET_P99_RATIO`), not an absolute limit,
+    /// since the attacks take the CPUs that the bystander's round trips share.
+    Hostile,
 }
+
+/// The hostile scenario's objective (issue 31): the bystander's P99 beside an attack at most
+/// twice its P99 with no attacker.
+pub const QUIET_P99_RATIO: Target = Target {
+    name: "bystander P99 ≤ 2× its quiet P99",
+    source: Source::Ours,
+    measure: Measure::QuietP99Ratio,
+    limit: 2.0,
+};
+
+/// The hostile scenario's other objective: every attacker request got the precise refusal (or
+/// the cut-off) it is meant to.
+pub const ONLY_REFUSALS: Target = Target {
+    name: "attacker got only its refusals",
+    source: Source::Ours,
+    measure: Measure::UnexpectedAnswers,
+    limit: 0.0,
+};
 
 const SEED_AVAILABILITY: Target =
     Target { name: "5xx ratio ≤ 0.5%", source: Source::Seed, measure: Measure::ServerErrorRatio, limit: 0.005 };
@@ -80,6 +108,18 @@ impl TrafficClass {
                     p95("admitted invoke P95 ≤ 100 ms", Source::Seed, 0.100),
                     p99("admitted invoke P99 ≤ 20 ms", Source::Ours, p99_override.map_or(0.020, |d| d.as_secs_f64())),
                     OUR_AVAILABILITY,
+                ];
+            }
+            TrafficClass::Hostile => {
+                // Not one bystander failure, beside any attack (issue 31).
+                return vec![
+                    SEED_AVAILABILITY,
+                    Target {
+                        name: "no bystander failure",
+                        source: Source::Ours,
+                        measure: Measure::FailedRatio,
+                        limit: 0.0,
+                    },
                 ];
             }
             TrafficClass::Healthz => {
@@ -140,6 +180,8 @@ impl Verdict {
         match (self.measured, self.target.measure) {
             (None, _) => "no data".into(),
             (Some(v), Measure::ServerErrorRatio | Measure::FailedRatio) => format!("{:.3}%", v * 100.0),
+            (Some(v), Measure::QuietP99Ratio) => format!("{v:.2}×"),
+            (Some(v), Measure::UnexpectedAnswers) => format!("{v:.0}"),
             (Some(v), _) if v < 0.001 => format!("{:.1} µs", v * 1e6),
             (Some(v), _) => format!("{:.2} ms", v * 1e3),
         }

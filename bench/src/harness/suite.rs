@@ -1,6 +1,7 @@
 //! A whole harness run: the chosen scenarios at a fixed rate or by step search, optionally side by
 //! side with the baseline and along the shard-scaling curve.
 
+use super::hostile;
 use super::report::{Comparison, Machine, Report};
 use super::run::{ServerSource, Session, Settings, StepPlan, StepSearch, BASELINE_WITHOUT_TLS};
 use super::scenario::Scenario;
@@ -46,6 +47,12 @@ pub fn run_suite(options: &SuiteOptions) -> Result<Report, String> {
         // Said before the first scenario rather than minutes later, at the first comparison.
         return Err(BASELINE_WITHOUT_TLS.into());
     }
+    let step = matches!(options.mode, Mode::Step(_)) && options.scenarios.contains(&Scenario::Hostile);
+    if step || options.scale.as_ref().is_some_and(|(_, s)| *s == Scenario::Hostile) {
+        // Its phases compare the bystander at one rate with and without attacks; a search would
+        // find the rate at which the attacks no longer hurt, which is not the question.
+        return Err("the hostile scenario measures at one rate (--rate): leave it out of --step and --scale".into());
+    }
     let settings = &options.settings;
     let started_unix_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut report = Report {
@@ -66,6 +73,7 @@ pub fn run_suite(options: &SuiteOptions) -> Result<Report, String> {
         searches: Vec::new(),
         comparisons: Vec::new(),
         scale: Vec::new(),
+        hostile: Vec::new(),
         pass: true,
     };
     let search = |session: &Session, plan: &StepPlan| session.step_search(plan, settings);
@@ -73,6 +81,11 @@ pub fn run_suite(options: &SuiteOptions) -> Result<Report, String> {
     for &scenario in &options.scenarios {
         let session = Session::open(&options.source, Implementation::TensorWasm, scenario, None, settings)?;
         match &options.mode {
+            Mode::Fixed { rate } if scenario == Scenario::Hostile => {
+                let h = hostile::run(&session, *rate, settings)?;
+                report.pass &= h.pass;
+                report.hostile.push(h);
+            }
             Mode::Fixed { rate } => {
                 let m = session.measure(*rate, settings)?;
                 report.pass &= m.pass;
