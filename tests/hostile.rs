@@ -416,6 +416,29 @@ fn guest_stderr_cannot_forge_log_lines() {
 }
 
 /// A module of `functions` functions, each with a body of about `body_bytes` bytes.
+/// The nice value of every thread of the server's child processes (its compiles), from /proc.
+fn compile_threads_nice(server: &Server) -> Vec<i64> {
+    // The fields after `(comm)`: state, ppid, …; nice is the 19th field of the line, the 17th here.
+    let fields = |stat: &str| -> Vec<String> {
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().map(String::from).collect()).unwrap_or_default()
+    };
+    let mut nice = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        if fields(&stat).get(1).map(String::as_str) != Some(server.pid().to_string().as_str()) {
+            continue;
+        }
+        for task in std::fs::read_dir(entry.path().join("task")).into_iter().flatten().flatten() {
+            if let Some(n) =
+                std::fs::read_to_string(task.path().join("stat")).ok().and_then(|s| fields(&s).get(16)?.parse().ok())
+            {
+                nice.push(n);
+            }
+        }
+    }
+    nice
+}
+
 fn module_of(functions: usize, body_bytes: usize) -> Vec<u8> {
     let body = "(drop (i32.const 0))".repeat(body_bytes / 3);
     let funcs = (0..functions).map(|_| format!("(func {body})")).collect::<String>();
@@ -551,6 +574,14 @@ fn one_tenants_compiles_delay_neither_anothers_deletes_nor_its_deploys() {
         server.metric("tensor_wasm_http_requests_total", &[("route", "/functions"), ("method", "POST")]) >= 1.0
             || big.iter().any(|t| t.is_finished())
     });
+    // The compile runs in a child at nice 10 (`--compile-nice`), every thread of it: the shards
+    // get the CPU back whenever they have requests.
+    let mut nice = Vec::new();
+    within(Duration::from_secs(30), "a compile child seen", || {
+        nice = compile_threads_nice(&server);
+        !nice.is_empty() || big.iter().all(|t| t.is_finished())
+    });
+    assert!(!nice.is_empty() && nice.iter().all(|&n| n == 10), "compile threads' nice values: {nice:?}");
     // Another tenant's delete and deploy are served while the attacker's modules compile.
     let r = server.client().request("DELETE", &format!("/functions/{doomed}"), &headers(&other), b"");
     assert_eq!(r.status, 204, "{}", r.text());

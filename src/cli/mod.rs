@@ -276,6 +276,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_COMPILE_TIMEOUT_MS", default_value_t = 30_000)]
     pub compile_timeout_ms: u64,
 
+    /// The nice value (0 to 19) of the child that compiles a deployed module, so that compiles
+    /// take the CPU only when the shards leave it.
+    #[arg(long, env = "TENSOR_WASM_COMPILE_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub compile_nice: i32,
+
     /// Threads that load stored modules at start-up (each checks a module's digest, then loads
     /// its artifact or compiles it in a child within the compile budget), and that compile a
     /// functions directory's new modules side by side. 0: one per CPU the server may run on.
@@ -797,6 +802,7 @@ impl ServeArgs {
                 compile_budget: Some(crate::wasm::compile::CompileBudget {
                     memory_bytes: self.compile_memory_mb.saturating_mul(1024 * 1024),
                     timeout: std::time::Duration::from_millis(self.compile_timeout_ms),
+                    nice: self.compile_nice,
                 }),
                 load_threads: match self.load_threads {
                     0 => std::thread::available_parallelism().map_or(1, usize::from),

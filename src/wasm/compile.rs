@@ -31,6 +31,9 @@ pub struct CompileBudget {
     /// The child's address-space limit, in bytes.
     pub memory_bytes: u64,
     pub timeout: Duration,
+    /// The child's nice value: a compile takes a CPU for seconds, and at a lower priority than
+    /// the shards it leaves them the CPU whenever they have requests.
+    pub nice: i32,
 }
 
 /// Exit status of a child whose module does not compile (its message is on stderr).
@@ -106,6 +109,12 @@ pub fn compile_in_child(
         let _ = child.kill();
         let _ = child.wait();
         return Err(ApiError::Internal(format!("cannot limit the compiler's memory: {e}")));
+    }
+    // Before it is sent the module, so before its compile threads exist: they inherit it (nice is
+    // per thread on Linux).
+    // SAFETY: setpriority on our own child's pid.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, child.id(), budget.nice) } != 0 {
+        tracing::warn!("cannot lower the compiler's priority: {}", std::io::Error::last_os_error());
     }
     let started = Instant::now();
     let (mut stdin, mut stdout, mut stderr) =
