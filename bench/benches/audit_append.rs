@@ -33,6 +33,7 @@ fn event(i: u64) -> AuditEvent {
         peer_addr: "127.0.0.1:47436".parse().unwrap(),
         client_cert_subject: None,
         repeated: 0,
+        integrity: None,
     }
 }
 
@@ -48,6 +49,7 @@ fn run(sync: AuditSync, rounds: usize) -> (hdrhistogram::Histogram<u64>, Vec<Dur
         retain_bytes: None,
         sync,
         on_error: AuditOnError::Reject,
+        checkpoints: None,
     });
     let metrics = Arc::new(ShardMetrics::new(0, 1));
     let audit = ShardAudit::open(0, config, metrics.clone(), Arc::new(CommitSlot::default()));
