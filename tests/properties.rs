@@ -184,6 +184,7 @@ proptest! {
                 peer_addr: "127.0.0.1:1".parse().unwrap(),
                 client_cert_subject: None,
                 repeated: 0,
+                integrity: None,
             };
             prev = encode(&event, 0, seq, &prev, &mut line);
             segment.extend_from_slice(line.as_bytes());

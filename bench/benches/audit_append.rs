@@ -4,12 +4,20 @@
 //! Protects: 1 M appends/s per shard with P99 ≤ 10 µs (issue 4's floor: see
 //! perf/AUDIT.md), so that the audit log adds ≤ 2 µs to an invoke.
 //!
+//! With signed checkpoints (`--audit-signing-key`), the shard's checkpoint task signs once a
+//! second between requests: the "checkpoints every 1 s" row counts each signature in the append
+//! that waits behind it, and the "checkpoint alone" row times one (sign, file append, stdout line).
+//! The checkpoints' JSON lines go to stdout: filter them out with `grep -v audit_checkpoint`.
+//!
 //! `cargo bench -p tensor-wasm-bench --bench audit_append`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tensor_wasm::audit::{Actor, ActorScope, AuditConfig, AuditEvent, AuditOnError, AuditSync, CommitSlot, ShardAudit};
+use tensor_wasm::audit::checkpoint::SigningKey;
+use tensor_wasm::audit::{
+    Actor, ActorScope, AuditConfig, AuditEvent, AuditOnError, AuditSync, CheckpointConfig, CommitSlot, ShardAudit,
+};
 use tensor_wasm::metrics::ShardMetrics;
 use tensor_wasm_bench::{histogram, pin_like_a_shard, record, row, TABLE_HEAD};
 
@@ -33,12 +41,16 @@ fn event(i: u64) -> AuditEvent {
         peer_addr: "127.0.0.1:47436".parse().unwrap(),
         client_cert_subject: None,
         repeated: 0,
+        integrity: None,
     }
 }
 
 /// Latency per append (each timed) and, separately, throughput (`rounds` appends timed as a
 /// whole, with no clock read inside the loop).
-fn run(sync: AuditSync, rounds: usize) -> (hdrhistogram::Histogram<u64>, Vec<Duration>, u64) {
+/// The checkpoint interval the server defaults to.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+fn run(sync: AuditSync, rounds: usize, checkpoints: bool) -> (hdrhistogram::Histogram<u64>, Vec<Duration>, u64) {
     let dir = tempfile::tempdir().unwrap();
     let config = Arc::new(AuditConfig {
         dir: Some(dir.path().to_path_buf()),
@@ -48,13 +60,25 @@ fn run(sync: AuditSync, rounds: usize) -> (hdrhistogram::Histogram<u64>, Vec<Dur
         retain_bytes: None,
         sync,
         on_error: AuditOnError::Reject,
+        checkpoints: checkpoints.then(|| CheckpointConfig {
+            key: Arc::new(SigningKey::generate("bench/audit").expect("a key")),
+            interval: CHECKPOINT_INTERVAL,
+            file_bytes: 1 << 20,
+        }),
     });
     let metrics = Arc::new(ShardMetrics::new(0, 1));
     let audit = ShardAudit::open(0, config, metrics.clone(), Arc::new(CommitSlot::default()));
     let events: Vec<AuditEvent> = (0..1024).map(event).collect();
     let mut h = histogram();
+    let mut last_checkpoint = Instant::now();
     for i in 0..WARMUP.min(rounds) + rounds {
         let t = Instant::now();
+        // As the shard's checkpoint task: between requests, once an interval has passed; its time
+        // is charged to the append that waited behind it.
+        if checkpoints && last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+            audit.checkpoint();
+            last_checkpoint = Instant::now();
+        }
         let ticket = audit.ticket().expect("writable");
         audit.record(ticket, &events[i % events.len()]);
         if i >= WARMUP.min(rounds) {
@@ -80,6 +104,37 @@ fn run(sync: AuditSync, rounds: usize) -> (hdrhistogram::Histogram<u64>, Vec<Dur
     (h, per_window, bytes)
 }
 
+/// One checkpoint (Ed25519 signature, append to the shard's file, stdout line), `rounds` times,
+/// each after one append so that the head moved.
+fn checkpoint_only(rounds: usize) -> hdrhistogram::Histogram<u64> {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Arc::new(AuditConfig {
+        dir: Some(dir.path().to_path_buf()),
+        stdout: false,
+        segment_bytes: 64 * 1024 * 1024,
+        retain_segments: Some(2),
+        retain_bytes: None,
+        sync: AuditSync::Interval,
+        on_error: AuditOnError::Reject,
+        checkpoints: Some(CheckpointConfig {
+            key: Arc::new(SigningKey::generate("bench/audit").expect("a key")),
+            interval: CHECKPOINT_INTERVAL,
+            file_bytes: 1 << 20,
+        }),
+    });
+    let audit = ShardAudit::open(0, config, Arc::new(ShardMetrics::new(0, 1)), Arc::new(CommitSlot::default()));
+    let mut h = histogram();
+    for i in 0..rounds {
+        let ticket = audit.ticket().expect("writable");
+        audit.record(ticket, &event(i as u64));
+        let t = Instant::now();
+        audit.checkpoint();
+        record(&mut h, t.elapsed());
+    }
+    audit.close();
+    h
+}
+
 /// The record's formatting and hashing alone, into a reused buffer rather than a segment.
 fn encode_only(rounds: usize) -> hdrhistogram::Histogram<u64> {
     let events: Vec<AuditEvent> = (0..1024).map(event).collect();
@@ -103,12 +158,14 @@ fn main() {
     pin_like_a_shard();
     println!("{TABLE_HEAD}");
     println!("{}", row("encode only (format + SHA-256)", &encode_only(1_000_000)));
-    for (name, sync, rounds) in [
-        ("append, sync interval", AuditSync::Interval, 2_000_000),
-        ("append, sync none", AuditSync::None, 2_000_000),
-        ("append, sync always", AuditSync::Always, 2_000),
+    println!("{}", row("checkpoint alone (sign + file + stdout)", &checkpoint_only(2_000)));
+    for (name, sync, rounds, checkpoints) in [
+        ("append, sync interval", AuditSync::Interval, 2_000_000, false),
+        ("append, sync interval, checkpoints every 1 s", AuditSync::Interval, 2_000_000, true),
+        ("append, sync none", AuditSync::None, 2_000_000, false),
+        ("append, sync always", AuditSync::Always, 2_000, false),
     ] {
-        let (h, per_record_time, bytes) = run(sync, rounds);
+        let (h, per_record_time, bytes) = run(sync, rounds, checkpoints);
         println!("{}", row(name, &h));
         let per_record = bytes / (rounds + WARMUP.min(rounds)) as u64;
         let rate = |d: &Duration| 1.0 / d.as_secs_f64().max(1e-12);

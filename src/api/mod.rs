@@ -148,6 +148,7 @@ impl PendingAudit {
             peer_addr: peer,
             client_cert_subject: self.client_cert_subject,
             repeated: self.repeated,
+            integrity: None,
         };
         (self.ticket, event)
     }

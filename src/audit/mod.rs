@@ -3,11 +3,19 @@
 //!
 //! - [`record`]: the line format, its hash and the chain;
 //! - [`segment`]: preallocated, mapped segment files, and scanning them;
-//! - [`writer`]: a shard's chain: recovery, room before the action, rotation, retention, sync;
-//! - this module: configuration, the group-commit thread, and `verify` / `tail`.
+//! - [`chain`]: walking a chain's segments: which records verify, where damage is;
+//! - [`recover`]: start-up recovery, which cuts a torn suffix and nothing else;
+//! - [`writer`]: a shard's chain: room before the action, rotation, retention, sync, checkpoints;
+//! - [`checkpoint`]: signed checkpoints (C2SP signed notes) and their keys;
+//! - [`verify`]: `tensor-wasm audit verify`, with or without checkpoints;
+//! - this module: configuration, the group-commit thread, and `tail`.
 
+pub mod chain;
+pub mod checkpoint;
 pub mod record;
+pub mod recover;
 pub mod segment;
+pub mod verify;
 pub mod writer;
 
 use std::fs;
@@ -19,8 +27,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use record::{Actor, ActorScope, AuditEvent};
-use record::{LineError, MAX_RECORD};
 use segment::{list_segments, scan};
+use verify::chain_dirs;
 pub use writer::{AuditTicket, CommitSlot, ShardAudit};
 
 use crate::metrics::Histogram;
@@ -61,6 +69,20 @@ pub struct AuditConfig {
     pub retain_bytes: Option<u64>,
     pub sync: AuditSync,
     pub on_error: AuditOnError,
+    /// Signed checkpoints (`--audit-signing-key`); `None`: none are made.
+    pub checkpoints: Option<CheckpointConfig>,
+}
+
+/// How the shards sign checkpoints of their chains.
+#[derive(Clone, Debug)]
+pub struct CheckpointConfig {
+    pub key: Arc<checkpoint::SigningKey>,
+    /// A shard signs its chain head at least this often while records flow
+    /// (`--audit-checkpoint-interval-ms`).
+    pub interval: Duration,
+    /// A shard's checkpoint file is renamed to `checkpoints.1` before it passes this size
+    /// (`--audit-checkpoint-file-bytes`).
+    pub file_bytes: u64,
 }
 
 impl AuditConfig {
@@ -106,81 +128,6 @@ pub fn spawn_group_commit(slots: Vec<Arc<CommitSlot>>, sync_seconds: Arc<Histogr
             }
         }
     })
-}
-
-/// The chain directories under an audit directory (`shard-N`), or the directory itself when it
-/// is one.
-fn chain_dirs(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    if !list_segments(dir)?.is_empty() {
-        return Ok(vec![dir.to_path_buf()]);
-    }
-    let mut dirs: Vec<PathBuf> = fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("shard-")))
-        .collect();
-    dirs.sort();
-    Ok(dirs)
-}
-
-/// The first broken record found by [`verify`].
-#[derive(Debug)]
-pub struct Broken {
-    pub file: PathBuf,
-    pub offset: usize,
-    /// The `seq` the broken record should have had.
-    pub seq: u64,
-    pub reason: String,
-}
-
-/// What [`verify`] found in a log with no broken record.
-#[derive(Debug)]
-pub struct Verified {
-    /// Records checked.
-    pub records: u64,
-    /// Live segments that end in a record a crash cut short (see [`verify`]).
-    pub unfinished: Vec<PathBuf>,
-}
-
-/// Checks the framing and the chains of every segment under `dir`. Returns what it checked, or
-/// the first broken record.
-///
-/// Two things after the last record of a shard's newest segment are not damage, when that
-/// segment is still live (preallocated: its last byte a zero): a zero tail, and before it at most
-/// one record's prefix with no end of line. The shard formats each record in place, so a process
-/// killed mid-record leaves that prefix; the record was never acknowledged, and the next start
-/// cuts it away. A sealed segment has no such excuse.
-pub fn verify(dir: &Path) -> io::Result<Result<Verified, Broken>> {
-    let mut verified = Verified { records: 0, unfinished: Vec::new() };
-    for chain in chain_dirs(dir)? {
-        let segments = list_segments(&chain)?;
-        let mut prev = None;
-        for (i, path) in segments.iter().enumerate() {
-            let bytes = fs::read(path)?;
-            let found = scan(&bytes, prev.clone());
-            verified.records += found.records;
-            let rest = &bytes[found.valid_len..];
-            let zeros_from = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
-            let zero_tail = rest[zeros_from..].iter().all(|b| *b == 0);
-            let live = i + 1 == segments.len() && bytes.last() == Some(&0);
-            let unfinished = live
-                && matches!(found.damage, Some(LineError::Torn))
-                && zero_tail
-                && (1..MAX_RECORD).contains(&zeros_from)
-                && !rest[..zeros_from].contains(&b'\n');
-            if unfinished {
-                verified.unfinished.push(path.clone());
-            } else if found.damage.is_some() || zeros_from > 0 || !zero_tail {
-                let reason = match found.damage {
-                    Some(d) => d.to_string(),
-                    None => "bytes after the last record".into(),
-                };
-                let seq = found.last.as_ref().or(prev.as_ref()).map_or(0, |l| l.seq) + 1;
-                return Ok(Err(Broken { file: path.clone(), offset: found.valid_len, seq, reason }));
-            }
-            prev = found.last.or(prev);
-        }
-    }
-    Ok(Ok(verified))
 }
 
 /// The last `n` records under `dir` (every shard, in time order), as JSON lines.

@@ -12,6 +12,8 @@ use std::net::SocketAddr;
 
 use sha2::{Digest, Sha256};
 
+/// The action of a record that reports damage found in the chain at start-up.
+pub const INTEGRITY_ACTION: &str = "audit_integrity";
 /// The `prev_hash` of a chain's first record.
 pub const GENESIS: [u8; 32] = [0; 32];
 /// No record is longer: fields a client controls are capped so that this always holds, and a
@@ -30,6 +32,8 @@ pub enum Actor {
         scope: ActorScope,
     },
     Dev,
+    /// The server itself, for records no request caused (`audit_integrity`).
+    System,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +65,20 @@ pub struct AuditEvent {
     /// For a coalesced refusal: how many more like it were left out of the log before this record
     /// (`auth::refusals`). Written only when non-zero.
     pub repeated: u64,
+    /// For an `audit_integrity` record: the damage found. Written only then.
+    pub integrity: Option<Integrity>,
+}
+
+/// Damage found in the chain at start-up (`audit::recover`): where its first broken record is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Integrity {
+    /// The segment, relative to the audit directory: `shard-N/<first seq>.jsonl`.
+    pub file: String,
+    /// Byte offset of the first broken record in it.
+    pub offset: u64,
+    /// The `seq` that record should have had.
+    pub seq: u64,
+    pub reason: String,
 }
 
 impl AuditEvent {
@@ -210,6 +228,7 @@ pub fn encode_into(
     out.push(b",\"actor\":");
     match &event.actor {
         Actor::Dev => out.push(br#"{"kind":"dev","token_id":null,"scope":{"kind":"dev","tenants":null}}"#),
+        Actor::System => out.push(br#"{"kind":"system","token_id":null,"scope":null}"#),
         Actor::Bearer { token_id, scope } => {
             out.push(b"{\"kind\":\"bearer\",\"token_id\":");
             out.opt_str(token_id.as_deref());
@@ -262,7 +281,20 @@ pub fn encode_into(
         out.json_str(function);
         out.push(b"}");
     }
-    out.push(b"},\"latency_us\":");
+    out.push(b"}");
+    // Only on `audit_integrity` records, so that every other record keeps its shape.
+    if let Some(found) = &event.integrity {
+        out.push(b",\"integrity\":{\"file\":");
+        out.json_str(&found.file);
+        out.push(b",\"offset\":");
+        out.num(found.offset);
+        out.push(b",\"seq\":");
+        out.num(found.seq);
+        out.push(b",\"reason\":");
+        out.json_str(truncate(&found.reason, MAX_SUBJECT));
+        out.push(b"}");
+    }
+    out.push(b",\"latency_us\":");
     out.num(event.latency_us);
     out.push(b",\"peer_addr\":\"");
     out.addr(&event.peer_addr);
@@ -312,6 +344,9 @@ pub struct LineFacts {
     pub seq: u64,
     pub prev_hash: [u8; 32],
     pub hash: [u8; 32],
+    /// For an `audit_integrity` record: the file (as the record names it) and offset of the
+    /// damage it reports.
+    pub integrity: Option<(String, u64)>,
 }
 
 /// Why a line is not a valid record.
@@ -362,11 +397,22 @@ pub fn check_line(line: &[u8]) -> Result<LineFacts, LineError> {
     let field =
         |name| value.get(name).and_then(serde_json::Value::as_u64).ok_or(LineError::Malformed("missing shard or seq"));
     let prev = value.get("prev_hash").and_then(|v| v.as_str()).ok_or(LineError::Malformed("missing prev_hash"))?;
+    let integrity = match value.get("action").and_then(|v| v.as_str()) {
+        Some(INTEGRITY_ACTION) => {
+            let found = value.get("integrity").ok_or(LineError::Malformed("audit_integrity without integrity"))?;
+            let file = found.get("file").and_then(|v| v.as_str()).ok_or(LineError::Malformed("integrity.file"))?;
+            let offset =
+                found.get("offset").and_then(|v| v.as_u64()).ok_or(LineError::Malformed("integrity.offset"))?;
+            Some((file.to_string(), offset))
+        }
+        _ => None,
+    };
     Ok(LineFacts {
         shard: field("shard")?,
         seq: field("seq")?,
         prev_hash: parse_hex32(prev.as_bytes()).ok_or(LineError::Malformed("prev_hash is not hex"))?,
         hash,
+        integrity,
     })
 }
 
@@ -393,7 +439,32 @@ mod tests {
             peer_addr: "127.0.0.1:4000".parse().unwrap(),
             client_cert_subject: Some("CN=a \"quoted\" client".into()),
             repeated: 0,
+            integrity: None,
         }
+    }
+
+    #[test]
+    fn integrity_records_name_the_damage() {
+        let mut e = event();
+        e.action = INTEGRITY_ACTION;
+        e.actor = Actor::System;
+        e.integrity = Some(Integrity {
+            file: "shard-0/00000000000000000001.jsonl".into(),
+            offset: 1234,
+            seq: 5,
+            reason: "the record's hash does not match its contents".into(),
+        });
+        let mut line = String::new();
+        encode(&e, 0, 9, &GENESIS, &mut line);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["actor"], serde_json::json!({"kind": "system", "token_id": null, "scope": null}));
+        assert_eq!(v["integrity"]["offset"], 1234);
+        assert_eq!(v["integrity"]["seq"], 5);
+        let facts = check_line(line.trim_end().as_bytes()).unwrap();
+        assert_eq!(facts.integrity, Some(("shard-0/00000000000000000001.jsonl".into(), 1234)));
+        // Other records do not carry the field.
+        encode(&event(), 0, 1, &GENESIS, &mut line);
+        assert!(!line.contains("integrity"), "{line}");
     }
 
     #[test]
@@ -406,7 +477,7 @@ mod tests {
         assert_eq!(v["resource"]["tenant_id"], 7);
         assert_eq!(v["client_cert_subject"], "CN=a \"quoted\" client");
         let facts = check_line(line.trim_end().as_bytes()).unwrap();
-        assert_eq!((facts.shard, facts.seq, facts.prev_hash, facts.hash), (3, 1, GENESIS, h1));
+        assert_eq!((facts.shard, facts.seq, facts.prev_hash, facts.hash, facts.integrity), (3, 1, GENESIS, h1, None));
 
         assert!(v["resource"].get("pipeline_id").is_none() && v["outcome"].get("failed_step").is_none());
         let mut failed = event();

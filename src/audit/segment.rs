@@ -226,14 +226,15 @@ impl ActiveSegment {
     }
 }
 
-/// Finishes the seal of a segment a crash interrupted: cuts its zero tail. Returns whether it
-/// was unsealed (its last byte a zero).
+/// Finishes the seal of a segment a crash interrupted, or seals a damaged one as it is: cuts its
+/// zero tail, and nothing before it. Returns whether it was unsealed (its last byte a zero).
 pub fn finish_seal(path: &Path) -> io::Result<bool> {
     let bytes = fs::read(path)?;
     if bytes.last().is_none_or(|b| *b != 0) {
         return Ok(false);
     }
-    let valid = scan(&bytes, None).valid_len;
+    // Never fewer bytes than are not zeros: whatever they are, damage included, is evidence.
+    let valid = bytes.iter().rposition(|b| *b != 0).map_or(0, |at| at + 1);
     let file = OpenOptions::new().write(true).open(path)?;
     file.set_len(valid as u64)?;
     file.sync_all()?;

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::record::{encode_into, AuditEvent, GENESIS, MAX_RECORD};
-use super::segment::{finish_seal, list_segments, scan, segment_name, ActiveSegment, Retention, Sealer, Spare};
-use super::{AuditConfig, AuditOnError, AuditSync};
+use super::checkpoint::{Checkpoint, CheckpointFile};
+use super::record::{encode_into, AuditEvent, Integrity, GENESIS, MAX_RECORD};
+use super::segment::{segment_name, ActiveSegment, Retention, Sealer, Spare};
+use super::{AuditConfig, AuditOnError, AuditSync, CheckpointConfig};
 use crate::error::ApiError;
 use crate::metrics::ShardMetrics;
 
@@ -46,20 +47,48 @@ pub struct ShardAudit {
     /// The next segment, reserved in the background; `None` without a directory.
     spare: Option<Arc<Spare>>,
     metrics: Arc<ShardMetrics>,
+    /// Damage recovery found, until the shard records it.
+    damage: RefCell<Vec<Integrity>>,
+    /// Signs checkpoints; `None` without `--audit-signing-key` (or without a directory).
+    signer: Option<Signer>,
+}
+
+struct Signer {
+    config: CheckpointConfig,
+    state: RefCell<SignerState>,
+}
+
+struct SignerState {
+    file: CheckpointFile,
+    /// The `seq` of the last checkpoint written to the file.
+    signed: Option<u64>,
 }
 
 /// Room for one record, taken before the request's action runs.
 pub struct AuditTicket(());
 
 impl ShardAudit {
-    /// Opens shard `shard`'s chain: repairs a torn tail and continues the sequence and the chain.
+    /// Opens shard `shard`'s chain (`recover`): cuts a torn suffix, keeps damage as it is for
+    /// [`ShardAudit::take_damage`], and continues the sequence and the chain.
     /// A log that cannot be opened is not fatal: the shard starts in the failing state.
     pub fn open(shard: usize, config: Arc<AuditConfig>, metrics: Arc<ShardMetrics>, commit: Arc<CommitSlot>) -> Self {
         let dir = config.dir.as_ref().map(|d| d.join(format!("shard-{shard}")));
         let spare = dir.as_ref().filter(|d| fs::create_dir_all(d).is_ok()).map(|d| Spare::new(d, config.segment_bytes));
+        let signer = match (&config.checkpoints, &dir) {
+            (Some(checkpoints), Some(dir)) => Some(Signer {
+                config: checkpoints.clone(),
+                state: RefCell::new(SignerState {
+                    file: CheckpointFile::new(dir, checkpoints.file_bytes),
+                    signed: None,
+                }),
+            }),
+            _ => None,
+        };
         let audit = ShardAudit {
             shard,
             dir,
+            signer,
+            damage: RefCell::default(),
             config,
             chain: RefCell::new(Chain { seq: 0, prev_hash: GENESIS, active: None, failing: false, last_attempt: None }),
             line: RefCell::new(vec![0; MAX_RECORD]),
@@ -80,36 +109,57 @@ impl ShardAudit {
     fn recover(&self) -> std::io::Result<()> {
         let Some(dir) = &self.dir else { return Ok(()) };
         fs::create_dir_all(dir)?;
-        let segments = list_segments(dir)?;
-        // Seals a crash interrupted (in the background sealer) are finished first.
-        for path in segments.iter().rev().skip(1) {
-            if !finish_seal(path)? {
-                break;
-            }
-            tracing::info!(shard = self.shard, file = %path.display(), "audit: finished an interrupted seal");
-        }
+        let recovered = super::recover::recover(dir, self.shard, self.config.segment_bytes)?;
         let mut chain = self.chain.borrow_mut();
-        // The newest segment with a record tells where the chain stands.
-        for (i, path) in segments.iter().enumerate().rev() {
-            let bytes = fs::read(path)?;
-            let found = scan(&bytes, None);
-            let is_newest = i + 1 == segments.len();
-            if is_newest {
-                let garbage = bytes[found.valid_len..].iter().filter(|b| **b != 0).count();
-                if garbage > 0 {
-                    tracing::warn!(shard = self.shard, file = %path.display(), cut_bytes = garbage, "audit: torn tail cut away");
-                }
-                // Always continue in the newest segment, even an empty one: its name is taken.
-                chain.active = Some(ActiveSegment::reopen(path.clone(), found.valid_len, self.config.segment_bytes)?);
-                self.publish_file(&chain);
-            }
-            if let Some(last) = found.last {
-                chain.seq = last.seq;
-                chain.prev_hash = last.hash;
-                break;
-            }
+        chain.seq = recovered.seq;
+        chain.prev_hash = recovered.prev_hash;
+        chain.active = recovered.active;
+        self.publish_file(&chain);
+        for _ in &recovered.damage {
+            self.metrics.audit_integrity_failures.inc();
         }
+        *self.damage.borrow_mut() = recovered.damage;
         Ok(())
+    }
+
+    /// The damage start-up found, for the shard to record as `audit_integrity` events before
+    /// anything else (it numbers them as requests); empty after the first call.
+    pub fn take_damage(&self) -> Vec<Integrity> {
+        std::mem::take(&mut self.damage.borrow_mut())
+    }
+
+    /// Signs a checkpoint of the chain head if it moved since the last one (or none was signed
+    /// since start-up), appends it to the shard's checkpoint file and writes it to stdout. Called
+    /// by the shard's checkpoint task every `--audit-checkpoint-interval-ms` and at shutdown:
+    /// never on a request's path.
+    pub fn checkpoint(&self) {
+        let Some(signer) = &self.signer else { return };
+        let (seq, hash) = {
+            let chain = self.chain.borrow();
+            (chain.seq, chain.prev_hash)
+        };
+        let mut state = signer.state.borrow_mut();
+        if seq == 0 || state.signed == Some(seq) {
+            return;
+        }
+        let checkpoint = Checkpoint::new(signer.config.key.name(), self.shard, seq, hash, AuditEvent::now_unix_ms());
+        let note = signer.config.key.sign_note(&checkpoint.text());
+        if let Err(e) = state.file.append(&note) {
+            // The stdout copy below still leaves the host; the next tick tries the file again.
+            tracing::error!(shard = self.shard, "audit: cannot write a checkpoint: {e}");
+            self.metrics.audit_errors.inc();
+        } else {
+            state.signed = Some(seq);
+        }
+        let mut line = checkpoint.json_line(&note);
+        line.push('\n');
+        let _ = std::io::stdout().lock().write_all(line.as_bytes());
+        self.metrics.audit_checkpoints.inc();
+    }
+
+    /// How often the shard's checkpoint task runs; `None`: no checkpoints.
+    pub fn checkpoint_interval(&self) -> Option<Duration> {
+        self.signer.as_ref().map(|s| s.config.interval)
     }
 
     fn publish_file(&self, chain: &Chain) {
@@ -291,6 +341,9 @@ impl ShardAudit {
     /// Seals nothing, but cuts the active segment to its records so that it reads as plain JSONL
     /// while the server is down. It is reopened and extended on the next start.
     pub fn close(&self) {
+        // The last checkpoint covers every record: nothing written before a clean stop is left
+        // outside a signed one.
+        self.checkpoint();
         if let Some(spare) = &self.spare {
             spare.remove();
         }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 use tensor_wasm_dispatch::{BackendChoice, DispatchConfig};
 
-use crate::audit::{parse_destination, AuditConfig, AuditOnError, AuditSync};
+use crate::audit::{parse_destination, AuditConfig, AuditOnError, AuditSync, CheckpointConfig};
 use crate::auth::{AuthConfig, RateLimit, TokenSource};
 use crate::cidr::parse_cidrs;
 use crate::config::{IoDriverChoice, Limits, ServerConfig};
@@ -129,10 +129,28 @@ fn run_backup(args: BackupArgs, restore: bool) -> i32 {
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Check every record's framing and every shard's hash chain; exits 1 at the first broken record.
+    /// Check every record's framing and every shard's hash chain, and with --public-key every
+    /// signed checkpoint against the log; exits 1 if anything is broken, missing or changed.
     Verify {
         /// The audit directory (or one shard's directory).
         dir: PathBuf,
+        /// The checkpoints' public key (`FILE.pub` of `audit keygen`).
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+        /// More checkpoints: a file (the server's stdout as a log shipper kept it, or a
+        /// `checkpoints` file) or a directory of such files. The audit directory's own are always read.
+        #[arg(long, requires = "public_key")]
+        checkpoints: Option<PathBuf>,
+    },
+    /// Write a new Ed25519 key pair for signing checkpoints: FILE (mode 0600) and FILE.pub.
+    Keygen {
+        /// Where the private key goes; the public key goes to the same path plus `.pub`.
+        #[arg(long)]
+        out: PathBuf,
+        /// The key's name, which every checkpoint's origin starts with. Default:
+        /// `<hostname>/tensor-wasm-audit`.
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Print the newest records as JSON lines, the active segment's included.
     Tail {
@@ -492,6 +510,24 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_AUDIT_RETENTION_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub audit_retention_bytes: u64,
 
+    /// Private key (`audit keygen`) that signs checkpoints of every shard's chain. Without it no
+    /// checkpoints are made, and a log cut at its end cannot be told from one that ended there.
+    #[arg(long, env = "TENSOR_WASM_AUDIT_SIGNING_KEY")]
+    pub audit_signing_key: Option<PathBuf>,
+
+    /// With --audit-signing-key: a shard signs its chain head at least this often while records
+    /// flow (and at shutdown). Records after the last checkpoint that left the host can be cut
+    /// undetected: this is that window.
+    #[arg(long, env = "TENSOR_WASM_AUDIT_CHECKPOINT_INTERVAL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub audit_checkpoint_interval_ms: u64,
+
+    /// With --audit-signing-key: a shard's `checkpoints` file is renamed to `checkpoints.1`
+    /// (replacing the one before) when it would pass this size.
+    #[arg(long, env = "TENSOR_WASM_AUDIT_CHECKPOINT_FILE_BYTES", default_value_t = 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(4096..))]
+    pub audit_checkpoint_file_bytes: u64,
+
     /// Requests per second each token may make, across all shards; 0 means unlimited.
     #[arg(long, env = "TENSOR_WASM_API_RATE_LIMIT_QPS", default_value_t = 0)]
     pub rate_limit_qps: u32,
@@ -710,6 +746,7 @@ impl ServeArgs {
             None => (Some(self.data_dir.join("audit")), false),
             Some(spec) => parse_destination(spec).map_err(|e| format!("TENSOR_WASM_API_AUDIT_LOG: {e}"))?,
         };
+        let has_audit_dir = audit_dir.is_some();
         let audit = AuditConfig {
             dir: audit_dir,
             stdout: audit_stdout,
@@ -724,6 +761,21 @@ impl ServeArgs {
             on_error: match self.audit_on_error {
                 AuditOnErrorArg::Reject => AuditOnError::Reject,
                 AuditOnErrorArg::Continue => AuditOnError::Continue,
+            },
+            checkpoints: match &self.audit_signing_key {
+                None => None,
+                // A checkpoint is checked against the segment files: without them it proves nothing.
+                Some(_) if !has_audit_dir => {
+                    return Err("--audit-signing-key needs an audit directory (TENSOR_WASM_API_AUDIT_LOG=file:…)".into())
+                }
+                Some(path) => Some(CheckpointConfig {
+                    key: std::sync::Arc::new(
+                        crate::audit::checkpoint::SigningKey::load(path)
+                            .map_err(|e| format!("--audit-signing-key: {e}"))?,
+                    ),
+                    interval: std::time::Duration::from_millis(self.audit_checkpoint_interval_ms),
+                    file_bytes: self.audit_checkpoint_file_bytes,
+                }),
             },
         };
         let sink_networks = SinkNetworks::parse(&self.sink_allowed_cidrs)
@@ -842,32 +894,26 @@ impl ServeArgs {
 
 fn run_audit(command: AuditCommand) -> i32 {
     match command {
-        AuditCommand::Verify { dir } => match crate::audit::verify(&dir) {
-            Ok(Ok(verified)) => {
-                println!("ok: {} records, every chain intact", verified.records);
-                for path in verified.unfinished {
-                    println!(
-                        "note: {} ends in a record cut short by a crash (never acknowledged); the next start cuts it away",
-                        path.display()
-                    );
+        AuditCommand::Verify { dir, public_key, checkpoints } => verify_audit(&dir, public_key, checkpoints),
+        AuditCommand::Keygen { out, name } => {
+            let name = name.unwrap_or_else(|| format!("{}/tensor-wasm-audit", hostname()));
+            let written = crate::audit::checkpoint::SigningKey::generate(&name).and_then(|key| {
+                let public = key.write_pair(&out)?;
+                Ok((public, key.verifier().to_text()))
+            });
+            match written {
+                Ok((public, vkey)) => {
+                    println!("private key: {} (keep it secret: whoever holds it can sign checkpoints)", out.display());
+                    println!("public key:  {}", public.display());
+                    println!("{vkey}");
+                    0
                 }
-                0
+                Err(e) => {
+                    eprintln!("tensor-wasm: {e}");
+                    1
+                }
             }
-            Ok(Err(broken)) => {
-                eprintln!(
-                    "tensor-wasm: broken audit record: {} at offset {} (seq {}): {}",
-                    broken.file.display(),
-                    broken.offset,
-                    broken.seq,
-                    broken.reason
-                );
-                1
-            }
-            Err(e) => {
-                eprintln!("tensor-wasm: cannot read {}: {e}", dir.display());
-                EXIT_USAGE
-            }
-        },
+        }
         AuditCommand::Tail { n, follow, dir } => {
             let result = if follow {
                 crate::audit::follow(&dir, n)
@@ -882,6 +928,102 @@ fn run_audit(command: AuditCommand) -> i32 {
                 }
             }
         }
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into a buffer we own.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).replace(|c: char| c.is_whitespace() || c == '+', "-");
+    if rc == 0 && !name.is_empty() {
+        name
+    } else {
+        "localhost".into()
+    }
+}
+
+fn verify_audit(dir: &std::path::Path, public_key: Option<PathBuf>, checkpoints: Option<PathBuf>) -> i32 {
+    let key = match public_key.as_deref().map(crate::audit::checkpoint::VerifierKey::load).transpose() {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("tensor-wasm: --public-key: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let report = match crate::audit::verify::verify(dir, key.as_ref(), checkpoints.as_deref()) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("tensor-wasm: cannot read {}: {e}", dir.display());
+            return EXIT_USAGE;
+        }
+    };
+    for broken in &report.broken {
+        eprintln!(
+            "tensor-wasm: broken audit record: {} at offset {} (seq {}): {}",
+            broken.file.display(),
+            broken.offset,
+            broken.seq,
+            broken.reason
+        );
+    }
+    if report.broken.is_empty() {
+        println!("ok: {} records, every chain intact", report.records);
+    } else {
+        println!("{} records verify; {} damaged regions", report.records, report.broken.len());
+    }
+    for path in &report.unfinished {
+        println!(
+            "note: {} ends in a record cut short by a crash (never acknowledged); the next start cuts it away",
+            path.display()
+        );
+    }
+    if let Some(checks) = &report.checkpoints {
+        for c in &checks.contradicted {
+            eprintln!(
+                "tensor-wasm: records lost or changed: checkpoint {} at seq {} signed at {} ms ({}) proves it: {}{}",
+                c.checkpoint.origin,
+                c.checkpoint.size,
+                c.checkpoint.time_unix_ms,
+                c.source.display(),
+                c.reason,
+                match c.of_shard {
+                    1 => String::new(),
+                    n => format!(" ({n} checkpoints of the shard contradicted; this is the earliest)"),
+                }
+            );
+        }
+        for path in &checks.forged {
+            eprintln!(
+                "tensor-wasm: a checkpoint in {} has a signature that does not verify (forged or damaged)",
+                path.display()
+            );
+        }
+        if checks.verified == 0 {
+            eprintln!("tensor-wasm: no checkpoint signed by this key was found: nothing proves the log is complete");
+        }
+        println!("checkpoints: {} verified", checks.verified);
+        for (shard, cp) in &checks.newest {
+            println!(
+                "  shard {shard}: the log matches the checkpoint at seq {} signed at {} ms",
+                cp.size, cp.time_unix_ms
+            );
+        }
+        for (shard, n) in &checks.uncovered {
+            println!("note: shard {shard}: {n} records after its last checkpoint are not covered by one");
+        }
+        if checks.beyond_retention > 0 {
+            println!("note: {} checkpoints are older than the oldest record kept (retention)", checks.beyond_retention);
+        }
+        if checks.ignored > 0 {
+            println!("note: {} notes ignored (another key's, malformed, or cut short)", checks.ignored);
+        }
+    }
+    if report.ok() {
+        0
+    } else {
+        1
     }
 }
 

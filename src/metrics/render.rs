@@ -97,7 +97,7 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
     histogram(&mut out, "tensor_wasm_audit_sync_seconds", "", &[ctx.audit_sync]);
 
     let sum = |f: fn(&ShardMetrics) -> u64| shards.iter().map(|s| f(s)).sum::<u64>();
-    let process_wide: [(&str, &str, &str, u64); 13] = [
+    let process_wide: [(&str, &str, &str, u64); 15] = [
         ("tensor_wasm_audit_records_total", "counter", "Audit records written.", sum(|s| s.audit_records.get())),
         ("tensor_wasm_audit_bytes_total", "counter", "Bytes of audit records written.", sum(|s| s.audit_bytes.get())),
         (
@@ -105,6 +105,18 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
             "counter",
             "Audit log failures: a segment that could not be created or synced, a record lost.",
             sum(|s| s.audit_errors.get()),
+        ),
+        (
+            "tensor_wasm_audit_integrity_failures_total",
+            "counter",
+            "Audit segments found at start-up holding a complete record that does not verify (tampering).",
+            sum(|s| s.audit_integrity_failures.get()),
+        ),
+        (
+            "tensor_wasm_audit_checkpoints_total",
+            "counter",
+            "Signed audit checkpoints written.",
+            sum(|s| s.audit_checkpoints.get()),
         ),
         (
             "tensor_wasm_tls_handshake_failures_total",

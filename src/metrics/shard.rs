@@ -160,6 +160,10 @@ pub struct ShardMetrics {
     pub audit_records: Counter,
     pub audit_bytes: Counter,
     pub audit_errors: Counter,
+    /// Damaged segments start-up found (`audit::recover`), each recorded as `audit_integrity`.
+    pub audit_integrity_failures: Counter,
+    /// Checkpoints signed.
+    pub audit_checkpoints: Counter,
     pub xfcc_ignored: Counter,
     /// Kernel requests per device and op (`devices × Op::ALL`).
     pub kernel_dispatches: Box<[Counter]>,
@@ -190,6 +194,8 @@ impl ShardMetrics {
             audit_records: Counter::default(),
             audit_bytes: Counter::default(),
             audit_errors: Counter::default(),
+            audit_integrity_failures: Counter::default(),
+            audit_checkpoints: Counter::default(),
             xfcc_ignored: Counter::default(),
             kernel_dispatches: (0..devices * Op::ALL.len()).map(|_| Counter::default()).collect(),
             kernel_latency: Op::ALL.iter().map(|_| Histogram::new(&KERNEL_BUCKETS)).collect(),

@@ -298,9 +298,13 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
 
     if failure.is_none() {
         tracing::info!(addr = %local_addr, shards = shard_count, "listening");
-        let mut stdout = std::io::stdout().lock();
-        let _ = writeln!(stdout, "listening on {local_addr}");
-        let _ = stdout.flush();
+        {
+            // Released before the wait: shards write audit records and checkpoints to stdout, and
+            // a lock held here for the process's life would block them at their first line.
+            let mut stdout = std::io::stdout().lock();
+            let _ = writeln!(stdout, "listening on {local_addr}");
+            let _ = stdout.flush();
+        }
         wait_for_termination(termination)?;
         tracing::info!("signal received: draining");
     }

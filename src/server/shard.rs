@@ -216,8 +216,13 @@ async fn serve(init: ShardInit) {
         max_running_per_tenant: per_shard(limits_max_concurrent) as u32,
     });
 
+    // Before any request: damage recovery found is the first thing the new segment records.
+    shard.record_integrity_failures();
     monoio::spawn(super::fair_yield::pump());
     monoio::spawn(record_left_out_refusals(shard.clone()));
+    if let Some(interval) = shard.audit.checkpoint_interval() {
+        monoio::spawn(sign_checkpoints(shard.clone(), interval));
+    }
     if !spin_window.is_zero() {
         monoio::spawn(shard.idle_spin.clone().spin(spin_window));
     }
@@ -294,6 +299,15 @@ async fn record_left_out_refusals(shard: Rc<Shard>) {
             }
             shard.record_left_out(left);
         }
+    }
+}
+
+/// Every `--audit-checkpoint-interval-ms`, signs a checkpoint of the shard's chain if it moved:
+/// one signature a tick, off every request's path (`ShardAudit::checkpoint`).
+async fn sign_checkpoints(shard: Rc<Shard>, interval: Duration) {
+    loop {
+        monoio::time::sleep(interval).await;
+        shard.audit.checkpoint();
     }
 }
 
@@ -468,6 +482,36 @@ impl Drop for TenantSlot<'_> {
 }
 
 impl Shard {
+    /// One `audit_integrity` record for each damaged segment recovery found: the first records of
+    /// the segment the chain goes on in.
+    fn record_integrity_failures(&self) {
+        for found in self.audit.take_damage() {
+            let Ok(ticket) = self.audit.ticket() else {
+                self.metrics.audit_errors.inc();
+                continue;
+            };
+            let event = AuditEvent {
+                ts_unix_ms: AuditEvent::now_unix_ms(),
+                request_id: self.next_request_id(),
+                actor: Actor::System,
+                action: crate::audit::record::INTEGRITY_ACTION,
+                function_id: None,
+                pipeline_id: None,
+                tenant_id: None,
+                // No request: no HTTP status.
+                status_code: 0,
+                error_kind: None,
+                failed_step: None,
+                latency_us: 0,
+                peer_addr: SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0),
+                client_cert_subject: None,
+                repeated: 0,
+                integrity: Some(found),
+            };
+            self.audit.record(ticket, &event);
+        }
+    }
+
     /// One audit record summing up refusals left out of the log.
     fn record_left_out(&self, left: LeftOut) {
         let Ok(ticket) = self.audit.ticket() else {
@@ -496,6 +540,7 @@ impl Shard {
             peer_addr: SocketAddr::new(ip, 0),
             client_cert_subject: None,
             repeated: left.count,
+            integrity: None,
         };
         self.audit.record(ticket, &event);
     }

@@ -124,6 +124,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     stderr: Arc<Mutex<String>>,
+    /// The signed checkpoints it printed.
+    stdout: Arc<Mutex<Vec<String>>>,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -185,12 +187,23 @@ impl Server {
         });
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let stdout_lines = Arc::new(Mutex::new(Vec::new()));
+        let kept = stdout_lines.clone();
         std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
+            // Signed checkpoints are kept for the tests that read them, as a log shipper would;
+            // other lines (audit records mirrored to stdout) are not, so that memory stays flat.
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.starts_with("listening on ") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(line.clone());
+                    }
+                }
+                if line.starts_with("{\"audit_checkpoint\"") {
+                    kept.lock().unwrap().push(line);
+                }
             }
-            for _ in lines {}
         });
         let line = match rx.recv_timeout(IO_TIMEOUT) {
             Ok(l) => l,
@@ -205,7 +218,7 @@ impl Server {
             // Bound to every address: talk to it over loopback only.
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
-        Server { child, addr, data_dir: data_dir.to_path_buf(), stderr, _temp: None }
+        Server { child, addr, data_dir: data_dir.to_path_buf(), stderr, stdout: stdout_lines, _temp: None }
     }
 
     pub fn wait_ready(&self) {
@@ -227,6 +240,12 @@ impl Server {
 
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// The signed checkpoints the server printed to stdout so far, one JSON line each (read by
+    /// another thread).
+    pub fn checkpoint_lines(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
     }
 
     /// Waits until the server's log contains `needle` (it is read by another thread), at most

@@ -1,0 +1,250 @@
+//! `tensor-wasm audit verify`: every record's hash and every chain's links, across all segments;
+//! with a public key, every signed checkpoint too, and that the log still holds the records each
+//! one covers.
+//!
+//! A hash chain proves order, not completeness: a log cut at its end, or rewritten and chained
+//! again, verifies as a chain. A checkpoint that left the host does not let that pass: the record
+//! it names must still be there with the hash it signed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::chain::{tail, walk, ChainState, Tail};
+use super::checkpoint::{notes_in, Checkpoint, NoteError, VerifierKey, FILE_NAME, OLD_FILE_NAME};
+use super::segment::list_segments;
+
+/// A broken record, or bytes that are no record.
+#[derive(Debug)]
+pub struct Broken {
+    pub file: PathBuf,
+    pub offset: usize,
+    /// The `seq` the broken record should have had.
+    pub seq: u64,
+    pub reason: String,
+}
+
+/// A signed checkpoint the log does not match: the proof that records were lost or changed.
+#[derive(Debug)]
+pub struct Contradicted {
+    pub checkpoint: Checkpoint,
+    /// Where the note was read.
+    pub source: PathBuf,
+    pub reason: String,
+    /// How many of the shard's checkpoints the log contradicts, this one (the earliest) included.
+    pub of_shard: usize,
+}
+
+/// What the checkpoints said.
+#[derive(Debug, Default)]
+pub struct CheckpointReport {
+    /// Distinct checkpoints whose signature verified.
+    pub verified: usize,
+    /// Checkpoints the log contradicts: the earliest per shard.
+    pub contradicted: Vec<Contradicted>,
+    /// Notes signed by the key's name and ID whose signature fails, and where they were.
+    pub forged: Vec<PathBuf>,
+    /// Notes of other keys, malformed notes, and notes cut short at the end of a file.
+    pub ignored: usize,
+    /// Checkpoints older than the oldest record retention kept: not checkable.
+    pub beyond_retention: usize,
+    /// Per shard: the newest checkpoint the log matches.
+    pub newest: BTreeMap<u64, Checkpoint>,
+    /// Per shard: records after its newest checkpoint, which nothing signed covers yet.
+    pub uncovered: BTreeMap<u64, u64>,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Records that verified.
+    pub records: u64,
+    /// Live segments that end in a record a crash cut short.
+    pub unfinished: Vec<PathBuf>,
+    pub broken: Vec<Broken>,
+    pub checkpoints: Option<CheckpointReport>,
+}
+
+impl Report {
+    /// Whether the log is intact: nothing broken, no checkpoint contradicted or forged, and with a
+    /// key, at least one checkpoint that verified.
+    pub fn ok(&self) -> bool {
+        let checkpoints_ok = self
+            .checkpoints
+            .as_ref()
+            .is_none_or(|c| c.contradicted.is_empty() && c.forged.is_empty() && c.verified > 0);
+        self.broken.is_empty() && checkpoints_ok
+    }
+}
+
+/// The chain directories under an audit directory (`shard-N`), or the directory itself when it
+/// is one.
+pub fn chain_dirs(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    if !list_segments(dir)?.is_empty() || dir.join(FILE_NAME).exists() {
+        return Ok(vec![dir.to_path_buf()]);
+    }
+    let mut dirs: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("shard-")))
+        .collect();
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// Where checkpoints are read: each chain directory's own files, and `extra` (a file, or a
+/// directory whose files and subdirectories' files are read).
+fn checkpoint_files(chains: &[PathBuf], extra: Option<&Path>) -> io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> =
+        chains.iter().flat_map(|c| [c.join(OLD_FILE_NAME), c.join(FILE_NAME)]).filter(|p| p.is_file()).collect();
+    match extra {
+        Some(path) if path.is_dir() => {
+            let mut found = Vec::new();
+            for entry in fs::read_dir(path)? {
+                let entry = entry?.path();
+                if entry.is_file() {
+                    found.push(entry);
+                } else if entry.is_dir() {
+                    for inner in fs::read_dir(&entry)? {
+                        let inner = inner?.path();
+                        if inner.is_file() && !list_segments(&entry)?.contains(&inner) {
+                            found.push(inner);
+                        }
+                    }
+                }
+            }
+            found.sort();
+            files.extend(found);
+        }
+        Some(path) => files.push(path.to_path_buf()),
+        None => {}
+    }
+    Ok(files)
+}
+
+/// Checks `dir`; with `key`, the checkpoints in it and in `extra` as well.
+pub fn verify(dir: &Path, key: Option<&VerifierKey>, extra: Option<&Path>) -> io::Result<Report> {
+    let chains = chain_dirs(dir)?;
+    let mut report = Report::default();
+
+    // The checkpoints first, so that the walk keeps only the hashes they name.
+    let mut signed: Vec<(Checkpoint, PathBuf)> = Vec::new();
+    let mut checks = key.map(|_| CheckpointReport::default());
+    if let (Some(key), Some(checks)) = (key, checks.as_mut()) {
+        let mut seen = std::collections::HashSet::new();
+        for file in checkpoint_files(&chains, extra)? {
+            let text = fs::read(&file)?;
+            let (notes, torn) = notes_in(&String::from_utf8_lossy(&text));
+            checks.ignored += torn;
+            for note in notes {
+                match key.open(&note).and_then(Checkpoint::parse) {
+                    Ok(cp) => {
+                        if seen.insert((cp.shard, cp.size, cp.hash)) {
+                            signed.push((cp, file.clone()));
+                        }
+                    }
+                    Err(NoteError::BadSignature) => checks.forged.push(file.clone()),
+                    Err(_) => checks.ignored += 1,
+                }
+            }
+        }
+        checks.verified = signed.len();
+    }
+    let wanted: std::collections::HashSet<(u64, u64)> = signed.iter().map(|(c, _)| (c.shard, c.size)).collect();
+
+    // Per shard: the first and last `seq` that verified, and the hashes of the checkpointed ones.
+    let mut span: HashMap<u64, (u64, u64)> = HashMap::new();
+    let mut hashes: HashMap<(u64, u64), Vec<[u8; 32]>> = HashMap::new();
+    for chain in &chains {
+        let segments = list_segments(chain)?;
+        let mut state = ChainState::default();
+        for (i, path) in segments.iter().enumerate() {
+            let bytes = fs::read(path)?;
+            let first_seq = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse().ok()).unwrap_or(1);
+            let found = walk(&bytes, first_seq, &mut state, |facts| {
+                let s = span.entry(facts.shard).or_insert((facts.seq, facts.seq));
+                s.0 = s.0.min(facts.seq);
+                s.1 = s.1.max(facts.seq);
+                if wanted.contains(&(facts.shard, facts.seq)) {
+                    hashes.entry((facts.shard, facts.seq)).or_default().push(facts.hash);
+                }
+            });
+            report.records += found.records;
+            let next_seq = state.next_seq.unwrap_or(first_seq);
+            for f in found.findings {
+                report.broken.push(Broken { file: path.clone(), offset: f.offset, seq: f.seq, reason: f.reason });
+            }
+            // After the last record of a shard's newest, still live segment (its last byte a zero):
+            // a zero tail, and before it at most one record's prefix with no end of line, which a
+            // process killed mid-record leaves. A sealed segment has no such excuse.
+            let live = i + 1 == segments.len() && bytes.last() == Some(&0);
+            match tail(&bytes, found.lines_end) {
+                Tail::Clean => {}
+                Tail::Unfinished if live => report.unfinished.push(path.clone()),
+                Tail::Unfinished => report.broken.push(Broken {
+                    file: path.clone(),
+                    offset: found.lines_end,
+                    seq: next_seq,
+                    reason: "torn record (no end of line)".into(),
+                }),
+                Tail::Damaged(why) => report.broken.push(Broken {
+                    file: path.clone(),
+                    offset: found.lines_end,
+                    seq: next_seq,
+                    reason: why.into(),
+                }),
+            }
+        }
+    }
+
+    if let Some(checks) = checks.as_mut() {
+        signed.sort_by_key(|(c, _)| (c.shard, c.size));
+        let mut by_shard: BTreeMap<u64, Vec<(Checkpoint, PathBuf)>> = BTreeMap::new();
+        for (cp, file) in signed {
+            by_shard.entry(cp.shard).or_default().push((cp, file));
+        }
+        for (shard, list) in by_shard {
+            let mut failed: Vec<(Checkpoint, PathBuf, String)> = Vec::new();
+            for (cp, file) in list {
+                let reason = match span.get(&shard) {
+                    None => Some(format!("the log holds no record of shard {shard}")),
+                    Some(&(_, last)) if cp.size > last => Some(format!("the log of shard {shard} ends at seq {last}")),
+                    Some(&(first, _)) if cp.size < first => {
+                        checks.beyond_retention += 1;
+                        None
+                    }
+                    Some(_) => match hashes.get(&(shard, cp.size)) {
+                        None => Some(format!("record {} is missing", cp.size)),
+                        Some(found) if !found.contains(&cp.hash) => {
+                            Some(format!("record {} is not the one signed: it was changed", cp.size))
+                        }
+                        Some(_) => None,
+                    },
+                };
+                match reason {
+                    Some(reason) => failed.push((cp, file, reason)),
+                    None if cp.size >= span.get(&shard).map_or(0, |s| s.0) => {
+                        checks.newest.insert(shard, cp);
+                    }
+                    None => {}
+                }
+            }
+            let last = span.get(&shard).map_or(0, |s| s.1);
+            let covered = checks.newest.get(&shard).map_or(0, |c| c.size);
+            if last > covered {
+                checks.uncovered.insert(shard, last - covered);
+            }
+            let of_shard = failed.len();
+            if let Some((checkpoint, source, reason)) = failed.into_iter().next() {
+                checks.contradicted.push(Contradicted { checkpoint, source, reason, of_shard });
+            }
+        }
+        // A shard with records and no checkpoint at all: everything it holds is uncovered.
+        for (shard, (_, last)) in &span {
+            if !checks.newest.contains_key(shard) && !checks.contradicted.iter().any(|c| c.checkpoint.shard == *shard) {
+                checks.uncovered.insert(*shard, *last);
+            }
+        }
+    }
+    report.checkpoints = checks;
+    Ok(report)
+}

@@ -1,0 +1,378 @@
+//! Evidence that survives: a restart never removes a complete audit record, tampering is kept and
+//! recorded, and signed checkpoints expose the cuts and rewrites a hash chain alone cannot.
+//! Each test runs a real server on its own data dir and works on the files it leaves.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{tensor_wasm, within, Client, Server};
+use serde_json::Value;
+
+fn verify(dir: &Path, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec!["audit", "verify", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    tensor_wasm(&args, &[])
+}
+
+/// Every record under `dir`, via `audit tail`.
+fn records(dir: &Path) -> Vec<Value> {
+    let (code, out, err) = tensor_wasm(&["audit", "tail", "-n", "1000000", dir.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{err}");
+    out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn segments(shard_dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(shard_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Each segment's bytes up to its last end of line: its complete records.
+fn complete_lines(audit: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for shard in std::fs::read_dir(audit).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()) {
+        for path in segments(&shard) {
+            let bytes = std::fs::read(&path).unwrap();
+            let end = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |at| at + 1);
+            out.insert(path, bytes[..end].to_vec());
+        }
+    }
+    out
+}
+
+fn line_count(snapshot: &BTreeMap<PathBuf, Vec<u8>>) -> usize {
+    snapshot.values().map(|b| b.iter().filter(|c| **c == b'\n').count()).sum()
+}
+
+/// Start of line `n` (0-based) of `bytes`.
+fn line_start(bytes: &[u8], n: usize) -> usize {
+    if n == 0 {
+        return 0;
+    }
+    bytes.iter().enumerate().filter(|(_, b)| **b == b'\n').nth(n - 1).unwrap().0 + 1
+}
+
+/// `n` requests, each on one of `connections` connections in turn (so that both shards get some).
+fn load(server: &Server, n: usize, connections: usize) {
+    let mut clients: Vec<Client> = (0..connections).map(|_| server.client()).collect();
+    for i in 0..n {
+        let r = clients[i % connections].request("GET", &format!("/functions/{i:032x}"), &[], b"");
+        assert_eq!(r.status, 404);
+    }
+}
+
+fn stop(server: &mut Server) {
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(10)).success(), "{}", server.stderr());
+}
+
+#[test]
+fn tampering_then_a_restart_removes_no_complete_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = ["--shards", "1", "--audit-segment-bytes", "65536"];
+    let mut server = Server::start_in(&data, &args);
+    load(&server, 800, 1);
+    stop(&mut server);
+
+    let audit = data.join("audit");
+    let files = segments(&audit.join("shard-0"));
+    assert!(files.len() >= 3, "{files:?}");
+    let (sealed, active) = (&files[files.len() - 2], &files[files.len() - 1]);
+    // One byte of line 5 of the newest segment, and of line 3 of the sealed one before it.
+    let mut tampered = Vec::new();
+    for (path, line) in [(sealed, 2), (active, 4)] {
+        let mut bytes = std::fs::read(path).unwrap();
+        let at = line_start(&bytes, line);
+        bytes[at + 30] ^= 0x01;
+        std::fs::write(path, &bytes).unwrap();
+        let first: u64 = path.file_stem().unwrap().to_str().unwrap().parse().unwrap();
+        tampered.push((path.clone(), at, first + line as u64));
+    }
+    let before = complete_lines(&audit);
+    let (code, _, err) = verify(&audit, &[]);
+    assert_eq!(code, 1, "{err}");
+
+    let mut server = Server::start_in(&data, &args);
+    server.wait_for_stderr("integrity failure");
+    assert_eq!(server.metric("tensor_wasm_audit_integrity_failures_total", &[]), 2.0);
+    load(&server, 5, 1);
+    stop(&mut server);
+
+    // Nothing of what was there is gone or changed: every segment is kept byte for byte.
+    let after = complete_lines(&audit);
+    for (path, bytes) in &before {
+        assert!(after.get(path) == Some(bytes), "{} changed", path.display());
+    }
+    // Two audit_integrity records and the five requests are all that was added.
+    assert_eq!(line_count(&after), line_count(&before) + 2 + 5);
+
+    // The new segment starts with the reports, naming file, offset and seq.
+    let new_segment = segments(&audit.join("shard-0")).pop().unwrap();
+    assert!(!before.contains_key(&new_segment), "a new segment started");
+    let first_two: Vec<Value> = std::fs::read_to_string(&new_segment)
+        .unwrap()
+        .lines()
+        .take(2)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (record, (path, offset, seq)) in first_two.iter().zip(&tampered) {
+        assert_eq!(record["action"], "audit_integrity", "{record}");
+        assert_eq!(record["actor"]["kind"], "system");
+        let name = format!("shard-0/{}", path.file_name().unwrap().to_str().unwrap());
+        assert_eq!(record["integrity"]["file"], name.as_str(), "{record}");
+        assert_eq!(record["integrity"]["offset"], *offset as u64, "{record}");
+        assert_eq!(record["integrity"]["seq"], *seq, "{record}");
+    }
+
+    // verify still fails at exactly the two tampered records, and nowhere else: the records
+    // written since chain from the last good record.
+    let (code, out, err) = verify(&audit, &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    let broken: Vec<&str> = err.lines().filter(|l| l.contains("broken audit record")).collect();
+    assert_eq!(broken.len(), 2, "{err}");
+    for ((path, offset, seq), line) in tampered.iter().zip(&broken) {
+        assert!(line.contains(path.to_str().unwrap()), "{line}");
+        assert!(line.contains(&format!("offset {offset} (seq {seq})")), "{line}");
+    }
+    let all = records(&audit);
+    assert_eq!(all.iter().filter(|r| r["action"] == "audit_integrity").count(), 2);
+
+    // A second restart finds nothing new to report: the damage is on record already.
+    let mut server = Server::start_in(&data, &args);
+    load(&server, 1, 1);
+    assert_eq!(server.metric("tensor_wasm_audit_integrity_failures_total", &[]), 0.0);
+    stop(&mut server);
+    let (_, _, err) = verify(&audit, &[]);
+    assert_eq!(err.lines().filter(|l| l.contains("broken audit record")).count(), 2, "{err}");
+}
+
+/// Generates a key pair under `dir` with the CLI; returns (private, public).
+fn keygen(dir: &Path) -> (PathBuf, PathBuf) {
+    let key = dir.join("audit-key");
+    let (code, out, err) =
+        tensor_wasm(&["audit", "keygen", "--out", key.to_str().unwrap(), "--name", "test.example/audit"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    let public = dir.join("audit-key.pub");
+    assert!(std::fs::read_to_string(&public).unwrap().starts_with("test.example/audit+"));
+    (key, public)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Rewrites record `line` of the chain in `shard_dir` (counting from its first segment) and
+/// chains every record after it again, as an insider with the files would.
+fn rewrite_and_rechain(shard_dir: &Path, line: usize) {
+    let mut prev: Option<String> = None;
+    let mut n = 0;
+    for path in segments(shard_dir) {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut out = String::new();
+        for record in text.lines() {
+            let mut record = record.to_string();
+            if n == line {
+                record = record.replacen("\"status_code\":404", "\"status_code\":200", 1);
+            }
+            if n >= line {
+                if let Some(prev) = &prev {
+                    let at = record.find(",\"prev_hash\":\"").unwrap() + 14;
+                    record.replace_range(at..at + 64, prev);
+                }
+                let at = record.find(",\"hash\":\"").unwrap();
+                let hash = hex(&common::sha256(&record.as_bytes()[..at]));
+                record.replace_range(at + 9..at + 9 + 64, &hash);
+            }
+            let at = record.find(",\"hash\":\"").unwrap() + 9;
+            prev = Some(record[at..at + 64].to_string());
+            out.push_str(&record);
+            out.push('\n');
+            n += 1;
+        }
+        std::fs::write(&path, out).unwrap();
+    }
+}
+
+#[test]
+fn signed_checkpoints_expose_what_the_chain_alone_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(dir.path());
+    let data = dir.path().join("data");
+    let mut server = Server::start_in(
+        &data,
+        &["--shards", "2", "--audit-segment-bytes", "65536", "--audit-signing-key", key.to_str().unwrap()],
+    );
+    load(&server, 600, 16);
+    stop(&mut server);
+    // What a log shipper carried off the host: the checkpoints the server printed.
+    let shipped = dir.path().join("shipped.jsonl");
+    let lines = server.checkpoint_lines();
+    assert!(!lines.is_empty());
+    std::fs::write(&shipped, lines.join("\n") + "\n").unwrap();
+    let audit = data.join("audit");
+    assert!(segments(&audit.join("shard-0")).len() >= 2 && segments(&audit.join("shard-1")).len() >= 2);
+    let public = public.to_str().unwrap();
+    let with_key = ["--public-key", public, "--checkpoints", shipped.to_str().unwrap()];
+
+    let (code, out, err) = verify(&audit, &with_key);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ok: 600 records") && out.contains("shard 0: the log matches"), "{out}");
+    assert!(!out.contains("not covered"), "the shutdown checkpoint covers every record: {out}");
+
+    let newest = |shard: &Path| segments(shard).pop().unwrap();
+    type Attack = fn(&Path, &dyn Fn(&Path) -> PathBuf);
+    let attacks: [(&str, Attack); 5] = [
+        ("delete the newest segment", |a, newest| std::fs::remove_file(newest(&a.join("shard-0"))).unwrap()),
+        ("truncate it at a line boundary", |a, newest| {
+            let path = newest(&a.join("shard-0"));
+            let bytes = std::fs::read(&path).unwrap();
+            let lines = bytes.iter().filter(|b| **b == b'\n').count();
+            std::fs::write(&path, &bytes[..line_start(&bytes, lines - 3)]).unwrap();
+        }),
+        ("zero its tail", |a, newest| {
+            let path = newest(&a.join("shard-0"));
+            let mut bytes = std::fs::read(&path).unwrap();
+            let len = bytes.len();
+            bytes[len - 1000..].fill(0);
+            std::fs::write(&path, &bytes).unwrap();
+        }),
+        ("remove a shard directory", |a, _| std::fs::remove_dir_all(a.join("shard-1")).unwrap()),
+        ("rewrite a record and chain the rest again", |a, _| rewrite_and_rechain(&a.join("shard-0"), 10)),
+    ];
+    for (i, (what, attack)) in attacks.iter().enumerate() {
+        let copy = dir.path().join(format!("attack-{i}"));
+        copy_dir(&audit, &copy);
+        attack(&copy, &newest);
+        let (code, out, err) = verify(&copy, &[]);
+        assert_eq!(code, 0, "{what}: the chain alone does not see it: {out}{err}");
+        let (code, out, err) = verify(&copy, &with_key);
+        assert_eq!(code, 1, "{what}: {out}{err}");
+        assert!(err.contains("records lost or changed: checkpoint test.example/audit/shard-"), "{what}: {err}");
+        assert!(err.contains("proves it"), "{what}: {err}");
+    }
+
+    // The audit directory's own checkpoint files suffice while they are there.
+    let copy = dir.path().join("own-files");
+    copy_dir(&audit, &copy);
+    std::fs::remove_file(newest(&copy.join("shard-0"))).unwrap();
+    let (code, _, err) = verify(&copy, &["--public-key", public]);
+    assert_eq!(code, 1, "{err}");
+    // A forged checkpoint is refused.
+    let forged = dir.path().join("forged.jsonl");
+    let text = std::fs::read_to_string(&shipped).unwrap();
+    let last = text.lines().last().unwrap();
+    let v: Value = serde_json::from_str(last).unwrap();
+    let note = v["audit_checkpoint"]["note"].as_str().unwrap();
+    let size = v["audit_checkpoint"]["size"].as_u64().unwrap();
+    let changed = note.replacen(&format!("\n{size}\n"), &format!("\n{}\n", size + 1), 1);
+    std::fs::write(&forged, serde_json::json!({"audit_checkpoint": {"note": changed}}).to_string()).unwrap();
+    let (code, _, err) = verify(&audit, &["--public-key", public, "--checkpoints", forged.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("does not verify"), "{err}");
+}
+
+#[test]
+fn kill_9_mid_write_cuts_only_a_torn_suffix_and_every_checkpoint_still_verifies() {
+    const ROUNDS: u64 = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(dir.path());
+    let data = dir.path().join("data");
+    let audit = data.join("audit");
+    let args = [
+        "--shards",
+        "2",
+        "--audit-segment-bytes",
+        "65536",
+        "--audit-signing-key",
+        key.to_str().unwrap(),
+        "--audit-checkpoint-interval-ms",
+        "20",
+    ];
+    let mut shipped = Vec::new();
+    let mut before: BTreeMap<PathBuf, Vec<u8>> = BTreeMap::new();
+    let mut kills_with_traffic = 0;
+    for round in 0..=ROUNDS {
+        let mut server = Server::start_in(&data, &args);
+        // Start-up recovery is done: every complete record from before the kill is still there.
+        let after = complete_lines(&audit);
+        for (path, bytes) in &before {
+            let now = after.get(path).unwrap_or_else(|| panic!("round {round}: {} is gone", path.display()));
+            assert!(now.starts_with(bytes), "round {round}: {} lost a complete record", path.display());
+        }
+        assert!(!server.stderr().contains("integrity failure"), "round {round}: {}", server.stderr());
+        if round == ROUNDS {
+            load(&server, 10, 4);
+            stop(&mut server);
+            shipped.extend(server.checkpoint_lines());
+            break;
+        }
+        let stop_flag = Arc::new(AtomicBool::new(false));
+        let clients: Vec<_> = (0..4)
+            .map(|t| {
+                let (stop_flag, addr) = (stop_flag.clone(), server.addr);
+                std::thread::spawn(move || {
+                    let mut c = Client::connect(addr);
+                    let mut answered = 0;
+                    for i in 0..100_000 {
+                        if stop_flag.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        match c.try_request("GET", &format!("/functions/{t:016x}{i:016x}"), &[], b"") {
+                            Ok(_) => answered += 1,
+                            Err(_) => break, // killed mid-request
+                        }
+                    }
+                    answered
+                })
+            })
+            .collect();
+        // Records flow and checkpoints are signed, then the kill lands in the middle of it.
+        let signed = server.checkpoint_lines().len();
+        within(Duration::from_secs(10), "a checkpoint signed while records flow", || {
+            server.checkpoint_lines().len() > signed + 2
+        });
+        server.kill9();
+        stop_flag.store(true, Ordering::Relaxed);
+        let answered: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+        kills_with_traffic += u64::from(answered > 0);
+        shipped.extend(server.checkpoint_lines());
+        before = complete_lines(&audit);
+    }
+    assert_eq!(kills_with_traffic, ROUNDS);
+
+    let shipped_file = dir.path().join("shipped.jsonl");
+    std::fs::write(&shipped_file, shipped.join("\n") + "\n").unwrap();
+    let (code, out, err) = verify(&audit, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) =
+        verify(&audit, &["--public-key", public.to_str().unwrap(), "--checkpoints", shipped_file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let verified: usize =
+        out.lines().find_map(|l| l.strip_prefix("checkpoints: ")?.strip_suffix(" verified")?.parse().ok()).unwrap();
+    assert!(verified as u64 >= 2 * ROUNDS, "{out}");
+}
