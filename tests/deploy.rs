@@ -138,11 +138,22 @@ fn the_chart_lints_renders_and_validates() {
         "functions.modules.hello\\.wasm=AGFzbQEAAAABBAFgAAADAgEABwoBBl9zdGFydAAACgQBAgAL",
         "--set",
         "tls.enabled=true,tls.secretName=tw-tls,tls.clientCASecret=tw-ca,doctor.enabled=true",
+        "--set",
+        "audit.signingKeySecret=tw-audit-key",
     ]);
     validate("pinned", &pinned);
     // The doctor runs first, and on a GPU node requires the GPU.
     assert!(pinned.contains("initContainers:") && pinned.contains(r#"args: ["doctor", "--require-gpu"]"#), "{pinned}");
     assert!(!defaults.contains("initContainers:"), "the doctor is opt-in");
+    // The audit signing key, from its Secret, owner-read only.
+    for expected in [
+        "{ name: TENSOR_WASM_AUDIT_SIGNING_KEY, value: /etc/tensor-wasm/audit-key/signing-key }",
+        "secretName: tw-audit-key",
+        "defaultMode: 0400",
+    ] {
+        assert!(pinned.contains(expected), "pinned lacks {expected:?}:\n{pinned}");
+    }
+    assert!(!defaults.contains("TENSOR_WASM_AUDIT_SIGNING_KEY"), "signing is opt-in");
     let resources = pinned.split("resources:").nth(1).unwrap().split("securityContext:").next().unwrap();
     let limits = resources.split("requests:").next().unwrap();
     let requests = resources.split("requests:").nth(1).unwrap();
