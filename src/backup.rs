@@ -9,7 +9,9 @@
 //! writes its module before its record, and a delete removes the record before the module, each
 //! file atomically. So a record is copied only when its module is there too, which is a function
 //! that was live at some moment of the backup. Sealed audit segments never change again; the
-//! active ones are left out (their records are in the next backup).
+//! active ones are left out (their records are in the next backup). Signed checkpoints come along
+//! as far as the copied segments hold what they sign, so that `audit verify --public-key` passes
+//! on a restored log, and the manifest names the keys that signed them.
 
 use std::fs;
 use std::io;
@@ -17,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::audit::checkpoint;
 use crate::functions::record::FunctionRecord;
 use crate::functions::store::{sha256_hex, write_atomic};
 
@@ -28,6 +31,10 @@ struct Manifest {
     format: u32,
     created_unix_ms: u64,
     files: Vec<Entry>,
+    /// `<name>+<hex key ID>` of each key that signed a checkpoint in the backup: the start of the
+    /// verifier key an auditor checks the restored log with. Absent from backups before it.
+    #[serde(default)]
+    checkpoint_keys: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -45,6 +52,9 @@ pub struct Summary {
     pub pipelines: usize,
     pub modules: usize,
     pub audit_segments: usize,
+    /// Signed checkpoints, and the keys that signed them (`<name>+<hex key ID>`).
+    pub checkpoints: usize,
+    pub checkpoint_keys: Vec<String>,
     /// Records left out because their function was deleted during the backup, and active or
     /// unsealed audit segments.
     pub skipped: Vec<String>,
@@ -127,11 +137,13 @@ pub fn backup(data_dir: &Path, audit_dir: &Path, out: &Path) -> Result<Summary, 
         summary.pipelines += 1;
     }
 
+    let mut keys = std::collections::BTreeSet::new();
     for (shard, segments) in audit_segments(audit_dir)? {
         let (sealed, active) = segments.split_at(segments.len().saturating_sub(1));
         for path in active {
             summary.skipped.push(format!("{} (active)", path.display()));
         }
+        let mut last_seq = 0;
         for path in sealed {
             let bytes = read(path)?;
             // A segment is sealed once cut to its records: its last byte ends a line.
@@ -142,13 +154,54 @@ pub fn backup(data_dir: &Path, audit_dir: &Path, out: &Path) -> Result<Summary, 
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
             put(format!("audit/{shard}/{name}"), &bytes)?;
             summary.audit_segments += 1;
+            last_seq = last_seq.max(last_record_seq(&bytes));
+        }
+        let (notes, signers) = checkpoints_within(&audit_dir.join(&shard), last_seq)?;
+        if !notes.is_empty() {
+            put(format!("audit/{shard}/{}", checkpoint::FILE_NAME), notes.concat().as_bytes())?;
+            summary.checkpoints += notes.len();
+            keys.extend(signers);
         }
     }
+    summary.checkpoint_keys = keys.into_iter().collect();
 
-    let manifest = Manifest { format: FORMAT, created_unix_ms: now_ms(), files };
+    let manifest =
+        Manifest { format: FORMAT, created_unix_ms: now_ms(), files, checkpoint_keys: summary.checkpoint_keys.clone() };
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| e.to_string())?;
     write_atomic(&out.join(MANIFEST), &json).map_err(|e| format!("cannot write the manifest: {e}"))?;
     Ok(summary)
+}
+
+/// The `seq` of a sealed segment's last record (0 when it has none that parses).
+fn last_record_seq(segment: &[u8]) -> u64 {
+    let last = segment.strip_suffix(b"\n").unwrap_or(segment);
+    let line = last.rsplit(|b| *b == b'\n').next().unwrap_or_default();
+    serde_json::from_slice::<serde_json::Value>(line).ok().and_then(|v| v["seq"].as_u64()).unwrap_or(0)
+}
+
+/// The shard's checkpoint notes (older file first) that sign no record past `last_seq`, which a
+/// backup holding records up to `last_seq` can still prove; and the keys that signed them. A
+/// checkpoint of records left out (the active segment's) would fail `verify` on the restored log.
+fn checkpoints_within(shard_dir: &Path, last_seq: u64) -> Result<(Vec<String>, Vec<String>), String> {
+    let (mut notes, mut keys) = (Vec::new(), Vec::new());
+    for name in [checkpoint::OLD_FILE_NAME, checkpoint::FILE_NAME] {
+        let text = match fs::read_to_string(shard_dir.join(name)) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("cannot read {}: {e}", shard_dir.join(name).display())),
+        };
+        for note in checkpoint::notes_in(&text).0 {
+            match checkpoint::unverified(&note) {
+                Some((c, signers)) if c.size <= last_seq => {
+                    // As the server appends them: each note followed by a blank line.
+                    notes.push(format!("{note}\n"));
+                    keys.extend(signers);
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok((notes, keys))
 }
 
 /// Each `shard-N` directory under `audit_dir` with its segments, oldest first.
@@ -202,11 +255,15 @@ pub fn restore(from: &Path, data_dir: &Path, audit_dir: &Path) -> Result<Summary
         }
         contents.push((entry, bytes));
     }
-    let mut summary = Summary::default();
+    let mut summary = Summary { checkpoint_keys: manifest.checkpoint_keys.clone(), ..Summary::default() };
     for (entry, bytes) in contents {
         let target = match entry.path.strip_prefix("audit/") {
             Some(rest) => {
-                summary.audit_segments += 1;
+                if rest.ends_with(".jsonl") {
+                    summary.audit_segments += 1;
+                } else if rest.ends_with(checkpoint::FILE_NAME) {
+                    summary.checkpoints += 1;
+                }
                 audit_dir.join(rest)
             }
             None => {

@@ -376,3 +376,40 @@ fn kill_9_mid_write_cuts_only_a_torn_suffix_and_every_checkpoint_still_verifies(
         out.lines().find_map(|l| l.strip_prefix("checkpoints: ")?.strip_suffix(" verified")?.parse().ok()).unwrap();
     assert!(verified as u64 >= 2 * ROUNDS, "{out}");
 }
+
+#[test]
+fn a_backup_carries_the_checkpoints_its_segments_prove_and_names_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(dir.path());
+    let data = dir.path().join("data");
+    let args = ["--audit-segment-bytes", "65536", "--audit-checkpoint-interval-ms", "20"];
+    let mut server = Server::start_in(&data, &[&args[..], &["--audit-signing-key", key.to_str().unwrap()]].concat());
+    load(&server, 600, 16);
+    // Taken while the server runs, as an operator would: the active segments stay behind, and
+    // with them every checkpoint that signs their records.
+    let backup = dir.path().join("backup");
+    let (code, out, err) =
+        tensor_wasm(&["backup", backup.to_str().unwrap(), "--data-dir", data.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("signed checkpoints, signed by test.example/audit+"), "{out}");
+    let manifest: Value = serde_json::from_slice(&std::fs::read(backup.join("BACKUP.json")).unwrap()).unwrap();
+    let key_id = std::fs::read_to_string(&public).unwrap().split('+').take(2).collect::<Vec<_>>().join("+");
+    assert_eq!(manifest["checkpoint_keys"], serde_json::json!([key_id]));
+    stop(&mut server);
+
+    let restored = dir.path().join("restored");
+    let (code, out, err) =
+        tensor_wasm(&["restore", backup.to_str().unwrap(), "--data-dir", restored.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&key_id), "{out}");
+    let audit = restored.join("audit");
+    let public = public.to_str().unwrap();
+    let (code, out, err) = verify(&audit, &["--public-key", public]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("shard 0: the log matches"), "{out}");
+    // The checkpoints came along: the restored log cannot lose a segment unnoticed either.
+    let first = segments(&audit.join("shard-0")).remove(0);
+    std::fs::remove_file(first).unwrap();
+    let (code, _, err) = verify(&audit, &["--public-key", public]);
+    assert_eq!(code, 1, "{err}");
+}

@@ -339,6 +339,23 @@ impl Checkpoint {
     }
 }
 
+/// A note's checkpoint and the keys that signed it (`<name>+<hex key ID>`, the start of their
+/// verifier keys), read without verifying anything: what a backup needs to keep the checkpoints a
+/// restore can still prove, and to name the keys an auditor must hold to check them.
+pub fn unverified(note: &str) -> Option<(Checkpoint, Vec<String>)> {
+    let (text, signatures) = note.split_once("\n\n")?;
+    let checkpoint = Checkpoint::parse(&format!("{text}\n")).ok()?;
+    let keys = signatures
+        .lines()
+        .filter_map(|line| {
+            let (name, signature) = line.strip_prefix(SIGNATURE_PREFIX)?.split_once(' ')?;
+            let id = B64.decode(signature).ok()?;
+            Some(format!("{name}+{}", id.get(..4)?.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+        })
+        .collect();
+    Some((checkpoint, keys))
+}
+
 /// The signed notes in a checkpoints file, or in JSON lines a log shipper kept (lines with an
 /// `audit_checkpoint` object; other lines, audit records among them, are skipped). A note cut
 /// short at the end of a file (no signature yet) is left out and counted.

@@ -115,6 +115,15 @@ fn run_backup(args: BackupArgs, restore: bool) -> i32 {
                 "{verb}: {} functions, {} pipelines, {} modules, {} audit segments",
                 summary.functions, summary.pipelines, summary.modules, summary.audit_segments
             );
+            if !summary.checkpoint_keys.is_empty() {
+                // On restore, `checkpoints` counts the shards' checkpoint files.
+                let what = if restore { "checkpoint files" } else { "signed checkpoints" };
+                println!(
+                    "{verb}: {} {what}, signed by {} (check with audit verify --public-key)",
+                    summary.checkpoints,
+                    summary.checkpoint_keys.join(", ")
+                );
+            }
             for skipped in &summary.skipped {
                 println!("left out: {skipped}");
             }
