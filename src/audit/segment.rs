@@ -363,6 +363,8 @@ pub struct Spare {
     ready: std::sync::Mutex<Option<File>>,
     /// A request is queued or being worked on: one at a time.
     requested: std::sync::atomic::AtomicBool,
+    /// Shut down: a spare the background thread finishes now is removed, not kept.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Spare {
@@ -371,7 +373,13 @@ impl Spare {
     pub fn new(dir: &Path, capacity: usize) -> Arc<Spare> {
         let path = dir.join("next.jsonl.spare");
         let _ = fs::remove_file(&path);
-        Arc::new(Spare { path, capacity, ready: Default::default(), requested: Default::default() })
+        Arc::new(Spare {
+            path,
+            capacity,
+            ready: Default::default(),
+            requested: Default::default(),
+            closed: Default::default(),
+        })
     }
 
     /// Asks the background thread for a spare, unless one is ready or on its way. When the
@@ -379,7 +387,7 @@ impl Spare {
     pub fn request(self: &Arc<Self>) {
         use std::sync::atomic::Ordering;
         let ready = self.ready.lock().unwrap_or_else(|p| p.into_inner()).is_some();
-        if ready || self.requested.swap(true, Ordering::AcqRel) {
+        if ready || self.closed.load(Ordering::Acquire) || self.requested.swap(true, Ordering::AcqRel) {
             return;
         }
         let queued = Sealer::get().is_some_and(|s| s.tx.try_send(SealJob::PrepareSpare(self.clone())).is_ok());
@@ -393,7 +401,15 @@ impl Spare {
         let reserved = made.and_then(|file| ActiveSegment::reserve(&file, self.capacity).map(|()| file));
         let outcome = match reserved {
             Ok(file) => {
-                *self.ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+                let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+                // Checked under the lock `remove` takes: a spare finished after shutdown began
+                // gives its blocks back at once.
+                if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+                    drop(file);
+                    let _ = fs::remove_file(&self.path);
+                } else {
+                    *ready = Some(file);
+                }
                 Ok(())
             }
             Err(e) => {
@@ -406,8 +422,19 @@ impl Spare {
         outcome
     }
 
-    /// Gives the reserved blocks back (at shutdown).
+    /// Gives the reserved blocks back (at shutdown), also those of a spare the background thread
+    /// is making now: it is waited for, at most `WAIT`, so that none is left after a clean exit.
     pub fn remove(&self) {
+        use std::sync::atomic::Ordering;
+        const WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+        {
+            let _ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+            self.closed.store(true, Ordering::Release);
+        }
+        let started = std::time::Instant::now();
+        while self.requested.load(Ordering::Acquire) && started.elapsed() < WAIT {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         if self.ready.lock().unwrap_or_else(|p| p.into_inner()).take().is_some() {
             let _ = fs::remove_file(&self.path);
         }
