@@ -218,6 +218,35 @@ fn rewrite_and_rechain(shard_dir: &Path, line: usize) {
     }
 }
 
+/// Replaces the chain in `shard_dir` by its newest segment's records renumbered far past every
+/// checkpoint and chained again: a log that starts later than anything signed.
+fn replace_with_later(shard_dir: &Path) {
+    let all = segments(shard_dir);
+    let text = std::fs::read_to_string(all.last().unwrap()).unwrap();
+    let (mut out, mut prev, mut first) = (String::new(), None::<String>, None);
+    for record in text.lines() {
+        let at = record.find(",\"seq\":").unwrap() + 7;
+        let end = at + record[at..].find(',').unwrap();
+        let seq: u64 = record[at..end].parse::<u64>().unwrap() + 1_000_000;
+        first.get_or_insert(seq);
+        let mut record = format!("{}{seq}{}", &record[..at], &record[end..]);
+        if let Some(prev) = &prev {
+            let at = record.find(",\"prev_hash\":\"").unwrap() + 14;
+            record.replace_range(at..at + 64, prev);
+        }
+        let at = record.find(",\"hash\":\"").unwrap();
+        let hash = hex(&common::sha256(&record.as_bytes()[..at]));
+        record.replace_range(at + 9..at + 9 + 64, &hash);
+        prev = Some(hash);
+        out.push_str(&record);
+        out.push('\n');
+    }
+    for path in all {
+        std::fs::remove_file(path).unwrap();
+    }
+    std::fs::write(shard_dir.join(format!("{:020}.jsonl", first.unwrap())), out).unwrap();
+}
+
 #[test]
 fn signed_checkpoints_expose_what_the_chain_alone_cannot() {
     let dir = tempfile::tempdir().unwrap();
@@ -233,7 +262,8 @@ fn signed_checkpoints_expose_what_the_chain_alone_cannot() {
     let shipped = dir.path().join("shipped.jsonl");
     let lines = server.checkpoint_lines();
     assert!(!lines.is_empty());
-    std::fs::write(&shipped, lines.join("\n") + "\n").unwrap();
+    // Verbatim, as a shipper keeps stdout: the server's first line is not JSON.
+    std::fs::write(&shipped, format!("listening on {}\n{}\n", server.addr, lines.join("\n"))).unwrap();
     let audit = data.join("audit");
     assert!(segments(&audit.join("shard-0")).len() >= 2 && segments(&audit.join("shard-1")).len() >= 2);
     let public = public.to_str().unwrap();
@@ -246,7 +276,7 @@ fn signed_checkpoints_expose_what_the_chain_alone_cannot() {
 
     let newest = |shard: &Path| segments(shard).pop().unwrap();
     type Attack = fn(&Path, &dyn Fn(&Path) -> PathBuf);
-    let attacks: [(&str, Attack); 5] = [
+    let attacks: [(&str, Attack); 8] = [
         ("delete the newest segment", |a, newest| std::fs::remove_file(newest(&a.join("shard-0"))).unwrap()),
         ("truncate it at a line boundary", |a, newest| {
             let path = newest(&a.join("shard-0"));
@@ -263,6 +293,18 @@ fn signed_checkpoints_expose_what_the_chain_alone_cannot() {
         }),
         ("remove a shard directory", |a, _| std::fs::remove_dir_all(a.join("shard-1")).unwrap()),
         ("rewrite a record and chain the rest again", |a, _| rewrite_and_rechain(&a.join("shard-0"), 10)),
+        // Only the shipped copy is left to prove it.
+        ("cut the newest segment and delete the checkpoints beside the log", |a, newest| {
+            std::fs::remove_file(newest(&a.join("shard-0"))).unwrap();
+            for name in ["checkpoints", "checkpoints.1"] {
+                let _ = std::fs::remove_file(a.join("shard-0").join(name));
+            }
+        }),
+        ("replace the whole log with a later-looking chain", |a, _| replace_with_later(&a.join("shard-0"))),
+        ("keep a copy of the chain beside a rewritten one", |a, _| {
+            copy_dir(&a.join("shard-0"), &a.join("shard-0.orig"));
+            rewrite_and_rechain(&a.join("shard-0"), 10);
+        }),
     ];
     for (i, (what, attack)) in attacks.iter().enumerate() {
         let copy = dir.path().join(format!("attack-{i}"));

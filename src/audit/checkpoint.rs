@@ -360,13 +360,16 @@ pub fn unverified(note: &str) -> Option<(Checkpoint, Vec<String>)> {
 /// `audit_checkpoint` object; other lines, audit records among them, are skipped). A note cut
 /// short at the end of a file (no signature yet) is left out and counted.
 pub fn notes_in(text: &str) -> (Vec<String>, usize) {
-    if text.trim_start().starts_with('{') {
-        let notes = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| v["audit_checkpoint"]["note"].as_str().map(str::to_string))
-            .collect();
-        return (notes, 0);
+    // Shipped stdout is JSON lines among others (`listening on …` first): any line that is an
+    // `audit_checkpoint` object makes it such a log, whatever its first line is.
+    let shipped: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["audit_checkpoint"]["note"].as_str().map(str::to_string))
+        .collect();
+    if !shipped.is_empty() || text.trim_start().starts_with('{') {
+        return (shipped, 0);
     }
     // A note: non-empty text lines, a blank line, signature lines. Notes follow each other,
     // each after a blank line.

@@ -83,12 +83,20 @@ pub fn chain_dirs(dir: &Path) -> io::Result<Vec<PathBuf>> {
     if !list_segments(dir)?.is_empty() || dir.join(FILE_NAME).exists() {
         return Ok(vec![dir.to_path_buf()]);
     }
+    // Exactly `shard-<N>`: a copy beside them (`shard-0.orig`) is no chain, so it cannot stand in
+    // for the records a checkpoint names.
     let mut dirs: Vec<PathBuf> = fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("shard-")))
+        .filter(|p| p.is_dir() && shard_of(p).is_some())
         .collect();
     dirs.sort();
     Ok(dirs)
+}
+
+/// The shard a chain directory named `shard-<N>` holds.
+fn shard_of(dir: &Path) -> Option<u64> {
+    let n = dir.file_name()?.to_str()?.strip_prefix("shard-")?;
+    n.bytes().all(|b| b.is_ascii_digit()).then(|| n.parse().ok()).flatten()
 }
 
 /// Where checkpoints are read: each chain directory's own files, and `extra` (a file, or a
@@ -157,10 +165,17 @@ pub fn verify(dir: &Path, key: Option<&VerifierKey>, extra: Option<&Path>) -> io
     for chain in &chains {
         let segments = list_segments(chain)?;
         let mut state = ChainState::default();
+        let own = shard_of(chain);
         for (i, path) in segments.iter().enumerate() {
             let bytes = fs::read(path)?;
             let first_seq = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse().ok()).unwrap_or(1);
+            // A record of another shard in `shard-N`: a chain moved in to stand for this one's.
+            let mut strangers: Vec<(u64, u64)> = Vec::new();
             let found = walk(&bytes, first_seq, &mut state, |facts| {
+                if own.is_some_and(|own| own != facts.shard) {
+                    strangers.push((facts.seq, facts.shard));
+                    return;
+                }
                 let s = span.entry(facts.shard).or_insert((facts.seq, facts.seq));
                 s.0 = s.0.min(facts.seq);
                 s.1 = s.1.max(facts.seq);
@@ -169,6 +184,14 @@ pub fn verify(dir: &Path, key: Option<&VerifierKey>, extra: Option<&Path>) -> io
                 }
             });
             report.records += found.records;
+            for (seq, shard) in strangers {
+                report.broken.push(Broken {
+                    file: path.clone(),
+                    offset: 0,
+                    seq,
+                    reason: format!("a record of shard {shard} in {}", chain.display()),
+                });
+            }
             let next_seq = state.next_seq.unwrap_or(first_seq);
             for f in found.findings {
                 report.broken.push(Broken { file: path.clone(), offset: f.offset, seq: f.seq, reason: f.reason });
@@ -199,7 +222,13 @@ pub fn verify(dir: &Path, key: Option<&VerifierKey>, extra: Option<&Path>) -> io
     if let Some(checks) = checks.as_mut() {
         signed.sort_by_key(|(c, _)| (c.shard, c.size));
         let mut by_shard: BTreeMap<u64, Vec<(Checkpoint, PathBuf)>> = BTreeMap::new();
+        let (mut newest_size, mut newest_checkpoint, mut newest_source) =
+            (HashMap::new(), HashMap::new(), HashMap::new());
         for (cp, file) in signed {
+            // Sorted by size: the last one of a shard is its newest.
+            newest_size.insert(cp.shard, cp.size);
+            newest_checkpoint.insert(cp.shard, cp.clone());
+            newest_source.insert(cp.shard, file.clone());
             by_shard.entry(cp.shard).or_default().push((cp, file));
         }
         for (shard, list) in by_shard {
@@ -227,6 +256,15 @@ pub fn verify(dir: &Path, key: Option<&VerifierKey>, extra: Option<&Path>) -> io
                     }
                     None => {}
                 }
+            }
+            // The newest signed checkpoint older than every record kept: retention never removes the
+            // active segment, so nothing it signed can be gone unless the log was replaced or cut
+            // from its start.
+            let newest_signed = newest_size.get(&shard).copied().unwrap_or(0);
+            if span.get(&shard).is_some_and(|&(first, _)| newest_signed < first) {
+                let reason =
+                    format!("every record up to {newest_signed}, the newest signed, is gone: the log was replaced");
+                failed.insert(0, (newest_checkpoint[&shard].clone(), newest_source[&shard].clone(), reason));
             }
             let last = span.get(&shard).map_or(0, |s| s.1);
             let covered = checks.newest.get(&shard).map_or(0, |c| c.size);
