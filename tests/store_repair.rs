@@ -232,3 +232,58 @@ fn a_restart_without_artifacts_compiles_the_store_in_parallel_and_refused_module
     let shown = state(&server, &ids[0]);
     assert!(shown["reason"].as_str().unwrap().contains("no longer accepted"), "{shown}");
 }
+
+#[test]
+fn hostile_files_under_the_stores_names_neither_hang_nor_exhaust_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (good, hung, fifo, huge) = (numbered(10), numbered(11), numbered(12), numbered(13));
+    let ids: Vec<String> = {
+        let server = Server::start_in(dir.path(), &["--max-body-bytes", "1048576"]);
+        let ids =
+            [&good, &hung, &fifo, &huge].iter().enumerate().map(|(n, w)| server.deploy(&format!("f{n}"), w)).collect();
+        stop(server);
+        ids
+    };
+    // An insider puts what would hang or exhaust a reader under the store's names: /dev/zero
+    // (hashing it never ends), a FIFO (opening it blocks), a file past any module's size.
+    for wasm in [&hung, &fifo, &huge] {
+        std::fs::remove_file(module_file(dir.path(), wasm, "cwasm")).unwrap();
+        std::fs::remove_file(module_file(dir.path(), wasm, "wasm")).unwrap();
+    }
+    std::os::unix::fs::symlink("/dev/zero", module_file(dir.path(), &hung, "wasm")).unwrap();
+    let path = std::ffi::CString::new(module_file(dir.path(), &fifo, "wasm").to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let file = std::fs::File::create(module_file(dir.path(), &huge, "wasm")).unwrap();
+    file.set_len(4 << 30).unwrap(); // sparse: 4 GiB that take no disk
+                                    // And a record that is no record: /dev/zero under a record's name.
+    std::os::unix::fs::symlink("/dev/zero", dir.path().join("functions/0123456789abcdef0123456789abcdef.json"))
+        .unwrap();
+
+    let server = Server::start_in(dir.path(), &["--max-body-bytes", "1048576"]);
+    let log = server.wait_for_stderr("stored functions loaded");
+    assert!(log.contains("broken=3") && log.contains("unreadable=1"), "{log}");
+    assert_eq!(server.client().request("GET", "/readyz", &[], b"").status, 200);
+    assert_eq!(server.client().invoke(&ids[0], b"").status, 200);
+    for id in &ids[1..] {
+        let shown = state(&server, id);
+        assert_eq!(shown["state"], "broken", "{shown}");
+    }
+    assert!(state(&server, &ids[1])["reason"].as_str().unwrap().contains("not a regular file"));
+    assert!(state(&server, &ids[3])["reason"].as_str().unwrap().contains("more than the"));
+}
+
+#[test]
+fn a_second_server_on_the_same_data_dir_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_in(dir.path(), &[]);
+    let data = dir.path().to_str().unwrap();
+    let (code, _, err) = tensor_wasm(&["serve", "--listen", "127.0.0.1:0", "--data-dir", data], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("another tensor-wasm process is using it"), "{err}");
+    // The first serves on, and once it is gone the next one starts.
+    assert_eq!(server.client().request("GET", "/readyz", &[], b"").status, 200);
+    stop(server);
+    let next = Server::start_in(dir.path(), &[]);
+    assert_eq!(next.client().request("GET", "/readyz", &[], b"").status, 200);
+}

@@ -1,6 +1,6 @@
 //! Turning a module's digest into a compiled module: from its precompiled artifact when that is
 //! intact, else by compiling its bytes within the deploy's budget. At start-up many digests are
-//! loaded at once, on `--startup-load-threads` threads, so that a restart without artifacts (an
+//! loaded at once, on `--load-threads` threads, so that a restart without artifacts (an
 //! upgrade of wasmtime, a restored backup) compiles the store in parallel rather than one module
 //! after another.
 //!
@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use wasmtime::{Engine, Linker, Module};
 
-use super::store::FunctionStore;
+use super::store::{describe, FunctionStore};
 use crate::error::ApiError;
 use crate::wasm::compile::CompileBudget;
 use crate::wasm::module::{check_compiled, check_module, check_module_in_child, ModuleShape};
@@ -105,13 +105,16 @@ impl ModuleLoader<'_> {
         let file = self.store.verify_module(digest);
         let (module, compiled) = match (self.from_artifact(digest), &file) {
             (Some(module), _) => (Ok(module), false),
-            (None, Err(e)) => (Err(format!("the module file is {e}, and there is no usable artifact")), false),
+            (None, Err(e)) => {
+                (Err(format!("the module file is {}, and there is no usable artifact", describe(e))), false)
+            }
             (None, Ok(())) => {
                 tracing::warn!(digest, "no usable artifact, recompiling");
-                let compiled =
-                    self.store.read_module(digest).map_err(|e| format!("the module file is {e}")).and_then(|wasm| {
-                        self.compile(&wasm).map_err(|e| format!("the module is no longer accepted: {e}"))
-                    });
+                let compiled = self
+                    .store
+                    .read_module(digest)
+                    .map_err(|e| format!("the module file is {}", describe(&e)))
+                    .and_then(|wasm| self.compile(&wasm).map_err(|e| format!("the module is no longer accepted: {e}")));
                 if let Ok(module) = &compiled {
                     self.save_artifact(digest, module);
                 }
@@ -123,7 +126,8 @@ impl ModuleLoader<'_> {
             (Err(reason), _) => tracing::error!(digest, "stored module cannot be loaded, its functions are broken: {reason}"),
             (Ok(_), Err(e)) => tracing::warn!(
                 digest,
-                "the module file is {e}; its functions run from the artifact, and the next deploy of the same bytes rewrites it"
+                "the module file is {}; its functions run from the artifact, and the next deploy of the same bytes rewrites it",
+                describe(e)
             ),
             (Ok(_), Ok(())) => {}
         }

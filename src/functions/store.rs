@@ -12,6 +12,33 @@ use crate::pipelines::PipelineRecord;
 /// the bytes it deserializes, so a corrupt artifact must be caught before it gets there.
 const ARTIFACT_MAGIC: &[u8; 8] = b"TWART01\n";
 
+/// An exclusive lock on a data dir, held for as long as a server uses it: a second server on
+/// the same directory (a rolling update over a ReadWriteOnce volume, an operator's slip) would
+/// take the other's freshly written module for an orphan, and both would append to one audit
+/// chain. Released by the kernel when the process exits, however it exits.
+pub struct DataDirLock {
+    _file: File,
+}
+
+impl DataDirLock {
+    /// Locks `root` (creating it and its `.lock` file if needed); fails at once when another
+    /// process holds it.
+    pub fn acquire(root: &Path) -> io::Result<DataDirLock> {
+        use std::os::fd::AsRawFd as _;
+        fs::create_dir_all(root)?;
+        let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(root.join(".lock"))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, "another tensor-wasm process is using it"));
+            }
+            return Err(e);
+        }
+        Ok(DataDirLock { _file: file })
+    }
+}
+
 /// What [`FunctionStore::sweep`] removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Swept {
@@ -30,6 +57,9 @@ pub struct Swept {
 /// Functions and pipelines from the functions directory are not stored: the directory is theirs.
 #[derive(Debug, Clone)]
 pub struct FunctionStore {
+    /// The largest module file read back (`--max-body-bytes` in the server); artifacts may be
+    /// `ARTIFACT_TO_MODULE` times that. A larger file is no module this server stored.
+    max_module_bytes: u64,
     modules: PathBuf,
     functions: PathBuf,
     pipelines: PathBuf,
@@ -52,6 +82,7 @@ impl FunctionStore {
     /// Opens (creating if needed) the data dir.
     pub fn open(root: &Path) -> io::Result<Self> {
         let store = FunctionStore {
+            max_module_bytes: u64::MAX / ARTIFACT_TO_MODULE,
             modules: root.join("modules"),
             functions: root.join("functions"),
             pipelines: root.join("pipelines"),
@@ -60,6 +91,12 @@ impl FunctionStore {
             fs::create_dir_all(dir)?;
         }
         Ok(store)
+    }
+
+    /// Reads no module file over `bytes`, and no artifact over `ARTIFACT_TO_MODULE` times that.
+    pub fn with_max_module_bytes(mut self, bytes: u64) -> Self {
+        self.max_module_bytes = bytes.min(u64::MAX / ARTIFACT_TO_MODULE);
+        self
     }
 
     /// Removes what a crash can leave behind: temp files of writes cut short, and stored modules
@@ -74,8 +111,11 @@ impl FunctionStore {
             for entry in fs::read_dir(dir)? {
                 let entry = entry?;
                 if entry.file_name().to_string_lossy().starts_with(".tmp-") {
-                    remove_if_present(&entry.path())?;
-                    swept.temp_files += 1;
+                    // One that cannot go (a directory of that name, a permission) stops nothing.
+                    match remove_if_present(&entry.path()) {
+                        Ok(()) => swept.temp_files += 1,
+                        Err(e) => tracing::warn!(file = %entry.path().display(), "cannot remove a temp file: {e}"),
+                    }
                 }
             }
         }
@@ -85,9 +125,10 @@ impl FunctionStore {
             let path = entry?.path();
             let Some(hex) = stored_hex(&path, "wasm") else { continue };
             if !referenced.contains(format!("sha256:{hex}").as_str()) {
-                remove_if_present(&path.with_extension("cwasm"))?;
-                remove_if_present(&path)?;
-                swept.orphaned_modules += 1;
+                match remove_if_present(&path.with_extension("cwasm")).and_then(|()| remove_if_present(&path)) {
+                    Ok(()) => swept.orphaned_modules += 1,
+                    Err(e) => tracing::warn!(file = %path.display(), "cannot remove an orphaned module: {e}"),
+                }
             }
         }
         if swept != Swept::default() {
@@ -116,7 +157,7 @@ impl FunctionStore {
     /// a file that holds exactly the deployed bytes. "Already stored" means this, never that a
     /// file of that name exists.
     pub fn verify_module(&self, digest: &str) -> io::Result<()> {
-        let mut file = File::open(self.module_path(digest))?;
+        let mut file = open_stored(&self.module_path(digest), self.max_module_bytes)?;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -135,7 +176,7 @@ impl FunctionStore {
 
     /// The module's bytes, if present and matching their digest.
     pub fn read_module(&self, digest: &str) -> io::Result<Vec<u8>> {
-        let bytes = fs::read(self.module_path(digest))?;
+        let bytes = read_stored(&self.module_path(digest), self.max_module_bytes)?;
         if sha256_hex(&bytes) != digest_hex(digest) {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "not the bytes of its digest"));
         }
@@ -165,7 +206,7 @@ impl FunctionStore {
 
     /// The artifact's wasmtime bytes, if present and intact.
     pub fn read_artifact(&self, digest: &str) -> io::Result<Vec<u8>> {
-        let mut framed = fs::read(self.artifact_path(digest))?;
+        let mut framed = read_stored(&self.artifact_path(digest), self.max_module_bytes * ARTIFACT_TO_MODULE)?;
         let header = ARTIFACT_MAGIC.len() + 32;
         let intact = framed.len() >= header
             && &framed[..ARTIFACT_MAGIC.len()] == ARTIFACT_MAGIC
@@ -240,6 +281,58 @@ impl FunctionStore {
     }
 }
 
+/// The largest function or pipeline record read back: a record is its settings, names and an
+/// environment of at most 16 KiB (`record::MAX_ENV_BYTES`); anything near this is no record.
+const MAX_RECORD_BYTES: u64 = 1 << 20;
+
+/// How much larger than its module an artifact may be: compiled code runs to a few times the
+/// wasm's size (100,000 small functions: 21 MB from 2.6 MB, perf/HOSTILE.md).
+const ARTIFACT_TO_MODULE: u64 = 16;
+
+/// Opens a file the store wrote, refusing anything else an insider may have put under its name:
+/// a symlink (to /dev/zero, say, which would hash forever), a FIFO (whose open would block), a
+/// directory, or a file over `max_bytes` (which would be read whole into memory).
+fn open_stored(path: &Path, max_bytes: u64) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let opened = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path);
+    let file = match opened {
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "a symbolic link, not a regular file"));
+        }
+        other => other?,
+    };
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a regular file"));
+    }
+    if meta.len() > max_bytes {
+        let why = format!("{} bytes, more than the {max_bytes} a stored file may have", meta.len());
+        return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+    }
+    Ok(file)
+}
+
+fn read_stored(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
+    let mut file = open_stored(path, max_bytes)?;
+    let mut bytes = Vec::new();
+    // At most one byte past the cap, should the file grow after the check.
+    (&mut file).take(max_bytes.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "grew past the size a stored file may have"));
+    }
+    Ok(bytes)
+}
+
+/// What is wrong with a stored file, after "the module file is": "missing", or why it is no
+/// good.
+pub fn describe(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::NotFound => "missing".into(),
+        io::ErrorKind::InvalidData => e.to_string(),
+        _ => format!("unreadable ({e})"),
+    }
+}
+
 /// Free bytes on the file system that holds `path`, for unprivileged writers.
 pub fn free_bytes(path: &Path) -> io::Result<u64> {
     let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
@@ -270,7 +363,7 @@ fn list_json<T: serde::de::DeserializeOwned>(dir: &Path) -> io::Result<Vec<Resul
         if temp || path.extension().and_then(|e| e.to_str()) != Some("json") {
             continue;
         }
-        let parsed = fs::read(&path)
+        let parsed = read_stored(&path, MAX_RECORD_BYTES)
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice::<T>(&b).map_err(|e| e.to_string()))
             .map_err(|e| format!("{}: {e}", path.display()));

@@ -602,8 +602,9 @@ impl Worker {
             env: pending.env.clone(),
         };
         if let Err(e) = self.store.write_record(&record) {
-            // Files no record refers to would count against no quota: gone with the deploy.
-            if self.catalog.module_with_digest(digest).is_none() {
+            // Files no record refers to would count against no quota: gone with the deploy. A
+            // broken function's record refers to them too, so its files stay.
+            if !current.values().any(|f| f.record.digest == *digest) {
                 let _ = self.store.remove_module(digest);
             }
             return Err(ApiError::Storage(e.to_string()));

@@ -103,7 +103,11 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     // until these handlers exist that signal kills the process without a drain.
     let termination = termination_signals()?;
     let limits = Arc::new(config.limits.clone());
+    // Held until `run` returns; the kernel drops it with the process however that ends.
+    let _data_dir_lock = crate::functions::store::DataDirLock::acquire(&config.data_dir)
+        .map_err(|e| ServerError::Config(format!("cannot lock data dir {}: {e}", config.data_dir.display())))?;
     let store = FunctionStore::open(&config.data_dir)
+        .map(|store| store.with_max_module_bytes(limits.max_body_bytes))
         .map_err(|e| ServerError::Config(format!("cannot use data dir {}: {e}", config.data_dir.display())))?;
     let cpus = cpu::allowed_cpus().map_err(|e| ServerError::Runtime(format!("sched_getaffinity: {e}")))?;
     let shard_count = config.shards.unwrap_or_else(|| cpu::default_shard_count(cpus.len(), cpu::cgroup_cpu_limit()));
