@@ -455,3 +455,28 @@ fn a_backup_carries_the_checkpoints_its_segments_prove_and_names_their_key() {
     let (code, _, err) = verify(&audit, &["--public-key", public]);
     assert_eq!(code, 1, "{err}");
 }
+
+#[test]
+fn a_backup_carries_a_damaged_sealed_segment_as_evidence() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = Server::start_in(&data, &["--shards", "1", "--audit-segment-bytes", "65536"]);
+    load(&server, 600, 1);
+    stop(&mut server);
+    let files = segments(&data.join("audit/shard-0"));
+    assert!(files.len() >= 2, "{files:?}");
+    // What recovery keeps byte for byte after tampering: a sealed segment that does not end in
+    // a whole record.
+    let damaged = &files[0];
+    let mut bytes = std::fs::read(damaged).unwrap();
+    bytes.extend_from_slice(b"{\"forged\":");
+    std::fs::write(damaged, &bytes).unwrap();
+
+    let backup = dir.path().join("backup");
+    let (code, out, err) =
+        tensor_wasm(&["backup", backup.to_str().unwrap(), "--data-dir", data.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("damaged, carried as it is") && out.contains("ends in a torn or damaged record"), "{out}");
+    let copied = backup.join("audit/shard-0").join(damaged.file_name().unwrap());
+    assert_eq!(std::fs::read(copied).unwrap(), bytes, "the evidence is in the backup, byte for byte");
+}

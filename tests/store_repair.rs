@@ -287,3 +287,32 @@ fn a_second_server_on_the_same_data_dir_is_refused_at_start() {
     let next = Server::start_in(dir.path(), &[]);
     assert_eq!(next.client().request("GET", "/readyz", &[], b"").status, 200);
 }
+
+#[test]
+fn a_backup_carries_a_damaged_function_instead_of_dropping_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (good, damaged) = (numbered(20), numbered(21));
+    let server = Server::start_in(&data, &[]);
+    let ids = [server.deploy("good", &good), server.deploy("damaged", &damaged)];
+    // Its module file gone, its artifact intact: the server runs it from the artifact.
+    std::fs::remove_file(module_file(&data, &damaged, "wasm")).unwrap();
+    let backup = dir.path().join("backup");
+    let (code, out, err) =
+        tensor_wasm(&["backup", backup.to_str().unwrap(), "--data-dir", data.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("damaged, carried as it is: function {}", ids[1])), "{out}");
+    stop(server);
+
+    let restored = dir.path().join("restored");
+    let (code, out, err) =
+        tensor_wasm(&["restore", backup.to_str().unwrap(), "--data-dir", restored.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let server = Server::start_in(&restored, &[]);
+    for id in &ids {
+        assert_eq!(server.client().invoke(id, b"").status, 200, "{id}");
+    }
+    // A deploy of its bytes repairs the restored store too.
+    server.deploy("again", &damaged);
+    assert_eq!(std::fs::read(module_file(&restored, &damaged, "wasm")).unwrap(), damaged);
+}

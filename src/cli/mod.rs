@@ -127,6 +127,9 @@ fn run_backup(args: BackupArgs, restore: bool) -> i32 {
             for skipped in &summary.skipped {
                 println!("left out: {skipped}");
             }
+            for damaged in &summary.damaged {
+                println!("damaged, carried as it is: {damaged}");
+            }
             0
         }
         Err(e) => {
