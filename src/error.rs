@@ -75,6 +75,11 @@ pub enum ApiError {
     InvalidModule(String),
     /// Compiling the module needed more than `--compile-memory-mb` or `--compile-timeout-ms`.
     ModuleTooComplex(String),
+    /// The compile ran past `--compile-timeout-ms`: too complex, or starved of CPU by everything
+    /// else on the host, which a later try may not be.
+    CompileTimeout {
+        timeout_ms: u64,
+    },
     /// The module defines more functions than `--max-module-functions`.
     TooManyFunctions {
         count: u32,
@@ -184,6 +189,7 @@ impl ApiError {
             | InvalidModule(_)
             | TooManyFunctions { .. }
             | ModuleTooComplex(_)
+            | CompileTimeout { .. }
             | CodeTooLarge { .. }
             | FunctionTooLarge { .. }
             | UnsupportedImport(_)
@@ -263,7 +269,7 @@ impl ApiError {
             InvalidMemoryLimit { .. } => "invalid_memory_limit",
             InvalidModule(_) => "invalid_module",
             TooManyFunctions { .. } => "too_many_functions",
-            ModuleTooComplex(_) => "module_too_complex",
+            ModuleTooComplex(_) | CompileTimeout { .. } => "module_too_complex",
             CodeTooLarge { .. } => "code_too_large",
             FunctionTooLarge { .. } => "function_too_large",
             UnsupportedImport(_) => "unsupported_import",
@@ -408,6 +414,11 @@ impl fmt::Display for ApiError {
             }
             InvalidModule(m) => write!(f, "not a valid WebAssembly module: {m}"),
             ModuleTooComplex(why) => write!(f, "the module is too complex for this server to compile: {why}"),
+            CompileTimeout { timeout_ms } => write!(
+                f,
+                "the module is too complex for this server to compile: compiling it took longer than \
+                 --compile-timeout-ms ({timeout_ms} ms)"
+            ),
             TooManyFunctions { count, limit } => {
                 write!(f, "the module defines {count} functions, more than the {limit} this server compiles")
             }

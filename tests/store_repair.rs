@@ -316,3 +316,36 @@ fn a_backup_carries_a_damaged_function_instead_of_dropping_it() {
     server.deploy("again", &damaged);
     assert_eq!(std::fs::read(module_file(&restored, &damaged, "wasm")).unwrap(), damaged);
 }
+
+#[test]
+fn a_compile_that_runs_out_of_time_at_start_is_tried_again_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    // Thousands of functions: tens of milliseconds of compiling, far past the budget below.
+    let many = |n: u32| {
+        let body: String = (0..3000).map(|i| format!("(func (result i32) (i32.const {i}))")).collect();
+        guests::wasm(&format!(r#"(module (memory 1) (data (i32.const 0) "many-{n}") {body} (func (export "_start")))"#))
+    };
+    let modules = [many(30), many(31)];
+    let ids: Vec<String> = {
+        let server = Server::start_in(dir.path(), &[]);
+        let ids = modules.iter().enumerate().map(|(n, w)| server.deploy(&format!("f{n}"), w)).collect();
+        stop(server);
+        ids
+    };
+    for wasm in &modules {
+        std::fs::remove_file(module_file(dir.path(), wasm, "cwasm")).unwrap();
+    }
+    // No compile fits in a millisecond: each is tried twice, then listed broken with why.
+    let server = Server::start_in(dir.path(), &["--compile-timeout-ms", "1"]);
+    let log = server.wait_for_stderr("stored functions loaded");
+    assert_eq!(log.matches("retrying the compile alone").count(), 2, "{log}");
+    assert!(log.contains("broken=2"), "{log}");
+    let reason = state(&server, &ids[0])["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("--compile-timeout-ms (1 ms)"), "{reason}");
+    stop(server);
+    // With time enough they load, and nothing needed repairing.
+    let server = Server::start_in(dir.path(), &[]);
+    let log = server.wait_for_stderr("stored functions loaded");
+    assert!(log.contains("broken=0") && log.contains("recompiled=2"), "{log}");
+    assert_eq!(server.client().invoke(&ids[1], b"").status, 200);
+}

@@ -40,6 +40,8 @@ pub struct Loaded {
     /// Its file is missing or corrupt while its artifact is intact: its functions run, and the
     /// next deploy of the same bytes rewrites the file.
     pub damaged: bool,
+    /// Its compile ran out of time or could not start: a retry may succeed.
+    pub transient: bool,
 }
 
 /// Checks and compiles a tenant's `wasm`: in a child process within `budget` where there is one
@@ -102,6 +104,7 @@ impl ModuleLoader<'_> {
     /// or its bytes are compiled (within the budget: a module that no longer fits is refused in
     /// at most `--compile-timeout-ms`, and its memory is the child's).
     pub fn load_stored(&self, digest: &str) -> Loaded {
+        let mut transient = false;
         let file = self.store.verify_module(digest);
         let (module, compiled) = match (self.from_artifact(digest), &file) {
             (Some(module), _) => (Ok(module), false),
@@ -110,11 +113,16 @@ impl ModuleLoader<'_> {
             }
             (None, Ok(())) => {
                 tracing::warn!(digest, "no usable artifact, recompiling");
-                let compiled = self
-                    .store
-                    .read_module(digest)
-                    .map_err(|e| format!("the module file is {}", describe(&e)))
-                    .and_then(|wasm| self.compile(&wasm).map_err(|e| format!("the module is no longer accepted: {e}")));
+                let compiled =
+                    self.store.read_module(digest).map_err(|e| format!("the module file is {}", describe(&e)));
+                let compiled = compiled.and_then(|wasm| {
+                    self.compile(&wasm).map_err(|e| {
+                        // Out of time (perhaps starved of CPU) or out of luck starting the child: a
+                        // later try, with the machine quieter, may succeed.
+                        transient = matches!(e, ApiError::CompileTimeout { .. } | ApiError::Internal(_));
+                        format!("the module is no longer accepted: {e}")
+                    })
+                });
                 if let Ok(module) = &compiled {
                     self.save_artifact(digest, module);
                 }
@@ -131,13 +139,20 @@ impl ModuleLoader<'_> {
             ),
             (Ok(_), Ok(())) => {}
         }
-        Loaded { damaged: module.is_ok() && file.is_err(), module, compiled }
+        Loaded { damaged: module.is_ok() && file.is_err(), module, compiled, transient }
     }
 
     /// [`Self::load_stored`] for every digest, on at most `threads` threads.
+    /// A compile that ran out of time beside the others is tried once more alone, so that a
+    /// module is not left broken for having shared the CPUs.
     pub fn load_all(&self, digests: &[String], threads: usize) -> HashMap<String, Loaded> {
         let loaded = in_parallel(digests, threads, |digest| self.load_stored(digest));
-        digests.iter().cloned().zip(loaded).collect()
+        let mut loaded: HashMap<String, Loaded> = digests.iter().cloned().zip(loaded).collect();
+        for (digest, one) in loaded.iter_mut().filter(|(_, l)| l.transient) {
+            tracing::warn!(digest, "retrying the compile alone");
+            *one = self.load_stored(digest);
+        }
+        loaded
     }
 
     /// Compiles each module that has neither a live module (`live`) nor a usable artifact, and

@@ -159,10 +159,7 @@ pub fn compile_in_child(
     let (status, artifact, errors) = artifact;
     let errors = String::from_utf8_lossy(&errors);
     let Some(status) = status else {
-        return Err(ApiError::ModuleTooComplex(format!(
-            "compiling it took longer than --compile-timeout-ms ({} ms)",
-            budget.timeout.as_millis()
-        )));
+        return Err(ApiError::CompileTimeout { timeout_ms: budget.timeout.as_millis() as u64 });
     };
     let artifact = match (status.code(), artifact) {
         (Some(0), Ok(artifact)) => artifact,
