@@ -449,11 +449,34 @@ fn a_backup_carries_the_checkpoints_its_segments_prove_and_names_their_key() {
     let (code, out, err) = verify(&audit, &["--public-key", public]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("shard 0: the log matches"), "{out}");
-    // The checkpoints came along: the restored log cannot lose a segment unnoticed either.
-    let first = segments(&audit.join("shard-0")).remove(0);
-    std::fs::remove_file(first).unwrap();
+    // The checkpoints came along: the restored log cannot be cut unnoticed either. Cut it just
+    // before the record its newest carried checkpoint signs (cutting the oldest segment would be
+    // what retention does, which checkpoints allow).
+    let notes = std::fs::read_to_string(audit.join("shard-0/checkpoints")).unwrap();
+    let newest: u64 = notes.split("\n\n").filter_map(|note| note.lines().nth(1)?.parse().ok()).max().unwrap();
+    cut_before(&audit.join("shard-0"), newest);
     let (code, _, err) = verify(&audit, &["--public-key", public]);
     assert_eq!(code, 1, "{err}");
+    assert!(err.contains("proves it"), "{err}");
+}
+
+/// Cuts the chain in `shard_dir` just before the record with `seq`: that segment ends before it,
+/// and every later one is gone.
+fn cut_before(shard_dir: &Path, seq: u64) {
+    let mut cut = false;
+    for path in segments(shard_dir) {
+        if cut {
+            std::fs::remove_file(&path).unwrap();
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        if let Some(at) = text.find(&format!(",\"seq\":{seq},")) {
+            let line = text[..at].rfind('\n').map_or(0, |i| i + 1);
+            std::fs::write(&path, &text[..line]).unwrap();
+            cut = true;
+        }
+    }
+    assert!(cut, "no record {seq} in {}", shard_dir.display());
 }
 
 #[test]

@@ -294,20 +294,40 @@ fn device(d: &probe::DeviceProbe) -> Check {
 /// float64 reference; then times tiny adds for the dispatch round trip.
 fn compute(name: &str, backend: BackendChoice, devices: Option<usize>) -> Check {
     let started = Instant::now();
-    let dispatcher = match Dispatcher::start(DispatchConfig { backend, ..Default::default() }) {
+    let host_devices = devices.filter(|_| backend == BackendChoice::Host).unwrap_or(1);
+    let dispatcher = match Dispatcher::start(DispatchConfig { backend, host_devices, ..Default::default() }) {
         Ok(d) => d,
         Err(e) => return check(name, Level::Fail, format!("cannot start: {e}"), None),
     };
-    // A new session goes to the idle device after the last one's, so one per device covers each.
+    // A session takes an id when made and is placed (`Dispatcher::place`, another id) at its
+    // first request, on the idle device its id names. So with every device idle, each placement
+    // made here moves the next session's device by one: at most `n` of them reach `device`.
+    let n = devices.unwrap_or(1);
     let mut ran_on = std::collections::BTreeSet::<usize>::new();
-    let outcome = (0..devices.unwrap_or(1))
-        .try_for_each(|_| {
+    let mut cover = || -> Result<(), String> {
+        for device in 0..n {
+            // The last session's release, on its way to its device, would skew the placement.
+            let idle = Instant::now();
+            while dispatcher.devices.iter().any(|d| d.in_flight() > 0) && idle.elapsed() < DEADLINE {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            for _ in 0..n {
+                if (dispatcher.place(0) + 2) % n == device {
+                    break;
+                }
+            }
             let mut session = Session::new(dispatcher.clone(), 0, 0);
             tiny_ops(&mut session)?;
             ran_on.extend(session.device());
-            Ok(())
-        })
-        .and_then(|()| round_trip(&mut Session::new(dispatcher.clone(), 0, 0)));
+        }
+        Ok(())
+    };
+    let outcome = cover().and_then(|()| round_trip(&mut Session::new(dispatcher.clone(), 0, 0))).and_then(|t| {
+        match ran_on.len() == n {
+            true => Ok(t),
+            false => Err(format!("the tiny ops ran on devices {ran_on:?} only, of {n}: the others were not checked")),
+        }
+    });
     dispatcher.shutdown();
     match outcome {
         Ok(round_trip) => check(
@@ -403,4 +423,20 @@ fn round_trip(session: &mut Session) -> Result<Duration, String> {
     }
     times.sort_unstable();
     Ok(times[ROUNDS / 2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Several host "devices" stand in for GPUs: every one of them runs the tiny ops.
+    #[test]
+    fn the_computation_check_reaches_every_device() {
+        for devices in [1, 2, 3, 4, 8] {
+            let c = compute("host", BackendChoice::Host, Some(devices));
+            assert_eq!(c.level, Level::Ok, "{devices} devices: {}", c.detail);
+            let all: Vec<String> = (0..devices).map(|d| d.to_string()).collect();
+            assert!(c.detail.contains(&format!("on device {};", all.join(", "))), "{}", c.detail);
+        }
+    }
 }
