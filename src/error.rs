@@ -431,10 +431,7 @@ impl fmt::Display for ApiError {
             UnsupportedImport(m) => write!(f, "{m}"),
             ImportMismatch(m) => write!(f, "{m}"),
             FunctionNotFound(id) => write!(f, "function `{id}` not found"),
-            FunctionUnavailable { id, reason } => write!(
-                f,
-                "function `{id}` is stored but cannot run: {reason}; deploying the same module again repairs it"
-            ),
+            FunctionUnavailable { id, reason } => write!(f, "function `{id}` is stored but cannot run: {reason}"),
             InvalidInvokeRequest(m) => write!(f, "{m}"),
             ExportNotFound(name) => write!(f, "the module exports no function `{name}`"),
             InvalidPayload(m) => {

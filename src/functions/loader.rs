@@ -108,9 +108,13 @@ impl ModuleLoader<'_> {
         let file = self.store.verify_module(digest);
         let (module, compiled) = match (self.from_artifact(digest), &file) {
             (Some(module), _) => (Ok(module), false),
-            (None, Err(e)) => {
-                (Err(format!("the module file is {}, and there is no usable artifact", describe(e))), false)
-            }
+            (None, Err(e)) => (
+                Err(format!(
+                    "the module file is {}, and there is no usable artifact: deploy the same module again to repair it",
+                    describe(e)
+                )),
+                false,
+            ),
             (None, Ok(())) => {
                 tracing::warn!(digest, "no usable artifact, recompiling");
                 let compiled =

@@ -37,7 +37,12 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
     let _ = writeln!(out, "tensor_wasm_shards {}", shards.len());
     header(&mut out, "tensor_wasm_ready", "gauge", "1 when /readyz answers 200.");
     let _ = writeln!(out, "tensor_wasm_ready {}", u8::from(ctx.ready));
-    header(&mut out, "tensor_wasm_functions_total", "gauge", "Functions deployed and live.");
+    header(
+        &mut out,
+        "tensor_wasm_functions_total",
+        "gauge",
+        "Functions deployed, broken ones (tensor_wasm_functions_broken) included.",
+    );
     let _ = writeln!(out, "tensor_wasm_functions_total {}", ctx.functions);
     header(
         &mut out,
