@@ -130,27 +130,8 @@ pub fn tail(bytes: &[u8], lines_end: usize) -> Tail {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::record::{encode, AuditEvent, GENESIS, INTEGRITY_ACTION};
-
-    fn event() -> AuditEvent {
-        AuditEvent {
-            ts_unix_ms: 1,
-            request_id: "r".into(),
-            actor: crate::audit::Actor::Dev,
-            action: "invoke_function",
-            function_id: None,
-            pipeline_id: None,
-            tenant_id: None,
-            status_code: 200,
-            error_kind: None,
-            failed_step: None,
-            latency_us: 1,
-            peer_addr: "127.0.0.1:1".parse().unwrap(),
-            client_cert_subject: None,
-            repeated: 0,
-            integrity: None,
-        }
-    }
+    use crate::audit::record::tests::event;
+    use crate::audit::record::{encode, GENESIS, INTEGRITY_ACTION};
 
     /// `n` chained lines from seq 1, and each line's start.
     fn lines(n: u64) -> (Vec<u8>, Vec<usize>, Vec<[u8; 32]>) {

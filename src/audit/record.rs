@@ -417,9 +417,10 @@ pub fn check_line(line: &[u8]) -> Result<LineFacts, LineError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// A request's event with every field the encoder writes: shared by the audit tests.
     pub fn event() -> AuditEvent {
         AuditEvent {
             ts_unix_ms: 1_795_000_000_000,

@@ -155,27 +155,8 @@ fn older_last_hash(segments: &[PathBuf]) -> io::Result<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::record::{encode, AuditEvent};
-
-    fn event() -> AuditEvent {
-        AuditEvent {
-            ts_unix_ms: 1,
-            request_id: "r".into(),
-            actor: crate::audit::Actor::Dev,
-            action: "invoke_function",
-            function_id: None,
-            pipeline_id: None,
-            tenant_id: None,
-            status_code: 200,
-            error_kind: None,
-            failed_step: None,
-            latency_us: 1,
-            peer_addr: "127.0.0.1:1".parse().unwrap(),
-            client_cert_subject: None,
-            repeated: 0,
-            integrity: None,
-        }
-    }
+    use crate::audit::record::encode;
+    use crate::audit::record::tests::event;
 
     fn segment(dir: &Path, seqs: std::ops::RangeInclusive<u64>, prev: &mut [u8; 32], zeros: usize) -> Vec<u8> {
         let (first, mut bytes, mut line) = (*seqs.start(), Vec::new(), String::new());
