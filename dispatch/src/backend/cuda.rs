@@ -15,7 +15,7 @@ use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
 use super::{shape_of, staging, Backend, BackendKind, Finished, Submitted};
-use crate::record::{status, Op, Request};
+use crate::record::{status, DType, Op, Request};
 
 /// The kernels, in CUDA C. Public so that benchmarks launch exactly these. NVRTC compiles them
 /// without any header, so they use no macro that headers define (`INFINITY` is undefined there).
@@ -356,6 +356,15 @@ impl CudaBackend {
                 return Ok(Submitted::Done(status::OK));
             }
             _ => {}
+        }
+        // Host back-end only for now (docs/ABI.md): tensors of other dtypes than f32, and the
+        // general form of the kernels (a descriptor in the staging buffer). Refused with their own
+        // status rather than run wrong.
+        if op == Op::Upload && req.dtype != DType::F32 as u8 {
+            return Err(status::UNSUPPORTED_ON_DEVICE);
+        }
+        if op.is_kernel() && req.host_len > 0 {
+            return Err(status::UNSUPPORTED_ON_DEVICE);
         }
         if (op == Op::Upload || op.is_kernel()) && self.tensors.contains_key(&req.out) {
             return Err(status::INVALID_ARGUMENT);
