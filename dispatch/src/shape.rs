@@ -258,6 +258,73 @@ pub fn output(op: Op, d: &Desc) -> Result<(Dims, DType), i32> {
     }
 }
 
+/// A back-end's guard on a general request: the output shape and dtype derived again from the
+/// descriptor must be the ones it states, and the bytes the ones the session reserved.
+pub fn check_output(op: Op, d: &Desc, out_bytes: u64) -> Result<(Dims, DType), i32> {
+    let (dims, dtype) = output(op, d)?;
+    if dims.as_slice() != d.shape(crate::record::SLOT_OUT) || d.dtype(crate::record::SLOT_OUT) != Some(dtype) {
+        return Err(status::INVALID_ARGUMENT);
+    }
+    if dims.elements()? * dtype.size() != out_bytes {
+        return Err(status::INVALID_ARGUMENT);
+    }
+    Ok((dims, dtype))
+}
+
+/// Row-major strides of a contiguous tensor of `shape`, in elements.
+pub fn contiguous_strides(shape: &[u32]) -> [usize; MAX_RANK] {
+    let mut strides = [0usize; MAX_RANK];
+    let mut stride = 1;
+    for i in (0..shape.len()).rev() {
+        strides[i] = stride;
+        stride *= shape[i] as usize;
+    }
+    strides
+}
+
+/// The offsets, one per element of an output of shape `dims` in row-major order, of an input
+/// read with `strides` along the output's axes.
+pub struct Walk {
+    dims: [usize; MAX_RANK],
+    strides: [usize; MAX_RANK],
+    rank: usize,
+    index: [usize; MAX_RANK],
+    offset: usize,
+    left: usize,
+}
+
+pub fn walk(dims: &[u32], strides: [usize; MAX_RANK]) -> Walk {
+    let mut d = [0usize; MAX_RANK];
+    for (o, &x) in d.iter_mut().zip(dims) {
+        *o = x as usize;
+    }
+    let left = dims.iter().map(|&x| x as usize).product();
+    Walk { dims: d, strides, rank: dims.len(), index: [0; MAX_RANK], offset: 0, left }
+}
+
+impl Iterator for Walk {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let current = self.offset;
+        // Odometer: advance the last axis, carrying into the ones before it.
+        for axis in (0..self.rank).rev() {
+            self.index[axis] += 1;
+            self.offset += self.strides[axis];
+            if self.index[axis] < self.dims[axis] {
+                break;
+            }
+            self.offset -= self.strides[axis] * self.dims[axis];
+            self.index[axis] = 0;
+        }
+        Some(current)
+    }
+}
+
 /// Matmul's leading (batch) dimensions, broadcast like element-wise operands; none for 2-D.
 fn batch(a: &[u32], b: &[u32]) -> Result<Vec<u32>, i32> {
     match (a.is_empty(), b.is_empty()) {

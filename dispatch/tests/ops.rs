@@ -340,7 +340,7 @@ fn cuda_kernels_compile_with_nvrtc() {
             Err(e) => panic!("sm_{major}{minor}: {e}"),
         };
         let src = ptx.to_src();
-        for kernel in ["tw_add", "tw_mul", "tw_scale", "tw_relu", "tw_softmax", "tw_sum", "tw_fma_peak"] {
+        for kernel in cuda::KERNEL_NAMES {
             assert!(src.contains(&format!(".entry {kernel}(")), "sm_{major}{minor}: no {kernel} in the PTX");
         }
     }

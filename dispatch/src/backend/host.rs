@@ -9,8 +9,8 @@ use half::{bf16, f16};
 use zerocopy::IntoBytes;
 
 use super::{descriptor, shape_of, staging, Backend, BackendKind, Finished, Submitted};
-use crate::record::{flags, status, DType, Desc, Op, Request, MAX_RANK, SLOT_A, SLOT_B, SLOT_C, SLOT_OUT};
-use crate::shape::{self, broadcast_strides};
+use crate::record::{flags, status, DType, Desc, Op, Request, MAX_RANK, SLOT_A, SLOT_B, SLOT_C};
+use crate::shape::{self, broadcast_strides, contiguous_strides, walk};
 
 pub struct HostBackend {
     ordinal: usize,
@@ -231,13 +231,7 @@ impl HostBackend {
     /// Every op in its general form. The output shape is derived again from the descriptor and
     /// must be the one the session reserved; every operand must match its description.
     fn general(&self, op: Op, req: &Request, d: &Desc) -> Result<Buf, i32> {
-        let (out_dims, out_dtype) = shape::output(op, d)?;
-        if out_dims.as_slice() != d.shape(SLOT_OUT) || d.dtype(SLOT_OUT) != Some(out_dtype) {
-            return Err(status::INVALID_ARGUMENT);
-        }
-        if shape::elements(out_dims.as_slice())? * out_dtype.size() != req.out_bytes {
-            return Err(status::INVALID_ARGUMENT);
-        }
+        let (out_dims, out_dtype) = shape::check_output(op, d, req.out_bytes)?;
         let out = out_dims.as_slice();
         let a = self.typed(req.a, d, SLOT_A)?;
         let sa = d.shape(SLOT_A);
@@ -336,60 +330,6 @@ fn last(shape: &[u32]) -> usize {
 fn gelu(x: f32) -> f32 {
     const C: f32 = 0.797_884_6; // √(2/π)
     0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh())
-}
-
-/// Row-major strides of a contiguous tensor of `shape`, in elements.
-fn contiguous_strides(shape: &[u32]) -> [usize; MAX_RANK] {
-    let mut strides = [0usize; MAX_RANK];
-    let mut stride = 1;
-    for i in (0..shape.len()).rev() {
-        strides[i] = stride;
-        stride *= shape[i] as usize;
-    }
-    strides
-}
-
-/// The offsets, one per element of an output of shape `dims` in row-major order, of an input
-/// read with `strides` along the output's axes.
-struct Walk {
-    dims: [usize; MAX_RANK],
-    strides: [usize; MAX_RANK],
-    rank: usize,
-    index: [usize; MAX_RANK],
-    offset: usize,
-    left: usize,
-}
-
-fn walk(dims: &[u32], strides: [usize; MAX_RANK]) -> Walk {
-    let mut d = [0usize; MAX_RANK];
-    for (o, &x) in d.iter_mut().zip(dims) {
-        *o = x as usize;
-    }
-    let left = dims.iter().map(|&x| x as usize).product();
-    Walk { dims: d, strides, rank: dims.len(), index: [0; MAX_RANK], offset: 0, left }
-}
-
-impl Iterator for Walk {
-    type Item = usize;
-
-    fn next(&mut self) -> Option<usize> {
-        if self.left == 0 {
-            return None;
-        }
-        self.left -= 1;
-        let current = self.offset;
-        // Odometer: advance the last axis, carrying into the ones before it.
-        for axis in (0..self.rank).rev() {
-            self.index[axis] += 1;
-            self.offset += self.strides[axis];
-            if self.index[axis] < self.dims[axis] {
-                break;
-            }
-            self.offset -= self.strides[axis] * self.dims[axis];
-            self.index[axis] = 0;
-        }
-        Some(current)
-    }
 }
 
 /// The elements of `buf` at `offsets`, in that order, in the same dtype.
@@ -565,5 +505,85 @@ impl Backend for HostBackend {
 
     fn memory_used(&self) -> u64 {
         self.used_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::SLOT_OUT;
+
+    fn upload(b: &mut HostBackend, id: u64, data: &mut [f32]) {
+        let req = Request {
+            session: 1,
+            out: id,
+            host_addr: data.as_mut_ptr() as u64,
+            host_len: data.len() as u64,
+            out_bytes: data.len() as u64 * 4,
+            op: Op::Upload as u8,
+            ..Default::default()
+        };
+        assert_eq!(b.run(&req), status::OK);
+    }
+
+    /// A general request whose descriptor `edit` has tampered with after the session built it.
+    fn forged(b: &mut HostBackend, op: Op, edit: impl Fn(&mut Desc, &mut Request)) -> i32 {
+        let mut d = Desc::default();
+        for slot in [SLOT_A, SLOT_B, SLOT_OUT] {
+            d.shapes[slot] = [2, 3, 0, 0];
+            d.ranks[slot] = 2;
+        }
+        let mut req = Request { session: 1, out: 99, a: 10, b: 11, out_bytes: 24, op: op as u8, ..Default::default() };
+        edit(&mut d, &mut req);
+        let mut words = d.to_words();
+        req.host_addr = words.as_mut_ptr() as u64;
+        req.host_len = words.len() as u64;
+        b.run(&req)
+    }
+
+    /// The worker's guard: a descriptor that lies about an operand or the output is refused
+    /// before anything is read, so a session bug can never become a wild read or a panic.
+    #[test]
+    fn forged_descriptors_are_refused_not_trusted() {
+        let mut b = HostBackend::new(0);
+        upload(&mut b, 10, &mut [1.0; 6]);
+        upload(&mut b, 11, &mut [2.0; 6]);
+        assert_eq!(forged(&mut b, Op::Add, |_, _| {}), status::OK, "the honest request runs");
+        let bigger = |d: &mut Desc, r: &mut Request| {
+            d.shapes[SLOT_A] = [4, 3, 0, 0];
+            d.shapes[SLOT_OUT] = [4, 3, 0, 0];
+            r.out = 100;
+            r.out_bytes = 48;
+        };
+        assert_eq!(forged(&mut b, Op::Add, bigger), status::SHAPE_MISMATCH, "a claims 12 elements, holds 6");
+        let out_lies = |d: &mut Desc, r: &mut Request| {
+            d.shapes[SLOT_OUT] = [6, 1, 0, 0];
+            r.out = 101;
+        };
+        assert_eq!(forged(&mut b, Op::Add, out_lies), status::INVALID_ARGUMENT);
+        let bytes_lie = |_: &mut Desc, r: &mut Request| {
+            r.out = 102;
+            r.out_bytes = 8;
+        };
+        assert_eq!(forged(&mut b, Op::Add, bytes_lie), status::INVALID_ARGUMENT);
+        let dtype_lies = |d: &mut Desc, r: &mut Request| {
+            d.dtypes = [DType::BF16 as u8; 4];
+            r.out = 103;
+            r.out_bytes = 12;
+        };
+        assert_eq!(forged(&mut b, Op::Add, dtype_lies), status::DTYPE_MISMATCH);
+        let axis_past = |d: &mut Desc, r: &mut Request| {
+            d.axis = 7;
+            r.out = 104;
+        };
+        assert_eq!(forged(&mut b, Op::Slice, axis_past), status::INVALID_AXIS);
+        let rank_past = |d: &mut Desc, r: &mut Request| {
+            d.ranks[SLOT_A] = 200;
+            r.out = 105;
+        };
+        assert_eq!(forged(&mut b, Op::Relu, rank_past), status::INVALID_ARGUMENT);
+        let req = Request { session: 1, out: 106, a: 10, op: Op::Gelu as u8, ..Default::default() };
+        assert_eq!(b.run(&req), status::INVALID_ARGUMENT, "a new op without a descriptor");
+        assert_eq!(b.tensors.len(), 3, "only the honest request made a tensor");
     }
 }
