@@ -165,6 +165,11 @@ impl On {
             On::Cuda => &[DType::F32],
         }
     }
+
+    /// Matmul runs every float dtype on both: f16 and bf16 through cuBLAS GemmEx on CUDA.
+    fn matmul_dtypes(self) -> &'static [DType] {
+        &FLOATS
+    }
 }
 
 #[test]
@@ -414,7 +419,7 @@ fn batched_matmul(d: Arc<Dispatcher>, on: On) {
         (&[2, 3, 4, 16], &[3, 16, 6], false, false, &[2, 3, 4, 6]),
         (&[2, 1, 16, 4], &[3, 6, 16], true, true, &[2, 3, 4, 6]),
     ];
-    for &dtype in on.dtypes() {
+    for &dtype in on.matmul_dtypes() {
         let mut s = Session::new(d.clone(), 0, 1);
         for (sa, sb, ta, tb, so) in cases {
             let (ha, a) = upload(&mut s, sa, dtype, &rng.vec(count(sa)));
@@ -641,11 +646,11 @@ fn the_quota_counts_bytes_by_dtype_and_views_count_once() {
     d.shutdown();
 }
 
-/// On CUDA, the general form runs on f32 (the same float64 checks as the host back-end), and
-/// the dtypes other than f32 are host-only for now: refused with `unsupported_on_device`, never
-/// run wrong. Runs where a GPU is; `TENSOR_WASM_REQUIRE_CUDA=1` makes a missing one a failure.
+/// On CUDA, the general form runs on f32, and matmul and casts on f16 and bf16 too (the same
+/// float64 checks as the host back-end); the rest is host-only for now: refused with
+/// `unsupported_on_device`, never run wrong. Runs where a GPU is; `TENSOR_WASM_REQUIRE_CUDA=1` makes a missing one a failure.
 #[test]
-fn cuda_runs_the_f32_general_ops_and_refuses_other_dtypes() {
+fn cuda_runs_the_general_ops_it_holds_and_refuses_the_rest() {
     let required = std::env::var("TENSOR_WASM_REQUIRE_CUDA").is_ok_and(|v| v == "1");
     let cuda = || Dispatcher::start(DispatchConfig { backend: BackendChoice::Cuda, ..Default::default() });
     let d = match cuda() {
@@ -654,10 +659,18 @@ fn cuda_runs_the_f32_general_ops_and_refuses_other_dtypes() {
         Err(e) => return eprintln!("SKIPPED: needs a GPU: {e}"),
     };
     let mut s = Session::new(d.clone(), 0, 1);
-    let call = s.upload_bytes(&[2], DType::BF16, &[0; 4]).unwrap();
+    // f16 and bf16 are held (upload, download, casts, matmul); i32 is not, and the other ops on
+    // f16 and bf16 are host-only for now.
+    let mut rng = Rng::new();
+    for dtype in [DType::F16, DType::BF16] {
+        let (h, held) = upload(&mut s, &[2, 3], dtype, &rng.vec(6));
+        assert_eq!(read(&mut s, h), held, "{dtype:?} round trip");
+        assert_eq!(run(&mut s, Op::Relu, Args::new(h)), Err(status::UNSUPPORTED_ON_DEVICE));
+    }
+    let call = s.upload_bytes(&[1], DType::I32, &[0; 4]).unwrap();
     assert_eq!(s.call_blocking(call, deadline()).err(), Some(status::UNSUPPORTED_ON_DEVICE));
     let (f, _) = upload(&mut s, &[2, 3], DType::F32, &[1.0; 6]);
-    let cast = Args { a: f, dtype: Some(DType::BF16), ..Default::default() };
+    let cast = Args { a: f, dtype: Some(DType::I32), ..Default::default() };
     assert_eq!(run(&mut s, Op::Cast, cast), Err(status::UNSUPPORTED_ON_DEVICE));
     assert_eq!(run(&mut s, Op::Argmax, Args::new(f)), Err(status::UNSUPPORTED_ON_DEVICE));
     // Views need no device.
