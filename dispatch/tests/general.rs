@@ -151,7 +151,8 @@ fn gelu(x: f64) -> f64 {
     0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
 }
 
-/// Where a case runs: the host back-end (every dtype) or CUDA (f32, the only dtype it holds).
+/// Where a case runs: the host back-end (every dtype) or CUDA (f32 for most ops; f16 and bf16
+/// only for matmul and casts).
 #[derive(Clone, Copy, PartialEq)]
 enum On {
     Host,
@@ -328,6 +329,11 @@ fn reductions(d: Arc<Dispatcher>, on: On) {
                 }
             }
         }
+        // `tensor_sum` (the original import) sums every element of any float dtype.
+        let call = s.kernel(Op::Sum, ha, 0, 0.0).unwrap();
+        let Done::Tensor(h) = s.call_blocking(call, deadline()).unwrap() else { panic!() };
+        assert_eq!(s.tensor(h).unwrap().shape(), &[1]);
+        check(&format!("tensor_sum {dtype:?}"), &read(&mut s, h), &[a.iter().sum()], bound(dtype));
         // A full reduction of a 1-D tensor is one element of shape [1].
         let (hv, v) = upload(&mut s, &[9], dtype, &rng.vec(9));
         let h = run(&mut s, Op::Sum, Args { a: hv, ..Default::default() }).unwrap();

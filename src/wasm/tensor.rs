@@ -73,8 +73,8 @@ pub fn provides(name: &str) -> bool {
     FUNCTIONS.contains(&name)
 }
 
-/// The only dtype so far.
-const DTYPE_F32: i32 = 0;
+/// The one dtype the original `tensor_create` takes; `tensor_create_typed` takes them all.
+const DTYPE_F32: i32 = DType::F32 as i32;
 
 /// What a tensor-using invocation carries in its store.
 pub struct TensorContext {
