@@ -12,7 +12,7 @@ use tensor_wasm::functions::FunctionRecord;
 use tensor_wasm::http::{parse_head, ChunkedDecoder, HeadParse, RequestHead};
 use tensor_wasm::pipelines::{PipelineRecord, PipelineSpec};
 use tensor_wasm::wasm::envelope::{decode_output, encode_input, Headers};
-use tensor_wasm::wasm::tensor::decode_create_args;
+use tensor_wasm::wasm::tensor::{decode_create_args, decode_typed_create_args};
 
 /// A target's body: panics when a check fails.
 pub type Target = fn(&[u8]);
@@ -129,6 +129,15 @@ pub fn tensor_args(data: &[u8]) {
             assert_eq!(shape.len(), rank as usize);
             assert_eq!(values.len() * 4, data_len as usize);
             assert!(shape_ptr as u32 as usize + shape.len() * 4 <= mem.len());
+        }
+        Err((code, message)) => assert!(code < 0 && !message.is_empty(), "{code} {message}"),
+    }
+    // `tensor_create_typed`: any dtype code, valid or not (4 to 7 are not).
+    match decode_typed_create_args(mem, arg(0) & 7, shape_ptr, rank, data_ptr, data_len) {
+        Ok((shape, dtype, bytes)) => {
+            assert_eq!(shape.len(), rank as usize);
+            assert!((dtype as i32) < 4);
+            assert_eq!(bytes.len(), data_len as usize);
         }
         Err((code, message)) => assert!(code < 0 && !message.is_empty(), "{code} {message}"),
     }

@@ -218,3 +218,139 @@ fn a_full_ring_makes_the_guest_wait_then_busy() {
     assert!(server.metric("tensor_wasm_dispatch_busy_total", &[]) >= 1.0);
     assert!(server.metric("tensor_wasm_dispatch_ring_waits_total", &[]) >= 1.0);
 }
+
+/// bf16 rounding of the inputs and of each op's output along the chain (matmul, add, gelu,
+/// layer norm: four roundings of at most 2^-8 relative each), on outputs of unit scale.
+const BF16_CHAIN_BOUND: f64 = 4e-2;
+
+#[test]
+fn rust_guest_runs_bf16_ops_broadcasts_and_gathers_end_to_end() {
+    let server = Server::start(&["--gpu", "host"]);
+    let id = server.deploy("tensor-ops", &guests::rust_tensor_ops());
+    let mut c = server.client();
+    let x = [[1.0, -2.0, 0.5], [0.25, 3.0, -1.0]];
+    let w = [[0.5, -1.0, 2.0, 0.0], [1.5, 0.25, -0.5, 1.0], [-2.0, 1.0, 0.75, 0.5]];
+    let b = [0.1, -0.2, 0.3, 0.05];
+    let table = [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [9.0, 10.0, 11.0, 12.0]];
+    let ids = [[2, 0], [1, 1]];
+    let req = json!({ "block": { "x": x, "w": w, "b": b, "table": table, "ids": ids } });
+    let r = c.invoke(&id, req.to_string().as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let out = r.json();
+    assert_eq!(out["dtype"], json!(2), "the chain stays in bf16");
+    // The float64 reference: layer_norm(gelu(x·w + b)), row by row, no weight or bias.
+    let gelu = |v: f64| 0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh());
+    for (i, row) in x.iter().enumerate() {
+        let h: Vec<f64> = (0..4).map(|j| gelu((0..3).map(|k| row[k] * w[k][j]).sum::<f64>() + b[j])).collect();
+        let mean = h.iter().sum::<f64>() / 4.0;
+        let var = h.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 4.0;
+        let want: Vec<f64> = h.iter().map(|v| (v - mean) / (var + 1e-5).sqrt()).collect();
+        for (j, &wv) in want.iter().enumerate() {
+            let got = out["y"][i * 4 + j].as_f64().unwrap();
+            assert!((got - wv).abs() <= BF16_CHAIN_BOUND, "y[{i}][{j}] = {got}, want {wv}");
+        }
+        let best = (0..4).fold(0, |m, j| if want[j] > want[m] { j } else { m });
+        assert_eq!(out["argmax"][i], json!(best), "argmax of row {i}: {want:?}");
+    }
+    // gather(table, ids) is [2, 2, 4]; permuted [1, 0, 2], element (p, q, k) is table[ids[q][p]][k].
+    assert_eq!(out["gathered_shape"], json!([2, 2, 4]));
+    let got: Vec<f64> = out["gathered"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let want: Vec<f64> = (0..2).flat_map(|p| (0..2).flat_map(move |q| table[ids[q][p]].to_vec())).collect();
+    assert_eq!(got, want);
+    assert_eq!(out["wrong_read"], json!(-12), "a bf16 tensor read as f32 is dtype_mismatch");
+    assert_eq!(out["wrong_id"], json!(-14), "an id past the table is index_out_of_range");
+    assert_eq!(server.metric("tensor_wasm_kernel_dispatches_total", &[("op", "gelu")]), 1.0);
+    assert_eq!(server.metric("tensor_wasm_kernel_dispatches_total", &[("op", "layer_norm")]), 1.0);
+}
+
+/// A WAT guest for the newer imports' failure paths. Memory: a shape [2, 3, 1, 1, 1] at 0, zeroed
+/// data at 1024.
+fn typed_abi_guest() -> Vec<u8> {
+    guests::wasm(
+        r#"(module
+  (import "tensor_wasm" "tensor_create_typed" (func $create (param i32 i32 i32 i32 i32) (result i32)))
+  (import "tensor_wasm" "tensor_read_typed" (func $read (param i32 i32 i32 i32) (result i32)))
+  (import "tensor_wasm" "tensor_dtype" (func $dtype (param i32) (result i32)))
+  (import "tensor_wasm" "tensor_cast" (func $cast (param i32 i32) (result i32)))
+  (import "tensor_wasm" "tensor_sum_axis" (func $sum_axis (param i32 i32 i32) (result i32)))
+  (import "tensor_wasm" "tensor_slice" (func $slice (param i32 i32 i32 i32) (result i32)))
+  (import "tensor_wasm" "tensor_matmul_ex" (func $matmul_ex (param i32 i32 i32) (result i32)))
+  (import "tensor_wasm" "tensor_reshape" (func $reshape (param i32 i32 i32) (result i32)))
+  (import "tensor_wasm" "tensor_permute" (func $permute (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 64)
+  (func $shape
+    (i32.store (i32.const 0) (i32.const 2)) (i32.store (i32.const 4) (i32.const 3))
+    (i32.store (i32.const 8) (i32.const 1)) (i32.store (i32.const 12) (i32.const 1))
+    (i32.store (i32.const 16) (i32.const 1)))
+  (func $f32_2x3 (result i32) (call $shape) (call $create (i32.const 0) (i32.const 0) (i32.const 2) (i32.const 1024) (i32.const 24)))
+  (func (export "create") (param $dtype i32) (param $rank i32) (param $len i32) (result i32)
+    (call $shape) (call $create (local.get $dtype) (i32.const 0) (local.get $rank) (i32.const 1024) (local.get $len)))
+  (func (export "read_as") (param $made i32) (param $len i32) (param $as i32) (result i32) (local $h i32)
+    (call $shape)
+    (local.set $h (call $create (local.get $made) (i32.const 0) (i32.const 2) (i32.const 1024) (local.get $len)))
+    (if (i32.lt_s (local.get $h) (i32.const 0)) (then (return (local.get $h))))
+    (call $read (local.get $h) (local.get $as) (i32.const 2048) (i32.const 64)))
+  (func (export "dtype") (param $made i32) (param $len i32) (result i32)
+    (call $shape)
+    (call $dtype (call $create (local.get $made) (i32.const 0) (i32.const 2) (i32.const 1024) (local.get $len))))
+  (func (export "sum_axis") (param $axis i32) (result i32) (call $sum_axis (call $f32_2x3) (local.get $axis) (i32.const 1)))
+  (func (export "slice") (param $start i32) (param $len i32) (result i32)
+    (call $slice (call $f32_2x3) (i32.const 1) (local.get $start) (local.get $len)))
+  (func (export "matmul_ex") (param $flags i32) (result i32) (local $h i32)
+    (local.set $h (call $f32_2x3))
+    (call $matmul_ex (local.get $h) (local.get $h) (local.get $flags)))
+  (func (export "reshape") (param $rank i32) (result i32) (call $reshape (call $f32_2x3) (i32.const 0) (local.get $rank)))
+  (func (export "permute") (param $ptr i32) (result i32) (call $permute (call $f32_2x3) (local.get $ptr) (i32.const 2)))
+  (func (export "cast") (param $n i32) (param $to i32) (result i32) (local $h i32)
+    (i32.store (i32.const 0) (local.get $n))
+    (local.set $h (call $create (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 1024) (i32.mul (local.get $n) (i32.const 2))))
+    (if (i32.lt_s (local.get $h) (i32.const 0)) (then (return (local.get $h))))
+    (call $cast (local.get $h) (local.get $to))))"#,
+    )
+}
+
+#[test]
+fn typed_imports_check_dtypes_ranks_axes_and_ranges_and_count_quota_by_dtype() {
+    let server = Server::start(&["--gpu", "host", "--gpu-memory-per-tenant-mb", "1"]);
+    let id = server.deploy("typed-abi", &typed_abi_guest());
+    let mut c = server.client();
+    // Dtypes: the data length is the element count times the dtype's size.
+    assert_eq!(call(&mut c, &id, "create", json!([2, 2, 12])), 1, "six bf16 are 12 bytes");
+    assert_eq!(call(&mut c, &id, "create", json!([1, 2, 24])), -4, "six f16 are not 24 bytes");
+    assert_eq!(call(&mut c, &id, "create", json!([4, 2, 24])), -10, "no dtype 4");
+    assert_eq!(call(&mut c, &id, "create", json!([-1, 2, 24])), -10);
+    assert_eq!(call(&mut c, &id, "create", json!([0, 5, 24])), -1, "rank 5 is over MAX_RANK");
+    assert_eq!(call(&mut c, &id, "dtype", json!([3, 24])), 3);
+    // Reads: the tensor's own dtype only, and a buffer of its bytes.
+    assert_eq!(call(&mut c, &id, "read_as", json!([2, 12, 2])), 12);
+    assert_eq!(call(&mut c, &id, "read_as", json!([2, 12, 0])), -12, "bf16 read as f32");
+    assert_eq!(call(&mut c, &id, "read_as", json!([3, 24, 0])), -12, "i32 read as f32");
+    assert_eq!(call(&mut c, &id, "read_as", json!([2, 12, 9])), -10);
+    // Axes and ranges.
+    assert!(call(&mut c, &id, "sum_axis", json!([-1])) > 0);
+    assert_eq!(call(&mut c, &id, "sum_axis", json!([2])), -13);
+    assert_eq!(call(&mut c, &id, "sum_axis", json!([-3])), -13);
+    assert!(call(&mut c, &id, "slice", json!([1, 2])) > 0);
+    assert_eq!(call(&mut c, &id, "slice", json!([2, 2])), -14);
+    assert_eq!(call(&mut c, &id, "slice", json!([-1, 2])), -14);
+    // Matmul flags: [2, 3] · [2, 3]ᵀ fits, untransposed it does not, and unknown bits are refused.
+    assert!(call(&mut c, &id, "matmul_ex", json!([2])) > 0);
+    assert_eq!(call(&mut c, &id, "matmul_ex", json!([0])), -4);
+    assert_eq!(call(&mut c, &id, "matmul_ex", json!([4])), -1);
+    // Views and permutations read their arguments from checked guest memory.
+    assert_eq!(call(&mut c, &id, "reshape", json!([2])), 2, "a view is a new handle");
+    assert_eq!(call(&mut c, &id, "reshape", json!([3])), 2, "[2, 3] viewed as [2, 3, 1]");
+    assert_eq!(call(&mut c, &id, "reshape", json!([1])), -4, "[2] has not the 6 elements of [2, 3]");
+    assert_eq!(call(&mut c, &id, "reshape", json!([5])), -1);
+    assert_eq!(call(&mut c, &id, "permute", json!([5_000_000])), -3);
+    // The quota counts bytes by dtype: 512 KiB of bf16, then its f32 cast (1 MiB) exceeds 1 MiB,
+    // and its f16 cast (512 KiB) fits exactly.
+    assert_eq!(call(&mut c, &id, "cast", json!([262_144, 0])), -5);
+    assert_eq!(server.metric("tensor_wasm_gpu_quota_rejections_total", &[("tenant", "0")]), 1.0);
+    assert!(call(&mut c, &id, "cast", json!([262_144, 1])) > 0);
+    assert_eq!(call(&mut c, &id, "cast", json!([262_144, 7])), -10);
+    within(Duration::from_secs(10), "device memory freed", || {
+        server.metric("tensor_wasm_gpu_memory_used_bytes", &[("device", "0")]) == 0.0
+    });
+    assert_eq!(server.metric("tensor_wasm_tenant_gpu_memory_used_bytes", &[("tenant", "0")]), 0.0);
+}

@@ -36,10 +36,11 @@ pub mod probe;
 pub mod quota;
 pub mod record;
 mod session;
+pub mod shape;
 mod worker;
 
 pub use backend::BackendKind;
 pub use dispatcher::{BackendChoice, Device, DispatchConfig, DispatchError, Dispatcher, Poller};
 pub use port::{ShardPort, TicketWait};
-pub use record::{status, Completion, Op, Request};
-pub use session::{Call, Done, Pending, Session, TensorInfo, MAX_RANK};
+pub use record::{status, Completion, DType, Desc, Op, Request, MAX_RANK};
+pub use session::{Args, Call, Done, Pending, Session, TensorInfo};

@@ -4,19 +4,69 @@
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+/// Dimensions a tensor may have. Four covers a transformer block's `[batch, heads, seq, dim]`,
+/// and keeps a shape inside one fixed-size descriptor (see [`Desc`]).
+pub const MAX_RANK: usize = 4;
+
+/// A tensor's element type. The codes are the ABI's (docs/ABI.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum DType {
+    F32 = 0,
+    F16 = 1,
+    BF16 = 2,
+    /// Indices: gather's ids and argmax's output. Arithmetic ops refuse it.
+    I32 = 3,
+}
+
+impl DType {
+    pub const ALL: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::I32];
+
+    pub fn from_code(code: i32) -> Option<DType> {
+        usize::try_from(code).ok().and_then(|i| DType::ALL.get(i)).copied()
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> u64 {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// Whether arithmetic (element-wise, reductions, norms, matmul) accepts it.
+    pub fn is_float(self) -> bool {
+        self != DType::I32
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::I32 => "i32",
+        }
+    }
+}
+
 /// What a request asks of a device worker.
+///
+/// The first eleven are the original f32 ops, whose requests describe themselves in `dims`. A
+/// kernel request with a [`Desc`] in its staging buffer (`host_len > 0`) is the general form:
+/// any dtype, N-d shapes, broadcasting, an axis. The session sends the short form whenever it
+/// fits (f32, same shapes), so the original ops cost what they did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Op {
-    /// Copy `host_len` f32 from the staging buffer into a new tensor `out`.
+    /// Copy the staging buffer (`out_bytes` bytes of dtype `dtype`) into a new tensor `out`.
     Upload = 1,
-    /// Copy tensor `a` (`host_len` f32) into the staging buffer.
+    /// Copy tensor `a` into the staging buffer (`host_len` four-byte words).
     Download = 2,
     /// Free tensor `a`.
     Free = 3,
     /// Free every tensor of `session`: the end of an invocation.
     Release = 4,
-    /// `out = a + b`, `dims[0]` elements.
+    /// `out = a + b`: `dims[0]` elements, or broadcast with a descriptor.
     Add = 5,
     /// `out = a * b`, element-wise.
     Mul = 6,
@@ -24,19 +74,70 @@ pub enum Op {
     Scale = 7,
     /// `out = max(a, 0)`.
     Relu = 8,
-    /// Row-wise softmax of `a`: `dims[0]` rows of `dims[1]` columns.
+    /// Softmax along the last axis: `dims[0]` rows of `dims[1]` columns.
     Softmax = 9,
-    /// `out[m×n] = a[m×k] · b[k×n]`, `dims = [m, k, n]`, row-major.
+    /// `out[m×n] = a[m×k] · b[k×n]`, `dims = [m, k, n]`, row-major; with a descriptor, batched
+    /// and with transpose flags.
     Matmul = 10,
-    /// `out[0] = Σ a`, `dims[0]` elements.
+    /// `out[0] = Σ a`, `dims[0]` elements; with a descriptor, along an axis.
     Sum = 11,
+    Sub = 12,
+    Div = 13,
+    Maximum = 14,
+    Gelu = 15,
+    Silu = 16,
+    Exp = 17,
+    Tanh = 18,
+    Sqrt = 19,
+    Rsqrt = 20,
+    Neg = 21,
+    Mean = 22,
+    Max = 23,
+    Argmax = 24,
+    LogSoftmax = 25,
+    LayerNorm = 26,
+    RmsNorm = 27,
+    Permute = 28,
+    Concat = 29,
+    Slice = 30,
+    Gather = 31,
+    Cast = 32,
 }
 
 impl Op {
     /// The kernels a guest can call, in the order metrics list them.
-    pub const KERNELS: [Op; 7] = [Op::Add, Op::Mul, Op::Scale, Op::Relu, Op::Softmax, Op::Matmul, Op::Sum];
+    pub const KERNELS: [Op; 28] = [
+        Op::Add,
+        Op::Mul,
+        Op::Scale,
+        Op::Relu,
+        Op::Softmax,
+        Op::Matmul,
+        Op::Sum,
+        Op::Sub,
+        Op::Div,
+        Op::Maximum,
+        Op::Gelu,
+        Op::Silu,
+        Op::Exp,
+        Op::Tanh,
+        Op::Sqrt,
+        Op::Rsqrt,
+        Op::Neg,
+        Op::Mean,
+        Op::Max,
+        Op::Argmax,
+        Op::LogSoftmax,
+        Op::LayerNorm,
+        Op::RmsNorm,
+        Op::Permute,
+        Op::Concat,
+        Op::Slice,
+        Op::Gather,
+        Op::Cast,
+    ];
     /// Every op, for per-op metric tables.
-    pub const ALL: [Op; 11] = [
+    pub const ALL: [Op; 32] = [
         Op::Upload,
         Op::Download,
         Op::Free,
@@ -48,11 +149,32 @@ impl Op {
         Op::Softmax,
         Op::Matmul,
         Op::Sum,
+        Op::Sub,
+        Op::Div,
+        Op::Maximum,
+        Op::Gelu,
+        Op::Silu,
+        Op::Exp,
+        Op::Tanh,
+        Op::Sqrt,
+        Op::Rsqrt,
+        Op::Neg,
+        Op::Mean,
+        Op::Max,
+        Op::Argmax,
+        Op::LogSoftmax,
+        Op::LayerNorm,
+        Op::RmsNorm,
+        Op::Permute,
+        Op::Concat,
+        Op::Slice,
+        Op::Gather,
+        Op::Cast,
     ];
 
     /// Whether this op is a kernel (creates a tensor from others).
     pub fn is_kernel(self) -> bool {
-        Op::KERNELS.contains(&self)
+        self as u8 >= Op::Add as u8
     }
 
     pub fn from_u8(v: u8) -> Option<Op> {
@@ -77,7 +199,101 @@ impl Op {
             Op::Softmax => "softmax",
             Op::Matmul => "matmul",
             Op::Sum => "sum",
+            Op::Sub => "sub",
+            Op::Div => "div",
+            Op::Maximum => "maximum",
+            Op::Gelu => "gelu",
+            Op::Silu => "silu",
+            Op::Exp => "exp",
+            Op::Tanh => "tanh",
+            Op::Sqrt => "sqrt",
+            Op::Rsqrt => "rsqrt",
+            Op::Neg => "neg",
+            Op::Mean => "mean",
+            Op::Max => "max",
+            Op::Argmax => "argmax",
+            Op::LogSoftmax => "log_softmax",
+            Op::LayerNorm => "layer_norm",
+            Op::RmsNorm => "rms_norm",
+            Op::Permute => "permute",
+            Op::Concat => "concat",
+            Op::Slice => "slice",
+            Op::Gather => "gather",
+            Op::Cast => "cast",
         }
+    }
+}
+
+/// The general form of a kernel request: every operand's shape and dtype, and the op's
+/// parameters. It travels in the request's staging buffer, so the fixed-size [`Request`] (and
+/// with it the original ops' hot path) stays as it was. The worker re-derives the output shape
+/// from it (`shape::output`) and checks every operand against the tensors it holds before it
+/// touches one, so a wrong descriptor is an error, never a wild read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, IntoBytes, FromBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct Desc {
+    /// The third operand (layer norm's bias), or 0.
+    pub c: u64,
+    /// Shapes of a, b, c and the output; dimensions past the rank are 0.
+    pub shapes: [[u32; MAX_RANK]; 4],
+    pub ranks: [u8; 4],
+    /// [`DType`] codes of a, b, c and the output.
+    pub dtypes: [u8; 4],
+    /// The axis (reductions, concat, slice), already made non-negative.
+    pub axis: u32,
+    /// [`flags`] bits.
+    pub flags: u32,
+    /// Slice: the first index and the length along `axis`.
+    pub start: u32,
+    pub len: u32,
+    /// Permute: output axis i is input axis `perm[i]`.
+    pub perm: [u8; MAX_RANK],
+    /// Norms' epsilon.
+    pub eps: f32,
+}
+
+/// Bits of [`Desc::flags`].
+pub mod flags {
+    /// Matmul: use `a` transposed (its last two axes swapped).
+    pub const TRANSPOSE_A: u32 = 1;
+    /// Matmul: use `b` transposed.
+    pub const TRANSPOSE_B: u32 = 2;
+    /// Reductions: keep the reduced axis, with length 1.
+    pub const KEEPDIMS: u32 = 4;
+    /// The `b` operand is present (norms: the weight).
+    pub const HAS_B: u32 = 8;
+    /// The `c` operand is present (layer norm: the bias).
+    pub const HAS_C: u32 = 16;
+}
+
+/// Operand slots in [`Desc`]'s arrays.
+pub const SLOT_A: usize = 0;
+pub const SLOT_B: usize = 1;
+pub const SLOT_C: usize = 2;
+pub const SLOT_OUT: usize = 3;
+
+/// Four-byte words a [`Desc`] takes in a staging buffer.
+pub const DESC_WORDS: usize = std::mem::size_of::<Desc>() / 4;
+
+impl Desc {
+    pub fn shape(&self, slot: usize) -> &[u32] {
+        &self.shapes[slot][..usize::from(self.ranks[slot]).min(MAX_RANK)]
+    }
+
+    pub fn dtype(&self, slot: usize) -> Option<DType> {
+        DType::from_code(i32::from(self.dtypes[slot]))
+    }
+
+    /// The descriptor as staging words.
+    pub fn to_words(&self) -> Vec<f32> {
+        let mut words = vec![0.0f32; DESC_WORDS];
+        words.as_mut_bytes().copy_from_slice(self.as_bytes());
+        words
+    }
+
+    /// Reads a descriptor back from staging words: `None` when they are not one.
+    pub fn from_words(words: &[f32]) -> Option<Desc> {
+        Desc::read_from_bytes(words.as_bytes()).ok()
     }
 }
 
@@ -93,9 +309,10 @@ pub struct Request {
     pub a: u64,
     /// Second operand (Add, Mul, Matmul).
     pub b: u64,
-    /// Address of the staging buffer (Upload, Download): `host_len` f32, owned by the ticket.
+    /// Address of the staging buffer: `host_len` four-byte words, owned by the ticket. It holds
+    /// an upload's data, a download's destination, or a kernel's [`Desc`].
     pub host_addr: u64,
-    /// Elements in the staging buffer.
+    /// Words in the staging buffer.
     pub host_len: u64,
     /// Bytes the created tensor takes on the device, for the device's memory gauge.
     pub out_bytes: u64,
@@ -106,7 +323,8 @@ pub struct Request {
     pub ticket: u32,
     pub shard: u16,
     pub op: u8,
-    pub _reserved: u8,
+    /// An upload's [`DType`] code (0, f32, in the original records).
+    pub dtype: u8,
 }
 
 /// A request's outcome, sent back on the issuing shard's completion ring: 16 bytes.
@@ -146,12 +364,26 @@ mod tests {
     }
 
     #[test]
+    fn descriptors_round_trip_through_staging_words() {
+        assert_eq!(std::mem::size_of::<Desc>() % 8, 0);
+        let mut d = Desc { c: 5, axis: 2, flags: flags::KEEPDIMS, eps: 1e-5, ..Default::default() };
+        d.shapes[SLOT_A] = [2, 3, 4, 0];
+        d.ranks[SLOT_A] = 3;
+        d.dtypes[SLOT_A] = DType::BF16 as u8;
+        let back = Desc::from_words(&d.to_words()).unwrap();
+        assert_eq!(back, d);
+        assert_eq!(back.shape(SLOT_A), &[2, 3, 4]);
+        assert_eq!(back.dtype(SLOT_A), Some(DType::BF16));
+        assert_eq!(Desc::from_words(&[0.0; 3]), None);
+    }
+
+    #[test]
     fn op_codes_are_dense() {
         for (i, op) in Op::ALL.iter().enumerate() {
             assert_eq!(op.index(), i);
             assert_eq!(Op::from_u8(*op as u8), Some(*op));
         }
         assert_eq!(Op::from_u8(0), None);
-        assert_eq!(Op::from_u8(12), None);
+        assert_eq!(Op::from_u8(Op::ALL.len() as u8 + 1), None);
     }
 }

@@ -5,13 +5,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use zerocopy::IntoBytes;
+
 use crate::dispatcher::Dispatcher;
 use crate::port::{ShardPort, TicketWait};
 use crate::quota::TenantMemory;
-use crate::record::{status, Completion, Op, Request};
-
-/// Dimensions a tensor may have.
-pub const MAX_RANK: usize = 4;
+use crate::record::{flags, status, Completion, DType, Desc, Op, Request, MAX_RANK, SLOT_A, SLOT_B, SLOT_C, SLOT_OUT};
+use crate::shape::{self, Dims};
 
 /// What the session knows of one tensor: enough to validate every op before it is sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,6 +20,10 @@ pub struct TensorInfo {
     pub dims: [u32; MAX_RANK],
     pub rank: u8,
     pub elements: u64,
+    pub dtype: DType,
+    /// Another handle may name the same device tensor (a reshape view): freeing this handle
+    /// frees the memory only when no other handle names it.
+    pub aliased: bool,
 }
 
 impl TensorInfo {
@@ -27,20 +31,62 @@ impl TensorInfo {
         &self.dims[..usize::from(self.rank)]
     }
 
+    /// Device bytes, by dtype: what the tenant's quota counts.
     pub fn bytes(&self) -> u64 {
-        self.elements * 4
+        self.elements * self.dtype.size()
     }
 }
 
-fn info(id: u64, shape: &[u32], max_elements: u64) -> Result<TensorInfo, i32> {
-    if shape.is_empty() || shape.len() > MAX_RANK || shape.contains(&0) {
+fn info(id: u64, shape: &[u32], dtype: DType, max_elements: u64) -> Result<TensorInfo, i32> {
+    let Dims { dims, rank } = Dims::new(shape)?;
+    let elements = shape::elements(shape)?;
+    if elements > max_elements {
         return Err(status::INVALID_ARGUMENT);
     }
-    let elements = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(u64::from(d)));
-    let elements = elements.filter(|&e| e <= max_elements).ok_or(status::INVALID_ARGUMENT)?;
-    let mut dims = [0; MAX_RANK];
-    dims[..shape.len()].copy_from_slice(shape);
-    Ok(TensorInfo { id, dims, rank: shape.len() as u8, elements })
+    Ok(TensorInfo { id, dims, rank, elements, dtype, aliased: false })
+}
+
+/// Four-byte staging words for `bytes` bytes.
+fn words_for(bytes: u64) -> usize {
+    bytes.div_ceil(4) as usize
+}
+
+/// The operands and parameters of a general op ([`Session::op`]). A handle of 0 is absent.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Args {
+    pub a: i32,
+    pub b: i32,
+    /// Layer norm's bias.
+    pub c: i32,
+    /// Reductions, concat, slice: NumPy-style, negative counts from the end.
+    pub axis: i32,
+    pub keepdims: bool,
+    pub transpose_a: bool,
+    pub transpose_b: bool,
+    /// Slice: the first index and the length along `axis`.
+    pub start: u32,
+    pub len: u32,
+    /// Permute: output axis i is input axis `perm[i]`, for `perm_len` (the rank) axes.
+    pub perm: [u8; MAX_RANK],
+    pub perm_len: u8,
+    /// Norms' epsilon.
+    pub eps: f32,
+    /// Scale's factor.
+    pub scalar: f32,
+    /// Cast's target.
+    pub dtype: Option<DType>,
+}
+
+impl Args {
+    pub fn new(a: i32) -> Args {
+        Args { a, ..Default::default() }
+    }
+}
+
+fn put(d: &mut Desc, slot: usize, t: &TensorInfo) {
+    d.shapes[slot] = t.dims;
+    d.ranks[slot] = t.rank;
+    d.dtypes[slot] = t.dtype as u8;
 }
 
 /// A request that is ready to send: its ticket is open, and its quota is reserved. Dropped
@@ -88,7 +134,7 @@ impl Drop for Pending {
 pub enum Done {
     /// A new tensor's handle.
     Tensor(i32),
-    /// A downloaded tensor.
+    /// A downloaded tensor's bytes, in four-byte words (for f32, its elements).
     Data(Vec<f32>),
 }
 
@@ -141,9 +187,9 @@ impl Session {
             .ok_or(status::BAD_HANDLE)
     }
 
-    /// A new tensor of `shape` holding `data` (row-major).
+    /// A new f32 tensor of `shape` holding `data` (row-major).
     pub fn upload(&mut self, shape: &[u32], data: Vec<f32>) -> Result<Call, i32> {
-        let out = info(0, shape, self.dispatcher.config.max_tensor_elements)?;
+        let out = info(0, shape, DType::F32, self.dispatcher.config.max_tensor_elements)?;
         if out.elements != data.len() as u64 {
             return Err(status::SHAPE_MISMATCH);
         }
@@ -152,69 +198,217 @@ impl Session {
         self.prepare(req, Some(out), data)
     }
 
-    /// Reads tensor `handle` back.
+    /// A new tensor of `shape` and `dtype` holding `bytes`: its elements, little-endian,
+    /// row-major.
+    pub fn upload_bytes(&mut self, shape: &[u32], dtype: DType, bytes: &[u8]) -> Result<Call, i32> {
+        let out = info(0, shape, dtype, self.dispatcher.config.max_tensor_elements)?;
+        if out.bytes() != bytes.len() as u64 {
+            return Err(status::SHAPE_MISMATCH);
+        }
+        let mut words = vec![0.0f32; words_for(out.bytes())];
+        words.as_mut_bytes()[..bytes.len()].copy_from_slice(bytes);
+        let mut req = self.request(Op::Upload);
+        req.host_len = words.len() as u64;
+        req.dtype = dtype as u8;
+        self.prepare(req, Some(out), words)
+    }
+
+    /// Reads tensor `handle` back: `Done::Data` holds its bytes ([`TensorInfo::bytes`]) in
+    /// four-byte words, which for f32 are the elements.
     pub fn download(&mut self, handle: i32) -> Result<Call, i32> {
         let t = *self.tensor(handle)?;
         let mut req = self.request(Op::Download);
         req.a = t.id;
-        req.host_len = t.elements;
-        // NaN, not zeros: an element the device failed to write shows.
-        self.prepare(req, None, vec![f32::NAN; t.elements as usize])
+        let words = words_for(t.bytes());
+        req.host_len = words as u64;
+        // All ones, not zeros: NaN in every float dtype (and -1 as i32), so an element the device
+        // failed to write shows.
+        self.prepare(req, None, vec![f32::from_bits(u32::MAX); words])
     }
 
-    /// Runs a kernel on `a` (and `b`, for add, mul and matmul); the result is a new tensor.
+    /// Runs one of the original ops on `a` (and `b`, for add, mul and matmul); the result is a
+    /// new tensor. f32 operands of the original shapes take the original short request; anything
+    /// else (other dtypes, broadcasting, batched matmul) goes the general way ([`Session::op`]).
     pub fn kernel(&mut self, op: Op, a: i32, b: i32, scalar: f32) -> Result<Call, i32> {
         let ta = *self.tensor(a)?;
+        let tb = match op {
+            Op::Add | Op::Mul | Op::Matmul => Some(*self.tensor(b)?),
+            _ => None,
+        };
+        let short = ta.dtype == DType::F32
+            && tb.is_none_or(|t| t.dtype == DType::F32)
+            && match (op, tb) {
+                (Op::Add | Op::Mul, Some(tb)) => tb.shape() == ta.shape(),
+                (Op::Matmul, Some(tb)) => ta.rank == 2 && tb.rank == 2,
+                (Op::Scale | Op::Relu | Op::Softmax | Op::Sum, _) => true,
+                _ => false,
+            };
+        if !short {
+            // `tensor_sum` sums every element: the general reduction over a flat view.
+            return self.general(op, &Args { a, b, scalar, ..Default::default() }, op == Op::Sum);
+        }
         let mut req = self.request(op);
         req.a = ta.id;
         req.scalar = scalar;
         let max = self.dispatcher.config.max_tensor_elements;
         let elements = u32::try_from(ta.elements).map_err(|_| status::INVALID_ARGUMENT)?;
-        let out = match op {
-            Op::Add | Op::Mul => {
-                let tb = *self.tensor(b)?;
-                if tb.shape() != ta.shape() {
-                    return Err(status::SHAPE_MISMATCH);
-                }
+        let f32_info = |shape: &[u32]| info(0, shape, DType::F32, max);
+        let out = match (op, tb) {
+            (Op::Add | Op::Mul, Some(tb)) => {
                 req.b = tb.id;
                 req.dims = [elements, 0, 0];
-                info(0, ta.shape(), max)?
+                f32_info(ta.shape())?
             }
-            Op::Scale | Op::Relu => {
+            (Op::Scale | Op::Relu, _) => {
                 req.dims = [elements, 0, 0];
-                info(0, ta.shape(), max)?
+                f32_info(ta.shape())?
             }
-            Op::Softmax => {
+            (Op::Softmax, _) => {
                 let cols = *ta.shape().last().unwrap_or(&1);
                 req.dims = [elements / cols, cols, 0];
-                info(0, ta.shape(), max)?
+                f32_info(ta.shape())?
             }
-            Op::Matmul => {
-                let tb = *self.tensor(b)?;
+            (Op::Matmul, Some(tb)) => {
                 let (&[m, k], &[k2, n]) = (ta.shape(), tb.shape()) else { return Err(status::SHAPE_MISMATCH) };
                 if k != k2 {
                     return Err(status::SHAPE_MISMATCH);
                 }
                 req.b = tb.id;
                 req.dims = [m, k, n];
-                info(0, &[m, n], max)?
+                f32_info(&[m, n])?
             }
-            Op::Sum => {
+            (Op::Sum, _) => {
                 req.dims = [elements, 0, 0];
-                info(0, &[1], max)?
+                f32_info(&[1])?
             }
-            Op::Upload | Op::Download | Op::Free | Op::Release => return Err(status::INVALID_ARGUMENT),
+            _ => return Err(status::INVALID_ARGUMENT),
         };
         self.prepare(req, Some(out), Vec::new())
     }
 
-    /// Frees tensor `handle` now rather than at the end of the invocation.
+    /// Runs any kernel in its general form: every dtype, N-d shapes, broadcasting, an axis. The
+    /// shape rules (`shape::output`) are checked here, before anything is sent.
+    pub fn op(&mut self, op: Op, args: &Args) -> Result<Call, i32> {
+        self.general(op, args, false)
+    }
+
+    /// `flat`: operand `a` is read as one dimension (`tensor_sum` of any dtype).
+    fn general(&mut self, op: Op, args: &Args, flat: bool) -> Result<Call, i32> {
+        if !op.is_kernel() {
+            return Err(status::INVALID_ARGUMENT);
+        }
+        let ta = *self.tensor(args.a)?;
+        let mut d = Desc::default();
+        put(&mut d, SLOT_A, &ta);
+        if flat {
+            let n = u32::try_from(ta.elements).map_err(|_| status::INVALID_ARGUMENT)?;
+            d.shapes[SLOT_A] = [n, 0, 0, 0];
+            d.ranks[SLOT_A] = 1;
+        }
+        let mut req = self.request(op);
+        req.a = ta.id;
+        req.scalar = args.scalar;
+        match op {
+            Op::Add | Op::Mul | Op::Sub | Op::Div | Op::Maximum | Op::Matmul | Op::Concat | Op::Gather => {
+                let tb = *self.tensor(args.b)?;
+                put(&mut d, SLOT_B, &tb);
+                req.b = tb.id;
+            }
+            Op::LayerNorm | Op::RmsNorm => {
+                if args.b != 0 {
+                    let tb = *self.tensor(args.b)?;
+                    put(&mut d, SLOT_B, &tb);
+                    d.flags |= flags::HAS_B;
+                    req.b = tb.id;
+                }
+                if op == Op::LayerNorm && args.c != 0 {
+                    let tc = *self.tensor(args.c)?;
+                    put(&mut d, SLOT_C, &tc);
+                    d.flags |= flags::HAS_C;
+                    d.c = tc.id;
+                }
+                d.eps = args.eps;
+            }
+            Op::Sum | Op::Mean | Op::Max | Op::Argmax | Op::Slice => {
+                d.axis = shape::axis(args.axis, usize::from(d.ranks[SLOT_A]))? as u32;
+            }
+            Op::Permute => {
+                if args.perm_len != ta.rank {
+                    return Err(status::INVALID_AXIS);
+                }
+                d.perm = args.perm;
+            }
+            Op::Cast => d.dtypes[SLOT_OUT] = args.dtype.ok_or(status::UNSUPPORTED_DTYPE)? as u8,
+            _ => {}
+        }
+        if op == Op::Concat {
+            d.axis = shape::axis(args.axis, usize::from(ta.rank))? as u32;
+        }
+        if args.keepdims {
+            d.flags |= flags::KEEPDIMS;
+        }
+        if args.transpose_a {
+            d.flags |= flags::TRANSPOSE_A;
+        }
+        if args.transpose_b {
+            d.flags |= flags::TRANSPOSE_B;
+        }
+        (d.start, d.len) = (args.start, args.len);
+        let (dims, dtype) = shape::output(op, &d)?;
+        let out = info(0, dims.as_slice(), dtype, self.dispatcher.config.max_tensor_elements)?;
+        d.shapes[SLOT_OUT] = dims.dims;
+        d.ranks[SLOT_OUT] = dims.rank;
+        d.dtypes[SLOT_OUT] = dtype as u8;
+        let words = d.to_words();
+        req.host_len = words.len() as u64;
+        self.prepare(req, Some(out), words)
+    }
+
+    /// A view of tensor `a` with another shape of the same element count: a new handle to the
+    /// same device memory, made on the host alone (no request, no quota: the memory is counted
+    /// once). Ops never write into a tensor, so a view cannot change what another handle sees.
+    pub fn reshape(&mut self, a: i32, shape: &[u32]) -> Result<i32, i32> {
+        let ta = *self.tensor(a)?;
+        let mut view = info(ta.id, shape, ta.dtype, self.dispatcher.config.max_tensor_elements)?;
+        if view.elements != ta.elements {
+            return Err(status::SHAPE_MISMATCH);
+        }
+        if self.live >= self.dispatcher.config.max_tensors_per_session {
+            return Err(status::TOO_MANY_TENSORS);
+        }
+        view.aliased = true;
+        if let Some(Some(t)) = self.tensors.get_mut((a - 1) as usize) {
+            t.aliased = true;
+        }
+        Ok(self.insert(view))
+    }
+
+    fn insert(&mut self, t: TensorInfo) -> i32 {
+        let slot = match self.free_slots.pop() {
+            Some(s) => {
+                self.tensors[s as usize] = Some(t);
+                s as usize
+            }
+            None => {
+                self.tensors.push(Some(t));
+                self.tensors.len() - 1
+            }
+        };
+        self.live += 1;
+        slot as i32 + 1
+    }
+
+    /// Frees tensor `handle` now rather than at the end of the invocation. The memory of a tensor
+    /// that views share goes with the last handle.
     pub fn free(&mut self, handle: i32) -> Result<(), i32> {
         let t = *self.tensor(handle)?;
         let slot = (handle - 1) as usize;
         self.tensors[slot] = None;
         self.free_slots.push(slot as u32);
         self.live -= 1;
+        if t.aliased && self.tensors.iter().flatten().any(|o| o.id == t.id) {
+            return Ok(());
+        }
         let mut req = self.request(Op::Free);
         req.a = t.id;
         if let Some(device) = self.device {
@@ -304,20 +498,7 @@ impl Session {
             return Err(completion.status);
         }
         match out {
-            Some(t) => {
-                let slot = match self.free_slots.pop() {
-                    Some(s) => {
-                        self.tensors[s as usize] = Some(t);
-                        s as usize
-                    }
-                    None => {
-                        self.tensors.push(Some(t));
-                        self.tensors.len() - 1
-                    }
-                };
-                self.live += 1;
-                Ok(Done::Tensor(slot as i32 + 1))
-            }
+            Some(t) => Ok(Done::Tensor(self.insert(t))),
             None => Ok(Done::Data(staging)),
         }
     }

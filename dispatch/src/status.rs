@@ -22,10 +22,19 @@ pub const DEVICE_ERROR: i32 = -7;
 pub const TOO_MANY_TENSORS: i32 = -8;
 /// The destination is smaller than the tensor.
 pub const BUFFER_TOO_SMALL: i32 = -9;
-/// Only f32 (dtype 0) exists so far.
+/// A dtype code that does not exist, or (`tensor_create`, `tensor_read`) one other than f32.
 pub const UNSUPPORTED_DTYPE: i32 = -10;
 /// The request did not complete before the caller's deadline.
 pub const TIMEOUT: i32 = -11;
+/// An operand's dtype does not fit the op (i32 into arithmetic, two different dtypes, a read
+/// with another dtype than the tensor's).
+pub const DTYPE_MISMATCH: i32 = -12;
+/// An axis outside the tensor's rank, or a permutation that is not one.
+pub const INVALID_AXIS: i32 = -13;
+/// An index outside its range: a gather id past the table, a slice past the axis.
+pub const INDEX_OUT_OF_RANGE: i32 = -14;
+/// The op or dtype runs on the host back-end only for now (docs/ABI.md lists which).
+pub const UNSUPPORTED_ON_DEVICE: i32 = -15;
 
 /// A stable name per code, for logs and docs.
 pub fn name(code: i32) -> &'static str {
@@ -42,6 +51,10 @@ pub fn name(code: i32) -> &'static str {
         BUFFER_TOO_SMALL => "buffer_too_small",
         UNSUPPORTED_DTYPE => "unsupported_dtype",
         TIMEOUT => "timeout",
+        DTYPE_MISMATCH => "dtype_mismatch",
+        INVALID_AXIS => "invalid_axis",
+        INDEX_OUT_OF_RANGE => "index_out_of_range",
+        UNSUPPORTED_ON_DEVICE => "unsupported_on_device",
         _ => "unknown",
     }
 }

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tensor_wasm_dispatch::{status, Call, Dispatcher, Done, Op, Session, MAX_RANK};
+use tensor_wasm_dispatch::{status, Args, Call, DType, Dispatcher, Done, Op, Session, MAX_RANK};
 use wasmtime::{Caller, Linker};
 
 use super::invoke::GuestState;
@@ -35,14 +35,46 @@ const FUNCTIONS: &[&str] = &[
     "tensor_matmul",
     "tensor_sum",
     "tensor_last_error",
+    // Dtypes, N-d shapes and the ops of MLPs and transformer blocks.
+    "tensor_create_typed",
+    "tensor_read_typed",
+    "tensor_dtype",
+    "tensor_cast",
+    "tensor_sub",
+    "tensor_div",
+    "tensor_maximum",
+    "tensor_gelu",
+    "tensor_silu",
+    "tensor_exp",
+    "tensor_tanh",
+    "tensor_sqrt",
+    "tensor_rsqrt",
+    "tensor_neg",
+    "tensor_log_softmax",
+    "tensor_sum_axis",
+    "tensor_mean",
+    "tensor_max",
+    "tensor_argmax",
+    "tensor_layer_norm",
+    "tensor_rms_norm",
+    "tensor_matmul_ex",
+    "tensor_reshape",
+    "tensor_permute",
+    "tensor_concat",
+    "tensor_slice",
+    "tensor_gather",
 ];
+
+/// `tensor_matmul_ex` flags.
+const MATMUL_TRANSPOSE_A: i32 = 1;
+const MATMUL_TRANSPOSE_B: i32 = 2;
 
 pub fn provides(name: &str) -> bool {
     FUNCTIONS.contains(&name)
 }
 
-/// The only dtype so far.
-const DTYPE_F32: i32 = 0;
+/// The one dtype the original `tensor_create` takes; `tensor_create_typed` takes them all.
+const DTYPE_F32: i32 = DType::F32 as i32;
 
 /// What a tensor-using invocation carries in its store.
 pub struct TensorContext {
@@ -112,7 +144,14 @@ fn describe(code: i32) -> &'static str {
         status::BUSY => "the dispatch ring stayed full for --dispatch-max-wait-ms",
         status::DEVICE_ERROR => "the device failed the operation",
         status::TOO_MANY_TENSORS => "the invocation holds as many tensors as it may",
-        status::INVALID_ARGUMENT => "a dimension is zero or the tensor is too large",
+        status::INVALID_ARGUMENT => "a dimension is zero, the rank is outside 1..4, or the tensor is too large",
+        status::UNSUPPORTED_DTYPE => "no such dtype",
+        status::DTYPE_MISMATCH => "an operand's dtype does not fit the op",
+        status::INVALID_AXIS => "the axis or permutation does not fit the tensor's rank",
+        status::INDEX_OUT_OF_RANGE => {
+            "an index is outside its range (a gather id past the table, a slice past the axis)"
+        }
+        status::UNSUPPORTED_ON_DEVICE => "this op or dtype runs on the host back-end only for now",
         _ => "the request failed",
     }
 }
@@ -211,6 +250,61 @@ pub fn decode_create_args(
     Ok((shape, values))
 }
 
+/// Reads `rank` little-endian u32s at `ptr`: a shape or a permutation.
+fn read_dims(mem: &[u8], ptr: i32, rank: i32) -> Result<Vec<u32>, (i32, String)> {
+    let rank = usize::try_from(rank)
+        .ok()
+        .filter(|r| (1..=MAX_RANK).contains(r))
+        .ok_or_else(|| (status::INVALID_ARGUMENT, format!("rank {rank}: a tensor has 1 to {MAX_RANK} dimensions")))?;
+    let bytes = slice(mem, ptr, (rank * 4) as u32)
+        .ok_or_else(|| (status::OUT_OF_BOUNDS, "the shape lies outside guest memory".to_string()))?;
+    Ok(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
+/// A decoded `tensor_create_typed` call: shape, dtype, data bytes.
+pub type TypedCreateArgs = (Vec<u32>, DType, Vec<u8>);
+
+/// `tensor_create_typed`'s arguments: the shape, the dtype, and the data's bytes (little-endian
+/// elements of the dtype). Public for the fuzzer.
+pub fn decode_typed_create_args(
+    mem: &[u8],
+    dtype: i32,
+    shape_ptr: i32,
+    rank: i32,
+    data_ptr: i32,
+    data_len: i32,
+) -> Result<TypedCreateArgs, (i32, String)> {
+    let dt = DType::from_code(dtype)
+        .ok_or_else(|| (status::UNSUPPORTED_DTYPE, format!("dtype {dtype}: 0 f32, 1 f16, 2 bf16, 3 i32")))?;
+    let shape = read_dims(mem, shape_ptr, rank)?;
+    let data = slice(mem, data_ptr, data_len as u32)
+        .ok_or_else(|| (status::OUT_OF_BOUNDS, "the data lies outside guest memory".to_string()))?;
+    Ok((shape, dt, data.to_vec()))
+}
+
+async fn create_typed(
+    caller: &mut Ctx<'_>,
+    dtype: i32,
+    shape_ptr: i32,
+    rank: i32,
+    data_ptr: i32,
+    data_len: i32,
+) -> wasmtime::Result<i32> {
+    let started = Instant::now();
+    let read = match memory(caller) {
+        Ok((mem, _)) => decode_typed_create_args(mem, dtype, shape_ptr, rank, data_ptr, data_len)
+            .map_err(|(code, message)| Failure::new(code, message)),
+        Err(_) => Err(Failure::new(status::OUT_OF_BOUNDS, "the module exports no memory")),
+    };
+    let outcome = match read {
+        Ok((shape, dt, bytes)) => {
+            dispatch(caller, |s| s.upload_bytes(&shape, dt, &bytes)).await?.map(|(d, dev, _)| (handle_of(d), dev))
+        }
+        Err(f) => Err(f),
+    };
+    settle(caller, started, Op::Upload, outcome)
+}
+
 async fn create(
     caller: &mut Ctx<'_>,
     dtype: i32,
@@ -234,15 +328,28 @@ async fn create(
     settle(caller, started, Op::Upload, outcome)
 }
 
-async fn read(caller: &mut Ctx<'_>, handle: i32, out_ptr: i32, out_len: i32) -> wasmtime::Result<i32> {
+/// `tensor_read` (dtype 0) and `tensor_read_typed`: the dtype must be the tensor's, so that a
+/// guest never takes a tensor's bytes for another dtype's.
+async fn read(caller: &mut Ctx<'_>, handle: i32, dtype: i32, out_ptr: i32, out_len: i32) -> wasmtime::Result<i32> {
     let started = Instant::now();
     let check = (|| {
-        let bytes = context(caller)
+        let t = *context(caller)
             .map_err(|_| Failure::code(status::BAD_HANDLE))?
             .session()
             .tensor(handle)
-            .map_err(Failure::code)?
-            .bytes();
+            .map_err(Failure::code)?;
+        let want = DType::from_code(dtype).ok_or_else(|| Failure::code(status::UNSUPPORTED_DTYPE))?;
+        if t.dtype != want {
+            return Err(Failure::new(
+                status::DTYPE_MISMATCH,
+                format!(
+                    "the tensor is {}, read as {} (tensor_read_typed reads any dtype)",
+                    t.dtype.name(),
+                    want.name()
+                ),
+            ));
+        }
+        let bytes = t.bytes();
         if (out_len as u32 as u64) < bytes {
             return Err(Failure::new(
                 status::BUFFER_TOO_SMALL,
@@ -262,8 +369,9 @@ async fn read(caller: &mut Ctx<'_>, handle: i32, out_ptr: i32, out_len: i32) -> 
                 let (mem, _) = memory(caller)?;
                 let dst =
                     slice_mut(mem, out_ptr, bytes as u32).ok_or_else(|| wasmtime::Error::msg("guest memory shrank"))?;
-                for (d, v) in dst.chunks_exact_mut(4).zip(values) {
-                    d.copy_from_slice(&v.to_le_bytes());
+                // The words hold the tensor's bytes; a 2-byte dtype's odd count ends mid-word.
+                for (d, v) in dst.chunks_mut(4).zip(values) {
+                    d.copy_from_slice(&v.to_bits().to_le_bytes()[..d.len()]);
                 }
                 Ok((bytes as i32, device))
             }
@@ -279,6 +387,78 @@ async fn kernel(caller: &mut Ctx<'_>, op: Op, a: i32, b: i32, scalar: f32) -> wa
     let started = Instant::now();
     let outcome = dispatch(caller, |s| s.kernel(op, a, b, scalar)).await?.map(|(d, dev, _)| (handle_of(d), dev));
     settle(caller, started, op, outcome)
+}
+
+/// Any op in its general form ([`Session::op`]).
+async fn general(caller: &mut Ctx<'_>, op: Op, args: Args) -> wasmtime::Result<i32> {
+    let started = Instant::now();
+    let outcome = dispatch(caller, |s| s.op(op, &args)).await?.map(|(d, dev, _)| (handle_of(d), dev));
+    settle(caller, started, op, outcome)
+}
+
+fn keepdims(flag: i32) -> bool {
+    flag != 0
+}
+
+async fn cast(caller: &mut Ctx<'_>, a: i32, dtype: i32) -> wasmtime::Result<i32> {
+    match DType::from_code(dtype) {
+        Some(to) => general(caller, Op::Cast, Args { a, dtype: Some(to), ..Default::default() }).await,
+        None => {
+            Ok(context(caller)?.fail(status::UNSUPPORTED_DTYPE, format!("dtype {dtype}: 0 f32, 1 f16, 2 bf16, 3 i32")))
+        }
+    }
+}
+
+async fn matmul_ex(caller: &mut Ctx<'_>, a: i32, b: i32, flags: i32) -> wasmtime::Result<i32> {
+    if flags & !(MATMUL_TRANSPOSE_A | MATMUL_TRANSPOSE_B) != 0 {
+        return Ok(context(caller)?.fail(status::INVALID_ARGUMENT, format!("matmul flags {flags}: only bits 1 and 2")));
+    }
+    let args = Args {
+        a,
+        b,
+        transpose_a: flags & MATMUL_TRANSPOSE_A != 0,
+        transpose_b: flags & MATMUL_TRANSPOSE_B != 0,
+        ..Default::default()
+    };
+    general(caller, Op::Matmul, args).await
+}
+
+async fn permute(caller: &mut Ctx<'_>, a: i32, perm_ptr: i32, rank: i32) -> wasmtime::Result<i32> {
+    let perm = match memory(caller) {
+        Ok((mem, _)) => read_dims(mem, perm_ptr, rank),
+        Err(_) => Err((status::OUT_OF_BOUNDS, "the module exports no memory".to_string())),
+    };
+    let perm = match perm {
+        Ok(p) => p,
+        Err((code, message)) => return Ok(context(caller)?.fail(code, message)),
+    };
+    let mut args = Args { a, perm_len: perm.len() as u8, ..Default::default() };
+    for (slot, &p) in args.perm.iter_mut().zip(&perm) {
+        // An axis past the rank is refused by the shape rules; past a u8 it is refused here.
+        *slot = u8::try_from(p).unwrap_or(u8::MAX);
+    }
+    general(caller, Op::Permute, args).await
+}
+
+/// A view with another shape: made on the host, no device call (docs/ABI.md).
+fn reshape(caller: &mut Ctx<'_>, a: i32, shape_ptr: i32, rank: i32) -> wasmtime::Result<i32> {
+    let shape = match memory(caller) {
+        Ok((mem, _)) => read_dims(mem, shape_ptr, rank),
+        Err(_) => Err((status::OUT_OF_BOUNDS, "the module exports no memory".to_string())),
+    };
+    let ctx = context(caller)?;
+    Ok(match shape.and_then(|s| ctx.session().reshape(a, &s).map_err(|c| (c, describe(c).to_string()))) {
+        Ok(h) => h,
+        Err((code, message)) => ctx.fail(code, message),
+    })
+}
+
+fn dtype_of(caller: &mut Ctx<'_>, handle: i32) -> wasmtime::Result<i32> {
+    let ctx = context(caller)?;
+    Ok(match ctx.session().tensor(handle) {
+        Ok(t) => t.dtype as i32,
+        Err(code) => ctx.fail(code, describe(code)),
+    })
 }
 
 fn shape(caller: &mut Ctx<'_>, handle: i32, out_ptr: i32, max_rank: i32) -> wasmtime::Result<i32> {
@@ -335,7 +515,95 @@ pub fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
         },
     )?;
     linker.func_wrap_async(MODULE, "tensor_read", |mut c: Ctx<'_>, (h, ptr, len): (i32, i32, i32)| {
-        Box::new(async move { read(&mut c, h, ptr, len).await })
+        Box::new(async move { read(&mut c, h, DType::F32 as i32, ptr, len).await })
+    })?;
+    linker.func_wrap_async(
+        MODULE,
+        "tensor_create_typed",
+        |mut c: Ctx<'_>, (dtype, shape, rank, data, len): (i32, i32, i32, i32, i32)| {
+            Box::new(async move { create_typed(&mut c, dtype, shape, rank, data, len).await })
+        },
+    )?;
+    linker.func_wrap_async(
+        MODULE,
+        "tensor_read_typed",
+        |mut c: Ctx<'_>, (h, dtype, ptr, len): (i32, i32, i32, i32)| {
+            Box::new(async move { read(&mut c, h, dtype, ptr, len).await })
+        },
+    )?;
+    linker.func_wrap(MODULE, "tensor_dtype", |mut c: Ctx<'_>, h: i32| dtype_of(&mut c, h))?;
+    linker.func_wrap_async(MODULE, "tensor_cast", |mut c: Ctx<'_>, (a, dtype): (i32, i32)| {
+        Box::new(async move { cast(&mut c, a, dtype).await })
+    })?;
+    let binary = [
+        ("tensor_sub", Op::Sub),
+        ("tensor_div", Op::Div),
+        ("tensor_maximum", Op::Maximum),
+        ("tensor_gather", Op::Gather),
+    ];
+    for (name, op) in binary {
+        linker.func_wrap_async(MODULE, name, move |mut c: Ctx<'_>, (a, b): (i32, i32)| {
+            Box::new(async move { general(&mut c, op, Args { a, b, ..Default::default() }).await })
+        })?;
+    }
+    let unary = [
+        ("tensor_gelu", Op::Gelu),
+        ("tensor_silu", Op::Silu),
+        ("tensor_exp", Op::Exp),
+        ("tensor_tanh", Op::Tanh),
+        ("tensor_sqrt", Op::Sqrt),
+        ("tensor_rsqrt", Op::Rsqrt),
+        ("tensor_neg", Op::Neg),
+        ("tensor_log_softmax", Op::LogSoftmax),
+    ];
+    for (name, op) in unary {
+        linker.func_wrap_async(MODULE, name, move |mut c: Ctx<'_>, (a,): (i32,)| {
+            Box::new(async move { general(&mut c, op, Args::new(a)).await })
+        })?;
+    }
+    let reductions = [
+        ("tensor_sum_axis", Op::Sum),
+        ("tensor_mean", Op::Mean),
+        ("tensor_max", Op::Max),
+        ("tensor_argmax", Op::Argmax),
+    ];
+    for (name, op) in reductions {
+        linker.func_wrap_async(MODULE, name, move |mut c: Ctx<'_>, (a, axis, keep): (i32, i32, i32)| {
+            Box::new(async move {
+                general(&mut c, op, Args { a, axis, keepdims: keepdims(keep), ..Default::default() }).await
+            })
+        })?;
+    }
+    linker.func_wrap_async(
+        MODULE,
+        "tensor_layer_norm",
+        |mut c: Ctx<'_>, (a, weight, bias, eps): (i32, i32, i32, f32)| {
+            Box::new(async move {
+                general(&mut c, Op::LayerNorm, Args { a, b: weight, c: bias, eps, ..Default::default() }).await
+            })
+        },
+    )?;
+    linker.func_wrap_async(MODULE, "tensor_rms_norm", |mut c: Ctx<'_>, (a, weight, eps): (i32, i32, f32)| {
+        Box::new(async move { general(&mut c, Op::RmsNorm, Args { a, b: weight, eps, ..Default::default() }).await })
+    })?;
+    linker.func_wrap_async(MODULE, "tensor_matmul_ex", |mut c: Ctx<'_>, (a, b, flags): (i32, i32, i32)| {
+        Box::new(async move { matmul_ex(&mut c, a, b, flags).await })
+    })?;
+    linker.func_wrap_async(MODULE, "tensor_permute", |mut c: Ctx<'_>, (a, perm, rank): (i32, i32, i32)| {
+        Box::new(async move { permute(&mut c, a, perm, rank).await })
+    })?;
+    linker.func_wrap_async(MODULE, "tensor_concat", |mut c: Ctx<'_>, (a, b, axis): (i32, i32, i32)| {
+        Box::new(async move { general(&mut c, Op::Concat, Args { a, b, axis, ..Default::default() }).await })
+    })?;
+    linker.func_wrap_async(MODULE, "tensor_slice", |mut c: Ctx<'_>, (a, axis, start, len): (i32, i32, i32, i32)| {
+        Box::new(async move {
+            // Negative starts and lengths become huge ones, which the range check refuses.
+            let args = Args { a, axis, start: start as u32, len: len as u32, ..Default::default() };
+            general(&mut c, Op::Slice, args).await
+        })
+    })?;
+    linker.func_wrap(MODULE, "tensor_reshape", |mut c: Ctx<'_>, a: i32, shape: i32, rank: i32| {
+        reshape(&mut c, a, shape, rank)
     })?;
     for (name, op) in [("tensor_add", Op::Add), ("tensor_mul", Op::Mul), ("tensor_matmul", Op::Matmul)] {
         linker.func_wrap_async(MODULE, name, move |mut c: Ctx<'_>, (a, b): (i32, i32)| {

@@ -12,10 +12,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    SyncOnDrop,
+};
+use zerocopy::IntoBytes;
 
-use super::{shape_of, staging, Backend, BackendKind, Finished, Submitted};
-use crate::record::{status, Op, Request};
+use super::{descriptor, shape_of, staging, Backend, BackendKind, Finished, Submitted};
+use crate::record::{flags, status, DType, Desc, Op, Request, MAX_RANK, SLOT_A, SLOT_B, SLOT_C};
+use crate::shape::{self, broadcast_strides, contiguous_strides, walk};
 
 /// The kernels, in CUDA C. Public so that benchmarks launch exactly these. NVRTC compiles them
 /// without any header, so they use no macro that headers define (`INFINITY` is undefined there).
@@ -76,6 +81,171 @@ extern "C" __global__ void tw_sum(const float* x, float* out, unsigned n) {
         __syncthreads();
     }
     if (threadIdx.x == 0) out[0] = (float)buf[0];
+}
+// The general form's kernels, f32 only. `op` is the Rust `Op` code; an unknown one writes NaN,
+// so that a mismatch between the two sides shows instead of passing as another op.
+extern "C" __global__ void tw_unary(const float* a, float* out, unsigned n, int op, float s) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = a[i], y;
+    switch (op) {
+        case 7: y = x * s; break;                                   // scale
+        case 8: y = fmaxf(x, 0.0f); break;                          // relu
+        case 15: y = 0.5f * x * (1.0f + tanhf(0.7978845608f * (x + 0.044715f * x * x * x))); break; // gelu
+        case 16: y = x / (1.0f + expf(-x)); break;                  // silu
+        case 17: y = expf(x); break;
+        case 18: y = tanhf(x); break;
+        case 19: y = sqrtf(x); break;
+        case 20: y = 1.0f / sqrtf(x); break;                        // rsqrt, correctly rounded
+        case 21: y = -x; break;
+        default: y = __int_as_float(0x7fc00000);
+    }
+    out[i] = y;
+}
+// Element-wise with broadcasting: the output padded to 4 dims d0..d3, each input read with its
+// strides (0 on a broadcast axis).
+extern "C" __global__ void tw_binary(const float* a, const float* b, float* out, unsigned n, int op,
+        unsigned d0, unsigned d1, unsigned d2, unsigned d3,
+        unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+        unsigned b0, unsigned b1, unsigned b2, unsigned b3) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned r = i;
+    unsigned i3 = r % d3; r /= d3;
+    unsigned i2 = r % d2; r /= d2;
+    unsigned i1 = r % d1;
+    unsigned i0 = r / d1;
+    (void)d0;
+    unsigned long long oa = (unsigned long long)i0 * a0 + (unsigned long long)i1 * a1 + (unsigned long long)i2 * a2 + (unsigned long long)i3 * a3;
+    unsigned long long ob = (unsigned long long)i0 * b0 + (unsigned long long)i1 * b1 + (unsigned long long)i2 * b2 + (unsigned long long)i3 * b3;
+    float x = a[oa], y = b[ob], z;
+    switch (op) {
+        case 5: z = x + y; break;
+        case 6: z = x * y; break;
+        case 12: z = x - y; break;
+        case 13: z = x / y; break;
+        case 14: z = fmaxf(x, y); break;
+        default: z = __int_as_float(0x7fc00000);
+    }
+    out[i] = z;
+}
+// out[i] = a[base + Σ index_k · stride_k] over an output of 4 dims: permute, slice and copies.
+extern "C" __global__ void tw_strided(const float* a, float* out, unsigned n,
+        unsigned d0, unsigned d1, unsigned d2, unsigned d3,
+        unsigned s0, unsigned s1, unsigned s2, unsigned s3, unsigned long long base) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    unsigned r = i;
+    unsigned i3 = r % d3; r /= d3;
+    unsigned i2 = r % d2; r /= d2;
+    unsigned i1 = r % d1;
+    unsigned i0 = r / d1;
+    (void)d0;
+    out[i] = a[base + (unsigned long long)i0 * s0 + (unsigned long long)i1 * s1 + (unsigned long long)i2 * s2 + (unsigned long long)i3 * s3];
+}
+// One thread per output element: sum (11), mean (22) or max (23) along an axis of length n,
+// between `outer` and `inner` elements. Sums in double, like the host back-end.
+extern "C" __global__ void tw_reduce(const float* a, float* out, unsigned outer, unsigned n, unsigned inner, int op) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if ((unsigned long long)i >= (unsigned long long)outer * inner) return;
+    unsigned o = i / inner, j = i % inner;
+    const float* p = a + (unsigned long long)o * n * inner + j;
+    if (op == 23) {
+        float m = __int_as_float(0xff800000);
+        for (unsigned k = 0; k < n; k++) m = fmaxf(m, p[(unsigned long long)k * inner]);
+        out[i] = m;
+        return;
+    }
+    double s = 0.0;
+    for (unsigned k = 0; k < n; k++) s += p[(unsigned long long)k * inner];
+    if (op == 22) s /= n;
+    out[i] = (op == 11 || op == 22) ? (float)s : __int_as_float(0x7fc00000);
+}
+// One block of 256 threads per row, like tw_softmax: x - max - log(Σ exp(x - max)).
+extern "C" __global__ void tw_log_softmax(const float* x, float* out, unsigned rows, unsigned cols) {
+    __shared__ float buf[256];
+    unsigned r = blockIdx.x;
+    if (r >= rows) return;
+    const float* row = x + (unsigned long long)r * cols;
+    float* o = out + (unsigned long long)r * cols;
+    float m = __int_as_float(0xff800000);
+    for (unsigned c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, row[c]);
+    buf[threadIdx.x] = m;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) buf[threadIdx.x] = fmaxf(buf[threadIdx.x], buf[threadIdx.x + s]);
+        __syncthreads();
+    }
+    m = buf[0];
+    __syncthreads();
+    float sum = 0.0f;
+    for (unsigned c = threadIdx.x; c < cols; c += blockDim.x) sum += expf(row[c] - m);
+    buf[threadIdx.x] = sum;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) buf[threadIdx.x] += buf[threadIdx.x + s];
+        __syncthreads();
+    }
+    float lse = logf(buf[0]);
+    for (unsigned c = threadIdx.x; c < cols; c += blockDim.x) o[c] = row[c] - m - lse;
+}
+// Layer norm (layer = 1) or RMS norm of each row, one thread per row, statistics in double.
+// `w` and `b` are read only where has_w and has_b say they are present.
+extern "C" __global__ void tw_norm(const float* x, const float* w, const float* b, float* out, unsigned rows,
+        unsigned cols, float eps, int layer, int has_w, int has_b) {
+    unsigned r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const float* row = x + (unsigned long long)r * cols;
+    float* o = out + (unsigned long long)r * cols;
+    double mean = 0.0;
+    if (layer) {
+        for (unsigned c = 0; c < cols; c++) mean += row[c];
+        mean /= cols;
+    }
+    double var = 0.0;
+    for (unsigned c = 0; c < cols; c++) { double d = row[c] - mean; var += d * d; }
+    var /= cols;
+    double inv = 1.0 / sqrt(var + (double)eps);
+    for (unsigned c = 0; c < cols; c++) {
+        double y = (row[c] - mean) * inv;
+        if (has_w) y *= w[c];
+        if (has_b) y += b[c];
+        o[c] = (float)y;
+    }
+}
+// Concatenation along an axis: `outer` blocks of `ia` elements of a, then `ib` of b.
+extern "C" __global__ void tw_concat(const float* a, const float* b, float* out, unsigned outer, unsigned ia, unsigned ib) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    unsigned long long w = (unsigned long long)ia + ib;
+    if ((unsigned long long)i >= (unsigned long long)outer * w) return;
+    unsigned long long o = i / w, r = i % w;
+    out[i] = r < ia ? a[o * ia + r] : b[o * ib + (r - ia)];
+}
+// Casts between f32 (0), f16 (1) and bf16 (2), through f32, rounding to nearest even like the
+// `half` crate: bf16 by its bits (NaN kept quiet), f16 by the PTX conversion.
+__device__ float tw_load(const void* p, unsigned i, int dt) {
+    if (dt == 0) return ((const float*)p)[i];
+    unsigned short h = ((const unsigned short*)p)[i];
+    if (dt == 2) return __uint_as_float(((unsigned)h) << 16);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ void tw_store(void* p, unsigned i, int dt, float x) {
+    if (dt == 0) { ((float*)p)[i] = x; return; }
+    unsigned short h;
+    if (dt == 2) {
+        unsigned u = __float_as_uint(x);
+        if ((u & 0x7fffffffu) > 0x7f800000u) h = (unsigned short)((u >> 16) | 0x40u);
+        else h = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    } else {
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    }
+    ((unsigned short*)p)[i] = h;
+}
+extern "C" __global__ void tw_cast(const void* a, void* out, unsigned n, int from, int to) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) tw_store(out, i, to, tw_load(a, i, from));
 }
 // The device's FP32 peak, for benchmarks: eight independent FMA chains per thread.
 extern "C" __global__ void tw_fma_peak(float* out, unsigned iters) {
@@ -142,6 +312,76 @@ struct Kernels {
     relu: CudaFunction,
     softmax: CudaFunction,
     sum: CudaFunction,
+    unary: CudaFunction,
+    binary: CudaFunction,
+    strided: CudaFunction,
+    reduce: CudaFunction,
+    log_softmax: CudaFunction,
+    norm: CudaFunction,
+    concat: CudaFunction,
+    cast: CudaFunction,
+}
+
+/// Every kernel in [`KERNEL_SOURCE`], for the NVRTC test.
+pub const KERNEL_NAMES: [&str; 15] = [
+    "tw_cast",
+    "tw_add",
+    "tw_mul",
+    "tw_scale",
+    "tw_relu",
+    "tw_softmax",
+    "tw_sum",
+    "tw_unary",
+    "tw_binary",
+    "tw_strided",
+    "tw_reduce",
+    "tw_log_softmax",
+    "tw_norm",
+    "tw_concat",
+    "tw_fma_peak",
+];
+
+/// A tensor on the device, in its dtype: f16 and bf16 as their bits, which is all that kernels
+/// and cuBLAS see of them. i32 tensors are not held on CUDA yet.
+enum DevBuf {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<u16>),
+    BF16(CudaSlice<u16>),
+}
+
+impl DevBuf {
+    fn len(&self) -> usize {
+        match self {
+            DevBuf::F32(s) => s.len(),
+            DevBuf::F16(s) => s.len(),
+            DevBuf::BF16(s) => s.len(),
+        }
+    }
+
+    fn num_bytes(&self) -> usize {
+        match self {
+            DevBuf::F32(s) => s.num_bytes(),
+            DevBuf::F16(s) => s.num_bytes(),
+            DevBuf::BF16(s) => s.num_bytes(),
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        match self {
+            DevBuf::F32(_) => DType::F32,
+            DevBuf::F16(_) => DType::F16,
+            DevBuf::BF16(_) => DType::BF16,
+        }
+    }
+
+    /// The device address, for kernels that take any dtype; the guard goes after the launch.
+    fn ptr<'a>(&'a self, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+        match self {
+            DevBuf::F32(s) => s.device_ptr(stream),
+            DevBuf::F16(s) => s.device_ptr(stream),
+            DevBuf::BF16(s) => s.device_ptr(stream),
+        }
+    }
 }
 
 struct Lane {
@@ -165,7 +405,7 @@ pub struct CudaBackend {
     lanes: Vec<Lane>,
     next_lane: usize,
     kernels: Kernels,
-    tensors: HashMap<u64, CudaSlice<f32>>,
+    tensors: HashMap<u64, DevBuf>,
     sessions: HashMap<u64, Vec<u64>>,
     in_flight: Vec<InFlight>,
     spare_events: Vec<CudaEvent>,
@@ -189,6 +429,14 @@ impl CudaBackend {
             relu: f("tw_relu")?,
             softmax: f("tw_softmax")?,
             sum: f("tw_sum")?,
+            unary: f("tw_unary")?,
+            binary: f("tw_binary")?,
+            strided: f("tw_strided")?,
+            reduce: f("tw_reduce")?,
+            log_softmax: f("tw_log_softmax")?,
+            norm: f("tw_norm")?,
+            concat: f("tw_concat")?,
+            cast: f("tw_cast")?,
         };
         let lanes = (0..streams.max(1))
             .map(|_| {
@@ -236,7 +484,15 @@ impl CudaBackend {
         }
     }
 
+    /// An f32 operand of `len` elements.
     fn operand(&self, id: u64, len: usize) -> Result<&CudaSlice<f32>, i32> {
+        match self.any_operand(id, len)? {
+            DevBuf::F32(t) => Ok(t),
+            _ => Err(status::DTYPE_MISMATCH),
+        }
+    }
+
+    fn any_operand(&self, id: u64, len: usize) -> Result<&DevBuf, i32> {
         let t = self.tensors.get(&id).ok_or(status::BAD_HANDLE)?;
         if t.len() != len {
             return Err(status::SHAPE_MISMATCH);
@@ -245,7 +501,7 @@ impl CudaBackend {
     }
 
     /// Enqueues `req` on `lane`. Returns the tensor it creates, if any.
-    fn enqueue(&mut self, op: Op, req: &Request, lane: usize) -> Result<Option<CudaSlice<f32>>, i32> {
+    fn enqueue(&mut self, op: Op, req: &Request, lane: usize) -> Result<Option<DevBuf>, i32> {
         let stream = self.lanes[lane].stream.clone();
         let dev = |_| status::DEVICE_ERROR;
         match op {
@@ -253,18 +509,45 @@ impl CudaBackend {
                 // SAFETY: the ticket owns the staging buffer until this request completes. A copy
                 // from pageable memory returns once the data is staged, and we complete later.
                 let src = unsafe { staging(req) };
-                stream.clone_htod(&*src).map(Some).map_err(dev)
+                let dtype = DType::from_code(i32::from(req.dtype)).ok_or(status::UNSUPPORTED_DTYPE)?;
+                let bytes = req.out_bytes as usize;
+                if !bytes.is_multiple_of(dtype.size() as usize) || src.len() != bytes.div_ceil(4) {
+                    return Err(status::SHAPE_MISMATCH);
+                }
+                let halves = || -> Vec<u16> {
+                    src.as_bytes()[..bytes].chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()
+                };
+                match dtype {
+                    DType::F32 => stream.clone_htod(&*src).map(DevBuf::F32),
+                    DType::F16 => stream.clone_htod(&halves()).map(DevBuf::F16),
+                    DType::BF16 => stream.clone_htod(&halves()).map(DevBuf::BF16),
+                    DType::I32 => return Err(status::UNSUPPORTED_ON_DEVICE),
+                }
+                .map(Some)
+                .map_err(dev)
             }
             Op::Download => {
                 let t = self.tensors.get(&req.a).ok_or(status::BAD_HANDLE)?;
                 // SAFETY: as above.
                 let dst = unsafe { staging(req) };
-                if dst.len() != t.len() {
+                if dst.len() as u64 != (t.num_bytes() as u64).div_ceil(4) {
                     return Err(status::BUFFER_TOO_SMALL);
                 }
-                stream.memcpy_dtoh(t, dst).map(|_| None).map_err(dev)
+                let copied = match t {
+                    DevBuf::F32(t) => stream.memcpy_dtoh(t, dst),
+                    // SAFETY: the staging words hold at least the tensor's bytes, and 2-byte
+                    // elements need no more than the words' 4-byte alignment.
+                    DevBuf::F16(t) | DevBuf::BF16(t) => stream.memcpy_dtoh(t, unsafe { halves_of(dst, t.len()) }),
+                };
+                copied.map(|_| None).map_err(dev)
             }
             Op::Free | Op::Release => Err(status::INVALID_ARGUMENT),
+            // SAFETY: a kernel's staging buffer holds its descriptor.
+            kernel if req.host_len > 0 => match unsafe { descriptor(req) } {
+                Some(Ok(d)) => self.general(kernel, req, &d, &stream, lane).map(Some),
+                Some(Err(code)) => Err(code),
+                None => Err(status::INVALID_ARGUMENT),
+            },
             kernel => {
                 let shape = shape_of(kernel, req)?;
                 let a = self.operand(req.a, shape.a)?;
@@ -320,15 +603,293 @@ impl CudaBackend {
                             return self.lanes[lane]
                                 .blas
                                 .gemm(cfg, b, a, &mut out)
-                                .map(|_| Some(out))
+                                .map(|_| Some(DevBuf::F32(out)))
                                 .map_err(|_| status::DEVICE_ERROR);
                         }
                         _ => return Err(status::INVALID_ARGUMENT),
                     }
                 };
-                launched.map(|_| Some(out)).map_err(dev)
+                launched.map(|_| Some(DevBuf::F32(out))).map_err(dev)
             }
         }
+    }
+
+    /// The general form of a kernel: every op on f32 operands, and casts and matmul on f16 and
+    /// bf16 too. The rest (other ops on f16 and bf16, anything with i32, which CUDA does not hold)
+    /// is `unsupported_on_device`. Operands are checked against the descriptor as on the host
+    /// back-end.
+    fn general(&self, op: Op, req: &Request, d: &Desc, stream: &Arc<CudaStream>, lane: usize) -> Result<DevBuf, i32> {
+        let (out_dims, out_dtype) = shape::check_output(op, d, req.out_bytes)?;
+        let a_dtype = d.dtype(SLOT_A).ok_or(status::UNSUPPORTED_DTYPE)?;
+        let half = |t: DType| matches!(t, DType::F16 | DType::BF16);
+        if op == Op::Cast && a_dtype != DType::I32 && out_dtype != DType::I32 {
+            return self.cast(req, d, out_dtype, stream);
+        }
+        if op == Op::Matmul && half(a_dtype) {
+            let n = out_dims.elements()? as usize;
+            let (sa, sb, so) = (d.shape(SLOT_A), d.shape(SLOT_B), out_dims.as_slice());
+            let (la, lb) = (shape::elements(sa)? as usize, shape::elements(sb)? as usize);
+            let dev = |_| status::DEVICE_ERROR;
+            use cudarc::cublas::sys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_16F};
+            let (a, b, wrap, data_type): (_, _, fn(CudaSlice<u16>) -> DevBuf, _) =
+                match (self.any_operand(req.a, la)?, self.any_operand(req.b, lb)?) {
+                    (DevBuf::F16(a), DevBuf::F16(b)) => (a, b, DevBuf::F16, CUDA_R_16F),
+                    (DevBuf::BF16(a), DevBuf::BF16(b)) => (a, b, DevBuf::BF16, CUDA_R_16BF),
+                    _ => return Err(status::DTYPE_MISMATCH),
+                };
+            // SAFETY: cuBLAS writes every element of `out`.
+            let mut out = unsafe { stream.alloc::<u16>(n) }.map_err(dev)?;
+            let plan = gemm_plan(sa, sb, so, d.flags)?;
+            let blas = &self.lanes[lane].blas;
+            let (pa, _ga) = a.device_ptr(stream);
+            let (pb, _gb) = b.device_ptr(stream);
+            let (pc, _gc) = out.device_ptr_mut(stream);
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            for &(oa, ob, oc) in &plan.batches {
+                // SAFETY: GemmEx with f32 scalars and accumulation (CUBLAS_COMPUTE_32F), on the
+                // tensor cores; the offsets and leading dimensions describe matrices inside the
+                // buffers, whose element counts were checked against the shapes above.
+                unsafe {
+                    cudarc::cublas::result::gemm_ex(
+                        *blas.handle(),
+                        plan.transa,
+                        plan.transb,
+                        plan.m,
+                        plan.n,
+                        plan.k,
+                        (&alpha) as *const f32 as *const _,
+                        (pb + ob as u64 * 2) as *const _,
+                        data_type,
+                        plan.lda,
+                        (pa + oa as u64 * 2) as *const _,
+                        data_type,
+                        plan.ldb,
+                        (&beta) as *const f32 as *const _,
+                        (pc + oc as u64 * 2) as *mut _,
+                        data_type,
+                        plan.ldc,
+                        cudarc::cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cudarc::cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+                .map_err(|_| status::DEVICE_ERROR)?;
+            }
+            drop((_ga, _gb, _gc));
+            return Ok(wrap(out));
+        }
+        let b_used = d.ranks[SLOT_B] > 0 && !matches!(op, Op::LayerNorm | Op::RmsNorm if d.flags & flags::HAS_B == 0);
+        let c_used = op == Op::LayerNorm && d.flags & flags::HAS_C != 0;
+        let slots = [(SLOT_A, true), (SLOT_B, b_used), (SLOT_C, c_used)];
+        if out_dtype != DType::F32 || slots.iter().any(|&(s, used)| used && d.dtype(s) != Some(DType::F32)) {
+            return Err(status::UNSUPPORTED_ON_DEVICE);
+        }
+        let len = |slot| shape::elements(d.shape(slot)).map(|n| n as usize);
+        let out_shape = out_dims.as_slice();
+        let n = u32::try_from(out_dims.elements()?).map_err(|_| status::INVALID_ARGUMENT)?;
+        let sa = d.shape(SLOT_A);
+        let a = self.operand(req.a, len(SLOT_A)?)?;
+        let dev = |_| status::DEVICE_ERROR;
+        // SAFETY: every element of `out` is written by the launch below (the tests poison reads).
+        let mut out = unsafe { stream.alloc::<f32>(n as usize) }.map_err(dev)?;
+        let k = &self.kernels;
+        let code = i32::from(op as u8);
+        let u = |x: usize| u32::try_from(x).map_err(|_| status::INVALID_ARGUMENT);
+        // Pads a shape and strides to the kernels' four dims (leading 1s, stride 0).
+        let pad4 = |shape: &[u32], strides: [usize; MAX_RANK]| -> Result<([u32; 4], [u32; 4]), i32> {
+            let (mut dd, mut ss) = ([1u32; 4], [0u32; 4]);
+            let off = 4 - shape.len();
+            for i in 0..shape.len() {
+                dd[off + i] = shape[i];
+                ss[off + i] = u(strides[i])?;
+            }
+            Ok((dd, ss))
+        };
+        // SAFETY (all launches): the arguments match the kernels' signatures in KERNEL_SOURCE, and
+        // every operand has the element count its descriptor states (checked above), which is what
+        // the shape rules index it with.
+        let launched = unsafe {
+            match op {
+                Op::Scale | Op::Relu | Op::Gelu | Op::Silu | Op::Exp | Op::Tanh | Op::Sqrt | Op::Rsqrt | Op::Neg => {
+                    stream
+                        .launch_builder(&k.unary)
+                        .arg(a)
+                        .arg(&mut out)
+                        .arg(&n)
+                        .arg(&code)
+                        .arg(&req.scalar)
+                        .launch(elementwise(n))
+                }
+                Op::Add | Op::Mul | Op::Sub | Op::Div | Op::Maximum => {
+                    let b = self.operand(req.b, len(SLOT_B)?)?;
+                    let (dims, st_a) = pad4(out_shape, broadcast_strides(sa, out_shape))?;
+                    let (_, st_b) = pad4(out_shape, broadcast_strides(d.shape(SLOT_B), out_shape))?;
+                    let mut l = stream.launch_builder(&k.binary);
+                    l.arg(a).arg(b).arg(&mut out).arg(&n).arg(&code);
+                    for x in dims.iter().chain(&st_a).chain(&st_b) {
+                        l.arg(x);
+                    }
+                    l.launch(elementwise(n))
+                }
+                Op::Permute | Op::Slice => {
+                    let strides = contiguous_strides(sa);
+                    let (walk, base) = if op == Op::Permute {
+                        let mut w = [0usize; MAX_RANK];
+                        for (i, &p) in d.perm[..sa.len()].iter().enumerate() {
+                            w[i] = strides[usize::from(p)];
+                        }
+                        (w, 0u64)
+                    } else {
+                        (strides, u64::from(d.start) * strides[d.axis as usize] as u64)
+                    };
+                    let (dims, st) = pad4(out_shape, walk)?;
+                    let mut l = stream.launch_builder(&k.strided);
+                    l.arg(a).arg(&mut out).arg(&n);
+                    for x in dims.iter().chain(&st) {
+                        l.arg(x);
+                    }
+                    l.arg(&base).launch(elementwise(n))
+                }
+                Op::Softmax | Op::LogSoftmax => {
+                    let cols = sa[sa.len() - 1];
+                    let rows = n / cols;
+                    let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                    let f = if op == Op::Softmax { &k.softmax } else { &k.log_softmax };
+                    stream.launch_builder(f).arg(a).arg(&mut out).arg(&rows).arg(&cols).launch(cfg)
+                }
+                Op::Sum | Op::Mean | Op::Max => {
+                    let ax = d.axis as usize;
+                    let outer = u(sa[..ax].iter().map(|&x| x as usize).product())?;
+                    let inner = u(sa[ax + 1..].iter().map(|&x| x as usize).product())?;
+                    let len_axis = sa[ax];
+                    stream
+                        .launch_builder(&k.reduce)
+                        .arg(a)
+                        .arg(&mut out)
+                        .arg(&outer)
+                        .arg(&len_axis)
+                        .arg(&inner)
+                        .arg(&code)
+                        .launch(elementwise(n))
+                }
+                Op::LayerNorm | Op::RmsNorm => {
+                    let cols = sa[sa.len() - 1];
+                    let rows = n / cols;
+                    // An absent weight or bias is never read: `a` stands in for the pointer.
+                    let w = if b_used { self.operand(req.b, len(SLOT_B)?)? } else { a };
+                    let bias = if c_used { self.operand(d.c, len(SLOT_C)?)? } else { a };
+                    let (layer, has_w, has_b) = (i32::from(op == Op::LayerNorm), i32::from(b_used), i32::from(c_used));
+                    stream
+                        .launch_builder(&k.norm)
+                        .arg(a)
+                        .arg(w)
+                        .arg(bias)
+                        .arg(&mut out)
+                        .arg(&rows)
+                        .arg(&cols)
+                        .arg(&d.eps)
+                        .arg(&layer)
+                        .arg(&has_w)
+                        .arg(&has_b)
+                        .launch(elementwise(rows))
+                }
+                Op::Concat => {
+                    let b = self.operand(req.b, len(SLOT_B)?)?;
+                    let ax = d.axis as usize;
+                    let outer = u(sa[..ax].iter().map(|&x| x as usize).product())?;
+                    let ia = u(sa[ax..].iter().map(|&x| x as usize).product())?;
+                    let ib = u(d.shape(SLOT_B)[ax..].iter().map(|&x| x as usize).product())?;
+                    stream
+                        .launch_builder(&k.concat)
+                        .arg(a)
+                        .arg(b)
+                        .arg(&mut out)
+                        .arg(&outer)
+                        .arg(&ia)
+                        .arg(&ib)
+                        .launch(elementwise(n))
+                }
+                Op::Matmul => {
+                    let b = self.operand(req.b, len(SLOT_B)?)?;
+                    let plan = gemm_plan(sa, d.shape(SLOT_B), out_shape, d.flags)?;
+                    self.batched_gemm(a, b, &mut out, &plan, lane)?;
+                    return Ok(DevBuf::F32(out));
+                }
+                _ => return Err(status::UNSUPPORTED_ON_DEVICE),
+            }
+        };
+        launched.map(|_| DevBuf::F32(out)).map_err(dev)
+    }
+
+    /// A cast between f32, f16 and bf16 (i32 is not held on CUDA).
+    fn cast(&self, req: &Request, d: &Desc, to: DType, stream: &Arc<CudaStream>) -> Result<DevBuf, i32> {
+        let len = shape::elements(d.shape(SLOT_A))? as usize;
+        let a = self.any_operand(req.a, len)?;
+        if Some(a.dtype()) != d.dtype(SLOT_A) {
+            return Err(status::DTYPE_MISMATCH);
+        }
+        let n = u32::try_from(len).map_err(|_| status::INVALID_ARGUMENT)?;
+        let dev = |_| status::DEVICE_ERROR;
+        // SAFETY: tw_cast writes every element of `out`.
+        let out = unsafe {
+            match to {
+                DType::F32 => DevBuf::F32(stream.alloc::<f32>(len).map_err(dev)?),
+                DType::F16 => DevBuf::F16(stream.alloc::<u16>(len).map_err(dev)?),
+                DType::BF16 => DevBuf::BF16(stream.alloc::<u16>(len).map_err(dev)?),
+                DType::I32 => return Err(status::UNSUPPORTED_ON_DEVICE),
+            }
+        };
+        let (from, to) = (a.dtype() as i32, to as i32);
+        {
+            let (src, _src_guard) = a.ptr(stream);
+            let (dst, _dst_guard) = out.ptr(stream);
+            // SAFETY: tw_cast(a, out, n, from, to) reads n elements of `from`'s size at `src` and
+            // writes n of `to`'s size at `dst`: both buffers hold exactly n elements.
+            unsafe {
+                stream
+                    .launch_builder(&self.kernels.cast)
+                    .arg(&src)
+                    .arg(&dst)
+                    .arg(&n)
+                    .arg(&from)
+                    .arg(&to)
+                    .launch(elementwise(n))
+            }
+            .map_err(dev)?;
+        }
+        Ok(out)
+    }
+
+    /// cuBLAS sgemm per batch matrix of the plan.
+    fn batched_gemm(
+        &self,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        plan: &GemmPlan,
+        lane: usize,
+    ) -> Result<(), i32> {
+        let cfg = GemmConfig {
+            transa: plan.transa,
+            transb: plan.transb,
+            m: plan.m,
+            n: plan.n,
+            k: plan.k,
+            alpha: 1.0f32,
+            lda: plan.lda,
+            ldb: plan.ldb,
+            beta: 0.0f32,
+            ldc: plan.ldc,
+        };
+        let (ma, mb, mc) = (plan.a_len, plan.b_len, plan.c_len);
+        for &(oa, ob, oc) in &plan.batches {
+            let av = a.slice(oa..oa + ma);
+            let bv = b.slice(ob..ob + mb);
+            let mut cv = out.slice_mut(oc..oc + mc);
+            // SAFETY: each view has its matrix's element count, and the plan's leading
+            // dimensions describe exactly those matrices.
+            unsafe { self.lanes[lane].blas.gemm(cfg, &bv, &av, &mut cv) }.map_err(|_| status::DEVICE_ERROR)?;
+        }
+        Ok(())
     }
 
     fn event(&mut self) -> Result<CudaEvent, i32> {
@@ -376,6 +937,63 @@ impl CudaBackend {
         self.in_flight.push(InFlight { req: *req, started, lane, event });
         Ok(Submitted::InFlight)
     }
+}
+
+/// A batched row-major matmul as cuBLAS column-major GEMMs: row-major `C = op(A)·op(B)` is
+/// column-major `Cᵀ = op(B)ᵀ·op(A)ᵀ` (a row-major matrix read column-major is its transpose), so
+/// the operands swap and each keeps its own flag. One GEMM per output batch matrix, over
+/// broadcast batch dimensions.
+struct GemmPlan {
+    transa: cudarc::cublas::sys::cublasOperation_t,
+    transb: cudarc::cublas::sys::cublasOperation_t,
+    m: i32,
+    n: i32,
+    k: i32,
+    lda: i32,
+    ldb: i32,
+    ldc: i32,
+    /// Elements of one matrix of a, b and the output.
+    a_len: usize,
+    b_len: usize,
+    c_len: usize,
+    /// Each batch's first element in a, b and the output.
+    batches: Vec<(usize, usize, usize)>,
+}
+
+fn gemm_plan(sa: &[u32], sb: &[u32], so: &[u32], fl: u32) -> Result<GemmPlan, i32> {
+    use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+    let (ra, rb, ro) = (sa.len(), sb.len(), so.len());
+    let (m, n) = (so[ro - 2] as usize, so[ro - 1] as usize);
+    let (ta, tb) = (fl & flags::TRANSPOSE_A != 0, fl & flags::TRANSPOSE_B != 0);
+    let k = if ta { sa[ra - 2] } else { sa[ra - 1] } as usize;
+    let i = |x: usize| i32::try_from(x).map_err(|_| status::INVALID_ARGUMENT);
+    let batch = &so[..ro - 2];
+    let wa = walk(batch, broadcast_strides(&sa[..ra - 2], batch));
+    let wb = walk(batch, broadcast_strides(&sb[..rb - 2], batch));
+    let batches = wa.zip(wb).enumerate().map(|(c, (a, b))| (a * m * k, b * k * n, c * m * n)).collect();
+    Ok(GemmPlan {
+        transa: if tb { CUBLAS_OP_T } else { CUBLAS_OP_N },
+        transb: if ta { CUBLAS_OP_T } else { CUBLAS_OP_N },
+        m: i(n)?,
+        n: i(m)?,
+        k: i(k)?,
+        lda: if tb { i(k)? } else { i(n)? },
+        ldb: if ta { i(m)? } else { i(k)? },
+        ldc: i(n)?,
+        a_len: m * k,
+        b_len: k * n,
+        c_len: m * n,
+        batches,
+    })
+}
+
+/// The staging words as `len` 2-byte elements, for a download of an f16 or bf16 tensor.
+///
+/// # Safety
+/// `words` must hold at least `len * 2` bytes, and nothing else may use it while the result lives.
+unsafe fn halves_of(words: &mut [f32], len: usize) -> &mut [u16] {
+    debug_assert!(len * 2 <= words.len() * 4);
+    std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u16, len)
 }
 
 fn elementwise(n: u32) -> LaunchConfig {

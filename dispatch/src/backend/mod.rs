@@ -63,7 +63,7 @@ pub trait Backend: Send + 'static {
 /// The staging buffer a request names.
 ///
 /// # Safety
-/// `req.host_addr` must point to `req.host_len` f32 that nothing else touches until the request's
+/// `req.host_addr` must point to `req.host_len` four-byte words that nothing else touches until the request's
 /// completion is delivered. The shard's ticket table guarantees it (see `port::Tickets`): it owns
 /// the buffer and keeps it, even when the waiting guest is gone, until the completion arrives.
 pub(crate) unsafe fn staging<'a>(req: &Request) -> &'a mut [f32] {
@@ -71,6 +71,17 @@ pub(crate) unsafe fn staging<'a>(req: &Request) -> &'a mut [f32] {
         return &mut [];
     }
     std::slice::from_raw_parts_mut(req.host_addr as *mut f32, req.host_len as usize)
+}
+
+/// A kernel request's descriptor, if it is one of the general form (see [`crate::record::Desc`]).
+///
+/// # Safety
+/// As for [`staging`].
+pub(crate) unsafe fn descriptor(req: &Request) -> Option<Result<crate::record::Desc, i32>> {
+    if req.host_len == 0 {
+        return None;
+    }
+    Some(crate::record::Desc::from_words(staging(req)).ok_or(status::INVALID_ARGUMENT))
 }
 
 /// Elements the request's operands and output have, checked against one another: the worker's own
@@ -91,6 +102,6 @@ pub(crate) fn shape_of(op: Op, req: &Request) -> Result<Shape, i32> {
         Op::Softmax => Shape { a: d0 * d1, b: 0, out: d0 * d1 },
         Op::Matmul => Shape { a: d0 * d1, b: d1 * d2, out: d0 * d2 },
         Op::Sum => Shape { a: d0, b: 0, out: 1 },
-        Op::Upload | Op::Download | Op::Free | Op::Release => return Err(status::INVALID_ARGUMENT),
+        _ => return Err(status::INVALID_ARGUMENT),
     })
 }

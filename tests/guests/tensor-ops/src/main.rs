@@ -4,12 +4,16 @@
 //!   its shape, values and sum.
 //! - `{"probe": n, "len": l}`: `n` adds of two `l`-element tensors, each timed from the guest's
 //!   call to its result (nanoseconds, through WASI's clock): P50, P95, P99 and max.
+//! - `{"block": {"x": .., "w": .., "b": [..], "table": .., "ids": [[..]..]}}`: the newer imports
+//!   end to end: in bf16, `layer_norm(gelu(x·w + b))` (the bias broadcast over the rows) and
+//!   its argmax per row; an embedding lookup of `ids` in `table`, transposed; and the codes of two
+//!   calls that must fail (reading a bf16 tensor as f32, an id past the table).
 
 use std::io::Read;
 use std::time::Instant;
 
 use serde_json::{json, Value};
-use tensor_wasm_guest::Tensor;
+use tensor_wasm_guest::{DType, Tensor};
 
 fn matrix(v: &Value) -> Result<(Vec<u32>, Vec<f32>), String> {
     let rows = v.as_array().ok_or("a matrix is an array of rows")?;
@@ -36,6 +40,40 @@ fn dense(req: &Value) -> Result<Value, String> {
     Ok(json!({ "shape": y.shape().map_err(|e| e.to_string())?, "y": y.to_vec().map_err(|e| e.to_string())?, "sum": sum[0] }))
 }
 
+fn block(req: &Value) -> Result<Value, String> {
+    let e = |e: tensor_wasm_guest::Error| e.to_string();
+    let (xs, xd) = matrix(&req["x"])?;
+    let (ws, wd) = matrix(&req["w"])?;
+    let (ts, td) = matrix(&req["table"])?;
+    let bias: Vec<f32> = req["b"].as_array().ok_or("b")?.iter().filter_map(Value::as_f64).map(|v| v as f32).collect();
+    let (is, id) = matrix(&req["ids"])?;
+    let ids: Vec<i32> = id.iter().map(|&v| v as i32).collect();
+
+    let x = Tensor::new(&xs, &xd).and_then(|t| t.cast(DType::BF16)).map_err(e)?;
+    let w = Tensor::new(&ws, &wd).and_then(|t| t.cast(DType::BF16)).map_err(e)?;
+    let b = Tensor::new(&[bias.len() as u32], &bias).and_then(|t| t.cast(DType::BF16)).map_err(e)?;
+    let h = x.matmul(&w).and_then(|t| t.add(&b)).and_then(|t| t.gelu()).and_then(|t| t.layer_norm(None, None, 1e-5));
+    let h = h.map_err(e)?;
+    let wrong_read = h.to_vec().err().map_or(0, |err| err.code);
+    let y = h.cast(DType::F32).and_then(|t| t.to_vec()).map_err(e)?;
+    let argmax = h.argmax(-1, false).and_then(|t| t.to_i32_vec()).map_err(e)?;
+
+    let table = Tensor::new(&ts, &td).map_err(e)?;
+    let ids = Tensor::from_i32(&is, &ids).map_err(e)?;
+    let looked_up = table.gather(&ids).and_then(|t| t.permute(&[1, 0, 2])).map_err(e)?;
+    let past_the_table = Tensor::from_i32(&[1], &[ts[0] as i32]).map_err(e)?;
+    let wrong_id = table.gather(&past_the_table).err().map_or(0, |err| err.code);
+    Ok(json!({
+        "y": y,
+        "argmax": argmax,
+        "dtype": h.dtype().map_err(e)? as i32,
+        "gathered_shape": looked_up.shape().map_err(e)?,
+        "gathered": looked_up.to_vec().map_err(e)?,
+        "wrong_read": wrong_read,
+        "wrong_id": wrong_id,
+    }))
+}
+
 fn probe(n: usize, len: usize) -> Result<Value, String> {
     let data: Vec<f32> = (0..len).map(|i| i as f32 * 0.5 + 1.0).collect();
     let a = Tensor::new(&[len as u32], &data).map_err(|e| e.to_string())?;
@@ -57,6 +95,7 @@ fn main() {
     let answer = serde_json::from_str::<Value>(&input).map_err(|e| e.to_string()).and_then(|req| {
         match req.get("probe").and_then(Value::as_u64) {
             Some(n) => probe(n.max(1) as usize, req["len"].as_u64().unwrap_or(1024) as usize),
+            None if req.get("block").is_some() => block(&req["block"]),
             None => dense(&req),
         }
     });
