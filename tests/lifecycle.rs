@@ -108,8 +108,16 @@ fn sigterm_drains_in_flight_requests_then_exits_zero() {
     });
 
     server.signal(libc::SIGTERM);
-    // During the grace period: readiness is off, responses close their connections.
-    let r = server.client().request("GET", "/readyz", &[], b"");
+    // During the grace period: readiness is off (once the signal is handled), responses close
+    // their connections.
+    let mut seen = None;
+    common::within(common::IO_TIMEOUT, "readiness off after SIGTERM", || {
+        let r = server.client().request("GET", "/readyz", &[], b"");
+        let off = r.status == 503;
+        seen = Some(r);
+        off
+    });
+    let r = seen.unwrap();
     assert_eq!((r.status, r.error_kind().as_str()), (503, "draining"));
     assert_eq!(r.header("connection"), Some("close"));
     assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
@@ -344,8 +352,10 @@ fn io_uring_blocked_by_seccomp_falls_back_to_epoll() {
     assert_eq!(server.client().invoke(&echo, b"[42]").text(), "[42]");
 
     // Asked for io_uring alone, the server refuses to start rather than run on something else.
+    // A data dir of its own: the first server still holds this one's lock.
+    let other = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tensor-wasm"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--io-driver", "io-uring", "--data-dir"]).arg(dir.path());
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--io-driver", "io-uring", "--data-dir"]).arg(other.path());
     common::deny_io_uring(&mut cmd);
     let out = cmd.output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
