@@ -172,15 +172,31 @@ fn a_data_dir_written_by_the_first_release_serves_as_recorded_and_stays_readable
     copy(&fixture(), root);
     let expected: Value = serde_json::from_slice(&std::fs::read(root.join("expected.json")).unwrap()).unwrap();
     let ids: BTreeMap<String, String> = serde_json::from_value(expected["ids"].clone()).unwrap();
-    let before = files(&root.join("data"));
     let (code, out) = verify(root);
     assert_eq!(code, 0, "the fixture verifies as it is: {out}");
+    // One artifact as another wasmtime's would be to this one: framed and checksummed as this
+    // store writes them, but no artifact this engine accepts. It must be compiled again from its
+    // module, not trusted.
+    let hello = expected["functions"]["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "hello")
+        .map(|f| f["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string())
+        .unwrap();
+    let payload = b"an artifact of another wasmtime".to_vec();
+    let mut stale = b"TWART01\n".to_vec();
+    stale.extend_from_slice(&common::sha256(&payload));
+    stale.extend_from_slice(&payload);
+    std::fs::write(root.join(format!("data/modules/{hello}.cwasm")), stale).unwrap();
+    let before = files(&root.join("data"));
 
     let server = start(root);
     let log = server.wait_for_stderr("stored functions loaded");
     // Artifacts are checked, never trusted: reused when this wasmtime accepts them, else compiled
     // again; either way no function is broken or lost.
     assert!(log.contains("functions=4") && log.contains("broken=0") && log.contains("unreadable=0"), "{log}");
+    assert!(log.contains("recompiled=1"), "the stale artifact was compiled again: {log}");
     let listing = server.client().request("GET", "/functions", &[], b"").json();
     let shape = |list: &Value| -> Vec<(Value, Value, Value, Value)> {
         let items = list["functions"].as_array().unwrap();
