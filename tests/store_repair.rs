@@ -25,6 +25,33 @@ fn stop(mut server: Server) {
     assert!(server.wait_exit(Duration::from_secs(10)).success());
 }
 
+/// Deploys each `(name, module)` on a server over `dir`, stops it cleanly; returns the ids.
+fn deployed(dir: &Path, modules: &[(&str, &[u8])]) -> Vec<String> {
+    let server = Server::start_in(dir, &[]);
+    let ids = modules.iter().map(|(name, wasm)| server.deploy(name, wasm)).collect();
+    stop(server);
+    ids
+}
+
+/// Deploys `modules` as `f0`, `f1`, … and stops; then removes their artifacts, as a restore
+/// without them or an upgrade of wasmtime leaves a store. Returns the ids.
+fn deployed_without_artifacts(dir: &Path, modules: &[Vec<u8>]) -> Vec<String> {
+    let named: Vec<(String, &[u8])> =
+        modules.iter().enumerate().map(|(n, w)| (format!("f{n}"), w.as_slice())).collect();
+    let ids = deployed(dir, &named.iter().map(|(n, w)| (n.as_str(), *w)).collect::<Vec<_>>());
+    for wasm in modules {
+        std::fs::remove_file(module_file(dir, wasm, "cwasm")).unwrap();
+    }
+    ids
+}
+
+/// Starts a server over `dir` with `args`; returns it with its "stored functions loaded" log.
+fn restarted(dir: &Path, args: &[&str]) -> (Server, String) {
+    let server = Server::start_in(dir, args);
+    let log = server.wait_for_stderr("stored functions loaded");
+    (server, log)
+}
+
 fn state(server: &Server, id: &str) -> serde_json::Value {
     server.client().request("GET", &format!("/functions/{id}"), &[], b"").json()
 }
@@ -33,18 +60,12 @@ fn state(server: &Server, id: &str) -> serde_json::Value {
 fn a_truncated_module_is_rewritten_by_a_deploy_of_the_same_bytes_and_survives_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let wasm = guests::echo();
-    let first = {
-        let server = Server::start_in(dir.path(), &[]);
-        let id = server.deploy("echo", &wasm);
-        stop(server);
-        id
-    };
+    let first = deployed(dir.path(), &[("echo", &wasm)]).remove(0);
     // The issue's case: the module cut to 10 bytes and its artifact gone.
     std::fs::write(module_file(dir.path(), &wasm, "wasm"), &wasm[..10]).unwrap();
     std::fs::remove_file(module_file(dir.path(), &wasm, "cwasm")).unwrap();
 
-    let server = Server::start_in(dir.path(), &[]);
-    let log = server.wait_for_stderr("stored functions loaded");
+    let (server, log) = restarted(dir.path(), &[]);
     assert!(log.contains("broken=1"), "{log}");
     assert_eq!(state(&server, &first)["state"], "broken");
     // The same bytes again: "already stored" is decided by the digest, not by a file name.
@@ -58,8 +79,7 @@ fn a_truncated_module_is_rewritten_by_a_deploy_of_the_same_bytes_and_survives_re
     stop(server);
 
     for round in 0..2 {
-        let server = Server::start_in(dir.path(), &[]);
-        let log = server.wait_for_stderr("stored functions loaded");
+        let (server, log) = restarted(dir.path(), &[]);
         assert!(log.contains("functions=2") && log.contains("broken=0") && log.contains("damaged=0"), "{log}");
         for id in [&first, &second] {
             assert_eq!(server.client().invoke(id, b"b").text(), "b", "round {round}");
@@ -72,19 +92,13 @@ fn a_truncated_module_is_rewritten_by_a_deploy_of_the_same_bytes_and_survives_re
 fn a_corrupt_module_with_an_intact_artifact_still_runs_and_is_repaired_by_a_deploy() {
     let dir = tempfile::tempdir().unwrap();
     let wasm = guests::echo();
-    let id = {
-        let server = Server::start_in(dir.path(), &[]);
-        let id = server.deploy("echo", &wasm);
-        stop(server);
-        id
-    };
+    let id = deployed(dir.path(), &[("echo", &wasm)]).remove(0);
     let file = module_file(dir.path(), &wasm, "wasm");
     let mut flipped = wasm.clone();
     flipped[20] ^= 0x01;
     std::fs::write(&file, &flipped).unwrap();
 
-    let server = Server::start_in(dir.path(), &[]);
-    let log = server.wait_for_stderr("stored functions loaded");
+    let (server, log) = restarted(dir.path(), &[]);
     assert!(log.contains("damaged=1") && log.contains("broken=0"), "{log}");
     assert!(server.stderr().contains("the next deploy of the same bytes rewrites it"));
     assert_eq!(server.client().invoke(&id, b"c").text(), "c");
@@ -96,15 +110,9 @@ fn a_corrupt_module_with_an_intact_artifact_still_runs_and_is_repaired_by_a_depl
 fn a_missing_artifact_is_recompiled_from_the_checked_module() {
     let dir = tempfile::tempdir().unwrap();
     let wasm = guests::echo();
-    let id = {
-        let server = Server::start_in(dir.path(), &[]);
-        let id = server.deploy("echo", &wasm);
-        stop(server);
-        id
-    };
+    let id = deployed(dir.path(), &[("echo", &wasm)]).remove(0);
     std::fs::remove_file(module_file(dir.path(), &wasm, "cwasm")).unwrap();
-    let server = Server::start_in(dir.path(), &[]);
-    let log = server.wait_for_stderr("stored functions loaded");
+    let (server, log) = restarted(dir.path(), &[]);
     assert!(log.contains("recompiled=1") && log.contains("broken=0"), "{log}");
     assert!(module_file(dir.path(), &wasm, "cwasm").exists());
     assert_eq!(server.client().invoke(&id, b"d").text(), "d");
@@ -203,17 +211,8 @@ fn a_function_that_cannot_load_is_listed_broken_answers_503_and_fails_observe_bu
 fn a_restart_without_artifacts_compiles_the_store_in_parallel_and_refused_modules_do_not_hold_readiness() {
     let dir = tempfile::tempdir().unwrap();
     let modules: Vec<Vec<u8>> = (0..6).map(numbered).collect();
-    let ids: Vec<String> = {
-        let server = Server::start_in(dir.path(), &[]);
-        let ids = modules.iter().enumerate().map(|(n, wasm)| server.deploy(&format!("f{n}"), wasm)).collect();
-        stop(server);
-        ids
-    };
-    for wasm in &modules {
-        std::fs::remove_file(module_file(dir.path(), wasm, "cwasm")).unwrap();
-    }
-    let server = Server::start_in(dir.path(), &["--load-threads", "3"]);
-    let log = server.wait_for_stderr("stored functions loaded");
+    let ids = deployed_without_artifacts(dir.path(), &modules);
+    let (server, log) = restarted(dir.path(), &["--load-threads", "3"]);
     assert!(log.contains("recompiled=6") && log.contains("broken=0"), "{log}");
     for id in &ids {
         assert_eq!(server.client().invoke(id, b"").status, 200);
@@ -225,8 +224,7 @@ fn a_restart_without_artifacts_compiles_the_store_in_parallel_and_refused_module
     for wasm in &modules {
         std::fs::remove_file(module_file(dir.path(), wasm, "cwasm")).unwrap();
     }
-    let server = Server::start_in(dir.path(), &["--max-function-body-bytes", "1"]);
-    let log = server.wait_for_stderr("stored functions loaded");
+    let (server, log) = restarted(dir.path(), &["--max-function-body-bytes", "1"]);
     assert!(log.contains("broken=6") && log.contains("recompiled=0"), "{log}");
     assert_eq!(server.client().request("GET", "/readyz", &[], b"").status, 200);
     let shown = state(&server, &ids[0]);
@@ -260,8 +258,7 @@ fn hostile_files_under_the_stores_names_neither_hang_nor_exhaust_the_start() {
     std::os::unix::fs::symlink("/dev/zero", dir.path().join("functions/0123456789abcdef0123456789abcdef.json"))
         .unwrap();
 
-    let server = Server::start_in(dir.path(), &["--max-body-bytes", "1048576"]);
-    let log = server.wait_for_stderr("stored functions loaded");
+    let (server, log) = restarted(dir.path(), &["--max-body-bytes", "1048576"]);
     assert!(log.contains("broken=3") && log.contains("unreadable=1"), "{log}");
     assert_eq!(server.client().request("GET", "/readyz", &[], b"").status, 200);
     assert_eq!(server.client().invoke(&ids[0], b"").status, 200);
@@ -325,27 +322,17 @@ fn a_compile_that_runs_out_of_time_at_start_is_tried_again_alone() {
         let body: String = (0..3000).map(|i| format!("(func (result i32) (i32.const {i}))")).collect();
         guests::wasm(&format!(r#"(module (memory 1) (data (i32.const 0) "many-{n}") {body} (func (export "_start")))"#))
     };
-    let modules = [many(30), many(31)];
-    let ids: Vec<String> = {
-        let server = Server::start_in(dir.path(), &[]);
-        let ids = modules.iter().enumerate().map(|(n, w)| server.deploy(&format!("f{n}"), w)).collect();
-        stop(server);
-        ids
-    };
-    for wasm in &modules {
-        std::fs::remove_file(module_file(dir.path(), wasm, "cwasm")).unwrap();
-    }
+    let modules = vec![many(30), many(31)];
+    let ids = deployed_without_artifacts(dir.path(), &modules);
     // No compile fits in a millisecond: each is tried twice, then listed broken with why.
-    let server = Server::start_in(dir.path(), &["--compile-timeout-ms", "1"]);
-    let log = server.wait_for_stderr("stored functions loaded");
+    let (server, log) = restarted(dir.path(), &["--compile-timeout-ms", "1"]);
     assert_eq!(log.matches("retrying the compile alone").count(), 2, "{log}");
     assert!(log.contains("broken=2"), "{log}");
     let reason = state(&server, &ids[0])["reason"].as_str().unwrap().to_string();
     assert!(reason.contains("--compile-timeout-ms (1 ms)"), "{reason}");
     stop(server);
     // With time enough they load, and nothing needed repairing.
-    let server = Server::start_in(dir.path(), &[]);
-    let log = server.wait_for_stderr("stored functions loaded");
+    let (server, log) = restarted(dir.path(), &[]);
     assert!(log.contains("broken=0") && log.contains("recompiled=2"), "{log}");
     assert_eq!(server.client().invoke(&ids[1], b"").status, 200);
 }
