@@ -23,6 +23,15 @@ type ServiceTimes = Arc<Mutex<Vec<Duration>>>;
 
 /// A keep-alive HTTP/1.1 server on loopback that answers every GET after `delay(n)`, where `n`
 /// counts requests over all connections from 0. It serves until the test process ends.
+/// One test at a time: each measures latency or starts servers that load the machine, and on a
+/// 2-core CI machine two at once measure each other (the hostile scenario's bulk-memory phase
+/// beside another test left the bystander's requests unsent for want of a CPU).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn delaying_server(delay: impl Fn(u64) -> Duration + Send + Sync + 'static) -> (SocketAddr, ServiceTimes) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -100,11 +109,13 @@ fn ms(ns: u64) -> f64 {
 
 #[test]
 fn a_constant_delay_is_reported_as_that_delay() {
+    let _serial = serial();
     constant_delay_reads_as_itself(false);
 }
 
 #[test]
 fn a_spinning_generator_reports_a_constant_delay_as_that_delay_too() {
+    let _serial = serial();
     constant_delay_reads_as_itself(true);
 }
 
@@ -133,6 +144,7 @@ fn constant_delay_reads_as_itself(spin: bool) {
 
 #[test]
 fn a_stall_is_charged_to_every_request_it_delayed() {
+    let _serial = serial();
     // One connection at 500/s (a request every 2 ms); the 600th request overall (the 100 of the
     // warm-up come first) is held for 400 ms. During the stall 200 requests fall due, and an open
     // loop charges each with its wait: their latencies run evenly from 400 ms down to about 0.
@@ -154,6 +166,7 @@ fn a_stall_is_charged_to_every_request_it_delayed() {
 
 #[test]
 fn a_mix_follows_its_weights() {
+    let _serial = serial();
     let (addr, _) = delaying_server(|_| Duration::ZERO);
     let class = |name: &str, weight| RequestClass {
         name: name.into(),
@@ -223,6 +236,7 @@ fn run_with_report(mut cmd: Command) -> (std::process::Output, serde_json::Value
 
 #[test]
 fn the_binary_measures_a_real_server_and_gates_on_the_slo() {
+    let _serial = serial();
     let bin = tempfile::tempdir().unwrap();
     let common = |extra: &[&str]| {
         let mut cmd = Command::new(bench_binary());
@@ -279,6 +293,7 @@ fn the_binary_measures_a_real_server_and_gates_on_the_slo() {
 
 #[test]
 fn started_servers_and_the_generator_can_be_kept_on_separate_cpus() {
+    let _serial = serial();
     let allowed = tensor_wasm::server::cpu::allowed_cpus().unwrap();
     if allowed.len() < 2 {
         eprintln!("one CPU only: nothing to keep apart");
@@ -324,6 +339,7 @@ fn started_servers_and_the_generator_can_be_kept_on_separate_cpus() {
 
 #[test]
 fn the_baseline_comparison_judges_p99_by_the_median_of_rounds_at_equal_load() {
+    let _serial = serial();
     let mut cmd = Command::new(bench_binary());
     cmd.arg("--server-bin")
         .arg(server_binary())
@@ -388,6 +404,7 @@ fn the_baseline_comparison_judges_p99_by_the_median_of_rounds_at_equal_load() {
 
 #[test]
 fn the_binary_measures_a_live_server_over_tls_with_a_client_certificate() {
+    let _serial = serial();
     use tensor_wasm::tls::ClientTls;
     use tensor_wasm_bench::harness::client::Tls;
     use tensor_wasm_bench::harness::target::{Implementation, StartedServer};
@@ -460,6 +477,7 @@ fn the_binary_measures_a_live_server_over_tls_with_a_client_certificate() {
 
 #[test]
 fn with_tls_the_harness_starts_ours_speaking_it_and_measures_over_it() {
+    let _serial = serial();
     use tensor_wasm_bench::harness::target::{Endpoint, Implementation, StartedServer, StartedTls};
 
     let bin = tempfile::tempdir().unwrap();
@@ -520,6 +538,7 @@ fn with_tls_the_harness_starts_ours_speaking_it_and_measures_over_it() {
 
 #[test]
 fn ctrl_c_on_a_live_server_deletes_what_the_harness_deployed() {
+    let _serial = serial();
     use tensor_wasm_bench::harness::target::{Implementation, StartedServer};
 
     let token = "bench-token-0123456789abcdef";
@@ -584,6 +603,7 @@ fn children_of(parent: u32) -> Vec<u32> {
 
 #[test]
 fn a_started_server_dies_with_the_harness() {
+    let _serial = serial();
     let mut harness = Command::new(bench_binary())
         .arg("--server-bin")
         .arg(server_binary())
@@ -616,6 +636,7 @@ fn a_started_server_dies_with_the_harness() {
 
 #[test]
 fn the_hostile_scenario_measures_the_bystander_beside_each_attack() {
+    let _serial = serial();
     let mut cmd = Command::new(bench_binary());
     cmd.arg("--server-bin").arg(server_binary());
     cmd.args(["--scenario", "hostile", "--rate", "200", "--warmup", "300ms", "--duration", "1s"]);
@@ -701,6 +722,7 @@ fn the_hostile_scenario_measures_the_bystander_beside_each_attack() {
 
 #[test]
 fn unusable_requests_exit_2_with_a_sentence() {
+    let _serial = serial();
     let every_cpu = tensor_wasm::server::cpu::format_list(&tensor_wasm::server::cpu::allowed_cpus().unwrap());
     let cases: [&[&str]; 14] = [
         &["--server-cpus", "1000"],
