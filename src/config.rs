@@ -24,7 +24,7 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// `None`: one shard per CPU in the allowed set, at most the cgroups' CPU limit.
     pub shards: Option<usize>,
-    pub pin_shards: crate::server::cpu::PinShards,
+    pub pin_shards: crate::runtime::cpu::PinShards,
     pub data_dir: PathBuf,
     pub io_driver: IoDriverChoice,
     /// How long a shard keeps polling without sleeping after a request (`--idle-spin-us`); zero:

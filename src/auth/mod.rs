@@ -1,6 +1,6 @@
 //! Who may call: bearer tokens scoped to tenants, the tenant header, and dev mode.
 //!
-//! The token list is published process-wide ([`crate::server::published::Published`]); each shard
+//! The token list is published process-wide ([`crate::runtime::published::Published`]); each shard
 //! keeps its own copy in a [`ShardAuth`], refreshed only when the list's generation moves. A
 //! request therefore authenticates with one SHA-256, one hash-map lookup and a constant-time
 //! comparison, and writes nothing shared.
@@ -19,7 +19,7 @@ use std::sync::Arc;
 use crate::cidr::Cidr;
 use crate::error::ApiError;
 use crate::http::RequestHead;
-use crate::server::published::Published;
+use crate::runtime::published::Published;
 use rate_limit::LocalAllowance;
 pub use rate_limit::RateLimit;
 pub use tokens::{Scope, TokenEntry, TokenPolicy, TokenSet};

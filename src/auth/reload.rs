@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use super::{TokenPolicy, TokenSet, TokenSource};
-use crate::server::published::Published;
+use crate::runtime::published::Published;
 
 /// How often the token file is checked. A removed token stops working within this, plus a read.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);

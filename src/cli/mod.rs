@@ -18,7 +18,7 @@ use crate::auth::{AuthConfig, RateLimit, TokenSource};
 use crate::cidr::parse_cidrs;
 use crate::config::{IoDriverChoice, Limits, ServerConfig};
 use crate::pipelines::sink::SinkNetworks;
-use crate::server::cpu::PinShards;
+use crate::runtime::cpu::PinShards;
 use crate::tls::TlsFiles;
 
 /// The `token_id` key when none is configured: ids are then stable, but anyone can compute them.

@@ -8,7 +8,7 @@ use wasmtime::{Engine, InstancePre, Linker};
 use super::catalog::PipelineMap;
 use super::record::{is_valid_id, name_rank};
 use super::{Catalog, DeployedFunction, FunctionRecord};
-use crate::server::published::Subscription;
+use crate::runtime::published::Subscription;
 use crate::wasm::module::uses_tensors;
 use crate::wasm::{new_linker, GuestState};
 

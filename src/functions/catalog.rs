@@ -6,7 +6,7 @@ use wasmtime::Module;
 
 use super::FunctionRecord;
 use crate::pipelines::PipelineRecord;
-use crate::server::published::Published;
+use crate::runtime::published::Published;
 use crate::wasm::WasiArgs;
 
 /// A live function: its record and its compiled module, shared by every shard.

@@ -19,7 +19,7 @@ use super::{
 use crate::api::Route;
 use crate::config::Limits;
 use crate::error::ApiError;
-use crate::server::event::{race, Either, LocalEvent};
+use crate::runtime::event::{race, Either, LocalEvent};
 use crate::server::shard::{BodyReservation, ConnectionGuard};
 use crate::tls::TlsStream;
 

@@ -24,7 +24,7 @@ use crate::cidr::{not_public, Cidr};
 use crate::error::ApiError;
 use crate::http::client::{self, Target};
 use crate::http::header_rules;
-use crate::server::event::{race, Either};
+use crate::runtime::event::{race, Either};
 use crate::wasm::envelope::Headers;
 
 /// Longest wait between two attempts, whatever the backoff or `retry-after` says.

@@ -4,14 +4,13 @@
 //! binds one SO_REUSEPORT listener per shard, starts the shards (each a pinned thread running a
 //! monoio executor), then waits for SIGTERM or SIGINT and drains.
 
-pub mod cpu;
-pub mod event;
-pub mod fair_yield;
-pub mod idle_spin;
 pub mod listener;
 pub mod logging;
-pub mod published;
 pub mod shard;
+
+/// Still named here by `wasm::tensor` (another change owns that file); the module lives in
+/// [`crate::runtime`].
+pub use crate::runtime::fair_yield;
 
 use std::fmt;
 use std::io::Write;
@@ -27,9 +26,10 @@ use crate::functions::{worker, Catalog, FunctionStore};
 use crate::metrics::Histogram;
 use crate::metrics::ShardMetrics;
 use crate::pipelines::sink::SinkHandle;
+use crate::runtime::cpu;
+use crate::runtime::published::Published;
 use crate::tls::TlsWatcher;
 use crate::wasm::{build_engine, EpochTicker};
-use published::Published;
 use tensor_wasm_dispatch::{DispatchConfig, Dispatcher};
 
 /// Why the server could not start or run.

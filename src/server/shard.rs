@@ -15,10 +15,7 @@ use monoio::net::{TcpListener, TcpStream};
 use std::net::SocketAddr;
 use wasmtime::{Engine, Store};
 
-use super::event::{race, Either, LocalEvent};
-use super::idle_spin::IdleSpin;
-use super::published::{Published, Subscription};
-use super::{cpu, Shared};
+use super::Shared;
 use crate::audit::{Actor, ActorScope, AuditEvent};
 use crate::audit::{AuditConfig, CommitSlot, ShardAudit};
 use crate::auth::refusals::{LeftOut, Refusals, Refused, WINDOW};
@@ -28,6 +25,10 @@ use crate::error::ApiError;
 use crate::functions::{AdminHandle, FunctionCache};
 use crate::http::conn::{self, Peer};
 use crate::metrics::{IoDriverKind, ShardMetrics};
+use crate::runtime::cpu;
+use crate::runtime::event::{race, Either, LocalEvent};
+use crate::runtime::idle_spin::IdleSpin;
+use crate::runtime::published::{Published, Subscription};
 use crate::tls::TlsStream;
 use crate::wasm::GuestState;
 
@@ -218,7 +219,7 @@ async fn serve(init: ShardInit) {
 
     // Before any request: damage recovery found is the first thing the new segment records.
     shard.record_integrity_failures();
-    monoio::spawn(super::fair_yield::pump());
+    monoio::spawn(crate::runtime::fair_yield::pump());
     monoio::spawn(record_left_out_refusals(shard.clone()));
     if let Some(interval) = shard.audit.checkpoint_interval() {
         monoio::spawn(sign_checkpoints(shard.clone(), interval));
@@ -295,7 +296,7 @@ async fn record_left_out_refusals(shard: Rc<Shard>) {
         for (i, left) in shard.refusals.ended(std::time::Instant::now()).into_iter().enumerate() {
             // Up to two records per remembered source: in turns, so requests are not held back.
             if i % 64 == 63 {
-                super::fair_yield::yield_now().await;
+                crate::runtime::fair_yield::yield_now().await;
             }
             shard.record_left_out(left);
         }

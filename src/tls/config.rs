@@ -10,7 +10,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
-use crate::server::published::Published;
+use crate::runtime::published::Published;
 
 /// How often the certificate files are checked for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
