@@ -18,5 +18,6 @@ pub mod metrics;
 pub mod pipelines;
 pub mod runtime;
 pub mod server;
+pub mod shard;
 pub mod tls;
 pub mod wasm;

@@ -23,7 +23,7 @@ use crate::error::ApiError;
 use crate::functions::record::is_valid_id;
 use crate::http::conn::Peer;
 use crate::http::{Method, RequestHead, Response};
-use crate::server::shard::Shard;
+use crate::shard::Shard;
 use crate::tls::forwarded::xfcc_subject;
 
 /// Who a function request is from, once authenticated.

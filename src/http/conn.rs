@@ -20,7 +20,7 @@ use crate::api::Route;
 use crate::config::Limits;
 use crate::error::ApiError;
 use crate::runtime::event::{race, Either, LocalEvent};
-use crate::server::shard::{BodyReservation, ConnectionGuard};
+use crate::shard::{BodyReservation, ConnectionGuard};
 use crate::tls::TlsStream;
 
 /// What carries a connection's bytes: plain TCP, or TLS over it. Reads append to the buffer's
@@ -234,7 +234,7 @@ pub async fn serve<T: Transport>(guard: ConnectionGuard, mut stream: T, peer: Pe
 
 /// Writes a request's audit record and names it on the response.
 fn write_audit(
-    shard: &crate::server::shard::Shard,
+    shard: &crate::shard::Shard,
     pending: crate::api::PendingAudit,
     response: &mut Response,
     started: Instant,
@@ -281,7 +281,7 @@ struct Failure<'h> {
 /// Answers a request whose framing failed; the connection closes after it, once the client has
 /// stopped sending (`linger`). Answers already queued in `out` go first.
 async fn answer_protocol_error<T: Transport>(
-    shard: &crate::server::shard::Shard,
+    shard: &crate::shard::Shard,
     stream: &mut T,
     out: &mut Vec<u8>,
     buf: &mut Vec<u8>,
