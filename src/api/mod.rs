@@ -21,7 +21,7 @@ use crate::auth::refusals::{Refused, Verdict};
 use crate::auth::{Caller, Scope};
 use crate::error::ApiError;
 use crate::functions::record::is_valid_id;
-use crate::http::conn::Peer;
+use crate::http::Peer;
 use crate::http::{Method, RequestHead, Response};
 use crate::shard::Shard;
 use crate::tls::forwarded::xfcc_subject;

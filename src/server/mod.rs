@@ -4,6 +4,7 @@
 //! binds one SO_REUSEPORT listener per shard, starts the shards (each a pinned thread running a
 //! monoio executor), then waits for SIGTERM or SIGINT and drains.
 
+pub mod conn;
 pub mod listener;
 pub mod logging;
 pub mod shard;

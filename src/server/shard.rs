@@ -13,13 +13,14 @@ use futures_channel::oneshot;
 use monoio::net::{TcpListener, TcpStream};
 use wasmtime::Engine;
 
+use super::conn;
 use crate::audit::{AuditConfig, CommitSlot};
 use crate::auth::refusals::WINDOW;
 use crate::auth::{AuthConfig, TokenSet};
 use crate::config::{IoDriverChoice, Limits};
 use crate::error::ApiError;
 use crate::functions::{AdminHandle, FunctionCache};
-use crate::http::conn::{self, Peer};
+use crate::http::Peer;
 use crate::metrics::{IoDriverKind, ShardMetrics};
 use crate::runtime::cpu;
 use crate::runtime::event::{race, Either};

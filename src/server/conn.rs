@@ -5,20 +5,19 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use super::{
-    parse_head, BodyFraming, ChunkedDecoder, ChunkedError, HeadParse, Method, Persistence, RequestHead, Response,
-    ResponseWriter,
-};
 use crate::api::Route;
 use crate::config::Limits;
 use crate::error::ApiError;
+use crate::http::{
+    parse_head, BodyFraming, ChunkedDecoder, ChunkedError, HeadParse, Method, Peer, Persistence, RequestHead, Response,
+    ResponseWriter,
+};
 use crate::runtime::event::{race, Either, LocalEvent};
 use crate::shard::{BodyReservation, ConnectionGuard};
 use crate::tls::TlsStream;
@@ -51,14 +50,6 @@ impl Transport for TlsStream {
     async fn write_all_from(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
         TlsStream::write_all(self, buf).await
     }
-}
-
-/// Who is on the other end of a connection.
-#[derive(Clone, Debug)]
-pub struct Peer {
-    pub addr: SocketAddr,
-    /// The subject of the client certificate verified during the TLS handshake (mTLS).
-    pub client_cert_subject: Option<String>,
 }
 
 /// Bytes asked of the kernel per read when the buffer has little room left.
