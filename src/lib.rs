@@ -16,6 +16,7 @@ pub mod functions;
 pub mod http;
 pub mod metrics;
 pub mod pipelines;
+pub mod route;
 pub mod runtime;
 pub mod server;
 pub mod shard;

@@ -9,10 +9,10 @@
 mod functions;
 mod pipelines;
 mod probes;
-mod route;
+
 mod run;
 
-pub use route::Route;
+pub use crate::route::Route;
 
 use std::time::Instant;
 

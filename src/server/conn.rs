@@ -11,13 +11,13 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use crate::api::Route;
 use crate::config::Limits;
 use crate::error::ApiError;
 use crate::http::{
     parse_head, BodyFraming, ChunkedDecoder, ChunkedError, HeadParse, Method, Peer, Persistence, RequestHead, Response,
     ResponseWriter,
 };
+use crate::route::Route;
 use crate::runtime::event::{race, Either, LocalEvent};
 use crate::shard::{BodyReservation, ConnectionGuard};
 use crate::tls::TlsStream;
