@@ -16,8 +16,8 @@ use tensor_wasm_dispatch::{BackendChoice, DispatchConfig};
 use crate::audit::{parse_destination, AuditConfig, AuditOnError, AuditSync, CheckpointConfig};
 use crate::auth::{AuthConfig, RateLimit, TokenSource};
 use crate::cidr::parse_cidrs;
+use crate::config::SinkNetworks;
 use crate::config::{IoDriverChoice, Limits, ServerConfig};
-use crate::pipelines::sink::SinkNetworks;
 use crate::runtime::cpu::PinShards;
 use crate::tls::TlsFiles;
 
@@ -819,7 +819,7 @@ impl ServeArgs {
                 0 => self.admin_queue_depth.div_ceil(4),
                 n => n.min(self.admin_queue_depth),
             } as usize,
-            functions_dir: self.functions_dir.map(|root| crate::functions::worker::DirectoryConfig {
+            functions_dir: self.functions_dir.map(|root| crate::config::DirectoryConfig {
                 root,
                 poll: std::time::Duration::from_millis(self.functions_dir_poll_ms),
             }),

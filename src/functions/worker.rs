@@ -122,13 +122,7 @@ pub struct PendingDeploy {
     reply: DeployReply,
 }
 
-/// The functions directory the worker watches.
-#[derive(Clone, Debug)]
-pub struct DirectoryConfig {
-    pub root: PathBuf,
-    /// How often it is listed: changes are live within this, plus a compile.
-    pub poll: Duration,
-}
+pub use crate::config::DirectoryConfig;
 
 /// Starts the worker; it loads the store and the functions directory before serving its queue of
 /// `queue_depth` jobs.

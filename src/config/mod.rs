@@ -4,6 +4,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod sink_networks;
+
+pub use sink_networks::SinkNetworks;
+
 use crate::audit::AuditConfig;
 use crate::auth::AuthConfig;
 use crate::tls::TlsFiles;
@@ -36,7 +40,7 @@ pub struct ServerConfig {
     /// The share of that queue one tenant's jobs may hold.
     pub admin_queue_depth_per_tenant: usize,
     /// The functions directory to load and watch, if any.
-    pub functions_dir: Option<crate::functions::worker::DirectoryConfig>,
+    pub functions_dir: Option<DirectoryConfig>,
     /// Threads delivering pipeline outputs to sinks, and deliveries that may wait for one.
     pub sink_workers: usize,
     pub sink_queue_depth: usize,
@@ -104,7 +108,7 @@ pub struct Limits {
     pub max_stderr_bytes: usize,
     pub epoch_tick_ms: u64,
     /// Where pipeline sinks may be delivered to.
-    pub sink_networks: crate::pipelines::sink::SinkNetworks,
+    pub sink_networks: SinkNetworks,
 }
 
 impl Limits {
@@ -123,4 +127,12 @@ impl Limits {
     pub fn linger(&self) -> Duration {
         Duration::from_millis(self.linger_ms)
     }
+}
+
+/// The functions directory the worker watches.
+#[derive(Clone, Debug)]
+pub struct DirectoryConfig {
+    pub root: PathBuf,
+    /// How often it is listed: changes are live within this, plus a compile.
+    pub poll: Duration,
 }
