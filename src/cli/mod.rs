@@ -24,8 +24,7 @@ use crate::tls::TlsFiles;
 /// The `token_id` key when none is configured: ids are then stable, but anyone can compute them.
 const DEFAULT_TOKEN_ID_KEY: &str = "tensor-wasm/token-id/v1";
 
-/// Exit status for a bad flag, env var or start-up condition the operator must fix.
-pub const EXIT_USAGE: i32 = 2;
+pub use crate::config::EXIT_USAGE;
 
 #[derive(Parser)]
 #[command(name = "tensor-wasm", version, about = "Serverless runtime for WebAssembly functions on GPU hosts")]

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 mod sink_networks;
 
+/// Exit status for a bad flag, env var or start-up condition the operator must fix.
+pub const EXIT_USAGE: i32 = 2;
+
 pub use sink_networks::SinkNetworks;
 
 use crate::audit::AuditConfig;

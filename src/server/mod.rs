@@ -45,7 +45,7 @@ pub enum ServerError {
 impl ServerError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            ServerError::Config(_) => crate::cli::EXIT_USAGE,
+            ServerError::Config(_) => crate::config::EXIT_USAGE,
             ServerError::Runtime(_) => 1,
         }
     }
