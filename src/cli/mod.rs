@@ -859,7 +859,7 @@ impl ServeArgs {
                 max_functions_per_tenant: self.max_functions_per_tenant,
                 max_storage_bytes_per_tenant: self.max_storage_mb_per_tenant.saturating_mul(1024 * 1024),
                 audit_reserve_bytes: self.audit_reserve_mb.saturating_mul(1024 * 1024),
-                compile_budget: Some(crate::wasm::compile::CompileBudget {
+                compile_budget: Some(crate::config::CompileBudget {
                     memory_bytes: self.compile_memory_mb.saturating_mul(1024 * 1024),
                     timeout: std::time::Duration::from_millis(self.compile_timeout_ms),
                     nice: self.compile_nice,
@@ -868,7 +868,7 @@ impl ServeArgs {
                     0 => std::thread::available_parallelism().map_or(1, usize::from),
                     n => n,
                 },
-                module_shape: crate::wasm::module::ModuleShape {
+                module_shape: crate::config::ModuleShape {
                     max_functions: self.max_module_functions,
                     max_code_bytes: self.max_module_code_bytes,
                     max_function_body_bytes: self.max_function_body_bytes,

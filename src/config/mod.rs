@@ -85,12 +85,12 @@ pub struct Limits {
     /// What a deploy's compile may take, in a child process that runs this process's own binary
     /// (`wasm::compile`). `None`: compile in-process, for a program other than `tensor-wasm` that
     /// embeds the catalog (a benchmark), whose binary has no compile subcommand.
-    pub compile_budget: Option<crate::wasm::compile::CompileBudget>,
+    pub compile_budget: Option<CompileBudget>,
     /// Threads that load stored modules at start-up, and compile a functions directory's new
     /// modules, side by side (`functions::loader`).
     pub load_threads: usize,
     /// What a module may be before it is compiled (`wasm::module::check_shape`).
-    pub module_shape: crate::wasm::module::ModuleShape,
+    pub module_shape: ModuleShape,
     /// Most invocations one tenant may run at once in the process, split over the shards; past
     /// it, 429 `concurrency_limited`.
     pub max_concurrent_per_tenant: u32,
@@ -138,4 +138,28 @@ pub struct DirectoryConfig {
     pub root: PathBuf,
     /// How often it is listed: changes are live within this, plus a compile.
     pub poll: Duration,
+}
+
+/// How much one compile may take.
+#[derive(Clone, Copy, Debug)]
+pub struct CompileBudget {
+    /// The child's address-space limit, in bytes.
+    pub memory_bytes: u64,
+    pub timeout: Duration,
+    /// The child's nice value: a compile takes a CPU for seconds, and at a lower priority than
+    /// the shards it leaves them the CPU whenever they have requests.
+    pub nice: i32,
+}
+
+/// How large a module may be where compiling costs: what is checked before compiling. A 5 MB
+/// module of a million empty functions took Cranelift 98.7 s and 5.8 GB; each limit is a
+/// configured flag with its own 400 kind.
+#[derive(Clone, Copy, Debug)]
+pub struct ModuleShape {
+    /// Functions the module defines (imports aside).
+    pub max_functions: u32,
+    /// Bytes of the code section, every body together.
+    pub max_code_bytes: u64,
+    /// Bytes of the largest function body.
+    pub max_function_body_bytes: u32,
 }
