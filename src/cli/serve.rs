@@ -442,14 +442,62 @@ pub enum IoDriverArg {
 }
 
 impl ServeArgs {
-    /// Checks the values that clap's types alone cannot, and builds the server's configuration.
-    pub fn into_config(self) -> Result<ServerConfig, String> {
-        fn positive(name: &str, v: u64) -> Result<u64, String> {
-            if v == 0 {
-                return Err(format!("--{name} must be greater than 0"));
-            }
-            Ok(v)
-        }
+    /// Checks the values that clap's types alone cannot, section by section in this order (the
+    /// first flag found wrong is the error), and builds the server's configuration.
+    pub fn into_config(mut self) -> Result<ServerConfig, String> {
+        let per_tenant_body_bytes = self.check_requests()?;
+        let sink_max_inflight_per_tenant = self.check_capacity()?;
+        self.check_guests()?;
+        let (auth, dev_mode) = self.auth_config()?;
+        let audit = self.audit_config()?;
+        let sink_networks = SinkNetworks::parse(&self.sink_allowed_cidrs)
+            .map_err(|e| format!("TENSOR_WASM_SINK_ALLOWED_CIDRS: {e}"))?;
+        let io_driver = self.io_driver()?;
+        let dispatch = self.dispatch_config();
+        let limits = self.limits(per_tenant_body_bytes, dev_mode, sink_networks);
+        Ok(ServerConfig {
+            listen: self.listen,
+            shards: self.shards.map(usize::from),
+            pin_shards: match self.pin_shards {
+                PinShardsArg::Auto => PinShards::Auto,
+                PinShardsArg::Always => PinShards::Always,
+                PinShardsArg::Never => PinShards::Never,
+            },
+            data_dir: self.data_dir,
+            io_driver,
+            idle_spin: std::time::Duration::from_micros(self.idle_spin_us),
+            drain_grace_ms: self.drain_grace_ms,
+            drain_timeout_ms: self.drain_timeout_ms,
+            admin_queue_depth: self.admin_queue_depth as usize,
+            admin_queue_depth_per_tenant: match self.admin_queue_depth_per_tenant {
+                0 => self.admin_queue_depth.div_ceil(4),
+                n => n.min(self.admin_queue_depth),
+            } as usize,
+            functions_dir: self.functions_dir.map(|root| crate::config::DirectoryConfig {
+                root,
+                poll: std::time::Duration::from_millis(self.functions_dir_poll_ms),
+            }),
+            sink_workers: self.sink_workers.into(),
+            sink_queue_depth: self.sink_queue_depth as usize,
+            sink_max_inflight_per_tenant,
+            sink_max_delivery_ms: self.sink_max_delivery_ms,
+            dispatch,
+            auth,
+            audit,
+            guest_profiler: match self.guest_perf_map {
+                true => crate::wasm::GuestProfiler::PerfMap,
+                false => crate::wasm::GuestProfiler::Off,
+            },
+            tls: match (self.tls_cert, self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: self.tls_client_ca }),
+                _ => None,
+            },
+            limits,
+        })
+    }
+
+    /// Request sizes, modules and heads; returns each tenant's share of in-flight body bytes.
+    fn check_requests(&self) -> Result<u64, String> {
         positive("max-body-bytes", self.max_body_bytes)?;
         positive("max-invoke-body-bytes", self.max_invoke_body_bytes)?;
         let per_tenant_body_bytes = match self.max_inflight_body_bytes_per_tenant {
@@ -490,6 +538,12 @@ impl ServeArgs {
                 crate::http::MAX_HEADERS_CAP
             ));
         }
+        Ok(per_tenant_body_bytes)
+    }
+
+    /// Connections, instances, queues, sinks and the functions directory; returns each tenant's
+    /// share of sink deliveries.
+    fn check_capacity(&self) -> Result<u32, String> {
         positive("max-connections", self.max_connections.into())?;
         positive("max-instances", self.max_instances.into())?;
         positive("max-output-bytes", self.max_output_bytes.into())?;
@@ -518,6 +572,11 @@ impl ServeArgs {
                 return Err(format!("--functions-dir {}: not a directory", dir.display()));
             }
         }
+        Ok(sink_max_inflight_per_tenant)
+    }
+
+    /// Kernel dispatch, deadlines and guest memory.
+    fn check_guests(&self) -> Result<(), String> {
         positive("gpu-host-devices", self.gpu_host_devices.into())?;
         positive("gpu-streams", self.gpu_streams.into())?;
         positive("dispatch-ring-depth", self.dispatch_ring_depth.into())?;
@@ -545,7 +604,13 @@ impl ServeArgs {
         if self.max_memory_limit_mb > 64 * 1024 {
             return Err("--max-memory-limit-mb must be at most 65536 (64 GiB)".into());
         }
-        let source = match (self.api_tokens, self.api_tokens_file) {
+        Ok(())
+    }
+
+    /// Tokens, rate limits and trusted proxies; also whether the server runs in dev mode (no
+    /// tokens).
+    fn auth_config(&mut self) -> Result<(AuthConfig, bool), String> {
+        let source = match (self.api_tokens.take(), self.api_tokens_file.take()) {
             (Some(_), Some(_)) => {
                 return Err("set TENSOR_WASM_API_TOKENS or TENSOR_WASM_API_TOKENS_FILE, not both".into());
             }
@@ -564,8 +629,8 @@ impl ServeArgs {
         let dev_mode = matches!(source, TokenSource::Dev);
         let auth = AuthConfig {
             source,
-            token_id_key: self.api_token_id_key.unwrap_or_else(|| DEFAULT_TOKEN_ID_KEY.into()).into_bytes(),
-            metrics_token: self.api_metrics_token,
+            token_id_key: self.api_token_id_key.take().unwrap_or_else(|| DEFAULT_TOKEN_ID_KEY.into()).into_bytes(),
+            metrics_token: self.api_metrics_token.take(),
             require_tenant: self.require_tenant,
             trusted_proxies: parse_cidrs(&self.trusted_proxy_cidrs)
                 .map_err(|e| format!("TENSOR_WASM_API_TRUSTED_PROXY_CIDRS: {e}"))?,
@@ -591,6 +656,11 @@ impl ServeArgs {
             },
             max_refusal_sources: positive("max-refusal-sources", self.max_refusal_sources.into())? as usize,
         };
+        Ok((auth, dev_mode))
+    }
+
+    /// Where the audit log goes, how it syncs and whether checkpoints are signed.
+    fn audit_config(&self) -> Result<AuditConfig, String> {
         if (self.audit_segment_bytes as usize) < crate::audit::MIN_SEGMENT_BYTES {
             return Err("--audit-segment-bytes must be at least 65536".into());
         }
@@ -630,8 +700,11 @@ impl ServeArgs {
                 }),
             },
         };
-        let sink_networks = SinkNetworks::parse(&self.sink_allowed_cidrs)
-            .map_err(|e| format!("TENSOR_WASM_SINK_ALLOWED_CIDRS: {e}"))?;
+        Ok(audit)
+    }
+
+    /// The I/O driver, with `--idle-spin-us`.
+    fn io_driver(&self) -> Result<IoDriverChoice, String> {
         // Spinning needs epoll's non-blocking poll, which also takes other threads' wakes
         // (server/idle_spin.rs).
         let io_driver = match (self.io_driver, self.idle_spin_us) {
@@ -644,104 +717,85 @@ impl ServeArgs {
             (IoDriverArg::Auto, 0) => IoDriverChoice::Auto,
             (IoDriverArg::IoUring, 0) => IoDriverChoice::IoUring,
         };
-        Ok(ServerConfig {
-            listen: self.listen,
-            shards: self.shards.map(usize::from),
-            pin_shards: match self.pin_shards {
-                PinShardsArg::Auto => PinShards::Auto,
-                PinShardsArg::Always => PinShards::Always,
-                PinShardsArg::Never => PinShards::Never,
-            },
-            data_dir: self.data_dir,
-            io_driver,
-            idle_spin: std::time::Duration::from_micros(self.idle_spin_us),
-            drain_grace_ms: self.drain_grace_ms,
-            drain_timeout_ms: self.drain_timeout_ms,
-            admin_queue_depth: self.admin_queue_depth as usize,
-            admin_queue_depth_per_tenant: match self.admin_queue_depth_per_tenant {
-                0 => self.admin_queue_depth.div_ceil(4),
-                n => n.min(self.admin_queue_depth),
-            } as usize,
-            functions_dir: self.functions_dir.map(|root| crate::config::DirectoryConfig {
-                root,
-                poll: std::time::Duration::from_millis(self.functions_dir_poll_ms),
-            }),
-            sink_workers: self.sink_workers.into(),
-            sink_queue_depth: self.sink_queue_depth as usize,
-            sink_max_inflight_per_tenant,
-            sink_max_delivery_ms: self.sink_max_delivery_ms,
-            dispatch: DispatchConfig {
-                backend: match self.gpu {
-                    GpuArg::Auto => BackendChoice::Auto,
-                    GpuArg::Cuda => BackendChoice::Cuda,
-                    GpuArg::Host => BackendChoice::Host,
-                },
-                host_devices: self.gpu_host_devices.into(),
-                streams_per_device: self.gpu_streams.into(),
-                ring_depth: self.dispatch_ring_depth as usize,
-                guest_spin: std::time::Duration::from_micros(self.dispatch_spin_us),
-                max_ring_wait: std::time::Duration::from_millis(self.dispatch_max_wait_ms),
-                tenant_quota_bytes: self.gpu_memory_per_tenant_mb.saturating_mul(1 << 20),
-                max_tensors_per_session: self.max_tensors_per_invocation as usize,
-                ..DispatchConfig::default()
-            },
-            auth,
-            audit,
-            guest_profiler: match self.guest_perf_map {
-                true => crate::wasm::GuestProfiler::PerfMap,
-                false => crate::wasm::GuestProfiler::Off,
-            },
-            tls: match (self.tls_cert, self.tls_key) {
-                (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: self.tls_client_ca }),
-                _ => None,
-            },
-            limits: Limits {
-                max_body_bytes: self.max_body_bytes,
-                max_invoke_body_bytes: self.max_invoke_body_bytes,
-                max_inflight_body_bytes: self.max_inflight_body_bytes,
-                max_inflight_body_bytes_per_tenant: per_tenant_body_bytes,
-                max_functions_per_tenant: self.max_functions_per_tenant,
-                max_storage_bytes_per_tenant: self.max_storage_mb_per_tenant.saturating_mul(1024 * 1024),
-                audit_reserve_bytes: self.audit_reserve_mb.saturating_mul(1024 * 1024),
-                compile_budget: Some(crate::config::CompileBudget {
-                    memory_bytes: self.compile_memory_mb.saturating_mul(1024 * 1024),
-                    timeout: std::time::Duration::from_millis(self.compile_timeout_ms),
-                    nice: self.compile_nice,
-                }),
-                load_threads: match self.load_threads {
-                    0 => std::thread::available_parallelism().map_or(1, usize::from),
-                    n => n,
-                },
-                module_shape: crate::config::ModuleShape {
-                    max_functions: self.max_module_functions,
-                    max_code_bytes: self.max_module_code_bytes,
-                    max_function_body_bytes: self.max_function_body_bytes,
-                },
-                max_concurrent_per_tenant: match self.max_concurrent_per_tenant {
-                    0 if dev_mode => self.max_instances,
-                    0 => self.max_instances.div_ceil(4),
-                    n => n,
-                },
-                max_header_bytes: self.max_header_bytes as usize,
-                max_headers: self.max_headers as usize,
-                header_timeout_ms: self.header_timeout_ms,
-                body_timeout_ms: self.body_timeout_ms,
-                write_timeout_ms: self.write_timeout_ms,
-                idle_timeout_ms: self.idle_timeout_ms,
-                linger_ms: self.linger_ms,
-                max_connections: self.max_connections as usize,
-                max_instances: self.max_instances,
-                default_timeout_ms: self.default_timeout_ms,
-                max_timeout_ms: self.max_timeout_ms,
-                default_memory_limit_mb: self.default_memory_limit_mb,
-                max_memory_limit_mb: self.max_memory_limit_mb,
-                max_output_bytes: self.max_output_bytes as usize,
-                max_stderr_bytes: self.max_stderr_bytes as usize,
-                epoch_tick_ms: self.epoch_tick_ms,
-                sink_networks,
-            },
-        })
+        Ok(io_driver)
     }
+
+    /// The kernel dispatcher's settings (checked in `check_guests`).
+    fn dispatch_config(&self) -> DispatchConfig {
+        DispatchConfig {
+            backend: match self.gpu {
+                GpuArg::Auto => BackendChoice::Auto,
+                GpuArg::Cuda => BackendChoice::Cuda,
+                GpuArg::Host => BackendChoice::Host,
+            },
+            host_devices: self.gpu_host_devices.into(),
+            streams_per_device: self.gpu_streams.into(),
+            ring_depth: self.dispatch_ring_depth as usize,
+            guest_spin: std::time::Duration::from_micros(self.dispatch_spin_us),
+            max_ring_wait: std::time::Duration::from_millis(self.dispatch_max_wait_ms),
+            tenant_quota_bytes: self.gpu_memory_per_tenant_mb.saturating_mul(1 << 20),
+            max_tensors_per_session: self.max_tensors_per_invocation as usize,
+            ..DispatchConfig::default()
+        }
+    }
+
+    /// The limits every shard enforces (checked in `check_requests`, `check_capacity` and
+    /// `check_guests`).
+    fn limits(&self, per_tenant_body_bytes: u64, dev_mode: bool, sink_networks: SinkNetworks) -> Limits {
+        Limits {
+            max_body_bytes: self.max_body_bytes,
+            max_invoke_body_bytes: self.max_invoke_body_bytes,
+            max_inflight_body_bytes: self.max_inflight_body_bytes,
+            max_inflight_body_bytes_per_tenant: per_tenant_body_bytes,
+            max_functions_per_tenant: self.max_functions_per_tenant,
+            max_storage_bytes_per_tenant: self.max_storage_mb_per_tenant.saturating_mul(1024 * 1024),
+            audit_reserve_bytes: self.audit_reserve_mb.saturating_mul(1024 * 1024),
+            compile_budget: Some(crate::config::CompileBudget {
+                memory_bytes: self.compile_memory_mb.saturating_mul(1024 * 1024),
+                timeout: std::time::Duration::from_millis(self.compile_timeout_ms),
+                nice: self.compile_nice,
+            }),
+            load_threads: match self.load_threads {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n,
+            },
+            module_shape: crate::config::ModuleShape {
+                max_functions: self.max_module_functions,
+                max_code_bytes: self.max_module_code_bytes,
+                max_function_body_bytes: self.max_function_body_bytes,
+            },
+            max_concurrent_per_tenant: match self.max_concurrent_per_tenant {
+                0 if dev_mode => self.max_instances,
+                0 => self.max_instances.div_ceil(4),
+                n => n,
+            },
+            max_header_bytes: self.max_header_bytes as usize,
+            max_headers: self.max_headers as usize,
+            header_timeout_ms: self.header_timeout_ms,
+            body_timeout_ms: self.body_timeout_ms,
+            write_timeout_ms: self.write_timeout_ms,
+            idle_timeout_ms: self.idle_timeout_ms,
+            linger_ms: self.linger_ms,
+            max_connections: self.max_connections as usize,
+            max_instances: self.max_instances,
+            default_timeout_ms: self.default_timeout_ms,
+            max_timeout_ms: self.max_timeout_ms,
+            default_memory_limit_mb: self.default_memory_limit_mb,
+            max_memory_limit_mb: self.max_memory_limit_mb,
+            max_output_bytes: self.max_output_bytes as usize,
+            max_stderr_bytes: self.max_stderr_bytes as usize,
+            epoch_tick_ms: self.epoch_tick_ms,
+            sink_networks,
+        }
+    }
+}
+
+/// `v`, or an error naming `--{name}` when it is zero.
+fn positive(name: &str, v: u64) -> Result<u64, String> {
+    if v == 0 {
+        return Err(format!("--{name} must be greater than 0"));
+    }
+    Ok(v)
 }
 
 /// `tensor-wasm serve`: validates the flags, then runs the server until it drains.
