@@ -115,6 +115,11 @@ impl Catalog {
         self.functions.publish(map);
     }
 
+    /// The live functions, as shards derive their caches from them.
+    pub fn functions(&self) -> &Published<FunctionMap> {
+        &self.functions
+    }
+
     /// Every pipeline, for a shard's subscription.
     pub fn pipelines(&self) -> &Published<PipelineMap> {
         &self.pipelines
