@@ -21,8 +21,8 @@ pub fn default_limits() -> Limits {
 
 /// Pins the calling thread to the first allowed CPU, as a shard would be.
 pub fn pin_like_a_shard() {
-    if let Ok(cpus) = tensor_wasm::server::cpu::allowed_cpus() {
-        let _ = tensor_wasm::server::cpu::pin_current_thread(cpus[0]);
+    if let Ok(cpus) = tensor_wasm::runtime::cpu::allowed_cpus() {
+        let _ = tensor_wasm::runtime::cpu::pin_current_thread(cpus[0]);
     }
 }
 

@@ -9,7 +9,7 @@ use crate::functions::catalog::function_json;
 use crate::functions::record::{is_valid_id, Abi};
 use crate::functions::{DeployRequest, LocalFunction};
 use crate::http::{RequestHead, Response, Status};
-use crate::server::shard::Shard;
+use crate::shard::Shard;
 use crate::wasm::Entry;
 
 pub fn require_loaded(shard: &Shard) -> Result<(), ApiError> {

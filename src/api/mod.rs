@@ -9,10 +9,10 @@
 mod functions;
 mod pipelines;
 mod probes;
-mod route;
+
 mod run;
 
-pub use route::Route;
+pub use crate::route::Route;
 
 use std::time::Instant;
 
@@ -21,9 +21,9 @@ use crate::auth::refusals::{Refused, Verdict};
 use crate::auth::{Caller, Scope};
 use crate::error::ApiError;
 use crate::functions::record::is_valid_id;
-use crate::http::conn::Peer;
+use crate::http::Peer;
 use crate::http::{Method, RequestHead, Response};
-use crate::server::shard::Shard;
+use crate::shard::Shard;
 use crate::tls::forwarded::xfcc_subject;
 
 /// Who a function request is from, once authenticated.

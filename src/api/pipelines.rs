@@ -14,7 +14,7 @@ use crate::functions::record::is_valid_id;
 use crate::http::{RequestHead, Response, Status};
 use crate::pipelines::sink::Delivery;
 use crate::pipelines::PipelineRecord;
-use crate::server::shard::Shard;
+use crate::shard::Shard;
 use crate::wasm::envelope::Headers;
 
 pub fn list(shard: &Shard, ctx: &RequestContext) -> Result<Response, ApiError> {

@@ -1,7 +1,7 @@
 use crate::error::ApiError;
 use crate::http::{Response, Status};
 use crate::metrics::{render, ScrapeContext};
-use crate::server::shard::Shard;
+use crate::shard::Shard;
 
 pub fn healthz() -> Response {
     Response::json(Status::Ok, br#"{"status":"ok"}"#.to_vec())

@@ -12,7 +12,7 @@ use crate::error::ApiError;
 use crate::functions::record::Abi;
 use crate::functions::LocalFunction;
 use crate::http::{header_rules, RequestHead, Response, Status};
-use crate::server::shard::Shard;
+use crate::shard::Shard;
 use crate::wasm::envelope::{self, Headers};
 use crate::wasm::{invoke as run_invocation, Entry, InvokeLimits, InvokeOutput, TensorContext};
 

@@ -1,6 +1,6 @@
 //! Who may call: bearer tokens scoped to tenants, the tenant header, and dev mode.
 //!
-//! The token list is published process-wide ([`crate::server::published::Published`]); each shard
+//! The token list is published process-wide ([`crate::runtime::published::Published`]); each shard
 //! keeps its own copy in a [`ShardAuth`], refreshed only when the list's generation moves. A
 //! request therefore authenticates with one SHA-256, one hash-map lookup and a constant-time
 //! comparison, and writes nothing shared.
@@ -10,7 +10,6 @@ pub mod refusals;
 pub mod reload;
 pub mod tokens;
 
-use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -19,7 +18,7 @@ use std::sync::Arc;
 use crate::cidr::Cidr;
 use crate::error::ApiError;
 use crate::http::RequestHead;
-use crate::server::published::Published;
+use crate::runtime::published::{Derived, Published};
 use rate_limit::LocalAllowance;
 pub use rate_limit::RateLimit;
 pub use tokens::{Scope, TokenEntry, TokenPolicy, TokenSet};
@@ -95,15 +94,14 @@ pub struct ShardAuth {
     shard: usize,
     /// Admissions taken from a token's bucket at once (see `rate_limit::batch_size`).
     batch: u32,
-    generation: Cell<u64>,
-    local: RefCell<HashMap<[u8; 32], Rc<LocalToken>>>,
+    local: Derived<HashMap<[u8; 32], Rc<LocalToken>>>,
 }
 
 impl ShardAuth {
     /// `tokens` is `None` in dev mode.
     pub fn new(config: Arc<AuthConfig>, tokens: Option<Arc<Published<TokenSet>>>, shard: usize, shards: usize) -> Self {
         let batch = config.rate_limit.map_or(1, |limit| rate_limit::batch_size(limit, shards));
-        ShardAuth { config, tokens, shard, batch, generation: Cell::new(0), local: RefCell::default() }
+        ShardAuth { config, tokens, shard, batch, local: Derived::default() }
     }
 
     /// Counts the request against its token's rate: 429 `rate_limited` past it.
@@ -131,11 +129,8 @@ impl ShardAuth {
         let presented = bearer(head)?;
         let Some(tokens) = &self.tokens else { return Ok(Caller::Dev) };
         let presented = presented.ok_or(ApiError::Unauthorized)?;
-        if tokens.generation() != self.generation.get() {
-            let (generation, set) = tokens.load();
-            let mut old = self.local.take();
-            let local = set
-                .entries()
+        let local = self.local.get(tokens, |set, mut old| {
+            set.entries()
                 .map(|(key, entry)| {
                     // An unchanged token keeps this shard's unspent allowance.
                     let kept = old.remove(key).filter(|t| Arc::ptr_eq(&t.entry, entry));
@@ -148,11 +143,8 @@ impl ShardAuth {
                     });
                     (*key, token)
                 })
-                .collect();
-            self.local.replace(local);
-            self.generation.set(generation);
-        }
-        let local = self.local.borrow();
+                .collect()
+        });
         let token = local.get(&tokens::lookup_key(presented)).filter(|t| t.entry.matches(presented));
         token.map(|t| Caller::Bearer(t.clone())).ok_or(ApiError::Unauthorized)
     }

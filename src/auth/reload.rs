@@ -1,18 +1,18 @@
 //! Loading the token list, and keeping it current when it comes from a file: the file is checked
-//! every [`POLL_INTERVAL`] (its size, modification time and inode, so a Kubernetes Secret's
-//! `..data` symlink swap counts) and re-read at once on SIGHUP. A list that does not parse is
+//! every [`POLL_INTERVAL`] (its stamp, `runtime::watch`: device, inode, size and modification
+//! time, so a Kubernetes Secret's `..data` symlink swap counts) and re-read at once on SIGHUP. A list that does not parse is
 //! logged and ignored: the previous one keeps serving.
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use super::{TokenPolicy, TokenSet, TokenSource};
-use crate::server::published::Published;
+use crate::runtime::published::Published;
+use crate::runtime::watch;
 
 /// How often the token file is checked. A removed token stops working within this, plus a read.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -43,13 +43,6 @@ fn parse_non_empty(list: &str, policy: &TokenPolicy, previous: Option<&TokenSet>
     Ok(set)
 }
 
-#[derive(PartialEq, Eq)]
-struct Fingerprint(Option<(u64, SystemTime, u64)>);
-
-fn fingerprint(path: &Path) -> Fingerprint {
-    Fingerprint(fs::metadata(path).ok().map(|m| (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.ino())))
-}
-
 /// Watches `path` and publishes every list that parses. `hangup` is set by the SIGHUP handler.
 pub fn spawn_watcher(
     path: PathBuf,
@@ -57,28 +50,20 @@ pub fn spawn_watcher(
     published: Arc<Published<TokenSet>>,
     hangup: Arc<AtomicBool>,
 ) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new().name("tw-tokens".into()).spawn(move || {
-        let mut seen = fingerprint(&path);
-        loop {
-            std::thread::sleep(POLL_INTERVAL);
-            let now = fingerprint(&path);
-            let asked = hangup.swap(false, Ordering::AcqRel);
-            if now == seen && !asked {
-                continue;
+    let asked = move || hangup.swap(false, Ordering::AcqRel);
+    let watched = vec![path.clone()];
+    watch::spawn_poller("tw-tokens", POLL_INTERVAL, watched, asked, move |asked| {
+        let previous = published.load().1;
+        match read(&path, &policy, Some(&previous)) {
+            Ok(set) => {
+                tracing::info!(
+                    tokens = set.len(),
+                    reason = if asked { "SIGHUP" } else { "file changed" },
+                    "token list reloaded"
+                );
+                published.publish(set);
             }
-            seen = now;
-            let previous = published.load().1;
-            match read(&path, &policy, Some(&previous)) {
-                Ok(set) => {
-                    tracing::info!(
-                        tokens = set.len(),
-                        reason = if asked { "SIGHUP" } else { "file changed" },
-                        "token list reloaded"
-                    );
-                    published.publish(set);
-                }
-                Err(e) => tracing::error!("{e}; keeping the previous token list"),
-            }
+            Err(e) => tracing::error!("{e}; keeping the previous token list"),
         }
     })
 }

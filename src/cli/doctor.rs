@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tensor_wasm_dispatch::{probe, BackendChoice, DispatchConfig, Dispatcher, Done, Op, Session};
 
-use crate::server::cpu;
+use crate::runtime::cpu;
 
 #[derive(clap::Args)]
 pub struct DoctorArgs {

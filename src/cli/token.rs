@@ -31,10 +31,19 @@ pub fn generate(args: GenerateArgs) -> i32 {
     } else {
         args.tenant.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
     };
-    let key = args.token_id_key.unwrap_or_else(|| super::DEFAULT_TOKEN_ID_KEY.to_string());
+    let key = args.token_id_key.unwrap_or_else(|| DEFAULT_TOKEN_ID_KEY.to_string());
     println!("token:    {token}");
     println!("entry:    {token}:tenant={scope}");
     println!("token_id: {}", token_id(key.as_bytes(), token.as_bytes()));
     eprintln!("Store the token in your secret manager now; the server keeps only its hash.");
     0
+}
+
+/// The `token_id` key when none is configured: ids are then stable, but anyone can compute them.
+pub(crate) const DEFAULT_TOKEN_ID_KEY: &str = "tensor-wasm/token-id/v1";
+
+#[derive(clap::Subcommand)]
+pub enum TokenCommand {
+    /// Print a new 256-bit token, its `TENSOR_WASM_API_TOKENS` entry and its token_id.
+    Generate(GenerateArgs),
 }

@@ -1,14 +1,14 @@
-use std::cell::{Cell, RefCell};
+use std::cell::Ref;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use wasmtime::{Engine, InstancePre, Linker};
 
-use super::catalog::PipelineMap;
+use super::catalog::{FunctionMap, PipelineMap};
 use super::record::{is_valid_id, name_rank};
 use super::{Catalog, DeployedFunction, FunctionRecord};
-use crate::server::published::Subscription;
+use crate::runtime::published::{Derived, Subscription};
 use crate::wasm::module::uses_tensors;
 use crate::wasm::{new_linker, GuestState};
 
@@ -35,51 +35,50 @@ pub enum Missing {
 /// It also keeps the shard's view of the pipelines, and an index of function names for their steps.
 pub struct FunctionCache {
     linker: Linker<GuestState>,
-    generation: Cell<u64>,
-    map: RefCell<HashMap<String, Rc<LocalFunction>>>,
-    /// Broken functions by id: listed and found, never run.
-    broken: RefCell<HashMap<String, Arc<DeployedFunction>>>,
-    /// (tenant, name) to the id a pipeline step of that name runs (`record::name_rank`).
-    names: RefCell<HashMap<(u64, String), String>>,
+    local: Derived<LocalCatalog>,
     pipelines: Subscription<PipelineMap>,
+}
+
+/// The shard's functions, derived from one generation of the catalog.
+#[derive(Default)]
+struct LocalCatalog {
+    map: HashMap<String, Rc<LocalFunction>>,
+    /// Broken functions by id: listed and found, never run.
+    broken: HashMap<String, Arc<DeployedFunction>>,
+    /// (tenant, name) to the id a pipeline step of that name runs (`record::name_rank`).
+    names: HashMap<(u64, String), String>,
+}
+
+impl LocalCatalog {
+    fn find(&self, tenant: u64, id: &str) -> Result<Rc<LocalFunction>, Missing> {
+        if let Some(f) = self.map.get(id).filter(|f| f.deployed.record.tenant_id == tenant) {
+            return Ok(f.clone());
+        }
+        match self.broken.get(id).filter(|f| f.record.tenant_id == tenant) {
+            Some(f) => Err(Missing::Broken(f.clone())),
+            None => Err(Missing::NotFound),
+        }
+    }
 }
 
 impl FunctionCache {
     pub fn new(engine: &Engine) -> wasmtime::Result<Self> {
-        Ok(FunctionCache {
-            linker: new_linker(engine)?,
-            generation: Cell::new(u64::MAX),
-            map: RefCell::default(),
-            broken: RefCell::default(),
-            names: RefCell::default(),
-            pipelines: Subscription::default(),
-        })
+        Ok(FunctionCache { linker: new_linker(engine)?, local: Derived::default(), pipelines: Subscription::default() })
     }
 
     /// The function `id` of `tenant`, ready to run.
     pub fn get(&self, catalog: &Catalog, tenant: u64, id: &str) -> Result<Rc<LocalFunction>, Missing> {
-        self.sync(catalog);
-        self.find(tenant, id)
+        self.sync(catalog).find(tenant, id)
     }
 
     /// The function of `tenant` that `reference`, an id or a name, means (`record::resolve`).
     pub fn resolve(&self, catalog: &Catalog, tenant: u64, reference: &str) -> Result<Rc<LocalFunction>, Missing> {
-        self.sync(catalog);
+        let local = self.sync(catalog);
         if is_valid_id(reference) {
-            return self.find(tenant, reference);
+            return local.find(tenant, reference);
         }
-        match self.names.borrow().get(&(tenant, reference.to_string())) {
-            Some(id) => self.find(tenant, id),
-            None => Err(Missing::NotFound),
-        }
-    }
-
-    fn find(&self, tenant: u64, id: &str) -> Result<Rc<LocalFunction>, Missing> {
-        if let Some(f) = self.map.borrow().get(id).filter(|f| f.deployed.record.tenant_id == tenant) {
-            return Ok(f.clone());
-        }
-        match self.broken.borrow().get(id).filter(|f| f.record.tenant_id == tenant) {
-            Some(f) => Err(Missing::Broken(f.clone())),
+        match local.names.get(&(tenant, reference.to_string())) {
+            Some(id) => local.find(tenant, id),
             None => Err(Missing::NotFound),
         }
     }
@@ -100,18 +99,21 @@ impl FunctionCache {
 
     /// Every function of `tenant`, broken ones included.
     pub fn list(&self, catalog: &Catalog, tenant: u64) -> Vec<Arc<DeployedFunction>> {
-        self.sync(catalog);
-        let ready = self.map.borrow().values().map(|f| f.deployed.clone()).collect::<Vec<_>>();
-        let broken = self.broken.borrow().values().cloned().collect::<Vec<_>>();
+        let local = self.sync(catalog);
+        let ready = local.map.values().map(|f| f.deployed.clone()).collect::<Vec<_>>();
+        let broken = local.broken.values().cloned().collect::<Vec<_>>();
         ready.into_iter().chain(broken).filter(|f| f.record.tenant_id == tenant).collect()
     }
 
-    fn sync(&self, catalog: &Catalog) {
-        if catalog.generation() == self.generation.get() {
-            return;
-        }
-        let (generation, functions) = catalog.snapshot();
-        let mut old = self.map.take();
+    /// The shard's functions: an atomic load, plus a rebuild only when the catalog changed.
+    fn sync(&self, catalog: &Catalog) -> Ref<'_, LocalCatalog> {
+        self.local.get(catalog.functions(), |functions, old| self.rebuild(functions, old))
+    }
+
+    /// Pre-links what is new in `functions`, keeping what `old` already holds of the same
+    /// deploys.
+    fn rebuild(&self, functions: &FunctionMap, old: LocalCatalog) -> LocalCatalog {
+        let mut old = old.map;
         let mut map = HashMap::with_capacity(functions.len());
         let mut broken = HashMap::new();
         for (id, deployed) in functions.iter() {
@@ -144,9 +146,6 @@ impl FunctionCache {
             }
         }
         let names = names.into_iter().map(|(key, r)| (key, r.id.clone())).collect();
-        self.names.replace(names);
-        self.map.replace(map);
-        self.broken.replace(broken);
-        self.generation.set(generation);
+        LocalCatalog { map, broken, names }
     }
 }

@@ -6,7 +6,7 @@ use wasmtime::Module;
 
 use super::FunctionRecord;
 use crate::pipelines::PipelineRecord;
-use crate::server::published::Published;
+use crate::runtime::published::Published;
 use crate::wasm::WasiArgs;
 
 /// A live function: its record and its compiled module, shared by every shard.
@@ -113,6 +113,11 @@ impl Catalog {
     /// Replaces the function map. The catalog worker's alone: writes are not serialised.
     pub fn publish_functions(&self, map: FunctionMap) {
         self.functions.publish(map);
+    }
+
+    /// The live functions, as shards derive their caches from them.
+    pub fn functions(&self) -> &Published<FunctionMap> {
+        &self.functions
     }
 
     /// Every pipeline, for a shard's subscription.

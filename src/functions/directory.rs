@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::record::validate_name;
@@ -21,25 +20,7 @@ use super::record::validate_name;
 /// Most bytes of a manifest read.
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 
-/// A file's version, told without reading it: its inode, size and modification time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime_ns: i128,
-}
-
-/// The stamp of the file `path` names, through symlinks.
-pub fn stamp(path: &Path) -> io::Result<Stamp> {
-    let m = std::fs::metadata(path)?;
-    Ok(Stamp {
-        dev: m.dev(),
-        ino: m.ino(),
-        len: m.len(),
-        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-    })
-}
+pub use crate::runtime::watch::{stamp, Stamp};
 
 /// A function's files.
 #[derive(Debug, PartialEq, Eq)]

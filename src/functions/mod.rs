@@ -9,6 +9,7 @@
 //!   verified bytes; many at once at start-up.
 //! - [`worker`]: the thread that loads the store at start-up and performs deploys and deletes, so
 //!   that compiling and fsyncing never run on a shard. It also applies the functions directory.
+//!   One file per concern: its job queue (`jobs`), deploys, pipelines and directory sync.
 //! - [`directory`] and [`manifest`]: the functions directory's files (`--functions-dir`), and the
 //!   `NAME.toml` manifest beside a module.
 

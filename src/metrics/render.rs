@@ -4,10 +4,10 @@ use std::sync::Arc;
 use tensor_wasm_dispatch::{Dispatcher, Op};
 
 use super::shard::{Counter, Histogram, ShardMetrics};
-use crate::api::Route;
 use crate::auth::{TokenEntry, TokenSet};
 use crate::functions::catalog::DirectoryStats;
 use crate::http::{Method, Status};
+use crate::route::Route;
 
 /// What a scrape reads besides the shards' own figures.
 pub struct ScrapeContext<'a> {

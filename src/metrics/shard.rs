@@ -3,8 +3,8 @@ use std::time::Duration;
 
 use tensor_wasm_dispatch::Op;
 
-use crate::api::Route;
 use crate::http::{Method, Status};
+use crate::route::Route;
 
 /// A histogram's upper bounds, in seconds (for rendering) and nanoseconds (for observing).
 pub struct Buckets {

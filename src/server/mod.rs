@@ -4,32 +4,31 @@
 //! binds one SO_REUSEPORT listener per shard, starts the shards (each a pinned thread running a
 //! monoio executor), then waits for SIGTERM or SIGINT and drains.
 
-pub mod cpu;
-pub mod event;
-pub mod fair_yield;
-pub mod idle_spin;
+pub mod conn;
 pub mod listener;
 pub mod logging;
-pub mod published;
 pub mod shard;
 
+/// Still named here by `wasm::tensor` (another change owns that file); the module lives in
+/// [`crate::runtime`].
 use std::fmt;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::audit::{self, AuditSync, CommitSlot};
-use crate::auth::{self, TokenPolicy, TokenSet, TokenSource};
+use crate::auth::{self, TokenPolicy, TokenSource};
 use crate::config::ServerConfig;
 use crate::functions::{worker, Catalog, FunctionStore};
 use crate::metrics::Histogram;
 use crate::metrics::ShardMetrics;
-use crate::pipelines::sink::SinkHandle;
+use crate::runtime::cpu;
+use crate::runtime::published::Published;
+use crate::shard::{Shared, SharedParts};
 use crate::tls::TlsWatcher;
 use crate::wasm::{build_engine, EpochTicker};
-use published::Published;
 use tensor_wasm_dispatch::{DispatchConfig, Dispatcher};
 
 /// Why the server could not start or run.
@@ -44,7 +43,7 @@ pub enum ServerError {
 impl ServerError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            ServerError::Config(_) => crate::cli::EXIT_USAGE,
+            ServerError::Config(_) => crate::config::EXIT_USAGE,
             ServerError::Runtime(_) => 1,
         }
     }
@@ -55,39 +54,6 @@ impl fmt::Display for ServerError {
         match self {
             ServerError::Config(m) | ServerError::Runtime(m) => f.write_str(m),
         }
-    }
-}
-
-/// State every shard can see. Sharing across shards is limited to this and the catalog; the
-/// request path only reads it.
-pub struct Shared {
-    pub shard_metrics: Vec<Arc<ShardMetrics>>,
-    /// Kernel dispatch: every device's rings and worker.
-    pub dispatcher: Arc<Dispatcher>,
-    pub catalog: Arc<Catalog>,
-    /// The pool delivering pipeline outputs to sinks.
-    pub sinks: SinkHandle,
-    /// Whether `--functions-dir` is set (its figures are on `/metrics` then).
-    pub watches_directory: bool,
-    /// The token list (for `/metrics`); `None` in dev mode.
-    pub tokens: Option<Arc<Published<TokenSet>>>,
-    /// The audit group commit's fdatasync durations (written by its thread alone).
-    pub audit_sync: Arc<Histogram>,
-    shards_serving: AtomicUsize,
-    draining: AtomicBool,
-}
-
-impl Shared {
-    pub fn is_ready(&self) -> bool {
-        self.shards_serving.load(Ordering::Acquire) == self.shard_metrics.len() && self.catalog.is_loaded()
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
-    }
-
-    fn shard_started(&self) {
-        self.shards_serving.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -242,7 +208,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         tracing::info!(device = d.index, name = %d.name, backend = d.kind.label(), "kernel dispatch device");
     }
 
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(Shared::new(SharedParts {
         shard_metrics: (0..shard_count).map(|i| Arc::new(ShardMetrics::new(i, dispatcher.devices.len()))).collect(),
         dispatcher: dispatcher.clone(),
         catalog,
@@ -250,9 +216,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         watches_directory: config.functions_dir.is_some(),
         tokens: tokens.clone(),
         audit_sync: audit_sync.clone(),
-        shards_serving: AtomicUsize::new(0),
-        draining: AtomicBool::new(false),
-    });
+    }));
 
     let (started_tx, started_rx) = mpsc::channel();
     let mut shards = Vec::with_capacity(shard_count);
@@ -313,7 +277,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         tracing::info!("signal received: draining");
     }
 
-    shared.draining.store(true, Ordering::Release);
+    shared.start_draining();
     if failure.is_none() && config.drain_grace_ms > 0 {
         std::thread::sleep(Duration::from_millis(config.drain_grace_ms));
     }

@@ -1,16 +1,15 @@
-use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
-use crate::server::published::Published;
+use crate::runtime::published::Published;
+use crate::runtime::watch;
 
 /// How often the certificate files are checked for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -81,38 +80,25 @@ pub(crate) fn read_roots(path: &Path, what: &str) -> Result<RootCertStore, Strin
     Ok(roots)
 }
 
-type Fingerprint = Vec<Option<(u64, SystemTime, u64)>>;
-
-fn fingerprint(files: &TlsFiles) -> Fingerprint {
-    files
-        .paths()
-        .map(|p| fs::metadata(p).ok().map(|m| (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.ino())))
-        .collect()
-}
-
 /// The current TLS configuration, rebuilt when its files change.
 pub struct TlsWatcher;
 
 impl TlsWatcher {
     /// Watches `files`; a configuration that fails to build is logged and the previous one kept.
     pub fn spawn(files: TlsFiles, published: Arc<Published<ServerConfig>>) -> std::io::Result<JoinHandle<()>> {
-        std::thread::Builder::new().name("tw-tls".into()).spawn(move || {
-            let mut seen = fingerprint(&files);
-            loop {
-                std::thread::sleep(POLL_INTERVAL);
-                let now = fingerprint(&files);
-                if now == seen {
-                    continue;
+        let watched = files.paths().map(Path::to_path_buf).collect();
+        watch::spawn_poller(
+            "tw-tls",
+            POLL_INTERVAL,
+            watched,
+            || false,
+            move |_| match files.load() {
+                Ok(config) => {
+                    tracing::info!(cert = %files.cert.display(), "TLS configuration reloaded");
+                    published.publish(config);
                 }
-                seen = now;
-                match files.load() {
-                    Ok(config) => {
-                        tracing::info!(cert = %files.cert.display(), "TLS configuration reloaded");
-                        published.publish(config);
-                    }
-                    Err(e) => tracing::error!("{e}; keeping the previous TLS configuration"),
-                }
-            }
-        })
+                Err(e) => tracing::error!("{e}; keeping the previous TLS configuration"),
+            },
+        )
     }
 }

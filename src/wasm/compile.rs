@@ -25,16 +25,7 @@ use crate::error::ApiError;
 /// The subcommand the child runs. Hidden from `--help`: it is the server's, not an operator's.
 pub const SUBCOMMAND: &str = "compile-guest";
 
-/// How much one compile may take.
-#[derive(Clone, Copy, Debug)]
-pub struct CompileBudget {
-    /// The child's address-space limit, in bytes.
-    pub memory_bytes: u64,
-    pub timeout: Duration,
-    /// The child's nice value: a compile takes a CPU for seconds, and at a lower priority than
-    /// the shards it leaves them the CPU whenever they have requests.
-    pub nice: i32,
-}
+pub use crate::config::CompileBudget;
 
 /// Exit status of a child whose module does not compile (its message is on stderr).
 const EXIT_INVALID: i32 = 3;

@@ -8,7 +8,7 @@ use wasmtime::{Engine, InstancePre, ResourceLimiter, Store, Trap, UpdateDeadline
 
 use super::TensorContext;
 use crate::error::ApiError;
-use crate::server::event::{race, Either};
+use crate::runtime::event::{race, Either};
 
 /// Why a host function stopped the guest. Carried out of wasmtime as its error, then classified.
 #[derive(Debug)]
@@ -196,7 +196,7 @@ pub async fn invoke(
     let mut store = Store::new(engine, state);
     // However the run ends (finished, failed, or its future dropped), the shard's guest turn moves
     // on at once rather than at the next park.
-    let turn = crate::server::fair_yield::Turn::default();
+    let turn = crate::runtime::fair_yield::Turn::default();
     let _turn = TurnGuard(turn.clone());
     store.limiter(|s| s);
     store.set_epoch_deadline(1);
@@ -236,7 +236,7 @@ pub async fn invoke(
 }
 
 /// Tells the invocation's turn that it is over when dropped (`fair_yield::Turn::done`).
-struct TurnGuard(crate::server::fair_yield::Turn);
+struct TurnGuard(crate::runtime::fair_yield::Turn);
 
 impl Drop for TurnGuard {
     fn drop(&mut self) {

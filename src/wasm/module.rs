@@ -14,18 +14,7 @@ pub fn new_linker(engine: &Engine) -> wasmtime::Result<Linker<GuestState>> {
     Ok(linker)
 }
 
-/// How large a module may be where compiling costs: what is checked before compiling. A 5 MB
-/// module of a million empty functions took Cranelift 98.7 s and 5.8 GB; each limit is a
-/// configured flag with its own 400 kind.
-#[derive(Clone, Copy, Debug)]
-pub struct ModuleShape {
-    /// Functions the module defines (imports aside).
-    pub max_functions: u32,
-    /// Bytes of the code section, every body together.
-    pub max_code_bytes: u64,
-    /// Bytes of the largest function body.
-    pub max_function_body_bytes: u32,
-}
+pub use crate::config::ModuleShape;
 
 /// Reads the module's sections, without compiling, and refuses one over `shape`. Stops at the
 /// first limit passed, so an oversized module costs a scan of its section headers at most.

@@ -17,7 +17,7 @@ use wasmtime::{Caller, Linker};
 use super::invoke::GuestState;
 use super::wasi::{memory, slice, slice_mut};
 use crate::metrics::ShardMetrics;
-use crate::server::fair_yield;
+use crate::runtime::fair_yield;
 
 pub const MODULE: &str = "tensor_wasm";
 

@@ -340,7 +340,7 @@ pub fn add_to_linker(linker: &mut Linker<GuestState>, engine: &Engine) -> wasmti
                     return Err(wasmtime::Error::new(wasmtime::Trap::Interrupt));
                 }
                 if ran_since.elapsed() >= HOST_SLICE {
-                    crate::server::fair_yield::yield_now().await;
+                    crate::runtime::fair_yield::yield_now().await;
                     ran_since = Instant::now();
                 }
             }

@@ -202,7 +202,7 @@ fn main() {
 /// Moves this process (before it starts any thread) off `server_cpus`, onto the rest of the CPUs
 /// it may use, so that the generator never takes a started server's CPU. Returns how many are left.
 fn confine_away_from(server_cpus: &[usize]) -> Result<usize, String> {
-    use tensor_wasm::server::cpu;
+    use tensor_wasm::runtime::cpu;
     let allowed = cpu::allowed_cpus().map_err(|e| format!("cannot read this process's CPUs: {e}"))?;
     if let Some(cpu) = server_cpus.iter().find(|c| !allowed.contains(c)) {
         return Err(format!("--server-cpus names CPU {cpu}, which this process may not use ({allowed:?})"));
@@ -250,7 +250,7 @@ fn run(args: Args) -> Result<bool, String> {
     }
     let (server_cpus, harness_cpus) = match &args.server_cpus {
         Some(list) => {
-            let cpus = tensor_wasm::server::cpu::parse_list(list)?;
+            let cpus = tensor_wasm::runtime::cpu::parse_list(list)?;
             let rest = confine_away_from(&cpus)?;
             (Some(cpus), Some(rest))
         }

@@ -431,7 +431,7 @@ fn machine_ticks() -> Option<(u64, u64)> {
 /// User plus system CPU seconds of process `pid` so far.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    tensor_wasm::server::cpu::cpu_time_from_stat(&stat).map(|t| t.as_secs_f64())
+    tensor_wasm::runtime::cpu::cpu_time_from_stat(&stat).map(|t| t.as_secs_f64())
 }
 
 /// One of the server's histograms over a run (warm-up included): the upper bounds, in µs, of the

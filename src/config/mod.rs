@@ -4,6 +4,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod sink_networks;
+
+/// Exit status for a bad flag, env var or start-up condition the operator must fix.
+pub const EXIT_USAGE: i32 = 2;
+
+pub use sink_networks::SinkNetworks;
+
 use crate::audit::AuditConfig;
 use crate::auth::AuthConfig;
 use crate::tls::TlsFiles;
@@ -24,7 +31,7 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// `None`: one shard per CPU in the allowed set, at most the cgroups' CPU limit.
     pub shards: Option<usize>,
-    pub pin_shards: crate::server::cpu::PinShards,
+    pub pin_shards: crate::runtime::cpu::PinShards,
     pub data_dir: PathBuf,
     pub io_driver: IoDriverChoice,
     /// How long a shard keeps polling without sleeping after a request (`--idle-spin-us`); zero:
@@ -36,7 +43,7 @@ pub struct ServerConfig {
     /// The share of that queue one tenant's jobs may hold.
     pub admin_queue_depth_per_tenant: usize,
     /// The functions directory to load and watch, if any.
-    pub functions_dir: Option<crate::functions::worker::DirectoryConfig>,
+    pub functions_dir: Option<DirectoryConfig>,
     /// Threads delivering pipeline outputs to sinks, and deliveries that may wait for one.
     pub sink_workers: usize,
     pub sink_queue_depth: usize,
@@ -78,12 +85,12 @@ pub struct Limits {
     /// What a deploy's compile may take, in a child process that runs this process's own binary
     /// (`wasm::compile`). `None`: compile in-process, for a program other than `tensor-wasm` that
     /// embeds the catalog (a benchmark), whose binary has no compile subcommand.
-    pub compile_budget: Option<crate::wasm::compile::CompileBudget>,
+    pub compile_budget: Option<CompileBudget>,
     /// Threads that load stored modules at start-up, and compile a functions directory's new
     /// modules, side by side (`functions::loader`).
     pub load_threads: usize,
     /// What a module may be before it is compiled (`wasm::module::check_shape`).
-    pub module_shape: crate::wasm::module::ModuleShape,
+    pub module_shape: ModuleShape,
     /// Most invocations one tenant may run at once in the process, split over the shards; past
     /// it, 429 `concurrency_limited`.
     pub max_concurrent_per_tenant: u32,
@@ -104,7 +111,7 @@ pub struct Limits {
     pub max_stderr_bytes: usize,
     pub epoch_tick_ms: u64,
     /// Where pipeline sinks may be delivered to.
-    pub sink_networks: crate::pipelines::sink::SinkNetworks,
+    pub sink_networks: SinkNetworks,
 }
 
 impl Limits {
@@ -123,4 +130,36 @@ impl Limits {
     pub fn linger(&self) -> Duration {
         Duration::from_millis(self.linger_ms)
     }
+}
+
+/// The functions directory the worker watches.
+#[derive(Clone, Debug)]
+pub struct DirectoryConfig {
+    pub root: PathBuf,
+    /// How often it is listed: changes are live within this, plus a compile.
+    pub poll: Duration,
+}
+
+/// How much one compile may take.
+#[derive(Clone, Copy, Debug)]
+pub struct CompileBudget {
+    /// The child's address-space limit, in bytes.
+    pub memory_bytes: u64,
+    pub timeout: Duration,
+    /// The child's nice value: a compile takes a CPU for seconds, and at a lower priority than
+    /// the shards it leaves them the CPU whenever they have requests.
+    pub nice: i32,
+}
+
+/// How large a module may be where compiling costs: what is checked before compiling. A 5 MB
+/// module of a million empty functions took Cranelift 98.7 s and 5.8 GB; each limit is a
+/// configured flag with its own 400 kind.
+#[derive(Clone, Copy, Debug)]
+pub struct ModuleShape {
+    /// Functions the module defines (imports aside).
+    pub max_functions: u32,
+    /// Bytes of the code section, every body together.
+    pub max_code_bytes: u64,
+    /// Bytes of the largest function body.
+    pub max_function_body_bytes: u32,
 }

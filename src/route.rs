@@ -1,3 +1,8 @@
+//! The routes of the HTTP API, named by both `api` (which matches them) and `metrics` (which
+//! labels by them).
+//!
+//! Boundary: a leaf; it imports nothing from the crate.
+
 /// The route templates, as the `route` label of every HTTP metric names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {

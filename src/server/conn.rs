@@ -5,22 +5,21 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use super::{
-    parse_head, BodyFraming, ChunkedDecoder, ChunkedError, HeadParse, Method, Persistence, RequestHead, Response,
-    ResponseWriter,
-};
-use crate::api::Route;
 use crate::config::Limits;
 use crate::error::ApiError;
-use crate::server::event::{race, Either, LocalEvent};
-use crate::server::shard::{BodyReservation, ConnectionGuard};
+use crate::http::{
+    parse_head, BodyFraming, ChunkedDecoder, ChunkedError, HeadParse, Method, Peer, Persistence, RequestHead, Response,
+    ResponseWriter,
+};
+use crate::route::Route;
+use crate::runtime::event::{race, Either, LocalEvent};
+use crate::shard::{BodyReservation, ConnectionGuard};
 use crate::tls::TlsStream;
 
 /// What carries a connection's bytes: plain TCP, or TLS over it. Reads append to the buffer's
@@ -51,14 +50,6 @@ impl Transport for TlsStream {
     async fn write_all_from(&mut self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
         TlsStream::write_all(self, buf).await
     }
-}
-
-/// Who is on the other end of a connection.
-#[derive(Clone, Debug)]
-pub struct Peer {
-    pub addr: SocketAddr,
-    /// The subject of the client certificate verified during the TLS handshake (mTLS).
-    pub client_cert_subject: Option<String>,
 }
 
 /// Bytes asked of the kernel per read when the buffer has little room left.
@@ -234,7 +225,7 @@ pub async fn serve<T: Transport>(guard: ConnectionGuard, mut stream: T, peer: Pe
 
 /// Writes a request's audit record and names it on the response.
 fn write_audit(
-    shard: &crate::server::shard::Shard,
+    shard: &crate::shard::Shard,
     pending: crate::api::PendingAudit,
     response: &mut Response,
     started: Instant,
@@ -281,7 +272,7 @@ struct Failure<'h> {
 /// Answers a request whose framing failed; the connection closes after it, once the client has
 /// stopped sending (`linger`). Answers already queued in `out` go first.
 async fn answer_protocol_error<T: Transport>(
-    shard: &crate::server::shard::Shard,
+    shard: &crate::shard::Shard,
     stream: &mut T,
     out: &mut Vec<u8>,
     buf: &mut Vec<u8>,
