@@ -136,41 +136,18 @@ impl Op {
         Op::Gather,
         Op::Cast,
     ];
-    /// Every op, for per-op metric tables.
-    pub const ALL: [Op; 32] = [
-        Op::Upload,
-        Op::Download,
-        Op::Free,
-        Op::Release,
-        Op::Add,
-        Op::Mul,
-        Op::Scale,
-        Op::Relu,
-        Op::Softmax,
-        Op::Matmul,
-        Op::Sum,
-        Op::Sub,
-        Op::Div,
-        Op::Maximum,
-        Op::Gelu,
-        Op::Silu,
-        Op::Exp,
-        Op::Tanh,
-        Op::Sqrt,
-        Op::Rsqrt,
-        Op::Neg,
-        Op::Mean,
-        Op::Max,
-        Op::Argmax,
-        Op::LogSoftmax,
-        Op::LayerNorm,
-        Op::RmsNorm,
-        Op::Permute,
-        Op::Concat,
-        Op::Slice,
-        Op::Gather,
-        Op::Cast,
-    ];
+    /// Every op, for per-op metric tables: the four that move or free tensors, then the kernels.
+    /// In discriminant order, which `from_u8` relies on.
+    pub const ALL: [Op; 32] = {
+        let mut all = [Op::Upload; 32];
+        (all[1], all[2], all[3]) = (Op::Download, Op::Free, Op::Release);
+        let mut i = 0;
+        while i < Op::KERNELS.len() {
+            all[4 + i] = Op::KERNELS[i];
+            i += 1;
+        }
+        all
+    };
 
     /// Whether this op is a kernel (creates a tensor from others).
     pub fn is_kernel(self) -> bool {

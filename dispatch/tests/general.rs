@@ -10,38 +10,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{deadline, Rng};
 use half::{bf16, f16};
 use tensor_wasm_dispatch::{
     status, Args, BackendChoice, DType, DispatchConfig, Dispatcher, Done, Op, Session, MAX_RANK,
 };
-
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Rng {
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-        eprintln!("rng seed {seed}");
-        Rng(seed | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    /// Uniform in [-2, 2], never exactly zero.
-    fn value(&mut self) -> f32 {
-        let x = (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0;
-        if x == 0.0 {
-            0.5
-        } else {
-            x
-        }
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.value()).collect()
-    }
-}
 
 const FLOATS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
@@ -52,10 +27,6 @@ fn bound(dtype: DType) -> f64 {
         DType::BF16 => 1e-2,
         DType::I32 => 0.0,
     }
-}
-
-fn deadline() -> Instant {
-    Instant::now() + Duration::from_secs(30)
 }
 
 fn host() -> Arc<Dispatcher> {

@@ -6,41 +6,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{deadline, Rng};
 use tensor_wasm_dispatch::backend::cuda;
 use tensor_wasm_dispatch::{status, BackendChoice, DispatchConfig, Dispatcher, Done, Op, Session};
-
-/// xorshift64*: reproducible per seed, and different per test run through the time seed.
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Rng {
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-        eprintln!("rng seed {seed}");
-        Rng(seed | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    /// Uniform in [-2, 2], never exactly zero, so that a zeroed output cannot pass.
-    fn value(&mut self) -> f32 {
-        let x = (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0;
-        if x == 0.0 {
-            0.5
-        } else {
-            x
-        }
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.value()).collect()
-    }
-}
-
-fn deadline() -> Instant {
-    Instant::now() + Duration::from_secs(30)
-}
 
 fn upload(s: &mut Session, shape: &[u32], data: &[f32]) -> i32 {
     let call = s.upload(shape, data.to_vec()).unwrap();
