@@ -211,3 +211,85 @@ fn nothing_below_the_server_names_it() {
     }
     assert!(found.is_empty(), "modules below the server that name it: {found:?}");
 }
+
+/// Every `module::Item` path the map names (in backquotes, with `::`) exists: its longest prefix
+/// that is a module of this crate (or of the dispatch crate, for `tensor_wasm_dispatch::` and
+/// paths only it has), matched by its last segments so that `conn::Transport` finds
+/// `server::conn`, and every segment after it is an item defined in that module's file.
+#[test]
+fn every_path_the_map_names_exists() {
+    let map = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/ARCHITECTURE.md")).unwrap();
+    let mut ours = BTreeMap::new();
+    modules(&src(), &mut ours);
+    let mut dispatch = BTreeMap::new();
+    let dispatch_src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("dispatch/src");
+    dispatch_modules(&dispatch_src, &dispatch_src, &mut dispatch);
+    let mut missing = Vec::new();
+    for quoted in map.split('`').skip(1).step_by(2) {
+        let path: Vec<&str> = quoted.split("::").collect();
+        let plausible =
+            path.len() > 1 && path.iter().all(|s| !s.is_empty() && s.chars().all(|c| c.is_alphanumeric() || c == '_'));
+        if !plausible {
+            continue;
+        }
+        let (trees, path): (Vec<&BTreeMap<Module, PathBuf>>, &[&str]) = match path[0] {
+            "tensor_wasm_dispatch" => (vec![&dispatch], &path[1..]),
+            _ => (vec![&ours, &dispatch], &path[..]),
+        };
+        if !trees.iter().any(|tree| resolves(tree, path)) {
+            missing.push(quoted.to_string());
+        }
+    }
+    assert!(missing.is_empty(), "docs/ARCHITECTURE.md names paths that do not exist: {missing:?}");
+}
+
+/// The dispatch crate's modules, as `modules` reads ours.
+fn dispatch_modules(root: &Path, dir: &Path, out: &mut BTreeMap<Module, PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            dispatch_modules(root, &path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let rel = path.strip_prefix(root).unwrap().with_extension("");
+            let mut module: Module = rel.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+            if module.last().is_some_and(|l| l == "mod" || l == "lib") {
+                module.pop();
+            }
+            out.insert(module, path);
+        }
+    }
+}
+
+/// Whether `path` is a module of `tree` (by its last segments; none: the crate root) followed by
+/// items it defines, or a type of `tree` followed by its members (`Shard::keep_spent`).
+fn resolves(tree: &BTreeMap<Module, PathBuf>, path: &[&str]) -> bool {
+    let by_module = (0..=path.len()).rev().any(|n| {
+        let (module, items) = path.split_at(n);
+        tree.iter().filter(|(m, _)| m.len() >= n && m[m.len() - n..].iter().eq(module.iter())).any(|(_, file)| {
+            let text = std::fs::read_to_string(file).unwrap();
+            items.iter().all(|item| defines(&text, item))
+        })
+    });
+    let texts: Vec<String> = tree.values().map(|file| std::fs::read_to_string(file).unwrap()).collect();
+    let ty = path[0];
+    let defined =
+        texts.iter().any(|t| ["struct", "enum", "trait"].iter().any(|kind| t.contains(&format!("{kind} {ty} "))));
+    // Members live in the type's own file or in an `impl` of it elsewhere (`shard::slots`).
+    let about = |t: &&String| {
+        t.contains(&format!("struct {ty} ")) || t.contains(&format!("enum {ty} ")) || t.contains(&format!(" {ty} {{"))
+    };
+    by_module || (defined && path[1..].iter().all(|member| texts.iter().filter(about).any(|t| has_member(t, member))))
+}
+
+/// Whether `text` has `member`: an item, a field or a variant.
+fn has_member(text: &str, member: &str) -> bool {
+    defines(text, member) || [":", " {", "(", ","].iter().any(|after| text.contains(&format!("{member}{after}")))
+}
+
+/// Whether `text` defines `item`: a function, type, constant, module, or a re-export of it.
+fn defines(text: &str, item: &str) -> bool {
+    ["fn", "struct", "enum", "trait", "type", "const", "static", "mod", "macro_rules!"]
+        .iter()
+        .any(|kind| text.contains(&format!("{kind} {item}")))
+        || text.lines().any(|l| l.trim_start().starts_with("pub use") && l.contains(item))
+}
