@@ -30,9 +30,18 @@ pub fn free_port() -> SocketAddr {
 pub fn free_port_below_ephemeral() -> SocketAddr {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     let mut rng = Rng((u64::from(std::process::id()) << 32 | u64::from(nanos)) | 1);
+    // Never the same port twice in one test binary: two tests may each pick a free port before
+    // either's server binds it, and with SO_REUSEPORT both servers would then take it, each
+    // answering the other's test (a SIGTERM sent to a server still starting killed it).
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
     for _ in 0..1000 {
         let port = 20_000 + rng.below(10_000) as u16;
+        if handed_out.contains(&port) {
+            continue;
+        }
         if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            handed_out.push(port);
             return listener.local_addr().unwrap();
         }
     }
