@@ -124,7 +124,10 @@ impl ModuleLoader<'_> {
                         // Out of time (perhaps starved of CPU) or out of luck starting the child: a
                         // later try, with the machine quieter, may succeed.
                         transient = matches!(e, ApiError::CompileTimeout { .. } | ApiError::Internal(_));
-                        format!("the module is no longer accepted: {e}")
+                        match transient {
+                            true => format!("compiling it failed ({e}); the next start tries again"),
+                            false => format!("the module is no longer accepted: {e}"),
+                        }
                     })
                 });
                 if let Ok(module) = &compiled {
