@@ -186,6 +186,19 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Links `record` to `prev` (a hash in hex; `None`: left as it is) and gives it the hash of its
+/// new content, as the server would have; returns that hash.
+fn rechain(record: &mut String, prev: Option<&str>) -> String {
+    if let Some(prev) = prev {
+        let at = record.find(",\"prev_hash\":\"").unwrap() + 14;
+        record.replace_range(at..at + 64, prev);
+    }
+    let at = record.find(",\"hash\":\"").unwrap();
+    let hash = hex(&common::sha256(&record.as_bytes()[..at]));
+    record.replace_range(at + 9..at + 9 + 64, &hash);
+    hash
+}
+
 /// Rewrites record `line` of the chain in `shard_dir` (counting from its first segment) and
 /// chains every record after it again, as an insider with the files would.
 fn rewrite_and_rechain(shard_dir: &Path, line: usize) {
@@ -200,13 +213,7 @@ fn rewrite_and_rechain(shard_dir: &Path, line: usize) {
                 record = record.replacen("\"status_code\":404", "\"status_code\":200", 1);
             }
             if n >= line {
-                if let Some(prev) = &prev {
-                    let at = record.find(",\"prev_hash\":\"").unwrap() + 14;
-                    record.replace_range(at..at + 64, prev);
-                }
-                let at = record.find(",\"hash\":\"").unwrap();
-                let hash = hex(&common::sha256(&record.as_bytes()[..at]));
-                record.replace_range(at + 9..at + 9 + 64, &hash);
+                rechain(&mut record, prev.as_deref());
             }
             let at = record.find(",\"hash\":\"").unwrap() + 9;
             prev = Some(record[at..at + 64].to_string());
@@ -230,14 +237,7 @@ fn replace_with_later(shard_dir: &Path) {
         let seq: u64 = record[at..end].parse::<u64>().unwrap() + 1_000_000;
         first.get_or_insert(seq);
         let mut record = format!("{}{seq}{}", &record[..at], &record[end..]);
-        if let Some(prev) = &prev {
-            let at = record.find(",\"prev_hash\":\"").unwrap() + 14;
-            record.replace_range(at..at + 64, prev);
-        }
-        let at = record.find(",\"hash\":\"").unwrap();
-        let hash = hex(&common::sha256(&record.as_bytes()[..at]));
-        record.replace_range(at + 9..at + 9 + 64, &hash);
-        prev = Some(hash);
+        prev = Some(rechain(&mut record, prev.as_deref()));
         out.push_str(&record);
         out.push('\n');
     }
