@@ -576,10 +576,12 @@ fn one_tenants_compiles_delay_neither_anothers_deletes_nor_its_deploys() {
     });
     // The compile runs in a child at nice 10 (`--compile-nice`), every thread of it: the shards
     // get the CPU back whenever they have requests.
+    // A child is at nice 0 for the moment between its spawn and the server's setpriority, before
+    // it has read its module: wait for one seen after that, or for the deploys to end.
     let mut nice = Vec::new();
-    within(Duration::from_secs(30), "a compile child seen", || {
+    within(Duration::from_secs(30), "a compile child seen at its nice value", || {
         nice = compile_threads_nice(&server);
-        !nice.is_empty() || big.iter().all(|t| t.is_finished())
+        (!nice.is_empty() && nice.iter().all(|&n| n == 10)) || big.iter().all(|t| t.is_finished())
     });
     assert!(!nice.is_empty() && nice.iter().all(|&n| n == 10), "compile threads' nice values: {nice:?}");
     // Another tenant's delete and deploy are served while the attacker's modules compile.
@@ -597,10 +599,12 @@ fn one_tenants_compiles_delay_neither_anothers_deletes_nor_its_deploys() {
     assert!(created.len() >= 2, "{outcomes:?}");
     // The delete never waited for a compile; the deploy waited for at most the one running.
     assert!(created.iter().all(|&c| deleted < c), "a delete waited behind a compile: {outcomes:?}");
-    // Of the attacker's compiles that ended while it was queued, at most one: the one running
-    // when it came (those that ended before it was sent are no wait of its).
+    // Of the attacker's compiles that ended while it was queued, at most two: the one running when
+    // it came, and the attacker's turn if it stood before this tenant's in the round robin (one
+    // job a tenant a turn). Not the attacker's whole line, which a first-come queue would make it
+    // wait for. (Those that ended before it was sent are no wait of its.)
     let waited_for = created.iter().filter(|&&c| sent < c && c < deployed).count();
-    assert!(waited_for <= 1, "queued behind the attacker's line: {outcomes:?}");
+    assert!(waited_for <= 2, "queued behind the attacker's line: {outcomes:?}");
     eprintln!("attacker's deploys took {:?}", started.elapsed());
     b.finish("another tenant's compiles").p99_within(BYSTANDER_P99);
 }
