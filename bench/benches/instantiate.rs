@@ -60,9 +60,14 @@ fn main() {
         memory_limit_mb: limits.default_memory_limit_mb,
         max_output_bytes: limits.max_output_bytes,
         max_stderr_bytes: limits.max_stderr_bytes,
+        slice: limits.guest_slice(),
     };
-    let _ticker =
-        tensor_wasm::wasm::EpochTicker::start(engine.clone(), Duration::from_millis(limits.epoch_tick_ms)).unwrap();
+    let _ticker = tensor_wasm::wasm::EpochTicker::start(
+        engine.clone(),
+        Duration::from_millis(limits.epoch_tick_ms),
+        limits.guest_slice(),
+    )
+    .unwrap();
 
     let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().expect("runtime");
     let inst = rt.block_on(async {
@@ -97,8 +102,12 @@ fn main() {
     let baseline_engine = tensor_wasm_bench::baseline::engine().expect("engine");
     let baseline_linker = new_linker(&baseline_engine).expect("linker");
     let baseline_module = check_module(&baseline_engine, &baseline_linker, &json_wasm, &shape).unwrap();
-    let _baseline_ticker =
-        tensor_wasm::wasm::EpochTicker::start(baseline_engine.clone(), Duration::from_millis(10)).unwrap();
+    let _baseline_ticker = tensor_wasm::wasm::EpochTicker::start(
+        baseline_engine.clone(),
+        Duration::from_millis(10),
+        Duration::from_millis(10),
+    )
+    .unwrap();
     let json_baseline = rt.block_on(timed(JSON_ROUNDS, || async {
         let (outcome, store) = tensor_wasm_bench::baseline::run_fresh_instance(
             &baseline_engine,

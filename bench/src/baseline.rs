@@ -31,6 +31,7 @@ const LIMITS: InvokeLimits = InvokeLimits {
     memory_limit_mb: 64,
     max_output_bytes: 4 * 1024 * 1024,
     max_stderr_bytes: 64 * 1024,
+    slice: Duration::from_micros(100),
 };
 
 struct State {
@@ -78,7 +79,7 @@ pub async fn run_fresh_instance(
 /// `listening on ADDR` on stdout once bound, as `tensor-wasm serve` does.
 pub fn serve(listen: SocketAddr, threads: usize) -> std::io::Result<()> {
     let engine = engine().map_err(std::io::Error::other)?;
-    let _ticker = EpochTicker::start(engine.clone(), Duration::from_millis(10))?;
+    let _ticker = EpochTicker::start(engine.clone(), Duration::from_millis(10), Duration::from_millis(10))?;
     let linker = new_linker(&engine).map_err(std::io::Error::other)?;
     let state = Arc::new(State {
         engine,

@@ -102,6 +102,7 @@ pub async fn execute(
         memory_limit_mb: record.memory_limit_mb,
         max_output_bytes: shard.limits.max_output_bytes,
         max_stderr_bytes: shard.limits.max_stderr_bytes,
+        slice: shard.limits.guest_slice(),
     };
     let tensors = function
         .uses_tensors

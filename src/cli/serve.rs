@@ -194,6 +194,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_EPOCH_TICK_MS", default_value_t = 1)]
     pub epoch_tick_ms: u64,
 
+    /// While guests on a shard take turns with its other work, the epoch ticks this often: how
+    /// long a spinning guest keeps a ready connection waiting. At most the epoch tick.
+    #[arg(long, env = "TENSOR_WASM_GUEST_SLICE_US", default_value_t = 100)]
+    pub guest_slice_us: u64,
+
     /// Name compiled guest functions for `perf` in /tmp/perf-PID.map, so that profiles and flame
     /// graphs of a shard show a guest's own functions instead of bare addresses.
     #[arg(long, env = "TENSOR_WASM_GUEST_PERF_MAP", num_args = 0..=1, default_value_t = false,
@@ -601,6 +606,14 @@ impl ServeArgs {
         if self.default_memory_limit_mb > self.max_memory_limit_mb {
             return Err("--default-memory-limit-mb must not exceed --max-memory-limit-mb".into());
         }
+        // Below ten microseconds the ticker's own wake-ups and the guests' yields would be most of
+        // what the CPU does.
+        if self.guest_slice_us < 10 || self.guest_slice_us > self.epoch_tick_ms.saturating_mul(1000) {
+            return Err(format!(
+                "--guest-slice-us must be between 10 and the epoch tick ({} µs)",
+                self.epoch_tick_ms.saturating_mul(1000)
+            ));
+        }
         if self.max_memory_limit_mb > 64 * 1024 {
             return Err("--max-memory-limit-mb must be at most 65536 (64 GiB)".into());
         }
@@ -785,6 +798,7 @@ impl ServeArgs {
             max_output_bytes: self.max_output_bytes as usize,
             max_stderr_bytes: self.max_stderr_bytes as usize,
             epoch_tick_ms: self.epoch_tick_ms,
+            guest_slice_us: self.guest_slice_us,
             sink_networks,
         }
     }

@@ -110,11 +110,17 @@ pub struct Limits {
     pub max_output_bytes: usize,
     pub max_stderr_bytes: usize,
     pub epoch_tick_ms: u64,
+    /// How long a guest runs before it yields to its shard's other work while guests take turns
+    /// there: the epoch ticker's period then (`wasm::engine::EpochTicker`).
+    pub guest_slice_us: u64,
     /// Where pipeline sinks may be delivered to.
     pub sink_networks: SinkNetworks,
 }
 
 impl Limits {
+    pub fn guest_slice(&self) -> Duration {
+        Duration::from_micros(self.guest_slice_us)
+    }
     pub fn header_timeout(&self) -> Duration {
         Duration::from_millis(self.header_timeout_ms)
     }

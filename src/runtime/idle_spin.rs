@@ -16,10 +16,9 @@
 //!
 //! The spinner is a task that yields after every turn ([`fair_yield::yield_now`], behind every
 //! task already queued), so its turns never keep a connection from running. Timers fire only when
-//! monoio parks, which a queue never empty would postpone for good; the fair yield's pump forces a
-//! park at least every [`fair_yield::PARK_INTERVAL`], as it does for a looping guest. Every timer
-//! a shard sets is a deadline (a request's, a guest's), for which a few milliseconds more do not
-//! matter.
+//! monoio parks, which a queue never empty would postpone for good; a fair yield goes through the
+//! pump, which lets the yielded task go only after the executor polled its driver, and with the
+//! queue empty then, it parks there: at every turn, as for a looping guest.
 
 use std::cell::Cell;
 use std::future::poll_fn;

@@ -145,7 +145,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
 
     let engine = build_engine(&limits, config.guest_profiler)
         .map_err(|e| ServerError::Runtime(format!("cannot create the Wasm engine: {e:#}")))?;
-    let ticker = EpochTicker::start(engine.clone(), Duration::from_millis(limits.epoch_tick_ms))
+    let ticker = EpochTicker::start(engine.clone(), Duration::from_millis(limits.epoch_tick_ms), limits.guest_slice())
         .map_err(|e| ServerError::Runtime(format!("cannot start the epoch ticker: {e}")))?;
 
     if shard_count > cpus.len() {

@@ -127,12 +127,14 @@ async fn serve(init: ShardInit) {
         ..
     } = init;
     let tls_config = Subscription::default();
-    let setup = (|| -> Result<(TcpListener, FunctionCache), String> {
+    let setup = (|| {
         let listener = TcpListener::from_std(listener).map_err(|e| format!("shard {id}: listener: {e}"))?;
         let functions = FunctionCache::new(&engine).map_err(|e| format!("shard {id}: linker: {e:#}"))?;
-        Ok((listener, functions))
+        // Without it a looping guest would hold the shard until its deadline: no serving so.
+        let pump = crate::runtime::fair_yield::pump().map_err(|e| format!("shard {id}: guest turns: {e}"))?;
+        Ok::<_, String>((listener, functions, pump))
     })();
-    let (listener, functions) = match setup {
+    let (listener, functions, pump) = match setup {
         Ok(v) => v,
         Err(e) => {
             let _ = started.send(Err(e));
@@ -155,7 +157,7 @@ async fn serve(init: ShardInit) {
 
     // Before any request: damage recovery found is the first thing the new segment records.
     shard.record_integrity_failures();
-    monoio::spawn(crate::runtime::fair_yield::pump());
+    monoio::spawn(pump);
     monoio::spawn(record_left_out_refusals(shard.clone()));
     if let Some(interval) = shard.audit.checkpoint_interval() {
         monoio::spawn(sign_checkpoints(shard.clone(), interval));

@@ -77,24 +77,90 @@ fn pagemap_scan_supported() -> bool {
     (major, minor) >= (6, 7)
 }
 
-/// The process's single epoch ticker: one thread that advances the engine's epoch every tick.
-/// Every store's deadline and yield point is measured in these ticks.
+/// Guest slices the ticker keeps ticking fast after it last saw a guest take a turn.
+const BUSY_TICKS_AFTER_A_TURN: u32 = 8;
+
+/// The process's single epoch ticker: one thread that advances the engine's epoch. Every store's
+/// deadline and yield point is measured in these ticks.
+///
+/// It ticks every `idle_tick` while no guest is taking turns with other work on its shard, and
+/// every `busy_tick` (the guest slice) while one is (`fair_yield::guests_took_turns`). A guest
+/// yields at the first tick after it started or resumed, so the tick is how long a ready
+/// connection waits behind a spinning guest: at a millisecond, a bystander's P99 beside spinners
+/// was 20 times its quiet P99 (perf/HOSTILE.md). Ticking that fast always would cost an idle
+/// server ten thousand wake-ups a second; only invocations that run across several ticks count,
+/// so a server of short invocations stays on the idle tick.
 pub struct EpochTicker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl EpochTicker {
-    pub fn start(engine: Engine, tick: Duration) -> std::io::Result<Self> {
+    pub fn start(engine: Engine, idle_tick: Duration, busy_tick: Duration) -> std::io::Result<Self> {
+        assert!(busy_tick <= idle_tick, "the guest slice is at most the idle tick");
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new().name("tw-epoch".into()).spawn(move || {
+            // The kernel may add up to the thread's timer slack (50 µs by default) to each sleep:
+            // half of a 100 µs slice. One microsecond keeps the slice what it says.
+            // SAFETY: prctl on the calling thread with an integer argument.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1_000u64) };
+            ask_for_short_slices(busy_tick);
+            // Busy ticks left: a guest yields at most every other tick (it is owed a whole slice
+            // after it was let go), so one tick without a yield does not mean that none wait.
+            let mut busy_ticks_left = 0u32;
             while !flag.load(Ordering::Relaxed) {
-                std::thread::sleep(tick);
+                std::thread::sleep(if busy_ticks_left > 0 { busy_tick } else { idle_tick });
                 engine.increment_epoch();
+                if crate::runtime::fair_yield::guests_took_turns() {
+                    busy_ticks_left = BUSY_TICKS_AFTER_A_TURN;
+                } else {
+                    busy_ticks_left = busy_ticks_left.saturating_sub(1);
+                }
             }
         })?;
         Ok(EpochTicker { stop, thread: Some(thread) })
+    }
+}
+
+/// Asks the kernel for scheduler slices of `slice` for the calling thread (Linux 6.12 or newer,
+/// where EEVDF honours `sched_attr.sched_runtime` for ordinary threads; older kernels ignore it).
+///
+/// The ticker shares CPUs with shards, and a shard whose guests spin never sleeps. EEVDF lets a
+/// running thread finish its slice (a few milliseconds) before a thread that woke takes the CPU,
+/// unless the woken one asked for a shorter slice: without this, a tick waited behind the
+/// spinning shard on its CPU, and every guest slice was milliseconds long whatever
+/// `--guest-slice-us` said (perf/HOSTILE.md). A shorter slice changes neither the thread's
+/// priority nor its share of the CPU, so it needs no privilege.
+fn ask_for_short_slices(slice: Duration) {
+    /// `struct sched_attr` of sched_setattr(2), as far as `SCHED_OTHER` uses it.
+    #[repr(C)]
+    struct SchedAttr {
+        size: u32,
+        policy: u32,
+        flags: u64,
+        nice: i32,
+        priority: u32,
+        runtime_ns: u64,
+        deadline_ns: u64,
+        period_ns: u64,
+    }
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        policy: libc::SCHED_OTHER as u32,
+        flags: 0,
+        // Nice as it is: unchanged, it needs no privilege.
+        // SAFETY: getpriority on the calling thread.
+        nice: unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) },
+        priority: 0,
+        // The kernel clamps it to between 0.1 and 100 ms.
+        runtime_ns: slice.as_nanos() as u64,
+        deadline_ns: 0,
+        period_ns: 0,
+    };
+    // SAFETY: sched_setattr on the calling thread (pid 0) with a valid, sized attribute.
+    if unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0u32) } != 0 {
+        tracing::debug!("the epoch ticker keeps the default scheduler slice: {}", std::io::Error::last_os_error());
     }
 }
 

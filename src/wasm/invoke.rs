@@ -72,6 +72,9 @@ pub struct InvokeLimits {
     pub memory_limit_mb: u32,
     pub max_output_bytes: usize,
     pub max_stderr_bytes: usize,
+    /// How long a host call that works in chunks runs before it yields to its shard, as guest
+    /// code does at an epoch tick (`--guest-slice-us`).
+    pub slice: Duration,
 }
 
 /// The store's data: the guest's stdio and its limiter.
@@ -91,9 +94,17 @@ pub struct GuestState {
     pub(super) memory: Option<wasmtime::Memory>,
     /// When the invocation's time is up: host calls that work in chunks stop there.
     pub deadline: Instant,
+    /// The invocation's place in its shard's turns: host calls that work in chunks yield with it,
+    /// so that their yields count as the guest's own (`fair_yield`).
+    pub(super) turn: crate::runtime::fair_yield::Turn,
 }
 
 impl GuestState {
+    /// How long a host call may work before it yields its shard (`InvokeLimits::slice`).
+    pub(super) fn slice(&self) -> Duration {
+        self.limits.slice
+    }
+
     pub fn new(wasi: Arc<WasiArgs>, stdin: Vec<u8>, limits: InvokeLimits) -> Self {
         GuestState {
             wasi,
@@ -108,6 +119,7 @@ impl GuestState {
             tensors: None,
             memory: None,
             deadline: Instant::now() + limits.timeout,
+            turn: Default::default(),
         }
     }
 
@@ -187,22 +199,26 @@ pub async fn invoke(
 ) -> Invocation {
     let deadline = Instant::now() + limits.timeout;
     let uses_tensors = tensors.is_some();
+    // However the run ends (finished, failed, or its future dropped), the shard's guest turn moves
+    // on at once rather than at the next park.
+    let turn = crate::runtime::fair_yield::Turn::default();
+    let _turn = TurnGuard(turn.clone());
     let mut state = GuestState::new(wasi, stdin, limits);
     state.deadline = deadline;
+    state.turn = turn.clone();
     state.tensors = tensors.map(|mut t| {
         t.deadline = deadline;
         t
     });
     let mut store = Store::new(engine, state);
-    // However the run ends (finished, failed, or its future dropped), the shard's guest turn moves
-    // on at once rather than at the next park.
-    let turn = crate::runtime::fair_yield::Turn::default();
-    let _turn = TurnGuard(turn.clone());
     store.limiter(|s| s);
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(move |_| {
         if Instant::now() >= deadline {
             Ok(UpdateDeadline::Interrupt)
+        } else if turn.take_new_slice(limits.slice / 2) {
+            // Just let go after waiting its turn: a whole slice from now, not a yield at once.
+            Ok(UpdateDeadline::Continue(1))
         } else {
             // Not `UpdateDeadline::Yield`: on monoio that starves the shard (see fair_yield).
             Ok(UpdateDeadline::YieldCustom(1, Box::pin(turn.yield_now())))
