@@ -2,7 +2,8 @@
 //! append-only segment files. docs/AUDIT-LOG.md is the operator's view.
 //!
 //! - [`record`]: the line format, its hash and the chain;
-//! - [`segment`]: preallocated, mapped segment files, and scanning them;
+//! - [`segment`]: preallocated, mapped segment files, the helper threads that seal and prefault
+//!   them (owned by whoever opens the log), and scanning them;
 //! - [`chain`]: walking a chain's segments: which records verify, where damage is;
 //! - [`recover`]: start-up recovery, which cuts a torn suffix and nothing else;
 //! - [`writer`]: a shard's chain: room before the action, rotation, retention, sync, checkpoints;

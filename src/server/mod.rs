@@ -198,7 +198,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
     }
 
     // Before the shards pin themselves: these threads must not inherit a shard's CPU.
-    audit::segment::start_background_threads();
+    let audit_threads = audit::segment::HelperThreads::start();
     let dispatcher = Dispatcher::start(DispatchConfig { shards: shard_count, ..config.dispatch.clone() })
         .map_err(|e| ServerError::Config(e.to_string()))?;
     if let Some(why) = &dispatcher.cuda_fallback {
@@ -234,6 +234,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
             tls: tls.clone(),
             audit: audit_config.clone(),
             commit: commit_slots[i].clone(),
+            audit_helpers: audit_threads.helpers(),
             shared: shared.clone(),
             io_driver: config.io_driver,
             spin_window: config.idle_spin,
@@ -290,7 +291,7 @@ pub fn run(config: ServerConfig) -> Result<(), ServerError> {
         }
     }
     // Segments handed to the background sealer are cut and fsynced before the process exits.
-    audit::segment::Sealer::flush();
+    audit_threads.stop();
     dispatcher.shutdown();
     drop(ticker);
     drop(worker_thread);
