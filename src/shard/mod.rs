@@ -107,7 +107,7 @@ impl Shard {
         let limits_max_concurrent = limits.max_concurrent_per_tenant as usize;
         // Exactly, not rounded up: the pooling allocator holds `--max-instances` and no more, so
         // shares that sum past it would let an invoke past the shard's check fail inside the pool
-        // (a 502 guest_trap where 503 overloaded is the answer). `server::run` refuses fewer
+        // (a 502 guest_trap where 503 overloaded is the answer). `server::start` refuses fewer
         // instances than shards.
         let instance_share = exact_share(limits.max_instances as usize, shard_count, id);
         Shard {
