@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tensor_wasm::audit::checkpoint::SigningKey;
+use tensor_wasm::audit::segment::{HelperThreads, Helpers};
 use tensor_wasm::audit::{
     Actor, ActorScope, AuditConfig, AuditEvent, AuditOnError, AuditSync, CheckpointConfig, CommitSlot, ShardAudit,
 };
@@ -50,7 +51,12 @@ fn event(i: u64) -> AuditEvent {
 /// The checkpoint interval the server defaults to.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
-fn run(sync: AuditSync, rounds: usize, checkpoints: bool) -> (hdrhistogram::Histogram<u64>, Vec<Duration>, u64) {
+fn run(
+    sync: AuditSync,
+    rounds: usize,
+    checkpoints: bool,
+    helpers: &Helpers,
+) -> (hdrhistogram::Histogram<u64>, Vec<Duration>, u64) {
     let dir = tempfile::tempdir().unwrap();
     let config = Arc::new(AuditConfig {
         dir: Some(dir.path().to_path_buf()),
@@ -67,7 +73,7 @@ fn run(sync: AuditSync, rounds: usize, checkpoints: bool) -> (hdrhistogram::Hist
         }),
     });
     let metrics = Arc::new(ShardMetrics::new(0, 1));
-    let audit = ShardAudit::open(0, config, metrics.clone(), Arc::new(CommitSlot::default()));
+    let audit = ShardAudit::open(0, config, metrics.clone(), Arc::new(CommitSlot::default()), helpers.clone());
     let events: Vec<AuditEvent> = (0..1024).map(event).collect();
     let mut h = histogram();
     let mut last_checkpoint = Instant::now();
@@ -106,7 +112,7 @@ fn run(sync: AuditSync, rounds: usize, checkpoints: bool) -> (hdrhistogram::Hist
 
 /// One checkpoint (Ed25519 signature, append to the shard's file, stdout line), `rounds` times,
 /// each after one append so that the head moved.
-fn checkpoint_only(rounds: usize) -> hdrhistogram::Histogram<u64> {
+fn checkpoint_only(rounds: usize, helpers: &Helpers) -> hdrhistogram::Histogram<u64> {
     let dir = tempfile::tempdir().unwrap();
     let config = Arc::new(AuditConfig {
         dir: Some(dir.path().to_path_buf()),
@@ -122,7 +128,13 @@ fn checkpoint_only(rounds: usize) -> hdrhistogram::Histogram<u64> {
             file_bytes: 1 << 20,
         }),
     });
-    let audit = ShardAudit::open(0, config, Arc::new(ShardMetrics::new(0, 1)), Arc::new(CommitSlot::default()));
+    let audit = ShardAudit::open(
+        0,
+        config,
+        Arc::new(ShardMetrics::new(0, 1)),
+        Arc::new(CommitSlot::default()),
+        helpers.clone(),
+    );
     let mut h = histogram();
     for i in 0..rounds {
         let ticket = audit.ticket().expect("writable");
@@ -154,18 +166,19 @@ fn encode_only(rounds: usize) -> hdrhistogram::Histogram<u64> {
 fn main() {
     // As the server does: the audit log's helper threads first, on the process's CPUs, then the
     // pinned shard.
-    tensor_wasm::audit::segment::start_background_threads();
+    let threads = HelperThreads::start();
+    let helpers = threads.helpers();
     pin_like_a_shard();
     println!("{TABLE_HEAD}");
     println!("{}", row("encode only (format + SHA-256)", &encode_only(1_000_000)));
-    println!("{}", row("checkpoint alone (sign + file + stdout)", &checkpoint_only(2_000)));
+    println!("{}", row("checkpoint alone (sign + file + stdout)", &checkpoint_only(2_000, &helpers)));
     for (name, sync, rounds, checkpoints) in [
         ("append, sync interval", AuditSync::Interval, 2_000_000, false),
         ("append, sync interval, checkpoints every 1 s", AuditSync::Interval, 2_000_000, true),
         ("append, sync none", AuditSync::None, 2_000_000, false),
         ("append, sync always", AuditSync::Always, 2_000, false),
     ] {
-        let (h, per_record_time, bytes) = run(sync, rounds, checkpoints);
+        let (h, per_record_time, bytes) = run(sync, rounds, checkpoints, &helpers);
         println!("{}", row(name, &h));
         let per_record = bytes / (rounds + WARMUP.min(rounds)) as u64;
         let rate = |d: &Duration| 1.0 / d.as_secs_f64().max(1e-12);
@@ -179,4 +192,5 @@ fn main() {
             median * per_record as f64 / 1e6
         );
     }
+    threads.stop();
 }

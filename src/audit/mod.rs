@@ -2,7 +2,8 @@
 //! append-only segment files. docs/AUDIT-LOG.md is the operator's view.
 //!
 //! - [`record`]: the line format, its hash and the chain;
-//! - [`segment`]: preallocated, mapped segment files, and scanning them;
+//! - [`segment`]: preallocated, mapped segment files, the helper threads that seal and prefault
+//!   them (owned by whoever opens the log), and scanning them;
 //! - [`chain`]: walking a chain's segments: which records verify, where damage is;
 //! - [`recover`]: start-up recovery, which cuts a torn suffix and nothing else;
 //! - [`writer`]: a shard's chain: room before the action, rotation, retention, sync, checkpoints;
@@ -23,7 +24,6 @@ use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use record::{Actor, ActorScope, AuditEvent};
@@ -32,6 +32,7 @@ use verify::chain_dirs;
 pub use writer::{AuditTicket, CommitSlot, ShardAudit};
 
 use crate::metrics::Histogram;
+use crate::runtime::periodic::Periodic;
 
 /// How often `--audit-sync interval` makes records durable.
 pub const GROUP_COMMIT_INTERVAL: Duration = Duration::from_millis(10);
@@ -109,10 +110,10 @@ pub fn parse_destination(spec: &str) -> Result<(Option<PathBuf>, bool), String> 
 }
 
 /// Starts the group-commit thread for `--audit-sync interval`: every 10 ms it fdatasyncs each
-/// shard's active segment that has new records, and times it into `sync_seconds`.
-pub fn spawn_group_commit(slots: Vec<Arc<CommitSlot>>, sync_seconds: Arc<Histogram>) -> io::Result<JoinHandle<()>> {
-    std::thread::Builder::new().name("tw-audit-sync".into()).spawn(move || loop {
-        std::thread::sleep(GROUP_COMMIT_INTERVAL);
+/// shard's active segment that has new records, and times it into `sync_seconds`. Its owner stops
+/// it once the shards have closed their segments.
+pub fn spawn_group_commit(slots: Vec<Arc<CommitSlot>>, sync_seconds: Arc<Histogram>) -> io::Result<Periodic> {
+    Periodic::spawn("tw-audit-sync", GROUP_COMMIT_INTERVAL, move || {
         for slot in &slots {
             if !slot.dirty.swap(false, Ordering::AcqRel) {
                 continue;

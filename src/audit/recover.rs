@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use super::chain::{tail, walk, ChainState, Finding, Tail};
 use super::record::{Integrity, GENESIS};
-use super::segment::{finish_seal, list_segments, scan, segment_name, ActiveSegment};
+use super::segment::{finish_seal, list_segments, scan, segment_name, ActiveSegment, Helpers};
 
 /// Where a shard's chain goes on after start-up.
 pub struct Recovered {
@@ -49,8 +49,9 @@ fn report(shard: usize, path: &Path, findings: &[Finding]) -> Option<Integrity> 
     Some(Integrity { file: format!("shard-{shard}/{name}"), offset: first.offset as u64, seq: first.seq, reason })
 }
 
-/// Recovers the chain of shard `shard` in `dir`; new segments are `segment_bytes` long.
-pub fn recover(dir: &Path, shard: usize, segment_bytes: usize) -> io::Result<Recovered> {
+/// Recovers the chain of shard `shard` in `dir`; new segments are `segment_bytes` long, and the
+/// active one is prefaulted by `helpers`.
+pub fn recover(dir: &Path, shard: usize, segment_bytes: usize, helpers: &Helpers) -> io::Result<Recovered> {
     let segments = list_segments(dir)?;
     // Seals a crash interrupted (in the background sealer) are finished first.
     for path in segments.iter().rev().skip(1) {
@@ -97,20 +98,20 @@ pub fn recover(dir: &Path, shard: usize, segment_bytes: usize) -> io::Result<Rec
         // Past every kept line, so that no `seq` is used twice and the name sorts after it.
         let next = state.next_seq.unwrap_or(1).max(first_seq(newest) + found.lines);
         state.next_seq = Some(next);
-        ActiveSegment::create(dir.join(segment_name(next)), segment_bytes, true)?
+        ActiveSegment::create(dir.join(segment_name(next)), segment_bytes, true, helpers)?
     } else if !damage.is_empty() && found.lines > 0 {
         // The damage is in the sealed segment before: a new segment still starts, so that its
         // first record is the report.
         finish_seal_at(newest, found.lines_end, after_lines, shard)?;
         let next = state.next_seq.unwrap_or(1).max(first_seq(newest) + found.lines);
         state.next_seq = Some(next);
-        ActiveSegment::create(dir.join(segment_name(next)), segment_bytes, true)?
+        ActiveSegment::create(dir.join(segment_name(next)), segment_bytes, true, helpers)?
     } else {
         if after_lines > 0 {
             tracing::warn!(shard, file = %newest.display(), cut_bytes = after_lines, "audit: torn tail cut away");
         }
         // Always continue in the newest segment, even an empty one: its name is taken.
-        ActiveSegment::reopen(newest.clone(), found.lines_end, segment_bytes)?
+        ActiveSegment::reopen(newest.clone(), found.lines_end, segment_bytes, helpers)?
     };
 
     for (path, d) in &damage {
@@ -180,7 +181,7 @@ mod tests {
         torn.extend_from_slice(&records[..40]);
         torn.resize(70_000, 0);
         fs::write(&path, &torn).unwrap();
-        let r = recover(dir.path(), 0, 65536).unwrap();
+        let r = recover(dir.path(), 0, 65536, &Helpers::default()).unwrap();
         assert!(r.damage.is_empty());
         assert_eq!((r.seq, r.prev_hash), (5, prev));
         assert!(
@@ -200,7 +201,7 @@ mod tests {
         let mut live = records.clone();
         live.resize(records.len() + 4096, 0);
         fs::write(&path, &live).unwrap();
-        let r = recover(dir.path(), 3, 65536).unwrap();
+        let r = recover(dir.path(), 3, 65536, &Helpers::default()).unwrap();
         // Kept byte for byte (only the reserved zeros go), and sealed.
         assert!(fs::read(&path).unwrap() == records, "the segment is kept byte for byte");
         assert_eq!(r.damage.len(), 1);

@@ -10,6 +10,10 @@
 //! Reserving a segment (zeroing 64 MiB on tmpfs, allocating its blocks on disk) takes milliseconds,
 //! so each shard keeps one [`Spare`] made ahead of time by the background thread: a rotation on
 //! the shard is then a rename.
+//!
+//! The slow work runs on two helper threads, the sealer and the prefaulter. Whoever opens the log
+//! starts them ([`HelperThreads::start`]), hands each chain a [`Helpers`] handle, and stops them
+//! after the last writer closed ([`HelperThreads::stop`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -52,6 +56,8 @@ pub struct ActiveSegment {
     released: usize,
     /// Bytes from the start whose pages were asked to be mapped writable ahead of the writes.
     prefaulted: usize,
+    /// `None`: no prefault thread, and the writes fault the pages in themselves.
+    prefaulter: Option<Prefaulter>,
 }
 
 /// How much written data stays mapped behind the write position: a segment's eighth, at most
@@ -75,8 +81,9 @@ const PREFAULT_LEAD: usize = 8 * PREFAULT_WINDOW;
 
 impl ActiveSegment {
     /// Creates a new segment of `capacity` bytes, all reserved on disk. With `sync_dir` the
-    /// directory entry is made durable now; otherwise the caller arranges it (see [`Sealer`]).
-    pub fn create(path: PathBuf, capacity: usize, sync_dir: bool) -> io::Result<ActiveSegment> {
+    /// directory entry is made durable now; otherwise the caller arranges it
+    /// ([`Helpers::sync_dir`]).
+    pub fn create(path: PathBuf, capacity: usize, sync_dir: bool, helpers: &Helpers) -> io::Result<ActiveSegment> {
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
         Self::reserve(&file, capacity).inspect_err(|_| {
             let _ = fs::remove_file(&path);
@@ -84,23 +91,28 @@ impl ActiveSegment {
         if sync_dir {
             sync_parent(&path)?;
         }
-        Self::map(path, file, 0)
+        Self::map(path, file, 0, helpers)
     }
 
     /// Makes the shard's spare, when it is ready, the segment at `path`; `None` when it is not.
-    pub fn from_spare(spare: &Spare, path: PathBuf, sync_dir: bool) -> Option<io::Result<ActiveSegment>> {
+    pub fn from_spare(
+        spare: &Spare,
+        path: PathBuf,
+        sync_dir: bool,
+        helpers: &Helpers,
+    ) -> Option<io::Result<ActiveSegment>> {
         let file = spare.ready.lock().unwrap_or_else(|p| p.into_inner()).take()?;
         let renamed = fs::rename(&spare.path, &path).and_then(|()| if sync_dir { sync_parent(&path) } else { Ok(()) });
-        Some(renamed.and_then(|()| Self::map(path, file, 0)))
+        Some(renamed.and_then(|()| Self::map(path, file, 0, helpers)))
     }
 
     /// Reopens an existing active segment whose valid records end at `len`, after a restart.
-    pub fn reopen(path: PathBuf, len: usize, capacity: usize) -> io::Result<ActiveSegment> {
+    pub fn reopen(path: PathBuf, len: usize, capacity: usize, helpers: &Helpers) -> io::Result<ActiveSegment> {
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
         // Zero whatever a torn write left past the valid end, then reserve the full size again.
         file.set_len(len as u64)?;
         Self::reserve(&file, capacity.max(len))?;
-        Self::map(path, file, len)
+        Self::map(path, file, len, helpers)
     }
 
     fn reserve(file: &File, capacity: usize) -> io::Result<()> {
@@ -112,7 +124,7 @@ impl ActiveSegment {
         Ok(())
     }
 
-    fn map(path: PathBuf, file: File, len: usize) -> io::Result<ActiveSegment> {
+    fn map(path: PathBuf, file: File, len: usize, helpers: &Helpers) -> io::Result<ActiveSegment> {
         // SAFETY: the file is ours alone (one writer per shard directory) and stays open and at
         // least this long while mapped; other processes only read it.
         let map = MmapRaw::map_raw(&file)?;
@@ -123,8 +135,15 @@ impl ActiveSegment {
         // Only a hint: refused, it costs tail latency, not the audit log.
         let _ = map.advise(memmap2::Advice::Random);
         let map = Arc::new(map);
-        let mut segment =
-            ActiveSegment { path, file: Arc::new(file), map, len, released: 0, prefaulted: len & !(PAGE - 1) };
+        let mut segment = ActiveSegment {
+            path,
+            file: Arc::new(file),
+            map,
+            len,
+            released: 0,
+            prefaulted: len & !(PAGE - 1),
+            prefaulter: helpers.prefaulter.clone(),
+        };
         segment.prefault_ahead();
         Ok(segment)
     }
@@ -172,7 +191,9 @@ impl ActiveSegment {
         }
         let start = self.prefaulted.max(self.len & !(PAGE - 1));
         let end = (start + PREFAULT_WINDOW).min(self.map.len());
-        Prefaulter::ask(&self.map, start..end);
+        if let Some(prefaulter) = &self.prefaulter {
+            prefaulter.ask(&self.map, start..end);
+        }
         self.prefaulted = end;
     }
 
@@ -241,22 +262,79 @@ pub fn finish_seal(path: &Path) -> io::Result<bool> {
     Ok(true)
 }
 
-/// Work done off the shards: sealing full segments (msync, cut, fsync), making new segments'
-/// directory entries durable, and reserving spares. One thread per process; its queue is bounded, and when it is full
-/// the shard does the work itself.
-pub struct Sealer {
-    tx: std::sync::mpsc::SyncSender<SealJob>,
+/// What a chain asks of the audit log's helper threads: a cheap handle, cloned into each shard's
+/// chain and each of its segments. `Helpers::default()` has no threads: then sealing runs on the
+/// caller and nothing is prefaulted, as when a helper could not be started.
+#[derive(Clone, Default)]
+pub struct Helpers {
+    sealer: Option<Sealer>,
+    prefaulter: Option<Prefaulter>,
 }
 
-static SEALER: std::sync::OnceLock<Option<Sealer>> = std::sync::OnceLock::new();
+/// The audit log's helper threads, the [`Sealer`] and the [`Prefaulter`], owned by whoever opens
+/// the log (the server's start-up, a benchmark, a test), which stops them after the last writer
+/// has closed. Dropped without `stop`, they are stopped the same way.
+pub struct HelperThreads {
+    helpers: Helpers,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
 
-/// Starts the threads that take the audit log's slow work off the shards: the [`Sealer`] and
-/// the [`Prefaulter`]. Call it before any thread is pinned: a thread inherits its creator's CPUs,
-/// and a helper sharing a shard's CPU would stall that shard while it works. Until they are
-/// started, sealing runs on the caller and nothing is prefaulted.
-pub fn start_background_threads() {
-    Sealer::start();
-    Prefaulter::start();
+impl HelperThreads {
+    /// Starts the sealer and the prefaulter. Call it before any thread is pinned: a thread
+    /// inherits its creator's CPUs, and a helper sharing a shard's CPU would stall that shard
+    /// while it works. A helper that cannot be started is logged, and its work runs on the shards.
+    pub fn start() -> HelperThreads {
+        let mut threads = Vec::with_capacity(2);
+        let sealer = Sealer::start().map(|(sealer, thread)| {
+            threads.push(thread);
+            sealer
+        });
+        let prefaulter = Prefaulter::start().map(|(prefaulter, thread)| {
+            threads.push(thread);
+            prefaulter
+        });
+        HelperThreads { helpers: Helpers { sealer, prefaulter }, threads }
+    }
+
+    /// The handle to give each chain opened while these threads run.
+    pub fn helpers(&self) -> Helpers {
+        self.helpers.clone()
+    }
+
+    /// Stops both threads once every job queued before is done, so that segments handed to the
+    /// sealer are cut and fsynced before this returns, and joins them. A handle still held
+    /// elsewhere does its work itself from then on.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        // Blocking sends, unlike `Helpers`' own: each stop must queue behind every job.
+        if let Some(sealer) = self.helpers.sealer.take() {
+            let _ = sealer.tx.send(Ask::Stop);
+        }
+        if let Some(prefaulter) = self.helpers.prefaulter.take() {
+            let _ = prefaulter.tx.send(Ask::Stop);
+        }
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                tracing::error!("audit: a helper thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for HelperThreads {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// What a helper thread is sent: an item of work, or the order to stop after the work queued
+/// before it.
+enum Ask<T> {
+    Work(T),
+    Stop,
 }
 
 /// How a helper thread yields to the shards. Where the server has no CPU to spare (fewer CPUs
@@ -294,23 +372,23 @@ impl HelperPriority {
 }
 
 /// A helper thread named `name` that does `work` on each item sent to it, behind a queue of
-/// `depth`, at `priority`. `None` when the thread cannot be started: then the callers do the
-/// work themselves.
+/// `depth`, at `priority`, until it is asked to stop. `None` when the thread cannot be started:
+/// then the callers do the work themselves.
 fn spawn_helper<T: Send + 'static>(
     name: &'static str,
     depth: usize,
     priority: HelperPriority,
     mut work: impl FnMut(T) + Send + 'static,
-) -> Option<std::sync::mpsc::SyncSender<T>> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<T>(depth);
+) -> Option<(std::sync::mpsc::SyncSender<Ask<T>>, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Ask<T>>(depth);
     let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
         priority.apply(name);
-        while let Ok(item) = rx.recv() {
+        while let Ok(Ask::Work(item)) = rx.recv() {
             work(item);
         }
     });
     match spawned {
-        Ok(_) => Some(tx),
+        Ok(thread) => Some((tx, thread)),
         Err(e) => {
             tracing::error!("audit: cannot start {name} ({e}); the shards do its work themselves");
             None
@@ -318,39 +396,32 @@ fn spawn_helper<T: Send + 'static>(
     }
 }
 
+/// A window of a segment's mapping to fault in.
+type PrefaultJob = (Arc<MmapRaw>, std::ops::Range<usize>);
+
 /// Faults in pages of active segments ahead of their shards' writes (MADV_POPULATE_WRITE, one
-/// call per window instead of a fault per page). One thread per process, with a bounded queue;
-/// a request that does not fit is dropped, and its pages are faulted in by the writes.
+/// call per window instead of a fault per page). One thread for the log, with a bounded queue; a
+/// request that does not fit is dropped, and its pages are faulted in by the writes.
+#[derive(Clone)]
 struct Prefaulter {
-    tx: std::sync::mpsc::SyncSender<(Arc<MmapRaw>, std::ops::Range<usize>)>,
+    tx: std::sync::mpsc::SyncSender<Ask<PrefaultJob>>,
 }
 
-static PREFAULTER: std::sync::OnceLock<Option<Prefaulter>> = std::sync::OnceLock::new();
-
 impl Prefaulter {
-    fn start() {
-        PREFAULTER.get_or_init(|| {
-            let tx = spawn_helper(
-                "tw-audit-prefault",
-                256,
-                HelperPriority::Idle,
-                |(map, range): (Arc<MmapRaw>, std::ops::Range<usize>)| {
-                    // A segment sealed since (its last holder is this request) is not worth it.
-                    // Kernels before 5.14 refuse the advice; a sealed segment's cut tail answers
-                    // EFAULT. Either way the writes fault the pages in themselves.
-                    if Arc::strong_count(&map) > 1 {
-                        let _ = map.advise_range(memmap2::Advice::PopulateWrite, range.start, range.len());
-                    }
-                },
-            );
-            tx.map(|tx| Prefaulter { tx })
+    fn start() -> Option<(Prefaulter, std::thread::JoinHandle<()>)> {
+        let spawned = spawn_helper("tw-audit-prefault", 256, HelperPriority::Idle, |(map, range): PrefaultJob| {
+            // A segment sealed since (its last holder is this request) is not worth it.
+            // Kernels before 5.14 refuse the advice; a sealed segment's cut tail answers
+            // EFAULT. Either way the writes fault the pages in themselves.
+            if Arc::strong_count(&map) > 1 {
+                let _ = map.advise_range(memmap2::Advice::PopulateWrite, range.start, range.len());
+            }
         });
+        spawned.map(|(tx, thread)| (Prefaulter { tx }, thread))
     }
 
-    fn ask(map: &Arc<MmapRaw>, range: std::ops::Range<usize>) {
-        if let Some(prefaulter) = PREFAULTER.get().and_then(Option::as_ref) {
-            let _ = prefaulter.tx.try_send((map.clone(), range));
-        }
+    fn ask(&self, map: &Arc<MmapRaw>, range: std::ops::Range<usize>) {
+        let _ = self.tx.try_send(Ask::Work((map.clone(), range)));
     }
 }
 
@@ -383,14 +454,17 @@ impl Spare {
     }
 
     /// Asks the background thread for a spare, unless one is ready or on its way. When the
-    /// thread's queue is full the next rotation reserves its segment itself.
-    pub fn request(self: &Arc<Self>) {
+    /// thread's queue is full, or there is none, the next rotation reserves its segment itself.
+    pub fn request(self: &Arc<Self>, helpers: &Helpers) {
         use std::sync::atomic::Ordering;
         let ready = self.ready.lock().unwrap_or_else(|p| p.into_inner()).is_some();
         if ready || self.closed.load(Ordering::Acquire) || self.requested.swap(true, Ordering::AcqRel) {
             return;
         }
-        let queued = Sealer::get().is_some_and(|s| s.tx.try_send(SealJob::PrepareSpare(self.clone())).is_ok());
+        let queued = helpers
+            .sealer
+            .as_ref()
+            .is_some_and(|s| s.tx.try_send(Ask::Work(SealJob::PrepareSpare(self.clone()))).is_ok());
         if !queued {
             self.requested.store(false, Ordering::Release);
         }
@@ -474,8 +548,6 @@ enum SealJob {
     Retain(PathBuf, Retention),
     PrepareSpare(Arc<Spare>),
     SyncDir(PathBuf),
-    /// Answered once every job before it is done.
-    Barrier(std::sync::mpsc::Sender<()>),
 }
 
 impl SealJob {
@@ -485,37 +557,41 @@ impl SealJob {
             SealJob::SyncDir(path) => sync_parent(&path),
             SealJob::PrepareSpare(spare) => spare.prepare(),
             SealJob::Retain(dir, retention) => apply_retention(&dir, retention),
-            SealJob::Barrier(done) => {
-                let _ = done.send(());
-                Ok(())
-            }
         }
     }
 }
 
+/// Work done off the shards: sealing full segments (msync, cut, fsync), making new segments'
+/// directory entries durable, and reserving spares. One thread for the log; its queue is bounded,
+/// and when it is full the shard does the work itself.
+#[derive(Clone)]
+struct Sealer {
+    tx: std::sync::mpsc::SyncSender<Ask<SealJob>>,
+}
+
 impl Sealer {
-    fn start() {
-        SEALER.get_or_init(|| {
-            let tx = spawn_helper("tw-audit-seal", 64, HelperPriority::Background, |job: SealJob| {
-                if let Err(e) = job.run() {
-                    tracing::error!("audit: background work failed: {e}");
-                }
-            });
-            tx.map(|tx| Sealer { tx })
+    fn start() -> Option<(Sealer, std::thread::JoinHandle<()>)> {
+        let spawned = spawn_helper("tw-audit-seal", 64, HelperPriority::Background, |job: SealJob| {
+            if let Err(e) = job.run() {
+                tracing::error!("audit: background work failed: {e}");
+            }
         });
+        spawned.map(|(tx, thread)| (Sealer { tx }, thread))
     }
+}
 
-    fn get() -> Option<&'static Sealer> {
-        SEALER.get().and_then(Option::as_ref)
-    }
-
-    /// Queues `job`, or runs it here when the queue is full or there is no sealer thread.
-    fn submit(job: SealJob) -> io::Result<()> {
+impl Helpers {
+    /// Queues `job` for the sealer, or runs it here when its queue is full, it has stopped, or
+    /// there is none.
+    fn submit(&self, job: SealJob) -> io::Result<()> {
         use std::sync::mpsc::TrySendError;
-        let job = match Self::get() {
-            Some(sealer) => match sealer.tx.try_send(job) {
+        let job = match &self.sealer {
+            Some(sealer) => match sealer.tx.try_send(Ask::Work(job)) {
                 Ok(()) => return Ok(()),
-                Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => job,
+                Err(TrySendError::Full(refused) | TrySendError::Disconnected(refused)) => match refused {
+                    Ask::Work(job) => job,
+                    Ask::Stop => unreachable!("a refused send gives back what was sent: work"),
+                },
             },
             None => job,
         };
@@ -523,30 +599,19 @@ impl Sealer {
     }
 
     /// Seals `segment` in the background, or here when the sealer is busy or absent.
-    pub fn seal(segment: ActiveSegment) -> io::Result<()> {
-        Self::submit(SealJob::Seal(segment))
+    pub fn seal(&self, segment: ActiveSegment) -> io::Result<()> {
+        self.submit(SealJob::Seal(segment))
     }
 
     /// Applies `retention` to the chain in `dir` (removing a 64 MiB file takes milliseconds), in
     /// the background when possible.
-    pub fn retain(dir: PathBuf, retention: Retention) -> io::Result<()> {
-        Self::submit(SealJob::Retain(dir, retention))
+    pub fn retain(&self, dir: PathBuf, retention: Retention) -> io::Result<()> {
+        self.submit(SealJob::Retain(dir, retention))
     }
 
     /// Makes `path`'s directory entry durable, in the background when possible.
-    pub fn sync_dir(path: PathBuf) -> io::Result<()> {
-        Self::submit(SealJob::SyncDir(path))
-    }
-
-    /// Waits until every job queued so far is done (at shutdown).
-    pub fn flush() {
-        if let Some(sealer) = Self::get() {
-            let (tx, rx) = std::sync::mpsc::channel();
-            // Blocking, unlike `submit`: the barrier must queue behind every job.
-            if sealer.tx.send(SealJob::Barrier(tx)).is_ok() {
-                let _ = rx.recv();
-            }
-        }
+    pub fn sync_dir(&self, path: PathBuf) -> io::Result<()> {
+        self.submit(SealJob::SyncDir(path))
     }
 }
 
@@ -601,7 +666,7 @@ mod tests {
     fn released_pages_keep_their_data() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(segment_name(1));
-        let mut segment = ActiveSegment::create(path.clone(), 64 * 1024, false).unwrap();
+        let mut segment = ActiveSegment::create(path.clone(), 64 * 1024, false, &Helpers::default()).unwrap();
         let mut written = Vec::new();
         let mut i = 0u64;
         while segment.room() > 200 {
@@ -619,5 +684,22 @@ mod tests {
         segment.sync_tail(10).unwrap();
         let sealed = segment.seal().unwrap();
         assert_eq!(fs::read(sealed).unwrap(), written);
+    }
+
+    #[test]
+    fn stopping_the_helpers_finishes_the_seals_handed_to_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let threads = HelperThreads::start();
+        let helpers = threads.helpers();
+        let path = dir.path().join(segment_name(1));
+        let mut segment = ActiveSegment::create(path.clone(), 64 * 1024, false, &helpers).unwrap();
+        segment.append(b"{\"record\":1}\n");
+        helpers.seal(segment).unwrap();
+        threads.stop();
+        assert_eq!(fs::read(&path).unwrap(), b"{\"record\":1}\n", "cut to its records");
+        // A handle that outlives its threads does the work itself.
+        let next = ActiveSegment::create(dir.path().join(segment_name(2)), 64 * 1024, false, &helpers).unwrap();
+        helpers.seal(next).unwrap();
+        assert_eq!(fs::read(dir.path().join(segment_name(2))).unwrap(), b"");
     }
 }

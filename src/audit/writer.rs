@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::checkpoint::{Checkpoint, CheckpointFile};
 use super::record::{encode_into, AuditEvent, Integrity, GENESIS, MAX_RECORD};
-use super::segment::{segment_name, ActiveSegment, Retention, Sealer, Spare};
+use super::segment::{segment_name, ActiveSegment, Helpers, Retention, Spare};
 use super::{AuditConfig, AuditOnError, AuditSync, CheckpointConfig};
 use crate::error::ApiError;
 use crate::metrics::ShardMetrics;
@@ -46,6 +46,8 @@ pub struct ShardAudit {
     commit: Arc<CommitSlot>,
     /// The next segment, reserved in the background; `None` without a directory.
     spare: Option<Arc<Spare>>,
+    /// The log's helper threads, which seal, retain and reserve off the shard.
+    helpers: Helpers,
     metrics: Arc<ShardMetrics>,
     /// Damage recovery found, until the shard records it.
     damage: RefCell<Vec<Integrity>>,
@@ -70,8 +72,15 @@ pub struct AuditTicket(());
 impl ShardAudit {
     /// Opens shard `shard`'s chain (`recover`): cuts a torn suffix, keeps damage as it is for
     /// [`ShardAudit::take_damage`], and continues the sequence and the chain.
-    /// A log that cannot be opened is not fatal: the shard starts in the failing state.
-    pub fn open(shard: usize, config: Arc<AuditConfig>, metrics: Arc<ShardMetrics>, commit: Arc<CommitSlot>) -> Self {
+    /// A log that cannot be opened is not fatal: the shard starts in the failing state. `helpers`
+    /// belong to whoever opened the log, which stops them after [`ShardAudit::close`].
+    pub fn open(
+        shard: usize,
+        config: Arc<AuditConfig>,
+        metrics: Arc<ShardMetrics>,
+        commit: Arc<CommitSlot>,
+        helpers: Helpers,
+    ) -> Self {
         let dir = config.dir.as_ref().map(|d| d.join(format!("shard-{shard}")));
         let spare = dir.as_ref().filter(|d| fs::create_dir_all(d).is_ok()).map(|d| Spare::new(d, config.segment_bytes));
         let signer = match (&config.checkpoints, &dir) {
@@ -95,13 +104,14 @@ impl ShardAudit {
             outstanding: Cell::new(0),
             commit,
             spare,
+            helpers,
             metrics,
         };
         if let Err(e) = audit.recover() {
             audit.fail(&format!("cannot open the audit log: {e}"));
         }
         if let Some(spare) = &audit.spare {
-            spare.request();
+            spare.request(&audit.helpers);
         }
         audit
     }
@@ -109,7 +119,7 @@ impl ShardAudit {
     fn recover(&self) -> std::io::Result<()> {
         let Some(dir) = &self.dir else { return Ok(()) };
         fs::create_dir_all(dir)?;
-        let recovered = super::recover::recover(dir, self.shard, self.config.segment_bytes)?;
+        let recovered = super::recover::recover(dir, self.shard, self.config.segment_bytes, &self.helpers)?;
         let mut chain = self.chain.borrow_mut();
         chain.seq = recovered.seq;
         chain.prev_hash = recovered.prev_hash;
@@ -218,19 +228,21 @@ impl ShardAudit {
         // directory entry and the old segment's seal go to the background sealer.
         let always = self.config.sync == AuditSync::Always;
         let path = dir.join(segment_name(chain.seq + 1));
-        let from_spare = self.spare.as_ref().and_then(|spare| ActiveSegment::from_spare(spare, path.clone(), always));
+        let helpers = &self.helpers;
+        let from_spare =
+            self.spare.as_ref().and_then(|spare| ActiveSegment::from_spare(spare, path.clone(), always, helpers));
         let next = match from_spare {
             Some(next) => next?,
-            None => ActiveSegment::create(path.clone(), self.config.segment_bytes, always)?,
+            None => ActiveSegment::create(path.clone(), self.config.segment_bytes, always, helpers)?,
         };
         if let Some(spare) = &self.spare {
-            spare.request();
+            spare.request(helpers);
         }
         if !always {
-            Sealer::sync_dir(path)?;
+            helpers.sync_dir(path)?;
         }
         if let Some(old) = chain.active.replace(next) {
-            let sealed = if always { old.seal().map(|_| ()) } else { Sealer::seal(old) };
+            let sealed = if always { old.seal().map(|_| ()) } else { helpers.seal(old) };
             if let Err(e) = sealed {
                 tracing::error!(shard = self.shard, "audit: cannot seal a segment: {e}");
             }
@@ -243,7 +255,7 @@ impl ShardAudit {
         drop(chain);
         // Removing a 64 MiB file takes milliseconds too: off the shard.
         let retention = Retention { segments: self.config.retain_segments, bytes: self.config.retain_bytes };
-        if let Err(e) = Sealer::retain(dir.clone(), retention) {
+        if let Err(e) = self.helpers.retain(dir.clone(), retention) {
             tracing::error!(shard = self.shard, "audit: retention failed: {e}");
         }
         Ok(())

@@ -7,10 +7,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::{TokenPolicy, TokenSet, TokenSource};
+use crate::runtime::periodic::Periodic;
 use crate::runtime::published::Published;
 use crate::runtime::watch;
 
@@ -43,13 +43,14 @@ fn parse_non_empty(list: &str, policy: &TokenPolicy, previous: Option<&TokenSet>
     Ok(set)
 }
 
-/// Watches `path` and publishes every list that parses. `hangup` is set by the SIGHUP handler.
+/// Watches `path` and publishes every list that parses, until its owner stops it. `hangup` is set
+/// by the SIGHUP handler.
 pub fn spawn_watcher(
     path: PathBuf,
     policy: TokenPolicy,
     published: Arc<Published<TokenSet>>,
     hangup: Arc<AtomicBool>,
-) -> std::io::Result<JoinHandle<()>> {
+) -> std::io::Result<Periodic> {
     let asked = move || hangup.swap(false, Ordering::AcqRel);
     let watched = vec![path.clone()];
     watch::spawn_poller("tw-tokens", POLL_INTERVAL, watched, asked, move |asked| {

@@ -1,5 +1,5 @@
 //! Watched files: a file's version told without reading it (`Stamp`), and a thread that polls
-//! a few files' stamps and reloads when one moves (`spawn_poller`). The token file, the TLS files
+//! a few files' stamps and reloads when one moves (`spawn_poller`, a `periodic::Periodic`). The token file, the TLS files
 //! and the functions directory use them.
 //!
 //! Stamps follow symlinks, so a Kubernetes Secret's or ConfigMap's atomic `..data` swap (every
@@ -8,8 +8,9 @@
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::thread::JoinHandle;
 use std::time::Duration;
+
+use super::periodic::Periodic;
 
 /// A file's version, told without reading it: its device, inode, size and modification time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,26 +39,23 @@ fn stamps(paths: &[PathBuf]) -> Vec<Option<Stamp>> {
 
 /// Starts thread `name`, which checks the stamps of `paths` every `interval` and calls
 /// `reload(asked)` when one moved, or when `asked()` says a reload was asked for (SIGHUP). The
-/// stamps at the start are the baseline: what the caller loaded already.
+/// stamps now are the baseline: what the caller loaded already. Its owner stops it.
 pub fn spawn_poller(
     name: &str,
     interval: Duration,
     paths: Vec<PathBuf>,
     asked: impl Fn() -> bool + Send + 'static,
     mut reload: impl FnMut(bool) + Send + 'static,
-) -> io::Result<JoinHandle<()>> {
-    std::thread::Builder::new().name(name.into()).spawn(move || {
-        let mut seen = stamps(&paths);
-        loop {
-            std::thread::sleep(interval);
-            let now = stamps(&paths);
-            let asked = asked();
-            if now == seen && !asked {
-                continue;
-            }
-            seen = now;
-            reload(asked);
+) -> io::Result<Periodic> {
+    let mut seen = stamps(&paths);
+    Periodic::spawn(name, interval, move || {
+        let now = stamps(&paths);
+        let asked = asked();
+        if now == seen && !asked {
+            return;
         }
+        seen = now;
+        reload(asked);
     })
 }
 
@@ -89,7 +87,7 @@ mod tests {
         let reloads = Arc::new(AtomicUsize::new(0));
         let counted = reloads.clone();
         let tick = Duration::from_millis(5);
-        spawn_poller(
+        let _poller = spawn_poller(
             "tw-test-watch",
             tick,
             vec![path.clone()],

@@ -14,6 +14,7 @@ use monoio::net::{TcpListener, TcpStream};
 use wasmtime::Engine;
 
 use super::conn;
+use crate::audit::segment::Helpers;
 use crate::audit::{AuditConfig, CommitSlot};
 use crate::auth::refusals::WINDOW;
 use crate::auth::{AuthConfig, TokenSet};
@@ -45,6 +46,7 @@ pub struct ShardInit {
     pub tls: Option<Arc<Published<rustls::ServerConfig>>>,
     pub audit: Arc<AuditConfig>,
     pub commit: Arc<CommitSlot>,
+    pub audit_helpers: Helpers,
     pub shared: Arc<Shared>,
     pub io_driver: IoDriverChoice,
     /// How long the shard polls after a request before it sleeps (`--idle-spin-us`); zero: no spinner.
@@ -118,6 +120,7 @@ async fn serve(init: ShardInit) {
         tls,
         audit,
         commit,
+        audit_helpers,
         shared,
         spin_window,
         shard_count,
@@ -152,6 +155,7 @@ async fn serve(init: ShardInit) {
         tokens,
         audit,
         commit,
+        audit_helpers,
         shared,
     }));
 

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use wasmtime::{Engine, Store};
 
+use crate::audit::segment::Helpers;
 use crate::audit::{AuditConfig, CommitSlot, ShardAudit};
 use crate::auth::refusals::Refusals;
 use crate::auth::{AuthConfig, ShardAuth, TokenSet};
@@ -80,19 +81,33 @@ pub struct ShardParts {
     pub tokens: Option<Arc<Published<TokenSet>>>,
     pub audit: Arc<AuditConfig>,
     pub commit: Arc<CommitSlot>,
+    /// The audit log's helper threads, which the server's start-up owns.
+    pub audit_helpers: Helpers,
     pub shared: Arc<Shared>,
 }
 
 impl Shard {
     /// A shard's state, with its shares of the process's limits.
     pub fn new(parts: ShardParts) -> Shard {
-        let ShardParts { id, shard_count, limits, engine, functions, admin, auth, tokens, audit, commit, shared } =
-            parts;
+        let ShardParts {
+            id,
+            shard_count,
+            limits,
+            engine,
+            functions,
+            admin,
+            auth,
+            tokens,
+            audit,
+            commit,
+            audit_helpers,
+            shared,
+        } = parts;
         let per_shard = |total: usize| total.div_ceil(shard_count).max(1);
         let limits_max_concurrent = limits.max_concurrent_per_tenant as usize;
         // Exactly, not rounded up: the pooling allocator holds `--max-instances` and no more, so
         // shares that sum past it would let an invoke past the shard's check fail inside the pool
-        // (a 502 guest_trap where 503 overloaded is the answer). `server::run` refuses fewer
+        // (a 502 guest_trap where 503 overloaded is the answer). `server::start` refuses fewer
         // instances than shards.
         let instance_share = exact_share(limits.max_instances as usize, shard_count, id);
         Shard {
@@ -106,7 +121,7 @@ impl Shard {
             admin,
             refusals: Refusals::new(auth.unauthenticated_rate_limit, auth.max_refusal_sources),
             auth: ShardAuth::new(auth, tokens, id, shard_count),
-            audit: ShardAudit::open(id, audit, shared.shard_metrics[id].clone(), commit),
+            audit: ShardAudit::open(id, audit, shared.shard_metrics[id].clone(), commit, audit_helpers),
             next_request: Cell::new(0),
             request_id_prefix: request_id_prefix(id),
             shared,

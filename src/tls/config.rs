@@ -1,6 +1,5 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
@@ -8,6 +7,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
+use crate::runtime::periodic::Periodic;
 use crate::runtime::published::Published;
 use crate::runtime::watch;
 
@@ -85,7 +85,7 @@ pub struct TlsWatcher;
 
 impl TlsWatcher {
     /// Watches `files`; a configuration that fails to build is logged and the previous one kept.
-    pub fn spawn(files: TlsFiles, published: Arc<Published<ServerConfig>>) -> std::io::Result<JoinHandle<()>> {
+    pub fn spawn(files: TlsFiles, published: Arc<Published<ServerConfig>>) -> std::io::Result<Periodic> {
         let watched = files.paths().map(Path::to_path_buf).collect();
         watch::spawn_poller(
             "tw-tls",

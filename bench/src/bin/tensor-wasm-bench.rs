@@ -11,8 +11,9 @@ use clap::Parser;
 use tensor_wasm_bench::harness::guests::GuestSource;
 use tensor_wasm_bench::harness::hostile::{Attack, HostileOptions};
 use tensor_wasm_bench::harness::interrupt;
-use tensor_wasm_bench::harness::run::{ServerSource, Settings, StepPlan};
 use tensor_wasm_bench::harness::scenario::{Scenario, ScenarioOptions};
+use tensor_wasm_bench::harness::search::StepPlan;
+use tensor_wasm_bench::harness::session::{ServerSource, Settings};
 use tensor_wasm_bench::harness::slo::Gate;
 use tensor_wasm_bench::harness::suite::{run_suite, Mode, SuiteOptions, EQUAL_LOAD_ROUNDS};
 use tensor_wasm_bench::harness::target::{sibling_binary, Endpoint, StartedTls};
@@ -256,7 +257,7 @@ fn run(args: Args) -> Result<bool, String> {
         }
         None => (None, None),
     };
-    let cpus = tensor_wasm_bench::harness::run::cpu_count(server_cpus.as_deref());
+    let cpus = tensor_wasm_bench::harness::session::cpu_count(server_cpus.as_deref());
     let trust = args.trust.client_tls()?;
     let source = match &args.server {
         Some(url) => {

@@ -26,8 +26,9 @@ use super::client::{Connection, Response};
 use super::guests;
 use super::interrupt;
 use super::load::RequestClass;
-use super::run::{Measurement, Session, Settings};
+use super::measure::Measurement;
 use super::scenario::{deploy, deploy_request, deploy_with, Prepared, ServerSettings};
+use super::session::{Session, Settings};
 use super::slo::{self, TrafficClass, Verdict};
 use super::target::Endpoint;
 

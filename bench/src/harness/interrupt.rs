@@ -1,5 +1,5 @@
 //! Ctrl-C and SIGTERM end a run early and cleanly: the measurement in progress stops within a
-//! moment, [`Session`](super::run::Session)s are dropped as their errors unwind, and so what the
+//! moment, [`Session`](super::session::Session)s are dropped as their errors unwind, and so what the
 //! harness deployed on a live server is deleted and any server it started is stopped before it
 //! exits. Killed outright instead, it would leave its `bench-*` functions on the live deployment.
 //! A second signal exits at once.

@@ -1,15 +1,20 @@
 //! `tensor-wasm-bench`: the SLO harness. It drives a live server with open-loop, constant-rate
 //! load, corrects latency for coordinated omission, and judges the results against docs/SLO.md.
 //!
-//! - [`load`]: the load generator (epoll loops over keep-alive connections, each on a schedule).
-//! - [`client`]: response framing, TLS, and a blocking connection for set-up requests.
-//! - [`target`]: the server under test, started here or reached by URL.
-//! - [`scenario`]: what each scenario deploys and sends; [`guests`]: the modules;
-//!   [`hostile`]: the hostile scenario's attacks and phases.
-//! - [`slo`]: the objectives; [`scrape`]: the server's own histograms (dispatch, time per request).
-//! - [`run`]: one measurement, and the step search; [`suite`]: a whole run;
-//!   [`report`]: its JSON and Markdown.
-//! - [`interrupt`]: Ctrl-C ends a run early and cleanly.
+//! Three rooms, each of one concern:
+//!
+//! - session: [`session`], the server under test for one scenario, started here or reached by
+//!   URL, with the scenario deployed; [`target`], the started processes and their CPUs.
+//! - measurement: [`load`], the load generator (epoll loops over keep-alive connections, each on a
+//!   schedule, timing each answer); [`measure`], one measurement at one rate and its report;
+//!   [`scrape`], the server's own histograms (dispatch, time per request).
+//! - search: [`search`], the step search for the highest rate within the SLO; [`slo`], the
+//!   objectives a measurement is judged against.
+//!
+//! Around them: [`client`] (response framing, TLS, a blocking connection for set-up requests),
+//! [`scenario`] (what each scenario deploys and sends), [`guests`] (the modules), [`hostile`] (the
+//! hostile scenario's attacks and phases), [`suite`] (a whole run), [`report`] (its JSON and
+//! Markdown), and [`interrupt`] (Ctrl-C ends a run early and cleanly).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -40,10 +45,12 @@ pub mod guests;
 pub mod hostile;
 pub mod interrupt;
 pub mod load;
+pub mod measure;
 pub mod report;
-pub mod run;
 pub mod scenario;
 pub mod scrape;
+pub mod search;
+pub mod session;
 pub mod slo;
 pub mod suite;
 pub mod target;

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::hostile::HostileRun;
-use super::run::{Measurement, StepSearch};
+use super::measure::Measurement;
+use super::search::StepSearch;
 use super::slo::Source;
 
 /// TensorWasm and the baseline on one scenario.

@@ -3,8 +3,9 @@
 
 use super::hostile;
 use super::report::{Comparison, Machine, Report};
-use super::run::{ServerSource, Session, Settings, StepPlan, StepSearch, BASELINE_WITHOUT_TLS};
 use super::scenario::Scenario;
+use super::search::{StepPlan, StepSearch};
+use super::session::{ServerSource, Session, Settings, BASELINE_WITHOUT_TLS};
 use super::target::Implementation;
 
 /// How rates are chosen.
