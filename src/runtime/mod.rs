@@ -1,7 +1,8 @@
 //! Runtime primitives that know nothing of HTTP, functions or the server: a value one thread
 //! publishes and shards copy when its generation moves (`published`), shard-local events and a
 //! two-way race (`event`), the fair yield of long-running guests (`fair_yield`), the spin before a
-//! shard parks (`idle_spin`), CPU sets and pinning (`cpu`), and watched files (`watch`).
+//! shard parks (`idle_spin`), CPU sets and pinning (`cpu`), watched files (`watch`), and a value on
+//! cache lines of its own (`padded`).
 //!
 //! Boundary: these modules import nothing from the rest of the crate, so every other module may
 //! use them.
@@ -10,5 +11,6 @@ pub mod cpu;
 pub mod event;
 pub mod fair_yield;
 pub mod idle_spin;
+pub mod padded;
 pub mod published;
 pub mod watch;
