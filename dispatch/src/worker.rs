@@ -87,7 +87,9 @@ fn complete(
     let device_nanos = started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
     let shard = usize::from(req.shard);
     let completion = Completion { ticket: req.ticket, status, device_nanos };
-    device.in_flight.fetch_sub(1, Ordering::Relaxed);
+    let before = device.in_flight.fetch_sub(1, Ordering::Relaxed);
+    // Each request is counted before it is pushed (`Dispatcher::try_submit`).
+    debug_assert!(before > 0, "a completion for a request that was never counted");
     if push(dispatcher, shard, completion).is_err() {
         backlog.push((shard, completion));
     }
