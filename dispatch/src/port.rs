@@ -181,7 +181,14 @@ impl ShardPort {
                 }
                 None
             }
-            State::Free | State::Orphaned { .. } => unreachable!("a live ticket is waiting or done"),
+            State::Free | State::Orphaned { .. } => {
+                // Cannot happen: the waiter holds its ticket until it takes the completion. Debug
+                // builds stop here; a release build ends this wait with a device error rather than
+                // the shard's thread (the dispatch crate's form of the server's `bug!`).
+                debug_assert!(false, "ticket {ticket:#x} is neither waiting nor done");
+                let completion = Completion { ticket, status: crate::record::status::DEVICE_ERROR, device_nanos: 0 };
+                Some((completion, Vec::new()))
+            }
         }
     }
 
