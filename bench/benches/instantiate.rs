@@ -60,6 +60,7 @@ fn main() {
         memory_limit_mb: limits.default_memory_limit_mb,
         max_output_bytes: limits.max_output_bytes,
         max_stderr_bytes: limits.max_stderr_bytes,
+        max_table_elements: limits.max_table_elements,
     };
     let _ticker =
         tensor_wasm::wasm::EpochTicker::start(engine.clone(), Duration::from_millis(limits.epoch_tick_ms)).unwrap();

@@ -53,8 +53,11 @@ pub struct DispatchConfig {
     pub tenant_quota_bytes: u64,
     /// Tensors one invocation may hold at once.
     pub max_tensors_per_session: usize,
-    /// Elements one tensor may have.
+    /// Elements one tensor may have: at most `u32::MAX`, a flat request's length.
     pub max_tensor_elements: u64,
+    /// Tenants the quota table keeps; past it, idle ones (nothing held, no invocation using them)
+    /// are dropped. It refuses no one: a bound on the table's memory, not a limit on tenants.
+    pub max_quota_tenants: usize,
 }
 
 impl Default for DispatchConfig {
@@ -72,6 +75,7 @@ impl Default for DispatchConfig {
             tenant_quota_bytes: 1 << 30,
             max_tensors_per_session: 1024,
             max_tensor_elements: 64 << 20,
+            max_quota_tenants: 4096,
         }
     }
 }
@@ -193,6 +197,13 @@ impl Dispatcher {
         if config.shards == 0 || config.ring_depth == 0 || config.streams_per_device == 0 {
             return Err(DispatchError::Config("shards, ring depth and streams must be at least 1".into()));
         }
+        // A ticket's index is the low 16 bits of its number (`port`).
+        if config.max_tickets_per_shard == 0 || config.max_tickets_per_shard >= usize::from(u16::MAX) {
+            return Err(DispatchError::Config(format!("tickets per shard must be 1 to {}", u16::MAX - 1)));
+        }
+        if config.max_tensor_elements == 0 || config.max_tensor_elements > u64::from(u32::MAX) {
+            return Err(DispatchError::Config(format!("tensor elements must be 1 to {}", u32::MAX)));
+        }
         let mut cuda_fallback = None;
         let backends: Vec<Box<dyn Backend>> = match config.backend {
             BackendChoice::Host => host_backends(config.host_devices),
@@ -234,7 +245,7 @@ impl Dispatcher {
                 .map(|s| Arc::new(ShardPort::new(s, completion_depth, config.max_tickets_per_shard)))
                 .collect(),
             deferred: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
-            quotas: Quotas::new(config.tenant_quota_bytes, 4096),
+            quotas: Quotas::new(config.tenant_quota_bytes, config.max_quota_tenants),
             config,
             devices,
             stop: AtomicBool::new(false),

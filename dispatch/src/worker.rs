@@ -10,7 +10,8 @@ use crate::dispatcher::{Device, Dispatcher};
 use crate::record::{Completion, Request};
 
 /// Requests taken from one ring before the worker moves to the next, so that one busy shard
-/// cannot starve the others.
+/// cannot starve the others. The worker's fairness quantum, not a limit anyone waits against: a
+/// constant rather than a `DispatchConfig` field.
 const BATCH: usize = 32;
 
 pub(crate) fn run(dispatcher: Arc<Dispatcher>, index: usize, mut backend: Box<dyn Backend>) {

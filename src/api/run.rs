@@ -102,6 +102,7 @@ pub async fn execute(
         memory_limit_mb: record.memory_limit_mb,
         max_output_bytes: shard.limits.max_output_bytes,
         max_stderr_bytes: shard.limits.max_stderr_bytes,
+        max_table_elements: shard.limits.max_table_elements,
     };
     let tensors = function
         .uses_tensors

@@ -72,6 +72,8 @@ pub struct InvokeLimits {
     pub memory_limit_mb: u32,
     pub max_output_bytes: usize,
     pub max_stderr_bytes: usize,
+    /// Elements a table may grow to (`--max-table-elements`).
+    pub max_table_elements: usize,
 }
 
 /// The store's data: the guest's stdio and its limiter.
@@ -144,7 +146,7 @@ impl ResourceLimiter for GuestState {
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
+        Ok(desired <= self.limits.max_table_elements)
     }
 }
 
