@@ -173,6 +173,41 @@ pub enum ApiError {
     },
     Storage(String),
     Internal(String),
+    /// A branch that cannot happen did (`bug!`): what the code expected, said to the client; the
+    /// log has where and the details.
+    Bug(&'static str),
+}
+
+/// `bug!("what was expected")` or `bug!("what was expected", "details {}", x)`: a branch that
+/// cannot happen. Debug builds panic, so tests find it; release builds log it with where it
+/// happened and evaluate to [`ApiError::Bug`], so one request fails with 500 `internal`, not the
+/// shard. Only the details, which may name internals, stay out of the answer. Like wasmtime's
+/// `bail_bug!`.
+macro_rules! bug {
+    ($what:literal) => {
+        $crate::error::report_bug($what, format_args!(""))
+    };
+    ($what:literal, $($details:tt)+) => {
+        $crate::error::report_bug($what, format_args!($($details)+))
+    };
+}
+pub(crate) use bug;
+
+/// What [`bug!`] calls.
+#[track_caller]
+#[doc(hidden)]
+pub fn report_bug(what: &'static str, details: fmt::Arguments<'_>) -> ApiError {
+    on_bug(what, details, cfg!(debug_assertions))
+}
+
+#[track_caller]
+fn on_bug(what: &'static str, details: fmt::Arguments<'_>, panic: bool) -> ApiError {
+    let at = std::panic::Location::caller();
+    if panic {
+        panic!("bug at {at}: {what} {details}");
+    }
+    tracing::error!(%at, "bug: {what} {details}");
+    ApiError::Bug(what)
 }
 
 impl ApiError {
@@ -232,7 +267,7 @@ impl ApiError {
             Overloaded(_) | AuditUnavailable | NotReady | Draining | FunctionUnavailable { .. } => {
                 Status::ServiceUnavailable
             }
-            Storage(_) | Internal(_) => Status::InternalServerError,
+            Storage(_) | Internal(_) | Bug(_) => Status::InternalServerError,
         }
     }
 
@@ -299,7 +334,7 @@ impl ApiError {
             NotReady => "not_ready",
             Draining => "draining",
             Storage(_) => "storage_error",
-            Internal(_) => "internal",
+            Internal(_) | Bug(_) => "internal",
         }
     }
 
@@ -479,8 +514,44 @@ impl fmt::Display for ApiError {
             Draining => write!(f, "the server is shutting down"),
             Storage(m) => write!(f, "storage error: {m}"),
             Internal(m) => write!(f, "internal error: {m}"),
+            Bug(what) => write!(f, "internal error: a bug in the server ({what}); its log says where"),
         }
     }
 }
 
 impl std::error::Error for ApiError {}
+
+#[cfg(test)]
+mod tests {
+    use super::{on_bug, ApiError};
+    use crate::http::Status;
+
+    #[test]
+    fn a_bug_in_a_release_build_is_a_500_internal_without_its_details() {
+        let e = on_bug("a live ticket is waiting or done", format_args!("ticket {}", 7), false);
+        assert!(matches!(e, ApiError::Bug("a live ticket is waiting or done")));
+        assert_eq!(e.status(), Status::InternalServerError);
+        assert_eq!(e.kind(), "internal");
+        assert!(e.to_string().contains("a live ticket is waiting or done"), "{e}");
+        assert!(!e.to_string().contains("ticket 7"), "the details stay in the log: {e}");
+    }
+
+    #[test]
+    #[should_panic(expected = "bug at src/error.rs")]
+    fn a_bug_in_a_debug_build_panics_where_it_happened() {
+        let _ = on_bug("it cannot happen", format_args!(""), true);
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "it cannot happen: details 3")]
+    fn the_macro_panics_in_this_debug_build() {
+        let _ = super::bug!("it cannot happen:", "details {}", 3);
+    }
+
+    #[test]
+    #[cfg(not(debug_assertions))]
+    fn the_macro_is_an_error_in_this_release_build() {
+        assert!(matches!(super::bug!("it cannot happen"), ApiError::Bug("it cannot happen")));
+    }
+}

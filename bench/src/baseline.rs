@@ -32,6 +32,8 @@ const LIMITS: InvokeLimits = InvokeLimits {
     max_output_bytes: 4 * 1024 * 1024,
     max_stderr_bytes: 64 * 1024,
     slice: Duration::from_micros(100),
+    // The guest table cap TensorWasm serves with by default (`--max-table-elements`).
+    max_table_elements: 20_000,
 };
 
 struct State {

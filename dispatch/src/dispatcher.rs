@@ -53,8 +53,11 @@ pub struct DispatchConfig {
     pub tenant_quota_bytes: u64,
     /// Tensors one invocation may hold at once.
     pub max_tensors_per_session: usize,
-    /// Elements one tensor may have.
+    /// Elements one tensor may have: at most `u32::MAX`, a flat request's length.
     pub max_tensor_elements: u64,
+    /// Tenants the quota table keeps; past it, idle ones (nothing held, no invocation using them)
+    /// are dropped. It refuses no one: a bound on the table's memory, not a limit on tenants.
+    pub max_quota_tenants: usize,
 }
 
 impl Default for DispatchConfig {
@@ -72,6 +75,7 @@ impl Default for DispatchConfig {
             tenant_quota_bytes: 1 << 30,
             max_tensors_per_session: 1024,
             max_tensor_elements: 64 << 20,
+            max_quota_tenants: 4096,
         }
     }
 }
@@ -100,17 +104,50 @@ impl std::error::Error for DispatchError {}
 type Deferred = (usize, Request);
 
 /// One device as the shards see it.
+///
+/// Aligned to 128 bytes (two cache lines, as the rings' own indices are padded): every shard
+/// writes its `in_flight` and the worker its `memory_used`, and in the slice of devices one
+/// device's counters would otherwise share a line with the next device's.
+#[repr(align(128))]
 pub struct Device {
     pub index: usize,
     pub kind: BackendKind,
     pub name: String,
-    /// One ring per shard: each has a single producer, its shard.
+    /// One ring per shard: each has a single producer, its shard, and a single consumer, this
+    /// device's worker. crossbeam's `ArrayQueue` keeps its head (the consumer's index) and its tail
+    /// (the producer's) in `CachePadded` fields, 128 bytes each on x86-64 and AArch64, so the two
+    /// ends never write one line (`tests::ring_indices_are_on_lines_of_their_own`).
     pub(crate) rings: Box<[ArrayQueue<Request>]>,
     /// Requests pushed and not yet completed; the placement policy reads it.
     pub(crate) in_flight: AtomicU64,
     pub(crate) memory_used: AtomicU64,
     pub(crate) sleeping: AtomicBool,
     pub(crate) thread: OnceLock<Thread>,
+    /// Debug builds: per ring, whether a thread is pushing onto it now (`OneProducer`).
+    #[cfg(debug_assertions)]
+    producing: Box<[AtomicBool]>,
+}
+
+/// Debug builds: holds a ring's "pushing" flag for one push, and fails when another thread holds
+/// it. A ring has one producer, its shard; a second one at the same moment would be a shard's
+/// request sent from another thread, which this design rules out.
+#[cfg(debug_assertions)]
+struct OneProducer<'a>(&'a AtomicBool);
+
+#[cfg(debug_assertions)]
+impl<'a> OneProducer<'a> {
+    fn enter(flag: &'a AtomicBool) -> Self {
+        let busy = flag.swap(true, Ordering::Acquire);
+        debug_assert!(!busy, "two threads pushed onto one shard's ring at once");
+        OneProducer(flag)
+    }
+}
+
+#[cfg(debug_assertions)]
+impl Drop for OneProducer<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl Device {
@@ -160,6 +197,13 @@ impl Dispatcher {
         if config.shards == 0 || config.ring_depth == 0 || config.streams_per_device == 0 {
             return Err(DispatchError::Config("shards, ring depth and streams must be at least 1".into()));
         }
+        // A ticket's index is the low 16 bits of its number (`port`).
+        if config.max_tickets_per_shard == 0 || config.max_tickets_per_shard >= usize::from(u16::MAX) {
+            return Err(DispatchError::Config(format!("tickets per shard must be 1 to {}", u16::MAX - 1)));
+        }
+        if config.max_tensor_elements == 0 || config.max_tensor_elements > u64::from(u32::MAX) {
+            return Err(DispatchError::Config(format!("tensor elements must be 1 to {}", u32::MAX)));
+        }
         let mut cuda_fallback = None;
         let backends: Vec<Box<dyn Backend>> = match config.backend {
             BackendChoice::Host => host_backends(config.host_devices),
@@ -179,6 +223,7 @@ impl Dispatcher {
         // A worker never drops a completion: when the ring is full it keeps it and retries. The
         // depth covers every request a shard can have in flight, so that rarely happens.
         let completion_depth = (config.ring_depth * backends.len()).max(config.max_tickets_per_shard) + 64;
+        debug_assert!(completion_depth > config.ring_depth * backends.len());
         let devices = backends
             .iter()
             .enumerate()
@@ -191,6 +236,8 @@ impl Dispatcher {
                 memory_used: AtomicU64::new(0),
                 sleeping: AtomicBool::new(false),
                 thread: OnceLock::new(),
+                #[cfg(debug_assertions)]
+                producing: (0..shards).map(|_| AtomicBool::new(false)).collect(),
             })
             .collect();
         let dispatcher = Arc::new(Dispatcher {
@@ -198,7 +245,7 @@ impl Dispatcher {
                 .map(|s| Arc::new(ShardPort::new(s, completion_depth, config.max_tickets_per_shard)))
                 .collect(),
             deferred: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
-            quotas: Quotas::new(config.tenant_quota_bytes, 4096),
+            quotas: Quotas::new(config.tenant_quota_bytes, config.max_quota_tenants),
             config,
             devices,
             stop: AtomicBool::new(false),
@@ -238,8 +285,16 @@ impl Dispatcher {
     pub fn try_submit(&self, shard: usize, device: usize, req: Request) -> Result<(), Request> {
         debug_assert_eq!(usize::from(req.shard), shard);
         let d = &self.devices[device];
-        d.rings[shard].push(req)?;
+        #[cfg(debug_assertions)]
+        let _one = OneProducer::enter(&d.producing[shard]);
+        // Counted before the push: the worker may complete the request before this thread runs
+        // again, and its decrement must never find the count at zero (it wrapped, for a moment,
+        // when the count followed the push).
         d.in_flight.fetch_add(1, Ordering::Relaxed);
+        if let Err(req) = d.rings[shard].push(req) {
+            d.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return Err(req);
+        }
         d.wake();
         Ok(())
     }
@@ -313,5 +368,24 @@ impl Future for Poller {
                 return Poll::Pending;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crossbeam_queue::ArrayQueue;
+
+    use crate::record::Request;
+
+    /// A ring's producer index and consumer index each fill 128 bytes of their own (crossbeam's
+    /// `CachePadded`), and devices and ports start on lines of their own.
+    #[test]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    fn ring_indices_are_on_lines_of_their_own() {
+        assert!(std::mem::align_of::<ArrayQueue<Request>>() >= 128);
+        // The head and the tail, 128 bytes each, come before the buffer's pointer and capacity.
+        assert!(std::mem::size_of::<ArrayQueue<Request>>() >= 2 * 128 + 2 * std::mem::size_of::<usize>());
+        assert_eq!(std::mem::align_of::<super::Device>(), 128);
+        assert_eq!(std::mem::align_of::<crate::port::ShardPort>(), 128);
     }
 }

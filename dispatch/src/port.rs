@@ -25,6 +25,10 @@ use crate::record::Completion;
 pub const UNTRACKED: u32 = u32::MAX;
 
 /// A shard's receiving end. Shared with the device workers, which push completions and wake.
+///
+/// Aligned to 128 bytes: its shard writes the ticket table and the id counter on every tensor
+/// call, and ports of neighbouring shards must not share those lines.
+#[repr(align(128))]
 pub struct ShardPort {
     pub(crate) completions: ArrayQueue<Completion>,
     pub(crate) poller: AtomicWaker,
@@ -38,6 +42,14 @@ struct Tickets {
     entries: Vec<Entry>,
     free: Vec<u16>,
     capacity: usize,
+}
+
+impl Tickets {
+    /// Puts entry `index`, which was in use, back on the free list.
+    fn recycle(&mut self, index: usize) {
+        debug_assert!(self.free.len() < self.entries.len(), "more free tickets than entries");
+        self.free.push(index as u16);
+    }
 }
 
 struct Entry {
@@ -99,6 +111,7 @@ impl ShardPort {
             }
             None => return None,
         };
+        debug_assert!(t.entries.len() <= t.capacity && t.free.len() < t.entries.len());
         let entry = &mut t.entries[index];
         debug_assert!(matches!(entry.state, State::Free));
         entry.generation = entry.generation.wrapping_add(1);
@@ -114,7 +127,7 @@ impl ShardPort {
             State::Waiting { staging, .. } => staging,
             _ => Vec::new(),
         };
-        t.free.push(index as u16);
+        t.recycle(index);
         staging
     }
 
@@ -140,7 +153,7 @@ impl ShardPort {
                         w.wake();
                     }
                 }
-                State::Orphaned { .. } => t.free.push(index as u16),
+                State::Orphaned { .. } => t.recycle(index),
                 other => entry.state = other,
             }
         }
@@ -156,7 +169,7 @@ impl ShardPort {
                 let State::Done { completion, staging } = std::mem::replace(&mut entry.state, State::Free) else {
                     unreachable!()
                 };
-                t.free.push(index as u16);
+                t.recycle(index);
                 Some((completion, staging))
             }
             State::Waiting { waker: slot, .. } => {
@@ -168,7 +181,14 @@ impl ShardPort {
                 }
                 None
             }
-            State::Free | State::Orphaned { .. } => unreachable!("a live ticket is waiting or done"),
+            State::Free | State::Orphaned { .. } => {
+                // Cannot happen: the waiter holds its ticket until it takes the completion. Debug
+                // builds stop here; a release build ends this wait with a device error rather than
+                // the shard's thread (the dispatch crate's form of the server's `bug!`).
+                debug_assert!(false, "ticket {ticket:#x} is neither waiting nor done");
+                let completion = Completion { ticket, status: crate::record::status::DEVICE_ERROR, device_nanos: 0 };
+                Some((completion, Vec::new()))
+            }
         }
     }
 
@@ -178,7 +198,7 @@ impl ShardPort {
         let (index, _) = decode(ticket);
         match std::mem::replace(&mut t.entries[index].state, State::Free) {
             State::Waiting { staging, .. } => t.entries[index].state = State::Orphaned { _staging: staging },
-            State::Done { .. } => t.free.push(index as u16),
+            State::Done { .. } => t.recycle(index),
             other => t.entries[index].state = other,
         }
     }

@@ -395,6 +395,9 @@ impl Session {
             }
         };
         self.live += 1;
+        // Callers check the limit first; the table holds the live tensors and the free slots.
+        debug_assert!(self.live <= self.dispatcher.config.max_tensors_per_session);
+        debug_assert_eq!(self.live + self.free_slots.len(), self.tensors.len());
         slot as i32 + 1
     }
 
@@ -423,6 +426,7 @@ impl Session {
     }
 
     fn return_quota(&mut self, bytes: u64) {
+        debug_assert!(bytes <= self.held_bytes, "returned more quota than the session holds");
         self.held_bytes -= bytes;
         self.tenant.release(bytes);
     }

@@ -10,7 +10,8 @@ use crate::dispatcher::{Device, Dispatcher};
 use crate::record::{Completion, Request};
 
 /// Requests taken from one ring before the worker moves to the next, so that one busy shard
-/// cannot starve the others.
+/// cannot starve the others. The worker's fairness quantum, not a limit anyone waits against: a
+/// constant rather than a `DispatchConfig` field.
 const BATCH: usize = 32;
 
 pub(crate) fn run(dispatcher: Arc<Dispatcher>, index: usize, mut backend: Box<dyn Backend>) {
@@ -87,7 +88,9 @@ fn complete(
     let device_nanos = started.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
     let shard = usize::from(req.shard);
     let completion = Completion { ticket: req.ticket, status, device_nanos };
-    device.in_flight.fetch_sub(1, Ordering::Relaxed);
+    let before = device.in_flight.fetch_sub(1, Ordering::Relaxed);
+    // Each request is counted before it is pushed (`Dispatcher::try_submit`).
+    debug_assert!(before > 0, "a completion for a request that was never counted");
     if push(dispatcher, shard, completion).is_err() {
         backlog.push((shard, completion));
     }

@@ -19,7 +19,7 @@ use std::time::Instant;
 use crate::audit::{Actor, ActorScope, AuditEvent, AuditTicket};
 use crate::auth::refusals::{Refused, Verdict};
 use crate::auth::{Caller, Scope};
-use crate::error::ApiError;
+use crate::error::{bug, ApiError};
 use crate::functions::record::is_valid_id;
 use crate::http::Peer;
 use crate::http::{Method, RequestHead, Response};
@@ -272,7 +272,7 @@ fn admit_route<'h>(
         }
         return Err(e);
     }
-    let pending = audit.as_mut().expect("filled in above");
+    let pending = audit.as_mut().ok_or_else(|| bug!("the audit record filled in above is there"))?;
     let tenant = shard.auth.tenant(head, &caller)?;
     pending.tenant_id = Some(tenant);
     let ctx = RequestContext { caller, tenant, client_cert_subject: subject };
@@ -327,7 +327,7 @@ async fn call(
     body: Vec<u8>,
     audit: &mut Option<PendingAudit>,
 ) -> Result<Response, ApiError> {
-    let pending = audit.as_mut().expect("an admitted call has its pending record");
+    let pending = audit.as_mut().ok_or_else(|| bug!("an admitted call has its pending audit record"))?;
     match action {
         Action::List => functions::list(shard, &ctx),
         Action::Deploy => {

@@ -17,7 +17,8 @@ pub const INTEGRITY_ACTION: &str = "audit_integrity";
 /// The `prev_hash` of a chain's first record.
 pub const GENESIS: [u8; 32] = [0; 32];
 /// No record is longer: fields a client controls are capped so that this always holds, and a
-/// segment always keeps this much room before an action is taken.
+/// segment always keeps this much room before an action is taken. Part of the log's format, which
+/// `audit verify` reads on any machine, so it and the caps below are not `config` limits.
 pub const MAX_RECORD: usize = 8192;
 const HASH_FIELD: &[u8] = b",\"hash\":\"";
 const MAX_SUBJECT: usize = 512;

@@ -114,11 +114,11 @@ impl ShardAuth {
         };
         match verdict {
             Ok(()) => {
-                entry.admitted[self.shard].inc();
+                entry.counts[self.shard].admitted.inc();
                 Ok(())
             }
             Err(wait) => {
-                entry.limited[self.shard].inc();
+                entry.counts[self.shard].limited.inc();
                 Err(ApiError::RateLimited { retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64 })
             }
         }

@@ -190,6 +190,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_MAX_STDERR_BYTES", default_value_t = 8 * 1024)]
     pub max_stderr_bytes: u32,
 
+    /// Most elements a guest's table may have; a module whose table starts larger is refused at
+    /// deploy, and a `table.grow` past it fails. Each instance slot reserves 8 bytes of
+    /// address space per element for each of up to 4 tables.
+    #[arg(long, env = "TENSOR_WASM_MAX_TABLE_ELEMENTS", default_value_t = 20_000)]
+    pub max_table_elements: u32,
+
     /// Period of the process-wide epoch ticker: the granularity of deadlines and of guest yields.
     #[arg(long, env = "TENSOR_WASM_EPOCH_TICK_MS", default_value_t = 1)]
     pub epoch_tick_ms: u64,
@@ -295,6 +301,19 @@ pub struct ServeArgs {
     /// Tensors one invocation may hold at once.
     #[arg(long, env = "TENSOR_WASM_MAX_TENSORS_PER_INVOCATION", default_value_t = 1024)]
     pub max_tensors_per_invocation: u32,
+
+    /// Elements one tensor may have; a larger shape is refused before anything is allocated.
+    #[arg(long, env = "TENSOR_WASM_MAX_TENSOR_ELEMENTS", default_value_t = 64 << 20)]
+    pub max_tensor_elements: u64,
+
+    /// Tensor calls one shard may have waiting for their completions at once (its ticket table);
+    /// past it, a call gets `busy`. At most 65534.
+    #[arg(long, env = "TENSOR_WASM_DISPATCH_MAX_TICKETS_PER_SHARD", default_value_t = 4096)]
+    pub dispatch_max_tickets_per_shard: u32,
+
+    /// How long an idle device worker spins for new requests before it sleeps. 0: sleep at once.
+    #[arg(long, env = "TENSOR_WASM_DISPATCH_WORKER_SPIN_US", default_value_t = 50)]
+    pub dispatch_worker_spin_us: u64,
 
     /// Bearer tokens and the tenants each may act for: `TOKEN:tenant=*,TOKEN:tenant=7,TOKEN:tenant=1,2,3`.
     /// Prefer the env var or a file: command-line arguments are visible to other local users.
@@ -587,6 +606,17 @@ impl ServeArgs {
         positive("dispatch-ring-depth", self.dispatch_ring_depth.into())?;
         positive("gpu-memory-per-tenant-mb", self.gpu_memory_per_tenant_mb)?;
         positive("max-tensors-per-invocation", self.max_tensors_per_invocation.into())?;
+        positive("max-tensor-elements", self.max_tensor_elements)?;
+        // A request carries a flat tensor's length in a u32 (`record::Request::dims`).
+        if self.max_tensor_elements > u64::from(u32::MAX) {
+            return Err(format!("--max-tensor-elements must be at most {}", u32::MAX));
+        }
+        positive("dispatch-max-tickets-per-shard", self.dispatch_max_tickets_per_shard.into())?;
+        // A ticket's index is 16 bits of its number (`port`), and one value is never used.
+        if self.dispatch_max_tickets_per_shard >= u32::from(u16::MAX) {
+            return Err(format!("--dispatch-max-tickets-per-shard must be at most {}", u16::MAX - 1));
+        }
+        positive("max-table-elements", self.max_table_elements.into())?;
         for (name, v) in [
             ("header-timeout-ms", self.header_timeout_ms),
             ("body-timeout-ms", self.body_timeout_ms),
@@ -748,6 +778,9 @@ impl ServeArgs {
             max_ring_wait: std::time::Duration::from_millis(self.dispatch_max_wait_ms),
             tenant_quota_bytes: self.gpu_memory_per_tenant_mb.saturating_mul(1 << 20),
             max_tensors_per_session: self.max_tensors_per_invocation as usize,
+            max_tensor_elements: self.max_tensor_elements,
+            max_tickets_per_shard: self.dispatch_max_tickets_per_shard as usize,
+            worker_spin: std::time::Duration::from_micros(self.dispatch_worker_spin_us),
             ..DispatchConfig::default()
         }
     }
@@ -797,6 +830,7 @@ impl ServeArgs {
             max_memory_limit_mb: self.max_memory_limit_mb,
             max_output_bytes: self.max_output_bytes as usize,
             max_stderr_bytes: self.max_stderr_bytes as usize,
+            max_table_elements: self.max_table_elements as usize,
             epoch_tick_ms: self.epoch_tick_ms,
             guest_slice_us: self.guest_slice_us,
             sink_networks,

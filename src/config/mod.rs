@@ -109,6 +109,9 @@ pub struct Limits {
     pub max_memory_limit_mb: u32,
     pub max_output_bytes: usize,
     pub max_stderr_bytes: usize,
+    /// Elements one guest table may have: the instance pool's reservation per table, and the cap
+    /// on `table.grow` (`--max-table-elements`).
+    pub max_table_elements: usize,
     pub epoch_tick_ms: u64,
     /// How long a guest runs before it yields to its shard's other work while guests take turns
     /// there: the epoch ticker's period then (`wasm::engine::EpochTicker`).

@@ -8,6 +8,7 @@ use wasmtime::{Engine, InstancePre, Linker};
 use super::catalog::{FunctionMap, PipelineMap};
 use super::record::{is_valid_id, name_rank};
 use super::{Catalog, DeployedFunction, FunctionRecord};
+use crate::error::bug;
 use crate::runtime::published::{Derived, Subscription};
 use crate::wasm::module::uses_tensors;
 use crate::wasm::{new_linker, GuestState};
@@ -133,7 +134,10 @@ impl FunctionCache {
                     map.insert(id, Rc::new(LocalFunction { deployed, pre, has_start, uses_tensors }));
                 }
                 // The worker linked this module against an identical linker; failing here is a bug.
-                Err(e) => tracing::error!(function = %id, "cannot pre-link on this shard: {e:#}"),
+                // A release build logs it and leaves the function out of this shard's map.
+                Err(e) => {
+                    let _ = bug!("a module the worker linked pre-links on every shard", "function {id}: {e:#}");
+                }
             }
         }
         // Broken functions take part in name resolution: a step naming one is told it is broken,

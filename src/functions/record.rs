@@ -82,7 +82,9 @@ impl FunctionRecord {
     }
 }
 
-/// Most environment variables a function may set, and their total size in bytes.
+/// Most environment variables a function may set, and their total size in bytes. Like
+/// `MAX_NAME_LEN`, a rule of a function's record, the same on every server (a record stored by one
+/// must load in another), so not a `config` limit.
 pub const MAX_ENV_VARS: usize = 64;
 pub const MAX_ENV_BYTES: usize = 16 * 1024;
 

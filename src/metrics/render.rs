@@ -3,7 +3,7 @@ use std::sync::Arc;
 
 use tensor_wasm_dispatch::{Dispatcher, Op};
 
-use super::shard::{Counter, Histogram, ShardMetrics};
+use super::shard::{Histogram, ShardMetrics};
 use crate::auth::{TokenEntry, TokenSet};
 use crate::functions::catalog::DirectoryStats;
 use crate::http::{Method, Status};
@@ -184,10 +184,10 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
         entries.sort_by(|a, b| a.id.cmp(&b.id));
         let per_token: [(&str, &str, TokenSample); 2] = [
             ("tensor_wasm_rate_limit_admitted_total", "Requests admitted, per token.", |e| {
-                e.admitted.iter().map(Counter::get).sum()
+                e.counts.iter().map(|c| c.admitted.get()).sum()
             }),
             ("tensor_wasm_rate_limit_limited_total", "Requests refused with 429 for the token's rate.", |e| {
-                e.limited.iter().map(Counter::get).sum()
+                e.counts.iter().map(|c| c.limited.get()).sum()
             }),
         ];
         for (name, help, value) in per_token {

@@ -7,7 +7,9 @@ use crate::error::ApiError;
 use crate::functions::manifest::either_timeout;
 use crate::functions::record::{validate_name, Source};
 
-/// Most steps a pipeline may have.
+/// Most steps a pipeline may have. This and the sink's bounds below are rules of a pipeline's
+/// definition (docs/API.md), the same on every server so that a definition that one accepts
+/// every other accepts: not operator limits, so they stay here rather than in `config`.
 pub const MAX_STEPS: usize = 32;
 /// Most attempts a sink delivery may make.
 pub const MAX_SINK_ATTEMPTS: u32 = 10;

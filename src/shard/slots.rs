@@ -28,6 +28,7 @@ impl Drop for ConnectionGuard {
         let shard = &self.shard;
         // However the connection ended, no spent store of its answers outlives it.
         shard.drop_spent();
+        debug_assert!(shard.connections.get() > 0, "a connection guard dropped with none counted");
         shard.connections.set(shard.connections.get() - 1);
         shard.metrics.connections.set(shard.connections.get() as u64);
         if shard.connections.get() == 0 && shard.drain.is_fired() {
@@ -52,6 +53,7 @@ impl Shard {
             return Err(ApiError::Overloaded("every instance slot of this shard is busy"));
         }
         self.instances.set(self.instances.get() + 1);
+        debug_assert!(self.instances.get() <= self.max_instances);
         self.metrics.active_instances.set(self.instances.get() as u64);
         self.metrics.instance_spawns.inc();
         Ok(InstanceSlot { shard: self })
@@ -63,7 +65,10 @@ impl Shard {
     pub fn keep_spent(&self, slot: InstanceSlot<'_>, store: Store<GuestState>) {
         // The slot stays counted until its store is dropped: the pool has no more slots than that.
         std::mem::forget(slot);
-        self.spent.borrow_mut().push(store);
+        let mut spent = self.spent.borrow_mut();
+        spent.push(store);
+        // Each spent store still holds the slot it was forgotten with.
+        debug_assert!(spent.len() <= self.instances.get(), "more spent stores than slots held");
     }
 
     /// Drops the spent stores and frees their slots. Called once an answer has been sent, when a
@@ -82,6 +87,7 @@ impl Shard {
     }
 
     fn release_slots(&self, count: usize) {
+        debug_assert!(count <= self.instances.get(), "released {count} of {} slots held", self.instances.get());
         self.instances.set(self.instances.get() - count);
         self.metrics.active_instances.set(self.instances.get() as u64);
     }
@@ -109,9 +115,12 @@ impl BodyReservation<'_> {
 impl Drop for BodyReservation<'_> {
     fn drop(&mut self) {
         let (shard, bytes) = (self.shard, self.bytes.get());
+        debug_assert!(bytes <= shard.inflight_body_bytes.get(), "a reservation larger than the shard holds");
         shard.inflight_body_bytes.set(shard.inflight_body_bytes.get() - bytes);
         if let Some(tenant) = self.tenant {
             let mut per_tenant = shard.inflight_body_per_tenant.borrow_mut();
+            // A tenant with bytes reserved has its entry until they are given back.
+            debug_assert!(bytes == 0 || per_tenant.get(&tenant).is_some_and(|&held| held >= bytes));
             if let Some(held) = per_tenant.get_mut(&tenant) {
                 *held -= bytes;
                 if *held == 0 {
@@ -131,6 +140,7 @@ pub struct TenantSlot<'a> {
 impl Drop for TenantSlot<'_> {
     fn drop(&mut self) {
         let mut running = self.shard.running_per_tenant.borrow_mut();
+        debug_assert!(running.get(&self.tenant).is_some_and(|&n| n > 0), "a tenant slot with no count");
         if let Some(n) = running.get_mut(&self.tenant) {
             *n -= 1;
             if *n == 0 {
@@ -172,8 +182,10 @@ impl Shard {
                 return Err(ApiError::InflightBodyLimited { limit });
             }
             *tenant_held += bytes;
+            debug_assert!(*tenant_held <= limit);
         }
         self.inflight_body_bytes.set(held + bytes);
+        debug_assert!(held + bytes <= self.limits.max_inflight_body_bytes);
         Ok(())
     }
 
@@ -187,6 +199,7 @@ impl Shard {
             return Err(ApiError::ConcurrencyLimited { limit: self.limits.max_concurrent_per_tenant });
         }
         *n += 1;
+        debug_assert!(*n <= self.max_running_per_tenant);
         Ok(TenantSlot { shard: self, tenant })
     }
 }

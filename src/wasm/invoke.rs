@@ -75,6 +75,8 @@ pub struct InvokeLimits {
     /// How long a host call that works in chunks runs before it yields to its shard, as guest
     /// code does at an epoch tick (`--guest-slice-us`).
     pub slice: Duration,
+    /// Elements a table may grow to (`--max-table-elements`).
+    pub max_table_elements: usize,
 }
 
 /// The store's data: the guest's stdio and its limiter.
@@ -156,7 +158,7 @@ impl ResourceLimiter for GuestState {
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
+        Ok(desired <= self.limits.max_table_elements)
     }
 }
 

@@ -1,0 +1,74 @@
+//! Limits that were constants outside `config` and are now flags: each reaches the configuration,
+//! refuses a value it cannot honour, and where a guest can reach it, holds.
+
+mod common;
+
+use common::{guests, Server};
+use tensor_wasm::cli::serve_config;
+
+#[test]
+fn the_flags_reach_the_configuration() {
+    let config = serve_config([
+        "--max-tensor-elements",
+        "1000",
+        "--dispatch-max-tickets-per-shard",
+        "8",
+        "--dispatch-worker-spin-us",
+        "0",
+        "--max-table-elements",
+        "64",
+    ])
+    .unwrap();
+    assert_eq!(config.dispatch.max_tensor_elements, 1000);
+    assert_eq!(config.dispatch.max_tickets_per_shard, 8);
+    assert!(config.dispatch.worker_spin.is_zero());
+    assert_eq!(config.limits.max_table_elements, 64);
+
+    let defaults = serve_config(Vec::<String>::new()).unwrap();
+    assert_eq!(defaults.dispatch.max_tensor_elements, 64 << 20);
+    assert_eq!(defaults.dispatch.max_tickets_per_shard, 4096);
+    assert_eq!(defaults.dispatch.worker_spin, std::time::Duration::from_micros(50));
+    assert_eq!(defaults.limits.max_table_elements, 20_000);
+}
+
+#[test]
+fn values_that_cannot_be_honoured_are_refused() {
+    for (flag, value) in [
+        ("--max-tensor-elements", "0"),
+        ("--max-tensor-elements", "4294967296"),
+        ("--dispatch-max-tickets-per-shard", "0"),
+        ("--dispatch-max-tickets-per-shard", "65535"),
+        ("--max-table-elements", "0"),
+        ("--dispatch-worker-spin-us", "-1"),
+    ] {
+        let err = serve_config([flag, value]).err().unwrap_or_else(|| panic!("{flag} {value} was accepted"));
+        assert!(err.contains(flag.trim_start_matches("--")) || err.contains(value), "{flag} {value}: {err}");
+    }
+    assert!(serve_config(["--dispatch-max-tickets-per-shard", "65534"]).is_ok());
+}
+
+/// `table.grow` by `by` from one element; traps unless it grew.
+fn grows_table(by: u32) -> Vec<u8> {
+    guests::wasm(&format!(
+        r#"(module (table 1 funcref)
+             (func (export "_start")
+               (if (i32.eq (table.grow (ref.null func) (i32.const {by})) (i32.const -1)) (then unreachable))))"#
+    ))
+}
+
+#[test]
+fn a_guest_table_stays_within_max_table_elements() {
+    let server = Server::start(&["--max-table-elements", "64"]);
+    let mut client = server.client();
+    let within = server.deploy("within", &grows_table(63));
+    assert_eq!(client.invoke(&within, b"").status, 200, "1 + 63 elements fit in 64");
+    let past = server.deploy("past", &grows_table(64));
+    let refused = client.invoke(&past, b"");
+    assert_eq!(refused.status, 502, "{}", refused.text());
+    assert_eq!(refused.json()["error"]["kind"], "guest_trap");
+    // Such a module is refused at deploy, where its artifact is loaded into the instance pool.
+    let table = guests::wasm(r#"(module (table 65 funcref) (func (export "_start")))"#);
+    let refused = client.deploy("starts-larger", &table, serde_json::json!({}));
+    assert!(refused.status >= 400, "{} {}", refused.status, refused.text());
+    assert!(refused.text().contains("exceeds the limit of 64"), "{}", refused.text());
+}
