@@ -7,6 +7,9 @@
 #
 # COUNTS: space-separated runnable guests per shard, default "0 50 200 1000". Needs a release
 # build. The guests' deadline (60 s) outlasts the probes; each count gets a fresh server.
+# SERVER_CPUS=1 runs the server on those CPUs only (`taskset -c`); run the script itself under
+# `taskset -c 0` then, so that the probe does not share the shard's CPU. TENSOR_WASM_IO_DRIVER
+# and the server's other TENSOR_WASM_* variables pass through.
 set -euo pipefail
 counts=${1:-0 50 200 1000}
 probes=${2:-300}
@@ -23,7 +26,7 @@ echo "| --- | --- | --- | --- | --- | --- |"
 for n in $counts; do
   data=$(mktemp -d)
   out=$(mktemp)
-  "$bin" serve --listen 127.0.0.1:0 --data-dir "$data" --shards 1 --audit-log none --log-level warn \
+  ${SERVER_CPUS:+taskset -c "$SERVER_CPUS"} "$bin" serve --listen 127.0.0.1:0 --data-dir "$data" --shards 1 --audit-log none --log-level warn \
     --max-instances 1100 $tenant_cap --default-memory-limit-mb 1 \
     --max-memory-limit-mb 16 >"$out" 2>/dev/null &
   pid=$!

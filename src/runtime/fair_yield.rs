@@ -19,9 +19,9 @@
 //! with the queue empty by then the executor also parks, so timers fire and other threads' wakes
 //! (the drain signal, a finished deploy, a kernel's completion) are taken at every slice.
 //!
-//! Guests are let go in two classes. An invocation's first [`FRESH_YIELDS`] yields, and every
-//! yield of the shard's own tasks, queue as *fresh*; an invocation that has yielded more is a long
-//! runner. The pump lets fresh yields go first, and a long runner at least once in every
+//! Guests are let go in two classes. An invocation's first [`FRESH_YIELDS`] yields queue as
+//! *fresh*; an invocation that has yielded more is a long runner. (Yields of the shard's own tasks
+//! all go at every look, before the next invocation.) The pump lets fresh yields go first, and a long runner at least once in every
 //! [`FRESH_PER_LONG`] + 1 turns: so a short invocation that a tick happened to catch (a tenant's
 //! hello runs tens of microseconds, the tick comes every hundred while guests take turns) waits
 //! behind one slice, not behind every spinning guest of the shard's (perf/HOSTILE.md), and a
@@ -67,7 +67,10 @@ struct YieldQueue {
     /// named by its yield's id, so that a yield dropped while parked can take itself out.
     fresh: RefCell<VecDeque<Parked>>,
     long: RefCell<VecDeque<Parked>>,
-    /// Fresh yields let go since a long runner was.
+    /// Yields of the shard's own tasks: all let go at every look, before the next invocation.
+    /// They run briefly, and need not yield again or end to hand the turn on.
+    own: RefCell<VecDeque<Parked>>,
+    /// Fresh invocations let go since a long runner was.
     fresh_in_a_row: Cell<u32>,
     next_id: Cell<u64>,
     /// The id of the invocation's yield the pump let go last.
@@ -80,18 +83,15 @@ struct YieldQueue {
 struct Parked {
     id: u64,
     task: Waker,
-    /// An invocation's yield, rather than one of the shard's own tasks: such a task is let go one
-    /// at a time. The shard's own tasks all go at once, before it: they run briefly, and need not
-    /// yield again or end to hand the turn on.
-    invocation: bool,
 }
 
 impl YieldQueue {
     fn is_empty(&self) -> bool {
-        self.fresh.borrow().is_empty() && self.long.borrow().is_empty()
+        self.fresh.borrow().is_empty() && self.long.borrow().is_empty() && self.own.borrow().is_empty()
     }
 
-    /// The next yield to let go: fresh first, a long runner's at least every `FRESH_PER_LONG` + 1.
+    /// The next invocation to let go: fresh first, a long runner at least every
+    /// `FRESH_PER_LONG` + 1.
     fn pop(&self) -> Option<Parked> {
         let long_waits = !self.long.borrow().is_empty();
         let fresh_turn = self.fresh_in_a_row.get() < FRESH_PER_LONG || !long_waits;
@@ -110,7 +110,7 @@ impl YieldQueue {
 
     /// Takes a queued yield out; whether it was queued.
     fn remove(&self, id: u64) -> bool {
-        [&self.fresh, &self.long].into_iter().any(|class| {
+        [&self.fresh, &self.long, &self.own].into_iter().any(|class| {
             let mut class = class.borrow_mut();
             match class.iter().position(|queued| queued.id == id) {
                 Some(at) => class.remove(at).is_some(),
@@ -130,21 +130,32 @@ impl YieldQueue {
         }
     }
 
-    /// Lets the next parked invocation go, and every task of the shard's own queued before it,
-    /// unless the invocation let go last has not run yet.
+    /// Lets every parked task of the shard's own go, and the next parked invocation unless the
+    /// one let go last has not run yet.
     fn release_next(&self) {
         self.signaled.set(false);
+        let own = std::mem::take(&mut *self.own.borrow_mut());
+        for parked in own {
+            parked.task.wake();
+        }
         if self.released.get() {
             return;
         }
-        while let Some(next) = self.pop() {
-            if next.invocation {
-                self.released.set(true);
-                self.last_released.set(next.id);
-                next.task.wake();
-                return;
-            }
+        if let Some(next) = self.pop() {
+            self.released.set(true);
+            self.last_released.set(next.id);
             next.task.wake();
+        }
+    }
+
+    /// Lets everything parked go at once: the pump is gone, and a task left here would never run.
+    fn release_all(&self) {
+        self.released.set(false);
+        for class in [&self.own, &self.fresh, &self.long] {
+            let parked = std::mem::take(&mut *class.borrow_mut());
+            for p in parked {
+                p.task.wake();
+            }
         }
     }
 }
@@ -162,7 +173,11 @@ pub fn pump() -> std::io::Result<impl Future<Output = ()>> {
     // would stop the shard for good.
     theirs.set_nonblocking(true)?;
     let mut reader = monoio::net::UnixStream::from_std(theirs)?;
-    QUEUE.with(|q| *q.signal.borrow_mut() = Some(ours));
+    QUEUE.with(|q| {
+        // One pump per thread: a second would inherit wakers of the first's executor.
+        debug_assert!(q.signal.borrow().is_none() && q.is_empty(), "a second pump on one thread");
+        *q.signal.borrow_mut() = Some(ours);
+    });
     Ok(async move {
         // Signals that came together are taken together: one look at the queue serves them all.
         let mut buf = vec![0u8; 256];
@@ -173,7 +188,10 @@ pub fn pump() -> std::io::Result<impl Future<Output = ()>> {
                 Ok(n) if n > 0 => QUEUE.with(YieldQueue::release_next),
                 outcome => {
                     tracing::error!(?outcome, "the shard's guest turns stopped: their signal socket failed");
-                    QUEUE.with(|q| *q.signal.borrow_mut() = None);
+                    QUEUE.with(|q| {
+                        *q.signal.borrow_mut() = None;
+                        q.release_all();
+                    });
                     return;
                 }
             }
@@ -244,7 +262,7 @@ fn hand_on(q: &YieldQueue) {
 /// a yield of the shard's own tasks, not of an invocation's (those use [`Turn::yield_now`]). Off a
 /// shard (no pump), it falls back to an immediate self-wake.
 pub fn yield_now() -> FairYield {
-    FairYield { state: YieldState::New, turn: None, class: Class::Fresh }
+    FairYield { state: YieldState::New, turn: None, class: Class::Own }
 }
 
 pub struct FairYield {
@@ -258,6 +276,8 @@ pub struct FairYield {
 enum Class {
     Fresh,
     Long,
+    /// A yield of the shard's own tasks.
+    Own,
 }
 
 enum YieldState {
@@ -307,9 +327,9 @@ impl Future for FairYield {
             let class = match self.class {
                 Class::Fresh => &q.fresh,
                 Class::Long => &q.long,
+                Class::Own => &q.own,
             };
-            let invocation = self.turn.is_some();
-            class.borrow_mut().push_back(Parked { id, task: cx.waker().clone(), invocation });
+            class.borrow_mut().push_back(Parked { id, task: cx.waker().clone() });
             if let Some(turn) = &self.turn {
                 turn.latest.store(id, Ordering::Relaxed);
                 // A long runner taking turns: the ticker ticks at the guest slice. Not for a short
@@ -438,30 +458,35 @@ mod tests {
     }
 
     #[test]
-    fn long_runners_are_not_starved_by_fresh_yields() {
+    fn long_runners_are_not_starved_by_fresh_invocations() {
         runtime().block_on(async {
             monoio::spawn(pump().expect("the pump's socket pair"));
             let log = Rc::new(RefCell::new(Vec::new()));
-            let long = monoio::spawn(guest(log.clone(), "long", 2 + FRESH_YIELDS as usize));
-            // The shard's own tasks yield as fresh, over and over.
-            let spinners: Vec<_> = (0..3)
-                .map(|_| {
-                    let log = log.clone();
-                    monoio::spawn(async move {
-                        for _ in 0..200 {
-                            log.borrow_mut().push("own".into());
-                            yield_now().await;
-                        }
-                    })
-                })
-                .collect();
+            let long = monoio::spawn(guest(log.clone(), "long", 3 + FRESH_YIELDS as usize));
+            // A steady stream of short invocations, three at a time, each of two fresh yields.
+            let done = Rc::new(Cell::new(0u32));
+            let stream_done = done.clone();
+            let stream_log = log.clone();
+            let stream = monoio::spawn(async move {
+                let mut running = Vec::new();
+                for _ in 0..200 {
+                    if running.len() == 3 {
+                        let first: monoio::task::JoinHandle<()> = running.remove(0);
+                        first.await;
+                        stream_done.set(stream_done.get() + 1);
+                    }
+                    running.push(monoio::spawn(guest(stream_log.clone(), "short", FRESH_YIELDS as usize)));
+                }
+                for guest in running {
+                    guest.await;
+                }
+            });
             long.await;
-            // Done while the shard's own tasks still had most of their 600 turns to go.
-            let own = log.borrow().iter().filter(|e| *e == "own").count();
-            assert!(own < 100, "the long runner waited for {own} turns of fresh yields");
-            for s in spinners {
-                s.await;
-            }
+            // Every long turn came within the first of the 200 short ones: with fresh first and
+            // no long turn owed, the long runner would have waited for all of them.
+            let short_done = done.get();
+            assert!(short_done < 100, "the long runner waited for {short_done} short invocations");
+            stream.await;
         });
     }
 

@@ -146,19 +146,22 @@ fn ask_for_short_slices(slice: Duration) {
         deadline_ns: u64,
         period_ns: u64,
     }
-    let attr = SchedAttr {
-        size: std::mem::size_of::<SchedAttr>() as u32,
-        policy: libc::SCHED_OTHER as u32,
-        flags: 0,
-        // Nice as it is: unchanged, it needs no privilege.
-        // SAFETY: getpriority on the calling thread.
-        nice: unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) },
-        priority: 0,
-        // The kernel clamps it to between 0.1 and 100 ms.
-        runtime_ns: slice.as_nanos() as u64,
-        deadline_ns: 0,
-        period_ns: 0,
-    };
+    let size = std::mem::size_of::<SchedAttr>() as u32;
+    let mut attr =
+        SchedAttr { size, policy: 0, flags: 0, nice: 0, priority: 0, runtime_ns: 0, deadline_ns: 0, period_ns: 0 };
+    // SAFETY: sched_getattr on the calling thread into a sized attribute.
+    if unsafe { libc::syscall(libc::SYS_sched_getattr, 0, &mut attr as *mut SchedAttr, size, 0u32) } != 0 {
+        return;
+    }
+    // Policy, nice and priority as they are (changed, they could need privilege): only an
+    // ordinary thread's slice, and not a real-time one's, which the operator chose.
+    if attr.policy != libc::SCHED_OTHER as u32 && attr.policy != libc::SCHED_BATCH as u32 {
+        return;
+    }
+    attr.size = size;
+    attr.flags = 0;
+    // The kernel clamps it to between 0.1 and 100 ms.
+    attr.runtime_ns = slice.as_nanos() as u64;
     // SAFETY: sched_setattr on the calling thread (pid 0) with a valid, sized attribute.
     if unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0u32) } != 0 {
         tracing::debug!("the epoch ticker keeps the default scheduler slice: {}", std::io::Error::last_os_error());
