@@ -1,5 +1,6 @@
-//! Limits that were constants outside `config` and are now flags: each reaches the configuration,
-//! refuses a value it cannot honour, and where a guest can reach it, holds.
+//! Limits that were constants outside `config` and are now flags, and the guest slice: each
+//! reaches the configuration, refuses a value it cannot honour, and where a guest can reach it,
+//! holds.
 
 mod common;
 
@@ -17,18 +18,22 @@ fn the_flags_reach_the_configuration() {
         "0",
         "--max-table-elements",
         "64",
+        "--guest-slice-us",
+        "250",
     ])
     .unwrap();
     assert_eq!(config.dispatch.max_tensor_elements, 1000);
     assert_eq!(config.dispatch.max_tickets_per_shard, 8);
     assert!(config.dispatch.worker_spin.is_zero());
     assert_eq!(config.limits.max_table_elements, 64);
+    assert_eq!(config.limits.guest_slice(), std::time::Duration::from_micros(250));
 
     let defaults = serve_config(Vec::<String>::new()).unwrap();
     assert_eq!(defaults.dispatch.max_tensor_elements, 64 << 20);
     assert_eq!(defaults.dispatch.max_tickets_per_shard, 4096);
     assert_eq!(defaults.dispatch.worker_spin, std::time::Duration::from_micros(50));
     assert_eq!(defaults.limits.max_table_elements, 20_000);
+    assert_eq!(defaults.limits.guest_slice(), std::time::Duration::from_micros(100));
 }
 
 #[test]
@@ -40,11 +45,16 @@ fn values_that_cannot_be_honoured_are_refused() {
         ("--dispatch-max-tickets-per-shard", "65535"),
         ("--max-table-elements", "0"),
         ("--dispatch-worker-spin-us", "-1"),
+        // Under ten microseconds, or longer than the (1 ms) epoch tick it shortens.
+        ("--guest-slice-us", "9"),
+        ("--guest-slice-us", "1001"),
     ] {
         let err = serve_config([flag, value]).err().unwrap_or_else(|| panic!("{flag} {value} was accepted"));
         assert!(err.contains(flag.trim_start_matches("--")) || err.contains(value), "{flag} {value}: {err}");
     }
     assert!(serve_config(["--dispatch-max-tickets-per-shard", "65534"]).is_ok());
+    assert!(serve_config(["--guest-slice-us", "1000"]).is_ok());
+    assert!(serve_config(["--guest-slice-us", "2000", "--epoch-tick-ms", "2"]).is_ok());
 }
 
 /// `table.grow` by `by` from one element; traps unless it grew.

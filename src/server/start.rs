@@ -19,7 +19,7 @@ use crate::metrics::{Histogram, ShardMetrics};
 use crate::runtime::cpu;
 use crate::runtime::periodic::Periodic;
 use crate::runtime::published::Published;
-use crate::shard::{Shared, SharedParts};
+use crate::shard::{Lifecycle, Shared};
 use crate::tls::TlsWatcher;
 use crate::wasm::{build_engine, EpochTicker};
 use tensor_wasm_dispatch::{DispatchConfig, Dispatcher};
@@ -58,7 +58,7 @@ pub fn start(config: &ServerConfig) -> Result<Running, ServerError> {
     .map_err(|e| ServerError::Runtime(format!("cannot start the sink workers: {e}")))?;
     let audit = start_audit(config, plan.count)?;
     let dispatcher = start_dispatcher(config, plan.count)?;
-    let shared = Arc::new(Shared::new(SharedParts {
+    let shared = Arc::new(Shared {
         shard_metrics: (0..plan.count).map(|i| Arc::new(ShardMetrics::new(i, dispatcher.devices.len()))).collect(),
         dispatcher: dispatcher.clone(),
         catalog,
@@ -66,7 +66,8 @@ pub fn start(config: &ServerConfig) -> Result<Running, ServerError> {
         watches_directory: config.functions_dir.is_some(),
         tokens: tokens.published.clone(),
         audit_sync: audit.sync_seconds.clone(),
-    }));
+        lifecycle: Lifecycle::default(),
+    });
     let template = ShardTemplate { config, limits, engine, admin, tokens: &tokens, tls: &tls, audit: &audit, shared };
     let (shards, started) = spawn_shards(listeners, &plan, &template)?;
     // The shards hold their copies now: the catalog worker's queue closes when the last one goes.

@@ -7,7 +7,7 @@ mod audit;
 mod shared;
 mod slots;
 
-pub use shared::{Shared, SharedParts};
+pub use shared::{Lifecycle, Shared};
 pub use slots::{exact_share, BodyReservation, ConnectionGuard, InstanceSlot, TenantSlot};
 
 use std::cell::{Cell, RefCell};

@@ -27,52 +27,34 @@ pub struct Shared {
     pub tokens: Option<Arc<Published<TokenSet>>>,
     /// The audit group commit's fdatasync durations (written by its thread alone).
     pub audit_sync: Arc<Histogram>,
+    /// Readiness and the drain flag: built empty (`Lifecycle::default()`).
+    pub lifecycle: Lifecycle,
+}
+
+/// How many shards serve, and whether the process drains. Its fields change only through
+/// [`Shared`]'s methods.
+#[derive(Default)]
+pub struct Lifecycle {
     shards_serving: AtomicUsize,
     draining: AtomicBool,
 }
 
-/// What [`Shared::new`] holds: everything but the readiness count and the drain flag.
-pub struct SharedParts {
-    pub shard_metrics: Vec<Arc<ShardMetrics>>,
-    pub dispatcher: Arc<Dispatcher>,
-    pub catalog: Arc<Catalog>,
-    pub sinks: SinkHandle,
-    pub watches_directory: bool,
-    pub tokens: Option<Arc<Published<TokenSet>>>,
-    pub audit_sync: Arc<Histogram>,
-}
-
 impl Shared {
-    pub fn new(parts: SharedParts) -> Shared {
-        let SharedParts { shard_metrics, dispatcher, catalog, sinks, watches_directory, tokens, audit_sync } = parts;
-        Shared {
-            shard_metrics,
-            dispatcher,
-            catalog,
-            sinks,
-            watches_directory,
-            tokens,
-            audit_sync,
-            shards_serving: AtomicUsize::new(0),
-            draining: AtomicBool::new(false),
-        }
-    }
-
     pub fn is_ready(&self) -> bool {
-        self.shards_serving.load(Ordering::Acquire) == self.shard_metrics.len() && self.catalog.is_loaded()
+        self.lifecycle.shards_serving.load(Ordering::Acquire) == self.shard_metrics.len() && self.catalog.is_loaded()
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.lifecycle.draining.load(Ordering::Acquire)
     }
 
     /// A shard is serving: it counts towards readiness.
     pub fn shard_started(&self) {
-        self.shards_serving.fetch_add(1, Ordering::AcqRel);
+        self.lifecycle.shards_serving.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The process drains: readiness fails from now on.
     pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::Release);
+        self.lifecycle.draining.store(true, Ordering::Release);
     }
 }
