@@ -204,8 +204,8 @@ pub fn pump() -> std::io::Result<impl Future<Output = ()>> {
 /// handing it on would let one more guest into the run queue each time, and under a stream of
 /// short requests the spinning guests would pile up there again); and how often it yielded.
 ///
-/// `Sync` (atomics in an `Arc`) only because wasmtime's epoch callback must be: one shard's thread
-/// is the only one that touches it.
+/// `Sync` (atomics and an uncontended mutex in an `Arc`) only because wasmtime's epoch callback
+/// must be: one shard's thread is the only one that touches it.
 #[derive(Clone, Default)]
 pub struct Turn(Arc<TurnState>);
 
@@ -258,9 +258,10 @@ fn hand_on(q: &YieldQueue) {
     }
 }
 
-/// Yields once, behind every task already queued on this shard and every fresh yield before it:
-/// a yield of the shard's own tasks, not of an invocation's (those use [`Turn::yield_now`]). Off a
-/// shard (no pump), it falls back to an immediate self-wake.
+/// Yields once, behind every task already queued on this shard: a yield of the shard's own tasks,
+/// not of an invocation's (those use [`Turn::yield_now`]). The pump lets it go at its next look,
+/// with every other such yield and before the next invocation. Off a shard (no pump), it falls
+/// back to an immediate self-wake.
 pub fn yield_now() -> FairYield {
     FairYield { state: YieldState::New, turn: None, class: Class::Own }
 }
