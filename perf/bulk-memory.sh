@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The longest a single bulk-memory instruction holds a shard: wasmtime cannot interrupt
-# `memory.fill` or `memory.copy` (each is one libcall), so one over a guest's whole memory runs to
-# its end whatever the deadline. For each memory size, a guest whose `_start` is one such
-# instruction over all of its memory (fresh pages, as a new instance has them) is invoked, and the
-# median round trip of a guest with the same memory and an empty `_start` is subtracted.
+# How long one bulk-memory instruction over a guest's whole memory takes. wasmtime runs
+# `memory.fill` and `memory.copy` each as one libcall that nothing interrupts; since the server
+# cuts them into 64 KiB steps before compiling (`wasm::bulk_memory`), this is what the instruction
+# costs its guest, not how long it holds the shard. For each memory size, a guest whose `_start` is
+# one such instruction over all of its memory (fresh pages, as a new instance has them) is
+# invoked, and the median round trip of a guest with the same memory and an empty `_start` is
+# subtracted.
 #
 #   perf/bulk-memory.sh [SIZES_MB] [ROUNDS]
 #

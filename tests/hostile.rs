@@ -218,6 +218,49 @@ fn a_host_call_stops_at_the_deadline_and_never_holds_the_shard() {
     b.finish("random_get over 1 GiB").p99_within(BYSTANDER_P99);
 }
 
+/// Runs `op` over its `pages` of memory 32 times in straight-line code, then returns: no loop
+/// and no call (a host call checks the deadline), so no epoch check after `_start`'s entry unless
+/// the instructions themselves are checked. Uninterrupted, it holds its shard for its whole
+/// course (hundreds of milliseconds here), and the bystander's P99 shows it.
+fn bulk_memory(pages: u32, op: &str) -> Vec<u8> {
+    let bytes = pages as u64 * 65536;
+    let instruction = match op {
+        "fill" => format!("(memory.fill (i32.const 0) (i32.const 7) (i32.const {bytes}))"),
+        _ => format!("(memory.copy (i32.const {half}) (i32.const 0) (i32.const {half}))", half = bytes / 2),
+    };
+    guests::wasm(&format!(
+        r#"(module
+  (memory (export "memory") {pages})
+  (func (export "_start")
+    {body}))"#,
+        body = vec![instruction; 32].join("\n    ")
+    ))
+}
+
+#[test]
+fn a_bulk_memory_instruction_stops_at_the_deadline_and_never_holds_the_shard() {
+    let _serial = serial();
+    let server = start(&["--shards", "1", "--max-memory-limit-mb", "256"]);
+    let attacker = as_tenant(ATTACKER, "1");
+    let extra = json!({"memory_limit_mb": 256, "timeout_ms": 100});
+    let ids: Vec<String> = ["fill", "copy"]
+        .iter()
+        .map(|op| {
+            let r = deploy_request(&mut server.client(), &attacker, op, &bulk_memory(4096, op), extra.clone());
+            assert_eq!(r.status, 201, "{}", r.text());
+            r.json()["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let b = victim(&server);
+    for id in ids.iter().chain(&ids) {
+        // 32 instructions over 256 MiB each, each one libcall of wasmtime's that no epoch check
+        // interrupts unless it is cut into chunks (wasm::bulk_memory).
+        let r = server.client().request("POST", &format!("/functions/{id}/invoke"), &headers(&attacker), b"");
+        expect(&r, 504, "invoke_timeout");
+    }
+    b.finish("memory.fill and memory.copy over 256 MiB").p99_within(BYSTANDER_P99);
+}
+
 #[test]
 fn fd_write_refuses_more_buffers_than_iov_max() {
     let _serial = serial();

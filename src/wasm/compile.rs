@@ -56,6 +56,13 @@ pub fn child_main(profiler: GuestProfiler) -> i32 {
             return 1;
         }
     };
+    let wasm = match super::bulk_memory::prepare(&engine, &wasm) {
+        Ok(wasm) => wasm,
+        Err(e) => {
+            eprintln!("{e}");
+            return EXIT_INVALID;
+        }
+    };
     match engine.precompile_module(&wasm) {
         // Flushed here, checked: an exit after a short write must not pass for a whole artifact.
         Ok(artifact) => match std::io::stdout().lock().write_all(&artifact).and_then(|()| std::io::stdout().flush()) {

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, ModuleVersionStrategy, PoolingAllocationConfig};
 
 use crate::config::Limits;
 
@@ -50,6 +50,11 @@ pub fn build_engine(limits: &Limits, profiler: GuestProfiler) -> wasmtime::Resul
     Engine::new(&config)
 }
 
+/// Names what this runtime changes in a module before wasmtime compiles it; part of every
+/// artifact's version string. Change it whenever that changes, so that no artifact compiled
+/// before is served again.
+pub const CODE_REVISION: &str = "tensor-wasm.interruptible-bulk-memory.1";
+
 /// What decides how guest code is compiled; the server's engine and the compile child's
 /// (`wasm::compile`) share it, so that the child's artifacts load into the server.
 fn base_config(profiler: GuestProfiler) -> Config {
@@ -57,6 +62,12 @@ fn base_config(profiler: GuestProfiler) -> Config {
     config.epoch_interruption(true);
     config.memory_init_cow(true);
     config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+    // What an artifact's code was made from is not only wasmtime's version: its bulk-memory
+    // instructions were rewritten (`bulk_memory`). wasmtime refuses an artifact whose version string
+    // differs, so a store's artifacts from before the rewrite are compiled again at start-up
+    // (`functions::loader`) rather than served with instructions a deadline cannot stop.
+    let version = format!("{}+{CODE_REVISION}", ModuleVersionStrategy::WasmtimeVersion.as_str());
+    config.module_version(ModuleVersionStrategy::Custom(version)).expect("a version string of a few bytes");
     config.profiler(match profiler {
         GuestProfiler::Off => wasmtime::ProfilingStrategy::None,
         GuestProfiler::PerfMap => wasmtime::ProfilingStrategy::PerfMap,

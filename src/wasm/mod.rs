@@ -1,6 +1,7 @@
 //! WebAssembly execution: one process-wide [`Engine`](wasmtime::Engine) with the pooling allocator,
 //! a WASI preview-1 subset written for this runtime, and the per-invocation store and instance.
 
+pub mod bulk_memory;
 pub mod compile;
 pub mod engine;
 pub mod envelope;

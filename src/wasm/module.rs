@@ -50,7 +50,8 @@ pub fn check_module(
     shape: &ModuleShape,
 ) -> Result<Module, ApiError> {
     check_shape(wasm, shape)?;
-    let module = Module::new(engine, wasm).map_err(|e| ApiError::InvalidModule(format!("{e:#}")))?;
+    let wasm = super::bulk_memory::prepare(engine, wasm).map_err(ApiError::InvalidModule)?;
+    let module = Module::new(engine, &wasm).map_err(|e| ApiError::InvalidModule(format!("{e:#}")))?;
     check_compiled(linker, &module)?;
     Ok(module)
 }

@@ -46,8 +46,9 @@ pub fn random_get_loop(pages: u64) -> Vec<u8> {
     .expect("valid WAT")
 }
 
-/// Fills all of its `pages` of memory with one `memory.fill`, again and again: each fill is one
-/// instruction that nothing interrupts, so it holds its shard until it ends.
+/// Fills all of its `pages` of memory with one `memory.fill`, again and again: one instruction,
+/// which wasmtime runs as a libcall that nothing interrupts unless the server cuts it into
+/// chunks before compiling (`wasm::bulk_memory`).
 pub fn memory_fill_loop(pages: u64) -> Vec<u8> {
     wat::parse_str(format!(
         r#"(module

@@ -87,7 +87,7 @@ pub enum Attack {
     Spinners,
     /// A guest looping `random_get` over its 64 MiB: 504 at its 100 ms deadline.
     RandomGet,
-    /// A guest looping `memory.fill` over its 64 MiB, an instruction nothing can interrupt: 504.
+    /// A guest looping `memory.fill` over its 64 MiB, one instruction per turn: 504.
     BulkMemory,
     /// Deploys of large, distinct modules (seconds of compiling), each deleted once created: 201,
     /// or 429 `admin_queue_limited` past the tenant's share of the catalog worker's queue.
