@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# How long one bulk-memory instruction over a guest's whole memory takes. wasmtime runs
+# How long one bulk-memory instruction over a guest's whole memory takes, and one allocation of a
+# GC array as large as its memory limit allows. wasmtime runs
 # `memory.fill` and `memory.copy` each as one libcall that nothing interrupts; since the server
 # cuts them into 64 KiB steps before compiling (`wasm::bulk_memory`), this is what the instruction
 # costs its guest, not how long it holds the shard. For each memory size, a guest whose `_start` is
 # one such instruction over all of its memory (fresh pages, as a new instance has them) is
 # invoked, and the median round trip of a guest with the same memory and an empty `_start` is
-# subtracted.
+# subtracted. A GC array's allocation zeroes all of it at once, and nothing cuts that one into
+# steps: it is the longest instruction left, and `--max-memory-limit-mb` bounds it.
 #
 #   perf/bulk-memory.sh [SIZES_MB] [ROUNDS]
 #
@@ -62,6 +64,15 @@ def module(pages, code):
 
 def const(n): return b"\x41" + leb_s(n)
 
+def gc_module(n):
+    # Types: 0 the function, 1 `(array (mut i8))`; `_start` drops `array.new_default 1` of n bytes.
+    body = b"\x00" + const(n) + b"\xfb\x07\x01" + b"\x1a" + b"\x0b"
+    return (b"\x00asm\x01\x00\x00\x00"
+            + section(1, b"\x02\x60\x00\x00\x5e\x78\x01")
+            + section(3, b"\x01\x00")
+            + section(7, b"\x01" + name("_start") + b"\x00\x00")
+            + section(10, b"\x01" + leb_u(len(body)) + body))
+
 def call(method, path, body=b""):
     c = http.client.HTTPConnection(host, int(port), timeout=120)
     c.request(method, path, body=body, headers={"content-type": "application/json"})
@@ -84,13 +95,15 @@ def median_ms(fid):
         assert status == 200, data
     return statistics.median(times)
 
-print("| memory | empty `_start` ms | `memory.fill` over all ms | `memory.copy` of half onto the other half ms |")
-print("| --- | --- | --- | --- |")
+print("| memory | empty `_start` ms | `memory.fill` over all ms | `memory.copy` of half onto the other half ms | GC `array.new_default` of all but 1 MiB ms |")
+print("| --- | --- | --- | --- | --- |")
 for mb in sizes:
     pages, nbytes = mb * 16, mb * 1024 * 1024
     empty = deploy(f"empty{mb}", module(pages, b""), mb)
     fill = deploy(f"fill{mb}", module(pages, const(0) + const(0xAB) + const(nbytes) + b"\xfc\x0b\x00"), mb)
     copy = deploy(f"copy{mb}", module(pages, const(nbytes // 2) + const(0) + const(nbytes // 2) + b"\xfc\x0a\x00\x00"), mb)
+    # The GC heap is held to the function's memory limit too, less what the heap keeps for itself.
+    gc = deploy(f"gc{mb}", gc_module(nbytes - 1024 * 1024), mb)
     base = median_ms(empty)
-    print(f"| {mb} MiB | {base:.2f} | {median_ms(fill) - base:.1f} | {median_ms(copy) - base:.1f} |")
+    print(f"| {mb} MiB | {base:.2f} | {median_ms(fill) - base:.1f} | {median_ms(copy) - base:.1f} | {median_ms(gc) - base:.1f} |")
 PY
