@@ -167,7 +167,6 @@ pub enum ApiError {
     /// A deploy would leave the data dir's file system with less free space than the audit log's
     /// reserve.
     InsufficientStorage {
-        free: u64,
         needed: u64,
         reserve: u64,
     },
@@ -411,7 +410,7 @@ impl fmt::Display for ApiError {
                 write!(f, "quota `{what}` exceeded: the tenant's modules would take {used} bytes, and may take {limit}")
             }
             // Not the free space itself: that is the host's, not a tenant's to learn.
-            InsufficientStorage { needed, reserve, .. } => write!(
+            InsufficientStorage { needed, reserve } => write!(
                 f,
                 "storing this module ({needed} bytes) would leave less free space than the {reserve} bytes kept \
                  for the audit log"

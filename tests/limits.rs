@@ -5,7 +5,7 @@
 mod common;
 
 use common::{guests, Server};
-use tensor_wasm::cli::serve_config;
+use tensor_wasm::settings::serve_config;
 
 #[test]
 fn the_flags_reach_the_configuration() {
