@@ -61,7 +61,7 @@ fn main() {
         max_output_bytes: limits.max_output_bytes,
         max_stderr_bytes: limits.max_stderr_bytes,
         slice: limits.guest_slice(),
-        max_table_elements: limits.max_table_elements,
+        max_table_elements: limits.module_shape.max_table_elements,
     };
     let _ticker = tensor_wasm::guest::EpochTicker::start(
         engine.clone(),
