@@ -3,16 +3,11 @@
 //! workspace's `tests/fuzz_smoke.rs` runs them on stable, in CI, over the seeds and mutations of
 //! them. One body serves both, so the smoke run checks exactly what the fuzzer does.
 
-use tensor_wasm::audit::record::check_line;
-use tensor_wasm::audit::segment::scan;
-use tensor_wasm::auth::tokens::{TokenPolicy, TokenSet};
-use tensor_wasm::functions::manifest::{duration_ms, FunctionManifest};
-use tensor_wasm::functions::worker::DeployBody;
-use tensor_wasm::functions::FunctionRecord;
-use tensor_wasm::http::{parse_head, ChunkedDecoder, HeadParse, RequestHead};
-use tensor_wasm::pipelines::{PipelineRecord, PipelineSpec};
-use tensor_wasm::wasm::envelope::{decode_output, encode_input, Headers};
-use tensor_wasm::wasm::tensor::{decode_create_args, decode_typed_create_args};
+use tensor_wasm::audit_log::{check_line, scan};
+use tensor_wasm::catalog::{duration_ms, DeployBody, FunctionManifest, FunctionRecord, PipelineRecord, PipelineSpec};
+use tensor_wasm::guest::{decode_create_args, decode_output, decode_typed_create_args, encode_input, Headers};
+use tensor_wasm::http_codec::{parse_head, ChunkedDecoder, HeadParse, RequestHead};
+use tensor_wasm::tokens::{TokenPolicy, TokenSet};
 
 /// A target's body: panics when a check fails.
 pub type Target = fn(&[u8]);

@@ -95,6 +95,11 @@ pub enum ApiError {
         bytes: usize,
         limit: u32,
     },
+    /// A table of the module starts with more elements than `--max-table-elements`.
+    TableTooLarge {
+        elements: u64,
+        limit: usize,
+    },
     UnsupportedImport(String),
     ImportMismatch(String),
     FunctionNotFound(String),
@@ -167,7 +172,6 @@ pub enum ApiError {
     /// A deploy would leave the data dir's file system with less free space than the audit log's
     /// reserve.
     InsufficientStorage {
-        free: u64,
         needed: u64,
         reserve: u64,
     },
@@ -227,6 +231,7 @@ impl ApiError {
             | CompileTimeout { .. }
             | CodeTooLarge { .. }
             | FunctionTooLarge { .. }
+            | TableTooLarge { .. }
             | UnsupportedImport(_)
             | ImportMismatch(_)
             | InvalidInvokeRequest(_)
@@ -307,6 +312,7 @@ impl ApiError {
             ModuleTooComplex(_) | CompileTimeout { .. } => "module_too_complex",
             CodeTooLarge { .. } => "code_too_large",
             FunctionTooLarge { .. } => "function_too_large",
+            TableTooLarge { .. } => "table_too_large",
             UnsupportedImport(_) => "unsupported_import",
             ImportMismatch(_) => "import_mismatch",
             FunctionNotFound(_) => "function_not_found",
@@ -411,7 +417,7 @@ impl fmt::Display for ApiError {
                 write!(f, "quota `{what}` exceeded: the tenant's modules would take {used} bytes, and may take {limit}")
             }
             // Not the free space itself: that is the host's, not a tenant's to learn.
-            InsufficientStorage { needed, reserve, .. } => write!(
+            InsufficientStorage { needed, reserve } => write!(
                 f,
                 "storing this module ({needed} bytes) would leave less free space than the {reserve} bytes kept \
                  for the audit log"
@@ -463,6 +469,11 @@ impl fmt::Display for ApiError {
             FunctionTooLarge { bytes, limit } => {
                 write!(f, "the module has a function body of {bytes} bytes, more than the {limit} this server compiles")
             }
+            TableTooLarge { elements, limit } => write!(
+                f,
+                "the module has a table of {elements} elements, which exceeds the limit of {limit} \
+                 (--max-table-elements)"
+            ),
             UnsupportedImport(m) => write!(f, "{m}"),
             ImportMismatch(m) => write!(f, "{m}"),
             FunctionNotFound(id) => write!(f, "function `{id}` not found"),

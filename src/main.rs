@@ -1,3 +1,3 @@
 fn main() {
-    std::process::exit(tensor_wasm::cli::main());
+    std::process::exit(tensor_wasm::main());
 }

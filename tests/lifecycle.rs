@@ -374,7 +374,7 @@ fn shard_cpu_lists(server: &Server) -> (Vec<String>, String) {
 #[test]
 fn shards_are_pinned_only_where_each_has_a_cpu_of_its_own() {
     use std::os::unix::process::CommandExt as _;
-    use tensor_wasm::runtime::cpu;
+    use tensor_wasm::cpu;
     let allowed = cpu::allowed_cpus().unwrap();
     let Some(two) = allowed.get(..2) else {
         eprintln!("one CPU: nothing to pin or float");
@@ -411,7 +411,7 @@ fn the_default_shard_count_follows_the_cgroups_cpu_limit() {
     // A real cgroup needs a writable v1 cpu controller (root, as on the development VM); where
     // there is none, cpu.rs's unit tests read the same files from a temporary directory.
     let cgroup = std::path::Path::new("/sys/fs/cgroup/cpu").join(format!("tensor-wasm-test-{}", std::process::id()));
-    if tensor_wasm::runtime::cpu::allowed_cpus().unwrap().len() < 2 || std::fs::create_dir(&cgroup).is_err() {
+    if tensor_wasm::cpu::allowed_cpus().unwrap().len() < 2 || std::fs::create_dir(&cgroup).is_err() {
         eprintln!("no second CPU or no writable cgroup v1 cpu controller: not run");
         return;
     }

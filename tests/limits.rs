@@ -5,7 +5,7 @@
 mod common;
 
 use common::{guests, Server};
-use tensor_wasm::cli::serve_config;
+use tensor_wasm::settings::serve_config;
 
 #[test]
 fn the_flags_reach_the_configuration() {
@@ -25,14 +25,14 @@ fn the_flags_reach_the_configuration() {
     assert_eq!(config.dispatch.max_tensor_elements, 1000);
     assert_eq!(config.dispatch.max_tickets_per_shard, 8);
     assert!(config.dispatch.worker_spin.is_zero());
-    assert_eq!(config.limits.max_table_elements, 64);
+    assert_eq!(config.limits.module_shape.max_table_elements, 64);
     assert_eq!(config.limits.guest_slice(), std::time::Duration::from_micros(250));
 
     let defaults = serve_config(Vec::<String>::new()).unwrap();
     assert_eq!(defaults.dispatch.max_tensor_elements, 64 << 20);
     assert_eq!(defaults.dispatch.max_tickets_per_shard, 4096);
     assert_eq!(defaults.dispatch.worker_spin, std::time::Duration::from_micros(50));
-    assert_eq!(defaults.limits.max_table_elements, 20_000);
+    assert_eq!(defaults.limits.module_shape.max_table_elements, 20_000);
     assert_eq!(defaults.limits.guest_slice(), std::time::Duration::from_micros(100));
 }
 
@@ -76,9 +76,17 @@ fn a_guest_table_stays_within_max_table_elements() {
     let refused = client.invoke(&past, b"");
     assert_eq!(refused.status, 502, "{}", refused.text());
     assert_eq!(refused.json()["error"]["kind"], "guest_trap");
-    // Such a module is refused at deploy, where its artifact is loaded into the instance pool.
-    let table = guests::wasm(r#"(module (table 65 funcref) (func (export "_start")))"#);
-    let refused = client.deploy("starts-larger", &table, serde_json::json!({}));
-    assert!(refused.status >= 400, "{} {}", refused.status, refused.text());
-    assert!(refused.text().contains("exceeds the limit of 64"), "{}", refused.text());
+    // A table that starts at the limit is deployed; one that starts past it, first or not, is
+    // refused from the module's sections, before the instance pool could fail to hold it.
+    server.deploy("starts-at-limit", &guests::wasm(r#"(module (table 64 funcref) (func (export "_start")))"#));
+    for (name, wat) in [
+        ("starts-larger", r#"(module (table 65 funcref) (func (export "_start")))"#),
+        ("second-larger", r#"(module (table 1 funcref) (table 65 funcref) (func (export "_start")))"#),
+    ] {
+        let refused = client.deploy(name, &guests::wasm(wat), serde_json::json!({}));
+        assert_eq!(refused.status, 400, "{name}: {}", refused.text());
+        assert_eq!(refused.json()["error"]["kind"], "table_too_large", "{name}");
+        assert!(refused.text().contains("exceeds the limit of 64"), "{name}: {}", refused.text());
+    }
+    assert_eq!(client.request("GET", "/healthz", &[], b"").status, 200);
 }

@@ -3,15 +3,11 @@
 //! back as it went in.
 
 use proptest::prelude::*;
-use tensor_wasm::audit::record::{encode, Actor, AuditEvent, GENESIS};
-use tensor_wasm::audit::segment::scan;
-use tensor_wasm::auth::tokens::{TokenPolicy, TokenSet};
-use tensor_wasm::functions::manifest::{duration_ms, FunctionManifest};
-use tensor_wasm::functions::worker::DeployBody;
-use tensor_wasm::http::{parse_head, ChunkedDecoder, HeadParse, RequestHead};
-use tensor_wasm::pipelines::PipelineSpec;
-use tensor_wasm::wasm::envelope::{decode_output, encode_input, Headers};
-use tensor_wasm::wasm::tensor::decode_create_args;
+use tensor_wasm::audit_log::{encode, scan, Actor, AuditEvent, GENESIS};
+use tensor_wasm::catalog::{duration_ms, DeployBody, FunctionManifest, PipelineSpec};
+use tensor_wasm::guest::{decode_create_args, decode_output, encode_input, Headers};
+use tensor_wasm::http_codec::{parse_head, ChunkedDecoder, HeadParse, RequestHead};
+use tensor_wasm::tokens::{TokenPolicy, TokenSet};
 
 fn config() -> ProptestConfig {
     ProptestConfig { cases: 512, ..ProptestConfig::default() }

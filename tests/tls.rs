@@ -15,7 +15,7 @@ use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerNam
 
 /// The CLI client's own TLS set-up, trusting `trust` and presenting `identity` when given.
 fn client_config(trust: &Path, identity: Option<(&Path, &Path)>) -> Arc<rustls::ClientConfig> {
-    tensor_wasm::tls::client::ClientTls::new(Some(trust), identity).unwrap().config
+    tensor_wasm::client::ClientTls::new(Some(trust), identity).unwrap().config
 }
 
 /// One HTTP/1.1 request over TLS; the status and body, or the I/O error (a failed handshake).

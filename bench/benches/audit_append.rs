@@ -14,12 +14,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tensor_wasm::audit::checkpoint::SigningKey;
-use tensor_wasm::audit::segment::{HelperThreads, Helpers};
-use tensor_wasm::audit::{
+use tensor_wasm::audit_log::{
     Actor, ActorScope, AuditConfig, AuditEvent, AuditOnError, AuditSync, CheckpointConfig, CommitSlot, ShardAudit,
 };
-use tensor_wasm::metrics::ShardMetrics;
+use tensor_wasm::audit_log::{HelperThreads, Helpers};
+use tensor_wasm::audit_log::{ShardMetrics, SigningKey};
 use tensor_wasm_bench::{histogram, pin_like_a_shard, record, row, TABLE_HEAD};
 
 const WARMUP: usize = 100_000;
@@ -150,13 +149,12 @@ fn checkpoint_only(rounds: usize, helpers: &Helpers) -> hdrhistogram::Histogram<
 /// The record's formatting and hashing alone, into a reused buffer rather than a segment.
 fn encode_only(rounds: usize) -> hdrhistogram::Histogram<u64> {
     let events: Vec<AuditEvent> = (0..1024).map(event).collect();
-    let mut line = vec![0u8; tensor_wasm::audit::record::MAX_RECORD];
+    let mut line = vec![0u8; tensor_wasm::audit_log::MAX_RECORD];
     let mut prev = [0u8; 32];
     let mut h = histogram();
     for i in 0..rounds {
         let t = Instant::now();
-        let encoded =
-            tensor_wasm::audit::record::encode_into(&events[i % events.len()], 0, i as u64 + 1, &prev, &mut line);
+        let encoded = tensor_wasm::audit_log::encode_into(&events[i % events.len()], 0, i as u64 + 1, &prev, &mut line);
         prev = encoded.expect("fits").1;
         record(&mut h, t.elapsed());
     }

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use tensor_wasm::config::Limits;
-use tensor_wasm::functions::{worker, Catalog, DeployRequest, FunctionCache, FunctionStore};
-use tensor_wasm::wasm::GuestProfiler;
+use tensor_wasm::catalog::{spawn_worker, Catalog, DeployRequest, FunctionCache, FunctionStore};
+use tensor_wasm::guest::GuestProfiler;
+use tensor_wasm::settings::Limits;
 
 const FUNCTIONS: usize = 1_000;
 const ROUNDS: usize = 5;
@@ -24,13 +24,13 @@ fn main() {
     let config = tensor_wasm_bench::default_config();
     // Compiles in-process: this binary is not `tensor-wasm`, whose compile child the server runs.
     let limits = Arc::new(Limits { compile_budget: None, ..config.limits.clone() });
-    let engine = tensor_wasm::wasm::build_engine(&limits, GuestProfiler::Off).unwrap();
+    let engine = tensor_wasm::guest::build_engine(&limits, GuestProfiler::Off).unwrap();
 
     // Deploy.
     let catalog = Arc::new(Catalog::default());
     let store = FunctionStore::open(&dir).unwrap();
     let spawn = |store, catalog: &Arc<Catalog>| {
-        worker::spawn(engine.clone(), store, catalog.clone(), limits.clone(), (64, 16), None, GuestProfiler::Off)
+        spawn_worker(engine.clone(), store, catalog.clone(), limits.clone(), (64, 16), None, GuestProfiler::Off)
             .unwrap()
     };
     let (admin, thread) = spawn(store, &catalog);

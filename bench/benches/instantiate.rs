@@ -1,7 +1,7 @@
 //! What one invocation costs on a shard, below HTTP:
 //!
 //! - instantiating from an `InstancePre` with the pooling allocator (a fresh store each time);
-//! - a whole hello invoke through `tensor_wasm::wasm::invoke` (store, instantiate, `_start`, drop),
+//! - a whole hello invoke through `tensor_wasm::guest::invoke` (store, instantiate, `_start`, drop),
 //!   on a pinned monoio executor, as a shard runs it;
 //! - the same for a WASI guest that echoes a small JSON body through stdin and stdout;
 //! - the Rust guest `json-stats` with the json scenario's body, ours and the way the baseline
@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tensor_wasm::wasm::{
+use tensor_wasm::guest::{
     build_engine, check_module, invoke, new_linker, Entry, GuestProfiler, GuestState, InvokeLimits, WasiArgs,
 };
 use tensor_wasm_bench::{histogram, pin_like_a_shard, record, row, TABLE_HEAD};
@@ -61,9 +61,9 @@ fn main() {
         max_output_bytes: limits.max_output_bytes,
         max_stderr_bytes: limits.max_stderr_bytes,
         slice: limits.guest_slice(),
-        max_table_elements: limits.max_table_elements,
+        max_table_elements: limits.module_shape.max_table_elements,
     };
-    let _ticker = tensor_wasm::wasm::EpochTicker::start(
+    let _ticker = tensor_wasm::guest::EpochTicker::start(
         engine.clone(),
         Duration::from_millis(limits.epoch_tick_ms),
         limits.guest_slice(),
@@ -103,7 +103,7 @@ fn main() {
     let baseline_engine = tensor_wasm_bench::baseline::engine().expect("engine");
     let baseline_linker = new_linker(&baseline_engine).expect("linker");
     let baseline_module = check_module(&baseline_engine, &baseline_linker, &json_wasm, &shape).unwrap();
-    let _baseline_ticker = tensor_wasm::wasm::EpochTicker::start(
+    let _baseline_ticker = tensor_wasm::guest::EpochTicker::start(
         baseline_engine.clone(),
         Duration::from_millis(10),
         Duration::from_millis(10),

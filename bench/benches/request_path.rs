@@ -14,9 +14,8 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use tensor_wasm::auth::rate_limit::{GlobalBucket, LocalAllowance};
-use tensor_wasm::auth::{RateLimit, TokenPolicy, TokenSet};
-use tensor_wasm::http::{parse_head, HeadParse, RequestHead};
+use tensor_wasm::http_codec::{parse_head, HeadParse, RequestHead};
+use tensor_wasm::tokens::{GlobalBucket, LocalAllowance, RateLimit, TokenPolicy, TokenSet};
 use tensor_wasm_bench::{histogram, pin_like_a_shard, record, row, TABLE_HEAD};
 
 const N: usize = 1_000_000;

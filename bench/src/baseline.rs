@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use tensor_wasm::wasm::{new_linker, EpochTicker, GuestState, InvokeLimits, WasiArgs};
+use tensor_wasm::guest::{new_linker, EpochTicker, GuestState, InvokeLimits, WasiArgs};
 use wasmtime::{Config, Engine, Linker, Module, Store, UpdateDeadline};
 
 /// The largest request body, as on TensorWasm.

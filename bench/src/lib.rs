@@ -8,11 +8,11 @@ pub mod harness;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use tensor_wasm::config::{Limits, ServerConfig};
+use tensor_wasm::settings::{Limits, ServerConfig};
 
 /// The server's built-in defaults, as `tensor-wasm serve` with no flags would use them.
 pub fn default_config() -> ServerConfig {
-    tensor_wasm::cli::serve_config(std::iter::empty::<&str>()).expect("the built-in defaults are valid")
+    tensor_wasm::settings::serve_config(std::iter::empty::<&str>()).expect("the built-in defaults are valid")
 }
 
 pub fn default_limits() -> Limits {
@@ -21,8 +21,8 @@ pub fn default_limits() -> Limits {
 
 /// Pins the calling thread to the first allowed CPU, as a shard would be.
 pub fn pin_like_a_shard() {
-    if let Ok(cpus) = tensor_wasm::runtime::cpu::allowed_cpus() {
-        let _ = tensor_wasm::runtime::cpu::pin_current_thread(cpus[0]);
+    if let Ok(cpus) = tensor_wasm::cpu::allowed_cpus() {
+        let _ = tensor_wasm::cpu::pin_current_thread(cpus[0]);
     }
 }
 

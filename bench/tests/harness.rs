@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tensor_wasm::metrics::DURATION_BUCKETS;
+use tensor_wasm::exposition::DURATION_BUCKETS;
 use tensor_wasm_bench::harness::client::encode;
 use tensor_wasm_bench::harness::load::{self, LoadOutcome, LoadPlan, Progress, RequestClass};
 
@@ -294,7 +294,7 @@ fn the_binary_measures_a_real_server_and_gates_on_the_slo() {
 #[test]
 fn started_servers_and_the_generator_can_be_kept_on_separate_cpus() {
     let _serial = serial();
-    let allowed = tensor_wasm::runtime::cpu::allowed_cpus().unwrap();
+    let allowed = tensor_wasm::cpu::allowed_cpus().unwrap();
     if allowed.len() < 2 {
         eprintln!("one CPU only: nothing to keep apart");
         return;
@@ -317,7 +317,7 @@ fn started_servers_and_the_generator_can_be_kept_on_separate_cpus() {
     assert!(!starts.is_empty() && starts.iter().all(|a| a.contains("--pin-shards always")), "{starts:?}");
     let machine = &report["machine"];
     assert_eq!(machine["server_cpus"], server_cpu.as_str());
-    let harness = tensor_wasm::runtime::cpu::parse_list(machine["harness_cpus"].as_str().unwrap()).unwrap();
+    let harness = tensor_wasm::cpu::parse_list(machine["harness_cpus"].as_str().unwrap()).unwrap();
     assert_eq!(harness, allowed[1..].to_vec());
     // A generator thread for each CPU left to it, and no more than there are connections.
     assert_eq!(report["threads"].as_u64(), Some(harness.len().min(4) as u64));
@@ -405,7 +405,7 @@ fn the_baseline_comparison_judges_p99_by_the_median_of_rounds_at_equal_load() {
 #[test]
 fn the_binary_measures_a_live_server_over_tls_with_a_client_certificate() {
     let _serial = serial();
-    use tensor_wasm::tls::ClientTls;
+    use tensor_wasm::client::ClientTls;
     use tensor_wasm_bench::harness::client::Tls;
     use tensor_wasm_bench::harness::target::{Implementation, StartedServer};
 
@@ -723,7 +723,7 @@ fn the_hostile_scenario_measures_the_bystander_beside_each_attack() {
 #[test]
 fn unusable_requests_exit_2_with_a_sentence() {
     let _serial = serial();
-    let every_cpu = tensor_wasm::runtime::cpu::format_list(&tensor_wasm::runtime::cpu::allowed_cpus().unwrap());
+    let every_cpu = tensor_wasm::cpu::format_list(&tensor_wasm::cpu::allowed_cpus().unwrap());
     let cases: [&[&str]; 14] = [
         &["--server-cpus", "1000"],
         &["--tls", "--server", "http://127.0.0.1:9"],

@@ -315,8 +315,8 @@ pub struct Completion {
     pub device_nanos: u64,
 }
 
-#[path = "status.rs"]
-pub mod status;
+/// The ABI's status codes: the crate `tensor-wasm-abi`, which the guests' helper crate shares.
+pub use tensor_wasm_abi as status;
 
 #[cfg(test)]
 mod tests {

@@ -103,7 +103,7 @@ pub async fn execute(
         max_output_bytes: shard.limits.max_output_bytes,
         max_stderr_bytes: shard.limits.max_stderr_bytes,
         slice: shard.limits.guest_slice(),
-        max_table_elements: shard.limits.max_table_elements,
+        max_table_elements: shard.limits.module_shape.max_table_elements,
     };
     let tensors = function
         .uses_tensors

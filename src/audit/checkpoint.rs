@@ -237,10 +237,6 @@ impl VerifierKey {
         format!("{}+{}+{}", self.name, hex4(&self.id), B64.encode(material))
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     pub fn load(path: &Path) -> Result<VerifierKey, KeyError> {
         let text = fs::read_to_string(path).map_err(|e| KeyError::Io(path.to_path_buf(), e))?;
         VerifierKey::parse(path, text.trim())

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use memmap2::MmapRaw;
 
-use super::record::{check_line, LineError, LineFacts};
+use super::record::{check_line, LineFacts};
 
 pub fn segment_name(first_seq: u64) -> String {
     format!("{first_seq:020}.jsonl")
@@ -150,10 +150,6 @@ impl ActiveSegment {
 
     pub fn room(&self) -> usize {
         self.map.len() - self.len
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
     }
 
     pub fn is_empty(&self) -> bool {
@@ -629,8 +625,6 @@ pub struct Scan {
     pub valid_len: usize,
     pub last: Option<LineFacts>,
     pub records: u64,
-    /// The first invalid record, if any, at `valid_len`: zeros past the end are not one.
-    pub damage: Option<LineError>,
 }
 
 /// Reads a segment's records in order, checking each line and the chain from `prev`.
@@ -638,24 +632,16 @@ pub fn scan(bytes: &[u8], mut prev: Option<LineFacts>) -> Scan {
     let mut at = 0;
     let mut records = 0;
     while at < bytes.len() && bytes[at] != 0 {
-        let Some(end) = bytes[at..].iter().position(|b| *b == b'\n') else {
-            return Scan { valid_len: at, last: prev, records, damage: Some(LineError::Torn) };
-        };
-        let line = &bytes[at..at + end];
-        let facts = match check_line(line) {
-            Ok(f) => f,
-            Err(e) => return Scan { valid_len: at, last: prev, records, damage: Some(e) },
-        };
-        if let Some(p) = &prev {
-            if facts.prev_hash != p.hash || facts.seq != p.seq + 1 {
-                return Scan { valid_len: at, last: prev, records, damage: Some(LineError::Malformed("chain broken")) };
-            }
+        let Some(end) = bytes[at..].iter().position(|b| *b == b'\n') else { break };
+        let Ok(facts) = check_line(&bytes[at..at + end]) else { break };
+        if prev.as_ref().is_some_and(|p| facts.prev_hash != p.hash || facts.seq != p.seq + 1) {
+            break;
         }
         prev = Some(facts);
         records += 1;
         at += end + 1;
     }
-    Scan { valid_len: at, last: prev, records, damage: None }
+    Scan { valid_len: at, last: prev, records }
 }
 
 #[cfg(test)]

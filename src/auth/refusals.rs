@@ -200,12 +200,14 @@ impl Refusals {
         f(table.get_mut(&who).expect("inserted above"))
     }
 
-    /// Sources and tokens remembered now.
-    pub fn len(&self) -> usize {
+    /// Sources and tokens remembered now: the tests' view of the table's bound.
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.table.borrow().len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }

@@ -15,7 +15,7 @@ pub mod token;
 
 pub use audit::AuditCommand;
 pub use backup::BackupArgs;
-pub use serve::{AuditOnErrorArg, AuditSyncArg, GpuArg, IoDriverArg, PinShardsArg, ServeArgs};
+pub use serve::ServeArgs;
 pub use token::TokenCommand;
 
 use clap::{Parser, Subcommand};

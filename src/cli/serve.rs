@@ -191,7 +191,7 @@ pub struct ServeArgs {
     pub max_stderr_bytes: u32,
 
     /// Most elements a guest's table may have; a module whose table starts larger is refused at
-    /// deploy, and a `table.grow` past it fails. Each instance slot reserves 8 bytes of
+    /// deploy (400 `table_too_large`), and a `table.grow` past it fails. Each instance slot reserves 8 bytes of
     /// address space per element for each of up to 4 tables.
     #[arg(long, env = "TENSOR_WASM_MAX_TABLE_ELEMENTS", default_value_t = 20_000)]
     pub max_table_elements: u32,
@@ -809,6 +809,7 @@ impl ServeArgs {
                 max_functions: self.max_module_functions,
                 max_code_bytes: self.max_module_code_bytes,
                 max_function_body_bytes: self.max_function_body_bytes,
+                max_table_elements: self.max_table_elements as usize,
             },
             max_concurrent_per_tenant: match self.max_concurrent_per_tenant {
                 0 if dev_mode => self.max_instances,
@@ -830,7 +831,6 @@ impl ServeArgs {
             max_memory_limit_mb: self.max_memory_limit_mb,
             max_output_bytes: self.max_output_bytes as usize,
             max_stderr_bytes: self.max_stderr_bytes as usize,
-            max_table_elements: self.max_table_elements as usize,
             epoch_tick_ms: self.epoch_tick_ms,
             guest_slice_us: self.guest_slice_us,
             sink_networks,

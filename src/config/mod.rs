@@ -109,9 +109,6 @@ pub struct Limits {
     pub max_memory_limit_mb: u32,
     pub max_output_bytes: usize,
     pub max_stderr_bytes: usize,
-    /// Elements one guest table may have: the instance pool's reservation per table, and the cap
-    /// on `table.grow` (`--max-table-elements`).
-    pub max_table_elements: usize,
     pub epoch_tick_ms: u64,
     /// How long a guest runs before it yields to its shard's other work while guests take turns
     /// there: the epoch ticker's period then (`wasm::engine::EpochTicker`).
@@ -160,9 +157,9 @@ pub struct CompileBudget {
     pub nice: i32,
 }
 
-/// How large a module may be where compiling costs: what is checked before compiling. A 5 MB
-/// module of a million empty functions took Cranelift 98.7 s and 5.8 GB; each limit is a
-/// configured flag with its own 400 kind.
+/// How large a module may be where compiling costs, or where the instance pool has room: what is
+/// checked before compiling. A 5 MB module of a million empty functions took Cranelift 98.7 s and
+/// 5.8 GB; each limit is a configured flag with its own 400 kind.
 #[derive(Clone, Copy, Debug)]
 pub struct ModuleShape {
     /// Functions the module defines (imports aside).
@@ -171,4 +168,8 @@ pub struct ModuleShape {
     pub max_code_bytes: u64,
     /// Bytes of the largest function body.
     pub max_function_body_bytes: u32,
+    /// Elements one guest table may have (`--max-table-elements`): a table that starts larger is
+    /// refused with the shape; it is also the instance pool's reservation per table, and the cap
+    /// on `table.grow`.
+    pub max_table_elements: usize,
 }

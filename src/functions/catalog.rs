@@ -97,15 +97,6 @@ impl Default for Catalog {
 }
 
 impl Catalog {
-    pub fn generation(&self) -> u64 {
-        self.functions.generation()
-    }
-
-    /// The current generation and every live function.
-    pub fn snapshot(&self) -> (u64, Arc<FunctionMap>) {
-        self.functions.load()
-    }
-
     pub fn current(&self) -> Arc<FunctionMap> {
         self.functions.load().1
     }

@@ -66,7 +66,7 @@ impl ModuleLoader<'_> {
     }
 
     /// The module from its precompiled artifact, if that is present, intact and still accepted.
-    pub fn from_artifact(&self, digest: &str) -> Option<Module> {
+    pub fn load_artifact(&self, digest: &str) -> Option<Module> {
         let bytes = match self.store.read_artifact(digest) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -106,7 +106,7 @@ impl ModuleLoader<'_> {
     pub fn load_stored(&self, digest: &str) -> Loaded {
         let mut transient = false;
         let file = self.store.verify_module(digest);
-        let (module, compiled) = match (self.from_artifact(digest), &file) {
+        let (module, compiled) = match (self.load_artifact(digest), &file) {
             (Some(module), _) => (Ok(module), false),
             (None, Err(e)) => (
                 Err(format!(

@@ -7,4 +7,4 @@ mod render;
 mod shard;
 
 pub use render::{render, ScrapeContext};
-pub use shard::{Counter, Gauge, Histogram, IoDriverKind, ShardMetrics, DURATION_BUCKETS};
+pub use shard::{Counter, Histogram, IoDriverKind, ShardMetrics, DURATION_BUCKETS};

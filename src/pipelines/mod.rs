@@ -11,4 +11,4 @@
 pub mod record;
 pub mod sink;
 
-pub use record::{PipelineRecord, PipelineSpec, Sink, Step};
+pub use record::{PipelineRecord, PipelineSpec};

@@ -5,12 +5,14 @@
 
 use std::future::Future;
 use std::io;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
+use crate::api::PendingAudit;
 use crate::config::Limits;
 use crate::error::ApiError;
 use crate::http::{
@@ -19,7 +21,7 @@ use crate::http::{
 };
 use crate::route::Route;
 use crate::runtime::event::{race, Either, LocalEvent};
-use crate::shard::{BodyReservation, ConnectionGuard};
+use crate::shard::{BodyReservation, ConnectionGuard, Shard};
 use crate::tls::TlsStream;
 
 /// What carries a connection's bytes: plain TCP, or TLS over it. Reads append to the buffer's
@@ -121,116 +123,166 @@ pub async fn refuse(mut stream: TcpStream, err: ApiError) {
     let _ = flush(&mut stream, &mut out, Duration::from_secs(1)).await;
 }
 
-pub async fn serve<T: Transport>(guard: ConnectionGuard, mut stream: T, peer: Peer) {
-    let shard = guard.shard.clone();
-    let limits: &Limits = &shard.limits;
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    let mut out: Vec<u8> = Vec::with_capacity(4096);
-    let mut head = RequestHead::default();
-    let mut writer = ResponseWriter::default();
+/// One connection's state between its requests: the transport, the bytes read and not yet
+/// consumed, the answers not yet written, and the head being parsed (its storage reused).
+struct Connection<T> {
+    shard: Rc<Shard>,
+    stream: T,
+    peer: Peer,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    head: RequestHead,
+    writer: ResponseWriter,
+}
 
-    loop {
+/// Serves the connection's requests in order until it is to close. `guard` counts it against the
+/// shard's connections until then.
+pub async fn serve<T: Transport>(guard: ConnectionGuard, stream: T, peer: Peer) {
+    let mut conn = Connection {
+        shard: guard.shard.clone(),
+        stream,
+        peer,
+        buf: Vec::with_capacity(READ_CHUNK),
+        out: Vec::with_capacity(4096),
+        head: RequestHead::default(),
+        writer: ResponseWriter::default(),
+    };
+    while conn.serve_request().await {}
+}
+
+impl<T: Transport> Connection<T> {
+    /// Reads, admits and answers one request. False once the connection is to close.
+    async fn serve_request(&mut self) -> bool {
         // 1. A complete request head.
-        let mut head_deadline: Option<Instant> = None;
-        let parsed = loop {
-            if !buf.is_empty() {
-                match parse_head(&buf, &mut head, limits.max_header_bytes, limits.max_headers) {
-                    Ok(HeadParse::Complete(n)) => break Ok(n),
-                    Ok(HeadParse::Partial) => {}
-                    Err(e) => break Err(e),
-                }
-            }
-            if !flush(&mut stream, &mut out, limits.write_timeout()).await {
-                return;
-            }
-            // The answers are out: now the memory their guests dirtied is reset.
-            shard.drop_spent();
-            let idle = buf.is_empty();
-            let (timeout, drain) = if idle {
-                if shard.drain.is_fired() {
-                    return;
-                }
-                (limits.idle_timeout(), Some(&shard.drain))
-            } else {
-                let deadline = *head_deadline.get_or_insert_with(|| Instant::now() + limits.header_timeout());
-                (deadline.saturating_duration_since(Instant::now()), None)
-            };
-            match read_more(&mut stream, &mut buf, timeout, drain).await {
-                Read::Data => {}
-                Read::TimedOut if !idle => break Err(ApiError::RequestTimeout),
-                Read::Eof | Read::TimedOut | Read::Drained | Read::Failed => return,
-            }
-        };
+        let Some(parsed) = self.read_head().await else { return false };
         let started = Instant::now();
-        shard.idle_spin.note_request();
+        self.shard.idle_spin.note_request();
         let consumed = match parsed {
             Ok(n) => n,
             Err(e) => {
                 let failure = Failure { head: None, audit: None, err: e, started };
-                answer_protocol_error(&shard, &mut stream, &mut out, &mut buf, &peer, failure).await;
-                return;
+                answer_protocol_error(&self.shard, &mut self.stream, &mut self.out, &mut self.buf, &self.peer, failure)
+                    .await;
+                return false;
             }
         };
-        buf.drain(..consumed);
-
-        // 2. Whether it will be served, decided on the head: a refused request costs no body.
+        self.buf.drain(..consumed);
+        // 2. and 3.: admission on the head, then the body and the answer.
         let mut audit = None;
-        let (route, admitted) = crate::api::admit(&shard, &peer, &head, &mut audit);
-        let admitted = admitted.and_then(|a| {
-            let declared = declared_body(&head, a.body_limit)?;
-            Ok((shard.reserve_body(a.tenant(), declared)?, a))
-        });
-        let (mut response, body_consumed) = match admitted {
-            Err(e) => (Response::error(&e), skip_buffered_body(&head, &mut buf)),
-            Ok((reservation, admitted)) => {
-                // 3. Its body, then the answer.
-                let read = read_body(&mut stream, &mut buf, &mut out, &head, admitted.body_limit, &reservation, limits);
-                match read.await {
-                    Ok(body) => (crate::api::respond(&shard, admitted, &head, body, &mut audit).await, true),
-                    Err(BodyError::Connection) => {
-                        if let Some(pending) = audit {
-                            shard.audit.forget(pending.ticket);
-                        }
-                        return;
-                    }
-                    Err(BodyError::Http(e)) => {
-                        drop(reservation);
-                        let failure = Failure { head: Some(&head), audit, err: e, started };
-                        answer_protocol_error(&shard, &mut stream, &mut out, &mut buf, &peer, failure).await;
-                        return;
-                    }
+        let Some((route, response, body_consumed)) = self.admit_then_respond(&mut audit, started).await else {
+            return false;
+        };
+        self.write_answer(route, response, audit, body_consumed, started).await
+    }
+
+    /// Reads until the buffer holds a whole request head, and parses it: the bytes it took, or the
+    /// error to answer. While it waits, the answers already queued are written and the stores
+    /// their guests spent dropped. None when the connection is to close unanswered: idle past the
+    /// keep-alive timeout, idle when the shard drains, closed or failed.
+    async fn read_head(&mut self) -> Option<Result<usize, ApiError>> {
+        let limits: &Limits = &self.shard.limits;
+        let mut head_deadline: Option<Instant> = None;
+        loop {
+            if !self.buf.is_empty() {
+                match parse_head(&self.buf, &mut self.head, limits.max_header_bytes, limits.max_headers) {
+                    Ok(HeadParse::Complete(n)) => return Some(Ok(n)),
+                    Ok(HeadParse::Partial) => {}
+                    Err(e) => return Some(Err(e)),
                 }
             }
+            if !flush(&mut self.stream, &mut self.out, limits.write_timeout()).await {
+                return None;
+            }
+            // The answers are out: now the memory their guests dirtied is reset.
+            self.shard.drop_spent();
+            let idle = self.buf.is_empty();
+            let (timeout, drain) = if idle {
+                if self.shard.drain.is_fired() {
+                    return None;
+                }
+                (limits.idle_timeout(), Some(&self.shard.drain))
+            } else {
+                let deadline = *head_deadline.get_or_insert_with(|| Instant::now() + limits.header_timeout());
+                (deadline.saturating_duration_since(Instant::now()), None)
+            };
+            match read_more(&mut self.stream, &mut self.buf, timeout, drain).await {
+                Read::Data => {}
+                Read::TimedOut if !idle => return Some(Err(ApiError::RequestTimeout)),
+                Read::Eof | Read::TimedOut | Read::Drained | Read::Failed => return None,
+            }
+        }
+    }
+
+    /// Decides on the parsed head alone whether the request is served, so that a refused request
+    /// costs no body; an admitted one has its body read and the API answers it. The route, the
+    /// answer, and whether the request's body is consumed (a refused one's may still be
+    /// arriving); None when the connection is to close at once, answered or not.
+    async fn admit_then_respond(
+        &mut self,
+        audit: &mut Option<PendingAudit>,
+        started: Instant,
+    ) -> Option<(Route, Response, bool)> {
+        let Connection { shard, stream, peer, buf, out, head, .. } = self;
+        let (route, admitted) = crate::api::admit(shard, peer, head, audit);
+        let admitted = admitted.and_then(|a| {
+            let declared = declared_body(head, a.body_limit)?;
+            Ok((shard.reserve_body(a.tenant(), declared)?, a))
+        });
+        let (reservation, admitted) = match admitted {
+            Err(e) => return Some((route, Response::error(&e), skip_buffered_body(head, buf))),
+            Ok(admitted) => admitted,
         };
+        match read_body(stream, buf, out, head, admitted.body_limit, &reservation, &shard.limits).await {
+            Ok(body) => Some((route, crate::api::respond(shard, admitted, head, body, audit).await, true)),
+            Err(BodyError::Connection) => {
+                if let Some(pending) = audit.take() {
+                    shard.audit.forget(pending.ticket);
+                }
+                None
+            }
+            Err(BodyError::Http(e)) => {
+                drop(reservation);
+                let failure = Failure { head: Some(head), audit: audit.take(), err: e, started };
+                answer_protocol_error(shard, stream, out, buf, peer, failure).await;
+                None
+            }
+        }
+    }
+
+    /// Writes the request's audit record, then queues its answer and counts it. Flushes when the
+    /// connection closes after it, or when enough answers are queued. False once the connection
+    /// is to close.
+    async fn write_answer(
+        &mut self,
+        route: Route,
+        mut response: Response,
+        audit: Option<PendingAudit>,
+        body_consumed: bool,
+        started: Instant,
+    ) -> bool {
         if let Some(pending) = audit {
             // Written before the response leaves: an answered request always has its record.
-            write_audit(&shard, pending, &mut response, started, &peer);
+            write_audit(&self.shard, pending, &mut response, started, &self.peer);
         }
         // Once the process drains, every response closes its connection so clients move elsewhere.
         // A refused request whose body has not arrived closes too, once the client stops sending.
-        let keep_alive = head.keep_alive && body_consumed && !shard.shared.is_draining();
-        writer.write(&mut out, &response, Persistence::new(keep_alive, head.version), head.method() == Method::Head);
-        shard.metrics.record_request(route, head.method(), response.status, started.elapsed());
+        let keep_alive = self.head.keep_alive && body_consumed && !self.shard.shared.is_draining();
+        let (persistence, method) = (Persistence::new(keep_alive, self.head.version), self.head.method());
+        self.writer.write(&mut self.out, &response, persistence, method == Method::Head);
+        self.shard.metrics.record_request(route, method, response.status, started.elapsed());
+        let write_timeout = self.shard.limits.write_timeout();
         if !keep_alive {
-            if flush(&mut stream, &mut out, limits.write_timeout()).await && !body_consumed {
-                linger(&mut stream, &mut buf, limits, &shard.drain).await;
+            if flush(&mut self.stream, &mut self.out, write_timeout).await && !body_consumed {
+                linger(&mut self.stream, &mut self.buf, &self.shard.limits, &self.shard.drain).await;
             }
-            return;
+            return false;
         }
-        if out.len() >= FLUSH_AT && !flush(&mut stream, &mut out, limits.write_timeout()).await {
-            return;
-        }
+        self.out.len() < FLUSH_AT || flush(&mut self.stream, &mut self.out, write_timeout).await
     }
 }
 
 /// Writes a request's audit record and names it on the response.
-fn write_audit(
-    shard: &crate::shard::Shard,
-    pending: crate::api::PendingAudit,
-    response: &mut Response,
-    started: Instant,
-    peer: &Peer,
-) {
+fn write_audit(shard: &Shard, pending: PendingAudit, response: &mut Response, started: Instant, peer: &Peer) {
     response.headers.push(("x-request-id".into(), pending.request_id.clone()));
     let (ticket, event) = pending.into_event(response, started.elapsed(), peer.addr);
     shard.audit.record(ticket, &event);
@@ -264,7 +316,7 @@ fn skip_buffered_body(head: &RequestHead, buf: &mut Vec<u8>) -> bool {
 /// was admitted, and what went wrong.
 struct Failure<'h> {
     head: Option<&'h RequestHead>,
-    audit: Option<crate::api::PendingAudit>,
+    audit: Option<PendingAudit>,
     err: ApiError,
     started: Instant,
 }
@@ -272,7 +324,7 @@ struct Failure<'h> {
 /// Answers a request whose framing failed; the connection closes after it, once the client has
 /// stopped sending (`linger`). Answers already queued in `out` go first.
 async fn answer_protocol_error<T: Transport>(
-    shard: &crate::shard::Shard,
+    shard: &Shard,
     stream: &mut T,
     out: &mut Vec<u8>,
     buf: &mut Vec<u8>,

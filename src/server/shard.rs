@@ -1,6 +1,7 @@
 //! A shard's thread: pinned to one CPU, running a monoio executor. It builds the shard's state
 //! ([`crate::shard::Shard`]), runs its accept loop and its background tasks, and drains.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::net::TcpListener as StdListener;
 use std::rc::Rc;
@@ -129,16 +130,8 @@ async fn serve(init: ShardInit) {
         started,
         ..
     } = init;
-    let tls_config = Subscription::default();
-    let setup = (|| {
-        let listener = TcpListener::from_std(listener).map_err(|e| format!("shard {id}: listener: {e}"))?;
-        let functions = FunctionCache::new(&engine).map_err(|e| format!("shard {id}: linker: {e:#}"))?;
-        // Without it a looping guest would hold the shard until its deadline: no serving so.
-        let pump = crate::runtime::fair_yield::pump().map_err(|e| format!("shard {id}: guest turns: {e}"))?;
-        Ok::<_, String>((listener, functions, pump))
-    })();
-    let (listener, functions, pump) = match setup {
-        Ok(v) => v,
+    let (listener, functions, pump) = match open(id, listener, &engine) {
+        Ok(opened) => opened,
         Err(e) => {
             let _ = started.send(Err(e));
             return;
@@ -158,7 +151,38 @@ async fn serve(init: ShardInit) {
         audit_helpers,
         shared,
     }));
+    start_tasks(&shard, pump, spin_window, drain_rx);
+    shard.shared.shard_started();
+    let _ = started.send(Ok(()));
+    accept_until_drained(&listener, &shard, tls.as_deref()).await;
+    // Closing the listener stops new connections to this shard at once.
+    drop(listener);
+    close(&shard, drain_timeout).await;
+}
 
+/// What a shard cannot serve without: its listener on this executor, its function cache's
+/// linker, and the pump of guest turns (without it a looping guest would hold the shard until
+/// its deadline).
+fn open(
+    id: usize,
+    listener: StdListener,
+    engine: &Engine,
+) -> Result<(TcpListener, FunctionCache, impl Future<Output = ()>), String> {
+    let listener = TcpListener::from_std(listener).map_err(|e| format!("shard {id}: listener: {e}"))?;
+    let functions = FunctionCache::new(engine).map_err(|e| format!("shard {id}: linker: {e:#}"))?;
+    let pump = crate::runtime::fair_yield::pump().map_err(|e| format!("shard {id}: guest turns: {e}"))?;
+    Ok((listener, functions, pump))
+}
+
+/// Starts the shard's own tasks, beside its connections: the guest-turn pump, the audit's
+/// summaries and checkpoints, the idle spinner, the completions from the device workers, and the
+/// wait for the drain signal.
+fn start_tasks(
+    shard: &Rc<Shard>,
+    pump: impl Future<Output = ()> + 'static,
+    spin_window: Duration,
+    drain_rx: oneshot::Receiver<()>,
+) {
     // Before any request: damage recovery found is the first thing the new segment records.
     shard.record_integrity_failures();
     monoio::spawn(pump);
@@ -170,15 +194,22 @@ async fn serve(init: ShardInit) {
         monoio::spawn(shard.idle_spin.clone().spin(spin_window));
     }
     // Routes kernel completions from the device workers to this shard's waiting guests.
-    monoio::spawn(shard.shared.dispatcher.poller(id));
+    monoio::spawn(shard.shared.dispatcher.poller(shard.id));
     let on_drain = shard.clone();
     monoio::spawn(async move {
         let _ = drain_rx.await;
         on_drain.drain.fire();
     });
-    shard.shared.shard_started();
-    let _ = started.send(Ok(()));
+}
 
+/// Accepts connections until the shard drains, and spawns a task to serve each one it has room
+/// for, over TLS when `tls` is given.
+async fn accept_until_drained(
+    listener: &TcpListener,
+    shard: &Rc<Shard>,
+    tls: Option<&Published<rustls::ServerConfig>>,
+) {
+    let tls_config = Subscription::default();
     loop {
         match race(listener.accept(), shard.drain.wait()).await {
             Either::Left(Ok((stream, addr))) => {
@@ -194,7 +225,7 @@ async fn serve(init: ShardInit) {
                     continue;
                 }
                 let guard = ConnectionGuard::new(shard.clone());
-                match &tls {
+                match tls {
                     None => {
                         monoio::spawn(conn::serve(guard, stream, Peer { addr, client_cert_subject: None }));
                     }
@@ -205,19 +236,25 @@ async fn serve(init: ShardInit) {
             }
             Either::Left(Err(e)) => {
                 // EMFILE and friends: back off briefly rather than spin.
-                tracing::warn!(shard = id, "accept failed: {e}");
+                tracing::warn!(shard = shard.id, "accept failed: {e}");
                 monoio::time::sleep(Duration::from_millis(10)).await;
             }
             Either::Right(()) => break,
         }
     }
-    // Closing the listener stops new connections to this shard at once.
-    drop(listener);
+}
+
+/// Waits up to `drain_timeout` for the shard's connections to close, then closes its audit chain.
+async fn close(shard: &Shard, drain_timeout: Duration) {
     if shard.open_connections() > 0 {
         let _ = monoio::time::timeout(drain_timeout, shard.all_closed()).await;
     }
     if shard.open_connections() > 0 {
-        tracing::warn!(shard = id, open = shard.open_connections(), "drain timeout: closing remaining connections");
+        tracing::warn!(
+            shard = shard.id,
+            open = shard.open_connections(),
+            "drain timeout: closing remaining connections"
+        );
     }
     shard.audit.close();
 }

@@ -8,7 +8,7 @@ mod shared;
 mod slots;
 
 pub use shared::{Lifecycle, Shared};
-pub use slots::{exact_share, BodyReservation, ConnectionGuard, InstanceSlot, TenantSlot};
+pub use slots::{exact_share, BodyReservation, ConnectionGuard};
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

@@ -41,7 +41,7 @@ pub fn build_engine(limits: &Limits, profiler: GuestProfiler) -> wasmtime::Resul
         .total_stacks(limits.max_instances)
         .max_memories_per_module(1)
         .max_tables_per_module(4)
-        .table_elements(limits.max_table_elements)
+        .table_elements(limits.module_shape.max_table_elements)
         .max_memory_size(limits.max_memory_limit_mb as usize * 1024 * 1024)
         .linear_memory_keep_resident(keep_resident)
         .table_keep_resident(16 * 1024)

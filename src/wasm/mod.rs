@@ -11,6 +11,6 @@ pub mod tensor;
 pub mod wasi;
 
 pub use engine::{build_engine, EpochTicker, GuestProfiler};
-pub use invoke::{invoke, Entry, GuestState, Invocation, InvokeLimits, InvokeOutput, WasiArgs};
+pub use invoke::{invoke, Entry, GuestState, InvokeLimits, InvokeOutput, WasiArgs};
 pub use module::{check_module, new_linker};
 pub use tensor::TensorContext;

@@ -35,6 +35,15 @@ pub fn check_shape(wasm: &[u8], shape: &ModuleShape) -> Result<(), ApiError> {
                     return Err(ApiError::FunctionTooLarge { bytes, limit: shape.max_function_body_bytes });
                 }
             }
+            // The instance pool holds no larger table: past the limit, loading the module fails.
+            Payload::TableSection(tables) => {
+                for table in tables {
+                    let elements = table.map_err(invalid)?.ty.initial;
+                    if elements > shape.max_table_elements as u64 {
+                        return Err(ApiError::TableTooLarge { elements, limit: shape.max_table_elements });
+                    }
+                }
+            }
             _ => {}
         }
     }

@@ -234,15 +234,7 @@ pub fn decode_create_args(
     if dtype != DTYPE_F32 {
         return Err((status::UNSUPPORTED_DTYPE, format!("dtype {dtype}: only 0 (f32) exists")));
     }
-    let rank = usize::try_from(rank)
-        .ok()
-        .filter(|r| (1..=MAX_RANK).contains(r))
-        .ok_or_else(|| (status::INVALID_ARGUMENT, format!("rank {rank}: a tensor has 1 to {MAX_RANK} dimensions")))?;
-    let shape_bytes = slice(mem, shape_ptr, (rank * 4) as u32)
-        .ok_or_else(|| (status::OUT_OF_BOUNDS, "the shape lies outside guest memory".to_string()))?;
-    let shape: Vec<u32> = shape_bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-    let data = slice(mem, data_ptr, data_len as u32)
-        .ok_or_else(|| (status::OUT_OF_BOUNDS, "the data lies outside guest memory".to_string()))?;
+    let (shape, data) = read_shape_and_data(mem, shape_ptr, rank, data_ptr, data_len)?;
     if data.len() % 4 != 0 {
         return Err((status::SHAPE_MISMATCH, "the data is not a whole number of f32".to_string()));
     }
@@ -261,6 +253,24 @@ fn read_dims(mem: &[u8], ptr: i32, rank: i32) -> Result<Vec<u32>, (i32, String)>
     Ok(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
+/// A create call's shape and the bytes of its data, in guest memory.
+type ShapeAndData<'m> = (Vec<u32>, &'m [u8]);
+
+/// The shape (`rank` u32s at `shape_ptr`) and the data (`data_len` bytes at `data_ptr`) of a
+/// create call, both checked to lie in guest memory.
+fn read_shape_and_data(
+    mem: &[u8],
+    shape_ptr: i32,
+    rank: i32,
+    data_ptr: i32,
+    data_len: i32,
+) -> Result<ShapeAndData<'_>, (i32, String)> {
+    let shape = read_dims(mem, shape_ptr, rank)?;
+    let data = slice(mem, data_ptr, data_len as u32)
+        .ok_or_else(|| (status::OUT_OF_BOUNDS, "the data lies outside guest memory".to_string()))?;
+    Ok((shape, data))
+}
+
 /// A decoded `tensor_create_typed` call: shape, dtype, data bytes.
 pub type TypedCreateArgs = (Vec<u32>, DType, Vec<u8>);
 
@@ -276,53 +286,24 @@ pub fn decode_typed_create_args(
 ) -> Result<TypedCreateArgs, (i32, String)> {
     let dt = DType::from_code(dtype)
         .ok_or_else(|| (status::UNSUPPORTED_DTYPE, format!("dtype {dtype}: 0 f32, 1 f16, 2 bf16, 3 i32")))?;
-    let shape = read_dims(mem, shape_ptr, rank)?;
-    let data = slice(mem, data_ptr, data_len as u32)
-        .ok_or_else(|| (status::OUT_OF_BOUNDS, "the data lies outside guest memory".to_string()))?;
+    let (shape, data) = read_shape_and_data(mem, shape_ptr, rank, data_ptr, data_len)?;
     Ok((shape, dt, data.to_vec()))
 }
 
-async fn create_typed(
+/// `tensor_create` and `tensor_create_typed`, which differ only in how they read their arguments
+/// out of guest memory (`decode`) and how the session uploads them (`upload`).
+async fn create<A>(
     caller: &mut Ctx<'_>,
-    dtype: i32,
-    shape_ptr: i32,
-    rank: i32,
-    data_ptr: i32,
-    data_len: i32,
+    decode: impl FnOnce(&[u8]) -> Result<A, (i32, String)>,
+    upload: impl FnOnce(&mut Session, A) -> Result<Call, i32>,
 ) -> wasmtime::Result<i32> {
     let started = Instant::now();
     let read = match memory(caller) {
-        Ok((mem, _)) => decode_typed_create_args(mem, dtype, shape_ptr, rank, data_ptr, data_len)
-            .map_err(|(code, message)| Failure::new(code, message)),
+        Ok((mem, _)) => decode(mem).map_err(|(code, message)| Failure::new(code, message)),
         Err(_) => Err(Failure::new(status::OUT_OF_BOUNDS, "the module exports no memory")),
     };
     let outcome = match read {
-        Ok((shape, dt, bytes)) => {
-            dispatch(caller, |s| s.upload_bytes(&shape, dt, &bytes)).await?.map(|(d, dev, _)| (handle_of(d), dev))
-        }
-        Err(f) => Err(f),
-    };
-    settle(caller, started, Op::Upload, outcome)
-}
-
-async fn create(
-    caller: &mut Ctx<'_>,
-    dtype: i32,
-    shape_ptr: i32,
-    rank: i32,
-    data_ptr: i32,
-    data_len: i32,
-) -> wasmtime::Result<i32> {
-    let started = Instant::now();
-    let read = match memory(caller) {
-        Ok((mem, _)) => decode_create_args(mem, dtype, shape_ptr, rank, data_ptr, data_len)
-            .map_err(|(code, message)| Failure::new(code, message)),
-        Err(_) => Err(Failure::new(status::OUT_OF_BOUNDS, "the module exports no memory")),
-    };
-    let outcome = match read {
-        Ok((shape, values)) => {
-            dispatch(caller, |s| s.upload(&shape, values)).await?.map(|(d, dev, _)| (handle_of(d), dev))
-        }
+        Ok(args) => dispatch(caller, |s| upload(s, args)).await?.map(|(d, dev, _)| (handle_of(d), dev)),
         Err(f) => Err(f),
     };
     settle(caller, started, Op::Upload, outcome)
@@ -511,7 +492,10 @@ pub fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
         MODULE,
         "tensor_create",
         |mut c: Ctx<'_>, (dtype, shape, rank, data, len): (i32, i32, i32, i32, i32)| {
-            Box::new(async move { create(&mut c, dtype, shape, rank, data, len).await })
+            Box::new(async move {
+                let decode = |mem: &[u8]| decode_create_args(mem, dtype, shape, rank, data, len);
+                create(&mut c, decode, |s, (dims, values): (Vec<u32>, _)| s.upload(&dims, values)).await
+            })
         },
     )?;
     linker.func_wrap_async(MODULE, "tensor_read", |mut c: Ctx<'_>, (h, ptr, len): (i32, i32, i32)| {
@@ -521,7 +505,10 @@ pub fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
         MODULE,
         "tensor_create_typed",
         |mut c: Ctx<'_>, (dtype, shape, rank, data, len): (i32, i32, i32, i32, i32)| {
-            Box::new(async move { create_typed(&mut c, dtype, shape, rank, data, len).await })
+            Box::new(async move {
+                let decode = |mem: &[u8]| decode_typed_create_args(mem, dtype, shape, rank, data, len);
+                create(&mut c, decode, |s, (dims, dt, bytes): TypedCreateArgs| s.upload_bytes(&dims, dt, &bytes)).await
+            })
         },
     )?;
     linker.func_wrap_async(

@@ -346,7 +346,7 @@ pub fn threads(pid: u32) -> Vec<ThreadInfo> {
             cpus: status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?.trim().to_string(),
             nice: fields[19 - 3].parse().ok()?,
             policy: fields[41 - 3].parse().ok()?,
-            cpu_time: tensor_wasm::runtime::cpu::cpu_time_from_stat(&stat)?,
+            cpu_time: tensor_wasm::cpu::cpu_time_from_stat(&stat)?,
         })
     };
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();

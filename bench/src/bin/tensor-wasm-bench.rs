@@ -41,7 +41,7 @@ struct Args {
     server: Option<String>,
     /// How a live https:// server is trusted, and the client certificate it may ask for.
     #[command(flatten)]
-    trust: tensor_wasm::cli::client::TlsArgs,
+    trust: tensor_wasm::client::TlsArgs,
     /// The bearer token for a live server.
     #[arg(long, env = "TENSOR_WASM_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -203,7 +203,7 @@ fn main() {
 /// Moves this process (before it starts any thread) off `server_cpus`, onto the rest of the CPUs
 /// it may use, so that the generator never takes a started server's CPU. Returns how many are left.
 fn confine_away_from(server_cpus: &[usize]) -> Result<usize, String> {
-    use tensor_wasm::runtime::cpu;
+    use tensor_wasm::cpu;
     let allowed = cpu::allowed_cpus().map_err(|e| format!("cannot read this process's CPUs: {e}"))?;
     if let Some(cpu) = server_cpus.iter().find(|c| !allowed.contains(c)) {
         return Err(format!("--server-cpus names CPU {cpu}, which this process may not use ({allowed:?})"));
@@ -251,7 +251,7 @@ fn run(args: Args) -> Result<bool, String> {
     }
     let (server_cpus, harness_cpus) = match &args.server_cpus {
         Some(list) => {
-            let cpus = tensor_wasm::runtime::cpu::parse_list(list)?;
+            let cpus = tensor_wasm::cpu::parse_list(list)?;
             let rest = confine_away_from(&cpus)?;
             (Some(cpus), Some(rest))
         }

@@ -6,8 +6,7 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use tensor_wasm::http::client::ClientStream;
-use tensor_wasm::tls::ClientTls;
+use tensor_wasm::client::{ClientStream, ClientTls};
 
 /// The largest response head the client accepts.
 const MAX_HEAD_BYTES: usize = 64 * 1024;

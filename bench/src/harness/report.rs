@@ -96,7 +96,7 @@ pub struct Machine {
 
 impl Machine {
     pub fn this(server_cpus: Option<&[usize]>) -> Machine {
-        use tensor_wasm::runtime::cpu;
+        use tensor_wasm::cpu;
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu_model = cpuinfo
             .lines()

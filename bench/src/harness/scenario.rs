@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use serde::Serialize;
-use tensor_wasm::route::Route;
+use tensor_wasm::exposition::Route;
 
 use super::client::Response;
 use super::guests::{self, GuestSource};

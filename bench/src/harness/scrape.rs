@@ -3,7 +3,7 @@
 //! objectives judge, and the server's own time per request on the scenario's route, which says how
 //! much of the latency the client measured was spent inside the server.
 
-use tensor_wasm::metrics::exposition::{Sample, ScrapedHistogram};
+use tensor_wasm::exposition::{Sample, ScrapedHistogram};
 
 /// One histogram of the server's metrics: its name, and the label every counted series must carry
 /// (`None`: every series, summed).
@@ -33,7 +33,7 @@ pub fn between(before: &[Sample], after: &[Sample], series: HistogramSeries) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tensor_wasm::metrics::exposition::parse;
+    use tensor_wasm::exposition::parse;
 
     #[test]
     fn a_series_is_read_over_the_run_between_two_scrapes() {

@@ -8,8 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tensor_wasm::http::client::Target;
-use tensor_wasm::tls::ClientTls;
+use tensor_wasm::client::{ClientTls, Target};
 
 use super::client::{encode, Connection, Response, Tls};
 
@@ -239,7 +238,7 @@ impl StartedServer {
         if let Some(cpus) = cpus {
             let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
             let actual = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).map(str::trim);
-            let asked = tensor_wasm::runtime::cpu::format_list(cpus);
+            let asked = tensor_wasm::cpu::format_list(cpus);
             if actual != Some(asked.as_str()) {
                 let actual = actual.unwrap_or("that /proc does not show");
                 return fail(child, format!("runs on CPUs {actual}, not on {asked} as asked"));
@@ -266,7 +265,7 @@ impl Drop for StartedServer {
 /// pins its shards to the first CPUs of the set it starts with; tokio's workers inherit it).
 fn tie_child(cmd: &mut Command, cpus: Option<&[usize]>) -> std::io::Result<()> {
     use std::os::unix::process::CommandExt as _;
-    let set = cpus.map(tensor_wasm::runtime::cpu::cpu_set).transpose()?;
+    let set = cpus.map(tensor_wasm::cpu::cpu_set).transpose()?;
     // SAFETY: the closure runs between fork and exec, where only async-signal-safe calls are
     // allowed; it makes plain system calls on values built before the fork, and allocates nothing.
     // The parent-death signal belongs to the spawning thread, the harness's main thread, which
@@ -282,7 +281,7 @@ fn tie_child(cmd: &mut Command, cpus: Option<&[usize]>) -> std::io::Result<()> {
                 return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             match &set {
-                Some(set) => tensor_wasm::runtime::cpu::apply_cpu_set(set),
+                Some(set) => tensor_wasm::cpu::apply_cpu_set(set),
                 None => Ok(()),
             }
         });

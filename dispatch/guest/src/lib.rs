@@ -95,9 +95,8 @@ impl std::fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-/// The codes of docs/ABI.md, from the host's own definition.
-#[path = "../../src/status.rs"]
-pub mod code;
+/// The codes of docs/ABI.md: the crate `tensor-wasm-abi`, which the host uses too.
+pub use tensor_wasm_abi as code;
 
 fn check(rc: i32) -> Result<i32, Error> {
     if rc >= 0 {

@@ -11,10 +11,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
-    SyncOnDrop,
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg, SyncOnDrop,
 };
 use zerocopy::IntoBytes;
 
@@ -575,9 +575,13 @@ impl CudaBackend {
                         Op::Relu => stream.launch_builder(&k.relu).arg(a).arg(&mut out).arg(&n).launch(elementwise(n)),
                         Op::Softmax => {
                             let (rows, cols) = (req.dims[0], req.dims[1]);
-                            let cfg =
-                                LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-                            stream.launch_builder(&k.softmax).arg(a).arg(&mut out).arg(&rows).arg(&cols).launch(cfg)
+                            stream
+                                .launch_builder(&k.softmax)
+                                .arg(a)
+                                .arg(&mut out)
+                                .arg(&rows)
+                                .arg(&cols)
+                                .launch(per_row(rows))
                         }
                         Op::Sum => {
                             let cfg =
@@ -586,25 +590,10 @@ impl CudaBackend {
                         }
                         Op::Matmul => {
                             let b = self.operand(req.b, shape.b)?;
-                            let [m, kk, nn] = req.dims.map(|d| d as i32);
-                            // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: swap the operands.
-                            let cfg = GemmConfig {
-                                transa: cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
-                                transb: cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
-                                m: nn,
-                                n: m,
-                                k: kk,
-                                alpha: 1.0f32,
-                                lda: nn,
-                                ldb: kk,
-                                beta: 0.0f32,
-                                ldc: nn,
-                            };
-                            return self.lanes[lane]
-                                .blas
-                                .gemm(cfg, b, a, &mut out)
-                                .map(|_| Some(DevBuf::F32(out)))
-                                .map_err(|_| status::DEVICE_ERROR);
+                            let [m, k, n] = req.dims;
+                            let plan = gemm_plan(&[m, k], &[k, n], &[m, n], 0)?;
+                            self.gemm(lane, &plan, GemmType::F32, a, b, &mut out)?;
+                            return Ok(Some(DevBuf::F32(out)));
                         }
                         _ => return Err(status::INVALID_ARGUMENT),
                     }
@@ -640,41 +629,7 @@ impl CudaBackend {
             // SAFETY: cuBLAS writes every element of `out`.
             let mut out = unsafe { stream.alloc::<u16>(n) }.map_err(dev)?;
             let plan = gemm_plan(sa, sb, so, d.flags)?;
-            let blas = &self.lanes[lane].blas;
-            let (pa, _ga) = a.device_ptr(stream);
-            let (pb, _gb) = b.device_ptr(stream);
-            let (pc, _gc) = out.device_ptr_mut(stream);
-            let (alpha, beta) = (1.0f32, 0.0f32);
-            for &(oa, ob, oc) in &plan.batches {
-                // SAFETY: GemmEx with f32 scalars and accumulation (CUBLAS_COMPUTE_32F), on the
-                // tensor cores; the offsets and leading dimensions describe matrices inside the
-                // buffers, whose element counts were checked against the shapes above.
-                unsafe {
-                    cudarc::cublas::result::gemm_ex(
-                        *blas.handle(),
-                        plan.transa,
-                        plan.transb,
-                        plan.m,
-                        plan.n,
-                        plan.k,
-                        (&alpha) as *const f32 as *const _,
-                        (pb + ob as u64 * 2) as *const _,
-                        data_type,
-                        plan.lda,
-                        (pa + oa as u64 * 2) as *const _,
-                        data_type,
-                        plan.ldb,
-                        (&beta) as *const f32 as *const _,
-                        (pc + oc as u64 * 2) as *mut _,
-                        data_type,
-                        plan.ldc,
-                        cudarc::cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                        cudarc::cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                    )
-                }
-                .map_err(|_| status::DEVICE_ERROR)?;
-            }
-            drop((_ga, _gb, _gc));
+            self.gemm(lane, &plan, GemmType::Half(data_type), a, b, &mut out)?;
             return Ok(wrap(out));
         }
         let b_used = d.ranks[SLOT_B] > 0 && !matches!(op, Op::LayerNorm | Op::RmsNorm if d.flags & flags::HAS_B == 0);
@@ -752,9 +707,8 @@ impl CudaBackend {
                 Op::Softmax | Op::LogSoftmax => {
                     let cols = sa[sa.len() - 1];
                     let rows = n / cols;
-                    let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
                     let f = if op == Op::Softmax { &k.softmax } else { &k.log_softmax };
-                    stream.launch_builder(f).arg(a).arg(&mut out).arg(&rows).arg(&cols).launch(cfg)
+                    stream.launch_builder(f).arg(a).arg(&mut out).arg(&rows).arg(&cols).launch(per_row(rows))
                 }
                 Op::Sum | Op::Mean | Op::Max => {
                     let ax = d.axis as usize;
@@ -811,7 +765,7 @@ impl CudaBackend {
                 Op::Matmul => {
                     let b = self.operand(req.b, len(SLOT_B)?)?;
                     let plan = gemm_plan(sa, d.shape(SLOT_B), out_shape, d.flags)?;
-                    self.batched_gemm(a, b, &mut out, &plan, lane)?;
+                    self.gemm(lane, &plan, GemmType::F32, a, b, &mut out)?;
                     return Ok(DevBuf::F32(out));
                 }
                 _ => return Err(status::UNSUPPORTED_ON_DEVICE),
@@ -859,35 +813,80 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// cuBLAS sgemm per batch matrix of the plan.
-    fn batched_gemm(
+    /// Runs `plan` on the lane's cuBLAS handle: one GEMM per batch matrix, each on its offset into
+    /// `a`, `b` and `out`, whose element type `ty` names. Every matmul goes through here: the
+    /// arguments are packed in this one place.
+    fn gemm<T: DeviceRepr>(
         &self,
-        a: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
-        plan: &GemmPlan,
         lane: usize,
+        plan: &GemmPlan,
+        ty: GemmType,
+        a: &CudaSlice<T>,
+        b: &CudaSlice<T>,
+        out: &mut CudaSlice<T>,
     ) -> Result<(), i32> {
-        let cfg = GemmConfig {
-            transa: plan.transa,
-            transb: plan.transb,
-            m: plan.m,
-            n: plan.n,
-            k: plan.k,
-            alpha: 1.0f32,
-            lda: plan.lda,
-            ldb: plan.ldb,
-            beta: 0.0f32,
-            ldc: plan.ldc,
-        };
-        let (ma, mb, mc) = (plan.a_len, plan.b_len, plan.c_len);
+        debug_assert_eq!(std::mem::size_of::<T>(), ty.bytes());
+        let fits = |buf: usize, start: usize, len: usize| start.checked_add(len).is_some_and(|end| end <= buf);
+        let inside = plan.batches.iter().all(|&(oa, ob, oc)| {
+            fits(a.len(), oa, plan.a_len) && fits(b.len(), ob, plan.b_len) && fits(out.len(), oc, plan.c_len)
+        });
+        if !inside {
+            return Err(status::SHAPE_MISMATCH);
+        }
+        let Lane { stream, blas, .. } = &self.lanes[lane];
+        let (pa, _ga) = a.device_ptr(stream);
+        let (pb, _gb) = b.device_ptr(stream);
+        let (pc, _gc) = out.device_ptr_mut(stream);
+        let at = |base: u64, offset: usize| base + (offset * ty.bytes()) as u64;
+        let (alpha, beta) = (1.0f32, 0.0f32);
         for &(oa, ob, oc) in &plan.batches {
-            let av = a.slice(oa..oa + ma);
-            let bv = b.slice(ob..ob + mb);
-            let mut cv = out.slice_mut(oc..oc + mc);
-            // SAFETY: each view has its matrix's element count, and the plan's leading
-            // dimensions describe exactly those matrices.
-            unsafe { self.lanes[lane].blas.gemm(cfg, &bv, &av, &mut cv) }.map_err(|_| status::DEVICE_ERROR)?;
+            // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: b is cuBLAS's first operand (GemmPlan).
+            let (first, second, c) = (at(pb, ob), at(pa, oa), at(pc, oc));
+            // SAFETY: every matrix lies inside its buffer (checked above), and the plan's leading
+            // dimensions describe exactly those matrices; f16 and bf16 take f32 scalars and
+            // accumulation (CUBLAS_COMPUTE_32F), on the tensor cores.
+            unsafe {
+                match ty {
+                    GemmType::F32 => cudarc::cublas::result::sgemm(
+                        *blas.handle(),
+                        plan.transa,
+                        plan.transb,
+                        plan.m,
+                        plan.n,
+                        plan.k,
+                        &alpha,
+                        first as *const f32,
+                        plan.lda,
+                        second as *const f32,
+                        plan.ldb,
+                        &beta,
+                        c as *mut f32,
+                        plan.ldc,
+                    ),
+                    GemmType::Half(data_type) => cudarc::cublas::result::gemm_ex(
+                        *blas.handle(),
+                        plan.transa,
+                        plan.transb,
+                        plan.m,
+                        plan.n,
+                        plan.k,
+                        (&alpha) as *const f32 as *const _,
+                        first as *const _,
+                        data_type,
+                        plan.lda,
+                        second as *const _,
+                        data_type,
+                        plan.ldb,
+                        (&beta) as *const f32 as *const _,
+                        c as *mut _,
+                        data_type,
+                        plan.ldc,
+                        cudarc::cublas::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cudarc::cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    ),
+                }
+            }
+            .map_err(|_| status::DEVICE_ERROR)?;
         }
         Ok(())
     }
@@ -996,8 +995,31 @@ unsafe fn halves_of(words: &mut [f32], len: usize) -> &mut [u16] {
     std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u16, len)
 }
 
+/// What a GEMM's elements are: f32 runs through cublasSgemm, f16 and bf16 (their `cudaDataType`)
+/// through cublasGemmEx.
+#[derive(Clone, Copy)]
+enum GemmType {
+    F32,
+    Half(cudarc::cublas::sys::cudaDataType_t),
+}
+
+impl GemmType {
+    fn bytes(self) -> usize {
+        match self {
+            GemmType::F32 => 4,
+            GemmType::Half(_) => 2,
+        }
+    }
+}
+
+/// One thread per element, in blocks of 256.
 fn elementwise(n: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (n.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One block of 256 threads per row (softmax).
+fn per_row(rows: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
 impl Backend for CudaBackend {

@@ -93,7 +93,7 @@ impl Worker {
         let free = self.store.free_bytes().map_err(|e| ApiError::Storage(format!("cannot read free space: {e}")))?;
         let reserve = self.limits.audit_reserve_bytes;
         if free.saturating_sub(needed) < reserve {
-            return Err(ApiError::InsufficientStorage { free, needed, reserve });
+            return Err(ApiError::InsufficientStorage { needed, reserve });
         }
         Ok(())
     }

@@ -255,7 +255,7 @@ impl Worker {
     /// the whole folder again.
     pub(super) fn directory_module(&self, digest: &str, wasm: &[u8]) -> Result<Module, ApiError> {
         let loader = self.loader();
-        if let Some(module) = self.catalog.module_with_digest(digest).or_else(|| loader.from_artifact(digest)) {
+        if let Some(module) = self.catalog.module_with_digest(digest).or_else(|| loader.load_artifact(digest)) {
             return Ok(module);
         }
         let module = loader.compile(wasm)?;

@@ -112,7 +112,7 @@ fn machine_ticks() -> Option<(u64, u64)> {
 /// User plus system CPU seconds of process `pid` so far.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    tensor_wasm::runtime::cpu::cpu_time_from_stat(&stat).map(|t| t.as_secs_f64())
+    tensor_wasm::cpu::cpu_time_from_stat(&stat).map(|t| t.as_secs_f64())
 }
 
 /// A generator late by more than this at P99 was stalled along with the machine.

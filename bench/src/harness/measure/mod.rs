@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tensor_wasm::metrics::exposition::{self, ScrapedHistogram};
+use tensor_wasm::exposition::{self, ScrapedHistogram};
 
 use super::interrupt;
 use super::load::{self, LoadOutcome, LoadPlan, Progress};

@@ -1,7 +1,10 @@
-//! Status codes, shared by the rings and the guest ABI (docs/ABI.md). Negative means failure.
+//! The status codes of the tensor ABI (docs/ABI.md), shared by the rings and the guests.
+//! Negative means failure.
 //!
-//! One file for both sides of the ABI: the host includes it as `record::status`, and the guest
-//! crate (`dispatch/guest`, built for wasm32 outside this workspace) as `code`, by path.
+//! One crate for both sides of the ABI: the host re-exports it as
+//! `tensor_wasm_dispatch::record::status`, and the guests' helper crate (`dispatch/guest`, built
+//! for wasm32 outside this workspace) as `tensor_wasm_guest::code`. It has no dependencies, so
+//! that it builds for any target.
 
 pub const OK: i32 = 0;
 /// A malformed argument: dtype, rank, a zero or too large dimension.
