@@ -100,6 +100,21 @@ pub enum ApiError {
         elements: u64,
         limit: usize,
     },
+    /// The module defines more tables than an instance slot holds.
+    TooManyTables {
+        count: usize,
+        limit: usize,
+    },
+    /// The module defines more memories than an instance slot holds.
+    TooManyMemories {
+        count: usize,
+        limit: usize,
+    },
+    /// A memory of the module starts larger than `--max-memory-limit-mb`.
+    MemoryTooLarge {
+        bytes: u64,
+        limit_mb: u32,
+    },
     UnsupportedImport(String),
     ImportMismatch(String),
     FunctionNotFound(String),
@@ -232,6 +247,9 @@ impl ApiError {
             | CodeTooLarge { .. }
             | FunctionTooLarge { .. }
             | TableTooLarge { .. }
+            | TooManyTables { .. }
+            | TooManyMemories { .. }
+            | MemoryTooLarge { .. }
             | UnsupportedImport(_)
             | ImportMismatch(_)
             | InvalidInvokeRequest(_)
@@ -313,6 +331,9 @@ impl ApiError {
             CodeTooLarge { .. } => "code_too_large",
             FunctionTooLarge { .. } => "function_too_large",
             TableTooLarge { .. } => "table_too_large",
+            TooManyTables { .. } => "too_many_tables",
+            TooManyMemories { .. } => "too_many_memories",
+            MemoryTooLarge { .. } => "memory_too_large",
             UnsupportedImport(_) => "unsupported_import",
             ImportMismatch(_) => "import_mismatch",
             FunctionNotFound(_) => "function_not_found",
@@ -473,6 +494,17 @@ impl fmt::Display for ApiError {
                 f,
                 "the module has a table of {elements} elements, which exceeds the limit of {limit} \
                  (--max-table-elements)"
+            ),
+            TooManyTables { count, limit } => {
+                write!(f, "the module defines {count} tables, more than the {limit} an instance may have")
+            }
+            TooManyMemories { count, limit } => {
+                write!(f, "the module defines {count} memories, more than the {limit} an instance may have")
+            }
+            MemoryTooLarge { bytes, limit_mb } => write!(
+                f,
+                "the module has a memory that starts at {bytes} bytes, more than the limit of {limit_mb} MiB \
+                 (--max-memory-limit-mb)"
             ),
             UnsupportedImport(m) => write!(f, "{m}"),
             ImportMismatch(m) => write!(f, "{m}"),

@@ -90,3 +90,36 @@ fn a_guest_table_stays_within_max_table_elements() {
     }
     assert_eq!(client.request("GET", "/healthz", &[], b"").status, 200);
 }
+
+#[test]
+fn a_module_with_more_tables_or_memories_than_a_slot_holds_is_refused_from_its_sections() {
+    let server = Server::start(&["--max-memory-limit-mb", "8", "--default-memory-limit-mb", "8"]);
+    let mut client = server.client();
+    server.deploy("four-tables", &guests::wasm(r#"(module (table 1 funcref) (table 1 funcref) (table 1 funcref) (table 1 funcref) (func (export "_start")))"#));
+    server.deploy("memory-at-limit", &guests::wasm(r#"(module (memory 128) (func (export "_start")))"#));
+    for (name, wat, kind, says) in [
+        (
+            "five-tables",
+            r#"(module (table 1 funcref) (table 1 funcref) (table 1 funcref) (table 1 funcref) (table 1 funcref) (func (export "_start")))"#,
+            "too_many_tables",
+            "5 tables, more than the 4",
+        ),
+        (
+            "two-memories",
+            r#"(module (memory 1) (memory 1) (func (export "_start")))"#,
+            "too_many_memories",
+            "2 memories",
+        ),
+        (
+            "memory-past-limit",
+            r#"(module (memory 129) (func (export "_start")))"#,
+            "memory_too_large",
+            "limit of 8 MiB",
+        ),
+    ] {
+        let refused = client.deploy(name, &guests::wasm(wat), serde_json::json!({}));
+        assert_eq!((refused.status, refused.error_kind().as_str()), (400, kind), "{name}: {}", refused.text());
+        assert!(refused.text().contains(says), "{name}: {}", refused.text());
+    }
+    assert_eq!(client.request("GET", "/healthz", &[], b"").status, 200);
+}

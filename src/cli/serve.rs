@@ -810,6 +810,7 @@ impl ServeArgs {
                 max_code_bytes: self.max_module_code_bytes,
                 max_function_body_bytes: self.max_function_body_bytes,
                 max_table_elements: self.max_table_elements as usize,
+                max_memory_limit_mb: self.max_memory_limit_mb,
             },
             max_concurrent_per_tenant: match self.max_concurrent_per_tenant {
                 0 if dev_mode => self.max_instances,

@@ -172,4 +172,15 @@ pub struct ModuleShape {
     /// refused with the shape; it is also the instance pool's reservation per table, and the cap
     /// on `table.grow`.
     pub max_table_elements: usize,
+    /// Bytes a guest memory may have (`--max-memory-limit-mb`): a memory that starts larger is
+    /// refused with the shape, since no pooled memory slot holds it.
+    pub max_memory_limit_mb: u32,
+}
+
+impl ModuleShape {
+    /// Tables one instance slot of the pool holds: a module that defines more is refused with
+    /// the shape. Four leaves room for what toolchains emit (one, for indirect calls).
+    pub const MAX_TABLES: usize = 4;
+    /// Memories one instance slot holds: one, the guest's linear memory.
+    pub const MAX_MEMORIES: usize = 1;
 }

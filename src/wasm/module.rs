@@ -35,7 +35,24 @@ pub fn check_shape(wasm: &[u8], shape: &ModuleShape) -> Result<(), ApiError> {
                     return Err(ApiError::FunctionTooLarge { bytes, limit: shape.max_function_body_bytes });
                 }
             }
-            // The instance pool holds no larger table: past the limit, loading the module fails.
+            // The instance pool holds no more and no larger tables or memories: past either,
+            // loading the module fails.
+            Payload::TableSection(tables) if tables.count() as usize > ModuleShape::MAX_TABLES => {
+                return Err(ApiError::TooManyTables { count: tables.count() as usize, limit: ModuleShape::MAX_TABLES });
+            }
+            Payload::MemorySection(memories) if memories.count() as usize > ModuleShape::MAX_MEMORIES => {
+                let count = memories.count() as usize;
+                return Err(ApiError::TooManyMemories { count, limit: ModuleShape::MAX_MEMORIES });
+            }
+            Payload::MemorySection(memories) => {
+                for memory in memories {
+                    let memory = memory.map_err(invalid)?;
+                    let bytes = memory.initial.saturating_mul(1 << memory.page_size_log2.unwrap_or(16));
+                    if bytes > u64::from(shape.max_memory_limit_mb) * 1024 * 1024 {
+                        return Err(ApiError::MemoryTooLarge { bytes, limit_mb: shape.max_memory_limit_mb });
+                    }
+                }
+            }
             Payload::TableSection(tables) => {
                 for table in tables {
                     let elements = table.map_err(invalid)?.ty.initial;
