@@ -176,9 +176,9 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_DEFAULT_MEMORY_LIMIT_MB", default_value_t = 64)]
     pub default_memory_limit_mb: u32,
 
-    /// Largest `memory_limit_mb` a function may ask for; also the size of each pooled memory slot.
-    /// It bounds how long one bulk-memory instruction (which nothing can interrupt) holds a shard:
-    /// about 0.6 ms per MiB of fresh memory (perf/HOSTILE.md).
+    /// Largest `memory_limit_mb` a function may ask for (its GC heap's too); also the size of each
+    /// pooled memory slot. It bounds how long the longest instruction no deadline interrupts, a GC
+    /// array's allocation, holds a shard: about 0.6 ms per MiB (perf/HOSTILE.md).
     #[arg(long, env = "TENSOR_WASM_MAX_MEMORY_LIMIT_MB", default_value_t = 64)]
     pub max_memory_limit_mb: u32,
 

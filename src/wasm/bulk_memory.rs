@@ -1,11 +1,11 @@
 //! Bulk-memory instructions that a deadline can stop.
 //!
-//! wasmtime checks the epoch (our deadlines and guest slices) at function entries and loop
-//! headers, and runs `memory.fill`, `memory.copy` and `memory.init` each as one libcall that
-//! nothing interrupts: one `memory.fill` over 1 GiB of fresh memory held its shard 0.59 s,
-//! whatever the invocation's deadline (perf/HOSTILE.md, "The longest single instruction"). Rust
-//! and C compilers emit these instructions for every `memcpy` and `memset` of a size they do not
-//! know, so no guest can be asked to avoid them.
+//! wasmtime checks the epoch (our deadlines and guest slices) at function entries, loop headers
+//! and before each bulk operation, but runs `memory.fill`, `memory.copy` and `memory.init` each as
+//! one libcall that nothing interrupts: one `memory.fill` over 1 GiB of fresh memory held its shard
+//! 0.59 s, whatever the invocation's deadline (perf/HOSTILE.md, "The longest single instruction").
+//! Rust and C compilers emit these instructions for every `memcpy` and `memset` of a size they do
+//! not know, so no guest can be asked to avoid them.
 //!
 //! So before a module is compiled, each of them on memory 0 becomes a call of a function appended
 //! to the module, which does the same work in chunks of [`CHUNK_BYTES`] inside a loop: an epoch
@@ -20,9 +20,11 @@
 //!   as it was, behind one comparison and a call.
 //!
 //! Function indices of the module's own functions do not change (the helpers come after them),
-//! and a module without these instructions is compiled as it came. Only memory 0 exists here
-//! (the pool allows one memory per module) and memory64 is off, so every helper works on i32
-//! addresses.
+//! custom sections are copied as they are, and a module without these instructions is compiled
+//! as it came. Only memory 0 exists here (the pool allows one memory per module); its addresses
+//! are i32 or, for a 64-bit memory, i64. A `memory.init` from a segment of at most `CHUNK_BYTES`
+//! copies no more than a chunk and keeps its instruction: helpers are at most one per 64 KiB of
+//! data, so a module of many small segments cannot buy itself thousands of functions to compile.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -60,6 +62,64 @@ pub fn make_interruptible(wasm: &[u8]) -> Result<Cow<'_, [u8]>, String> {
     Ok(Cow::Owned(module.finish()))
 }
 
+/// An operand's type: i32, or i64 for a 64-bit memory's addresses and lengths.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Width {
+    W32,
+    W64,
+}
+
+impl Width {
+    fn val(self) -> ValType {
+        match self {
+            Width::W32 => ValType::I32,
+            Width::W64 => ValType::I64,
+        }
+    }
+
+    fn constant(self, value: u32) -> Instruction<'static> {
+        match self {
+            Width::W32 => Instruction::I32Const(value as i32),
+            Width::W64 => Instruction::I64Const(i64::from(value)),
+        }
+    }
+
+    fn add(self) -> Instruction<'static> {
+        match self {
+            Width::W32 => Instruction::I32Add,
+            Width::W64 => Instruction::I64Add,
+        }
+    }
+
+    fn sub(self) -> Instruction<'static> {
+        match self {
+            Width::W32 => Instruction::I32Sub,
+            Width::W64 => Instruction::I64Sub,
+        }
+    }
+
+    fn gt_u(self) -> Instruction<'static> {
+        match self {
+            Width::W32 => Instruction::I32GtU,
+            Width::W64 => Instruction::I64GtU,
+        }
+    }
+
+    fn le_u(self) -> Instruction<'static> {
+        match self {
+            Width::W32 => Instruction::I32LeU,
+            Width::W64 => Instruction::I64LeU,
+        }
+    }
+
+    /// Brings the value on the stack to i64, unsigned.
+    fn widen(self, f: &mut Function) {
+        if self == Width::W32 {
+            f.instruction(&Instruction::I64ExtendI32U);
+        }
+    }
+}
+
 /// What the rewrite needs to know before it writes anything.
 #[derive(Default)]
 struct Plan {
@@ -69,11 +129,14 @@ struct Plan {
     types: u32,
     /// log2 of memory 0's page size.
     page_bits: u32,
+    /// Memory 0 is 64-bit.
+    memory64: bool,
+    memories: u32,
     /// Each data segment's length, by index: `memory.init` checks its source range against it.
     data_lengths: Vec<u32>,
     fill: bool,
     copy: bool,
-    /// The data segments that `memory.init` reads, each of which gets a helper of its own.
+    /// The segments longer than a chunk that `memory.init` reads, each of which gets a helper.
     inits: Vec<u32>,
 }
 
@@ -124,21 +187,31 @@ impl Plan {
                 _ => {}
             }
         }
-        plan.inits = inits.into_iter().collect();
+        // The data section comes after the code: only now are the segments' lengths known.
+        let long = |index: &u32| plan.data_lengths.get(*index as usize).is_some_and(|&len| len > CHUNK_BYTES);
+        plan.inits = inits.into_iter().filter(long).collect();
         Ok(plan)
     }
 
-    /// Notes memory 0's page size; later memories are refused by the pool.
+    /// Notes memory 0's address type and page size; later memories are refused by the pool.
     fn memory(&mut self, memory: wasmparser::MemoryType) {
-        if let Some(bits) = memory.page_size_log2 {
-            self.page_bits = bits;
+        if self.memories == 0 {
+            self.page_bits = memory.page_size_log2.unwrap_or(16);
+            self.memory64 = memory.memory64;
         }
-        // memory64 is off in the engine (`engine::base_config`), so the validator refused it.
-        debug_assert!(!memory.memory64, "the validator lets no 64-bit memory through");
+        self.memories += 1;
     }
 
     fn needs_helpers(&self) -> bool {
         self.fill || self.copy || !self.inits.is_empty()
+    }
+
+    fn address(&self) -> Width {
+        if self.memory64 {
+            Width::W64
+        } else {
+            Width::W32
+        }
     }
 }
 
@@ -150,9 +223,23 @@ enum Helper {
     Init { data_index: u32, data_length: u32 },
 }
 
+impl Helper {
+    /// The widths of the instruction's operands `(d, x, n)`, which are the helper's parameters.
+    fn operands(self, address: Width) -> [Width; 3] {
+        match self {
+            Helper::Fill => [address, Width::W32, address],
+            Helper::Copy => [address; 3],
+            // A segment's offsets and lengths are i32 whatever the memory.
+            Helper::Init { .. } => [address, Width::W32, Width::W32],
+        }
+    }
+}
+
 struct Rewriter {
     plan: Plan,
     helpers: Vec<Helper>,
+    /// The helpers' signatures, appended after the module's own types in this order.
+    signatures: Vec<[Width; 3]>,
     /// Function index of each helper, where the rewrite calls it.
     fill: Option<u32>,
     copy: Option<u32>,
@@ -169,9 +256,15 @@ impl Rewriter {
             helpers.push(Helper::Copy);
         }
         for &data_index in &plan.inits {
-            // An index past the data section fails validation, which ran before.
-            let data_length = plan.data_lengths.get(data_index as usize).copied().unwrap_or(0);
+            let data_length = plan.data_lengths[data_index as usize];
             helpers.push(Helper::Init { data_index, data_length });
+        }
+        let mut signatures = Vec::new();
+        for helper in &helpers {
+            let operands = helper.operands(plan.address());
+            if !signatures.contains(&operands) {
+                signatures.push(operands);
+            }
         }
         let first = plan.imported_functions + plan.defined_functions;
         let (mut fill, mut copy, mut init) = (None, None, BTreeMap::new());
@@ -185,23 +278,22 @@ impl Rewriter {
                 }
             }
         }
-        Rewriter { plan, helpers, fill, copy, init }
+        Rewriter { plan, helpers, signatures, fill, copy, init }
     }
 
-    /// The type every helper has: `(i32 destination, i32 value or source, i32 length) -> ()`,
-    /// the operands of the instruction it stands for. Appended after the module's own types.
-    fn helper_type(&self) -> u32 {
-        self.plan.types
+    /// The type index of `helper`'s signature.
+    fn helper_type(&self, helper: Helper) -> u32 {
+        let operands = helper.operands(self.plan.address());
+        let k = self.signatures.iter().position(|s| *s == operands).expect("every helper's signature is listed");
+        self.plan.types + k as u32
     }
 
     fn body(&self, helper: Helper) -> Function {
-        let page_bits = self.plan.page_bits;
+        let memory = MemoryShape { page_bits: self.plan.page_bits, address: self.plan.address() };
         match helper {
-            Helper::Fill => chunked(Instruction::MemoryFill(0), Ranges::Fill, page_bits),
-            Helper::Copy => chunked(Instruction::MemoryCopy { src_mem: 0, dst_mem: 0 }, Ranges::Copy, page_bits),
-            Helper::Init { data_index, data_length } => {
-                chunked(Instruction::MemoryInit { mem: 0, data_index }, Ranges::Init { data_length }, page_bits)
-            }
+            Helper::Fill => chunked(Instruction::MemoryFill(0), helper, memory),
+            Helper::Copy => chunked(Instruction::MemoryCopy { src_mem: 0, dst_mem: 0 }, helper, memory),
+            Helper::Init { data_index, .. } => chunked(Instruction::MemoryInit { mem: 0, data_index }, helper, memory),
         }
     }
 }
@@ -222,13 +314,26 @@ impl Reencode for Rewriter {
         }
     }
 
+    /// As it came: wasm-encoder would parse a `name` section strictly, where wasmtime only warns
+    /// about a malformed one, and no index a custom section names has moved.
+    fn parse_custom_section(
+        &mut self,
+        module: &mut wasm_encoder::Module,
+        section: wasmparser::CustomSectionReader<'_>,
+    ) -> Result<(), reencode::Error> {
+        module.section(&reencode::utils::custom_section(self, section));
+        Ok(())
+    }
+
     fn parse_type_section(
         &mut self,
         types: &mut TypeSection,
         section: wasmparser::TypeSectionReader<'_>,
     ) -> Result<(), reencode::Error> {
         reencode::utils::parse_type_section(self, types, section)?;
-        types.ty().function([ValType::I32; 3], std::iter::empty::<ValType>());
+        for signature in &self.signatures {
+            types.ty().function(signature.map(Width::val), std::iter::empty::<ValType>());
+        }
         Ok(())
     }
 
@@ -238,8 +343,8 @@ impl Reencode for Rewriter {
         section: wasmparser::FunctionSectionReader<'_>,
     ) -> Result<(), reencode::Error> {
         reencode::utils::parse_function_section(self, functions, section)?;
-        for _ in &self.helpers {
-            functions.function(self.helper_type());
+        for &helper in &self.helpers {
+            functions.function(self.helper_type(helper));
         }
         Ok(())
     }
@@ -257,43 +362,47 @@ impl Reencode for Rewriter {
     }
 }
 
-/// Which ranges an instruction touches, given its operands `(d, x, n)`.
+/// Memory 0 as the helpers see it.
 #[derive(Clone, Copy)]
-enum Ranges {
-    /// `[d, d + n)` in memory.
-    Fill,
-    /// `[d, d + n)` and `[x, x + n)` in memory.
-    Copy,
-    /// `[d, d + n)` in memory and `[x, x + n)` in a segment of `data_length` bytes.
-    Init { data_length: u32 },
+struct MemoryShape {
+    page_bits: u32,
+    address: Width,
 }
 
+/// The helper's parameters, the instruction's operands, and one local of its own.
 const DEST: u32 = 0;
 const SECOND: u32 = 1;
 const LEN: u32 = 2;
+/// Memory 0's size in bytes, as i64, read once at the call.
+const MEMORY_BYTES: u32 = 3;
 
 /// A helper that runs `op` over `(d, x, n)` in chunks of at most [`CHUNK_BYTES`]: `op` itself
 /// when `n` fits in one chunk or a range is out of bounds (so it traps before writing, as it
 /// would have), else a loop, backwards for a copy whose destination is above its source.
-fn chunked(op: Instruction<'static>, ranges: Ranges, page_bits: u32) -> Function {
+fn chunked(op: Instruction<'static>, helper: Helper, memory: MemoryShape) -> Function {
     use Instruction as I;
-    let mut f = Function::new(std::iter::empty::<(u32, ValType)>());
+    let [dw, xw, nw] = helper.operands(memory.address);
+    let mut f = Function::new([(1, ValType::I64)]);
     let whole = |f: &mut Function| {
         f.instruction(&I::LocalGet(DEST)).instruction(&I::LocalGet(SECOND)).instruction(&I::LocalGet(LEN));
         f.instruction(&op).instruction(&I::Return);
     };
+    f.instruction(&I::MemorySize(0));
+    memory.address.widen(&mut f);
+    f.instruction(&I::I64Const(i64::from(memory.page_bits))).instruction(&I::I64Shl);
+    f.instruction(&I::LocalSet(MEMORY_BYTES));
     // One chunk or less, or out of bounds: the instruction as it was.
-    f.instruction(&I::LocalGet(LEN)).instruction(&I::I32Const(CHUNK_BYTES as i32)).instruction(&I::I32LeU);
-    out_of_bounds(&mut f, DEST, Bound::Memory { page_bits });
+    f.instruction(&I::LocalGet(LEN)).instruction(&nw.constant(CHUNK_BYTES)).instruction(&nw.le_u());
+    out_of_bounds(&mut f, (DEST, dw), nw, Bound::Memory);
     f.instruction(&I::I32Or);
-    match ranges {
-        Ranges::Fill => {}
-        Ranges::Copy => {
-            out_of_bounds(&mut f, SECOND, Bound::Memory { page_bits });
+    match helper {
+        Helper::Fill => {}
+        Helper::Copy => {
+            out_of_bounds(&mut f, (SECOND, xw), nw, Bound::Memory);
             f.instruction(&I::I32Or);
         }
-        Ranges::Init { data_length } => {
-            out_of_bounds(&mut f, SECOND, Bound::Segment { length: data_length });
+        Helper::Init { data_length, .. } => {
+            out_of_bounds(&mut f, (SECOND, xw), nw, Bound::Segment { length: data_length });
             f.instruction(&I::I32Or);
         }
     }
@@ -304,97 +413,97 @@ fn chunked(op: Instruction<'static>, ranges: Ranges, page_bits: u32) -> Function
         // n > CHUNK here. Each turn does one chunk and moves both addresses on; the rest, at most
         // one chunk and never empty, goes after the loop.
         f.instruction(&I::Loop(wasm_encoder::BlockType::Empty));
-        step_op(f, &op, None);
-        advance(f, DEST);
-        if !matches!(ranges, Ranges::Fill) {
-            advance(f, SECOND);
+        step_op(f, &op, [dw, xw, nw], None);
+        advance(f, DEST, dw);
+        if !matches!(helper, Helper::Fill) {
+            advance(f, SECOND, xw);
         }
-        shrink_and_loop(f);
+        shrink_and_loop(f, nw);
         f.instruction(&I::End);
         whole(f);
     };
-    match ranges {
-        Ranges::Copy => {
-            // Destination above the source: the highest chunk first, so that no chunk's source
-            // was already overwritten by an earlier one.
-            f.instruction(&I::LocalGet(DEST)).instruction(&I::LocalGet(SECOND)).instruction(&I::I32GtU);
-            f.instruction(&I::If(wasm_encoder::BlockType::Empty));
-            f.instruction(&I::Loop(wasm_encoder::BlockType::Empty));
-            f.instruction(&I::LocalGet(LEN)).instruction(&I::I32Const(CHUNK_BYTES as i32)).instruction(&I::I32Sub);
-            f.instruction(&I::LocalSet(LEN));
-            step_op(&mut f, &op, Some(LEN));
-            f.instruction(&I::LocalGet(LEN)).instruction(&I::I32Const(CHUNK_BYTES as i32)).instruction(&I::I32GtU);
-            f.instruction(&I::BrIf(0));
-            f.instruction(&I::End);
-            whole(&mut f);
-            f.instruction(&I::End);
-            forwards(&mut f);
-        }
-        Ranges::Fill | Ranges::Init { .. } => forwards(&mut f),
+    if matches!(helper, Helper::Copy) {
+        // Destination above the source: the highest chunk first, so that no chunk's source was
+        // already overwritten by an earlier one.
+        f.instruction(&I::LocalGet(DEST)).instruction(&I::LocalGet(SECOND)).instruction(&dw.gt_u());
+        f.instruction(&I::If(wasm_encoder::BlockType::Empty));
+        f.instruction(&I::Loop(wasm_encoder::BlockType::Empty));
+        f.instruction(&I::LocalGet(LEN)).instruction(&nw.constant(CHUNK_BYTES)).instruction(&nw.sub());
+        f.instruction(&I::LocalSet(LEN));
+        step_op(&mut f, &op, [dw, xw, nw], Some(LEN));
+        f.instruction(&I::LocalGet(LEN)).instruction(&nw.constant(CHUNK_BYTES)).instruction(&nw.gt_u());
+        f.instruction(&I::BrIf(0));
+        f.instruction(&I::End);
+        whole(&mut f);
+        f.instruction(&I::End);
     }
+    forwards(&mut f);
     f.instruction(&I::End);
     f
 }
 
 /// Where an operand's range must end.
 enum Bound {
-    /// Within memory 0, whose size is read at the call (it may have grown).
-    Memory { page_bits: u32 },
+    /// Within memory 0, whose size the helper read at the call.
+    Memory,
     /// Within a data segment of `length` bytes (a dropped one is shorter; then the first chunk
     /// traps before it writes, as the whole instruction would have).
     Segment { length: u32 },
 }
 
-/// Pushes whether `[local, local + n)` ends past `bound`, computed in 64 bits so that nothing
-/// wraps.
-fn out_of_bounds(f: &mut Function, local: u32, bound: Bound) {
+/// Pushes whether `[start, start + n)` ends past `bound`: `start > end || n > end - start`, in
+/// 64 bits, so that nothing wraps (a 64-bit memory's addresses included).
+fn out_of_bounds(f: &mut Function, (start, width): (u32, Width), nw: Width, bound: Bound) {
     use Instruction as I;
-    f.instruction(&I::LocalGet(local)).instruction(&I::I64ExtendI32U);
-    f.instruction(&I::LocalGet(LEN)).instruction(&I::I64ExtendI32U).instruction(&I::I64Add);
-    match bound {
-        Bound::Memory { page_bits } => {
-            f.instruction(&I::MemorySize(0)).instruction(&I::I64ExtendI32U);
-            f.instruction(&I::I64Const(i64::from(page_bits))).instruction(&I::I64Shl);
-        }
-        Bound::Segment { length } => {
-            f.instruction(&I::I64Const(i64::from(length)));
-        }
-    }
-    f.instruction(&I::I64GtU);
+    let end = match bound {
+        Bound::Memory => I::LocalGet(MEMORY_BYTES),
+        Bound::Segment { length } => I::I64Const(i64::from(length)),
+    };
+    f.instruction(&I::LocalGet(start));
+    width.widen(f);
+    f.instruction(&end).instruction(&I::I64GtU);
+    f.instruction(&I::LocalGet(LEN));
+    nw.widen(f);
+    f.instruction(&end);
+    f.instruction(&I::LocalGet(start));
+    width.widen(f);
+    f.instruction(&I::I64Sub).instruction(&I::I64GtU).instruction(&I::I32Or);
 }
 
 /// `op` over one chunk at `(d + offset, x + offset)`, where `offset` is the local `at` or zero.
-fn step_op(f: &mut Function, op: &Instruction<'static>, at: Option<u32>) {
+fn step_op(f: &mut Function, op: &Instruction<'static>, [dw, xw, nw]: [Width; 3], at: Option<u32>) {
     use Instruction as I;
-    for local in [DEST, SECOND] {
-        f.instruction(&I::LocalGet(local));
-        // A fill's value is not an address.
-        if let (Some(at), true) = (at, local == DEST || !matches!(op, I::MemoryFill(_))) {
-            f.instruction(&I::LocalGet(at)).instruction(&I::I32Add);
-        }
+    f.instruction(&I::LocalGet(DEST));
+    if let Some(at) = at {
+        f.instruction(&I::LocalGet(at)).instruction(&dw.add());
     }
-    f.instruction(&I::I32Const(CHUNK_BYTES as i32)).instruction(op);
+    f.instruction(&I::LocalGet(SECOND));
+    // A fill's value is not an address; only a copy goes backwards, and its operands share a width.
+    if let (Some(at), false) = (at, matches!(op, I::MemoryFill(_))) {
+        f.instruction(&I::LocalGet(at)).instruction(&xw.add());
+    }
+    f.instruction(&nw.constant(CHUNK_BYTES)).instruction(op);
 }
 
 /// `local += CHUNK_BYTES`.
-fn advance(f: &mut Function, local: u32) {
+fn advance(f: &mut Function, local: u32, width: Width) {
     use Instruction as I;
-    f.instruction(&I::LocalGet(local)).instruction(&I::I32Const(CHUNK_BYTES as i32)).instruction(&I::I32Add);
+    f.instruction(&I::LocalGet(local)).instruction(&width.constant(CHUNK_BYTES)).instruction(&width.add());
     f.instruction(&I::LocalSet(local));
 }
 
 /// `n -= CHUNK_BYTES`, and round again while more than a chunk is left.
-fn shrink_and_loop(f: &mut Function) {
+fn shrink_and_loop(f: &mut Function, nw: Width) {
     use Instruction as I;
-    f.instruction(&I::LocalGet(LEN)).instruction(&I::I32Const(CHUNK_BYTES as i32)).instruction(&I::I32Sub);
-    f.instruction(&I::LocalTee(LEN)).instruction(&I::I32Const(CHUNK_BYTES as i32)).instruction(&I::I32GtU);
+    f.instruction(&I::LocalGet(LEN)).instruction(&nw.constant(CHUNK_BYTES)).instruction(&nw.sub());
+    f.instruction(&I::LocalTee(LEN)).instruction(&nw.constant(CHUNK_BYTES)).instruction(&nw.gt_u());
     f.instruction(&I::BrIf(0));
 }
 
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
-    use wasmtime::{Engine, Instance, Module, Store, UpdateDeadline};
+    use wasmtime::{Engine, Instance, Module, Store, UpdateDeadline, Val};
 
     use super::*;
 
@@ -402,24 +511,48 @@ mod tests {
     const SEGMENT_BYTES: usize = 3 * CHUNK_BYTES as usize + 123;
 
     /// Exports each instruction over caller-chosen operands, a passive segment for `memory.init`,
-    /// and `drop` for that segment.
-    fn guest() -> Vec<u8> {
+    /// and `drop` for that segment; with a 64-bit memory when `wide`.
+    fn guest_of(wide: bool) -> Vec<u8> {
         let segment: String = (0..SEGMENT_BYTES).map(|i| format!("\\{:02x}", (i * 7 + 3) as u8)).collect();
+        let (memory, a) = if wide { ("i64", "i64") } else { ("", "i32") };
         wat::parse_str(format!(
             r#"(module
-  (memory (export "memory") {PAGES})
+  (memory (export "memory") {memory} {PAGES})
   (data $seg "{segment}")
-  (func (export "fill") (param i32 i32 i32) (memory.fill (local.get 0) (local.get 1) (local.get 2)))
-  (func (export "copy") (param i32 i32 i32) (memory.copy (local.get 0) (local.get 1) (local.get 2)))
-  (func (export "init") (param i32 i32 i32) (memory.init $seg (local.get 0) (local.get 1) (local.get 2)))
+  (func (export "fill") (param {a} i32 {a}) (memory.fill (local.get 0) (local.get 1) (local.get 2)))
+  (func (export "copy") (param {a} {a} {a}) (memory.copy (local.get 0) (local.get 1) (local.get 2)))
+  (func (export "init") (param {a} i32 i32) (memory.init $seg (local.get 0) (local.get 1) (local.get 2)))
   (func (export "drop") (data.drop $seg)))"#
         ))
         .unwrap()
     }
 
+    fn guest() -> Vec<u8> {
+        guest_of(false)
+    }
+
+    /// The operands as the function of `op` takes them: addresses and lengths in the memory's
+    /// width, a segment's offset and length and a fill's value in 32 bits.
+    fn args(op: &str, wide: bool, (d, x, n): (u64, u64, u64)) -> Vec<Val> {
+        let address = |v: u64| if wide { Val::I64(v as i64) } else { Val::I32(v as u32 as i32) };
+        let narrow = |v: u64| Val::I32(v as u32 as i32);
+        match op {
+            "fill" => vec![address(d), narrow(x), address(n)],
+            "copy" => vec![address(d), address(x), address(n)],
+            _ => vec![address(d), narrow(x), narrow(n)],
+        }
+    }
+
     /// Runs `op(d, x, n)` (after `drop` when `dropped`) on a fresh instance of `wasm` whose memory
     /// holds a pattern: whether it trapped, and the memory afterwards.
-    fn run(engine: &Engine, wasm: &[u8], op: &str, (d, x, n): (u32, u32, u32), dropped: bool) -> (bool, Vec<u8>) {
+    fn run(
+        engine: &Engine,
+        wasm: &[u8],
+        op: &str,
+        operands: (u64, u64, u64),
+        dropped: bool,
+        wide: bool,
+    ) -> (bool, Vec<u8>) {
         let module = Module::new(engine, wasm).unwrap();
         let mut store = Store::new(engine, ());
         let instance = Instance::new(&mut store, &module, &[]).unwrap();
@@ -430,27 +563,32 @@ mod tests {
         if dropped {
             instance.get_typed_func::<(), ()>(&mut store, "drop").unwrap().call(&mut store, ()).unwrap();
         }
-        let f = instance.get_typed_func::<(u32, u32, u32), ()>(&mut store, op).unwrap();
-        let trapped = f.call(&mut store, (d, x, n)).is_err();
+        let f = instance.get_func(&mut store, op).unwrap();
+        let trapped = f.call(&mut store, &args(op, wide, operands), &mut []).is_err();
         (trapped, memory.data(&store).to_vec())
     }
 
-    fn operand() -> impl Strategy<Value = u32> {
-        let memory = PAGES * 65536;
+    fn operand() -> impl Strategy<Value = u64> {
+        let memory = u64::from(PAGES) * 65536;
+        let chunk = u64::from(CHUNK_BYTES);
         prop_oneof![
-            0..memory + 2 * CHUNK_BYTES,
+            0..memory + 2 * chunk,
             Just(0),
-            (0..3u32).prop_map(move |k| memory - k),
-            (0..4u32).prop_map(|k| k * CHUNK_BYTES),
-            any::<u32>(),
+            (0..3u64).prop_map(move |k| memory - k),
+            (0..4u64).prop_map(move |k| k * chunk),
+            any::<u32>().prop_map(u64::from),
+            (0..3u64).prop_map(|k| u64::MAX - k),
+            any::<u64>(),
         ]
     }
 
-    fn length() -> impl Strategy<Value = u32> {
+    fn length() -> impl Strategy<Value = u64> {
+        let chunk = i64::from(CHUNK_BYTES);
         prop_oneof![
-            0..PAGES * 65536 + 1,
-            (0..5u32, -1i64..=1).prop_map(|(k, e)| (i64::from(k * CHUNK_BYTES) + e).max(0) as u32),
-            any::<u32>(),
+            0..u64::from(PAGES) * 65536 + 1,
+            (0..5i64, -1i64..=1).prop_map(move |(k, e)| (k * chunk + e).max(0) as u64),
+            any::<u32>().prop_map(u64::from),
+            any::<u64>(),
         ]
     }
 
@@ -460,19 +598,19 @@ mod tests {
         /// The rewritten module does what the original does, byte for byte, and traps where it
         /// traps without writing anything first: overlapping copies both ways, ranges that end
         /// exactly at the memory's or the segment's end or one past it, lengths around chunk
-        /// boundaries, and addresses that would wrap in 32 bits.
+        /// boundaries, and addresses that would wrap, in 32-bit and 64-bit memories.
         #[test]
         fn the_rewrite_changes_nothing_but_where_a_deadline_can_stop(
             op in prop_oneof![Just("fill"), Just("copy"), Just("init")],
-            d in operand(), x in operand(), n in length(), dropped in any::<bool>(),
+            d in operand(), x in operand(), n in length(), dropped in any::<bool>(), wide in any::<bool>(),
         ) {
             let engine = Engine::default();
-            let original = guest();
+            let original = guest_of(wide);
             let rewritten = make_interruptible(&original).unwrap();
             prop_assert!(matches!(rewritten, Cow::Owned(_)));
             let x = if op == "fill" { x & 0xff } else { x };
-            let before = run(&engine, &original, op, (d, x, n), dropped);
-            let after = run(&engine, &rewritten, op, (d, x, n), dropped);
+            let before = run(&engine, &original, op, (d, x, n), dropped, wide);
+            let after = run(&engine, &rewritten, op, (d, x, n), dropped, wide);
             prop_assert_eq!(before.0, after.0, "trapped");
             prop_assert!(before.1 == after.1, "the memories differ after {}({}, {}, {})", op, d, x, n);
         }
@@ -559,5 +697,46 @@ mod tests {
         let memory = instance.get_memory(&mut store, "memory").unwrap();
         let data = memory.data(&store);
         assert!(data[..200_000].iter().all(|&b| b == 9) && data[200_000] == 0, "the fill covered its range");
+    }
+
+    /// A `name` section wasm-encoder would not parse still compiles, as wasmtime takes it: custom
+    /// sections are copied as they came.
+    #[test]
+    fn custom_sections_are_copied_as_they_came() {
+        let wasm = wat::parse_str(
+            r#"(module (memory 1)
+  (func (export "f") (memory.fill (i32.const 0) (i32.const 0) (i32.const 100)))
+  (@custom "name" "\01\03\05\00\01"))"#,
+        )
+        .unwrap();
+        let rewritten = make_interruptible(&wasm).unwrap();
+        assert!(matches!(rewritten, Cow::Owned(_)));
+        Module::new(&Engine::default(), &rewritten).unwrap();
+    }
+
+    /// Only a segment longer than a chunk gets a helper: many small ones cost nothing to compile.
+    #[test]
+    fn memory_init_from_a_short_segment_keeps_its_instruction() {
+        let inits: String =
+            (0..50).map(|k| format!("(memory.init $s{k} (i32.const 0) (i32.const 0) (i32.const 1))")).collect();
+        let segments: String = (0..50).map(|k| format!("(data $s{k} \"x\")")).collect();
+        let long = "y".repeat(CHUNK_BYTES as usize + 1);
+        let wasm = wat::parse_str(format!(
+            r#"(module (memory 4) {segments} (data $long "{long}")
+  (func (export "f") {inits} (memory.init $long (i32.const 0) (i32.const 0) (i32.const 1))))"#
+        ))
+        .unwrap();
+        let functions = |wasm: &[u8]| {
+            wasmparser::Parser::new(0)
+                .parse_all(wasm)
+                .find_map(|p| match p.unwrap() {
+                    Payload::FunctionSection(s) => Some(s.count()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        let rewritten = make_interruptible(&wasm).unwrap();
+        assert_eq!(functions(&rewritten), functions(&wasm) + 1, "one helper, for the long segment");
+        Module::new(&Engine::default(), &rewritten).unwrap();
     }
 }
