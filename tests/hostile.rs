@@ -417,12 +417,15 @@ fn guest_stderr_cannot_forge_log_lines() {
 
 /// A module of `functions` functions, each with a body of about `body_bytes` bytes.
 /// The nice value of every thread of the server's child processes (its compiles), from /proc.
-fn compile_threads_nice(server: &Server) -> Vec<i64> {
-    // The fields after `(comm)`: state, ppid, …; nice is the 19th field of the line, the 17th here.
+/// The scheduling policy of every thread of the server's children (the compile children): 0 is
+/// SCHED_OTHER, 5 SCHED_IDLE.
+fn compile_threads_policy(server: &Server) -> Vec<i64> {
+    // The fields after `(comm)`: state, ppid, …; the policy is the 41st field of the line, the 39th
+    // here.
     let fields = |stat: &str| -> Vec<String> {
         stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().map(String::from).collect()).unwrap_or_default()
     };
-    let mut nice = Vec::new();
+    let mut policy = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
         if fields(&stat).get(1).map(String::as_str) != Some(server.pid().to_string().as_str()) {
@@ -430,13 +433,13 @@ fn compile_threads_nice(server: &Server) -> Vec<i64> {
         }
         for task in std::fs::read_dir(entry.path().join("task")).into_iter().flatten().flatten() {
             if let Some(n) =
-                std::fs::read_to_string(task.path().join("stat")).ok().and_then(|s| fields(&s).get(16)?.parse().ok())
+                std::fs::read_to_string(task.path().join("stat")).ok().and_then(|s| fields(&s).get(38)?.parse().ok())
             {
-                nice.push(n);
+                policy.push(n);
             }
         }
     }
-    nice
+    policy
 }
 
 fn module_of(functions: usize, body_bytes: usize) -> Vec<u8> {
@@ -574,16 +577,21 @@ fn one_tenants_compiles_delay_neither_anothers_deletes_nor_its_deploys() {
         server.metric("tensor_wasm_http_requests_total", &[("route", "/functions"), ("method", "POST")]) >= 1.0
             || big.iter().any(|t| t.is_finished())
     });
-    // The compile runs in a child at nice 10 (`--compile-nice`), every thread of it: the shards
-    // get the CPU back whenever they have requests.
-    // A child is at nice 0 for the moment between its spawn and the server's setpriority, before
-    // it has read its module: wait for one seen after that, or for the deploys to end.
-    let mut nice = Vec::new();
-    within(Duration::from_secs(30), "a compile child seen at its nice value", || {
-        nice = compile_threads_nice(&server);
-        (!nice.is_empty() && nice.iter().all(|&n| n == 10)) || big.iter().all(|t| t.is_finished())
+    // The compile runs in a child under SCHED_IDLE (`--compile-priority idle`), every thread of
+    // it: it gets only the CPU the shards leave.
+    // A child is under SCHED_OTHER for the moment between its spawn and the server's
+    // sched_setscheduler, before it has read its module: wait for one seen after that, or for the
+    // deploys to end.
+    const SCHED_IDLE: i64 = 5;
+    let mut policy = Vec::new();
+    within(Duration::from_secs(30), "a compile child seen under SCHED_IDLE", || {
+        policy = compile_threads_policy(&server);
+        (!policy.is_empty() && policy.iter().all(|&p| p == SCHED_IDLE)) || big.iter().all(|t| t.is_finished())
     });
-    assert!(!nice.is_empty() && nice.iter().all(|&n| n == 10), "compile threads' nice values: {nice:?}");
+    assert!(
+        !policy.is_empty() && policy.iter().all(|&p| p == SCHED_IDLE),
+        "compile threads' scheduling policies: {policy:?}"
+    );
     // Another tenant's delete and deploy are served while the attacker's modules compile.
     let r = server.client().request("DELETE", &format!("/functions/{doomed}"), &headers(&other), b"");
     assert_eq!(r.status, 204, "{}", r.text());

@@ -1,11 +1,12 @@
-//! Limits that were constants outside `config` and are now flags, and the guest slice: each
-//! reaches the configuration, refuses a value it cannot honour, and where a guest can reach it,
-//! holds.
+//! Limits that were constants outside `config` and are now flags, the guest slice and the
+//! compile's priority: each reaches the configuration, refuses a value it cannot honour, and
+//! where a guest can reach it, holds.
 
 mod common;
 
 use common::{guests, Server};
 use tensor_wasm::cli::serve_config;
+use tensor_wasm::config::CompilePriority;
 
 #[test]
 fn the_flags_reach_the_configuration() {
@@ -20,6 +21,8 @@ fn the_flags_reach_the_configuration() {
         "64",
         "--guest-slice-us",
         "250",
+        "--compile-priority",
+        "19",
     ])
     .unwrap();
     assert_eq!(config.dispatch.max_tensor_elements, 1000);
@@ -27,6 +30,8 @@ fn the_flags_reach_the_configuration() {
     assert!(config.dispatch.worker_spin.is_zero());
     assert_eq!(config.limits.max_table_elements, 64);
     assert_eq!(config.limits.guest_slice(), std::time::Duration::from_micros(250));
+    let budget = config.limits.compile_budget.unwrap();
+    assert_eq!(budget.priority, CompilePriority::Nice(19));
 
     let defaults = serve_config(Vec::<String>::new()).unwrap();
     assert_eq!(defaults.dispatch.max_tensor_elements, 64 << 20);
@@ -34,6 +39,12 @@ fn the_flags_reach_the_configuration() {
     assert_eq!(defaults.dispatch.worker_spin, std::time::Duration::from_micros(50));
     assert_eq!(defaults.limits.max_table_elements, 20_000);
     assert_eq!(defaults.limits.guest_slice(), std::time::Duration::from_micros(100));
+    let budget = defaults.limits.compile_budget.unwrap();
+    assert_eq!(budget.priority, CompilePriority::Idle);
+    assert_eq!(
+        serve_config(["--compile-priority", "0"]).unwrap().limits.compile_budget.unwrap().priority,
+        CompilePriority::Nice(0)
+    );
 }
 
 #[test]
@@ -48,6 +59,10 @@ fn values_that_cannot_be_honoured_are_refused() {
         // Under ten microseconds, or longer than the (1 ms) epoch tick it shortens.
         ("--guest-slice-us", "9"),
         ("--guest-slice-us", "1001"),
+        // Neither `idle` nor a nice value a process may lower itself to.
+        ("--compile-priority", "20"),
+        ("--compile-priority", "-1"),
+        ("--compile-priority", "batch"),
     ] {
         let err = serve_config([flag, value]).err().unwrap_or_else(|| panic!("{flag} {value} was accepted"));
         assert!(err.contains(flag.trim_start_matches("--")) || err.contains(value), "{flag} {value}: {err}");

@@ -13,7 +13,7 @@ use crate::audit::{parse_destination, AuditConfig, AuditOnError, AuditSync, Chec
 use crate::auth::{AuthConfig, RateLimit, TokenSource};
 use crate::cidr::parse_cidrs;
 use crate::config::SinkNetworks;
-use crate::config::{IoDriverChoice, Limits, ServerConfig};
+use crate::config::{CompilePriority, IoDriverChoice, Limits, ServerConfig};
 use crate::runtime::cpu::PinShards;
 use crate::tls::TlsFiles;
 
@@ -146,10 +146,10 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_COMPILE_TIMEOUT_MS", default_value_t = 30_000)]
     pub compile_timeout_ms: u64,
 
-    /// The nice value (0 to 19) of the child that compiles a deployed module, so that compiles
-    /// take the CPU only when the shards leave it.
-    #[arg(long, env = "TENSOR_WASM_COMPILE_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
-    pub compile_nice: i32,
+    /// How the child that compiles a deployed module is scheduled: `idle` (SCHED_IDLE, only CPU
+    /// time nothing else wants) or a nice value from 0 to 19.
+    #[arg(long, env = "TENSOR_WASM_COMPILE_PRIORITY", default_value = "idle", value_parser = CompilePriority::parse)]
+    pub compile_priority: CompilePriority,
 
     /// Threads that load stored modules at start-up (each checks a module's digest, then loads
     /// its artifact or compiles it in a child within the compile budget), and that compile a
@@ -799,7 +799,7 @@ impl ServeArgs {
             compile_budget: Some(crate::config::CompileBudget {
                 memory_bytes: self.compile_memory_mb.saturating_mul(1024 * 1024),
                 timeout: std::time::Duration::from_millis(self.compile_timeout_ms),
-                nice: self.compile_nice,
+                priority: self.compile_priority,
             }),
             load_threads: match self.load_threads {
                 0 => std::thread::available_parallelism().map_or(1, usize::from),

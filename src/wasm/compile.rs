@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use wasmtime::{Engine, Module};
 
 use super::engine::{compiler_engine, GuestProfiler};
+use crate::config::CompilePriority;
 use crate::error::ApiError;
 
 /// The subcommand the child runs. Hidden from `--help`: it is the server's, not an operator's.
@@ -72,6 +73,24 @@ pub fn child_main(profiler: GuestProfiler) -> i32 {
     }
 }
 
+/// Puts the child's one thread below the shards, as `priority` says.
+fn lower_priority(pid: libc::pid_t, priority: CompilePriority) -> std::io::Result<()> {
+    // SAFETY: both calls only change our own child's scheduling; the parameters are plain data.
+    let rc = unsafe {
+        match priority {
+            CompilePriority::Idle => {
+                let param = libc::sched_param { sched_priority: 0 };
+                libc::sched_setscheduler(pid, libc::SCHED_IDLE, &param)
+            }
+            CompilePriority::Nice(nice) => libc::setpriority(libc::PRIO_PROCESS, pid as libc::id_t, nice),
+        }
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
 /// Compiles `wasm` in a child process within `budget`, and loads the artifact into `engine`.
 pub fn compile_in_child(
     engine: &Engine,
@@ -101,11 +120,10 @@ pub fn compile_in_child(
         let _ = child.wait();
         return Err(ApiError::Internal(format!("cannot limit the compiler's memory: {e}")));
     }
-    // Before it is sent the module, so before its compile threads exist: they inherit it (nice is
-    // per thread on Linux).
-    // SAFETY: setpriority on our own child's pid.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, child.id(), budget.nice) } != 0 {
-        tracing::warn!("cannot lower the compiler's priority: {}", std::io::Error::last_os_error());
+    // Before it is sent the module, so before its compile threads exist: they inherit it (policy
+    // and nice value are per thread on Linux).
+    if let Err(e) = lower_priority(child.id() as libc::pid_t, budget.priority) {
+        tracing::warn!("cannot lower the compiler's priority: {e}");
     }
     let started = Instant::now();
     let (mut stdin, mut stdout, mut stderr) =
