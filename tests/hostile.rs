@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::bystander::{deploy_as, deploy_request, Bystander};
+use common::starve::{last_cpu, on_cpu, CpuHog};
 use common::{guests, within, Client, Response, Server};
 use serde_json::{json, Value};
 
@@ -632,7 +633,7 @@ fn a_module_over_its_compile_budget_is_refused_and_the_server_keeps_none_of_it()
     assert!(r.text().contains("--compile-memory-mb"), "{}", r.text());
     let r = deploy_module(&time, &attacker, "heavy", &heavy);
     expect(&r, 400, "module_too_complex");
-    assert!(r.text().contains("--compile-timeout-ms"), "{}", r.text());
+    assert!(r.text().contains("--compile-timeout-ms (300 ms) of CPU time"), "{}", r.text());
     // The server compiled nothing itself: its memory did not grow by the compile's.
     let grown = rss_bytes(&memory).saturating_sub(before);
     assert!(grown < 64 * 1024 * 1024, "the server grew by {grown} bytes");
@@ -641,4 +642,44 @@ fn a_module_over_its_compile_budget_is_refused_and_the_server_keeps_none_of_it()
     let r = memory.client().request("POST", &format!("/functions/{hello}/invoke"), &headers(&attacker), b"");
     assert_eq!(r.status, 200, "{}", r.text());
     b.finish("a module over its compile budget").p99_within(BYSTANDER_P99);
+}
+
+#[test]
+fn a_compile_is_held_to_its_cpu_time_and_one_starved_of_cpu_is_answered_overloaded() {
+    let _serial = serial();
+    // The server on one CPU, and beside it a thread that keeps that CPU busy: the compile child,
+    // under SCHED_IDLE, gets a fraction of a percent of it.
+    let cpu = last_cpu();
+    let args = ["--shards", "1", "--compile-timeout-ms", "1000", "--compile-wall-timeout-ms", "3000"];
+    let server = Server::start_fresh_with(&args, |cmd| {
+        cmd.env("TENSOR_WASM_API_TOKENS", tokens());
+        on_cpu(cmd, cpu);
+    });
+    let attacker = as_tenant(ATTACKER, "1");
+    // 3,000 functions, each module distinct: tens of milliseconds of compiling, well within the
+    // CPU budget, and far more than a starved child gets in seconds.
+    let module = |n: u8| {
+        let mut wasm = module_of(3_000, 0);
+        wasm.extend_from_slice(&[0, 5, 3, b'p', b'a', b'd', n]);
+        wasm
+    };
+    let hog = CpuHog::on(cpu);
+    // Starved past the wall-clock backstop: the host's fault, not the module's, so 503.
+    let r = deploy_module(&server, &attacker, "starved", &module(0));
+    expect(&r, 503, "overloaded");
+    assert!(r.header("retry-after").is_some(), "{}", r.text());
+    assert!(r.text().contains("--compile-wall-timeout-ms (3000 ms)"), "{}", r.text());
+    // Starved for longer than its CPU budget, then given the CPU: it compiles, since what it was
+    // judged by is the CPU time it used.
+    let (addr, who) = (server.addr, attacker.clone());
+    let waiting =
+        std::thread::spawn(move || deploy_request(&mut Client::connect(addr), &who, "late", &module(1), json!({})));
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert!(!waiting.is_finished(), "the compile was not starved: the test proves nothing");
+    drop(hog);
+    let r = waiting.join().unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    // The module refused while the host was busy deploys now.
+    let r = deploy_module(&server, &attacker, "starved", &module(0));
+    assert_eq!(r.status, 201, "{}", r.text());
 }

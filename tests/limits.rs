@@ -1,8 +1,10 @@
 //! Limits that were constants outside `config` and are now flags, the guest slice and the
-//! compile's priority: each reaches the configuration, refuses a value it cannot honour, and
-//! where a guest can reach it, holds.
+//! compile's budget and priority: each reaches the configuration, refuses a value it cannot
+//! honour, and where a guest can reach it, holds.
 
 mod common;
+
+use std::time::Duration;
 
 use common::{guests, Server};
 use tensor_wasm::cli::serve_config;
@@ -21,6 +23,10 @@ fn the_flags_reach_the_configuration() {
         "64",
         "--guest-slice-us",
         "250",
+        "--compile-timeout-ms",
+        "5000",
+        "--compile-wall-timeout-ms",
+        "5000",
         "--compile-priority",
         "19",
     ])
@@ -31,6 +37,7 @@ fn the_flags_reach_the_configuration() {
     assert_eq!(config.limits.max_table_elements, 64);
     assert_eq!(config.limits.guest_slice(), std::time::Duration::from_micros(250));
     let budget = config.limits.compile_budget.unwrap();
+    assert_eq!((budget.cpu, budget.wall), (Duration::from_secs(5), Duration::from_secs(5)));
     assert_eq!(budget.priority, CompilePriority::Nice(19));
 
     let defaults = serve_config(Vec::<String>::new()).unwrap();
@@ -40,6 +47,7 @@ fn the_flags_reach_the_configuration() {
     assert_eq!(defaults.limits.max_table_elements, 20_000);
     assert_eq!(defaults.limits.guest_slice(), std::time::Duration::from_micros(100));
     let budget = defaults.limits.compile_budget.unwrap();
+    assert_eq!((budget.cpu, budget.wall), (Duration::from_secs(30), Duration::from_secs(120)));
     assert_eq!(budget.priority, CompilePriority::Idle);
     assert_eq!(
         serve_config(["--compile-priority", "0"]).unwrap().limits.compile_budget.unwrap().priority,
@@ -63,6 +71,9 @@ fn values_that_cannot_be_honoured_are_refused() {
         ("--compile-priority", "20"),
         ("--compile-priority", "-1"),
         ("--compile-priority", "batch"),
+        ("--compile-timeout-ms", "0"),
+        // Below the default CPU budget (30 s): a compile could never use all of it.
+        ("--compile-wall-timeout-ms", "29999"),
     ] {
         let err = serve_config([flag, value]).err().unwrap_or_else(|| panic!("{flag} {value} was accepted"));
         assert!(err.contains(flag.trim_start_matches("--")) || err.contains(value), "{flag} {value}: {err}");
@@ -70,6 +81,7 @@ fn values_that_cannot_be_honoured_are_refused() {
     assert!(serve_config(["--dispatch-max-tickets-per-shard", "65534"]).is_ok());
     assert!(serve_config(["--guest-slice-us", "1000"]).is_ok());
     assert!(serve_config(["--guest-slice-us", "2000", "--epoch-tick-ms", "2"]).is_ok());
+    assert!(serve_config(["--compile-wall-timeout-ms", "1000", "--compile-timeout-ms", "1000"]).is_ok());
 }
 
 /// `table.grow` by `by` from one element; traps unless it grew.

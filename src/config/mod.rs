@@ -154,7 +154,12 @@ pub struct DirectoryConfig {
 pub struct CompileBudget {
     /// The child's address-space limit, in bytes.
     pub memory_bytes: u64,
-    pub timeout: Duration,
+    /// CPU time, every thread of the child together: what the module costs to compile, whatever
+    /// else the host runs. Past it the module is too complex.
+    pub cpu: Duration,
+    /// Wall-clock time: a backstop for a compile the host leaves too little CPU to finish, which
+    /// a later try may not be.
+    pub wall: Duration,
     /// How the child is scheduled beside the shards.
     pub priority: CompilePriority,
 }
