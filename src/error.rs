@@ -73,12 +73,17 @@ pub enum ApiError {
         max: u32,
     },
     InvalidModule(String),
-    /// Compiling the module needed more than `--compile-memory-mb` or `--compile-timeout-ms`.
+    /// Compiling the module needed more than `--compile-memory-mb`.
     ModuleTooComplex(String),
-    /// The compile ran past `--compile-timeout-ms`: too complex, or starved of CPU by everything
-    /// else on the host, which a later try may not be.
+    /// The compile used more than `--compile-timeout-ms` of CPU time: the module is too complex,
+    /// however busy the host.
     CompileTimeout {
         timeout_ms: u64,
+    },
+    /// The compile ran past `--compile-wall-timeout-ms` within its CPU budget: the host left it
+    /// too little CPU, which a later try may not.
+    CompileStarved {
+        wall_ms: u64,
     },
     /// The module defines more functions than `--max-module-functions`.
     TooManyFunctions {
@@ -287,9 +292,12 @@ impl ApiError {
             | SinkDeliveryFailed { .. } => Status::BadGateway,
             InvokeTimeout { .. } | PipelineTimeout { .. } | SinkDeliveryTimeout { .. } => Status::GatewayTimeout,
             PipelineStep { error, .. } => error.status(),
-            Overloaded(_) | AuditUnavailable | NotReady | Draining | FunctionUnavailable { .. } => {
-                Status::ServiceUnavailable
-            }
+            Overloaded(_)
+            | CompileStarved { .. }
+            | AuditUnavailable
+            | NotReady
+            | Draining
+            | FunctionUnavailable { .. } => Status::ServiceUnavailable,
             Storage(_) | Internal(_) | Bug(_) => Status::InternalServerError,
         }
     }
@@ -356,7 +364,7 @@ impl ApiError {
             GuestTrap(_) => "guest_trap",
             GuestExit { .. } => "guest_exit",
             OutputTooLarge { .. } => "output_too_large",
-            Overloaded(_) => "overloaded",
+            Overloaded(_) | CompileStarved { .. } => "overloaded",
             AuditUnavailable => "audit_unavailable",
             NotReady => "not_ready",
             Draining => "draining",
@@ -372,6 +380,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { allow } => Some(("allow", allow.to_string())),
             ApiError::Unauthorized => Some(("www-authenticate", "Bearer realm=\"tensor-wasm\"".into())),
             ApiError::Overloaded(_)
+            | ApiError::CompileStarved { .. }
             | ApiError::AuditUnavailable
             | ApiError::NotReady
             | ApiError::Draining
@@ -478,8 +487,13 @@ impl fmt::Display for ApiError {
             ModuleTooComplex(why) => write!(f, "the module is too complex for this server to compile: {why}"),
             CompileTimeout { timeout_ms } => write!(
                 f,
-                "the module is too complex for this server to compile: compiling it took longer than \
-                 --compile-timeout-ms ({timeout_ms} ms)"
+                "the module is too complex for this server to compile: compiling it took more than \
+                 --compile-timeout-ms ({timeout_ms} ms) of CPU time"
+            ),
+            CompileStarved { wall_ms } => write!(
+                f,
+                "the server is too busy to compile the module now: it got too little CPU to finish within \
+                 --compile-wall-timeout-ms ({wall_ms} ms); try again later"
             ),
             TooManyFunctions { count, limit } => {
                 write!(f, "the module defines {count} functions, more than the {limit} this server compiles")

@@ -48,7 +48,7 @@ pub mod cpu {
 /// (tests/limits.rs).
 pub mod settings {
     pub use crate::cli::serve_config;
-    pub use crate::config::{Limits, ServerConfig};
+    pub use crate::config::{CompilePriority, Limits, ServerConfig};
 }
 
 /// A client of a running server, plain or TLS: for the harness (bench/src/harness) and its flags

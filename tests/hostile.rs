@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::bystander::{deploy_as, deploy_request, Bystander};
+use common::starve::{last_cpu, on_cpu, CpuHog};
 use common::{guests, within, Client, Response, Server};
 use serde_json::{json, Value};
 
@@ -460,12 +461,15 @@ fn guest_stderr_cannot_forge_log_lines() {
 
 /// A module of `functions` functions, each with a body of about `body_bytes` bytes.
 /// The nice value of every thread of the server's child processes (its compiles), from /proc.
-fn compile_threads_nice(server: &Server) -> Vec<i64> {
-    // The fields after `(comm)`: state, ppid, …; nice is the 19th field of the line, the 17th here.
+/// The scheduling policy of every thread of the server's children (the compile children): 0 is
+/// SCHED_OTHER, 5 SCHED_IDLE.
+fn compile_threads_policy(server: &Server) -> Vec<i64> {
+    // The fields after `(comm)`: state, ppid, …; the policy is the 41st field of the line, the 39th
+    // here.
     let fields = |stat: &str| -> Vec<String> {
         stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().map(String::from).collect()).unwrap_or_default()
     };
-    let mut nice = Vec::new();
+    let mut policy = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
         if fields(&stat).get(1).map(String::as_str) != Some(server.pid().to_string().as_str()) {
@@ -473,13 +477,13 @@ fn compile_threads_nice(server: &Server) -> Vec<i64> {
         }
         for task in std::fs::read_dir(entry.path().join("task")).into_iter().flatten().flatten() {
             if let Some(n) =
-                std::fs::read_to_string(task.path().join("stat")).ok().and_then(|s| fields(&s).get(16)?.parse().ok())
+                std::fs::read_to_string(task.path().join("stat")).ok().and_then(|s| fields(&s).get(38)?.parse().ok())
             {
-                nice.push(n);
+                policy.push(n);
             }
         }
     }
-    nice
+    policy
 }
 
 fn module_of(functions: usize, body_bytes: usize) -> Vec<u8> {
@@ -617,16 +621,21 @@ fn one_tenants_compiles_delay_neither_anothers_deletes_nor_its_deploys() {
         server.metric("tensor_wasm_http_requests_total", &[("route", "/functions"), ("method", "POST")]) >= 1.0
             || big.iter().any(|t| t.is_finished())
     });
-    // The compile runs in a child at nice 10 (`--compile-nice`), every thread of it: the shards
-    // get the CPU back whenever they have requests.
-    // A child is at nice 0 for the moment between its spawn and the server's setpriority, before
-    // it has read its module: wait for one seen after that, or for the deploys to end.
-    let mut nice = Vec::new();
-    within(Duration::from_secs(30), "a compile child seen at its nice value", || {
-        nice = compile_threads_nice(&server);
-        (!nice.is_empty() && nice.iter().all(|&n| n == 10)) || big.iter().all(|t| t.is_finished())
+    // The compile runs in a child under SCHED_IDLE (`--compile-priority idle`), every thread of
+    // it: it gets only the CPU the shards leave.
+    // A child is under SCHED_OTHER for the moment between its spawn and the server's
+    // sched_setscheduler, before it has read its module: wait for one seen after that, or for the
+    // deploys to end.
+    const SCHED_IDLE: i64 = 5;
+    let mut policy = Vec::new();
+    within(Duration::from_secs(30), "a compile child seen under SCHED_IDLE", || {
+        policy = compile_threads_policy(&server);
+        (!policy.is_empty() && policy.iter().all(|&p| p == SCHED_IDLE)) || big.iter().all(|t| t.is_finished())
     });
-    assert!(!nice.is_empty() && nice.iter().all(|&n| n == 10), "compile threads' nice values: {nice:?}");
+    assert!(
+        !policy.is_empty() && policy.iter().all(|&p| p == SCHED_IDLE),
+        "compile threads' scheduling policies: {policy:?}"
+    );
     // Another tenant's delete and deploy are served while the attacker's modules compile.
     let r = server.client().request("DELETE", &format!("/functions/{doomed}"), &headers(&other), b"");
     assert_eq!(r.status, 204, "{}", r.text());
@@ -667,7 +676,7 @@ fn a_module_over_its_compile_budget_is_refused_and_the_server_keeps_none_of_it()
     assert!(r.text().contains("--compile-memory-mb"), "{}", r.text());
     let r = deploy_module(&time, &attacker, "heavy", &heavy);
     expect(&r, 400, "module_too_complex");
-    assert!(r.text().contains("--compile-timeout-ms"), "{}", r.text());
+    assert!(r.text().contains("--compile-timeout-ms (300 ms) of CPU time"), "{}", r.text());
     // The server compiled nothing itself: its memory did not grow by the compile's.
     let grown = rss_bytes(&memory).saturating_sub(before);
     assert!(grown < 64 * 1024 * 1024, "the server grew by {grown} bytes");
@@ -676,4 +685,44 @@ fn a_module_over_its_compile_budget_is_refused_and_the_server_keeps_none_of_it()
     let r = memory.client().request("POST", &format!("/functions/{hello}/invoke"), &headers(&attacker), b"");
     assert_eq!(r.status, 200, "{}", r.text());
     b.finish("a module over its compile budget").p99_within(BYSTANDER_P99);
+}
+
+#[test]
+fn a_compile_is_held_to_its_cpu_time_and_one_starved_of_cpu_is_answered_overloaded() {
+    let _serial = serial();
+    // The server on one CPU, and beside it a thread that keeps that CPU busy: the compile child,
+    // under SCHED_IDLE, gets a fraction of a percent of it.
+    let cpu = last_cpu();
+    let args = ["--shards", "1", "--compile-timeout-ms", "1000", "--compile-wall-timeout-ms", "3000"];
+    let server = Server::start_fresh_with(&args, |cmd| {
+        cmd.env("TENSOR_WASM_API_TOKENS", tokens());
+        on_cpu(cmd, cpu);
+    });
+    let attacker = as_tenant(ATTACKER, "1");
+    // 3,000 functions, each module distinct: tens of milliseconds of compiling, well within the
+    // CPU budget, and far more than a starved child gets in seconds.
+    let module = |n: u8| {
+        let mut wasm = module_of(3_000, 0);
+        wasm.extend_from_slice(&[0, 5, 3, b'p', b'a', b'd', n]);
+        wasm
+    };
+    let hog = CpuHog::on(cpu);
+    // Starved past the wall-clock backstop: the host's fault, not the module's, so 503.
+    let r = deploy_module(&server, &attacker, "starved", &module(0));
+    expect(&r, 503, "overloaded");
+    assert!(r.header("retry-after").is_some(), "{}", r.text());
+    assert!(r.text().contains("--compile-wall-timeout-ms (3000 ms)"), "{}", r.text());
+    // Starved for longer than its CPU budget, then given the CPU: it compiles, since what it was
+    // judged by is the CPU time it used.
+    let (addr, who) = (server.addr, attacker.clone());
+    let waiting =
+        std::thread::spawn(move || deploy_request(&mut Client::connect(addr), &who, "late", &module(1), json!({})));
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert!(!waiting.is_finished(), "the compile was not starved: the test proves nothing");
+    drop(hog);
+    let r = waiting.join().unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    // The module refused while the host was busy deploys now.
+    let r = deploy_module(&server, &attacker, "starved", &module(0));
+    assert_eq!(r.status, 201, "{}", r.text());
 }

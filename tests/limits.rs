@@ -1,11 +1,13 @@
-//! Limits that were constants outside `config` and are now flags, and the guest slice: each
-//! reaches the configuration, refuses a value it cannot honour, and where a guest can reach it,
-//! holds.
+//! Limits that were constants outside `config` and are now flags, the guest slice and the
+//! compile's budget and priority: each reaches the configuration, refuses a value it cannot
+//! honour, and where a guest can reach it, holds.
 
 mod common;
 
+use std::time::Duration;
+
 use common::{guests, Server};
-use tensor_wasm::settings::serve_config;
+use tensor_wasm::settings::{serve_config, CompilePriority};
 
 #[test]
 fn the_flags_reach_the_configuration() {
@@ -20,6 +22,12 @@ fn the_flags_reach_the_configuration() {
         "64",
         "--guest-slice-us",
         "250",
+        "--compile-timeout-ms",
+        "5000",
+        "--compile-wall-timeout-ms",
+        "5000",
+        "--compile-priority",
+        "19",
     ])
     .unwrap();
     assert_eq!(config.dispatch.max_tensor_elements, 1000);
@@ -27,6 +35,9 @@ fn the_flags_reach_the_configuration() {
     assert!(config.dispatch.worker_spin.is_zero());
     assert_eq!(config.limits.module_shape.max_table_elements, 64);
     assert_eq!(config.limits.guest_slice(), std::time::Duration::from_micros(250));
+    let budget = config.limits.compile_budget.unwrap();
+    assert_eq!((budget.cpu, budget.wall), (Duration::from_secs(5), Duration::from_secs(5)));
+    assert_eq!(budget.priority, CompilePriority::Nice(19));
 
     let defaults = serve_config(Vec::<String>::new()).unwrap();
     assert_eq!(defaults.dispatch.max_tensor_elements, 64 << 20);
@@ -34,6 +45,13 @@ fn the_flags_reach_the_configuration() {
     assert_eq!(defaults.dispatch.worker_spin, std::time::Duration::from_micros(50));
     assert_eq!(defaults.limits.module_shape.max_table_elements, 20_000);
     assert_eq!(defaults.limits.guest_slice(), std::time::Duration::from_micros(100));
+    let budget = defaults.limits.compile_budget.unwrap();
+    assert_eq!((budget.cpu, budget.wall), (Duration::from_secs(30), Duration::from_secs(120)));
+    assert_eq!(budget.priority, CompilePriority::Idle);
+    assert_eq!(
+        serve_config(["--compile-priority", "0"]).unwrap().limits.compile_budget.unwrap().priority,
+        CompilePriority::Nice(0)
+    );
 }
 
 #[test]
@@ -48,6 +66,13 @@ fn values_that_cannot_be_honoured_are_refused() {
         // Under ten microseconds, or longer than the (1 ms) epoch tick it shortens.
         ("--guest-slice-us", "9"),
         ("--guest-slice-us", "1001"),
+        // Neither `idle` nor a nice value a process may lower itself to.
+        ("--compile-priority", "20"),
+        ("--compile-priority", "-1"),
+        ("--compile-priority", "batch"),
+        ("--compile-timeout-ms", "0"),
+        // Below the default CPU budget (30 s): a compile could never use all of it.
+        ("--compile-wall-timeout-ms", "29999"),
     ] {
         let err = serve_config([flag, value]).err().unwrap_or_else(|| panic!("{flag} {value} was accepted"));
         assert!(err.contains(flag.trim_start_matches("--")) || err.contains(value), "{flag} {value}: {err}");
@@ -55,6 +80,7 @@ fn values_that_cannot_be_honoured_are_refused() {
     assert!(serve_config(["--dispatch-max-tickets-per-shard", "65534"]).is_ok());
     assert!(serve_config(["--guest-slice-us", "1000"]).is_ok());
     assert!(serve_config(["--guest-slice-us", "2000", "--epoch-tick-ms", "2"]).is_ok());
+    assert!(serve_config(["--compile-wall-timeout-ms", "1000", "--compile-timeout-ms", "1000"]).is_ok());
 }
 
 /// `table.grow` by `by` from one element; traps unless it grew.

@@ -13,7 +13,7 @@ use crate::audit::{parse_destination, AuditConfig, AuditOnError, AuditSync, Chec
 use crate::auth::{AuthConfig, RateLimit, TokenSource};
 use crate::cidr::parse_cidrs;
 use crate::config::SinkNetworks;
-use crate::config::{IoDriverChoice, Limits, ServerConfig};
+use crate::config::{CompileBudget, CompilePriority, IoDriverChoice, Limits, ServerConfig};
 use crate::runtime::cpu::PinShards;
 use crate::tls::TlsFiles;
 
@@ -141,15 +141,21 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_COMPILE_MEMORY_MB", default_value_t = 2_048)]
     pub compile_memory_mb: u64,
 
-    /// Time a deployed module's compile may take; past it the child is killed and the deploy
-    /// gets 400 `module_too_complex`.
+    /// CPU time a deployed module's compile may take, every compile thread together; past it the
+    /// child is killed and the deploy gets 400 `module_too_complex`.
     #[arg(long, env = "TENSOR_WASM_COMPILE_TIMEOUT_MS", default_value_t = 30_000)]
     pub compile_timeout_ms: u64,
 
-    /// The nice value (0 to 19) of the child that compiles a deployed module, so that compiles
-    /// take the CPU only when the shards leave it.
-    #[arg(long, env = "TENSOR_WASM_COMPILE_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
-    pub compile_nice: i32,
+    /// Wall-clock time a deployed module's compile may take, at least --compile-timeout-ms: past
+    /// it the host gave the compile too little CPU, the child is killed and the deploy gets 503
+    /// `overloaded`.
+    #[arg(long, env = "TENSOR_WASM_COMPILE_WALL_TIMEOUT_MS", default_value_t = 120_000)]
+    pub compile_wall_timeout_ms: u64,
+
+    /// How the child that compiles a deployed module is scheduled: `idle` (SCHED_IDLE, only CPU
+    /// time nothing else wants) or a nice value from 0 to 19.
+    #[arg(long, env = "TENSOR_WASM_COMPILE_PRIORITY", default_value = "idle", value_parser = CompilePriority::parse)]
+    pub compile_priority: CompilePriority,
 
     /// Threads that load stored modules at start-up (each checks a module's digest, then loads
     /// its artifact or compiles it in a child within the compile budget), and that compile a
@@ -470,6 +476,7 @@ impl ServeArgs {
     /// first flag found wrong is the error), and builds the server's configuration.
     pub fn into_config(mut self) -> Result<ServerConfig, String> {
         let per_tenant_body_bytes = self.check_requests()?;
+        let compile_budget = self.compile_budget()?;
         let sink_max_inflight_per_tenant = self.check_capacity()?;
         self.check_guests()?;
         let (auth, dev_mode) = self.auth_config()?;
@@ -478,7 +485,7 @@ impl ServeArgs {
             .map_err(|e| format!("TENSOR_WASM_SINK_ALLOWED_CIDRS: {e}"))?;
         let io_driver = self.io_driver()?;
         let dispatch = self.dispatch_config();
-        let limits = self.limits(per_tenant_body_bytes, dev_mode, sink_networks);
+        let limits = self.limits(per_tenant_body_bytes, dev_mode, sink_networks, compile_budget);
         Ok(ServerConfig {
             listen: self.listen,
             shards: self.shards.map(usize::from),
@@ -538,7 +545,6 @@ impl ServeArgs {
         };
         positive("max-module-functions", self.max_module_functions.into())?;
         positive("compile-memory-mb", self.compile_memory_mb)?;
-        positive("compile-timeout-ms", self.compile_timeout_ms)?;
         positive("max-functions-per-tenant", self.max_functions_per_tenant.into())?;
         positive("max-storage-mb-per-tenant", self.max_storage_mb_per_tenant)?;
         positive("max-module-code-bytes", self.max_module_code_bytes)?;
@@ -763,6 +769,25 @@ impl ServeArgs {
         Ok(io_driver)
     }
 
+    /// What one compile may take.
+    fn compile_budget(&self) -> Result<CompileBudget, String> {
+        positive("compile-timeout-ms", self.compile_timeout_ms)?;
+        // A compile on one thread uses at most as much CPU time as wall-clock time: under its CPU
+        // budget, the backstop would refuse a module that is too complex as if the host were busy.
+        if self.compile_wall_timeout_ms < self.compile_timeout_ms {
+            return Err(format!(
+                "--compile-wall-timeout-ms ({}) is less than --compile-timeout-ms ({}): a compile could never use its CPU budget",
+                self.compile_wall_timeout_ms, self.compile_timeout_ms
+            ));
+        }
+        Ok(CompileBudget {
+            memory_bytes: self.compile_memory_mb.saturating_mul(1024 * 1024),
+            cpu: std::time::Duration::from_millis(self.compile_timeout_ms),
+            wall: std::time::Duration::from_millis(self.compile_wall_timeout_ms),
+            priority: self.compile_priority,
+        })
+    }
+
     /// The kernel dispatcher's settings (checked in `check_guests`).
     fn dispatch_config(&self) -> DispatchConfig {
         DispatchConfig {
@@ -786,8 +811,14 @@ impl ServeArgs {
     }
 
     /// The limits every shard enforces (checked in `check_requests`, `check_capacity` and
-    /// `check_guests`).
-    fn limits(&self, per_tenant_body_bytes: u64, dev_mode: bool, sink_networks: SinkNetworks) -> Limits {
+    /// `check_guests`; the compile budget built and checked by `compile_budget`).
+    fn limits(
+        &self,
+        per_tenant_body_bytes: u64,
+        dev_mode: bool,
+        sink_networks: SinkNetworks,
+        compile_budget: CompileBudget,
+    ) -> Limits {
         Limits {
             max_body_bytes: self.max_body_bytes,
             max_invoke_body_bytes: self.max_invoke_body_bytes,
@@ -796,11 +827,7 @@ impl ServeArgs {
             max_functions_per_tenant: self.max_functions_per_tenant,
             max_storage_bytes_per_tenant: self.max_storage_mb_per_tenant.saturating_mul(1024 * 1024),
             audit_reserve_bytes: self.audit_reserve_mb.saturating_mul(1024 * 1024),
-            compile_budget: Some(crate::config::CompileBudget {
-                memory_bytes: self.compile_memory_mb.saturating_mul(1024 * 1024),
-                timeout: std::time::Duration::from_millis(self.compile_timeout_ms),
-                nice: self.compile_nice,
-            }),
+            compile_budget: Some(compile_budget),
             load_threads: match self.load_threads {
                 0 => std::thread::available_parallelism().map_or(1, usize::from),
                 n => n,

@@ -151,10 +151,45 @@ pub struct DirectoryConfig {
 pub struct CompileBudget {
     /// The child's address-space limit, in bytes.
     pub memory_bytes: u64,
-    pub timeout: Duration,
-    /// The child's nice value: a compile takes a CPU for seconds, and at a lower priority than
-    /// the shards it leaves them the CPU whenever they have requests.
-    pub nice: i32,
+    /// CPU time, every thread of the child together: what the module costs to compile, whatever
+    /// else the host runs. Past it the module is too complex.
+    pub cpu: Duration,
+    /// Wall-clock time: a backstop for a compile the host leaves too little CPU to finish, which
+    /// a later try may not be.
+    pub wall: Duration,
+    /// How the child is scheduled beside the shards.
+    pub priority: CompilePriority,
+}
+
+/// How the compile child is scheduled. A compile takes a CPU for seconds; below the shards'
+/// priority it leaves them the CPU whenever they have requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompilePriority {
+    /// SCHED_IDLE: the child runs only on CPU time no other thread wants.
+    Idle,
+    /// The normal policy at this nice value (0 to 19): the child shares the CPU, at a weight
+    /// below the shards'.
+    Nice(i32),
+}
+
+impl CompilePriority {
+    /// `--compile-priority`: `idle`, or a nice value from 0 to 19.
+    ///
+    /// ```
+    /// use tensor_wasm::config::CompilePriority;
+    /// assert_eq!(CompilePriority::parse("idle"), Ok(CompilePriority::Idle));
+    /// assert_eq!(CompilePriority::parse("10"), Ok(CompilePriority::Nice(10)));
+    /// assert!(CompilePriority::parse("20").is_err() && CompilePriority::parse("-1").is_err());
+    /// ```
+    pub fn parse(text: &str) -> Result<CompilePriority, String> {
+        match text {
+            "idle" => Ok(CompilePriority::Idle),
+            _ => match text.parse::<i32>() {
+                Ok(nice @ 0..=19) => Ok(CompilePriority::Nice(nice)),
+                _ => Err(format!("`{text}` is neither `idle` nor a nice value from 0 to 19")),
+            },
+        }
+    }
 }
 
 /// How large a module may be where compiling costs, or where the instance pool has room: what is

@@ -102,7 +102,7 @@ impl ModuleLoader<'_> {
 
     /// A stored module: its file is checked against its digest first, then its artifact is used,
     /// or its bytes are compiled (within the budget: a module that no longer fits is refused in
-    /// at most `--compile-timeout-ms`, and its memory is the child's).
+    /// at most `--compile-wall-timeout-ms`, and its memory is the child's).
     pub fn load_stored(&self, digest: &str) -> Loaded {
         let mut transient = false;
         let file = self.store.verify_module(digest);
@@ -121,9 +121,9 @@ impl ModuleLoader<'_> {
                     self.store.read_module(digest).map_err(|e| format!("the module file is {}", describe(&e)));
                 let compiled = compiled.and_then(|wasm| {
                     self.compile(&wasm).map_err(|e| {
-                        // Out of time (perhaps starved of CPU) or out of luck starting the child: a
-                        // later try, with the machine quieter, may succeed.
-                        transient = matches!(e, ApiError::CompileTimeout { .. } | ApiError::Internal(_));
+                        // Starved of CPU or out of luck starting the child: a later try, with the
+                        // machine quieter, may succeed. Out of CPU time it would not.
+                        transient = matches!(e, ApiError::CompileStarved { .. } | ApiError::Internal(_));
                         match transient {
                             true => format!("compiling it failed ({e}); the next start tries again"),
                             false => format!("the module is no longer accepted: {e}"),
@@ -150,8 +150,8 @@ impl ModuleLoader<'_> {
     }
 
     /// [`Self::load_stored`] for every digest, on at most `threads` threads.
-    /// A compile that ran out of time beside the others is tried once more alone, so that a
-    /// module is not left broken for having shared the CPUs.
+    /// A compile starved of CPU beside the others is tried once more alone, so that a module is
+    /// not left broken for having shared the CPUs.
     pub fn load_all(&self, digests: &[String], threads: usize) -> HashMap<String, Loaded> {
         let loaded = in_parallel(digests, threads, |digest| self.load_stored(digest));
         let mut loaded: HashMap<String, Loaded> = digests.iter().cloned().zip(loaded).collect();

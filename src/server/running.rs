@@ -155,7 +155,7 @@ impl Helpers {
             watcher.stop();
         }
         // Not joined: it may be loading stored modules at start-up or waiting on a compile child
-        // (up to `--compile-timeout-ms`), and the drain has never waited for either. Every store
+        // (up to `--compile-wall-timeout-ms`), and the drain has never waited for either. Every store
         // write is atomic, so the exit that ends it leaves nothing half-written.
         drop(catalog_worker);
     }

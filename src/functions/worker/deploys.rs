@@ -114,7 +114,7 @@ impl Worker {
             return;
         }
         // Refused before compiling when even the module alone would pass the tenant's storage
-        // quota or eat into the reserve: a compile can take --compile-timeout-ms.
+        // quota or eat into the reserve: a compile can take --compile-wall-timeout-ms.
         let early = self.check_storage_floor(&pending).and_then(|()| match self.store.verify_module(&pending.digest) {
             Ok(()) => Ok(()),
             Err(_) => self.check_reserve(pending.wasm.len() as u64),
