@@ -39,7 +39,7 @@ pub use cli::main;
 pub mod cpu {
     pub use crate::runtime::cpu::{
         allowed_cpus, apply_cpu_set, confine_current_thread, cpu_set, cpu_time_from_stat, format_list, parse_list,
-        pin_current_thread,
+        pin_current_thread, shard_cpus, PinShards,
     };
 }
 
@@ -48,7 +48,7 @@ pub mod cpu {
 /// (tests/limits.rs).
 pub mod settings {
     pub use crate::cli::serve_config;
-    pub use crate::config::{CompilePriority, Limits, ServerConfig};
+    pub use crate::config::{CompilePriority, Limits, ServerConfig, SinkNetworks};
 }
 
 /// A client of a running server, plain or TLS: for the harness (bench/src/harness) and its flags

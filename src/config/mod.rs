@@ -170,13 +170,16 @@ pub enum CompilePriority {
     /// The normal policy at this nice value (0 to 19): the child shares the CPU, at a weight
     /// below the shards'.
     Nice(i32),
+    /// The server's own policy and nice value, unchanged: for the operator's modules (the
+    /// functions directory), which are not a tenant's to deprioritise. Not an operator's choice.
+    Inherit,
 }
 
 impl CompilePriority {
     /// `--compile-priority`: `idle`, or a nice value from 0 to 19.
     ///
     /// ```
-    /// use tensor_wasm::config::CompilePriority;
+    /// use tensor_wasm::settings::CompilePriority;
     /// assert_eq!(CompilePriority::parse("idle"), Ok(CompilePriority::Idle));
     /// assert_eq!(CompilePriority::parse("10"), Ok(CompilePriority::Nice(10)));
     /// assert!(CompilePriority::parse("20").is_err() && CompilePriority::parse("-1").is_err());

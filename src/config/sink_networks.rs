@@ -29,7 +29,7 @@ impl SinkNetworks {
     /// `public`. Empty: the default, public addresses only.
     ///
     /// ```
-    /// use tensor_wasm::config::SinkNetworks;
+    /// use tensor_wasm::settings::SinkNetworks;
     /// let default = SinkNetworks::parse("").unwrap();
     /// assert!(default.allows("8.8.8.8".parse().unwrap()));
     /// for refused in ["10.1.2.3", "127.0.0.1", "169.254.169.254", "::ffff:169.254.169.254", "fd00:ec2::254"] {

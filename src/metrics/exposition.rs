@@ -3,7 +3,7 @@
 //! read what happened between them.
 //!
 //! ```
-//! use tensor_wasm::metrics::exposition::{parse, ScrapedHistogram};
+//! use tensor_wasm::exposition::{parse, ScrapedHistogram};
 //!
 //! let before = parse("d_bucket{route=\"/a\",le=\"0.1\"} 10\nd_bucket{route=\"/a\",le=\"+Inf\"} 10\n");
 //! let after = parse("d_bucket{route=\"/a\",le=\"0.1\"} 50\nd_bucket{route=\"/a\",le=\"+Inf\"} 60\n");

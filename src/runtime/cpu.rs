@@ -67,7 +67,7 @@ pub fn cpu_set(cpus: &[usize]) -> io::Result<libc::cpu_set_t> {
 /// Parses a CPU list as `taskset -c` and /proc write them: `0-3,8,10-11`.
 ///
 /// ```
-/// use tensor_wasm::runtime::cpu::{format_list, parse_list};
+/// use tensor_wasm::cpu::{format_list, parse_list};
 /// assert_eq!(parse_list("0-2,5"), Ok(vec![0, 1, 2, 5]));
 /// assert_eq!(format_list(&parse_list("5,0-2").unwrap()), "0-2,5");
 /// assert!(parse_list("3-1").is_err());
@@ -122,7 +122,7 @@ pub enum PinShards {
 /// replica on the node onto the same first CPUs.
 ///
 /// ```
-/// use tensor_wasm::runtime::cpu::{shard_cpus, PinShards};
+/// use tensor_wasm::cpu::{shard_cpus, PinShards};
 /// assert_eq!(shard_cpus(PinShards::Auto, 2, &[4, 5]), Some(vec![4, 5]));
 /// assert_eq!(shard_cpus(PinShards::Auto, 2, &[0, 1, 2, 3]), None);
 /// assert_eq!(shard_cpus(PinShards::Always, 3, &[0, 1]), Some(vec![0, 1, 0]));

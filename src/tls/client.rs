@@ -29,7 +29,7 @@ impl ClientTls {
     /// `identity`, a certificate chain and its key, when the server asks for one.
     ///
     /// ```
-    /// use tensor_wasm::tls::ClientTls;
+    /// use tensor_wasm::client::ClientTls;
     /// let err = ClientTls::new(Some("/nonexistent/ca.pem".as_ref()), None).err().unwrap();
     /// assert!(err.contains("/nonexistent/ca.pem"), "{err}");
     /// ```

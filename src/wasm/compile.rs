@@ -168,6 +168,7 @@ fn lower_priority(pid: libc::pid_t, priority: CompilePriority) -> std::io::Resul
                 libc::sched_setscheduler(pid, libc::SCHED_IDLE, &param)
             }
             CompilePriority::Nice(nice) => libc::setpriority(libc::PRIO_PROCESS, pid as libc::id_t, nice),
+            CompilePriority::Inherit => 0,
         }
     };
     match rc {

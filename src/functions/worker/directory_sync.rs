@@ -239,7 +239,7 @@ impl Worker {
         if changed.len() < 2 {
             return;
         }
-        let (loader, threads) = (self.loader(), self.limits.load_threads.max(1));
+        let (loader, threads) = (self.directory_loader(), self.limits.load_threads.max(1));
         for batch in changed.chunks(threads) {
             let modules: Vec<(String, Vec<u8>)> = batch
                 .iter()
@@ -254,7 +254,7 @@ impl Worker {
     /// listing saved, or compiled now with its artifact saved, so that a restart does not compile
     /// the whole folder again.
     pub(super) fn directory_module(&self, digest: &str, wasm: &[u8]) -> Result<Module, ApiError> {
-        let loader = self.loader();
+        let loader = self.directory_loader();
         if let Some(module) = self.catalog.module_with_digest(digest).or_else(|| loader.load_artifact(digest)) {
             return Ok(module);
         }

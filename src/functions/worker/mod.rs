@@ -30,7 +30,7 @@ use super::catalog::PipelineMap;
 use super::loader::{self, ModuleLoader};
 use super::queue;
 use super::{Catalog, DeployedFunction, FunctionRecord, FunctionStore};
-use crate::config::Limits;
+use crate::config::{CompilePriority, Limits};
 use crate::error::ApiError;
 use crate::wasm::compile::CompileBudget;
 use crate::wasm::module::ModuleShape;
@@ -256,6 +256,15 @@ impl Worker {
             budget: self.limits.compile_budget,
             profiler: self.profiler,
         }
+    }
+
+    /// The loader for the functions directory's modules: the operator's, not a tenant's, so their
+    /// compiles run at the server's own priority rather than `--compile-priority`. Under
+    /// SCHED_IDLE, a folder swap on a host whose shards were busy waited for a free CPU past
+    /// ten seconds (tests/functions_dir.rs, twenty swaps under load, in CI).
+    fn directory_loader(&self) -> ModuleLoader<'_> {
+        let budget = self.limits.compile_budget.map(|b| CompileBudget { priority: CompilePriority::Inherit, ..b });
+        ModuleLoader { budget, ..self.loader() }
     }
 
     fn load_pipelines(&self) {
