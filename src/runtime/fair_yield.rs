@@ -124,6 +124,11 @@ impl YieldQueue {
         if self.signaled.replace(true) {
             return;
         }
+        self.write_signal();
+    }
+
+    /// A byte for the pump's socket, whether or not one is on its way.
+    fn write_signal(&self) {
         if let Some(signal) = self.signal.borrow().as_ref() {
             // A full socket already tells the pump all it needs to know: the error is dropped.
             let _ = (&*signal).write(&[1]);
@@ -166,7 +171,14 @@ thread_local! {
 
 /// The pump of this shard's turns: spawn the future once per shard, on the shard's executor. It
 /// completes only if its signal socket fails, which a socket pair does not.
-pub fn pump() -> std::io::Result<impl Future<Output = ()>> {
+///
+/// With `flush`, for io_uring: after a signal the pump sends itself another byte and waits for it
+/// before it lets the next guest go. The connections that became ready during the slice have run
+/// by then and queued their sends, but io_uring submits a task's operations only when the executor
+/// polls its driver, which without this was after the next guest's slice: each answer waited one
+/// slice more than on epoll (perf/HOSTILE.md). The second read completes at that poll, with the
+/// sends submitted. On epoll a task's send is its own syscall, and the round would only cost one.
+pub fn pump(flush: bool) -> std::io::Result<impl Future<Output = ()>> {
     let (ours, theirs) = UnixStream::pair()?;
     ours.set_nonblocking(true)?;
     // The epoll driver reads once the socket looks ready, and a blocking read of an empty socket
@@ -182,8 +194,12 @@ pub fn pump() -> std::io::Result<impl Future<Output = ()>> {
         // Signals that came together are taken together: one look at the queue serves them all.
         let mut buf = vec![0u8; 256];
         loop {
-            let (read, back) = reader.read(buf).await;
+            let (mut read, back) = reader.read(buf).await;
             buf = back;
+            if flush && matches!(read, Ok(n) if n > 0) {
+                QUEUE.with(YieldQueue::write_signal);
+                (read, buf) = reader.read(buf).await;
+            }
             match read {
                 Ok(n) if n > 0 => QUEUE.with(YieldQueue::release_next),
                 outcome => {
@@ -399,7 +415,7 @@ mod tests {
     #[test]
     fn a_socket_that_became_ready_in_a_slice_is_served_before_the_next_guest() {
         runtime().block_on(async {
-            monoio::spawn(pump().expect("the pump's socket pair"));
+            monoio::spawn(pump(false).expect("the pump's socket pair"));
             let log = Rc::new(RefCell::new(Vec::new()));
             let (ours, theirs) = UnixStream::pair().expect("a socket pair");
             let mut conn = monoio::net::UnixStream::from_std(theirs).expect("registered");
@@ -432,10 +448,48 @@ mod tests {
         });
     }
 
+    /// io_uring submits a task's operations only when the executor polls its driver: with the
+    /// pump's flush, an answer a connection queued during a guest's slice has reached the kernel
+    /// before the next guest runs. Fails with `pump(false)`.
+    #[test]
+    fn on_io_uring_an_answer_queued_in_a_slice_is_sent_before_the_next_guest_runs() {
+        let built = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().build();
+        let Ok(mut runtime) = built else {
+            eprintln!("io_uring unavailable here: nothing to check");
+            return;
+        };
+        runtime.block_on(async {
+            monoio::spawn(pump(true).expect("the pump's socket pair"));
+            let (peer, theirs) = UnixStream::pair().expect("a socket pair");
+            peer.set_nonblocking(true).expect("nonblocking");
+            let mut conn = monoio::net::UnixStream::from_std(theirs).expect("registered");
+            let connection = monoio::spawn(async move {
+                let (read, _) = conn.read(vec![0u8; 8]).await;
+                read.expect("a request");
+                let (written, _) = monoio::io::AsyncWriteRentExt::write_all(&mut conn, b"answer".to_vec()).await;
+                written.expect("the answer");
+            });
+            let guest = monoio::spawn(async move {
+                let turn = Turn::default();
+                turn.yield_now().await;
+                // A request arrives during this slice.
+                (&peer).write_all(&[1]).expect("written");
+                turn.yield_now().await;
+                let mut answer = [0u8; 16];
+                let sent = std::io::Read::read(&mut &peer, &mut answer);
+                turn.done();
+                sent.map(|n| answer[..n].to_vec())
+            });
+            let sent = guest.await;
+            connection.await;
+            assert_eq!(sent.expect("the answer had reached the socket"), b"answer");
+        });
+    }
+
     #[test]
     fn a_fresh_invocation_goes_before_the_long_runners() {
         runtime().block_on(async {
-            monoio::spawn(pump().expect("the pump's socket pair"));
+            monoio::spawn(pump(false).expect("the pump's socket pair"));
             let log = Rc::new(RefCell::new(Vec::new()));
             let names = ["t", "u", "v", "x", "y", "z"];
             let long: Vec<_> = names.into_iter().map(|name| monoio::spawn(guest(log.clone(), name, 12))).collect();
@@ -461,7 +515,7 @@ mod tests {
     #[test]
     fn long_runners_are_not_starved_by_fresh_invocations() {
         runtime().block_on(async {
-            monoio::spawn(pump().expect("the pump's socket pair"));
+            monoio::spawn(pump(false).expect("the pump's socket pair"));
             let log = Rc::new(RefCell::new(Vec::new()));
             let long = monoio::spawn(guest(log.clone(), "long", 3 + FRESH_YIELDS as usize));
             // A steady stream of short invocations, three at a time, each of two fresh yields.
@@ -494,7 +548,7 @@ mod tests {
     #[test]
     fn timers_fire_while_guests_spin() {
         runtime().block_on(async {
-            monoio::spawn(pump().expect("the pump's socket pair"));
+            monoio::spawn(pump(false).expect("the pump's socket pair"));
             let fired = Rc::new(Cell::new(false));
             let timer = fired.clone();
             monoio::spawn(async move {
@@ -527,7 +581,7 @@ mod tests {
     #[test]
     fn a_guest_waiting_on_something_else_does_not_hold_the_turn() {
         runtime().block_on(async {
-            monoio::spawn(pump().expect("the pump's socket pair"));
+            monoio::spawn(pump(false).expect("the pump's socket pair"));
             let log = Rc::new(RefCell::new(Vec::new()));
             let waiting_log = log.clone();
             let waiting = monoio::spawn(async move {

@@ -78,7 +78,7 @@ pub fn run(init: ShardInit) {
             match built {
                 Ok(mut rt) => {
                     metrics.set_io_driver(IoDriverKind::IoUring);
-                    rt.block_on(serve(init));
+                    rt.block_on(serve(init, IoDriverKind::IoUring));
                 }
                 Err(e) if choice == IoDriverChoice::Auto => {
                     // Seen in containers: seccomp forbids io_uring_setup, or a low memlock limit
@@ -101,7 +101,7 @@ fn run_epoll(init: ShardInit, metrics: Arc<ShardMetrics>) {
     match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build() {
         Ok(mut rt) => {
             metrics.set_io_driver(IoDriverKind::Epoll);
-            rt.block_on(serve(init));
+            rt.block_on(serve(init, IoDriverKind::Epoll));
         }
         Err(e) => {
             let _ = init.started.send(Err(format!("cannot start shard {}: {e}", init.id)));
@@ -109,7 +109,7 @@ fn run_epoll(init: ShardInit, metrics: Arc<ShardMetrics>) {
     }
 }
 
-async fn serve(init: ShardInit) {
+async fn serve(init: ShardInit, driver: IoDriverKind) {
     let ShardInit {
         id,
         listener,
@@ -130,7 +130,7 @@ async fn serve(init: ShardInit) {
         started,
         ..
     } = init;
-    let (listener, functions, pump) = match open(id, listener, &engine) {
+    let (listener, functions, pump) = match open(id, listener, &engine, driver) {
         Ok(opened) => opened,
         Err(e) => {
             let _ = started.send(Err(e));
@@ -167,10 +167,13 @@ fn open(
     id: usize,
     listener: StdListener,
     engine: &Engine,
+    driver: IoDriverKind,
 ) -> Result<(TcpListener, FunctionCache, impl Future<Output = ()>), String> {
     let listener = TcpListener::from_std(listener).map_err(|e| format!("shard {id}: listener: {e}"))?;
     let functions = FunctionCache::new(engine).map_err(|e| format!("shard {id}: linker: {e:#}"))?;
-    let pump = crate::runtime::fair_yield::pump().map_err(|e| format!("shard {id}: guest turns: {e}"))?;
+    // io_uring hands a task's sends to the kernel only when the executor polls its driver.
+    let flush = driver == IoDriverKind::IoUring;
+    let pump = crate::runtime::fair_yield::pump(flush).map_err(|e| format!("shard {id}: guest turns: {e}"))?;
     Ok((listener, functions, pump))
 }
 
