@@ -55,6 +55,13 @@ fn expect(r: &Response, status: u16, kind: &str) {
     assert_eq!((r.status, r.error_kind().as_str()), (status, kind), "{}", r.text());
 }
 
+/// Deploys `wasm` as `who` with the deploy's `extra` settings; its id.
+fn deploy_with(server: &Server, who: &[(String, String)], name: &str, wasm: &[u8], extra: Value) -> String {
+    let r = deploy_request(&mut server.client(), who, name, wasm, extra);
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
 /// The server's resident memory, from /proc.
 fn rss_bytes(server: &Server) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
@@ -206,9 +213,7 @@ fn a_host_call_stops_at_the_deadline_and_never_holds_the_shard() {
     let server = start(&["--shards", "1", "--max-memory-limit-mb", "1024"]);
     let attacker = as_tenant(ATTACKER, "1");
     let extra = json!({"memory_limit_mb": 1024, "timeout_ms": 100});
-    let r = deploy_request(&mut server.client(), &attacker, "random", &random_once(16384), extra);
-    assert_eq!(r.status, 201, "{}", r.text());
-    let id = r.json()["id"].as_str().unwrap().to_string();
+    let id = deploy_with(&server, &attacker, "random", &random_once(16384), extra);
     let b = victim(&server);
     for _ in 0..3 {
         // About four seconds of work (the call took 3.9 s before it was cut into chunks), and a
@@ -246,11 +251,7 @@ fn a_bulk_memory_instruction_stops_at_the_deadline_and_never_holds_the_shard() {
     let extra = json!({"memory_limit_mb": 256, "timeout_ms": 100});
     let ids: Vec<String> = ["fill", "copy"]
         .iter()
-        .map(|op| {
-            let r = deploy_request(&mut server.client(), &attacker, op, &bulk_memory(4096, op), extra.clone());
-            assert_eq!(r.status, 201, "{}", r.text());
-            r.json()["id"].as_str().unwrap().to_string()
-        })
+        .map(|op| deploy_with(&server, &attacker, op, &bulk_memory(4096, op), extra.clone()))
         .collect();
     let b = victim(&server);
     for id in ids.iter().chain(&ids) {
@@ -295,10 +296,7 @@ fn start_invokes(server: &Server, id: &str, who: &[(String, String)], n: usize) 
 }
 
 fn spinner(server: &Server, who: &[(String, String)], timeout_ms: u64) -> String {
-    let extra = json!({"timeout_ms": timeout_ms});
-    let r = deploy_request(&mut server.client(), who, "spin", &guests::infinite_loop(), extra);
-    assert_eq!(r.status, 201, "{}", r.text());
-    r.json()["id"].as_str().unwrap().to_string()
+    deploy_with(server, who, "spin", &guests::infinite_loop(), json!({"timeout_ms": timeout_ms}))
 }
 
 #[test]
