@@ -221,28 +221,26 @@ fn a_looping_guest_does_not_stall_its_shard() {
         .to_string();
     let addr = server.addr;
     let looping = std::thread::spawn(move || common::Client::connect(addr).invoke(&spin, b""));
-    std::thread::sleep(Duration::from_millis(200));
+    server.wait_for_metric("tensor_wasm_active_instances", &[], 1.0);
 
-    // Health checks are answered within milliseconds.
-    let mut worst = Duration::ZERO;
+    // Health checks are answered while the guest still loops: were the shard held by it, the
+    // first would wait for its 3 s deadline.
     for _ in 0..20 {
-        let t = Instant::now();
         assert_eq!(server.client().request("GET", "/healthz", &[], b"").status, 200);
-        worst = worst.max(t.elapsed());
+        assert!(!looping.is_finished(), "a health check was answered only after the looping guest ended");
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert!(worst < Duration::from_millis(500), "healthz took {worst:?} while a guest looped");
 
     // Timers fire (a stalled client gets its 408) and wakes from other threads arrive (a deploy,
-    // compiled on the catalog worker, completes), although the guest never stops yielding.
+    // compiled on the catalog worker, completes), although the guest never stops yielding: all
+    // of it before the guest's deadline ends the loop.
     let mut slow = server.client();
     slow.send_raw(b"GET /healthz HTTP/1.1\r\n");
-    let t = Instant::now();
     let deployed = server.deploy("hello", &guests::hello());
-    assert!(t.elapsed() < Duration::from_millis(1500), "deploy took {:?}", t.elapsed());
+    assert!(!looping.is_finished(), "the deploy completed only after the looping guest ended");
     assert_eq!(server.client().invoke(&deployed, b"").status, 200);
     assert_eq!(slow.read_response().status, 408);
-    assert!(t.elapsed() < Duration::from_millis(1500), "408 took {:?}", t.elapsed());
+    assert!(!looping.is_finished(), "the 408 came only after the looping guest ended");
 
     let r = looping.join().unwrap();
     assert_eq!((r.status, r.error_kind().as_str()), (504, "invoke_timeout"));

@@ -111,16 +111,13 @@ fn the_shard_serves_other_requests_while_a_kernel_runs() {
         flag.store(true, Ordering::SeqCst);
         r
     });
-    std::thread::sleep(Duration::from_millis(100));
+    server.wait_for_metric("tensor_wasm_active_instances", &[], 1.0);
     let mut c = server.client();
-    let mut slowest = Duration::ZERO;
+    // Were the shard waiting on the kernels, the probes would be answered only after them.
     for _ in 0..20 {
-        let t = Instant::now();
         assert_eq!(c.request("GET", "/healthz", &[], b"").status, 200);
-        slowest = slowest.max(t.elapsed());
+        assert!(!done.load(Ordering::SeqCst), "a probe was answered only after the kernels");
     }
-    assert!(!done.load(Ordering::SeqCst), "the kernels outlast the probes, or this test shows nothing");
-    assert!(slowest < Duration::from_millis(100), "healthz waited {slowest:?} behind a kernel");
     assert!(long.join().unwrap() > 0);
 }
 

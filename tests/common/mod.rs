@@ -19,34 +19,43 @@ use base64::Engine as _;
 
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A free loopback port, for a server that must listen on an address known before it starts.
+/// A loopback port that no other test holds, for a server that must listen on an address known
+/// before it starts. It lies below the kernel's ephemeral range (32768 and up by default): a
+/// port from that range can be handed to another test's server (bound to port 0) in the
+/// meantime, and a test that takes a successful connect as "this server listens" would then
+/// reach that one. It is never handed out twice while this process lives, nor to another test
+/// binary running at the same time (see `claim`): two tests that each picked a free port before
+/// either's server bound it would otherwise both take it with SO_REUSEPORT, each answering the
+/// other's test (a SIGTERM sent to a server still starting killed it).
 pub fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
-/// A free loopback port below the kernel's ephemeral range (32768 and up by default), for a test
-/// that takes a successful connect as "this server listens": a port from the ephemeral range can
-/// be handed to another test's server (bound to port 0) in the meantime, and a connect would then
-/// reach that one.
-pub fn free_port_below_ephemeral() -> SocketAddr {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     let mut rng = Rng((u64::from(std::process::id()) << 32 | u64::from(nanos)) | 1);
-    // Never the same port twice in one test binary: two tests may each pick a free port before
-    // either's server binds it, and with SO_REUSEPORT both servers would then take it, each
-    // answering the other's test (a SIGTERM sent to a server still starting killed it).
-    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    static CLAIMS: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    let mut claims = CLAIMS.lock().unwrap_or_else(|p| p.into_inner());
     for _ in 0..1000 {
         let port = 20_000 + rng.below(10_000) as u16;
-        if handed_out.contains(&port) {
-            continue;
-        }
+        let Some(claimed) = claim(port) else { continue };
         if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            handed_out.push(port);
+            claims.push(claimed);
             return listener.local_addr().unwrap();
         }
     }
     panic!("no free port between 20000 and 30000");
+}
+
+/// Claims `port` for this process's lifetime: an exclusive `flock` on a file named after it. A
+/// second claim fails whether it comes from this process (flock locks belong to the open file,
+/// and each claim opens its own) or from another test binary, and the kernel drops the lock when
+/// the process exits, however it exits, so no claim outlives its test binary.
+fn claim(port: u16) -> Option<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let dir = std::env::temp_dir().join("tensor-wasm-test-ports");
+    std::fs::create_dir_all(&dir).ok()?;
+    let file =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(port.to_string())).ok()?;
+    // SAFETY: flock on a descriptor this function owns; it touches no memory.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    locked.then_some(file)
 }
 
 /// Waits for `child` to exit, at most `limit`; past it, kills it and fails the test with what
