@@ -322,6 +322,32 @@ fn a_tenant_past_its_concurrency_gets_429_and_others_keep_their_share() {
 }
 
 #[test]
+fn the_shard_s_slice_timer_ticks_only_while_a_guest_runs_long() {
+    let _serial = serial();
+    let server = start(&["--shards", "1"]);
+    let ticks = || server.metric("tensor_wasm_slice_timer_ticks_total", &[]);
+    let attacker = as_tenant(ATTACKER, "1");
+    // Short invocations never arm it: each ends before it yields as a long runner.
+    let hello = deploy_with(&server, &attacker, "hello", &guests::hello(), json!({}));
+    for _ in 0..50 {
+        assert_eq!(
+            server.client().request("POST", &format!("/functions/{hello}/invoke"), &headers(&attacker), b"").status,
+            200
+        );
+    }
+    assert_eq!(ticks(), 0.0, "the timer ticked for short invocations");
+    // A guest that spins past its first slices arms it, and it ticks while the guest runs.
+    let spin = spinner(&server, &attacker, 1500);
+    let mut running = start_invokes(&server, &spin, &attacker, 1);
+    within(Duration::from_secs(10), "slice-timer ticks while a guest spins", || ticks() >= 20.0);
+    expect(&running[0].read_response(), 504, "invoke_timeout");
+    // With no long runner left it stops: at most one tick was on its way.
+    let after = ticks();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(ticks() <= after + 1.0, "the timer kept ticking after the long runner ended: {after} then {}", ticks());
+}
+
+#[test]
 fn probes_answer_while_every_instance_slot_spins() {
     let _serial = serial();
     // Four tenants, each near its share (a quarter of the pool by default), fill all but four

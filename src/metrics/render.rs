@@ -102,7 +102,7 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
     histogram(&mut out, "tensor_wasm_audit_sync_seconds", "", &[ctx.audit_sync]);
 
     let sum = |f: fn(&ShardMetrics) -> u64| shards.iter().map(|s| f(s)).sum::<u64>();
-    let process_wide: [(&str, &str, &str, u64); 15] = [
+    let process_wide: [(&str, &str, &str, u64); 16] = [
         ("tensor_wasm_audit_records_total", "counter", "Audit records written.", sum(|s| s.audit_records.get())),
         ("tensor_wasm_audit_bytes_total", "counter", "Bytes of audit records written.", sum(|s| s.audit_bytes.get())),
         (
@@ -136,6 +136,12 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
             sum(|s| s.xfcc_ignored.get()),
         ),
         ("tensor_wasm_active_instances", "gauge", "Wasm instances running now.", sum(|s| s.active_instances.get())),
+        (
+            "tensor_wasm_slice_timer_ticks_total",
+            "counter",
+            "Ticks of the shards' slice timers, which end long-running guests' slices while a shard has some.",
+            sum(|s| s.slice_timer_ticks.get()),
+        ),
         (
             "tensor_wasm_instance_spawns_total",
             "counter",

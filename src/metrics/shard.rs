@@ -170,6 +170,9 @@ pub struct ShardMetrics {
     pub audit_refusals_coalesced: Counter,
     pub active_instances: Gauge,
     pub instance_spawns: Counter,
+    /// Ticks of the shard's slice timer (`runtime::slice_timer`), each a guest slice ended on time.
+    /// Written by the timer's signal handler, which runs on the shard's thread: still one writer.
+    pub slice_timer_ticks: Counter,
     pub invocations_failed: Counter,
     pub tls_handshake_failures: Counter,
     pub audit_records: Counter,
@@ -204,6 +207,7 @@ impl ShardMetrics {
             audit_refusals_coalesced: Counter::default(),
             active_instances: Gauge::default(),
             instance_spawns: Counter::default(),
+            slice_timer_ticks: Counter::default(),
             invocations_failed: Counter::default(),
             tls_handshake_failures: Counter::default(),
             audit_records: Counter::default(),

@@ -39,6 +39,8 @@ use std::task::{Context, Poll, Waker};
 
 use monoio::io::AsyncReadRent;
 
+use super::slice_timer::SliceTimer;
+
 /// Yields of an invocation that queue as fresh: the rest queue as a long runner's.
 pub const FRESH_YIELDS: u32 = 2;
 
@@ -78,6 +80,10 @@ struct YieldQueue {
     /// Whether the invocation let go last has not run since: the pump lets the next one go only
     /// once it has, so that at most one guest is ever on the executor's run queue through here.
     released: Cell<bool>,
+    /// Invocations on this shard that have yielded as long runners and not ended.
+    long_runners: Cell<u32>,
+    /// The shard's own slice timer, armed while `long_runners` is not zero (`slice_timer`).
+    slice_timer: RefCell<Option<SliceTimer>>,
 }
 
 struct Parked {
@@ -153,6 +159,27 @@ impl YieldQueue {
         }
     }
 
+    /// An invocation yielded as a long runner for the first time: the shard's slice timer ticks
+    /// from now on, if it was not already.
+    fn long_runner_started(&self) {
+        self.long_runners.set(self.long_runners.get() + 1);
+        if let Some(timer) = self.slice_timer.borrow_mut().as_mut() {
+            timer.arm();
+        }
+    }
+
+    /// A long runner ended: with none left, the slice timer stops.
+    fn long_runner_ended(&self) {
+        let left = self.long_runners.get();
+        debug_assert!(left > 0, "a long runner ended that never started");
+        self.long_runners.set(left.saturating_sub(1));
+        if left <= 1 {
+            if let Some(timer) = self.slice_timer.borrow_mut().as_mut() {
+                timer.disarm();
+            }
+        }
+    }
+
     /// Lets everything parked go at once: the pump is gone, and a task left here would never run.
     fn release_all(&self) {
         self.released.set(false);
@@ -178,7 +205,11 @@ thread_local! {
 /// polls its driver, which without this was after the next guest's slice: each answer waited one
 /// slice more than on epoll (perf/HOSTILE.md). The second read completes at that poll, with the
 /// sends submitted. On epoll a task's send is its own syscall, and the round would only cost one.
-pub fn pump(flush: bool) -> std::io::Result<impl Future<Output = ()>> {
+///
+/// With a `slice_timer` (made on this thread), long runners' slices end on its ticks as well as
+/// the epoch ticker's: it is armed while one of this shard's invocations has yielded as a long
+/// runner and not ended.
+pub fn pump(flush: bool, slice_timer: Option<SliceTimer>) -> std::io::Result<impl Future<Output = ()>> {
     let (ours, theirs) = UnixStream::pair()?;
     ours.set_nonblocking(true)?;
     // The epoll driver reads once the socket looks ready, and a blocking read of an empty socket
@@ -189,6 +220,7 @@ pub fn pump(flush: bool) -> std::io::Result<impl Future<Output = ()>> {
         // One pump per thread: a second would inherit wakers of the first's executor.
         debug_assert!(q.signal.borrow().is_none() && q.is_empty(), "a second pump on one thread");
         *q.signal.borrow_mut() = Some(ours);
+        *q.slice_timer.borrow_mut() = slice_timer;
     });
     Ok(async move {
         // Signals that came together are taken together: one look at the queue serves them all.
@@ -230,6 +262,9 @@ pub struct TurnState {
     latest: AtomicU64,
     /// How often the invocation yielded: its first [`FRESH_YIELDS`] yields queue as fresh.
     yields: AtomicU32,
+    /// Whether it is counted among the shard's long runners (it yielded as one, and has not
+    /// ended).
+    long: AtomicBool,
     /// When the pump let it go, until [`Turn::take_new_slice`] took it.
     resumed_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -241,6 +276,9 @@ impl Turn {
         let yields = self.0.yields.load(Ordering::Relaxed);
         self.0.yields.store(yields.saturating_add(1), Ordering::Relaxed);
         let class = if yields < FRESH_YIELDS { Class::Fresh } else { Class::Long };
+        if class == Class::Long && !self.0.long.swap(true, Ordering::Relaxed) {
+            let _ = QUEUE.try_with(YieldQueue::long_runner_started);
+        }
         FairYield { state: YieldState::New, turn: Some(self.0.clone()), class }
     }
 
@@ -259,7 +297,11 @@ impl Turn {
         let id = self.0.latest.load(Ordering::Relaxed);
         // `try_with`: also runs while the shard thread's locals are torn down (a drained shard
         // drops its in-flight invocations then), when there is no turn to pass.
+        let long = self.0.long.swap(false, Ordering::Relaxed);
         let _ = QUEUE.try_with(|q| {
+            if long {
+                q.long_runner_ended();
+            }
             if id != 0 && q.last_released.get() == id {
                 hand_on(q);
             }
@@ -415,7 +457,7 @@ mod tests {
     #[test]
     fn a_socket_that_became_ready_in_a_slice_is_served_before_the_next_guest() {
         runtime().block_on(async {
-            monoio::spawn(pump(false).expect("the pump's socket pair"));
+            monoio::spawn(pump(false, None).expect("the pump's socket pair"));
             let log = Rc::new(RefCell::new(Vec::new()));
             let (ours, theirs) = UnixStream::pair().expect("a socket pair");
             let mut conn = monoio::net::UnixStream::from_std(theirs).expect("registered");
@@ -450,7 +492,7 @@ mod tests {
 
     /// io_uring submits a task's operations only when the executor polls its driver: with the
     /// pump's flush, an answer a connection queued during a guest's slice has reached the kernel
-    /// before the next guest runs. Fails with `pump(false)`.
+    /// before the next guest runs. Fails with `pump(false, None)`.
     #[test]
     fn on_io_uring_an_answer_queued_in_a_slice_is_sent_before_the_next_guest_runs() {
         let built = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().build();
@@ -459,7 +501,7 @@ mod tests {
             return;
         };
         runtime.block_on(async {
-            monoio::spawn(pump(true).expect("the pump's socket pair"));
+            monoio::spawn(pump(true, None).expect("the pump's socket pair"));
             let (peer, theirs) = UnixStream::pair().expect("a socket pair");
             peer.set_nonblocking(true).expect("nonblocking");
             let mut conn = monoio::net::UnixStream::from_std(theirs).expect("registered");
@@ -489,7 +531,7 @@ mod tests {
     #[test]
     fn a_fresh_invocation_goes_before_the_long_runners() {
         runtime().block_on(async {
-            monoio::spawn(pump(false).expect("the pump's socket pair"));
+            monoio::spawn(pump(false, None).expect("the pump's socket pair"));
             let log = Rc::new(RefCell::new(Vec::new()));
             let names = ["t", "u", "v", "x", "y", "z"];
             let long: Vec<_> = names.into_iter().map(|name| monoio::spawn(guest(log.clone(), name, 12))).collect();
@@ -515,7 +557,7 @@ mod tests {
     #[test]
     fn long_runners_are_not_starved_by_fresh_invocations() {
         runtime().block_on(async {
-            monoio::spawn(pump(false).expect("the pump's socket pair"));
+            monoio::spawn(pump(false, None).expect("the pump's socket pair"));
             let log = Rc::new(RefCell::new(Vec::new()));
             let long = monoio::spawn(guest(log.clone(), "long", 3 + FRESH_YIELDS as usize));
             // A steady stream of short invocations, three at a time, each of two fresh yields.
@@ -548,7 +590,7 @@ mod tests {
     #[test]
     fn timers_fire_while_guests_spin() {
         runtime().block_on(async {
-            monoio::spawn(pump(false).expect("the pump's socket pair"));
+            monoio::spawn(pump(false, None).expect("the pump's socket pair"));
             let fired = Rc::new(Cell::new(false));
             let timer = fired.clone();
             monoio::spawn(async move {
@@ -581,7 +623,7 @@ mod tests {
     #[test]
     fn a_guest_waiting_on_something_else_does_not_hold_the_turn() {
         runtime().block_on(async {
-            monoio::spawn(pump(false).expect("the pump's socket pair"));
+            monoio::spawn(pump(false, None).expect("the pump's socket pair"));
             let log = Rc::new(RefCell::new(Vec::new()));
             let waiting_log = log.clone();
             let waiting = monoio::spawn(async move {

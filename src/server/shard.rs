@@ -27,6 +27,7 @@ use crate::metrics::{IoDriverKind, ShardMetrics};
 use crate::runtime::cpu;
 use crate::runtime::event::{race, Either};
 use crate::runtime::published::{Published, Subscription};
+use crate::runtime::slice_timer::SliceTimer;
 use crate::shard::{ConnectionGuard, Shard, ShardParts, Shared};
 use crate::tls::TlsStream;
 
@@ -130,7 +131,8 @@ async fn serve(init: ShardInit, driver: IoDriverKind) {
         started,
         ..
     } = init;
-    let (listener, functions, pump) = match open(id, listener, &engine, driver) {
+    let slice_timer = slice_timer(id, &engine, limits.guest_slice(), shared.shard_metrics[id].clone());
+    let (listener, functions, pump) = match open(id, listener, &engine, driver, slice_timer) {
         Ok(opened) => opened,
         Err(e) => {
             let _ = started.send(Err(e));
@@ -168,13 +170,33 @@ fn open(
     listener: StdListener,
     engine: &Engine,
     driver: IoDriverKind,
+    slice_timer: Option<SliceTimer>,
 ) -> Result<(TcpListener, FunctionCache, impl Future<Output = ()>), String> {
     let listener = TcpListener::from_std(listener).map_err(|e| format!("shard {id}: listener: {e}"))?;
     let functions = FunctionCache::new(engine).map_err(|e| format!("shard {id}: linker: {e:#}"))?;
     // io_uring hands a task's sends to the kernel only when the executor polls its driver.
     let flush = driver == IoDriverKind::IoUring;
-    let pump = crate::runtime::fair_yield::pump(flush).map_err(|e| format!("shard {id}: guest turns: {e}"))?;
+    let pump =
+        crate::runtime::fair_yield::pump(flush, slice_timer).map_err(|e| format!("shard {id}: guest turns: {e}"))?;
     Ok((listener, functions, pump))
+}
+
+/// The shard's slice timer, which advances the engine's epoch every guest slice while the shard
+/// has long runners (`runtime::slice_timer`). Without one (a seccomp policy that forbids
+/// `timer_create`, say), slices end on the epoch ticker's ticks alone, later on a busy CPU.
+fn slice_timer(id: usize, engine: &Engine, guest_slice: Duration, metrics: Arc<ShardMetrics>) -> Option<SliceTimer> {
+    let engine = engine.clone();
+    let tick = move || {
+        engine.increment_epoch();
+        metrics.slice_timer_ticks.inc();
+    };
+    match SliceTimer::new(guest_slice, tick) {
+        Ok(timer) => Some(timer),
+        Err(e) => {
+            tracing::warn!(shard = id, "no slice timer ({e}): guest slices end on the epoch ticker's ticks only");
+            None
+        }
+    }
 }
 
 /// Starts the shard's own tasks, beside its connections: the guest-turn pump, the audit's
