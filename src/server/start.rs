@@ -48,7 +48,7 @@ pub fn start(config: &ServerConfig) -> Result<Running, ServerError> {
     let local_addr = listeners[0].local_addr().map_err(|e| ServerError::Runtime(e.to_string()))?;
     let catalog = Arc::new(Catalog::default());
     let (admin, catalog_worker) = start_catalog_worker(config, &engine, store, &catalog, &limits)?;
-    let sinks = crate::pipelines::sink::spawn(
+    let (sinks, sink_workers) = crate::pipelines::sink::spawn(
         config.sink_workers,
         config.sink_queue_depth,
         config.sink_max_inflight_per_tenant,
@@ -77,6 +77,7 @@ pub fn start(config: &ServerConfig) -> Result<Running, ServerError> {
         audit_group_commit: audit.group_commit,
         audit_helpers: audit.helper_threads,
         dispatcher,
+        sink_workers,
         epoch_ticker,
         token_watcher: tokens.watcher,
         tls_watcher: tls.watcher,
