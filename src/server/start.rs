@@ -19,7 +19,7 @@ use crate::metrics::{Histogram, ShardMetrics};
 use crate::runtime::cpu;
 use crate::runtime::periodic::Periodic;
 use crate::runtime::published::Published;
-use crate::shard::{Lifecycle, Shared};
+use crate::shard::{Lifecycle, ShardParts, Shared};
 use crate::tls::TlsWatcher;
 use crate::wasm::{build_engine, EpochTicker};
 use tensor_wasm_dispatch::{DispatchConfig, Dispatcher};
@@ -315,23 +315,26 @@ impl ShardTemplate<'_> {
         started: mpsc::Sender<Result<(), String>>,
     ) -> shard::ShardInit {
         let config = self.config;
-        shard::ShardInit {
+        let parts = ShardParts {
             id,
-            cpu: plan.pinned.as_ref().map(|pinned| pinned[id]),
-            listener,
-            engine: self.engine.clone(),
+            shard_count: plan.count,
             limits: self.limits.clone(),
+            engine: self.engine.clone(),
             admin: self.admin.clone(),
             auth: self.tokens.config.clone(),
             tokens: self.tokens.published.clone(),
-            tls: self.tls.published.clone(),
             audit: self.audit.config.clone(),
             commit: self.audit.commit_slots[id].clone(),
             audit_helpers: self.audit.helper_threads.helpers(),
             shared: self.shared.clone(),
+        };
+        shard::ShardInit {
+            parts,
+            cpu: plan.pinned.as_ref().map(|pinned| pinned[id]),
+            listener,
+            tls: self.tls.published.clone(),
             io_driver: config.io_driver,
             spin_window: config.idle_spin,
-            shard_count: plan.count,
             drain_timeout: Duration::from_millis(config.drain_timeout_ms),
             drain_rx,
             started,
