@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::ServerError;
-use crate::audit::segment::HelperThreads;
+use crate::audit::helpers::HelperThreads;
 use crate::functions::store::DataDirLock;
 use crate::pipelines::sink::SinkWorkers;
 use crate::runtime::periodic::Periodic;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::running::{Helpers, Running, ShardThread, Started};
 use super::{listener, shard, ServerError};
-use crate::audit::segment::HelperThreads;
+use crate::audit::helpers::HelperThreads;
 use crate::audit::{self, AuditConfig, AuditSync, CommitSlot};
 use crate::auth::{self, AuthConfig, TokenPolicy, TokenSet, TokenSource};
 use crate::config::{Limits, ServerConfig};

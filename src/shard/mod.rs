@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use wasmtime::{Engine, Store};
 
-use crate::audit::segment::Helpers;
+use crate::audit::helpers::Helpers;
 use crate::audit::{AuditConfig, CommitSlot, ShardAudit};
 use crate::auth::refusals::Refusals;
 use crate::auth::{AuthConfig, ShardAuth, TokenSet};
