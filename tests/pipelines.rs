@@ -267,6 +267,32 @@ fn sink_delivery_retries_then_reports() {
 }
 
 #[test]
+fn a_server_with_a_delivery_in_flight_joins_its_sink_workers_and_exits_zero() {
+    // The drain cuts the waiting request at 200 ms; the worker's delivery to a sink that never
+    // answers runs on to --sink-max-delivery-ms, and the drain joins the worker after it.
+    let args = [LOOPBACK_SINKS[0], LOOPBACK_SINKS[1], "--sink-max-delivery-ms", "1000"];
+    let mut server = Server::start(&[&args[..], &["--drain-grace-ms", "0", "--drain-timeout-ms", "200"]].concat());
+    deploy_envelope(&server, "enrich");
+    let tarpit = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", tarpit.local_addr().unwrap());
+    let r = create(&server, json!({"name": "tarpit", "steps": ["enrich"], "sink": {"url": url, "max_attempts": 1}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let addr = server.addr;
+    let in_flight = std::thread::spawn(move || {
+        common::Client::connect(addr).try_request("POST", &format!("/pipelines/{id}/invoke"), &[], ORDER)
+    });
+    // A worker is delivering once the sink has its connection.
+    let (_held, _) = tarpit.accept().unwrap();
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "{status:?}: {}", server.stderr());
+    let log = server.wait_for_stderr("drained; exiting");
+    assert!(log.contains("sink workers stopped") && !log.contains("not waiting for them"), "{log}");
+    let _ = in_flight.join().unwrap();
+}
+
+#[test]
 fn pipelines_from_the_functions_directory() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["validate", "enrich", "transform"] {

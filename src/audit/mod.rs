@@ -2,8 +2,8 @@
 //! append-only segment files. docs/AUDIT-LOG.md is the operator's view.
 //!
 //! - [`record`]: the line format, its hash and the chain;
-//! - [`segment`]: preallocated, mapped segment files, the helper threads that seal and prefault
-//!   them (owned by whoever opens the log), and scanning them;
+//! - [`segment`]: preallocated, mapped segment files, their spares and retention, and scanning them;
+//! - [`helpers`]: the helper threads that seal and prefault them (owned by whoever opens the log);
 //! - [`chain`]: walking a chain's segments: which records verify, where damage is;
 //! - [`recover`]: start-up recovery, which cuts a torn suffix and nothing else;
 //! - [`writer`]: a shard's chain: room before the action, rotation, retention, sync, checkpoints;
@@ -13,6 +13,7 @@
 
 pub mod chain;
 pub mod checkpoint;
+pub mod helpers;
 pub mod record;
 pub mod recover;
 pub mod segment;

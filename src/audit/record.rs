@@ -319,6 +319,10 @@ pub fn encode_into(
 }
 
 /// [`encode_into`] for callers that want the line on its own: tests, tools.
+///
+/// Its `expect`s stay, rather than a `bug!`: nothing on the request path calls it (the writer
+/// calls `encode_into` and counts a record past `MAX_RECORD` as an audit error), and its callers
+/// want the hash, not an error to handle.
 pub fn encode(event: &AuditEvent, shard: usize, seq: u64, prev_hash: &[u8; 32], out: &mut String) -> [u8; 32] {
     let mut buf = vec![0; MAX_RECORD];
     let (len, hash) = encode_into(event, shard, seq, prev_hash, &mut buf).expect("every record fits MAX_RECORD");

@@ -18,8 +18,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::chain::{tail, walk, ChainState, Finding, Tail};
+use super::helpers::Helpers;
 use super::record::{Integrity, GENESIS};
-use super::segment::{finish_seal, list_segments, scan, segment_name, ActiveSegment, Helpers};
+use super::segment::{finish_seal, list_segments, scan, segment_name, ActiveSegment};
 
 /// Where a shard's chain goes on after start-up.
 pub struct Recovered {

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::checkpoint::{Checkpoint, CheckpointFile};
+use super::helpers::Helpers;
 use super::record::{encode_into, AuditEvent, Integrity, GENESIS, MAX_RECORD};
-use super::segment::{segment_name, ActiveSegment, Helpers, Retention, Spare};
+use super::segment::{segment_name, ActiveSegment, Retention, Spare};
 use super::{AuditConfig, AuditOnError, AuditSync, CheckpointConfig};
 use crate::error::ApiError;
 use crate::metrics::ShardMetrics;

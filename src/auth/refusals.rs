@@ -195,9 +195,8 @@ impl Refusals {
                 }
             }
             order.push_back(who.clone());
-            table.insert(who.clone(), Entry { tat: now, windows: Vec::new() });
         }
-        f(table.get_mut(&who).expect("inserted above"))
+        f(table.entry(who).or_insert_with(|| Entry { tat: now, windows: Vec::new() }))
     }
 
     /// Sources and tokens remembered now: the tests' view of the table's bound.

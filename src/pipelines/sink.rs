@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
@@ -65,6 +66,14 @@ impl Budget {
     fn left(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())
     }
+}
+
+/// What a worker takes from the queue.
+enum Work {
+    Deliver(Job),
+    /// Sent once per worker by [`SinkWorkers::stop`]: the shards' handles may outlive the drain,
+    /// so the queue cannot be relied on to close.
+    Stop,
 }
 
 struct Job {
@@ -126,7 +135,7 @@ impl Drop for Slot {
 /// A shard's handle to the delivery pool.
 #[derive(Clone)]
 pub struct SinkHandle {
-    tx: SyncSender<Job>,
+    tx: SyncSender<Work>,
     inflight: Arc<Inflight>,
     max_delivery: Duration,
 }
@@ -148,7 +157,7 @@ impl SinkHandle {
         let url = delivery.sink.url.clone();
         let (tx, rx) = oneshot::channel();
         // A refused job is dropped here, and its slot with it.
-        self.tx.try_send(Job { delivery, budget, slot, reply: tx }).map_err(|e| match e {
+        self.tx.try_send(Work::Deliver(Job { delivery, budget, slot, reply: tx })).map_err(|e| match e {
             TrySendError::Full(_) => ApiError::Overloaded("the sink delivery queue is full"),
             TrySendError::Disconnected(_) => ApiError::Internal("the sink workers stopped".into()),
         })?;
@@ -170,29 +179,85 @@ impl SinkHandle {
 /// Starts `workers` delivery threads behind a queue of `queue_depth` deliveries, which reach
 /// only addresses that `networks` allows; a tenant may have `max_inflight_per_tenant` of them
 /// queued or running, and each must end within `max_delivery` of being queued.
+///
+/// The caller stops and joins the threads with [`SinkWorkers::stop`]. Dropped instead, they are
+/// let go, and end once every clone of the handle is gone too and the queue has closed.
 pub fn spawn(
     workers: usize,
     queue_depth: usize,
     max_inflight_per_tenant: u32,
     max_delivery: Duration,
     networks: SinkNetworks,
-) -> std::io::Result<SinkHandle> {
-    let (tx, rx) = sync_channel::<Job>(queue_depth);
+) -> std::io::Result<(SinkHandle, SinkWorkers)> {
+    let (tx, rx) = sync_channel::<Work>(queue_depth);
     let rx = Arc::new(Mutex::new(rx));
     let networks = Arc::new(networks);
+    let mut threads = Vec::with_capacity(workers);
     for i in 0..workers {
         let (rx, networks) = (rx.clone(), networks.clone());
-        std::thread::Builder::new().name(format!("tw-sink-{i}")).spawn(move || serve(&rx, &networks))?;
+        threads.push(std::thread::Builder::new().name(format!("tw-sink-{i}")).spawn(move || serve(&rx, &networks))?);
     }
     let inflight = Arc::new(Inflight { max: max_inflight_per_tenant, per_tenant: Mutex::default() });
-    Ok(SinkHandle { tx, inflight, max_delivery })
+    Ok((SinkHandle { tx: tx.clone(), inflight, max_delivery }, SinkWorkers { threads, tx, max_delivery }))
 }
 
-fn serve(rx: &Mutex<Receiver<Job>>, networks: &SinkNetworks) {
+/// The delivery threads, held by the server's one owner of its helper threads.
+pub struct SinkWorkers {
+    threads: Vec<JoinHandle<()>>,
+    /// Where the stop is sent.
+    tx: SyncSender<Work>,
+    /// `--sink-max-delivery-ms`: how long any delivery still queued or running may take.
+    max_delivery: Duration,
+}
+
+impl SinkWorkers {
+    /// Stops and joins the workers, once nothing sends them deliveries any more (the shards
+    /// have stopped). Each finds its stop behind the deliveries queued before it, and each of
+    /// those ends within `--sink-max-delivery-ms` of being queued, so the wait is bounded by it
+    /// and [`LOOKUP_GRACE`] (a name lookup may outlast the budget); a worker still busy then is
+    /// let go and logged. Returns how many were let go.
+    pub fn stop(self) -> usize {
+        let SinkWorkers { mut threads, tx, max_delivery } = self;
+        let deadline = Instant::now() + max_delivery + LOOKUP_GRACE;
+        let mut stops = threads.len();
+        while stops > 0 && Instant::now() < deadline {
+            match tx.try_send(Work::Stop) {
+                Ok(()) => stops -= 1,
+                // Deliveries fill the queue: a worker makes room as it takes the next one.
+                Err(TrySendError::Full(_)) => std::thread::sleep(Duration::from_millis(5)),
+                // Every worker has ended already.
+                Err(TrySendError::Disconnected(_)) => break,
+            }
+        }
+        while !threads.is_empty() && Instant::now() < deadline {
+            // `std` joins without a timeout: only a finished thread is joined.
+            let (done, running): (Vec<_>, Vec<_>) = threads.into_iter().partition(|t| t.is_finished());
+            for thread in done {
+                if thread.join().is_err() {
+                    tracing::error!("a sink worker panicked");
+                }
+            }
+            threads = running;
+            if !threads.is_empty() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        if !threads.is_empty() {
+            tracing::warn!(
+                workers = threads.len(),
+                waited_ms = (max_delivery + LOOKUP_GRACE).as_millis() as u64,
+                "sink workers still delivering past --sink-max-delivery-ms; not waiting for them"
+            );
+        }
+        threads.len()
+    }
+}
+
+fn serve(rx: &Mutex<Receiver<Work>>, networks: &SinkNetworks) {
     loop {
         // The lock is held only while waiting for the next job, never while delivering.
         let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-        let Ok(Job { delivery, budget, slot, reply }) = job else { return };
+        let Ok(Work::Deliver(Job { delivery, budget, slot, reply })) = job else { return };
         let outcome = deliver(&delivery, networks, budget);
         // The place is free before the answer leaves: a client that sends its next delivery as
         // soon as it has the answer must not find its own last one still counted.
@@ -335,6 +400,32 @@ mod tests {
         drop((b, c, other));
         // Nothing in flight, nothing kept.
         assert!(inflight.count().is_empty());
+    }
+
+    #[test]
+    fn the_workers_stop_while_handles_still_live() {
+        // As at a drain, where the shards' copies of the handle outlive them.
+        let (handle, workers) = spawn(3, 4, 2, Duration::from_millis(100), loopback()).unwrap();
+        let copy = handle.clone();
+        assert_eq!(workers.stop(), 0);
+        drop((handle, copy));
+    }
+
+    #[test]
+    fn a_stop_waits_for_the_deliveries_queued_before_it() {
+        let tarpit = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/", tarpit.local_addr().unwrap());
+        let max_delivery = Duration::from_millis(300);
+        let (handle, workers) = spawn(1, 4, 2, max_delivery, loopback()).unwrap();
+        let slot = handle.inflight.acquire(7).unwrap();
+        let (reply, mut answer) = oneshot::channel();
+        let job = Job { delivery: sink(url, 1, 60_000), budget: Budget::starting_now(max_delivery), slot, reply };
+        assert!(handle.tx.try_send(Work::Deliver(job)).is_ok());
+        assert_eq!(workers.stop(), 0);
+        // Answered before its worker ended: the stop waited for the delivery.
+        let delivered = answer.try_recv().unwrap().expect("an answer");
+        assert_eq!(delivered.unwrap_err().kind(), "sink_delivery_timeout");
+        assert!(handle.inflight.count().is_empty());
     }
 
     #[test]

@@ -83,6 +83,8 @@ impl<T> Subscription<T> {
     /// The current value: an atomic load, plus the read lock only when it changed.
     pub fn get(&self, published: &Published<T>) -> Arc<T> {
         let copy = self.0.get(published, |source, _| Some(source.clone()));
+        // Not a `bug!`: `get` hands back the value, with no error to return, and the rebuild
+        // above stores `Some` whenever the copy is empty (its generation starts at `NEVER`).
         copy.clone().expect("set by the first get")
     }
 }

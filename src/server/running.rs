@@ -9,8 +9,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::ServerError;
-use crate::audit::segment::HelperThreads;
+use crate::audit::helpers::HelperThreads;
 use crate::functions::store::DataDirLock;
+use crate::pipelines::sink::SinkWorkers;
 use crate::runtime::periodic::Periodic;
 use crate::shard::Shared;
 use crate::wasm::EpochTicker;
@@ -31,8 +32,10 @@ pub struct Helpers {
     pub(super) audit_group_commit: Option<Periodic>,
     /// The audit log's sealer and prefaulter.
     pub(super) audit_helpers: HelperThreads,
-    /// Its device workers (`tw-device-N`).
+    /// Its device workers (`tw-device-N`), joined by `Dispatcher::shutdown`.
     pub(super) dispatcher: Arc<Dispatcher>,
+    /// Deliver pipeline outputs (`tw-sink-N`).
+    pub(super) sink_workers: SinkWorkers,
     pub(super) epoch_ticker: EpochTicker,
     /// Re-reads the token file (tokens from a file only).
     pub(super) token_watcher: Option<Periodic>,
@@ -92,7 +95,9 @@ impl Running {
     ///    joined: nothing writes to the audit log, runs a guest or sends a kernel after this;
     /// 3. the audit group commit, then the sealer and prefaulter, once every segment handed to
     ///    the sealer is cut and fsynced;
-    /// 4. the dispatcher's device workers, the epoch ticker, the token and TLS watchers;
+    /// 4. the dispatcher's device workers; the sink workers, once the deliveries queued are done
+    ///    (each within `--sink-max-delivery-ms`, see `SinkWorkers::stop`); the epoch ticker, the
+    ///    token and TLS watchers;
     /// 5. the catalog worker is let go, not joined (see `Helpers::stop`), and the data dir's lock
     ///    is released last.
     ///
@@ -105,7 +110,8 @@ impl Running {
         }
         stop_shards(shards);
         helpers.stop();
-        // What the shards shared goes before the lock; the sink workers end as its queue closes.
+        // What the shards shared goes before the lock. It is not the last copy: tasks still
+        // pending when a shard's executor ends are leaked with theirs (monoio does not drop them).
         drop(shared);
         drop(data_dir_lock);
         match started {
@@ -138,6 +144,7 @@ impl Helpers {
             audit_group_commit,
             audit_helpers,
             dispatcher,
+            sink_workers,
             epoch_ticker,
             token_watcher,
             tls_watcher,
@@ -149,6 +156,9 @@ impl Helpers {
         // Segments handed to the background sealer are cut and fsynced before the process exits.
         audit_helpers.stop();
         dispatcher.shutdown();
+        if sink_workers.stop() == 0 {
+            tracing::info!("sink workers stopped");
+        }
         // Joins it: no guest is left for its epochs to interrupt.
         drop(epoch_ticker);
         for watcher in [token_watcher, tls_watcher].into_iter().flatten() {

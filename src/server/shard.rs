@@ -15,45 +15,32 @@ use monoio::net::{TcpListener, TcpStream};
 use wasmtime::Engine;
 
 use super::conn;
-use crate::audit::segment::Helpers;
-use crate::audit::{AuditConfig, CommitSlot};
 use crate::auth::refusals::WINDOW;
-use crate::auth::{AuthConfig, TokenSet};
-use crate::config::{IoDriverChoice, Limits};
+use crate::config::IoDriverChoice;
 use crate::error::ApiError;
-use crate::functions::{AdminHandle, FunctionCache};
+use crate::functions::FunctionCache;
 use crate::http::Peer;
 use crate::metrics::{IoDriverKind, ShardMetrics};
 use crate::runtime::cpu;
 use crate::runtime::event::{race, Either};
 use crate::runtime::published::{Published, Subscription};
 use crate::runtime::slice_timer::SliceTimer;
-use crate::shard::{ConnectionGuard, Shard, ShardParts, Shared};
+use crate::shard::{ConnectionGuard, Shard, ShardParts};
 use crate::tls::TlsStream;
 
 /// io_uring submission queue depth per shard.
 pub(crate) const URING_ENTRIES: u32 = 1024;
 
-/// What a shard thread starts from.
+/// What a shard thread starts from: the parts of its state, and what only its thread uses.
 pub struct ShardInit {
-    pub id: usize,
+    pub parts: ShardParts,
     /// `None`: the shard floats over the process's allowed CPUs.
     pub cpu: Option<usize>,
     pub listener: StdListener,
-    pub engine: Engine,
-    pub limits: Arc<Limits>,
-    pub admin: AdminHandle,
-    pub auth: Arc<AuthConfig>,
-    pub tokens: Option<Arc<Published<TokenSet>>>,
     pub tls: Option<Arc<Published<rustls::ServerConfig>>>,
-    pub audit: Arc<AuditConfig>,
-    pub commit: Arc<CommitSlot>,
-    pub audit_helpers: Helpers,
-    pub shared: Arc<Shared>,
     pub io_driver: IoDriverChoice,
     /// How long the shard polls after a request before it sleeps (`--idle-spin-us`); zero: no spinner.
     pub spin_window: Duration,
-    pub shard_count: usize,
     pub drain_timeout: Duration,
     pub drain_rx: oneshot::Receiver<()>,
     pub started: Sender<Result<(), String>>,
@@ -65,10 +52,10 @@ static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
 pub fn run(init: ShardInit) {
     if let Some(cpu) = init.cpu {
         if let Err(e) = cpu::pin_current_thread(cpu) {
-            tracing::warn!(shard = init.id, cpu, "cannot pin shard to its CPU: {e}");
+            tracing::warn!(shard = init.parts.id, cpu, "cannot pin shard to its CPU: {e}");
         }
     }
-    let metrics = init.shared.shard_metrics[init.id].clone();
+    let metrics = init.parts.shared.shard_metrics[init.parts.id].clone();
     match init.io_driver {
         IoDriverChoice::Epoll => run_epoll(init, metrics),
         choice => {
@@ -91,7 +78,7 @@ pub fn run(init: ShardInit) {
                     run_epoll(init, metrics);
                 }
                 Err(e) => {
-                    let _ = init.started.send(Err(format!("io_uring unavailable on shard {}: {e}", init.id)));
+                    let _ = init.started.send(Err(format!("io_uring unavailable on shard {}: {e}", init.parts.id)));
                 }
             }
         }
@@ -105,54 +92,23 @@ fn run_epoll(init: ShardInit, metrics: Arc<ShardMetrics>) {
             rt.block_on(serve(init, IoDriverKind::Epoll));
         }
         Err(e) => {
-            let _ = init.started.send(Err(format!("cannot start shard {}: {e}", init.id)));
+            let _ = init.started.send(Err(format!("cannot start shard {}: {e}", init.parts.id)));
         }
     }
 }
 
 async fn serve(init: ShardInit, driver: IoDriverKind) {
-    let ShardInit {
-        id,
-        listener,
-        engine,
-        limits,
-        admin,
-        auth,
-        tokens,
-        tls,
-        audit,
-        commit,
-        audit_helpers,
-        shared,
-        spin_window,
-        shard_count,
-        drain_timeout,
-        drain_rx,
-        started,
-        ..
-    } = init;
-    let slice_timer = slice_timer(id, &engine, limits.guest_slice(), shared.shard_metrics[id].clone());
-    let (listener, functions, pump) = match open(id, listener, &engine, driver, slice_timer) {
+    let ShardInit { parts, listener, tls, spin_window, drain_timeout, drain_rx, started, .. } = init;
+    let metrics = parts.shared.shard_metrics[parts.id].clone();
+    let slice_timer = slice_timer(parts.id, &parts.engine, parts.limits.guest_slice(), metrics);
+    let (listener, functions, pump) = match open(parts.id, listener, &parts.engine, driver, slice_timer) {
         Ok(opened) => opened,
         Err(e) => {
             let _ = started.send(Err(e));
             return;
         }
     };
-    let shard = Rc::new(Shard::new(ShardParts {
-        id,
-        shard_count,
-        limits,
-        engine,
-        functions,
-        admin,
-        auth,
-        tokens,
-        audit,
-        commit,
-        audit_helpers,
-        shared,
-    }));
+    let shard = Rc::new(Shard::new(parts, functions));
     start_tasks(&shard, pump, spin_window, drain_rx);
     shard.shared.shard_started();
     let _ = started.send(Ok(()));

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::running::{Helpers, Running, ShardThread, Started};
 use super::{listener, shard, ServerError};
-use crate::audit::segment::HelperThreads;
+use crate::audit::helpers::HelperThreads;
 use crate::audit::{self, AuditConfig, AuditSync, CommitSlot};
 use crate::auth::{self, AuthConfig, TokenPolicy, TokenSet, TokenSource};
 use crate::config::{Limits, ServerConfig};
@@ -19,7 +19,7 @@ use crate::metrics::{Histogram, ShardMetrics};
 use crate::runtime::cpu;
 use crate::runtime::periodic::Periodic;
 use crate::runtime::published::Published;
-use crate::shard::{Lifecycle, Shared};
+use crate::shard::{Lifecycle, ShardParts, Shared};
 use crate::tls::TlsWatcher;
 use crate::wasm::{build_engine, EpochTicker};
 use tensor_wasm_dispatch::{DispatchConfig, Dispatcher};
@@ -48,7 +48,7 @@ pub fn start(config: &ServerConfig) -> Result<Running, ServerError> {
     let local_addr = listeners[0].local_addr().map_err(|e| ServerError::Runtime(e.to_string()))?;
     let catalog = Arc::new(Catalog::default());
     let (admin, catalog_worker) = start_catalog_worker(config, &engine, store, &catalog, &limits)?;
-    let sinks = crate::pipelines::sink::spawn(
+    let (sinks, sink_workers) = crate::pipelines::sink::spawn(
         config.sink_workers,
         config.sink_queue_depth,
         config.sink_max_inflight_per_tenant,
@@ -77,6 +77,7 @@ pub fn start(config: &ServerConfig) -> Result<Running, ServerError> {
         audit_group_commit: audit.group_commit,
         audit_helpers: audit.helper_threads,
         dispatcher,
+        sink_workers,
         epoch_ticker,
         token_watcher: tokens.watcher,
         tls_watcher: tls.watcher,
@@ -314,23 +315,26 @@ impl ShardTemplate<'_> {
         started: mpsc::Sender<Result<(), String>>,
     ) -> shard::ShardInit {
         let config = self.config;
-        shard::ShardInit {
+        let parts = ShardParts {
             id,
-            cpu: plan.pinned.as_ref().map(|pinned| pinned[id]),
-            listener,
-            engine: self.engine.clone(),
+            shard_count: plan.count,
             limits: self.limits.clone(),
+            engine: self.engine.clone(),
             admin: self.admin.clone(),
             auth: self.tokens.config.clone(),
             tokens: self.tokens.published.clone(),
-            tls: self.tls.published.clone(),
             audit: self.audit.config.clone(),
             commit: self.audit.commit_slots[id].clone(),
             audit_helpers: self.audit.helper_threads.helpers(),
             shared: self.shared.clone(),
+        };
+        shard::ShardInit {
+            parts,
+            cpu: plan.pinned.as_ref().map(|pinned| pinned[id]),
+            listener,
+            tls: self.tls.published.clone(),
             io_driver: config.io_driver,
             spin_window: config.idle_spin,
-            shard_count: plan.count,
             drain_timeout: Duration::from_millis(config.drain_timeout_ms),
             drain_rx,
             started,

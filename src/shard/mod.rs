@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use wasmtime::{Engine, Store};
 
-use crate::audit::segment::Helpers;
+use crate::audit::helpers::Helpers;
 use crate::audit::{AuditConfig, CommitSlot, ShardAudit};
 use crate::auth::refusals::Refusals;
 use crate::auth::{AuthConfig, ShardAuth, TokenSet};
@@ -69,13 +69,13 @@ pub struct Shard {
     max_running_per_tenant: u32,
 }
 
-/// What [`Shard::new`] builds a shard from, besides what its thread set up.
+/// What [`Shard::new`] builds a shard from, besides the function cache its thread sets up:
+/// start-up fills it in on the main thread and sends it to the shard's thread.
 pub struct ShardParts {
     pub id: usize,
     pub shard_count: usize,
     pub limits: Arc<Limits>,
     pub engine: Engine,
-    pub functions: FunctionCache,
     pub admin: AdminHandle,
     pub auth: Arc<AuthConfig>,
     pub tokens: Option<Arc<Published<TokenSet>>>,
@@ -88,21 +88,9 @@ pub struct ShardParts {
 
 impl Shard {
     /// A shard's state, with its shares of the process's limits.
-    pub fn new(parts: ShardParts) -> Shard {
-        let ShardParts {
-            id,
-            shard_count,
-            limits,
-            engine,
-            functions,
-            admin,
-            auth,
-            tokens,
-            audit,
-            commit,
-            audit_helpers,
-            shared,
-        } = parts;
+    pub fn new(parts: ShardParts, functions: FunctionCache) -> Shard {
+        let ShardParts { id, shard_count, limits, engine, admin, auth, tokens, audit, commit, audit_helpers, shared } =
+            parts;
         let per_shard = |total: usize| total.div_ceil(shard_count).max(1);
         let limits_max_concurrent = limits.max_concurrent_per_tenant as usize;
         // Exactly, not rounded up: the pooling allocator holds `--max-instances` and no more, so

@@ -347,6 +347,10 @@ fn classify(
     if state.output_exceeded {
         return Err(ApiError::OutputTooLarge { limit: limits.max_output_bytes });
     }
+    // A host function's `bug!`: 500 `internal`, not the guest's fault.
+    if let Some(ApiError::Bug(what)) = err.downcast_ref::<ApiError>() {
+        return Err(ApiError::Bug(what));
+    }
     match err.downcast_ref::<GuestStop>() {
         Some(GuestStop::Exit(0)) => return Ok(None),
         Some(GuestStop::Exit(code)) => return Err(ApiError::GuestExit { code: *code }),
@@ -359,5 +363,27 @@ fn classify(
         Some(Trap::StackOverflow) => Err(ApiError::GuestTrap("stack overflow: the call stack was exhausted".into())),
         Some(trap) => Err(ApiError::GuestTrap(trap.to_string())),
         None => Err(ApiError::GuestTrap(format!("{err}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bug_in_a_host_function_is_a_500_not_a_guest_trap() {
+        let limits = InvokeLimits {
+            timeout: Duration::from_secs(1),
+            memory_limit_mb: 1,
+            max_output_bytes: 1,
+            max_stderr_bytes: 1,
+            slice: Duration::from_millis(1),
+            max_table_elements: 1,
+        };
+        let state = GuestState::new(Arc::default(), Vec::new(), limits);
+        // What `bug!` evaluates to in a release build, returned by a host function.
+        let err = classify(wasmtime::Error::new(ApiError::Bug("it cannot happen")), &state, &limits).unwrap_err();
+        assert!(matches!(err, ApiError::Bug("it cannot happen")), "{err}");
+        assert_eq!((err.status().code(), err.kind()), (500, "internal"));
     }
 }

@@ -16,6 +16,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use wasmtime::{Caller, Engine, Extern, FuncType, Linker, Val, ValType};
 
 use super::invoke::{GuestState, GuestStop};
+use crate::error::bug;
 
 pub const MODULE: &str = "wasi_snapshot_preview1";
 
@@ -330,7 +331,12 @@ pub fn add_to_linker(linker: &mut Linker<GuestState>, engine: &Engine) -> wasmti
             while done < total {
                 let n = (total - done).min(RANDOM_CHUNK_BYTES);
                 let (mem, st) = memory(&mut c)?;
-                let dst = slice_mut(mem, (buf as u32 + done) as i32, n).expect("checked against memory above");
+                // Memory never shrinks, and the whole buffer was checked above.
+                let Some(dst) = slice_mut(mem, (buf as u32 + done) as i32, n) else {
+                    let bug =
+                        bug!("a buffer checked against memory stays in it", "random_get {buf} + {done}, {n} bytes");
+                    return Err(wasmtime::Error::new(bug));
+                };
                 if getrandom::fill(dst).is_err() {
                     return Ok(EINVAL);
                 }
