@@ -18,7 +18,8 @@ use super::store::{describe, FunctionStore};
 use crate::error::ApiError;
 use crate::wasm::compile::CompileBudget;
 use crate::wasm::module::{check_compiled, check_module, check_module_in_child, ModuleShape};
-use crate::wasm::{GuestProfiler, GuestState};
+use crate::config::GuestProfiler;
+use crate::wasm::GuestState;
 
 /// What loading and compiling a module needs; shared by the loading threads.
 pub struct ModuleLoader<'a> {

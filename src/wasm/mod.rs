@@ -10,7 +10,7 @@ pub mod module;
 pub mod tensor;
 pub mod wasi;
 
-pub use engine::{build_engine, EpochTicker, GuestProfiler};
+pub use engine::{build_engine, EpochTicker};
 pub use invoke::{invoke, Entry, GuestState, InvokeLimits, InvokeOutput, WasiArgs};
 pub use module::{check_module, new_linker};
 pub use tensor::TensorContext;
