@@ -2,27 +2,35 @@
 //! and nothing below the server names `crate::server`.
 //!
 //! The graph is read from the source text: an edge `a -> b` means a file of module `a` names
-//! `crate::b::...` (or `super::...` that resolves to `b`). A module naming its own descendants
-//! (a parent declaring or re-exporting its children) is no edge. Comments and unit tests (from a
-//! file's first `#[cfg(test)]` on) are skipped.
+//! `crate::...`, `super::...` or `self::...`, and what it names is defined in module `b`'s file.
+//! A name is followed through every `use` that brings it into a module's scope (`pub use` in a
+//! `mod.rs`, or a module's own import that a child reaches with `super::`) to the file that
+//! defines it, so a re-export hides no circle: `crate::wasm::GuestState` is an edge to
+//! `wasm::state`, not to `wasm`. A module naming itself or its own descendants is no edge.
+//! Comments and unit tests (from a file's first `#[cfg(test)]` on) are skipped.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 type Module = Vec<String>;
 
-fn src() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src")
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Every `.rs` file under `dir`, with the module it defines.
-fn modules(dir: &Path, out: &mut BTreeMap<Module, PathBuf>) {
+fn src() -> PathBuf {
+    root().join("src")
+}
+
+/// Every `.rs` file under `dir`, with the module it defines below `base` (`mod.rs`, `lib.rs` and
+/// `main.rs` define their folder's module).
+fn modules(base: &Path, dir: &Path, out: &mut BTreeMap<Module, PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.is_dir() {
-            modules(&path, out);
+            modules(base, &path, out);
         } else if path.extension().is_some_and(|e| e == "rs") {
-            let rel = path.strip_prefix(src()).unwrap().with_extension("");
+            let rel = path.strip_prefix(base).unwrap().with_extension("");
             let mut module: Module = rel.iter().map(|p| p.to_string_lossy().into_owned()).collect();
             if module.last().is_some_and(|l| l == "mod") {
                 module.pop();
@@ -39,13 +47,24 @@ fn strip_comments(text: &str) -> String {
     text.lines().map(|l| l.split("//").next().unwrap()).collect::<Vec<_>>().join("\n")
 }
 
-/// The paths of a use tree starting at `s` (just past `crate::` or `super::`): `a::b`,
-/// `a::{b, c::{d}}`, `{a, b}`.
-fn use_tree(s: &[u8], mut i: usize, prefix: Vec<String>, out: &mut Vec<Vec<String>>) -> usize {
+/// A file's text as the graph reads it: without comments, and without its unit tests (at the end
+/// of a file; their `super` is the file).
+fn code(file: &Path) -> String {
+    let text = strip_comments(&std::fs::read_to_string(file).unwrap());
+    text.split("#[cfg(test)]").next().unwrap().to_string()
+}
+
+fn is_ident(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_'
+}
+
+/// The paths of a use tree starting at `s[i]`, each with the name it brings into scope: `a::b`,
+/// `a::{b, c::{d}}`, `{a, b}`, `a as b`, `a::{self, b}`.
+fn use_tree(s: &[u8], mut i: usize, prefix: Vec<String>, out: &mut Vec<(Vec<String>, String)>) -> usize {
     let mut path = prefix;
     loop {
         let start = i;
-        while i < s.len() && (s[i].is_ascii_alphanumeric() || s[i] == b'_') {
+        while i < s.len() && is_ident(s[i]) {
             i += 1;
         }
         if i > start {
@@ -65,45 +84,155 @@ fn use_tree(s: &[u8], mut i: usize, prefix: Vec<String>, out: &mut Vec<Vec<Strin
                     return i + 1;
                 }
                 i = use_tree(s, i, path.clone(), out);
-                // Skip `as name` and anything else up to the next item.
+                // Anything else up to the next item.
                 while i < s.len() && s[i] != b',' && s[i] != b'}' {
                     i += 1;
                 }
             }
         }
-        out.push(path);
+        if path.last().is_some_and(|l| l == "self") {
+            path.pop();
+        }
+        let mut name = path.last().cloned().unwrap_or_default();
+        let rest = &s[i..];
+        let spaces = rest.iter().take_while(|b| b.is_ascii_whitespace()).count();
+        if rest[spaces..].starts_with(b"as ") {
+            let at = i + spaces + 3;
+            let end = at + s[at..].iter().take_while(|b| is_ident(**b)).count();
+            name = String::from_utf8_lossy(&s[at..end]).into_owned();
+            i = end;
+        }
+        out.push((path, name));
         return i;
     }
 }
 
-fn graph() -> BTreeMap<Module, BTreeSet<Module>> {
-    let mut files = BTreeMap::new();
-    modules(&src(), &mut files);
-    let resolve = |path: &[String]| (1..=path.len()).rev().map(|n| path[..n].to_vec()).find(|m| files.contains_key(m));
-    let mut edges: BTreeMap<Module, BTreeSet<Module>> = BTreeMap::new();
-    for (module, file) in &files {
-        if module.is_empty() {
-            continue;
+/// `path` as seen from `module`, from the crate root: `crate`, `super` and `self` resolved.
+fn absolute(module: &[String], path: &[String]) -> Option<Module> {
+    let mut out = match path.first().map(String::as_str) {
+        Some("crate") => Vec::new(),
+        Some("super" | "self") => module.to_vec(),
+        _ => return None,
+    };
+    for (n, segment) in path.iter().enumerate() {
+        match segment.as_str() {
+            "crate" if n == 0 => {}
+            "self" if n == 0 => {}
+            "super" => {
+                out.pop()?;
+            }
+            _ => out.push(segment.clone()),
         }
-        let text = strip_comments(&std::fs::read_to_string(file).unwrap());
+    }
+    Some(out)
+}
+
+/// What a `use` brings into scope: its path from the crate root, or `None` for another crate's.
+enum Import {
+    Ours(Module),
+    Theirs,
+}
+
+struct Crate {
+    files: BTreeMap<Module, PathBuf>,
+    code: BTreeMap<Module, String>,
+}
+
+impl Crate {
+    fn read() -> Crate {
+        let mut files = BTreeMap::new();
+        modules(&src(), &src(), &mut files);
+        let code = files.iter().map(|(m, f)| (m.clone(), code(f))).collect();
+        Crate { files, code }
+    }
+
+    /// The module whose file defines what `path` (from the crate root) names, following `use`s;
+    /// `None` for a name of the crate root or of another crate.
+    fn resolve(&self, path: &[String]) -> Option<Module> {
+        self.resolve_within(path, 16)
+    }
+
+    fn resolve_within(&self, path: &[String], hops: usize) -> Option<Module> {
+        let n = (1..=path.len()).rev().find(|&n| self.files.contains_key(&path[..n]))?;
+        let module = path[..n].to_vec();
+        let Some(item) = path.get(n).filter(|_| hops > 0) else { return Some(module) };
+        match self.imported(&module, item) {
+            Some(Import::Ours(mut from)) => {
+                from.extend_from_slice(&path[n + 1..]);
+                self.resolve_within(&from, hops - 1).or(Some(module))
+            }
+            Some(Import::Theirs) => None,
+            None => Some(module),
+        }
+    }
+
+    /// Where `module` brings `item` into its scope with a `use` (at the top level of its file).
+    fn imported(&self, module: &Module, item: &str) -> Option<Import> {
+        let text = &self.code[module];
+        let mut offset = 0;
+        for line in text.split_inclusive('\n') {
+            let at = offset;
+            offset += line.len();
+            let Some(after) = ["use ", "pub use ", "pub(crate) use ", "pub(super) use "]
+                .iter()
+                .find_map(|kw| line.starts_with(kw).then(|| at + kw.len()))
+            else {
+                continue;
+            };
+            let mut leaves = Vec::new();
+            use_tree(text.as_bytes(), after, Vec::new(), &mut leaves);
+            for (path, name) in leaves {
+                if name != item {
+                    continue;
+                }
+                if let Some(from) = absolute(module, &path) {
+                    return Some(Import::Ours(from));
+                }
+                // A child module (`pub use engine::build_engine`), else another crate.
+                let mut child = module.clone();
+                child.push(path[0].clone());
+                if self.files.contains_key(&child) {
+                    child.extend_from_slice(&path[1..]);
+                    return Some(Import::Ours(child));
+                }
+                return Some(Import::Theirs);
+            }
+        }
+        None
+    }
+
+    /// Every path a module's code names from `crate::`, `super::` or `self::`, from the crate root.
+    fn named(&self, module: &Module) -> Vec<Module> {
+        let text = &self.code[module];
         let bytes = text.as_bytes();
-        // Unit tests (at the end of a file) are not part of the shape; their `super` is the file.
-        let text = text.split("#[cfg(test)]").next().unwrap();
-        let parent = &module[..module.len() - 1];
         let mut paths = Vec::new();
-        for (needle, prefix) in [("crate::", Vec::new()), ("super::", parent.to_vec())] {
+        let mut leaves = Vec::new();
+        for needle in ["crate::", "super::", "self::"] {
             let mut from = 0;
             while let Some(at) = text[from..].find(needle) {
                 let i = from + at;
-                let boundary = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
                 from = i + needle.len();
-                if boundary {
-                    from = use_tree(bytes, from, prefix.clone(), &mut paths).max(from);
+                if i == 0 || !(is_ident(bytes[i - 1]) || bytes[i - 1] == b':') {
+                    from = use_tree(bytes, i, Vec::new(), &mut leaves).max(from);
                 }
             }
         }
-        for path in paths {
-            let Some(target) = resolve(&path) else { continue };
+        for (path, _) in leaves {
+            paths.extend(absolute(module, &path));
+        }
+        paths
+    }
+}
+
+fn graph() -> BTreeMap<Module, BTreeSet<Module>> {
+    let krate = Crate::read();
+    let mut edges: BTreeMap<Module, BTreeSet<Module>> = BTreeMap::new();
+    for module in krate.files.keys() {
+        if module.is_empty() {
+            continue;
+        }
+        for path in krate.named(module) {
+            let Some(target) = krate.resolve(&path) else { continue };
             if target.starts_with(module) {
                 continue;
             }
@@ -160,15 +289,21 @@ fn circles(edges: &BTreeMap<Module, BTreeSet<Module>>) -> Vec<Vec<Module>> {
     st.found
 }
 
+fn module(path: &str) -> Module {
+    path.split("::").map(String::from).collect()
+}
+
 #[test]
 fn the_reader_finds_edges() {
     let edges = graph();
-    let conn: Module = vec!["server".into(), "conn".into()];
-    let api: Module = vec!["api".into()];
-    assert!(edges[&conn].contains(&api), "the connection loop names api::handle");
-    let module: Module = vec!["wasm".into(), "module".into()];
-    let tensor: Module = vec!["wasm".into(), "tensor".into()];
-    assert!(edges[&module].contains(&tensor), "`use super::{{tensor, ..}}` is an edge");
+    assert!(edges[&module("server::conn")].contains(&module("api")), "the connection loop names api::handle");
+    assert!(edges[&module("wasm::module")].contains(&module("wasm::tensor")), "`use super::{{tensor, ..}}` is an edge");
+    // Followed to the defining file: `crate::wasm::GuestState` is re-exported by wasm/mod.rs from
+    // wasm/state.rs, and `crate::wasm::module::ModuleShape` by wasm/module.rs from config.
+    let loader = &edges[&module("functions::loader")];
+    assert!(loader.contains(&module("wasm::state")), "{loader:?}");
+    assert!(loader.contains(&module("config")), "{loader:?}");
+    assert!(!loader.contains(&module("wasm")), "a re-export is no edge to the module that re-exports: {loader:?}");
     assert!(edges.len() > 40, "{} modules with edges", edges.len());
 }
 
@@ -194,19 +329,22 @@ fn no_import_circles_between_modules() {
 #[test]
 fn nothing_below_the_server_names_it() {
     // Only what starts the server may name it: the CLI, and the server's own children.
-    // `wasm::tensor` is owned by another change and still names `server::fair_yield`, a
-    // re-export of `runtime::fair_yield`.
-    let allowed = ["cli", "server", "wasm/tensor.rs"];
+    let allowed = |m: &Module| m.first().is_some_and(|top| top == "cli" || top == "server");
+    let edges = graph();
+    let mut found: BTreeSet<String> = edges
+        .iter()
+        .filter(|(from, to)| !allowed(from) && to.iter().any(|t| t.first().is_some_and(|top| top == "server")))
+        .map(|(from, _)| from.join("::"))
+        .collect();
+    // Unit tests too, which the graph skips.
     let mut files = BTreeMap::new();
-    modules(&src(), &mut files);
-    let mut found = Vec::new();
-    for file in files.values() {
-        let rel = file.strip_prefix(src()).unwrap().to_string_lossy().into_owned();
-        if allowed.iter().any(|a| rel == *a || rel.starts_with(&format!("{a}/")) || rel == format!("{a}.rs")) {
-            continue;
-        }
-        if strip_comments(&std::fs::read_to_string(file).unwrap()).contains("crate::server") {
-            found.push(rel);
+    modules(&src(), &src(), &mut files);
+    for (m, file) in &files {
+        if !m.is_empty()
+            && !allowed(m)
+            && strip_comments(&std::fs::read_to_string(file).unwrap()).contains("crate::server")
+        {
+            found.insert(m.join("::"));
         }
     }
     assert!(found.is_empty(), "modules below the server that name it: {found:?}");
@@ -220,10 +358,10 @@ fn nothing_below_the_server_names_it() {
 fn every_path_the_map_names_exists() {
     let map = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/ARCHITECTURE.md")).unwrap();
     let mut ours = BTreeMap::new();
-    modules(&src(), &mut ours);
+    modules(&src(), &src(), &mut ours);
     let mut dispatch = BTreeMap::new();
-    let dispatch_src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("dispatch/src");
-    dispatch_modules(&dispatch_src, &dispatch_src, &mut dispatch);
+    let dispatch_src = root().join("dispatch/src");
+    modules(&dispatch_src, &dispatch_src, &mut dispatch);
     let mut missing = Vec::new();
     for quoted in map.split('`').skip(1).step_by(2) {
         let path: Vec<&str> = quoted.split("::").collect();
@@ -241,23 +379,6 @@ fn every_path_the_map_names_exists() {
         }
     }
     assert!(missing.is_empty(), "docs/ARCHITECTURE.md names paths that do not exist: {missing:?}");
-}
-
-/// The dispatch crate's modules, as `modules` reads ours.
-fn dispatch_modules(root: &Path, dir: &Path, out: &mut BTreeMap<Module, PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            dispatch_modules(root, &path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            let rel = path.strip_prefix(root).unwrap().with_extension("");
-            let mut module: Module = rel.iter().map(|p| p.to_string_lossy().into_owned()).collect();
-            if module.last().is_some_and(|l| l == "mod" || l == "lib") {
-                module.pop();
-            }
-            out.insert(module, path);
-        }
-    }
 }
 
 /// Whether `path` is a module of `tree` (by its last segments; none: the crate root) followed by
