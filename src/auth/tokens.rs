@@ -195,6 +195,13 @@ pub fn lookup_key(presented: &[u8]) -> [u8; 32] {
 }
 
 impl TokenEntry {
+    /// Requests admitted and refused for the rate, summed over the shards.
+    pub fn totals(&self) -> (u64, u64) {
+        self.counts
+            .iter()
+            .fold((0, 0), |(admitted, limited), c| (admitted + c.admitted.get(), limited + c.limited.get()))
+    }
+
     /// Whether `presented` is this token, in constant time.
     pub fn matches(&self, presented: &[u8]) -> bool {
         constant_time_eq(&self.secret, presented)
