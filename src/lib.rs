@@ -98,11 +98,11 @@ pub mod catalog {
 /// baseline server, which runs guests with our WASI (bench/src/baseline.rs), the fuzz targets
 /// and the property tests.
 pub mod guest {
+    pub use crate::config::GuestProfiler;
     pub use crate::wasm::envelope::{decode_output, encode_input, Headers};
     pub use crate::wasm::tensor::{decode_create_args, decode_typed_create_args};
     pub use crate::wasm::{
-        build_engine, check_module, invoke, new_linker, Entry, EpochTicker, GuestProfiler, GuestState, InvokeLimits,
-        WasiArgs,
+        build_engine, check_module, invoke, new_linker, Entry, EpochTicker, GuestState, InvokeLimits, WasiArgs,
     };
 }
 

@@ -1,6 +1,6 @@
 use crate::error::ApiError;
 use crate::http::{Response, Status};
-use crate::metrics::{render, ScrapeContext};
+use crate::metrics::{render, ScrapeContext, TokenCounts};
 use crate::shard::Shard;
 
 pub fn healthz() -> Response {
@@ -29,7 +29,14 @@ pub fn metrics(shard: &Shard) -> Response {
         pipelines: shared.catalog.pipelines().load().1.len(),
         directory: shared.watches_directory.then_some(&shared.catalog.directory),
         ready: shared.is_ready() && !shared.is_draining(),
-        tokens: tokens.as_deref(),
+        tokens: tokens.as_deref().map(|set| {
+            set.entries()
+                .map(|(_, e)| {
+                    let (admitted, limited) = e.totals();
+                    TokenCounts { id: &e.id, admitted, limited }
+                })
+                .collect()
+        }),
         audit_sync: &shared.audit_sync,
         dispatcher: &shared.dispatcher,
     });

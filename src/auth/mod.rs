@@ -17,14 +17,12 @@ use std::sync::Arc;
 
 use crate::cidr::Cidr;
 use crate::error::ApiError;
+use crate::http::header_rules::TENANT_HEADER;
 use crate::http::RequestHead;
 use crate::runtime::published::{Derived, Published};
 use rate_limit::LocalAllowance;
 pub use rate_limit::RateLimit;
 pub use tokens::{Scope, TokenEntry, TokenPolicy, TokenSet};
-
-/// The header that names the tenant a request acts for.
-pub const TENANT_HEADER: &str = "x-tensor-wasm-tenant";
 
 /// Where the token list comes from. No `Debug`: it may hold the tokens themselves.
 #[derive(Clone)]

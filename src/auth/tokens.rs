@@ -19,7 +19,6 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 use super::rate_limit::{GlobalBucket, RateLimit};
-use crate::functions::record::hex;
 use crate::metrics::Counter;
 use crate::runtime::padded::CachePadded;
 
@@ -196,6 +195,13 @@ pub fn lookup_key(presented: &[u8]) -> [u8; 32] {
 }
 
 impl TokenEntry {
+    /// Requests admitted and refused for the rate, summed over the shards.
+    pub fn totals(&self) -> (u64, u64) {
+        self.counts
+            .iter()
+            .fold((0, 0), |(admitted, limited), c| (admitted + c.admitted.get(), limited + c.limited.get()))
+    }
+
     /// Whether `presented` is this token, in constant time.
     pub fn matches(&self, presented: &[u8]) -> bool {
         constant_time_eq(&self.secret, presented)
@@ -207,7 +213,8 @@ impl TokenEntry {
 pub fn token_id(key: &[u8], token: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
     mac.update(token);
-    hex(&mac.finalize().into_bytes()[..8])
+    let first: [u8; 8] = mac.finalize().into_bytes()[..8].try_into().expect("SHA-256 has 32 bytes");
+    format!("{:016x}", u64::from_be_bytes(first))
 }
 
 /// Equality whose running time depends only on the lengths.

@@ -117,8 +117,8 @@ pub fn main() -> i32 {
         Command::Backup(args) => backup::run(args, false),
         Command::Restore(args) => backup::run(args, true),
         Command::CompileGuest { guest_perf_map } => crate::wasm::compile::child_main(match guest_perf_map {
-            true => crate::wasm::GuestProfiler::PerfMap,
-            false => crate::wasm::GuestProfiler::Off,
+            true => crate::config::GuestProfiler::PerfMap,
+            false => crate::config::GuestProfiler::Off,
         }),
         Command::Serve(args) => serve::run(*args),
     }

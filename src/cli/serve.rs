@@ -516,8 +516,8 @@ impl ServeArgs {
             auth,
             audit,
             guest_profiler: match self.guest_perf_map {
-                true => crate::wasm::GuestProfiler::PerfMap,
-                false => crate::wasm::GuestProfiler::Off,
+                true => crate::config::GuestProfiler::PerfMap,
+                false => crate::config::GuestProfiler::Off,
             },
             tls: match (self.tls_cert, self.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: self.tls_client_ca }),

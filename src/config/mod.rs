@@ -58,8 +58,18 @@ pub struct ServerConfig {
     /// `None`: plain HTTP.
     pub tls: Option<TlsFiles>,
     /// Whether the engine names compiled guest code for `perf` (`--guest-perf-map`).
-    pub guest_profiler: crate::wasm::GuestProfiler,
+    pub guest_profiler: GuestProfiler,
     pub limits: Limits,
+}
+
+/// Whether the engine tells a profiler the names of the guest code it compiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestProfiler {
+    Off,
+    /// perf reads /tmp/perf-PID.map to name JIT code; without it a guest is bare addresses under
+    /// `catch_traps`. The map grows by a line per function of every module compiled and is never
+    /// trimmed, so it is for profiling sessions, not for production.
+    PerfMap,
 }
 
 /// Limits shared read-only by every shard.

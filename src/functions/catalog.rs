@@ -1,10 +1,11 @@
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use wasmtime::Module;
 
 use super::FunctionRecord;
+use crate::metrics::DirectoryStats;
 use crate::pipelines::PipelineRecord;
 use crate::runtime::published::Published;
 use crate::wasm::WasiArgs;
@@ -59,15 +60,6 @@ pub fn function_json(record: &FunctionRecord, broken: Option<&str>) -> serde_jso
 pub type FunctionMap = BTreeMap<String, Arc<DeployedFunction>>;
 /// Pipelines by id.
 pub type PipelineMap = BTreeMap<String, Arc<PipelineRecord>>;
-
-/// What the functions directory's watcher has done, for `/metrics`.
-#[derive(Default)]
-pub struct DirectoryStats {
-    /// Functions and pipelines added, replaced or removed.
-    pub changes: AtomicU64,
-    /// Modules, manifests and files that could not be loaded.
-    pub errors: AtomicU64,
-}
 
 /// The authoritative set of live functions: the one piece of function state shared across shards.
 ///

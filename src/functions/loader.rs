@@ -15,10 +15,11 @@ use std::sync::Mutex;
 use wasmtime::{Engine, Linker, Module};
 
 use super::store::{describe, FunctionStore};
+use crate::config::GuestProfiler;
 use crate::error::ApiError;
 use crate::wasm::compile::CompileBudget;
 use crate::wasm::module::{check_compiled, check_module, check_module_in_child, ModuleShape};
-use crate::wasm::{GuestProfiler, GuestState};
+use crate::wasm::GuestState;
 
 /// What loading and compiling a module needs; shared by the loading threads.
 pub struct ModuleLoader<'a> {

@@ -2,6 +2,10 @@
 //! request headers to guests and guest headers to responses and sinks; these rules keep framing,
 //! credentials and connection management out of guests' hands.
 
+/// The header that names the tenant a request acts for (`auth` checks it against the token's
+/// scope).
+pub const TENANT_HEADER: &str = "x-tensor-wasm-tenant";
+
 /// Headers about one hop's connection (RFC 9110 §7.6.1), or about this message's framing.
 fn is_hop_or_framing(name: &str) -> bool {
     const NAMES: [&str; 10] = [
@@ -22,9 +26,7 @@ fn is_hop_or_framing(name: &str) -> bool {
 /// Whether a request header is passed to an envelope guest: not hop-by-hop or framing, not the
 /// credentials, not the tenant (the guest runs for exactly one tenant anyway).
 pub fn passes_to_guest(name: &str) -> bool {
-    !is_hop_or_framing(name)
-        && !name.eq_ignore_ascii_case("authorization")
-        && !name.eq_ignore_ascii_case(crate::auth::TENANT_HEADER)
+    !is_hop_or_framing(name) && !name.eq_ignore_ascii_case("authorization") && !name.eq_ignore_ascii_case(TENANT_HEADER)
 }
 
 /// Whether a guest's header goes out on a response or a sink request. The server writes these
@@ -41,15 +43,8 @@ pub fn passes_from_guest(name: &str) -> bool {
 /// certificate (`x-forwarded-client-cert`) or an address (`forwarded`, `x-forwarded-*`), nor
 /// the tenant header, which another TensorWasm behind the sink would act on.
 pub fn passes_to_sink(name: &str) -> bool {
-    const CREDENTIALS_AND_FORWARDING: [&str; 7] = [
-        "authorization",
-        "proxy-authorization",
-        "cookie",
-        "set-cookie",
-        "forwarded",
-        "x-real-ip",
-        crate::auth::TENANT_HEADER,
-    ];
+    const CREDENTIALS_AND_FORWARDING: [&str; 7] =
+        ["authorization", "proxy-authorization", "cookie", "set-cookie", "forwarded", "x-real-ip", TENANT_HEADER];
     let forwarded = name.as_bytes().get(..12).is_some_and(|p| p.eq_ignore_ascii_case(b"x-forwarded-"));
     passes_from_guest(name) && !forwarded && !CREDENTIALS_AND_FORWARDING.iter().any(|n| n.eq_ignore_ascii_case(name))
 }

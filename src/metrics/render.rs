@@ -1,13 +1,30 @@
 use std::fmt::Write;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use tensor_wasm_dispatch::{Dispatcher, Op};
 
 use super::shard::{Histogram, ShardMetrics};
-use crate::auth::{TokenEntry, TokenSet};
-use crate::functions::catalog::DirectoryStats;
 use crate::http::{Method, Status};
 use crate::route::Route;
+
+/// What the functions directory's watcher has done, for `/metrics`.
+#[derive(Default)]
+pub struct DirectoryStats {
+    /// Functions and pipelines added, replaced or removed.
+    pub changes: AtomicU64,
+    /// Modules, manifests and files that could not be loaded.
+    pub errors: AtomicU64,
+}
+
+/// One token's requests, summed over the shards.
+pub struct TokenCounts<'a> {
+    /// The token's `token_id`.
+    pub id: &'a str,
+    pub admitted: u64,
+    /// Refused with 429 for the token's rate.
+    pub limited: u64,
+}
 
 /// What a scrape reads besides the shards' own figures.
 pub struct ScrapeContext<'a> {
@@ -19,8 +36,8 @@ pub struct ScrapeContext<'a> {
     /// `None` without `--functions-dir`.
     pub directory: Option<&'a DirectoryStats>,
     pub ready: bool,
-    /// The current token list; `None` in dev mode.
-    pub tokens: Option<&'a TokenSet>,
+    /// Every token of the current list; `None` in dev mode.
+    pub tokens: Option<Vec<TokenCounts<'a>>>,
     /// The audit group commit's fdatasync durations.
     pub audit_sync: &'a Histogram,
     pub dispatcher: &'a Dispatcher,
@@ -185,16 +202,12 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
         let _ = writeln!(out, "{name} {value}");
     }
 
-    if let Some(tokens) = ctx.tokens {
-        let mut entries: Vec<_> = tokens.entries().map(|(_, e)| e).collect();
-        entries.sort_by(|a, b| a.id.cmp(&b.id));
+    if let Some(tokens) = &ctx.tokens {
+        let mut entries: Vec<_> = tokens.iter().collect();
+        entries.sort_by(|a, b| a.id.cmp(b.id));
         let per_token: [(&str, &str, TokenSample); 2] = [
-            ("tensor_wasm_rate_limit_admitted_total", "Requests admitted, per token.", |e| {
-                e.counts.iter().map(|c| c.admitted.get()).sum()
-            }),
-            ("tensor_wasm_rate_limit_limited_total", "Requests refused with 429 for the token's rate.", |e| {
-                e.counts.iter().map(|c| c.limited.get()).sum()
-            }),
+            ("tensor_wasm_rate_limit_admitted_total", "Requests admitted, per token.", |e| e.admitted),
+            ("tensor_wasm_rate_limit_limited_total", "Requests refused with 429 for the token's rate.", |e| e.limited),
         ];
         for (name, help, value) in per_token {
             header(&mut out, name, "counter", help);
@@ -343,8 +356,8 @@ fn histogram(out: &mut String, name: &str, labels: &str, series: &[&Histogram]) 
     let _ = writeln!(out, "{name}_count{braced} {count}");
 }
 
-/// A per-token sample: the value summed over the shards.
-type TokenSample = fn(&TokenEntry) -> u64;
+/// A per-token sample.
+type TokenSample = fn(&TokenCounts<'_>) -> u64;
 
 /// A per-shard sample: extra labels (`,name="value"`…) and the value.
 type ShardSample = fn(&ShardMetrics) -> (String, u64);

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use wasmtime::{Engine, Module};
 
-use super::engine::{compiler_engine, GuestProfiler};
-use crate::config::CompilePriority;
+use super::engine::compiler_engine;
+use crate::config::{CompilePriority, GuestProfiler};
 use crate::error::ApiError;
 use crate::runtime::cpu::cpu_time_from_stat;
 

@@ -5,17 +5,7 @@ use std::time::Duration;
 
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, ModuleVersionStrategy, PoolingAllocationConfig};
 
-use crate::config::Limits;
-
-/// Whether the engine tells a profiler the names of the guest code it compiles.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GuestProfiler {
-    Off,
-    /// perf reads /tmp/perf-PID.map to name JIT code; without it a guest is bare addresses under
-    /// `catch_traps`. The map grows by a line per function of every module compiled and is never
-    /// trimmed, so it is for profiling sessions, not for production.
-    PerfMap,
-}
+use crate::config::{GuestProfiler, Limits};
 
 /// The one engine of the process: async (guests yield to their shard), epoch interruption
 /// (deadlines without a timer per request), and the pooling allocator with copy-on-write memory

@@ -7,10 +7,11 @@ pub mod engine;
 pub mod envelope;
 pub mod invoke;
 pub mod module;
+pub mod state;
 pub mod tensor;
 pub mod wasi;
 
-pub use engine::{build_engine, EpochTicker, GuestProfiler};
-pub use invoke::{invoke, Entry, GuestState, InvokeLimits, InvokeOutput, WasiArgs};
+pub use engine::{build_engine, EpochTicker};
+pub use invoke::{invoke, Entry, InvokeOutput};
 pub use module::{check_module, new_linker};
-pub use tensor::TensorContext;
+pub use state::{GuestState, InvokeLimits, TensorContext, WasiArgs};

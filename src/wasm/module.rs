@@ -89,7 +89,7 @@ pub fn check_module_in_child(
     wasm: &[u8],
     shape: &ModuleShape,
     budget: super::compile::CompileBudget,
-    profiler: super::GuestProfiler,
+    profiler: crate::config::GuestProfiler,
 ) -> Result<Module, ApiError> {
     check_shape(wasm, shape)?;
     let module = super::compile::compile_in_child(engine, wasm, budget, profiler)?;

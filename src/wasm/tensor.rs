@@ -8,15 +8,13 @@
 //! `tensor_last_error` copies out. Handles index the invocation's own table, so a guest cannot name
 //! another invocation's tensor, and the `Session` frees them all when the store is dropped.
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use tensor_wasm_dispatch::{status, Args, Call, DType, Dispatcher, Done, Op, Session, MAX_RANK};
+use tensor_wasm_dispatch::{status, Args, Call, DType, Done, Op, Session, MAX_RANK};
 use wasmtime::{Caller, Linker};
 
-use super::invoke::GuestState;
+use super::state::{GuestState, TensorContext};
 use super::wasi::{memory, slice, slice_mut};
-use crate::metrics::ShardMetrics;
 use crate::runtime::fair_yield;
 
 pub const MODULE: &str = "tensor_wasm";
@@ -75,43 +73,6 @@ pub fn provides(name: &str) -> bool {
 
 /// The one dtype the original `tensor_create` takes; `tensor_create_typed` takes them all.
 const DTYPE_F32: i32 = DType::F32 as i32;
-
-/// What a tensor-using invocation carries in its store.
-pub struct TensorContext {
-    dispatcher: Arc<Dispatcher>,
-    shard: usize,
-    tenant: u64,
-    metrics: Arc<ShardMetrics>,
-    /// The invocation's deadline: no wait for ring room outlasts it.
-    pub(super) deadline: Instant,
-    /// Made at the first tensor call; dropping it frees every tensor and returns the quota.
-    session: Option<Session>,
-    last_error: String,
-}
-
-impl TensorContext {
-    pub fn new(dispatcher: Arc<Dispatcher>, shard: usize, tenant: u64, metrics: Arc<ShardMetrics>) -> Self {
-        TensorContext {
-            dispatcher,
-            shard,
-            tenant,
-            metrics,
-            deadline: Instant::now(),
-            session: None,
-            last_error: String::new(),
-        }
-    }
-
-    fn session(&mut self) -> &mut Session {
-        let (d, shard, tenant) = (&self.dispatcher, self.shard, self.tenant);
-        self.session.get_or_insert_with(|| Session::new(d.clone(), shard, tenant))
-    }
-
-    fn fail(&mut self, code: i32, message: impl std::fmt::Display) -> i32 {
-        self.last_error = format!("{}: {message}", status::name(code));
-        code
-    }
-}
 
 type Ctx<'a> = Caller<'a, GuestState>;
 

@@ -15,7 +15,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use wasmtime::{Caller, Engine, Extern, FuncType, Linker, Val, ValType};
 
-use super::invoke::{GuestState, GuestStop};
+use super::state::{GuestState, GuestStop};
 use crate::error::bug;
 
 pub const MODULE: &str = "wasi_snapshot_preview1";

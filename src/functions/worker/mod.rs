@@ -30,11 +30,10 @@ use super::catalog::PipelineMap;
 use super::loader::{self, ModuleLoader};
 use super::queue;
 use super::{Catalog, DeployedFunction, FunctionRecord, FunctionStore};
-use crate::config::{CompilePriority, Limits};
+use crate::config::{CompilePriority, GuestProfiler, Limits};
 use crate::error::ApiError;
 use crate::wasm::compile::CompileBudget;
 use crate::wasm::module::ModuleShape;
-use crate::wasm::GuestProfiler;
 use crate::wasm::{new_linker, GuestState};
 
 pub use crate::config::DirectoryConfig;
