@@ -401,7 +401,7 @@ fn the_map_check_catches_a_wrong_name() {
         "`ShardMetrics`",
         "`--max-instances`",
         "`tensor-wasm-abi`",
-        "| `runtime` | `published`, `fair_yield::Turn::take_new_slice` |",
+        "| `runtime` | `published`, `fair_yield::Turn::within_slice` |",
     ] {
         assert!(unknown_names(right).is_empty(), "{right} failed: {:?}", unknown_names(right));
     }

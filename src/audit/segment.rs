@@ -116,8 +116,12 @@ impl ActiveSegment {
     }
 
     fn reserve(file: &File, capacity: usize) -> io::Result<()> {
+        // With the shard's slice timer held back: tmpfs's fallocate fails with EINTR on any pending
+        // signal, and undoes what it reserved.
         // SAFETY: fallocate on an fd we own.
-        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, capacity as libc::off_t) };
+        let rc = crate::runtime::slice_timer::ticks_held(|| unsafe {
+            libc::posix_fallocate(file.as_raw_fd(), 0, capacity as libc::off_t)
+        });
         if rc != 0 {
             return Err(io::Error::from_raw_os_error(rc));
         }

@@ -257,7 +257,6 @@ pub fn pump(flush: bool, slice_timer: Option<SliceTimer>) -> std::io::Result<imp
 #[derive(Clone, Default)]
 pub struct Turn(Arc<TurnState>);
 
-#[derive(Default)]
 pub struct TurnState {
     latest: AtomicU64,
     /// How often the invocation yielded: its first [`FRESH_YIELDS`] yields queue as fresh.
@@ -265,8 +264,20 @@ pub struct TurnState {
     /// Whether it is counted among the shard's long runners (it yielded as one, and has not
     /// ended).
     long: AtomicBool,
-    /// When the pump let it go, until [`Turn::take_new_slice`] took it.
-    resumed_at: std::sync::Mutex<Option<std::time::Instant>>,
+    /// When its current slice began: when the invocation started, then each time the pump let
+    /// it go.
+    slice_started: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Default for TurnState {
+    fn default() -> Self {
+        TurnState {
+            latest: AtomicU64::new(0),
+            yields: AtomicU32::new(0),
+            long: AtomicBool::new(false),
+            slice_started: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
 }
 
 impl Turn {
@@ -282,14 +293,15 @@ impl Turn {
         FairYield { state: YieldState::New, turn: Some(self.0.clone()), class }
     }
 
-    /// Whether the invocation was let go less than `within` ago: its epoch deadline, set when it
-    /// yielded, passed while it waited, and it is owed a whole slice from now rather than a yield
-    /// at its first look at the epoch (which would make every parked guest of a shard cycle
-    /// through the pump once per tick for nothing). Let go longer ago, the deadline that fired is
-    /// the one at the end of its slice.
-    pub fn take_new_slice(&self, within: std::time::Duration) -> bool {
-        let resumed_at = self.0.resumed_at.lock().unwrap_or_else(|e| e.into_inner()).take();
-        resumed_at.is_some_and(|at| at.elapsed() < within)
+    /// Whether the invocation's current slice began less than `within` ago, so that a tick now
+    /// is not the end of it: the epoch is the engine's, and every shard's slice timer and the
+    /// ticker advance it, so a tick may come microseconds after the guest started or was let go
+    /// (its epoch deadline, set when it yielded, also passed while it waited). Yielding at such a
+    /// tick would shorten every guest's slices by the number of shards ticking, make a short
+    /// invocation yield (and count as a long runner) for another shard's guests, and cycle
+    /// parked guests through the pump for nothing.
+    pub fn within_slice(&self, within: std::time::Duration) -> bool {
+        self.0.slice_started.lock().unwrap_or_else(|e| e.into_inner()).elapsed() < within
     }
 
     /// The invocation is over: if it held the turn, the pump may let the next guest go.
@@ -364,8 +376,7 @@ impl Future for FairYield {
                         q.released.set(false);
                         q.signal_pump();
                         if let Some(turn) = &self.turn {
-                            *turn.resumed_at.lock().unwrap_or_else(|e| e.into_inner()) =
-                                Some(std::time::Instant::now());
+                            *turn.slice_started.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
                         }
                     } else {
                         q.remove(id);

@@ -13,8 +13,15 @@
 //! invocations takes no signal at all. The handler is installed with `SA_RESTART` (syscalls that
 //! can be restarted are) and `SA_ONSTACK` (it runs on the thread's alternate signal stack, which
 //! Rust's threads and wasmtime both set up, and never on a guest's nearly full stack). The
-//! syscalls that a signal still interrupts, epoll's and io_uring's waits, are ones monoio retries.
+//! syscalls that a signal still interrupts, epoll's and io_uring's waits, are ones monoio retries;
+//! one that would fail instead (tmpfs's `fallocate`, which gives up on any pending signal) runs
+//! inside [`ticks_held`].
+//!
+//! The timer stays armed while a long runner waits on something else (a kernel's completion, say):
+//! the shard then takes up to one signal per slice for nothing, about one percent of its CPU.
+//! Arming it only while a long runner is on the CPU would cost two `timer_settime` calls a slice.
 
+use std::cell::Cell;
 use std::io;
 use std::os::raw::{c_int, c_void};
 use std::sync::OnceLock;
@@ -38,6 +45,15 @@ pub struct SliceTimer {
     armed: bool,
     /// The thread the signals go to, which alone may drop the timer (it drains them there).
     thread: libc::pid_t,
+}
+
+thread_local! {
+    /// The tick of this thread's timer, while it has one: the handler runs a tick only if the
+    /// signal's value is this pointer, so a signal of the same number queued by another process of
+    /// the same user (`rt_sigqueueinfo` lets it choose the value) cannot make it call anything
+    /// else. Const-initialised and without a destructor, so the handler's read of it is a plain
+    /// thread-local load.
+    static REGISTERED: Cell<*const Tick> = const { Cell::new(std::ptr::null()) };
 }
 
 /// The real-time signal the timers use: above the ones glibc keeps for itself (which
@@ -79,17 +95,42 @@ extern "C" fn on_signal(_signal: c_int, info: *mut libc::siginfo_t, _context: *m
     // a `SliceTimer` (the handler is ours, and only they raise it), whose value is its `tick`
     // pointer, alive until its `drop` has drained every signal still pending.
     unsafe {
+        if (*info).si_code != libc::SI_TIMER {
+            return;
+        }
         let tick = (*info).si_value().sival_ptr as *const Tick;
-        if !tick.is_null() {
+        if !tick.is_null() && REGISTERED.with(Cell::get) == tick {
             (*tick)();
         }
     }
 }
 
+/// Runs `f` with this thread's slice-timer signal held back: for a syscall that a signal would
+/// make fail rather than restart. A tick that comes meanwhile runs when `f` returns.
+pub fn ticks_held<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: signal sets filled by sigemptyset/sigaddset; the mask changed is this thread's own,
+    // and put back as it was.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, signal());
+        let mut previous: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut previous);
+        let out = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
+        out
+    }
+}
+
 impl SliceTimer {
-    /// A timer for the calling thread that runs `tick` every `period` while armed.
+    /// A timer for the calling thread that runs `tick` every `period` while armed; one per thread.
     pub fn new(period: Duration, tick: impl Fn() + Send + Sync + 'static) -> io::Result<Self> {
-        assert!(period >= MIN_PERIOD, "a slice timer's period is at least {MIN_PERIOD:?}, not {period:?}");
+        if period < MIN_PERIOD {
+            return Err(io::Error::other(format!("a slice timer's period is at least {MIN_PERIOD:?}, not {period:?}")));
+        }
+        if !REGISTERED.with(Cell::get).is_null() {
+            return Err(io::Error::other("this thread already has a slice timer"));
+        }
         install_handler()?;
         let tick: *mut Tick = Box::into_raw(Box::new(Box::new(tick) as Tick));
         // SAFETY: gettid has no preconditions.
@@ -108,6 +149,7 @@ impl SliceTimer {
             drop(unsafe { Box::from_raw(tick) });
             return Err(error);
         }
+        REGISTERED.with(|r| r.set(tick));
         Ok(SliceTimer { timer, tick, period, armed: false, thread })
     }
 
@@ -156,6 +198,11 @@ impl Drop for SliceTimer {
             if on_its_thread {
                 let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
                 while libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) >= 0 {}
+            }
+            if on_its_thread {
+                // Before the mask is put back: a signal the caller held back is then no longer
+                // this timer's to run.
+                REGISTERED.with(|r| r.set(std::ptr::null()));
             }
             libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
             if on_its_thread {
@@ -207,8 +254,34 @@ mod tests {
         drop(timer);
     }
 
-    /// A timer dropped while it fires as often as it may: no tick runs after the drop (its
-    /// pending signals were taken, not left to run a freed tick).
+    /// A timer dropped while its signal is held back and pending: the tick never runs, neither
+    /// at the drop nor when the signal is let through again.
+    #[test]
+    fn a_signal_pending_at_the_drop_runs_no_tick() {
+        let ticks = Arc::new(AtomicU64::new(0));
+        let counted = ticks.clone();
+        let mut timer = SliceTimer::new(super::MIN_PERIOD, move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+        })
+        .expect("a slice timer");
+        super::ticks_held(|| {
+            timer.arm();
+            let until = Instant::now() + Duration::from_millis(5);
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+            drop(timer);
+        });
+        let until = Instant::now() + Duration::from_millis(5);
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
+        assert_eq!(ticks.load(Ordering::Relaxed), 0, "a tick ran for a timer that was dropped");
+        // And the thread may have a timer again.
+        drop(SliceTimer::new(super::MIN_PERIOD, || {}).expect("a second slice timer"));
+    }
+
+    /// A timer dropped while it fires as often as it may: no tick runs after the drop.
     #[test]
     fn dropping_an_armed_timer_takes_its_pending_signals() {
         for _ in 0..20 {

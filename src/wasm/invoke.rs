@@ -66,8 +66,9 @@ pub async fn invoke(
     store.epoch_deadline_callback(move |_| {
         if Instant::now() >= deadline {
             Ok(UpdateDeadline::Interrupt)
-        } else if turn.take_new_slice(limits.slice / 2) {
-            // Just let go after waiting its turn: a whole slice from now, not a yield at once.
+        } else if turn.within_slice(limits.slice / 2) {
+            // A tick early in its slice (another shard's, or the first after it was let go):
+            // it runs on to the next one.
             Ok(UpdateDeadline::Continue(1))
         } else {
             // Not `UpdateDeadline::Yield`: on monoio that starves the shard (see fair_yield).
@@ -216,6 +217,8 @@ fn classify(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
