@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::http::Status;
+use crate::http::{HeadError, Response, Status};
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -418,6 +418,31 @@ impl ApiError {
             error["step"] = serde_json::json!({"index": index, "function": function, "function_id": function_id});
         }
         serde_json::to_vec(&serde_json::json!({ "error": error })).unwrap_or_default()
+    }
+}
+
+impl From<HeadError> for ApiError {
+    fn from(e: HeadError) -> Self {
+        match e {
+            HeadError::Malformed(m) => ApiError::MalformedRequest(m),
+            HeadError::TooLarge { limit } => ApiError::HeadersTooLarge { limit },
+            HeadError::TooManyHeaders { limit } => ApiError::TooManyHeaders { limit },
+            HeadError::UnsupportedTransferEncoding(coding) => ApiError::UnsupportedTransferEncoding(coding),
+            HeadError::ExpectationFailed(expect) => ApiError::ExpectationFailed(expect),
+        }
+    }
+}
+
+impl ApiError {
+    /// The answer to a request that ended in this error: its status, `{"error":{...}}` body, kind
+    /// (for the metrics and the audit log) and any header it carries (`retry-after`, `allow`).
+    pub fn response(&self) -> Response {
+        let mut r = Response::json(self.status(), self.to_body());
+        r.error_kind = Some(self.kind());
+        if let Some((name, value)) = self.extra_headers() {
+            r.headers.push((std::borrow::Cow::Borrowed(name), value));
+        }
+        r
     }
 }
 

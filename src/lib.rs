@@ -89,7 +89,7 @@ pub mod catalog {
     pub use crate::functions::manifest::{duration_ms, FunctionManifest};
     pub use crate::functions::worker::{spawn as spawn_worker, DeployBody};
     pub use crate::functions::{Catalog, DeployRequest, FunctionCache, FunctionRecord, FunctionStore};
-    pub use crate::pipelines::{PipelineRecord, PipelineSpec};
+    pub use crate::functions::{PipelineRecord, PipelineSpec};
 }
 
 /// Running a guest below HTTP, and what guests and host exchange: the engine, linking, the

@@ -316,7 +316,7 @@ pub async fn respond(
         Admit::Metrics => Ok(probes::metrics(shard)),
         Admit::Call { action, ctx } => call(shard, action, ctx, head, body, audit).await,
     };
-    result.unwrap_or_else(|e| Response::error(&e))
+    result.unwrap_or_else(|e| e.response())
 }
 
 async fn call(

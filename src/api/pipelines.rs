@@ -11,9 +11,9 @@ use super::RequestContext;
 use crate::error::ApiError;
 use crate::functions::cache::Missing;
 use crate::functions::record::is_valid_id;
+use crate::functions::PipelineRecord;
 use crate::http::{RequestHead, Response, Status};
 use crate::pipelines::sink::Delivery;
-use crate::pipelines::PipelineRecord;
 use crate::shard::Shard;
 use crate::wasm::envelope::Headers;
 

@@ -11,10 +11,10 @@ pub fn healthz() -> Response {
 pub fn readyz(shard: &Shard) -> Response {
     let shared = &shard.shared;
     if shared.is_draining() {
-        return Response::error(&ApiError::Draining);
+        return ApiError::Draining.response();
     }
     if !shared.is_ready() {
-        return Response::error(&ApiError::NotReady);
+        return ApiError::NotReady.response();
     }
     Response::json(Status::Ok, br#"{"status":"ready"}"#.to_vec())
 }

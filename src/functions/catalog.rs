@@ -5,8 +5,8 @@ use std::sync::Arc;
 use wasmtime::Module;
 
 use super::FunctionRecord;
+use crate::functions::PipelineRecord;
 use crate::metrics::DirectoryStats;
-use crate::pipelines::PipelineRecord;
 use crate::runtime::published::Published;
 use crate::wasm::WasiArgs;
 

@@ -3,7 +3,7 @@
 //! ```text
 //! NAME.wasm            a function, named NAME
 //! NAME.toml            its optional manifest (functions::manifest)
-//! NAME.pipeline.toml   a pipeline, named NAME (pipelines::record::PipelineSpec)
+//! NAME.pipeline.toml   a pipeline, named NAME (functions::pipeline::PipelineSpec)
 //! ```
 //!
 //! The catalog worker lists it every `--functions-dir-poll-ms` and compares each file's [`Stamp`]

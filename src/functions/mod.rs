@@ -1,6 +1,8 @@
 //! Functions: what is deployed, where it is stored, and how shards learn of changes.
 //!
 //! - [`record`]: a function's metadata, as stored and as the API shows it.
+//! - [`pipeline`]: a pipeline's definition, as the API and the functions directory give it,
+//!   checked against the server's limits, and as it is stored beside the functions.
 //! - [`store`]: the data dir: content-addressed modules, verified precompiled artifacts, records;
 //!   every write atomic (temp file, rename, fsync of the directory).
 //! - [`catalog`]: the process's authoritative map of live functions, shared by the shards; written
@@ -17,12 +19,14 @@ pub mod catalog;
 pub mod directory;
 pub mod loader;
 pub mod manifest;
+pub mod pipeline;
 pub mod queue;
 pub mod record;
 pub mod store;
 pub mod worker;
 
 pub use catalog::{Catalog, DeployedFunction};
+pub use pipeline::{PipelineRecord, PipelineSpec};
 pub use record::FunctionRecord;
 pub use store::FunctionStore;
 pub use worker::{AdminHandle, DeployRequest};

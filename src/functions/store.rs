@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::record::{hex, FunctionRecord};
-use crate::pipelines::PipelineRecord;
+use crate::functions::PipelineRecord;
 
 /// Header of a stored precompiled artifact: magic, then the SHA-256 of the payload. wasmtime trusts
 /// the bytes it deserializes, so a corrupt artifact must be caught before it gets there.

@@ -14,6 +14,6 @@ mod status;
 
 pub use chunked::{ChunkedDecoder, ChunkedError};
 pub use peer::Peer;
-pub use request::{parse_head, BodyFraming, HeadParse, Method, RequestHead, MAX_HEADERS_CAP};
+pub use request::{parse_head, BodyFraming, HeadError, HeadParse, Method, RequestHead, MAX_HEADERS_CAP};
 pub use response::{Persistence, Response, ResponseWriter};
 pub use status::Status;

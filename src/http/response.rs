@@ -2,7 +2,6 @@ use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::Status;
-use crate::error::ApiError;
 
 /// A complete response. Bodies are small enough here (capped guest output, JSON) to be buffered.
 #[derive(Debug)]
@@ -31,15 +30,6 @@ impl Response {
 
     pub fn empty(status: Status) -> Self {
         Self::new(status, "", Vec::new())
-    }
-
-    pub fn error(err: &ApiError) -> Self {
-        let mut r = Self::json(err.status(), err.to_body());
-        r.error_kind = Some(err.kind());
-        if let Some((name, value)) = err.extra_headers() {
-            r.headers.push((Cow::Borrowed(name), value));
-        }
-        r
     }
 }
 

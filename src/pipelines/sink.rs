@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
 
-use super::record::Sink;
 pub use crate::config::SinkNetworks;
 use crate::error::ApiError;
+use crate::functions::pipeline::Sink;
 use crate::http::client::{self, Target};
 use crate::http::header_rules;
 use crate::runtime::event::{race, Either};

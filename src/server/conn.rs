@@ -119,7 +119,7 @@ async fn flush<T: Transport>(stream: &mut T, out: &mut Vec<u8>, timeout: Duratio
 /// Answers a connection refused at the connection limit, then closes it.
 pub async fn refuse(mut stream: TcpStream, err: ApiError) {
     let mut out = Vec::new();
-    ResponseWriter::default().write(&mut out, &Response::error(&err), Persistence::Close, false);
+    ResponseWriter::default().write(&mut out, &err.response(), Persistence::Close, false);
     let _ = flush(&mut stream, &mut out, Duration::from_secs(1)).await;
 }
 
@@ -187,7 +187,7 @@ impl<T: Transport> Connection<T> {
                 match parse_head(&self.buf, &mut self.head, limits.max_header_bytes, limits.max_headers) {
                     Ok(HeadParse::Complete(n)) => return Some(Ok(n)),
                     Ok(HeadParse::Partial) => {}
-                    Err(e) => return Some(Err(e)),
+                    Err(e) => return Some(Err(e.into())),
                 }
             }
             if !flush(&mut self.stream, &mut self.out, limits.write_timeout()).await {
@@ -229,7 +229,7 @@ impl<T: Transport> Connection<T> {
             Ok((shard.reserve_body(a.tenant(), declared)?, a))
         });
         let (reservation, admitted) = match admitted {
-            Err(e) => return Some((route, Response::error(&e), skip_buffered_body(head, buf))),
+            Err(e) => return Some((route, e.response(), skip_buffered_body(head, buf))),
             Ok(admitted) => admitted,
         };
         match read_body(stream, buf, out, head, admitted.body_limit, &reservation, &shard.limits).await {
@@ -335,7 +335,7 @@ async fn answer_protocol_error<T: Transport>(
     // A framing error, or a chunked body that outgrew the shard's body budget (503): either way
     // the rest of the body is unread, so the connection cannot carry another request.
     debug_assert!(err.closes_connection() || matches!(err, ApiError::Overloaded(_)));
-    let mut response = Response::error(&err);
+    let mut response = err.response();
     if let Some(pending) = audit {
         write_audit(shard, pending, &mut response, started, peer);
     }

@@ -21,7 +21,7 @@ use crate::functions::manifest::FunctionManifest;
 use crate::functions::record::{directory_id, validate_env, Source};
 use crate::functions::store::digest_of;
 use crate::functions::{DeployedFunction, FunctionRecord};
-use crate::pipelines::{PipelineRecord, PipelineSpec};
+use crate::functions::{PipelineRecord, PipelineSpec};
 
 /// What the worker last loaded from the functions directory.
 pub(super) struct Watch {

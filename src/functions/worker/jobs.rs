@@ -7,7 +7,7 @@ use super::deploys::{DeployReply, DeployRequest, PendingDeploy};
 use crate::error::ApiError;
 use crate::functions::queue;
 use crate::functions::FunctionRecord;
-use crate::pipelines::PipelineRecord;
+use crate::functions::PipelineRecord;
 
 pub(super) enum Job {
     Deploy(DeployRequest, DeployReply),

@@ -6,7 +6,7 @@ use super::Worker;
 use crate::error::ApiError;
 use crate::functions::catalog::{FunctionMap, PipelineMap};
 use crate::functions::record::{new_id, resolve, Source};
-use crate::pipelines::{PipelineRecord, PipelineSpec};
+use crate::functions::{PipelineRecord, PipelineSpec};
 
 impl Worker {
     pub(super) fn create_pipeline(&self, body: &[u8], tenant: u64) -> Result<PipelineRecord, ApiError> {

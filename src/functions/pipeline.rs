@@ -2,10 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::manifest::either_timeout;
+use super::record::{validate_name, Source};
 use crate::config::Limits;
 use crate::error::ApiError;
-use crate::functions::manifest::either_timeout;
-use crate::functions::record::{validate_name, Source};
 
 /// Most steps a pipeline may have. This and the sink's bounds below are rules of a pipeline's
 /// definition (docs/API.md), the same on every server so that a definition that one accepts
