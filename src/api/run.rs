@@ -14,7 +14,7 @@ use crate::functions::LocalFunction;
 use crate::http::{header_rules, RequestHead, Response, Status};
 use crate::shard::Shard;
 use crate::wasm::envelope::{self, Headers};
-use crate::wasm::{invoke as run_invocation, Entry, InvokeLimits, InvokeOutput, TensorContext};
+use crate::wasm::{invoke as run_invocation, release_memory, Entry, InvokeLimits, InvokeOutput, TensorContext};
 
 /// A body on its way through functions.
 pub struct Message {
@@ -108,9 +108,12 @@ pub async fn execute(
     let tensors = function
         .uses_tensors
         .then(|| TensorContext::new(shard.shared.dispatcher.clone(), shard.id, tenant, shard.metrics.clone()));
-    let invocation =
+    let mut invocation =
         run_invocation(&shard.engine, &function.pre, function.deployed.wasi.clone(), stdin, entry, limits, tensors)
             .await;
+    // Before the store is kept for dropping: a large dirtied memory is given back in steps, with
+    // the shard's other work between them, not in the one `madvise` of the slot's reset.
+    release_memory(&mut invocation.spent, shard.limits.guest_slice()).await;
     shard.keep_spent(slot, invocation.spent);
     match invocation.outcome {
         Ok(output) => {

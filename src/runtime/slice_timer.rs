@@ -105,15 +105,23 @@ extern "C" fn on_signal(_signal: c_int, info: *mut libc::siginfo_t, _context: *m
     }
 }
 
-/// Runs `f` with this thread's slice-timer signal held back: for a syscall that a signal would
-/// make fail rather than restart. A tick that comes meanwhile runs when `f` returns.
-pub fn ticks_held<T>(f: impl FnOnce() -> T) -> T {
-    // SAFETY: signal sets filled by sigemptyset/sigaddset; the mask changed is this thread's own,
-    // and put back as it was.
+/// The set of the one signal the timers use.
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: a zeroed sigset_t, then filled by sigemptyset and sigaddset.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, signal());
+        set
+    }
+}
+
+/// Runs `f` with this thread's slice-timer signal held back: for a syscall that a signal would
+/// make fail rather than restart. A tick that comes meanwhile runs when `f` returns.
+pub fn ticks_held<T>(f: impl FnOnce() -> T) -> T {
+    let set = signal_set();
+    // SAFETY: the mask changed is this thread's own, and put back as it was.
+    unsafe {
         let mut previous: libc::sigset_t = std::mem::zeroed();
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut previous);
         let out = f();
@@ -186,31 +194,28 @@ impl Drop for SliceTimer {
     fn drop(&mut self) {
         // SAFETY: gettid has no preconditions.
         let on_its_thread = unsafe { libc::gettid() } == self.thread;
-        // SAFETY: signal sets filled by sigemptyset/sigaddset; the mask is this thread's own; the
-        // timer is ours; sigtimedwait with a zero timeout only takes what is already pending.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, signal());
-            let mut previous: libc::sigset_t = std::mem::zeroed();
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut previous);
-            libc::timer_delete(self.timer);
-            if on_its_thread {
-                let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-                while libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) >= 0 {}
+        ticks_held(|| {
+            // SAFETY: the timer is ours and deleted once; sigtimedwait with a zero timeout only
+            // takes what is already pending, of the one signal held back here.
+            unsafe {
+                libc::timer_delete(self.timer);
+                if on_its_thread {
+                    let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+                    while libc::sigtimedwait(&signal_set(), std::ptr::null_mut(), &zero) >= 0 {}
+                }
             }
+            // Before the mask is put back: a signal the caller held back is then no longer this
+            // timer's to run.
             if on_its_thread {
-                // Before the mask is put back: a signal the caller held back is then no longer
-                // this timer's to run.
                 REGISTERED.with(|r| r.set(std::ptr::null()));
             }
-            libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
-            if on_its_thread {
-                drop(Box::from_raw(self.tick));
-            }
-            // Off its thread a signal may still be pending there: the tick is left allocated
-            // rather than freed under it (a few bytes, and no caller drops it elsewhere).
+        });
+        if on_its_thread {
+            // SAFETY: from `Box::into_raw` in `new`; no signal can reach it any more.
+            drop(unsafe { Box::from_raw(self.tick) });
         }
+        // Off its thread a signal may still be pending there: the tick is left allocated rather
+        // than freed under it (a few bytes, and no caller drops it elsewhere).
     }
 }
 

@@ -2,7 +2,7 @@
 //! on the shard, with its deadline, memory cap and output cap, and its outcome classified.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use wasmtime::{Engine, InstancePre, Store, Trap, UpdateDeadline, Val, ValType};
 
@@ -102,6 +102,53 @@ pub async fn invoke(
     }
 }
 
+/// Where in a finished guest's memory [`release_memory`] starts: below it, wasmtime resets the
+/// slot in place when the store is dropped (`linear_memory_keep_resident`, at most 1 MiB, see
+/// `engine::build_engine`), a memset of the pages dirtied there.
+const RELEASE_FROM_BYTES: usize = 1024 * 1024;
+/// Memories no larger are left to wasmtime's reset alone: under 4 MiB its `madvise` holds the
+/// shard for half a millisecond at worst, less than the steps and yields would cost.
+const RELEASE_ABOVE_BYTES: usize = 4 * 1024 * 1024;
+/// One step: 1 MiB of dirtied pages takes the kernel about 0.1 ms to give back (63 MiB took
+/// 4.8 to 9 ms, perf/HOSTILE.md), a guest slice's worth.
+const RELEASE_STEP_BYTES: usize = 1024 * 1024;
+
+/// Gives back the pages a finished guest dirtied above the first MiB of its memory, a step at a
+/// time, yielding the shard whenever it has worked half a `slice`, so that dropping the store
+/// (wasmtime's reset of the slot: one `madvise` over everything the guest touched, which nothing
+/// interrupts) finds them gone. A guest that filled its 64 MiB held its shard 5 to 9 ms at that
+/// drop, and every other request on the shard waited (perf/HOSTILE.md). `MADV_DONTNEED` on the
+/// slot's private mapping is what the reset does itself: anonymous pages read as zeros again, and
+/// those of the copy-on-write image as the image.
+pub async fn release_memory(store: &mut Store<GuestState>, slice: Duration) {
+    let Some(instance) = store.data().instance else { return };
+    let memory = match store.data().memory {
+        Some(memory) => memory,
+        None => match instance.get_memory(&mut *store, "memory") {
+            Some(memory) => memory,
+            None => return,
+        },
+    };
+    let (base, size) = (memory.data_ptr(&*store), memory.data_size(&*store));
+    if size <= RELEASE_ABOVE_BYTES {
+        return;
+    }
+    let mut at = RELEASE_FROM_BYTES;
+    let mut since = Instant::now();
+    while at < size {
+        let len = (size - at).min(RELEASE_STEP_BYTES);
+        // SAFETY: [base + at, base + at + len) lies inside the guest's linear memory (`at` < `size`),
+        // page-aligned (wasm pages are 64 KiB, the slot's base a page); no guest code runs on it
+        // any more, and nothing of ours holds a reference into it. DONTNEED only drops pages.
+        unsafe { libc::madvise(base.add(at).cast(), len, libc::MADV_DONTNEED) };
+        at += len;
+        if since.elapsed() >= slice / 2 && at < size {
+            crate::runtime::fair_yield::yield_now().await;
+            since = Instant::now();
+        }
+    }
+}
+
 /// Tells the invocation's turn that it is over when dropped (`fair_yield::Turn::done`).
 struct TurnGuard(crate::runtime::fair_yield::Turn);
 
@@ -117,6 +164,7 @@ async fn run(
     entry: Entry,
 ) -> wasmtime::Result<Option<Vec<serde_json::Value>>> {
     let instance = pre.instantiate_async(&mut *store).await?;
+    store.data_mut().instance = Some(instance);
     match entry {
         Entry::Start => {
             let start = instance.get_typed_func::<(), ()>(&mut *store, "_start")?;
@@ -236,5 +284,57 @@ mod tests {
         let err = classify(wasmtime::Error::new(ApiError::Bug("it cannot happen")), &state, &limits).unwrap_err();
         assert!(matches!(err, ApiError::Bug("it cannot happen")), "{err}");
         assert_eq!((err.status().code(), err.kind()), (500, "internal"));
+    }
+
+    /// How many of the pages in `[at, at + len)` are resident (`mincore`).
+    fn resident_pages(at: *mut u8, len: usize) -> usize {
+        let page = 4096;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: a mapped, page-aligned range of the guest's memory and a vector of one byte per page.
+        let done = unsafe { libc::mincore(at.cast(), len, vec.as_mut_ptr()) };
+        assert_eq!(done, 0, "mincore: {}", std::io::Error::last_os_error());
+        vec.iter().filter(|b| **b & 1 == 1).count()
+    }
+
+    #[test]
+    fn release_memory_gives_back_a_dirtied_memory_above_its_first_mib() {
+        const MIB: usize = 1024 * 1024;
+        let engine = super::super::engine::compiler_engine(crate::config::GuestProfiler::Off).expect("an engine");
+        // 16 MiB, every byte written 7.
+        let wasm = wat::parse_str(
+            r#"(module (memory (export "memory") 256)
+                 (func (export "_start") (memory.fill (i32.const 0) (i32.const 7) (i32.const 16777216))))"#,
+        )
+        .expect("wat");
+        let module = wasmtime::Module::new(&engine, wasm).expect("a module");
+        let pre = super::super::new_linker(&engine).expect("a linker").instantiate_pre(&module).expect("linked");
+        let limits = InvokeLimits {
+            timeout: Duration::from_secs(30),
+            memory_limit_mb: 64,
+            max_output_bytes: 1024,
+            max_stderr_bytes: 1024,
+            slice: Duration::from_micros(100),
+            max_table_elements: 1024,
+        };
+        let mut runtime =
+            monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().expect("a runtime");
+        runtime.block_on(async {
+            let mut done = invoke(&engine, &pre, Arc::default(), Vec::new(), Entry::Start, limits, None).await;
+            assert!(done.outcome.is_ok(), "the guest failed");
+            let store = &mut done.spent;
+            let memory =
+                store.data().instance.expect("instantiated").get_memory(&mut *store, "memory").expect("memory");
+            let (base, size) = (memory.data_ptr(&*store), memory.data_size(&*store));
+            assert_eq!(size, 16 * MIB);
+            // SAFETY: inside the guest's memory.
+            let above = unsafe { base.add(MIB) };
+            assert_eq!(resident_pages(above, size - MIB), (size - MIB) / 4096, "the guest dirtied every page");
+            release_memory(store, limits.slice).await;
+            assert_eq!(resident_pages(above, size - MIB), 0, "pages above the first MiB still resident");
+            assert!(resident_pages(base, MIB) > 0, "the first MiB is wasmtime's to reset");
+            let bytes = memory.data(&*store);
+            assert!(bytes[..MIB].iter().all(|b| *b == 7), "below: as the guest left it");
+            assert!(bytes[MIB..].iter().all(|b| *b == 0), "above: as a reset leaves it");
+        });
     }
 }

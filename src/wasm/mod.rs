@@ -12,6 +12,6 @@ pub mod tensor;
 pub mod wasi;
 
 pub use engine::{build_engine, EpochTicker};
-pub use invoke::{invoke, Entry, InvokeOutput};
+pub use invoke::{invoke, release_memory, Entry, InvokeOutput};
 pub use module::{check_module, new_linker};
 pub use state::{GuestState, InvokeLimits, TensorContext, WasiArgs};

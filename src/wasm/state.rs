@@ -94,6 +94,8 @@ pub struct GuestState {
     pub tensors: Option<TensorContext>,
     /// The instance's exported memory, once a host call has looked it up (`wasi::memory`).
     pub(super) memory: Option<wasmtime::Memory>,
+    /// The instance, once instantiated: `invoke::release_memory` looks its memory up at the end.
+    pub(super) instance: Option<wasmtime::Instance>,
     /// When the invocation's time is up: host calls that work in chunks stop there.
     pub deadline: Instant,
     /// The invocation's place in its shard's turns: host calls that work in chunks yield with it,
@@ -120,6 +122,7 @@ impl GuestState {
             output_exceeded: false,
             tensors: None,
             memory: None,
+            instance: None,
             deadline: Instant::now() + limits.timeout,
             turn: Default::default(),
         }
