@@ -304,6 +304,11 @@ impl Turn {
         self.0.slice_started.lock().unwrap_or_else(|e| e.into_inner()).elapsed() < within
     }
 
+    /// Whether the invocation ever yielded: one that did not ran less than a slice.
+    pub fn yielded(&self) -> bool {
+        self.0.yields.load(Ordering::Relaxed) > 0
+    }
+
     /// The invocation is over: if it held the turn, the pump may let the next guest go.
     pub fn done(&self) {
         let id = self.0.latest.load(Ordering::Relaxed);

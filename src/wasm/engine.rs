@@ -22,7 +22,7 @@ pub fn build_engine(limits: &Limits, profiler: GuestProfiler) -> wasmtime::Resul
     // scanning (tensor-wasm-bench, json scenario at 8,000/s); without scanning, the echo guest
     // (bench/benches/instantiate.rs) gave 8.3 µs per invoke at 0 KiB, 3.6 µs at 16 KiB and 4.9 µs
     // at 64 KiB.
-    let scan = pagemap_scan_supported();
+    let scan = pagemap_scan_supported() && !swap_possible();
     let keep_resident = if scan { 1024 * 1024 } else { 16 * 1024 };
     let mut pool = PoolingAllocationConfig::new();
     pool.total_core_instances(limits.max_instances)
@@ -69,6 +69,32 @@ fn base_config(profiler: GuestProfiler) -> Config {
 /// address-space reservation would not fit the compile child's memory budget.
 pub fn compiler_engine(profiler: GuestProfiler) -> wasmtime::Result<Engine> {
     Engine::new(&base_config(profiler))
+}
+
+/// Whether this process's memory may be swapped out. wasmtime 48's PAGEMAP_SCAN reset finds the
+/// pages a guest dirtied by their being present: a dirtied page that was swapped out is neither
+/// reset nor decommitted, and the next guest in the slot, perhaps another tenant's, would read it
+/// (bytecodealliance/wasmtime#14357). So the scan is used only where nothing can be swapped: no
+/// swap at all, or a cgroup v2 `memory.swap.max` of 0. Swap turned on after start-up is not seen;
+/// docs/CONFIG.md says to restart then.
+fn swap_possible() -> bool {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let swap_max = cgroup
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .and_then(|path| std::fs::read_to_string(format!("/sys/fs/cgroup{}/memory.swap.max", path.trim_end())).ok());
+    swap_possible_from(&meminfo, swap_max.as_deref())
+}
+
+/// `swap_possible` from `/proc/meminfo` and the cgroup's `memory.swap.max`: in doubt (either
+/// unreadable), possible.
+fn swap_possible_from(meminfo: &str, swap_max: Option<&str>) -> bool {
+    let swap_total_kb = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("SwapTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    swap_total_kb != Some(0) && swap_max.map(str::trim) != Some("0")
 }
 
 /// Whether the kernel has the PAGEMAP_SCAN ioctl: Linux 6.7 or newer.
@@ -175,5 +201,25 @@ impl Drop for EpochTicker {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::swap_possible_from;
+
+    #[test]
+    fn pagemap_scanning_only_where_nothing_can_be_swapped() {
+        let none = "MemTotal:       24000000 kB\nSwapTotal:             0 kB\n";
+        let some = "MemTotal:       24000000 kB\nSwapTotal:       8388604 kB\n";
+        assert!(!swap_possible_from(none, None));
+        assert!(!swap_possible_from(none, Some("max\n")));
+        assert!(swap_possible_from(some, None));
+        assert!(swap_possible_from(some, Some("max\n")));
+        assert!(swap_possible_from(some, Some("1073741824\n")));
+        // The cgroup may not swap, whatever the host has.
+        assert!(!swap_possible_from(some, Some("0\n")));
+        // Unreadable: in doubt, possible.
+        assert!(swap_possible_from("", None));
     }
 }

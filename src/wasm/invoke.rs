@@ -103,8 +103,9 @@ pub async fn invoke(
 }
 
 /// Where in a finished guest's memory [`release_memory`] starts: below it, wasmtime resets the
-/// slot in place when the store is dropped (`linear_memory_keep_resident`, at most 1 MiB, see
-/// `engine::build_engine`), a memset of the pages dirtied there.
+/// slot when the store is dropped, in place up to `linear_memory_keep_resident` (1 MiB of dirtied
+/// pages with PAGEMAP_SCAN, the lowest 16 KiB without, see `engine::build_engine`) and with one
+/// `madvise` for the rest, under a millisecond here.
 const RELEASE_FROM_BYTES: usize = 1024 * 1024;
 /// Memories no larger are left to wasmtime's reset alone: under 4 MiB its `madvise` holds the
 /// shard for half a millisecond at worst, less than the steps and yields would cost.
@@ -120,11 +121,19 @@ const RELEASE_STEP_BYTES: usize = 1024 * 1024;
 /// drop, and every other request on the shard waited (perf/HOSTILE.md). `MADV_DONTNEED` on the
 /// slot's private mapping is what the reset does itself: anonymous pages read as zeros again, and
 /// those of the copy-on-write image as the image.
+///
+/// Only for an invocation that yielded: one that ran less than a slice cannot have dirtied more
+/// than a few hundred KiB (a page fault costs about a microsecond), and a guest whose memory is
+/// large but barely touched would pay a `madvise` per MiB for nothing.
 pub async fn release_memory(store: &mut Store<GuestState>, slice: Duration) {
+    if !store.data().turn.yielded() {
+        return;
+    }
     let Some(instance) = store.data().instance else { return };
     let memory = match store.data().memory {
         Some(memory) => memory,
-        None => match instance.get_memory(&mut *store, "memory") {
+        // Its memory under another name is still its memory (a module has at most one).
+        None => match instance.get_memory(&mut *store, "memory").or_else(|| exported_memory(instance, store)) {
             Some(memory) => memory,
             None => return,
         },
@@ -140,13 +149,20 @@ pub async fn release_memory(store: &mut Store<GuestState>, slice: Duration) {
         // SAFETY: [base + at, base + at + len) lies inside the guest's linear memory (`at` < `size`),
         // page-aligned (wasm pages are 64 KiB, the slot's base a page); no guest code runs on it
         // any more, and nothing of ours holds a reference into it. DONTNEED only drops pages.
-        unsafe { libc::madvise(base.add(at).cast(), len, libc::MADV_DONTNEED) };
+        let done = unsafe { libc::madvise(base.add(at).cast(), len, libc::MADV_DONTNEED) };
+        // Failing, it leaves the work to the slot's reset, as before.
+        debug_assert_eq!(done, 0, "madvise: {}", std::io::Error::last_os_error());
         at += len;
         if since.elapsed() >= slice / 2 && at < size {
             crate::runtime::fair_yield::yield_now().await;
             since = Instant::now();
         }
     }
+}
+
+/// The memory an instance exports under whatever name.
+fn exported_memory(instance: wasmtime::Instance, store: &mut Store<GuestState>) -> Option<wasmtime::Memory> {
+    instance.exports(&mut *store).find_map(|export| export.into_memory())
 }
 
 /// Tells the invocation's turn that it is over when dropped (`fair_yield::Turn::done`).
@@ -329,6 +345,11 @@ mod tests {
             // SAFETY: inside the guest's memory.
             let above = unsafe { base.add(MIB) };
             assert_eq!(resident_pages(above, size - MIB), (size - MIB) / 4096, "the guest dirtied every page");
+            // An invocation that never yielded ran under a slice: nothing is given back early.
+            release_memory(store, limits.slice).await;
+            assert_eq!(resident_pages(above, size - MIB), (size - MIB) / 4096, "released for a short invocation");
+            // As if a tick had caught it (off a shard, a yield wakes itself at once).
+            store.data().turn.clone().yield_now().await;
             release_memory(store, limits.slice).await;
             assert_eq!(resident_pages(above, size - MIB), 0, "pages above the first MiB still resident");
             assert!(resident_pages(base, MIB) > 0, "the first MiB is wasmtime's to reset");
