@@ -113,7 +113,7 @@ pub async fn execute(
             .await;
     // Before the store is kept for dropping: a large dirtied memory is given back in steps, with
     // the shard's other work between them, not in the one `madvise` of the slot's reset.
-    release_memory(&mut invocation.spent, shard.limits.guest_slice()).await;
+    release_memory(&mut invocation.spent).await;
     shard.keep_spent(slot, invocation.spent);
     match invocation.outcome {
         Ok(output) => {

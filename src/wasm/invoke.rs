@@ -2,7 +2,7 @@
 //! on the shard, with its deadline, memory cap and output cap, and its outcome classified.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use wasmtime::{Engine, InstancePre, Store, Trap, UpdateDeadline, Val, ValType};
 
@@ -115,7 +115,7 @@ const RELEASE_ABOVE_BYTES: usize = 4 * 1024 * 1024;
 const RELEASE_STEP_BYTES: usize = 1024 * 1024;
 
 /// Gives back the pages a finished guest dirtied above the first MiB of its memory, a step at a
-/// time, yielding the shard whenever it has worked half a `slice`, so that dropping the store
+/// time, yielding the shard whenever it has worked half a guest slice, so that dropping the store
 /// (wasmtime's reset of the slot: one `madvise` over everything the guest touched, which nothing
 /// interrupts) finds them gone. A guest that filled its 64 MiB held its shard 5 to 9 ms at that
 /// drop, and every other request on the shard waited (perf/HOSTILE.md). `MADV_DONTNEED` on the
@@ -125,7 +125,7 @@ const RELEASE_STEP_BYTES: usize = 1024 * 1024;
 /// Only for an invocation that yielded: one that ran less than a slice cannot have dirtied more
 /// than a few hundred KiB (a page fault costs about a microsecond), and a guest whose memory is
 /// large but barely touched would pay a `madvise` per MiB for nothing.
-pub async fn release_memory(store: &mut Store<GuestState>, slice: Duration) {
+pub async fn release_memory(store: &mut Store<GuestState>) {
     if !store.data().turn.yielded() {
         return;
     }
@@ -138,7 +138,7 @@ pub async fn release_memory(store: &mut Store<GuestState>, slice: Duration) {
             None => return,
         },
     };
-    let (base, size) = (memory.data_ptr(&*store), memory.data_size(&*store));
+    let (base, size, slice) = (memory.data_ptr(&*store), memory.data_size(&*store), store.data().slice());
     if size <= RELEASE_ABOVE_BYTES {
         return;
     }
@@ -346,11 +346,11 @@ mod tests {
             let above = unsafe { base.add(MIB) };
             assert_eq!(resident_pages(above, size - MIB), (size - MIB) / 4096, "the guest dirtied every page");
             // An invocation that never yielded ran under a slice: nothing is given back early.
-            release_memory(store, limits.slice).await;
+            release_memory(store).await;
             assert_eq!(resident_pages(above, size - MIB), (size - MIB) / 4096, "released for a short invocation");
             // As if a tick had caught it (off a shard, a yield wakes itself at once).
             store.data().turn.clone().yield_now().await;
-            release_memory(store, limits.slice).await;
+            release_memory(store).await;
             assert_eq!(resident_pages(above, size - MIB), 0, "pages above the first MiB still resident");
             assert!(resident_pages(base, MIB) > 0, "the first MiB is wasmtime's to reset");
             let bytes = memory.data(&*store);
