@@ -38,6 +38,8 @@ pub const INVALID_AXIS: i32 = -13;
 pub const INDEX_OUT_OF_RANGE: i32 = -14;
 /// The op or dtype runs on the host back-end only for now (docs/ABI.md lists which).
 pub const UNSUPPORTED_ON_DEVICE: i32 = -15;
+/// `tensor_weight`: the function carries no tensor of that name.
+pub const NO_SUCH_WEIGHT: i32 = -16;
 
 /// A stable name per code, for logs and docs.
 pub fn name(code: i32) -> &'static str {
@@ -58,6 +60,7 @@ pub fn name(code: i32) -> &'static str {
         INVALID_AXIS => "invalid_axis",
         INDEX_OUT_OF_RANGE => "index_out_of_range",
         UNSUPPORTED_ON_DEVICE => "unsupported_on_device",
+        NO_SUCH_WEIGHT => "no_such_weight",
         _ => "unknown",
     }
 }

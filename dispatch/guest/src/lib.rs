@@ -51,6 +51,7 @@ extern "C" {
     fn tensor_concat(a: i32, b: i32, axis: i32) -> i32;
     fn tensor_slice(a: i32, axis: i32, start: i32, len: i32) -> i32;
     fn tensor_gather(table: i32, ids: i32) -> i32;
+    fn tensor_weight(name_ptr: *const u8, name_len: i32) -> i32;
 }
 
 /// A tensor's element type (the ABI's dtype codes).
@@ -128,6 +129,15 @@ impl Tensor {
         let h = unsafe {
             tensor_create_typed(dtype as i32, shape.as_ptr(), shape.len() as i32, bytes.as_ptr(), bytes.len() as i32)
         };
+        check(h).map(Tensor)
+    }
+
+    /// The function's resident tensor `name` (deployed with it in a safetensors file): on the
+    /// device since an earlier invocation, or uploaded once now. Read-only, as every tensor is
+    /// (ops make new ones); dropping the handle leaves the weight on the device.
+    pub fn weight(name: &str) -> Result<Tensor, Error> {
+        // SAFETY: the pointer and length describe a live slice.
+        let h = unsafe { tensor_weight(name.as_ptr(), name.len() as i32) };
         check(h).map(Tensor)
     }
 
