@@ -47,7 +47,8 @@ pub const FRESH_YIELDS: u32 = 2;
 /// Fresh yields the pump lets go in a row while a long runner waits.
 pub const FRESH_PER_LONG: u32 = 4;
 
-/// Whether a long runner on any shard yielded into the turns since the epoch ticker last looked. Shared
+/// Whether a long runner on a shard without a slice timer yielded into the turns since the epoch
+/// ticker last looked (a shard with one ends its slices itself). Shared
 /// by every shard and the ticker (docs/ARCHITECTURE.md): a shard only sets it, on a yield, and only
 /// when it is clear, so that a shard whose guests keep yielding reads the line rather than writes
 /// it; the ticker clears it once a tick.
@@ -407,11 +408,17 @@ impl Future for FairYield {
             class.borrow_mut().push_back(Parked { id, task: cx.waker().clone() });
             if let Some(turn) = &self.turn {
                 turn.latest.store(id, Ordering::Relaxed);
-                // A long runner taking turns: the ticker ticks at the guest slice. Not for a short
-                // invocation that a tick caught (a JSON guest of 40 µs is caught by one tick in
-                // 25; ticking fast for it would catch ten times as many), nor for the shard's own
-                // tasks (an idle spinner yields all the time).
-                if self.class == Class::Long && !TURNS_TAKEN.load(Ordering::Relaxed) {
+                // A long runner taking turns on a shard without a slice timer: the ticker ticks
+                // at the guest slice. Not where the shard's own timer already does (the ticker's
+                // wake-ups then only take the shard's CPU: 5% of it beside memory-filling guests,
+                // 7,700 context switches a second, perf/HOSTILE.md), nor for a short invocation
+                // that a tick caught (a JSON guest of 40 µs is caught by one tick in 25; ticking
+                // fast for it would catch ten times as many), nor for the shard's own tasks (an
+                // idle spinner yields all the time).
+                if self.class == Class::Long
+                    && q.slice_timer.borrow().is_none()
+                    && !TURNS_TAKEN.load(Ordering::Relaxed)
+                {
                     TURNS_TAKEN.store(true, Ordering::Relaxed);
                 }
             }

@@ -112,7 +112,8 @@ const BUSY_TICKS_AFTER_A_TURN: u32 = 8;
 /// deadline and yield point is measured in these ticks.
 ///
 /// It ticks every `idle_tick` while no guest is taking turns with other work on its shard, and
-/// every `busy_tick` (the guest slice) while one is (`fair_yield::guests_took_turns`). A guest
+/// every `busy_tick` (the guest slice) while one is on a shard whose own slice timer
+/// (`runtime::slice_timer`) could not be made (`fair_yield::guests_took_turns`). A guest
 /// yields at the first tick after it started or resumed, so the tick is how long a ready
 /// connection waits behind a spinning guest: at a millisecond, a bystander's P99 beside spinners
 /// was 20 times its quiet P99 (perf/HOSTILE.md). Ticking that fast always would cost an idle
