@@ -63,6 +63,9 @@ pub enum ApiError {
     InvalidJson(String),
     InvalidRequest(String),
     InvalidBase64(String),
+    /// A deploy's `tensors_b64`, or a folder's `NAME.safetensors`: not base64, too large, not a
+    /// safetensors file, or holding tensors no op can use.
+    InvalidTensors(String),
     InvalidName(String),
     InvalidTimeout {
         given: i128,
@@ -242,6 +245,7 @@ impl ApiError {
             | InvalidJson(_)
             | InvalidRequest(_)
             | InvalidBase64(_)
+            | InvalidTensors(_)
             | InvalidName(_)
             | InvalidTimeout { .. }
             | InvalidMemoryLimit { .. }
@@ -330,6 +334,7 @@ impl ApiError {
             InvalidJson(_) => "invalid_json",
             InvalidRequest(_) => "invalid_request",
             InvalidBase64(_) => "invalid_base64",
+            InvalidTensors(_) => "invalid_tensors",
             InvalidName(_) => "invalid_name",
             InvalidTimeout { .. } => "invalid_timeout",
             InvalidMemoryLimit { .. } => "invalid_memory_limit",
@@ -501,6 +506,7 @@ impl fmt::Display for ApiError {
             InvalidJson(m) => write!(f, "request body is not valid JSON: {m}"),
             InvalidRequest(m) => write!(f, "{m}"),
             InvalidBase64(m) => write!(f, "`wasm_b64` is not valid base64: {m}"),
+            InvalidTensors(m) => write!(f, "invalid tensors: {m}"),
             InvalidName(m) => write!(f, "{m}"),
             InvalidTimeout { given, max } => {
                 write!(f, "`timeout_ms` must be between 1 and {max}, got {given}")

@@ -14,7 +14,7 @@ use crossbeam_queue::ArrayQueue;
 use crate::backend::{cuda, host::HostBackend, Backend, BackendKind};
 use crate::port::{ShardPort, UNTRACKED};
 use crate::quota::Quotas;
-use crate::record::{Op, Request};
+use crate::record::{Op, Request, RELEASE_SHARED};
 use crate::worker;
 
 /// Which back-end to run.
@@ -185,6 +185,10 @@ pub struct Dispatcher {
     /// Requests that found their ring full when nobody could wait: frees and releases. The shard's
     /// poller retries them; bounded by the tickets and sessions a shard can have.
     deferred: Box<[Mutex<Vec<Deferred>>]>,
+    /// Per shard: a release was deferred from another thread since the poller last looked. The
+    /// poller checks it after registering its waker, so that a wake between its look at the list
+    /// and its registration is not lost.
+    deferred_pending: Box<[AtomicBool]>,
     pub(crate) stop: AtomicBool,
     workers: Mutex<Vec<JoinHandle<()>>>,
     /// With `auto`: why CUDA was not used, for the operator's log.
@@ -245,6 +249,7 @@ impl Dispatcher {
                 .map(|s| Arc::new(ShardPort::new(s, completion_depth, config.max_tickets_per_shard)))
                 .collect(),
             deferred: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
+            deferred_pending: (0..shards).map(|_| AtomicBool::new(false)).collect(),
             quotas: Quotas::new(config.tenant_quota_bytes, config.max_quota_tenants),
             config,
             devices,
@@ -308,6 +313,21 @@ impl Dispatcher {
         }
     }
 
+    /// Releases a function's resident weights (session `owner`) on `device`, from any thread: the
+    /// last holder of a function version may be the catalog worker or any shard's cache. A ring
+    /// has one producer, its shard, so the request waits in the deferred list of `shard`, the one
+    /// that uploaded the weights, and its poller, woken here, pushes it: behind every upload that
+    /// shard sent, so that a copy cut short by a deadline never has an upload land after its
+    /// release. It is a shared release ([`RELEASE_SHARED`]).
+    pub(crate) fn release_from_anywhere(&self, shard: usize, device: usize, owner: u64) {
+        let mut req = self.request(shard, Op::Release, owner);
+        req.ticket = UNTRACKED;
+        req.dtype = RELEASE_SHARED;
+        self.deferred[shard].lock().unwrap_or_else(|e| e.into_inner()).push((device, req));
+        self.deferred_pending[shard].store(true, Ordering::Release);
+        self.ports[shard].poller.wake();
+    }
+
     fn retry_deferred(&self, shard: usize) {
         let mut deferred = self.deferred[shard].lock().unwrap_or_else(|e| e.into_inner());
         let mut kept = Vec::new();
@@ -362,9 +382,11 @@ impl Future for Poller {
         let port = &self.dispatcher.ports[self.shard];
         loop {
             port.drain();
+            self.dispatcher.deferred_pending[self.shard].store(false, Ordering::Relaxed);
             self.dispatcher.retry_deferred(self.shard);
             port.poller.register(cx.waker());
-            if port.completions.is_empty() {
+            let deferred = self.dispatcher.deferred_pending[self.shard].load(Ordering::Acquire);
+            if port.completions.is_empty() && !deferred {
                 return Poll::Pending;
             }
         }

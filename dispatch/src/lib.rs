@@ -37,6 +37,7 @@ pub mod quota;
 pub mod record;
 mod session;
 pub mod shape;
+pub mod weights;
 mod worker;
 
 pub use backend::BackendKind;
@@ -44,3 +45,4 @@ pub use dispatcher::{BackendChoice, Device, DispatchConfig, DispatchError, Dispa
 pub use port::{ShardPort, TicketWait};
 pub use record::{status, Completion, DType, Desc, Op, Request, MAX_RANK};
 pub use session::{Args, Call, Done, Pending, Session, TensorInfo};
+pub use weights::{Claim, LoadGuard, Resident, Weight, Weights};

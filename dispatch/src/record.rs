@@ -64,7 +64,8 @@ pub enum Op {
     Download = 2,
     /// Free tensor `a`.
     Free = 3,
-    /// Free every tensor of `session`: the end of an invocation.
+    /// Free every tensor of `session`: the end of an invocation. With `dtype` [`RELEASE_SHARED`],
+    /// a function's resident weights, which other sessions' requests may be reading.
     Release = 4,
     /// `out = a + b`: `dims[0]` elements, or broadcast with a descriptor.
     Add = 5,
@@ -273,6 +274,11 @@ impl Desc {
         Desc::read_from_bytes(words.as_bytes()).ok()
     }
 }
+
+/// A `Release`'s `dtype` when other sessions may be reading the tensors (a function's resident
+/// weights, `weights`): a back-end that runs requests asynchronously first waits for every request
+/// in flight, not only the session's own.
+pub const RELEASE_SHARED: u8 = 1;
 
 /// One request from a shard to a device worker: 80 bytes, no padding (zerocopy checks it).
 #[derive(Clone, Copy, Debug, Default, IntoBytes, FromBytes, Immutable, KnownLayout)]

@@ -12,6 +12,7 @@ use crate::port::{ShardPort, TicketWait};
 use crate::quota::TenantMemory;
 use crate::record::{flags, status, Completion, DType, Desc, Op, Request, MAX_RANK, SLOT_A, SLOT_B, SLOT_C, SLOT_OUT};
 use crate::shape::{self, Dims};
+use crate::weights::{Resident, Weight};
 
 /// What the session knows of one tensor: enough to validate every op before it is sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +25,9 @@ pub struct TensorInfo {
     /// Another handle may name the same device tensor (a reshape view): freeing this handle
     /// frees the memory only when no other handle names it.
     pub aliased: bool,
+    /// A function's resident weight (`weights`): freeing the handle only forgets it, and the
+    /// session's quota never counted it.
+    pub borrowed: bool,
 }
 
 impl TensorInfo {
@@ -43,7 +47,7 @@ fn info(id: u64, shape: &[u32], dtype: DType, max_elements: u64) -> Result<Tenso
     if elements > max_elements {
         return Err(status::INVALID_ARGUMENT);
     }
-    Ok(TensorInfo { id, dims, rank, elements, dtype, aliased: false })
+    Ok(TensorInfo { id, dims, rank, elements, dtype, aliased: false, borrowed: false })
 }
 
 /// Four-byte staging words for `bytes` bytes.
@@ -377,10 +381,47 @@ impl Session {
             return Err(status::TOO_MANY_TENSORS);
         }
         view.aliased = true;
+        view.borrowed = ta.borrowed;
         if let Some(Some(t)) = self.tensors.get_mut((a - 1) as usize) {
             t.aliased = true;
         }
         Ok(self.insert(view))
+    }
+
+    /// The device for this session's tensors: chosen now if it has none yet. A resident weight
+    /// must be on it before the session can adopt a handle to it.
+    pub fn place(&mut self) -> usize {
+        *self.device.get_or_insert_with(|| self.dispatcher.place(self.shard))
+    }
+
+    /// Uploads one of a function's weights into `resident`, the copy on this session's device:
+    /// the tensor is the copy's (its owner's session id), not this session's, so the session's
+    /// quota and `Release` never touch it. The caller has placed the session
+    /// ([`Session::place`]) on the copy's device, and `resident` has reserved the quota.
+    pub fn upload_weight(&mut self, resident: &mut Resident, weight: &Weight) -> Result<Call, i32> {
+        debug_assert_eq!(self.device, Some(resident.device()));
+        let out = info(0, &weight.shape, weight.dtype, u64::MAX)?;
+        if out.bytes() != weight.bytes() {
+            return Err(status::SHAPE_MISMATCH);
+        }
+        let mut words = vec![0.0f32; words_for(out.bytes())];
+        words.as_mut_bytes()[..weight.data.len()].copy_from_slice(&weight.data);
+        let mut req = self.dispatcher.request(self.shard, Op::Upload, resident.owner());
+        req.host_len = words.len() as u64;
+        req.dtype = weight.dtype as u8;
+        req.out = self.dispatcher.port(self.shard).next_id();
+        req.out_bytes = out.bytes();
+        resident.push(req.out, weight)?;
+        self.prepare(req, None, words)
+    }
+
+    /// A handle to a resident weight ([`Resident::info`]), on this session's device.
+    pub fn adopt(&mut self, weight: TensorInfo) -> Result<i32, i32> {
+        debug_assert!(weight.borrowed, "only a resident weight is adopted");
+        if self.live >= self.dispatcher.config.max_tensors_per_session {
+            return Err(status::TOO_MANY_TENSORS);
+        }
+        Ok(self.insert(weight))
     }
 
     fn insert(&mut self, t: TensorInfo) -> i32 {
@@ -409,7 +450,7 @@ impl Session {
         self.tensors[slot] = None;
         self.free_slots.push(slot as u32);
         self.live -= 1;
-        if t.aliased && self.tensors.iter().flatten().any(|o| o.id == t.id) {
+        if t.borrowed || (t.aliased && self.tensors.iter().flatten().any(|o| o.id == t.id)) {
             return Ok(());
         }
         let mut req = self.request(Op::Free);

@@ -32,7 +32,7 @@ pub fn list(shard: &Shard, ctx: &RequestContext) -> Result<Response, ApiError> {
 pub fn get(shard: &Shard, ctx: &RequestContext, id: &str) -> Result<Response, ApiError> {
     require_loaded(shard)?;
     let f = shard.functions.describe(&shard.shared.catalog, ctx.tenant, id).ok_or_else(|| not_found(id))?;
-    Ok(Response::json_value(Status::Ok, &f.to_json()))
+    Ok(Response::json_value(Status::Ok, &f.to_json_detailed()))
 }
 
 /// Deploys; returns the answer and the new function's id.

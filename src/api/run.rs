@@ -105,9 +105,11 @@ pub async fn execute(
         slice: shard.limits.guest_slice(),
         max_table_elements: shard.limits.module_shape.max_table_elements,
     };
-    let tensors = function
-        .uses_tensors
-        .then(|| TensorContext::new(shard.shared.dispatcher.clone(), shard.id, tenant, shard.metrics.clone()));
+    let tensors = function.uses_tensors.then(|| {
+        let (dispatcher, metrics, weights) =
+            (shard.shared.dispatcher.clone(), shard.metrics.clone(), function.deployed.weights.clone());
+        TensorContext::new(dispatcher, shard.id, tenant, metrics, weights)
+    });
     let mut invocation =
         run_invocation(&shard.engine, &function.pre, function.deployed.wasi.clone(), stdin, entry, limits, tensors)
             .await;

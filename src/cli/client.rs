@@ -97,6 +97,10 @@ pub struct DeployArgs {
     pub timeout_ms: Option<u64>,
     #[arg(long)]
     pub memory_limit_mb: Option<u64>,
+    /// A safetensors file: the function's resident tensors, which its guest names with
+    /// `tensor_weight`.
+    #[arg(long)]
+    pub tensors: Option<PathBuf>,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -188,7 +192,15 @@ pub fn deploy(args: DeployArgs) -> i32 {
             "name": args.name,
             "wasm_b64": base64::engine::general_purpose::STANDARD.encode(&wasm),
         });
+        let tensors = match &args.tensors {
+            Some(path) => {
+                let file = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                Some(serde_json::Value::from(base64::engine::general_purpose::STANDARD.encode(&file)))
+            }
+            None => None,
+        };
         for (key, value) in [
+            ("tensors_b64", tensors),
             ("abi", args.abi.map(serde_json::Value::from)),
             ("timeout_ms", args.timeout_ms.map(serde_json::Value::from)),
             ("memory_limit_mb", args.memory_limit_mb.map(serde_json::Value::from)),

@@ -126,7 +126,7 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_MAX_FUNCTIONS_PER_TENANT", default_value_t = 1_000)]
     pub max_functions_per_tenant: u32,
 
-    /// Most MiB of modules and their precompiled artifacts one tenant's functions may take on
+    /// Most MiB of modules, their precompiled artifacts and tensor files one tenant's functions may take on
     /// disk; a deploy past it gets 403 `quota_exceeded`.
     #[arg(long, env = "TENSOR_WASM_MAX_STORAGE_MB_PER_TENANT", default_value_t = 1_024)]
     pub max_storage_mb_per_tenant: u64,
@@ -311,6 +311,12 @@ pub struct ServeArgs {
     /// Elements one tensor may have; a larger shape is refused before anything is allocated.
     #[arg(long, env = "TENSOR_WASM_MAX_TENSOR_ELEMENTS", default_value_t = 64 << 20)]
     pub max_tensor_elements: u64,
+
+    /// Most MiB of the safetensors file a function carries, its resident tensors (`tensors_b64` on
+    /// a deploy, `NAME.safetensors` in the functions directory); a larger one gets 400
+    /// `invalid_tensors`.
+    #[arg(long, env = "TENSOR_WASM_MAX_FUNCTION_TENSORS_MB", default_value_t = 32)]
+    pub max_function_tensors_mb: u64,
 
     /// Tensor calls one shard may have waiting for their completions at once (its ticket table);
     /// past it, a call gets `busy`. At most 65534.
@@ -613,6 +619,7 @@ impl ServeArgs {
         positive("gpu-memory-per-tenant-mb", self.gpu_memory_per_tenant_mb)?;
         positive("max-tensors-per-invocation", self.max_tensors_per_invocation.into())?;
         positive("max-tensor-elements", self.max_tensor_elements)?;
+        positive("max-function-tensors-mb", self.max_function_tensors_mb)?;
         // A request carries a flat tensor's length in a u32 (`record::Request::dims`).
         if self.max_tensor_elements > u64::from(u32::MAX) {
             return Err(format!("--max-tensor-elements must be at most {}", u32::MAX));
@@ -826,6 +833,8 @@ impl ServeArgs {
             max_inflight_body_bytes_per_tenant: per_tenant_body_bytes,
             max_functions_per_tenant: self.max_functions_per_tenant,
             max_storage_bytes_per_tenant: self.max_storage_mb_per_tenant.saturating_mul(1024 * 1024),
+            max_function_tensors_bytes: self.max_function_tensors_mb.saturating_mul(1024 * 1024),
+            max_tensor_elements: self.max_tensor_elements,
             audit_reserve_bytes: self.audit_reserve_mb.saturating_mul(1024 * 1024),
             compile_budget: Some(compile_budget),
             load_threads: match self.load_threads {

@@ -87,8 +87,13 @@ pub struct Limits {
     pub max_inflight_body_bytes_per_tenant: u64,
     /// Functions one tenant may deploy through the API; past it, 403 `quota_exceeded`.
     pub max_functions_per_tenant: u32,
-    /// Bytes of modules and artifacts one tenant's functions may take; past it, 403 `quota_exceeded`.
+    /// Bytes of modules, artifacts and tensor files one tenant's functions may take; past it, 403
+    /// `quota_exceeded`.
     pub max_storage_bytes_per_tenant: u64,
+    /// The largest safetensors file one function carries (`tensors_b64`, `NAME.safetensors`).
+    pub max_function_tensors_bytes: u64,
+    /// Elements one tensor may have (`--max-tensor-elements`): a function's tensors too.
+    pub max_tensor_elements: u64,
     /// Free bytes a deploy must leave on the data dir's file system, for the audit log; past it,
     /// 507 `insufficient_storage`.
     pub audit_reserve_bytes: u64,

@@ -106,6 +106,13 @@ impl FunctionCache {
         ready.into_iter().chain(broken).filter(|f| f.record.tenant_id == tenant).collect()
     }
 
+    /// Brings the shard's copy up to date with the catalog: what a lookup does first, for a shard
+    /// that has none to do. A deleted or replaced function's last holders are these copies, and
+    /// its resident tensors stay on the device until every shard has let go of it.
+    pub fn refresh(&self, catalog: &Catalog) {
+        drop(self.sync(catalog));
+    }
+
     /// The shard's functions: an atomic load, plus a rebuild only when the catalog changed.
     fn sync(&self, catalog: &Catalog) -> Ref<'_, LocalCatalog> {
         self.local.get(catalog.functions(), |functions, old| self.rebuild(functions, old))

@@ -2,6 +2,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use tensor_wasm_dispatch::Weights;
 use wasmtime::Module;
 
 use super::FunctionRecord;
@@ -19,6 +20,9 @@ pub struct DeployedFunction {
     /// 503 `function_unavailable` until the same bytes are deployed again.
     pub module: Result<Module, Arc<str>>,
     pub wasi: Arc<WasiArgs>,
+    /// Its resident tensors (`record.tensors`), uploaded to a device at an invocation's first
+    /// `tensor_weight` there and freed when the last holder of this version drops it.
+    pub weights: Option<Arc<Weights>>,
 }
 
 impl DeployedFunction {
@@ -34,13 +38,43 @@ impl DeployedFunction {
     fn with(record: FunctionRecord, module: Result<Module, Arc<str>>) -> Self {
         let env: Vec<(&str, &str)> = record.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let wasi = Arc::new(WasiArgs::new(&[record.name.as_str()], &env));
-        DeployedFunction { record, module, wasi }
+        DeployedFunction { record, module, wasi, weights: None }
     }
 
-    /// The API's view (`function_json`).
-    pub fn to_json(&self) -> serde_json::Value {
-        function_json(&self.record, self.module.as_ref().err().map(|reason| &**reason))
+    /// The function with its resident tensors.
+    pub fn with_weights(self, weights: Option<Arc<Weights>>) -> Self {
+        DeployedFunction { weights, ..self }
     }
+
+    /// The API's view in a listing (`function_json`), with how many tensors it carries and their
+    /// bytes: a listing of many functions stays small whatever their files hold.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut json = function_json(&self.record, self.module.as_ref().err().map(|reason| &**reason));
+        if let Some(weights) = &self.weights {
+            json["tensors_count"] = weights.iter().count().into();
+            json["tensors_bytes"] = weights.total_bytes().into();
+        }
+        json
+    }
+
+    /// The API's view of this one function: the listing's, and each tensor's name, dtype, shape
+    /// and bytes.
+    pub fn to_json_detailed(&self) -> serde_json::Value {
+        let mut json = self.to_json();
+        if let Some(weights) = &self.weights {
+            json["tensors"] = weights_json(weights);
+        }
+        json
+    }
+}
+
+/// A function's tensors as the API lists them.
+pub fn weights_json(weights: &Weights) -> serde_json::Value {
+    let tensors: Vec<serde_json::Value> = weights
+        .iter()
+        .map(|w| serde_json::json!({"name": w.name, "dtype": w.dtype.name(), "shape": w.shape, "bytes": w.bytes()}))
+        .collect();
+    tensors.into()
 }
 
 /// The API's view of a function: its record, its state (`ready`, or `broken` with the reason).

@@ -3,6 +3,7 @@
 //! ```text
 //! NAME.wasm            a function, named NAME
 //! NAME.toml            its optional manifest (functions::manifest)
+//! NAME.safetensors     its optional resident tensors (`tensor_weight`)
 //! NAME.pipeline.toml   a pipeline, named NAME (functions::pipeline::PipelineSpec)
 //! ```
 //!
@@ -27,12 +28,17 @@ pub use crate::runtime::watch::{stamp, Stamp};
 pub struct FunctionFiles {
     pub wasm: PathBuf,
     pub manifest: Option<PathBuf>,
+    pub tensors: Option<PathBuf>,
 }
 
+/// A function's files' stamps: module, manifest, tensors.
+pub type FileStamps = (Stamp, Option<Stamp>, Option<Stamp>);
+
 impl FunctionFiles {
-    /// Both files' stamps; a change in either reloads the function.
-    pub fn stamps(&self) -> io::Result<(Stamp, Option<Stamp>)> {
-        Ok((stamp(&self.wasm)?, self.manifest.as_deref().map(stamp).transpose()?))
+    /// Every file's stamp; a change in any reloads the function.
+    pub fn stamps(&self) -> io::Result<FileStamps> {
+        let optional = |p: &Option<PathBuf>| p.as_deref().map(stamp).transpose();
+        Ok((stamp(&self.wasm)?, optional(&self.manifest)?, optional(&self.tensors)?))
     }
 }
 
@@ -49,6 +55,7 @@ pub struct Listing {
 pub fn list(root: &Path) -> io::Result<Listing> {
     let mut listing = Listing::default();
     let mut manifests = BTreeMap::new();
+    let mut tensor_files = BTreeMap::new();
     for entry in std::fs::read_dir(root)? {
         let entry = entry?;
         let Ok(file) = entry.file_name().into_string() else { continue };
@@ -62,6 +69,8 @@ pub fn list(root: &Path) -> io::Result<Listing> {
             (name, Kind::Module)
         } else if let Some(name) = file.strip_suffix(".toml") {
             (name, Kind::Manifest)
+        } else if let Some(name) = file.strip_suffix(".safetensors") {
+            (name, Kind::Tensors)
         } else {
             continue;
         };
@@ -72,10 +81,13 @@ pub fn list(root: &Path) -> io::Result<Listing> {
         let name = name.to_string();
         match kind {
             Kind::Module => {
-                listing.functions.insert(name, FunctionFiles { wasm: path, manifest: None });
+                listing.functions.insert(name, FunctionFiles { wasm: path, manifest: None, tensors: None });
             }
             Kind::Manifest => {
                 manifests.insert(name, path);
+            }
+            Kind::Tensors => {
+                tensor_files.insert(name, path);
             }
             Kind::Pipeline => {
                 listing.pipelines.insert(name, path);
@@ -88,12 +100,19 @@ pub fn list(root: &Path) -> io::Result<Listing> {
             None => listing.ignored.push((format!("{name}.toml"), format!("there is no {name}.wasm beside it"))),
         }
     }
+    for (name, path) in tensor_files {
+        match listing.functions.get_mut(&name) {
+            Some(files) => files.tensors = Some(path),
+            None => listing.ignored.push((format!("{name}.safetensors"), format!("there is no {name}.wasm beside it"))),
+        }
+    }
     Ok(listing)
 }
 
 enum Kind {
     Module,
     Manifest,
+    Tensors,
     Pipeline,
 }
 

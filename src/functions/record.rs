@@ -63,6 +63,10 @@ pub struct FunctionRecord {
     /// The guest's environment variables.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// `sha256:<hex>` of the safetensors file of its resident tensors, if it carries any; also
+    /// the file's name in the store. Absent in records written before tensors existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensors: Option<String>,
 }
 
 impl FunctionRecord {
@@ -78,6 +82,7 @@ impl FunctionRecord {
             "abi": self.abi.as_str(),
             "source": self.source.as_str(),
             "env_keys": self.env.keys().collect::<Vec<_>>(),
+            "tensors_digest": self.tensors,
         })
     }
 }

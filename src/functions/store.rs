@@ -51,6 +51,7 @@ pub struct Swept {
 /// modules/<sha256-hex>.wasm    the module as deployed
 /// modules/<sha256-hex>.cwasm   its precompiled artifact (magic, checksum, wasmtime bytes); a
 ///                              functions-directory module has this alone
+/// modules/<sha256-hex>.safetensors  a function's resident tensors, as deployed
 /// functions/<id>.json          one record per function
 /// pipelines/<id>.json          one record per pipeline
 /// ```
@@ -123,6 +124,15 @@ impl FunctionStore {
             if orphans { fs::read_dir(&self.modules)?.collect() } else { Vec::new() };
         for entry in modules {
             let path = entry?.path();
+            if let Some(hex) = stored_hex(&path, "safetensors") {
+                if !referenced.contains(format!("sha256:{hex}").as_str()) {
+                    match remove_if_present(&path) {
+                        Ok(()) => swept.orphaned_modules += 1,
+                        Err(e) => tracing::warn!(file = %path.display(), "cannot remove orphaned tensors: {e}"),
+                    }
+                }
+                continue;
+            }
             let Some(hex) = stored_hex(&path, "wasm") else { continue };
             if !referenced.contains(format!("sha256:{hex}").as_str()) {
                 match remove_if_present(&path.with_extension("cwasm")).and_then(|()| remove_if_present(&path)) {
@@ -143,6 +153,34 @@ impl FunctionStore {
 
     fn artifact_path(&self, digest: &str) -> PathBuf {
         self.modules.join(format!("{}.cwasm", digest_hex(digest)))
+    }
+
+    fn tensors_path(&self, digest: &str) -> PathBuf {
+        self.modules.join(format!("{}.safetensors", digest_hex(digest)))
+    }
+
+    /// Stores a function's safetensors file under its digest.
+    pub fn write_tensors(&self, digest: &str, file: &[u8]) -> io::Result<()> {
+        write_atomic(&self.tensors_path(digest), file)
+    }
+
+    /// A stored safetensors file, if present, at most `max_bytes`, and matching its digest.
+    pub fn read_tensors(&self, digest: &str, max_bytes: u64) -> io::Result<Vec<u8>> {
+        let bytes = read_stored(&self.tensors_path(digest), max_bytes)?;
+        if sha256_hex(&bytes) != digest_hex(digest) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "not the bytes of its digest"));
+        }
+        Ok(bytes)
+    }
+
+    /// Bytes a stored safetensors file takes (0 when absent).
+    pub fn tensors_bytes(&self, digest: &str) -> u64 {
+        fs::metadata(self.tensors_path(digest)).map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn remove_tensors(&self, digest: &str) -> io::Result<()> {
+        remove_if_present(&self.tensors_path(digest))?;
+        sync_dir(&self.modules)
     }
 
     fn record_path(&self, id: &str) -> PathBuf {

@@ -415,9 +415,7 @@ impl Future for FairYield {
                 // that a tick caught (a JSON guest of 40 µs is caught by one tick in 25; ticking
                 // fast for it would catch ten times as many), nor for the shard's own tasks (an
                 // idle spinner yields all the time).
-                if self.class == Class::Long
-                    && q.slice_timer.borrow().is_none()
-                    && !TURNS_TAKEN.load(Ordering::Relaxed)
+                if self.class == Class::Long && q.slice_timer.borrow().is_none() && !TURNS_TAKEN.load(Ordering::Relaxed)
                 {
                     TURNS_TAKEN.store(true, Ordering::Relaxed);
                 }

@@ -168,6 +168,7 @@ fn start_tasks(
     shard.record_integrity_failures();
     monoio::spawn(pump);
     monoio::spawn(record_left_out_refusals(shard.clone()));
+    monoio::spawn(refresh_functions(shard.clone()));
     if let Some(interval) = shard.audit.checkpoint_interval() {
         monoio::spawn(sign_checkpoints(shard.clone(), interval));
     }
@@ -260,6 +261,19 @@ async fn record_left_out_refusals(shard: Rc<Shard>) {
             }
             shard.record_left_out(left);
         }
+    }
+}
+
+/// How often an idle shard brings its copy of the catalog up to date.
+const FUNCTIONS_REFRESH: Duration = Duration::from_secs(1);
+
+/// Brings the shard's copy of the catalog up to date every [`FUNCTIONS_REFRESH`]: a shard that
+/// serves no function requests would otherwise hold deleted functions, and their resident tensors
+/// on a device, until its next one. An atomic load when nothing changed.
+async fn refresh_functions(shard: Rc<Shard>) {
+    loop {
+        monoio::time::sleep(FUNCTIONS_REFRESH).await;
+        shard.functions.refresh(&shard.shared.catalog);
     }
 }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tensor_wasm_dispatch::{status, Dispatcher, Session};
+use tensor_wasm_dispatch::{status, Dispatcher, Resident, Session, Weights};
 use wasmtime::ResourceLimiter;
 
 use crate::metrics::ShardMetrics;
@@ -176,10 +176,21 @@ pub struct TensorContext {
     /// Made at the first tensor call; dropping it frees every tensor and returns the quota.
     pub(super) session: Option<Session>,
     pub(super) last_error: String,
+    /// The function's resident tensors (`tensor_weight`), if it carries any.
+    pub(super) weights: Option<Arc<Weights>>,
+    /// The device copies of them this invocation holds handles into: kept until it ends, so that
+    /// a function replaced meanwhile cannot free a tensor it still reads.
+    pub(super) residents: Vec<Arc<Resident>>,
 }
 
 impl TensorContext {
-    pub fn new(dispatcher: Arc<Dispatcher>, shard: usize, tenant: u64, metrics: Arc<ShardMetrics>) -> Self {
+    pub fn new(
+        dispatcher: Arc<Dispatcher>,
+        shard: usize,
+        tenant: u64,
+        metrics: Arc<ShardMetrics>,
+        weights: Option<Arc<Weights>>,
+    ) -> Self {
         TensorContext {
             dispatcher,
             shard,
@@ -188,6 +199,8 @@ impl TensorContext {
             deadline: Instant::now(),
             session: None,
             last_error: String::new(),
+            weights,
+            residents: Vec::new(),
         }
     }
 

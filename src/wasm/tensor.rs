@@ -10,7 +10,10 @@
 
 use std::time::Instant;
 
-use tensor_wasm_dispatch::{status, Args, Call, DType, Done, Op, Session, MAX_RANK};
+use std::sync::Arc;
+
+use tensor_wasm_dispatch::weights::MAX_NAME_BYTES;
+use tensor_wasm_dispatch::{status, Args, Call, Claim, DType, Done, LoadGuard, Op, Resident, Session, MAX_RANK};
 use wasmtime::{Caller, Linker};
 
 use super::state::{GuestState, TensorContext};
@@ -61,6 +64,8 @@ const FUNCTIONS: &[&str] = &[
     "tensor_concat",
     "tensor_slice",
     "tensor_gather",
+    // A function's resident tensors.
+    "tensor_weight",
 ];
 
 /// `tensor_matmul_ex` flags.
@@ -113,6 +118,7 @@ fn describe(code: i32) -> &'static str {
             "an index is outside its range (a gather id past the table, a slice past the axis)"
         }
         status::UNSUPPORTED_ON_DEVICE => "this op or dtype runs on the host back-end only for now",
+        status::NO_SUCH_WEIGHT => "the function carries no tensor of that name",
         _ => "the request failed",
     }
 }
@@ -325,6 +331,87 @@ async fn read(caller: &mut Ctx<'_>, handle: i32, dtype: i32, out_ptr: i32, out_l
     settle(caller, started, Op::Download, outcome)
 }
 
+/// `tensor_weight`: a handle to the function's resident tensor `name`. The first invocation on a
+/// device to ask uploads all of the function's tensors there (once per function version and
+/// device, counted once against the tenant's quota); one that finds another uploading waits for
+/// it, yielding to the shard, within its deadline.
+async fn weight(caller: &mut Ctx<'_>, name_ptr: i32, name_len: i32) -> wasmtime::Result<i32> {
+    let outcome = weight_handle(caller, name_ptr, name_len).await?;
+    let ctx = context(caller)?;
+    Ok(match outcome {
+        Ok(handle) => handle,
+        Err(Failure(code, message)) => ctx.fail(code, message),
+    })
+}
+
+async fn weight_handle(caller: &mut Ctx<'_>, name_ptr: i32, name_len: i32) -> wasmtime::Result<Result<i32, Failure>> {
+    let name = match memory(caller) {
+        Err(_) => return Ok(Err(Failure::new(status::OUT_OF_BOUNDS, "the module exports no memory"))),
+        Ok((mem, _)) => match slice(mem, name_ptr, name_len as u32) {
+            None => return Ok(Err(Failure::new(status::OUT_OF_BOUNDS, "the name lies outside guest memory"))),
+            Some(bytes) if bytes.len() > MAX_NAME_BYTES => {
+                return Ok(Err(Failure::new(
+                    status::NO_SUCH_WEIGHT,
+                    format!("no tensor name is over {MAX_NAME_BYTES} bytes"),
+                )))
+            }
+            Some(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        },
+    };
+    let ctx = context(caller)?;
+    let Some(weights) = ctx.weights.clone() else {
+        return Ok(Err(Failure::new(status::NO_SUCH_WEIGHT, "the function was deployed without tensors")));
+    };
+    let Some(index) = weights.index(&name) else {
+        return Ok(Err(Failure::new(status::NO_SUCH_WEIGHT, format!("the function carries no tensor named {name:?}"))));
+    };
+    loop {
+        let ctx = context(caller)?;
+        let device = ctx.session().place();
+        if let Some(resident) = ctx.residents.iter().find(|r| r.device() == device).cloned() {
+            let Some(info) = resident.info(index) else {
+                return Ok(Err(Failure::new(status::INVALID_ARGUMENT, "the device copy lacks a tensor")));
+            };
+            return Ok(ctx.session().adopt(info).map_err(Failure::code));
+        }
+        match weights.claim(device) {
+            Claim::Ready(resident) => ctx.residents.push(resident),
+            Claim::Wait if Instant::now() < ctx.deadline => fair_yield::yield_now().await,
+            Claim::Wait => {
+                let message = "another invocation is still uploading the function's tensors";
+                return Ok(Err(Failure::new(status::TIMEOUT, message)));
+            }
+            Claim::Load(guard) => match upload_weights(caller, guard).await? {
+                Ok(resident) => context(caller)?.residents.push(resident),
+                Err(failure) => return Ok(Err(failure)),
+            },
+        }
+    }
+}
+
+/// Uploads every tensor of `guard`'s function to its device, each a tracked upload on the
+/// invocation's ring. On any failure the partial copy is dropped: its tensors freed, its quota
+/// returned, and the device left without a copy for a later invocation to try again.
+async fn upload_weights(caller: &mut Ctx<'_>, guard: LoadGuard) -> wasmtime::Result<Result<Arc<Resident>, Failure>> {
+    let weights = guard.weights().clone();
+    let ctx = context(caller)?;
+    let mut resident = Resident::new(ctx.dispatcher.clone(), ctx.shard, guard.device(), weights.tenant());
+    if !resident.reserve(weights.total_bytes()) {
+        let message = format!("the function's tensors take {} bytes, past the tenant's quota", weights.total_bytes());
+        return Ok(Err(Failure::new(status::QUOTA_EXCEEDED, message)));
+    }
+    for weight in weights.iter() {
+        let started = Instant::now();
+        match dispatch(caller, |s| s.upload_weight(&mut resident, weight)).await? {
+            Ok((_, device, _)) => context(caller)?.metrics.record_kernel(device, Op::Upload, started.elapsed()),
+            Err(failure) => return Ok(Err(failure)),
+        }
+    }
+    let resident = Arc::new(resident);
+    guard.loaded(resident.clone());
+    Ok(Ok(resident))
+}
+
 async fn kernel(caller: &mut Ctx<'_>, op: Op, a: i32, b: i32, scalar: f32) -> wasmtime::Result<i32> {
     let started = Instant::now();
     let outcome = dispatch(caller, |s| s.kernel(op, a, b, scalar)).await?.map(|(d, dev, _)| (handle_of(d), dev));
@@ -449,6 +536,9 @@ fn last_error(caller: &mut Ctx<'_>, ptr: i32, len: i32) -> wasmtime::Result<i32>
 }
 
 pub fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
+    linker.func_wrap_async(MODULE, "tensor_weight", |mut c: Ctx<'_>, (ptr, len): (i32, i32)| {
+        Box::new(async move { weight(&mut c, ptr, len).await })
+    })?;
     linker.func_wrap_async(
         MODULE,
         "tensor_create",

@@ -19,7 +19,7 @@ use cudarc::driver::{
 use zerocopy::IntoBytes;
 
 use super::{descriptor, shape_of, staging, Backend, BackendKind, Finished, Submitted};
-use crate::record::{flags, status, DType, Desc, Op, Request, MAX_RANK, SLOT_A, SLOT_B, SLOT_C};
+use crate::record::{flags, status, DType, Desc, Op, Request, MAX_RANK, RELEASE_SHARED, SLOT_A, SLOT_B, SLOT_C};
 use crate::shape::{self, broadcast_strides, contiguous_strides, walk};
 
 /// The kernels, in CUDA C. Public so that benchmarks launch exactly these. NVRTC compiles them
@@ -909,7 +909,13 @@ impl CudaBackend {
             }
             Op::Release => {
                 let session = req.session;
-                self.settle(|r| r.session == session);
+                // A function's weights: an invocation cut off at its deadline may have left a
+                // kernel reading one in flight, on any lane, under its own session.
+                if req.dtype == RELEASE_SHARED {
+                    self.settle(|_| true);
+                } else {
+                    self.settle(|r| r.session == session);
+                }
                 for id in self.sessions.remove(&session).unwrap_or_default() {
                     self.drop_tensor(id);
                 }

@@ -10,10 +10,17 @@ use wasmtime::Module;
 
 use super::Worker;
 use crate::error::ApiError;
+use crate::functions::catalog::FunctionMap;
 use crate::functions::record::{new_id, validate_env, validate_name, Abi, Source};
 use crate::functions::store::digest_of;
 use crate::functions::{DeployedFunction, FunctionRecord};
 use futures_channel::oneshot;
+use std::sync::{Arc, Weak};
+use tensor_wasm_dispatch::Weights;
+
+/// What `check_deploy` found: the body (its module and tensors taken out), the timeout, the
+/// memory cap, the module's bytes and the tensors.
+pub(super) type CheckedDeploy = (DeployBody, u64, u32, Vec<u8>, Option<DeployTensors>);
 
 /// A deploy as it arrives: the raw JSON body, parsed on the worker so that a 64 MiB body never
 /// stalls a shard.
@@ -34,7 +41,15 @@ pub struct PendingDeploy {
     pub(super) tenant_id: u64,
     pub(super) wasm: Vec<u8>,
     pub(super) digest: String,
+    pub(super) tensors: Option<DeployTensors>,
     pub(super) reply: DeployReply,
+}
+
+/// A deploy's resident tensors: the safetensors file as sent, and what it holds.
+pub struct DeployTensors {
+    pub(super) digest: String,
+    pub(super) file: Vec<u8>,
+    pub(super) weights: Arc<Weights>,
 }
 
 /// The body of `POST /functions`.
@@ -48,6 +63,8 @@ pub struct DeployBody {
     pub abi: Option<Abi>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// A safetensors file, base64: the function's resident tensors (`tensor_weight`).
+    pub tensors_b64: Option<String>,
 }
 
 impl DeployBody {
@@ -75,10 +92,15 @@ impl Worker {
             .filter(|r| r.source == Source::Api && r.tenant_id == pending.tenant_id)
             .map(|r| r.digest.as_str())
             .collect();
-        if digests.contains(pending.digest.as_str()) {
+        let module = if digests.contains(pending.digest.as_str()) { 0 } else { pending.wasm.len() as u64 };
+        let tensors = match &pending.tensors {
+            Some(t) if !self.tenant_tensors(pending.tenant_id).contains(&t.digest) => t.file.len() as u64,
+            _ => 0,
+        };
+        if module + tensors == 0 {
             return Ok(());
         }
-        let used: u64 = digests.iter().map(|d| self.store.stored_bytes(d)).sum::<u64>() + pending.wasm.len() as u64;
+        let used = self.storage_used(pending.tenant_id) + module + tensors;
         let limit = self.limits.max_storage_bytes_per_tenant;
         if used > limit {
             return Err(ApiError::QuotaExceeded { what: "storage", used, limit });
@@ -137,8 +159,9 @@ impl Worker {
         reply: DeployReply,
     ) -> Result<PendingDeploy, (DeployReply, ApiError)> {
         match self.check_deploy(&req) {
-            Ok((body, timeout_ms, memory_limit_mb, wasm)) => Ok(PendingDeploy {
+            Ok((body, timeout_ms, memory_limit_mb, wasm, tensors)) => Ok(PendingDeploy {
                 digest: digest_of(&wasm),
+                tensors,
                 name: body.name,
                 abi: body.abi.unwrap_or_default(),
                 env: body.env,
@@ -154,7 +177,7 @@ impl Worker {
 
     /// The checks before a compile: the body, the name, the limits, the function quota; and the
     /// module's bytes.
-    pub(super) fn check_deploy(&self, req: &DeployRequest) -> Result<(DeployBody, u64, u32, Vec<u8>), ApiError> {
+    pub(super) fn check_deploy(&self, req: &DeployRequest) -> Result<CheckedDeploy, ApiError> {
         let body = DeployBody::parse(&req.body)?;
         validate_name(&body.name).map_err(ApiError::InvalidName)?;
         let (timeout_ms, memory_limit_mb) = self.resolve_limits(body.timeout_ms, body.memory_limit_mb)?;
@@ -180,8 +203,94 @@ impl Worker {
         let wasm = base64::engine::general_purpose::STANDARD
             .decode(body.wasm_b64.trim())
             .map_err(|e| ApiError::InvalidBase64(e.to_string()))?;
-        let body = DeployBody { wasm_b64: String::new(), timeout_ms: None, memory_limit_mb: None, ..body };
-        Ok((body, timeout_ms, memory_limit_mb, wasm))
+        let tensors = match &body.tensors_b64 {
+            Some(b64) => Some(self.check_tensors(b64, req.tenant_id)?),
+            None => None,
+        };
+        let body =
+            DeployBody { wasm_b64: String::new(), tensors_b64: None, timeout_ms: None, memory_limit_mb: None, ..body };
+        Ok((body, timeout_ms, memory_limit_mb, wasm, tensors))
+    }
+
+    /// A deploy's `tensors_b64`: decoded within `--max-function-tensors-mb` and read as a
+    /// safetensors file (`Weights::parse`), or 400 `invalid_tensors` saying what is wrong.
+    fn check_tensors(&self, b64: &str, tenant: u64) -> Result<DeployTensors, ApiError> {
+        let limit = self.limits.max_function_tensors_bytes;
+        let b64 = b64.trim();
+        // Refused from its length, before a byte is decoded: base64 is 4 characters per 3 bytes.
+        if (b64.len() as u64 / 4).saturating_mul(3) > limit {
+            return Err(ApiError::InvalidTensors(format!(
+                "the tensors take more than --max-function-tensors-mb ({limit} bytes)"
+            )));
+        }
+        let file = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| ApiError::InvalidTensors(format!("`tensors_b64` is not base64: {e}")))?;
+        if file.len() as u64 > limit {
+            return Err(ApiError::InvalidTensors(format!(
+                "the tensors take {} bytes, more than --max-function-tensors-mb ({limit} bytes)",
+                file.len()
+            )));
+        }
+        let digest = digest_of(&file);
+        let weights = self.weights_of(tenant, &digest, &file).map_err(ApiError::InvalidTensors)?;
+        Ok(DeployTensors { digest, file, weights })
+    }
+
+    /// The tenant's parsed copy of the tensor file `digest`: the one a live function already
+    /// shares, or `file` parsed now. One host copy and one device copy per tenant and file, however
+    /// many of its functions carry it.
+    pub(super) fn weights_of(&self, tenant: u64, digest: &str, file: &[u8]) -> Result<Arc<Weights>, String> {
+        let key = (tenant, digest.to_string());
+        let mut interned = self.weights.borrow_mut();
+        if let Some(weights) = interned.get(&key).and_then(Weak::upgrade) {
+            return Ok(weights);
+        }
+        // Dead entries go when a new one comes: the map stays as large as the live files.
+        interned.retain(|_, w| w.strong_count() > 0);
+        let weights = Arc::new(Weights::parse(file, tenant, self.limits.max_tensor_elements)?);
+        interned.insert(key, Arc::downgrade(&weights));
+        Ok(weights)
+    }
+
+    /// Distinct tensor files the tenant's API functions use.
+    fn tenant_tensors(&self, tenant: u64) -> HashSet<String> {
+        let current = self.catalog.current();
+        current
+            .values()
+            .map(|f| &f.record)
+            .filter(|r| r.source == Source::Api && r.tenant_id == tenant)
+            .filter_map(|r| r.tensors.clone())
+            .collect()
+    }
+
+    /// What the tenant's API functions take in the store: each distinct module (with its
+    /// artifact) and each distinct tensor file once.
+    fn storage_used(&self, tenant: u64) -> u64 {
+        let current = self.catalog.current();
+        let owned: Vec<&FunctionRecord> =
+            current.values().map(|f| &f.record).filter(|r| r.source == Source::Api && r.tenant_id == tenant).collect();
+        let modules: HashSet<&str> = owned.iter().map(|r| r.digest.as_str()).collect();
+        let tensors: HashSet<&str> = owned.iter().filter_map(|r| r.tensors.as_deref()).collect();
+        modules.iter().map(|d| self.store.stored_bytes(d)).sum::<u64>()
+            + tensors.iter().map(|d| self.store.tensors_bytes(d)).sum::<u64>()
+    }
+
+    /// A stored function's resident tensors: none, or read from the store and parsed again. The
+    /// reason names the file, for a broken function's listing.
+    pub(super) fn stored_weights(&self, record: &FunctionRecord) -> Result<Option<Arc<Weights>>, String> {
+        let Some(digest) = &record.tensors else { return Ok(None) };
+        let key = (record.tenant_id, digest.clone());
+        if let Some(weights) = self.weights.borrow().get(&key).and_then(Weak::upgrade) {
+            return Ok(Some(weights));
+        }
+        let file = self
+            .store
+            .read_tensors(digest, self.limits.max_function_tensors_bytes)
+            .map_err(|e| format!("its tensors {digest}: {}", crate::functions::store::describe(&e)))?;
+        let weights =
+            self.weights_of(record.tenant_id, digest, &file).map_err(|e| format!("its tensors {digest}: {e}"))?;
+        Ok(Some(weights))
     }
 
     /// Stores a compiled deploy and publishes it, within the tenant's storage quota and the
@@ -196,42 +305,59 @@ impl Worker {
             .map(|f| &f.record)
             .filter(|r| r.source == Source::Api && r.tenant_id == *tenant_id)
             .collect();
-        // A module the tenant does not use yet counts against its storage quota (a module shared
-        // with another tenant counts for each), and a new file against the audit log's reserve.
-        if !owned.iter().any(|r| r.digest == *digest) {
-            let used: u64 = owned
-                .iter()
-                .map(|r| r.digest.as_str())
-                .collect::<HashSet<_>>()
-                .iter()
-                .map(|d| self.store.stored_bytes(d))
-                .sum();
-            let stored = self.store.verify_module(digest).is_ok();
-            let artifact =
-                if stored { None } else { Some(module.serialize().map_err(|e| ApiError::Internal(format!("{e:#}")))?) };
-            let adding = match &artifact {
-                Some(artifact) => (wasm.len() + artifact.len()) as u64,
-                None => self.store.stored_bytes(digest),
-            };
+        // A module or tensor file the tenant does not use yet counts against its storage quota (a
+        // file shared with another tenant counts for each), and a new file against the audit
+        // log's reserve. Checked before anything is written: a refused deploy leaves no file.
+        let module_new = !owned.iter().any(|r| r.digest == *digest);
+        let module_stored = self.store.verify_module(digest).is_ok();
+        let artifact = if module_stored {
+            None
+        } else {
+            Some(module.serialize().map_err(|e| ApiError::Internal(format!("{e:#}")))?)
+        };
+        let module_adding = match (&artifact, module_new) {
+            (_, false) => 0,
+            (Some(artifact), true) => (wasm.len() + artifact.len()) as u64,
+            (None, true) => self.store.stored_bytes(digest),
+        };
+        let tensors = pending.tensors.as_ref();
+        let tensors_new = tensors.is_some_and(|t| !owned.iter().any(|r| r.tensors.as_ref() == Some(&t.digest)));
+        let tensors_stored =
+            tensors.is_some_and(|t| self.store.read_tensors(&t.digest, self.limits.max_function_tensors_bytes).is_ok());
+        let tensors_adding = match tensors {
+            Some(t) if tensors_new => t.file.len() as u64,
+            _ => 0,
+        };
+        if module_adding + tensors_adding > 0 {
+            let used = self.storage_used(*tenant_id) + module_adding + tensors_adding;
             let limit = self.limits.max_storage_bytes_per_tenant;
-            if used + adding > limit {
-                return Err(ApiError::QuotaExceeded { what: "storage", used: used + adding, limit });
+            if used > limit {
+                return Err(ApiError::QuotaExceeded { what: "storage", used, limit });
             }
-            // Live modules of directory functions are not in the store: a deploy of the same bytes
-            // must still store them, or the function would not survive a restart.
-            if let Some(artifact) = artifact {
-                self.check_reserve(adding)?;
-                self.store.write_module(digest, wasm).map_err(|e| ApiError::Storage(e.to_string()))?;
-                if let Err(e) = self.store.write_artifact(digest, &artifact) {
-                    // Not fatal: the next start recompiles.
-                    tracing::warn!(digest, "cannot save the precompiled artifact: {e}");
-                }
-            }
-        } else if self.store.verify_module(digest).is_err() {
-            // Missing or corrupt: these bytes repair it (and its artifact, which may be gone too).
-            self.check_reserve(wasm.len() as u64)?;
+        }
+        let writing = artifact.as_ref().map_or(0, |a| (wasm.len() + a.len()) as u64)
+            + tensors.filter(|_| !tensors_stored).map_or(0, |t| t.file.len() as u64);
+        if writing > 0 {
+            self.check_reserve(writing)?;
+        }
+        // Live modules of directory functions are not in the store, and a stored copy may be
+        // missing or corrupt: these bytes store or repair it (and its artifact).
+        let module_written = artifact.is_some();
+        if let Some(artifact) = artifact {
             self.store.write_module(digest, wasm).map_err(|e| ApiError::Storage(e.to_string()))?;
-            self.loader().save_artifact(digest, &module);
+            if let Err(e) = self.store.write_artifact(digest, &artifact) {
+                // Not fatal: the next start recompiles.
+                tracing::warn!(digest, "cannot save the precompiled artifact: {e}");
+            }
+        }
+        if let Some(t) = tensors.filter(|_| !tensors_stored) {
+            if let Err(e) = self.store.write_tensors(&t.digest, &t.file) {
+                // A module this deploy wrote and no record refers to would count against no quota.
+                if module_written && !current.values().any(|f| f.record.digest == *digest) {
+                    let _ = self.store.remove_module(digest);
+                }
+                return Err(ApiError::Storage(e.to_string()));
+            }
         }
         let record = FunctionRecord {
             id: new_id(),
@@ -244,6 +370,7 @@ impl Worker {
             abi: pending.abi,
             source: Source::Api,
             env: pending.env.clone(),
+            tensors: tensors.map(|t| t.digest.clone()),
         };
         if let Err(e) = self.store.write_record(&record) {
             // Files no record refers to would count against no quota: gone with the deploy. A
@@ -251,20 +378,55 @@ impl Worker {
             if !current.values().any(|f| f.record.digest == *digest) {
                 let _ = self.store.remove_module(digest);
             }
+            if let Some(t) = tensors.filter(|t| !current.values().any(|f| f.record.tensors.as_ref() == Some(&t.digest)))
+            {
+                let _ = self.store.remove_tensors(&t.digest);
+            }
             return Err(ApiError::Storage(e.to_string()));
         }
-        // Functions left broken by a missing or corrupt copy of these bytes run again: the store
-        // has them intact now.
+        let revived = self.revive(&current, digest, &module, tensors.map(|t| t.digest.as_str()));
+        let deployed = DeployedFunction::new(record.clone(), module).with_weights(tensors.map(|t| t.weights.clone()));
+        self.catalog.insert_all(revived.into_iter().chain([deployed]));
+        Ok(record)
+    }
+
+    /// A module a live function runs, or else the store's (its artifact, or compiled again).
+    fn live_or_stored_module(&self, digest: &str) -> Option<Module> {
+        if let Some(module) = self.catalog.module_with_digest(digest) {
+            return Some(module);
+        }
+        let mut loaded = self.loader().load_all(&[digest.to_string()], 1);
+        loaded.remove(digest)?.module.ok()
+    }
+
+    /// Functions left broken by a missing or corrupt copy of the module (`digest`) or tensor file
+    /// (`tensors`) that a deploy just stored intact, which run again if their other files are
+    /// intact too.
+    fn revive(
+        &self,
+        current: &FunctionMap,
+        digest: &str,
+        module: &Module,
+        tensors: Option<&str>,
+    ) -> Vec<DeployedFunction> {
         let revived: Vec<DeployedFunction> = current
             .values()
-            .filter(|f| f.module.is_err() && f.record.digest == *digest)
-            .map(|f| DeployedFunction::new(f.record.clone(), module.clone()))
+            .filter(|f| f.module.is_err())
+            .filter(|f| f.record.digest == digest || (tensors.is_some() && f.record.tensors.as_deref() == tensors))
+            .filter_map(|f| {
+                let module = if f.record.digest == digest {
+                    Some(module.clone())
+                } else {
+                    self.live_or_stored_module(&f.record.digest)
+                }?;
+                let weights = self.stored_weights(&f.record).ok()?;
+                Some(DeployedFunction::new(f.record.clone(), module).with_weights(weights))
+            })
             .collect();
         if !revived.is_empty() {
-            tracing::info!(digest, functions = revived.len(), "broken functions repaired by a deploy of their module");
+            tracing::info!(digest, functions = revived.len(), "broken functions repaired by a deploy of their files");
         }
-        self.catalog.insert_all(revived.into_iter().chain([DeployedFunction::new(record.clone(), module)]));
-        Ok(record)
+        revived
     }
 
     /// A function's timeout and memory cap: the defaults, or the given values within the maxima.
@@ -317,6 +479,17 @@ impl Worker {
         };
         if let Err(e) = removed {
             tracing::warn!(digest, "cannot remove an unused module: {e}");
+        }
+        // The tensor file goes with its last API function too (directory functions read theirs
+        // from the folder). The device copies go with the function's last holder (`Resident`).
+        if let Some(tensors) = &function.record.tensors {
+            let used =
+                current.values().any(|f| f.record.tensors.as_ref() == Some(tensors) && f.record.source == Source::Api);
+            if !used {
+                if let Err(e) = self.store.remove_tensors(tensors) {
+                    tracing::warn!(tensors, "cannot remove an unused tensor file: {e}");
+                }
+            }
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ use super::Worker;
 use crate::config::DirectoryConfig;
 use crate::error::ApiError;
 use crate::functions::catalog::{FunctionMap, PipelineMap};
-use crate::functions::directory::{self, FunctionFiles, Stamp};
+use crate::functions::directory::{self, FileStamps, FunctionFiles, Stamp};
 use crate::functions::manifest::FunctionManifest;
 use crate::functions::record::{directory_id, validate_env, Source};
 use crate::functions::store::digest_of;
@@ -29,7 +29,7 @@ pub(super) struct Watch {
     pub(super) last_scan: Cell<Instant>,
     /// Each function's file stamps when last tried, loaded or not: a file that failed is tried
     /// again only when it changes.
-    pub(super) functions: RefCell<HashMap<String, (Stamp, Option<Stamp>)>>,
+    pub(super) functions: RefCell<HashMap<String, FileStamps>>,
     /// Each pipeline's stamp when last tried, and whether it loaded.
     pub(super) pipelines: RefCell<HashMap<String, (Stamp, bool)>>,
     /// Unusable files already logged, so that each is logged (and counted) once.
@@ -215,6 +215,17 @@ impl Worker {
         let wasm = directory::read_limited(&files.wasm, self.limits.max_body_bytes)?;
         let digest = digest_of(&wasm);
         let module = self.directory_module(&digest, &wasm).map_err(|e| format!("{}: {e}", e.kind()))?;
+        let tenant_id = manifest.tenant.unwrap_or(0);
+        let tensors = match &files.tensors {
+            Some(path) => {
+                let file = directory::read_limited(path, self.limits.max_function_tensors_bytes)?;
+                let digest = digest_of(&file);
+                let weights =
+                    self.weights_of(tenant_id, &digest, &file).map_err(|e| format!("{}: {e}", path.display()))?;
+                Some((digest, weights))
+            }
+            None => None,
+        };
         let abi = manifest.abi.unwrap_or_default();
         check_abi(abi, &module)?;
         let record = FunctionRecord {
@@ -224,12 +235,13 @@ impl Worker {
             created_unix_ms: self.next_created_ms(),
             timeout_ms,
             memory_limit_mb,
-            tenant_id: manifest.tenant.unwrap_or(0),
+            tenant_id,
             abi,
             source: Source::Directory,
             env: manifest.env,
+            tensors: tensors.as_ref().map(|(digest, _)| digest.clone()),
         };
-        Ok(DeployedFunction::new(record, module))
+        Ok(DeployedFunction::new(record, module).with_weights(tensors.map(|(_, weights)| weights)))
     }
 
     /// Compiles the new modules among `changed` together, a batch of `--load-threads` at a time

@@ -18,12 +18,13 @@ pub use jobs::AdminHandle;
 use directory_sync::Watch;
 use jobs::Job;
 
-use std::cell::Cell;
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use tensor_wasm_dispatch::Weights;
 use wasmtime::{Engine, Linker};
 
 use super::catalog::PipelineMap;
@@ -74,6 +75,7 @@ pub fn spawn(
             compiler,
             compiling: Cell::new(false),
             profiler,
+            weights: RefCell::default(),
         };
         worker.load();
         worker.serve(&jobs);
@@ -136,6 +138,9 @@ struct Worker {
     /// A deploy's module is on the compile thread: no other deploy is taken until it is back.
     compiling: Cell<bool>,
     profiler: GuestProfiler,
+    /// Every tensor file a live function carries, parsed once per tenant and digest: functions of
+    /// one tenant deployed with the same file share its host copy and its device copies.
+    weights: RefCell<HashMap<(u64, String), Weak<Weights>>>,
 }
 
 impl Worker {
@@ -201,7 +206,9 @@ impl Worker {
                 .ok()
             })
             .collect();
-        let referenced: HashSet<&str> = records.iter().map(|r| r.digest.as_str()).collect();
+        let modules: HashSet<&str> = records.iter().map(|r| r.digest.as_str()).collect();
+        let tensors = records.iter().filter_map(|r| r.tensors.as_deref());
+        let referenced: HashSet<&str> = modules.iter().copied().chain(tensors).collect();
         // An unreadable record may be the one that uses a module: then none is taken for an orphan.
         match self.store.sweep(&referenced, unreadable == 0) {
             Ok(swept) => tracing::info!(
@@ -212,16 +219,17 @@ impl Worker {
             ),
             Err(e) => tracing::warn!("cannot sweep the store: {e}"),
         }
-        let digests: Vec<String> = referenced.iter().map(|d| d.to_string()).collect();
+        let digests: Vec<String> = modules.iter().map(|d| d.to_string()).collect();
         let loaded = self.loader().load_all(&digests, self.limits.load_threads);
         let (mut live, mut broken) = (Vec::with_capacity(records.len()), 0usize);
         for record in records {
             self.last_created_ms.set(self.last_created_ms.get().max(record.created_unix_ms));
-            live.push(match &loaded[&record.digest].module {
-                Ok(module) => DeployedFunction::new(record, module.clone()),
+            let module = loaded[&record.digest].module.clone();
+            live.push(match module.and_then(|module| Ok((module, self.stored_weights(&record)?))) {
+                Ok((module, weights)) => DeployedFunction::new(record, module).with_weights(weights),
                 Err(reason) => {
                     broken += 1;
-                    DeployedFunction::broken(record, reason.clone())
+                    DeployedFunction::broken(record, reason)
                 }
             });
         }
