@@ -166,6 +166,19 @@ pub fn rust_tensor_ops() -> Vec<u8> {
     BUILT.get_or_init(|| build_rust_guest("tensor-ops")).clone()
 }
 
+/// The digits classifier of examples/digits (its README), built from its own crate.
+pub fn digits_example() -> Vec<u8> {
+    static BUILT: OnceLock<Vec<u8>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+            let built =
+                cargo_build::build_crate(repo, "examples/digits/guest", "digits").unwrap_or_else(|e| panic!("{e}"));
+            std::fs::read(built.join("digits.wasm")).expect("digits.wasm")
+        })
+        .clone()
+}
+
 /// A module of tests/guests/fiso-modules, written for Fiso's JSON envelope ABI: `validate`,
 /// `enrich` (the seed's Go example) or `transform`.
 pub fn fiso_module(bin: &str) -> Vec<u8> {

@@ -8,7 +8,13 @@ use std::process::Command;
 /// Builds `tests/guests/NAME` of the repository at `repo` into `repo/target/guests`, and returns
 /// the folder that then holds its `.wasm` binaries.
 pub fn build_guest(repo: &Path, name: &str) -> Result<PathBuf, String> {
-    let manifest = repo.join(format!("tests/guests/{name}/Cargo.toml"));
+    build_crate(repo, &format!("tests/guests/{name}"), name)
+}
+
+/// Builds the guest crate in `folder` (relative to `repo`, an example's say) into
+/// `repo/target/guests`, and returns the folder that then holds its `.wasm` binaries.
+pub fn build_crate(repo: &Path, folder: &str, name: &str) -> Result<PathBuf, String> {
+    let manifest = repo.join(format!("{folder}/Cargo.toml"));
     if !manifest.is_file() {
         return Err(format!("{} is missing", manifest.display()));
     }
