@@ -3,10 +3,10 @@
 #
 #   perf/dispatch-under-load.sh [SHARDS] [LOAD_SECONDS]
 #
-# Deploys tests/guests/tensor-ops (built for wasm32-wasip1) and calls its probe: 20,000 adds of two
-# 1,024-element tensors, each timed inside the guest from its call to its result. First with the
-# server idle, then while wrk keeps every shard busy with /healthz on 16 connections. Needs wrk and
-# a release build.
+# Deploys tests/guests/tensor-ops (built for wasm32-wasip1) and calls its probe: 20,000 round trips,
+# each an add of two 1,024-element tensors and the tensor_sync that waits for it, timed inside the
+# guest. First with the server idle, then while wrk keeps every shard busy with /healthz on 16
+# connections. Needs wrk and a release build.
 set -euo pipefail
 shards=${1:-1}
 seconds=${2:-20}

@@ -351,3 +351,45 @@ fn typed_imports_check_dtypes_ranks_axes_and_ranges_and_count_quota_by_dtype() {
     });
     assert_eq!(server.metric("tensor_wasm_tenant_gpu_memory_used_bytes", &[("tenant", "0")]), 0.0);
 }
+
+#[test]
+fn a_chain_of_dependent_adds_is_streamed_and_one_read_sees_all_of_it() {
+    // A ring of 8: the guest may run 2 ops ahead of the device, so the chain waits every other op
+    // and fills the ring too; the result is the same.
+    let server = Server::start(&["--gpu", "host", "--dispatch-ring-depth", "8"]);
+    let id = server.deploy("tensor-ops", &guests::rust_tensor_ops());
+    let r = server.client().invoke(&id, br#"{"chain": 2000, "len": 1024}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let out = r.json();
+    assert_eq!((out["ops"].as_u64(), out["value"].as_f64()), (Some(2000), Some(2001.0)));
+    assert!(server.metric("tensor_wasm_kernel_dispatches_total", &[("op", "add")]) >= 2000.0);
+    // Every intermediate was freed, and the invocation's end released the rest.
+    within(Duration::from_secs(10), "device memory freed", || {
+        server.metric("tensor_wasm_gpu_memory_used_bytes", &[("device", "0")]) == 0.0
+    });
+}
+
+#[test]
+fn tensor_sync_waits_for_the_streamed_calls_before_it() {
+    let server = Server::start(&["--gpu", "host"]);
+    let wasm = guests::wasm(&format!(
+        r#"(module {}
+  (import "tensor_wasm" "tensor_sync" (func $sync (result i32)))
+  (memory (export "memory") 1)
+  (func (export "sync_after") (param $n i32) (result i32) (local $h i32)
+    (i32.store (i32.const 0) (i32.const 4))
+    (local.set $h (call $create (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 64) (i32.const 16)))
+    (block $done (loop $more
+      (br_if $done (i32.eqz (local.get $n)))
+      (local.set $h (call $add (local.get $h) (local.get $h)))
+      (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+      (br $more)))
+    (call $sync)))"#,
+        guests::TENSOR
+    ));
+    let id = server.deploy("sync", &wasm);
+    let mut c = server.client();
+    assert_eq!(call(&mut c, &id, "sync_after", json!([0])), 0, "nothing to wait for");
+    assert_eq!(call(&mut c, &id, "sync_after", json!([300])), 0, "more than a ring holds");
+    assert_eq!(server.metric("tensor_wasm_kernel_dispatches_total", &[("op", "sync")]), 2.0);
+}

@@ -182,13 +182,18 @@ pub struct Dispatcher {
     pub devices: Box<[Device]>,
     pub(crate) ports: Box<[Arc<ShardPort>]>,
     pub quotas: Quotas,
-    /// Requests that found their ring full when nobody could wait: frees and releases. The shard's
-    /// poller retries them; bounded by the tickets and sessions a shard can have.
+    /// Requests that found their ring full when nobody could wait: frees and releases, and
+    /// releases of resident weights from other threads. The shard's poller retries them; bounded
+    /// by the tensors and sessions a shard can have.
     deferred: Box<[Mutex<Vec<Deferred>>]>,
-    /// Per shard: a release was deferred from another thread since the poller last looked. The
-    /// poller checks it after registering its waker, so that a wake between its look at the list
-    /// and its registration is not lost.
-    deferred_pending: Box<[AtomicBool]>,
+    /// Per shard: a request was deferred since the poller last looked (a full ring, or a release
+    /// from another thread). The poller checks it after registering its waker, so that a wake
+    /// between its look at the list and its registration is not lost.
+    deferred_added: Box<[AtomicBool]>,
+    /// Per shard: its deferred list is not empty. The worker wakes the shard's poller, to push
+    /// them, whenever it has made room on that shard's ring and before it sleeps, while it is set:
+    /// frees and streamed kernels get no completion that would wake it.
+    deferred_waiting: Box<[AtomicBool]>,
     pub(crate) stop: AtomicBool,
     workers: Mutex<Vec<JoinHandle<()>>>,
     /// With `auto`: why CUDA was not used, for the operator's log.
@@ -249,7 +254,8 @@ impl Dispatcher {
                 .map(|s| Arc::new(ShardPort::new(s, completion_depth, config.max_tickets_per_shard)))
                 .collect(),
             deferred: (0..shards).map(|_| Mutex::new(Vec::new())).collect(),
-            deferred_pending: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            deferred_added: (0..shards).map(|_| AtomicBool::new(false)).collect(),
+            deferred_waiting: (0..shards).map(|_| AtomicBool::new(false)).collect(),
             quotas: Quotas::new(config.tenant_quota_bytes, config.max_quota_tenants),
             config,
             devices,
@@ -309,8 +315,22 @@ impl Dispatcher {
     pub(crate) fn send_untracked(&self, shard: usize, device: usize, mut req: Request) {
         req.ticket = UNTRACKED;
         if let Err(req) = self.try_submit(shard, device, req) {
-            self.deferred[shard].lock().unwrap_or_else(|e| e.into_inner()).push((device, req));
+            self.defer(shard, device, req);
         }
+    }
+
+    fn defer(&self, shard: usize, device: usize, req: Request) {
+        let mut deferred = self.deferred[shard].lock().unwrap_or_else(|e| e.into_inner());
+        deferred.push((device, req));
+        self.deferred_waiting[shard].store(true, Ordering::Release);
+        self.deferred_added[shard].store(true, Ordering::Release);
+    }
+
+    /// Whether requests wait in `shard`'s deferred list: the worker then answers an untracked
+    /// request with a completion, to wake the shard's poller to push them. Otherwise it answers
+    /// none, and a guest freeing each tensor of a chain costs no wake-up across threads.
+    pub(crate) fn deferred_waiting(&self, shard: usize) -> bool {
+        self.deferred_waiting[shard].load(Ordering::Acquire)
     }
 
     /// Releases a function's resident weights (session `owner`) on `device`, from any thread: the
@@ -323,8 +343,7 @@ impl Dispatcher {
         let mut req = self.request(shard, Op::Release, owner);
         req.ticket = UNTRACKED;
         req.dtype = RELEASE_SHARED;
-        self.deferred[shard].lock().unwrap_or_else(|e| e.into_inner()).push((device, req));
-        self.deferred_pending[shard].store(true, Ordering::Release);
+        self.defer(shard, device, req);
         self.ports[shard].poller.wake();
     }
 
@@ -336,6 +355,7 @@ impl Dispatcher {
                 kept.push((device, req));
             }
         }
+        self.deferred_waiting[shard].store(!kept.is_empty(), Ordering::Release);
         *deferred = kept;
     }
 
@@ -382,11 +402,11 @@ impl Future for Poller {
         let port = &self.dispatcher.ports[self.shard];
         loop {
             port.drain();
-            self.dispatcher.deferred_pending[self.shard].store(false, Ordering::Relaxed);
+            self.dispatcher.deferred_added[self.shard].store(false, Ordering::Relaxed);
             self.dispatcher.retry_deferred(self.shard);
             port.poller.register(cx.waker());
-            let deferred = self.dispatcher.deferred_pending[self.shard].load(Ordering::Acquire);
-            if port.completions.is_empty() && !deferred {
+            let added = self.dispatcher.deferred_added[self.shard].load(Ordering::Acquire);
+            if port.completions.is_empty() && !added {
                 return Poll::Pending;
             }
         }

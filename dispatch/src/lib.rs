@@ -42,7 +42,7 @@ mod worker;
 
 pub use backend::BackendKind;
 pub use dispatcher::{BackendChoice, Device, DispatchConfig, DispatchError, Dispatcher, Poller};
-pub use port::{ShardPort, TicketWait};
+pub use port::{ShardPort, TicketWait, STREAMED};
 pub use record::{status, Completion, DType, Desc, Op, Request, MAX_RANK};
-pub use session::{Args, Call, Done, Pending, Session, TensorInfo};
+pub use session::{Args, Call, DeferredFailure, Done, Pending, Session, TensorInfo};
 pub use weights::{Claim, LoadGuard, Resident, Weight, Weights};

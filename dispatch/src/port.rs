@@ -20,9 +20,14 @@ use crossbeam_queue::ArrayQueue;
 
 use crate::record::Completion;
 
-/// The ticket of requests nobody waits for (`Free`, `Release`). Their completion only wakes the
-/// shard's poller, which retries deferred requests.
+/// The ticket of requests nobody waits for (`Free`, `Release`). No completion comes back: the
+/// worker wakes the shard's poller when it has deferred ones to push (`Dispatcher::defer`).
 pub const UNTRACKED: u32 = u32::MAX;
+
+/// The ticket of a streamed kernel: the guest got its handle when it was sent and waits only at
+/// its next read or sync. No completion comes back; a failure is kept by the worker for that wait
+/// (`worker::Failures`). Its staging buffer, a descriptor, is the worker's to free once it has run.
+pub const STREAMED: u32 = u32::MAX - 1;
 
 /// A shard's receiving end. Shared with the device workers, which push completions and wake.
 ///
@@ -138,9 +143,7 @@ impl ShardPort {
         }
         let mut t = self.lock();
         while let Some(c) = self.completions.pop() {
-            if c.ticket == UNTRACKED {
-                continue;
-            }
+            debug_assert!(c.ticket != UNTRACKED, "no completion comes for an untracked request");
             let (index, generation) = decode(c.ticket);
             let Some(entry) = t.entries.get_mut(index) else { continue };
             if entry.generation != generation {
@@ -186,7 +189,8 @@ impl ShardPort {
                 // builds stop here; a release build ends this wait with a device error rather than
                 // the shard's thread (the dispatch crate's form of the server's `bug!`).
                 debug_assert!(false, "ticket {ticket:#x} is neither waiting nor done");
-                let completion = Completion { ticket, status: crate::record::status::DEVICE_ERROR, device_nanos: 0 };
+                let completion =
+                    Completion { ticket, status: crate::record::status::DEVICE_ERROR, ..Default::default() };
                 Some((completion, Vec::new()))
             }
         }

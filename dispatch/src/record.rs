@@ -103,6 +103,9 @@ pub enum Op {
     Slice = 30,
     Gather = 31,
     Cast = 32,
+    /// Completes once every earlier request of `session` has run: where a guest waits for the
+    /// ops it streamed (`tensor_sync`). Its completion carries the session's first failure.
+    Sync = 33,
 }
 
 impl Op {
@@ -139,20 +142,21 @@ impl Op {
     ];
     /// Every op, for per-op metric tables: the four that move or free tensors, then the kernels.
     /// In discriminant order, which `from_u8` relies on.
-    pub const ALL: [Op; 32] = {
-        let mut all = [Op::Upload; 32];
+    pub const ALL: [Op; 33] = {
+        let mut all = [Op::Upload; 33];
         (all[1], all[2], all[3]) = (Op::Download, Op::Free, Op::Release);
         let mut i = 0;
         while i < Op::KERNELS.len() {
             all[4 + i] = Op::KERNELS[i];
             i += 1;
         }
+        all[32] = Op::Sync;
         all
     };
 
     /// Whether this op is a kernel (creates a tensor from others).
     pub fn is_kernel(self) -> bool {
-        self as u8 >= Op::Add as u8
+        self as u8 >= Op::Add as u8 && self != Op::Sync
     }
 
     pub fn from_u8(v: u8) -> Option<Op> {
@@ -198,6 +202,7 @@ impl Op {
             Op::Slice => "slice",
             Op::Gather => "gather",
             Op::Cast => "cast",
+            Op::Sync => "sync",
         }
     }
 }
@@ -280,7 +285,7 @@ impl Desc {
 /// in flight, not only the session's own.
 pub const RELEASE_SHARED: u8 = 1;
 
-/// One request from a shard to a device worker: 80 bytes, no padding (zerocopy checks it).
+/// One request from a shard to a device worker: 88 bytes, no padding (zerocopy checks it).
 #[derive(Clone, Copy, Debug, Default, IntoBytes, FromBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct Request {
@@ -308,9 +313,11 @@ pub struct Request {
     pub op: u8,
     /// An upload's [`DType`] code (0, f32, in the original records).
     pub dtype: u8,
+    /// The request's place among its session's requests, from 1: what a deferred failure names.
+    pub seq: u64,
 }
 
-/// A request's outcome, sent back on the issuing shard's completion ring: 16 bytes.
+/// A request's outcome, sent back on the issuing shard's completion ring: 32 bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, IntoBytes, FromBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct Completion {
@@ -319,6 +326,11 @@ pub struct Completion {
     pub status: i32,
     /// Time the worker spent on it, from taking it off the ring to finishing it.
     pub device_nanos: u64,
+    /// When an earlier streamed request of the session failed (and `status` is its status): that
+    /// request's `seq` and op code; else 0.
+    pub failed_seq: u64,
+    pub failed_op: u32,
+    pub reserved: u32,
 }
 
 /// The ABI's status codes: the crate `tensor-wasm-abi`, which the guests' helper crate shares.
@@ -330,8 +342,8 @@ mod tests {
 
     #[test]
     fn records_are_fixed_size_and_round_trip_as_bytes() {
-        assert_eq!(std::mem::size_of::<Request>(), 80);
-        assert_eq!(std::mem::size_of::<Completion>(), 16);
+        assert_eq!(std::mem::size_of::<Request>(), 88);
+        assert_eq!(std::mem::size_of::<Completion>(), 32);
         let req = Request {
             session: 7,
             out: 9,

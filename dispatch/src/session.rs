@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use zerocopy::IntoBytes;
 
+use crate::backend::BackendKind;
 use crate::dispatcher::Dispatcher;
-use crate::port::{ShardPort, TicketWait};
+use crate::port::{ShardPort, TicketWait, STREAMED};
 use crate::quota::TenantMemory;
 use crate::record::{flags, status, Completion, DType, Desc, Op, Request, MAX_RANK, SLOT_A, SLOT_B, SLOT_C, SLOT_OUT};
 use crate::shape::{self, Dims};
@@ -100,6 +101,20 @@ pub struct Call {
     req: Request,
     out: Option<TensorInfo>,
     port: Option<Arc<ShardPort>>,
+    /// A streamed call's descriptor, which `req.host_addr` points into: the call's until it is
+    /// sent, then the worker's to free (`try_stream`).
+    descriptor: Option<Box<[f32]>>,
+}
+
+impl Call {
+    pub fn op(&self) -> Option<Op> {
+        Op::from_u8(self.req.op)
+    }
+
+    /// Sent with [`Session::try_stream`]: nobody waits for it.
+    pub fn is_streamed(&self) -> bool {
+        self.req.ticket == STREAMED
+    }
 }
 
 impl Drop for Call {
@@ -110,6 +125,15 @@ impl Drop for Call {
     }
 }
 
+/// A streamed request's failure, as the worker reported it at the session's next wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeferredFailure {
+    /// The failed request's place among the session's requests, from 1.
+    pub seq: u64,
+    pub op: Option<Op>,
+    pub status: i32,
+}
+
 /// A request on its way: what `finish` needs. Dropped before it is waited on, it abandons its
 /// ticket, which then keeps the staging buffer until the completion comes.
 pub struct Pending {
@@ -117,6 +141,10 @@ pub struct Pending {
     op: Op,
     out: Option<TensorInfo>,
     port: Option<Arc<ShardPort>>,
+    /// Its completion shows that everything the session streamed before it has run: a sync, a
+    /// read or a create of the session's own, run on its device after them.
+    orders_session: bool,
+    seq: u64,
 }
 
 impl Pending {
@@ -154,6 +182,18 @@ pub struct Session {
     live: usize,
     /// Quota this session reserved and has not returned.
     held_bytes: u64,
+    /// Kernels are streamed ([`Session::set_streaming`]).
+    streaming: bool,
+    /// The last request's `seq`.
+    seq: u64,
+    /// Streamed requests were sent since the session last waited for one.
+    unsynced: bool,
+    /// Streamed requests sent since the session last sent a sync.
+    streamed_since_sync: usize,
+    /// The `seq` of the last streamed request.
+    last_streamed: u64,
+    /// The first streamed failure, once a wait reported it.
+    failure: Option<DeferredFailure>,
 }
 
 impl Session {
@@ -170,7 +210,50 @@ impl Session {
             free_slots: Vec::new(),
             live: 0,
             held_bytes: 0,
+            streaming: false,
+            seq: 0,
+            unsynced: false,
+            streamed_since_sync: 0,
+            last_streamed: 0,
+            failure: None,
         }
+    }
+
+    /// Kernels are streamed from now on: [`Session::try_stream`] sends one and hands its result's
+    /// handle back at once, and the session's device runs them in order; the guest waits only at
+    /// its next read or sync, where an earlier failure is reported (`DeferredFailure`). Gather
+    /// stays waited for: whether its ids are in range is known only from their values.
+    pub fn set_streaming(&mut self, on: bool) {
+        self.streaming = on;
+    }
+
+    /// Streamed requests were sent since the session last waited.
+    pub fn unsynced(&self) -> bool {
+        self.unsynced
+    }
+
+    /// Streamed requests sent since the session last sent a sync: a caller bounds how far a
+    /// guest runs ahead of its device with it, so that an invocation cut off at its deadline
+    /// leaves a bounded amount of work behind it on the ring.
+    pub fn streamed_since_sync(&self) -> usize {
+        self.streamed_since_sync
+    }
+
+    /// The failure of a streamed request, once a wait has reported it.
+    pub fn failure(&self) -> Option<DeferredFailure> {
+        self.failure
+    }
+
+    /// A request that completes once everything the session sent before it has run.
+    pub fn sync(&mut self) -> Result<Call, i32> {
+        let req = self.request(Op::Sync);
+        self.streamed_since_sync = 0;
+        self.prepare(req, None, Vec::new())
+    }
+
+    /// The session's id, which its requests carry.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn dispatcher(&self) -> &Arc<Dispatcher> {
@@ -472,8 +555,11 @@ impl Session {
         self.tenant.release(bytes);
     }
 
-    /// Reserves the output's quota and opens the ticket.
+    /// Reserves the output's quota and opens the ticket; for a kernel of a streaming session, hands
+    /// its staging (a descriptor) to the request instead, for the worker to free.
     fn prepare(&mut self, mut req: Request, out: Option<TensorInfo>, staging: Vec<f32>) -> Result<Call, i32> {
+        let op = Op::from_u8(req.op);
+        let streamed = self.streaming && out.is_some() && op.is_some_and(|op| self.streamable(op, &req, &staging));
         let out = match out {
             Some(mut t) => {
                 if self.live >= self.dispatcher.config.max_tensors_per_session {
@@ -490,6 +576,16 @@ impl Session {
             }
             None => None,
         };
+        // Counted once it passed the host's checks: what a deferred failure's number counts.
+        self.seq += 1;
+        req.seq = self.seq;
+        if streamed {
+            let descriptor = staging.into_boxed_slice();
+            req.host_addr = descriptor.as_ptr() as u64;
+            req.host_len = descriptor.len() as u64;
+            req.ticket = STREAMED;
+            return Ok(Call { req, out, port: None, descriptor: Some(descriptor) });
+        }
         let Some((ticket, addr, len)) = self.dispatcher.port(self.shard).open(staging) else {
             if let Some(t) = out {
                 self.return_quota(t.bytes());
@@ -499,23 +595,80 @@ impl Session {
         req.ticket = ticket;
         req.host_addr = addr;
         debug_assert_eq!(len as u64, req.host_len);
-        Ok(Call { req, out, port: Some(self.dispatcher.port(self.shard).clone()) })
+        Ok(Call { req, out, port: Some(self.dispatcher.port(self.shard).clone()), descriptor: None })
+    }
+
+    /// Whether kernel `op` may be streamed: its failures must be ones the device alone can know
+    /// (memory, a launch), since a streamed call's own return value is its handle. Not gather,
+    /// whose ids are checked against the table by value; and on CUDA only all-f32 ops but argmax,
+    /// since which other dtypes each op runs there is the back-end's to say
+    /// (`unsupported_on_device`), and the guest must hear that from the call itself.
+    fn streamable(&mut self, op: Op, req: &Request, staging: &[f32]) -> bool {
+        if !op.is_kernel() || op == Op::Gather {
+            return false;
+        }
+        let device = self.place();
+        if self.dispatcher.devices[device].kind != BackendKind::Cuda {
+            return true;
+        }
+        if op == Op::Argmax {
+            return false;
+        }
+        match (req.host_len, Desc::from_words(staging)) {
+            // The original short requests are f32 throughout.
+            (0, _) => true,
+            (_, Some(d)) => {
+                let used = [SLOT_A, SLOT_B, SLOT_C, SLOT_OUT].into_iter().filter(|&slot| d.ranks[slot] > 0);
+                used.into_iter().all(|slot| d.dtype(slot) == Some(DType::F32))
+            }
+            (_, None) => false,
+        }
     }
 
     /// Pushes the call onto the ring of the session's device. A full ring gives the call back:
     /// the caller waits and tries again, or gives up with [`Session::abort`].
     #[allow(clippy::result_large_err)] // the call comes back whole, to be retried
     pub fn try_send(&mut self, mut call: Call) -> Result<Pending, Call> {
+        // A streamed call has no ticket to wait on, and its descriptor is handed over only by
+        // `try_stream`: sent here, it would be freed under the worker.
+        assert!(!call.is_streamed(), "a streamed call is sent with try_stream");
         let device = *self.device.get_or_insert_with(|| self.dispatcher.place(self.shard));
+        let op = Op::from_u8(call.req.op).unwrap_or(Op::Add);
+        let orders_session =
+            call.req.session == self.id && matches!(op, Op::Sync | Op::Download | Op::Upload | Op::Gather);
         match self.dispatcher.try_submit(self.shard, device, call.req) {
             Ok(()) => Ok(Pending {
                 ticket: call.req.ticket,
-                op: Op::from_u8(call.req.op).unwrap_or(Op::Add),
+                op,
                 out: call.out.take(),
                 port: call.port.take(),
+                orders_session,
+                seq: call.req.seq,
             }),
             Err(_) => Err(call),
         }
+    }
+
+    /// Pushes a streamed call ([`Call::is_streamed`]) onto the ring of the session's device and
+    /// returns its result's handle at once: the tensor is the session's from now on, in the
+    /// device's order. A full ring gives the call back, as [`Session::try_send`].
+    #[allow(clippy::result_large_err)] // the call comes back whole, to be retried
+    pub fn try_stream(&mut self, mut call: Call) -> Result<i32, Call> {
+        debug_assert!(call.is_streamed());
+        let device = *self.device.get_or_insert_with(|| self.dispatcher.place(self.shard));
+        if self.dispatcher.try_submit(self.shard, device, call.req).is_err() {
+            return Err(call);
+        }
+        // The worker owns the descriptor now, and frees it once it has read it
+        // (`worker::free_streamed_staging`).
+        if let Some(descriptor) = call.descriptor.take() {
+            let _ = Box::into_raw(descriptor);
+        }
+        self.unsynced = true;
+        self.streamed_since_sync += 1;
+        self.last_streamed = call.req.seq;
+        let out = call.out.take().expect("a streamed call makes a tensor");
+        Ok(self.insert(out))
     }
 
     /// Gives up a call that was never sent, and returns its quota now.
@@ -535,6 +688,17 @@ impl Session {
     /// Applies a completion: registers the new tensor, or hands back the data.
     pub fn finish(&mut self, mut pending: Pending, completion: Completion, staging: Vec<f32>) -> Result<Done, i32> {
         pending.port = None;
+        // Everything the session streamed before has run once a waited-for request of its own
+        // completed on its device after them; not a weight's upload (another session's stream),
+        // nor a request refused at once while earlier ones still ran.
+        // And only when nothing was streamed after it (an earlier sync completing late).
+        if pending.orders_session && completion.status == status::OK && pending.seq > self.last_streamed {
+            self.unsynced = false;
+        }
+        if completion.failed_seq != 0 && self.failure.is_none() {
+            let op = u8::try_from(completion.failed_op).ok().and_then(Op::from_u8);
+            self.failure = Some(DeferredFailure { seq: completion.failed_seq, op, status: completion.status });
+        }
         let out = pending.out.take();
         if completion.status != status::OK {
             if let Some(t) = out {

@@ -254,7 +254,7 @@ pub fn output(op: Op, d: &Desc) -> Result<(Dims, DType), i32> {
             let to = d.dtype(crate::record::SLOT_OUT).ok_or(status::UNSUPPORTED_DTYPE)?;
             same_shape(to)
         }
-        Op::Upload | Op::Download | Op::Free | Op::Release => Err(status::INVALID_ARGUMENT),
+        Op::Upload | Op::Download | Op::Free | Op::Release | Op::Sync => Err(status::INVALID_ARGUMENT),
     }
 }
 

@@ -80,7 +80,15 @@ pub async fn invoke(
         // The epoch deadline interrupts guest code, not a host call waiting on a kernel: a timer
         // bounds that wait. Dropping the run abandons the ticket; the session frees the tensors.
         let timer = monoio::time::sleep(deadline.saturating_duration_since(Instant::now()));
-        match race(run(&mut store, pre, entry), timer).await {
+        let run_and_finish = async {
+            let outcome = run(&mut store, pre, entry).await;
+            // Kernels the guest streamed and never waited for: the invocation ends with them.
+            if let Some(tensors) = store.data_mut().tensors.as_mut() {
+                super::tensor::finish_streamed(tensors).await;
+            }
+            outcome
+        };
+        match race(run_and_finish, timer).await {
             Either::Left(outcome) => outcome,
             Either::Right(()) => Err(wasmtime::Error::new(Trap::Interrupt)),
         }

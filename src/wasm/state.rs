@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tensor_wasm_dispatch::{status, Dispatcher, Resident, Session, Weights};
+use tensor_wasm_dispatch::{status, Dispatcher, Pending, Resident, Session, Weights};
 use wasmtime::ResourceLimiter;
 
 use crate::metrics::ShardMetrics;
@@ -181,6 +181,9 @@ pub struct TensorContext {
     /// The device copies of them this invocation holds handles into: kept until it ends, so that
     /// a function replaced meanwhile cannot free a tensor it still reads.
     pub(super) residents: Vec<Arc<Resident>>,
+    /// The last sync sent to bound how far the guest runs ahead of its device, not yet waited for
+    /// (`wasm::tensor::mark`).
+    pub(super) mark: Option<Pending>,
 }
 
 impl TensorContext {
@@ -201,12 +204,18 @@ impl TensorContext {
             last_error: String::new(),
             weights,
             residents: Vec::new(),
+            mark: None,
         }
     }
 
     pub(super) fn session(&mut self) -> &mut Session {
         let (d, shard, tenant) = (&self.dispatcher, self.shard, self.tenant);
-        self.session.get_or_insert_with(|| Session::new(d.clone(), shard, tenant))
+        self.session.get_or_insert_with(|| {
+            // A guest's kernels are streamed: it waits at its reads and syncs only.
+            let mut session = Session::new(d.clone(), shard, tenant);
+            session.set_streaming(true);
+            session
+        })
     }
 
     pub(super) fn fail(&mut self, code: i32, message: impl std::fmt::Display) -> i32 {

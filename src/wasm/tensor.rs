@@ -66,6 +66,8 @@ const FUNCTIONS: &[&str] = &[
     "tensor_gather",
     // A function's resident tensors.
     "tensor_weight",
+    // Stream-ordered execution: waits for the calls before it.
+    "tensor_sync",
 ];
 
 /// `tensor_matmul_ex` flags.
@@ -138,6 +140,10 @@ async fn dispatch(
     let ctx = context(caller)?;
     // Within the invocation's deadline, so that the guest sees `busy` rather than a timeout.
     let busy_at = ctx.deadline.min(Instant::now() + ctx.dispatcher.config.max_ring_wait);
+    if call.is_streamed() {
+        mark(caller).await?;
+        return stream(caller, call, busy_at).await;
+    }
     let mut pending = loop {
         let ctx = context(caller)?;
         match ctx.session().try_send(call) {
@@ -159,7 +165,110 @@ async fn dispatch(
     let (completion, staging) = wait.await;
     let session = context(caller)?.session();
     let device = session.device().unwrap_or(0);
-    Ok(session.finish(pending, completion, staging).map(|done| (done, device, op)).map_err(Failure::code))
+    let finished = session.finish(pending, completion, staging);
+    Ok(finished.map(|done| (done, device, op)).map_err(|code| failure_of(session, code)))
+}
+
+/// Sends a streamed kernel: its result's handle comes back as soon as the request is on the ring.
+/// A full ring is waited for as in [`dispatch`].
+async fn stream(
+    caller: &mut Ctx<'_>,
+    mut call: Call,
+    busy_at: Instant,
+) -> wasmtime::Result<Result<(Done, usize, Op), Failure>> {
+    let op = call.op().unwrap_or(Op::Sync);
+    loop {
+        let ctx = context(caller)?;
+        match ctx.session().try_stream(call) {
+            Ok(handle) => {
+                let session = ctx.session();
+                return Ok(Ok((Done::Tensor(handle), session.device().unwrap_or(0), op)));
+            }
+            Err(c) if Instant::now() < busy_at => {
+                call = c;
+                ctx.metrics.dispatch_ring_waits.inc();
+                fair_yield::yield_now().await;
+            }
+            Err(c) => {
+                ctx.session().abort(c);
+                ctx.metrics.dispatch_busy.inc();
+                return Ok(Err(Failure::code(status::BUSY)));
+            }
+        }
+    }
+}
+
+/// Bounds how far a guest runs ahead of its device: every eighth of a ring of streamed kernels it
+/// sends a sync, and first waits for the one before, so at most a quarter of the ring is ever
+/// unfinished. An invocation cut off at its deadline leaves at most that much work behind, and
+/// the shard's other invocations keep room on the ring; the device stays busy meanwhile, since
+/// the guest waits for work an eighth of a ring behind its last op, not for all of it.
+async fn mark(caller: &mut Ctx<'_>) -> wasmtime::Result<()> {
+    let ctx = context(caller)?;
+    let every = (ctx.dispatcher.config.ring_depth / 8).max(1);
+    if ctx.session().streamed_since_sync() < every {
+        return Ok(());
+    }
+    if let Some(mut previous) = ctx.mark.take() {
+        let wait = ctx.session().wait(&mut previous);
+        let (completion, staging) = wait.await;
+        // A failure it reports is the session's, reported again at the guest's next wait.
+        let _ = context(caller)?.session().finish(previous, completion, staging);
+    }
+    let ctx = context(caller)?;
+    let session = ctx.session();
+    if let Ok(call) = session.sync() {
+        match session.try_send(call) {
+            Ok(pending) => ctx.mark = Some(pending),
+            // A full ring: the guest's own send waits for room, and the next mark tries again.
+            Err(call) => session.abort(call),
+        }
+    }
+    Ok(())
+}
+
+/// A wait's failure: its own, or a streamed kernel's that failed earlier on the device, named by
+/// its place in the invocation's calls.
+fn failure_of(session: &Session, code: i32) -> Failure {
+    match session.failure().filter(|f| f.status == code) {
+        Some(f) => {
+            let op = f.op.map_or("an op", |op| op.name());
+            Failure::new(code, format!("call #{} ({op}) failed on the device: {}", f.seq, describe(code)))
+        }
+        None => Failure::code(code),
+    }
+}
+
+/// Waits, within the invocation's deadline, for the kernels a guest streamed and never waited
+/// for, so that an invocation ends once its device work has. A failure among them is the guest's
+/// to have asked about (`tensor_sync`); here it changes nothing.
+pub async fn finish_streamed(tensors: &mut TensorContext) {
+    // An earlier mark is covered by the sync below; dropped, its ticket is recycled on arrival.
+    drop(tensors.mark.take());
+    let deadline = tensors.deadline;
+    let Some(session) = tensors.session.as_mut().filter(|s| s.unsynced()) else { return };
+    let Ok(mut call) = session.sync() else { return };
+    let mut pending = loop {
+        match session.try_send(call) {
+            Ok(p) => break p,
+            Err(c) if Instant::now() < deadline => {
+                call = c;
+                fair_yield::yield_now().await;
+            }
+            Err(c) => return session.abort(c),
+        }
+    };
+    let (completion, staging) = session.wait(&mut pending).await;
+    let _ = session.finish(pending, completion, staging);
+}
+
+/// `tensor_sync`: waits until every call the guest made before it has run on the device. 0, or
+/// the failure of the first that did not (its place among the invocation's calls is in
+/// `tensor_last_error`).
+async fn sync(caller: &mut Ctx<'_>) -> wasmtime::Result<i32> {
+    let started = Instant::now();
+    let outcome = dispatch(caller, |s| s.sync()).await?.map(|(_, device, _)| (status::OK, device));
+    settle(caller, started, Op::Sync, outcome)
 }
 
 /// Ends a call: counts it, keeps the message of a failure, and gives the guest its i32.
@@ -536,6 +645,8 @@ fn last_error(caller: &mut Ctx<'_>, ptr: i32, len: i32) -> wasmtime::Result<i32>
 }
 
 pub fn add_to_linker(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
+    linker
+        .func_wrap_async(MODULE, "tensor_sync", |mut c: Ctx<'_>, (): ()| Box::new(async move { sync(&mut c).await }))?;
     linker.func_wrap_async(MODULE, "tensor_weight", |mut c: Ctx<'_>, (ptr, len): (i32, i32)| {
         Box::new(async move { weight(&mut c, ptr, len).await })
     })?;

@@ -52,6 +52,16 @@ extern "C" {
     fn tensor_slice(a: i32, axis: i32, start: i32, len: i32) -> i32;
     fn tensor_gather(table: i32, ids: i32) -> i32;
     fn tensor_weight(name_ptr: *const u8, name_len: i32) -> i32;
+    fn tensor_sync() -> i32;
+}
+
+/// Waits until every tensor call made before it has run on the device. Ops return their result's
+/// handle as soon as the host has checked them and run in order on the device, so a guest waits
+/// only here and in reads; a device failure of an earlier op comes back here (or at the next read)
+/// with the failed call's place in the invocation in its message.
+pub fn sync() -> Result<(), Error> {
+    // SAFETY: plain call.
+    check(unsafe { tensor_sync() }).map(|_| ())
 }
 
 /// A tensor's element type (the ABI's dtype codes).

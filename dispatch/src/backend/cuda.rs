@@ -407,6 +407,9 @@ pub struct CudaBackend {
     kernels: Kernels,
     tensors: HashMap<u64, DevBuf>,
     sessions: HashMap<u64, Vec<u64>>,
+    /// Each session's lane, from its first request to its release: a session's requests run in
+    /// the order they were sent, which streamed kernels rely on, so they share one stream.
+    session_lanes: HashMap<u64, usize>,
     in_flight: Vec<InFlight>,
     spare_events: Vec<CudaEvent>,
     used_bytes: u64,
@@ -415,9 +418,12 @@ pub struct CudaBackend {
 impl CudaBackend {
     pub fn open(ordinal: usize, streams: usize) -> Result<CudaBackend, String> {
         let ctx = CudaContext::new(ordinal).map_err(|e| format!("device {ordinal}: {e}"))?;
-        // Ordering is ours: a guest waits for every request before its next one, and frees wait
-        // for the requests that use the tensor. cudarc's per-buffer events would only add cost.
-        // SAFETY: no buffer is shared between streams while a request on another is in flight.
+        // Ordering is ours: a session's requests share one stream (`lane_for`), so its streamed
+        // kernels run in order; frees wait for the requests that use the tensor; a function's
+        // resident weights are uploaded and complete before any other session reads them, and
+        // their release waits for everything in flight. cudarc's per-buffer events would only
+        // add cost.
+        // SAFETY: no buffer is written on one stream while a request on another reads it.
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().unwrap_or_else(|_| "unknown".into());
         let module = compile(&ctx)?;
@@ -454,24 +460,33 @@ impl CudaBackend {
             kernels,
             tensors: HashMap::new(),
             sessions: HashMap::new(),
+            session_lanes: HashMap::new(),
             in_flight: Vec::new(),
             spare_events: Vec::new(),
             used_bytes: 0,
         })
     }
 
-    /// An idle stream if there is one, else the next in turn.
-    fn pick_lane(&mut self) -> usize {
-        if let Some(i) = self.lanes.iter().position(|l| l.pending == 0) {
-            return i;
+    /// The session's lane: chosen at its first request (an idle stream if there is one, else the
+    /// next in turn), then kept until its release.
+    fn lane_for(&mut self, session: u64) -> usize {
+        if let Some(&lane) = self.session_lanes.get(&session) {
+            return lane;
         }
-        self.next_lane = (self.next_lane + 1) % self.lanes.len();
-        self.next_lane
+        let lane = match self.lanes.iter().position(|l| l.pending == 0) {
+            Some(i) => i,
+            None => {
+                self.next_lane = (self.next_lane + 1) % self.lanes.len();
+                self.next_lane
+            }
+        };
+        self.session_lanes.insert(session, lane);
+        lane
     }
 
-    /// Waits for in-flight requests that touch tensor `id` (or any tensor of `session`), so that a
-    /// free never races a kernel. Only an invocation that was cut off mid-request gets here with
-    /// work in flight.
+    /// Waits for the in-flight requests that `matches` picks (a released session's; all of them
+    /// for a shared release), so that a release never races a kernel on another lane. Only an
+    /// invocation cut off mid-request, or resident weights, get here with work in flight.
     fn settle(&mut self, matches: impl Fn(&Request) -> bool) {
         for f in self.in_flight.iter().filter(|f| matches(&f.req)) {
             let _ = f.event.synchronize();
@@ -542,6 +557,9 @@ impl CudaBackend {
                 copied.map(|_| None).map_err(dev)
             }
             Op::Free | Op::Release => Err(status::INVALID_ARGUMENT),
+            // Nothing to launch: its event, recorded on the session's lane after every earlier
+            // request of the session, completes once they have run.
+            Op::Sync => Ok(None),
             // SAFETY: a kernel's staging buffer holds its descriptor.
             kernel if req.host_len > 0 => match unsafe { descriptor(req) } {
                 Some(Ok(d)) => self.general(kernel, req, &d, &stream, lane).map(Some),
@@ -902,9 +920,9 @@ impl CudaBackend {
         let op = Op::from_u8(req.op).ok_or(status::INVALID_ARGUMENT)?;
         match op {
             Op::Free => {
-                let id = req.a;
-                self.settle(|r| r.a == id || r.b == id || r.out == id);
-                self.drop_tensor(id);
+                // No wait: the session's requests all run on its lane, and the buffer's drop
+                // frees it on the stream that allocated it (that lane), after those requests.
+                self.drop_tensor(req.a);
                 return Ok(Submitted::Done(status::OK));
             }
             Op::Release => {
@@ -919,6 +937,7 @@ impl CudaBackend {
                 for id in self.sessions.remove(&session).unwrap_or_default() {
                     self.drop_tensor(id);
                 }
+                self.session_lanes.remove(&session);
                 return Ok(Submitted::Done(status::OK));
             }
             _ => {}
@@ -926,7 +945,7 @@ impl CudaBackend {
         if (op == Op::Upload || op.is_kernel()) && self.tensors.contains_key(&req.out) {
             return Err(status::INVALID_ARGUMENT);
         }
-        let lane = self.pick_lane();
+        let lane = self.lane_for(req.session);
         let event = self.event()?;
         let created = self.enqueue(op, req, lane)?;
         if let Err(_e) = event.record(&self.lanes[lane].stream) {

@@ -193,6 +193,8 @@ impl HostBackend {
                 }
                 status::OK
             }
+            // Every request runs within `submit`, in ring order: all before it have.
+            Op::Sync => status::OK,
             // SAFETY: as above; a kernel's staging buffer holds its descriptor.
             kernel => match unsafe { descriptor(req) } {
                 None => match self.kernel(kernel, req) {
@@ -317,7 +319,7 @@ impl HostBackend {
                 (Buf::I32(v), DType::I32) => Buf::I32(v.clone()),
                 (a, to) => Buf::from_floats(a.floats().into_owned(), to),
             },
-            Op::Upload | Op::Download | Op::Free | Op::Release => return Err(status::INVALID_ARGUMENT),
+            Op::Upload | Op::Download | Op::Free | Op::Release | Op::Sync => return Err(status::INVALID_ARGUMENT),
         })
     }
 }

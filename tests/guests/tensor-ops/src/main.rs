@@ -79,8 +79,10 @@ fn probe(n: usize, len: usize) -> Result<Value, String> {
     let a = Tensor::new(&[len as u32], &data).map_err(|e| e.to_string())?;
     let mut nanos = Vec::with_capacity(n);
     for _ in 0..n {
+        // One op's round trip: the add is streamed, and the sync waits for it to have run.
         let t = Instant::now();
         let c = a.add(&a).map_err(|e| e.to_string())?;
+        tensor_wasm_guest::sync().map_err(|e| e.to_string())?;
         nanos.push(t.elapsed().as_nanos() as u64);
         drop(c);
     }
@@ -89,10 +91,29 @@ fn probe(n: usize, len: usize) -> Result<Value, String> {
     Ok(json!({ "samples": n, "p50_ns": q(0.5), "p95_ns": q(0.95), "p99_ns": q(0.99), "max_ns": nanos[nanos.len() - 1] }))
 }
 
+/// A chain of `n` dependent adds on `len` elements (x = x + y, each intermediate freed), then one
+/// read: the cost per op of stream-ordered dispatch, amortised, the read included.
+fn chain(n: usize, len: usize) -> Result<Value, String> {
+    let e = |e: tensor_wasm_guest::Error| e.to_string();
+    let ones = vec![1.0f32; len];
+    let y = Tensor::new(&[len as u32], &ones).map_err(e)?;
+    let mut x = Tensor::new(&[len as u32], &ones).map_err(e)?;
+    let t = Instant::now();
+    for _ in 0..n {
+        x = x.add(&y).map_err(e)?;
+    }
+    let values = x.to_vec().map_err(e)?;
+    let total_ns = t.elapsed().as_nanos() as u64;
+    Ok(json!({ "ops": n, "len": len, "total_ns": total_ns, "per_op_ns": total_ns / n as u64, "value": values[0] }))
+}
+
 fn main() {
     let mut input = String::new();
     std::io::stdin().read_to_string(&mut input).expect("stdin");
     let answer = serde_json::from_str::<Value>(&input).map_err(|e| e.to_string()).and_then(|req| {
+        if let Some(n) = req.get("chain").and_then(Value::as_u64) {
+            return chain(n.max(1) as usize, req["len"].as_u64().unwrap_or(1024) as usize);
+        }
         match req.get("probe").and_then(Value::as_u64) {
             Some(n) => probe(n.max(1) as usize, req["len"].as_u64().unwrap_or(1024) as usize),
             None if req.get("block").is_some() => block(&req["block"]),
