@@ -354,8 +354,8 @@ fn typed_imports_check_dtypes_ranks_axes_and_ranges_and_count_quota_by_dtype() {
 
 #[test]
 fn a_chain_of_dependent_adds_is_streamed_and_one_read_sees_all_of_it() {
-    // A ring of 8: the guest may run 2 ops ahead of the device, so the chain waits every other op
-    // and fills the ring too; the result is the same.
+    // A ring of 8: the guest sends a sync after every op and waits for the one before, and fills
+    // the ring too; the result is the same.
     let server = Server::start(&["--gpu", "host", "--dispatch-ring-depth", "8"]);
     let id = server.deploy("tensor-ops", &guests::rust_tensor_ops());
     let r = server.client().invoke(&id, br#"{"chain": 2000, "len": 1024}"#);

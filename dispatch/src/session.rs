@@ -247,7 +247,6 @@ impl Session {
     /// A request that completes once everything the session sent before it has run.
     pub fn sync(&mut self) -> Result<Call, i32> {
         let req = self.request(Op::Sync);
-        self.streamed_since_sync = 0;
         self.prepare(req, None, Vec::new())
     }
 
@@ -637,6 +636,18 @@ impl Session {
         let orders_session =
             call.req.session == self.id && matches!(op, Op::Sync | Op::Download | Op::Upload | Op::Gather);
         match self.dispatcher.try_submit(self.shard, device, call.req) {
+            // Counted from a sync that is on the ring, not one refused or given up.
+            Ok(()) if op == Op::Sync => {
+                self.streamed_since_sync = 0;
+                Ok(Pending {
+                    ticket: call.req.ticket,
+                    op,
+                    out: call.out.take(),
+                    port: call.port.take(),
+                    orders_session,
+                    seq: call.req.seq,
+                })
+            }
             Ok(()) => Ok(Pending {
                 ticket: call.req.ticket,
                 op,
@@ -666,7 +677,9 @@ impl Session {
         }
         self.unsynced = true;
         self.streamed_since_sync += 1;
-        self.last_streamed = call.req.seq;
+        // The highest number given out, not this call's: a sync prepared after this call but
+        // pushed before it (`wasm::tensor::mark`) must not count as following it.
+        self.last_streamed = self.seq;
         let out = call.out.take().expect("a streamed call makes a tensor");
         Ok(self.insert(out))
     }

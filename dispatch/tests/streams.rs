@@ -85,9 +85,10 @@ fn a_device_failure_is_reported_at_the_next_wait_and_later_kernels_are_skipped()
         (u64::MAX - 1, u64::MAX - 2, u64::MAX - 3, [4, 0, 0], STREAMED, 77);
     d.try_submit(0, s.place(), forged).unwrap();
     let after = stream(&mut s, |s| s.kernel(Op::Add, x, x, 0.0));
-    let used_before = d.devices[0].memory_used();
-    // The next wait, whatever it is, reports the failure and which request it was.
+    // The next wait, whatever it is, reports the failure and which request it was; by then the
+    // worker has run (or skipped) everything before it.
     assert_eq!(read(&mut s, fine), Err(status::BAD_HANDLE));
+    let used_before = d.devices[0].memory_used();
     assert_eq!(s.failure(), Some(DeferredFailure { seq: 77, op: Some(Op::Add), status: status::BAD_HANDLE }));
     let sync = s.sync().unwrap();
     assert_eq!(s.call_blocking(sync, deadline()).err(), Some(status::BAD_HANDLE));

@@ -133,32 +133,19 @@ async fn dispatch(
     prepare: impl FnOnce(&mut Session) -> Result<Call, i32>,
 ) -> wasmtime::Result<Result<(Done, usize, Op), Failure>> {
     let ctx = context(caller)?;
-    let mut call = match prepare(ctx.session()) {
+    let call = match prepare(ctx.session()) {
         Ok(c) => c,
         Err(code) => return Ok(Err(Failure::code(code))),
     };
-    let ctx = context(caller)?;
-    // Within the invocation's deadline, so that the guest sees `busy` rather than a timeout.
-    let busy_at = ctx.deadline.min(Instant::now() + ctx.dispatcher.config.max_ring_wait);
     if call.is_streamed() {
         mark(caller).await?;
+        let busy_at = busy_at(context(caller)?);
         return stream(caller, call, busy_at).await;
     }
-    let mut pending = loop {
-        let ctx = context(caller)?;
-        match ctx.session().try_send(call) {
-            Ok(p) => break p,
-            Err(c) if Instant::now() < busy_at => {
-                call = c;
-                ctx.metrics.dispatch_ring_waits.inc();
-                fair_yield::yield_now().await;
-            }
-            Err(c) => {
-                ctx.session().abort(c);
-                ctx.metrics.dispatch_busy.inc();
-                return Ok(Err(Failure::code(status::BUSY)));
-            }
-        }
+    let busy_at = busy_at(context(caller)?);
+    let mut pending = match push_with_room(caller, call, busy_at, Session::try_send).await? {
+        Ok(pending) => pending,
+        Err(failure) => return Ok(Err(failure)),
     };
     let op = pending.op();
     let wait = context(caller)?.session().wait(&mut pending);
@@ -169,21 +156,36 @@ async fn dispatch(
     Ok(finished.map(|done| (done, device, op)).map_err(|code| failure_of(session, code)))
 }
 
+/// When a call waiting for room in a full ring gives up with `busy`: `--dispatch-max-wait-ms` from
+/// now, within the invocation's deadline, so that the guest sees `busy` rather than a timeout.
+fn busy_at(ctx: &TensorContext) -> Instant {
+    ctx.deadline.min(Instant::now() + ctx.dispatcher.config.max_ring_wait)
+}
+
 /// Sends a streamed kernel: its result's handle comes back as soon as the request is on the ring.
-/// A full ring is waited for as in [`dispatch`].
 async fn stream(
     caller: &mut Ctx<'_>,
-    mut call: Call,
+    call: Call,
     busy_at: Instant,
 ) -> wasmtime::Result<Result<(Done, usize, Op), Failure>> {
     let op = call.op().unwrap_or(Op::Sync);
+    let sent = push_with_room(caller, call, busy_at, Session::try_stream).await?;
+    let device = context(caller)?.session().device().unwrap_or(0);
+    Ok(sent.map(|handle| (Done::Tensor(handle), device, op)))
+}
+
+/// Pushes `call` with `push` (waited for or streamed). A full ring is retried, yielding to the
+/// shard between tries, until `busy_at`; then the call is given up with `busy`.
+async fn push_with_room<T>(
+    caller: &mut Ctx<'_>,
+    mut call: Call,
+    busy_at: Instant,
+    push: fn(&mut Session, Call) -> Result<T, Call>,
+) -> wasmtime::Result<Result<T, Failure>> {
     loop {
         let ctx = context(caller)?;
-        match ctx.session().try_stream(call) {
-            Ok(handle) => {
-                let session = ctx.session();
-                return Ok(Ok((Done::Tensor(handle), session.device().unwrap_or(0), op)));
-            }
+        match push(ctx.session(), call) {
+            Ok(sent) => return Ok(Ok(sent)),
             Err(c) if Instant::now() < busy_at => {
                 call = c;
                 ctx.metrics.dispatch_ring_waits.inc();
@@ -205,8 +207,10 @@ async fn stream(
 /// the guest waits for work an eighth of a ring behind its last op, not for all of it.
 async fn mark(caller: &mut Ctx<'_>) -> wasmtime::Result<()> {
     let ctx = context(caller)?;
-    let every = (ctx.dispatcher.config.ring_depth / 8).max(1);
-    if ctx.session().streamed_since_sync() < every {
+    // A ring shallower than 8 bounds the work left behind by itself, and a sync would take a
+    // place the guest's own kernels need.
+    let every = ctx.dispatcher.config.ring_depth / 8;
+    if every == 0 || ctx.session().streamed_since_sync() < every {
         return Ok(());
     }
     if let Some(mut previous) = ctx.mark.take() {
