@@ -636,9 +636,11 @@ impl Session {
         let orders_session =
             call.req.session == self.id && matches!(op, Op::Sync | Op::Download | Op::Upload | Op::Gather);
         match self.dispatcher.try_submit(self.shard, device, call.req) {
-            // Counted from a sync that is on the ring, not one refused or given up.
-            Ok(()) if op == Op::Sync => {
-                self.streamed_since_sync = 0;
+            Ok(()) => {
+                // Counted from a sync that is on the ring, not one refused or given up.
+                if op == Op::Sync {
+                    self.streamed_since_sync = 0;
+                }
                 Ok(Pending {
                     ticket: call.req.ticket,
                     op,
@@ -648,14 +650,6 @@ impl Session {
                     seq: call.req.seq,
                 })
             }
-            Ok(()) => Ok(Pending {
-                ticket: call.req.ticket,
-                op,
-                out: call.out.take(),
-                port: call.port.take(),
-                orders_session,
-                seq: call.req.seq,
-            }),
             Err(_) => Err(call),
         }
     }
