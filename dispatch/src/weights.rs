@@ -146,12 +146,6 @@ impl Weights {
         self.total_bytes
     }
 
-    /// Devices that hold a copy now.
-    pub fn resident_devices(&self) -> usize {
-        let devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
-        devices.iter().filter(|r| matches!(r, Residency::Ready(_))).count()
-    }
-
     /// The copy on `device`, or the turn to upload it, or to wait for another's upload.
     pub fn claim(self: &Arc<Self>, device: usize) -> Claim {
         let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
