@@ -157,46 +157,47 @@ pub fn mismatched_wasi_import() -> Vec<u8> {
 /// The Rust guest in tests/guests/json-stats, built once per test binary for wasm32-wasip1.
 pub fn rust_json_stats() -> Vec<u8> {
     static BUILT: OnceLock<Vec<u8>> = OnceLock::new();
-    BUILT.get_or_init(|| build_rust_guest("json-stats")).clone()
+    BUILT.get_or_init(|| crate_guest("tests/guests/json-stats", "json-stats")).clone()
 }
 
 /// The example tensor guest in tests/guests/tensor-ops (docs/ABI.md).
 pub fn rust_tensor_ops() -> Vec<u8> {
     static BUILT: OnceLock<Vec<u8>> = OnceLock::new();
-    BUILT.get_or_init(|| build_rust_guest("tensor-ops")).clone()
+    BUILT.get_or_init(|| crate_guest("tests/guests/tensor-ops", "tensor-ops")).clone()
 }
 
 /// The digits classifier of examples/digits (its README), built from its own crate.
 pub fn digits_example() -> Vec<u8> {
     static BUILT: OnceLock<Vec<u8>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-            let built =
-                cargo_build::build_crate(repo, "examples/digits/guest", "digits").unwrap_or_else(|e| panic!("{e}"));
-            std::fs::read(built.join("digits.wasm")).expect("digits.wasm")
-        })
-        .clone()
+    BUILT.get_or_init(|| crate_guest("examples/digits/guest", "digits")).clone()
+}
+
+/// The transformer encoder block of examples/encoder (its README), built from its own crate.
+pub fn encoder_example() -> Vec<u8> {
+    static BUILT: OnceLock<Vec<u8>> = OnceLock::new();
+    BUILT.get_or_init(|| crate_guest("examples/encoder/guest", "encoder")).clone()
 }
 
 /// A module of tests/guests/fiso-modules, written for Fiso's JSON envelope ABI: `validate`,
 /// `enrich` (the seed's Go example) or `transform`.
 pub fn fiso_module(bin: &str) -> Vec<u8> {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        build_rust_guest("fiso-modules");
-    });
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guests/wasm32-wasip1/release");
+    static BUILT: OnceLock<std::path::PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| build("tests/guests/fiso-modules", "fiso-modules"));
     std::fs::read(dir.join(format!("{bin}.wasm"))).expect("fiso module wasm")
 }
 
 #[path = "../guests/cargo_build.rs"]
 mod cargo_build;
 
-/// Builds the guest crate tests/guests/`name`; returns its binary of the same name, if any.
-fn build_rust_guest(name: &str) -> Vec<u8> {
-    let built = cargo_build::build_guest(env!("CARGO_MANIFEST_DIR").as_ref(), name).unwrap_or_else(|e| panic!("{e}"));
-    std::fs::read(built.join(format!("{name}.wasm"))).unwrap_or_default()
+/// Builds the guest crate in `folder` of the repository; returns the folder of its binaries.
+fn build(folder: &str, name: &str) -> std::path::PathBuf {
+    cargo_build::build_crate(env!("CARGO_MANIFEST_DIR").as_ref(), folder, name).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Builds the guest crate in `folder` of the repository; returns its binary `NAME.wasm`.
+fn crate_guest(folder: &str, name: &str) -> Vec<u8> {
+    let wasm = build(folder, name).join(format!("{name}.wasm"));
+    std::fs::read(&wasm).unwrap_or_else(|e| panic!("{}: {e}", wasm.display()))
 }
 
 /// Imports of the tensor ABI, for WAT guests.

@@ -5,12 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Builds `tests/guests/NAME` of the repository at `repo` into `repo/target/guests`, and returns
-/// the folder that then holds its `.wasm` binaries.
-pub fn build_guest(repo: &Path, name: &str) -> Result<PathBuf, String> {
-    build_crate(repo, &format!("tests/guests/{name}"), name)
-}
-
 /// Builds the guest crate in `folder` (relative to `repo`, an example's say) into
 /// `repo/target/guests`, and returns the folder that then holds its `.wasm` binaries.
 pub fn build_crate(repo: &Path, folder: &str, name: &str) -> Result<PathBuf, String> {

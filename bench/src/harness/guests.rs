@@ -81,16 +81,32 @@ pub fn json_stats_body() -> Vec<u8> {
 pub enum GuestSource {
     /// `NAME.wasm` files in this folder.
     Prebuilt(PathBuf),
-    /// Built from `tests/guests/NAME` of this repository, with cargo.
+    /// Built from `tests/guests/NAME` or `examples/NAME/guest` of this repository, with cargo.
     Build,
 }
 
 impl GuestSource {
     /// The module of the Rust guest `name` (`json-stats` or `tensor-ops`).
     pub fn rust_guest(&self, name: &str) -> Result<Vec<u8>, String> {
+        self.load(name, &format!("tests/guests/{name}"))
+    }
+
+    /// The guest of the example `name` (`examples/NAME/guest`, whose binary is `NAME.wasm`).
+    pub fn example(&self, name: &str) -> Result<Vec<u8>, String> {
+        self.load(name, &format!("examples/{name}/guest"))
+    }
+
+    /// `NAME.wasm`, prebuilt or built from the crate in `folder` of this repository.
+    fn load(&self, name: &str, folder: &str) -> Result<Vec<u8>, String> {
         let path = match self {
             GuestSource::Prebuilt(dir) => dir.join(format!("{name}.wasm")),
-            GuestSource::Build => build(name)?,
+            GuestSource::Build => {
+                let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+                let built = cargo_build::build_crate(&repo, folder, name).map_err(|e| {
+                    format!("{e}: run the harness from its repository, or give --guests-dir with {name}.wasm")
+                })?;
+                built.join(format!("{name}.wasm"))
+            }
         };
         std::fs::read(&path).map_err(|e| format!("cannot read the guest {}: {e}", path.display()))
     }
@@ -98,10 +114,3 @@ impl GuestSource {
 
 #[path = "../../../tests/guests/cargo_build.rs"]
 mod cargo_build;
-
-fn build(name: &str) -> Result<PathBuf, String> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let built = cargo_build::build_guest(&repo, name)
-        .map_err(|e| format!("{e}: run the harness from its repository, or give --guests-dir with {name}.wasm"))?;
-    Ok(built.join(format!("{name}.wasm")))
-}

@@ -196,21 +196,27 @@ impl Report {
             measurement_table(&mut md, self.measurements.iter());
             md.push_str("\n### SLO verdicts\n\n");
             verdict_table(&mut md, &self.measurements);
+            class_table(&mut md, &self.measurements);
             memory_table(&mut md, &self.measurements);
         }
         let dispatch: Vec<&Measurement> = self.all_measurements().filter(|m| m.dispatch.is_some()).collect();
         if !dispatch.is_empty() {
             md.push_str("\n### Kernel dispatch (the server's histogram over each run; bucket bounds)\n\n");
+            md.push_str(
+                "Tensor calls per invoke: the calls the histogram counted over the invokes the server counted.\n\n",
+            );
             table(
                 &mut md,
-                &["scenario", "server", "offered/s", "kernels", "P50 ≤ µs", "P95 ≤ µs", "P99 ≤ µs"],
+                &["scenario", "server", "offered/s", "tensor calls", "per invoke", "P50 ≤ µs", "P95 ≤ µs", "P99 ≤ µs"],
                 dispatch.iter().filter_map(|m| {
                     let d = m.dispatch.as_ref()?;
+                    let per_invoke = m.in_server.as_ref().filter(|s| s.samples > 0);
                     Some(vec![
                         m.scenario.into(),
                         m.server.into(),
                         format!("{:.0}", m.offered_rate),
                         d.samples.to_string(),
+                        per_invoke.map_or("-".into(), |s| format!("{:.1}", d.samples as f64 / s.samples as f64)),
                         bucket_bound(d.p50_bound_us),
                         bucket_bound(d.p95_bound_us),
                         bucket_bound(d.p99_bound_us),
@@ -399,6 +405,34 @@ fn measurement_table<'a>(md: &mut String, rows: impl Iterator<Item = &'a Measure
                 m.cpu.stolen_percent.map_or("n/a".into(), |p| format!("{p:.1}")),
                 pass_text(m.pass),
             ]
+        }),
+    );
+}
+
+/// Each request class of the runs that send more than one (the encoder's f32 and bf16, the
+/// tenant mix's tenants), so that one class's latency is not hidden in the others'.
+fn class_table(md: &mut String, rows: &[Measurement]) {
+    let rows: Vec<_> = rows.iter().filter(|m| m.classes.len() > 1).collect();
+    if rows.is_empty() {
+        return;
+    }
+    md.push_str("\n### By request class\n\n");
+    table(
+        md,
+        &["scenario", "server", "offered/s", "class", "answered/s", "P50 µs", "P99 µs", "P99.9 µs"],
+        rows.iter().flat_map(|m| {
+            m.classes.iter().map(move |c| {
+                vec![
+                    m.scenario.into(),
+                    m.server.into(),
+                    format!("{:.0}", m.offered_rate),
+                    c.name.clone(),
+                    format!("{:.0}", c.throughput),
+                    format!("{:.1}", c.latency.p50_us),
+                    format!("{:.1}", c.latency.p99_us),
+                    format!("{:.1}", c.latency.p999_us),
+                ]
+            })
         }),
     );
 }

@@ -24,6 +24,12 @@ pub enum Scenario {
     Json,
     /// Invoke of the Rust guest `tensor-ops`: a dense layer through the dispatch path.
     Tensor,
+    /// Invokes of examples/encoder: one transformer encoder block on 16 tokens, with resident
+    /// seeded weights, half of them f32 and half mixed-precision bf16 (a class each).
+    Encoder,
+    /// Invokes of examples/digits: the MLP classifier with its resident trained weights, on one
+    /// held-out sample.
+    Digits,
     /// Four tenants with rate limits on; one offers far more than its limit.
     TenantMix,
     /// Invokes of hello while functions are deployed and deleted beside them.
@@ -55,6 +61,8 @@ impl Scenario {
             Scenario::Hello => "hello",
             Scenario::Json => "json",
             Scenario::Tensor => "tensor",
+            Scenario::Encoder => "encoder",
+            Scenario::Digits => "digits",
             Scenario::TenantMix => "tenant-mix",
             Scenario::DeployStorm => "deploy-storm",
             Scenario::Overload => "overload",
@@ -69,11 +77,18 @@ impl Scenario {
             Scenario::Hello
             | Scenario::Json
             | Scenario::Tensor
+            | Scenario::Encoder
+            | Scenario::Digits
             | Scenario::TenantMix
             | Scenario::DeployStorm
             | Scenario::Overload
             | Scenario::Hostile => Route::Invoke,
         }
+    }
+
+    /// Whether the server's kernel-dispatch histogram is read over the scenario's runs.
+    pub fn dispatches(self) -> bool {
+        matches!(self, Scenario::Tensor | Scenario::Encoder | Scenario::Digits)
     }
 
     /// Whether `implementation` can serve the scenario. The conventional baseline has no dispatch
@@ -84,11 +99,13 @@ impl Scenario {
     }
 
     /// The shard count of a server started for this scenario on `cpus` CPUs: one per CPU, except
-    /// that the tensor scenario leaves one to the device worker, which otherwise waits for a shard
+    /// that the tensor scenarios leave one to the device worker, which otherwise waits for a shard
     /// to yield its CPU (perf/DISPATCH.md).
     pub fn default_shards(self, implementation: Implementation, cpus: usize) -> usize {
         match (self, implementation) {
-            (Scenario::Tensor, Implementation::TensorWasm) => cpus.saturating_sub(1).max(1),
+            (Scenario::Tensor | Scenario::Encoder | Scenario::Digits, Implementation::TensorWasm) => {
+                cpus.saturating_sub(1).max(1)
+            }
             _ => cpus,
         }
     }
@@ -163,6 +180,19 @@ impl Scenario {
                 p.functions.push((endpoint.clone(), id));
                 p
             }
+            Scenario::Encoder => encoder(endpoint, &options.guests)?,
+            Scenario::Digits => {
+                // Built in, so that the harness carried to a GPU machine without the repository
+                // still has them (perf/gpu-check.sh).
+                let weights = base64::engine::general_purpose::STANDARD.encode(DIGITS_WEIGHTS);
+                let sample = DIGITS_HOLDOUT.lines().next().unwrap_or_default().as_bytes();
+                let extra = serde_json::json!({ "tensors_b64": weights });
+                let id = deploy_with(endpoint, "bench-digits", &options.guests.example("digits")?, extra)?;
+                let gpu = live_backend(endpoint)? == "cuda";
+                let mut p = single("digits", invoke(endpoint, &id, sample), TrafficClass::InvokeModel { gpu });
+                p.functions.push((endpoint.clone(), id));
+                p
+            }
             Scenario::Overload => {
                 let id = deploy(endpoint, "bench-spin", &guests::spin(OVERLOAD_SPIN_ITERATIONS))?;
                 let mut p = single("spin", invoke(endpoint, &id, b""), TrafficClass::Overload);
@@ -215,6 +245,50 @@ impl Scenario {
         Ok(prepared)
     }
 }
+
+/// The encoder scenario: the example's block deployed twice, with f32 and with bf16 weights, and
+/// the same 16-token request to each, asking for the pooled output (so that the guest's JSON stays
+/// small beside the block's work).
+fn encoder(endpoint: &Endpoint, guests: &GuestSource) -> Result<Prepared, String> {
+    let wasm = guests.example("encoder")?;
+    let config = encoder_model::Config::SMALL;
+    let ids = encoder_model::token_ids(config, ENCODER_SEED, ENCODER_TOKENS);
+    let gpu = live_backend(endpoint)? == "cuda";
+    let mut p = Prepared {
+        classes: Vec::new(),
+        traffic: TrafficClass::InvokeModel { gpu },
+        expected: Vec::new(),
+        judge_admitted: false,
+        storm: false,
+        functions: Vec::new(),
+    };
+    for precision in [encoder_model::Precision::F32, encoder_model::Precision::Bf16] {
+        let name = format!("encoder {}", precision.name());
+        let weights = encoder_model::weights(config, ENCODER_SEED, precision);
+        let tensors = base64::engine::general_purpose::STANDARD.encode(encoder_model::safetensors(&weights));
+        let extra = serde_json::json!({ "tensors_b64": tensors });
+        let id = deploy_with(endpoint, &format!("bench-encoder-{}", precision.name()), &wasm, extra)?;
+        let request =
+            endpoint.request("POST", &format!("/functions/{id}/invoke"), encoder_model::request(&ids, true).as_bytes());
+        p.classes.push(RequestClass { name, request: request.into(), weight: 1 });
+        p.functions.push((endpoint.clone(), id));
+    }
+    Ok(p)
+}
+
+// Shared with tests/encoder.rs, which uses all of it (the reference needs `LN_EPS` and `heads`).
+#[path = "../../../examples/encoder/model.rs"]
+#[allow(dead_code)]
+mod encoder_model;
+
+/// examples/digits' trained weights, and its held-out samples (the scenario sends the first).
+const DIGITS_WEIGHTS: &[u8] = include_bytes!("../../../examples/digits/digits.safetensors");
+const DIGITS_HOLDOUT: &str = include_str!("../../../examples/digits/holdout.jsonl");
+
+/// The encoder scenario's weights and tokens come from this seed.
+const ENCODER_SEED: u64 = 34;
+/// Tokens per encoder request: half the example's longest sequence.
+const ENCODER_TOKENS: usize = 16;
 
 /// Settings of the scenarios that have any.
 #[derive(Clone, Debug)]

@@ -52,6 +52,13 @@ pub enum TrafficClass {
     InvokeTensor {
         gpu: bool,
     },
+    /// An invoke that runs a model (the digits MLP, the encoder block): judged on its latency
+    /// alone. Its tensor
+    /// calls include waits on real work (a read after a chain of matmuls), so the tiny-kernel
+    /// dispatch objectives do not apply; the report still shows their histogram.
+    InvokeModel {
+        gpu: bool,
+    },
     /// Invokes offered past capacity: shedding (503) is expected, so there is no 5xx objective;
     /// the admitted requests are judged.
     Overload,
@@ -127,6 +134,17 @@ impl TrafficClass {
             }
             TrafficClass::InvokeHost => {
                 vec![p95("invoke P95 ≤ 100 ms", Source::Seed, 0.100), p99("invoke P99 ≤ 5 ms", Source::Ours, 0.005)]
+            }
+            TrafficClass::InvokeModel { gpu } => {
+                if gpu {
+                    // Issue 34's target for the digits example at 1,000 req/s, held for the encoder too.
+                    vec![
+                        p95("invoke P95 ≤ 500 ms (GPU)", Source::Seed, 0.500),
+                        p99("invoke P99 ≤ 2 ms (GPU)", Source::Ours, 0.002),
+                    ]
+                } else {
+                    vec![p95("invoke P95 ≤ 100 ms", Source::Seed, 0.100), p99("invoke P99 ≤ 5 ms", Source::Ours, 0.005)]
+                }
             }
             TrafficClass::InvokeTensor { gpu } => {
                 let mut t = if gpu {

@@ -16,7 +16,7 @@ use tensor_wasm::exposition::{self, ScrapedHistogram};
 
 use super::interrupt;
 use super::load::{self, LoadOutcome, LoadPlan, Progress};
-use super::scenario::{Prepared, Scenario};
+use super::scenario::Prepared;
 use super::scrape::{self, HistogramSeries};
 use super::session::{Session, Settings};
 use super::slo::{Gate, Measure, Verdict};
@@ -73,8 +73,7 @@ impl Session {
         let over_the_run = |series: HistogramSeries| {
             BucketQuantiles::of(&scrape::between(metrics_before.as_ref()?, metrics_after.as_ref()?, series))
         };
-        let dispatch =
-            matches!(self.scenario, Scenario::Tensor).then(|| over_the_run(scrape::KERNEL_LATENCY)).flatten();
+        let dispatch = self.scenario.dispatches().then(|| over_the_run(scrape::KERNEL_LATENCY)).flatten();
         let in_server = over_the_run(scrape::request_duration(self.scenario.route().template()));
         let mut measurement = Measurement::new(self, &outcome, cpu, dispatch, storm, settings);
         measurement.server_memory = memory;
