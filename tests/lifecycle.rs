@@ -362,17 +362,23 @@ fn io_uring_blocked_by_seccomp_falls_back_to_epoll() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("io_uring unavailable"));
 }
 
-/// Each shard thread's CPU list, in shard order, and the process's main thread's.
-fn shard_cpu_lists(server: &Server) -> (Vec<String>, String) {
+/// The CPU lists of the threads whose names start with `prefix`, in name order.
+fn cpu_lists(threads: &[common::ThreadInfo], prefix: &str) -> Vec<String> {
+    let mut named: Vec<_> = threads.iter().filter(|t| t.name.starts_with(prefix)).collect();
+    named.sort_by_key(|t| t.name.clone());
+    named.iter().map(|t| t.cpus.clone()).collect()
+}
+
+/// Each shard thread's CPU list and each device worker's, in order, and the process's main
+/// thread's.
+fn shard_cpu_lists(server: &Server) -> (Vec<String>, Vec<String>, String) {
     let threads = common::threads(server.pid());
     let process = threads.iter().find(|t| t.tid == server.pid()).unwrap().cpus.clone();
-    let mut shards: Vec<_> = threads.iter().filter(|t| t.name.starts_with("tw-shard-")).collect();
-    shards.sort_by_key(|t| t.name.clone());
-    (shards.iter().map(|t| t.cpus.clone()).collect(), process)
+    (cpu_lists(&threads, "tw-shard-"), cpu_lists(&threads, "tw-device-"), process)
 }
 
 #[test]
-fn shards_are_pinned_only_where_each_has_a_cpu_of_its_own() {
+fn shards_and_device_workers_are_pinned_only_where_each_has_a_cpu_of_its_own() {
     use std::os::unix::process::CommandExt as _;
     use tensor_wasm::cpu;
     let allowed = cpu::allowed_cpus().unwrap();
@@ -380,23 +386,34 @@ fn shards_are_pinned_only_where_each_has_a_cpu_of_its_own() {
         eprintln!("one CPU: nothing to pin or float");
         return;
     };
-    let (first, both) = (two[0].to_string(), cpu::format_list(two));
+    let (first, second, both) = (two[0].to_string(), two[1].to_string(), cpu::format_list(two));
     let set = cpu::cpu_set(two).unwrap();
     // SAFETY: one sched_setaffinity call on a set built before the fork.
     let on_two_cpus = |cmd: &mut Command| unsafe {
         cmd.pre_exec(move || cpu::apply_cpu_set(&set));
     };
     let dir = tempfile::tempdir().unwrap();
-    for (args, pinned, log) in [
-        // One shard per allowed CPU: each owns its CPU, as under Kubernetes' static policy.
-        (&["--shards", "2"][..], vec![first.clone(), two[1].to_string()], "shards pinned, one per CPU"),
-        (&["--shards", "2", "--pin-shards", "never"], vec![both.clone(); 2], "shards not pinned"),
-        // Fewer shards than CPUs: a shared set, where pinning would stack replicas on one CPU.
-        (&["--shards", "1"], vec![both.clone()], "shards not pinned"),
-        (&["--shards", "1", "--pin-shards", "always"], vec![first.clone()], "shards pinned, one per CPU"),
-    ] {
-        let server = Server::start_with(dir.path(), args, on_two_cpus);
-        assert_eq!(shard_cpu_lists(&server), (pinned, both.clone()), "{args:?}");
+    let cases: [(&[&str], Vec<String>, Vec<String>, &str); 6] = [
+        // One shard per allowed CPU: each owns its CPU, as under Kubernetes' static policy; the
+        // device worker has none left, and floats.
+        (&["--shards", "2"], vec![first.clone(), second.clone()], vec![both.clone()], "shards pinned, one per CPU"),
+        (&["--shards", "2", "--pin-shards", "never"], vec![both.clone(); 2], vec![both.clone()], "shards not pinned"),
+        // One CPU for the shard and one for the host back-end's worker: each gets its own.
+        (&["--shards", "1"], vec![first.clone()], vec![second.clone()], "device workers pinned, one per CPU"),
+        // More threads than CPUs: a shared set, where pinning would stack replicas on one CPU.
+        (&["--shards", "1", "--gpu-host-devices", "2"], vec![both.clone()], vec![both.clone(); 2], "shards not pinned"),
+        (&["--shards", "1", "--pin-shards", "never"], vec![both.clone()], vec![both.clone()], "shards not pinned"),
+        (
+            &["--shards", "1", "--gpu-host-devices", "2", "--pin-shards", "always"],
+            vec![first.clone()],
+            vec![both.clone(); 2],
+            "shards pinned, one per CPU",
+        ),
+    ];
+    for (args, shards, workers, log) in cases {
+        let args: Vec<&str> = ["--gpu", "host"].iter().chain(args).copied().collect();
+        let server = Server::start_with(dir.path(), &args, on_two_cpus);
+        assert_eq!(shard_cpu_lists(&server), (shards, workers, both.clone()), "{args:?}");
         server.wait_for_stderr(log);
         let hello = server.deploy("hello", &guests::hello());
         assert_eq!(server.client().invoke(&hello, b"").status, 200, "{args:?}");

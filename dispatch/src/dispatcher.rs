@@ -275,6 +275,13 @@ impl Dispatcher {
         Ok(dispatcher)
     }
 
+    /// Each device worker's thread, in device order, for the server to pin where each has a CPU of
+    /// its own (`cpu::placement`); empty once the workers are shut down.
+    pub fn worker_threads(&self) -> Vec<std::os::unix::thread::RawPthread> {
+        use std::os::unix::thread::JoinHandleExt as _;
+        self.workers.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|h| h.as_pthread_t()).collect()
+    }
+
     /// The back-end every device runs.
     pub fn backend(&self) -> BackendKind {
         self.devices[0].kind

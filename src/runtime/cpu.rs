@@ -114,27 +114,75 @@ pub enum PinShards {
     Never,
 }
 
-/// The CPU each shard pins itself to, in shard order, or `None` when the shards float.
+/// Where the shards and the device workers run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// The CPU each shard pins itself to, in shard order; `None`: the shards float.
+    pub shards: Option<Vec<usize>>,
+    /// The CPU each device worker is pinned to, in device order; `None`: the workers float.
+    pub workers: Option<Vec<usize>>,
+}
+
+/// Where `shards` shards and `workers` device workers run on the `allowed` CPUs.
 ///
 /// Pinning pays where each shard owns its CPU: an allowed set of one CPU per shard is what
 /// Kubernetes' static CPU policy, `taskset` or a whole machine give. A larger set is shared with
 /// others (a Burstable pod sees the node's whole shared pool), and there pinning would put every
-/// replica on the node onto the same first CPUs.
+/// replica on the node onto the same first CPUs. The one larger set that is not shared is one CPU
+/// per shard and per device worker, where the cgroups' CPU limit (`cpu_limit`) lets the process
+/// use all of them: an operator who asked for them, so that a worker never waits for a shard to
+/// yield its CPU (perf/DISPATCH.md: a chain of streamed host ops ran at a steady 0.9 µs an op with
+/// the worker pinned apart, and now and then at 4 to 5 µs when they floated). Then each worker is
+/// pinned to one of the CPUs after the shards'. A limit below the set means CPUs shared with
+/// others, as a container limited to half a CPU sees; and wherever there are fewer CPUs than
+/// threads, workers float.
 ///
 /// ```
-/// use tensor_wasm::cpu::{shard_cpus, PinShards};
-/// assert_eq!(shard_cpus(PinShards::Auto, 2, &[4, 5]), Some(vec![4, 5]));
-/// assert_eq!(shard_cpus(PinShards::Auto, 2, &[0, 1, 2, 3]), None);
-/// assert_eq!(shard_cpus(PinShards::Always, 3, &[0, 1]), Some(vec![0, 1, 0]));
-/// assert_eq!(shard_cpus(PinShards::Never, 2, &[4, 5]), None);
+/// use tensor_wasm::cpu::{placement, Placement, PinShards};
+/// let pinned = |s: &[usize], w: Option<&[usize]>| Placement { shards: Some(s.to_vec()), workers: w.map(<[usize]>::to_vec) };
+/// let floating = Placement { shards: None, workers: None };
+/// assert_eq!(placement(PinShards::Auto, 2, 1, &[4, 5], None), pinned(&[4, 5], None));
+/// assert_eq!(placement(PinShards::Auto, 1, 1, &[4, 5], None), pinned(&[4], Some(&[5])));
+/// assert_eq!(placement(PinShards::Auto, 1, 1, &[4, 5], Some(2)), pinned(&[4], Some(&[5])));
+/// assert_eq!(placement(PinShards::Auto, 1, 1, &[4, 5], Some(1)), floating);
+/// assert_eq!(placement(PinShards::Auto, 2, 1, &[0, 1, 2, 3], None), floating);
+/// assert_eq!(placement(PinShards::Always, 3, 1, &[0, 1], None), pinned(&[0, 1, 0], None));
+/// assert_eq!(placement(PinShards::Always, 1, 2, &[0, 1, 2, 3], None), pinned(&[0], Some(&[1, 2])));
+/// assert_eq!(placement(PinShards::Never, 1, 1, &[4, 5], None), floating);
 /// ```
-pub fn shard_cpus(mode: PinShards, shards: usize, allowed: &[usize]) -> Option<Vec<usize>> {
+pub fn placement(
+    mode: PinShards,
+    shards: usize,
+    workers: usize,
+    allowed: &[usize],
+    cpu_limit: Option<usize>,
+) -> Placement {
+    let cpus = allowed.len();
+    let all_usable = cpu_limit.is_none_or(|limit| limit >= cpus);
     let pin = match mode {
         PinShards::Always => true,
         PinShards::Never => false,
-        PinShards::Auto => shards == allowed.len(),
+        PinShards::Auto => shards == cpus || (shards + workers == cpus && all_usable),
     };
-    (pin && !allowed.is_empty()).then(|| (0..shards).map(|i| allowed[i % allowed.len()]).collect())
+    if !pin || allowed.is_empty() {
+        return Placement { shards: None, workers: None };
+    }
+    let shard_cpus = (0..shards).map(|i| allowed[i % cpus]).collect();
+    let own = workers > 0 && shards + workers <= cpus;
+    Placement { shards: Some(shard_cpus), workers: own.then(|| allowed[shards..shards + workers].to_vec()) }
+}
+
+/// Pins the thread `thread` (another thread of this process, a device worker) to `cpu`.
+pub fn pin_thread(thread: std::os::unix::thread::RawPthread, cpu: usize) -> io::Result<()> {
+    let set = cpu_set(&[cpu])?;
+    // SAFETY: `thread` is a live thread of this process (its JoinHandle is held by the caller's
+    // owner), and pthread_setaffinity_np only reads `set`, a whole cpu_set_t.
+    match unsafe {
+        libc::pthread_setaffinity_np(thread as libc::pthread_t, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    } {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
 }
 
 /// The default shard count: one per allowed CPU, but no more than the CPU time the cgroups give

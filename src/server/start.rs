@@ -34,7 +34,7 @@ pub fn start(config: &ServerConfig) -> Result<Running, ServerError> {
     let store = FunctionStore::open(&config.data_dir)
         .map(|store| store.with_max_module_bytes(limits.max_body_bytes))
         .map_err(|e| ServerError::Config(format!("cannot use data dir {}: {e}", config.data_dir.display())))?;
-    let plan = ShardPlan::new(config, &limits)?;
+    let mut plan = ShardPlan::new(config, &limits)?;
     let tokens = start_tokens(config, plan.count)?;
     let tls = start_tls(config)?;
     let engine = build_engine(&limits, config.guest_profiler)
@@ -58,6 +58,7 @@ pub fn start(config: &ServerConfig) -> Result<Running, ServerError> {
     .map_err(|e| ServerError::Runtime(format!("cannot start the sink workers: {e}")))?;
     let audit = start_audit(config, plan.count)?;
     let dispatcher = start_dispatcher(config, plan.count)?;
+    plan.place(config, &dispatcher);
     let shared = Arc::new(Shared {
         shard_metrics: (0..plan.count).map(|i| Arc::new(ShardMetrics::new(i, dispatcher.devices.len()))).collect(),
         dispatcher: dispatcher.clone(),
@@ -87,12 +88,13 @@ pub fn start(config: &ServerConfig) -> Result<Running, ServerError> {
     Ok(Running { local_addr, shared, shards, started, drain_grace, helpers, data_dir_lock })
 }
 
-/// How many shards there are, and the CPU each is pinned to.
+/// How many shards there are, and where they and the device workers run.
 struct ShardPlan {
     count: usize,
     /// The CPUs the process may run on.
     allowed: Vec<usize>,
-    /// One CPU per shard; `None`: the shards float over `allowed` (`--pin-shards`).
+    /// One CPU per shard; `None`: the shards float over `allowed` (`--pin-shards`). Decided once
+    /// the device workers are counted ([`ShardPlan::place`]), before any shard starts.
     pinned: Option<Vec<usize>>,
 }
 
@@ -100,7 +102,6 @@ impl ShardPlan {
     fn new(config: &ServerConfig, limits: &Limits) -> Result<ShardPlan, ServerError> {
         let allowed = cpu::allowed_cpus().map_err(|e| ServerError::Runtime(format!("sched_getaffinity: {e}")))?;
         let count = config.shards.unwrap_or_else(|| cpu::default_shard_count(allowed.len(), cpu::cgroup_cpu_limit()));
-        let pinned = cpu::shard_cpus(config.pin_shards, count, &allowed);
         // Each shard runs guests from its exact share of the instance pool (`shard::exact_share`).
         if (limits.max_instances as usize) < count {
             return Err(ServerError::Config(format!(
@@ -108,9 +109,24 @@ impl ShardPlan {
                 limits.max_instances
             )));
         }
-        let plan = ShardPlan { count, allowed, pinned };
-        plan.log(config);
-        Ok(plan)
+        Ok(ShardPlan { count, allowed, pinned: None })
+    }
+
+    /// Decides where the shards run and pins the device workers that get a CPU of their own
+    /// (`cpu::placement`). A worker that cannot be pinned floats, which is correct, only slower.
+    fn place(&mut self, config: &ServerConfig, dispatcher: &Dispatcher) {
+        let workers = dispatcher.worker_threads();
+        let placement =
+            cpu::placement(config.pin_shards, self.count, workers.len(), &self.allowed, cpu::cgroup_cpu_limit());
+        self.pinned = placement.shards;
+        self.log(config);
+        let Some(cpus) = placement.workers else { return };
+        for (device, (&thread, &cpu)) in workers.iter().zip(&cpus).enumerate() {
+            if let Err(e) = cpu::pin_thread(thread, cpu) {
+                tracing::warn!(device, cpu, "cannot pin the device worker, it floats: {e}");
+            }
+        }
+        tracing::info!(cpus = %cpu::format_list(&cpus), "device workers pinned, one per CPU after the shards'");
     }
 
     fn log(&self, config: &ServerConfig) {
