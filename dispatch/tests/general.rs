@@ -122,8 +122,8 @@ fn gelu(x: f64) -> f64 {
     0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
 }
 
-/// Where a case runs: the host back-end (every dtype) or CUDA (f32 for most ops; f16 and bf16
-/// only for matmul and casts).
+/// Where a case runs: the host back-end (every dtype) or CUDA (f32 for the arithmetic ops; f16
+/// and bf16 too for matmul; every dtype for casts and the data-movement ops, gather and argmax).
 #[derive(Clone, Copy, PartialEq)]
 enum On {
     Host,
@@ -246,9 +246,7 @@ fn reductions_along_every_axis_with_and_without_keepdims() {
 fn reductions(d: Arc<Dispatcher>, on: On) {
     let mut rng = Rng::new();
     let shape = [4u32, 6, 5];
-    // Argmax makes i32, which CUDA does not hold yet.
-    let ops: &[Op] =
-        if on == On::Host { &[Op::Sum, Op::Mean, Op::Max, Op::Argmax] } else { &[Op::Sum, Op::Mean, Op::Max] };
+    let ops = [Op::Sum, Op::Mean, Op::Max, Op::Argmax];
     for &dtype in on.dtypes() {
         let mut s = Session::new(d.clone(), 0, 1);
         let (ha, a) = upload(&mut s, &shape, dtype, &rng.vec(count(&shape)));
@@ -275,7 +273,7 @@ fn reductions(d: Arc<Dispatcher>, on: On) {
                             .collect()
                     })
                     .collect();
-                for &op in ops {
+                for op in ops {
                     let args = Args { a: ha, axis, keepdims, ..Default::default() };
                     let h = run(&mut s, op, args).unwrap();
                     let t = *s.tensor(h).unwrap();
@@ -437,13 +435,13 @@ fn batched_matmul(d: Arc<Dispatcher>, on: On) {
 
 #[test]
 fn views_permutes_slices_concats_gathers_and_casts_move_data_exactly() {
-    data_movement(host(), On::Host);
+    data_movement(host());
 }
 
-fn data_movement(d: Arc<Dispatcher>, on: On) {
+/// Every dtype, on both back-ends.
+fn data_movement(d: Arc<Dispatcher>) {
     let mut rng = Rng::new();
-    let dtypes: &[DType] = if on == On::Host { &DType::ALL } else { &[DType::F32] };
-    for &dtype in dtypes {
+    for dtype in DType::ALL {
         let mut s = Session::new(d.clone(), 0, 1);
         let values: Vec<f32> =
             (0..120).map(|i| if dtype == DType::I32 { i as f32 - 60.0 } else { rng.value() }).collect();
@@ -486,10 +484,6 @@ fn data_movement(d: Arc<Dispatcher>, on: On) {
             (0..2).flat_map(|o| a[o * 60..(o + 1) * 60].iter().chain(&b[o * 20..(o + 1) * 20]).copied()).collect();
         assert_eq!(read(&mut s, h), want, "concat {dtype:?}");
 
-        if on == On::Cuda {
-            // Gather's ids are i32, and casts make other dtypes: neither is held on CUDA yet.
-            continue;
-        }
         // An embedding lookup: rows of a [6, 20] table by i32 ids of shape [2, 3].
         let ids = [5i32, 0, 2, 2, 4, 1];
         let (hi, _) = upload(&mut s, &[2, 3], DType::I32, &ids.map(|i| i as f32));
@@ -498,6 +492,14 @@ fn data_movement(d: Arc<Dispatcher>, on: On) {
         let want: Vec<f64> =
             ids.iter().flat_map(|&i| a[i as usize * 20..(i as usize + 1) * 20].iter().copied()).collect();
         assert_eq!(read(&mut s, h), want, "gather {dtype:?}");
+        // An id outside the table's rows, known only from its value (on CUDA, read back first).
+        for bad in [-1.0f32, 6.0] {
+            let (hi, _) = upload(&mut s, &[2, 2], DType::I32, &[0.0, 1.0, bad, 5.0]);
+            assert_eq!(
+                run(&mut s, Op::Gather, Args { a: hv, b: hi, ..Default::default() }),
+                Err(status::INDEX_OUT_OF_RANGE)
+            );
+        }
 
         // Casts round like the `half` crate (to nearest even), and truncate toward zero to i32.
         for to in DType::ALL {
@@ -515,6 +517,69 @@ fn data_movement(d: Arc<Dispatcher>, on: On) {
             assert_eq!(read(&mut s, h), want, "cast {dtype:?} to {to:?}");
         }
     }
+    d.shutdown();
+}
+
+#[test]
+fn casts_and_argmax_follow_rusts_rules_on_special_values() {
+    special_values(host());
+}
+
+/// Casts to i32 are Rust's `as` (toward zero, saturating, NaN to 0), casts from i32 round to
+/// nearest, i32 to i32 is exact; argmax takes the first of equal largest elements, and nothing
+/// compares greater than NaN nor NaN greater than anything. Every dtype, on both back-ends.
+fn special_values(d: Arc<Dispatcher>) {
+    let mut s = Session::new(d.clone(), 0, 1);
+    let floats = [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        3e9,
+        -3e9,
+        2_147_483_520.0,
+        -2_147_483_648.0,
+        2.7,
+        -2.7,
+        -0.0,
+        65520.0,
+    ];
+    for dtype in FLOATS {
+        let (h, held) = upload(&mut s, &[floats.len() as u32], dtype, &floats);
+        let h = run(&mut s, Op::Cast, Args { a: h, dtype: Some(DType::I32), ..Default::default() }).unwrap();
+        let want: Vec<f64> = held.iter().map(|&x| (x as f32 as i32).into()).collect();
+        assert_eq!(read(&mut s, h), want, "{dtype:?} to i32");
+    }
+    let ints = [i32::MIN, i32::MAX, 16_777_217, -16_777_217, 33_554_435, 65_519, 65_520, 123_456_789, 0, -1];
+    let bytes: Vec<u8> = ints.iter().flat_map(|i| i.to_le_bytes()).collect();
+    let call = s.upload_bytes(&[ints.len() as u32], DType::I32, &bytes).unwrap();
+    let Done::Tensor(hi) = s.call_blocking(call, deadline()).unwrap() else { panic!("upload") };
+    assert_eq!(read(&mut s, hi), ints.map(f64::from), "i32 round trip");
+    for to in DType::ALL {
+        let h = run(&mut s, Op::Cast, Args { a: hi, dtype: Some(to), ..Default::default() }).unwrap();
+        let want: Vec<f64> = ints
+            .iter()
+            .map(|&x| match to {
+                DType::F32 => (x as f32).into(),
+                DType::F16 => f16::from_f32(x as f32).to_f64(),
+                DType::BF16 => bf16::from_f32(x as f32).to_f64(),
+                DType::I32 => x.into(),
+            })
+            .collect();
+        assert_eq!(read(&mut s, h), want, "i32 to {to:?}");
+    }
+    let nan = f32::NAN;
+    let rows = [
+        [nan, 1.0, 2.0, 2.0, 0.0],
+        [1.0, nan, 3.0, 3.0, 2.0],
+        [f32::NEG_INFINITY; 5],
+        [0.0, -0.0, 0.0, 1e-3, f32::INFINITY],
+    ];
+    for dtype in FLOATS {
+        let (h, _) = upload(&mut s, &[4, 5], dtype, rows.as_flattened());
+        let h = run(&mut s, Op::Argmax, Args { a: h, axis: -1, ..Default::default() }).unwrap();
+        assert_eq!(read(&mut s, h), [0.0, 2.0, 0.0, 4.0], "argmax {dtype:?}");
+    }
+    drop(s);
     d.shutdown();
 }
 
@@ -623,9 +688,10 @@ fn the_quota_counts_bytes_by_dtype_and_views_count_once() {
     d.shutdown();
 }
 
-/// On CUDA, the general form runs on f32, and matmul and casts on f16 and bf16 too (the same
-/// float64 checks as the host back-end); the rest is host-only for now: refused with
-/// `unsupported_on_device`, never run wrong. Runs where a GPU is; `TENSOR_WASM_REQUIRE_CUDA=1` makes a missing one a failure.
+/// On CUDA, the general form runs on f32; matmul on f16 and bf16 too; casts, permute, slice,
+/// concat, gather and argmax on every dtype (the same float64 checks as the host back-end); the
+/// other ops on f16 and bf16 are host-only for now: refused with `unsupported_on_device`, never run
+/// wrong. Runs where a GPU is; `TENSOR_WASM_REQUIRE_CUDA=1` makes a missing one a failure.
 #[test]
 fn cuda_runs_the_general_ops_it_holds_and_refuses_the_rest() {
     let required = std::env::var("TENSOR_WASM_REQUIRE_CUDA").is_ok_and(|v| v == "1");
@@ -636,21 +702,22 @@ fn cuda_runs_the_general_ops_it_holds_and_refuses_the_rest() {
         Err(e) => return eprintln!("SKIPPED: needs a GPU: {e}"),
     };
     let mut s = Session::new(d.clone(), 0, 1);
-    // f16 and bf16 are held (upload, download, casts, matmul); i32 is not, and the other ops on
-    // f16 and bf16 are host-only for now.
+    // Every dtype is held (upload, download); the arithmetic ops other than matmul on f16 and
+    // bf16 are host-only for now.
     let mut rng = Rng::new();
-    for dtype in [DType::F16, DType::BF16] {
+    for dtype in [DType::F16, DType::BF16, DType::I32] {
         let (h, held) = upload(&mut s, &[2, 3], dtype, &rng.vec(6));
         assert_eq!(read(&mut s, h), held, "{dtype:?} round trip");
-        assert_eq!(run(&mut s, Op::Relu, Args::new(h)), Err(status::UNSUPPORTED_ON_DEVICE));
+        if dtype != DType::I32 {
+            assert_eq!(run(&mut s, Op::Relu, Args::new(h)), Err(status::UNSUPPORTED_ON_DEVICE));
+        }
     }
-    let call = s.upload_bytes(&[1], DType::I32, &[0; 4]).unwrap();
-    assert_eq!(s.call_blocking(call, deadline()).err(), Some(status::UNSUPPORTED_ON_DEVICE));
-    let (f, _) = upload(&mut s, &[2, 3], DType::F32, &[1.0; 6]);
-    let cast = Args { a: f, dtype: Some(DType::I32), ..Default::default() };
-    assert_eq!(run(&mut s, Op::Cast, cast), Err(status::UNSUPPORTED_ON_DEVICE));
-    assert_eq!(run(&mut s, Op::Argmax, Args::new(f)), Err(status::UNSUPPORTED_ON_DEVICE));
+    // Arithmetic on indices is refused as on the host, before the device is asked.
+    let (ids, _) = upload(&mut s, &[2], DType::I32, &[0.0, 1.0]);
+    assert_eq!(run(&mut s, Op::Relu, Args::new(ids)), Err(status::DTYPE_MISMATCH));
+    assert_eq!(run(&mut s, Op::Add, Args { a: ids, b: ids, ..Default::default() }), Err(status::DTYPE_MISMATCH));
     // Views need no device.
+    let (f, _) = upload(&mut s, &[2, 3], DType::F32, &[1.0; 6]);
     let v = s.reshape(f, &[6]).unwrap();
     assert_eq!(read(&mut s, v), vec![1.0; 6]);
     drop(s);
@@ -660,5 +727,6 @@ fn cuda_runs_the_general_ops_it_holds_and_refuses_the_rest() {
     reductions(cuda().unwrap(), On::Cuda);
     softmax_and_norms(cuda().unwrap(), On::Cuda);
     batched_matmul(cuda().unwrap(), On::Cuda);
-    data_movement(cuda().unwrap(), On::Cuda);
+    data_movement(cuda().unwrap());
+    special_values(cuda().unwrap());
 }

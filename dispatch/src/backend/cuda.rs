@@ -20,7 +20,7 @@ use zerocopy::IntoBytes;
 
 use super::{descriptor, shape_of, staging, Backend, BackendKind, Finished, Submitted};
 use crate::record::{flags, status, DType, Desc, Op, Request, MAX_RANK, RELEASE_SHARED, SLOT_A, SLOT_B, SLOT_C};
-use crate::shape::{self, broadcast_strides, contiguous_strides, walk};
+use crate::shape::{self, broadcast_strides, contiguous_strides, walk, Dims};
 
 /// The kernels, in CUDA C. Public so that benchmarks launch exactly these. NVRTC compiles them
 /// without any header, so they use no macro that headers define (`INFINITY` is undefined there).
@@ -82,6 +82,48 @@ extern "C" __global__ void tw_sum(const float* x, float* out, unsigned n) {
     }
     if (threadIdx.x == 0) out[0] = (float)buf[0];
 }
+// Elements of any dtype, by code: f32 (0), f16 (1), bf16 (2), i32 (3). `tw_load` reads one as f32
+// and `tw_store` rounds an f32 to the dtype, as the host back-end converts (the `half` crate and
+// Rust's `as`): f16 by the PTX conversion and bf16 by its bits (NaN kept quiet), both to nearest
+// even; i32 to f32 to nearest, f32 to i32 toward zero.
+__device__ float tw_load(const void* p, unsigned long long i, int dt) {
+    if (dt == 0) return ((const float*)p)[i];
+    if (dt == 3) return __int2float_rn(((const int*)p)[i]);
+    unsigned short h = ((const unsigned short*)p)[i];
+    if (dt == 2) return __uint_as_float(((unsigned)h) << 16);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ void tw_store(void* p, unsigned long long i, int dt, float x) {
+    if (dt == 0) { ((float*)p)[i] = x; return; }
+    if (dt == 3) {
+        // Rust's `as`: saturating, NaN to 0. cvt.rzi.s32.f32 (__float2int_rz) saturates too; the
+        // bounds are spelled out so that the result rests on nothing but this code.
+        int v;
+        if (x != x) v = 0;
+        else if (x >= 2147483648.0f) v = 2147483647;
+        else if (x <= -2147483648.0f) v = -2147483647 - 1;
+        else v = __float2int_rz(x);
+        ((int*)p)[i] = v;
+        return;
+    }
+    unsigned short h;
+    if (dt == 2) {
+        unsigned u = __float_as_uint(x);
+        if ((u & 0x7fffffffu) > 0x7f800000u) h = (unsigned short)((u >> 16) | 0x40u);
+        else h = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    } else {
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    }
+    ((unsigned short*)p)[i] = h;
+}
+// Element j of `a` to element i of `out`, by its size in bytes (4 or 2): the data-movement
+// kernels copy bits and never convert, so they serve every dtype alike.
+__device__ void tw_copy(void* out, unsigned long long i, const void* a, unsigned long long j, int size) {
+    if (size == 4) ((unsigned*)out)[i] = ((const unsigned*)a)[j];
+    else ((unsigned short*)out)[i] = ((const unsigned short*)a)[j];
+}
 // The general form's kernels, f32 only. `op` is the Rust `Op` code; an unknown one writes NaN,
 // so that a mismatch between the two sides shows instead of passing as another op.
 extern "C" __global__ void tw_unary(const float* a, float* out, unsigned n, int op, float s) {
@@ -129,10 +171,11 @@ extern "C" __global__ void tw_binary(const float* a, const float* b, float* out,
     }
     out[i] = z;
 }
-// out[i] = a[base + Σ index_k · stride_k] over an output of 4 dims: permute, slice and copies.
-extern "C" __global__ void tw_strided(const float* a, float* out, unsigned n,
+// out[i] = a[base + Σ index_k · stride_k] over an output of 4 dims: permute, slice and copies,
+// of elements of `size` bytes.
+extern "C" __global__ void tw_strided(const void* a, void* out, unsigned n,
         unsigned d0, unsigned d1, unsigned d2, unsigned d3,
-        unsigned s0, unsigned s1, unsigned s2, unsigned s3, unsigned long long base) {
+        unsigned s0, unsigned s1, unsigned s2, unsigned s3, unsigned long long base, int size) {
     unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     unsigned r = i;
@@ -141,7 +184,7 @@ extern "C" __global__ void tw_strided(const float* a, float* out, unsigned n,
     unsigned i1 = r % d1;
     unsigned i0 = r / d1;
     (void)d0;
-    out[i] = a[base + (unsigned long long)i0 * s0 + (unsigned long long)i1 * s1 + (unsigned long long)i2 * s2 + (unsigned long long)i3 * s3];
+    tw_copy(out, i, a, base + (unsigned long long)i0 * s0 + (unsigned long long)i1 * s1 + (unsigned long long)i2 * s2 + (unsigned long long)i3 * s3, size);
 }
 // One thread per output element: sum (11), mean (22) or max (23) along an axis of length n,
 // between `outer` and `inner` elements. Sums in double, like the host back-end.
@@ -213,39 +256,55 @@ extern "C" __global__ void tw_norm(const float* x, const float* w, const float* 
         o[c] = (float)y;
     }
 }
-// Concatenation along an axis: `outer` blocks of `ia` elements of a, then `ib` of b.
-extern "C" __global__ void tw_concat(const float* a, const float* b, float* out, unsigned outer, unsigned ia, unsigned ib) {
+// Concatenation along an axis: `outer` blocks of `ia` elements of a, then `ib` of b, of `size`
+// bytes each.
+extern "C" __global__ void tw_concat(const void* a, const void* b, void* out, unsigned outer, unsigned ia, unsigned ib,
+        int size) {
     unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
     unsigned long long w = (unsigned long long)ia + ib;
     if ((unsigned long long)i >= (unsigned long long)outer * w) return;
     unsigned long long o = i / w, r = i % w;
-    out[i] = r < ia ? a[o * ia + r] : b[o * ib + (r - ia)];
+    if (r < ia) tw_copy(out, i, a, o * ia + r, size);
+    else tw_copy(out, i, b, o * ib + (r - ia), size);
 }
-// Casts between f32 (0), f16 (1) and bf16 (2), through f32, rounding to nearest even like the
-// `half` crate: bf16 by its bits (NaN kept quiet), f16 by the PTX conversion.
-__device__ float tw_load(const void* p, unsigned i, int dt) {
-    if (dt == 0) return ((const float*)p)[i];
-    unsigned short h = ((const unsigned short*)p)[i];
-    if (dt == 2) return __uint_as_float(((unsigned)h) << 16);
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-__device__ void tw_store(void* p, unsigned i, int dt, float x) {
-    if (dt == 0) { ((float*)p)[i] = x; return; }
-    unsigned short h;
-    if (dt == 2) {
-        unsigned u = __float_as_uint(x);
-        if ((u & 0x7fffffffu) > 0x7f800000u) h = (unsigned short)((u >> 16) | 0x40u);
-        else h = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    } else {
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+// Gather: out[i] is element i % row of the table's row ids[i / row], of `size` bytes. The worker
+// has checked every id against `rows` before the launch; an id outside them would write zero
+// bits here rather than read past the table.
+extern "C" __global__ void tw_gather(const void* table, const int* ids, void* out, unsigned n, unsigned row,
+        unsigned rows, int size) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    int id = ids[i / row];
+    if (id < 0 || (unsigned)id >= rows) {
+        if (size == 4) ((unsigned*)out)[i] = 0u;
+        else ((unsigned short*)out)[i] = (unsigned short)0;
+        return;
     }
-    ((unsigned short*)p)[i] = h;
+    tw_copy(out, i, table, (unsigned long long)id * row + i % row, size);
 }
+// Argmax along an axis of length n, between `outer` and `inner` elements, of a float dtype `dt`:
+// one thread per output element, the first index of the largest, NaN never larger (a NaN first
+// element stays the answer, as on the host: nothing compares greater than it).
+extern "C" __global__ void tw_argmax(const void* a, int* out, unsigned outer, unsigned n, unsigned inner, int dt) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if ((unsigned long long)i >= (unsigned long long)outer * inner) return;
+    unsigned o = i / inner, j = i % inner;
+    unsigned long long p = (unsigned long long)o * n * inner + j;
+    unsigned best = 0;
+    float top = tw_load(a, p, dt);
+    for (unsigned k = 1; k < n; k++) {
+        float v = tw_load(a, p + (unsigned long long)k * inner, dt);
+        if (v > top) { best = k; top = v; }
+    }
+    out[i] = (int)best;
+}
+// Casts between any two dtypes, through f32 as on the host back-end, but for i32 to i32: a copy
+// on both (through f32 it would round above 2^24).
 extern "C" __global__ void tw_cast(const void* a, void* out, unsigned n, int from, int to) {
     unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) tw_store(out, i, to, tw_load(a, i, from));
+    if (i >= n) return;
+    if (from == 3 && to == 3) ((int*)out)[i] = ((const int*)a)[i];
+    else tw_store(out, i, to, tw_load(a, i, from));
 }
 // The device's FP32 peak, for benchmarks: eight independent FMA chains per thread.
 extern "C" __global__ void tw_fma_peak(float* out, unsigned iters) {
@@ -319,11 +378,13 @@ struct Kernels {
     log_softmax: CudaFunction,
     norm: CudaFunction,
     concat: CudaFunction,
+    gather: CudaFunction,
+    argmax: CudaFunction,
     cast: CudaFunction,
 }
 
 /// Every kernel in [`KERNEL_SOURCE`], for the NVRTC test.
-pub const KERNEL_NAMES: [&str; 15] = [
+pub const KERNEL_NAMES: [&str; 17] = [
     "tw_cast",
     "tw_add",
     "tw_mul",
@@ -338,15 +399,18 @@ pub const KERNEL_NAMES: [&str; 15] = [
     "tw_log_softmax",
     "tw_norm",
     "tw_concat",
+    "tw_gather",
+    "tw_argmax",
     "tw_fma_peak",
 ];
 
 /// A tensor on the device, in its dtype: f16 and bf16 as their bits, which is all that kernels
-/// and cuBLAS see of them. i32 tensors are not held on CUDA yet.
+/// and cuBLAS see of them.
 enum DevBuf {
     F32(CudaSlice<f32>),
     F16(CudaSlice<u16>),
     BF16(CudaSlice<u16>),
+    I32(CudaSlice<i32>),
 }
 
 impl DevBuf {
@@ -355,6 +419,7 @@ impl DevBuf {
             DevBuf::F32(s) => s.len(),
             DevBuf::F16(s) => s.len(),
             DevBuf::BF16(s) => s.len(),
+            DevBuf::I32(s) => s.len(),
         }
     }
 
@@ -363,6 +428,7 @@ impl DevBuf {
             DevBuf::F32(s) => s.num_bytes(),
             DevBuf::F16(s) => s.num_bytes(),
             DevBuf::BF16(s) => s.num_bytes(),
+            DevBuf::I32(s) => s.num_bytes(),
         }
     }
 
@@ -371,6 +437,7 @@ impl DevBuf {
             DevBuf::F32(_) => DType::F32,
             DevBuf::F16(_) => DType::F16,
             DevBuf::BF16(_) => DType::BF16,
+            DevBuf::I32(_) => DType::I32,
         }
     }
 
@@ -380,7 +447,22 @@ impl DevBuf {
             DevBuf::F32(s) => s.device_ptr(stream),
             DevBuf::F16(s) => s.device_ptr(stream),
             DevBuf::BF16(s) => s.device_ptr(stream),
+            DevBuf::I32(s) => s.device_ptr(stream),
         }
+    }
+
+    /// A new tensor of `len` elements of `dtype`.
+    ///
+    /// # Safety
+    /// Its memory is unset: the caller's launch must write every element before anyone reads it.
+    unsafe fn alloc(stream: &Arc<CudaStream>, dtype: DType, len: usize) -> Result<DevBuf, i32> {
+        let dev = |_| status::DEVICE_ERROR;
+        Ok(match dtype {
+            DType::F32 => DevBuf::F32(stream.alloc::<f32>(len).map_err(dev)?),
+            DType::F16 => DevBuf::F16(stream.alloc::<u16>(len).map_err(dev)?),
+            DType::BF16 => DevBuf::BF16(stream.alloc::<u16>(len).map_err(dev)?),
+            DType::I32 => DevBuf::I32(stream.alloc::<i32>(len).map_err(dev)?),
+        })
     }
 }
 
@@ -442,6 +524,8 @@ impl CudaBackend {
             log_softmax: f("tw_log_softmax")?,
             norm: f("tw_norm")?,
             concat: f("tw_concat")?,
+            gather: f("tw_gather")?,
+            argmax: f("tw_argmax")?,
             cast: f("tw_cast")?,
         };
         let lanes = (0..streams.max(1))
@@ -501,15 +585,21 @@ impl CudaBackend {
 
     /// An f32 operand of `len` elements.
     fn operand(&self, id: u64, len: usize) -> Result<&CudaSlice<f32>, i32> {
-        match self.any_operand(id, len)? {
-            DevBuf::F32(t) => Ok(t),
+        match self.tensors.get(&id).ok_or(status::BAD_HANDLE)? {
+            DevBuf::F32(t) if t.len() == len => Ok(t),
+            DevBuf::F32(_) => Err(status::SHAPE_MISMATCH),
             _ => Err(status::DTYPE_MISMATCH),
         }
     }
 
-    fn any_operand(&self, id: u64, len: usize) -> Result<&DevBuf, i32> {
+    /// Operand `slot` of a general request: it must have the dtype and element count the
+    /// descriptor gives it, checked in the host back-end's order, or nothing is read.
+    fn typed(&self, id: u64, d: &Desc, slot: usize) -> Result<&DevBuf, i32> {
         let t = self.tensors.get(&id).ok_or(status::BAD_HANDLE)?;
-        if t.len() != len {
+        if Some(t.dtype()) != d.dtype(slot) {
+            return Err(status::DTYPE_MISMATCH);
+        }
+        if t.len() as u64 != shape::elements(d.shape(slot))? {
             return Err(status::SHAPE_MISMATCH);
         }
         Ok(t)
@@ -536,7 +626,9 @@ impl CudaBackend {
                     DType::F32 => stream.clone_htod(&*src).map(DevBuf::F32),
                     DType::F16 => stream.clone_htod(&halves()).map(DevBuf::F16),
                     DType::BF16 => stream.clone_htod(&halves()).map(DevBuf::BF16),
-                    DType::I32 => return Err(status::UNSUPPORTED_ON_DEVICE),
+                    // The staging words hold the elements' little-endian bytes, which on a CUDA host
+                    // (x86-64, AArch64: little-endian) are the i32 values as they are.
+                    DType::I32 => stream.clone_htod(&*words_as_i32(src)).map(DevBuf::I32),
                 }
                 .map(Some)
                 .map_err(dev)
@@ -553,6 +645,7 @@ impl CudaBackend {
                     // SAFETY: the staging words hold at least the tensor's bytes, and 2-byte
                     // elements need no more than the words' 4-byte alignment.
                     DevBuf::F16(t) | DevBuf::BF16(t) => stream.memcpy_dtoh(t, unsafe { halves_of(dst, t.len()) }),
+                    DevBuf::I32(t) => stream.memcpy_dtoh(t, words_as_i32(dst)),
                 };
                 copied.map(|_| None).map_err(dev)
             }
@@ -621,25 +714,28 @@ impl CudaBackend {
         }
     }
 
-    /// The general form of a kernel: every op on f32 operands, and casts and matmul on f16 and
-    /// bf16 too. The rest (other ops on f16 and bf16, anything with i32, which CUDA does not hold)
-    /// is `unsupported_on_device`. Operands are checked against the descriptor as on the host
-    /// back-end.
+    /// The general form of a kernel. Casts, permute, slice, concat, gather and argmax run on
+    /// every dtype the op takes; matmul on f32, f16 and bf16; the other ops on f32, and on f16
+    /// and bf16 they are `unsupported_on_device`. Operands are checked against the descriptor as
+    /// on the host back-end, and so is the output (`shape::check_output`), which refuses i32 in
+    /// arithmetic with `dtype_mismatch` before anything else, as there.
     fn general(&self, op: Op, req: &Request, d: &Desc, stream: &Arc<CudaStream>, lane: usize) -> Result<DevBuf, i32> {
         let (out_dims, out_dtype) = shape::check_output(op, d, req.out_bytes)?;
         let a_dtype = d.dtype(SLOT_A).ok_or(status::UNSUPPORTED_DTYPE)?;
         let half = |t: DType| matches!(t, DType::F16 | DType::BF16);
-        if op == Op::Cast && a_dtype != DType::I32 && out_dtype != DType::I32 {
-            return self.cast(req, d, out_dtype, stream);
+        match op {
+            Op::Cast => return self.cast(req, d, out_dtype, stream),
+            Op::Permute | Op::Slice | Op::Concat | Op::Gather => return self.movement(op, req, d, &out_dims, stream),
+            Op::Argmax => return self.argmax(req, d, &out_dims, stream),
+            _ => {}
         }
         if op == Op::Matmul && half(a_dtype) {
             let n = out_dims.elements()? as usize;
             let (sa, sb, so) = (d.shape(SLOT_A), d.shape(SLOT_B), out_dims.as_slice());
-            let (la, lb) = (shape::elements(sa)? as usize, shape::elements(sb)? as usize);
             let dev = |_| status::DEVICE_ERROR;
             use cudarc::cublas::sys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_16F};
             let (a, b, wrap, data_type): (_, _, fn(CudaSlice<u16>) -> DevBuf, _) =
-                match (self.any_operand(req.a, la)?, self.any_operand(req.b, lb)?) {
+                match (self.typed(req.a, d, SLOT_A)?, self.typed(req.b, d, SLOT_B)?) {
                     (DevBuf::F16(a), DevBuf::F16(b)) => (a, b, DevBuf::F16, CUDA_R_16F),
                     (DevBuf::BF16(a), DevBuf::BF16(b)) => (a, b, DevBuf::BF16, CUDA_R_16BF),
                     _ => return Err(status::DTYPE_MISMATCH),
@@ -667,16 +763,6 @@ impl CudaBackend {
         let k = &self.kernels;
         let code = i32::from(op as u8);
         let u = |x: usize| u32::try_from(x).map_err(|_| status::INVALID_ARGUMENT);
-        // Pads a shape and strides to the kernels' four dims (leading 1s, stride 0).
-        let pad4 = |shape: &[u32], strides: [usize; MAX_RANK]| -> Result<([u32; 4], [u32; 4]), i32> {
-            let (mut dd, mut ss) = ([1u32; 4], [0u32; 4]);
-            let off = 4 - shape.len();
-            for i in 0..shape.len() {
-                dd[off + i] = shape[i];
-                ss[off + i] = u(strides[i])?;
-            }
-            Ok((dd, ss))
-        };
         // SAFETY (all launches): the arguments match the kernels' signatures in KERNEL_SOURCE, and
         // every operand has the element count its descriptor states (checked above), which is what
         // the shape rules index it with.
@@ -702,25 +788,6 @@ impl CudaBackend {
                         l.arg(x);
                     }
                     l.launch(elementwise(n))
-                }
-                Op::Permute | Op::Slice => {
-                    let strides = contiguous_strides(sa);
-                    let (walk, base) = if op == Op::Permute {
-                        let mut w = [0usize; MAX_RANK];
-                        for (i, &p) in d.perm[..sa.len()].iter().enumerate() {
-                            w[i] = strides[usize::from(p)];
-                        }
-                        (w, 0u64)
-                    } else {
-                        (strides, u64::from(d.start) * strides[d.axis as usize] as u64)
-                    };
-                    let (dims, st) = pad4(out_shape, walk)?;
-                    let mut l = stream.launch_builder(&k.strided);
-                    l.arg(a).arg(&mut out).arg(&n);
-                    for x in dims.iter().chain(&st) {
-                        l.arg(x);
-                    }
-                    l.arg(&base).launch(elementwise(n))
                 }
                 Op::Softmax | Op::LogSoftmax => {
                     let cols = sa[sa.len() - 1];
@@ -764,22 +831,6 @@ impl CudaBackend {
                         .arg(&has_b)
                         .launch(elementwise(rows))
                 }
-                Op::Concat => {
-                    let b = self.operand(req.b, len(SLOT_B)?)?;
-                    let ax = d.axis as usize;
-                    let outer = u(sa[..ax].iter().map(|&x| x as usize).product())?;
-                    let ia = u(sa[ax..].iter().map(|&x| x as usize).product())?;
-                    let ib = u(d.shape(SLOT_B)[ax..].iter().map(|&x| x as usize).product())?;
-                    stream
-                        .launch_builder(&k.concat)
-                        .arg(a)
-                        .arg(b)
-                        .arg(&mut out)
-                        .arg(&outer)
-                        .arg(&ia)
-                        .arg(&ib)
-                        .launch(elementwise(n))
-                }
                 Op::Matmul => {
                     let b = self.operand(req.b, len(SLOT_B)?)?;
                     let plan = gemm_plan(sa, d.shape(SLOT_B), out_shape, d.flags)?;
@@ -792,24 +843,150 @@ impl CudaBackend {
         launched.map(|_| DevBuf::F32(out)).map_err(dev)
     }
 
-    /// A cast between f32, f16 and bf16 (i32 is not held on CUDA).
-    fn cast(&self, req: &Request, d: &Desc, to: DType, stream: &Arc<CudaStream>) -> Result<DevBuf, i32> {
-        let len = shape::elements(d.shape(SLOT_A))? as usize;
-        let a = self.any_operand(req.a, len)?;
-        if Some(a.dtype()) != d.dtype(SLOT_A) {
-            return Err(status::DTYPE_MISMATCH);
+    /// Permute, slice, concat and gather, of any dtype: they move elements and never convert
+    /// them, so their kernels copy each by its size (`tw_strided`, `tw_concat`, `tw_gather`).
+    fn movement(&self, op: Op, req: &Request, d: &Desc, out: &Dims, stream: &Arc<CudaStream>) -> Result<DevBuf, i32> {
+        let a = self.typed(req.a, d, SLOT_A)?;
+        let sa = d.shape(SLOT_A);
+        let n = u32::try_from(out.elements()?).map_err(|_| status::INVALID_ARGUMENT)?;
+        let u = |x: usize| u32::try_from(x).map_err(|_| status::INVALID_ARGUMENT);
+        let size = a.dtype().size() as i32;
+        let dev = |_| status::DEVICE_ERROR;
+        let b = match op {
+            Op::Concat | Op::Gather => Some(self.typed(req.b, d, SLOT_B)?),
+            _ => None,
+        };
+        if op == Op::Gather {
+            let Some(DevBuf::I32(ids)) = b else { return Err(status::DTYPE_MISMATCH) };
+            // Whether every id lies inside the table is known only from their values, which the
+            // device holds: they are copied back on the session's stream, after whatever earlier
+            // request made them, and the worker waits for that copy before it launches. That is
+            // gather's cost on CUDA: the device's worker submits nothing else, for any shard,
+            // until that stream has run everything queued on it before the gather (the session's
+            // requests, and those of any session sharing the stream) and copied the ids, 4 bytes
+            // each. Ids are small (a batch of token ids), and a gather's caller waits for it
+            // anyway (`Session::streamable`).
+            let mut values = vec![0i32; ids.len()];
+            stream.memcpy_dtoh(ids, &mut values).map_err(dev)?;
+            stream.synchronize().map_err(dev)?;
+            let rows = sa[0];
+            if values.iter().any(|&i| i < 0 || i as u32 >= rows) {
+                return Err(status::INDEX_OUT_OF_RANGE);
+            }
         }
+        // SAFETY: the launch below writes every element of `buf`.
+        let buf = unsafe { DevBuf::alloc(stream, a.dtype(), n as usize)? };
+        {
+            let k = &self.kernels;
+            let (src, _src_guard) = a.ptr(stream);
+            let (dst, _dst_guard) = buf.ptr(stream);
+            // SAFETY (all launches): the arguments match the kernels' signatures in
+            // KERNEL_SOURCE; every operand has the element count its descriptor states (checked
+            // by `typed`), which is what the shape rules index it with, and `size` is the bytes
+            // of the dtype that `a`, `b` (but gather's ids) and the output share.
+            unsafe {
+                match (op, b) {
+                    (Op::Permute | Op::Slice, _) => {
+                        let strides = contiguous_strides(sa);
+                        let (walk, base) = if op == Op::Permute {
+                            let mut w = [0usize; MAX_RANK];
+                            for (i, &p) in d.perm[..sa.len()].iter().enumerate() {
+                                w[i] = strides[usize::from(p)];
+                            }
+                            (w, 0u64)
+                        } else {
+                            (strides, u64::from(d.start) * strides[d.axis as usize] as u64)
+                        };
+                        let (dims, st) = pad4(out.as_slice(), walk)?;
+                        let mut l = stream.launch_builder(&k.strided);
+                        l.arg(&src).arg(&dst).arg(&n);
+                        for x in dims.iter().chain(&st) {
+                            l.arg(x);
+                        }
+                        l.arg(&base).arg(&size).launch(elementwise(n))
+                    }
+                    (Op::Concat, Some(b)) => {
+                        let (pb, _pb_guard) = b.ptr(stream);
+                        let ax = d.axis as usize;
+                        let outer = u(sa[..ax].iter().map(|&x| x as usize).product())?;
+                        let ia = u(sa[ax..].iter().map(|&x| x as usize).product())?;
+                        let ib = u(d.shape(SLOT_B)[ax..].iter().map(|&x| x as usize).product())?;
+                        stream
+                            .launch_builder(&k.concat)
+                            .arg(&src)
+                            .arg(&pb)
+                            .arg(&dst)
+                            .arg(&outer)
+                            .arg(&ia)
+                            .arg(&ib)
+                            .arg(&size)
+                            .launch(elementwise(n))
+                    }
+                    (Op::Gather, Some(ids)) => {
+                        let (pi, _pi_guard) = ids.ptr(stream);
+                        let row = u(sa[1..].iter().map(|&x| x as usize).product())?;
+                        let rows = sa[0];
+                        stream
+                            .launch_builder(&k.gather)
+                            .arg(&src)
+                            .arg(&pi)
+                            .arg(&dst)
+                            .arg(&n)
+                            .arg(&row)
+                            .arg(&rows)
+                            .arg(&size)
+                            .launch(elementwise(n))
+                    }
+                    _ => return Err(status::INVALID_ARGUMENT),
+                }
+            }
+            .map_err(dev)?;
+        }
+        Ok(buf)
+    }
+
+    /// Argmax along an axis, of any float dtype: i32 indices (`tw_argmax`).
+    fn argmax(&self, req: &Request, d: &Desc, out: &Dims, stream: &Arc<CudaStream>) -> Result<DevBuf, i32> {
+        let a = self.typed(req.a, d, SLOT_A)?;
+        let sa = d.shape(SLOT_A);
+        let n = u32::try_from(out.elements()?).map_err(|_| status::INVALID_ARGUMENT)?;
+        let u = |x: usize| u32::try_from(x).map_err(|_| status::INVALID_ARGUMENT);
+        let ax = d.axis as usize;
+        let outer = u(sa[..ax].iter().map(|&x| x as usize).product())?;
+        let inner = u(sa[ax + 1..].iter().map(|&x| x as usize).product())?;
+        let len_axis = sa[ax];
+        let dt = a.dtype() as i32;
+        let dev = |_| status::DEVICE_ERROR;
+        // SAFETY: tw_argmax writes every one of the outer × inner = n elements of `out`.
+        let mut out = unsafe { stream.alloc::<i32>(n as usize) }.map_err(dev)?;
+        {
+            let (src, _src_guard) = a.ptr(stream);
+            // SAFETY: tw_argmax(a, out, outer, n, inner, dt) reads outer × len_axis × inner
+            // elements of dtype `dt` at `src`, which is `a`'s element count (checked by `typed`).
+            unsafe {
+                stream
+                    .launch_builder(&self.kernels.argmax)
+                    .arg(&src)
+                    .arg(&mut out)
+                    .arg(&outer)
+                    .arg(&len_axis)
+                    .arg(&inner)
+                    .arg(&dt)
+                    .launch(elementwise(n))
+            }
+            .map_err(dev)?;
+        }
+        Ok(DevBuf::I32(out))
+    }
+
+    /// A cast between any two dtypes (`tw_cast`).
+    fn cast(&self, req: &Request, d: &Desc, to: DType, stream: &Arc<CudaStream>) -> Result<DevBuf, i32> {
+        let a = self.typed(req.a, d, SLOT_A)?;
+        let len = a.len();
         let n = u32::try_from(len).map_err(|_| status::INVALID_ARGUMENT)?;
         let dev = |_| status::DEVICE_ERROR;
         // SAFETY: tw_cast writes every element of `out`.
-        let out = unsafe {
-            match to {
-                DType::F32 => DevBuf::F32(stream.alloc::<f32>(len).map_err(dev)?),
-                DType::F16 => DevBuf::F16(stream.alloc::<u16>(len).map_err(dev)?),
-                DType::BF16 => DevBuf::BF16(stream.alloc::<u16>(len).map_err(dev)?),
-                DType::I32 => return Err(status::UNSUPPORTED_ON_DEVICE),
-            }
-        };
+        let out = unsafe { DevBuf::alloc(stream, to, len)? };
         let (from, to) = (a.dtype() as i32, to as i32);
         {
             let (src, _src_guard) = a.ptr(stream);
@@ -1020,6 +1197,14 @@ unsafe fn halves_of(words: &mut [f32], len: usize) -> &mut [u16] {
     std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u16, len)
 }
 
+/// The staging words as i32 elements, for an upload or a download of an i32 tensor: the same
+/// size and alignment as the f32 words, and every bit pattern is a value of both.
+fn words_as_i32(words: &mut [f32]) -> &mut [i32] {
+    // SAFETY: i32 and f32 have the same size and alignment and no invalid bit patterns, and the
+    // result borrows `words` mutably for as long as it lives.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut i32, words.len()) }
+}
+
 /// What a GEMM's elements are: f32 runs through cublasSgemm, f16 and bf16 (their `cudaDataType`)
 /// through cublasGemmEx.
 #[derive(Clone, Copy)]
@@ -1035,6 +1220,17 @@ impl GemmType {
             GemmType::Half(_) => 2,
         }
     }
+}
+
+/// A shape and its strides padded to the kernels' four dims (leading 1s, stride 0).
+fn pad4(shape: &[u32], strides: [usize; MAX_RANK]) -> Result<([u32; 4], [u32; 4]), i32> {
+    let (mut dims, mut st) = ([1u32; 4], [0u32; 4]);
+    let off = 4 - shape.len();
+    for i in 0..shape.len() {
+        dims[off + i] = shape[i];
+        st[off + i] = u32::try_from(strides[i]).map_err(|_| status::INVALID_ARGUMENT)?;
+    }
+    Ok((dims, st))
 }
 
 /// One thread per element, in blocks of 256.
