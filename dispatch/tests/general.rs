@@ -1,6 +1,8 @@
 //! The general ops (every dtype, N-d shapes, broadcasting, axes) against float64 references
 //! written here, on fresh random inputs, through the real rings and workers of the host back-end;
-//! and every malformed call refused with its own status. Downloads are poisoned (all ones: NaN
+//! and every malformed call refused with its own status. Each case is a function of the
+//! dispatcher it runs on: the host back-end's tests run them all, and so does the CUDA test
+//! wherever a GPU is, with the same checks and bounds, since CUDA runs every op on every dtype. Downloads are poisoned (all ones: NaN
 //! in every float dtype) before the device writes them, so an op that writes nothing fails.
 //!
 //! Bounds, relative to the output's largest magnitude: f32 1e-5, f16 1e-3, bf16 1e-2. The inputs
@@ -122,34 +124,12 @@ fn gelu(x: f64) -> f64 {
     0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
 }
 
-/// Where a case runs: the host back-end (every dtype) or CUDA (f32 for the arithmetic ops; f16
-/// and bf16 too for matmul; every dtype for casts and the data-movement ops, gather and argmax).
-#[derive(Clone, Copy, PartialEq)]
-enum On {
-    Host,
-    Cuda,
-}
-
-impl On {
-    fn dtypes(self) -> &'static [DType] {
-        match self {
-            On::Host => &FLOATS,
-            On::Cuda => &[DType::F32],
-        }
-    }
-
-    /// Matmul runs every float dtype on both: f16 and bf16 through cuBLAS GemmEx on CUDA.
-    fn matmul_dtypes(self) -> &'static [DType] {
-        &FLOATS
-    }
-}
-
 #[test]
 fn binary_ops_broadcast_like_numpy_in_every_float_dtype() {
-    binary_ops(host(), On::Host);
+    binary_ops(host());
 }
 
-fn binary_ops(d: Arc<Dispatcher>, on: On) {
+fn binary_ops(d: Arc<Dispatcher>) {
     let mut rng = Rng::new();
     let mut s = Session::new(d.clone(), 0, 1);
     let cases: [(&[u32], &[u32], &[u32]); 5] = [
@@ -159,7 +139,7 @@ fn binary_ops(d: Arc<Dispatcher>, on: On) {
         (&[1], &[2, 3, 2, 2], &[2, 3, 2, 2]),
         (&[6, 1], &[1, 7], &[6, 7]),
     ];
-    for &dtype in on.dtypes() {
+    for dtype in FLOATS {
         for (sa, sb, so) in cases {
             let (ha, a) = upload(&mut s, sa, dtype, &rng.vec(count(sa)));
             // Denominators in [0.5, 2.5]: away from zero, so that div stays finite in f16.
@@ -189,7 +169,7 @@ fn binary_ops(d: Arc<Dispatcher>, on: On) {
         }
     }
     // The original imports broadcast too, and take the general path for other dtypes.
-    let dtype = *on.dtypes().last().unwrap();
+    let dtype = DType::BF16;
     let (ha, a) = upload(&mut s, &[2, 3], dtype, &rng.vec(6));
     let (hb, b) = upload(&mut s, &[3], dtype, &rng.vec(3));
     let call = s.kernel(Op::Add, ha, hb, 0.0).unwrap();
@@ -202,10 +182,10 @@ fn binary_ops(d: Arc<Dispatcher>, on: On) {
 
 #[test]
 fn unary_ops_match_the_reference_in_every_float_dtype() {
-    unary_ops(host(), On::Host);
+    unary_ops(host());
 }
 
-fn unary_ops(d: Arc<Dispatcher>, on: On) {
+fn unary_ops(d: Arc<Dispatcher>) {
     let mut rng = Rng::new();
     let mut s = Session::new(d.clone(), 0, 1);
     let shape = [3u32, 5, 7];
@@ -221,7 +201,7 @@ fn unary_ops(d: Arc<Dispatcher>, on: On) {
         (Op::Neg, |x| -x, false),
         (Op::Scale, |x| x * 0.75, false),
     ];
-    for &dtype in on.dtypes() {
+    for dtype in FLOATS {
         for (op, f, positive) in ops {
             let mut values = rng.vec(count(&shape));
             if positive {
@@ -240,14 +220,14 @@ fn unary_ops(d: Arc<Dispatcher>, on: On) {
 
 #[test]
 fn reductions_along_every_axis_with_and_without_keepdims() {
-    reductions(host(), On::Host);
+    reductions(host());
 }
 
-fn reductions(d: Arc<Dispatcher>, on: On) {
+fn reductions(d: Arc<Dispatcher>) {
     let mut rng = Rng::new();
     let shape = [4u32, 6, 5];
     let ops = [Op::Sum, Op::Mean, Op::Max, Op::Argmax];
-    for &dtype in on.dtypes() {
+    for dtype in FLOATS {
         let mut s = Session::new(d.clone(), 0, 1);
         let (ha, a) = upload(&mut s, &shape, dtype, &rng.vec(count(&shape)));
         for axis in [0i32, 1, 2, -1] {
@@ -314,14 +294,14 @@ fn reductions(d: Arc<Dispatcher>, on: On) {
 
 #[test]
 fn softmax_log_softmax_and_norms_match_the_reference() {
-    softmax_and_norms(host(), On::Host);
+    softmax_and_norms(host());
 }
 
-fn softmax_and_norms(d: Arc<Dispatcher>, on: On) {
+fn softmax_and_norms(d: Arc<Dispatcher>) {
     let mut rng = Rng::new();
     let shape = [2u32, 3, 16];
     let cols = 16;
-    for &dtype in on.dtypes() {
+    for dtype in FLOATS {
         let mut s = Session::new(d.clone(), 0, 1);
         let (ha, a) = upload(&mut s, &shape, dtype, &rng.vec(count(&shape)));
         let (hw, w) = upload(&mut s, &[16], dtype, &rng.vec(16));
@@ -380,10 +360,10 @@ fn softmax_and_norms(d: Arc<Dispatcher>, on: On) {
 
 #[test]
 fn batched_matmul_with_transposes_matches_the_reference() {
-    batched_matmul(host(), On::Host);
+    batched_matmul(host());
 }
 
-fn batched_matmul(d: Arc<Dispatcher>, on: On) {
+fn batched_matmul(d: Arc<Dispatcher>) {
     let mut rng = Rng::new();
     // (a's shape, b's shape, transpose a, transpose b, out's shape)
     type Case<'a> = (&'a [u32], &'a [u32], bool, bool, &'a [u32]);
@@ -394,7 +374,7 @@ fn batched_matmul(d: Arc<Dispatcher>, on: On) {
         (&[2, 3, 4, 16], &[3, 16, 6], false, false, &[2, 3, 4, 6]),
         (&[2, 1, 16, 4], &[3, 6, 16], true, true, &[2, 3, 4, 6]),
     ];
-    for &dtype in on.matmul_dtypes() {
+    for dtype in FLOATS {
         let mut s = Session::new(d.clone(), 0, 1);
         for (sa, sb, ta, tb, so) in cases {
             let (ha, a) = upload(&mut s, sa, dtype, &rng.vec(count(sa)));
@@ -584,6 +564,67 @@ fn special_values(d: Arc<Dispatcher>) {
 }
 
 #[test]
+fn streamed_ops_of_every_dtype_run_in_order_and_gather_is_waited_for() {
+    streamed(host());
+}
+
+/// Sends `op` streamed: its handle comes back at once. A full ring is retried until the deadline.
+fn stream(s: &mut Session, op: Op, args: Args) -> i32 {
+    let mut call = s.op(op, &args).unwrap();
+    assert!(call.is_streamed(), "{op:?} is streamed");
+    let until = deadline();
+    loop {
+        match s.try_stream(call) {
+            Ok(h) => return h,
+            Err(c) if Instant::now() < until => call = c,
+            Err(_) => panic!("the ring stayed full"),
+        }
+    }
+}
+
+/// A streaming session's kernels are streamed whatever their dtypes, argmax and casts to and from
+/// i32 included, and run in order; gather alone is waited for, since its ids are checked by value.
+/// Each result is checked against a float64 reference of the values the device holds before it.
+fn streamed(d: Arc<Dispatcher>) {
+    let mut rng = Rng::new();
+    let mut s = Session::new(d.clone(), 0, 1);
+    s.set_streaming(true);
+    for dtype in FLOATS {
+        let (hx, x) = upload(&mut s, &[4, 6], dtype, &rng.vec(24));
+        let (hi, _) = upload(&mut s, &[3], DType::I32, &[3.0, 0.0, 3.0]);
+        let square = stream(&mut s, Op::Mul, Args { a: hx, b: hx, ..Default::default() });
+        let soft = stream(&mut s, Op::Softmax, Args::new(square));
+        let best = stream(&mut s, Op::Argmax, Args { a: soft, axis: -1, ..Default::default() });
+        let back = stream(&mut s, Op::Cast, Args { a: best, dtype: Some(dtype), ..Default::default() });
+        let call = s.op(Op::Gather, &Args { a: hx, b: hi, ..Default::default() }).unwrap();
+        assert!(!call.is_streamed(), "gather is waited for");
+        let Done::Tensor(rows) = s.call_blocking(call, deadline()).unwrap() else { panic!("gather") };
+        let want: Vec<f64> = [3, 0, 3].iter().flat_map(|&r| x[r * 6..(r + 1) * 6].to_vec()).collect();
+        assert_eq!(read(&mut s, rows), want, "gather {dtype:?}");
+        let squares = read(&mut s, square);
+        check(&format!("streamed mul {dtype:?}"), &squares, &x.iter().map(|v| v * v).collect::<Vec<_>>(), bound(dtype));
+        let softmax: Vec<f64> = squares
+            .chunks(6)
+            .flat_map(|r| {
+                let m = r.iter().cloned().fold(f64::MIN, f64::max);
+                let t: f64 = r.iter().map(|v| (v - m).exp()).sum();
+                r.iter().map(move |v| (v - m).exp() / t)
+            })
+            .collect();
+        let probabilities = read(&mut s, soft);
+        check(&format!("streamed softmax {dtype:?}"), &probabilities, &softmax, bound(dtype));
+        let argmax: Vec<f64> = probabilities
+            .chunks(6)
+            .map(|r| (1..r.len()).fold(0, |b, k| if r[k] > r[b] { k } else { b }) as f64)
+            .collect();
+        assert_eq!(read(&mut s, best), argmax, "streamed argmax {dtype:?}");
+        assert_eq!(read(&mut s, back), argmax, "streamed cast of argmax to {dtype:?}");
+    }
+    drop(s);
+    d.shutdown();
+}
+
+#[test]
 fn malformed_calls_get_their_own_status_and_never_reach_the_device() {
     let d = host();
     let mut s = Session::new(d.clone(), 0, 1);
@@ -688,12 +729,12 @@ fn the_quota_counts_bytes_by_dtype_and_views_count_once() {
     d.shutdown();
 }
 
-/// On CUDA, the general form runs on f32; matmul on f16 and bf16 too; casts, permute, slice,
-/// concat, gather and argmax on every dtype (the same float64 checks as the host back-end); the
-/// other ops on f16 and bf16 are host-only for now: refused with `unsupported_on_device`, never run
-/// wrong. Runs where a GPU is; `TENSOR_WASM_REQUIRE_CUDA=1` makes a missing one a failure.
+/// CUDA runs every general op on every dtype, as the host back-end does: the same cases, with
+/// the same float64 checks and bounds, streamed as there (all but gather), and refused only where
+/// the host refuses. Runs where a GPU is; `TENSOR_WASM_REQUIRE_CUDA=1` makes a missing one a
+/// failure.
 #[test]
-fn cuda_runs_the_general_ops_it_holds_and_refuses_the_rest() {
+fn cuda_runs_every_general_op_in_every_dtype_as_the_host_does() {
     let required = std::env::var("TENSOR_WASM_REQUIRE_CUDA").is_ok_and(|v| v == "1");
     let cuda = || Dispatcher::start(DispatchConfig { backend: BackendChoice::Cuda, ..Default::default() });
     let d = match cuda() {
@@ -702,31 +743,29 @@ fn cuda_runs_the_general_ops_it_holds_and_refuses_the_rest() {
         Err(e) => return eprintln!("SKIPPED: needs a GPU: {e}"),
     };
     let mut s = Session::new(d.clone(), 0, 1);
-    // Every dtype is held (upload, download); the arithmetic ops other than matmul on f16 and
-    // bf16 are host-only for now.
     let mut rng = Rng::new();
-    for dtype in [DType::F16, DType::BF16, DType::I32] {
+    for dtype in DType::ALL {
         let (h, held) = upload(&mut s, &[2, 3], dtype, &rng.vec(6));
         assert_eq!(read(&mut s, h), held, "{dtype:?} round trip");
-        if dtype != DType::I32 {
-            assert_eq!(run(&mut s, Op::Relu, Args::new(h)), Err(status::UNSUPPORTED_ON_DEVICE));
-        }
     }
     // Arithmetic on indices is refused as on the host, before the device is asked.
     let (ids, _) = upload(&mut s, &[2], DType::I32, &[0.0, 1.0]);
+    let two = |a, b| Args { a, b, ..Default::default() };
     assert_eq!(run(&mut s, Op::Relu, Args::new(ids)), Err(status::DTYPE_MISMATCH));
-    assert_eq!(run(&mut s, Op::Add, Args { a: ids, b: ids, ..Default::default() }), Err(status::DTYPE_MISMATCH));
+    assert_eq!(run(&mut s, Op::Add, two(ids, ids)), Err(status::DTYPE_MISMATCH));
+    assert_eq!(run(&mut s, Op::Matmul, two(ids, ids)), Err(status::DTYPE_MISMATCH));
     // Views need no device.
     let (f, _) = upload(&mut s, &[2, 3], DType::F32, &[1.0; 6]);
     let v = s.reshape(f, &[6]).unwrap();
     assert_eq!(read(&mut s, v), vec![1.0; 6]);
     drop(s);
     d.shutdown();
-    binary_ops(cuda().unwrap(), On::Cuda);
-    unary_ops(cuda().unwrap(), On::Cuda);
-    reductions(cuda().unwrap(), On::Cuda);
-    softmax_and_norms(cuda().unwrap(), On::Cuda);
-    batched_matmul(cuda().unwrap(), On::Cuda);
+    binary_ops(cuda().unwrap());
+    unary_ops(cuda().unwrap());
+    reductions(cuda().unwrap());
+    softmax_and_norms(cuda().unwrap());
+    batched_matmul(cuda().unwrap());
     data_movement(cuda().unwrap());
     special_values(cuda().unwrap());
+    streamed(cuda().unwrap());
 }

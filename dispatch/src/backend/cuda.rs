@@ -2,8 +2,9 @@
 //! CUDA is installed, and this module is only entered after probing for the driver library,
 //! because cudarc panics on first use when it is missing.
 //!
-//! Element-wise kernels, softmax and sum are compiled with NVRTC at start-up for the device's own
-//! architecture; matmul goes through cuBLAS. Each request runs on one of the device's streams
+//! The kernels ([`KERNEL_SOURCE`]: every op on every dtype it takes, as the host back-end runs
+//! them) are compiled with NVRTC at start-up for the device's own architecture; matmul goes through
+//! cuBLAS. Each request runs on one of the device's streams
 //! (an idle one first), and an event recorded after it tells the worker when it finished, so
 //! requests of different invocations overlap on the device.
 
@@ -25,6 +26,8 @@ use crate::shape::{self, broadcast_strides, contiguous_strides, walk, Dims};
 /// The kernels, in CUDA C. Public so that benchmarks launch exactly these. NVRTC compiles them
 /// without any header, so they use no macro that headers define (`INFINITY` is undefined there).
 pub const KERNEL_SOURCE: &str = r#"
+// The original short requests' kernels, f32 only: the fast path of f32 operands of one shape, kept
+// apart from the general form's so that it costs what it always did.
 extern "C" __global__ void tw_add(const float* a, const float* b, float* out, unsigned n) {
     unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = a[i] + b[i];
@@ -124,12 +127,15 @@ __device__ void tw_copy(void* out, unsigned long long i, const void* a, unsigned
     if (size == 4) ((unsigned*)out)[i] = ((const unsigned*)a)[j];
     else ((unsigned short*)out)[i] = ((const unsigned short*)a)[j];
 }
-// The general form's kernels, f32 only. `op` is the Rust `Op` code; an unknown one writes NaN,
-// so that a mismatch between the two sides shows instead of passing as another op.
-extern "C" __global__ void tw_unary(const float* a, float* out, unsigned n, int op, float s) {
+// The general form's arithmetic, on any float dtype `dt` (f32 0, f16 1, bf16 2): each element
+// is read as f32 (`tw_load`), computed in f32 (sums and statistics in double), and rounded to the
+// dtype once, on store (`tw_store`), as the host back-end does. `op` is the Rust `Op` code; an
+// unknown one writes NaN, so that a mismatch between the two sides shows instead of passing as
+// another op.
+extern "C" __global__ void tw_unary(const void* a, void* out, unsigned n, int op, float s, int dt) {
     unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float x = a[i], y;
+    float x = tw_load(a, i, dt), y;
     switch (op) {
         case 7: y = x * s; break;                                   // scale
         case 8: y = fmaxf(x, 0.0f); break;                          // relu
@@ -142,14 +148,14 @@ extern "C" __global__ void tw_unary(const float* a, float* out, unsigned n, int 
         case 21: y = -x; break;
         default: y = __int_as_float(0x7fc00000);
     }
-    out[i] = y;
+    tw_store(out, i, dt, y);
 }
 // Element-wise with broadcasting: the output padded to 4 dims d0..d3, each input read with its
 // strides (0 on a broadcast axis).
-extern "C" __global__ void tw_binary(const float* a, const float* b, float* out, unsigned n, int op,
+extern "C" __global__ void tw_binary(const void* a, const void* b, void* out, unsigned n, int op,
         unsigned d0, unsigned d1, unsigned d2, unsigned d3,
         unsigned a0, unsigned a1, unsigned a2, unsigned a3,
-        unsigned b0, unsigned b1, unsigned b2, unsigned b3) {
+        unsigned b0, unsigned b1, unsigned b2, unsigned b3, int dt) {
     unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     unsigned r = i;
@@ -160,7 +166,7 @@ extern "C" __global__ void tw_binary(const float* a, const float* b, float* out,
     (void)d0;
     unsigned long long oa = (unsigned long long)i0 * a0 + (unsigned long long)i1 * a1 + (unsigned long long)i2 * a2 + (unsigned long long)i3 * a3;
     unsigned long long ob = (unsigned long long)i0 * b0 + (unsigned long long)i1 * b1 + (unsigned long long)i2 * b2 + (unsigned long long)i3 * b3;
-    float x = a[oa], y = b[ob], z;
+    float x = tw_load(a, oa, dt), y = tw_load(b, ob, dt), z;
     switch (op) {
         case 5: z = x + y; break;
         case 6: z = x * y; break;
@@ -169,7 +175,7 @@ extern "C" __global__ void tw_binary(const float* a, const float* b, float* out,
         case 14: z = fmaxf(x, y); break;
         default: z = __int_as_float(0x7fc00000);
     }
-    out[i] = z;
+    tw_store(out, i, dt, z);
 }
 // out[i] = a[base + Σ index_k · stride_k] over an output of 4 dims: permute, slice and copies,
 // of elements of `size` bytes.
@@ -187,73 +193,79 @@ extern "C" __global__ void tw_strided(const void* a, void* out, unsigned n,
     tw_copy(out, i, a, base + (unsigned long long)i0 * s0 + (unsigned long long)i1 * s1 + (unsigned long long)i2 * s2 + (unsigned long long)i3 * s3, size);
 }
 // One thread per output element: sum (11), mean (22) or max (23) along an axis of length n,
-// between `outer` and `inner` elements. Sums in double, like the host back-end.
-extern "C" __global__ void tw_reduce(const float* a, float* out, unsigned outer, unsigned n, unsigned inner, int op) {
+// between `outer` and `inner` elements. Sums in double, like the host back-end, rounded to f32
+// and then to the dtype, as there.
+extern "C" __global__ void tw_reduce(const void* a, void* out, unsigned outer, unsigned n, unsigned inner, int op, int dt) {
     unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
     if ((unsigned long long)i >= (unsigned long long)outer * inner) return;
     unsigned o = i / inner, j = i % inner;
-    const float* p = a + (unsigned long long)o * n * inner + j;
+    unsigned long long p = (unsigned long long)o * n * inner + j;
     if (op == 23) {
         float m = __int_as_float(0xff800000);
-        for (unsigned k = 0; k < n; k++) m = fmaxf(m, p[(unsigned long long)k * inner]);
-        out[i] = m;
+        for (unsigned k = 0; k < n; k++) m = fmaxf(m, tw_load(a, p + (unsigned long long)k * inner, dt));
+        tw_store(out, i, dt, m);
         return;
     }
     double s = 0.0;
-    for (unsigned k = 0; k < n; k++) s += p[(unsigned long long)k * inner];
+    for (unsigned k = 0; k < n; k++) s += tw_load(a, p + (unsigned long long)k * inner, dt);
     if (op == 22) s /= n;
-    out[i] = (op == 11 || op == 22) ? (float)s : __int_as_float(0x7fc00000);
+    tw_store(out, i, dt, (op == 11 || op == 22) ? (float)s : __int_as_float(0x7fc00000));
 }
-// One block of 256 threads per row, like tw_softmax: x - max - log(Σ exp(x - max)).
-extern "C" __global__ void tw_log_softmax(const float* x, float* out, unsigned rows, unsigned cols) {
-    __shared__ float buf[256];
+// Softmax (log = 0) or log-softmax (log = 1) of each row, one block of 256 threads per row, as the
+// host back-end's general form computes them: the row's max in f32, Σ exp(x - max) in double, then
+// exp(x - max) / Σ, or x - max - log(Σ), each rounded to f32 and then to the dtype.
+extern "C" __global__ void tw_softmax_rows(const void* x, void* out, unsigned rows, unsigned cols, int log_, int dt) {
+    __shared__ float top[256];
+    __shared__ double total[256];
     unsigned r = blockIdx.x;
     if (r >= rows) return;
-    const float* row = x + (unsigned long long)r * cols;
-    float* o = out + (unsigned long long)r * cols;
-    float m = __int_as_float(0xff800000);
-    for (unsigned c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, row[c]);
-    buf[threadIdx.x] = m;
+    unsigned long long row = (unsigned long long)r * cols;
+    float m = __int_as_float(0xff800000); // -inf
+    for (unsigned c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, tw_load(x, row + c, dt));
+    top[threadIdx.x] = m;
     __syncthreads();
     for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) buf[threadIdx.x] = fmaxf(buf[threadIdx.x], buf[threadIdx.x + s]);
+        if (threadIdx.x < s) top[threadIdx.x] = fmaxf(top[threadIdx.x], top[threadIdx.x + s]);
         __syncthreads();
     }
-    m = buf[0];
-    __syncthreads();
-    float sum = 0.0f;
-    for (unsigned c = threadIdx.x; c < cols; c += blockDim.x) sum += expf(row[c] - m);
-    buf[threadIdx.x] = sum;
+    m = top[0];
+    double sum = 0.0;
+    for (unsigned c = threadIdx.x; c < cols; c += blockDim.x) sum += exp((double)(tw_load(x, row + c, dt) - m));
+    total[threadIdx.x] = sum;
     __syncthreads();
     for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) buf[threadIdx.x] += buf[threadIdx.x + s];
+        if (threadIdx.x < s) total[threadIdx.x] += total[threadIdx.x + s];
         __syncthreads();
     }
-    float lse = logf(buf[0]);
-    for (unsigned c = threadIdx.x; c < cols; c += blockDim.x) o[c] = row[c] - m - lse;
+    sum = total[0];
+    double lse = log(sum);
+    for (unsigned c = threadIdx.x; c < cols; c += blockDim.x) {
+        double d = (double)(tw_load(x, row + c, dt) - m);
+        tw_store(out, row + c, dt, (float)(log_ ? d - lse : exp(d) / sum));
+    }
 }
 // Layer norm (layer = 1) or RMS norm of each row, one thread per row, statistics in double.
-// `w` and `b` are read only where has_w and has_b say they are present.
-extern "C" __global__ void tw_norm(const float* x, const float* w, const float* b, float* out, unsigned rows,
-        unsigned cols, float eps, int layer, int has_w, int has_b) {
+// `w` and `b` are read only where has_w and has_b say they are present; x, w, b and the output
+// share the dtype `dt`.
+extern "C" __global__ void tw_norm(const void* x, const void* w, const void* b, void* out, unsigned rows,
+        unsigned cols, float eps, int layer, int has_w, int has_b, int dt) {
     unsigned r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= rows) return;
-    const float* row = x + (unsigned long long)r * cols;
-    float* o = out + (unsigned long long)r * cols;
+    unsigned long long row = (unsigned long long)r * cols;
     double mean = 0.0;
     if (layer) {
-        for (unsigned c = 0; c < cols; c++) mean += row[c];
+        for (unsigned c = 0; c < cols; c++) mean += tw_load(x, row + c, dt);
         mean /= cols;
     }
     double var = 0.0;
-    for (unsigned c = 0; c < cols; c++) { double d = row[c] - mean; var += d * d; }
+    for (unsigned c = 0; c < cols; c++) { double d = tw_load(x, row + c, dt) - mean; var += d * d; }
     var /= cols;
     double inv = 1.0 / sqrt(var + (double)eps);
     for (unsigned c = 0; c < cols; c++) {
-        double y = (row[c] - mean) * inv;
-        if (has_w) y *= w[c];
-        if (has_b) y += b[c];
-        o[c] = (float)y;
+        double y = (tw_load(x, row + c, dt) - mean) * inv;
+        if (has_w) y *= tw_load(w, c, dt);
+        if (has_b) y += tw_load(b, c, dt);
+        tw_store(out, row + c, dt, (float)y);
     }
 }
 // Concatenation along an axis: `outer` blocks of `ia` elements of a, then `ib` of b, of `size`
@@ -375,7 +387,7 @@ struct Kernels {
     binary: CudaFunction,
     strided: CudaFunction,
     reduce: CudaFunction,
-    log_softmax: CudaFunction,
+    softmax_rows: CudaFunction,
     norm: CudaFunction,
     concat: CudaFunction,
     gather: CudaFunction,
@@ -396,7 +408,7 @@ pub const KERNEL_NAMES: [&str; 17] = [
     "tw_binary",
     "tw_strided",
     "tw_reduce",
-    "tw_log_softmax",
+    "tw_softmax_rows",
     "tw_norm",
     "tw_concat",
     "tw_gather",
@@ -521,7 +533,7 @@ impl CudaBackend {
             binary: f("tw_binary")?,
             strided: f("tw_strided")?,
             reduce: f("tw_reduce")?,
-            log_softmax: f("tw_log_softmax")?,
+            softmax_rows: f("tw_softmax_rows")?,
             norm: f("tw_norm")?,
             concat: f("tw_concat")?,
             gather: f("tw_gather")?,
@@ -583,7 +595,8 @@ impl CudaBackend {
         }
     }
 
-    /// An f32 operand of `len` elements.
+    /// An f32 operand of `len` elements, for the original short requests (checked in the host
+    /// back-end's order: dtype, then length).
     fn operand(&self, id: u64, len: usize) -> Result<&CudaSlice<f32>, i32> {
         match self.tensors.get(&id).ok_or(status::BAD_HANDLE)? {
             DevBuf::F32(t) if t.len() == len => Ok(t),
@@ -714,133 +727,175 @@ impl CudaBackend {
         }
     }
 
-    /// The general form of a kernel. Casts, permute, slice, concat, gather and argmax run on
-    /// every dtype the op takes; matmul on f32, f16 and bf16; the other ops on f32, and on f16
-    /// and bf16 they are `unsupported_on_device`. Operands are checked against the descriptor as
-    /// on the host back-end, and so is the output (`shape::check_output`), which refuses i32 in
-    /// arithmetic with `dtype_mismatch` before anything else, as there.
+    /// The general form of a kernel: every op, on every dtype it takes, as on the host back-end.
+    /// Operands are checked against the descriptor as there (`typed`), and so is the output
+    /// (`shape::check_output`), which refuses i32 in arithmetic with `dtype_mismatch` before
+    /// anything else, as there.
     fn general(&self, op: Op, req: &Request, d: &Desc, stream: &Arc<CudaStream>, lane: usize) -> Result<DevBuf, i32> {
         let (out_dims, out_dtype) = shape::check_output(op, d, req.out_bytes)?;
-        let a_dtype = d.dtype(SLOT_A).ok_or(status::UNSUPPORTED_DTYPE)?;
-        let half = |t: DType| matches!(t, DType::F16 | DType::BF16);
         match op {
             Op::Cast => return self.cast(req, d, out_dtype, stream),
             Op::Permute | Op::Slice | Op::Concat | Op::Gather => return self.movement(op, req, d, &out_dims, stream),
             Op::Argmax => return self.argmax(req, d, &out_dims, stream),
+            Op::Matmul => return self.matmul(req, d, &out_dims, stream, lane),
             _ => {}
         }
-        if op == Op::Matmul && half(a_dtype) {
-            let n = out_dims.elements()? as usize;
-            let (sa, sb, so) = (d.shape(SLOT_A), d.shape(SLOT_B), out_dims.as_slice());
-            let dev = |_| status::DEVICE_ERROR;
-            use cudarc::cublas::sys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_16F};
-            let (a, b, wrap, data_type): (_, _, fn(CudaSlice<u16>) -> DevBuf, _) =
-                match (self.typed(req.a, d, SLOT_A)?, self.typed(req.b, d, SLOT_B)?) {
-                    (DevBuf::F16(a), DevBuf::F16(b)) => (a, b, DevBuf::F16, CUDA_R_16F),
-                    (DevBuf::BF16(a), DevBuf::BF16(b)) => (a, b, DevBuf::BF16, CUDA_R_16BF),
-                    _ => return Err(status::DTYPE_MISMATCH),
-                };
-            // SAFETY: cuBLAS writes every element of `out`.
-            let mut out = unsafe { stream.alloc::<u16>(n) }.map_err(dev)?;
-            let plan = gemm_plan(sa, sb, so, d.flags)?;
-            self.gemm(lane, &plan, GemmType::Half(data_type), a, b, &mut out)?;
-            return Ok(wrap(out));
-        }
-        let b_used = d.ranks[SLOT_B] > 0 && !matches!(op, Op::LayerNorm | Op::RmsNorm if d.flags & flags::HAS_B == 0);
-        let c_used = op == Op::LayerNorm && d.flags & flags::HAS_C != 0;
-        let slots = [(SLOT_A, true), (SLOT_B, b_used), (SLOT_C, c_used)];
-        if out_dtype != DType::F32 || slots.iter().any(|&(s, used)| used && d.dtype(s) != Some(DType::F32)) {
-            return Err(status::UNSUPPORTED_ON_DEVICE);
-        }
-        let len = |slot| shape::elements(d.shape(slot)).map(|n| n as usize);
+        // The rest is arithmetic on one float dtype, which `a`, `b`, `c` and the output share
+        // (`shape::check_output`): the kernels take its code, read every element through
+        // `tw_load` and round each result to it through `tw_store`.
+        let a = self.typed(req.a, d, SLOT_A)?;
+        let b = match op {
+            Op::Add | Op::Mul | Op::Sub | Op::Div | Op::Maximum => Some(self.typed(req.b, d, SLOT_B)?),
+            Op::LayerNorm | Op::RmsNorm if d.flags & flags::HAS_B != 0 => Some(self.typed(req.b, d, SLOT_B)?),
+            _ => None,
+        };
+        let c = match op {
+            Op::LayerNorm if d.flags & flags::HAS_C != 0 => Some(self.typed(d.c, d, SLOT_C)?),
+            _ => None,
+        };
+        debug_assert_eq!(a.dtype(), out_dtype);
+        let dt = out_dtype as i32;
         let out_shape = out_dims.as_slice();
         let n = u32::try_from(out_dims.elements()?).map_err(|_| status::INVALID_ARGUMENT)?;
         let sa = d.shape(SLOT_A);
-        let a = self.operand(req.a, len(SLOT_A)?)?;
         let dev = |_| status::DEVICE_ERROR;
         // SAFETY: every element of `out` is written by the launch below (the tests poison reads).
-        let mut out = unsafe { stream.alloc::<f32>(n as usize) }.map_err(dev)?;
-        let k = &self.kernels;
-        let code = i32::from(op as u8);
-        let u = |x: usize| u32::try_from(x).map_err(|_| status::INVALID_ARGUMENT);
-        // SAFETY (all launches): the arguments match the kernels' signatures in KERNEL_SOURCE, and
-        // every operand has the element count its descriptor states (checked above), which is what
-        // the shape rules index it with.
-        let launched = unsafe {
-            match op {
-                Op::Scale | Op::Relu | Op::Gelu | Op::Silu | Op::Exp | Op::Tanh | Op::Sqrt | Op::Rsqrt | Op::Neg => {
-                    stream
+        let out = unsafe { DevBuf::alloc(stream, out_dtype, n as usize)? };
+        {
+            let k = &self.kernels;
+            let code = i32::from(op as u8);
+            let u = |x: usize| u32::try_from(x).map_err(|_| status::INVALID_ARGUMENT);
+            let (pa, _pa_guard) = a.ptr(stream);
+            let (po, _po_guard) = out.ptr(stream);
+            // An absent `b` or `c` is never read: `a` stands in for its pointer.
+            let (pb, _pb_guard) = b.unwrap_or(a).ptr(stream);
+            let (pc, _pc_guard) = c.unwrap_or(a).ptr(stream);
+            // SAFETY (all launches): the arguments match the kernels' signatures in KERNEL_SOURCE;
+            // every operand has the dtype `dt` and the element count its descriptor states
+            // (checked by `typed`), which is what the shape rules index it with.
+            unsafe {
+                match op {
+                    Op::Scale
+                    | Op::Relu
+                    | Op::Gelu
+                    | Op::Silu
+                    | Op::Exp
+                    | Op::Tanh
+                    | Op::Sqrt
+                    | Op::Rsqrt
+                    | Op::Neg => stream
                         .launch_builder(&k.unary)
-                        .arg(a)
-                        .arg(&mut out)
+                        .arg(&pa)
+                        .arg(&po)
                         .arg(&n)
                         .arg(&code)
                         .arg(&req.scalar)
-                        .launch(elementwise(n))
-                }
-                Op::Add | Op::Mul | Op::Sub | Op::Div | Op::Maximum => {
-                    let b = self.operand(req.b, len(SLOT_B)?)?;
-                    let (dims, st_a) = pad4(out_shape, broadcast_strides(sa, out_shape))?;
-                    let (_, st_b) = pad4(out_shape, broadcast_strides(d.shape(SLOT_B), out_shape))?;
-                    let mut l = stream.launch_builder(&k.binary);
-                    l.arg(a).arg(b).arg(&mut out).arg(&n).arg(&code);
-                    for x in dims.iter().chain(&st_a).chain(&st_b) {
-                        l.arg(x);
+                        .arg(&dt)
+                        .launch(elementwise(n)),
+                    Op::Add | Op::Mul | Op::Sub | Op::Div | Op::Maximum => {
+                        let (dims, st_a) = pad4(out_shape, broadcast_strides(sa, out_shape))?;
+                        let (_, st_b) = pad4(out_shape, broadcast_strides(d.shape(SLOT_B), out_shape))?;
+                        let mut l = stream.launch_builder(&k.binary);
+                        l.arg(&pa).arg(&pb).arg(&po).arg(&n).arg(&code);
+                        for x in dims.iter().chain(&st_a).chain(&st_b) {
+                            l.arg(x);
+                        }
+                        l.arg(&dt).launch(elementwise(n))
                     }
-                    l.launch(elementwise(n))
+                    Op::Softmax | Op::LogSoftmax => {
+                        let cols = sa[sa.len() - 1];
+                        let rows = n / cols;
+                        let log = i32::from(op == Op::LogSoftmax);
+                        stream
+                            .launch_builder(&k.softmax_rows)
+                            .arg(&pa)
+                            .arg(&po)
+                            .arg(&rows)
+                            .arg(&cols)
+                            .arg(&log)
+                            .arg(&dt)
+                            .launch(per_row(rows))
+                    }
+                    Op::Sum | Op::Mean | Op::Max => {
+                        let ax = d.axis as usize;
+                        let outer = u(sa[..ax].iter().map(|&x| x as usize).product())?;
+                        let inner = u(sa[ax + 1..].iter().map(|&x| x as usize).product())?;
+                        let len_axis = sa[ax];
+                        stream
+                            .launch_builder(&k.reduce)
+                            .arg(&pa)
+                            .arg(&po)
+                            .arg(&outer)
+                            .arg(&len_axis)
+                            .arg(&inner)
+                            .arg(&code)
+                            .arg(&dt)
+                            .launch(elementwise(n))
+                    }
+                    Op::LayerNorm | Op::RmsNorm => {
+                        let cols = sa[sa.len() - 1];
+                        let rows = n / cols;
+                        let (layer, has_w, has_b) =
+                            (i32::from(op == Op::LayerNorm), i32::from(b.is_some()), i32::from(c.is_some()));
+                        stream
+                            .launch_builder(&k.norm)
+                            .arg(&pa)
+                            .arg(&pb)
+                            .arg(&pc)
+                            .arg(&po)
+                            .arg(&rows)
+                            .arg(&cols)
+                            .arg(&d.eps)
+                            .arg(&layer)
+                            .arg(&has_w)
+                            .arg(&has_b)
+                            .arg(&dt)
+                            .launch(elementwise(rows))
+                    }
+                    // Every kernel op is above or returned before; the others fail
+                    // `check_output`.
+                    _ => return Err(status::INVALID_ARGUMENT),
                 }
-                Op::Softmax | Op::LogSoftmax => {
-                    let cols = sa[sa.len() - 1];
-                    let rows = n / cols;
-                    let f = if op == Op::Softmax { &k.softmax } else { &k.log_softmax };
-                    stream.launch_builder(f).arg(a).arg(&mut out).arg(&rows).arg(&cols).launch(per_row(rows))
-                }
-                Op::Sum | Op::Mean | Op::Max => {
-                    let ax = d.axis as usize;
-                    let outer = u(sa[..ax].iter().map(|&x| x as usize).product())?;
-                    let inner = u(sa[ax + 1..].iter().map(|&x| x as usize).product())?;
-                    let len_axis = sa[ax];
-                    stream
-                        .launch_builder(&k.reduce)
-                        .arg(a)
-                        .arg(&mut out)
-                        .arg(&outer)
-                        .arg(&len_axis)
-                        .arg(&inner)
-                        .arg(&code)
-                        .launch(elementwise(n))
-                }
-                Op::LayerNorm | Op::RmsNorm => {
-                    let cols = sa[sa.len() - 1];
-                    let rows = n / cols;
-                    // An absent weight or bias is never read: `a` stands in for the pointer.
-                    let w = if b_used { self.operand(req.b, len(SLOT_B)?)? } else { a };
-                    let bias = if c_used { self.operand(d.c, len(SLOT_C)?)? } else { a };
-                    let (layer, has_w, has_b) = (i32::from(op == Op::LayerNorm), i32::from(b_used), i32::from(c_used));
-                    stream
-                        .launch_builder(&k.norm)
-                        .arg(a)
-                        .arg(w)
-                        .arg(bias)
-                        .arg(&mut out)
-                        .arg(&rows)
-                        .arg(&cols)
-                        .arg(&d.eps)
-                        .arg(&layer)
-                        .arg(&has_w)
-                        .arg(&has_b)
-                        .launch(elementwise(rows))
-                }
-                Op::Matmul => {
-                    let b = self.operand(req.b, len(SLOT_B)?)?;
-                    let plan = gemm_plan(sa, d.shape(SLOT_B), out_shape, d.flags)?;
-                    self.gemm(lane, &plan, GemmType::F32, a, b, &mut out)?;
-                    return Ok(DevBuf::F32(out));
-                }
-                _ => return Err(status::UNSUPPORTED_ON_DEVICE),
             }
-        };
-        launched.map(|_| DevBuf::F32(out)).map_err(dev)
+            .map_err(dev)?;
+        }
+        Ok(out)
+    }
+
+    /// Matmul of f32 through cuBLAS sgemm, of f16 and bf16 through GemmEx (`gemm`).
+    fn matmul(
+        &self,
+        req: &Request,
+        d: &Desc,
+        out: &Dims,
+        stream: &Arc<CudaStream>,
+        lane: usize,
+    ) -> Result<DevBuf, i32> {
+        use cudarc::cublas::sys::cudaDataType_t::{CUDA_R_16BF, CUDA_R_16F};
+        let (a, b) = (self.typed(req.a, d, SLOT_A)?, self.typed(req.b, d, SLOT_B)?);
+        let n = out.elements()? as usize;
+        let plan = gemm_plan(d.shape(SLOT_A), d.shape(SLOT_B), out.as_slice(), d.flags)?;
+        let dev = |_| status::DEVICE_ERROR;
+        // SAFETY (all three): cuBLAS writes every element of `out`: the plan has one GEMM per
+        // output batch matrix, with beta 0.
+        match (a, b) {
+            (DevBuf::F32(a), DevBuf::F32(b)) => {
+                let mut out = unsafe { stream.alloc::<f32>(n) }.map_err(dev)?;
+                self.gemm(lane, &plan, GemmType::F32, a, b, &mut out)?;
+                Ok(DevBuf::F32(out))
+            }
+            (DevBuf::F16(a), DevBuf::F16(b)) => {
+                let mut out = unsafe { stream.alloc::<u16>(n) }.map_err(dev)?;
+                self.gemm(lane, &plan, GemmType::Half(CUDA_R_16F), a, b, &mut out)?;
+                Ok(DevBuf::F16(out))
+            }
+            (DevBuf::BF16(a), DevBuf::BF16(b)) => {
+                let mut out = unsafe { stream.alloc::<u16>(n) }.map_err(dev)?;
+                self.gemm(lane, &plan, GemmType::Half(CUDA_R_16BF), a, b, &mut out)?;
+                Ok(DevBuf::BF16(out))
+            }
+            _ => Err(status::DTYPE_MISMATCH),
+        }
     }
 
     /// Permute, slice, concat and gather, of any dtype: they move elements and never convert
