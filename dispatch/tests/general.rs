@@ -625,6 +625,48 @@ fn streamed(d: Arc<Dispatcher>) {
 }
 
 #[test]
+fn sessions_of_every_shard_run_side_by_side() {
+    let config =
+        DispatchConfig { backend: BackendChoice::Host, shards: 3, streams_per_device: 2, ..Default::default() };
+    shards(Dispatcher::start(config).unwrap());
+}
+
+/// Sessions of every shard (two per shard, more than a shard's two CUDA streams with the third
+/// session of shard 0), their requests interleaved: each runs in its own order and gets its own
+/// results, on CUDA from its shard's own streams.
+fn shards(d: Arc<Dispatcher>) {
+    let mut rng = Rng::new();
+    let mut sessions: Vec<Session> = (0..d.config.shards)
+        .flat_map(|shard| [0, 1].map(|_| shard))
+        .chain([0])
+        .map(|shard| Session::new(d.clone(), shard, 1))
+        .collect();
+    let dtypes = [DType::F32, DType::BF16, DType::F16];
+    let inputs: Vec<(i32, Vec<f64>)> =
+        sessions.iter_mut().enumerate().map(|(i, s)| upload(s, &[8, 32], dtypes[i % 3], &rng.vec(256))).collect();
+    for s in sessions.iter_mut() {
+        s.set_streaming(true);
+    }
+    let results: Vec<(i32, i32)> = sessions
+        .iter_mut()
+        .zip(&inputs)
+        .map(|(s, &(h, _))| {
+            let e = stream(s, Op::Exp, Args::new(h));
+            (e, stream(s, Op::Sum, Args { a: e, axis: -1, ..Default::default() }))
+        })
+        .collect();
+    for (i, (s, ((_, x), &(e, sum)))) in sessions.iter_mut().zip(inputs.iter().zip(&results)).enumerate() {
+        let dtype = dtypes[i % 3];
+        let exps = read(s, e);
+        check(&format!("exp, session {i}"), &exps, &x.iter().map(|v| v.exp()).collect::<Vec<_>>(), bound(dtype));
+        let want: Vec<f64> = exps.chunks(32).map(|r| r.iter().sum()).collect();
+        check(&format!("sum, session {i}"), &read(s, sum), &want, bound(dtype));
+    }
+    drop(sessions);
+    d.shutdown();
+}
+
+#[test]
 fn malformed_calls_get_their_own_status_and_never_reach_the_device() {
     let d = host();
     let mut s = Session::new(d.clone(), 0, 1);
@@ -768,4 +810,7 @@ fn cuda_runs_every_general_op_in_every_dtype_as_the_host_does() {
     data_movement(cuda().unwrap());
     special_values(cuda().unwrap());
     streamed(cuda().unwrap());
+    let config =
+        DispatchConfig { backend: BackendChoice::Cuda, shards: 3, streams_per_device: 2, ..Default::default() };
+    shards(Dispatcher::start(config).unwrap());
 }

@@ -4,9 +4,10 @@
 //!
 //! The kernels ([`KERNEL_SOURCE`]: every op on every dtype it takes, as the host back-end runs
 //! them) are compiled with NVRTC at start-up for the device's own architecture; matmul goes through
-//! cuBLAS. Each request runs on one of the device's streams
-//! (an idle one first), and an event recorded after it tells the worker when it finished, so
-//! requests of different invocations overlap on the device.
+//! cuBLAS. Each shard has streams of its own on the device (`--gpu-streams`), and each session runs
+//! on one of its shard's (an idle one first); an event recorded after each request tells the worker
+//! when it finished, so requests of different invocations overlap on the device, and one shard's
+//! queue never sits in front of another's.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -358,8 +359,28 @@ pub fn compile(ctx: &Arc<CudaContext>) -> Result<Arc<cudarc::driver::CudaModule>
     ctx.load_module(ptx).map_err(|e| format!("loading the kernels: {e}"))
 }
 
-/// Opens every visible device (CUDA_VISIBLE_DEVICES applies, as the driver reads it).
-pub fn open_all(streams: usize) -> Result<Vec<Box<dyn Backend>>, String> {
+/// Streams one device holds in all, unless there are more shards than this: every shard always
+/// gets one of its own. Each stream has a cuBLAS handle of its own, made at start-up, and each
+/// handle holds device memory (cuBLAS's workspace among it: NVIDIA's guide recommends 32 MiB per
+/// handle on Hopper, 4 MiB before), so `--gpu-streams` per shard cannot multiply without bound on
+/// a host with many shards: 64 shards × 4 streams would be 256 handles. 64 keeps the default of 4
+/// per shard whole up to 16 shards.
+pub const MAX_STREAMS_PER_DEVICE: usize = 64;
+
+/// Streams each shard gets on a device: `streams` (`--gpu-streams`), fewer where `shards` ×
+/// `streams` would pass [`MAX_STREAMS_PER_DEVICE`], and never none.
+pub fn streams_per_shard(shards: usize, streams: usize) -> usize {
+    streams.min(MAX_STREAMS_PER_DEVICE / shards.max(1)).max(1)
+}
+
+/// Shard `shard`'s lanes, when each shard has `per_shard` of them: its own range of the device's.
+fn shard_lanes(shard: usize, per_shard: usize) -> std::ops::Range<usize> {
+    shard * per_shard..(shard + 1) * per_shard
+}
+
+/// Opens every visible device (CUDA_VISIBLE_DEVICES applies, as the driver reads it), each with
+/// its own streams for every one of `shards` shards ([`streams_per_shard`]).
+pub fn open_all(shards: usize, streams: usize) -> Result<Vec<Box<dyn Backend>>, String> {
     if !driver_present() {
         return Err("libcuda was not found: no NVIDIA driver on this host".into());
     }
@@ -372,7 +393,7 @@ pub fn open_all(streams: usize) -> Result<Vec<Box<dyn Backend>>, String> {
         return Err("the driver sees no CUDA device (check CUDA_VISIBLE_DEVICES)".into());
     }
     (0..count as usize)
-        .map(|ordinal| CudaBackend::open(ordinal, streams).map(|b| Box::new(b) as Box<dyn Backend>))
+        .map(|ordinal| CudaBackend::open(ordinal, shards, streams).map(|b| Box::new(b) as Box<dyn Backend>))
         .collect()
 }
 
@@ -496,8 +517,13 @@ pub struct CudaBackend {
     ordinal: usize,
     name: String,
     ctx: Arc<CudaContext>,
+    /// Every shard's lanes, shard by shard: shard s has `shard_lanes(s, per_shard)`.
     lanes: Vec<Lane>,
-    next_lane: usize,
+    /// Shards the lanes are split among, and lanes each has.
+    shards: usize,
+    per_shard: usize,
+    /// Per shard: its lane (counted within its own) last given out when none was idle.
+    next_lane: Vec<usize>,
     kernels: Kernels,
     tensors: HashMap<u64, DevBuf>,
     sessions: HashMap<u64, Vec<u64>>,
@@ -510,7 +536,9 @@ pub struct CudaBackend {
 }
 
 impl CudaBackend {
-    pub fn open(ordinal: usize, streams: usize) -> Result<CudaBackend, String> {
+    /// Opens device `ordinal` with `streams` (`--gpu-streams`) lanes for each of `shards` shards,
+    /// fewer where the device's cap says so ([`streams_per_shard`]).
+    pub fn open(ordinal: usize, shards: usize, streams: usize) -> Result<CudaBackend, String> {
         let ctx = CudaContext::new(ordinal).map_err(|e| format!("device {ordinal}: {e}"))?;
         // Ordering is ours: a session's requests share one stream (`lane_for`), so its streamed
         // kernels run in order; frees wait for the requests that use the tensor; a function's
@@ -540,7 +568,9 @@ impl CudaBackend {
             argmax: f("tw_argmax")?,
             cast: f("tw_cast")?,
         };
-        let lanes = (0..streams.max(1))
+        let shards = shards.max(1);
+        let per_shard = streams_per_shard(shards, streams);
+        let lanes = (0..shards * per_shard)
             .map(|_| {
                 let stream = ctx.new_stream().map_err(|e| format!("stream: {e}"))?;
                 let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS: {e:?}"))?;
@@ -552,7 +582,9 @@ impl CudaBackend {
             name,
             ctx,
             lanes,
-            next_lane: 0,
+            shards,
+            per_shard,
+            next_lane: vec![0; shards],
             kernels,
             tensors: HashMap::new(),
             sessions: HashMap::new(),
@@ -563,17 +595,24 @@ impl CudaBackend {
         })
     }
 
-    /// The session's lane: chosen at its first request (an idle stream if there is one, else the
-    /// next in turn), then kept until its release.
-    fn lane_for(&mut self, session: u64) -> usize {
+    /// The session's lane: chosen at its first request among its shard's own lanes (an idle one
+    /// if there is one, else the shard's next in turn), then kept until its release. A shard's
+    /// sessions never queue on another shard's streams, so one shard's backlog cannot sit in front
+    /// of another shard's requests.
+    fn lane_for(&mut self, session: u64, shard: u16) -> usize {
         if let Some(&lane) = self.session_lanes.get(&session) {
             return lane;
         }
-        let lane = match self.lanes.iter().position(|l| l.pending == 0) {
-            Some(i) => i,
+        // A request's shard is below the count the back-end was opened with (one ring each); the
+        // modulo only keeps a wrong number inside the table.
+        let shard = usize::from(shard) % self.shards;
+        let own = shard_lanes(shard, self.per_shard);
+        let lane = match self.lanes[own.clone()].iter().position(|l| l.pending == 0) {
+            Some(i) => own.start + i,
             None => {
-                self.next_lane = (self.next_lane + 1) % self.lanes.len();
-                self.next_lane
+                let next = &mut self.next_lane[shard];
+                *next = (*next + 1) % self.per_shard;
+                own.start + *next
             }
         };
         self.session_lanes.insert(session, lane);
@@ -1177,7 +1216,7 @@ impl CudaBackend {
         if (op == Op::Upload || op.is_kernel()) && self.tensors.contains_key(&req.out) {
             return Err(status::INVALID_ARGUMENT);
         }
-        let lane = self.lane_for(req.session);
+        let lane = self.lane_for(req.session, req.shard);
         let event = self.event()?;
         let created = self.enqueue(op, req, lane)?;
         if let Err(_e) = event.record(&self.lanes[lane].stream) {
@@ -1341,5 +1380,35 @@ impl Backend for CudaBackend {
 
     fn memory_used(&self) -> u64 {
         self.used_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--gpu-streams` is per shard, cut to the device's cap over all shards, and every shard has
+    /// a stream of its own even past the cap.
+    #[test]
+    fn each_shard_has_its_own_streams_within_the_devices_cap() {
+        assert_eq!(streams_per_shard(1, 4), 4);
+        assert_eq!(streams_per_shard(16, 4), 4);
+        assert_eq!(streams_per_shard(17, 4), 3);
+        assert_eq!(streams_per_shard(64, 4), 1);
+        assert_eq!(streams_per_shard(200, 4), 1);
+        assert_eq!(streams_per_shard(2, 100), MAX_STREAMS_PER_DEVICE / 2);
+        assert_eq!(streams_per_shard(0, 0), 1);
+        for (shards, streams) in [(1, 4), (3, 4), (16, 4), (17, 4), (64, 4), (100, 2), (7, 1)] {
+            let per = streams_per_shard(shards, streams);
+            assert!(shards * per <= MAX_STREAMS_PER_DEVICE.max(shards), "{shards} × {streams}");
+            // The shards' ranges tile the device's lanes: each lane belongs to exactly one shard.
+            let mut owner = vec![None; shards * per];
+            for shard in 0..shards {
+                for lane in shard_lanes(shard, per) {
+                    assert_eq!(owner[lane].replace(shard), None, "lane {lane} of two shards");
+                }
+            }
+            assert!(owner.iter().all(Option::is_some));
+        }
     }
 }
