@@ -36,7 +36,8 @@ pub const DTYPE_MISMATCH: i32 = -12;
 pub const INVALID_AXIS: i32 = -13;
 /// An index outside its range: a gather id past the table, a slice past the axis.
 pub const INDEX_OUT_OF_RANGE: i32 = -14;
-/// The op or dtype runs on the host back-end only for now (docs/ABI.md lists which).
+/// The invocation's back-end does not run the op or dtype. Every back-end runs every op on every
+/// dtype today (docs/ABI.md, "Back-ends"); the code stays for one that may not.
 pub const UNSUPPORTED_ON_DEVICE: i32 = -15;
 /// `tensor_weight`: the function carries no tensor of that name.
 pub const NO_SUCH_WEIGHT: i32 = -16;

@@ -38,7 +38,10 @@ pub struct DispatchConfig {
     pub shards: usize,
     /// Requests each shard-to-device ring holds. Full: the guest waits, then gets `busy`.
     pub ring_depth: usize,
-    /// CUDA streams per device.
+    /// CUDA streams per shard on each device (`--gpu-streams`): every shard has its own, so that
+    /// one shard's queue cannot sit in front of another's; at most
+    /// [`cuda::MAX_STREAMS_PER_DEVICE`] per device over all shards, and one per shard at least
+    /// ([`cuda::streams_per_shard`]). The name is from before streams were per shard.
     pub streams_per_device: usize,
     /// Requests one shard may have in flight (its ticket table).
     pub max_tickets_per_shard: usize,
@@ -216,8 +219,10 @@ impl Dispatcher {
         let mut cuda_fallback = None;
         let backends: Vec<Box<dyn Backend>> = match config.backend {
             BackendChoice::Host => host_backends(config.host_devices),
-            BackendChoice::Cuda => cuda::open_all(config.streams_per_device).map_err(DispatchError::CudaUnavailable)?,
-            BackendChoice::Auto => match cuda::open_all(config.streams_per_device) {
+            BackendChoice::Cuda => {
+                cuda::open_all(config.shards, config.streams_per_device).map_err(DispatchError::CudaUnavailable)?
+            }
+            BackendChoice::Auto => match cuda::open_all(config.shards, config.streams_per_device) {
                 Ok(devices) => devices,
                 Err(why) => {
                     cuda_fallback = Some(why);

@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use zerocopy::IntoBytes;
 
-use crate::backend::BackendKind;
 use crate::dispatcher::Dispatcher;
 use crate::port::{ShardPort, TicketWait, STREAMED};
 use crate::quota::TenantMemory;
@@ -558,7 +557,7 @@ impl Session {
     /// its staging (a descriptor) to the request instead, for the worker to free.
     fn prepare(&mut self, mut req: Request, out: Option<TensorInfo>, staging: Vec<f32>) -> Result<Call, i32> {
         let op = Op::from_u8(req.op);
-        let streamed = self.streaming && out.is_some() && op.is_some_and(|op| self.streamable(op, &req, &staging));
+        let streamed = self.streaming && out.is_some() && op.is_some_and(Session::streamable);
         let out = match out {
             Some(mut t) => {
                 if self.live >= self.dispatcher.config.max_tensors_per_session {
@@ -598,30 +597,12 @@ impl Session {
     }
 
     /// Whether kernel `op` may be streamed: its failures must be ones the device alone can know
-    /// (memory, a launch), since a streamed call's own return value is its handle. Not gather,
-    /// whose ids are checked against the table by value; and on CUDA only all-f32 ops but argmax,
-    /// since which other dtypes each op runs there is the back-end's to say
-    /// (`unsupported_on_device`), and the guest must hear that from the call itself.
-    fn streamable(&mut self, op: Op, req: &Request, staging: &[f32]) -> bool {
-        if !op.is_kernel() || op == Op::Gather {
-            return false;
-        }
-        let device = self.place();
-        if self.dispatcher.devices[device].kind != BackendKind::Cuda {
-            return true;
-        }
-        if op == Op::Argmax {
-            return false;
-        }
-        match (req.host_len, Desc::from_words(staging)) {
-            // The original short requests are f32 throughout.
-            (0, _) => true,
-            (_, Some(d)) => {
-                let used = [SLOT_A, SLOT_B, SLOT_C, SLOT_OUT].into_iter().filter(|&slot| d.ranks[slot] > 0);
-                used.into_iter().all(|slot| d.dtype(slot) == Some(DType::F32))
-            }
-            (_, None) => false,
-        }
+    /// (memory, a launch), since a streamed call's own return value is its handle. Every back-end
+    /// runs every op on every dtype that the host's checks let through (CUDA too, since it runs
+    /// f16, bf16 and i32 as the host back-end does), so that holds for every kernel but gather,
+    /// whose ids are checked against the table by their values, which only the device holds.
+    fn streamable(op: Op) -> bool {
+        op.is_kernel() && op != Op::Gather
     }
 
     /// Pushes the call onto the ring of the session's device. A full ring gives the call back:

@@ -1,6 +1,8 @@
 //! The general ops (every dtype, N-d shapes, broadcasting, axes) against float64 references
 //! written here, on fresh random inputs, through the real rings and workers of the host back-end;
-//! and every malformed call refused with its own status. Downloads are poisoned (all ones: NaN
+//! and every malformed call refused with its own status. Each case is a function of the
+//! dispatcher it runs on: the host back-end's tests run them all, and so does the CUDA test
+//! wherever a GPU is, with the same checks and bounds, since CUDA runs every op on every dtype. Downloads are poisoned (all ones: NaN
 //! in every float dtype) before the device writes them, so an op that writes nothing fails.
 //!
 //! Bounds, relative to the output's largest magnitude: f32 1e-5, f16 1e-3, bf16 1e-2. The inputs
@@ -122,34 +124,12 @@ fn gelu(x: f64) -> f64 {
     0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
 }
 
-/// Where a case runs: the host back-end (every dtype) or CUDA (f32 for most ops; f16 and bf16
-/// only for matmul and casts).
-#[derive(Clone, Copy, PartialEq)]
-enum On {
-    Host,
-    Cuda,
-}
-
-impl On {
-    fn dtypes(self) -> &'static [DType] {
-        match self {
-            On::Host => &FLOATS,
-            On::Cuda => &[DType::F32],
-        }
-    }
-
-    /// Matmul runs every float dtype on both: f16 and bf16 through cuBLAS GemmEx on CUDA.
-    fn matmul_dtypes(self) -> &'static [DType] {
-        &FLOATS
-    }
-}
-
 #[test]
 fn binary_ops_broadcast_like_numpy_in_every_float_dtype() {
-    binary_ops(host(), On::Host);
+    binary_ops(host());
 }
 
-fn binary_ops(d: Arc<Dispatcher>, on: On) {
+fn binary_ops(d: Arc<Dispatcher>) {
     let mut rng = Rng::new();
     let mut s = Session::new(d.clone(), 0, 1);
     let cases: [(&[u32], &[u32], &[u32]); 5] = [
@@ -159,7 +139,7 @@ fn binary_ops(d: Arc<Dispatcher>, on: On) {
         (&[1], &[2, 3, 2, 2], &[2, 3, 2, 2]),
         (&[6, 1], &[1, 7], &[6, 7]),
     ];
-    for &dtype in on.dtypes() {
+    for dtype in FLOATS {
         for (sa, sb, so) in cases {
             let (ha, a) = upload(&mut s, sa, dtype, &rng.vec(count(sa)));
             // Denominators in [0.5, 2.5]: away from zero, so that div stays finite in f16.
@@ -189,7 +169,7 @@ fn binary_ops(d: Arc<Dispatcher>, on: On) {
         }
     }
     // The original imports broadcast too, and take the general path for other dtypes.
-    let dtype = *on.dtypes().last().unwrap();
+    let dtype = DType::BF16;
     let (ha, a) = upload(&mut s, &[2, 3], dtype, &rng.vec(6));
     let (hb, b) = upload(&mut s, &[3], dtype, &rng.vec(3));
     let call = s.kernel(Op::Add, ha, hb, 0.0).unwrap();
@@ -202,10 +182,10 @@ fn binary_ops(d: Arc<Dispatcher>, on: On) {
 
 #[test]
 fn unary_ops_match_the_reference_in_every_float_dtype() {
-    unary_ops(host(), On::Host);
+    unary_ops(host());
 }
 
-fn unary_ops(d: Arc<Dispatcher>, on: On) {
+fn unary_ops(d: Arc<Dispatcher>) {
     let mut rng = Rng::new();
     let mut s = Session::new(d.clone(), 0, 1);
     let shape = [3u32, 5, 7];
@@ -221,7 +201,7 @@ fn unary_ops(d: Arc<Dispatcher>, on: On) {
         (Op::Neg, |x| -x, false),
         (Op::Scale, |x| x * 0.75, false),
     ];
-    for &dtype in on.dtypes() {
+    for dtype in FLOATS {
         for (op, f, positive) in ops {
             let mut values = rng.vec(count(&shape));
             if positive {
@@ -240,16 +220,14 @@ fn unary_ops(d: Arc<Dispatcher>, on: On) {
 
 #[test]
 fn reductions_along_every_axis_with_and_without_keepdims() {
-    reductions(host(), On::Host);
+    reductions(host());
 }
 
-fn reductions(d: Arc<Dispatcher>, on: On) {
+fn reductions(d: Arc<Dispatcher>) {
     let mut rng = Rng::new();
     let shape = [4u32, 6, 5];
-    // Argmax makes i32, which CUDA does not hold yet.
-    let ops: &[Op] =
-        if on == On::Host { &[Op::Sum, Op::Mean, Op::Max, Op::Argmax] } else { &[Op::Sum, Op::Mean, Op::Max] };
-    for &dtype in on.dtypes() {
+    let ops = [Op::Sum, Op::Mean, Op::Max, Op::Argmax];
+    for dtype in FLOATS {
         let mut s = Session::new(d.clone(), 0, 1);
         let (ha, a) = upload(&mut s, &shape, dtype, &rng.vec(count(&shape)));
         for axis in [0i32, 1, 2, -1] {
@@ -275,7 +253,7 @@ fn reductions(d: Arc<Dispatcher>, on: On) {
                             .collect()
                     })
                     .collect();
-                for &op in ops {
+                for op in ops {
                     let args = Args { a: ha, axis, keepdims, ..Default::default() };
                     let h = run(&mut s, op, args).unwrap();
                     let t = *s.tensor(h).unwrap();
@@ -316,14 +294,14 @@ fn reductions(d: Arc<Dispatcher>, on: On) {
 
 #[test]
 fn softmax_log_softmax_and_norms_match_the_reference() {
-    softmax_and_norms(host(), On::Host);
+    softmax_and_norms(host());
 }
 
-fn softmax_and_norms(d: Arc<Dispatcher>, on: On) {
+fn softmax_and_norms(d: Arc<Dispatcher>) {
     let mut rng = Rng::new();
     let shape = [2u32, 3, 16];
     let cols = 16;
-    for &dtype in on.dtypes() {
+    for dtype in FLOATS {
         let mut s = Session::new(d.clone(), 0, 1);
         let (ha, a) = upload(&mut s, &shape, dtype, &rng.vec(count(&shape)));
         let (hw, w) = upload(&mut s, &[16], dtype, &rng.vec(16));
@@ -382,10 +360,10 @@ fn softmax_and_norms(d: Arc<Dispatcher>, on: On) {
 
 #[test]
 fn batched_matmul_with_transposes_matches_the_reference() {
-    batched_matmul(host(), On::Host);
+    batched_matmul(host());
 }
 
-fn batched_matmul(d: Arc<Dispatcher>, on: On) {
+fn batched_matmul(d: Arc<Dispatcher>) {
     let mut rng = Rng::new();
     // (a's shape, b's shape, transpose a, transpose b, out's shape)
     type Case<'a> = (&'a [u32], &'a [u32], bool, bool, &'a [u32]);
@@ -396,7 +374,7 @@ fn batched_matmul(d: Arc<Dispatcher>, on: On) {
         (&[2, 3, 4, 16], &[3, 16, 6], false, false, &[2, 3, 4, 6]),
         (&[2, 1, 16, 4], &[3, 6, 16], true, true, &[2, 3, 4, 6]),
     ];
-    for &dtype in on.matmul_dtypes() {
+    for dtype in FLOATS {
         let mut s = Session::new(d.clone(), 0, 1);
         for (sa, sb, ta, tb, so) in cases {
             let (ha, a) = upload(&mut s, sa, dtype, &rng.vec(count(sa)));
@@ -437,13 +415,13 @@ fn batched_matmul(d: Arc<Dispatcher>, on: On) {
 
 #[test]
 fn views_permutes_slices_concats_gathers_and_casts_move_data_exactly() {
-    data_movement(host(), On::Host);
+    data_movement(host());
 }
 
-fn data_movement(d: Arc<Dispatcher>, on: On) {
+/// Every dtype, on both back-ends.
+fn data_movement(d: Arc<Dispatcher>) {
     let mut rng = Rng::new();
-    let dtypes: &[DType] = if on == On::Host { &DType::ALL } else { &[DType::F32] };
-    for &dtype in dtypes {
+    for dtype in DType::ALL {
         let mut s = Session::new(d.clone(), 0, 1);
         let values: Vec<f32> =
             (0..120).map(|i| if dtype == DType::I32 { i as f32 - 60.0 } else { rng.value() }).collect();
@@ -486,10 +464,6 @@ fn data_movement(d: Arc<Dispatcher>, on: On) {
             (0..2).flat_map(|o| a[o * 60..(o + 1) * 60].iter().chain(&b[o * 20..(o + 1) * 20]).copied()).collect();
         assert_eq!(read(&mut s, h), want, "concat {dtype:?}");
 
-        if on == On::Cuda {
-            // Gather's ids are i32, and casts make other dtypes: neither is held on CUDA yet.
-            continue;
-        }
         // An embedding lookup: rows of a [6, 20] table by i32 ids of shape [2, 3].
         let ids = [5i32, 0, 2, 2, 4, 1];
         let (hi, _) = upload(&mut s, &[2, 3], DType::I32, &ids.map(|i| i as f32));
@@ -498,6 +472,14 @@ fn data_movement(d: Arc<Dispatcher>, on: On) {
         let want: Vec<f64> =
             ids.iter().flat_map(|&i| a[i as usize * 20..(i as usize + 1) * 20].iter().copied()).collect();
         assert_eq!(read(&mut s, h), want, "gather {dtype:?}");
+        // An id outside the table's rows, known only from its value (on CUDA, read back first).
+        for bad in [-1.0f32, 6.0] {
+            let (hi, _) = upload(&mut s, &[2, 2], DType::I32, &[0.0, 1.0, bad, 5.0]);
+            assert_eq!(
+                run(&mut s, Op::Gather, Args { a: hv, b: hi, ..Default::default() }),
+                Err(status::INDEX_OUT_OF_RANGE)
+            );
+        }
 
         // Casts round like the `half` crate (to nearest even), and truncate toward zero to i32.
         for to in DType::ALL {
@@ -515,6 +497,172 @@ fn data_movement(d: Arc<Dispatcher>, on: On) {
             assert_eq!(read(&mut s, h), want, "cast {dtype:?} to {to:?}");
         }
     }
+    d.shutdown();
+}
+
+#[test]
+fn casts_and_argmax_follow_rusts_rules_on_special_values() {
+    special_values(host());
+}
+
+/// Casts to i32 are Rust's `as` (toward zero, saturating, NaN to 0), casts from i32 round to
+/// nearest, i32 to i32 is exact; argmax takes the first of equal largest elements, and nothing
+/// compares greater than NaN nor NaN greater than anything. Every dtype, on both back-ends.
+fn special_values(d: Arc<Dispatcher>) {
+    let mut s = Session::new(d.clone(), 0, 1);
+    let floats = [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        3e9,
+        -3e9,
+        2_147_483_520.0,
+        -2_147_483_648.0,
+        2.7,
+        -2.7,
+        -0.0,
+        65520.0,
+    ];
+    for dtype in FLOATS {
+        let (h, held) = upload(&mut s, &[floats.len() as u32], dtype, &floats);
+        let h = run(&mut s, Op::Cast, Args { a: h, dtype: Some(DType::I32), ..Default::default() }).unwrap();
+        let want: Vec<f64> = held.iter().map(|&x| (x as f32 as i32).into()).collect();
+        assert_eq!(read(&mut s, h), want, "{dtype:?} to i32");
+    }
+    let ints = [i32::MIN, i32::MAX, 16_777_217, -16_777_217, 33_554_435, 65_519, 65_520, 123_456_789, 0, -1];
+    let bytes: Vec<u8> = ints.iter().flat_map(|i| i.to_le_bytes()).collect();
+    let call = s.upload_bytes(&[ints.len() as u32], DType::I32, &bytes).unwrap();
+    let Done::Tensor(hi) = s.call_blocking(call, deadline()).unwrap() else { panic!("upload") };
+    assert_eq!(read(&mut s, hi), ints.map(f64::from), "i32 round trip");
+    for to in DType::ALL {
+        let h = run(&mut s, Op::Cast, Args { a: hi, dtype: Some(to), ..Default::default() }).unwrap();
+        let want: Vec<f64> = ints
+            .iter()
+            .map(|&x| match to {
+                DType::F32 => (x as f32).into(),
+                DType::F16 => f16::from_f32(x as f32).to_f64(),
+                DType::BF16 => bf16::from_f32(x as f32).to_f64(),
+                DType::I32 => x.into(),
+            })
+            .collect();
+        assert_eq!(read(&mut s, h), want, "i32 to {to:?}");
+    }
+    let nan = f32::NAN;
+    let rows = [
+        [nan, 1.0, 2.0, 2.0, 0.0],
+        [1.0, nan, 3.0, 3.0, 2.0],
+        [f32::NEG_INFINITY; 5],
+        [0.0, -0.0, 0.0, 1e-3, f32::INFINITY],
+    ];
+    for dtype in FLOATS {
+        let (h, _) = upload(&mut s, &[4, 5], dtype, rows.as_flattened());
+        let h = run(&mut s, Op::Argmax, Args { a: h, axis: -1, ..Default::default() }).unwrap();
+        assert_eq!(read(&mut s, h), [0.0, 2.0, 0.0, 4.0], "argmax {dtype:?}");
+    }
+    drop(s);
+    d.shutdown();
+}
+
+#[test]
+fn streamed_ops_of_every_dtype_run_in_order_and_gather_is_waited_for() {
+    streamed(host());
+}
+
+/// Sends `op` streamed: its handle comes back at once. A full ring is retried until the deadline.
+fn stream(s: &mut Session, op: Op, args: Args) -> i32 {
+    let mut call = s.op(op, &args).unwrap();
+    assert!(call.is_streamed(), "{op:?} is streamed");
+    let until = deadline();
+    loop {
+        match s.try_stream(call) {
+            Ok(h) => return h,
+            Err(c) if Instant::now() < until => call = c,
+            Err(_) => panic!("the ring stayed full"),
+        }
+    }
+}
+
+/// A streaming session's kernels are streamed whatever their dtypes, argmax and casts to and from
+/// i32 included, and run in order; gather alone is waited for, since its ids are checked by value.
+/// Each result is checked against a float64 reference of the values the device holds before it.
+fn streamed(d: Arc<Dispatcher>) {
+    let mut rng = Rng::new();
+    let mut s = Session::new(d.clone(), 0, 1);
+    s.set_streaming(true);
+    for dtype in FLOATS {
+        let (hx, x) = upload(&mut s, &[4, 6], dtype, &rng.vec(24));
+        let (hi, _) = upload(&mut s, &[3], DType::I32, &[3.0, 0.0, 3.0]);
+        let square = stream(&mut s, Op::Mul, Args { a: hx, b: hx, ..Default::default() });
+        let soft = stream(&mut s, Op::Softmax, Args::new(square));
+        let best = stream(&mut s, Op::Argmax, Args { a: soft, axis: -1, ..Default::default() });
+        let back = stream(&mut s, Op::Cast, Args { a: best, dtype: Some(dtype), ..Default::default() });
+        let call = s.op(Op::Gather, &Args { a: hx, b: hi, ..Default::default() }).unwrap();
+        assert!(!call.is_streamed(), "gather is waited for");
+        let Done::Tensor(rows) = s.call_blocking(call, deadline()).unwrap() else { panic!("gather") };
+        let want: Vec<f64> = [3, 0, 3].iter().flat_map(|&r| x[r * 6..(r + 1) * 6].to_vec()).collect();
+        assert_eq!(read(&mut s, rows), want, "gather {dtype:?}");
+        let squares = read(&mut s, square);
+        check(&format!("streamed mul {dtype:?}"), &squares, &x.iter().map(|v| v * v).collect::<Vec<_>>(), bound(dtype));
+        let softmax: Vec<f64> = squares
+            .chunks(6)
+            .flat_map(|r| {
+                let m = r.iter().cloned().fold(f64::MIN, f64::max);
+                let t: f64 = r.iter().map(|v| (v - m).exp()).sum();
+                r.iter().map(move |v| (v - m).exp() / t)
+            })
+            .collect();
+        let probabilities = read(&mut s, soft);
+        check(&format!("streamed softmax {dtype:?}"), &probabilities, &softmax, bound(dtype));
+        let argmax: Vec<f64> = probabilities
+            .chunks(6)
+            .map(|r| (1..r.len()).fold(0, |b, k| if r[k] > r[b] { k } else { b }) as f64)
+            .collect();
+        assert_eq!(read(&mut s, best), argmax, "streamed argmax {dtype:?}");
+        assert_eq!(read(&mut s, back), argmax, "streamed cast of argmax to {dtype:?}");
+    }
+    drop(s);
+    d.shutdown();
+}
+
+#[test]
+fn sessions_of_every_shard_run_side_by_side() {
+    let config =
+        DispatchConfig { backend: BackendChoice::Host, shards: 3, streams_per_device: 2, ..Default::default() };
+    shards(Dispatcher::start(config).unwrap());
+}
+
+/// Sessions of every shard (two per shard, more than a shard's two CUDA streams with the third
+/// session of shard 0), their requests interleaved: each runs in its own order and gets its own
+/// results, on CUDA from its shard's own streams.
+fn shards(d: Arc<Dispatcher>) {
+    let mut rng = Rng::new();
+    let mut sessions: Vec<Session> = (0..d.config.shards)
+        .flat_map(|shard| [0, 1].map(|_| shard))
+        .chain([0])
+        .map(|shard| Session::new(d.clone(), shard, 1))
+        .collect();
+    let dtypes = [DType::F32, DType::BF16, DType::F16];
+    let inputs: Vec<(i32, Vec<f64>)> =
+        sessions.iter_mut().enumerate().map(|(i, s)| upload(s, &[8, 32], dtypes[i % 3], &rng.vec(256))).collect();
+    for s in sessions.iter_mut() {
+        s.set_streaming(true);
+    }
+    let results: Vec<(i32, i32)> = sessions
+        .iter_mut()
+        .zip(&inputs)
+        .map(|(s, &(h, _))| {
+            let e = stream(s, Op::Exp, Args::new(h));
+            (e, stream(s, Op::Sum, Args { a: e, axis: -1, ..Default::default() }))
+        })
+        .collect();
+    for (i, (s, ((_, x), &(e, sum)))) in sessions.iter_mut().zip(inputs.iter().zip(&results)).enumerate() {
+        let dtype = dtypes[i % 3];
+        let exps = read(s, e);
+        check(&format!("exp, session {i}"), &exps, &x.iter().map(|v| v.exp()).collect::<Vec<_>>(), bound(dtype));
+        let want: Vec<f64> = exps.chunks(32).map(|r| r.iter().sum()).collect();
+        check(&format!("sum, session {i}"), &read(s, sum), &want, bound(dtype));
+    }
+    drop(sessions);
     d.shutdown();
 }
 
@@ -623,11 +771,12 @@ fn the_quota_counts_bytes_by_dtype_and_views_count_once() {
     d.shutdown();
 }
 
-/// On CUDA, the general form runs on f32, and matmul and casts on f16 and bf16 too (the same
-/// float64 checks as the host back-end); the rest is host-only for now: refused with
-/// `unsupported_on_device`, never run wrong. Runs where a GPU is; `TENSOR_WASM_REQUIRE_CUDA=1` makes a missing one a failure.
+/// CUDA runs every general op on every dtype, as the host back-end does: the same cases, with
+/// the same float64 checks and bounds, streamed as there (all but gather), and refused only where
+/// the host refuses. Runs where a GPU is; `TENSOR_WASM_REQUIRE_CUDA=1` makes a missing one a
+/// failure.
 #[test]
-fn cuda_runs_the_general_ops_it_holds_and_refuses_the_rest() {
+fn cuda_runs_every_general_op_in_every_dtype_as_the_host_does() {
     let required = std::env::var("TENSOR_WASM_REQUIRE_CUDA").is_ok_and(|v| v == "1");
     let cuda = || Dispatcher::start(DispatchConfig { backend: BackendChoice::Cuda, ..Default::default() });
     let d = match cuda() {
@@ -636,29 +785,32 @@ fn cuda_runs_the_general_ops_it_holds_and_refuses_the_rest() {
         Err(e) => return eprintln!("SKIPPED: needs a GPU: {e}"),
     };
     let mut s = Session::new(d.clone(), 0, 1);
-    // f16 and bf16 are held (upload, download, casts, matmul); i32 is not, and the other ops on
-    // f16 and bf16 are host-only for now.
     let mut rng = Rng::new();
-    for dtype in [DType::F16, DType::BF16] {
+    for dtype in DType::ALL {
         let (h, held) = upload(&mut s, &[2, 3], dtype, &rng.vec(6));
         assert_eq!(read(&mut s, h), held, "{dtype:?} round trip");
-        assert_eq!(run(&mut s, Op::Relu, Args::new(h)), Err(status::UNSUPPORTED_ON_DEVICE));
     }
-    let call = s.upload_bytes(&[1], DType::I32, &[0; 4]).unwrap();
-    assert_eq!(s.call_blocking(call, deadline()).err(), Some(status::UNSUPPORTED_ON_DEVICE));
-    let (f, _) = upload(&mut s, &[2, 3], DType::F32, &[1.0; 6]);
-    let cast = Args { a: f, dtype: Some(DType::I32), ..Default::default() };
-    assert_eq!(run(&mut s, Op::Cast, cast), Err(status::UNSUPPORTED_ON_DEVICE));
-    assert_eq!(run(&mut s, Op::Argmax, Args::new(f)), Err(status::UNSUPPORTED_ON_DEVICE));
+    // Arithmetic on indices is refused as on the host, before the device is asked.
+    let (ids, _) = upload(&mut s, &[2], DType::I32, &[0.0, 1.0]);
+    let two = |a, b| Args { a, b, ..Default::default() };
+    assert_eq!(run(&mut s, Op::Relu, Args::new(ids)), Err(status::DTYPE_MISMATCH));
+    assert_eq!(run(&mut s, Op::Add, two(ids, ids)), Err(status::DTYPE_MISMATCH));
+    assert_eq!(run(&mut s, Op::Matmul, two(ids, ids)), Err(status::DTYPE_MISMATCH));
     // Views need no device.
+    let (f, _) = upload(&mut s, &[2, 3], DType::F32, &[1.0; 6]);
     let v = s.reshape(f, &[6]).unwrap();
     assert_eq!(read(&mut s, v), vec![1.0; 6]);
     drop(s);
     d.shutdown();
-    binary_ops(cuda().unwrap(), On::Cuda);
-    unary_ops(cuda().unwrap(), On::Cuda);
-    reductions(cuda().unwrap(), On::Cuda);
-    softmax_and_norms(cuda().unwrap(), On::Cuda);
-    batched_matmul(cuda().unwrap(), On::Cuda);
-    data_movement(cuda().unwrap(), On::Cuda);
+    binary_ops(cuda().unwrap());
+    unary_ops(cuda().unwrap());
+    reductions(cuda().unwrap());
+    softmax_and_norms(cuda().unwrap());
+    batched_matmul(cuda().unwrap());
+    data_movement(cuda().unwrap());
+    special_values(cuda().unwrap());
+    streamed(cuda().unwrap());
+    let config =
+        DispatchConfig { backend: BackendChoice::Cuda, shards: 3, streams_per_device: 2, ..Default::default() };
+    shards(Dispatcher::start(config).unwrap());
 }

@@ -281,7 +281,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_GPU_HOST_DEVICES", default_value_t = 1)]
     pub gpu_host_devices: u16,
 
-    /// CUDA streams per device.
+    /// CUDA streams per shard on each device (at most 64 per device over all shards, and at least
+    /// one per shard).
     #[arg(long, env = "TENSOR_WASM_GPU_STREAMS", default_value_t = 4)]
     pub gpu_streams: u16,
 

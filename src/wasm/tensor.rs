@@ -119,7 +119,7 @@ fn describe(code: i32) -> &'static str {
         status::INDEX_OUT_OF_RANGE => {
             "an index is outside its range (a gather id past the table, a slice past the axis)"
         }
-        status::UNSUPPORTED_ON_DEVICE => "this op or dtype runs on the host back-end only for now",
+        status::UNSUPPORTED_ON_DEVICE => "the invocation's device does not run this op or dtype",
         status::NO_SUCH_WEIGHT => "the function carries no tensor of that name",
         _ => "the request failed",
     }
