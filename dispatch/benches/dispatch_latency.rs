@@ -42,6 +42,47 @@ fn add_round_trip(s: &mut Session, a: i32, b: i32) -> Duration {
     d
 }
 
+/// Chain links per streamed chain: issue 34's host target is per op over 2,000 dependent adds.
+const CHAIN: usize = 2_000;
+
+/// A chain of `CHAIN` dependent streamed adds (x = x + y, each old x freed), then a sync: the
+/// time per op, amortised. As the server's `wasm::tensor::mark` does, a sync goes on the ring after
+/// every ring depth / 8 ops, and the one before it is waited for, so the ring never fills and a
+/// free always finds room. The dispatch path alone, without the Wasm host call.
+fn streamed_chain(s: &mut Session, x0: i32, y: i32) -> Duration {
+    let every = s.dispatcher().config.ring_depth / 8;
+    let t = Instant::now();
+    let (mut x, mut mark) = (x0, None);
+    for _ in 0..CHAIN {
+        let mut call = s.kernel(Op::Add, x, y, 0.0).unwrap();
+        let next = loop {
+            match s.try_stream(call) {
+                Ok(h) => break h,
+                Err(back) => call = back,
+            }
+        };
+        if x != x0 {
+            s.free(x).unwrap();
+        }
+        x = next;
+        if s.streamed_since_sync() >= every {
+            if let Some(previous) = mark.take() {
+                s.wait_blocking(previous, far()).unwrap();
+            }
+            let sync = s.sync().unwrap();
+            mark = Some(s.try_send(sync).unwrap_or_else(|_| panic!("the ring has room")));
+        }
+    }
+    if let Some(previous) = mark {
+        s.wait_blocking(previous, far()).unwrap();
+    }
+    let sync = s.sync().unwrap();
+    s.call_blocking(sync, far()).unwrap();
+    let d = t.elapsed() / CHAIN as u32;
+    s.free(x).unwrap();
+    d
+}
+
 fn row(name: &str, h: &Histogram<u64>) -> String {
     let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     format!(
@@ -80,6 +121,12 @@ fn dispatch_rows(label: &str, dispatcher: &Arc<Dispatcher>, load: usize, out: &m
         add_round_trip(&mut s, a, b)
     });
     out.push(row(&format!("{label}: add 1,024, calls 1 ms apart (worker parked)"), &parked));
+    let mut streamed = Session::new(dispatcher.clone(), 0, 3);
+    let (x, y) = (tensor(&mut streamed, &[1024], 0.0), tensor(&mut streamed, &[1024], 1.0));
+    streamed.set_streaming(true);
+    let chains = measure((iters() / 200).max(10), || streamed_chain(&mut streamed, x, y));
+    out.push(row(&format!("{label}: streamed chain of {CHAIN} adds of 1,024, per op"), &chains));
+    drop(streamed);
     if load > 0 {
         let stop = Arc::new(AtomicBool::new(false));
         let threads: Vec<_> = (1..=load)
@@ -171,6 +218,33 @@ fn cuda_floor_and_peak(out: &mut Vec<String>, notes: &mut Vec<String>) -> Result
     Ok(())
 }
 
+/// Pins the calling thread to the first allowed CPU and each device worker to one of the next,
+/// as the server places a shard and its workers when it has a CPU for each (`cpu::placement`):
+/// floating, a worker now and then shares the submitting thread's CPU and a case measures the
+/// scheduler. Leaves everything floating where there are too few CPUs.
+fn pin_apart(dispatcher: &Dispatcher, allowed: &[usize]) {
+    let workers = dispatcher.worker_threads();
+    if allowed.len() < 1 + workers.len() {
+        return;
+    }
+    let one = |cpu: usize| {
+        // SAFETY: as above; CPU_SET is given a CPU the kernel listed.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            set
+        }
+    };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: both calls only read the set; the worker threads are alive while the dispatcher is.
+    unsafe {
+        libc::sched_setaffinity(0, size, &one(allowed[0]));
+        for (i, &thread) in workers.iter().enumerate() {
+            libc::pthread_setaffinity_np(thread as libc::pthread_t, size, &one(allowed[1 + i]));
+        }
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
     let mut rows = vec![
@@ -182,14 +256,22 @@ fn main() {
     let load = (cpus.saturating_sub(2)).min(4);
     let shards = load + 1;
 
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for this thread.
+    let allowed: Vec<usize> = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set);
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    };
     let host =
         Dispatcher::start(DispatchConfig { backend: BackendChoice::Host, shards, ..Default::default() }).unwrap();
+    pin_apart(&host, &allowed);
     dispatch_rows("host", &host, load, &mut rows);
     host.shutdown();
 
     if cuda::driver_present() {
         match Dispatcher::start(DispatchConfig { backend: BackendChoice::Cuda, shards, ..Default::default() }) {
             Ok(d) => {
+                pin_apart(&d, &allowed);
                 notes.push(format!("device: {}", d.devices[0].name));
                 dispatch_rows("cuda", &d, load, &mut rows);
                 d.shutdown();

@@ -716,8 +716,12 @@ impl Session {
                 }
             }
         };
+        self.wait_blocking(pending, deadline)
+    }
+
+    /// Waits for `pending` on this thread, spinning, until `deadline`: for benchmarks and tests.
+    pub fn wait_blocking(&mut self, mut pending: Pending, deadline: Instant) -> Result<Done, i32> {
         let port = self.dispatcher.port(self.shard).clone();
-        let mut pending = pending;
         pending.port = None; // `wait_blocking` abandons the ticket itself on timeout.
         match port.wait_blocking(pending.ticket, deadline) {
             Some((completion, staging)) => self.finish(pending, completion, staging),
