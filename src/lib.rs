@@ -39,7 +39,7 @@ pub use cli::main;
 pub mod cpu {
     pub use crate::runtime::cpu::{
         allowed_cpus, apply_cpu_set, confine_current_thread, cpu_set, cpu_time_from_stat, format_list, parse_list,
-        pin_current_thread, pin_thread, placement, PinShards, Placement,
+        pin_current_thread, placement, PinShards, Placement,
     };
 }
 

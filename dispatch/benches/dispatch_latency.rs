@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use tensor_wasm_dispatch::backend::cuda;
-use tensor_wasm_dispatch::{BackendChoice, DispatchConfig, Dispatcher, Done, Op, Session};
+use tensor_wasm_dispatch::{BackendChoice, DispatchConfig, Dispatcher, Done, OnWorkerStart, Op, Session};
 
 fn iters() -> usize {
     std::env::var("DISPATCH_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000)
@@ -218,31 +218,29 @@ fn cuda_floor_and_peak(out: &mut Vec<String>, notes: &mut Vec<String>) -> Result
     Ok(())
 }
 
-/// Pins the calling thread to the first allowed CPU and each device worker to one of the next,
-/// as the server places a shard and its workers when it has a CPU for each (`cpu::placement`):
-/// floating, a worker now and then shares the submitting thread's CPU and a case measures the
-/// scheduler. Leaves everything floating where there are too few CPUs.
-fn pin_apart(dispatcher: &Dispatcher, allowed: &[usize]) {
-    let workers = dispatcher.worker_threads();
-    if allowed.len() < 1 + workers.len() {
-        return;
+/// Pins the calling thread to `cpu`.
+fn pin(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET is given a CPU the kernel listed, and
+    // sched_setaffinity only reads the set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
-    let one = |cpu: usize| {
-        // SAFETY: as above; CPU_SET is given a CPU the kernel listed.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut set);
-            set
+}
+
+/// The bench's thread on the first allowed CPU and each device worker on one of the next, as the
+/// server places a shard and its workers when it has a CPU for each (`cpu::placement`): floating,
+/// a worker now and then shares the submitting thread's CPU and a case measures the scheduler.
+/// Everything floats where there are too few CPUs.
+fn pinned_apart(config: DispatchConfig, allowed: &[usize]) -> DispatchConfig {
+    let allowed = allowed.to_vec();
+    let hook = move |device: usize, workers: usize| {
+        if allowed.len() > workers {
+            pin(allowed[1 + device]);
         }
     };
-    let size = std::mem::size_of::<libc::cpu_set_t>();
-    // SAFETY: both calls only read the set; the worker threads are alive while the dispatcher is.
-    unsafe {
-        libc::sched_setaffinity(0, size, &one(allowed[0]));
-        for (i, &thread) in workers.iter().enumerate() {
-            libc::pthread_setaffinity_np(thread as libc::pthread_t, size, &one(allowed[1 + i]));
-        }
-    }
+    DispatchConfig { on_worker_start: Some(OnWorkerStart(Arc::new(hook))), ..config }
 }
 
 fn main() {
@@ -262,16 +260,17 @@ fn main() {
         libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set);
         (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
     };
-    let host =
-        Dispatcher::start(DispatchConfig { backend: BackendChoice::Host, shards, ..Default::default() }).unwrap();
-    pin_apart(&host, &allowed);
+    if allowed.len() > 1 {
+        pin(allowed[0]);
+    }
+    let config = |backend| pinned_apart(DispatchConfig { backend, shards, ..Default::default() }, &allowed);
+    let host = Dispatcher::start(config(BackendChoice::Host)).unwrap();
     dispatch_rows("host", &host, load, &mut rows);
     host.shutdown();
 
     if cuda::driver_present() {
-        match Dispatcher::start(DispatchConfig { backend: BackendChoice::Cuda, shards, ..Default::default() }) {
+        match Dispatcher::start(config(BackendChoice::Cuda)) {
             Ok(d) => {
-                pin_apart(&d, &allowed);
                 notes.push(format!("device: {}", d.devices[0].name));
                 dispatch_rows("cuda", &d, load, &mut rows);
                 d.shutdown();

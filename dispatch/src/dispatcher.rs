@@ -28,6 +28,18 @@ pub enum BackendChoice {
     Host,
 }
 
+/// What each device worker runs first on its own thread, given its index and the number of
+/// workers: the server pins it there (`cpu::placement`), so that the dispatch crate needs no
+/// knowledge of CPUs. [`Dispatcher::start`] returns once every worker has run it.
+#[derive(Clone)]
+pub struct OnWorkerStart(pub Arc<dyn Fn(usize, usize) + Send + Sync>);
+
+impl std::fmt::Debug for OnWorkerStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnWorkerStart")
+    }
+}
+
 /// Every limit of the dispatch path.
 #[derive(Clone, Debug)]
 pub struct DispatchConfig {
@@ -61,6 +73,8 @@ pub struct DispatchConfig {
     /// Tenants the quota table keeps; past it, idle ones (nothing held, no invocation using them)
     /// are dropped. It refuses no one: a bound on the table's memory, not a limit on tenants.
     pub max_quota_tenants: usize,
+    /// Run by each worker on its thread before it takes a request.
+    pub on_worker_start: Option<OnWorkerStart>,
 }
 
 impl Default for DispatchConfig {
@@ -79,6 +93,7 @@ impl Default for DispatchConfig {
             max_tensors_per_session: 1024,
             max_tensor_elements: 64 << 20,
             max_quota_tenants: 4096,
+            on_worker_start: None,
         }
     }
 }
@@ -213,8 +228,9 @@ impl Dispatcher {
         if config.max_tickets_per_shard == 0 || config.max_tickets_per_shard >= usize::from(u16::MAX) {
             return Err(DispatchError::Config(format!("tickets per shard must be 1 to {}", u16::MAX - 1)));
         }
-        if config.max_tensor_elements == 0 || config.max_tensor_elements > u64::from(u32::MAX) {
-            return Err(DispatchError::Config(format!("tensor elements must be 1 to {}", u32::MAX)));
+        // At most what cuBLAS's int sizes and CUDA's grids take (`--max-tensor-elements`).
+        if config.max_tensor_elements == 0 || config.max_tensor_elements > i32::MAX as u64 {
+            return Err(DispatchError::Config(format!("tensor elements must be 1 to {}", i32::MAX)));
         }
         let mut cuda_fallback = None;
         let backends: Vec<Box<dyn Backend>> = match config.backend {
@@ -268,23 +284,29 @@ impl Dispatcher {
             workers: Mutex::new(Vec::new()),
             cuda_fallback,
         });
+        let workers = backends.len();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         for (index, backend) in backends.into_iter().enumerate() {
             let d = dispatcher.clone();
+            let started = started_tx.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("tw-device-{index}"))
-                .spawn(move || worker::run(d, index, backend))
+                .spawn(move || {
+                    if let Some(hook) = &d.config.on_worker_start {
+                        (hook.0)(index, workers);
+                    }
+                    drop(started);
+                    worker::run(d, index, backend)
+                })
                 .map_err(DispatchError::Spawn)?;
             let _ = dispatcher.devices[index].thread.set(handle.thread().clone());
             dispatcher.workers.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
         }
+        // Every worker has run its start hook (each drops its sender after it; a worker that
+        // panicked in it drops it too), so that what the hook set, a CPU, holds from here on.
+        drop(started_tx);
+        let _ = started_rx.recv();
         Ok(dispatcher)
-    }
-
-    /// Each device worker's thread, in device order, for the server to pin where each has a CPU of
-    /// its own (`cpu::placement`); empty once the workers are shut down.
-    pub fn worker_threads(&self) -> Vec<std::os::unix::thread::RawPthread> {
-        use std::os::unix::thread::JoinHandleExt as _;
-        self.workers.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|h| h.as_pthread_t()).collect()
     }
 
     /// The back-end every device runs.

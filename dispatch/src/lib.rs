@@ -41,7 +41,7 @@ pub mod weights;
 mod worker;
 
 pub use backend::BackendKind;
-pub use dispatcher::{BackendChoice, Device, DispatchConfig, DispatchError, Dispatcher, Poller};
+pub use dispatcher::{BackendChoice, Device, DispatchConfig, DispatchError, Dispatcher, OnWorkerStart, Poller};
 pub use port::{ShardPort, TicketWait, STREAMED};
 pub use record::{status, Completion, DType, Desc, Op, Request, MAX_RANK};
 pub use session::{Args, Call, DeferredFailure, Done, Pending, Session, TensorInfo};

@@ -172,19 +172,6 @@ pub fn placement(
     Placement { shards: Some(shard_cpus), workers: own.then(|| allowed[shards..shards + workers].to_vec()) }
 }
 
-/// Pins the thread `thread` (another thread of this process, a device worker) to `cpu`.
-pub fn pin_thread(thread: std::os::unix::thread::RawPthread, cpu: usize) -> io::Result<()> {
-    let set = cpu_set(&[cpu])?;
-    // SAFETY: `thread` is a live thread of this process (its JoinHandle is held by the caller's
-    // owner), and pthread_setaffinity_np only reads `set`, a whole cpu_set_t.
-    match unsafe {
-        libc::pthread_setaffinity_np(thread as libc::pthread_t, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    } {
-        0 => Ok(()),
-        errno => Err(io::Error::from_raw_os_error(errno)),
-    }
-}
-
 /// The default shard count: one per allowed CPU, but no more than the CPU time the cgroups give
 /// (a container's CPU limit), so that a pod limited to 2 CPUs on a 64-CPU node runs 2 shards.
 pub fn default_shard_count(allowed: usize, cgroup_limit: Option<usize>) -> usize {

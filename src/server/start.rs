@@ -22,7 +22,7 @@ use crate::runtime::published::Published;
 use crate::shard::{Lifecycle, ShardParts, Shared};
 use crate::tls::TlsWatcher;
 use crate::wasm::{build_engine, EpochTicker};
-use tensor_wasm_dispatch::{DispatchConfig, Dispatcher};
+use tensor_wasm_dispatch::{DispatchConfig, Dispatcher, OnWorkerStart};
 
 /// Starts the server, up to shards that are starting: the caller waits for them
 /// ([`Running::wait_started`]).
@@ -57,8 +57,8 @@ pub fn start(config: &ServerConfig) -> Result<Running, ServerError> {
     )
     .map_err(|e| ServerError::Runtime(format!("cannot start the sink workers: {e}")))?;
     let audit = start_audit(config, plan.count)?;
-    let dispatcher = start_dispatcher(config, plan.count)?;
-    plan.place(config, &dispatcher);
+    let dispatcher = start_dispatcher(config, &plan)?;
+    plan.place(config, dispatcher.devices.len());
     let shared = Arc::new(Shared {
         shard_metrics: (0..plan.count).map(|i| Arc::new(ShardMetrics::new(i, dispatcher.devices.len()))).collect(),
         dispatcher: dispatcher.clone(),
@@ -89,10 +89,13 @@ pub fn start(config: &ServerConfig) -> Result<Running, ServerError> {
 }
 
 /// How many shards there are, and where they and the device workers run.
+#[derive(Clone)]
 struct ShardPlan {
     count: usize,
     /// The CPUs the process may run on.
     allowed: Vec<usize>,
+    /// The cgroups' CPU limit, read once so that the workers and the shards are placed alike.
+    cpu_limit: Option<usize>,
     /// One CPU per shard; `None`: the shards float over `allowed` (`--pin-shards`). Decided once
     /// the device workers are counted ([`ShardPlan::place`]), before any shard starts.
     pinned: Option<Vec<usize>>,
@@ -101,7 +104,8 @@ struct ShardPlan {
 impl ShardPlan {
     fn new(config: &ServerConfig, limits: &Limits) -> Result<ShardPlan, ServerError> {
         let allowed = cpu::allowed_cpus().map_err(|e| ServerError::Runtime(format!("sched_getaffinity: {e}")))?;
-        let count = config.shards.unwrap_or_else(|| cpu::default_shard_count(allowed.len(), cpu::cgroup_cpu_limit()));
+        let cpu_limit = cpu::cgroup_cpu_limit();
+        let count = config.shards.unwrap_or_else(|| cpu::default_shard_count(allowed.len(), cpu_limit));
         // Each shard runs guests from its exact share of the instance pool (`shard::exact_share`).
         if (limits.max_instances as usize) < count {
             return Err(ServerError::Config(format!(
@@ -109,24 +113,37 @@ impl ShardPlan {
                 limits.max_instances
             )));
         }
-        Ok(ShardPlan { count, allowed, pinned: None })
+        Ok(ShardPlan { count, allowed, cpu_limit, pinned: None })
     }
 
-    /// Decides where the shards run and pins the device workers that get a CPU of their own
-    /// (`cpu::placement`). A worker that cannot be pinned floats, which is correct, only slower.
-    fn place(&mut self, config: &ServerConfig, dispatcher: &Dispatcher) {
-        let workers = dispatcher.worker_threads();
-        let placement =
-            cpu::placement(config.pin_shards, self.count, workers.len(), &self.allowed, cpu::cgroup_cpu_limit());
-        self.pinned = placement.shards;
-        self.log(config);
-        let Some(cpus) = placement.workers else { return };
-        for (device, (&thread, &cpu)) in workers.iter().zip(&cpus).enumerate() {
-            if let Err(e) = cpu::pin_thread(thread, cpu) {
+    /// Where everything runs once there are `workers` device workers (`cpu::placement`).
+    fn placement(&self, mode: cpu::PinShards, workers: usize) -> cpu::Placement {
+        cpu::placement(mode, self.count, workers, &self.allowed, self.cpu_limit)
+    }
+
+    /// What each device worker runs first: it pins itself to its CPU, where it has one of its own.
+    /// A worker that cannot be pinned floats, which is correct, only slower.
+    fn pin_worker(&self, mode: cpu::PinShards) -> OnWorkerStart {
+        let plan = self.clone();
+        OnWorkerStart(Arc::new(move |device, workers| {
+            let Some(cpu) = plan.placement(mode, workers).workers.and_then(|cpus| cpus.get(device).copied()) else {
+                return;
+            };
+            if let Err(e) = cpu::pin_current_thread(cpu) {
                 tracing::warn!(device, cpu, "cannot pin the device worker, it floats: {e}");
             }
+        }))
+    }
+
+    /// Decides where the shards run, now that the device workers are counted (each pinned itself
+    /// by the same placement, `pin_worker`).
+    fn place(&mut self, config: &ServerConfig, workers: usize) {
+        let placement = self.placement(config.pin_shards, workers);
+        self.pinned = placement.shards;
+        self.log(config);
+        if let Some(cpus) = placement.workers {
+            tracing::info!(cpus = %cpu::format_list(&cpus), "device workers pinned, one per CPU after the shards'");
         }
-        tracing::info!(cpus = %cpu::format_list(&cpus), "device workers pinned, one per CPU after the shards'");
     }
 
     fn log(&self, config: &ServerConfig) {
@@ -276,9 +293,11 @@ fn start_audit(config: &ServerConfig, shard_count: usize) -> Result<Audit, Serve
     Ok(Audit { config: audit_config, commit_slots, sync_seconds, group_commit, helper_threads })
 }
 
-fn start_dispatcher(config: &ServerConfig, shard_count: usize) -> Result<Arc<Dispatcher>, ServerError> {
-    let dispatcher = Dispatcher::start(DispatchConfig { shards: shard_count, ..config.dispatch.clone() })
-        .map_err(|e| ServerError::Config(e.to_string()))?;
+fn start_dispatcher(config: &ServerConfig, plan: &ShardPlan) -> Result<Arc<Dispatcher>, ServerError> {
+    let on_worker_start = Some(plan.pin_worker(config.pin_shards));
+    let dispatcher =
+        Dispatcher::start(DispatchConfig { shards: plan.count, on_worker_start, ..config.dispatch.clone() })
+            .map_err(|e| ServerError::Config(e.to_string()))?;
     if let Some(why) = &dispatcher.cuda_fallback {
         tracing::info!("--gpu auto: kernels run on the host back-end ({why})");
     }
