@@ -58,7 +58,7 @@ fn the_flags_reach_the_configuration() {
 fn values_that_cannot_be_honoured_are_refused() {
     for (flag, value) in [
         ("--max-tensor-elements", "0"),
-        ("--max-tensor-elements", "4294967296"),
+        ("--max-tensor-elements", "2147483648"),
         ("--dispatch-max-tickets-per-shard", "0"),
         ("--dispatch-max-tickets-per-shard", "65535"),
         ("--max-table-elements", "0"),

@@ -621,9 +621,11 @@ impl ServeArgs {
         positive("max-tensors-per-invocation", self.max_tensors_per_invocation.into())?;
         positive("max-tensor-elements", self.max_tensor_elements)?;
         positive("max-function-tensors-mb", self.max_function_tensors_mb)?;
-        // A request carries a flat tensor's length in a u32 (`record::Request::dims`).
-        if self.max_tensor_elements > u64::from(u32::MAX) {
-            return Err(format!("--max-tensor-elements must be at most {}", u32::MAX));
+        // cuBLAS takes a matrix's sizes as C ints, and CUDA's one-dimensional grids count blocks
+        // in 31 bits: a larger tensor would pass the host's checks and fail on the device, where a
+        // streamed op's failure comes late (a request's u32 length is the looser bound).
+        if self.max_tensor_elements > i32::MAX as u64 {
+            return Err(format!("--max-tensor-elements must be at most {}", i32::MAX));
         }
         positive("dispatch-max-tickets-per-shard", self.dispatch_max_tickets_per_shard.into())?;
         // A ticket's index is 16 bits of its number (`port`), and one value is never used.

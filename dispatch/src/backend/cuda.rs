@@ -347,6 +347,10 @@ pub fn compile_ptx(major: i32, minor: i32) -> Result<cudarc::nvrtc::Ptx, String>
     }
     let opts = cudarc::nvrtc::CompileOptions {
         options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
+        // No multiply-add contraction: each product and sum is rounded as the host back-end rounds
+        // it, so that the two agree to the bit where the ops are exact (casts, copies) and to the
+        // last bit of the formula elsewhere (gelu, the norms' variance and affine step).
+        fmad: Some(false),
         ..Default::default()
     };
     cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| format!("NVRTC: {e:?}"))
@@ -574,6 +578,15 @@ impl CudaBackend {
             .map(|_| {
                 let stream = ctx.new_stream().map_err(|e| format!("stream: {e}"))?;
                 let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS: {e:?}"))?;
+                // f16 and bf16 GEMMs accumulate in f32 (`CUBLAS_COMPUTE_32F`), and without this
+                // cuBLAS may still reduce split-K partial sums in the output's 16-bit type.
+                use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode, cublasStatus_t};
+                let mode = cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION;
+                // SAFETY: the handle was just made and is live; the call only sets its mode.
+                match unsafe { cublasSetMathMode(*blas.handle(), mode) } {
+                    cublasStatus_t::CUBLAS_STATUS_SUCCESS => {}
+                    e => return Err(format!("cuBLAS math mode: {e:?}")),
+                }
                 Ok(Lane { stream, blas, pending: 0 })
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -1218,7 +1231,14 @@ impl CudaBackend {
         }
         let lane = self.lane_for(req.session, req.shard);
         let event = self.event()?;
-        let created = self.enqueue(op, req, lane)?;
+        let created = match self.enqueue(op, req, lane) {
+            Ok(created) => created,
+            // A refused request (a gather's id out of range, say) gives its event back.
+            Err(code) => {
+                self.spare_events.push(event);
+                return Err(code);
+            }
+        };
         if let Err(_e) = event.record(&self.lanes[lane].stream) {
             self.spare_events.push(event);
             return Err(status::DEVICE_ERROR);
