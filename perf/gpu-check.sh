@@ -2,7 +2,7 @@
 # Every GPU check in one command, for a lent GPU machine that has no Rust toolchain.
 #
 #   perf/gpu-check.sh prepare        # here: build and gather what the GPU machine runs into .gpu/
-#   perf/gpu-check.sh run [OUT]      # there, with .gpu/ carried (stripped, about 40 MiB): run it
+#   perf/gpu-check.sh run [OUT]      # there, with .gpu/ carried (stripped, about 30 MiB): run it
 #                                    # all, writing OUT/*.txt
 #
 # `run`, in order, each step's output in its own file under OUT (default ./gpu-check-out):
@@ -68,15 +68,28 @@ for line in sys.stdin:
     step streams .gpu/tests/streams
     step dispatch-latency .gpu/tests/dispatch_latency --bench
     seconds=${HARNESS_SECONDS:-10}
-    # A missed objective is a number to record, not a broken check: the next runs still go.
+    # The servers the harness starts must run on the GPU: with `auto` a broken CUDA set-up would
+    # fall back to the host back-end and be judged against the host's objectives.
+    export TENSOR_WASM_GPU=cuda
+    # A missed objective (exit 1) is a number to record, not a broken check: the next runs still
+    # go. Anything else (a guest missing, a server that did not start: exit 2) stops here.
+    missed=""
     harness() { # name, scenario, rate
+      local rc=0
       step "$1" .gpu/bin/tensor-wasm-bench --server-bin .gpu/bin/tensor-wasm --guests-dir .gpu/guests \
-        --scenario "$2" --rate "$3" --warmup 2s --duration "${seconds}s" --out "$out/$1" ||
-        echo "== $1: an objective failed (the verdicts are in $out/$1.txt)"
+        --scenario "$2" --rate "$3" --warmup 2s --duration "${seconds}s" --out "$out/$1" || rc=$?
+      [ "$rc" -eq 0 ] && return 0
+      [ "$rc" -eq 1 ] || exit "$rc"
+      missed="$missed $1"
+      echo "== $1: an objective was missed (the verdicts are in $out/$1.txt)"
     }
     harness harness-tensor tensor 2000
     harness harness-encoder encoder 1000
     harness harness-digits digits 1000
+    if [ -n "$missed" ]; then
+      echo "== every check ran; objectives missed in:$missed; outputs in $out"
+      exit 1
+    fi
     echo "== all GPU checks passed; outputs in $out"
     ;;
   *)

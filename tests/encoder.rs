@@ -166,18 +166,30 @@ fn bad_requests_and_missing_weights_end_the_guest_with_its_exit_code() {
         r#"{"ids": [1, -1]}"#.into(),
         r#"{"ids": [1, 2.5]}"#.into(),
         r#"{"ids": [1], "output": "logits"}"#.into(),
+        // Four million ids, 8 MB, under the server's body limit: parsed, they would take twice
+        // the guest's 64 MiB (a JSON value is 32 bytes); refused by its size before that.
+        format!(r#"{{"ids": [{}0]}}"#, "0,".repeat(4_000_000)),
+        format!(r#"{{"ids": [1], "output": "{}"}}"#, "x".repeat(1 << 20)),
     ];
     for body in &bad {
+        let shown = &body[..body.len().min(80)];
         let r = c.invoke(&id, body.as_bytes());
-        assert_eq!(r.status, 502, "{body}: {}", r.text());
-        assert_eq!(r.json()["error"]["kind"], "guest_exit", "{body}");
-        assert!(r.text().contains("exited with code 2"), "{body}: {}", r.text());
+        assert_eq!(r.status, 502, "{shown}: {}", r.text());
+        assert_eq!(r.json()["error"]["kind"], "guest_exit", "{shown}");
+        assert!(r.text().contains("exited with code 2"), "{shown}: {}", r.text());
     }
     // Without its weights the guest cannot run: exit status 3, and the server serves on.
     let r = server.client().deploy("bare-encoder", &guests::encoder_example(), json!({}));
     assert_eq!(r.status, 201, "{}", r.text());
     let bare = r.json()["id"].as_str().unwrap().to_string();
     let r = c.invoke(&bare, model::request(&[1, 2], false).as_bytes());
+    assert_eq!((r.status, r.json()["error"]["kind"].clone()), (502, json!("guest_exit")), "{}", r.text());
+    assert!(r.text().contains("exited with code 3"), "{}", r.text());
+    // Weights of the wrong shape: an embedding of rank 1. Exit status 3 again, not a trap.
+    let mut flat = model::weights(config, SEED, Precision::F32);
+    flat[0].shape = vec![flat[0].values.len()];
+    let misshapen = deploy(&server, "misshapen-encoder", &flat);
+    let r = c.invoke(&misshapen, model::request(&[1, 2], false).as_bytes());
     assert_eq!((r.status, r.json()["error"]["kind"].clone()), (502, json!("guest_exit")), "{}", r.text());
     assert!(r.text().contains("exited with code 3"), "{}", r.text());
     let r = c.invoke(&id, model::request(&[1, 2], true).as_bytes());

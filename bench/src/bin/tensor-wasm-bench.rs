@@ -69,7 +69,8 @@ struct Args {
     /// or --baseline (which speaks plain HTTP only).
     #[arg(long)]
     tls: bool,
-    /// Folder with prebuilt json-stats.wasm and tensor-ops.wasm (default: build them with cargo).
+    /// Folder with the prebuilt guests: json-stats.wasm, tensor-ops.wasm, and for the model
+    /// scenarios encoder.wasm and digits.wasm (default: build them with cargo).
     #[arg(long)]
     guests_dir: Option<PathBuf>,
 

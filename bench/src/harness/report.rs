@@ -203,7 +203,8 @@ impl Report {
         if !dispatch.is_empty() {
             md.push_str("\n### Kernel dispatch (the server's histogram over each run; bucket bounds)\n\n");
             md.push_str(
-                "Tensor calls per invoke: the calls the histogram counted over the invokes the server counted.\n\n",
+                "Tensor calls per invoke: the calls the histogram counted over the invokes the server counted, every class \
+                 and status together.\n\n",
             );
             table(
                 &mut md,
@@ -419,7 +420,17 @@ fn class_table(md: &mut String, rows: &[Measurement]) {
     md.push_str("\n### By request class\n\n");
     table(
         md,
-        &["scenario", "server", "offered/s", "class", "answered/s", "P50 µs", "P99 µs", "P99.9 µs"],
+        &[
+            "scenario",
+            "server",
+            "offered/s",
+            "class",
+            "judged",
+            "answers/s, any status",
+            "P50 µs",
+            "P99 µs",
+            "P99.9 µs",
+        ],
         rows.iter().flat_map(|m| {
             m.classes.iter().map(move |c| {
                 vec![
@@ -427,6 +438,7 @@ fn class_table(md: &mut String, rows: &[Measurement]) {
                     m.server.into(),
                     format!("{:.0}", m.offered_rate),
                     c.name.clone(),
+                    if c.judged { "yes" } else { "no" }.into(),
                     format!("{:.0}", c.throughput),
                     format!("{:.1}", c.latency.p50_us),
                     format!("{:.1}", c.latency.p99_us),

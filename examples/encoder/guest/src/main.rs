@@ -38,6 +38,31 @@ const LN_EPS: f32 = 1e-5;
 const EXIT_BAD_REQUEST: u8 = 2;
 const EXIT_TENSOR_ERROR: u8 = 3;
 
+/// The largest request read: 32 ids take a few hundred bytes, and a body of millions of them
+/// would be parsed into more memory than the guest has before its length could be checked.
+const MAX_REQUEST_BYTES: usize = 64 << 10;
+/// How much of a bad value an error message quotes.
+const QUOTE_CHARS: usize = 40;
+
+/// `value` as JSON, cut to [`QUOTE_CHARS`] characters.
+fn quote(value: &Value) -> String {
+    let text = value.to_string();
+    match text.char_indices().nth(QUOTE_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
+/// The first `rank` dimensions of `t`, or `invalid_argument` when it has another rank: weights
+/// of the wrong shape end the guest with exit status 3, not a trap.
+fn dims<const N: usize>(t: &Tensor) -> Result<[u32; N], Error> {
+    let shape = t.shape()?;
+    <[u32; N]>::try_from(shape.as_slice()).map_err(|_| Error {
+        code: code::INVALID_ARGUMENT,
+        message: format!("a weight has shape {shape:?}, not rank {N}"),
+    })
+}
+
 /// The block's weights, as handles to the function's resident tensors.
 struct Block {
     embed: Tensor,
@@ -57,22 +82,29 @@ struct Block {
     max_len: u32,
     /// The matrices' dtype: f32, or bf16 for mixed precision.
     matrices: DType,
+    /// The embedding table's dtype, which its rows are gathered in.
+    embedding: DType,
 }
 
 impl Block {
     fn load() -> Result<Block, Error> {
         let w = Tensor::weight;
         let embed = w("embed")?;
-        let shape = embed.shape()?;
+        let [vocab, dim] = dims(&embed)?;
         let pos = w("pos")?;
-        let max_len = pos.shape()?[0];
+        let [max_len, _] = dims(&pos)?;
         let wqkv = w("wqkv")?;
         let matrices = wqkv.dtype()?;
+        if dim == 0 || dim % HEAD_DIM != 0 {
+            let message = format!("the model is {dim} wide, not a multiple of {HEAD_DIM}");
+            return Err(Error { code: code::INVALID_ARGUMENT, message });
+        }
         Ok(Block {
-            vocab: shape[0],
-            dim: shape[1],
+            vocab,
+            dim,
             max_len,
             matrices,
+            embedding: embed.dtype()?,
             embed,
             pos,
             ln1: (w("ln1.weight")?, w("ln1.bias")?),
@@ -102,7 +134,7 @@ impl Block {
         let (len, dim) = (ids.len() as u32, self.dim);
         let heads = dim / HEAD_DIM;
         let tokens = self.embed.gather(&Tensor::from_i32(&[len], ids)?)?;
-        let tokens = if self.matrices == DType::F32 { tokens } else { tokens.cast(DType::F32)? };
+        let tokens = if self.embedding == DType::F32 { tokens } else { tokens.cast(DType::F32)? };
         let x = tokens.add(&self.pos.slice(0, 0, len)?)?;
 
         // Attention: [len, 3·dim] split into q, k, v, each [heads, len, 16].
@@ -125,6 +157,9 @@ impl Block {
 
 /// The request's ids, checked against the model, and whether it asks for the pooled output.
 fn request(body: &[u8], block: &Block) -> Result<(Vec<i32>, bool), String> {
+    if body.len() > MAX_REQUEST_BYTES {
+        return Err(format!("the request has {} bytes, more than {MAX_REQUEST_BYTES}", body.len()));
+    }
     let request: Value = serde_json::from_slice(body).map_err(|e| format!("the request is not JSON: {e}"))?;
     let ids = request.get("ids").and_then(Value::as_array).ok_or("the request has no `ids` array")?;
     if ids.is_empty() || ids.len() > block.max_len as usize {
@@ -135,14 +170,14 @@ fn request(body: &[u8], block: &Block) -> Result<(Vec<i32>, bool), String> {
         .enumerate()
         .map(|(i, id)| match id.as_u64() {
             Some(t) if t < u64::from(block.vocab) => Ok(t as i32),
-            _ => Err(format!("ids[{i}] is {id}, not a token id from 0 to {}", block.vocab - 1)),
+            _ => Err(format!("ids[{i}] is {}, not a token id from 0 to {}", quote(id), block.vocab - 1)),
         })
         .collect::<Result<Vec<_>, _>>()?;
     let pooled = match request.get("output") {
         None => false,
         Some(v) if v == "hidden" => false,
         Some(v) if v == "pooled" => true,
-        Some(v) => return Err(format!("`output` is {v}, not \"hidden\" or \"pooled\"")),
+        Some(v) => return Err(format!("`output` is {}, not \"hidden\" or \"pooled\"", quote(v))),
     };
     Ok((ids, pooled))
 }
