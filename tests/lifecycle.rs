@@ -393,7 +393,9 @@ fn shards_and_device_workers_are_pinned_only_where_each_has_a_cpu_of_its_own() {
         cmd.pre_exec(move || cpu::apply_cpu_set(&set));
     };
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&[&str], Vec<String>, Vec<String>, &str); 6] = [
+    // (flags, each shard's CPUs, each worker's CPUs, what the log says)
+    type Case<'a> = (&'a [&'a str], Vec<String>, Vec<String>, &'a str);
+    let cases: [Case; 6] = [
         // One shard per allowed CPU: each owns its CPU, as under Kubernetes' static policy; the
         // device worker has none left, and floats.
         (&["--shards", "2"], vec![first.clone(), second.clone()], vec![both.clone()], "shards pinned, one per CPU"),
