@@ -190,6 +190,8 @@ pub enum ApiError {
     // --- server state ---
     Overloaded(&'static str),
     AuditUnavailable,
+    /// `--registry nats://…` and NATS did not acknowledge a deploy or delete: nothing changed.
+    RegistryUnavailable(String),
     NotReady,
     Draining,
     /// A deploy would leave the data dir's file system with less free space than the audit log's
@@ -299,6 +301,7 @@ impl ApiError {
             Overloaded(_)
             | CompileStarved { .. }
             | AuditUnavailable
+            | RegistryUnavailable(_)
             | NotReady
             | Draining
             | FunctionUnavailable { .. } => Status::ServiceUnavailable,
@@ -371,6 +374,7 @@ impl ApiError {
             OutputTooLarge { .. } => "output_too_large",
             Overloaded(_) | CompileStarved { .. } => "overloaded",
             AuditUnavailable => "audit_unavailable",
+            RegistryUnavailable(_) => "registry_unavailable",
             NotReady => "not_ready",
             Draining => "draining",
             Storage(_) => "storage_error",
@@ -387,6 +391,7 @@ impl ApiError {
             ApiError::Overloaded(_)
             | ApiError::CompileStarved { .. }
             | ApiError::AuditUnavailable
+            | ApiError::RegistryUnavailable(_)
             | ApiError::NotReady
             | ApiError::Draining
             | ApiError::ConcurrencyLimited { .. }
@@ -598,6 +603,9 @@ impl fmt::Display for ApiError {
             }
             Overloaded(what) => write!(f, "server overloaded: {what}; retry later"),
             AuditUnavailable => write!(f, "the audit log cannot be written, so protected requests are refused"),
+            RegistryUnavailable(why) => {
+                write!(f, "the fleet's registry did not take the change, so nothing changed; retry later: {why}")
+            }
             NotReady => write!(f, "the server is starting and has not loaded its functions yet"),
             Draining => write!(f, "the server is shutting down"),
             Storage(m) => write!(f, "storage error: {m}"),

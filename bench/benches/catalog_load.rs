@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use tensor_wasm::catalog::{spawn_worker, Catalog, DeployRequest, FunctionCache, FunctionStore};
+use tensor_wasm::catalog::{
+    spawn_worker, Catalog, DeployRequest, FunctionCache, FunctionStore, RegistryConfig, Spawned,
+};
 use tensor_wasm::guest::GuestProfiler;
 use tensor_wasm::settings::Limits;
 
@@ -30,8 +32,18 @@ fn main() {
     let catalog = Arc::new(Catalog::default());
     let store = FunctionStore::open(&dir).unwrap();
     let spawn = |store, catalog: &Arc<Catalog>| {
-        spawn_worker(engine.clone(), store, catalog.clone(), limits.clone(), (64, 16), None, GuestProfiler::Off)
-            .unwrap()
+        let Spawned { admin, thread, .. } = spawn_worker(
+            engine.clone(),
+            store,
+            catalog.clone(),
+            limits.clone(),
+            (64, 16),
+            None,
+            GuestProfiler::Off,
+            RegistryConfig::File,
+        )
+        .unwrap();
+        (admin, thread)
     };
     let (admin, thread) = spawn(store, &catalog);
     let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().unwrap();

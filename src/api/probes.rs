@@ -1,6 +1,6 @@
 use crate::error::ApiError;
 use crate::http::{Response, Status};
-use crate::metrics::{render, ScrapeContext, TokenCounts};
+use crate::metrics::{render, RegistryFigures, ScrapeContext, TokenCounts};
 use crate::shard::Shard;
 
 pub fn healthz() -> Response {
@@ -39,6 +39,11 @@ pub fn metrics(shard: &Shard) -> Response {
         }),
         audit_sync: &shared.audit_sync,
         dispatcher: &shared.dispatcher,
+        registry: shared.registry.as_deref().map(|r| RegistryFigures {
+            connected: r.connected(),
+            stale_seconds: r.stale_seconds(),
+            syncs: r.syncs(),
+        }),
     });
     Response::new(Status::Ok, "text/plain; version=0.0.4; charset=utf-8", text.into_bytes())
 }

@@ -210,6 +210,23 @@ fn board(server: &str, w: &Window<'_>) -> (String, Vec<String>) {
         per(w.delta("tensor_wasm_audit_records_total", &[])),
         w.now.sum("tensor_wasm_audit_errors_total", &[])
     );
+    // With a fleet registry: whether this replica is in step with it, and since when not.
+    if w.now.matching("tensor_wasm_registry_connected", &[]).next().is_some() {
+        let connected = w.now.sum("tensor_wasm_registry_connected", &[]) > 0.0;
+        let stale = w.now.matching("tensor_wasm_registry_stale_seconds", &[]).next().map(|s| s.value);
+        let state = match (connected, stale) {
+            (true, _) => "in step".to_string(),
+            (false, Some(s)) => format!("AWAY for {s:.1} s"),
+            (false, None) => "never reached".to_string(),
+        };
+        if !connected {
+            problems.push(format!(
+                "the registry is {} (serving the last known catalog; deploys and deletes get 503)",
+                state.to_lowercase()
+            ));
+        }
+        let _ = writeln!(out, "registry     {state}   resyncs {}", w.now.sum("tensor_wasm_registry_syncs_total", &[]));
+    }
     let _ = writeln!(out, "{:<6} {:>12} {:>12}  driver", "shard", "requests", "accepted");
     let mut shards: Vec<String> = w
         .now

@@ -12,6 +12,7 @@ use super::EXIT_USAGE;
 use crate::audit::{parse_destination, AuditConfig, AuditOnError, AuditSync, CheckpointConfig};
 use crate::auth::{AuthConfig, RateLimit, TokenSource};
 use crate::cidr::parse_cidrs;
+use crate::config::RegistryConfig;
 use crate::config::SinkNetworks;
 use crate::config::{CompileBudget, CompilePriority, IoDriverChoice, Limits, ServerConfig};
 use crate::runtime::cpu::PinShards;
@@ -244,6 +245,26 @@ pub struct ServeArgs {
     /// How often the functions directory is checked for changes.
     #[arg(long, env = "TENSOR_WASM_FUNCTIONS_DIR_POLL_MS", default_value_t = 250)]
     pub functions_dir_poll_ms: u64,
+
+    /// Where the catalog lives: `file` (the data dir alone) or nats://HOST:PORT[,…] (tls://
+    /// too): a NATS JetStream every replica of a fleet shares, the data dir then being this
+    /// replica's cache.
+    #[arg(long, env = "TENSOR_WASM_REGISTRY", default_value = "file")]
+    pub registry: String,
+
+    /// A NATS credentials file (JWT and NKey seed) for the registry.
+    #[arg(long, env = "TENSOR_WASM_REGISTRY_CREDS")]
+    pub registry_creds: Option<PathBuf>,
+
+    /// How long a deploy or delete waits for NATS to acknowledge it before 503
+    /// `registry_unavailable`; also the connection's and each request's timeout.
+    #[arg(long, env = "TENSOR_WASM_REGISTRY_TIMEOUT_MS", default_value_t = 5000)]
+    pub registry_timeout_ms: u64,
+
+    /// The bytes the registry's object store may hold (modules and tensor files of every tenant),
+    /// set when this replica creates it.
+    #[arg(long, env = "TENSOR_WASM_REGISTRY_MAX_OBJECT_MB", default_value_t = 10240)]
+    pub registry_max_object_mb: u64,
 
     /// Threads delivering pipeline outputs to their sinks.
     #[arg(long, env = "TENSOR_WASM_SINK_WORKERS", default_value_t = 4)]
@@ -491,6 +512,14 @@ impl ServeArgs {
         let sink_networks = SinkNetworks::parse(&self.sink_allowed_cidrs)
             .map_err(|e| format!("TENSOR_WASM_SINK_ALLOWED_CIDRS: {e}"))?;
         let io_driver = self.io_driver()?;
+        positive("registry-timeout-ms", self.registry_timeout_ms)?;
+        positive("registry-max-object-mb", self.registry_max_object_mb)?;
+        let registry = RegistryConfig::parse(
+            &self.registry,
+            self.registry_creds.clone(),
+            std::time::Duration::from_millis(self.registry_timeout_ms),
+            self.registry_max_object_mb.saturating_mul(1 << 20),
+        )?;
         let dispatch = self.dispatch_config();
         let limits = self.limits(per_tenant_body_bytes, dev_mode, sink_networks, compile_budget);
         Ok(ServerConfig {
@@ -515,6 +544,7 @@ impl ServeArgs {
                 root,
                 poll: std::time::Duration::from_millis(self.functions_dir_poll_ms),
             }),
+            registry,
             sink_workers: self.sink_workers.into(),
             sink_queue_depth: self.sink_queue_depth as usize,
             sink_max_inflight_per_tenant,

@@ -4,11 +4,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod registry;
 mod sink_networks;
 
 /// Exit status for a bad flag, env var or start-up condition the operator must fix.
 pub const EXIT_USAGE: i32 = 2;
 
+pub use registry::{NatsConfig, RegistryConfig};
 pub use sink_networks::SinkNetworks;
 
 use crate::audit::AuditConfig;
@@ -44,6 +46,8 @@ pub struct ServerConfig {
     pub admin_queue_depth_per_tenant: usize,
     /// The functions directory to load and watch, if any.
     pub functions_dir: Option<DirectoryConfig>,
+    /// Where the catalog lives: the data dir, or a NATS JetStream shared by a fleet.
+    pub registry: RegistryConfig,
     /// Threads delivering pipeline outputs to sinks, and deliveries that may wait for one.
     pub sink_workers: usize,
     pub sink_queue_depth: usize,

@@ -14,6 +14,8 @@
 //!   One file per concern: its job queue (`jobs`), deploys, pipelines and directory sync.
 //! - [`directory`] and [`manifest`]: the functions directory's files (`--functions-dir`), and the
 //!   `NAME.toml` manifest beside a module.
+//! - [`registry`]: the fleet's catalog on NATS JetStream (`--registry`), whose changes the worker
+//!   applies; the local store is then the replica's cache.
 
 pub mod catalog;
 pub mod directory;
@@ -22,6 +24,7 @@ pub mod manifest;
 pub mod pipeline;
 pub mod queue;
 pub mod record;
+pub mod registry;
 pub mod store;
 pub mod worker;
 

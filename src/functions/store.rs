@@ -79,6 +79,9 @@ fn digest_hex(digest: &str) -> &str {
     digest.strip_prefix("sha256:").unwrap_or(digest)
 }
 
+/// The marker file of a data dir that was in step with a fleet's registry once.
+const REGISTRY_SYNCED: &str = "registry-synced";
+
 impl FunctionStore {
     /// Opens (creating if needed) the data dir.
     pub fn open(root: &Path) -> io::Result<Self> {
@@ -92,6 +95,20 @@ impl FunctionStore {
             fs::create_dir_all(dir)?;
         }
         Ok(store)
+    }
+
+    /// When this data dir was last in step with a fleet's registry (`mark_registry_synced`), in
+    /// Unix ms; `None` if never: only then is it a cache a replica may serve from while NATS is
+    /// away.
+    pub fn registry_synced_at(&self) -> Option<u64> {
+        let root = self.functions.parent()?;
+        fs::read_to_string(root.join(REGISTRY_SYNCED)).ok()?.trim().parse().ok()
+    }
+
+    /// Records that the catalog here was in step with the registry at `unix_ms`.
+    pub fn mark_registry_synced(&self, unix_ms: u64) -> io::Result<()> {
+        let root = self.functions.parent().ok_or_else(|| io::Error::other("the data dir has no root"))?;
+        write_atomic(&root.join(REGISTRY_SYNCED), unix_ms.to_string().as_bytes())
     }
 
     /// Reads no module file over `bytes`, and no artifact over `ARTIFACT_TO_MODULE` times that.

@@ -6,5 +6,5 @@ pub mod exposition;
 mod render;
 mod shard;
 
-pub use render::{render, DirectoryStats, ScrapeContext, TokenCounts};
+pub use render::{render, DirectoryStats, RegistryFigures, ScrapeContext, TokenCounts};
 pub use shard::{Counter, Histogram, IoDriverKind, ShardMetrics, DURATION_BUCKETS};

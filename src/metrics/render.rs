@@ -41,6 +41,18 @@ pub struct ScrapeContext<'a> {
     /// The audit group commit's fdatasync durations.
     pub audit_sync: &'a Histogram,
     pub dispatcher: &'a Dispatcher,
+    /// `None` without a fleet registry (`--registry file`).
+    pub registry: Option<RegistryFigures>,
+}
+
+/// The fleet registry's state, as `/metrics` shows it.
+pub struct RegistryFigures {
+    /// Watching the registry's bucket now.
+    pub connected: bool,
+    /// Seconds since the replica was last in step with it; `None` before it ever was.
+    pub stale_seconds: Option<f64>,
+    /// Resynchronisations: the first connect and every reconnect.
+    pub syncs: u64,
 }
 
 /// Renders every metric in the Prometheus text exposition format (0.0.4).
@@ -86,6 +98,10 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
             "Modules, manifests and files in the functions directory that could not be loaded.",
         );
         let _ = writeln!(out, "tensor_wasm_functions_dir_errors_total {}", dir.errors.load(Relaxed));
+    }
+
+    if let Some(registry) = &ctx.registry {
+        registry_metrics(&mut out, registry);
     }
 
     header(&mut out, "tensor_wasm_http_requests_total", "counter", "HTTP requests answered.");
@@ -238,6 +254,29 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
         }
     }
     out
+}
+
+/// The fleet's registry: whether this replica watches it, how stale its catalog may be, how often
+/// it resynchronised.
+fn registry_metrics(out: &mut String, registry: &RegistryFigures) {
+    header(out, "tensor_wasm_registry_connected", "gauge", "1 while the replica watches the registry's bucket.");
+    let _ = writeln!(out, "tensor_wasm_registry_connected {}", u8::from(registry.connected));
+    header(
+        out,
+        "tensor_wasm_registry_stale_seconds",
+        "gauge",
+        "Seconds since the replica was last in step with the registry (0 while it watches it); absent before it ever was.",
+    );
+    if let Some(stale) = registry.stale_seconds {
+        let _ = writeln!(out, "tensor_wasm_registry_stale_seconds {stale:.3}");
+    }
+    header(
+        out,
+        "tensor_wasm_registry_syncs_total",
+        "counter",
+        "Resynchronisations from the registry's bucket: the first connect and every reconnect.",
+    );
+    let _ = writeln!(out, "tensor_wasm_registry_syncs_total {}", registry.syncs);
 }
 
 /// Kernel dispatch: per device and op, the guest-visible latency, device and tenant memory, the

@@ -43,6 +43,8 @@ pub struct Helpers {
     pub(super) tls_watcher: Option<Periodic>,
     /// Stores, deletes and loads functions; its compile thread ends with it.
     pub(super) catalog_worker: JoinHandle<()>,
+    /// The NATS client (`--registry nats://…`): ends when the catalog worker drops its handle.
+    pub(super) registry_client: Option<JoinHandle<()>>,
 }
 
 /// A server whose shards are starting or serving.
@@ -149,6 +151,7 @@ impl Helpers {
             token_watcher,
             tls_watcher,
             catalog_worker,
+            registry_client,
         } = self;
         if let Some(group_commit) = audit_group_commit {
             group_commit.stop();
@@ -168,5 +171,7 @@ impl Helpers {
         // (up to `--compile-wall-timeout-ms`), and the drain has never waited for either. Every store
         // write is atomic, so the exit that ends it leaves nothing half-written.
         drop(catalog_worker);
+        // Not joined either: it may wait on NATS up to --registry-timeout-ms.
+        drop(registry_client);
     }
 }

@@ -12,6 +12,7 @@ use super::{listener, shard, ServerError};
 use crate::audit::helpers::HelperThreads;
 use crate::audit::{self, AuditConfig, AuditSync, CommitSlot};
 use crate::auth::{self, AuthConfig, TokenPolicy, TokenSet, TokenSource};
+use crate::config::RegistryConfig;
 use crate::config::{Limits, ServerConfig};
 use crate::functions::store::DataDirLock;
 use crate::functions::{worker, AdminHandle, Catalog, FunctionStore};
@@ -47,7 +48,9 @@ pub fn start(config: &ServerConfig) -> Result<Running, ServerError> {
         .map_err(|e| ServerError::Runtime(format!("cannot listen on {}: {e}", config.listen)))?;
     let local_addr = listeners[0].local_addr().map_err(|e| ServerError::Runtime(e.to_string()))?;
     let catalog = Arc::new(Catalog::default());
-    let (admin, catalog_worker) = start_catalog_worker(config, &engine, store, &catalog, &limits)?;
+    let worker::Spawned { admin, thread: catalog_worker, registry } =
+        start_catalog_worker(config, &engine, store, &catalog, &limits)?;
+    let (registry, registry_client) = registry.unzip();
     let (sinks, sink_workers) = crate::pipelines::sink::spawn(
         config.sink_workers,
         config.sink_queue_depth,
@@ -68,6 +71,7 @@ pub fn start(config: &ServerConfig) -> Result<Running, ServerError> {
         tokens: tokens.published.clone(),
         audit_sync: audit.sync_seconds.clone(),
         lifecycle: Lifecycle::default(),
+        registry,
     });
     let template = ShardTemplate { config, limits, engine, admin, tokens: &tokens, tls: &tls, audit: &audit, shared };
     let (shards, started) = spawn_shards(listeners, &plan, &template)?;
@@ -83,6 +87,7 @@ pub fn start(config: &ServerConfig) -> Result<Running, ServerError> {
         token_watcher: tokens.watcher,
         tls_watcher: tls.watcher,
         catalog_worker,
+        registry_client,
     };
     let drain_grace = Duration::from_millis(config.drain_grace_ms);
     Ok(Running { local_addr, shared, shards, started, drain_grace, helpers, data_dir_lock })
@@ -242,9 +247,12 @@ fn start_catalog_worker(
     store: FunctionStore,
     catalog: &Arc<Catalog>,
     limits: &Arc<Limits>,
-) -> Result<(AdminHandle, std::thread::JoinHandle<()>), ServerError> {
+) -> Result<worker::Spawned, ServerError> {
     if let Some(dir) = &config.functions_dir {
         tracing::info!(dir = %dir.root.display(), poll_ms = dir.poll.as_millis() as u64, "functions directory");
+    }
+    if let RegistryConfig::Nats(nats) = &config.registry {
+        tracing::info!(servers = ?nats.servers, "registry: NATS JetStream; the data dir is this replica's cache");
     }
     worker::spawn(
         engine.clone(),
@@ -254,6 +262,7 @@ fn start_catalog_worker(
         (config.admin_queue_depth, config.admin_queue_depth_per_tenant),
         config.functions_dir.clone(),
         config.guest_profiler,
+        config.registry.clone(),
     )
     .map_err(|e| ServerError::Runtime(format!("cannot start the catalog worker: {e}")))
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tensor_wasm_dispatch::Dispatcher;
 
 use crate::auth::TokenSet;
+use crate::functions::registry::RegistryStatus;
 use crate::functions::Catalog;
 use crate::metrics::{Histogram, ShardMetrics};
 use crate::pipelines::sink::SinkHandle;
@@ -29,6 +30,8 @@ pub struct Shared {
     pub audit_sync: Arc<Histogram>,
     /// Readiness and the drain flag: built empty (`Lifecycle::default()`).
     pub lifecycle: Lifecycle,
+    /// The fleet's registry, when there is one (`--registry nats://…`): for `/metrics`.
+    pub registry: Option<Arc<RegistryStatus>>,
 }
 
 /// How many shards serve, and whether the process drains. Its fields change only through

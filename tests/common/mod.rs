@@ -6,6 +6,7 @@ pub mod bystander;
 pub mod ca;
 pub mod configmap;
 pub mod guests;
+pub mod nats;
 pub mod starve;
 
 use std::io::{BufRead, BufReader, Read, Write};

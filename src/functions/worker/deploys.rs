@@ -372,9 +372,9 @@ impl Worker {
             env: pending.env.clone(),
             tensors: tensors.map(|t| t.digest.clone()),
         };
-        if let Err(e) = self.store.write_record(&record) {
-            // Files no record refers to would count against no quota: gone with the deploy. A
-            // broken function's record refers to them too, so its files stay.
+        // Files no record refers to would count against no quota: gone with a deploy that fails
+        // from here. A broken function's record refers to them too, so its files stay.
+        let discard = || {
             if !current.values().any(|f| f.record.digest == *digest) {
                 let _ = self.store.remove_module(digest);
             }
@@ -382,6 +382,18 @@ impl Worker {
             {
                 let _ = self.store.remove_tensors(&t.digest);
             }
+        };
+        // The fleet's copy first: answered 201 only once JetStream holds the module, the tensors
+        // and the record; refused, nothing changed anywhere.
+        if let Some(registry) = &self.registry {
+            let files = tensors.map(|t| (t.digest.as_str(), t.file.as_slice()));
+            if let Err(e) = registry.publish(&record, wasm, files) {
+                discard();
+                return Err(e.into());
+            }
+        }
+        if let Err(e) = self.store.write_record(&record) {
+            discard();
             return Err(ApiError::Storage(e.to_string()));
         }
         let revived = self.revive(&current, digest, &module, tensors.map(|t| t.digest.as_str()));
@@ -464,6 +476,17 @@ impl Worker {
         if function.record.source == Source::Directory {
             return Err(ApiError::ManagedByDirectory { what: "function", name: function.record.name.clone() });
         }
+        // The fleet's copy first: every replica's watch then removes the function.
+        if let Some(registry) = &self.registry {
+            registry.remove(id)?;
+        }
+        self.forget(&function)
+    }
+
+    /// Removes an API function from this replica: its record, its catalog entry, and the files
+    /// that no other function uses.
+    pub(super) fn forget(&self, function: &DeployedFunction) -> Result<(), ApiError> {
+        let id = function.record.id.as_str();
         self.store.remove_record(id).map_err(|e| ApiError::Storage(e.to_string()))?;
         self.catalog.remove(id);
         // The module goes with its last API function. Where folder functions still run the same

@@ -28,6 +28,8 @@ pub(super) enum Job {
         tenant: u64,
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
+    /// The registry's client has changes waiting (`registry_sync`).
+    RegistryChanges,
 }
 
 /// A shard's handle to the worker. Submitting never blocks: a full queue is 503 `overloaded`, a

@@ -11,6 +11,7 @@ mod deploys;
 mod directory_sync;
 mod jobs;
 mod pipelines;
+mod registry_sync;
 
 pub use deploys::{DeployBody, DeployRequest, PendingDeploy};
 pub use jobs::AdminHandle;
@@ -20,6 +21,7 @@ use jobs::Job;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,6 +32,7 @@ use wasmtime::{Engine, Linker};
 use super::catalog::PipelineMap;
 use super::loader::{self, ModuleLoader};
 use super::queue;
+use super::registry::{self, Change, Registry, RegistryConfig, RegistryStatus};
 use super::{Catalog, DeployedFunction, FunctionRecord, FunctionStore};
 use crate::config::{CompilePriority, GuestProfiler, Limits};
 use crate::error::ApiError;
@@ -39,8 +42,18 @@ use crate::wasm::{new_linker, GuestState};
 
 pub use crate::config::DirectoryConfig;
 
+/// What [`spawn`] started: the shards' handle, the worker's thread, and with a registry its
+/// status (for `/metrics`) and its client thread.
+pub struct Spawned {
+    pub admin: AdminHandle,
+    pub thread: JoinHandle<()>,
+    pub registry: Option<(Arc<RegistryStatus>, JoinHandle<()>)>,
+}
+
 /// Starts the worker; it loads the store and the functions directory before serving its queue of
-/// `queue_depth` jobs.
+/// `queue_depth` jobs. With a NATS registry it starts the client thread too, whose changes the
+/// worker applies between jobs.
+#[allow(clippy::too_many_arguments)] // each is one of the worker's inputs, named at the call
 pub fn spawn(
     engine: Engine,
     store: FunctionStore,
@@ -49,10 +62,31 @@ pub fn spawn(
     (queue_depth, per_tenant): (usize, usize),
     directory: Option<DirectoryConfig>,
     profiler: GuestProfiler,
-) -> std::io::Result<(AdminHandle, JoinHandle<()>)> {
+    registry: RegistryConfig,
+) -> std::io::Result<Spawned> {
     let (jobs, tx) = queue::FairQueue::new(queue_depth, per_tenant);
     let compiler =
         spawn_compiler(engine.clone(), (limits.module_shape, limits.compile_budget), profiler, jobs.clone())?;
+    let (registry, changes, registry_thread) = match registry {
+        RegistryConfig::File => (None, None, None),
+        RegistryConfig::Nats(config) => {
+            let (changes_tx, changes_rx) = tokio::sync::mpsc::channel(registry::CHANGE_DEPTH);
+            let nudged = Arc::new(AtomicBool::new(false));
+            let nudge = {
+                let (jobs, nudged) = (jobs.clone(), nudged.clone());
+                // At most one drain job is queued: the changes themselves wait in their channel.
+                Box::new(move || {
+                    if !nudged.swap(true, Ordering::AcqRel) {
+                        jobs.push_result(Job::RegistryChanges);
+                    }
+                })
+            };
+            let sink = registry::ChangeSink { changes: changes_tx, nudge };
+            let (client, thread) = registry::spawn(config, sink, store.registry_synced_at())?;
+            (Some(client), Some((changes_rx, nudged)), Some(thread))
+        }
+    };
+    let status = registry.as_ref().map(|r| r.status.clone());
     let thread = std::thread::Builder::new().name("tw-catalog".into()).spawn(move || {
         // However this thread ends (a panic included), the shards waiting on its jobs hear of it.
         let _gone = ConsumerGone(jobs.clone());
@@ -76,11 +110,14 @@ pub fn spawn(
             compiling: Cell::new(false),
             profiler,
             weights: RefCell::default(),
+            registry,
+            changes: RefCell::new(changes),
         };
         worker.load();
         worker.serve(&jobs);
     })?;
-    Ok((AdminHandle { tx, per_tenant }, thread))
+    let registry = status.zip(registry_thread);
+    Ok(Spawned { admin: AdminHandle { tx, per_tenant }, thread, registry })
 }
 
 /// Closes the queue's consumer side when dropped (`FairQueue::close_consumer`).
@@ -141,6 +178,10 @@ struct Worker {
     /// Every tensor file a live function carries, parsed once per tenant and digest: functions of
     /// one tenant deployed with the same file share its host copy and its device copies.
     weights: RefCell<HashMap<(u64, String), Weak<Weights>>>,
+    /// The fleet's registry (`--registry nats://…`): deploys and deletes go through it first.
+    registry: Option<Registry>,
+    /// Its changes, and whether a job to drain them is queued.
+    changes: RefCell<Option<(tokio::sync::mpsc::Receiver<Change>, Arc<AtomicBool>)>>,
 }
 
 impl Worker {
@@ -179,6 +220,7 @@ impl Worker {
             Job::DeletePipeline { id, tenant, reply } => {
                 let _ = reply.send(self.delete_pipeline(&id, tenant));
             }
+            Job::RegistryChanges => self.apply_registry_changes(),
         }
     }
 
@@ -251,7 +293,11 @@ impl Worker {
         if !self.sync_directory() {
             self.sweep_directory_artifacts();
         }
-        self.catalog.mark_loaded();
+        // A replica of a fleet whose data dir never was in step with the registry has no catalog
+        // to serve: it is ready at its first resynchronisation (`registry_sync`), not before.
+        if self.registry.is_none() || self.store.registry_synced_at().is_some() {
+            self.catalog.mark_loaded();
+        }
     }
 
     fn loader(&self) -> ModuleLoader<'_> {

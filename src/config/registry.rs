@@ -1,0 +1,56 @@
+//! `--registry`: where the catalog lives (functions::registry uses it).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where the catalog lives: the data dir alone, or a NATS JetStream shared by the fleet.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum RegistryConfig {
+    #[default]
+    File,
+    Nats(NatsConfig),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsConfig {
+    /// `nats://host:port` or `tls://host:port`, one or more.
+    pub servers: Vec<String>,
+    /// A NATS credentials file (JWT and NKey seed), `--registry-creds`.
+    pub creds: Option<PathBuf>,
+    /// How long a deploy or delete waits for JetStream's acknowledgement.
+    pub timeout: Duration,
+    /// The bytes the object store may hold: modules and tensor files of every tenant.
+    pub max_object_bytes: u64,
+}
+
+impl RegistryConfig {
+    /// Parses `--registry`: `file`, or a comma-separated list of `nats://` or `tls://` URLs.
+    pub fn parse(
+        text: &str,
+        creds: Option<PathBuf>,
+        timeout: Duration,
+        max_object_bytes: u64,
+    ) -> Result<RegistryConfig, String> {
+        let text = text.trim();
+        if text == "file" {
+            if creds.is_some() {
+                return Err("--registry-creds needs --registry nats://…".into());
+            }
+            return Ok(RegistryConfig::File);
+        }
+        let servers: Vec<String> = text.split(',').map(|s| s.trim().to_string()).collect();
+        for server in &servers {
+            let rest = server.strip_prefix("nats://").or_else(|| server.strip_prefix("tls://"));
+            match rest {
+                Some(hostport)
+                    if hostport.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) => {}
+                _ => {
+                    return Err(format!(
+                        "--registry: `{server}` is not `file` or nats://HOST:PORT (or tls://HOST:PORT)"
+                    ))
+                }
+            }
+        }
+        Ok(RegistryConfig::Nats(NatsConfig { servers, creds, timeout, max_object_bytes }))
+    }
+}

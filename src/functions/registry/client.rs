@@ -1,0 +1,324 @@
+//! The NATS client thread: a current-thread tokio runtime (async-nats needs one), which connects,
+//! resynchronises the catalog from the key-value bucket, watches it, and answers the worker's
+//! commands. Nothing here runs on a shard or the catalog worker.
+//!
+//! The bucket `tensor-wasm-functions` holds one key per function, `f.<id>`, whose value is the
+//! record's JSON. The object store `tensor-wasm-objects` holds modules and tensor files under
+//! their SHA-256 in hex. Any disconnection ends the watch: the thread reconnects (with a backoff
+//! of 0.1 to 2 s) and resynchronises from the bucket, so a change missed while away is never lost.
+
+use std::io;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, object_store};
+use futures_util::{StreamExt, TryStreamExt};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+use super::{Change, NatsConfig, Registry, RegistryError, RegistryStatus};
+use crate::functions::FunctionRecord;
+
+const BUCKET: &str = "tensor-wasm-functions";
+const OBJECTS: &str = "tensor-wasm-objects";
+/// A function's key in the bucket.
+const KEY_PREFIX: &str = "f.";
+/// Commands the worker may have waiting: it sends one at a time, so this only bounds a stall.
+const COMMAND_DEPTH: usize = 16;
+/// Changes on their way to the worker. Full, the watch waits: JetStream holds the rest.
+pub const CHANGE_DEPTH: usize = 256;
+/// How often the connection's state is looked at while watching.
+const STATE_TICK: Duration = Duration::from_millis(100);
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+pub(super) type Reply<T> = std::sync::mpsc::SyncSender<Result<T, RegistryError>>;
+
+pub(super) enum Command {
+    Publish { record: FunctionRecord, objects: Vec<(String, Vec<u8>)>, reply: Reply<()> },
+    Remove { id: String, reply: Reply<()> },
+    Fetch { digest: String, max_bytes: u64, reply: Reply<Vec<u8>> },
+}
+
+/// Where changes go: a bounded channel the worker drains, and a nudge that queues the worker's
+/// job to drain it (at most one outstanding, `nudge` decides).
+pub struct ChangeSink {
+    pub changes: mpsc::Sender<Change>,
+    pub nudge: Box<dyn Fn() + Send>,
+}
+
+/// Starts the client thread. The worker holds the returned `Registry` and drains the receiver
+/// of the channel whose sender is in `sink`.
+/// `synced_at`: when the local cache was last in step (Unix ms), which the staleness counts from
+/// until the first resynchronisation.
+pub fn spawn(config: NatsConfig, sink: ChangeSink, synced_at: Option<u64>) -> io::Result<(Registry, JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel(COMMAND_DEPTH);
+    let status = std::sync::Arc::new(RegistryStatus::since(synced_at));
+    let registry = Registry { commands: tx, status: status.clone(), timeout: config.timeout };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let thread = std::thread::Builder::new().name("tw-registry".into()).spawn(move || {
+        runtime.block_on(run(config, rx, sink, status));
+    })?;
+    Ok((registry, thread))
+}
+
+/// Connects, serves, and after any failure reconnects, until the worker drops its `Registry`.
+async fn run(
+    config: NatsConfig,
+    mut commands: mpsc::Receiver<Command>,
+    sink: ChangeSink,
+    status: std::sync::Arc<RegistryStatus>,
+) {
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        let why = match Session::open(&config).await {
+            Ok(session) => {
+                backoff = BACKOFF_FIRST;
+                match session.serve(&mut commands, &sink, &status).await {
+                    Ok(()) => return, // the worker is gone
+                    Err(why) => why,
+                }
+            }
+            Err(why) => why,
+        };
+        status.lost();
+        tracing::warn!(servers = ?config.servers, retry_ms = backoff.as_millis() as u64, "registry unavailable: {why}");
+        // While away, every command is refused at once: the worker answers 503, it does not wait.
+        let retry = tokio::time::sleep(backoff);
+        tokio::pin!(retry);
+        loop {
+            tokio::select! {
+                _ = &mut retry => break,
+                command = commands.recv() => match command {
+                    None => return,
+                    Some(command) => refuse(command, &why),
+                },
+            }
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+fn refuse(command: Command, why: &str) {
+    let e = || RegistryError::Unavailable(format!("NATS is unreachable: {why}"));
+    match command {
+        Command::Publish { reply, .. } | Command::Remove { reply, .. } => drop(reply.try_send(Err(e()))),
+        Command::Fetch { reply, .. } => drop(reply.try_send(Err(e()))),
+    }
+}
+
+struct Session {
+    client: async_nats::Client,
+    kv: kv::Store,
+    objects: object_store::ObjectStore,
+}
+
+impl Session {
+    async fn open(config: &NatsConfig) -> Result<Session, String> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name("tensor-wasm")
+            .connection_timeout(config.timeout)
+            .request_timeout(Some(config.timeout));
+        if let Some(creds) = &config.creds {
+            options = options
+                .credentials_file(creds)
+                .await
+                .map_err(|e| format!("cannot read --registry-creds {}: {e}", creds.display()))?;
+        }
+        let client = options.connect(config.servers.clone()).await.map_err(|e| format!("connect: {e}"))?;
+        let js = jetstream::new(client.clone());
+        // Created on first use by whichever replica comes first; the same config everywhere, so a
+        // second create is a no-op. History 1: the bucket is the catalog, not its log. The bucket's
+        // stream is made here as async-nats's `create_key_value` makes it, because that call first
+        // reads the account's info, whose reply from a 2.9 server (Debian's) lacks fields the
+        // client requires ("data did not match any variant of untagged enum Response").
+        js.get_or_create_stream(jetstream::stream::Config {
+            name: format!("KV_{BUCKET}"),
+            subjects: vec![format!("$KV.{BUCKET}.>")],
+            max_messages_per_subject: 1,
+            storage: jetstream::stream::StorageType::File,
+            discard: jetstream::stream::DiscardPolicy::New,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            num_replicas: 1,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("the key-value bucket {BUCKET}: {e}"))?;
+        let kv = js.get_key_value(BUCKET).await.map_err(|e| format!("the key-value bucket {BUCKET}: {e}"))?;
+        let objects = js
+            .create_object_store(object_store::Config {
+                bucket: OBJECTS.into(),
+                max_bytes: i64::try_from(config.max_object_bytes).unwrap_or(i64::MAX),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("the object store {OBJECTS}: {e}"))?;
+        Ok(Session { client, kv, objects })
+    }
+
+    /// Resynchronises, then watches the bucket and answers commands until the connection drops
+    /// (`Err`) or the worker is gone (`Ok`).
+    async fn serve(
+        &self,
+        commands: &mut mpsc::Receiver<Command>,
+        sink: &ChangeSink,
+        status: &RegistryStatus,
+    ) -> Result<(), String> {
+        let last = self.kv.status().await.map_err(|e| format!("bucket status: {e}"))?.info.state.last_sequence;
+        let keys: Vec<String> = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| format!("list: {e}"))?
+            .try_collect()
+            .await
+            .map_err(|e| format!("list: {e}"))?;
+        let mut ids = Vec::with_capacity(keys.len());
+        for key in keys.iter().filter(|k| k.starts_with(KEY_PREFIX)) {
+            let Some(entry) = self.kv.entry(key.as_str()).await.map_err(|e| format!("get {key}: {e}"))? else {
+                continue;
+            };
+            if entry.operation != kv::Operation::Put {
+                continue;
+            }
+            if let Some(record) = record_of(&entry) {
+                ids.push(record.id.clone());
+                self.hand_over(sink, commands, Change::Put(record)).await?;
+            }
+        }
+        self.hand_over(sink, commands, Change::Synced(ids)).await?;
+        // Every change after the listing's start: one the listing saw already comes again, and
+        // applying it again changes nothing.
+        let mut watch = self.kv.watch_all_from_revision(last + 1).await.map_err(|e| format!("watch: {e}"))?;
+        status.synced();
+        tracing::info!(functions = keys.len(), revision = last, "registry synchronised; watching for changes");
+        let mut tick = tokio::time::interval(STATE_TICK);
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    None => return Ok(()),
+                    Some(command) => self.execute(command).await,
+                },
+                entry = watch.next() => match entry {
+                    None => return Err("the bucket's watch ended".into()),
+                    Some(Err(e)) => return Err(format!("watch: {e}")),
+                    Some(Ok(entry)) => {
+                        let Some(id) = entry.key.strip_prefix(KEY_PREFIX) else { continue };
+                        let change = match entry.operation {
+                            kv::Operation::Put => match record_of(&entry) {
+                                Some(record) => Change::Put(record),
+                                None => continue,
+                            },
+                            kv::Operation::Delete | kv::Operation::Purge => Change::Removed(id.to_string()),
+                        };
+                        self.hand_over(sink, commands, change).await?;
+                    }
+                },
+                _ = tick.tick() => {
+                    if self.client.connection_state() != async_nats::connection::State::Connected {
+                        return Err("the connection to NATS dropped".into());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands a change to the worker. While its channel is full the worker's commands are still
+    /// answered: the worker may be waiting on one (a deploy's publish) before it drains again.
+    async fn hand_over(
+        &self,
+        sink: &ChangeSink,
+        commands: &mut mpsc::Receiver<Command>,
+        change: Change,
+    ) -> Result<(), String> {
+        loop {
+            tokio::select! {
+                permit = sink.changes.reserve() => {
+                    permit.map_err(|_| "the catalog worker stopped".to_string())?.send(change);
+                    (sink.nudge)();
+                    return Ok(());
+                }
+                command = commands.recv() => match command {
+                    None => return Err("the catalog worker stopped".into()),
+                    Some(command) => self.execute(command).await,
+                },
+            }
+        }
+    }
+
+    async fn execute(&self, command: Command) {
+        match command {
+            Command::Publish { record, objects, reply } => {
+                let _ = reply.try_send(self.publish(&record, objects).await);
+            }
+            Command::Remove { id, reply } => {
+                let removed = self.kv.delete(format!("{KEY_PREFIX}{id}")).await;
+                let _ = reply.try_send(removed.map_err(|e| RegistryError::Unavailable(format!("delete: {e}"))));
+            }
+            Command::Fetch { digest, max_bytes, reply } => {
+                let _ = reply.try_send(self.fetch(&digest, max_bytes).await);
+            }
+        }
+    }
+
+    /// The objects first, then the record, each acknowledged by JetStream before the next.
+    async fn publish(&self, record: &FunctionRecord, objects: Vec<(String, Vec<u8>)>) -> Result<(), RegistryError> {
+        for (digest, bytes) in objects {
+            let name = object_name(&digest);
+            if self.objects.info(&name).await.is_ok_and(|info| !info.deleted && info.size == bytes.len()) {
+                continue;
+            }
+            self.objects.put(name.as_str(), &mut bytes.as_slice()).await.map_err(|e| {
+                let text = e.to_string();
+                // JetStream's words for a stream at its max_bytes.
+                if text.contains("maximum bytes") || text.contains("insufficient resources") {
+                    RegistryError::Full(text)
+                } else {
+                    RegistryError::Unavailable(format!("store {name}: {text}"))
+                }
+            })?;
+        }
+        let value = serde_json::to_vec(record).map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+        self.kv
+            .create(format!("{KEY_PREFIX}{}", record.id), value.into())
+            .await
+            .map(|_revision| ())
+            .map_err(|e| RegistryError::Unavailable(format!("put the record: {e}")))
+    }
+
+    async fn fetch(&self, digest: &str, max_bytes: u64) -> Result<Vec<u8>, RegistryError> {
+        let name = object_name(digest);
+        let unavailable = |e: String| RegistryError::Unavailable(format!("fetch {name}: {e}"));
+        let object = self.objects.get(&name).await.map_err(|e| unavailable(e.to_string()))?;
+        let mut bytes = Vec::new();
+        // One byte past the bound tells a file that is too long.
+        object.take(max_bytes + 1).read_to_end(&mut bytes).await.map_err(|e| unavailable(e.to_string()))?;
+        if bytes.len() as u64 > max_bytes {
+            return Err(unavailable(format!("more than {max_bytes} bytes")));
+        }
+        Ok(bytes)
+    }
+}
+
+/// An object's name: a digest's hex, without `sha256:`.
+fn object_name(digest: &str) -> String {
+    digest.strip_prefix("sha256:").unwrap_or(digest).to_string()
+}
+
+/// A record from an entry's value; one that does not parse is skipped, and logged: another
+/// version's record, or a key that is not ours.
+fn record_of(entry: &kv::Entry) -> Option<FunctionRecord> {
+    match serde_json::from_slice::<FunctionRecord>(&entry.value) {
+        Ok(record) if entry.key.strip_prefix(KEY_PREFIX) == Some(record.id.as_str()) => Some(record),
+        Ok(_) => {
+            tracing::warn!(key = entry.key, "a registry record whose id is not its key's: skipped");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(key = entry.key, "an unreadable registry record: skipped: {e}");
+            None
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! The fleet's catalog (issue 35): with `--registry nats://…`, function records live in a NATS
+//! JetStream key-value bucket and their modules and tensor files in an object store keyed by
+//! digest, so that every replica serves what any of them deployed.
+//!
+//! One thread (`client`) runs the NATS client on a tokio runtime of its own, away from the shards
+//! and the catalog worker. The worker asks it to publish and remove (`Registry`, waiting at most
+//! `--registry-timeout-ms` for JetStream's acknowledgement), and it hands the bucket's changes to
+//! the worker (`Change`), which applies them to the local store and the catalog as it applies
+//! deploys: shards see no difference. The local store is the replica's cache: it serves its last
+//! known catalog while NATS is away, and a reconnect resynchronises from the bucket.
+
+mod client;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::FunctionRecord;
+use crate::error::ApiError;
+
+pub use crate::config::{NatsConfig, RegistryConfig};
+
+pub use client::{spawn, ChangeSink, CHANGE_DEPTH};
+
+/// A change in the fleet's catalog, for the worker to apply.
+#[derive(Debug)]
+pub enum Change {
+    /// A function record was put (deployed, on this replica or another).
+    Put(FunctionRecord),
+    /// The function with this id was deleted.
+    Removed(String),
+    /// Every function the bucket held at a resynchronisation (a connect or reconnect), after a
+    /// `Put` for each: what is not among them was deleted while this replica was away.
+    Synced(Vec<String>),
+}
+
+/// Why the registry could not do what was asked.
+#[derive(Debug)]
+pub enum RegistryError {
+    /// Not connected, or no acknowledgement within the timeout.
+    Unavailable(String),
+    /// The object store is full (`--registry-max-object-mb`).
+    Full(String),
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> ApiError {
+        match e {
+            RegistryError::Unavailable(why) => ApiError::RegistryUnavailable(why),
+            RegistryError::Full(why) => {
+                ApiError::RegistryUnavailable(format!("the registry's object store is full: {why}"))
+            }
+        }
+    }
+}
+
+/// What the metrics and `observe` show of the registry. Written by the client thread alone.
+#[derive(Default)]
+pub struct RegistryStatus {
+    /// Watching the bucket now.
+    connected: AtomicBool,
+    /// When the replica last was in step with the bucket (connected and watching), in Unix ms.
+    in_step_unix_ms: AtomicU64,
+    /// Resynchronisations done (connects and reconnects).
+    syncs: AtomicU64,
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl RegistryStatus {
+    /// Not connected yet; last in step at `synced_at` (Unix ms), if ever.
+    fn since(synced_at: Option<u64>) -> RegistryStatus {
+        RegistryStatus { in_step_unix_ms: AtomicU64::new(synced_at.unwrap_or(0)), ..Default::default() }
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Seconds since the replica was last in step with the bucket: 0 while it watches it; `None`
+    /// before it ever was.
+    pub fn stale_seconds(&self) -> Option<f64> {
+        if self.connected() {
+            return Some(0.0);
+        }
+        match self.in_step_unix_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(now_unix_ms().saturating_sub(at) as f64 / 1e3),
+        }
+    }
+
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// The watch ended: the replica was last in step now. Later failures (each retry's) leave
+    /// that moment as it was.
+    fn lost(&self) {
+        if self.connected.swap(false, Ordering::Relaxed) {
+            self.in_step_unix_ms.store(now_unix_ms(), Ordering::Relaxed);
+        }
+    }
+
+    fn synced(&self) {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        self.in_step_unix_ms.store(now_unix_ms(), Ordering::Relaxed);
+        self.connected.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The worker's handle to the client thread.
+pub struct Registry {
+    commands: tokio::sync::mpsc::Sender<client::Command>,
+    pub status: Arc<RegistryStatus>,
+    timeout: Duration,
+}
+
+impl Registry {
+    /// Stores the module (and tensor file) under its digest unless the object store has it, then
+    /// puts the record: a deploy is acknowledged only once JetStream has both.
+    pub fn publish(
+        &self,
+        record: &FunctionRecord,
+        module: &[u8],
+        tensors: Option<(&str, &[u8])>,
+    ) -> Result<(), RegistryError> {
+        let mut objects = vec![(record.digest.clone(), module.to_vec())];
+        if let Some((digest, file)) = tensors {
+            objects.push((digest.to_string(), file.to_vec()));
+        }
+        self.ask(|reply| client::Command::Publish { record: record.clone(), objects, reply })
+    }
+
+    /// Deletes the record; every replica's watch removes the function.
+    pub fn remove(&self, id: &str) -> Result<(), RegistryError> {
+        self.ask(|reply| client::Command::Remove { id: id.to_string(), reply })
+    }
+
+    /// The object stored under `digest` (a module or a tensor file), at most `max_bytes` long.
+    pub fn fetch(&self, digest: &str, max_bytes: u64) -> Result<Vec<u8>, RegistryError> {
+        self.ask(|reply| client::Command::Fetch { digest: digest.to_string(), max_bytes, reply })
+    }
+
+    /// Sends a command and waits for its answer, at most the timeout. The command carries its own
+    /// deadline too, so that the client thread drops work nobody waits for.
+    fn ask<T>(
+        &self,
+        command: impl FnOnce(std::sync::mpsc::SyncSender<Result<T, RegistryError>>) -> client::Command,
+    ) -> Result<T, RegistryError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.commands.try_send(command(tx)).map_err(|e| match e {
+            tokio::sync::mpsc::error::TrySendError::Full(_) => {
+                RegistryError::Unavailable("the registry is busy".into())
+            }
+            tokio::sync::mpsc::error::TrySendError::Closed(_) => {
+                RegistryError::Unavailable("the registry client stopped".into())
+            }
+        })?;
+        rx.recv_timeout(self.timeout).unwrap_or_else(|_| {
+            Err(RegistryError::Unavailable(format!(
+                "no answer from NATS within --registry-timeout-ms ({} ms)",
+                self.timeout.as_millis()
+            )))
+        })
+    }
+}

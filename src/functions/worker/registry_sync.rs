@@ -1,0 +1,140 @@
+//! The fleet's changes, applied on this replica (`--registry nats://…`): a function another replica
+//! deployed is fetched, stored and published here as a deploy would be, one deleted is forgotten,
+//! and after a resynchronisation what the bucket no longer holds goes. A change already applied
+//! (this replica's own deploy, seen again by its watch) changes nothing.
+//!
+//! Nothing is checked against this replica's quotas: the replica that answered the deploy checked
+//! them against the same fleet-wide catalog. What is checked is what this replica must trust: the
+//! fetched bytes' digests, the module's validity (by compiling it), the tensor file's shape.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+
+use super::deploys::same_function;
+use super::Worker;
+use crate::functions::record::Source;
+use crate::functions::registry::Change;
+use crate::functions::store::digest_of;
+use crate::functions::{DeployedFunction, FunctionRecord};
+
+impl Worker {
+    /// Drains the client's channel. The flag is cleared first, so that a change sent while this
+    /// runs queues the job again rather than waiting for the next one.
+    pub(super) fn apply_registry_changes(&self) {
+        loop {
+            let change = {
+                let mut changes = self.changes.borrow_mut();
+                let Some((rx, nudged)) = changes.as_mut() else { return };
+                nudged.store(false, Ordering::Release);
+                match rx.try_recv() {
+                    Ok(change) => change,
+                    Err(_) => return,
+                }
+            };
+            match change {
+                Change::Put(record) => self.apply_put(record),
+                Change::Removed(id) => self.apply_removed(&id),
+                Change::Synced(ids) => self.apply_synced(ids),
+            }
+        }
+    }
+
+    fn apply_put(&self, record: FunctionRecord) {
+        if record.source != Source::Api {
+            tracing::warn!(id = record.id, "a registry record of a directory function: skipped");
+            return;
+        }
+        if let Some(live) = self.catalog.get(&record.id) {
+            if live.module.is_ok() && same_function(&live.record, &record) {
+                return;
+            }
+        }
+        self.last_created_ms.set(self.last_created_ms.get().max(record.created_unix_ms));
+        let deployed = match self.fetch_files(&record) {
+            Ok(()) => match self.loaded_module(&record.digest).and_then(|m| Ok((m, self.stored_weights(&record)?))) {
+                Ok((module, weights)) => DeployedFunction::new(record.clone(), module).with_weights(weights),
+                Err(reason) => DeployedFunction::broken(record.clone(), reason),
+            },
+            // Listed as broken, and tried again at the next resynchronisation.
+            Err(reason) => DeployedFunction::broken(record.clone(), reason),
+        };
+        if let Err(e) = self.store.write_record(&record) {
+            tracing::warn!(id = record.id, "cannot store a function from the registry: {e}");
+            return;
+        }
+        if let Err(reason) = &deployed.module {
+            tracing::warn!(id = record.id, name = record.name, "a function from the registry is broken here: {reason}");
+        } else {
+            tracing::info!(id = record.id, name = record.name, "function deployed from the registry");
+        }
+        self.catalog.insert_all([deployed]);
+    }
+
+    /// The record's module and tensor file in the local store: fetched from the object store
+    /// where missing, checked against their digests.
+    fn fetch_files(&self, record: &FunctionRecord) -> Result<(), String> {
+        let Some(registry) = &self.registry else { return Ok(()) };
+        if self.store.verify_module(&record.digest).is_err() {
+            let wasm = registry
+                .fetch(&record.digest, self.limits.max_body_bytes)
+                .map_err(|e| format!("its module {}: {e:?}", record.digest))?;
+            if digest_of(&wasm) != record.digest {
+                return Err(format!("the registry's copy of {} has another digest", record.digest));
+            }
+            self.store.write_module(&record.digest, &wasm).map_err(|e| format!("storing {}: {e}", record.digest))?;
+        }
+        if let Some(tensors) = &record.tensors {
+            let limit = self.limits.max_function_tensors_bytes;
+            if self.store.read_tensors(tensors, limit).is_err() {
+                let file = registry.fetch(tensors, limit).map_err(|e| format!("its tensors {tensors}: {e:?}"))?;
+                if digest_of(&file) != *tensors {
+                    return Err(format!("the registry's copy of {tensors} has another digest"));
+                }
+                self.store.write_tensors(tensors, &file).map_err(|e| format!("storing {tensors}: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The module a live function runs, or the stored one, loaded (its artifact, or compiled).
+    fn loaded_module(&self, digest: &str) -> Result<wasmtime::Module, String> {
+        if let Some(module) = self.catalog.module_with_digest(digest) {
+            return Ok(module);
+        }
+        let mut loaded = self.loader().load_all(&[digest.to_string()], 1);
+        loaded.remove(digest).ok_or_else(|| format!("its module {digest} was not loaded"))?.module
+    }
+
+    fn apply_removed(&self, id: &str) {
+        let Some(function) = self.catalog.get(id).filter(|f| f.record.source == Source::Api) else { return };
+        match self.forget(&function) {
+            Ok(()) => tracing::info!(id, name = function.record.name, "function deleted through the registry"),
+            Err(e) => tracing::warn!(id, "cannot forget a function the registry deleted: {e}"),
+        }
+    }
+
+    /// After a resynchronisation: the API functions the bucket no longer holds were deleted while
+    /// this replica was away.
+    fn apply_synced(&self, ids: Vec<String>) {
+        let held: HashSet<String> = ids.into_iter().collect();
+        let current = self.catalog.current();
+        let gone: Vec<String> = current
+            .values()
+            .filter(|f| f.record.source == Source::Api && !held.contains(&f.record.id))
+            .map(|f| f.record.id.clone())
+            .collect();
+        for id in gone {
+            self.apply_removed(&id);
+        }
+        // The cache's age, for a restart while NATS is away (`RegistryStatus::stale_seconds`).
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        if let Err(e) = self.store.mark_registry_synced(now_ms) {
+            tracing::warn!("cannot mark the data dir as in step with the registry: {e}");
+        }
+        if !self.catalog.is_loaded() {
+            tracing::info!("in step with the registry: ready");
+            self.catalog.mark_loaded();
+        }
+    }
+}
