@@ -86,8 +86,8 @@ pub mod tokens {
 /// the fuzz targets and the property tests (the formats), and the restart micro-benchmark
 /// (bench/benches/catalog_load.rs: deploys through the worker, loads, pre-links).
 pub mod catalog {
-    pub use crate::functions::manifest::{duration_ms, FunctionManifest};
     pub use crate::config::RegistryConfig;
+    pub use crate::functions::manifest::{duration_ms, FunctionManifest};
     pub use crate::functions::worker::{spawn as spawn_worker, DeployBody, Spawned};
     pub use crate::functions::{Catalog, DeployRequest, FunctionCache, FunctionRecord, FunctionStore};
     pub use crate::functions::{PipelineRecord, PipelineSpec};

@@ -159,6 +159,12 @@ impl Op {
         self as u8 >= Op::Add as u8 && self != Op::Sync
     }
 
+    /// Whether this op maps each element alone (`tw_unary` on CUDA): the shape and dtype of its
+    /// one operand are its output's.
+    pub fn is_unary(self) -> bool {
+        matches!(self, Op::Scale | Op::Relu | Op::Gelu | Op::Silu | Op::Exp | Op::Tanh | Op::Sqrt | Op::Rsqrt | Op::Neg)
+    }
+
     pub fn from_u8(v: u8) -> Option<Op> {
         Op::ALL.get(usize::from(v).wrapping_sub(1)).copied()
     }

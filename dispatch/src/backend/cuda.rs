@@ -827,15 +827,7 @@ impl CudaBackend {
             // (checked by `typed`), which is what the shape rules index it with.
             unsafe {
                 match op {
-                    Op::Scale
-                    | Op::Relu
-                    | Op::Gelu
-                    | Op::Silu
-                    | Op::Exp
-                    | Op::Tanh
-                    | Op::Sqrt
-                    | Op::Rsqrt
-                    | Op::Neg => stream
+                    op if op.is_unary() => stream
                         .launch_builder(&k.unary)
                         .arg(&pa)
                         .arg(&po)
