@@ -172,6 +172,66 @@ fn a_replica_started_while_nats_is_down_serves_from_its_cache() {
     assert_eq!(r.status, 201, "{}", r.text());
 }
 
+/// Puts `value` under `key` in the registry's bucket, as anyone with access to NATS could.
+fn put_raw(nats: &Nats, key: &str, value: serde_json::Value) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let kv = async_nats::jetstream::new(client).get_key_value("tensor-wasm-functions").await.unwrap();
+        kv.put(key, value.to_string().into()).await.unwrap();
+    });
+}
+
+#[test]
+fn records_written_into_the_bucket_by_others_are_checked_before_anything_is_trusted() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = replica(&nats, dir.path());
+    let good = a.deploy("good", &guests::hello());
+    let record = a.client().request("GET", &format!("/functions/{good}"), &[], b"").json();
+    let digest = record["digest"].as_str().unwrap().to_string();
+    let base = json!({
+        "id": "", "name": "evil", "digest": digest, "created_unix_ms": 1, "timeout_ms": 1000,
+        "memory_limit_mb": 16, "tenant_id": 0, "abi": "command", "source": "api", "env": {},
+    });
+    let hex = "0123456789abcdef0123456789abcdef";
+    // The record with `id`, and `field` set to `value`.
+    let record_with = |id: &str, field: &str, value: serde_json::Value| {
+        let mut r = base.clone();
+        r["id"] = json!(id);
+        r[field] = value;
+        r
+    };
+    let outside = dir.path().join("functions").join("a");
+    let key = format!("f.{hex}");
+    for (key, value) in [
+        // An id that would name a file in another folder (NATS refuses keys with empty tokens,
+        // so `..` cannot come through as `a/../..`; a slash can).
+        ("f.a/escaped".to_string(), record_with("a/escaped", "name", json!("evil"))),
+        // An id that is not its key's.
+        (key.clone(), record_with("ffffffffffffffffffffffffffffffff", "name", json!("evil"))),
+        (key.clone(), record_with(hex, "digest", json!("sha256:../../x"))),
+        (key.clone(), record_with(hex, "tensors", json!("../weights"))),
+        (key.clone(), record_with(hex, "source", json!("directory"))),
+        (key.clone(), record_with(hex, "timeout_ms", json!(u64::MAX))),
+        (key.clone(), record_with(hex, "name", json!("../x"))),
+        ("f.notjson".to_string(), json!("just a string")),
+    ] {
+        put_raw(&nats, &key, value);
+    }
+    // A well-formed record after them all: once it serves, the others have been looked at.
+    let later = "fedcba9876543210fedcba9876543210";
+    put_raw(&nats, &format!("f.{later}"), record_with(later, "name", json!("later")));
+    within(PROPAGATION, "the well-formed record serving", || status_of(&a, later) == 200);
+    for id in [hex, "ffffffffffffffffffffffffffffffff"] {
+        assert_eq!(status_of(&a, id), 404, "{id}");
+    }
+    assert!(!outside.exists(), "a record's id named a folder in the data dir");
+    assert_eq!(a.metric("tensor_wasm_functions_total", &[]), 2.0);
+    let log = a.stderr();
+    assert!(log.contains("a registry record refused"), "{log}");
+}
+
 #[test]
 fn registry_flags_that_cannot_work_are_refused_at_start() {
     for (args, says) in [

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 
 use super::deploys::same_function;
 use super::Worker;
-use crate::functions::record::Source;
+use crate::functions::record::{validate_env, validate_name, Source};
 use crate::functions::registry::Change;
 use crate::functions::store::digest_of;
 use crate::functions::{DeployedFunction, FunctionRecord};
@@ -40,8 +40,10 @@ impl Worker {
     }
 
     fn apply_put(&self, record: FunctionRecord) {
-        if record.source != Source::Api {
-            tracing::warn!(id = record.id, "a registry record of a directory function: skipped");
+        if let Err(why) = self.check_remote(&record) {
+            // Whoever can write the bucket can write anything: nothing unchecked reaches a file
+            // name, the catalog or a guest.
+            tracing::warn!(key_id = %record.id.escape_debug(), "a registry record refused: {why}");
             return;
         }
         if let Some(live) = self.catalog.get(&record.id) {
@@ -68,6 +70,37 @@ impl Worker {
             tracing::info!(id = record.id, name = record.name, "function deployed from the registry");
         }
         self.catalog.insert_all([deployed]);
+    }
+
+    /// What a record from the bucket must be before this replica trusts it: an id and digests of
+    /// the forms this server makes (they name files in the data dir), and the name, environment
+    /// and limits a deploy here would accept.
+    fn check_remote(&self, record: &FunctionRecord) -> Result<(), String> {
+        let hex =
+            |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let digest = |d: &str| d.strip_prefix("sha256:").is_some_and(|h| hex(h, 64));
+        if !hex(&record.id, 32) {
+            return Err("its id is not 32 lowercase hex digits".into());
+        }
+        if !digest(&record.digest) || record.tensors.as_deref().is_some_and(|t| !digest(t)) {
+            return Err("a digest is not sha256:<64 lowercase hex digits>".into());
+        }
+        if record.source != Source::Api {
+            return Err("it is a directory function's, which each replica loads from its own folder".into());
+        }
+        validate_name(&record.name)?;
+        validate_env(&record.env)?;
+        let limits = &self.limits;
+        if !(1..=limits.max_timeout_ms).contains(&record.timeout_ms) {
+            return Err(format!("its timeout {} ms is outside 1 to --max-timeout-ms", record.timeout_ms));
+        }
+        if !(1..=limits.max_memory_limit_mb).contains(&record.memory_limit_mb) {
+            return Err(format!(
+                "its memory limit {} MiB is outside 1 to --max-memory-limit-mb",
+                record.memory_limit_mb
+            ));
+        }
+        Ok(())
     }
 
     /// The record's module and tensor file in the local store: fetched from the object store
