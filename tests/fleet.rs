@@ -172,6 +172,26 @@ fn a_replica_started_while_nats_is_down_serves_from_its_cache() {
     assert_eq!(r.status, 201, "{}", r.text());
 }
 
+#[test]
+fn a_registry_that_lost_its_storage_is_filled_again_from_the_replicas_caches() {
+    let mut nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = replica(&nats, dir.path());
+    let id = a.deploy("survivor", &guests::hello());
+    // NATS comes back empty: a new bucket, not a fleet that deleted everything.
+    nats.wipe();
+    within(PROPAGATION, "A in step with the new registry", || {
+        a.metric("tensor_wasm_registry_syncs_total", &[]) >= 2.0
+            && a.metric("tensor_wasm_registry_connected", &[]) == 1.0
+    });
+    assert_eq!(status_of(&a, &id), 200, "A kept its function");
+    assert!(a.stderr().contains("publishing this cache's functions to it"), "{}", a.stderr());
+    // A replica that joins now gets it from the registry A filled again.
+    let fresh = tempfile::tempdir().unwrap();
+    let b = replica(&nats, fresh.path());
+    everywhere(&[&b], &id, 200, "the republished function reaching a new replica");
+}
+
 /// Puts `value` under `key` in the registry's bucket, as anyone with access to NATS could.
 fn put_raw(nats: &Nats, key: &str, value: serde_json::Value) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

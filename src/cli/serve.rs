@@ -266,6 +266,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_REGISTRY_MAX_OBJECT_MB", default_value_t = 10240)]
     pub registry_max_object_mb: u64,
 
+    /// JetStream replicas of the registry's bucket and object store, set when this replica
+    /// creates them: 3 on a NATS cluster that must survive a node.
+    #[arg(long, env = "TENSOR_WASM_REGISTRY_REPLICAS", default_value_t = 1)]
+    pub registry_replicas: u8,
+
     /// Threads delivering pipeline outputs to their sinks.
     #[arg(long, env = "TENSOR_WASM_SINK_WORKERS", default_value_t = 4)]
     pub sink_workers: u16,
@@ -518,7 +523,7 @@ impl ServeArgs {
             &self.registry,
             self.registry_creds.clone(),
             std::time::Duration::from_millis(self.registry_timeout_ms),
-            self.registry_max_object_mb.saturating_mul(1 << 20),
+            (self.registry_max_object_mb.saturating_mul(1 << 20), self.registry_replicas.into()),
         )?;
         let dispatch = self.dispatch_config();
         let limits = self.limits(per_tenant_body_bytes, dev_mode, sink_networks, compile_budget);

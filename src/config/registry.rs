@@ -21,6 +21,9 @@ pub struct NatsConfig {
     pub timeout: Duration,
     /// The bytes the object store may hold: modules and tensor files of every tenant.
     pub max_object_bytes: u64,
+    /// JetStream replicas of the bucket and the store, set when this replica creates them: 3 for a
+    /// NATS cluster that must survive a node, 1 for a single server.
+    pub replicas: usize,
 }
 
 impl RegistryConfig {
@@ -29,7 +32,7 @@ impl RegistryConfig {
         text: &str,
         creds: Option<PathBuf>,
         timeout: Duration,
-        max_object_bytes: u64,
+        (max_object_bytes, replicas): (u64, usize),
     ) -> Result<RegistryConfig, String> {
         let text = text.trim();
         if text == "file" {
@@ -51,6 +54,9 @@ impl RegistryConfig {
                 }
             }
         }
-        Ok(RegistryConfig::Nats(NatsConfig { servers, creds, timeout, max_object_bytes }))
+        if !(1..=5).contains(&replicas) {
+            return Err(format!("--registry-replicas must be 1 to 5 (JetStream's limit), not {replicas}"));
+        }
+        Ok(RegistryConfig::Nats(NatsConfig { servers, creds, timeout, max_object_bytes, replicas }))
     }
 }

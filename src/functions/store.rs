@@ -75,6 +75,21 @@ pub fn digest_of(wasm: &[u8]) -> String {
     format!("sha256:{}", sha256_hex(wasm))
 }
 
+/// `name` as a file name in one of the store's folders: itself when it is one plain name (letters,
+/// digits, `-`, `_`, not starting with `.`), else a name derived from its hash. Ids and digests
+/// reach here from the API, the functions directory and a fleet's registry, all checked before;
+/// this is the store's own guarantee that none of them ever names a path outside its folder.
+fn stem(name: &str) -> std::borrow::Cow<'_, str> {
+    let plain = !name.is_empty()
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if plain {
+        std::borrow::Cow::Borrowed(name)
+    } else {
+        std::borrow::Cow::Owned(format!("unsafe-name-{}", sha256_hex(name.as_bytes())))
+    }
+}
+
 fn digest_hex(digest: &str) -> &str {
     digest.strip_prefix("sha256:").unwrap_or(digest)
 }
@@ -98,17 +113,20 @@ impl FunctionStore {
     }
 
     /// When this data dir was last in step with a fleet's registry (`mark_registry_synced`), in
-    /// Unix ms; `None` if never: only then is it a cache a replica may serve from while NATS is
-    /// away.
-    pub fn registry_synced_at(&self) -> Option<u64> {
+    /// Unix ms, and which bucket that was; `None` if never: only then is it a cache a replica may
+    /// serve from while NATS is away.
+    pub fn registry_synced_at(&self) -> Option<(u64, String)> {
         let root = self.functions.parent()?;
-        fs::read_to_string(root.join(REGISTRY_SYNCED)).ok()?.trim().parse().ok()
+        let text = fs::read_to_string(root.join(REGISTRY_SYNCED)).ok()?;
+        let (at, bucket) = text.trim().split_once(' ')?;
+        Some((at.parse().ok()?, bucket.to_string()))
     }
 
-    /// Records that the catalog here was in step with the registry at `unix_ms`.
-    pub fn mark_registry_synced(&self, unix_ms: u64) -> io::Result<()> {
+    /// Records that the catalog here was in step with the registry's `bucket` (its identity: its
+    /// creation time) at `unix_ms`.
+    pub fn mark_registry_synced(&self, unix_ms: u64, bucket: &str) -> io::Result<()> {
         let root = self.functions.parent().ok_or_else(|| io::Error::other("the data dir has no root"))?;
-        write_atomic(&root.join(REGISTRY_SYNCED), unix_ms.to_string().as_bytes())
+        write_atomic(&root.join(REGISTRY_SYNCED), format!("{unix_ms} {bucket}").as_bytes())
     }
 
     /// Reads no module file over `bytes`, and no artifact over `ARTIFACT_TO_MODULE` times that.
@@ -165,15 +183,15 @@ impl FunctionStore {
     }
 
     fn module_path(&self, digest: &str) -> PathBuf {
-        self.modules.join(format!("{}.wasm", digest_hex(digest)))
+        self.modules.join(format!("{}.wasm", stem(digest_hex(digest))))
     }
 
     fn artifact_path(&self, digest: &str) -> PathBuf {
-        self.modules.join(format!("{}.cwasm", digest_hex(digest)))
+        self.modules.join(format!("{}.cwasm", stem(digest_hex(digest))))
     }
 
     fn tensors_path(&self, digest: &str) -> PathBuf {
-        self.modules.join(format!("{}.safetensors", digest_hex(digest)))
+        self.modules.join(format!("{}.safetensors", stem(digest_hex(digest))))
     }
 
     /// Stores a function's safetensors file under its digest.
@@ -201,7 +219,7 @@ impl FunctionStore {
     }
 
     fn record_path(&self, id: &str) -> PathBuf {
-        self.functions.join(format!("{id}.json"))
+        self.functions.join(format!("{}.json", stem(id)))
     }
 
     pub fn write_module(&self, digest: &str, wasm: &[u8]) -> io::Result<()> {
@@ -322,11 +340,11 @@ impl FunctionStore {
 
     pub fn write_pipeline(&self, pipeline: &PipelineRecord) -> io::Result<()> {
         let json = serde_json::to_vec_pretty(pipeline).map_err(io::Error::other)?;
-        write_atomic(&self.pipelines.join(format!("{}.json", pipeline.id)), &json)
+        write_atomic(&self.pipelines.join(format!("{}.json", stem(&pipeline.id))), &json)
     }
 
     pub fn remove_pipeline(&self, id: &str) -> io::Result<()> {
-        fs::remove_file(self.pipelines.join(format!("{id}.json")))?;
+        fs::remove_file(self.pipelines.join(format!("{}.json", stem(id))))?;
         sync_dir(&self.pipelines)
     }
 

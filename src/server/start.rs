@@ -252,7 +252,8 @@ fn start_catalog_worker(
         tracing::info!(dir = %dir.root.display(), poll_ms = dir.poll.as_millis() as u64, "functions directory");
     }
     if let RegistryConfig::Nats(nats) = &config.registry {
-        tracing::info!(servers = ?nats.servers, "registry: NATS JetStream; the data dir is this replica's cache");
+        let servers = crate::functions::registry::redacted(&nats.servers);
+        tracing::info!(?servers, "registry: NATS JetStream; the data dir is this replica's cache");
     }
     worker::spawn(
         engine.clone(),

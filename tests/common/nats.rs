@@ -38,6 +38,14 @@ impl Nats {
         });
     }
 
+    /// Stops the server and starts it on the same port with an empty store: a NATS whose storage
+    /// was lost.
+    pub fn wipe(&mut self) {
+        self.stop();
+        self.store = tempfile::tempdir().unwrap();
+        self.restart();
+    }
+
     /// Starts the server again on the same port and store: JetStream keeps what it held.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "nats-server runs already");

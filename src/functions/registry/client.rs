@@ -7,9 +7,11 @@
 //! their SHA-256 in hex. Any disconnection ends the watch: the thread reconnects (with a backoff
 //! of 0.1 to 2 s) and resynchronises from the bucket, so a change missed while away is never lost.
 
+use std::cell::RefCell;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv, object_store};
 use futures_util::{StreamExt, TryStreamExt};
@@ -30,14 +32,30 @@ pub const CHANGE_DEPTH: usize = 256;
 /// How often the connection's state is looked at while watching.
 const STATE_TICK: Duration = Duration::from_millis(100);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+/// How often the client pings NATS; two unanswered pings drop the connection.
+const PING_INTERVAL: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 pub(super) type Reply<T> = std::sync::mpsc::SyncSender<Result<T, RegistryError>>;
 
 pub(super) enum Command {
-    Publish { record: FunctionRecord, objects: Vec<(String, Vec<u8>)>, reply: Reply<()> },
-    Remove { id: String, reply: Reply<()> },
-    Fetch { digest: String, max_bytes: u64, reply: Reply<Vec<u8>> },
+    /// Not started past `deadline`, the moment the worker stops waiting.
+    Publish {
+        record: FunctionRecord,
+        objects: Vec<(String, Vec<u8>)>,
+        reply: Reply<()>,
+        deadline: Instant,
+    },
+    Remove {
+        id: String,
+        reply: Reply<()>,
+        deadline: Instant,
+    },
+    Fetch {
+        digest: String,
+        max_bytes: u64,
+        reply: Reply<Vec<u8>>,
+    },
 }
 
 /// Where changes go: a bounded channel the worker drains, and a nudge that queues the worker's
@@ -82,7 +100,7 @@ async fn run(
             Err(why) => why,
         };
         status.lost();
-        tracing::warn!(servers = ?config.servers, retry_ms = backoff.as_millis() as u64, "registry unavailable: {why}");
+        tracing::warn!(servers = ?redacted(&config.servers), retry_ms = backoff.as_millis() as u64, "registry unavailable: {why}");
         // While away, every command is refused at once: the worker answers 503, it does not wait.
         let retry = tokio::time::sleep(backoff);
         tokio::pin!(retry);
@@ -111,6 +129,13 @@ struct Session {
     client: async_nats::Client,
     kv: kv::Store,
     objects: object_store::ObjectStore,
+    /// The bucket's identity: its stream's creation time. A wiped or new registry has another.
+    bucket: String,
+    /// Ids this replica published while the session listed the bucket: they belong in its
+    /// `Synced` though the listing may have missed them.
+    published: RefCell<Vec<String>>,
+    /// Set by the client's event callback at any disconnection: the session then ends.
+    dropped: std::sync::Arc<AtomicBool>,
 }
 
 impl Session {
@@ -125,6 +150,20 @@ impl Session {
                 .await
                 .map_err(|e| format!("cannot read --registry-creds {}: {e}", creds.display()))?;
         }
+        // A dead server is noticed within a few pings (async-nats gives up after two missed):
+        // the default interval of a minute would leave a hung NATS looking healthy that long.
+        options = options.ping_interval(PING_INTERVAL);
+        // A disconnection, however short: the client reconnects by itself, but the server it
+        // reaches may have lost the watch's consumer (a restart) or its storage (a wipe), and a
+        // reconnect between two looks at the connection's state would go unseen.
+        let dropped = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = dropped.clone();
+        options = options.event_callback(move |event| {
+            if matches!(event, async_nats::Event::Disconnected) {
+                flag.store(true, Ordering::Relaxed);
+            }
+            std::future::ready(())
+        });
         let client = options.connect(config.servers.clone()).await.map_err(|e| format!("connect: {e}"))?;
         let js = jetstream::new(client.clone());
         // Created on first use by whichever replica comes first; the same config everywhere, so a
@@ -141,21 +180,28 @@ impl Session {
             allow_rollup: true,
             deny_delete: true,
             allow_direct: true,
-            num_replicas: 1,
+            num_replicas: config.replicas,
             ..Default::default()
         })
         .await
         .map_err(|e| format!("the key-value bucket {BUCKET}: {e}"))?;
         let kv = js.get_key_value(BUCKET).await.map_err(|e| format!("the key-value bucket {BUCKET}: {e}"))?;
-        let objects = js
-            .create_object_store(object_store::Config {
-                bucket: OBJECTS.into(),
-                max_bytes: i64::try_from(config.max_object_bytes).unwrap_or(i64::MAX),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("the object store {OBJECTS}: {e}"))?;
-        Ok(Session { client, kv, objects })
+        let bucket = kv.status().await.map_err(|e| format!("bucket status: {e}"))?.info.created.to_string();
+        // The store as the first replica made it: a second create with another size would fail
+        // ("already in use with a different configuration") on every connect.
+        let objects = match js.get_object_store(OBJECTS).await {
+            Ok(objects) => objects,
+            Err(_) => js
+                .create_object_store(object_store::Config {
+                    bucket: OBJECTS.into(),
+                    max_bytes: i64::try_from(config.max_object_bytes).unwrap_or(i64::MAX),
+                    num_replicas: config.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("the object store {OBJECTS}: {e}"))?,
+        };
+        Ok(Session { client, kv, objects, bucket, published: RefCell::default(), dropped })
     }
 
     /// Resynchronises, then watches the bucket and answers commands until the connection drops
@@ -188,7 +234,8 @@ impl Session {
                 self.hand_over(sink, commands, Change::Put(record)).await?;
             }
         }
-        self.hand_over(sink, commands, Change::Synced(ids)).await?;
+        ids.extend(self.published.borrow_mut().drain(..));
+        self.hand_over(sink, commands, Change::Synced { ids, bucket: self.bucket.clone() }).await?;
         // Every change after the listing's start: one the listing saw already comes again, and
         // applying it again changes nothing.
         let mut watch = self.kv.watch_all_from_revision(last + 1).await.map_err(|e| format!("watch: {e}"))?;
@@ -217,7 +264,8 @@ impl Session {
                     }
                 },
                 _ = tick.tick() => {
-                    if self.client.connection_state() != async_nats::connection::State::Connected {
+                    let down = self.client.connection_state() != async_nats::connection::State::Connected;
+                    if down || self.dropped.load(Ordering::Relaxed) {
                         return Err("the connection to NATS dropped".into());
                     }
                 }
@@ -250,11 +298,14 @@ impl Session {
 
     async fn execute(&self, command: Command) {
         match command {
-            Command::Publish { record, objects, reply } => {
-                let _ = reply.try_send(self.publish(&record, objects).await);
+            Command::Publish { record, objects, reply, deadline } => {
+                let _ = reply.try_send(self.publish(&record, objects, deadline).await);
             }
-            Command::Remove { id, reply } => {
-                let removed = self.kv.delete(format!("{KEY_PREFIX}{id}")).await;
+            Command::Remove { id, reply, deadline } => {
+                let removed = match in_time(deadline) {
+                    Ok(()) => self.kv.delete(format!("{KEY_PREFIX}{id}")).await,
+                    Err(e) => return drop(reply.try_send(Err(e))),
+                };
                 let _ = reply.try_send(removed.map_err(|e| RegistryError::Unavailable(format!("delete: {e}"))));
             }
             Command::Fetch { digest, max_bytes, reply } => {
@@ -264,8 +315,14 @@ impl Session {
     }
 
     /// The objects first, then the record, each acknowledged by JetStream before the next.
-    async fn publish(&self, record: &FunctionRecord, objects: Vec<(String, Vec<u8>)>) -> Result<(), RegistryError> {
+    async fn publish(
+        &self,
+        record: &FunctionRecord,
+        objects: Vec<(String, Vec<u8>)>,
+        deadline: Instant,
+    ) -> Result<(), RegistryError> {
         for (digest, bytes) in objects {
+            in_time(deadline)?;
             let name = object_name(&digest);
             if self.objects.info(&name).await.is_ok_and(|info| !info.deleted && info.size == bytes.len()) {
                 continue;
@@ -281,11 +338,14 @@ impl Session {
             })?;
         }
         let value = serde_json::to_vec(record).map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+        // Objects nobody's record names yet are harmless; the record is the change itself.
+        in_time(deadline)?;
         self.kv
             .create(format!("{KEY_PREFIX}{}", record.id), value.into())
             .await
-            .map(|_revision| ())
-            .map_err(|e| RegistryError::Unavailable(format!("put the record: {e}")))
+            .map_err(|e| RegistryError::Unavailable(format!("put the record: {e}")))?;
+        self.published.borrow_mut().push(record.id.clone());
+        Ok(())
     }
 
     async fn fetch(&self, digest: &str, max_bytes: u64) -> Result<Vec<u8>, RegistryError> {
@@ -300,6 +360,25 @@ impl Session {
         }
         Ok(bytes)
     }
+}
+
+/// The servers as logs may show them: without a `user:password@` or token.
+pub fn redacted(servers: &[String]) -> Vec<String> {
+    servers
+        .iter()
+        .map(|s| match (s.split_once("://"), s.rsplit_once('@')) {
+            (Some((scheme, _)), Some((_, host))) => format!("{scheme}://***@{host}"),
+            _ => s.clone(),
+        })
+        .collect()
+}
+
+/// `Err` once the worker has stopped waiting: a change it answered 503 must not start.
+fn in_time(deadline: Instant) -> Result<(), RegistryError> {
+    if Instant::now() >= deadline {
+        return Err(RegistryError::Unavailable("the worker stopped waiting before NATS answered".into()));
+    }
+    Ok(())
 }
 
 /// An object's name: a digest's hex, without `sha256:`.

@@ -20,7 +20,7 @@ use crate::error::ApiError;
 
 pub use crate::config::{NatsConfig, RegistryConfig};
 
-pub use client::{spawn, ChangeSink, CHANGE_DEPTH};
+pub use client::{redacted, spawn, ChangeSink, CHANGE_DEPTH};
 
 /// A change in the fleet's catalog, for the worker to apply.
 #[derive(Debug)]
@@ -30,8 +30,10 @@ pub enum Change {
     /// The function with this id was deleted.
     Removed(String),
     /// Every function the bucket held at a resynchronisation (a connect or reconnect), after a
-    /// `Put` for each: what is not among them was deleted while this replica was away.
-    Synced(Vec<String>),
+    /// `Put` for each, and those this replica published while it listed: what is not among them
+    /// was deleted while this replica was away. `bucket` names the bucket (its creation time): a
+    /// different one than the data dir last knew is a new or wiped registry, not deletions.
+    Synced { ids: Vec<String>, bucket: String },
 }
 
 /// Why the registry could not do what was asked.
@@ -130,27 +132,30 @@ impl Registry {
         if let Some((digest, file)) = tensors {
             objects.push((digest.to_string(), file.to_vec()));
         }
-        self.ask(|reply| client::Command::Publish { record: record.clone(), objects, reply })
+        self.ask(|reply, deadline| client::Command::Publish { record: record.clone(), objects, reply, deadline })
     }
 
     /// Deletes the record; every replica's watch removes the function.
     pub fn remove(&self, id: &str) -> Result<(), RegistryError> {
-        self.ask(|reply| client::Command::Remove { id: id.to_string(), reply })
+        self.ask(|reply, deadline| client::Command::Remove { id: id.to_string(), reply, deadline })
     }
 
     /// The object stored under `digest` (a module or a tensor file), at most `max_bytes` long.
     pub fn fetch(&self, digest: &str, max_bytes: u64) -> Result<Vec<u8>, RegistryError> {
-        self.ask(|reply| client::Command::Fetch { digest: digest.to_string(), max_bytes, reply })
+        self.ask(|reply, _| client::Command::Fetch { digest: digest.to_string(), max_bytes, reply })
     }
 
-    /// Sends a command and waits for its answer, at most the timeout. The command carries its own
-    /// deadline too, so that the client thread drops work nobody waits for.
+    /// Sends a command and waits for its answer, at most the timeout. A change carries the same
+    /// deadline: the client thread does not start its last step (the record's put or delete) past
+    /// it, so that a 503 answered here leaves nothing behind in all but one case, a step already
+    /// sent whose acknowledgement came too late (docs/API.md, `registry_unavailable`).
     fn ask<T>(
         &self,
-        command: impl FnOnce(std::sync::mpsc::SyncSender<Result<T, RegistryError>>) -> client::Command,
+        command: impl FnOnce(std::sync::mpsc::SyncSender<Result<T, RegistryError>>, std::time::Instant) -> client::Command,
     ) -> Result<T, RegistryError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.commands.try_send(command(tx)).map_err(|e| match e {
+        let deadline = std::time::Instant::now() + self.timeout;
+        self.commands.try_send(command(tx, deadline)).map_err(|e| match e {
             tokio::sync::mpsc::error::TrySendError::Full(_) => {
                 RegistryError::Unavailable("the registry is busy".into())
             }
@@ -158,7 +163,7 @@ impl Registry {
                 RegistryError::Unavailable("the registry client stopped".into())
             }
         })?;
-        rx.recv_timeout(self.timeout).unwrap_or_else(|_| {
+        rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())).unwrap_or_else(|_| {
             Err(RegistryError::Unavailable(format!(
                 "no answer from NATS within --registry-timeout-ms ({} ms)",
                 self.timeout.as_millis()

@@ -82,7 +82,7 @@ pub fn spawn(
                 })
             };
             let sink = registry::ChangeSink { changes: changes_tx, nudge };
-            let (client, thread) = registry::spawn(config, sink, store.registry_synced_at())?;
+            let (client, thread) = registry::spawn(config, sink, store.registry_synced_at().map(|(at, _)| at))?;
             (Some(client), Some((changes_rx, nudged)), Some(thread))
         }
     };

@@ -34,7 +34,7 @@ impl Worker {
             match change {
                 Change::Put(record) => self.apply_put(record),
                 Change::Removed(id) => self.apply_removed(&id),
-                Change::Synced(ids) => self.apply_synced(ids),
+                Change::Synced { ids, bucket } => self.apply_synced(ids, &bucket),
             }
         }
     }
@@ -114,6 +114,8 @@ impl Worker {
             if digest_of(&wasm) != record.digest {
                 return Err(format!("the registry's copy of {} has another digest", record.digest));
             }
+            // The audit log's reserve holds for a deploy from the fleet as for one from the API.
+            self.check_reserve(wasm.len() as u64).map_err(|e| e.to_string())?;
             self.store.write_module(&record.digest, &wasm).map_err(|e| format!("storing {}: {e}", record.digest))?;
         }
         if let Some(tensors) = &record.tensors {
@@ -123,6 +125,7 @@ impl Worker {
                 if digest_of(&file) != *tensors {
                     return Err(format!("the registry's copy of {tensors} has another digest"));
                 }
+                self.check_reserve(file.len() as u64).map_err(|e| e.to_string())?;
                 self.store.write_tensors(tensors, &file).map_err(|e| format!("storing {tensors}: {e}"))?;
             }
         }
@@ -147,27 +150,62 @@ impl Worker {
     }
 
     /// After a resynchronisation: the API functions the bucket no longer holds were deleted while
-    /// this replica was away.
-    fn apply_synced(&self, ids: Vec<String>) {
+    /// this replica was away, if the bucket is the one this data dir was last in step with. If it
+    /// is another (a NATS whose storage was lost, a registry pointed elsewhere), or this data dir
+    /// never was in step with one (a single node joining a fleet), they are not deletions: they are
+    /// published from this cache instead, so that a wiped registry is filled again, never the
+    /// fleet's copies emptied.
+    fn apply_synced(&self, ids: Vec<String>, bucket: &str) {
         let held: HashSet<String> = ids.into_iter().collect();
+        let known = self.store.registry_synced_at().map(|(_, b)| b);
         let current = self.catalog.current();
-        let gone: Vec<String> = current
+        let missing: Vec<_> = current
             .values()
             .filter(|f| f.record.source == Source::Api && !held.contains(&f.record.id))
-            .map(|f| f.record.id.clone())
+            .cloned()
             .collect();
-        for id in gone {
-            self.apply_removed(&id);
+        if known.as_deref() == Some(bucket) {
+            for function in &missing {
+                self.apply_removed(&function.record.id);
+            }
+        } else if !missing.is_empty() {
+            tracing::warn!(
+                functions = missing.len(),
+                known = known.as_deref().unwrap_or("none"),
+                bucket,
+                "the registry is not the one this data dir was last in step with: publishing this cache's functions to it"
+            );
+            for function in &missing {
+                if let Err(e) = self.republish(&function.record) {
+                    tracing::warn!(id = function.record.id, "cannot publish a cached function to the registry: {e}");
+                }
+            }
         }
         // The cache's age, for a restart while NATS is away (`RegistryStatus::stale_seconds`).
         let now_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        if let Err(e) = self.store.mark_registry_synced(now_ms) {
+        if let Err(e) = self.store.mark_registry_synced(now_ms, bucket) {
             tracing::warn!("cannot mark the data dir as in step with the registry: {e}");
         }
         if !self.catalog.is_loaded() {
             tracing::info!("in step with the registry: ready");
             self.catalog.mark_loaded();
         }
+    }
+
+    /// Publishes a function of this cache, with its stored files, to the registry.
+    fn republish(&self, record: &FunctionRecord) -> Result<(), String> {
+        let Some(registry) = &self.registry else { return Ok(()) };
+        let wasm = self.store.read_module(&record.digest).map_err(|e| format!("its module: {e}"))?;
+        let tensors = match &record.tensors {
+            Some(t) => Some((
+                t.as_str(),
+                self.store
+                    .read_tensors(t, self.limits.max_function_tensors_bytes)
+                    .map_err(|e| format!("its tensors: {e}"))?,
+            )),
+            None => None,
+        };
+        registry.publish(record, &wasm, tensors.as_ref().map(|(d, f)| (*d, f.as_slice()))).map_err(|e| format!("{e:?}"))
     }
 }
