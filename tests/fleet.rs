@@ -192,6 +192,33 @@ fn a_registry_that_lost_its_storage_is_filled_again_from_the_replicas_caches() {
     everywhere(&[&b], &id, 200, "the republished function reaching a new replica");
 }
 
+#[test]
+fn a_function_whose_files_could_not_be_fetched_is_fetched_again() {
+    let nats = Nats::start();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = replica(&nats, dirs[0].path());
+    let id = a.deploy("first", &guests::hello());
+    let digest =
+        a.client().request("GET", &format!("/functions/{id}"), &[], b"").json()["digest"].as_str().unwrap().to_string();
+    // The module's object goes missing from the store.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let objects = async_nats::jetstream::new(client).get_object_store("tensor-wasm-objects").await.unwrap();
+        objects.delete(digest.strip_prefix("sha256:").unwrap()).await.unwrap();
+    });
+    // A new replica lists the function as broken: it cannot fetch its module.
+    let b = replica(&nats, dirs[1].path());
+    within(PROPAGATION, "B listing the function", || {
+        b.client().request("GET", &format!("/functions/{id}"), &[], b"").status == 200
+    });
+    let r = b.client().invoke(&id, b"");
+    assert_eq!((r.status, r.error_kind()), (503, "function_unavailable".to_string()), "{}", r.text());
+    // The same module deployed again puts the object back; B fetches it at its next retry.
+    a.deploy("again", &guests::hello());
+    within(Duration::from_secs(15), "B fetching the module again", || status_of(&b, &id) == 200);
+}
+
 /// Puts `value` under `key` in the registry's bucket, as anyone with access to NATS could.
 fn put_raw(nats: &Nats, key: &str, value: serde_json::Value) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

@@ -132,8 +132,9 @@ struct Session {
     /// The bucket's identity: its stream's creation time. A wiped or new registry has another.
     bucket: String,
     /// Ids this replica published while the session listed the bucket: they belong in its
-    /// `Synced` though the listing may have missed them.
-    published: RefCell<Vec<String>>,
+    /// `Synced` though the listing may have missed them. `None` outside the listing, so that the
+    /// list never grows past one listing's deploys.
+    published: RefCell<Option<Vec<String>>>,
     /// Set by the client's event callback at any disconnection: the session then ends.
     dropped: std::sync::Arc<AtomicBool>,
 }
@@ -186,7 +187,9 @@ impl Session {
         .await
         .map_err(|e| format!("the key-value bucket {BUCKET}: {e}"))?;
         let kv = js.get_key_value(BUCKET).await.map_err(|e| format!("the key-value bucket {BUCKET}: {e}"))?;
-        let bucket = kv.status().await.map_err(|e| format!("bucket status: {e}"))?.info.created.to_string();
+        // Its identity: when its stream was made, in nanoseconds since the epoch.
+        let created = kv.status().await.map_err(|e| format!("bucket status: {e}"))?.info.created;
+        let bucket = created.unix_timestamp_nanos().to_string();
         // The store as the first replica made it: a second create with another size would fail
         // ("already in use with a different configuration") on every connect.
         let objects = match js.get_object_store(OBJECTS).await {
@@ -201,7 +204,7 @@ impl Session {
                 .await
                 .map_err(|e| format!("the object store {OBJECTS}: {e}"))?,
         };
-        Ok(Session { client, kv, objects, bucket, published: RefCell::default(), dropped })
+        Ok(Session { client, kv, objects, bucket, published: RefCell::new(None), dropped })
     }
 
     /// Resynchronises, then watches the bucket and answers commands until the connection drops
@@ -212,6 +215,7 @@ impl Session {
         sink: &ChangeSink,
         status: &RegistryStatus,
     ) -> Result<(), String> {
+        *self.published.borrow_mut() = Some(Vec::new());
         let last = self.kv.status().await.map_err(|e| format!("bucket status: {e}"))?.info.state.last_sequence;
         let keys: Vec<String> = self
             .kv
@@ -234,7 +238,7 @@ impl Session {
                 self.hand_over(sink, commands, Change::Put(record)).await?;
             }
         }
-        ids.extend(self.published.borrow_mut().drain(..));
+        ids.extend(self.published.borrow_mut().take().unwrap_or_default());
         self.hand_over(sink, commands, Change::Synced { ids, bucket: self.bucket.clone() }).await?;
         // Every change after the listing's start: one the listing saw already comes again, and
         // applying it again changes nothing.
@@ -344,7 +348,9 @@ impl Session {
             .create(format!("{KEY_PREFIX}{}", record.id), value.into())
             .await
             .map_err(|e| RegistryError::Unavailable(format!("put the record: {e}")))?;
-        self.published.borrow_mut().push(record.id.clone());
+        if let Some(published) = self.published.borrow_mut().as_mut() {
+            published.push(record.id.clone());
+        }
         Ok(())
     }
 

@@ -112,6 +112,7 @@ pub fn spawn(
             weights: RefCell::default(),
             registry,
             changes: RefCell::new(changes),
+            registry_retry: RefCell::default(),
         };
         worker.load();
         worker.serve(&jobs);
@@ -182,6 +183,9 @@ struct Worker {
     registry: Option<Registry>,
     /// Its changes, and whether a job to drain them is queued.
     changes: RefCell<Option<(tokio::sync::mpsc::Receiver<Change>, Arc<AtomicBool>)>>,
+    /// Functions from the registry whose files could not be fetched, and when they were last
+    /// tried (`registry_sync`): tried again every `REGISTRY_RETRY`.
+    registry_retry: RefCell<(HashSet<String>, Option<Instant>)>,
 }
 
 impl Worker {
@@ -191,6 +195,7 @@ impl Worker {
                 None => Duration::from_secs(3600),
                 Some(watch) => watch.config.poll.saturating_sub(watch.last_scan.get().elapsed()),
             };
+            let wait = wait.min(self.registry_retry_in());
             match jobs.pop(wait, !self.compiling.get()) {
                 Ok(job) => self.perform(job),
                 Err(queue::Empty::TimedOut) => {}
@@ -199,6 +204,9 @@ impl Worker {
             // After every job too, so that a steady stream of deploys cannot hold the directory back.
             if self.directory.as_ref().is_some_and(|w| w.last_scan.get().elapsed() >= w.config.poll) {
                 self.sync_directory();
+            }
+            if self.registry_retry_in().is_zero() {
+                self.retry_registry_fetches();
             }
         }
     }

@@ -9,6 +9,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use super::deploys::same_function;
 use super::Worker;
@@ -16,6 +17,9 @@ use crate::functions::record::{validate_env, validate_name, Source};
 use crate::functions::registry::Change;
 use crate::functions::store::digest_of;
 use crate::functions::{DeployedFunction, FunctionRecord};
+
+/// How often the files of a function from the registry whose fetch failed are fetched again.
+const REGISTRY_RETRY: Duration = Duration::from_secs(5);
 
 impl Worker {
     /// Drains the client's channel. The flag is cleared first, so that a change sent while this
@@ -57,8 +61,11 @@ impl Worker {
                 Ok((module, weights)) => DeployedFunction::new(record.clone(), module).with_weights(weights),
                 Err(reason) => DeployedFunction::broken(record.clone(), reason),
             },
-            // Listed as broken, and tried again at the next resynchronisation.
-            Err(reason) => DeployedFunction::broken(record.clone(), reason),
+            // Listed as broken, and fetched again every REGISTRY_RETRY (`retry_registry_fetches`).
+            Err(reason) => {
+                self.registry_retry.borrow_mut().0.insert(record.id.clone());
+                DeployedFunction::broken(record.clone(), reason)
+            }
         };
         if let Err(e) = self.store.write_record(&record) {
             tracing::warn!(id = record.id, "cannot store a function from the registry: {e}");
@@ -70,6 +77,30 @@ impl Worker {
             tracing::info!(id = record.id, name = record.name, "function deployed from the registry");
         }
         self.catalog.insert_all([deployed]);
+    }
+
+    /// How long until the next retry of failed fetches: `Duration::MAX` with none to retry.
+    pub(super) fn registry_retry_in(&self) -> Duration {
+        let retry = self.registry_retry.borrow();
+        match (&retry.0, retry.1) {
+            (ids, _) if ids.is_empty() => Duration::MAX,
+            (_, None) => Duration::ZERO,
+            (_, Some(at)) => REGISTRY_RETRY.saturating_sub(at.elapsed()),
+        }
+    }
+
+    /// Fetches again the files of the registry's functions that are broken here for want of them.
+    pub(super) fn retry_registry_fetches(&self) {
+        let ids = {
+            let mut retry = self.registry_retry.borrow_mut();
+            retry.1 = Some(Instant::now());
+            std::mem::take(&mut retry.0)
+        };
+        for id in ids {
+            // Deleted meanwhile, or working again (a resync applied it): nothing to do.
+            let Some(function) = self.catalog.get(&id).filter(|f| f.module.is_err()) else { continue };
+            self.apply_put(function.record.clone());
+        }
     }
 
     /// What a record from the bucket must be before this replica trusts it: an id and digests of
