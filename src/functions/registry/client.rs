@@ -7,7 +7,6 @@
 //! their SHA-256 in hex. Any disconnection ends the watch: the thread reconnects (with a backoff
 //! of 0.1 to 2 s) and resynchronises from the bucket, so a change missed while away is never lost.
 
-use std::cell::RefCell;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -39,11 +38,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 pub(super) type Reply<T> = std::sync::mpsc::SyncSender<Result<T, RegistryError>>;
 
 pub(super) enum Command {
-    /// Not started past `deadline`, the moment the worker stops waiting.
+    /// Not started past `deadline`, the moment the worker stops waiting; answered with the
+    /// record's revision in the bucket.
     Publish {
         record: FunctionRecord,
         objects: Vec<(String, Vec<u8>)>,
-        reply: Reply<()>,
+        reply: Reply<u64>,
         deadline: Instant,
     },
     Remove {
@@ -55,6 +55,7 @@ pub(super) enum Command {
         digest: String,
         max_bytes: u64,
         reply: Reply<Vec<u8>>,
+        deadline: Instant,
     },
 }
 
@@ -91,8 +92,14 @@ async fn run(
     loop {
         let why = match Session::open(&config).await {
             Ok(session) => {
-                backoff = BACKOFF_FIRST;
-                match session.serve(&mut commands, &sink, &status).await {
+                let opened = Instant::now();
+                let served = session.serve(&mut commands, &sink, &status).await;
+                // A server that accepts and then drops connections must not make this resync
+                // every 100 ms: the backoff starts over only after a session that lasted.
+                if opened.elapsed() >= BACKOFF_MAX {
+                    backoff = BACKOFF_FIRST;
+                }
+                match served {
                     Ok(()) => return, // the worker is gone
                     Err(why) => why,
                 }
@@ -120,7 +127,8 @@ async fn run(
 fn refuse(command: Command, why: &str) {
     let e = || RegistryError::Unavailable(format!("NATS is unreachable: {why}"));
     match command {
-        Command::Publish { reply, .. } | Command::Remove { reply, .. } => drop(reply.try_send(Err(e()))),
+        Command::Publish { reply, .. } => drop(reply.try_send(Err(e()))),
+        Command::Remove { reply, .. } => drop(reply.try_send(Err(e()))),
         Command::Fetch { reply, .. } => drop(reply.try_send(Err(e()))),
     }
 }
@@ -131,10 +139,6 @@ struct Session {
     objects: object_store::ObjectStore,
     /// The bucket's identity: its stream's creation time. A wiped or new registry has another.
     bucket: String,
-    /// Ids this replica published while the session listed the bucket: they belong in its
-    /// `Synced` though the listing may have missed them. `None` outside the listing, so that the
-    /// list never grows past one listing's deploys.
-    published: RefCell<Option<Vec<String>>>,
     /// Set by the client's event callback at any disconnection: the session then ends.
     dropped: std::sync::Arc<AtomicBool>,
 }
@@ -153,7 +157,10 @@ impl Session {
         }
         // A dead server is noticed within a few pings (async-nats gives up after two missed):
         // the default interval of a minute would leave a hung NATS looking healthy that long.
-        options = options.ping_interval(PING_INTERVAL);
+        // One attempt to reconnect, then the client closes: the session ends at any disconnection
+        // and a new one connects, so an abandoned client must not hold commands queued to send
+        // whenever NATS returns (a change answered 503 would land then).
+        options = options.ping_interval(PING_INTERVAL).max_reconnects(1);
         // A disconnection, however short: the client reconnects by itself, but the server it
         // reaches may have lost the watch's consumer (a restart) or its storage (a wipe), and a
         // reconnect between two looks at the connection's state would go unseen.
@@ -194,7 +201,8 @@ impl Session {
         // ("already in use with a different configuration") on every connect.
         let objects = match js.get_object_store(OBJECTS).await {
             Ok(objects) => objects,
-            Err(_) => js
+            // Missing, most likely; if it was not, the create's error says why, with this one.
+            Err(get) => js
                 .create_object_store(object_store::Config {
                     bucket: OBJECTS.into(),
                     max_bytes: i64::try_from(config.max_object_bytes).unwrap_or(i64::MAX),
@@ -202,9 +210,9 @@ impl Session {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| format!("the object store {OBJECTS}: {e}"))?,
+                .map_err(|e| format!("the object store {OBJECTS}: {e} (opening it: {get})"))?,
         };
-        Ok(Session { client, kv, objects, bucket, published: RefCell::new(None), dropped })
+        Ok(Session { client, kv, objects, bucket, dropped })
     }
 
     /// Resynchronises, then watches the bucket and answers commands until the connection drops
@@ -215,7 +223,6 @@ impl Session {
         sink: &ChangeSink,
         status: &RegistryStatus,
     ) -> Result<(), String> {
-        *self.published.borrow_mut() = Some(Vec::new());
         let last = self.kv.status().await.map_err(|e| format!("bucket status: {e}"))?.info.state.last_sequence;
         let keys: Vec<String> = self
             .kv
@@ -238,8 +245,7 @@ impl Session {
                 self.hand_over(sink, commands, Change::Put(record)).await?;
             }
         }
-        ids.extend(self.published.borrow_mut().take().unwrap_or_default());
-        self.hand_over(sink, commands, Change::Synced { ids, bucket: self.bucket.clone() }).await?;
+        self.hand_over(sink, commands, Change::Synced { ids, bucket: self.bucket.clone(), revision: last }).await?;
         // Every change after the listing's start: one the listing saw already comes again, and
         // applying it again changes nothing.
         let mut watch = self.kv.watch_all_from_revision(last + 1).await.map_err(|e| format!("watch: {e}"))?;
@@ -300,20 +306,38 @@ impl Session {
         }
     }
 
+    /// `Err` once the worker has stopped waiting, or the connection dropped: a change it answered
+    /// 503 must not start, nor one the client would only queue until NATS is back.
+    fn in_time(&self, deadline: Instant) -> Result<(), RegistryError> {
+        if Instant::now() >= deadline {
+            return Err(RegistryError::Unavailable("the worker stopped waiting before NATS answered".into()));
+        }
+        let down = self.client.connection_state() != async_nats::connection::State::Connected;
+        if down || self.dropped.load(Ordering::Relaxed) {
+            return Err(RegistryError::Unavailable("the connection to NATS dropped".into()));
+        }
+        Ok(())
+    }
+
     async fn execute(&self, command: Command) {
         match command {
             Command::Publish { record, objects, reply, deadline } => {
                 let _ = reply.try_send(self.publish(&record, objects, deadline).await);
             }
             Command::Remove { id, reply, deadline } => {
-                let removed = match in_time(deadline) {
+                let removed = match self.in_time(deadline) {
                     Ok(()) => self.kv.delete(format!("{KEY_PREFIX}{id}")).await,
                     Err(e) => return drop(reply.try_send(Err(e))),
                 };
                 let _ = reply.try_send(removed.map_err(|e| RegistryError::Unavailable(format!("delete: {e}"))));
             }
-            Command::Fetch { digest, max_bytes, reply } => {
-                let _ = reply.try_send(self.fetch(&digest, max_bytes).await);
+            Command::Fetch { digest, max_bytes, reply, deadline } => {
+                // Not past the worker's wait: a large object nobody waits for would hold up the
+                // commands behind it.
+                let fetched = tokio::time::timeout_at(deadline.into(), self.fetch(&digest, max_bytes)).await;
+                let _ = reply.try_send(fetched.unwrap_or_else(|_| {
+                    Err(RegistryError::Unavailable(format!("fetch {digest}: past --registry-timeout-ms")))
+                }));
             }
         }
     }
@@ -324,9 +348,9 @@ impl Session {
         record: &FunctionRecord,
         objects: Vec<(String, Vec<u8>)>,
         deadline: Instant,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<u64, RegistryError> {
         for (digest, bytes) in objects {
-            in_time(deadline)?;
+            self.in_time(deadline)?;
             let name = object_name(&digest);
             if self.objects.info(&name).await.is_ok_and(|info| !info.deleted && info.size == bytes.len()) {
                 continue;
@@ -343,15 +367,17 @@ impl Session {
         }
         let value = serde_json::to_vec(record).map_err(|e| RegistryError::Unavailable(e.to_string()))?;
         // Objects nobody's record names yet are harmless; the record is the change itself.
-        in_time(deadline)?;
-        self.kv
-            .create(format!("{KEY_PREFIX}{}", record.id), value.into())
-            .await
-            .map_err(|e| RegistryError::Unavailable(format!("put the record: {e}")))?;
-        if let Some(published) = self.published.borrow_mut().as_mut() {
-            published.push(record.id.clone());
+        self.in_time(deadline)?;
+        match self.kv.create(format!("{KEY_PREFIX}{}", record.id), value.into()).await {
+            Ok(revision) => Ok(revision),
+            // Another replica published the same function first (a cache published back to a
+            // new registry by two replicas): it is there, which is what was asked.
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let entry = self.kv.entry(format!("{KEY_PREFIX}{}", record.id)).await;
+                Ok(entry.ok().flatten().map_or(0, |e| e.revision))
+            }
+            Err(e) => Err(RegistryError::Unavailable(format!("put the record: {e}"))),
         }
-        Ok(())
     }
 
     async fn fetch(&self, digest: &str, max_bytes: u64) -> Result<Vec<u8>, RegistryError> {
@@ -377,14 +403,6 @@ pub fn redacted(servers: &[String]) -> Vec<String> {
             _ => s.clone(),
         })
         .collect()
-}
-
-/// `Err` once the worker has stopped waiting: a change it answered 503 must not start.
-fn in_time(deadline: Instant) -> Result<(), RegistryError> {
-    if Instant::now() >= deadline {
-        return Err(RegistryError::Unavailable("the worker stopped waiting before NATS answered".into()));
-    }
-    Ok(())
 }
 
 /// An object's name: a digest's hex, without `sha256:`.

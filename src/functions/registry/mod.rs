@@ -29,11 +29,12 @@ pub enum Change {
     Put(FunctionRecord),
     /// The function with this id was deleted.
     Removed(String),
-    /// Every function the bucket held at a resynchronisation (a connect or reconnect), after a
-    /// `Put` for each, and those this replica published while it listed: what is not among them
-    /// was deleted while this replica was away. `bucket` names the bucket (its creation time): a
-    /// different one than the data dir last knew is a new or wiped registry, not deletions.
-    Synced { ids: Vec<String>, bucket: String },
+    /// Every function the bucket held at a resynchronisation (a connect or reconnect) as of its
+    /// `revision`, after a `Put` for each: what is not among them was deleted while this replica
+    /// was away, unless this replica published it later. `bucket` names the bucket (its creation
+    /// time): a different one than the data dir last knew is a new or wiped registry, not
+    /// deletions.
+    Synced { ids: Vec<String>, bucket: String, revision: u64 },
 }
 
 /// Why the registry could not do what was asked.
@@ -122,12 +123,13 @@ pub struct Registry {
 impl Registry {
     /// Stores the module (and tensor file) under its digest unless the object store has it, then
     /// puts the record: a deploy is acknowledged only once JetStream has both.
+    /// Returns the record's revision in the bucket.
     pub fn publish(
         &self,
         record: &FunctionRecord,
         module: &[u8],
         tensors: Option<(&str, &[u8])>,
-    ) -> Result<(), RegistryError> {
+    ) -> Result<u64, RegistryError> {
         let mut objects = vec![(record.digest.clone(), module.to_vec())];
         if let Some((digest, file)) = tensors {
             objects.push((digest.to_string(), file.to_vec()));
@@ -142,7 +144,7 @@ impl Registry {
 
     /// The object stored under `digest` (a module or a tensor file), at most `max_bytes` long.
     pub fn fetch(&self, digest: &str, max_bytes: u64) -> Result<Vec<u8>, RegistryError> {
-        self.ask(|reply, _| client::Command::Fetch { digest: digest.to_string(), max_bytes, reply })
+        self.ask(|reply, deadline| client::Command::Fetch { digest: digest.to_string(), max_bytes, reply, deadline })
     }
 
     /// Sends a command and waits for its answer, at most the timeout. A change carries the same

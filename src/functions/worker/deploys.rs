@@ -387,9 +387,12 @@ impl Worker {
         // and the record; refused, nothing changed anywhere.
         if let Some(registry) = &self.registry {
             let files = tensors.map(|t| (t.digest.as_str(), t.file.as_slice()));
-            if let Err(e) = registry.publish(&record, wasm, files) {
-                discard();
-                return Err(e.into());
+            match registry.publish(&record, wasm, files) {
+                Ok(revision) => self.published_at(&record.id, revision),
+                Err(e) => {
+                    discard();
+                    return Err(e.into());
+                }
             }
         }
         if let Err(e) = self.store.write_record(&record) {

@@ -113,6 +113,7 @@ pub fn spawn(
             registry,
             changes: RefCell::new(changes),
             registry_retry: RefCell::default(),
+            published: RefCell::default(),
         };
         worker.load();
         worker.serve(&jobs);
@@ -186,6 +187,9 @@ struct Worker {
     /// Functions from the registry whose files could not be fetched, and when they were last
     /// tried (`registry_sync`): tried again every `REGISTRY_RETRY`.
     registry_retry: RefCell<(HashSet<String>, Option<Instant>)>,
+    /// The bucket's revision of each function this replica published, until a resync listed a
+    /// later revision: a resync's listing may predate them (`registry_sync::apply_synced`).
+    published: RefCell<HashMap<String, u64>>,
 }
 
 impl Worker {

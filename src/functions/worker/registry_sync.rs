@@ -38,7 +38,7 @@ impl Worker {
             match change {
                 Change::Put(record) => self.apply_put(record),
                 Change::Removed(id) => self.apply_removed(&id),
-                Change::Synced { ids, bucket } => self.apply_synced(ids, &bucket),
+                Change::Synced { ids, bucket, revision } => self.apply_synced(ids, &bucket, revision),
             }
         }
     }
@@ -186,16 +186,24 @@ impl Worker {
     /// never was in step with one (a single node joining a fleet), they are not deletions: they are
     /// published from this cache instead, so that a wiped registry is filled again, never the
     /// fleet's copies emptied.
-    fn apply_synced(&self, ids: Vec<String>, bucket: &str) {
+    fn apply_synced(&self, ids: Vec<String>, bucket: &str, revision: u64) {
         let held: HashSet<String> = ids.into_iter().collect();
         let known = self.store.registry_synced_at().map(|(_, b)| b);
         let current = self.catalog.current();
+        let same_bucket = known.as_deref() == Some(bucket);
+        if !same_bucket {
+            // Revisions of another bucket say nothing of this one's.
+            self.published.borrow_mut().clear();
+        }
+        // Published by this replica after the listing's revision: the listing could not hold it.
+        let newer = |id: &str| self.published.borrow().get(id).is_some_and(|&r| r > revision);
         let missing: Vec<_> = current
             .values()
-            .filter(|f| f.record.source == Source::Api && !held.contains(&f.record.id))
+            .filter(|f| f.record.source == Source::Api && !held.contains(&f.record.id) && !newer(&f.record.id))
             .cloned()
             .collect();
-        if known.as_deref() == Some(bucket) {
+        let mut in_step = true;
+        if same_bucket {
             for function in &missing {
                 self.apply_removed(&function.record.id);
             }
@@ -207,16 +215,28 @@ impl Worker {
                 "the registry is not the one this data dir was last in step with: publishing this cache's functions to it"
             );
             for function in &missing {
-                if let Err(e) = self.republish(&function.record) {
-                    tracing::warn!(id = function.record.id, "cannot publish a cached function to the registry: {e}");
+                match self.republish(&function.record) {
+                    Ok(revision) => self.published_at(&function.record.id, revision),
+                    Err(e) => {
+                        // The data dir stays marked with the bucket it knew, so that the next
+                        // resync tries again rather than taking the function for deleted.
+                        in_step = false;
+                        tracing::warn!(
+                            id = function.record.id,
+                            "cannot publish a cached function to the registry: {e}"
+                        );
+                    }
                 }
             }
         }
-        // The cache's age, for a restart while NATS is away (`RegistryStatus::stale_seconds`).
-        let now_ms =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        if let Err(e) = self.store.mark_registry_synced(now_ms, bucket) {
-            tracing::warn!("cannot mark the data dir as in step with the registry: {e}");
+        self.published.borrow_mut().retain(|_, &mut r| r > revision);
+        if in_step {
+            // The cache's age, for a restart while NATS is away (`RegistryStatus::stale_seconds`).
+            let now_ms =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            if let Err(e) = self.store.mark_registry_synced(now_ms, bucket) {
+                tracing::warn!("cannot mark the data dir as in step with the registry: {e}");
+            }
         }
         if !self.catalog.is_loaded() {
             tracing::info!("in step with the registry: ready");
@@ -224,9 +244,18 @@ impl Worker {
         }
     }
 
+    /// Remembers the revision of a function this replica published, for the next resync; the
+    /// map holds only functions still in the catalog, so it is as bounded as the catalog.
+    pub(super) fn published_at(&self, id: &str, revision: u64) {
+        let current = self.catalog.current();
+        let mut published = self.published.borrow_mut();
+        published.retain(|id, _| current.contains_key(id));
+        published.insert(id.to_string(), revision);
+    }
+
     /// Publishes a function of this cache, with its stored files, to the registry.
-    fn republish(&self, record: &FunctionRecord) -> Result<(), String> {
-        let Some(registry) = &self.registry else { return Ok(()) };
+    fn republish(&self, record: &FunctionRecord) -> Result<u64, String> {
+        let Some(registry) = &self.registry else { return Ok(0) };
         let wasm = self.store.read_module(&record.digest).map_err(|e| format!("its module: {e}"))?;
         let tensors = match &record.tensors {
             Some(t) => Some((
