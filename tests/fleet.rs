@@ -266,6 +266,14 @@ fn records_written_into_the_bucket_by_others_are_checked_before_anything_is_trus
     ] {
         put_raw(&nats, &key, value);
     }
+    // Well-formed, but an envelope function whose module is no WASI command: listed as broken,
+    // as a deploy here would have been refused.
+    let exports = a.deploy("exports", &guests::arithmetic());
+    let exports_digest = a.client().request("GET", &format!("/functions/{exports}"), &[], b"").json()["digest"].clone();
+    let envelope = "abcdefabcdefabcdefabcdefabcdefab";
+    let mut record = record_with(envelope, "abi", json!("envelope"));
+    record["digest"] = exports_digest;
+    put_raw(&nats, &format!("f.{envelope}"), record);
     // A well-formed record after them all: once it serves, the others have been looked at.
     let later = "fedcba9876543210fedcba9876543210";
     put_raw(&nats, &format!("f.{later}"), record_with(later, "name", json!("later")));
@@ -274,7 +282,11 @@ fn records_written_into_the_bucket_by_others_are_checked_before_anything_is_trus
         assert_eq!(status_of(&a, id), 404, "{id}");
     }
     assert!(!outside.exists(), "a record's id named a folder in the data dir");
-    assert_eq!(a.metric("tensor_wasm_functions_total", &[]), 2.0);
+    let r = a.client().invoke(envelope, b"{}");
+    assert_eq!((r.status, r.error_kind()), (503, "function_unavailable".to_string()), "{}", r.text());
+    // good, exports, the envelope one (broken) and the later one.
+    assert_eq!(a.metric("tensor_wasm_functions_total", &[]), 4.0);
+    assert_eq!(a.metric("tensor_wasm_functions_broken", &[]), 1.0);
     let log = a.stderr();
     assert!(log.contains("a registry record refused"), "{log}");
 }

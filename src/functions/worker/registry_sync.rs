@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::deploys::same_function;
+use super::deploys::{check_abi, same_function};
 use super::Worker;
 use crate::functions::record::{validate_env, validate_name, Source};
 use crate::functions::registry::Change;
@@ -57,7 +57,12 @@ impl Worker {
         }
         self.last_created_ms.set(self.last_created_ms.get().max(record.created_unix_ms));
         let deployed = match self.fetch_files(&record) {
-            Ok(()) => match self.loaded_module(&record.digest).and_then(|m| Ok((m, self.stored_weights(&record)?))) {
+            Ok(()) => match self
+                .loaded_module(&record.digest)
+                // As a deploy here would be checked: an envelope function must be a WASI command.
+                .and_then(|m| check_abi(record.abi, &m).map(|()| m))
+                .and_then(|m| Ok((m, self.stored_weights(&record)?)))
+            {
                 Ok((module, weights)) => DeployedFunction::new(record.clone(), module).with_weights(weights),
                 Err(reason) => DeployedFunction::broken(record.clone(), reason),
             },
