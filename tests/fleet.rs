@@ -219,6 +219,27 @@ fn a_function_whose_files_could_not_be_fetched_is_fetched_again() {
     within(Duration::from_secs(15), "B fetching the module again", || status_of(&b, &id) == 200);
 }
 
+#[test]
+fn a_full_object_store_refuses_deploys_and_changes_nothing() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--registry", &nats.url(), "--registry-max-object-mb", "1"];
+    let a = Server::start_in(dir.path(), &args);
+    // A module of 1.5 MiB (a data segment of zeros) cannot fit a store of 1 MiB.
+    let big = wat::parse_str(format!(
+        r#"(module (memory 32) (data (i32.const 0) "{}") (func (export "_start")))"#,
+        "\\00".repeat(3 << 19)
+    ))
+    .unwrap();
+    let r = a.client().deploy("big", &big, json!({}));
+    assert_eq!((r.status, r.error_kind()), (503, "registry_unavailable".to_string()), "{}", r.text());
+    assert!(r.text().contains("object store is full"), "{}", r.text());
+    assert!(a.function_id("big").is_none());
+    // Small ones still fit, and the replica serves on.
+    let small = a.deploy("small", &guests::hello());
+    assert_eq!(status_of(&a, &small), 200);
+}
+
 /// Puts `value` under `key` in the registry's bucket, as anyone with access to NATS could.
 fn put_raw(nats: &Nats, key: &str, value: serde_json::Value) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

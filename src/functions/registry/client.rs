@@ -135,6 +135,7 @@ fn refuse(command: Command, why: &str) {
 
 struct Session {
     client: async_nats::Client,
+    js: jetstream::Context,
     kv: kv::Store,
     objects: object_store::ObjectStore,
     /// The bucket's identity: its stream's creation time. A wiped or new registry has another.
@@ -212,7 +213,7 @@ impl Session {
                 .await
                 .map_err(|e| format!("the object store {OBJECTS}: {e} (opening it: {get})"))?,
         };
-        Ok(Session { client, kv, objects, bucket, dropped })
+        Ok(Session { client, js, kv, objects, bucket, dropped })
     }
 
     /// Resynchronises, then watches the bucket and answers commands until the connection drops
@@ -355,6 +356,7 @@ impl Session {
             if self.objects.info(&name).await.is_ok_and(|info| !info.deleted && info.size == bytes.len()) {
                 continue;
             }
+            self.room_for(bytes.len() as u64).await?;
             self.objects.put(name.as_str(), &mut bytes.as_slice()).await.map_err(|e| {
                 let text = e.to_string();
                 // JetStream's words for a stream at its max_bytes.
@@ -378,6 +380,24 @@ impl Session {
             }
             Err(e) => Err(RegistryError::Unavailable(format!("put the record: {e}"))),
         }
+    }
+
+    /// Refuses an object the store has no room for, before any of it is sent: an upload that
+    /// JetStream stops midway leaves the chunks it took behind, under a name nothing refers to.
+    async fn room_for(&self, bytes: u64) -> Result<(), RegistryError> {
+        let unavailable = |e: String| RegistryError::Unavailable(format!("the object store's size: {e}"));
+        let mut stream = self.js.get_stream(format!("OBJ_{OBJECTS}")).await.map_err(|e| unavailable(e.to_string()))?;
+        let info = stream.info().await.map_err(|e| unavailable(e.to_string()))?;
+        let limit = info.config.max_bytes;
+        // Chunks carry headers and subjects besides the bytes: a margin of an eighth.
+        let needed = info.state.bytes.saturating_add(bytes).saturating_add(bytes / 8);
+        if limit >= 0 && needed > limit as u64 {
+            return Err(RegistryError::Full(format!(
+                "{bytes} more bytes would take it past its {limit} (--registry-max-object-mb), {} used",
+                info.state.bytes
+            )));
+        }
+        Ok(())
     }
 
     async fn fetch(&self, digest: &str, max_bytes: u64) -> Result<Vec<u8>, RegistryError> {
