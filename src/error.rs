@@ -192,6 +192,9 @@ pub enum ApiError {
     AuditUnavailable,
     /// `--registry nats://…` and NATS did not acknowledge a deploy or delete: nothing changed.
     RegistryUnavailable(String),
+    /// The registry's object store has no room for a deploy's files (`--registry-max-object-mb`):
+    /// a retry cannot help until room is made.
+    RegistryFull(String),
     NotReady,
     Draining,
     /// A deploy would leave the data dir's file system with less free space than the audit log's
@@ -273,7 +276,7 @@ impl ApiError {
             | DuplicateAuthorizationHeader => Status::BadRequest,
             Unauthorized => Status::Unauthorized,
             TenantScopeDenied { .. } | QuotaExceeded { .. } => Status::Forbidden,
-            InsufficientStorage { .. } => Status::InsufficientStorage,
+            InsufficientStorage { .. } | RegistryFull(_) => Status::InsufficientStorage,
             RateLimited { .. }
             | ConcurrencyLimited { .. }
             | UnauthenticatedRateLimited { .. }
@@ -329,6 +332,7 @@ impl ApiError {
             TenantScopeDenied { .. } => "tenant_scope_denied",
             QuotaExceeded { .. } => "quota_exceeded",
             InsufficientStorage { .. } => "insufficient_storage",
+            RegistryFull(_) => "registry_full",
             RateLimited { .. } => "rate_limited",
             ConcurrencyLimited { .. } => "concurrency_limited",
             InflightBodyLimited { .. } => "inflight_body_limited",
@@ -603,6 +607,9 @@ impl fmt::Display for ApiError {
             }
             Overloaded(what) => write!(f, "server overloaded: {what}; retry later"),
             AuditUnavailable => write!(f, "the audit log cannot be written, so protected requests are refused"),
+            RegistryFull(why) => {
+                write!(f, "the fleet's registry has no room for this deploy's files, so nothing changed: {why}")
+            }
             RegistryUnavailable(why) => {
                 write!(f, "the fleet's registry did not take the change, so nothing changed; retry later: {why}")
             }

@@ -220,7 +220,7 @@ fn a_function_whose_files_could_not_be_fetched_is_fetched_again() {
 }
 
 #[test]
-fn a_full_object_store_refuses_deploys_and_changes_nothing() {
+fn a_full_object_store_refuses_deploys_with_507_and_changes_nothing() {
     let nats = Nats::start();
     let dir = tempfile::tempdir().unwrap();
     let args = ["--registry", &nats.url(), "--registry-max-object-mb", "1"];
@@ -232,8 +232,9 @@ fn a_full_object_store_refuses_deploys_and_changes_nothing() {
     ))
     .unwrap();
     let r = a.client().deploy("big", &big, json!({}));
-    assert_eq!((r.status, r.error_kind()), (503, "registry_unavailable".to_string()), "{}", r.text());
+    assert_eq!((r.status, r.error_kind()), (507, "registry_full".to_string()), "{}", r.text());
     assert!(r.text().contains("object store is full"), "{}", r.text());
+    assert!(r.header("retry-after").is_none(), "a retry cannot help");
     assert!(a.function_id("big").is_none());
     // Small ones still fit, and the replica serves on.
     let small = a.deploy("small", &guests::hello());
@@ -320,6 +321,15 @@ fn registry_flags_that_cannot_work_are_refused_at_start() {
         (&["--registry", "nats://:4222"][..], "is not `file` or nats://"),
         (&["--registry", "file", "--registry-creds", "/nonexistent"][..], "--registry-creds needs --registry nats://"),
         (&["--registry", "nats://127.0.0.1:4222", "--registry-timeout-ms", "0"][..], "registry-timeout-ms"),
+        (
+            &["--registry", "nats://127.0.0.1:4222", "--registry-replicas", "0"][..],
+            "--registry-replicas must be 1 to 5",
+        ),
+        (
+            &["--registry", "nats://127.0.0.1:4222", "--registry-replicas", "6"][..],
+            "--registry-replicas must be 1 to 5",
+        ),
+        (&["--registry", "nats://127.0.0.1:4222", "--registry-max-object-mb", "0"][..], "registry-max-object-mb"),
     ] {
         let mut full = vec!["serve", "--listen", "127.0.0.1:0"];
         full.extend_from_slice(args);

@@ -50,9 +50,7 @@ impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> ApiError {
         match e {
             RegistryError::Unavailable(why) => ApiError::RegistryUnavailable(why),
-            RegistryError::Full(why) => {
-                ApiError::RegistryUnavailable(format!("the registry's object store is full: {why}"))
-            }
+            RegistryError::Full(why) => ApiError::RegistryFull(format!("the registry's object store is full: {why}")),
         }
     }
 }
