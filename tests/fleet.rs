@@ -321,6 +321,8 @@ fn registry_flags_that_cannot_work_are_refused_at_start() {
         (&["--registry", "nats://:4222"][..], "is not `file` or nats://"),
         (&["--registry", "file", "--registry-creds", "/nonexistent"][..], "--registry-creds needs --registry nats://"),
         (&["--registry", "nats://127.0.0.1:4222", "--registry-timeout-ms", "0"][..], "registry-timeout-ms"),
+        (&["--registry", "nats://127.0.0.1:4222", "--registry-creds", "/nonexistent.creds"][..], "/nonexistent.creds"),
+        (&["--registry", "nats://127.0.0.1:4222", "--registry-creds", "/tmp"][..], "is not a file"),
         (
             &["--registry", "nats://127.0.0.1:4222", "--registry-replicas", "0"][..],
             "--registry-replicas must be 1 to 5",

@@ -54,6 +54,19 @@ impl RegistryConfig {
                 }
             }
         }
+        // Read at every connect: a missing one would fail each of them, for ever, with the replica
+        // listening but never in step.
+        if let Some(creds) = &creds {
+            std::fs::metadata(creds).map_err(|e| format!("--registry-creds {}: {e}", creds.display())).and_then(
+                |m| {
+                    if m.is_file() {
+                        Ok(())
+                    } else {
+                        Err(format!("--registry-creds {} is not a file", creds.display()))
+                    }
+                },
+            )?;
+        }
         if !(1..=5).contains(&replicas) {
             return Err(format!("--registry-replicas must be 1 to 5 (JetStream's limit), not {replicas}"));
         }

@@ -66,7 +66,8 @@ pub struct RegistryStatus {
     syncs: AtomicU64,
 }
 
-fn now_unix_ms() -> u64 {
+/// Now, in milliseconds since the Unix epoch: the unit of the data dir's sync marker.
+pub(crate) fn now_unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 

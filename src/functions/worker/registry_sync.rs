@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::deploys::{check_abi, same_function};
 use super::Worker;
 use crate::functions::record::{validate_env, validate_name, Source};
-use crate::functions::registry::Change;
+use crate::functions::registry::{now_unix_ms, Change};
 use crate::functions::store::digest_of;
 use crate::functions::{DeployedFunction, FunctionRecord};
 
@@ -142,30 +142,31 @@ impl Worker {
     /// The record's module and tensor file in the local store: fetched from the object store
     /// where missing, checked against their digests.
     fn fetch_files(&self, record: &FunctionRecord) -> Result<(), String> {
-        let Some(registry) = &self.registry else { return Ok(()) };
         if self.store.verify_module(&record.digest).is_err() {
-            let wasm = registry
-                .fetch(&record.digest, self.limits.max_body_bytes)
-                .map_err(|e| format!("its module {}: {e:?}", record.digest))?;
-            if digest_of(&wasm) != record.digest {
-                return Err(format!("the registry's copy of {} has another digest", record.digest));
-            }
-            // The audit log's reserve holds for a deploy from the fleet as for one from the API.
-            self.check_reserve(wasm.len() as u64).map_err(|e| e.to_string())?;
+            let wasm = self.fetch_verified(&record.digest, self.limits.max_body_bytes)?;
             self.store.write_module(&record.digest, &wasm).map_err(|e| format!("storing {}: {e}", record.digest))?;
         }
         if let Some(tensors) = &record.tensors {
             let limit = self.limits.max_function_tensors_bytes;
             if self.store.read_tensors(tensors, limit).is_err() {
-                let file = registry.fetch(tensors, limit).map_err(|e| format!("its tensors {tensors}: {e:?}"))?;
-                if digest_of(&file) != *tensors {
-                    return Err(format!("the registry's copy of {tensors} has another digest"));
-                }
-                self.check_reserve(file.len() as u64).map_err(|e| e.to_string())?;
+                let file = self.fetch_verified(tensors, limit)?;
                 self.store.write_tensors(tensors, &file).map_err(|e| format!("storing {tensors}: {e}"))?;
             }
         }
         Ok(())
+    }
+
+    /// The object `digest` from the registry, at most `limit` bytes, checked against its digest
+    /// and against the audit log's reserve (which holds for a deploy from the fleet as for one
+    /// from the API) before the caller writes it.
+    fn fetch_verified(&self, digest: &str, limit: u64) -> Result<Vec<u8>, String> {
+        let registry = self.registry.as_ref().ok_or("no registry to fetch from")?;
+        let bytes = registry.fetch(digest, limit).map_err(|e| format!("fetching {digest}: {e:?}"))?;
+        if digest_of(&bytes) != digest {
+            return Err(format!("the registry's copy of {digest} has another digest"));
+        }
+        self.check_reserve(bytes.len() as u64).map_err(|e| e.to_string())?;
+        Ok(bytes)
     }
 
     /// The module a live function runs, or the stored one, loaded (its artifact, or compiled).
@@ -237,9 +238,7 @@ impl Worker {
         self.published.borrow_mut().retain(|_, &mut r| r > revision);
         if in_step {
             // The cache's age, for a restart while NATS is away (`RegistryStatus::stale_seconds`).
-            let now_ms =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-            if let Err(e) = self.store.mark_registry_synced(now_ms, bucket) {
+            if let Err(e) = self.store.mark_registry_synced(now_unix_ms(), bucket) {
                 tracing::warn!("cannot mark the data dir as in step with the registry: {e}");
             }
         }
