@@ -195,6 +195,9 @@ pub enum ApiError {
     /// The registry's object store has no room for a deploy's files (`--registry-max-object-mb`):
     /// a retry cannot help until room is made.
     RegistryFull(String),
+    /// Another replica deployed a function of the same name and tenant while this deploy was
+    /// under way: the registry's compare-and-set on the name decided for the other.
+    DeployConflict(String),
     NotReady,
     Draining,
     /// A deploy would leave the data dir's file system with less free space than the audit log's
@@ -289,7 +292,7 @@ impl ApiError {
             UnsupportedTransferEncoding(_) => Status::NotImplemented,
             ExpectationFailed(_) => Status::ExpectationFailed,
             RouteNotFound | FunctionNotFound(_) | PipelineNotFound(_) => Status::NotFound,
-            ManagedByDirectory { .. } => Status::Conflict,
+            ManagedByDirectory { .. } | DeployConflict(_) => Status::Conflict,
             MethodNotAllowed { .. } => Status::MethodNotAllowed,
             // The function, not the server, failed: the gateway convention.
             GuestTrap(_)
@@ -333,6 +336,7 @@ impl ApiError {
             QuotaExceeded { .. } => "quota_exceeded",
             InsufficientStorage { .. } => "insufficient_storage",
             RegistryFull(_) => "registry_full",
+            DeployConflict(_) => "conflict",
             RateLimited { .. } => "rate_limited",
             ConcurrencyLimited { .. } => "concurrency_limited",
             InflightBodyLimited { .. } => "inflight_body_limited",
@@ -610,6 +614,7 @@ impl fmt::Display for ApiError {
             RegistryFull(why) => {
                 write!(f, "the fleet's registry has no room for this deploy's files, so nothing changed: {why}")
             }
+            DeployConflict(why) => write!(f, "a concurrent deploy of the same name won, so nothing changed: {why}"),
             RegistryUnavailable(why) => {
                 write!(f, "the fleet's registry did not take the change, so nothing changed; retry later: {why}")
             }

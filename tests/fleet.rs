@@ -242,6 +242,68 @@ fn a_full_object_store_refuses_deploys_with_507_and_changes_nothing() {
 }
 
 /// Puts `value` under `key` in the registry's bucket, as anyone with access to NATS could.
+/// The functions named `name` that `server` lists: their ids.
+fn named(server: &Server, name: &str) -> Vec<String> {
+    let list = server.client().request("GET", "/functions", &[], b"").json();
+    let functions = list["functions"].as_array().cloned().unwrap_or_default();
+    functions.iter().filter(|f| f["name"] == name).map(|f| f["id"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn deploys_of_one_name_that_overlap_on_two_replicas_leave_one_winner_everywhere() {
+    let nats = Nats::start();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let servers: Vec<Server> = dirs.iter().map(|d| replica(&nats, d.path())).collect();
+    for s in &servers {
+        s.wait_for_metric("tensor_wasm_registry_connected", &[], 1.0);
+    }
+    for round in 0..3u32 {
+        let name = format!("raced-{round}");
+        // Two different modules, each compiled on its replica after the deploy read the name's
+        // revision: both have read it before either publishes.
+        let modules = [guests::slow_to_compile(2 * round), guests::slow_to_compile(2 * round + 1)];
+        let start = std::sync::Barrier::new(2);
+        let answers: Vec<common::Response> = std::thread::scope(|scope| {
+            let racers: Vec<_> = servers[..2]
+                .iter()
+                .zip(&modules)
+                .map(|(server, module)| {
+                    let (start, name) = (&start, &name);
+                    scope.spawn(move || {
+                        let mut client = server.client();
+                        start.wait();
+                        client.deploy(name, module, json!({}))
+                    })
+                })
+                .collect();
+            racers.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        let statuses: Vec<u16> = answers.iter().map(|r| r.status).collect();
+        let winner = statuses.iter().position(|&s| s == 201);
+        let loser = statuses.iter().position(|&s| s == 409);
+        let (Some(winner), Some(loser)) = (winner, loser) else {
+            panic!(
+                "round {round}: one deploy must win and the other get 409, got {statuses:?}: {:?}",
+                answers.iter().map(|r| r.text()).collect::<Vec<_>>()
+            );
+        };
+        assert_eq!(answers[loser].error_kind(), "conflict", "{}", answers[loser].text());
+        let id = answers[winner].json()["id"].as_str().unwrap().to_string();
+        // The winner, and only it, on every replica: the loser left nothing anywhere.
+        for s in &servers {
+            within(PROPAGATION, "the winner on every replica", || named(s, &name) == [id.clone()]);
+        }
+        assert_eq!(status_of(&servers[loser], &id), 200);
+    }
+    // A deploy of a taken name that starts after the last one finished is no race: it is
+    // deployed beside it, as on a single node.
+    let again = servers[2].client().deploy("raced-0", &guests::hello(), json!({}));
+    assert_eq!(again.status, 201, "{}", again.text());
+    for s in &servers {
+        within(PROPAGATION, "both functions of the name", || named(s, "raced-0").len() == 2);
+    }
+}
+
 fn put_raw(nats: &Nats, key: &str, value: serde_json::Value) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {

@@ -242,3 +242,21 @@ pub fn tensor_abi() -> Vec<u8> {
     (local.get $r)))"#
     ))
 }
+
+/// A hello whose compile takes a while (a few thousand small functions): deploys of it that start
+/// together are still compiling when the first of them publishes. `variant` makes its bytes, and
+/// so its digest, differ.
+pub fn slow_to_compile(variant: u32) -> Vec<u8> {
+    use std::fmt::Write as _;
+    let mut text = String::from("(module\n");
+    for i in 0..3000u32 {
+        let _ = writeln!(
+            text,
+            "(func $f{i} (param i32) (result i32) (i32.add (i32.mul (local.get 0) (i32.const {k})) \
+             (i32.xor (local.get 0) (i32.const {i}))))",
+            k = variant.wrapping_mul(7919).wrapping_add(i)
+        );
+    }
+    text.push_str("(func (export \"_start\")))");
+    wasm(&text)
+}

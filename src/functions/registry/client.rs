@@ -17,13 +17,17 @@ use futures_util::{StreamExt, TryStreamExt};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
-use super::{Change, NatsConfig, Registry, RegistryError, RegistryStatus};
+use super::{Change, NameClaim, NatsConfig, Registry, RegistryError, RegistryStatus};
+use crate::functions::record::hex;
 use crate::functions::FunctionRecord;
 
 const BUCKET: &str = "tensor-wasm-functions";
 const OBJECTS: &str = "tensor-wasm-objects";
 /// A function's key in the bucket.
 const KEY_PREFIX: &str = "f.";
+/// A tenant's function name's key: `n.<tenant>.<name in hex>` (hex, because a name may hold dots,
+/// which would split the key into subject tokens), whose value is the id that last claimed it.
+const NAME_PREFIX: &str = "n.";
 /// Commands the worker may have waiting: it sends one at a time, so this only bounds a stall.
 const COMMAND_DEPTH: usize = 16;
 /// Changes on their way to the worker. Full, the watch waits: JetStream holds the rest.
@@ -42,13 +46,20 @@ pub(super) enum Command {
     /// record's revision in the bucket.
     Publish {
         record: FunctionRecord,
+        claim: Option<NameClaim>,
         objects: Vec<(String, Vec<u8>)>,
         reply: Reply<u64>,
         deadline: Instant,
     },
     Remove {
         id: String,
+        name_key: String,
         reply: Reply<()>,
+        deadline: Instant,
+    },
+    NameRevision {
+        key: String,
+        reply: Reply<u64>,
         deadline: Instant,
     },
     Fetch {
@@ -130,7 +141,13 @@ fn refuse(command: Command, why: &str) {
         Command::Publish { reply, .. } => drop(reply.try_send(Err(e()))),
         Command::Remove { reply, .. } => drop(reply.try_send(Err(e()))),
         Command::Fetch { reply, .. } => drop(reply.try_send(Err(e()))),
+        Command::NameRevision { reply, .. } => drop(reply.try_send(Err(e()))),
     }
+}
+
+/// The bucket key of a tenant's function name (`NAME_PREFIX`).
+pub(super) fn name_key(tenant: u64, name: &str) -> String {
+    format!("{NAME_PREFIX}{tenant}.{}", hex(name.as_bytes()))
 }
 
 struct Session {
@@ -322,15 +339,29 @@ impl Session {
 
     async fn execute(&self, command: Command) {
         match command {
-            Command::Publish { record, objects, reply, deadline } => {
-                let _ = reply.try_send(self.publish(&record, objects, deadline).await);
+            Command::Publish { record, claim, objects, reply, deadline } => {
+                let _ = reply.try_send(self.publish(&record, claim, objects, deadline).await);
             }
-            Command::Remove { id, reply, deadline } => {
+            Command::Remove { id, name_key, reply, deadline } => {
                 let removed = match self.in_time(deadline) {
                     Ok(()) => self.kv.delete(format!("{KEY_PREFIX}{id}")).await,
                     Err(e) => return drop(reply.try_send(Err(e))),
                 };
-                let _ = reply.try_send(removed.map_err(|e| RegistryError::Unavailable(format!("delete: {e}"))));
+                let removed = removed.map_err(|e| RegistryError::Unavailable(format!("delete: {e}")));
+                if removed.is_ok() {
+                    self.release_name(&name_key, &id).await;
+                }
+                let _ = reply.try_send(removed);
+            }
+            Command::NameRevision { key, reply, deadline } => {
+                let read = match self.in_time(deadline) {
+                    Ok(()) => self.kv.entry(key.as_str()).await,
+                    Err(e) => return drop(reply.try_send(Err(e))),
+                };
+                let revision = read
+                    .map(|entry| entry.map_or(0, |e| e.revision))
+                    .map_err(|e| RegistryError::Unavailable(format!("read the name {key}: {e}")));
+                let _ = reply.try_send(revision);
             }
             Command::Fetch { digest, max_bytes, reply, deadline } => {
                 // Not past the worker's wait: a large object nobody waits for would hold up the
@@ -343,13 +374,19 @@ impl Session {
         }
     }
 
-    /// The objects first, then the record, each acknowledged by JetStream before the next.
+    /// The name's claim first (a deploy that lost it sends nothing more), then the objects,
+    /// then the record, each acknowledged by JetStream before the next.
     async fn publish(
         &self,
         record: &FunctionRecord,
+        claim: Option<NameClaim>,
         objects: Vec<(String, Vec<u8>)>,
         deadline: Instant,
     ) -> Result<u64, RegistryError> {
+        if let Some(claim) = claim {
+            self.in_time(deadline)?;
+            self.claim_name(&claim, &record.id).await?;
+        }
         for (digest, bytes) in objects {
             self.in_time(deadline)?;
             let name = object_name(&digest);
@@ -379,6 +416,42 @@ impl Session {
                 Ok(entry.ok().flatten().map_or(0, |e| e.revision))
             }
             Err(e) => Err(RegistryError::Unavailable(format!("put the record: {e}"))),
+        }
+    }
+
+    /// Sets the name's key to `id` if it is still at the revision the deploy read: create for a
+    /// name never claimed, compare-and-set otherwise (a deleted key keeps its revision).
+    async fn claim_name(&self, claim: &NameClaim, id: &str) -> Result<(), RegistryError> {
+        let value = || id.as_bytes().to_vec().into();
+        let lost = || {
+            RegistryError::Conflict(format!(
+                "the name changed after this deploy started (its revision moved past {}): another deploy of it, or a delete, on some replica",
+                claim.revision
+            ))
+        };
+        if claim.revision == 0 {
+            return match self.kv.create(claim.key.as_str(), value()).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(lost()),
+                Err(e) => Err(RegistryError::Unavailable(format!("claim the name: {e}"))),
+            };
+        }
+        match self.kv.update(claim.key.as_str(), value(), claim.revision).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Err(lost()),
+            Err(e) => Err(RegistryError::Unavailable(format!("claim the name: {e}"))),
+        }
+    }
+
+    /// Deletes the name's key after its function's record, if it still names that function: a
+    /// later deploy of the name holds it otherwise. Best effort: a key left behind only counts
+    /// the name's deploys.
+    async fn release_name(&self, key: &str, id: &str) {
+        let Ok(Some(entry)) = self.kv.entry(key).await else { return };
+        if entry.operation == kv::Operation::Put && entry.value.as_ref() == id.as_bytes() {
+            if let Err(e) = self.kv.delete_expect_revision(key, Some(entry.revision)).await {
+                tracing::debug!(key, "the name's key stays: {e}");
+            }
         }
     }
 

@@ -44,6 +44,9 @@ pub enum RegistryError {
     Unavailable(String),
     /// The object store is full (`--registry-max-object-mb`).
     Full(String),
+    /// The name's revision moved since the deploy read it: a concurrent deploy of the same name,
+    /// on this replica or another, won.
+    Conflict(String),
 }
 
 impl From<RegistryError> for ApiError {
@@ -51,8 +54,19 @@ impl From<RegistryError> for ApiError {
         match e {
             RegistryError::Unavailable(why) => ApiError::RegistryUnavailable(why),
             RegistryError::Full(why) => ApiError::RegistryFull(format!("the registry's object store is full: {why}")),
+            RegistryError::Conflict(why) => ApiError::DeployConflict(why),
         }
     }
+}
+
+/// A deploy's hold on its name: the key `n.<tenant>.<name in hex>` and the revision the deploy
+/// read. Publishing sets the key to the new id only if it is still at that revision, so of two
+/// deploys of one name that overlap, on any replicas, the first to publish wins and the other
+/// gets 409 `conflict`. Deploys that do not overlap both succeed, as on a single node.
+#[derive(Clone, Debug)]
+pub struct NameClaim {
+    key: String,
+    revision: u64,
 }
 
 /// What the metrics and `observe` show of the registry. Written by the client thread alone.
@@ -120,25 +134,40 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Stores the module (and tensor file) under its digest unless the object store has it, then
-    /// puts the record: a deploy is acknowledged only once JetStream has both.
-    /// Returns the record's revision in the bucket.
+    /// The revision of the tenant's name in the bucket (0 when no deploy ever claimed it): read
+    /// when a deploy starts, and compared and set when it is published (`NameClaim`).
+    pub fn name_revision(&self, tenant: u64, name: &str) -> Result<NameClaim, RegistryError> {
+        let key = client::name_key(tenant, name);
+        let revision =
+            self.ask(|reply, deadline| client::Command::NameRevision { key: key.clone(), reply, deadline })?;
+        Ok(NameClaim { key, revision })
+    }
+
+    /// Claims the name at the revision `claim` read (a deploy; `None` for a function republished
+    /// from a cache), stores the module (and tensor file) under its digest unless the object
+    /// store has it, then puts the record: a deploy is acknowledged only once JetStream has all.
+    /// Returns the record's revision in the bucket; `Conflict` when the name moved meanwhile.
     pub fn publish(
         &self,
         record: &FunctionRecord,
         module: &[u8],
         tensors: Option<(&str, &[u8])>,
+        claim: Option<&NameClaim>,
     ) -> Result<u64, RegistryError> {
         let mut objects = vec![(record.digest.clone(), module.to_vec())];
         if let Some((digest, file)) = tensors {
             objects.push((digest.to_string(), file.to_vec()));
         }
-        self.ask(|reply, deadline| client::Command::Publish { record: record.clone(), objects, reply, deadline })
+        let claim = claim.cloned();
+        self.ask(|reply, deadline| client::Command::Publish { record: record.clone(), claim, objects, reply, deadline })
     }
 
-    /// Deletes the record; every replica's watch removes the function.
-    pub fn remove(&self, id: &str) -> Result<(), RegistryError> {
-        self.ask(|reply, deadline| client::Command::Remove { id: id.to_string(), reply, deadline })
+    /// Deletes the record; every replica's watch removes the function. The name's key goes too
+    /// when it still names this function.
+    pub fn remove(&self, record: &FunctionRecord) -> Result<(), RegistryError> {
+        let id = record.id.clone();
+        let name_key = client::name_key(record.tenant_id, &record.name);
+        self.ask(|reply, deadline| client::Command::Remove { id, name_key, reply, deadline })
     }
 
     /// The object stored under `digest` (a module or a tensor file), at most `max_bytes` long.

@@ -12,6 +12,7 @@ use super::Worker;
 use crate::error::ApiError;
 use crate::functions::catalog::FunctionMap;
 use crate::functions::record::{new_id, validate_env, validate_name, Abi, Source};
+use crate::functions::registry;
 use crate::functions::store::digest_of;
 use crate::functions::{DeployedFunction, FunctionRecord};
 use futures_channel::oneshot;
@@ -42,6 +43,9 @@ pub struct PendingDeploy {
     pub(super) wasm: Vec<u8>,
     pub(super) digest: String,
     pub(super) tensors: Option<DeployTensors>,
+    /// With a NATS registry: the name's revision when the deploy started, which it must still
+    /// have when the deploy is published (`registry::NameClaim`).
+    pub(super) claim: Option<registry::NameClaim>,
     pub(super) reply: DeployReply,
 }
 
@@ -123,13 +127,24 @@ impl Worker {
     /// Checks a deploy up to its compile: answered at once when refused or when its module is
     /// live already, else handed to the compile thread.
     pub(super) fn start_deploy(&self, req: DeployRequest, reply: DeployReply) {
-        let pending = match self.prepare_deploy(req, reply) {
+        let mut pending = match self.prepare_deploy(req, reply) {
             Ok(pending) => pending,
             Err((reply, e)) => {
                 let _ = reply.send(Err(e));
                 return;
             }
         };
+        // The name's revision now, before the compile: a deploy of the same name published on any
+        // replica from here until this one publishes makes this one lose (409 `conflict`).
+        if let Some(registry) = &self.registry {
+            match registry.name_revision(pending.tenant_id, &pending.name) {
+                Ok(claim) => pending.claim = Some(claim),
+                Err(e) => {
+                    let _ = pending.reply.send(Err(e.into()));
+                    return;
+                }
+            }
+        }
         if let Some(module) = self.catalog.module_with_digest(&pending.digest) {
             let outcome = self.finish_deploy(&pending, module);
             let _ = pending.reply.send(outcome);
@@ -169,6 +184,7 @@ impl Worker {
                 memory_limit_mb,
                 tenant_id: req.tenant_id,
                 wasm,
+                claim: None,
                 reply,
             }),
             Err(e) => Err((reply, e)),
@@ -387,7 +403,7 @@ impl Worker {
         // and the record; refused, nothing changed anywhere.
         if let Some(registry) = &self.registry {
             let files = tensors.map(|t| (t.digest.as_str(), t.file.as_slice()));
-            match registry.publish(&record, wasm, files) {
+            match registry.publish(&record, wasm, files, pending.claim.as_ref()) {
                 Ok(revision) => self.published_at(&record.id, revision),
                 Err(e) => {
                     discard();
@@ -481,7 +497,7 @@ impl Worker {
         }
         // The fleet's copy first: every replica's watch then removes the function.
         if let Some(registry) = &self.registry {
-            registry.remove(id)?;
+            registry.remove(&function.record)?;
         }
         self.forget(&function)
     }

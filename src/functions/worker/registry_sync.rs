@@ -270,6 +270,8 @@ impl Worker {
             )),
             None => None,
         };
-        registry.publish(record, &wasm, tensors.as_ref().map(|(d, f)| (*d, f.as_slice()))).map_err(|e| format!("{e:?}"))
+        registry
+            .publish(record, &wasm, tensors.as_ref().map(|(d, f)| (*d, f.as_slice())), None)
+            .map_err(|e| format!("{e:?}"))
     }
 }
