@@ -304,6 +304,82 @@ fn deploys_of_one_name_that_overlap_on_two_replicas_leave_one_winner_everywhere(
     }
 }
 
+/// The ids of the functions named `name` that the registry's bucket holds, read from NATS itself.
+fn registered(nats: &Nats, name: &str) -> Vec<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        use futures_util::TryStreamExt as _;
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let kv = async_nats::jetstream::new(client).get_key_value("tensor-wasm-functions").await.unwrap();
+        let keys: Vec<String> = kv.keys().await.unwrap().try_collect().await.unwrap();
+        let mut ids = Vec::new();
+        for key in keys.iter().filter(|k| k.starts_with("f.")) {
+            let Some(value) = kv.get(key.as_str()).await.unwrap() else { continue };
+            let record: serde_json::Value = serde_json::from_slice(&value).unwrap();
+            if record["name"] == name {
+                ids.push(record["id"].as_str().unwrap().to_string());
+            }
+        }
+        ids
+    })
+}
+
+#[test]
+fn a_replica_killed_mid_deploy_leaves_the_deploy_on_every_replica_or_on_none() {
+    let nats = Nats::start();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut servers: Vec<Server> = dirs.iter().map(|d| replica(&nats, d.path())).collect();
+    for s in &servers {
+        s.wait_for_metric("tensor_wasm_registry_connected", &[], 1.0);
+    }
+    // How long such a deploy takes here, undisturbed: the kill moments spread over 0 to 1.5 times
+    // it, so that some rounds die before the publish and some after, on a fast machine or a slow.
+    let started = Instant::now();
+    servers[1].deploy("probe", &guests::slow_to_compile(99));
+    let deploy_time = started.elapsed();
+    eprintln!("fleet: an undisturbed deploy took {deploy_time:?}");
+    let (mut landed, mut acknowledged) = (0, 0);
+    for round in 0..10u32 {
+        let name = format!("killed-{round}");
+        let module = guests::slow_to_compile(100 + round);
+        let addr = servers[0].addr;
+        // The deploy runs on A while A is killed at a different moment each round: before the
+        // compile ends, while it publishes, and after it answered.
+        let deploy = std::thread::spawn(move || {
+            let mut body = json!({"name": name, "wasm_b64": base64::engine::general_purpose::STANDARD.encode(&module)});
+            body["timeout_ms"] = json!(1000);
+            common::Client::connect(addr)
+                .try_request("POST", "/functions", &[("content-type", "application/json")], body.to_string().as_bytes())
+                .map(|r| r.status)
+        });
+        std::thread::sleep(deploy_time * 3 * round / 20);
+        servers[0].kill9();
+        let answered = deploy.join().unwrap();
+        servers[0] = replica(&nats, dirs[0].path());
+        servers[0].wait_for_metric("tensor_wasm_registry_connected", &[], 1.0);
+        let name = format!("killed-{round}");
+        let truth = registered(&nats, &name);
+        assert!(truth.len() <= 1, "round {round}: {truth:?}");
+        if matches!(answered, Ok(201)) {
+            acknowledged += 1;
+            assert_eq!(truth.len(), 1, "round {round}: a deploy answered 201 is in the registry");
+        }
+        landed += truth.len();
+        // Every replica, the killed one included, shows exactly what the registry holds.
+        for s in &servers {
+            within(PROPAGATION, "the registry's state on every replica", || named(s, &name) == truth);
+        }
+    }
+    eprintln!("fleet: of 10 deploys killed midway, {landed} landed everywhere ({acknowledged} answered before the kill), the rest nowhere");
+    // The rounds cover both outcomes, or the test proved only one of them.
+    assert!(landed > 0 && landed < 10, "{landed} of 10 deploys landed: move the kill moments");
+    // Nothing half-done is served by the replicas that stayed up: no function whose files are
+    // missing there.
+    for s in &servers {
+        assert_eq!(s.metric("tensor_wasm_functions_broken", &[]), 0.0);
+    }
+}
+
 fn put_raw(nats: &Nats, key: &str, value: serde_json::Value) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
