@@ -60,12 +60,17 @@ fn render(args: &[&str]) -> String {
 
 /// Validates manifests against the Kubernetes schemas, strictly (unknown fields are errors).
 fn validate(name: &str, manifests: &str) {
+    validate_workload(name, manifests, "deployment");
+}
+
+/// As `validate`, with the pods run by a `workload` (`deployment`, `statefulset`).
+fn validate_workload(name: &str, manifests: &str, workload: &str) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join(format!("{name}.yaml"));
     std::fs::write(&file, manifests).unwrap();
     let (ok, out) = run(&tool("kubernetes-validate"), &["--strict", "-k", KUBE_VERSION, file.to_str().unwrap()], None);
     assert!(ok && !out.contains("ERROR"), "{name} does not validate:\n{out}");
-    assert!(out.contains("passed for resource deployment/"), "{name}: nothing validated:\n{out}");
+    assert!(out.contains(&format!("passed for resource {workload}/")), "{name}: no {workload} validated:\n{out}");
 }
 
 #[test]
@@ -172,6 +177,178 @@ fn the_chart_lints_renders_and_validates() {
     ] {
         assert!(pinned.contains(expected), "pinned lacks {expected:?}:\n{pinned}");
     }
+}
+
+/// The objects of a render, by kind.
+struct Rendered(Vec<serde_json::Value>);
+
+impl Rendered {
+    fn of(yaml: &str) -> Rendered {
+        Rendered(yaml_documents(yaml))
+    }
+
+    fn all(&self, kind: &str) -> Vec<&serde_json::Value> {
+        self.0.iter().filter(|o| o["kind"] == kind).collect()
+    }
+
+    fn one(&self, kind: &str) -> &serde_json::Value {
+        let all = self.all(kind);
+        assert_eq!(all.len(), 1, "one {kind} expected: {:#?}", self.0);
+        all[0]
+    }
+}
+
+/// The `env` entry named `name` of a container, if any.
+fn env<'a>(container: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    container["env"].as_array().unwrap().iter().find(|e| e["name"] == name)
+}
+
+/// The value of a plain `env` entry.
+fn env_value<'a>(container: &'a serde_json::Value, name: &str) -> &'a str {
+    let entry = env(container, name).unwrap_or_else(|| panic!("no {name} in {:#}", container["env"]));
+    entry["value"].as_str().unwrap_or_else(|| panic!("{name} has no plain value: {entry}"))
+}
+
+/// The item named `name` of a list (volumes, volume mounts).
+fn named<'a>(list: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    list.as_array().into_iter().flatten().find(|v| v["name"] == name)
+}
+
+/// A fleet: replicas sharing a NATS registry run as a StatefulSet with a headless Service, each
+/// pod with its own data dir (a claim per pod, or an emptyDir whose audit log also goes to
+/// stdout), the registry's URL, credentials and replicas, and the pod's name as its replica id.
+/// Without a registry, more than one replica is refused.
+#[test]
+fn the_chart_runs_a_fleet_as_a_statefulset_sharing_the_registry() {
+    let helm = tool("helm");
+    let fleet_values = root().join("deploy/helm/tensor-wasm/examples/fleet-values.yaml");
+    let fleet_values = fleet_values.to_str().unwrap();
+    let (ok, out) = run(&helm, &["lint", &chart(), "-f", fleet_values], None);
+    assert!(ok, "helm lint -f fleet-values.yaml:\n{out}");
+    for bad in ["registry.nats.url=http://nats:4222", "registry.nats.url=nats://nats", "registry.nats.replicas=6"] {
+        let (ok, out) = run(&helm, &["lint", &chart(), "--set", bad], None);
+        assert!(!ok, "the schema let {bad} through:\n{out}");
+    }
+
+    // Several replicas without a registry: each would have its own catalog. Refused, with the fix.
+    let chart = chart();
+    for extra in ["replicaCount=3", "replicaCount=3,persistence.enabled=true"] {
+        let args = ["template", "tw", chart.as_str(), "--kube-version", KUBE_VERSION, "--set", extra];
+        let (ok, out) = run(&helm, &args, None);
+        assert!(!ok, "{extra} rendered without a registry:\n{out}");
+        assert!(
+            out.contains("replicaCount 3 needs a shared registry: set registry.nats.url"),
+            "{extra}: not the chart's message:\n{out}"
+        );
+    }
+    // One claim cannot be every pod's own.
+    let args = [
+        "template",
+        "tw",
+        chart.as_str(),
+        "--kube-version",
+        KUBE_VERSION,
+        "--set",
+        "registry.nats.url=nats://nats:4222,persistence.existingClaim=old",
+    ];
+    let (ok, out) = run(&helm, &args, None);
+    assert!(!ok && out.contains("persistence.existingClaim is one volume"), "{out}");
+
+    // No registry: one pod of a Deployment, as before, and no fleet objects.
+    let single = Rendered::of(&render(&[]));
+    assert_eq!(single.one("Deployment")["spec"]["replicas"], 1);
+    assert!(single.all("StatefulSet").is_empty(), "a StatefulSet without a registry");
+    assert_eq!(single.all("Service").len(), 1, "a headless Service without a registry");
+    assert!(
+        env(&single.one("Deployment")["spec"]["template"]["spec"]["containers"][0], "TENSOR_WASM_REGISTRY").is_none()
+    );
+
+    // The example, with credentials and the ServiceMonitor on.
+    let yaml = render(&[
+        "-f",
+        fleet_values,
+        "--set",
+        "registry.nats.credsSecret.name=tw-nats,registry.nats.credsSecret.key=user.creds,prometheus.enabled=true",
+    ]);
+    validate_workload("fleet", &yaml, "statefulset");
+    let fleet = Rendered::of(&yaml);
+    assert!(fleet.all("Deployment").is_empty(), "the fleet is not a Deployment too");
+    assert!(fleet.all("PersistentVolumeClaim").is_empty(), "one shared claim: every pod has its own");
+    let sts = fleet.one("StatefulSet");
+    assert_eq!(sts["spec"]["replicas"], 3);
+    let pod = &sts["spec"]["template"];
+    assert_eq!(sts["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"]);
+
+    // The headless Service governs the StatefulSet; the other one balances across its pods.
+    let services = fleet.all("Service");
+    assert_eq!(services.len(), 2, "{services:#?}");
+    let (headless, balancing): (Vec<&serde_json::Value>, Vec<&serde_json::Value>) =
+        services.into_iter().partition(|s| s["spec"]["clusterIP"] == "None");
+    let (headless, balancing) = (headless[0], balancing[0]);
+    assert_eq!(sts["spec"]["serviceName"], headless["metadata"]["name"]);
+    assert_ne!(headless["metadata"]["name"], balancing["metadata"]["name"]);
+    for service in [headless, balancing] {
+        assert_eq!(service["spec"]["selector"], pod["metadata"]["labels"], "{service:#}");
+    }
+    assert_eq!(fleet.one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"]);
+    // Prometheus scrapes each pod once: through the balancing Service, not the headless one.
+    let selector = &fleet.one("ServiceMonitor")["spec"]["selector"];
+    let excluded = &selector["matchExpressions"][0];
+    assert_eq!(excluded["operator"], "NotIn");
+    let key = excluded["key"].as_str().unwrap();
+    assert!(excluded["values"].as_array().unwrap().contains(&headless["metadata"]["labels"][key]), "{selector:#}");
+    assert!(balancing["metadata"]["labels"].get(key).is_none(), "{selector:#}");
+
+    // The registry, its credentials (read-only, from the Secret's key) and its replicas.
+    let spec = &pod["spec"];
+    let container = &spec["containers"][0];
+    assert_eq!(env_value(container, "TENSOR_WASM_REGISTRY"), "nats://nats.tensor-wasm.svc:4222");
+    assert_eq!(env_value(container, "TENSOR_WASM_REGISTRY_REPLICAS"), "3");
+    let mount = named(&container["volumeMounts"], "registry-creds").expect("the credentials are mounted");
+    assert_eq!(mount["readOnly"], true);
+    let creds_volume = named(&spec["volumes"], "registry-creds").unwrap();
+    assert_eq!(creds_volume["secret"]["secretName"], "tw-nats");
+    let item = &creds_volume["secret"]["items"][0];
+    assert_eq!(item["key"], "user.creds");
+    let creds_path = format!("{}/{}", mount["mountPath"].as_str().unwrap(), item["path"].as_str().unwrap());
+    assert_eq!(env_value(container, "TENSOR_WASM_REGISTRY_CREDS"), creds_path);
+    // The replica's id is its pod's name.
+    let id = env(container, "TENSOR_WASM_REPLICA_ID").expect("a replica id");
+    assert_eq!(id["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name", "{id}");
+
+    // persistence.enabled: a claim per pod for the data dir (cache and audit log), nothing shared.
+    let data_dir = env_value(container, "TENSOR_WASM_DATA_DIR");
+    assert_eq!(named(&container["volumeMounts"], "data").unwrap()["mountPath"], data_dir);
+    assert!(named(&spec["volumes"], "data").is_none(), "the data volume is the claim template");
+    let claims = sts["spec"]["volumeClaimTemplates"].as_array().expect("a claim per pod");
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0]["metadata"]["name"], "data");
+    assert_eq!(claims[0]["spec"]["resources"]["requests"]["storage"], "20Gi");
+    assert!(env(container, "TENSOR_WASM_API_AUDIT_LOG").is_none(), "the audit log stays on the pod's volume");
+
+    // The example as written: no credentials.
+    let plain = Rendered::of(&render(&["-f", fleet_values]));
+    let plain_pod = &plain.one("StatefulSet")["spec"]["template"]["spec"];
+    assert!(env(&plain_pod["containers"][0], "TENSOR_WASM_REGISTRY_CREDS").is_none());
+    assert!(named(&plain_pod["volumes"], "registry-creds").is_none());
+
+    // The switch off: an emptyDir, gone with the pod, so the audit log goes to stdout as well, for
+    // the log shipper. A tls:// URL passes through as it is.
+    let yaml = render(&[
+        "-f",
+        fleet_values,
+        "--set",
+        "persistence.enabled=false,registry.nats.url=tls://nats-a.example:4222\\,tls://nats-b.example:4222",
+    ]);
+    validate_workload("fleet-emptydir", &yaml, "statefulset");
+    let ephemeral = Rendered::of(&yaml);
+    let sts = ephemeral.one("StatefulSet");
+    assert!(sts["spec"].get("volumeClaimTemplates").is_none(), "{sts:#}");
+    let spec = &sts["spec"]["template"]["spec"];
+    assert_eq!(named(&spec["volumes"], "data").unwrap()["emptyDir"], serde_json::json!({}));
+    let container = &spec["containers"][0];
+    assert_eq!(env_value(container, "TENSOR_WASM_API_AUDIT_LOG"), "file:/var/lib/tensor-wasm/audit,stdout");
+    assert_eq!(env_value(container, "TENSOR_WASM_REGISTRY"), "tls://nats-a.example:4222,tls://nats-b.example:4222");
 }
 
 /// YAML documents as JSON values, read by PyYAML (kubernetes-validate's own dependency).

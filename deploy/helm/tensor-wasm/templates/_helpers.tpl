@@ -64,3 +64,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 {{- toYaml $r -}}
 {{- end -}}
+
+{{/* "true" when replicas share a registry (registry.nats.url): a fleet, run as a StatefulSet. */}}
+{{- define "tensor-wasm.fleet" -}}
+{{- if .Values.registry.nats.url -}}true{{- end -}}
+{{- end -}}
+
+{{/* The StatefulSet's headless Service. */}}
+{{- define "tensor-wasm.headlessService" -}}
+{{- printf "%s-headless" (include "tensor-wasm.fullname" . | trunc 54 | trimSuffix "-") -}}
+{{- end -}}
