@@ -20,6 +20,7 @@ pub(crate) mod error;
 pub(crate) mod functions;
 pub(crate) mod http;
 pub(crate) mod metrics;
+pub(crate) mod nats;
 pub(crate) mod pipelines;
 pub(crate) mod route;
 pub(crate) mod runtime;

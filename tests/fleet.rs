@@ -48,6 +48,13 @@ fn a_deploy_on_one_replica_serves_on_every_replica_and_a_delete_stops_every_one(
     assert_eq!(status_of(a, &id), 200);
     let took = everywhere(&[b, c], &id, 200, "the deploy reaching B and C");
     eprintln!("fleet: a deploy reached the other two replicas within {took:?}");
+    // Each timed it, from JetStream's timestamp to serving it; A, which answered, applied nothing.
+    for s in [b, c] {
+        assert_eq!(s.metric("tensor_wasm_registry_propagation_seconds_count", &[]), 1.0);
+        let on_time = s.metric("tensor_wasm_registry_propagation_seconds_bucket", &[("le", "5")]);
+        assert_eq!(on_time, 1.0, "a deploy on loopback took more than 5 s to propagate");
+    }
+    assert_eq!(a.metric("tensor_wasm_registry_propagation_seconds_count", &[]), 0.0);
     let listed = b.client().request("GET", &format!("/functions/{id}"), &[], b"").json();
     assert_eq!((listed["name"].as_str(), listed["source"].as_str()), (Some("hello"), Some("api")));
 
@@ -352,9 +359,18 @@ fn a_replica_killed_mid_deploy_leaves_the_deploy_on_every_replica_or_on_none() {
                 .try_request("POST", "/functions", &[("content-type", "application/json")], body.to_string().as_bytes())
                 .map(|r| r.status)
         });
-        std::thread::sleep(deploy_time * 3 * round / 20);
-        servers[0].kill9();
-        let answered = deploy.join().unwrap();
+        // Round 9 waits for the answer: at least one deploy lands, whatever this machine's pace.
+        // Rounds 0 to 8 spread over 0 to twice the undisturbed time: a loaded machine compiles
+        // slower than the probe did.
+        let answered = if round == 9 {
+            let answered = deploy.join().unwrap();
+            servers[0].kill9();
+            answered
+        } else {
+            std::thread::sleep(deploy_time * round / 4);
+            servers[0].kill9();
+            deploy.join().unwrap()
+        };
         servers[0] = replica(&nats, dirs[0].path());
         servers[0].wait_for_metric("tensor_wasm_registry_connected", &[], 1.0);
         let name = format!("killed-{round}");
@@ -371,13 +387,123 @@ fn a_replica_killed_mid_deploy_leaves_the_deploy_on_every_replica_or_on_none() {
         }
     }
     eprintln!("fleet: of 10 deploys killed midway, {landed} landed everywhere ({acknowledged} answered before the kill), the rest nowhere");
-    // The rounds cover both outcomes, or the test proved only one of them.
-    assert!(landed > 0 && landed < 10, "{landed} of 10 deploys landed: move the kill moments");
+    // Round 0's kill comes before any compile could end, round 9's after the answer.
+    assert!(landed > 0 && landed < 10, "{landed} of 10 deploys landed");
     // Nothing half-done is served by the replicas that stayed up: no function whose files are
     // missing there.
     for s in &servers {
         assert_eq!(s.metric("tensor_wasm_functions_broken", &[]), 0.0);
     }
+}
+
+const FLEET_TOKEN: &str = "fleet-token-0123456789abcdef0123";
+/// The fleet's rate for FLEET_TOKEN, and its burst.
+const FLEET_QPS: f64 = 100.0;
+const FLEET_BURST: f64 = 10.0;
+
+/// A replica whose token FLEET_TOKEN may make FLEET_QPS requests a second across the fleet.
+fn rate_limited_replica(nats: &Nats, data_dir: &std::path::Path) -> Server {
+    let args = ["--registry", &nats.url(), "--rate-limit-qps", "100", "--rate-limit-burst", "10"];
+    Server::start_with(data_dir, &args, |cmd| {
+        cmd.env("TENSOR_WASM_API_TOKENS", format!("{FLEET_TOKEN}:tenant=*"));
+    })
+}
+
+/// Sends `GET /functions` with FLEET_TOKEN to each server at its own steady rate (requests a
+/// second), one thread each, for `warmup + window`. Returns, per server, the requests admitted and
+/// refused that were sent within the window.
+fn paced(servers: &[&Server], rates: &[f64], warmup: Duration, window: Duration) -> Vec<(u64, u64)> {
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let senders: Vec<_> = servers
+            .iter()
+            .zip(rates)
+            .map(|(server, &rate)| {
+                scope.spawn(move || {
+                    let mut client = server.client();
+                    let auth = format!("Bearer {FLEET_TOKEN}");
+                    let gap = Duration::from_secs_f64(1.0 / rate);
+                    let (mut admitted, mut refused) = (0, 0);
+                    // Bounded in count by the rate and in time by the window.
+                    let sends = (rate * (warmup + window).as_secs_f64()) as u32;
+                    for i in 0..sends {
+                        let due = started + gap * i;
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        let sent = started.elapsed();
+                        if sent >= warmup + window {
+                            break;
+                        }
+                        let r = client.request("GET", "/functions", &[("authorization", &auth)], b"");
+                        if sent < warmup {
+                            continue;
+                        }
+                        match r.status {
+                            200 => admitted += 1,
+                            429 => refused += 1,
+                            other => panic!("unexpected {other}: {}", r.text()),
+                        }
+                    }
+                    (admitted, refused)
+                })
+            })
+            .collect();
+        senders.into_iter().map(|s| s.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn three_replicas_with_uneven_load_admit_the_configured_rate_between_them() {
+    let mut nats = Nats::start();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut servers: Vec<Server> = dirs.iter().map(|d| rate_limited_replica(&nats, d.path())).collect();
+    for s in &servers {
+        within(PROPAGATION, "every replica hearing the other two", || {
+            s.metric("tensor_wasm_fleet_replicas", &[]) == 3.0
+        });
+    }
+    // Twice the rate, split 70/20/10: each replica alone would admit up to the whole rate.
+    let window = Duration::from_secs(10);
+    let rates = [1.4 * FLEET_QPS, 0.4 * FLEET_QPS, 0.2 * FLEET_QPS];
+    let counts = paced(&servers.iter().collect::<Vec<_>>(), &rates, Duration::from_secs(2), window);
+    let admitted: u64 = counts.iter().map(|c| c.0).sum();
+    let due = FLEET_QPS * window.as_secs_f64();
+    let (low, high) = (0.9 * due, 1.1 * due + FLEET_BURST);
+    eprintln!("fleet: 3 replicas offered 70/20/10 of twice the rate admitted {admitted} in {window:?} ({counts:?}); due {due}");
+    assert!((low..=high).contains(&(admitted as f64)), "admitted {admitted}, expected {low}..={high}: {counts:?}");
+    // Each replica admitted some: the busy one did not take it all, and the quiet ones were
+    // not starved.
+    assert!(counts.iter().all(|&(a, _)| a > 0), "{counts:?}");
+
+    // A replica that stops reporting is forgotten, and the others share the rate between them.
+    servers.pop().unwrap().kill9();
+    for s in &servers {
+        within(PROPAGATION, "the killed replica forgotten", || s.metric("tensor_wasm_fleet_replicas", &[]) == 2.0);
+    }
+
+    // Without NATS, each replica admits the rate divided by the replicas it last knew of, never
+    // the whole rate: here the busy one alone gets half.
+    nats.stop();
+    within(PROPAGATION, "the replica noticing NATS gone", || {
+        servers[0].metric("tensor_wasm_fleet_limits_connected", &[]) == 0.0
+    });
+    let window = Duration::from_secs(4);
+    let counts = paced(&[&servers[0]], &[FLEET_QPS], Duration::from_millis(500), window);
+    let due = FLEET_QPS / 2.0 * window.as_secs_f64();
+    let (low, high) = (0.9 * due, 1.1 * due + FLEET_BURST);
+    eprintln!("fleet: with NATS away, one of 2 replicas admitted {counts:?} in {window:?}; due {due}");
+    assert!((low..=high).contains(&(counts[0].0 as f64)), "admitted {counts:?}, expected {low}..={high}");
+    assert_eq!(servers[0].metric("tensor_wasm_fleet_replicas", &[]), 2.0);
+    let board = format!("http://{}", servers[0].addr);
+    let (_, out, _) = common::tensor_wasm(&["observe", "--once", "--interval", "200ms", "--server", &board], &[]);
+    assert!(out.contains("limits       2 replicas   NATS AWAY"), "{out}");
+
+    // Restarted with NATS still away, a replica divides by the count its data dir kept.
+    drop(servers.remove(1));
+    servers[0].kill9();
+    let restarted = rate_limited_replica(&nats, dirs[0].path());
+    assert_eq!(restarted.metric("tensor_wasm_fleet_replicas", &[]), 2.0);
 }
 
 fn put_raw(nats: &Nats, key: &str, value: serde_json::Value) {

@@ -43,7 +43,10 @@ pub fn metrics(shard: &Shard) -> Response {
             connected: r.connected(),
             stale_seconds: r.stale_seconds(),
             syncs: r.syncs(),
+            propagation: &r.propagation,
+            late_changes: r.late_changes.get(),
         }),
+        fleet: shared.fleet.as_deref().map(|f| (f.replicas(), f.connected())),
     });
     Response::new(Status::Ok, "text/plain; version=0.0.4; charset=utf-8", text.into_bytes())
 }

@@ -5,6 +5,7 @@
 //! request therefore authenticates with one SHA-256, one hash-map lookup and a constant-time
 //! comparison, and writes nothing shared.
 
+pub mod fleet;
 pub mod rate_limit;
 pub mod refusals;
 pub mod reload;
@@ -52,6 +53,10 @@ pub struct AuthConfig {
     pub unauthenticated_rate_limit: Option<RateLimit>,
     /// Sources and tokens a shard remembers refusals of (`auth::refusals`).
     pub max_refusal_sources: usize,
+    /// With a NATS registry: how often a replica reports its demand and sets its shares, and how
+    /// long a silent replica still counts (`auth::fleet`).
+    pub fleet_share_interval: std::time::Duration,
+    pub fleet_peer_timeout: std::time::Duration,
 }
 
 /// The authenticated caller of one request.

@@ -227,6 +227,13 @@ fn board(server: &str, w: &Window<'_>) -> (String, Vec<String>) {
         }
         let _ = writeln!(out, "registry     {state}   resyncs {}", w.now.sum("tensor_wasm_registry_syncs_total", &[]));
     }
+    // With rate limits shared across the fleet: how many replicas share each token's rate.
+    if w.now.matching("tensor_wasm_fleet_replicas", &[]).next().is_some() {
+        let replicas = w.now.sum("tensor_wasm_fleet_replicas", &[]);
+        let hearing = w.now.sum("tensor_wasm_fleet_limits_connected", &[]) > 0.0;
+        let how = if hearing { "shares follow demand" } else { "NATS AWAY: each admits rate ÷ replicas" };
+        let _ = writeln!(out, "limits       {replicas} replicas   {how}");
+    }
     let _ = writeln!(out, "{:<6} {:>12} {:>12}  driver", "shard", "requests", "accepted");
     let mut shards: Vec<String> = w
         .now

@@ -261,6 +261,11 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_REGISTRY_TIMEOUT_MS", default_value_t = 5000)]
     pub registry_timeout_ms: u64,
 
+    /// A registry change that reaches this replica later than this after JetStream stored it is
+    /// counted and logged: the fleet's propagation bound.
+    #[arg(long, env = "TENSOR_WASM_REGISTRY_PROPAGATION_MS", default_value_t = 1000)]
+    pub registry_propagation_ms: u64,
+
     /// The bytes the registry's object store may hold (modules and tensor files of every tenant),
     /// set when this replica creates it.
     #[arg(long, env = "TENSOR_WASM_REGISTRY_MAX_OBJECT_MB", default_value_t = 10240)]
@@ -451,6 +456,18 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_API_RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<u32>,
 
+    /// With --registry nats://…: how often each replica publishes its demand per token and sets
+    /// its share of each token's rate (auth::fleet).
+    #[arg(long, env = "TENSOR_WASM_RATE_LIMIT_SHARE_INTERVAL_MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    pub rate_limit_share_interval_ms: u64,
+
+    /// With --registry nats://…: a replica not heard from for this long no longer counts in the
+    /// fleet's shares.
+    #[arg(long, env = "TENSOR_WASM_RATE_LIMIT_PEER_TIMEOUT_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(20..=60_000))]
+    pub rate_limit_peer_timeout_ms: u64,
+
     /// Requests per second one source address may make that fail authentication, across all
     /// shards; past it they get 429 `unauthenticated_rate_limited`. 0 means unlimited.
     #[arg(long, env = "TENSOR_WASM_UNAUTHENTICATED_RATE_LIMIT_QPS", default_value_t = 20)]
@@ -519,10 +536,14 @@ impl ServeArgs {
         let io_driver = self.io_driver()?;
         positive("registry-timeout-ms", self.registry_timeout_ms)?;
         positive("registry-max-object-mb", self.registry_max_object_mb)?;
+        positive("registry-propagation-ms", self.registry_propagation_ms)?;
         let registry = RegistryConfig::parse(
             &self.registry,
             self.registry_creds.clone(),
-            std::time::Duration::from_millis(self.registry_timeout_ms),
+            (
+                std::time::Duration::from_millis(self.registry_timeout_ms),
+                std::time::Duration::from_millis(self.registry_propagation_ms),
+            ),
             (self.registry_max_object_mb.saturating_mul(1 << 20), self.registry_replicas.into()),
         )?;
         let dispatch = self.dispatch_config();
@@ -749,7 +770,17 @@ impl ServeArgs {
                 (qps, burst) => Some(RateLimit { qps, burst }),
             },
             max_refusal_sources: positive("max-refusal-sources", self.max_refusal_sources.into())? as usize,
+            fleet_share_interval: std::time::Duration::from_millis(self.rate_limit_share_interval_ms),
+            fleet_peer_timeout: std::time::Duration::from_millis(self.rate_limit_peer_timeout_ms),
         };
+        // A peer must get to report more than once within the timeout, or a replica would forget
+        // live peers between two of their reports.
+        if self.rate_limit_peer_timeout_ms < 2 * self.rate_limit_share_interval_ms {
+            return Err(format!(
+                "--rate-limit-peer-timeout-ms ({}) must be at least twice --rate-limit-share-interval-ms ({})",
+                self.rate_limit_peer_timeout_ms, self.rate_limit_share_interval_ms
+            ));
+        }
         Ok((auth, dev_mode))
     }
 

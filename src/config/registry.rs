@@ -24,6 +24,9 @@ pub struct NatsConfig {
     /// JetStream replicas of the bucket and the store, set when this replica creates them: 3 for a
     /// NATS cluster that must survive a node, 1 for a single server.
     pub replicas: usize,
+    /// A change that reaches this replica later than this after JetStream stored it is counted
+    /// (`tensor_wasm_registry_late_changes_total`) and logged.
+    pub propagation: Duration,
 }
 
 impl RegistryConfig {
@@ -31,7 +34,7 @@ impl RegistryConfig {
     pub fn parse(
         text: &str,
         creds: Option<PathBuf>,
-        timeout: Duration,
+        (timeout, propagation): (Duration, Duration),
         (max_object_bytes, replicas): (u64, usize),
     ) -> Result<RegistryConfig, String> {
         let text = text.trim();
@@ -70,6 +73,6 @@ impl RegistryConfig {
         if !(1..=5).contains(&replicas) {
             return Err(format!("--registry-replicas must be 1 to 5 (JetStream's limit), not {replicas}"));
         }
-        Ok(RegistryConfig::Nats(NatsConfig { servers, creds, timeout, max_object_bytes, replicas }))
+        Ok(RegistryConfig::Nats(NatsConfig { servers, creds, timeout, max_object_bytes, replicas, propagation }))
     }
 }

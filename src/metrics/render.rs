@@ -42,17 +42,23 @@ pub struct ScrapeContext<'a> {
     pub audit_sync: &'a Histogram,
     pub dispatcher: &'a Dispatcher,
     /// `None` without a fleet registry (`--registry file`).
-    pub registry: Option<RegistryFigures>,
+    pub registry: Option<RegistryFigures<'a>>,
+    /// With fleet-wide rate limits: the replicas this one counts (itself included) and whether
+    /// it hears the fleet now.
+    pub fleet: Option<(u64, bool)>,
 }
 
 /// The fleet registry's state, as `/metrics` shows it.
-pub struct RegistryFigures {
+pub struct RegistryFigures<'a> {
     /// Watching the registry's bucket now.
     pub connected: bool,
     /// Seconds since the replica was last in step with it; `None` before it ever was.
     pub stale_seconds: Option<f64>,
     /// Resynchronisations: the first connect and every reconnect.
     pub syncs: u64,
+    /// From publication to serving here, for the watch's changes.
+    pub propagation: &'a Histogram,
+    pub late_changes: u64,
 }
 
 /// Renders every metric in the Prometheus text exposition format (0.0.4).
@@ -102,6 +108,22 @@ pub fn render(ctx: &ScrapeContext<'_>) -> String {
 
     if let Some(registry) = &ctx.registry {
         registry_metrics(&mut out, registry);
+    }
+    if let Some((replicas, hearing)) = ctx.fleet {
+        header(
+            &mut out,
+            "tensor_wasm_fleet_replicas",
+            "gauge",
+            "Replicas sharing each token's rate, this one included: heard within --rate-limit-peer-timeout-ms, or the last known while NATS is away.",
+        );
+        let _ = writeln!(out, "tensor_wasm_fleet_replicas {replicas}");
+        header(
+            &mut out,
+            "tensor_wasm_fleet_limits_connected",
+            "gauge",
+            "1 while the replica hears the fleet's demand; 0: it admits each token's rate divided by tensor_wasm_fleet_replicas.",
+        );
+        let _ = writeln!(out, "tensor_wasm_fleet_limits_connected {}", u8::from(hearing));
     }
 
     header(&mut out, "tensor_wasm_http_requests_total", "counter", "HTTP requests answered.");
@@ -277,6 +299,20 @@ fn registry_metrics(out: &mut String, registry: &RegistryFigures) {
         "Resynchronisations from the registry's bucket: the first connect and every reconnect.",
     );
     let _ = writeln!(out, "tensor_wasm_registry_syncs_total {}", registry.syncs);
+    header(
+        out,
+        "tensor_wasm_registry_propagation_seconds",
+        "histogram",
+        "From a change's publication in JetStream to this replica serving it, for changes its watch applied.",
+    );
+    histogram(out, "tensor_wasm_registry_propagation_seconds", "", &[registry.propagation]);
+    header(
+        out,
+        "tensor_wasm_registry_late_changes_total",
+        "counter",
+        "Changes applied here later than --registry-propagation-ms after their publication.",
+    );
+    let _ = writeln!(out, "tensor_wasm_registry_late_changes_total {}", registry.late_changes);
 }
 
 /// Kernel dispatch: per device and op, the guest-visible latency, device and tenant memory, the

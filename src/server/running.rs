@@ -45,6 +45,8 @@ pub struct Helpers {
     pub(super) catalog_worker: JoinHandle<()>,
     /// The NATS client (`--registry nats://…`): ends when the catalog worker drops its handle.
     pub(super) registry_client: Option<JoinHandle<()>>,
+    /// Sets this replica's share of each token's rate (`--registry nats://…` with a rate limit).
+    pub(super) fleet_limiter: Option<crate::auth::fleet::FleetLimiter>,
 }
 
 /// A server whose shards are starting or serving.
@@ -152,6 +154,7 @@ impl Helpers {
             tls_watcher,
             catalog_worker,
             registry_client,
+            fleet_limiter,
         } = self;
         if let Some(group_commit) = audit_group_commit {
             group_commit.stop();
@@ -173,5 +176,7 @@ impl Helpers {
         drop(catalog_worker);
         // Not joined either: it may wait on NATS up to --registry-timeout-ms.
         drop(registry_client);
+        // Joined: told to stop, it leaves whatever it waits on at once.
+        drop(fleet_limiter);
     }
 }

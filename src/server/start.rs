@@ -11,6 +11,7 @@ use super::running::{Helpers, Running, ShardThread, Started};
 use super::{listener, shard, ServerError};
 use crate::audit::helpers::HelperThreads;
 use crate::audit::{self, AuditConfig, AuditSync, CommitSlot};
+use crate::auth::fleet::{FleetLimitConfig, FleetLimiter};
 use crate::auth::{self, AuthConfig, TokenPolicy, TokenSet, TokenSource};
 use crate::config::RegistryConfig;
 use crate::config::{Limits, ServerConfig};
@@ -60,6 +61,7 @@ pub fn start(config: &ServerConfig) -> Result<Running, ServerError> {
     )
     .map_err(|e| ServerError::Runtime(format!("cannot start the sink workers: {e}")))?;
     let audit = start_audit(config, plan.count)?;
+    let fleet_limiter = start_fleet_limits(config, &tokens)?;
     let dispatcher = start_dispatcher(config, &plan)?;
     plan.place(config, dispatcher.devices.len());
     let shared = Arc::new(Shared {
@@ -72,6 +74,7 @@ pub fn start(config: &ServerConfig) -> Result<Running, ServerError> {
         audit_sync: audit.sync_seconds.clone(),
         lifecycle: Lifecycle::default(),
         registry,
+        fleet: fleet_limiter.as_ref().map(|f| f.status.clone()),
     });
     let template = ShardTemplate { config, limits, engine, admin, tokens: &tokens, tls: &tls, audit: &audit, shared };
     let (shards, started) = spawn_shards(listeners, &plan, &template)?;
@@ -88,6 +91,7 @@ pub fn start(config: &ServerConfig) -> Result<Running, ServerError> {
         tls_watcher: tls.watcher,
         catalog_worker,
         registry_client,
+        fleet_limiter,
     };
     let drain_grace = Duration::from_millis(config.drain_grace_ms);
     Ok(Running { local_addr, shared, shards, started, drain_grace, helpers, data_dir_lock })
@@ -222,6 +226,26 @@ fn start_tokens(config: &ServerConfig, shard_count: usize) -> Result<Tokens, Ser
     Ok(Tokens { config: auth_config, published, watcher })
 }
 
+/// With a NATS registry and a rate limit per token: the thread that sets this replica's share of
+/// each token's rate from the fleet's demand (`auth::fleet`).
+fn start_fleet_limits(config: &ServerConfig, tokens: &Tokens) -> Result<Option<FleetLimiter>, ServerError> {
+    let (RegistryConfig::Nats(nats), Some(published), Some(_)) =
+        (&config.registry, &tokens.published, tokens.config.rate_limit)
+    else {
+        return Ok(None);
+    };
+    let fleet = FleetLimitConfig {
+        nats: nats.clone(),
+        interval: tokens.config.fleet_share_interval,
+        peer_timeout: tokens.config.fleet_peer_timeout,
+        count_file: config.data_dir.join("fleet-replicas"),
+    };
+    let limiter = auth::fleet::spawn(fleet, published.clone())
+        .map_err(|e| ServerError::Runtime(format!("cannot start the fleet's rate-limit thread: {e}")))?;
+    tracing::info!(replicas = limiter.status.replicas(), "rate limits: shared across the fleet through NATS");
+    Ok(Some(limiter))
+}
+
 /// The TLS configuration the shards read, and the thread that rebuilds it when its files change;
 /// both `None` without TLS.
 struct Tls {
@@ -252,7 +276,7 @@ fn start_catalog_worker(
         tracing::info!(dir = %dir.root.display(), poll_ms = dir.poll.as_millis() as u64, "functions directory");
     }
     if let RegistryConfig::Nats(nats) = &config.registry {
-        let servers = crate::functions::registry::redacted(&nats.servers);
+        let servers = crate::nats::redacted(&nats.servers);
         tracing::info!(?servers, "registry: NATS JetStream; the data dir is this replica's cache");
     }
     worker::spawn(

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tensor_wasm_dispatch::Dispatcher;
 
+use crate::auth::fleet::FleetStatus;
 use crate::auth::TokenSet;
 use crate::functions::registry::RegistryStatus;
 use crate::functions::Catalog;
@@ -32,6 +33,8 @@ pub struct Shared {
     pub lifecycle: Lifecycle,
     /// The fleet's registry, when there is one (`--registry nats://…`): for `/metrics`.
     pub registry: Option<Arc<RegistryStatus>>,
+    /// The fleet's rate-limit shares, when they are on (`auth::fleet`): for `/metrics`.
+    pub fleet: Option<Arc<FleetStatus>>,
 }
 
 /// How many shards serve, and whether the process drains. Its fields change only through

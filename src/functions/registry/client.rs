@@ -8,7 +8,6 @@
 //! of 0.1 to 2 s) and resynchronises from the bucket, so a change missed while away is never lost.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -35,8 +34,6 @@ pub const CHANGE_DEPTH: usize = 256;
 /// How often the connection's state is looked at while watching.
 const STATE_TICK: Duration = Duration::from_millis(100);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-/// How often the client pings NATS; two unanswered pings drop the connection.
-const PING_INTERVAL: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 pub(super) type Reply<T> = std::sync::mpsc::SyncSender<Result<T, RegistryError>>;
@@ -84,7 +81,12 @@ pub struct ChangeSink {
 pub fn spawn(config: NatsConfig, sink: ChangeSink, synced_at: Option<u64>) -> io::Result<(Registry, JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel(COMMAND_DEPTH);
     let status = std::sync::Arc::new(RegistryStatus::since(synced_at));
-    let registry = Registry { commands: tx, status: status.clone(), timeout: config.timeout };
+    let registry = Registry {
+        commands: tx,
+        status: status.clone(),
+        timeout: config.timeout,
+        propagation_bound: config.propagation,
+    };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let thread = std::thread::Builder::new().name("tw-registry".into()).spawn(move || {
         runtime.block_on(run(config, rx, sink, status));
@@ -118,7 +120,7 @@ async fn run(
             Err(why) => why,
         };
         status.lost();
-        tracing::warn!(servers = ?redacted(&config.servers), retry_ms = backoff.as_millis() as u64, "registry unavailable: {why}");
+        tracing::warn!(servers = ?crate::nats::redacted(&config.servers), retry_ms = backoff.as_millis() as u64, "registry unavailable: {why}");
         // While away, every command is refused at once: the worker answers 503, it does not wait.
         let retry = tokio::time::sleep(backoff);
         tokio::pin!(retry);
@@ -151,47 +153,18 @@ pub(super) fn name_key(tenant: u64, name: &str) -> String {
 }
 
 struct Session {
-    client: async_nats::Client,
+    connection: crate::nats::Connection,
     js: jetstream::Context,
     kv: kv::Store,
     objects: object_store::ObjectStore,
     /// The bucket's identity: its stream's creation time. A wiped or new registry has another.
     bucket: String,
-    /// Set by the client's event callback at any disconnection: the session then ends.
-    dropped: std::sync::Arc<AtomicBool>,
 }
 
 impl Session {
     async fn open(config: &NatsConfig) -> Result<Session, String> {
-        let mut options = async_nats::ConnectOptions::new()
-            .name("tensor-wasm")
-            .connection_timeout(config.timeout)
-            .request_timeout(Some(config.timeout));
-        if let Some(creds) = &config.creds {
-            options = options
-                .credentials_file(creds)
-                .await
-                .map_err(|e| format!("cannot read --registry-creds {}: {e}", creds.display()))?;
-        }
-        // A dead server is noticed within a few pings (async-nats gives up after two missed):
-        // the default interval of a minute would leave a hung NATS looking healthy that long.
-        // One attempt to reconnect, then the client closes: the session ends at any disconnection
-        // and a new one connects, so an abandoned client must not hold commands queued to send
-        // whenever NATS returns (a change answered 503 would land then).
-        options = options.ping_interval(PING_INTERVAL).max_reconnects(1);
-        // A disconnection, however short: the client reconnects by itself, but the server it
-        // reaches may have lost the watch's consumer (a restart) or its storage (a wipe), and a
-        // reconnect between two looks at the connection's state would go unseen.
-        let dropped = std::sync::Arc::new(AtomicBool::new(false));
-        let flag = dropped.clone();
-        options = options.event_callback(move |event| {
-            if matches!(event, async_nats::Event::Disconnected) {
-                flag.store(true, Ordering::Relaxed);
-            }
-            std::future::ready(())
-        });
-        let client = options.connect(config.servers.clone()).await.map_err(|e| format!("connect: {e}"))?;
-        let js = jetstream::new(client.clone());
+        let connection = crate::nats::Connection::open(config, "tensor-wasm").await?;
+        let js = jetstream::new(connection.client.clone());
         // Created on first use by whichever replica comes first; the same config everywhere, so a
         // second create is a no-op. History 1: the bucket is the catalog, not its log. The bucket's
         // stream is made here as async-nats's `create_key_value` makes it, because that call first
@@ -230,7 +203,7 @@ impl Session {
                 .await
                 .map_err(|e| format!("the object store {OBJECTS}: {e} (opening it: {get})"))?,
         };
-        Ok(Session { client, js, kv, objects, bucket, dropped })
+        Ok(Session { connection, js, kv, objects, bucket })
     }
 
     /// Resynchronises, then watches the bucket and answers commands until the connection drops
@@ -260,7 +233,7 @@ impl Session {
             }
             if let Some(record) = record_of(&entry) {
                 ids.push(record.id.clone());
-                self.hand_over(sink, commands, Change::Put(record)).await?;
+                self.hand_over(sink, commands, Change::Put { record, published_ms: None }).await?;
             }
         }
         self.hand_over(sink, commands, Change::Synced { ids, bucket: self.bucket.clone(), revision: last }).await?;
@@ -281,19 +254,23 @@ impl Session {
                     Some(Err(e)) => return Err(format!("watch: {e}")),
                     Some(Ok(entry)) => {
                         let Some(id) = entry.key.strip_prefix(KEY_PREFIX) else { continue };
+                        // JetStream's clock, not this replica's: hosts' clocks agree to NTP's
+                        // milliseconds, and a replica that lags behind the fleet is what counts.
+                        let published_ms = u64::try_from(entry.created.unix_timestamp_nanos() / 1_000_000).ok();
                         let change = match entry.operation {
                             kv::Operation::Put => match record_of(&entry) {
-                                Some(record) => Change::Put(record),
+                                Some(record) => Change::Put { record, published_ms },
                                 None => continue,
                             },
-                            kv::Operation::Delete | kv::Operation::Purge => Change::Removed(id.to_string()),
+                            kv::Operation::Delete | kv::Operation::Purge => {
+                                Change::Removed { id: id.to_string(), published_ms }
+                            }
                         };
                         self.hand_over(sink, commands, change).await?;
                     }
                 },
                 _ = tick.tick() => {
-                    let down = self.client.connection_state() != async_nats::connection::State::Connected;
-                    if down || self.dropped.load(Ordering::Relaxed) {
+                    if self.connection.is_down() {
                         return Err("the connection to NATS dropped".into());
                     }
                 }
@@ -330,8 +307,7 @@ impl Session {
         if Instant::now() >= deadline {
             return Err(RegistryError::Unavailable("the worker stopped waiting before NATS answered".into()));
         }
-        let down = self.client.connection_state() != async_nats::connection::State::Connected;
-        if down || self.dropped.load(Ordering::Relaxed) {
+        if self.connection.is_down() {
             return Err(RegistryError::Unavailable("the connection to NATS dropped".into()));
         }
         Ok(())
@@ -485,17 +461,6 @@ impl Session {
         }
         Ok(bytes)
     }
-}
-
-/// The servers as logs may show them: without a `user:password@` or token.
-pub fn redacted(servers: &[String]) -> Vec<String> {
-    servers
-        .iter()
-        .map(|s| match (s.split_once("://"), s.rsplit_once('@')) {
-            (Some((scheme, _)), Some((_, host))) => format!("{scheme}://***@{host}"),
-            _ => s.clone(),
-        })
-        .collect()
 }
 
 /// An object's name: a digest's hex, without `sha256:`.

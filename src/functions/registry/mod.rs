@@ -17,18 +17,20 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::FunctionRecord;
 use crate::error::ApiError;
+use crate::metrics::{Counter, Histogram};
 
 pub use crate::config::{NatsConfig, RegistryConfig};
 
-pub use client::{redacted, spawn, ChangeSink, CHANGE_DEPTH};
+pub use client::{spawn, ChangeSink, CHANGE_DEPTH};
 
 /// A change in the fleet's catalog, for the worker to apply.
 #[derive(Debug)]
 pub enum Change {
-    /// A function record was put (deployed, on this replica or another).
-    Put(FunctionRecord),
+    /// A function record was put (deployed, on this replica or another). `published_ms`: when
+    /// JetStream stored it (Unix ms), for a change the watch saw; `None` from a resync's listing.
+    Put { record: FunctionRecord, published_ms: Option<u64> },
     /// The function with this id was deleted.
-    Removed(String),
+    Removed { id: String, published_ms: Option<u64> },
     /// Every function the bucket held at a resynchronisation (a connect or reconnect) as of its
     /// `revision`, after a `Put` for each: what is not among them was deleted while this replica
     /// was away, unless this replica published it later. `bucket` names the bucket (its creation
@@ -69,9 +71,15 @@ pub struct NameClaim {
     revision: u64,
 }
 
-/// What the metrics and `observe` show of the registry. Written by the client thread alone.
+/// What the metrics and `observe` show of the registry. Written by the client thread alone, but
+/// for the propagation figures, which the catalog worker writes alone.
 #[derive(Default)]
 pub struct RegistryStatus {
+    /// From a change's publication in JetStream to this replica serving it: every change this
+    /// replica applied from its watch.
+    pub propagation: Histogram,
+    /// Of those, the ones that took longer than `--registry-propagation-ms`.
+    pub late_changes: Counter,
     /// Watching the bucket now.
     connected: AtomicBool,
     /// When the replica last was in step with the bucket (connected and watching), in Unix ms.
@@ -131,6 +139,8 @@ pub struct Registry {
     commands: tokio::sync::mpsc::Sender<client::Command>,
     pub status: Arc<RegistryStatus>,
     timeout: Duration,
+    /// `--registry-propagation-ms`: a change applied later than this is counted and logged.
+    pub propagation_bound: Duration,
 }
 
 impl Registry {

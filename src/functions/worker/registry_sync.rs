@@ -36,23 +36,48 @@ impl Worker {
                 }
             };
             match change {
-                Change::Put(record) => self.apply_put(record),
-                Change::Removed(id) => self.apply_removed(&id),
+                Change::Put { record, published_ms } => {
+                    if self.apply_put(record) {
+                        self.propagated(published_ms);
+                    }
+                }
+                Change::Removed { id, published_ms } => {
+                    if self.apply_removed(&id) {
+                        self.propagated(published_ms);
+                    }
+                }
                 Change::Synced { ids, bucket, revision } => self.apply_synced(ids, &bucket, revision),
             }
         }
     }
 
-    fn apply_put(&self, record: FunctionRecord) {
+    /// A change applied from the watch: how long it took from JetStream to serving here, and a
+    /// warning past `--registry-propagation-ms`.
+    fn propagated(&self, published_ms: Option<u64>) {
+        let (Some(at), Some(registry)) = (published_ms, &self.registry) else { return };
+        let took = Duration::from_millis(now_unix_ms().saturating_sub(at));
+        registry.status.propagation.observe(took);
+        if took > registry.propagation_bound {
+            registry.status.late_changes.add(1);
+            tracing::warn!(
+                took_ms = took.as_millis() as u64,
+                bound_ms = registry.propagation_bound.as_millis() as u64,
+                "a registry change reached this replica later than --registry-propagation-ms"
+            );
+        }
+    }
+
+    /// Whether the record changed anything here (its own deploy, seen again, does not).
+    fn apply_put(&self, record: FunctionRecord) -> bool {
         if let Err(why) = self.check_remote(&record) {
             // Whoever can write the bucket can write anything: nothing unchecked reaches a file
             // name, the catalog or a guest.
             tracing::warn!(key_id = %record.id.escape_debug(), "a registry record refused: {why}");
-            return;
+            return false;
         }
         if let Some(live) = self.catalog.get(&record.id) {
             if live.module.is_ok() && same_function(&live.record, &record) {
-                return;
+                return false;
             }
         }
         self.last_created_ms.set(self.last_created_ms.get().max(record.created_unix_ms));
@@ -74,7 +99,7 @@ impl Worker {
         };
         if let Err(e) = self.store.write_record(&record) {
             tracing::warn!(id = record.id, "cannot store a function from the registry: {e}");
-            return;
+            return false;
         }
         if let Err(reason) = &deployed.module {
             tracing::warn!(id = record.id, name = record.name, "a function from the registry is broken here: {reason}");
@@ -82,6 +107,7 @@ impl Worker {
             tracing::info!(id = record.id, name = record.name, "function deployed from the registry");
         }
         self.catalog.insert_all([deployed]);
+        true
     }
 
     /// How long until the next retry of failed fetches: `Duration::MAX` with none to retry.
@@ -104,7 +130,7 @@ impl Worker {
         for id in ids {
             // Deleted meanwhile, or working again (a resync applied it): nothing to do.
             let Some(function) = self.catalog.get(&id).filter(|f| f.module.is_err()) else { continue };
-            self.apply_put(function.record.clone());
+            let _ = self.apply_put(function.record.clone());
         }
     }
 
@@ -178,12 +204,14 @@ impl Worker {
         loaded.remove(digest).ok_or_else(|| format!("its module {digest} was not loaded"))?.module
     }
 
-    fn apply_removed(&self, id: &str) {
-        let Some(function) = self.catalog.get(id).filter(|f| f.record.source == Source::Api) else { return };
+    /// Whether a function went (this replica's own delete, seen again, finds none).
+    fn apply_removed(&self, id: &str) -> bool {
+        let Some(function) = self.catalog.get(id).filter(|f| f.record.source == Source::Api) else { return false };
         match self.forget(&function) {
             Ok(()) => tracing::info!(id, name = function.record.name, "function deleted through the registry"),
             Err(e) => tracing::warn!(id, "cannot forget a function the registry deleted: {e}"),
         }
+        true
     }
 
     /// After a resynchronisation: the API functions the bucket no longer holds were deleted while
