@@ -506,6 +506,73 @@ fn three_replicas_with_uneven_load_admit_the_configured_rate_between_them() {
     assert_eq!(restarted.metric("tensor_wasm_fleet_replicas", &[]), 2.0);
 }
 
+/// Whether the registry's object store holds the object of `digest` (`sha256:<hex>`), read from
+/// NATS itself.
+fn object_stored(nats: &Nats, digest: &str) -> bool {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let store = async_nats::jetstream::new(client).get_object_store("tensor-wasm-objects").await.unwrap();
+        let name = digest.strip_prefix("sha256:").unwrap();
+        store.info(name).await.is_ok_and(|info| !info.deleted)
+    })
+}
+
+/// A module of about `kib` KiB whose bytes differ with `seed`: a data segment of them.
+fn module_of(kib: usize, seed: u32) -> Vec<u8> {
+    let bytes: String =
+        (0..kib * 1024).map(|i| format!("\\{:02x}", (i as u32).wrapping_mul(seed | 1) >> 3 & 0xff)).collect();
+    let pages = kib / 64 + 1;
+    wat::parse_str(format!(r#"(module (memory {pages}) (data (i32.const 0) "{bytes}") (func (export "_start")))"#))
+        .unwrap()
+}
+
+#[test]
+fn a_deleted_functions_files_leave_the_object_store_once_no_function_uses_them() {
+    let nats = Nats::start();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    // A store of 1 MiB: three of the modules below fill it.
+    let args = ["--registry", &nats.url(), "--registry-max-object-mb", "1", "--registry-timeout-ms", "2000"];
+    let (a, b) = (Server::start_in(dirs[0].path(), &args), Server::start_in(dirs[1].path(), &args));
+    for s in [&a, &b] {
+        s.wait_for_metric("tensor_wasm_registry_connected", &[], 1.0);
+    }
+    // A tenant that deploys and deletes new modules, over and over, never fills the store for
+    // everyone else: each delete takes its module out.
+    for round in 0..8u32 {
+        let module = module_of(300, round);
+        let r = a.client().deploy(&format!("churn-{round}"), &module, json!({}));
+        assert_eq!(r.status, 201, "round {round}: {}", r.text());
+        let (id, digest) =
+            (r.json()["id"].as_str().unwrap().to_string(), r.json()["digest"].as_str().unwrap().to_string());
+        assert!(object_stored(&nats, &digest));
+        let r = b.client().request("DELETE", &format!("/functions/{id}"), &[], b"");
+        assert_eq!(r.status, 204, "{}", r.text());
+        within(PROPAGATION, "the unused module leaving the store", || !object_stored(&nats, &digest));
+    }
+    // A module two functions run stays until the second goes.
+    let module = module_of(300, 99);
+    let first = a.deploy("shared-1", &module);
+    within(PROPAGATION, "the first on B", || status_of(&b, &first) == 200);
+    let second = b.deploy("shared-2", &module);
+    let digest = a.client().request("GET", &format!("/functions/{first}"), &[], b"").json()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    within(PROPAGATION, "the second on A", || status_of(&a, &second) == 200);
+    assert_eq!(a.client().request("DELETE", &format!("/functions/{first}"), &[], b"").status, 204);
+    assert!(object_stored(&nats, &digest), "a module another function runs was removed");
+    within(PROPAGATION, "the delete reaching B", || status_of(&b, &first) == 404);
+    // B, which never had the module from A's deploy alone, still serves the second, and a new
+    // replica fetches it.
+    assert_eq!(status_of(&b, &second), 200);
+    let dir = tempfile::tempdir().unwrap();
+    let c = Server::start_in(dir.path(), &args);
+    within(PROPAGATION, "the second on a new replica", || status_of(&c, &second) == 200);
+    assert_eq!(b.client().request("DELETE", &format!("/functions/{second}"), &[], b"").status, 204);
+    within(PROPAGATION, "the module leaving with its last function", || !object_stored(&nats, &digest));
+}
+
 fn put_raw(nats: &Nats, key: &str, value: serde_json::Value) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {

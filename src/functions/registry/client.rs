@@ -51,6 +51,8 @@ pub(super) enum Command {
     Remove {
         id: String,
         name_key: String,
+        /// Objects no other function uses, deleted after the record.
+        unused: Vec<String>,
         reply: Reply<()>,
         deadline: Instant,
     },
@@ -318,16 +320,24 @@ impl Session {
             Command::Publish { record, claim, objects, reply, deadline } => {
                 let _ = reply.try_send(self.publish(&record, claim, objects, deadline).await);
             }
-            Command::Remove { id, name_key, reply, deadline } => {
+            Command::Remove { id, name_key, unused, reply, deadline } => {
                 let removed = match self.in_time(deadline) {
                     Ok(()) => self.kv.delete(format!("{KEY_PREFIX}{id}")).await,
                     Err(e) => return drop(reply.try_send(Err(e))),
                 };
                 let removed = removed.map_err(|e| RegistryError::Unavailable(format!("delete: {e}")));
-                if removed.is_ok() {
-                    self.release_name(&name_key, &id).await;
-                }
+                let done = removed.is_ok();
+                // Answered first: what follows is clean-up, which a failure leaves for later.
                 let _ = reply.try_send(removed);
+                if done {
+                    self.release_name(&name_key, &id).await;
+                    for digest in unused {
+                        let name = object_name(&digest);
+                        if let Err(e) = self.objects.delete(name.as_str()).await {
+                            tracing::debug!(object = name, "an unused object stays in the store: {e}");
+                        }
+                    }
+                }
             }
             Command::NameRevision { key, reply, deadline } => {
                 let read = match self.in_time(deadline) {
@@ -363,10 +373,10 @@ impl Session {
             self.in_time(deadline)?;
             self.claim_name(&claim, &record.id).await?;
         }
-        for (digest, bytes) in objects {
+        for (digest, bytes) in &objects {
             self.in_time(deadline)?;
-            let name = object_name(&digest);
-            if self.objects.info(&name).await.is_ok_and(|info| !info.deleted && info.size == bytes.len()) {
+            let name = object_name(digest);
+            if self.holds(&name, bytes.len()).await {
                 continue;
             }
             self.room_for(bytes.len() as u64).await?;
@@ -383,7 +393,11 @@ impl Session {
         let value = serde_json::to_vec(record).map_err(|e| RegistryError::Unavailable(e.to_string()))?;
         // Objects nobody's record names yet are harmless; the record is the change itself.
         self.in_time(deadline)?;
-        match self.kv.create(format!("{KEY_PREFIX}{}", record.id), value.into()).await {
+        let created = self.kv.create(format!("{KEY_PREFIX}{}", record.id), value.into()).await;
+        if created.is_ok() {
+            self.still_stored(&objects).await;
+        }
+        match created {
             Ok(revision) => Ok(revision),
             // Another replica published the same function first (a cache published back to a
             // new registry by two replicas): it is there, which is what was asked.
@@ -392,6 +406,27 @@ impl Session {
                 Ok(entry.ok().flatten().map_or(0, |e| e.revision))
             }
             Err(e) => Err(RegistryError::Unavailable(format!("put the record: {e}"))),
+        }
+    }
+
+    /// Whether the store holds the object `name`, of `len` bytes.
+    async fn holds(&self, name: &str, len: usize) -> bool {
+        self.objects.info(name).await.is_ok_and(|info| !info.deleted && info.size == len)
+    }
+
+    /// After the record: stores again an object that a delete elsewhere removed as unused while
+    /// this deploy, having found it stored, did not send it. Best effort: a replica that cannot
+    /// fetch it lists the function as broken and fetches again every 5 s.
+    async fn still_stored(&self, objects: &[(String, Vec<u8>)]) {
+        for (digest, bytes) in objects {
+            let name = object_name(digest);
+            if self.holds(&name, bytes.len()).await {
+                continue;
+            }
+            tracing::info!(object = name, "an object removed while this deploy used it: stored again");
+            if let Err(e) = self.objects.put(name.as_str(), &mut bytes.as_slice()).await {
+                tracing::warn!(object = name, "cannot store again an object a function needs: {e}");
+            }
         }
     }
 

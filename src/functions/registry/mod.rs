@@ -173,11 +173,12 @@ impl Registry {
     }
 
     /// Deletes the record; every replica's watch removes the function. The name's key goes too
-    /// when it still names this function.
-    pub fn remove(&self, record: &FunctionRecord) -> Result<(), RegistryError> {
+    /// when it still names this function, and then the objects (digests) in `unused`, which no
+    /// other function uses: best effort, after the answer is settled.
+    pub fn remove(&self, record: &FunctionRecord, unused: Vec<String>) -> Result<(), RegistryError> {
         let id = record.id.clone();
         let name_key = client::name_key(record.tenant_id, &record.name);
-        self.ask(|reply, deadline| client::Command::Remove { id, name_key, reply, deadline })
+        self.ask(|reply, deadline| client::Command::Remove { id, name_key, unused, reply, deadline })
     }
 
     /// The object stored under `digest` (a module or a tensor file), at most `max_bytes` long.

@@ -495,9 +495,23 @@ impl Worker {
         if function.record.source == Source::Directory {
             return Err(ApiError::ManagedByDirectory { what: "function", name: function.record.name.clone() });
         }
-        // The fleet's copy first: every replica's watch then removes the function.
+        // The fleet's copy first: every replica's watch then removes the function. Its files go
+        // from the object store too when no other function of the fleet's catalog (which this
+        // replica's mirrors) uses them: left there, a tenant deploying and deleting new modules
+        // would fill the store for every tenant.
         if let Some(registry) = &self.registry {
-            registry.remove(&function.record)?;
+            let current = self.catalog.current();
+            let others = || current.values().map(|f| &f.record).filter(|r| r.source == Source::Api && r.id != id);
+            let mut unused = Vec::new();
+            if !others().any(|r| r.digest == function.record.digest) {
+                unused.push(function.record.digest.clone());
+            }
+            if let Some(tensors) = &function.record.tensors {
+                if !others().any(|r| r.tensors.as_ref() == Some(tensors)) {
+                    unused.push(tensors.clone());
+                }
+            }
+            registry.remove(&function.record, unused)?;
         }
         self.forget(&function)
     }
