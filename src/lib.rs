@@ -113,7 +113,7 @@ pub mod guest {
 pub mod audit_log {
     pub use crate::audit::checkpoint::SigningKey;
     pub use crate::audit::helpers::{HelperThreads, Helpers};
-    pub use crate::audit::record::{check_line, encode, encode_into, GENESIS, MAX_RECORD};
+    pub use crate::audit::record::{check_line, encode, encode_into, ReplicaField, ReplicaId, GENESIS, MAX_RECORD};
     pub use crate::audit::segment::scan;
     pub use crate::audit::{
         Actor, ActorScope, AuditConfig, AuditEvent, AuditOnError, AuditSync, CheckpointConfig, CommitSlot, ShardAudit,

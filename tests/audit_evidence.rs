@@ -202,6 +202,11 @@ fn rechain(record: &mut String, prev: Option<&str>) -> String {
 /// Rewrites record `line` of the chain in `shard_dir` (counting from its first segment) and
 /// chains every record after it again, as an insider with the files would.
 fn rewrite_and_rechain(shard_dir: &Path, line: usize) {
+    rewrite_and_rechain_with(shard_dir, line, |record| record.replacen("\"status_code\":404", "\"status_code\":200", 1))
+}
+
+/// [`rewrite_and_rechain`], with `edit` as the rewrite.
+fn rewrite_and_rechain_with(shard_dir: &Path, line: usize, edit: impl Fn(&str) -> String) {
     let mut prev: Option<String> = None;
     let mut n = 0;
     for path in segments(shard_dir) {
@@ -210,7 +215,7 @@ fn rewrite_and_rechain(shard_dir: &Path, line: usize) {
         for record in text.lines() {
             let mut record = record.to_string();
             if n == line {
-                record = record.replacen("\"status_code\":404", "\"status_code\":200", 1);
+                record = edit(&record);
             }
             if n >= line {
                 rechain(&mut record, prev.as_deref());
@@ -506,4 +511,172 @@ fn a_backup_carries_a_damaged_sealed_segment_as_evidence() {
     assert!(out.contains("damaged, carried as it is") && out.contains("ends in a torn or damaged record"), "{out}");
     let copied = backup.join("audit/shard-0").join(damaged.file_name().unwrap());
     assert_eq!(std::fs::read(copied).unwrap(), bytes, "the evidence is in the backup, byte for byte");
+}
+
+/// Every complete record under `audit`, as the segment files hold them.
+fn lines_on_disk(audit: &Path) -> Vec<String> {
+    let text: Vec<String> = complete_lines(audit).into_values().map(|b| String::from_utf8(b).unwrap()).collect();
+    text.iter().flat_map(|t| t.lines()).map(str::to_string).collect()
+}
+
+#[test]
+fn records_and_checkpoints_name_their_replica_so_that_a_fleets_logs_merge_by_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(dir.path());
+    let public = public.to_str().unwrap();
+    // One shard, so that every record lands in one chain whatever the kernel does.
+    let run = |replica: &str, data: &Path, n: usize| -> Vec<String> {
+        let key = key.to_str().unwrap();
+        let args = ["--shards", "1", "--audit-segment-bytes", "65536", "--audit-signing-key", key];
+        let mut server = Server::start_in(data, &[&args[..], &["--replica-id", replica]].concat());
+        load(&server, n, 4);
+        stop(&mut server);
+        server.checkpoint_lines()
+    };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let (shipped_a, shipped_b) = (run("r-1", &a, 400), run("r-2", &b, 200));
+    let (audit_a, audit_b) = (a.join("audit"), b.join("audit"));
+
+    // Every record on disk names its replica, before the chain's fields, under the hash.
+    let lines = lines_on_disk(&audit_a);
+    assert_eq!(lines.len(), 400);
+    assert!(segments(&audit_a.join("shard-0")).len() >= 2, "the field crosses a rotation");
+    for line in &lines {
+        assert!(line.contains(",\"replica\":\"r-1\",\"shard\":0,\"seq\":"), "{line}");
+    }
+    assert!(lines_on_disk(&audit_b).iter().all(|l| l.contains(",\"replica\":\"r-2\",\"shard\":")));
+    // `audit tail` shows it.
+    let tailed = records(&audit_a);
+    assert_eq!(tailed.len(), 400);
+    assert!(tailed.iter().all(|r| r["replica"] == "r-1"), "{:?}", tailed[0]);
+    // So does every checkpoint, in its origin, its signed text and its stdout line.
+    assert!(!shipped_a.is_empty());
+    for line in &shipped_a {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["audit_checkpoint"]["replica"], "r-1", "{line}");
+        let note = v["audit_checkpoint"]["note"].as_str().unwrap();
+        assert!(note.starts_with("test.example/audit/r-1/shard-0\n") && note.contains("\nreplica r-1\n"), "{note}");
+    }
+
+    // What the fleet's shipper kept: both replicas' checkpoints in one file, two shard 0s among
+    // them. Each log is checked against its own replica's and passes; the other's are set aside.
+    let fleet = dir.path().join("fleet.jsonl");
+    std::fs::write(&fleet, [shipped_a, shipped_b].concat().join("\n") + "\n").unwrap();
+    let with_fleet = ["--public-key", public, "--checkpoints", fleet.to_str().unwrap()];
+    for (audit, own, other) in [(&audit_a, "r-1", "r-2"), (&audit_b, "r-2", "r-1")] {
+        let (code, out, err) = verify(audit, &with_fleet);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains(&format!("\nreplicas: {own}\n")), "{out}");
+        assert!(
+            out.contains(&format!("checkpoints of replica {other}, another replica's log, are not checked")),
+            "{out}"
+        );
+        let (code, out, err) = verify(audit, &[&with_fleet[..], &["--replica", own]].concat());
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    // Held to the other replica, a log is not that replica's: its records and that replica's
+    // checkpoints both say so.
+    let (code, out, err) = verify(&audit_a, &[&with_fleet[..], &["--replica", "r-2"]].concat());
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("records of replica r-1 in the log of replica r-2"), "{err}");
+    assert!(err.contains("records lost or changed: checkpoint test.example/audit/r-2/shard-0"), "{err}");
+
+    // Another replica's name in one record is an edit its hash catches, at that record.
+    let shard = audit_a.join("shard-0");
+    let copy = dir.path().join("renamed");
+    copy_dir(&audit_a, &copy);
+    let first = &segments(&copy.join("shard-0"))[0];
+    let mut bytes = std::fs::read(first).unwrap();
+    let at = line_start(&bytes, 2);
+    let field = at + String::from_utf8_lossy(&bytes[at..]).find("\"replica\":\"r-1\"").unwrap();
+    bytes[field + 13] = b'2';
+    std::fs::write(first, &bytes).unwrap();
+    let (code, out, err) = verify(&copy, &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    let broken: Vec<&str> = err.lines().filter(|l| l.contains("broken audit record")).collect();
+    assert_eq!(broken.len(), 1, "{err}");
+    assert!(broken[0].contains(&format!("{} at offset {at} (seq 3)", first.display())), "{err}");
+    assert!(broken[0].contains("hash does not match"), "{err}");
+    // Given its hash too, and the chain after it rehashed: a segment of two replicas.
+    let copy = dir.path().join("renamed-and-rechained");
+    copy_dir(&audit_a, &copy);
+    rewrite_and_rechain_with(&copy.join("shard-0"), 2, |r| r.replacen("\"replica\":\"r-1\"", "\"replica\":\"r-2\"", 1));
+    let (code, out, err) = verify(&copy, &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    let broken: Vec<&str> = err.lines().filter(|l| l.contains("broken audit record")).collect();
+    assert_eq!(broken.len(), 2, "{err}");
+    let first = segments(&copy.join("shard-0"))[0].clone();
+    assert!(broken[0].contains(&format!("{} at offset {at} (seq 3)", first.display())), "{err}");
+    assert!(broken[0].contains("records of two replicas in one segment: replica r-1 before, replica r-2 from here"));
+    assert!(broken[1].contains("replica r-2 before, replica r-1 from here"), "{err}");
+
+    // The same data dir started under another id: the chain goes on in a new segment, each
+    // segment one replica's, and verify notes where it changed hands.
+    let before = segments(&shard);
+    let mut server = Server::start_in(&a, &["--shards", "1", "--audit-segment-bytes", "65536", "--replica-id", "r-3"]);
+    load(&server, 20, 2);
+    stop(&mut server);
+    let after = segments(&shard);
+    assert_eq!(after.len(), before.len() + 1, "{after:?}");
+    let (code, out, err) = verify(&audit_a, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ok: 420 records") && out.contains("\nreplicas: r-1, r-3\n"), "{out}");
+    let handover = format!(
+        "note: {} goes on as replica r-3 (the chain's records before it name replica r-1)",
+        after.last().unwrap().display()
+    );
+    assert!(out.contains(&handover), "{out}");
+    let newest = std::fs::read_to_string(after.last().unwrap()).unwrap();
+    assert_eq!(newest.lines().filter(|l| l.contains(",\"replica\":\"r-3\",")).count(), 20, "{newest}");
+    assert_eq!(newest.lines().count(), 20);
+    let (code, out, err) = verify(&audit_a, &["--replica", "r-1"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("records of replica r-3 in the log of replica r-1 (20 in this segment)"), "{err}");
+
+    // A single node with no --replica-id writes no such field.
+    let c = dir.path().join("c");
+    let mut server = Server::start_in(&c, &["--shards", "1"]);
+    load(&server, 3, 1);
+    stop(&mut server);
+    let lines = lines_on_disk(&c.join("audit"));
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().all(|l| !l.contains("replica")), "{lines:?}");
+    let (code, out, err) = verify(&c.join("audit"), &[]);
+    assert!(code == 0 && !out.contains("replicas:"), "{out}{err}");
+}
+
+#[test]
+fn a_replica_id_that_is_no_plain_name_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let long = "a".repeat(64);
+    for (value, says) in [
+        ("a\"b", "holds '\"'"),
+        ("r/1", "holds '/'"),
+        ("r\n1", "holds '\\n'"),
+        ("r 1", "holds ' '"),
+        ("", "is empty"),
+        (long.as_str(), "is 64 characters long"),
+        ("-r", "must begin with a letter or a digit"),
+        ("..", "must begin with a letter or a digit"),
+    ] {
+        let flag = format!("--replica-id={value}");
+        let serve = ["serve", "--listen", "127.0.0.1:0", "--data-dir", data];
+        let (code, out, err) = tensor_wasm(&[&serve[..], &[flag.as_str()]].concat(), &[]);
+        assert_eq!(code, 2, "{value:?}: {out}{err}");
+        assert!(err.contains("tensor-wasm: --replica-id") && err.contains(says), "{value:?}: {err}");
+        if !value.is_empty() {
+            let (code, _, err) = tensor_wasm(&serve, &[("TENSOR_WASM_REPLICA_ID", value)]);
+            assert_eq!(code, 2, "{value:?} from the environment: {err}");
+            assert!(err.contains("tensor-wasm: --replica-id") && err.contains(says), "{value:?}: {err}");
+        }
+    }
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing started: the data dir is untouched");
+    // The longest that is allowed starts, and its records carry it.
+    let longest = "a".repeat(63);
+    let mut server = Server::start_in(dir.path(), &["--shards", "1", "--replica-id", &longest]);
+    load(&server, 1, 1);
+    stop(&mut server);
+    let lines = lines_on_disk(&dir.path().join("audit"));
+    assert!(lines.len() == 1 && lines[0].contains(&format!("\"replica\":\"{longest}\"")), "{lines:?}");
 }

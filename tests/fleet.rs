@@ -645,6 +645,30 @@ fn records_written_into_the_bucket_by_others_are_checked_before_anything_is_trus
 }
 
 #[test]
+fn each_replicas_audit_records_name_it_by_default_its_host_name() {
+    let nats = Nats::start();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = replica(&nats, dirs[0].path());
+    let b = Server::start_in(
+        dirs[1].path(),
+        &["--registry", &nats.url(), "--registry-timeout-ms", "2000", "--replica-id", "b-1"],
+    );
+    for server in [&a, &b] {
+        assert_eq!(server.client().request("GET", &format!("/functions/{:032x}", 7), &[], b"").status, 404);
+    }
+    // In Kubernetes the host name is the pod's name: what tells a fleet's replicas apart.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    for (dir, named) in [(dirs[0].path(), host.as_str()), (dirs[1].path(), "b-1")] {
+        let audit = dir.join("audit");
+        let (code, out, err) = common::tensor_wasm(&["audit", "tail", "-n", "100", audit.to_str().unwrap()], &[]);
+        assert_eq!(code, 0, "{err}");
+        let records: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert!(!records.is_empty());
+        assert!(records.iter().all(|r| r["replica"] == named), "{named}: {out}");
+    }
+}
+
+#[test]
 fn registry_flags_that_cannot_work_are_refused_at_start() {
     for (args, says) in [
         (&["--registry", "redis://127.0.0.1:6379"][..], "is not `file` or nats://"),

@@ -3,7 +3,7 @@
 //! back as it went in.
 
 use proptest::prelude::*;
-use tensor_wasm::audit_log::{encode, scan, Actor, AuditEvent, GENESIS};
+use tensor_wasm::audit_log::{encode, scan, Actor, AuditEvent, ReplicaField, GENESIS};
 use tensor_wasm::catalog::{duration_ms, DeployBody, FunctionManifest, PipelineSpec};
 use tensor_wasm::guest::{decode_create_args, decode_output, encode_input, Headers};
 use tensor_wasm::http_codec::{parse_head, ChunkedDecoder, HeadParse, RequestHead};
@@ -182,7 +182,7 @@ proptest! {
                 repeated: 0,
                 integrity: None,
             };
-            prev = encode(&event, 0, seq, &prev, &mut line);
+            prev = encode(&event, &ReplicaField::NONE, 0, seq, &prev, &mut line);
             segment.extend_from_slice(line.as_bytes());
         }
         let whole = scan(&segment, None);

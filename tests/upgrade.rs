@@ -240,3 +240,60 @@ fn a_data_dir_written_by_the_first_release_serves_as_recorded_and_stays_readable
         }
     }
 }
+
+/// A first release's single node joining a fleet: the same data dir started with a replica id.
+/// Its records named no replica; the chain goes on under one, in new segments, and the old
+/// checkpoints (which name none) still verify beside the new ones (which do).
+#[test]
+fn the_first_releases_log_goes_on_under_a_replica_id_and_its_checkpoints_still_verify() {
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path();
+    copy(&fixture(), root);
+    let audit = root.join("data/audit");
+    let old_records = |audit: &Path| -> usize {
+        files(audit)
+            .iter()
+            .filter(|(p, _)| p.extension().is_some_and(|e| e == "jsonl"))
+            .map(|(_, b)| b.iter().filter(|c| **c == b'\n').count())
+            .sum()
+    };
+    let before = old_records(&audit);
+    assert!(before > 0);
+    let flags = flags(root);
+    let args: Vec<&str> = flags.iter().map(String::as_str).chain(["--shards", "1", "--replica-id", "r-1"]).collect();
+    let server = Server::start_in(&root.join("data"), &args);
+    for i in 0..10 {
+        assert_eq!(server.client().request("GET", &format!("/functions/{i:032x}"), &[], b"").status, 404);
+    }
+    let shipped = server.checkpoint_lines();
+    stop(server);
+    assert!(shipped.iter().all(|l| l.contains("\"replica\":\"r-1\"")), "{shipped:?}");
+
+    let (code, out) = verify(root);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("replicas: r-1 ({before} records name none)")), "{out}");
+    assert!(out.contains("goes on as replica r-1 (the chain's records before it name no replica)"), "{out}");
+    let verified: usize =
+        out.lines().find_map(|l| l.strip_prefix("checkpoints: ")?.strip_suffix(" verified")?.parse().ok()).unwrap();
+    let (code, old_out) = {
+        let fixture_copy = tempfile::tempdir().unwrap();
+        copy(&fixture(), fixture_copy.path());
+        verify(fixture_copy.path())
+    };
+    assert_eq!(code, 0, "{old_out}");
+    let old_verified: usize =
+        old_out.lines().find_map(|l| l.strip_prefix("checkpoints: ")?.strip_suffix(" verified")?.parse().ok()).unwrap();
+    assert!(verified > old_verified, "the old checkpoints and new ones of r-1: {out}");
+    // Every record written since names r-1, in segments of its own.
+    let shard0 = audit.join("shard-0");
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(&shard0)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    segments.sort();
+    let newest = std::fs::read_to_string(segments.last().unwrap()).unwrap();
+    assert_eq!(newest.lines().count(), 10, "{newest}");
+    assert!(newest.lines().all(|l| l.contains(",\"replica\":\"r-1\",\"shard\":0,")), "{newest}");
+    assert_eq!(old_records(&audit), before + 10);
+}

@@ -65,6 +65,7 @@ fn run(
         retain_bytes: None,
         sync,
         on_error: AuditOnError::Reject,
+        replica: None,
         checkpoints: checkpoints.then(|| CheckpointConfig {
             key: Arc::new(SigningKey::generate("bench/audit").expect("a key")),
             interval: CHECKPOINT_INTERVAL,
@@ -121,6 +122,7 @@ fn checkpoint_only(rounds: usize, helpers: &Helpers) -> hdrhistogram::Histogram<
         retain_bytes: None,
         sync: AuditSync::Interval,
         on_error: AuditOnError::Reject,
+        replica: None,
         checkpoints: Some(CheckpointConfig {
             key: Arc::new(SigningKey::generate("bench/audit").expect("a key")),
             interval: CHECKPOINT_INTERVAL,
@@ -154,7 +156,14 @@ fn encode_only(rounds: usize) -> hdrhistogram::Histogram<u64> {
     let mut h = histogram();
     for i in 0..rounds {
         let t = Instant::now();
-        let encoded = tensor_wasm::audit_log::encode_into(&events[i % events.len()], 0, i as u64 + 1, &prev, &mut line);
+        let encoded = tensor_wasm::audit_log::encode_into(
+            &events[i % events.len()],
+            &tensor_wasm::audit_log::ReplicaField::NONE,
+            0,
+            i as u64 + 1,
+            &prev,
+            &mut line,
+        );
         prev = encoded.expect("fits").1;
         record(&mut h, t.elapsed());
     }

@@ -6,8 +6,13 @@
 //! and picks the chain up again at the next record that verifies on its own, so that what follows
 //! damage is still checked, and a record written after damage was found (which links to the last
 //! good record, see `recover`) verifies.
+//!
+//! A segment holds the records of one replica (or records that name none): the server starts a new
+//! segment when it starts under another `--replica-id` (`recover`), so a segment whose records
+//! name two is damage, reported where the second begins. A chain may change replica from one
+//! segment to the next; `verify` notes where.
 
-use super::record::{check_line, LineFacts, MAX_RECORD};
+use super::record::{check_line, LineFacts, ReplicaId, MAX_RECORD};
 
 /// The start of a damaged region: a record that does not verify, or bytes that are no record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,15 +59,18 @@ pub struct SegmentWalk {
     pub lines_end: usize,
     /// Damage among the complete lines.
     pub findings: Vec<Finding>,
+    /// The replica the segment's last record that verified names (`Some(None)`: it names none);
+    /// `None` when no record verified.
+    pub replica: Option<Option<ReplicaId>>,
 }
 
 /// Walks the complete lines of `bytes` (a segment named after `first_seq`) from `state`, and
-/// shows `on_record` each record that verifies on its own.
+/// shows `on_record` each record that verifies on its own, with its byte offset.
 pub fn walk(
     bytes: &[u8],
     first_seq: u64,
     state: &mut ChainState,
-    mut on_record: impl FnMut(&LineFacts),
+    mut on_record: impl FnMut(usize, &LineFacts),
 ) -> SegmentWalk {
     let lines_end = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |at| at + 1);
     let mut out = SegmentWalk { lines_end, ..SegmentWalk::default() };
@@ -77,12 +85,20 @@ pub fn walk(
                 state.next_seq = Some(next_seq);
                 if !state.links(&facts) && !state.damaged {
                     out.findings.push(Finding { offset: at, seq: next_seq, reason: "chain broken".into() });
+                } else if let Some(before) = out.replica.as_ref().filter(|r| **r != facts.replica) {
+                    let reason = format!(
+                        "records of two replicas in one segment: {} before, {} from here",
+                        replica_name(before.as_ref()),
+                        replica_name(facts.replica.as_ref())
+                    );
+                    out.findings.push(Finding { offset: at, seq: next_seq, reason });
                 }
+                out.replica = Some(facts.replica.clone());
                 // Damage reported or not, the chain goes on from a record that verifies on its own:
                 // what follows is still checked against it.
                 out.records += 1;
                 next_seq = facts.seq.max(next_seq) + 1;
-                on_record(&facts);
+                on_record(at, &facts);
                 state.last_good = Some(facts);
                 state.damaged = false;
             }
@@ -100,6 +116,14 @@ pub fn walk(
     }
     state.next_seq = Some(next_seq);
     out
+}
+
+/// A replica as reports name it: `replica r-1`, or `no replica`.
+pub fn replica_name(replica: Option<&ReplicaId>) -> String {
+    match replica {
+        Some(id) => format!("replica {id}"),
+        None => "no replica".into(),
+    }
 }
 
 /// What comes after a segment's last complete line.
@@ -131,7 +155,7 @@ pub fn tail(bytes: &[u8], lines_end: usize) -> Tail {
 mod tests {
     use super::*;
     use crate::audit::record::tests::event;
-    use crate::audit::record::{encode, GENESIS, INTEGRITY_ACTION};
+    use crate::audit::record::{encode, ReplicaField, ReplicaId, GENESIS, INTEGRITY_ACTION};
 
     /// `n` chained lines from seq 1, and each line's start.
     fn lines(n: u64) -> (Vec<u8>, Vec<usize>, Vec<[u8; 32]>) {
@@ -139,11 +163,61 @@ mod tests {
             (Vec::new(), Vec::new(), Vec::new(), GENESIS, String::new());
         for seq in 1..=n {
             starts.push(bytes.len());
-            prev = encode(&event(), 0, seq, &prev, &mut line);
+            prev = encode(&event(), &ReplicaField::NONE, 0, seq, &prev, &mut line);
             hashes.push(prev);
             bytes.extend_from_slice(line.as_bytes());
         }
         (bytes, starts, hashes)
+    }
+
+    /// Chained lines from seq `first` after `prev`, one per entry of `replicas`, each naming it.
+    fn lines_of(replicas: &[Option<&str>], first: u64, prev: &mut [u8; 32]) -> (Vec<u8>, Vec<usize>) {
+        let (mut bytes, mut starts, mut line) = (Vec::new(), Vec::new(), String::new());
+        for (seq, replica) in (first..).zip(replicas) {
+            let id = replica.map(|r| ReplicaId::parse(r).unwrap());
+            starts.push(bytes.len());
+            *prev = encode(&event(), &ReplicaField::new(id.as_ref()), 0, seq, prev, &mut line);
+            bytes.extend_from_slice(line.as_bytes());
+        }
+        (bytes, starts)
+    }
+
+    #[test]
+    fn a_segment_holds_one_replicas_records_and_a_chain_may_change_replica_between_segments() {
+        let named = |r: &str| Some(ReplicaId::parse(r).unwrap());
+        let mut prev = GENESIS;
+        let (bytes, starts) = lines_of(&[Some("r-1"), Some("r-1"), Some("r-2"), Some("r-2")], 1, &mut prev);
+        let found = walk(&bytes, 1, &mut ChainState::default(), |_, _| ());
+        assert_eq!(
+            found.findings,
+            vec![Finding {
+                offset: starts[2],
+                seq: 3,
+                reason: "records of two replicas in one segment: replica r-1 before, replica r-2 from here".into()
+            }]
+        );
+        assert_eq!(found.records, 4, "each record still verifies on its own");
+        // Records that name none and records that name one are two replicas too.
+        let mut prev = GENESIS;
+        let (bytes, starts) = lines_of(&[None, Some("r-1")], 1, &mut prev);
+        let found = walk(&bytes, 1, &mut ChainState::default(), |_, _| ());
+        assert_eq!(found.findings.len(), 1, "{:?}", found.findings);
+        assert_eq!(found.findings[0].offset, starts[1]);
+        assert!(found.findings[0].reason.contains("no replica before, replica r-1 from here"));
+
+        // One replica per segment, the chain going on from one to the next: nothing to report.
+        let (mut state, mut prev) = (ChainState::default(), GENESIS);
+        let (first, _) = lines_of(&[None, None], 1, &mut prev);
+        let (second, _) = lines_of(&[Some("r-1"), Some("r-1")], 3, &mut prev);
+        let (third, _) = lines_of(&[Some("r-2")], 5, &mut prev);
+        let mut seen = Vec::new();
+        for (bytes, first_seq, replica) in [(&first, 1, None), (&second, 3, named("r-1")), (&third, 5, named("r-2"))] {
+            let found = walk(bytes, first_seq, &mut state, |_, facts| seen.push(facts.replica.clone()));
+            assert!(found.findings.is_empty(), "{:?}", found.findings);
+            assert_eq!(found.replica, Some(replica));
+        }
+        assert_eq!(seen, vec![None, None, named("r-1"), named("r-1"), named("r-2")]);
+        assert_eq!(walk(b"", 6, &mut state, |_, _| ()).replica, None, "no record, no replica");
     }
 
     #[test]
@@ -151,7 +225,7 @@ mod tests {
         let (mut bytes, starts, _) = lines(10);
         bytes[starts[4] + 20] ^= 1;
         let mut state = ChainState::default();
-        let found = walk(&bytes, 1, &mut state, |_| ());
+        let found = walk(&bytes, 1, &mut state, |_, _| ());
         assert_eq!(found.findings.len(), 1, "{:?}", found.findings);
         assert_eq!((found.findings[0].offset, found.findings[0].seq), (starts[4], 5));
         assert_eq!((found.records, found.lines), (9, 10));
@@ -164,7 +238,7 @@ mod tests {
         let (mut bytes, starts, hashes) = lines(5);
         bytes[starts[4] + 20] ^= 1;
         let mut state = ChainState::default();
-        let found = walk(&bytes, 1, &mut state, |_| ());
+        let found = walk(&bytes, 1, &mut state, |_, _| ());
         assert_eq!(found.findings.len(), 1);
         assert_eq!((state.last_good.as_ref().unwrap().seq, state.next_seq), (4, Some(6)));
         // The next segment starts with the integrity record: seq 6, linked to record 4.
@@ -172,23 +246,23 @@ mod tests {
         e.action = INTEGRITY_ACTION;
         e.integrity = Some(crate::audit::record::Integrity { file: "f".into(), offset: 1, seq: 5, reason: "r".into() });
         let mut line = String::new();
-        let h6 = encode(&e, 0, 6, &hashes[3], &mut line);
+        let h6 = encode(&e, &ReplicaField::NONE, 0, 6, &hashes[3], &mut line);
         let mut next = line.clone().into_bytes();
-        encode(&event(), 0, 7, &h6, &mut line);
+        encode(&event(), &ReplicaField::NONE, 0, 7, &h6, &mut line);
         next.extend_from_slice(line.as_bytes());
-        let found = walk(&next, 6, &mut state, |_| ());
+        let found = walk(&next, 6, &mut state, |_, _| ());
         assert!(found.findings.is_empty(), "{:?}", found.findings);
         assert_eq!(found.records, 2);
         // An ordinary record may not skip numbers so.
         let mut state = ChainState::default();
-        walk(&bytes, 1, &mut state, |_| ());
-        encode(&event(), 0, 6, &hashes[3], &mut line);
-        assert_eq!(walk(line.as_bytes(), 6, &mut state, |_| ()).findings.len(), 0, "damage already reported");
+        walk(&bytes, 1, &mut state, |_, _| ());
+        encode(&event(), &ReplicaField::NONE, 0, 6, &hashes[3], &mut line);
+        assert_eq!(walk(line.as_bytes(), 6, &mut state, |_, _| ()).findings.len(), 0, "damage already reported");
         let mut clean = ChainState::default();
         let (good, _, hashes) = lines(4);
-        walk(&good, 1, &mut clean, |_| ());
-        encode(&event(), 0, 6, &hashes[3], &mut line);
-        assert_eq!(walk(line.as_bytes(), 6, &mut clean, |_| ()).findings[0].reason, "chain broken");
+        walk(&good, 1, &mut clean, |_, _| ());
+        encode(&event(), &ReplicaField::NONE, 0, 6, &hashes[3], &mut line);
+        assert_eq!(walk(line.as_bytes(), 6, &mut clean, |_, _| ()).findings[0].reason, "chain broken");
     }
 
     #[test]
@@ -196,7 +270,7 @@ mod tests {
         let (bytes, starts, _) = lines(6);
         let mut cut = bytes[..starts[2]].to_vec();
         cut.extend_from_slice(&bytes[starts[3]..]);
-        let found = walk(&cut, 1, &mut ChainState::default(), |_| ());
+        let found = walk(&cut, 1, &mut ChainState::default(), |_, _| ());
         assert_eq!(found.findings, vec![Finding { offset: starts[2], seq: 3, reason: "chain broken".into() }]);
     }
 

@@ -11,6 +11,13 @@
 //! — <key name> <base64(key ID || signature)>
 //! ```
 //!
+//! A fleet replica (`--replica-id`) names itself in the origin, `<key name>/<replica>/shard-<N>`,
+//! and in an extension line after the time, `replica <id>`: the replicas of a fleet share a key,
+//! and a log's origin must be its own (a witness, or `audit verify` reading every replica's
+//! shipped checkpoints, would otherwise take two replicas' shard 0 for one log that forked). The
+//! line says which part of the origin is the replica, as a key name may hold `/` too. Without a
+//! replica id the note is what it was before.
+//!
 //! The third line is the chain head, not an RFC 6962 Merkle root: any signed-note verifier checks
 //! the signature, and `tensor-wasm audit verify --public-key` checks it against the log. A chain
 //! head commits to every record before it, so a checkpoint that left the host proves that the log
@@ -30,10 +37,14 @@ use base64::Engine as _;
 use ed25519_dalek::Signer as _;
 use sha2::{Digest, Sha256};
 
+use super::record::ReplicaId;
+
 /// The signed-note signature type of Ed25519.
 const ALG_ED25519: u8 = 0x01;
 const SIGNATURE_PREFIX: &str = "\u{2014} ";
 const PRIVATE_PREFIX: &str = "PRIVATE+KEY+";
+/// The extension line that names a checkpoint's replica.
+const REPLICA_LINE: &str = "replica ";
 /// The per-shard file checkpoints are appended to, and the one it is renamed to when full.
 pub const FILE_NAME: &str = "checkpoints";
 pub const OLD_FILE_NAME: &str = "checkpoints.1";
@@ -284,8 +295,11 @@ impl VerifierKey {
 /// One shard's chain head at a moment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Checkpoint {
-    /// `<key name>/shard-<N>`.
+    /// `<key name>/shard-<N>`, or `<key name>/<replica>/shard-<N>`.
     pub origin: String,
+    /// The fleet replica whose chain it is; `None` for a server with no replica id (and every
+    /// checkpoint made before the field).
+    pub replica: Option<ReplicaId>,
     pub shard: u64,
     /// The `seq` of the last record: how many records the chain has had.
     pub size: u64,
@@ -295,13 +309,29 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    pub fn new(key_name: &str, shard: usize, size: u64, hash: [u8; 32], time_unix_ms: u64) -> Checkpoint {
-        Checkpoint { origin: format!("{key_name}/shard-{shard}"), shard: shard as u64, size, hash, time_unix_ms }
+    pub fn new(
+        key_name: &str,
+        replica: Option<&ReplicaId>,
+        shard: usize,
+        size: u64,
+        hash: [u8; 32],
+        time_unix_ms: u64,
+    ) -> Checkpoint {
+        let origin = match replica {
+            Some(replica) => format!("{key_name}/{replica}/shard-{shard}"),
+            None => format!("{key_name}/shard-{shard}"),
+        };
+        Checkpoint { origin, replica: replica.cloned(), shard: shard as u64, size, hash, time_unix_ms }
     }
 
-    /// The note text: origin, size, hash, then the time as an extension line.
+    /// The note text: origin, size, hash, then the time (and the replica) as extension lines.
     pub fn text(&self) -> String {
-        format!("{}\n{}\n{}\ntime {}\n", self.origin, self.size, B64.encode(self.hash), self.time_unix_ms)
+        let mut text =
+            format!("{}\n{}\n{}\ntime {}\n", self.origin, self.size, B64.encode(self.hash), self.time_unix_ms);
+        if let Some(replica) = &self.replica {
+            text.push_str(&format!("{REPLICA_LINE}{replica}\n"));
+        }
+        text
     }
 
     /// Reads a verified note text back.
@@ -318,20 +348,37 @@ impl Checkpoint {
             .and_then(|l| B64.decode(l).ok())
             .and_then(|h| <[u8; 32]>::try_from(h).ok())
             .ok_or(NoteError::Malformed("no 32-byte hash"))?;
-        let time_unix_ms = lines.find_map(|l| l.strip_prefix("time ")?.parse().ok()).unwrap_or(0);
-        Ok(Checkpoint { origin: origin.into(), shard, size, hash, time_unix_ms })
+        let (mut time_unix_ms, mut replica) = (0, None);
+        for extension in lines {
+            if let Some(time) = extension.strip_prefix("time ") {
+                time_unix_ms = time.parse().unwrap_or(0);
+            } else if let Some(named) = extension.strip_prefix(REPLICA_LINE) {
+                let named =
+                    ReplicaId::parse(named).map_err(|_| NoteError::Malformed("the replica is no replica id"))?;
+                // The origin must be this replica's, so that no note names one replica in its origin
+                // and another on this line.
+                if !origin.ends_with(&format!("/{named}/shard-{shard}")) {
+                    return Err(NoteError::Malformed("the origin does not name the note's replica"));
+                }
+                replica = Some(named);
+            }
+        }
+        Ok(Checkpoint { origin: origin.into(), replica, shard, size, hash, time_unix_ms })
     }
 
     /// The one JSON line written to stdout for log shippers.
     pub fn json_line(&self, note: &str) -> String {
-        serde_json::json!({"audit_checkpoint": {
+        let mut fields = serde_json::json!({
             "shard": self.shard,
             "size": self.size,
             "hash": B64.encode(self.hash),
             "time_unix_ms": self.time_unix_ms,
             "note": note,
-        }})
-        .to_string()
+        });
+        if let Some(replica) = &self.replica {
+            fields["replica"] = replica.as_str().into();
+        }
+        serde_json::json!({ "audit_checkpoint": fields }).to_string()
     }
 }
 
@@ -459,7 +506,7 @@ mod tests {
         assert_eq!(vkey.to_text(), key.verifier().to_text());
         assert!(SigningKey::generate("has space").is_err() && SigningKey::generate("a+b").is_err());
 
-        let cp = Checkpoint::new(loaded.name(), 3, 42, [7; 32], 1_795_000_000_000);
+        let cp = Checkpoint::new(loaded.name(), None, 3, 42, [7; 32], 1_795_000_000_000);
         let note = loaded.sign_note(&cp.text());
         let text = vkey.open(&note).unwrap();
         assert_eq!(Checkpoint::parse(text).unwrap(), cp);
@@ -474,6 +521,43 @@ mod tests {
         assert_eq!(notes_in(&format!("{two}{}", cp.text())).1, 1, "a note without its signature is torn");
         let json = format!("{{\"seq\":1}}\n{}\n", cp.json_line(&note));
         assert_eq!(notes_in(&json).0, vec![note]);
+    }
+
+    #[test]
+    fn a_replicas_checkpoint_names_it_and_one_without_is_what_it_was() {
+        let key = SigningKey::generate("tw.example/audit").unwrap();
+        let vkey = key.verifier();
+        let plain = Checkpoint::new(key.name(), None, 3, 42, [7; 32], 1_795_000_000_000);
+        let b64 = B64.encode([7; 32]);
+        assert_eq!(plain.text(), format!("tw.example/audit/shard-3\n42\n{b64}\ntime 1795000000000\n"));
+        assert!(!plain.json_line("n").contains("replica"));
+
+        let r1 = ReplicaId::parse("r-1").unwrap();
+        let cp = Checkpoint::new(key.name(), Some(&r1), 3, 42, [7; 32], 1_795_000_000_000);
+        assert_eq!(cp.text(), format!("tw.example/audit/r-1/shard-3\n42\n{b64}\ntime 1795000000000\nreplica r-1\n"));
+        let note = key.sign_note(&cp.text());
+        let parsed = Checkpoint::parse(vkey.open(&note).unwrap()).unwrap();
+        assert_eq!(parsed, cp);
+        assert_eq!(parsed.replica, Some(r1));
+        let json: serde_json::Value = serde_json::from_str(&cp.json_line(&note)).unwrap();
+        assert_eq!(json["audit_checkpoint"]["replica"], "r-1");
+        assert_eq!(notes_in(&cp.json_line(&note)).0, vec![note.clone()]);
+        // The replica is signed: naming another breaks the signature.
+        assert_eq!(vkey.open(&note.replace("replica r-1", "replica r-2")), Err(NoteError::BadSignature));
+        // A note whose origin names another replica than its line, even signed, is no checkpoint.
+        for text in [
+            format!("tw.example/audit/r-2/shard-3\n42\n{b64}\ntime 1\nreplica r-1\n"),
+            format!("tw.example/audit/shard-3\n42\n{b64}\ntime 1\nreplica r-1\n"),
+            format!("tw.example/audit/xr-1/shard-3\n42\n{b64}\ntime 1\nreplica r-1\n"),
+        ] {
+            let opened = vkey.open(&key.sign_note(&text)).map(str::to_string).unwrap();
+            assert_eq!(
+                Checkpoint::parse(&opened),
+                Err(NoteError::Malformed("the origin does not name the note's replica"))
+            );
+        }
+        let bad = format!("tw.example/audit/a b/shard-3\n42\n{b64}\ntime 1\nreplica a b\n");
+        assert_eq!(Checkpoint::parse(&bad), Err(NoteError::Malformed("the replica is no replica id")));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use record::{Actor, ActorScope, AuditEvent};
+pub use record::{Actor, ActorScope, AuditEvent, ReplicaId};
 use segment::{list_segments, scan};
 use verify::chain_dirs;
 pub use writer::{AuditTicket, CommitSlot, ShardAudit};
@@ -71,6 +71,9 @@ pub struct AuditConfig {
     pub retain_bytes: Option<u64>,
     pub sync: AuditSync,
     pub on_error: AuditOnError,
+    /// The fleet replica this server is (`--replica-id`): every record and checkpoint names it.
+    /// `None`: a single node, whose records name no replica.
+    pub replica: Option<ReplicaId>,
     /// Signed checkpoints (`--audit-signing-key`); `None`: none are made.
     pub checkpoints: Option<CheckpointConfig>,
 }

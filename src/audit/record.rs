@@ -1,12 +1,16 @@
 //! One audit record: a JSON line whose last field is the SHA-256 of everything before it.
 //!
 //! ```text
-//! {"ts_unix_ms":…,"request_id":"…",…,"shard":0,"seq":42,"prev_hash":"<64 hex>","hash":"<64 hex>"}
+//! {"ts_unix_ms":…,"request_id":"…",…,"replica":"r-1","shard":0,"seq":42,"prev_hash":"<64 hex>","hash":"<64 hex>"}
 //! ```
 //!
 //! `hash` covers the line's bytes up to (not including) `,"hash":`, so a torn or edited record is
 //! detectable on its own line, and `prev_hash` (the previous record's `hash`) chains each shard's
 //! records, so removing or reordering one breaks the chain. The line stays plain JSON.
+//!
+//! `replica` is the fleet replica that wrote the record (`--replica-id`), under the hash like every
+//! other field; a server with no replica id writes no such field, so its records are the same
+//! bytes they were before the field existed.
 
 use std::net::SocketAddr;
 
@@ -23,6 +27,74 @@ pub const MAX_RECORD: usize = 8192;
 const HASH_FIELD: &[u8] = b",\"hash\":\"";
 const MAX_SUBJECT: usize = 512;
 const MAX_TENANTS: usize = 32;
+/// The longest replica id: a DNS label's length, as a Kubernetes pod's host name is cut to.
+pub const MAX_REPLICA_ID: usize = 63;
+const REPLICA_KEY: &[u8] = b",\"replica\":\"";
+/// `,"replica":"<id>"` at its longest.
+const REPLICA_FIELD_MAX: usize = REPLICA_KEY.len() + MAX_REPLICA_ID + 1;
+
+/// A fleet replica's name (`--replica-id`): 1 to 63 characters of `A-Z a-z 0-9 . _ -`, the first a
+/// letter or digit. It goes into records, checkpoints' origins and file names as it is: nothing in
+/// it needs escaping, and it is never `.`, `..` or something that reads as a flag.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReplicaId(String);
+
+impl ReplicaId {
+    /// Checks `text`; the error says what is wrong with it, without the flag's name.
+    pub fn parse(text: &str) -> Result<ReplicaId, String> {
+        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if text.is_empty() {
+            return Err("is empty".into());
+        }
+        if let Some(bad) = text.chars().find(|c| !allowed(*c)) {
+            return Err(format!("holds {bad:?}: only A-Z, a-z, 0-9, `.`, `_` and `-` may appear"));
+        }
+        if text.len() > MAX_REPLICA_ID {
+            return Err(format!("is {} characters long; at most {MAX_REPLICA_ID} may be", text.len()));
+        }
+        if !text.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+            return Err("must begin with a letter or a digit".into());
+        }
+        Ok(ReplicaId(text.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ReplicaId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The bytes `,"replica":"<id>"` every record of a chain carries, made once when its writer is
+/// made, so that a record copies them rather than formatting them; none without a replica id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplicaField {
+    bytes: [u8; REPLICA_FIELD_MAX],
+    len: usize,
+}
+
+impl ReplicaField {
+    /// No field: the records of a server with no replica id.
+    pub const NONE: ReplicaField = ReplicaField { bytes: [0; REPLICA_FIELD_MAX], len: 0 };
+
+    pub fn new(id: Option<&ReplicaId>) -> ReplicaField {
+        let Some(id) = id else { return ReplicaField::NONE };
+        let mut field = ReplicaField::NONE;
+        for piece in [REPLICA_KEY, id.as_str().as_bytes(), b"\""] {
+            field.bytes[field.len..field.len + piece.len()].copy_from_slice(piece);
+            field.len += piece.len();
+        }
+        field
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
 
 /// Who made the request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -216,6 +288,7 @@ fn needs_escape(s: &str) -> bool {
 /// not fit (what was written is then garbage past the caller's valid end).
 pub fn encode_into(
     event: &AuditEvent,
+    replica: &ReplicaField,
     shard: usize,
     seq: u64,
     prev_hash: &[u8; 32],
@@ -302,6 +375,8 @@ pub fn encode_into(
     out.push(b"\",\"client_cert_subject\":");
     let subject = event.client_cert_subject.as_deref().map(|s| truncate(s, MAX_SUBJECT));
     out.opt_str(subject);
+    // Empty without a replica id: the record is then byte for byte what it was before the field.
+    out.push(replica.bytes());
     out.push(b",\"shard\":");
     out.num(shard as u64);
     out.push(b",\"seq\":");
@@ -323,9 +398,17 @@ pub fn encode_into(
 /// Its `expect`s stay, rather than a `bug!`: nothing on the request path calls it (the writer
 /// calls `encode_into` and counts a record past `MAX_RECORD` as an audit error), and its callers
 /// want the hash, not an error to handle.
-pub fn encode(event: &AuditEvent, shard: usize, seq: u64, prev_hash: &[u8; 32], out: &mut String) -> [u8; 32] {
+pub fn encode(
+    event: &AuditEvent,
+    replica: &ReplicaField,
+    shard: usize,
+    seq: u64,
+    prev_hash: &[u8; 32],
+    out: &mut String,
+) -> [u8; 32] {
     let mut buf = vec![0; MAX_RECORD];
-    let (len, hash) = encode_into(event, shard, seq, prev_hash, &mut buf).expect("every record fits MAX_RECORD");
+    let (len, hash) =
+        encode_into(event, replica, shard, seq, prev_hash, &mut buf).expect("every record fits MAX_RECORD");
     buf.truncate(len);
     *out = String::from_utf8(buf).expect("records are UTF-8: every piece is a &str or ASCII");
     hash
@@ -345,6 +428,8 @@ fn truncate(s: &str, max: usize) -> &str {
 /// What a valid line says about its place in the chain.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LineFacts {
+    /// The replica that wrote it; `None` when the record names none (a server with no replica id).
+    pub replica: Option<ReplicaId>,
     pub shard: u64,
     pub seq: u64,
     pub prev_hash: [u8; 32],
@@ -412,7 +497,17 @@ pub fn check_line(line: &[u8]) -> Result<LineFacts, LineError> {
         }
         _ => None,
     };
+    let replica = match value.get("replica") {
+        None => None,
+        Some(named) => Some(
+            named
+                .as_str()
+                .and_then(|r| ReplicaId::parse(r).ok())
+                .ok_or(LineError::Malformed("replica is not a replica id"))?,
+        ),
+    };
     Ok(LineFacts {
+        replica,
         shard: field("shard")?,
         seq: field("seq")?,
         prev_hash: parse_hex32(prev.as_bytes()).ok_or(LineError::Malformed("prev_hash is not hex"))?,
@@ -461,7 +556,7 @@ pub(crate) mod tests {
             reason: "the record's hash does not match its contents".into(),
         });
         let mut line = String::new();
-        encode(&e, 0, 9, &GENESIS, &mut line);
+        encode(&e, &ReplicaField::NONE, 0, 9, &GENESIS, &mut line);
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["actor"], serde_json::json!({"kind": "system", "token_id": null, "scope": null}));
         assert_eq!(v["integrity"]["offset"], 1234);
@@ -469,14 +564,14 @@ pub(crate) mod tests {
         let facts = check_line(line.trim_end().as_bytes()).unwrap();
         assert_eq!(facts.integrity, Some(("shard-0/00000000000000000001.jsonl".into(), 1234)));
         // Other records do not carry the field.
-        encode(&event(), 0, 1, &GENESIS, &mut line);
+        encode(&event(), &ReplicaField::NONE, 0, 1, &GENESIS, &mut line);
         assert!(!line.contains("integrity"), "{line}");
     }
 
     #[test]
     fn lines_are_json_hashed_and_chained() {
         let mut line = String::new();
-        let h1 = encode(&event(), 3, 1, &GENESIS, &mut line);
+        let h1 = encode(&event(), &ReplicaField::NONE, 3, 1, &GENESIS, &mut line);
         assert!(line.ends_with("}\n"));
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["actor"]["scope"]["tenants"], serde_json::json!([7, 8]));
@@ -490,7 +585,7 @@ pub(crate) mod tests {
         failed.pipeline_id = Some("fedcba9876543210fedcba9876543210".into());
         failed.failed_step = Some((2, "0123456789abcdef0123456789abcdef".into()));
         let mut line = String::new();
-        encode(&failed, 3, 1, &GENESIS, &mut line);
+        encode(&failed, &ReplicaField::NONE, 3, 1, &GENESIS, &mut line);
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["resource"]["pipeline_id"], "fedcba9876543210fedcba9876543210");
         assert_eq!(
@@ -499,7 +594,7 @@ pub(crate) mod tests {
         );
 
         let mut second = String::new();
-        encode(&event(), 3, 2, &h1, &mut second);
+        encode(&event(), &ReplicaField::NONE, 3, 2, &h1, &mut second);
         assert_eq!(check_line(second.trim_end().as_bytes()).unwrap().prev_hash, h1);
 
         // Any flipped byte is caught; a cut line is torn.
@@ -507,6 +602,76 @@ pub(crate) mod tests {
         bytes[20] ^= 1;
         assert_eq!(check_line(&bytes), Err(LineError::BadHash));
         assert_eq!(check_line(&line.as_bytes()[..line.len() / 2]), Err(LineError::Torn));
+    }
+
+    /// The line `encode` writes for `event()` on shard 3 at seq 1, spelt out field by field, with
+    /// `replica` (the whole `,"replica":…` field, or nothing) where it goes.
+    fn spelt_out(replica: &str) -> String {
+        let hashed = format!(
+            "{{\"ts_unix_ms\":1795000000000,\"request_id\":\"r-1\",\"actor\":{{\"kind\":\"bearer\",\
+             \"token_id\":\"0011223344556677\",\"scope\":{{\"kind\":\"tenant_set\",\"tenants\":[7,8]}}}},\
+             \"action\":\"invoke_function\",\"resource\":{{\"function_id\":\"0123456789abcdef0123456789abcdef\",\
+             \"tenant_id\":7}},\"outcome\":{{\"status_code\":200,\"error_kind\":null}},\"latency_us\":12,\
+             \"peer_addr\":\"127.0.0.1:4000\",\"client_cert_subject\":\"CN=a \\\"quoted\\\" client\"{replica},\
+             \"shard\":3,\"seq\":1,\"prev_hash\":\"{}\"",
+            "0".repeat(64)
+        );
+        let hash: String = Sha256::digest(hashed.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        format!("{hashed},\"hash\":\"{hash}\"}}\n")
+    }
+
+    #[test]
+    fn without_a_replica_id_a_record_is_what_it_was_and_with_one_it_names_the_replica() {
+        let mut line = String::new();
+        encode(&event(), &ReplicaField::NONE, 3, 1, &GENESIS, &mut line);
+        assert_eq!(line, spelt_out(""), "a single node's records are unchanged, byte for byte");
+        assert_eq!(check_line(line.trim_end().as_bytes()).unwrap().replica, None);
+
+        let r1 = ReplicaId::parse("r-1").unwrap();
+        encode(&event(), &ReplicaField::new(Some(&r1)), 3, 1, &GENESIS, &mut line);
+        assert_eq!(line, spelt_out(",\"replica\":\"r-1\""), "before shard, seq and the hashes");
+        assert_eq!(check_line(line.trim_end().as_bytes()).unwrap().replica, Some(r1));
+        assert_eq!(ReplicaField::new(None), ReplicaField::NONE);
+
+        // The hash covers it: another replica's name in this record is an edit.
+        let edited = line.replacen("\"replica\":\"r-1\"", "\"replica\":\"r-2\"", 1);
+        assert_ne!(edited, line);
+        assert_eq!(check_line(edited.trim_end().as_bytes()), Err(LineError::BadHash));
+        // A replica field that is no replica id is refused even when its hash matches.
+        for bad in ["\"a b\"", "\"\"", "7", "null"] {
+            let mut forged = line.replacen("\"replica\":\"r-1\"", &format!("\"replica\":{bad}"), 1);
+            let at = forged.find(",\"hash\":\"").unwrap();
+            let hash: String = Sha256::digest(&forged.as_bytes()[..at]).iter().map(|b| format!("{b:02x}")).collect();
+            forged.replace_range(at + 9..at + 9 + 64, &hash);
+            assert_eq!(
+                check_line(forged.trim_end().as_bytes()),
+                Err(LineError::Malformed("replica is not a replica id")),
+                "{forged}"
+            );
+        }
+    }
+
+    #[test]
+    fn replica_ids_are_short_plain_names() {
+        for good in ["r-1", "a", "tensor-wasm-7c9f5d-x2kq", "pod.ns_1", "0", &"a".repeat(63)] {
+            assert_eq!(ReplicaId::parse(good).map(|r| r.to_string()), Ok(good.to_string()));
+        }
+        for (bad, says) in [
+            ("", "is empty"),
+            (&"a".repeat(64), "is 64 characters long"),
+            ("a\"b", "holds '\"'"),
+            ("a/b", "holds '/'"),
+            ("a\nb", "holds '\\n'"),
+            ("a b", "holds ' '"),
+            ("a\\b", "holds '\\\\'"),
+            ("é", "holds 'é'"),
+            ("-a", "must begin with a letter or a digit"),
+            (".", "must begin"),
+            ("..", "must begin"),
+        ] {
+            let err = ReplicaId::parse(bad).unwrap_err();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
     }
 
     #[test]
@@ -527,14 +692,23 @@ pub(crate) mod tests {
         e.client_cert_subject = Some("é".repeat(5000));
         e.actor = Actor::Bearer { token_id: None, scope: ActorScope::TenantSet((0..10_000).collect()) };
         let mut line = String::new();
-        encode(&e, 0, 1, &GENESIS, &mut line);
+        encode(&e, &ReplicaField::NONE, 0, 1, &GENESIS, &mut line);
         assert!(line.len() <= MAX_RECORD, "{}", line.len());
+        // At their longest: a subject that escapes to six bytes a byte, the largest tenants, and
+        // the longest replica id.
+        let mut longest = e.clone();
+        longest.client_cert_subject = Some("\u{1}".repeat(5000));
+        longest.actor = Actor::Bearer { token_id: None, scope: ActorScope::TenantSet(vec![u64::MAX; 100]) };
+        let replica = ReplicaField::new(Some(&ReplicaId::parse(&"r".repeat(MAX_REPLICA_ID)).unwrap()));
+        let mut buf = vec![0; MAX_RECORD];
+        let written = encode_into(&longest, &replica, usize::MAX, u64::MAX, &GENESIS, &mut buf);
+        assert!(written.is_some_and(|(len, _)| len <= MAX_RECORD));
         assert!(check_line(line.trim_end().as_bytes()).is_ok());
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["actor"]["scope"]["tenants"].as_array().unwrap().len(), MAX_TENANTS);
         assert_eq!(v["actor"]["scope"]["tenants_truncated"], true);
         // Present only when true.
-        encode(&event(), 0, 1, &GENESIS, &mut line);
+        encode(&event(), &ReplicaField::NONE, 0, 1, &GENESIS, &mut line);
         assert!(!line.contains("tenants_truncated"), "{line}");
     }
 

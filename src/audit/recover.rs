@@ -8,6 +8,10 @@
 //! new segment, from the last record that verifies, whose first record is an `audit_integrity`
 //! event naming the damage (the shard writes it, `ShardAudit::record_integrity`).
 //!
+//! A start under another replica id (`--replica-id`, or the host name a fleet replica defaults
+//! to) than the newest segment's records name also starts a new segment, so that each segment
+//! holds one replica's records; the chain goes on across it.
+//!
 //! Start-up reads the newest two segments of each shard: the active one and the sealed one
 //! before it, so that the work is bounded by two segments whatever the retention. Older sealed
 //! segments are only read by `tensor-wasm audit verify`.
@@ -17,9 +21,10 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use super::chain::replica_name;
 use super::chain::{tail, walk, ChainState, Finding, Tail};
 use super::helpers::Helpers;
-use super::record::{Integrity, GENESIS};
+use super::record::{Integrity, ReplicaId, GENESIS};
 use super::segment::{finish_seal, list_segments, scan, segment_name, ActiveSegment};
 
 /// Where a shard's chain goes on after start-up.
@@ -50,9 +55,15 @@ fn report(shard: usize, path: &Path, findings: &[Finding]) -> Option<Integrity> 
     Some(Integrity { file: format!("shard-{shard}/{name}"), offset: first.offset as u64, seq: first.seq, reason })
 }
 
-/// Recovers the chain of shard `shard` in `dir`; new segments are `segment_bytes` long, and the
-/// active one is prefaulted by `helpers`.
-pub fn recover(dir: &Path, shard: usize, segment_bytes: usize, helpers: &Helpers) -> io::Result<Recovered> {
+/// Recovers the chain of shard `shard` in `dir`, which goes on under `replica`; new segments are
+/// `segment_bytes` long, and the active one is prefaulted by `helpers`.
+pub fn recover(
+    dir: &Path,
+    shard: usize,
+    segment_bytes: usize,
+    replica: Option<&ReplicaId>,
+    helpers: &Helpers,
+) -> io::Result<Recovered> {
     let segments = list_segments(dir)?;
     // Seals a crash interrupted (in the background sealer) are finished first.
     for path in segments.iter().rev().skip(1) {
@@ -69,7 +80,7 @@ pub fn recover(dir: &Path, shard: usize, segment_bytes: usize, helpers: &Helpers
 
     if let Some(sealed) = segments.len().checked_sub(2).map(|i| &segments[i]) {
         let bytes = fs::read(sealed)?;
-        let mut found = walk(&bytes, first_seq(sealed), &mut state, |_| ());
+        let mut found = walk(&bytes, first_seq(sealed), &mut state, |_, _| ());
         // A sealed segment has no excuse for bytes after its last record.
         if !matches!(tail(&bytes, found.lines_end), Tail::Clean) {
             let seq = state.next_seq.unwrap_or(1);
@@ -82,7 +93,7 @@ pub fn recover(dir: &Path, shard: usize, segment_bytes: usize, helpers: &Helpers
 
     let bytes = fs::read(newest)?;
     let mut reported = HashSet::new();
-    let found = walk(&bytes, first_seq(newest), &mut state, |facts| {
+    let found = walk(&bytes, first_seq(newest), &mut state, |_, facts| {
         if let Some(named) = &facts.integrity {
             reported.insert(named.clone());
         }
@@ -91,6 +102,8 @@ pub fn recover(dir: &Path, shard: usize, segment_bytes: usize, helpers: &Helpers
     damage.retain(|(_, d)| !reported.contains(&(d.file.clone(), d.offset)));
     let newest_damaged = report(shard, newest, &found.findings);
     let after_lines = bytes[found.lines_end..].iter().filter(|b| **b != 0).count();
+    // The newest segment's records name another replica than the one this start writes as.
+    let handed_over = found.replica.as_ref().filter(|named| named.as_ref() != replica);
 
     let active = if let Some(d) = newest_damaged {
         damage.push((newest.clone(), d));
@@ -100,9 +113,18 @@ pub fn recover(dir: &Path, shard: usize, segment_bytes: usize, helpers: &Helpers
         let next = state.next_seq.unwrap_or(1).max(first_seq(newest) + found.lines);
         state.next_seq = Some(next);
         ActiveSegment::create(dir.join(segment_name(next)), segment_bytes, true, helpers)?
-    } else if !damage.is_empty() && found.lines > 0 {
+    } else if (!damage.is_empty() || handed_over.is_some()) && found.lines > 0 {
         // The damage is in the sealed segment before: a new segment still starts, so that its
-        // first record is the report.
+        // first record is the report. Under another replica id: so that no segment holds two.
+        if let Some(named) = handed_over {
+            tracing::info!(
+                shard,
+                file = %newest.display(),
+                "audit: the chain goes on as {} in a new segment (the last one's records name {})",
+                replica_name(replica),
+                replica_name(named.as_ref())
+            );
+        }
         finish_seal_at(newest, found.lines_end, after_lines, shard)?;
         let next = state.next_seq.unwrap_or(1).max(first_seq(newest) + found.lines);
         state.next_seq = Some(next);
@@ -157,13 +179,23 @@ fn older_last_hash(segments: &[PathBuf]) -> io::Result<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::record::encode;
     use crate::audit::record::tests::event;
+    use crate::audit::record::{encode, ReplicaField};
 
     fn segment(dir: &Path, seqs: std::ops::RangeInclusive<u64>, prev: &mut [u8; 32], zeros: usize) -> Vec<u8> {
+        named_segment(dir, None, seqs, prev, zeros)
+    }
+
+    fn named_segment(
+        dir: &Path,
+        replica: Option<&ReplicaId>,
+        seqs: std::ops::RangeInclusive<u64>,
+        prev: &mut [u8; 32],
+        zeros: usize,
+    ) -> Vec<u8> {
         let (first, mut bytes, mut line) = (*seqs.start(), Vec::new(), String::new());
         for seq in seqs {
-            *prev = encode(&event(), 0, seq, prev, &mut line);
+            *prev = encode(&event(), &ReplicaField::new(replica), 0, seq, prev, &mut line);
             bytes.extend_from_slice(line.as_bytes());
         }
         let mut file = bytes.clone();
@@ -182,7 +214,7 @@ mod tests {
         torn.extend_from_slice(&records[..40]);
         torn.resize(70_000, 0);
         fs::write(&path, &torn).unwrap();
-        let r = recover(dir.path(), 0, 65536, &Helpers::default()).unwrap();
+        let r = recover(dir.path(), 0, 65536, None, &Helpers::default()).unwrap();
         assert!(r.damage.is_empty());
         assert_eq!((r.seq, r.prev_hash), (5, prev));
         assert!(
@@ -202,7 +234,7 @@ mod tests {
         let mut live = records.clone();
         live.resize(records.len() + 4096, 0);
         fs::write(&path, &live).unwrap();
-        let r = recover(dir.path(), 3, 65536, &Helpers::default()).unwrap();
+        let r = recover(dir.path(), 3, 65536, None, &Helpers::default()).unwrap();
         // Kept byte for byte (only the reserved zeros go), and sealed.
         assert!(fs::read(&path).unwrap() == records, "the segment is kept byte for byte");
         assert_eq!(r.damage.len(), 1);
@@ -213,5 +245,34 @@ mod tests {
         let active = r.active.unwrap();
         assert_eq!(active.path, dir.path().join(segment_name(6)));
         assert_ne!(r.prev_hash, prev);
+    }
+
+    #[test]
+    fn a_start_under_another_replica_id_goes_on_in_a_new_segment() {
+        let r1 = ReplicaId::parse("r-1").unwrap();
+        let r2 = ReplicaId::parse("r-2").unwrap();
+        for (named, starts_as, new_segment) in [
+            (Some(&r1), Some(&r1), false),
+            (None, None, false),
+            (Some(&r1), Some(&r2), true),
+            (Some(&r1), None, true),
+            (None, Some(&r1), true),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut prev = GENESIS;
+            let records = named_segment(dir.path(), named, 1..=5, &mut prev, 4096);
+            let path = dir.path().join(segment_name(1));
+            let r = recover(dir.path(), 0, 65536, starts_as, &Helpers::default()).unwrap();
+            let case = format!("{named:?} then {starts_as:?}");
+            assert!(r.damage.is_empty(), "{case}: {:?}", r.damage);
+            assert_eq!((r.seq, r.prev_hash), (5, prev), "{case}: the chain goes on from the last record");
+            let active = r.active.unwrap();
+            if new_segment {
+                assert_eq!(active.path, dir.path().join(segment_name(6)), "{case}");
+                assert!(fs::read(&path).unwrap() == records, "{case}: the old segment is sealed as it was");
+            } else {
+                assert_eq!(active.path, path, "{case}");
+            }
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::checkpoint::{Checkpoint, CheckpointFile};
 use super::helpers::Helpers;
-use super::record::{encode_into, AuditEvent, Integrity, GENESIS, MAX_RECORD};
+use super::record::{encode_into, AuditEvent, Integrity, ReplicaField, GENESIS, MAX_RECORD};
 use super::segment::{segment_name, ActiveSegment, Retention, Spare};
 use super::{AuditConfig, AuditOnError, AuditSync, CheckpointConfig};
 use crate::error::ApiError;
@@ -39,6 +39,8 @@ pub struct ShardAudit {
     shard: usize,
     dir: Option<PathBuf>,
     config: Arc<AuditConfig>,
+    /// `,"replica":"<id>"`, or nothing: made here once, copied into every record.
+    replica: ReplicaField,
     chain: RefCell<Chain>,
     /// The record being formatted, when there is no segment to format it in (stdout only).
     line: RefCell<Vec<u8>>,
@@ -99,6 +101,7 @@ impl ShardAudit {
             dir,
             signer,
             damage: RefCell::default(),
+            replica: ReplicaField::new(config.replica.as_ref()),
             config,
             chain: RefCell::new(Chain { seq: 0, prev_hash: GENESIS, active: None, failing: false, last_attempt: None }),
             line: RefCell::new(vec![0; MAX_RECORD]),
@@ -120,7 +123,8 @@ impl ShardAudit {
     fn recover(&self) -> std::io::Result<()> {
         let Some(dir) = &self.dir else { return Ok(()) };
         fs::create_dir_all(dir)?;
-        let recovered = super::recover::recover(dir, self.shard, self.config.segment_bytes, &self.helpers)?;
+        let replica = self.config.replica.as_ref();
+        let recovered = super::recover::recover(dir, self.shard, self.config.segment_bytes, replica, &self.helpers)?;
         let mut chain = self.chain.borrow_mut();
         chain.seq = recovered.seq;
         chain.prev_hash = recovered.prev_hash;
@@ -153,7 +157,9 @@ impl ShardAudit {
         if seq == 0 || state.signed == Some(seq) {
             return;
         }
-        let checkpoint = Checkpoint::new(signer.config.key.name(), self.shard, seq, hash, AuditEvent::now_unix_ms());
+        let replica = self.config.replica.as_ref();
+        let checkpoint =
+            Checkpoint::new(signer.config.key.name(), replica, self.shard, seq, hash, AuditEvent::now_unix_ms());
         let note = signer.config.key.sign_note(&checkpoint.text());
         if let Err(e) = state.file.append(&note) {
             // The stdout copy below still leaves the host; the next tick tries the file again.
@@ -291,7 +297,7 @@ impl ShardAudit {
             }
         } else {
             let mut line = self.line.borrow_mut();
-            let Some((len, hash)) = encode_into(event, self.shard, seq, &prev_hash, &mut line) else {
+            let Some((len, hash)) = encode_into(event, &self.replica, self.shard, seq, &prev_hash, &mut line) else {
                 return self.fail("an audit record could not be written: larger than MAX_RECORD");
             };
             self.mirror(&line[..len]);
@@ -312,7 +318,8 @@ impl ShardAudit {
         }
         let mut chain = self.chain.borrow_mut();
         let active = chain.active.as_mut().filter(|a| a.room() >= MAX_RECORD).ok_or("no segment")?;
-        let Some((len, hash)) = encode_into(event, self.shard, seq, prev_hash, active.unwritten()) else {
+        let Some((len, hash)) = encode_into(event, &self.replica, self.shard, seq, prev_hash, active.unwritten())
+        else {
             // Past the valid end, but a reader of the active segment must find zeros there.
             active.unwritten()[..MAX_RECORD].fill(0);
             return Err("larger than MAX_RECORD".into());

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::Subcommand;
 
 use super::EXIT_USAGE;
+use crate::audit::chain::replica_name;
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
@@ -20,6 +21,11 @@ pub enum AuditCommand {
         /// `checkpoints` file) or a directory of such files. The audit directory's own are always read.
         #[arg(long, requires = "public_key")]
         checkpoints: Option<PathBuf>,
+        /// The fleet replica the log is (its `--replica-id`): a record that names another is
+        /// broken, and only this replica's checkpoints (and those that name none) are checked.
+        /// Default: the replicas its records and its own checkpoint files name.
+        #[arg(long)]
+        replica: Option<String>,
     },
     /// Write a new Ed25519 key pair for signing checkpoints: FILE (mode 0600) and FILE.pub.
     Keygen {
@@ -47,9 +53,21 @@ pub enum AuditCommand {
 /// `tensor-wasm audit ...`.
 pub fn run(command: AuditCommand) -> i32 {
     match command {
-        AuditCommand::Verify { dir, public_key, checkpoints } => verify_audit(&dir, public_key, checkpoints),
+        AuditCommand::Verify { dir, public_key, checkpoints, replica } => {
+            let replica = match replica.as_deref().map(crate::audit::ReplicaId::parse).transpose() {
+                Ok(replica) => replica,
+                Err(e) => {
+                    eprintln!("tensor-wasm: --replica {e}");
+                    return EXIT_USAGE;
+                }
+            };
+            verify_audit(&dir, public_key, checkpoints, replica.as_ref())
+        }
         AuditCommand::Keygen { out, name } => {
-            let name = name.unwrap_or_else(|| format!("{}/tensor-wasm-audit", hostname()));
+            let host = super::host_name()
+                .map(|n| n.replace(|c: char| c.is_whitespace() || c == '+', "-"))
+                .unwrap_or_else(|| "localhost".into());
+            let name = name.unwrap_or_else(|| format!("{host}/tensor-wasm-audit"));
             let written = crate::audit::checkpoint::SigningKey::generate(&name).and_then(|key| {
                 let public = key.write_pair(&out)?;
                 Ok((public, key.verifier().to_text()))
@@ -84,20 +102,12 @@ pub fn run(command: AuditCommand) -> i32 {
     }
 }
 
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most `buf.len()` bytes into a buffer we own.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    let name = String::from_utf8_lossy(&buf[..end]).replace(|c: char| c.is_whitespace() || c == '+', "-");
-    if rc == 0 && !name.is_empty() {
-        name
-    } else {
-        "localhost".into()
-    }
-}
-
-fn verify_audit(dir: &std::path::Path, public_key: Option<PathBuf>, checkpoints: Option<PathBuf>) -> i32 {
+fn verify_audit(
+    dir: &std::path::Path,
+    public_key: Option<PathBuf>,
+    checkpoints: Option<PathBuf>,
+    replica: Option<&crate::audit::ReplicaId>,
+) -> i32 {
     let key = match public_key.as_deref().map(crate::audit::checkpoint::VerifierKey::load).transpose() {
         Ok(key) => key,
         Err(e) => {
@@ -105,7 +115,7 @@ fn verify_audit(dir: &std::path::Path, public_key: Option<PathBuf>, checkpoints:
             return EXIT_USAGE;
         }
     };
-    let report = match crate::audit::verify::verify(dir, key.as_ref(), checkpoints.as_deref()) {
+    let report = match crate::audit::verify::verify(dir, key.as_ref(), checkpoints.as_deref(), replica) {
         Ok(report) => report,
         Err(e) => {
             eprintln!("tensor-wasm: cannot read {}: {e}", dir.display());
@@ -125,6 +135,22 @@ fn verify_audit(dir: &std::path::Path, public_key: Option<PathBuf>, checkpoints:
         println!("ok: {} records, every chain intact", report.records);
     } else {
         println!("{} records verify; {} damaged regions", report.records, report.broken.len());
+    }
+    if !report.replicas.is_empty() {
+        let names: Vec<&str> = report.replicas.iter().map(|r| r.as_str()).collect();
+        let unnamed = match report.unnamed {
+            0 => String::new(),
+            n => format!(" ({n} records name none)"),
+        };
+        println!("replicas: {}{unnamed}", names.join(", "));
+    }
+    for h in &report.handovers {
+        println!(
+            "note: {} goes on as {} (the chain's records before it name {}): a start under another --replica-id",
+            h.file.display(),
+            replica_name(h.to.as_ref()),
+            replica_name(h.from.as_ref())
+        );
     }
     for path in &report.unfinished {
         println!(
@@ -168,6 +194,11 @@ fn verify_audit(dir: &std::path::Path, public_key: Option<PathBuf>, checkpoints:
         }
         if checks.beyond_retention > 0 {
             println!("note: {} checkpoints are older than the oldest record kept (retention)", checks.beyond_retention);
+        }
+        for (other, n) in &checks.other_replicas {
+            println!(
+                "note: {n} checkpoints of replica {other}, another replica's log, are not checked against this one"
+            );
         }
         if checks.ignored > 0 {
             println!("note: {} notes ignored (another key's, malformed, or cut short)", checks.ignored);

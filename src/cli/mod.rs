@@ -24,6 +24,17 @@ use crate::config::ServerConfig;
 
 pub use crate::config::EXIT_USAGE;
 
+/// This host's name (`gethostname`; in Kubernetes the pod's name), or `None` when it cannot be
+/// read or is empty.
+fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into a buffer we own.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).into_owned();
+    (rc == 0 && !name.is_empty()).then_some(name)
+}
+
 #[derive(Parser)]
 #[command(name = "tensor-wasm", version, about = "Serverless runtime for WebAssembly functions on GPU hosts")]
 pub struct Cli {

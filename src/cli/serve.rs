@@ -9,7 +9,7 @@ use tensor_wasm_dispatch::{BackendChoice, DispatchConfig};
 
 use super::token::DEFAULT_TOKEN_ID_KEY;
 use super::EXIT_USAGE;
-use crate::audit::{parse_destination, AuditConfig, AuditOnError, AuditSync, CheckpointConfig};
+use crate::audit::{parse_destination, AuditConfig, AuditOnError, AuditSync, CheckpointConfig, ReplicaId};
 use crate::auth::{AuthConfig, RateLimit, TokenSource};
 use crate::cidr::parse_cidrs;
 use crate::config::RegistryConfig;
@@ -276,6 +276,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_REGISTRY_REPLICAS", default_value_t = 1)]
     pub registry_replicas: u8,
 
+    /// This replica's name in a fleet, which every audit record and checkpoint carries: 1 to 63
+    /// of A-Z a-z 0-9 . _ -, the first a letter or digit. Default: with --registry nats://…, the
+    /// host name (in Kubernetes the pod's name); with the file registry, none.
+    #[arg(long, env = "TENSOR_WASM_REPLICA_ID")]
+    pub replica_id: Option<String>,
+
     /// Threads delivering pipeline outputs to their sinks.
     #[arg(long, env = "TENSOR_WASM_SINK_WORKERS", default_value_t = 4)]
     pub sink_workers: u16,
@@ -530,7 +536,7 @@ impl ServeArgs {
         let sink_max_inflight_per_tenant = self.check_capacity()?;
         self.check_guests()?;
         let (auth, dev_mode) = self.auth_config()?;
-        let audit = self.audit_config()?;
+        let mut audit = self.audit_config()?;
         let sink_networks = SinkNetworks::parse(&self.sink_allowed_cidrs)
             .map_err(|e| format!("TENSOR_WASM_SINK_ALLOWED_CIDRS: {e}"))?;
         let io_driver = self.io_driver()?;
@@ -546,6 +552,7 @@ impl ServeArgs {
             ),
             (self.registry_max_object_mb.saturating_mul(1 << 20), self.registry_replicas.into()),
         )?;
+        audit.replica = replica_id(self.replica_id.as_deref(), &registry, super::host_name)?;
         let dispatch = self.dispatch_config();
         let limits = self.limits(per_tenant_body_bytes, dev_mode, sink_networks, compile_budget);
         Ok(ServerConfig {
@@ -809,6 +816,8 @@ impl ServeArgs {
                 AuditOnErrorArg::Reject => AuditOnError::Reject,
                 AuditOnErrorArg::Continue => AuditOnError::Continue,
             },
+            // Set with the registry's section, which decides its default.
+            replica: None,
             checkpoints: match &self.audit_signing_key {
                 None => None,
                 // A checkpoint is checked against the segment files: without them it proves nothing.
@@ -944,6 +953,27 @@ impl ServeArgs {
     }
 }
 
+/// `--replica-id`, checked; without it, in a fleet (`--registry nats://…`) the host name, which
+/// is the pod's name in Kubernetes and so tells the fleet's replicas apart, and on a single node
+/// none, so that its records stay as they were. A host name that is no replica id stops start-up
+/// too: records that do not say which replica wrote them would merge ambiguously.
+fn replica_id(
+    given: Option<&str>,
+    registry: &RegistryConfig,
+    host_name: impl FnOnce() -> Option<String>,
+) -> Result<Option<ReplicaId>, String> {
+    match (given, registry) {
+        (Some(given), _) => ReplicaId::parse(given).map(Some).map_err(|e| format!("--replica-id {given:?} {e}")),
+        (None, RegistryConfig::File) => Ok(None),
+        (None, RegistryConfig::Nats(_)) => {
+            let host = host_name().ok_or("--registry nats://… needs --replica-id: the host name cannot be read")?;
+            ReplicaId::parse(&host).map(Some).map_err(|e| {
+                format!("the host name {host:?}, the default --replica-id in a fleet, {e}: pass --replica-id")
+            })
+        }
+    }
+}
+
 /// `v`, or an error naming `--{name}` when it is zero.
 fn positive(name: &str, v: u64) -> Result<u64, String> {
     if v == 0 {
@@ -968,5 +998,31 @@ pub fn run(args: ServeArgs) -> i32 {
             eprintln!("tensor-wasm: {e}");
             e.exit_code()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nats() -> RegistryConfig {
+        let timeout = std::time::Duration::from_secs(1);
+        RegistryConfig::parse("nats://127.0.0.1:4222", None, timeout, (1 << 20, 1)).unwrap()
+    }
+
+    #[test]
+    fn the_replica_id_defaults_to_the_host_name_in_a_fleet_and_to_none_on_one_node() {
+        let id = |text: &str| Some(ReplicaId::parse(text).unwrap());
+        let host = || Some("tensor-wasm-7c9f-x2".to_string());
+        assert_eq!(replica_id(None, &nats(), host), Ok(id("tensor-wasm-7c9f-x2")));
+        assert_eq!(replica_id(None, &RegistryConfig::File, host), Ok(None));
+        assert_eq!(replica_id(Some("r-1"), &RegistryConfig::File, host), Ok(id("r-1")));
+        assert_eq!(replica_id(Some("r-1"), &nats(), host), Ok(id("r-1")));
+        // A host name that is no replica id, or none at all, is not papered over.
+        let err = replica_id(None, &nats(), || Some("a b".into())).unwrap_err();
+        assert!(err.contains("\"a b\"") && err.contains("pass --replica-id"), "{err}");
+        assert!(replica_id(None, &nats(), || None).unwrap_err().contains("needs --replica-id"));
+        let err = replica_id(Some("r/1"), &nats(), host).unwrap_err();
+        assert!(err.starts_with("--replica-id \"r/1\" holds '/'"), "{err}");
     }
 }
