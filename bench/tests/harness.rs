@@ -749,3 +749,32 @@ fn unusable_requests_exit_2_with_a_sentence() {
         assert!(stderr.starts_with("tensor-wasm-bench: "), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn the_fleet_scenario_times_deploys_and_propagation_and_compares_a_replica_with_a_node() {
+    let _serial = serial();
+    let mut cmd = Command::new(bench_binary());
+    cmd.arg("--server-bin").arg(server_binary());
+    cmd.args(["--scenario", "fleet", "--rate", "200", "--warmup", "300ms", "--duration", "1s"]);
+    cmd.args(["--connections", "4", "--shards", "1", "--quiet"]);
+    let (run, report, out) = run_with_report(cmd);
+    assert_eq!(report["pass"].as_bool(), Some(run.status.code() == Some(0)));
+    let fleet = &report["fleet"][0];
+    assert_eq!(fleet["pass"], report["pass"], "{fleet}");
+    assert_eq!((fleet["replicas"].as_u64(), fleet["deploys"].as_u64()), (Some(3), Some(30)));
+    // Every deploy was timed on each side, and every one reached the other replicas.
+    for what in ["deploy_single", "deploy_fleet", "propagation"] {
+        assert_eq!(fleet[what]["count"], 30, "{what}: {fleet}");
+        assert!(fleet[what]["p50_us"].as_f64().unwrap() > 0.0, "{what}");
+    }
+    // Both invoke runs answered every request due (200/s for 1 s) with 200, and the ratio is theirs.
+    for side in ["single", "replica"] {
+        let m = &fleet[side];
+        assert_eq!((&m["statuses"]["200"], &m["io_errors"]), (&200.into(), &0.into()), "{side}: {m}");
+    }
+    let cpu = |side: &str| fleet[side]["cpu"]["server_us_per_answer"].as_f64().unwrap();
+    let ratio = fleet["invoke_cpu_ratio"].as_f64().unwrap();
+    assert!((ratio - cpu("replica") / cpu("single")).abs() < 1e-9, "{fleet}");
+    let md = std::fs::read_to_string(out.path().join("results.md")).unwrap();
+    assert!(md.contains("### Fleet: 3 replicas") && md.contains("propagation to every replica"), "{md}");
+}

@@ -13,7 +13,7 @@
 //!
 //! Around them: [`client`] (response framing, TLS, a blocking connection for set-up requests),
 //! [`scenario`] (what each scenario deploys and sends), [`guests`] (the modules), [`hostile`] (the
-//! hostile scenario's attacks and phases), [`suite`] (a whole run), [`report`] (its JSON and
+//! hostile scenario's attacks and phases), [`fleet`] (replicas on a NATS registry against one node), [`suite`] (a whole run), [`report`] (its JSON and
 //! Markdown), and [`interrupt`] (Ctrl-C ends a run early and cleanly).
 //!
 //! ```no_run
@@ -41,6 +41,7 @@
 //! ```
 
 pub mod client;
+pub mod fleet;
 pub mod guests;
 pub mod hostile;
 pub mod interrupt;

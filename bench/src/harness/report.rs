@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::fleet::{self, FleetRun};
 use super::hostile::HostileRun;
 use super::measure::Measurement;
 use super::search::StepSearch;
@@ -155,6 +156,8 @@ pub struct Report {
     pub scale: Vec<StepSearch>,
     /// The hostile scenario's phases, where it ran.
     pub hostile: Vec<HostileRun>,
+    /// The fleet scenario's figures, where it ran.
+    pub fleet: Vec<FleetRun>,
     /// Every gated SLO held in every fixed-rate measurement (every hostile phase included), and
     /// every step search found a passing rate.
     pub pass: bool,
@@ -294,6 +297,9 @@ impl Report {
         for run in &self.hostile {
             hostile_tables(&mut md, run);
         }
+        for run in &self.fleet {
+            fleet_table(&mut md, run);
+        }
         let _ = writeln!(md, "\nResult: {}", if self.pass { "PASS" } else { "FAIL" });
         md
     }
@@ -305,6 +311,7 @@ impl Report {
             .chain(self.comparisons.iter().flat_map(Comparison::measurements))
             .chain(self.scale.iter().flat_map(|s| &s.steps))
             .chain(self.hostile.iter().flat_map(|h| h.phases.iter().map(|p| &p.bystander)))
+            .chain(self.fleet.iter().flat_map(|f| [&f.single, &f.replica]))
     }
 }
 
@@ -504,6 +511,44 @@ fn verdict_table(md: &mut String, rows: &[Measurement]) {
                 ]
             })
         }),
+    );
+}
+
+/// The fleet scenario: deploys and propagation, and a replica's invoke cost against a node's.
+fn fleet_table(md: &mut String, run: &FleetRun) {
+    let _ = writeln!(
+        md,
+        "\n### Fleet: {} replicas on a NATS registry against one node\n\n{} deploys of distinct modules on \
+         each side (the fleet's round robin over its replicas); propagation is from a deploy's 201 to a 200 on \
+         the slowest other replica, polled every millisecond.\n",
+        run.replicas, run.deploys
+    );
+    let ms = |us: f64| format!("{:.2}", us / 1e3);
+    table(
+        md,
+        &["what", "P50 ms", "P99 ms", "max ms"],
+        [
+            ("deploy, single node", &run.deploy_single),
+            ("deploy, fleet replica", &run.deploy_fleet),
+            ("propagation to every replica", &run.propagation),
+        ]
+        .into_iter()
+        .map(|(what, l)| vec![what.to_string(), ms(l.p50_us), ms(l.p99_us), ms(l.max_us)]),
+    );
+    let cpu = |m: &Measurement| m.cpu.server_us_per_answer.map_or("-".into(), |c| format!("{c:.1}"));
+    let _ = writeln!(
+        md,
+        "\nHello at {:.0}/s: server CPU per answer {} µs on the single node, {} µs on a replica ({}; at most \
+         {:.2}× passes); P99 {:.1} and {:.1} µs. Propagation P99 at most {:.0} ms passes. Result: {}.",
+        run.single.offered_rate,
+        cpu(&run.single),
+        cpu(&run.replica),
+        run.invoke_cpu_ratio.map_or("no ratio".into(), |r| format!("{r:.2}×")),
+        fleet::INVOKE_CPU_RATIO,
+        run.single.latency.p99_us,
+        run.replica.latency.p99_us,
+        fleet::PROPAGATION_P99_MS,
+        if run.pass { "PASS" } else { "FAIL" }
     );
 }
 

@@ -40,6 +40,9 @@ pub enum Scenario {
     /// A bystander tenant's `/healthz` and invokes, first alone and then beside each attack of
     /// tests/hostile.rs at rate (`harness::hostile`): its P99 must stay within 2× of the quiet one.
     Hostile,
+    /// Three replicas sharing a NATS registry against one node (`harness::fleet`): deploy latency
+    /// and propagation, and hello on a replica against hello on the node.
+    Fleet,
 }
 
 impl Scenario {
@@ -67,6 +70,7 @@ impl Scenario {
             Scenario::DeployStorm => "deploy-storm",
             Scenario::Overload => "overload",
             Scenario::Hostile => "hostile",
+            Scenario::Fleet => "fleet",
         }
     }
 
@@ -82,7 +86,8 @@ impl Scenario {
             | Scenario::TenantMix
             | Scenario::DeployStorm
             | Scenario::Overload
-            | Scenario::Hostile => Route::Invoke,
+            | Scenario::Hostile
+            | Scenario::Fleet => Route::Invoke,
         }
     }
 
@@ -152,7 +157,7 @@ impl Scenario {
             Scenario::Healthz => {
                 single("healthz", endpoint.request("GET", "/healthz", b"").into(), TrafficClass::Healthz)
             }
-            Scenario::Hello | Scenario::DeployStorm => {
+            Scenario::Hello | Scenario::DeployStorm | Scenario::Fleet => {
                 let id = deploy(endpoint, "bench-hello", &guests::hello())?;
                 let mut p = single("hello", invoke(endpoint, &id, b""), TrafficClass::InvokeHost);
                 p.functions.push((endpoint.clone(), id));

@@ -81,8 +81,12 @@ impl Session {
         if !scenario.runs_on(implementation) {
             return Err(format!("the {} server cannot run the {} scenario", implementation.name(), scenario.name()));
         }
-        let (endpoint, process, shards) = match source {
-            ServerSource::Remote(endpoint) => (endpoint.clone(), None, None),
+        match source {
+            ServerSource::Remote(endpoint) => {
+                let prepared = scenario.prepare(endpoint, false, &settings.scenario)?;
+                let endpoint = endpoint.clone();
+                Ok(Session { scenario, server: implementation.name(), shards: None, endpoint, prepared, process: None })
+            }
             ServerSource::Start { binary, baseline_binary, shards: configured, cpus, tls } => {
                 let binary = match implementation {
                     Implementation::TensorWasm => binary.clone(),
@@ -105,11 +109,23 @@ impl Session {
                     &extra.env,
                     tls.as_ref().map(|t| &t.client),
                 )?;
-                (process.endpoint.clone(), Some(process), Some(shards))
+                Session::started(process, scenario, shards, settings)
             }
-        };
-        let prepared = scenario.prepare(&endpoint, process.is_some(), &settings.scenario)?;
-        Ok(Session { scenario, server: implementation.name(), shards, endpoint, prepared, process })
+        }
+    }
+
+    /// A session on a server the harness started with `shards` (and whatever the scenario's
+    /// flags): deploys what `scenario` needs on it.
+    pub fn started(
+        process: StartedServer,
+        scenario: Scenario,
+        shards: usize,
+        settings: &Settings,
+    ) -> Result<Session, String> {
+        let endpoint = process.endpoint.clone();
+        let prepared = scenario.prepare(&endpoint, true, &settings.scenario)?;
+        let server = process.implementation.name();
+        Ok(Session { scenario, server, shards: Some(shards), endpoint, prepared, process: Some(process) })
     }
 
     /// The server under test, as the scenario's own identity reaches it.

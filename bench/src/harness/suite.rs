@@ -1,12 +1,12 @@
 //! A whole harness run: the chosen scenarios at a fixed rate or by step search, optionally side by
 //! side with the baseline and along the shard-scaling curve.
 
-use super::hostile;
 use super::report::{Comparison, Machine, Report};
 use super::scenario::Scenario;
 use super::search::{StepPlan, StepSearch};
 use super::session::{ServerSource, Session, Settings, BASELINE_WITHOUT_TLS};
 use super::target::Implementation;
+use super::{fleet, hostile};
 
 /// How rates are chosen.
 #[derive(Clone, Debug)]
@@ -48,11 +48,16 @@ pub fn run_suite(options: &SuiteOptions) -> Result<Report, String> {
         // Said before the first scenario rather than minutes later, at the first comparison.
         return Err(BASELINE_WITHOUT_TLS.into());
     }
-    let step = matches!(options.mode, Mode::Step(_)) && options.scenarios.contains(&Scenario::Hostile);
-    if step || options.scale.as_ref().is_some_and(|(_, s)| *s == Scenario::Hostile) {
-        // Its phases compare the bystander at one rate with and without attacks; a search would
-        // find the rate at which the attacks no longer hurt, which is not the question.
-        return Err("the hostile scenario measures at one rate (--rate): leave it out of --step and --scale".into());
+    for special in [Scenario::Hostile, Scenario::Fleet] {
+        let step = matches!(options.mode, Mode::Step(_)) && options.scenarios.contains(&special);
+        if step || options.scale.as_ref().is_some_and(|(_, s)| *s == special) {
+            // Each compares two set-ups at one rate (the bystander with and without attacks; a
+            // replica and a single node); a search would answer another question.
+            return Err(format!(
+                "the {} scenario measures at one rate (--rate): leave it out of --step and --scale",
+                special.name()
+            ));
+        }
     }
     let settings = &options.settings;
     let started_unix_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -75,11 +80,18 @@ pub fn run_suite(options: &SuiteOptions) -> Result<Report, String> {
         comparisons: Vec::new(),
         scale: Vec::new(),
         hostile: Vec::new(),
+        fleet: Vec::new(),
         pass: true,
     };
     let search = |session: &Session, plan: &StepPlan| session.step_search(plan, settings);
 
     for &scenario in &options.scenarios {
+        if let (Scenario::Fleet, Mode::Fixed { rate }) = (scenario, &options.mode) {
+            let run = fleet::run(&options.source, *rate, settings)?;
+            report.pass &= run.pass;
+            report.fleet.push(run);
+            continue;
+        }
         let session = Session::open(&options.source, Implementation::TensorWasm, scenario, None, settings)?;
         match &options.mode {
             Mode::Fixed { rate } if scenario == Scenario::Hostile => {

@@ -263,7 +263,7 @@ impl Drop for StartedServer {
 /// harness dies (a started server left behind would skew every later measurement on the
 /// machine), and with `cpus` it runs on those CPUs only, from its first instruction (TensorWasm
 /// pins its shards to the first CPUs of the set it starts with; tokio's workers inherit it).
-fn tie_child(cmd: &mut Command, cpus: Option<&[usize]>) -> std::io::Result<()> {
+pub(super) fn tie_child(cmd: &mut Command, cpus: Option<&[usize]>) -> std::io::Result<()> {
     use std::os::unix::process::CommandExt as _;
     let set = cpus.map(tensor_wasm::cpu::cpu_set).transpose()?;
     // SAFETY: the closure runs between fork and exec, where only async-signal-safe calls are
