@@ -573,6 +573,85 @@ fn a_deleted_functions_files_leave_the_object_store_once_no_function_uses_them()
     within(PROPAGATION, "the module leaving with its last function", || !object_stored(&nats, &digest));
 }
 
+#[test]
+fn pipelines_are_fleet_wide_and_records_put_into_the_bucket_by_others_are_checked() {
+    let nats = Nats::start();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut servers: Vec<Server> = dirs.iter().map(|d| replica(&nats, d.path())).collect();
+    for s in &servers {
+        s.wait_for_metric("tensor_wasm_registry_connected", &[], 1.0);
+    }
+    let (a, b, c) = (&servers[0], &servers[1], &servers[2]);
+    a.deploy("shout", &guests::echo());
+    let spec = json!({"name": "twice", "steps": ["shout", "shout"]}).to_string();
+    let r = a.client().request("POST", "/pipelines", &[("content-type", "application/json")], spec.as_bytes());
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let invoke = |s: &Server| s.client().request("POST", &format!("/pipelines/{id}/invoke"), &[], b"hi").status;
+    // Created on A, it runs on B and C.
+    for s in [b, c] {
+        within(PROPAGATION, "the pipeline on every replica", || invoke(s) == 200);
+    }
+    let listed = c.client().request("GET", &format!("/pipelines/{id}"), &[], b"").json();
+    assert_eq!(listed["name"], "twice", "{listed}");
+    // Deleted on C, it is gone everywhere.
+    assert_eq!(c.client().request("DELETE", &format!("/pipelines/{id}"), &[], b"").status, 204);
+    for s in [a, b] {
+        within(PROPAGATION, "the delete on every replica", || invoke(s) == 404);
+    }
+    // A replica away while one pipeline is created and another deleted catches up at its resync.
+    let create = |s: &Server, name: &str| {
+        let spec = json!({"name": name, "steps": ["shout"]}).to_string();
+        let r = s.client().request("POST", "/pipelines", &[("content-type", "application/json")], spec.as_bytes());
+        assert_eq!(r.status, 201, "{}", r.text());
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+    let get = |s: &Server, id: &str| s.client().request("GET", &format!("/pipelines/{id}"), &[], b"").status;
+    let doomed = create(a, "doomed");
+    within(PROPAGATION, "doomed on C", || get(c, &doomed) == 200);
+    servers[2].kill9();
+    let kept = create(&servers[1], "kept");
+    assert_eq!(servers[0].client().request("DELETE", &format!("/pipelines/{doomed}"), &[], b"").status, 204);
+    servers[2] = replica(&nats, dirs[2].path());
+    within(PROPAGATION, "C caught up", || get(&servers[2], &kept) == 200 && get(&servers[2], &doomed) == 404);
+
+    // Records others wrote into the bucket go through this server's own checks: a sink to the
+    // cloud metadata address, a pipeline of more steps than any server takes, an id that is not
+    // of our form, a directory pipeline. None is served anywhere.
+    let good = |id: &str| {
+        json!({"id": id, "name": "forged", "tenant_id": 0, "created_unix_ms": 1, "timeout_ms": 1000,
+               "steps": [{"function": "shout", "timeout_ms": null}], "sink": null, "source": "api"})
+    };
+    let mut metadata_sink = good("0123456789abcdef0123456789abcde1");
+    metadata_sink["sink"] = json!({"url": "http://169.254.169.254/latest", "method": "POST", "max_attempts": 1,
+                                    "timeout_ms": 1000, "backoff_ms": 100});
+    let mut too_long = good("0123456789abcdef0123456789abcde2");
+    too_long["steps"] = json!(vec![json!({"function": "shout", "timeout_ms": null}); 33]);
+    let mut directory = good("0123456789abcdef0123456789abcde3");
+    directory["source"] = json!("directory");
+    let bad_id = good("../../etc/passwd");
+    for (key, record) in [
+        ("p.0123456789abcdef0123456789abcde1", metadata_sink),
+        ("p.0123456789abcdef0123456789abcde2", too_long),
+        ("p.0123456789abcdef0123456789abcde3", directory),
+        ("p.0123456789abcdef0123456789abcde4", bad_id),
+    ] {
+        put_raw(&nats, key, record);
+    }
+    // One well-formed forged record, put last, shows the watch got this far.
+    put_raw(&nats, "p.0123456789abcdef0123456789abcde5", good("0123456789abcdef0123456789abcde5"));
+    for s in &servers {
+        let path = "/pipelines/0123456789abcdef0123456789abcde5";
+        within(PROPAGATION, "the well-formed record applied", || {
+            s.client().request("GET", path, &[], b"").status == 200
+        });
+        let list = s.client().request("GET", "/pipelines", &[], b"").json();
+        let ids: Vec<&str> = list["pipelines"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap()).collect();
+        assert_eq!(ids.len(), 2, "only kept and the well-formed one: {ids:?}");
+        assert!(ids.contains(&kept.as_str()), "{ids:?}");
+    }
+}
+
 fn put_raw(nats: &Nats, key: &str, value: serde_json::Value) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {

@@ -70,6 +70,32 @@ impl PipelineRecord {
     }
 }
 
+impl PipelineRecord {
+    /// The record written back as a spec, every field explicit: what a record from elsewhere (the
+    /// fleet's registry) is checked through, with the checks a spec of this server's gets.
+    pub fn as_spec(&self) -> PipelineSpec {
+        let steps = self
+            .steps
+            .iter()
+            .map(|s| {
+                StepSpec::Detailed(DetailedStep {
+                    function: s.function.clone(),
+                    timeout_ms: s.timeout_ms,
+                    timeout: None,
+                })
+            })
+            .collect();
+        let sink = self.sink.as_ref().map(|s| SinkSpec {
+            url: s.url.clone(),
+            method: Some(s.method.clone()),
+            max_attempts: Some(s.max_attempts),
+            timeout_ms: Some(s.timeout_ms),
+            backoff_ms: Some(s.backoff_ms),
+        });
+        PipelineSpec { name: None, tenant: None, steps, timeout_ms: Some(self.timeout_ms), timeout: None, sink }
+    }
+}
+
 /// A pipeline as written: the body of `POST /pipelines`, or a `NAME.pipeline.toml`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -18,12 +18,14 @@ use tokio::sync::mpsc;
 
 use super::{Change, NameClaim, NatsConfig, Registry, RegistryError, RegistryStatus};
 use crate::functions::record::hex;
-use crate::functions::FunctionRecord;
+use crate::functions::{FunctionRecord, PipelineRecord};
 
 const BUCKET: &str = "tensor-wasm-functions";
 const OBJECTS: &str = "tensor-wasm-objects";
 /// A function's key in the bucket.
 const KEY_PREFIX: &str = "f.";
+/// A pipeline's key in the bucket.
+const PIPELINE_PREFIX: &str = "p.";
 /// A tenant's function name's key: `n.<tenant>.<name in hex>` (hex, because a name may hold dots,
 /// which would split the key into subject tokens), whose value is the id that last claimed it.
 const NAME_PREFIX: &str = "n.";
@@ -59,6 +61,16 @@ pub(super) enum Command {
     NameRevision {
         key: String,
         reply: Reply<u64>,
+        deadline: Instant,
+    },
+    PublishPipeline {
+        record: PipelineRecord,
+        reply: Reply<u64>,
+        deadline: Instant,
+    },
+    RemovePipeline {
+        id: String,
+        reply: Reply<()>,
         deadline: Instant,
     },
     Fetch {
@@ -146,6 +158,8 @@ fn refuse(command: Command, why: &str) {
         Command::Remove { reply, .. } => drop(reply.try_send(Err(e()))),
         Command::Fetch { reply, .. } => drop(reply.try_send(Err(e()))),
         Command::NameRevision { reply, .. } => drop(reply.try_send(Err(e()))),
+        Command::PublishPipeline { reply, .. } => drop(reply.try_send(Err(e()))),
+        Command::RemovePipeline { reply, .. } => drop(reply.try_send(Err(e()))),
     }
 }
 
@@ -225,20 +239,33 @@ impl Session {
             .try_collect()
             .await
             .map_err(|e| format!("list: {e}"))?;
-        let mut ids = Vec::with_capacity(keys.len());
-        for key in keys.iter().filter(|k| k.starts_with(KEY_PREFIX)) {
+        let (mut ids, mut pipelines) = (Vec::new(), Vec::new());
+        // Functions first: a pipeline's steps name them.
+        let listed = keys
+            .iter()
+            .filter(|k| k.starts_with(KEY_PREFIX))
+            .chain(keys.iter().filter(|k| k.starts_with(PIPELINE_PREFIX)));
+        for key in listed {
             let Some(entry) = self.kv.entry(key.as_str()).await.map_err(|e| format!("get {key}: {e}"))? else {
                 continue;
             };
             if entry.operation != kv::Operation::Put {
                 continue;
             }
-            if let Some(record) = record_of(&entry) {
-                ids.push(record.id.clone());
-                self.hand_over(sink, commands, Change::Put { record, published_ms: None }).await?;
+            match change_of(&entry, None) {
+                Some(change @ Change::Put { .. }) => {
+                    ids.extend(key.strip_prefix(KEY_PREFIX).map(str::to_string));
+                    self.hand_over(sink, commands, change).await?;
+                }
+                Some(change @ Change::PipelinePut { .. }) => {
+                    pipelines.extend(key.strip_prefix(PIPELINE_PREFIX).map(str::to_string));
+                    self.hand_over(sink, commands, change).await?;
+                }
+                _ => {}
             }
         }
-        self.hand_over(sink, commands, Change::Synced { ids, bucket: self.bucket.clone(), revision: last }).await?;
+        let synced = Change::Synced { ids, pipelines, bucket: self.bucket.clone(), revision: last };
+        self.hand_over(sink, commands, synced).await?;
         // Every change after the listing's start: one the listing saw already comes again, and
         // applying it again changes nothing.
         let mut watch = self.kv.watch_all_from_revision(last + 1).await.map_err(|e| format!("watch: {e}"))?;
@@ -255,20 +282,12 @@ impl Session {
                     None => return Err("the bucket's watch ended".into()),
                     Some(Err(e)) => return Err(format!("watch: {e}")),
                     Some(Ok(entry)) => {
-                        let Some(id) = entry.key.strip_prefix(KEY_PREFIX) else { continue };
                         // JetStream's clock, not this replica's: hosts' clocks agree to NTP's
                         // milliseconds, and a replica that lags behind the fleet is what counts.
                         let published_ms = u64::try_from(entry.created.unix_timestamp_nanos() / 1_000_000).ok();
-                        let change = match entry.operation {
-                            kv::Operation::Put => match record_of(&entry) {
-                                Some(record) => Change::Put { record, published_ms },
-                                None => continue,
-                            },
-                            kv::Operation::Delete | kv::Operation::Purge => {
-                                Change::Removed { id: id.to_string(), published_ms }
-                            }
-                        };
-                        self.hand_over(sink, commands, change).await?;
+                        if let Some(change) = change_of(&entry, published_ms) {
+                            self.hand_over(sink, commands, change).await?;
+                        }
                     }
                 },
                 _ = tick.tick() => {
@@ -339,6 +358,20 @@ impl Session {
                     }
                 }
             }
+            Command::PublishPipeline { record, reply, deadline } => {
+                let published = match self.in_time(deadline) {
+                    Ok(()) => self.create_record(&format!("{PIPELINE_PREFIX}{}", record.id), &record).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.try_send(published);
+            }
+            Command::RemovePipeline { id, reply, deadline } => {
+                let removed = match self.in_time(deadline) {
+                    Ok(()) => self.kv.delete(format!("{PIPELINE_PREFIX}{id}")).await,
+                    Err(e) => return drop(reply.try_send(Err(e))),
+                };
+                let _ = reply.try_send(removed.map_err(|e| RegistryError::Unavailable(format!("delete: {e}"))));
+            }
             Command::NameRevision { key, reply, deadline } => {
                 let read = match self.in_time(deadline) {
                     Ok(()) => self.kv.entry(key.as_str()).await,
@@ -390,19 +423,22 @@ impl Session {
                 }
             })?;
         }
-        let value = serde_json::to_vec(record).map_err(|e| RegistryError::Unavailable(e.to_string()))?;
         // Objects nobody's record names yet are harmless; the record is the change itself.
         self.in_time(deadline)?;
-        let created = self.kv.create(format!("{KEY_PREFIX}{}", record.id), value.into()).await;
-        if created.is_ok() {
-            self.still_stored(&objects).await;
-        }
-        match created {
+        let revision = self.create_record(&format!("{KEY_PREFIX}{}", record.id), record).await?;
+        self.still_stored(&objects).await;
+        Ok(revision)
+    }
+
+    /// Creates `key` with the record's JSON; returns its revision.
+    async fn create_record(&self, key: &str, record: &impl serde::Serialize) -> Result<u64, RegistryError> {
+        let value = serde_json::to_vec(record).map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+        match self.kv.create(key, value.into()).await {
             Ok(revision) => Ok(revision),
-            // Another replica published the same function first (a cache published back to a
-            // new registry by two replicas): it is there, which is what was asked.
+            // Another replica published the same record first (a cache published back to a new
+            // registry by two replicas): it is there, which is what was asked.
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                let entry = self.kv.entry(format!("{KEY_PREFIX}{}", record.id)).await;
+                let entry = self.kv.entry(key).await;
                 Ok(entry.ok().flatten().map_or(0, |e| e.revision))
             }
             Err(e) => Err(RegistryError::Unavailable(format!("put the record: {e}"))),
@@ -503,11 +539,28 @@ fn object_name(digest: &str) -> String {
     digest.strip_prefix("sha256:").unwrap_or(digest).to_string()
 }
 
-/// A record from an entry's value; one that does not parse is skipped, and logged: another
-/// version's record, or a key that is not ours.
-fn record_of(entry: &kv::Entry) -> Option<FunctionRecord> {
-    match serde_json::from_slice::<FunctionRecord>(&entry.value) {
-        Ok(record) if entry.key.strip_prefix(KEY_PREFIX) == Some(record.id.as_str()) => Some(record),
+/// The change an entry of the bucket makes: a function's or a pipeline's record put or deleted;
+/// `None` for a name's key, a key that is not ours, or a record that does not parse.
+fn change_of(entry: &kv::Entry, published_ms: Option<u64>) -> Option<Change> {
+    let put = entry.operation == kv::Operation::Put;
+    if let Some(id) = entry.key.strip_prefix(KEY_PREFIX) {
+        return Some(match put {
+            true => Change::Put { record: record_of(entry, id, |r: &FunctionRecord| &r.id)?, published_ms },
+            false => Change::Removed { id: id.to_string(), published_ms },
+        });
+    }
+    let id = entry.key.strip_prefix(PIPELINE_PREFIX)?;
+    Some(match put {
+        true => Change::PipelinePut { record: record_of(entry, id, |r: &PipelineRecord| &r.id)?, published_ms },
+        false => Change::PipelineRemoved { id: id.to_string(), published_ms },
+    })
+}
+
+/// A record from an entry's value, whose id must be its key's (`id`); one that does not parse is
+/// skipped, and logged: another version's record, or a key that is not ours.
+fn record_of<T: serde::de::DeserializeOwned>(entry: &kv::Entry, id: &str, id_of: fn(&T) -> &str) -> Option<T> {
+    match serde_json::from_slice::<T>(&entry.value) {
+        Ok(record) if id_of(&record) == id => Some(record),
         Ok(_) => {
             tracing::warn!(key = entry.key, "a registry record whose id is not its key's: skipped");
             None

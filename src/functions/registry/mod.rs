@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::FunctionRecord;
+use super::{FunctionRecord, PipelineRecord};
 use crate::error::ApiError;
 use crate::metrics::{Counter, Histogram};
 
@@ -28,15 +28,35 @@ pub use client::{spawn, ChangeSink, CHANGE_DEPTH};
 pub enum Change {
     /// A function record was put (deployed, on this replica or another). `published_ms`: when
     /// JetStream stored it (Unix ms), for a change the watch saw; `None` from a resync's listing.
-    Put { record: FunctionRecord, published_ms: Option<u64> },
+    Put {
+        record: FunctionRecord,
+        published_ms: Option<u64>,
+    },
     /// The function with this id was deleted.
-    Removed { id: String, published_ms: Option<u64> },
-    /// Every function the bucket held at a resynchronisation (a connect or reconnect) as of its
+    Removed {
+        id: String,
+        published_ms: Option<u64>,
+    },
+    /// A pipeline's record was put, or deleted: as for functions.
+    PipelinePut {
+        record: PipelineRecord,
+        published_ms: Option<u64>,
+    },
+    PipelineRemoved {
+        id: String,
+        published_ms: Option<u64>,
+    },
+    /// Every function (and pipeline) the bucket held at a resynchronisation (a connect or reconnect) as of its
     /// `revision`, after a `Put` for each: what is not among them was deleted while this replica
     /// was away, unless this replica published it later. `bucket` names the bucket (its creation
     /// time): a different one than the data dir last knew is a new or wiped registry, not
     /// deletions.
-    Synced { ids: Vec<String>, bucket: String, revision: u64 },
+    Synced {
+        ids: Vec<String>,
+        pipelines: Vec<String>,
+        bucket: String,
+        revision: u64,
+    },
 }
 
 /// Why the registry could not do what was asked.
@@ -179,6 +199,18 @@ impl Registry {
         let id = record.id.clone();
         let name_key = client::name_key(record.tenant_id, &record.name);
         self.ask(|reply, deadline| client::Command::Remove { id, name_key, unused, reply, deadline })
+    }
+
+    /// Puts a pipeline's record: every replica's watch serves it.
+    pub fn publish_pipeline(&self, record: &PipelineRecord) -> Result<u64, RegistryError> {
+        let record = record.clone();
+        self.ask(|reply, deadline| client::Command::PublishPipeline { record, reply, deadline })
+    }
+
+    /// Deletes a pipeline's record; every replica's watch removes it.
+    pub fn remove_pipeline(&self, id: &str) -> Result<(), RegistryError> {
+        let id = id.to_string();
+        self.ask(|reply, deadline| client::Command::RemovePipeline { id, reply, deadline })
     }
 
     /// The object stored under `digest` (a module or a tensor file), at most `max_bytes` long.

@@ -31,10 +31,12 @@ impl Worker {
         }
         let record = spec.into_record(new_id(), name, tenant, self.next_created_ms(), Source::Api, &self.limits)?;
         check_steps(&self.catalog.current(), &record).map_err(ApiError::InvalidPipeline)?;
-        self.store.write_pipeline(&record).map_err(|e| ApiError::Storage(e.to_string()))?;
-        let mut map = PipelineMap::clone(&pipelines);
-        map.insert(record.id.clone(), Arc::new(record.clone()));
-        self.catalog.publish_pipelines(map);
+        // The fleet's copy first, as for a function: refused there, nothing changed anywhere.
+        if let Some(registry) = &self.registry {
+            let revision = registry.publish_pipeline(&record)?;
+            self.published_at(&record.id, revision);
+        }
+        self.keep_pipeline(record.clone())?;
         Ok(record)
     }
 
@@ -46,9 +48,26 @@ impl Worker {
         if pipeline.source == Source::Directory {
             return Err(ApiError::ManagedByDirectory { what: "pipeline", name: pipeline.name.clone() });
         }
+        if let Some(registry) = &self.registry {
+            registry.remove_pipeline(id)?;
+        }
+        self.forget_pipeline(id)
+    }
+
+    /// Removes an API pipeline from the store and the catalog.
+    pub(super) fn forget_pipeline(&self, id: &str) -> Result<(), ApiError> {
         self.store.remove_pipeline(id).map_err(|e| ApiError::Storage(e.to_string()))?;
-        let mut map = PipelineMap::clone(&pipelines);
+        let mut map = PipelineMap::clone(&self.catalog.pipelines().load().1);
         map.remove(id);
+        self.catalog.publish_pipelines(map);
+        Ok(())
+    }
+
+    /// Stores an API pipeline and publishes it in the catalog, replacing one of the same id.
+    pub(super) fn keep_pipeline(&self, record: PipelineRecord) -> Result<(), ApiError> {
+        self.store.write_pipeline(&record).map_err(|e| ApiError::Storage(e.to_string()))?;
+        let mut map = PipelineMap::clone(&self.catalog.pipelines().load().1);
+        map.insert(record.id.clone(), Arc::new(record));
         self.catalog.publish_pipelines(map);
         Ok(())
     }

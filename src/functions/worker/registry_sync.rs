@@ -12,11 +12,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::deploys::{check_abi, same_function};
+use super::pipelines::same_pipeline;
 use super::Worker;
-use crate::functions::record::{validate_env, validate_name, Source};
+use crate::functions::record::{is_valid_id, validate_env, validate_name, Source};
 use crate::functions::registry::{now_unix_ms, Change};
 use crate::functions::store::digest_of;
-use crate::functions::{DeployedFunction, FunctionRecord};
+use crate::functions::{DeployedFunction, FunctionRecord, PipelineRecord};
 
 /// How often the files of a function from the registry whose fetch failed are fetched again.
 const REGISTRY_RETRY: Duration = Duration::from_secs(5);
@@ -46,7 +47,19 @@ impl Worker {
                         self.propagated(published_ms);
                     }
                 }
-                Change::Synced { ids, bucket, revision } => self.apply_synced(ids, &bucket, revision),
+                Change::PipelinePut { record, published_ms } => {
+                    if self.apply_pipeline_put(record) {
+                        self.propagated(published_ms);
+                    }
+                }
+                Change::PipelineRemoved { id, published_ms } => {
+                    if self.apply_pipeline_removed(&id) {
+                        self.propagated(published_ms);
+                    }
+                }
+                Change::Synced { ids, pipelines, bucket, revision } => {
+                    self.apply_synced(ids, pipelines, &bucket, revision)
+                }
             }
         }
     }
@@ -214,14 +227,77 @@ impl Worker {
         true
     }
 
+    /// Whether the pipeline record changed anything here (its own create, seen again, does not).
+    fn apply_pipeline_put(&self, record: PipelineRecord) -> bool {
+        if let Err(why) = self.check_remote_pipeline(&record) {
+            tracing::warn!(key_id = %record.id.escape_debug(), "a registry pipeline refused: {why}");
+            return false;
+        }
+        let pipelines = self.catalog.pipelines().load().1;
+        if pipelines.get(&record.id).is_some_and(|live| same_pipeline(live, &record)) {
+            return false;
+        }
+        // The name of a directory pipeline of the tenant is the folder's: the API's is refused
+        // on the replica that answered, but this replica's folder may differ.
+        let (id, name) = (record.id.clone(), record.name.clone());
+        match self.keep_pipeline(record) {
+            Ok(()) => tracing::info!(id, name, "pipeline created from the registry"),
+            Err(e) => tracing::warn!(id, "cannot store a pipeline from the registry: {e}"),
+        }
+        true
+    }
+
+    /// Whether a pipeline went (this replica's own delete, seen again, finds none).
+    fn apply_pipeline_removed(&self, id: &str) -> bool {
+        let pipelines = self.catalog.pipelines().load().1;
+        if !pipelines.get(id).is_some_and(|p| p.source == Source::Api) {
+            return false;
+        }
+        match self.forget_pipeline(id) {
+            Ok(()) => tracing::info!(id, "pipeline deleted through the registry"),
+            Err(e) => tracing::warn!(id, "cannot forget a pipeline the registry deleted: {e}"),
+        }
+        true
+    }
+
+    /// What a pipeline record from the bucket must be before this replica trusts it: an API
+    /// pipeline with an id of this server's form (it names a file), and exactly what this
+    /// server's own checks make of its fields (name, steps, timeouts, sink and its address).
+    /// Its steps are not looked up: names resolve at each invocation, and a function may arrive
+    /// after the pipeline that names it.
+    fn check_remote_pipeline(&self, record: &PipelineRecord) -> Result<(), String> {
+        if !is_valid_id(&record.id) {
+            return Err("its id is not 32 lowercase hex digits".into());
+        }
+        if record.source != Source::Api {
+            return Err("it is not an API pipeline".into());
+        }
+        let rebuilt = record
+            .as_spec()
+            .into_record(
+                record.id.clone(),
+                record.name.clone(),
+                record.tenant_id,
+                record.created_unix_ms,
+                Source::Api,
+                &self.limits,
+            )
+            .map_err(|e| e.to_string())?;
+        if rebuilt != *record {
+            return Err("its fields are not what this server's checks make of them".into());
+        }
+        Ok(())
+    }
+
     /// After a resynchronisation: the API functions the bucket no longer holds were deleted while
     /// this replica was away, if the bucket is the one this data dir was last in step with. If it
     /// is another (a NATS whose storage was lost, a registry pointed elsewhere), or this data dir
     /// never was in step with one (a single node joining a fleet), they are not deletions: they are
     /// published from this cache instead, so that a wiped registry is filled again, never the
     /// fleet's copies emptied.
-    fn apply_synced(&self, ids: Vec<String>, bucket: &str, revision: u64) {
+    fn apply_synced(&self, ids: Vec<String>, pipelines: Vec<String>, bucket: &str, revision: u64) {
         let held: HashSet<String> = ids.into_iter().collect();
+        let held_pipelines: HashSet<String> = pipelines.into_iter().collect();
         let known = self.store.registry_synced_at().map(|(_, b)| b);
         let current = self.catalog.current();
         let same_bucket = known.as_deref() == Some(bucket);
@@ -236,12 +312,21 @@ impl Worker {
             .filter(|f| f.record.source == Source::Api && !held.contains(&f.record.id) && !newer(&f.record.id))
             .cloned()
             .collect();
+        let live_pipelines = self.catalog.pipelines().load().1;
+        let missing_pipelines: Vec<_> = live_pipelines
+            .values()
+            .filter(|p| p.source == Source::Api && !held_pipelines.contains(&p.id) && !newer(&p.id))
+            .cloned()
+            .collect();
         let mut in_step = true;
         if same_bucket {
             for function in &missing {
                 self.apply_removed(&function.record.id);
             }
-        } else if !missing.is_empty() {
+            for pipeline in &missing_pipelines {
+                self.apply_pipeline_removed(&pipeline.id);
+            }
+        } else if !missing.is_empty() || !missing_pipelines.is_empty() {
             tracing::warn!(
                 functions = missing.len(),
                 known = known.as_deref().unwrap_or("none"),
@@ -262,6 +347,16 @@ impl Worker {
                     }
                 }
             }
+            for pipeline in &missing_pipelines {
+                let published = self.registry.as_ref().map_or(Ok(0), |r| r.publish_pipeline(pipeline));
+                match published {
+                    Ok(revision) => self.published_at(&pipeline.id, revision),
+                    Err(e) => {
+                        in_step = false;
+                        tracing::warn!(id = pipeline.id, "cannot publish a cached pipeline to the registry: {e:?}");
+                    }
+                }
+            }
         }
         self.published.borrow_mut().retain(|_, &mut r| r > revision);
         if in_step {
@@ -276,12 +371,13 @@ impl Worker {
         }
     }
 
-    /// Remembers the revision of a function this replica published, for the next resync; the
-    /// map holds only functions still in the catalog, so it is as bounded as the catalog.
+    /// Remembers the revision of a function or pipeline this replica published, for the next
+    /// resync; the map holds only those still in the catalog, so it is as bounded as the catalog.
     pub(super) fn published_at(&self, id: &str, revision: u64) {
         let current = self.catalog.current();
+        let pipelines = self.catalog.pipelines().load().1;
         let mut published = self.published.borrow_mut();
-        published.retain(|id, _| current.contains_key(id));
+        published.retain(|id, _| current.contains_key(id) || pipelines.contains_key(id));
         published.insert(id.to_string(), revision);
     }
 
