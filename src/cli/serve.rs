@@ -1007,7 +1007,7 @@ mod tests {
 
     fn nats() -> RegistryConfig {
         let timeout = std::time::Duration::from_secs(1);
-        RegistryConfig::parse("nats://127.0.0.1:4222", None, timeout, (1 << 20, 1)).unwrap()
+        RegistryConfig::parse("nats://127.0.0.1:4222", None, (timeout, timeout), (1 << 20, 1)).unwrap()
     }
 
     #[test]

@@ -78,7 +78,7 @@ pub fn run(source: &ServerSource, rate: f64, settings: &Settings) -> Result<Flee
 
     // The single node first, alone on the machine.
     let node = start(Vec::new())?;
-    let deploy_single = time_deploys(&[node.endpoint.clone()], "single", None)?;
+    let deploy_single = time_deploys(std::slice::from_ref(&node.endpoint), "single", None)?;
     let mut single = Session::started(node, Scenario::Fleet, shards, settings)?.measure(rate, settings)?;
     single.server = "tensor-wasm, single node";
 
