@@ -652,6 +652,54 @@ fn pipelines_are_fleet_wide_and_records_put_into_the_bucket_by_others_are_checke
     }
 }
 
+/// Messages in the registry bucket's stream: a live entry or a delete marker each.
+fn bucket_messages(nats: &Nats) -> u64 {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let mut stream = async_nats::jetstream::new(client).get_stream("KV_tensor-wasm-functions").await.unwrap();
+        stream.info().await.unwrap().state.messages
+    })
+}
+
+#[test]
+fn deletes_leave_no_markers_behind_once_every_replica_has_seen_them() {
+    let nats = Nats::start();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    // Markers are purged ten propagation bounds after their delete: a second here.
+    let args = ["--registry", &nats.url(), "--registry-propagation-ms", "100"];
+    let (a, b) = (Server::start_in(dirs[0].path(), &args), Server::start_in(dirs[1].path(), &args));
+    for s in [&a, &b] {
+        s.wait_for_metric("tensor_wasm_registry_connected", &[], 1.0);
+    }
+    // A tenant deploying and deleting in a loop, with a pipeline each time.
+    for round in 0..5 {
+        let id = a.deploy(&format!("churn-{round}"), &guests::echo());
+        let spec = json!({"name": format!("p-{round}"), "steps": [format!("churn-{round}")]}).to_string();
+        let r = a.client().request("POST", "/pipelines", &[("content-type", "application/json")], spec.as_bytes());
+        let pipeline = r.json()["id"].as_str().unwrap().to_string();
+        within(PROPAGATION, "the function on B", || status_of(&b, &id) == 200);
+        assert_eq!(b.client().request("DELETE", &format!("/pipelines/{pipeline}"), &[], b"").status, 204);
+        assert_eq!(b.client().request("DELETE", &format!("/functions/{id}"), &[], b"").status, 204);
+        within(PROPAGATION, "the delete on A", || status_of(&a, &id) == 404);
+    }
+    let kept = a.deploy("kept", &guests::echo());
+    // What stays: the kept function's record and its name's key.
+    within(PROPAGATION, "the markers purged", || bucket_messages(&nats) == 2);
+    // The purge took nothing live: both replicas serve the kept function, and one started now
+    // lists exactly it.
+    let dir = tempfile::tempdir().unwrap();
+    let c = Server::start_in(dir.path(), &args);
+    for s in [&a, &b, &c] {
+        within(PROPAGATION, "the kept function everywhere", || status_of(s, &kept) == 200);
+        let list = s.client().request("GET", "/functions", &[], b"").json();
+        assert_eq!(list["functions"].as_array().unwrap().len(), 1, "{list}");
+    }
+    // A name deployed again after its marker went is claimed afresh.
+    let r = a.client().deploy("churn-0", &guests::echo(), json!({}));
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
 fn put_raw(nats: &Nats, key: &str, value: serde_json::Value) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {

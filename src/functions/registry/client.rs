@@ -33,6 +33,12 @@ const NAME_PREFIX: &str = "n.";
 const COMMAND_DEPTH: usize = 16;
 /// Changes on their way to the worker. Full, the watch waits: JetStream holds the rest.
 pub const CHANGE_DEPTH: usize = 256;
+/// A delete marker is purged this many `--registry-propagation-ms` after the delete: by then
+/// every replica's watch has applied it, or the replica counts a late change and, if away, will
+/// resynchronise from the listing.
+const TOMBSTONE_AGE_PER_BOUND: u32 = 10;
+/// Delete markers awaiting their purge at most; past it the oldest is left in the bucket.
+const MAX_TOMBSTONES: usize = 65_536;
 /// How often the connection's state is looked at while watching.
 const STATE_TICK: Duration = Duration::from_millis(100);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
@@ -116,8 +122,10 @@ async fn run(
     status: std::sync::Arc<RegistryStatus>,
 ) {
     let mut backoff = BACKOFF_FIRST;
+    // Kept across reconnects: a marker due for purging while NATS was away is purged after.
+    let tombstones = Tombstones::new(config.propagation * TOMBSTONE_AGE_PER_BOUND);
     loop {
-        let why = match Session::open(&config).await {
+        let why = match Session::open(&config, &tombstones).await {
             Ok(session) => {
                 let opened = Instant::now();
                 let served = session.serve(&mut commands, &sink, &status).await;
@@ -168,17 +176,55 @@ pub(super) fn name_key(tenant: u64, name: &str) -> String {
     format!("{NAME_PREFIX}{tenant}.{}", hex(name.as_bytes()))
 }
 
+/// Delete markers this replica left in the bucket (a function's, a pipeline's, a name's key), to
+/// purge once every replica's watch has seen them: without this, each delete would leave a
+/// marker in the bucket's stream for ever, and a tenant that deploys and deletes in a loop would
+/// grow it without bound. A replica whose watch missed one (away longer than the marker's age)
+/// resynchronises from the listing, which needs no marker.
+#[derive(Clone)]
+struct Tombstones {
+    /// Keys and when their marker may go, oldest first.
+    due: std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<(Instant, String)>>>,
+    age: Duration,
+}
+
+impl Tombstones {
+    fn new(age: Duration) -> Tombstones {
+        Tombstones { due: Default::default(), age }
+    }
+
+    fn left(&self, key: String) {
+        let mut due = self.due.borrow_mut();
+        if due.len() >= MAX_TOMBSTONES {
+            // The oldest stays in the bucket: a marker, not a function.
+            due.pop_front();
+        }
+        due.push_back((Instant::now() + self.age, key));
+    }
+
+    /// The keys whose markers are due now.
+    fn take_due(&self) -> Vec<String> {
+        let mut due = self.due.borrow_mut();
+        let now = Instant::now();
+        let ready = due.iter().take_while(|(at, _)| *at <= now).count();
+        due.drain(..ready).map(|(_, key)| key).collect()
+    }
+}
+
 struct Session {
     connection: crate::nats::Connection,
     js: jetstream::Context,
     kv: kv::Store,
+    /// The bucket's stream, for purging delete markers.
+    kv_stream: jetstream::stream::Stream,
+    tombstones: Tombstones,
     objects: object_store::ObjectStore,
     /// The bucket's identity: its stream's creation time. A wiped or new registry has another.
     bucket: String,
 }
 
 impl Session {
-    async fn open(config: &NatsConfig) -> Result<Session, String> {
+    async fn open(config: &NatsConfig, tombstones: &Tombstones) -> Result<Session, String> {
         let connection = crate::nats::Connection::open(config, "tensor-wasm").await?;
         let js = jetstream::new(connection.client.clone());
         // Created on first use by whichever replica comes first; the same config everywhere, so a
@@ -219,7 +265,8 @@ impl Session {
                 .await
                 .map_err(|e| format!("the object store {OBJECTS}: {e} (opening it: {get})"))?,
         };
-        Ok(Session { connection, js, kv, objects, bucket })
+        let kv_stream = js.get_stream(format!("KV_{BUCKET}")).await.map_err(|e| format!("the bucket's stream: {e}"))?;
+        Ok(Session { connection, js, kv, kv_stream, tombstones: tombstones.clone(), objects, bucket })
     }
 
     /// Resynchronises, then watches the bucket and answers commands until the connection drops
@@ -294,6 +341,9 @@ impl Session {
                     if self.connection.is_down() {
                         return Err("the connection to NATS dropped".into());
                     }
+                    for key in self.tombstones.take_due() {
+                        self.purge_marker(&key).await;
+                    }
                 }
             }
         }
@@ -346,6 +396,9 @@ impl Session {
                 };
                 let removed = removed.map_err(|e| RegistryError::Unavailable(format!("delete: {e}")));
                 let done = removed.is_ok();
+                if done {
+                    self.tombstones.left(format!("{KEY_PREFIX}{id}"));
+                }
                 // Answered first: what follows is clean-up, which a failure leaves for later.
                 let _ = reply.try_send(removed);
                 if done {
@@ -370,6 +423,9 @@ impl Session {
                     Ok(()) => self.kv.delete(format!("{PIPELINE_PREFIX}{id}")).await,
                     Err(e) => return drop(reply.try_send(Err(e))),
                 };
+                if removed.is_ok() {
+                    self.tombstones.left(format!("{PIPELINE_PREFIX}{id}"));
+                }
                 let _ = reply.try_send(removed.map_err(|e| RegistryError::Unavailable(format!("delete: {e}"))));
             }
             Command::NameRevision { key, reply, deadline } => {
@@ -493,11 +549,25 @@ impl Session {
     /// Deletes the name's key after its function's record, if it still names that function: a
     /// later deploy of the name holds it otherwise. Best effort: a key left behind only counts
     /// the name's deploys.
+    /// Purges `key`'s delete marker, if it is still the key's last entry: anything put after it
+    /// (a name claimed again) has a later sequence and stays.
+    async fn purge_marker(&self, key: &str) {
+        let Ok(Some(entry)) = self.kv.entry(key).await else { return };
+        if entry.operation == kv::Operation::Put {
+            return;
+        }
+        let subject = format!("$KV.{BUCKET}.{key}");
+        if let Err(e) = self.kv_stream.purge().filter(subject).sequence(entry.revision + 1).await {
+            tracing::debug!(key, "a delete marker stays in the bucket: {e}");
+        }
+    }
+
     async fn release_name(&self, key: &str, id: &str) {
         let Ok(Some(entry)) = self.kv.entry(key).await else { return };
         if entry.operation == kv::Operation::Put && entry.value.as_ref() == id.as_bytes() {
-            if let Err(e) = self.kv.delete_expect_revision(key, Some(entry.revision)).await {
-                tracing::debug!(key, "the name's key stays: {e}");
+            match self.kv.delete_expect_revision(key, Some(entry.revision)).await {
+                Ok(()) => self.tombstones.left(key.to_string()),
+                Err(e) => tracing::debug!(key, "the name's key stays: {e}"),
             }
         }
     }
