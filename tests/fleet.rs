@@ -987,3 +987,79 @@ fn review_a_replica_started_while_nats_hangs_never_admits_the_whole_rate() {
     assert!((admitted as f64) <= due * 1.1 + 1.0, "admitted {admitted} in {took:?}, due at most {due}");
     drop(silent);
 }
+
+/// Reports are unauthenticated and MAX_PEERS (256) is first come, first kept: whoever can publish
+/// on the subject fills a replica's table with made-up replica ids (empty reports, 256 small
+/// messages a refresh), and a real replica that starts afterwards is never counted by it. Its
+/// demand is then missing from the shares (the fleet over-admits), and the count kept in the data
+/// dir (257) divides the rate while NATS is away.
+#[test]
+fn review_made_up_replica_ids_do_not_crowd_out_a_real_replica() {
+    let nats = Nats::start();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = review_limited(&nats.url(), dirs[0].path(), (100, 10), &[]);
+    within(PROPAGATION, "A connected", || a.metric("tensor_wasm_fleet_limits_connected", &[]) == 1.0);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let client = async_nats::connect(nats.url()).await.unwrap();
+                // Bounded: 100 refreshes, 200 ms apart (20 s).
+                for _ in 0..100 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    for i in 0..256 {
+                        let report = json!({ "replica": format!("made-up-{i}"), "tokens": {} }).to_string();
+                        client.publish("tensor-wasm.limits.demand", report.into()).await.unwrap();
+                    }
+                    client.flush().await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            });
+        });
+        let crowded = within(PROPAGATION, "A counting the made-up replicas", || {
+            a.metric("tensor_wasm_fleet_replicas", &[]) >= 257.0
+        });
+        eprintln!("review: A counted 257 replicas after {crowded:?}");
+        let b = review_limited(&nats.url(), dirs[1].path(), (100, 10), &[]);
+        within(PROPAGATION, "B connected", || b.metric("tensor_wasm_fleet_limits_connected", &[]) == 1.0);
+        // Bounded: 3 s of looks.
+        let counted = (0..30).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            a.metric("tensor_wasm_fleet_replicas", &[]) >= 258.0
+        });
+        let kept = std::fs::read_to_string(dirs[0].path().join("fleet-replicas")).unwrap_or_default();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(counted, "A never counted the real replica B (A counts {}; its data dir keeps {kept:?})",
+            a.metric("tensor_wasm_fleet_replicas", &[]));
+    });
+}
+
+/// The name is claimed before the files are uploaded: a deploy that claims it and then fails
+/// (here 507 registry_full) still moves the name's revision, so a deploy of the name that
+/// overlapped it gets 409 `conflict` ("a concurrent deploy of the same name won") though nothing
+/// won: both fail, and the name's key names an id no record has.
+#[test]
+fn review_a_deploy_that_failed_after_claiming_the_name_does_not_make_another_lose() {
+    let nats = Nats::start();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let args = ["--registry", &nats.url(), "--registry-max-object-mb", "1", "--registry-timeout-ms", "2000"];
+    let (a, b) = (Server::start_in(dirs[0].path(), &args), Server::start_in(dirs[1].path(), &args));
+    for s in [&a, &b] {
+        s.wait_for_metric("tensor_wasm_registry_connected", &[], 1.0);
+    }
+    let too_big = module_of(1200, 5);
+    let (good, bad) = std::thread::scope(|scope| {
+        let good = scope.spawn(|| a.client().deploy("contested", &guests::slow_to_compile(999), json!({})));
+        // A has read the name's revision and is compiling; B's deploy claims it first, then finds
+        // no room for its module.
+        std::thread::sleep(Duration::from_millis(30));
+        let bad = b.client().deploy("contested", &too_big, json!({}));
+        (good.join().unwrap(), bad)
+    });
+    eprintln!("review: the deploy with no room: {} {}", bad.status, bad.text());
+    assert_eq!(bad.status, 507, "{}", bad.text());
+    assert_eq!(good.status, 201, "the deploy that nothing beat: {}", good.text());
+}
