@@ -680,3 +680,71 @@ fn a_replica_id_that_is_no_plain_name_stops_start_up() {
     let lines = lines_on_disk(&dir.path().join("audit"));
     assert!(lines.len() == 1 && lines[0].contains(&format!("\"replica\":\"{longest}\"")), "{lines:?}");
 }
+
+/// Review (fleet-review): before `--replica-id`, a log rewritten and chained again was caught by
+/// the checkpoints that had left the host. Now `audit verify` checks a checkpoint that names a
+/// replica only against a log of that replica, and takes the log's replica from its own records
+/// (and its own checkpoint files): an insider who rewrites a record and renames every record to
+/// another replica, chaining them all again, and removes the local checkpoint files, gets a log
+/// that verifies (exit 0) against the fleet's shipped checkpoints, which are then "another
+/// replica's" and not checked. The same attack without the rename is caught.
+#[test]
+fn review_renaming_the_replica_in_a_rewritten_log_does_not_escape_the_shipped_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(dir.path());
+    let data = dir.path().join("a");
+    let args = ["--shards", "1", "--audit-segment-bytes", "65536", "--audit-signing-key", key.to_str().unwrap()];
+    let mut server = Server::start_in(&data, &[&args[..], &["--replica-id", "r-1"]].concat());
+    load(&server, 300, 4);
+    stop(&mut server);
+    let shipped = dir.path().join("fleet.jsonl");
+    std::fs::write(&shipped, server.checkpoint_lines().join("\n") + "\n").unwrap();
+    let with_fleet = ["--public-key", public.to_str().unwrap(), "--checkpoints", shipped.to_str().unwrap()];
+    let audit = data.join("audit");
+    let (code, out, err) = verify(&audit, &with_fleet);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // The insider's edit: record 10 says 200 rather than 404, every record after is chained again.
+    let edited = dir.path().join("edited");
+    copy_dir(&audit, &edited);
+    rewrite_and_rechain(&edited.join("shard-0"), 10);
+    let (code, out, err) = verify(&edited, &with_fleet);
+    assert_eq!(code, 1, "the plain rewrite is caught: {out}{err}");
+
+    // The same edit, with every record renamed to r-9 and the local checkpoint files gone.
+    let renamed_data = dir.path().join("renamed-data");
+    let renamed = renamed_data.join("audit");
+    copy_dir(&audit, &renamed);
+    for name in ["checkpoints", "checkpoints.1"] {
+        let _ = std::fs::remove_file(renamed.join("shard-0").join(name));
+        let _ = std::fs::remove_file(renamed.join(name));
+    }
+    let mut prev: Option<String> = None;
+    let mut n = 0;
+    for path in segments(&renamed.join("shard-0")) {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut out = String::new();
+        for record in text.lines() {
+            let mut record = record.replacen("\"replica\":\"r-1\"", "\"replica\":\"r-9\"", 1);
+            if n == 10 {
+                record = record.replacen("\"status_code\":404", "\"status_code\":200", 1);
+            }
+            prev = Some(rechain(&mut record, prev.as_deref()));
+            out.push_str(&record);
+            out.push('\n');
+            n += 1;
+        }
+        std::fs::write(&path, out).unwrap();
+    }
+    // Nothing signed for r-9 yet: verify still fails ("no checkpoint signed by this key").
+    let (code, out, err) = verify(&renamed, &with_fleet);
+    eprintln!("review: verify of the renamed log before re-signing: exit {code}\n{out}{err}");
+    // The insider has the host, so the signing key: a server started on the renamed log as r-9
+    // signs checkpoints of it, which the shipped r-1 checkpoints can no longer contradict.
+    let mut server = Server::start_in(&renamed_data, &[&args[..], &["--replica-id", "r-9"]].concat());
+    load(&server, 5, 1);
+    stop(&mut server);
+    let (code, out, err) = verify(&renamed, &with_fleet);
+    eprintln!("review: verify of the renamed, re-signed log: exit {code}\n{out}{err}");
+    assert_eq!(code, 1, "a rewritten log escaped the shipped checkpoints by naming another replica: {out}{err}");
+}

@@ -822,3 +822,371 @@ fn registry_flags_that_cannot_work_are_refused_at_start() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Review of issue 35 (fleet-review): tests that show defects. Each fails on the code as it is.
+// ---------------------------------------------------------------------------------------------
+
+/// A replica with FLEET_TOKEN limited to `qps` requests a second (burst `burst`) across the fleet,
+/// plus `extra` flags.
+fn review_limited(nats_url: &str, dir: &std::path::Path, (qps, burst): (u32, u32), extra: &[&str]) -> Server {
+    let (qps, burst) = (qps.to_string(), burst.to_string());
+    let mut args = vec!["--registry", nats_url, "--rate-limit-qps", &qps, "--rate-limit-burst", &burst];
+    args.extend_from_slice(extra);
+    Server::start_with(dir, &args, |cmd| {
+        cmd.env("TENSOR_WASM_API_TOKENS", format!("{FLEET_TOKEN}:tenant=*"));
+    })
+}
+
+/// One rate-limited request with FLEET_TOKEN: its status and Retry-After.
+fn review_limited_request(client: &mut common::Client) -> (u16, Option<String>) {
+    let auth = format!("Bearer {FLEET_TOKEN}");
+    let r = client.request("GET", "/functions", &[("authorization", &auth)], b"");
+    assert!(r.status == 200 || r.status == 429, "unexpected {}: {}", r.status, r.text());
+    (r.status, r.header("retry-after").map(str::to_string))
+}
+
+/// `count` requests to `server`, `gap` apart: how many were admitted, and the last Retry-After.
+fn review_spaced(server: &Server, count: u32, gap: Duration) -> (u32, Option<String>) {
+    let mut client = server.client();
+    let (mut admitted, mut retry_after) = (0, None);
+    for _ in 0..count {
+        let (status, retry) = review_limited_request(&mut client);
+        if status == 200 {
+            admitted += 1;
+        } else {
+            retry_after = retry;
+        }
+        std::thread::sleep(gap);
+    }
+    (admitted, retry_after)
+}
+
+/// GlobalBucket::set_share changes the interval and capacity but never the bucket's theoretical
+/// arrival time (tat). While a replica's share is tiny its interval is long (1 / (qps × share)), so
+/// one admission then pushes tat that far ahead; when the share grows back, tat stays there and the
+/// replica refuses every request until the clock catches up, though the fleet is idle. Here: B is
+/// hammered (its refusals count as demand), so A's share falls to ~0.5/(B's demand); A admits one
+/// request then; the load moves to A, and A keeps refusing at a tenth of the fleet's rate.
+#[test]
+fn review_a_share_that_shrank_and_grew_back_admits_again_at_once() {
+    let nats = Nats::start();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let servers: Vec<Server> = dirs.iter().map(|d| review_limited(&nats.url(), d.path(), (10, 10), &[])).collect();
+    let (a, b) = (&servers[0], &servers[1]);
+    for s in &servers {
+        within(PROPAGATION, "both replicas hearing each other", || s.metric("tensor_wasm_fleet_replicas", &[]) == 2.0);
+    }
+    let during = std::thread::scope(|scope| {
+        let hammer = scope.spawn(|| {
+            let mut client = b.client();
+            let until = Instant::now() + Duration::from_secs(3);
+            let mut sent = 0u32;
+            while Instant::now() < until && sent < 200_000 {
+                review_limited_request(&mut client);
+                sent += 1;
+            }
+            sent
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        let during = review_limited_request(&mut a.client());
+        let sent = hammer.join().unwrap();
+        eprintln!("review: B was sent {sent} requests in 3 s; A's one request meanwhile: {during:?}");
+        during
+    });
+    // B is idle now; the fleet's reports catch up within half a second (the demand window).
+    std::thread::sleep(Duration::from_secs(2));
+    // A: 12 requests at 4 a second, under half the fleet's rate of 10, which nobody else uses.
+    let (admitted, retry_after) = review_spaced(a, 12, Duration::from_millis(250));
+    eprintln!("review: A then admitted {admitted} of 12 (Retry-After {retry_after:?}); during the load: {during:?}");
+    assert!(admitted >= 10, "A admitted {admitted} of 12 at 4/s with the fleet idle: Retry-After {retry_after:?}");
+}
+
+/// The token ids a replica reports on the demand subject, read by a subscriber: what anyone who
+/// can reach NATS learns.
+fn review_reported_ids(nats: &Nats, server: &Server) -> Vec<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        use futures_util::StreamExt as _;
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let mut reports = client.subscribe("tensor-wasm.limits.demand").await.unwrap();
+        client.flush().await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut requests = server.client();
+        // Bounded: 5 s, at most 100 requests.
+        for _ in 0..100 {
+            review_limited_request(&mut requests);
+            let Ok(Some(message)) = tokio::time::timeout_at(deadline, reports.next()).await else { break };
+            let report: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+            let ids: Vec<String> = report["tokens"].as_object().unwrap().keys().cloned().collect();
+            if !ids.is_empty() {
+                return ids;
+            }
+        }
+        panic!("no report named a token");
+    })
+}
+
+/// Publishes `count` forged reports, `gap` apart, from the replica `replica`.
+fn review_forge(nats: &Nats, replica: &str, tokens: serde_json::Value, count: u32, gap: Duration) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let payload = json!({ "replica": replica, "tokens": tokens }).to_string();
+        for _ in 0..count {
+            client.publish("tensor-wasm.limits.demand", payload.clone().into()).await.unwrap();
+            client.flush().await.unwrap();
+            tokio::time::sleep(gap).await;
+        }
+    });
+}
+
+/// Reports are trusted for any finite demand: one forged report of 1e300 requests a second (for
+/// a token id every report shows) makes the share f64::MIN_POSITIVE, whose interval is clamped to
+/// u64::MAX / 4 ns. The next request pushes the bucket's tat ~146 years ahead, and since
+/// set_share never pulls tat back, the token is refused on that replica until it restarts, long
+/// after the forged peer is forgotten and the replica counts itself alone again.
+#[test]
+fn review_a_forged_demand_report_does_not_lock_a_token_out_for_good() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = review_limited(&nats.url(), dir.path(), (100, 10), &[]);
+    within(PROPAGATION, "A connected", || a.metric("tensor_wasm_fleet_limits_connected", &[]) == 1.0);
+    let ids = review_reported_ids(&nats, &a);
+    let tokens: serde_json::Map<String, serde_json::Value> = ids.iter().map(|id| (id.clone(), json!(1e300))).collect();
+    std::thread::scope(|scope| {
+        let forger = scope.spawn(|| review_forge(&nats, "forged", tokens.into(), 20, Duration::from_millis(50)));
+        std::thread::sleep(Duration::from_millis(600));
+        eprintln!("review: one request while forged: {:?}", review_limited_request(&mut a.client()));
+        forger.join().unwrap();
+    });
+    // The forged peer is forgotten after --rate-limit-peer-timeout-ms: A is alone again.
+    within(PROPAGATION, "the forged peer forgotten", || a.metric("tensor_wasm_fleet_replicas", &[]) == 1.0);
+    std::thread::sleep(Duration::from_secs(1));
+    let (admitted, retry_after) = review_spaced(&a, 5, Duration::from_millis(200));
+    assert!(admitted >= 4, "alone and idle, A admitted {admitted} of 5 at 5/s of 100/s: Retry-After {retry_after:?}");
+}
+
+/// The delete's sweep decides "no other function uses this object" from the deleting replica's
+/// own catalog, which is not the fleet's: a record that replica refused (here a timeout above its
+/// --max-timeout-ms, as during a rolling change of that flag) is in the bucket and served by the
+/// others, yet its module is swept. The deploy was answered 201 before the delete began; a
+/// replica that has to fetch it then lists the function as broken for good.
+#[test]
+fn review_a_delete_does_not_sweep_a_module_a_function_the_deleter_refused_still_uses() {
+    let nats = Nats::start();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let args = |extra: &'static [&'static str]| {
+        let mut args = vec!["--registry".to_string(), nats.url(), "--registry-timeout-ms".into(), "2000".into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let strict = args(&["--max-timeout-ms", "5000"]);
+    let a = Server::start_in(dirs[0].path(), &strict.iter().map(String::as_str).collect::<Vec<_>>());
+    let plain = args(&[]);
+    let plain: Vec<&str> = plain.iter().map(String::as_str).collect();
+    let b = Server::start_in(dirs[1].path(), &plain);
+    let module = module_of(8, 4242);
+    let x = b.deploy("sweep-x", &module);
+    within(PROPAGATION, "X on A", || status_of(&a, &x) == 200);
+    let r = b.client().deploy("sweep-y", &module, json!({ "timeout_ms": 30000 }));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let (y, digest) = (r.json()["id"].as_str().unwrap().to_string(), r.json()["digest"].as_str().unwrap().to_string());
+    a.wait_for_stderr("a registry record refused");
+    // Y was acknowledged; now X, which shares its module, is deleted on A.
+    assert_eq!(a.client().request("DELETE", &format!("/functions/{x}"), &[], b"").status, 204);
+    within(PROPAGATION, "the delete reaching B", || status_of(&b, &x) == 404);
+    std::thread::sleep(Duration::from_secs(1));
+    let stored = object_stored(&nats, &digest);
+    // A new replica with B's settings must be able to serve Y.
+    let c = Server::start_in(dirs[2].path(), &plain);
+    // Bounded: 40 looks, 200 ms apart.
+    let served = (0..40).any(|_| {
+        std::thread::sleep(Duration::from_millis(200));
+        status_of(&c, &y) == 200
+    });
+    assert!(stored && served, "Y (201) lost its module: stored {stored}, served on a new replica {served}");
+}
+
+/// The sweep races a deploy of the same module on another replica: the deleter computes "unused"
+/// from its catalog, which the deploy's record reaches only after a propagation delay, and the
+/// deploy's re-check (`still_stored`) runs right after its record, before the deleter's object
+/// delete lands. Rounds at spread offsets; every deploy answered 201 must keep its module.
+#[test]
+fn review_a_sweep_racing_a_deploy_of_the_same_module_never_loses_it() {
+    let nats = Nats::start();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b) = (replica(&nats, dirs[0].path()), replica(&nats, dirs[1].path()));
+    for s in [&a, &b] {
+        s.wait_for_metric("tensor_wasm_registry_connected", &[], 1.0);
+    }
+    let mut lost = Vec::new();
+    for round in 0..16u32 {
+        let module = module_of(4, 7000 + round);
+        let x = a.deploy(&format!("race-x-{round}"), &module);
+        within(PROPAGATION, "X on B", || status_of(&b, &x) == 200);
+        // The delete starts 0 to 7.5 ms after the deploy, in half-millisecond steps.
+        let offset = Duration::from_micros(500 * u64::from(round));
+        let barrier = std::sync::Barrier::new(2);
+        let (deployed, deleted) = std::thread::scope(|scope| {
+            let deploy = scope.spawn(|| {
+                let mut client = b.client();
+                barrier.wait();
+                client.deploy(&format!("race-y-{round}"), &module, json!({}))
+            });
+            let delete = scope.spawn(|| {
+                let mut client = a.client();
+                barrier.wait();
+                std::thread::sleep(offset);
+                client.request("DELETE", &format!("/functions/{x}"), &[], b"").status
+            });
+            (deploy.join().unwrap(), delete.join().unwrap())
+        });
+        assert_eq!(deleted, 204);
+        if deployed.status != 201 {
+            continue;
+        }
+        let digest = deployed.json()["digest"].as_str().unwrap().to_string();
+        std::thread::sleep(Duration::from_millis(300));
+        if !object_stored(&nats, &digest) {
+            lost.push((round, offset));
+        }
+    }
+    assert!(lost.is_empty(), "deploys answered 201 whose module a concurrent sweep removed: {lost:?}");
+}
+
+/// Releasing the name's key on delete moves its revision, so a deploy of that name that started
+/// before a delete of an older function of the name gets 409 `conflict`, though no other deploy
+/// overlapped it (on a single node both succeed; docs/DEPLOYMENT.md promises 409 only for two
+/// deploys that overlap). The release buys nothing: a deleted key stays in the bucket as a marker.
+#[test]
+fn review_a_delete_of_an_older_function_of_the_name_does_not_fail_a_deploy_of_it() {
+    let nats = Nats::start();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b) = (replica(&nats, dirs[0].path()), replica(&nats, dirs[1].path()));
+    for s in [&a, &b] {
+        s.wait_for_metric("tensor_wasm_registry_connected", &[], 1.0);
+    }
+    let old = a.deploy("renamed", &guests::hello());
+    within(PROPAGATION, "the old one on B", || status_of(&b, &old) == 200);
+    let started = Instant::now();
+    let (deployed, deleted_at) = std::thread::scope(|scope| {
+        let deploy = scope.spawn(|| b.client().deploy("renamed", &guests::slow_to_compile(4242), json!({})));
+        // B has read the name's revision and is compiling.
+        std::thread::sleep(Duration::from_millis(100));
+        let r = a.client().request("DELETE", &format!("/functions/{old}"), &[], b"");
+        assert_eq!(r.status, 204, "{}", r.text());
+        let deleted_at = started.elapsed();
+        (deploy.join().unwrap(), deleted_at)
+    });
+    eprintln!("review: delete done at {deleted_at:?}, deploy answered at {:?}", started.elapsed());
+    assert_eq!(deployed.status, 201, "a deploy no other deploy overlapped: {}", deployed.text());
+}
+
+/// "While NATS is away … a replica admits the rate divided by the replicas it last knew of …
+/// never the whole rate" (docs/DEPLOYMENT.md). Not until the share thread's first connect attempt
+/// ends: buckets start at share 1.0 and the first tick runs only after `Connection::open`, which
+/// waits up to --registry-timeout-ms for a NATS that does not answer (a partition drops packets,
+/// here a port that accepts and never speaks). Meanwhile every replica admits the whole burst and
+/// rate.
+#[test]
+fn review_a_replica_started_while_nats_hangs_never_admits_the_whole_rate() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut first = review_limited(&nats.url(), dir.path(), (100, 10), &[]);
+        first.wait_for_metric("tensor_wasm_registry_connected", &[], 1.0);
+        first.kill9();
+    }
+    // It knew of 4 replicas: a quarter of the rate (25/s) and of the burst (3).
+    std::fs::write(dir.path().join("fleet-replicas"), "4\n").unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("nats://{}", silent.local_addr().unwrap());
+    let a = review_limited(&url, dir.path(), (100, 10), &["--registry-timeout-ms", "10000"]);
+    assert_eq!(a.metric("tensor_wasm_fleet_replicas", &[]), 4.0);
+    let started = Instant::now();
+    let mut client = a.client();
+    let admitted = (0..30).filter(|_| review_limited_request(&mut client).0 == 200).count();
+    let took = started.elapsed();
+    eprintln!("review: with NATS hanging, admitted {admitted} of 30 back to back in {took:?}");
+    // A quarter: the burst of 3, plus 25/s over the time taken (under 10 s of connect timeout).
+    let due = 3.0 + 25.0 * took.as_secs_f64();
+    assert!((admitted as f64) <= due * 1.1 + 1.0, "admitted {admitted} in {took:?}, due at most {due}");
+    drop(silent);
+}
+
+/// Reports are unauthenticated and MAX_PEERS (256) is first come, first kept: whoever can publish
+/// on the subject fills a replica's table with made-up replica ids (empty reports, 256 small
+/// messages a refresh), and a real replica that starts afterwards is never counted by it. Its
+/// demand is then missing from the shares (the fleet over-admits), and the count kept in the data
+/// dir (257) divides the rate while NATS is away.
+#[test]
+fn review_made_up_replica_ids_do_not_crowd_out_a_real_replica() {
+    let nats = Nats::start();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = review_limited(&nats.url(), dirs[0].path(), (100, 10), &[]);
+    within(PROPAGATION, "A connected", || a.metric("tensor_wasm_fleet_limits_connected", &[]) == 1.0);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let client = async_nats::connect(nats.url()).await.unwrap();
+                // Bounded: 100 refreshes, 200 ms apart (20 s).
+                for _ in 0..100 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    for i in 0..256 {
+                        let report = json!({ "replica": format!("made-up-{i}"), "tokens": {} }).to_string();
+                        client.publish("tensor-wasm.limits.demand", report.into()).await.unwrap();
+                    }
+                    client.flush().await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            });
+        });
+        let crowded = within(PROPAGATION, "A counting the made-up replicas", || {
+            a.metric("tensor_wasm_fleet_replicas", &[]) >= 257.0
+        });
+        eprintln!("review: A counted 257 replicas after {crowded:?}");
+        let b = review_limited(&nats.url(), dirs[1].path(), (100, 10), &[]);
+        within(PROPAGATION, "B connected", || b.metric("tensor_wasm_fleet_limits_connected", &[]) == 1.0);
+        // Bounded: 3 s of looks.
+        let counted = (0..30).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            a.metric("tensor_wasm_fleet_replicas", &[]) >= 258.0
+        });
+        let kept = std::fs::read_to_string(dirs[0].path().join("fleet-replicas")).unwrap_or_default();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(counted, "A never counted the real replica B (A counts {}; its data dir keeps {kept:?})",
+            a.metric("tensor_wasm_fleet_replicas", &[]));
+    });
+}
+
+/// The name is claimed before the files are uploaded: a deploy that claims it and then fails
+/// (here 507 registry_full) still moves the name's revision, so a deploy of the name that
+/// overlapped it gets 409 `conflict` ("a concurrent deploy of the same name won") though nothing
+/// won: both fail, and the name's key names an id no record has.
+#[test]
+fn review_a_deploy_that_failed_after_claiming_the_name_does_not_make_another_lose() {
+    let nats = Nats::start();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let args = ["--registry", &nats.url(), "--registry-max-object-mb", "1", "--registry-timeout-ms", "2000"];
+    let (a, b) = (Server::start_in(dirs[0].path(), &args), Server::start_in(dirs[1].path(), &args));
+    for s in [&a, &b] {
+        s.wait_for_metric("tensor_wasm_registry_connected", &[], 1.0);
+    }
+    let too_big = module_of(1200, 5);
+    let (good, bad) = std::thread::scope(|scope| {
+        let good = scope.spawn(|| a.client().deploy("contested", &guests::slow_to_compile(999), json!({})));
+        // A has read the name's revision and is compiling; B's deploy claims it first, then finds
+        // no room for its module.
+        std::thread::sleep(Duration::from_millis(30));
+        let bad = b.client().deploy("contested", &too_big, json!({}));
+        (good.join().unwrap(), bad)
+    });
+    eprintln!("review: the deploy with no room: {} {}", bad.status, bad.text());
+    assert_eq!(bad.status, 507, "{}", bad.text());
+    assert_eq!(good.status, 201, "the deploy that nothing beat: {}", good.text());
+}
