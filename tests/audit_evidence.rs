@@ -681,15 +681,16 @@ fn a_replica_id_that_is_no_plain_name_stops_start_up() {
     assert!(lines.len() == 1 && lines[0].contains(&format!("\"replica\":\"{longest}\"")), "{lines:?}");
 }
 
-/// Review (fleet-review): before `--replica-id`, a log rewritten and chained again was caught by
+/// Before `--replica-id`, a log rewritten and chained again was caught by
 /// the checkpoints that had left the host. Now `audit verify` checks a checkpoint that names a
 /// replica only against a log of that replica, and takes the log's replica from its own records
 /// (and its own checkpoint files): an insider who rewrites a record and renames every record to
 /// another replica, chaining them all again, and removes the local checkpoint files, gets a log
-/// that verifies (exit 0) against the fleet's shipped checkpoints, which are then "another
-/// replica's" and not checked. The same attack without the rename is caught.
+/// that verified (exit 0) against the fleet's shipped checkpoints, which were then "another
+/// replica's" and not checked. Now shipped checkpoints that name none of the log's replicas fail
+/// it. The same attack without the rename is caught too.
 #[test]
-fn review_renaming_the_replica_in_a_rewritten_log_does_not_escape_the_shipped_checkpoints() {
+fn renaming_the_replica_in_a_rewritten_log_does_not_escape_the_shipped_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
     let (key, public) = keygen(dir.path());
     let data = dir.path().join("a");
@@ -738,13 +739,13 @@ fn review_renaming_the_replica_in_a_rewritten_log_does_not_escape_the_shipped_ch
     }
     // Nothing signed for r-9 yet: verify still fails ("no checkpoint signed by this key").
     let (code, out, err) = verify(&renamed, &with_fleet);
-    eprintln!("review: verify of the renamed log before re-signing: exit {code}\n{out}{err}");
+    eprintln!("audit: verify of the renamed log before re-signing: exit {code}\n{out}{err}");
     // The insider has the host, so the signing key: a server started on the renamed log as r-9
     // signs checkpoints of it, which the shipped r-1 checkpoints can no longer contradict.
     let mut server = Server::start_in(&renamed_data, &[&args[..], &["--replica-id", "r-9"]].concat());
     load(&server, 5, 1);
     stop(&mut server);
     let (code, out, err) = verify(&renamed, &with_fleet);
-    eprintln!("review: verify of the renamed, re-signed log: exit {code}\n{out}{err}");
+    eprintln!("audit: verify of the renamed, re-signed log: exit {code}\n{out}{err}");
     assert_eq!(code, 1, "a rewritten log escaped the shipped checkpoints by naming another replica: {out}{err}");
 }

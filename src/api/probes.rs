@@ -45,6 +45,7 @@ pub fn metrics(shard: &Shard) -> Response {
             syncs: r.syncs(),
             propagation: &r.propagation,
             late_changes: r.late_changes.get(),
+            repairs: r.repairs.get(),
         }),
         fleet: shared.fleet.as_deref().map(|f| (f.replicas(), f.connected())),
     });

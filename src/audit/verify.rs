@@ -61,6 +61,9 @@ pub struct CheckpointReport {
     /// Checkpoints whose signature verified that name a replica this log is not: another
     /// replica's, not checked against it.
     pub other_replicas: BTreeMap<ReplicaId, usize>,
+    /// The replicas the checkpoints given from elsewhere (`--checkpoints`, those shipped off the
+    /// host) name, when none of them is one this log names: a log renamed to escape them.
+    pub shipped_for_others: Option<BTreeSet<ReplicaId>>,
     /// Per shard: the newest checkpoint the log matches.
     pub newest: BTreeMap<u64, Checkpoint>,
     /// Per shard: records after its newest checkpoint, which nothing signed covers yet.
@@ -96,10 +99,9 @@ impl Report {
     /// Whether the log is intact: nothing broken, no checkpoint contradicted or forged, and with a
     /// key, at least one checkpoint that verified.
     pub fn ok(&self) -> bool {
-        let checkpoints_ok = self
-            .checkpoints
-            .as_ref()
-            .is_none_or(|c| c.contradicted.is_empty() && c.forged.is_empty() && c.verified > 0);
+        let checkpoints_ok = self.checkpoints.as_ref().is_none_or(|c| {
+            c.contradicted.is_empty() && c.forged.is_empty() && c.verified > 0 && c.shipped_for_others.is_none()
+        });
         self.broken.is_empty() && checkpoints_ok
     }
 }
@@ -172,6 +174,8 @@ pub fn verify(
     let mut checks = key.map(|_| CheckpointReport::default());
     // The replicas this log is: `replica`, or those its records and its own checkpoint files name.
     let mut own_replicas: BTreeSet<ReplicaId> = replica.into_iter().cloned().collect();
+    // The replicas the checkpoints from elsewhere name.
+    let mut shipped_replicas: BTreeSet<ReplicaId> = BTreeSet::new();
     if let (Some(key), Some(checks)) = (key, checks.as_mut()) {
         let mut seen = std::collections::HashSet::new();
         for file in checkpoint_files(&chains, extra)? {
@@ -184,6 +188,9 @@ pub fn verify(
                     Ok(cp) => {
                         if let Some(named) = cp.replica.as_ref().filter(|_| own && replica.is_none()) {
                             own_replicas.insert(named.clone());
+                        }
+                        if let Some(named) = cp.replica.as_ref().filter(|_| !own) {
+                            shipped_replicas.insert(named.clone());
                         }
                         if seen.insert((cp.replica.clone(), cp.shard, cp.size, cp.hash)) {
                             signed.push((cp, file.clone()));
@@ -294,6 +301,13 @@ pub fn verify(
     if let Some(checks) = checks.as_mut() {
         if replica.is_none() {
             own_replicas.extend(report.replicas.iter().cloned());
+        }
+        // Checkpoints shipped off the host, none of them of a replica this log names: a log that
+        // took another name (its records renamed and chained again, its own checkpoint files
+        // replaced) must not pass as "another replica's" and go unchecked. Against a whole fleet's
+        // shipped checkpoints, a log names at least one replica they cover.
+        if !shipped_replicas.is_empty() && shipped_replicas.is_disjoint(&own_replicas) {
+            checks.shipped_for_others = Some(shipped_replicas.clone());
         }
         // Another replica's checkpoints are not this log's to answer for.
         signed.retain(|(cp, _)| match &cp.replica {

@@ -36,7 +36,9 @@ const WINDOW_TICKS: usize = 5;
 /// Each replica's demand counts at least the rate ÷ (this × replicas): a replica that starts
 /// getting requests admits some before its first report reaches the others.
 const FLOOR_DIVISOR: f64 = 10.0;
-/// Peers remembered at most: reports from more are ignored (and logged).
+/// A replica's demand counts at most this many times the token's rate.
+const DEMAND_CAP_PER_QPS: f64 = 100.0;
+/// Peers remembered at most: past it, the one heard from longest ago is forgotten (and logged).
 const MAX_PEERS: usize = 256;
 /// Tokens a report names at most, the busiest first: a report stays far under NATS's 1 MiB
 /// payload limit. A token left out counts as idle on this replica for the others.
@@ -93,6 +95,13 @@ impl Drop for FleetLimiter {
 /// Starts the share thread for the tokens `tokens` publishes.
 pub fn spawn(config: FleetLimitConfig, tokens: Arc<Published<TokenSet>>) -> io::Result<FleetLimiter> {
     let last_known = read_count(&config.count_file).unwrap_or(1);
+    // From the start, before NATS answers (a connect may take --registry-timeout-ms): the rate
+    // divided by the replicas last known, never the whole of it.
+    for (_, entry) in tokens.load().1.entries() {
+        if let Some(bucket) = &entry.bucket {
+            bucket.set_share(1.0 / last_known as f64);
+        }
+    }
     let status = Arc::new(FleetStatus { replicas: AtomicU64::new(last_known as u64), ..Default::default() });
     let (stop_tx, stop_rx) = oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -325,8 +334,13 @@ impl Shares {
 
     fn heard(&mut self, replica: String, demand: HashMap<String, f64>, now: Instant) {
         if self.peers.len() >= MAX_PEERS && !self.peers.contains_key(&replica) {
-            tracing::warn!(max = MAX_PEERS, "fleet rate limits: more replicas report than are remembered; ignored");
-            return;
+            // The one heard from longest ago goes: a flood of made-up names cannot keep a real
+            // replica, which reports every interval, out for good.
+            let oldest = self.peers.iter().min_by_key(|(_, p)| p.heard).map(|(id, _)| id.clone());
+            if let Some(oldest) = oldest {
+                self.peers.remove(&oldest);
+            }
+            tracing::warn!(max = MAX_PEERS, "fleet rate limits: more replicas report than are remembered");
         }
         self.peers.insert(replica, Peer { heard: now, demand });
     }
@@ -344,8 +358,12 @@ impl Shares {
     /// fleet's, each replica's counted with a floor of qps ÷ (10 × replicas).
     fn share(&self, token: &str, mine: f64, qps: u32) -> f64 {
         let floor = f64::from(qps) / (FLOOR_DIVISOR * self.replicas() as f64);
-        let others: f64 = self.peers.values().map(|p| p.demand.get(token).copied().unwrap_or(0.0) + floor).sum();
-        let mine = mine + floor;
+        // No replica's demand counts for more than a hundred times the rate: more says nothing
+        // more about how to split it, and a forged report of 1e300 would leave the others none.
+        let cap = f64::from(qps) * DEMAND_CAP_PER_QPS;
+        let demand = |d: f64| d.min(cap) + floor;
+        let others: f64 = self.peers.values().map(|p| demand(p.demand.get(token).copied().unwrap_or(0.0))).sum();
+        let mine = demand(mine);
         (mine / (mine + others)).clamp(f64::MIN_POSITIVE, 1.0)
     }
 }
@@ -410,6 +428,10 @@ mod tests {
         shares.heard("a".into(), demand("t", 100.0), now);
         shares.heard("b".into(), demand("t", 100.0), now + Duration::from_millis(900));
         assert_eq!(shares.replicas(), 3);
+        // A forged report of any size weighs at most a hundred times the rate.
+        let mut forged = Shares::new(1);
+        forged.heard("x".into(), demand("t", 1e300), now);
+        assert!(forged.share("t", 50.0, 100) > 1e-4);
         shares.forget_silent(now + Duration::from_millis(1500), Duration::from_secs(1));
         assert_eq!(shares.replicas(), 2);
         assert!(shares.peers.contains_key("b"));

@@ -44,26 +44,23 @@ fn now_nanos() -> u64 {
 pub struct GlobalBucket {
     /// The configured rate, for the whole fleet.
     limit: RateLimit,
-    /// Nanoseconds between admissions at this replica's share of the sustained rate.
-    interval_ns: AtomicU64,
-    /// How far ahead of now the arrival time may run: the share of `burst` admissions, in ns.
-    capacity_ns: AtomicU64,
+    /// This replica's share of it, in (0, 1], as `f64` bits: one word, so that a `take` never
+    /// sees the interval of one share with the burst of another.
+    share: AtomicU64,
     /// The theoretical arrival time, in nanoseconds since [`epoch`].
     tat: AtomicU64,
 }
+
+/// The longest interval between admissions a share may make: one an hour. A share so small that
+/// it asks for less is a replica told to admit nearly nothing; an hour keeps the arithmetic far
+/// from overflow.
+const MAX_INTERVAL_NS: f64 = 3_600e9;
 
 impl GlobalBucket {
     pub fn new(limit: RateLimit) -> Self {
         assert!(limit.qps > 0 && limit.qps <= RateLimit::MAX_QPS && limit.burst > 0);
         epoch();
-        let bucket = GlobalBucket {
-            limit,
-            interval_ns: AtomicU64::new(0),
-            capacity_ns: AtomicU64::new(0),
-            tat: AtomicU64::new(0),
-        };
-        bucket.set_share(1.0);
-        bucket
+        GlobalBucket { limit, share: AtomicU64::new(1.0f64.to_bits()), tat: AtomicU64::new(0) }
     }
 
     pub fn limit(&self) -> RateLimit {
@@ -74,19 +71,27 @@ impl GlobalBucket {
     /// part of a fleet's. The burst never falls below one admission.
     pub fn set_share(&self, share: f64) {
         assert!(share > 0.0 && share <= 1.0, "a share is in (0, 1]: {share}");
+        self.share.store(share.to_bits(), Ordering::Relaxed);
+        // A share that grew back must not keep the arrival time where a smaller one pushed it (an
+        // admission at a share of a millionth books a long interval): no further ahead than a
+        // full burst of the new share, the furthest any run of admissions at it can leave it, so
+        // that at an unchanged share (every tick sets it again) this changes nothing.
+        let (_, capacity) = self.setting(share);
+        self.tat.fetch_min(now_nanos().saturating_add(capacity), Ordering::AcqRel);
+    }
+
+    /// The interval between admissions and the capacity (the burst's worth of intervals), in ns,
+    /// at `share`.
+    fn setting(&self, share: f64) -> (u64, u64) {
         let qps = f64::from(self.limit.qps) * share;
-        let interval_ns = (1e9 / qps).round().clamp(1.0, u64::MAX as f64 / 4.0) as u64;
+        let interval = (1e9 / qps).round().clamp(1.0, MAX_INTERVAL_NS) as u64;
         let burst = (f64::from(self.limit.burst) * share).round().max(1.0) as u64;
-        // Capacity first: a `take` between the two stores sees the new capacity with the old
-        // interval, which admits no more than either setting would alone.
-        self.capacity_ns.store(interval_ns.saturating_mul(burst), Ordering::Relaxed);
-        self.interval_ns.store(interval_ns, Ordering::Relaxed);
+        (interval, interval.saturating_mul(burst))
     }
 
     /// Takes up to `want` admissions. `Ok(n)` with `n ≥ 1`, or `Err(wait)` until one is possible.
     pub fn take(&self, want: u32, now: u64) -> Result<u32, Duration> {
-        let interval = self.interval_ns.load(Ordering::Relaxed);
-        let capacity = self.capacity_ns.load(Ordering::Relaxed).max(interval);
+        let (interval, capacity) = self.setting(f64::from_bits(self.share.load(Ordering::Relaxed)));
         let mut tat = self.tat.load(Ordering::Relaxed);
         loop {
             let start = tat.max(now);
@@ -166,6 +171,22 @@ mod tests {
         assert_eq!(b.take(5, t0 + 60_000_000_000), Ok(1));
         b.set_share(1.0);
         assert_eq!(b.take(100, t0 + 120_000_000_000), Ok(10));
+    }
+
+    #[test]
+    fn a_share_that_grows_back_frees_what_a_tiny_one_booked() {
+        let b = GlobalBucket::new(RateLimit { qps: 100, burst: 10 });
+        b.set_share(1e-9);
+        // One admission at a share of a billionth books an hour ahead.
+        let now = now_nanos();
+        assert_eq!(b.take(1, now), Ok(1));
+        assert!(b.take(1, now).unwrap_err() > Duration::from_secs(3000));
+        b.set_share(1.0);
+        // At most one interval of the new share (10 ms) away, not the hour.
+        let now = now_nanos();
+        let wait = b.take(1, now).map_or_else(|wait| wait, |_| Duration::ZERO);
+        assert!(wait <= Duration::from_millis(10), "still locked out after the share grew back: {wait:?}");
+        assert_eq!(b.take(1, now + 10_000_000), Ok(1));
     }
 
     #[test]

@@ -179,6 +179,14 @@ fn verify_audit(
                 path.display()
             );
         }
+        if let Some(shipped) = &checks.shipped_for_others {
+            let names: Vec<&str> = shipped.iter().map(|r| r.as_str()).collect();
+            eprintln!(
+                "tensor-wasm: the checkpoints given are of replicas {} and this log names none of them: \
+                 a log is checked against its own replica's shipped checkpoints",
+                names.join(", ")
+            );
+        }
         if checks.verified == 0 {
             eprintln!("tensor-wasm: no checkpoint signed by this key was found: nothing proves the log is complete");
         }

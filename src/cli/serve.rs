@@ -266,6 +266,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TENSOR_WASM_REGISTRY_PROPAGATION_MS", default_value_t = 1000)]
     pub registry_propagation_ms: u64,
 
+    /// How often each replica checks that the registry's object store holds its functions'
+    /// files, storing again from its own copies what the store lost.
+    #[arg(long, env = "TENSOR_WASM_REGISTRY_REPAIR_INTERVAL_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
+    pub registry_repair_interval_ms: u64,
+
     /// The bytes the registry's object store may hold (modules and tensor files of every tenant),
     /// set when this replica creates it.
     #[arg(long, env = "TENSOR_WASM_REGISTRY_MAX_OBJECT_MB", default_value_t = 10240)]
@@ -549,6 +555,7 @@ impl ServeArgs {
             (
                 std::time::Duration::from_millis(self.registry_timeout_ms),
                 std::time::Duration::from_millis(self.registry_propagation_ms),
+                std::time::Duration::from_millis(self.registry_repair_interval_ms),
             ),
             (self.registry_max_object_mb.saturating_mul(1 << 20), self.registry_replicas.into()),
         )?;
@@ -1007,7 +1014,7 @@ mod tests {
 
     fn nats() -> RegistryConfig {
         let timeout = std::time::Duration::from_secs(1);
-        RegistryConfig::parse("nats://127.0.0.1:4222", None, (timeout, timeout), (1 << 20, 1)).unwrap()
+        RegistryConfig::parse("nats://127.0.0.1:4222", None, (timeout, timeout, timeout), (1 << 20, 1)).unwrap()
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub struct NatsConfig {
     /// A change that reaches this replica later than this after JetStream stored it is counted
     /// (`tensor_wasm_registry_late_changes_total`) and logged.
     pub propagation: Duration,
+    /// How often a replica checks that the object store holds its functions' files, storing
+    /// again what it lost.
+    pub repair_interval: Duration,
 }
 
 impl RegistryConfig {
@@ -34,7 +37,7 @@ impl RegistryConfig {
     pub fn parse(
         text: &str,
         creds: Option<PathBuf>,
-        (timeout, propagation): (Duration, Duration),
+        (timeout, propagation, repair_interval): (Duration, Duration, Duration),
         (max_object_bytes, replicas): (u64, usize),
     ) -> Result<RegistryConfig, String> {
         let text = text.trim();
@@ -73,6 +76,14 @@ impl RegistryConfig {
         if !(1..=5).contains(&replicas) {
             return Err(format!("--registry-replicas must be 1 to 5 (JetStream's limit), not {replicas}"));
         }
-        Ok(RegistryConfig::Nats(NatsConfig { servers, creds, timeout, max_object_bytes, replicas, propagation }))
+        Ok(RegistryConfig::Nats(NatsConfig {
+            servers,
+            creds,
+            timeout,
+            max_object_bytes,
+            replicas,
+            propagation,
+            repair_interval,
+        }))
     }
 }

@@ -59,6 +59,7 @@ pub struct RegistryFigures<'a> {
     /// From publication to serving here, for the watch's changes.
     pub propagation: &'a Histogram,
     pub late_changes: u64,
+    pub repairs: u64,
 }
 
 /// Renders every metric in the Prometheus text exposition format (0.0.4).
@@ -313,6 +314,13 @@ fn registry_metrics(out: &mut String, registry: &RegistryFigures) {
         "Changes applied here later than --registry-propagation-ms after their publication.",
     );
     let _ = writeln!(out, "tensor_wasm_registry_late_changes_total {}", registry.late_changes);
+    header(
+        out,
+        "tensor_wasm_registry_repairs_total",
+        "counter",
+        "Files of this replica's functions that the registry's object store had lost, stored again from this replica's copies.",
+    );
+    let _ = writeln!(out, "tensor_wasm_registry_repairs_total {}", registry.repairs);
 }
 
 /// Kernel dispatch: per device and op, the guest-visible latency, device and tenant memory, the

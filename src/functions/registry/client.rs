@@ -7,6 +7,7 @@
 //! their SHA-256 in hex. Any disconnection ends the watch: the thread reconnects (with a backoff
 //! of 0.1 to 2 s) and resynchronises from the bucket, so a change missed while away is never lost.
 
+use std::collections::HashSet;
 use std::io;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,12 +34,12 @@ const NAME_PREFIX: &str = "n.";
 const COMMAND_DEPTH: usize = 16;
 /// Changes on their way to the worker. Full, the watch waits: JetStream holds the rest.
 pub const CHANGE_DEPTH: usize = 256;
-/// A delete marker is purged this many `--registry-propagation-ms` after the delete: by then
-/// every replica's watch has applied it, or the replica counts a late change and, if away, will
-/// resynchronise from the listing.
+/// A delete's clean-up waits this many `--registry-propagation-ms` (and at least a deploy's
+/// `--registry-timeout-ms` more than one): by then every replica's watch has applied it, or the
+/// replica counts a late change and, if away, will resynchronise from the listing.
 const TOMBSTONE_AGE_PER_BOUND: u32 = 10;
-/// Delete markers awaiting their purge at most; past it the oldest is left in the bucket.
-const MAX_TOMBSTONES: usize = 65_536;
+/// Clean-up chores waiting at most; past it the oldest is left undone.
+const MAX_CHORES: usize = 65_536;
 /// How often the connection's state is looked at while watching.
 const STATE_TICK: Duration = Duration::from_millis(100);
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
@@ -67,6 +68,17 @@ pub(super) enum Command {
     NameRevision {
         key: String,
         reply: Reply<u64>,
+        deadline: Instant,
+    },
+    Missing {
+        digests: Vec<String>,
+        reply: Reply<Vec<String>>,
+        deadline: Instant,
+    },
+    StoreObject {
+        digest: String,
+        bytes: Vec<u8>,
+        reply: Reply<()>,
         deadline: Instant,
     },
     PublishPipeline {
@@ -106,6 +118,7 @@ pub fn spawn(config: NatsConfig, sink: ChangeSink, synced_at: Option<u64>) -> io
         status: status.clone(),
         timeout: config.timeout,
         propagation_bound: config.propagation,
+        repair_interval: config.repair_interval,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let thread = std::thread::Builder::new().name("tw-registry".into()).spawn(move || {
@@ -123,9 +136,9 @@ async fn run(
 ) {
     let mut backoff = BACKOFF_FIRST;
     // Kept across reconnects: a marker due for purging while NATS was away is purged after.
-    let tombstones = Tombstones::new(config.propagation * TOMBSTONE_AGE_PER_BOUND);
+    let later = Later::new((config.propagation * TOMBSTONE_AGE_PER_BOUND).max(config.timeout + config.propagation));
     loop {
-        let why = match Session::open(&config, &tombstones).await {
+        let why = match Session::open(&config, &later).await {
             Ok(session) => {
                 let opened = Instant::now();
                 let served = session.serve(&mut commands, &sink, &status).await;
@@ -167,6 +180,8 @@ fn refuse(command: Command, why: &str) {
         Command::Fetch { reply, .. } => drop(reply.try_send(Err(e()))),
         Command::NameRevision { reply, .. } => drop(reply.try_send(Err(e()))),
         Command::PublishPipeline { reply, .. } => drop(reply.try_send(Err(e()))),
+        Command::Missing { reply, .. } => drop(reply.try_send(Err(e()))),
+        Command::StoreObject { reply, .. } => drop(reply.try_send(Err(e()))),
         Command::RemovePipeline { reply, .. } => drop(reply.try_send(Err(e()))),
     }
 }
@@ -176,38 +191,50 @@ pub(super) fn name_key(tenant: u64, name: &str) -> String {
     format!("{NAME_PREFIX}{tenant}.{}", hex(name.as_bytes()))
 }
 
-/// Delete markers this replica left in the bucket (a function's, a pipeline's, a name's key), to
-/// purge once every replica's watch has seen them: without this, each delete would leave a
-/// marker in the bucket's stream for ever, and a tenant that deploys and deletes in a loop would
-/// grow it without bound. A replica whose watch missed one (away longer than the marker's age)
-/// resynchronises from the listing, which needs no marker.
+/// Clean-up a delete leaves for later, once every replica has seen the delete:
+///
+/// - its delete markers in the bucket (a function's, a pipeline's, a name's key). Left there,
+///   each delete would stay in the bucket's stream for ever, and a tenant that deploys and
+///   deletes in a loop would grow it without bound. A replica whose watch missed one (away
+///   longer) resynchronises from the listing, which needs no marker;
+/// - the objects the deleted function used, when no record in the bucket (not this replica's
+///   catalog, which may lag or have refused a record) names them by then. Waiting for longer
+///   than a deploy may take lets a deploy of the same module on another replica that found it
+///   stored land its record first.
 #[derive(Clone)]
-struct Tombstones {
-    /// Keys and when their marker may go, oldest first.
-    due: std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<(Instant, String)>>>,
-    age: Duration,
+struct Later {
+    /// Chores and when they are due, oldest first.
+    due: std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<(Instant, Chore)>>>,
+    delay: Duration,
 }
 
-impl Tombstones {
-    fn new(age: Duration) -> Tombstones {
-        Tombstones { due: Default::default(), age }
+enum Chore {
+    /// A key whose delete marker to purge.
+    Marker(String),
+    /// An object (a digest) to remove if nothing names it.
+    Object(String),
+}
+
+impl Later {
+    fn new(delay: Duration) -> Later {
+        Later { due: Default::default(), delay }
     }
 
-    fn left(&self, key: String) {
+    fn add(&self, chore: Chore) {
         let mut due = self.due.borrow_mut();
-        if due.len() >= MAX_TOMBSTONES {
-            // The oldest stays in the bucket: a marker, not a function.
+        if due.len() >= MAX_CHORES {
+            // The oldest is left undone: a marker or an object stays in NATS, nothing is lost.
             due.pop_front();
         }
-        due.push_back((Instant::now() + self.age, key));
+        due.push_back((Instant::now() + self.delay, chore));
     }
 
-    /// The keys whose markers are due now.
-    fn take_due(&self) -> Vec<String> {
+    /// The chores due now.
+    fn take_due(&self) -> Vec<Chore> {
         let mut due = self.due.borrow_mut();
         let now = Instant::now();
         let ready = due.iter().take_while(|(at, _)| *at <= now).count();
-        due.drain(..ready).map(|(_, key)| key).collect()
+        due.drain(..ready).map(|(_, chore)| chore).collect()
     }
 }
 
@@ -217,14 +244,14 @@ struct Session {
     kv: kv::Store,
     /// The bucket's stream, for purging delete markers.
     kv_stream: jetstream::stream::Stream,
-    tombstones: Tombstones,
+    later: Later,
     objects: object_store::ObjectStore,
     /// The bucket's identity: its stream's creation time. A wiped or new registry has another.
     bucket: String,
 }
 
 impl Session {
-    async fn open(config: &NatsConfig, tombstones: &Tombstones) -> Result<Session, String> {
+    async fn open(config: &NatsConfig, later: &Later) -> Result<Session, String> {
         let connection = crate::nats::Connection::open(config, "tensor-wasm").await?;
         let js = jetstream::new(connection.client.clone());
         // Created on first use by whichever replica comes first; the same config everywhere, so a
@@ -266,7 +293,7 @@ impl Session {
                 .map_err(|e| format!("the object store {OBJECTS}: {e} (opening it: {get})"))?,
         };
         let kv_stream = js.get_stream(format!("KV_{BUCKET}")).await.map_err(|e| format!("the bucket's stream: {e}"))?;
-        Ok(Session { connection, js, kv, kv_stream, tombstones: tombstones.clone(), objects, bucket })
+        Ok(Session { connection, js, kv, kv_stream, later: later.clone(), objects, bucket })
     }
 
     /// Resynchronises, then watches the bucket and answers commands until the connection drops
@@ -311,13 +338,19 @@ impl Session {
                 _ => {}
             }
         }
+        let listed = (ids.len(), pipelines.len());
         let synced = Change::Synced { ids, pipelines, bucket: self.bucket.clone(), revision: last };
         self.hand_over(sink, commands, synced).await?;
         // Every change after the listing's start: one the listing saw already comes again, and
         // applying it again changes nothing.
         let mut watch = self.kv.watch_all_from_revision(last + 1).await.map_err(|e| format!("watch: {e}"))?;
         status.synced();
-        tracing::info!(functions = keys.len(), revision = last, "registry synchronised; watching for changes");
+        tracing::info!(
+            functions = listed.0,
+            pipelines = listed.1,
+            revision = last,
+            "registry synchronised; watching for changes"
+        );
         let mut tick = tokio::time::interval(STATE_TICK);
         loop {
             tokio::select! {
@@ -341,9 +374,7 @@ impl Session {
                     if self.connection.is_down() {
                         return Err("the connection to NATS dropped".into());
                     }
-                    for key in self.tombstones.take_due() {
-                        self.purge_marker(&key).await;
-                    }
+                    self.do_chores().await;
                 }
             }
         }
@@ -397,19 +428,42 @@ impl Session {
                 let removed = removed.map_err(|e| RegistryError::Unavailable(format!("delete: {e}")));
                 let done = removed.is_ok();
                 if done {
-                    self.tombstones.left(format!("{KEY_PREFIX}{id}"));
+                    self.later.add(Chore::Marker(format!("{KEY_PREFIX}{id}")));
                 }
                 // Answered first: what follows is clean-up, which a failure leaves for later.
                 let _ = reply.try_send(removed);
                 if done {
                     self.release_name(&name_key, &id).await;
                     for digest in unused {
-                        let name = object_name(&digest);
-                        if let Err(e) = self.objects.delete(name.as_str()).await {
-                            tracing::debug!(object = name, "an unused object stays in the store: {e}");
-                        }
+                        self.later.add(Chore::Object(digest));
                     }
                 }
+            }
+            Command::Missing { digests, reply, deadline } => {
+                let looked = tokio::time::timeout_at(deadline.into(), async {
+                    let mut missing = Vec::new();
+                    for digest in digests {
+                        // Only what NATS says is gone: an error of another kind proves nothing.
+                        let gone = match self.objects.info(object_name(&digest).as_str()).await {
+                            Ok(info) => info.deleted,
+                            Err(e) => e.kind() == object_store::InfoErrorKind::NotFound,
+                        };
+                        if gone {
+                            missing.push(digest);
+                        }
+                    }
+                    missing
+                })
+                .await;
+                let _ =
+                    reply.try_send(looked.map_err(|_| RegistryError::Unavailable("past --registry-timeout-ms".into())));
+            }
+            Command::StoreObject { digest, bytes, reply, deadline } => {
+                let stored = match self.in_time(deadline) {
+                    Ok(()) => self.store(&object_name(&digest), &bytes).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.try_send(stored);
             }
             Command::PublishPipeline { record, reply, deadline } => {
                 let published = match self.in_time(deadline) {
@@ -424,7 +478,7 @@ impl Session {
                     Err(e) => return drop(reply.try_send(Err(e))),
                 };
                 if removed.is_ok() {
-                    self.tombstones.left(format!("{PIPELINE_PREFIX}{id}"));
+                    self.later.add(Chore::Marker(format!("{PIPELINE_PREFIX}{id}")));
                 }
                 let _ = reply.try_send(removed.map_err(|e| RegistryError::Unavailable(format!("delete: {e}"))));
             }
@@ -449,8 +503,7 @@ impl Session {
         }
     }
 
-    /// The name's claim first (a deploy that lost it sends nothing more), then the objects,
-    /// then the record, each acknowledged by JetStream before the next.
+    /// Publishes a deploy (`publish_steps`), then checks its objects are still there.
     async fn publish(
         &self,
         record: &FunctionRecord,
@@ -458,32 +511,44 @@ impl Session {
         objects: Vec<(String, Vec<u8>)>,
         deadline: Instant,
     ) -> Result<u64, RegistryError> {
-        if let Some(claim) = claim {
-            self.in_time(deadline)?;
-            self.claim_name(&claim, &record.id).await?;
+        let mut sent = Vec::new();
+        let published = self.publish_steps(record, claim, &objects, deadline, &mut sent).await;
+        match &published {
+            Ok(_) => self.still_stored(&objects).await,
+            // What this deploy stored and no record names goes with the next clean-up, unless a
+            // record names it by then (the same module, deployed by another).
+            Err(_) => sent.into_iter().for_each(|digest| self.later.add(Chore::Object(digest))),
         }
-        for (digest, bytes) in &objects {
+        published
+    }
+
+    /// The objects first (a full store refuses before anything else moved), then the name's
+    /// claim (so that only a deploy about to land moves it), then the record: each acknowledged
+    /// by JetStream before the next. `sent`: the objects this deploy stored.
+    async fn publish_steps(
+        &self,
+        record: &FunctionRecord,
+        claim: Option<NameClaim>,
+        objects: &[(String, Vec<u8>)],
+        deadline: Instant,
+        sent: &mut Vec<String>,
+    ) -> Result<u64, RegistryError> {
+        for (digest, bytes) in objects {
             self.in_time(deadline)?;
             let name = object_name(digest);
             if self.holds(&name, bytes.len()).await {
                 continue;
             }
-            self.room_for(bytes.len() as u64).await?;
-            self.objects.put(name.as_str(), &mut bytes.as_slice()).await.map_err(|e| {
-                let text = e.to_string();
-                // JetStream's words for a stream at its max_bytes.
-                if text.contains("maximum bytes") || text.contains("insufficient resources") {
-                    RegistryError::Full(text)
-                } else {
-                    RegistryError::Unavailable(format!("store {name}: {text}"))
-                }
-            })?;
+            self.store(&name, bytes).await?;
+            sent.push(digest.clone());
         }
-        // Objects nobody's record names yet are harmless; the record is the change itself.
+        if let Some(claim) = claim {
+            self.in_time(deadline)?;
+            self.claim_name(&claim, &record.id).await?;
+        }
+        // The record is the change itself.
         self.in_time(deadline)?;
-        let revision = self.create_record(&format!("{KEY_PREFIX}{}", record.id), record).await?;
-        self.still_stored(&objects).await;
-        Ok(revision)
+        self.create_record(&format!("{KEY_PREFIX}{}", record.id), record).await
     }
 
     /// Creates `key` with the record's JSON; returns its revision.
@@ -501,6 +566,20 @@ impl Session {
         }
     }
 
+    /// Stores `bytes` as the object `name`, if the store has room for them.
+    async fn store(&self, name: &str, bytes: &[u8]) -> Result<(), RegistryError> {
+        self.room_for(bytes.len() as u64).await?;
+        self.objects.put(name, &mut &bytes[..]).await.map(drop).map_err(|e| {
+            let text = e.to_string();
+            // JetStream's words for a stream at its max_bytes.
+            if text.contains("maximum bytes") || text.contains("insufficient resources") {
+                RegistryError::Full(text)
+            } else {
+                RegistryError::Unavailable(format!("store {name}: {text}"))
+            }
+        })
+    }
+
     /// Whether the store holds the object `name`, of `len` bytes.
     async fn holds(&self, name: &str, len: usize) -> bool {
         self.objects.info(name).await.is_ok_and(|info| !info.deleted && info.size == len)
@@ -516,8 +595,8 @@ impl Session {
                 continue;
             }
             tracing::info!(object = name, "an object removed while this deploy used it: stored again");
-            if let Err(e) = self.objects.put(name.as_str(), &mut bytes.as_slice()).await {
-                tracing::warn!(object = name, "cannot store again an object a function needs: {e}");
+            if let Err(e) = self.store(&name, bytes).await {
+                tracing::warn!(object = name, "cannot store again an object a function needs: {e:?}");
             }
         }
     }
@@ -541,7 +620,25 @@ impl Session {
         }
         match self.kv.update(claim.key.as_str(), value(), claim.revision).await {
             Ok(_) => Ok(()),
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Err(lost()),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                // A delete of the function the name named moved it (or a marker's purge): that is
+                // no deploy of the name, so this one may still take it, at the key's state now.
+                let released = match self.kv.entry(claim.key.as_str()).await {
+                    Ok(None) => Some(0),
+                    Ok(Some(entry)) if entry.operation != kv::Operation::Put => Some(entry.revision),
+                    _ => None,
+                };
+                match released {
+                    Some(0) => match self.kv.create(claim.key.as_str(), value()).await {
+                        Ok(_) => Ok(()),
+                        Err(_) => Err(lost()),
+                    },
+                    Some(revision) => {
+                        self.kv.update(claim.key.as_str(), value(), revision).await.map(drop).map_err(|_| lost())
+                    }
+                    None => Err(lost()),
+                }
+            }
             Err(e) => Err(RegistryError::Unavailable(format!("claim the name: {e}"))),
         }
     }
@@ -549,6 +646,55 @@ impl Session {
     /// Deletes the name's key after its function's record, if it still names that function: a
     /// later deploy of the name holds it otherwise. Best effort: a key left behind only counts
     /// the name's deploys.
+    /// Does the clean-up that is due: purges markers, and removes the objects no record names.
+    async fn do_chores(&self) {
+        let mut objects = HashSet::new();
+        for chore in self.later.take_due() {
+            match chore {
+                Chore::Marker(key) => self.purge_marker(&key).await,
+                Chore::Object(digest) => drop(objects.insert(digest)),
+            }
+        }
+        if objects.is_empty() {
+            return;
+        }
+        match self.named_objects().await {
+            Ok(named) => {
+                for digest in objects.difference(&named) {
+                    let name = object_name(digest);
+                    if let Err(e) = self.objects.delete(name.as_str()).await {
+                        tracing::debug!(object = name, "an unused object stays in the store: {e}");
+                    }
+                }
+            }
+            // Left in the store: an object too many, never one too few.
+            Err(e) => tracing::debug!("unused objects stay in the store: {e}"),
+        }
+    }
+
+    /// Every object (module and tensor file digests) some function record in the bucket names.
+    async fn named_objects(&self) -> Result<HashSet<String>, String> {
+        let keys: Vec<String> = self
+            .kv
+            .keys()
+            .await
+            .map_err(|e| format!("list: {e}"))?
+            .try_collect()
+            .await
+            .map_err(|e| format!("list: {e}"))?;
+        let mut named = HashSet::new();
+        for key in keys.iter().filter(|k| k.starts_with(KEY_PREFIX)) {
+            let Some(value) = self.kv.get(key.as_str()).await.map_err(|e| format!("get {key}: {e}"))? else { continue };
+            // A record that does not parse names nothing this server can tell: its objects, if
+            // any, are kept (only an unreadable record's key can name them).
+            match serde_json::from_slice::<FunctionRecord>(&value) {
+                Ok(record) => named.extend(std::iter::once(record.digest).chain(record.tensors)),
+                Err(_) => return Err(format!("{key} does not parse")),
+            }
+        }
+        Ok(named)
+    }
+
     /// Purges `key`'s delete marker, if it is still the key's last entry: anything put after it
     /// (a name claimed again) has a later sequence and stays.
     async fn purge_marker(&self, key: &str) {
@@ -566,7 +712,7 @@ impl Session {
         let Ok(Some(entry)) = self.kv.entry(key).await else { return };
         if entry.operation == kv::Operation::Put && entry.value.as_ref() == id.as_bytes() {
             match self.kv.delete_expect_revision(key, Some(entry.revision)).await {
-                Ok(()) => self.tombstones.left(key.to_string()),
+                Ok(()) => self.later.add(Chore::Marker(key.to_string())),
                 Err(e) => tracing::debug!(key, "the name's key stays: {e}"),
             }
         }

@@ -100,6 +100,8 @@ pub struct RegistryStatus {
     pub propagation: Histogram,
     /// Of those, the ones that took longer than `--registry-propagation-ms`.
     pub late_changes: Counter,
+    /// Files the object store had lost that this replica stored again.
+    pub repairs: Counter,
     /// Watching the bucket now.
     connected: AtomicBool,
     /// When the replica last was in step with the bucket (connected and watching), in Unix ms.
@@ -161,6 +163,8 @@ pub struct Registry {
     timeout: Duration,
     /// `--registry-propagation-ms`: a change applied later than this is counted and logged.
     pub propagation_bound: Duration,
+    /// `--registry-repair-interval-ms`.
+    pub repair_interval: Duration,
 }
 
 impl Registry {
@@ -173,9 +177,9 @@ impl Registry {
         Ok(NameClaim { key, revision })
     }
 
-    /// Claims the name at the revision `claim` read (a deploy; `None` for a function republished
-    /// from a cache), stores the module (and tensor file) under its digest unless the object
-    /// store has it, then puts the record: a deploy is acknowledged only once JetStream has all.
+    /// Stores the module (and tensor file) under its digest unless the object store has it,
+    /// claims the name at the revision `claim` read (a deploy; `None` for a function republished
+    /// from a cache), then puts the record: a deploy is acknowledged only once JetStream has all.
     /// Returns the record's revision in the bucket; `Conflict` when the name moved meanwhile.
     pub fn publish(
         &self,
@@ -199,6 +203,17 @@ impl Registry {
         let id = record.id.clone();
         let name_key = client::name_key(record.tenant_id, &record.name);
         self.ask(|reply, deadline| client::Command::Remove { id, name_key, unused, reply, deadline })
+    }
+
+    /// Which of `digests` the object store does not hold.
+    pub fn missing(&self, digests: Vec<String>) -> Result<Vec<String>, RegistryError> {
+        self.ask(|reply, deadline| client::Command::Missing { digests, reply, deadline })
+    }
+
+    /// Stores `bytes` under `digest` (its SHA-256, which the caller checked).
+    pub fn store_object(&self, digest: &str, bytes: Vec<u8>) -> Result<(), RegistryError> {
+        let digest = digest.to_string();
+        self.ask(|reply, deadline| client::Command::StoreObject { digest, bytes, reply, deadline })
     }
 
     /// Puts a pipeline's record: every replica's watch serves it.

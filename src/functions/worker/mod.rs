@@ -113,6 +113,7 @@ pub fn spawn(
             registry,
             changes: RefCell::new(changes),
             registry_retry: RefCell::default(),
+            registry_repaired: Cell::new(None),
             published: RefCell::default(),
         };
         worker.load();
@@ -187,6 +188,9 @@ struct Worker {
     /// Functions from the registry whose files could not be fetched, and when they were last
     /// tried (`registry_sync`): tried again every `REGISTRY_RETRY`.
     registry_retry: RefCell<(HashSet<String>, Option<Instant>)>,
+    /// When this replica last checked that the object store holds the files of its functions
+    /// (`registry_sync::repair_registry_objects`).
+    registry_repaired: Cell<Option<Instant>>,
     /// The bucket's revision of each function this replica published, until a resync listed a
     /// later revision: a resync's listing may predate them (`registry_sync::apply_synced`).
     published: RefCell<HashMap<String, u64>>,
@@ -199,7 +203,7 @@ impl Worker {
                 None => Duration::from_secs(3600),
                 Some(watch) => watch.config.poll.saturating_sub(watch.last_scan.get().elapsed()),
             };
-            let wait = wait.min(self.registry_retry_in());
+            let wait = wait.min(self.registry_retry_in()).min(self.registry_repair_in());
             match jobs.pop(wait, !self.compiling.get()) {
                 Ok(job) => self.perform(job),
                 Err(queue::Empty::TimedOut) => {}
@@ -211,6 +215,9 @@ impl Worker {
             }
             if self.registry_retry_in().is_zero() {
                 self.retry_registry_fetches();
+            }
+            if self.registry_repair_in().is_zero() {
+                self.repair_registry_objects();
             }
         }
     }

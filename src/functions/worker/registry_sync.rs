@@ -80,7 +80,8 @@ impl Worker {
         }
     }
 
-    /// Whether the record changed anything here (its own deploy, seen again, does not).
+    /// Whether this record now serves here (its own deploy, seen again, changes nothing, and one
+    /// whose files could not be fetched is listed broken: neither is timed as propagated).
     fn apply_put(&self, record: FunctionRecord) -> bool {
         if let Err(why) = self.check_remote(&record) {
             // Whoever can write the bucket can write anything: nothing unchecked reaches a file
@@ -114,13 +115,14 @@ impl Worker {
             tracing::warn!(id = record.id, "cannot store a function from the registry: {e}");
             return false;
         }
+        let serving = deployed.module.is_ok();
         if let Err(reason) = &deployed.module {
             tracing::warn!(id = record.id, name = record.name, "a function from the registry is broken here: {reason}");
         } else {
             tracing::info!(id = record.id, name = record.name, "function deployed from the registry");
         }
         self.catalog.insert_all([deployed]);
-        true
+        serving
     }
 
     /// How long until the next retry of failed fetches: `Duration::MAX` with none to retry.
@@ -130,6 +132,61 @@ impl Worker {
             (ids, _) if ids.is_empty() => Duration::MAX,
             (_, None) => Duration::ZERO,
             (_, Some(at)) => REGISTRY_RETRY.saturating_sub(at.elapsed()),
+        }
+    }
+
+    /// How long until the next check of the object store (`--registry-repair-interval-ms`):
+    /// `Duration::MAX` without a registry.
+    pub(super) fn registry_repair_in(&self) -> Duration {
+        match (&self.registry, self.registry_repaired.get()) {
+            (None, _) => Duration::MAX,
+            (Some(_), None) => Duration::ZERO,
+            (Some(r), Some(at)) => r.repair_interval.saturating_sub(at.elapsed()),
+        }
+    }
+
+    /// Stores again, from this replica's copies, the modules and tensor files of its functions
+    /// that the object store no longer holds: a store that lost an object (a delete's clean-up
+    /// racing a deploy of the same module elsewhere, a NATS that lost part of its storage) is
+    /// repaired by any replica that has it, and the replicas waiting on it fetch it at their next
+    /// retry.
+    pub(super) fn repair_registry_objects(&self) {
+        self.registry_repaired.set(Some(Instant::now()));
+        let Some(registry) = self.registry.as_ref().filter(|r| r.status.connected()) else { return };
+        let current = self.catalog.current();
+        // Digest → whether it is a tensor file; only what this replica can serve from its store.
+        let mut held = std::collections::BTreeMap::new();
+        for f in current.values().filter(|f| f.record.source == Source::Api && f.module.is_ok()) {
+            held.insert(f.record.digest.clone(), false);
+            if let Some(t) = &f.record.tensors {
+                held.insert(t.clone(), true);
+            }
+        }
+        if held.is_empty() {
+            return;
+        }
+        let missing = match registry.missing(held.keys().cloned().collect()) {
+            Ok(missing) => missing,
+            Err(e) => return tracing::debug!("cannot check the object store: {e:?}"),
+        };
+        for digest in missing {
+            let bytes = match held.get(&digest) {
+                Some(true) => self.store.read_tensors(&digest, self.limits.max_function_tensors_bytes),
+                Some(false) => self.store.read_module(&digest),
+                None => continue,
+            };
+            let stored = match bytes {
+                Ok(bytes) if digest_of(&bytes) == digest => registry.store_object(&digest, bytes),
+                // This copy cannot repair it; another replica's may.
+                _ => continue,
+            };
+            match stored {
+                Ok(()) => {
+                    registry.status.repairs.add(1);
+                    tracing::warn!(digest, "the registry's object store had lost a file of a function: stored again");
+                }
+                Err(e) => tracing::warn!(digest, "cannot store again a file the object store lost: {e:?}"),
+            }
         }
     }
 
