@@ -305,14 +305,7 @@ impl Session {
         status: &RegistryStatus,
     ) -> Result<(), String> {
         let last = self.kv.status().await.map_err(|e| format!("bucket status: {e}"))?.info.state.last_sequence;
-        let keys: Vec<String> = self
-            .kv
-            .keys()
-            .await
-            .map_err(|e| format!("list: {e}"))?
-            .try_collect()
-            .await
-            .map_err(|e| format!("list: {e}"))?;
+        let keys = self.keys().await?;
         let (mut ids, mut pipelines) = (Vec::new(), Vec::new());
         // Functions first: a pipeline's steps name them.
         let listed = keys
@@ -672,16 +665,15 @@ impl Session {
         }
     }
 
+    /// Every key the bucket holds (deleted ones aside).
+    async fn keys(&self) -> Result<Vec<String>, String> {
+        let keys = self.kv.keys().await.map_err(|e| format!("list: {e}"))?;
+        keys.try_collect().await.map_err(|e| format!("list: {e}"))
+    }
+
     /// Every object (module and tensor file digests) some function record in the bucket names.
     async fn named_objects(&self) -> Result<HashSet<String>, String> {
-        let keys: Vec<String> = self
-            .kv
-            .keys()
-            .await
-            .map_err(|e| format!("list: {e}"))?
-            .try_collect()
-            .await
-            .map_err(|e| format!("list: {e}"))?;
+        let keys = self.keys().await?;
         let mut named = HashSet::new();
         for key in keys.iter().filter(|k| k.starts_with(KEY_PREFIX)) {
             let Some(value) = self.kv.get(key.as_str()).await.map_err(|e| format!("get {key}: {e}"))? else { continue };

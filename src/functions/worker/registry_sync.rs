@@ -36,30 +36,18 @@ impl Worker {
                     Err(_) => return,
                 }
             };
-            match change {
-                Change::Put { record, published_ms } => {
-                    if self.apply_put(record) {
-                        self.propagated(published_ms);
-                    }
-                }
-                Change::Removed { id, published_ms } => {
-                    if self.apply_removed(&id) {
-                        self.propagated(published_ms);
-                    }
-                }
-                Change::PipelinePut { record, published_ms } => {
-                    if self.apply_pipeline_put(record) {
-                        self.propagated(published_ms);
-                    }
-                }
-                Change::PipelineRemoved { id, published_ms } => {
-                    if self.apply_pipeline_removed(&id) {
-                        self.propagated(published_ms);
-                    }
-                }
+            let (applied, published_ms) = match change {
+                Change::Put { record, published_ms } => (self.apply_put(record), published_ms),
+                Change::Removed { id, published_ms } => (self.apply_removed(&id), published_ms),
+                Change::PipelinePut { record, published_ms } => (self.apply_pipeline_put(record), published_ms),
+                Change::PipelineRemoved { id, published_ms } => (self.apply_pipeline_removed(&id), published_ms),
                 Change::Synced { ids, pipelines, bucket, revision } => {
-                    self.apply_synced(ids, pipelines, &bucket, revision)
+                    self.apply_synced(ids, pipelines, &bucket, revision);
+                    (false, None)
                 }
+            };
+            if applied {
+                self.propagated(published_ms);
             }
         }
     }
