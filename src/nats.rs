@@ -2,11 +2,34 @@
 //! (`functions::registry`) and the limiter's share thread (`auth::fleet`). Each runs on its own
 //! thread, never a shard's.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::NatsConfig;
+/// The fleet's NATS, as `--registry nats://…` and its flags give it (`config::RegistryConfig`
+/// parses them). Here rather than in `config`, which names this type: both NATS clients take it,
+/// and `auth` (the limiter's) must not name `config`, which names `auth`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsConfig {
+    /// `nats://host:port` or `tls://host:port`, one or more.
+    pub servers: Vec<String>,
+    /// A NATS credentials file (JWT and NKey seed), `--registry-creds`.
+    pub creds: Option<PathBuf>,
+    /// How long a deploy or delete waits for JetStream's acknowledgement.
+    pub timeout: Duration,
+    /// The bytes the object store may hold: modules and tensor files of every tenant.
+    pub max_object_bytes: u64,
+    /// JetStream replicas of the bucket and the store, set when this replica creates them: 3 for a
+    /// NATS cluster that must survive a node, 1 for a single server.
+    pub replicas: usize,
+    /// A change that reaches this replica later than this after JetStream stored it is counted
+    /// (`tensor_wasm_registry_late_changes_total`) and logged.
+    pub propagation: Duration,
+    /// How often a replica checks that the object store holds its functions' files, storing
+    /// again what it lost.
+    pub repair_interval: Duration,
+}
 
 /// How often a client pings NATS; two unanswered pings drop the connection.
 const PING_INTERVAL: Duration = Duration::from_secs(1);

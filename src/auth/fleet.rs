@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::TokenSet;
-use crate::config::NatsConfig;
+use crate::nats::NatsConfig;
 use crate::runtime::published::Published;
 
 /// Where replicas publish their demand: plain NATS, not JetStream (a report is worth nothing

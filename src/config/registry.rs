@@ -3,33 +3,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::nats::NatsConfig;
+
 /// Where the catalog lives: the data dir alone, or a NATS JetStream shared by the fleet.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub enum RegistryConfig {
     #[default]
     File,
     Nats(NatsConfig),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NatsConfig {
-    /// `nats://host:port` or `tls://host:port`, one or more.
-    pub servers: Vec<String>,
-    /// A NATS credentials file (JWT and NKey seed), `--registry-creds`.
-    pub creds: Option<PathBuf>,
-    /// How long a deploy or delete waits for JetStream's acknowledgement.
-    pub timeout: Duration,
-    /// The bytes the object store may hold: modules and tensor files of every tenant.
-    pub max_object_bytes: u64,
-    /// JetStream replicas of the bucket and the store, set when this replica creates them: 3 for a
-    /// NATS cluster that must survive a node, 1 for a single server.
-    pub replicas: usize,
-    /// A change that reaches this replica later than this after JetStream stored it is counted
-    /// (`tensor_wasm_registry_late_changes_total`) and logged.
-    pub propagation: Duration,
-    /// How often a replica checks that the object store holds its functions' files, storing
-    /// again what it lost.
-    pub repair_interval: Duration,
 }
 
 impl RegistryConfig {
