@@ -19,27 +19,8 @@ bin=${TENSOR_WASM_BIN:-$root/target/release/tensor-wasm}
 [ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 command -v wrk >/dev/null || { echo "install wrk first: apt-get install wrk" >&2; exit 1; }
 
-data=$(mktemp -d)
-out=$(mktemp)
-lua=$(mktemp --suffix=.lua)
-trap 'kill "$pid" 2>/dev/null; rm -rf "$data" "$out" "$lua"' EXIT
-"$bin" serve --listen 127.0.0.1:0 --data-dir "$data" --shards "$shards" --io-driver "$driver" \
-  --log-level warn ${SERVER_ARGS:-} >"$out" &
-pid=$!
-for _ in $(seq 100); do grep -q listening "$out" && break; sleep 0.05; done
-addr=$(sed -n 's/^listening on //p' "$out")
-
-deploy() { # name, module in base64
-  curl -sf -X POST "http://$addr/functions" -d "{\"name\":\"$1\",\"wasm_b64\":\"$2\"}" |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])'
-}
-case $route in
-  healthz) url="http://$addr/healthz"; echo 'wrk.method = "GET"' >"$lua" ;;
-  hello)
-    id=$(deploy hello AGFzbQEAAAABBAFgAAADAgEABwoBBl9zdGFydAAACgQBAgAL)
-    url="http://$addr/functions/$id/invoke"; printf 'wrk.method = "POST"\nwrk.body = "{}"\n' >"$lua" ;;
-  *) echo "unknown route $route" >&2; exit 2 ;;
-esac
+trap 'kill "${pid:-}" 2>/dev/null; rm -rf "${data:-}" "${out:-}" "${lua:-}"' EXIT
+. "$root/perf/route-server.sh"
 
 ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
 wrk -t1 -c"$connections" -d1s -s "$lua" "$url" >/dev/null # warm up

@@ -18,25 +18,11 @@ bin=${TENSOR_WASM_BIN:-$root/target/release/tensor-wasm}
 [ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 for tool in perf wrk curl; do command -v $tool >/dev/null || { echo "install $tool first" >&2; exit 1; }; done
 
-data=$(mktemp -d)
-out=$(mktemp)
-lua=$(mktemp --suffix=.lua)
 samples=$(mktemp --suffix=.data)
-trap 'kill "$pid" 2>/dev/null; rm -rf "$data" "$out" "$lua"; [ -n "${KEEP:-}" ] && mv "$samples" "$KEEP" || rm -f "$samples"' EXIT
-"$bin" serve --listen 127.0.0.1:0 --data-dir "$data" --shards 1 --io-driver epoll \
-  --log-level warn ${SERVER_ARGS:-} >"$out" &
-pid=$!
-for _ in $(seq 100); do grep -q listening "$out" && break; sleep 0.05; done
-addr=$(sed -n 's/^listening on //p' "$out")
-case $route in
-  healthz) url="http://$addr/healthz"; echo 'wrk.method = "GET"' >"$lua" ;;
-  hello)
-    id=$(curl -sf -X POST "http://$addr/functions" \
-      -d '{"name":"hello","wasm_b64":"AGFzbQEAAAABBAFgAAADAgEABwoBBl9zdGFydAAACgQBAgAL"}' |
-      python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-    url="http://$addr/functions/$id/invoke"; printf 'wrk.method = "POST"\nwrk.body = "{}"\n' >"$lua" ;;
-  *) echo "unknown route $route" >&2; exit 2 ;;
-esac
+trap 'kill "${pid:-}" 2>/dev/null; rm -rf "${data:-}" "${out:-}" "${lua:-}"; [ -n "${KEEP:-}" ] && mv "$samples" "$KEEP" || rm -f "$samples"' EXIT
+shards=1
+driver=epoll
+. "$root/perf/route-server.sh"
 wrk -t1 -c"$connections" -d1s -s "$lua" "$url" >/dev/null # warm up
 perf record -q -e cpu-clock -F 9999 -p "$pid" -o "$samples" -- sleep "$seconds" 2>/dev/null &
 recorder=$!
