@@ -857,6 +857,18 @@ fn registry_flags_that_cannot_work_are_refused_at_start() {
             "--registry-replicas must be 1 to 5",
         ),
         (&["--registry", "nats://127.0.0.1:4222", "--registry-max-object-mb", "0"][..], "registry-max-object-mb"),
+        (&["--registry", "nats://127.0.0.1:4222", "--registry-propagation-ms", "0"][..], "registry-propagation-ms"),
+        (
+            &["--registry", "nats://127.0.0.1:4222", "--registry-repair-interval-ms", "5"][..],
+            "registry-repair-interval-ms",
+        ),
+        (&["--rate-limit-share-interval-ms", "0"][..], "rate-limit-share-interval-ms"),
+        (&["--rate-limit-peer-timeout-ms", "10"][..], "rate-limit-peer-timeout-ms"),
+        (
+            &["--rate-limit-share-interval-ms", "1000", "--rate-limit-peer-timeout-ms", "1500"][..],
+            "must be at least twice --rate-limit-share-interval-ms",
+        ),
+        (&["--replica-id", "a/b"][..], "--replica-id"),
     ] {
         let mut full = vec!["serve", "--listen", "127.0.0.1:0"];
         full.extend_from_slice(args);
