@@ -2,10 +2,13 @@
 //! resynchronises the catalog from the key-value bucket, watches it, and answers the worker's
 //! commands. Nothing here runs on a shard or the catalog worker.
 //!
-//! The bucket `tensor-wasm-functions` holds one key per function, `f.<id>`, whose value is the
-//! record's JSON. The object store `tensor-wasm-objects` holds modules and tensor files under
-//! their SHA-256 in hex. Any disconnection ends the watch: the thread reconnects (with a backoff
-//! of 0.1 to 2 s) and resynchronises from the bucket, so a change missed while away is never lost.
+//! The bucket `tensor-wasm-functions` holds one key per function, `f.<id>`, and per pipeline,
+//! `p.<id>`, whose value is the record's JSON, and one per tenant's function name,
+//! `n.<tenant>.<name in hex>`, whose revision orders deploys of the name. The object store
+//! `tensor-wasm-objects` holds modules and tensor files under their SHA-256 in hex. Any
+//! disconnection ends the watch: the thread reconnects (with a backoff of 0.1 to 2 s) and
+//! resynchronises from the bucket, so a change missed while away is never lost. A delete's
+//! clean-up (its markers, its unused objects) waits (`Later`) until every replica has seen it.
 
 use std::collections::HashSet;
 use std::io;

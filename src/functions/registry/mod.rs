@@ -1,6 +1,6 @@
-//! The fleet's catalog (issue 35): with `--registry nats://…`, function records live in a NATS
-//! JetStream key-value bucket and their modules and tensor files in an object store keyed by
-//! digest, so that every replica serves what any of them deployed.
+//! The fleet's catalog (issue 35): with `--registry nats://…`, function and pipeline records live
+//! in a NATS JetStream key-value bucket and functions' modules and tensor files in an object store
+//! keyed by digest, so that every replica serves what any of them deployed.
 //!
 //! One thread (`client`) runs the NATS client on a tokio runtime of its own, away from the shards
 //! and the catalog worker. The worker asks it to publish and remove (`Registry`, waiting at most
