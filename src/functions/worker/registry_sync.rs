@@ -199,7 +199,7 @@ impl Worker {
         let hex =
             |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         let digest = |d: &str| d.strip_prefix("sha256:").is_some_and(|h| hex(h, 64));
-        if !hex(&record.id, 32) {
+        if !is_valid_id(&record.id) {
             return Err("its id is not 32 lowercase hex digits".into());
         }
         if !digest(&record.digest) || record.tensors.as_deref().is_some_and(|t| !digest(t)) {
@@ -282,14 +282,19 @@ impl Worker {
         if pipelines.get(&record.id).is_some_and(|live| same_pipeline(live, &record)) {
             return false;
         }
-        // The name of a directory pipeline of the tenant is the folder's: the API's is refused
-        // on the replica that answered, but this replica's folder may differ.
+        // Kept beside a directory pipeline of the same name, as a function from the registry is:
+        // the replica that answered checked the name against its own folder.
         let (id, name) = (record.id.clone(), record.name.clone());
         match self.keep_pipeline(record) {
-            Ok(()) => tracing::info!(id, name, "pipeline created from the registry"),
-            Err(e) => tracing::warn!(id, "cannot store a pipeline from the registry: {e}"),
+            Ok(()) => {
+                tracing::info!(id, name, "pipeline created from the registry");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(id, "cannot store a pipeline from the registry: {e}");
+                false
+            }
         }
-        true
     }
 
     /// Whether a pipeline went (this replica's own delete, seen again, finds none).
